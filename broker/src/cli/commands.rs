@@ -1,0 +1,333 @@
+//! Client subcommands and `check-config`.
+
+use base64::{Engine, engine::general_purpose::STANDARD as B64};
+use keybroker_proto::v1 as pb;
+use serde_json::json;
+
+use super::{Command, ConnArgs, KeyCommand, Output};
+use crate::{
+    client::{ClientSettings, clients},
+    config::Config,
+    model::{Algorithm, KeyType},
+};
+
+/// Probes the configured HSM and prints what it found.
+pub async fn check_config(cfg: &Config) -> Result<(), String> {
+    for (what, p) in [("tls.cert", &cfg.tls.cert), ("tls.key", &cfg.tls.key), ("tls.client_ca", &cfg.tls.client_ca)] {
+        let p = cfg.path(p);
+        if !p.exists() {
+            return Err(format!("{what}: {} does not exist", p.display()));
+        }
+    }
+    crate::tls::server_config(&crate::tls::TlsFiles {
+        cert: &cfg.path(&cfg.tls.cert),
+        key: &cfg.path(&cfg.tls.key),
+        client_ca: &cfg.path(&cfg.tls.client_ca),
+    })?;
+    let hsm = crate::server::open_hsm(cfg).await?;
+    let report = json!({
+        "token": hsm.token(),
+        "capabilities": hsm.capabilities(),
+        "algorithms": Algorithm::ALL.iter().map(|a| json!({
+            "algorithm": a.as_str(),
+            "mechanism": hsm.capabilities().mechanism_name(*a),
+            "usable": hsm.capabilities().supports(*a),
+        })).collect::<Vec<_>>(),
+    });
+    println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+    println!("configuration OK");
+    Ok(())
+}
+
+fn settings(c: &ConnArgs) -> Result<ClientSettings, String> {
+    let need = |v: &Option<std::path::PathBuf>, flag: &str, env: &str| {
+        v.clone().ok_or_else(|| format!("{flag} (or {env}) is required; `keybroker dev` writes an env.sh that sets it"))
+    };
+    Ok(ClientSettings {
+        endpoint: c.endpoint.clone(),
+        ca: need(&c.ca_cert, "--ca-cert", "KEYBROKER_CA_CERT")?,
+        cert: need(&c.client_cert, "--client-cert", "KEYBROKER_CLIENT_CERT")?,
+        key: need(&c.client_key, "--client-key", "KEYBROKER_CLIENT_KEY")?,
+    })
+}
+
+fn status(e: tonic::Status) -> String {
+    format!("{:?}: {}", e.code(), e.message())
+}
+
+fn alg_name(v: i32) -> &'static str {
+    match pb::Algorithm::try_from(v) {
+        Ok(pb::Algorithm::Aes256Gcm) => "aes-256-gcm",
+        Ok(pb::Algorithm::AesKeyWrapPad) => "aes-kwp",
+        Ok(pb::Algorithm::RsaOaepSha256) => "rsa-oaep-sha256",
+        Ok(pb::Algorithm::RsaOaepSha1) => "rsa-oaep-sha1",
+        _ => "unspecified",
+    }
+}
+
+fn alg_to_pb(a: Algorithm) -> pb::Algorithm {
+    match a {
+        Algorithm::Aes256Gcm => pb::Algorithm::Aes256Gcm,
+        Algorithm::AesKeyWrapPad => pb::Algorithm::AesKeyWrapPad,
+        Algorithm::RsaOaepSha256 => pb::Algorithm::RsaOaepSha256,
+        Algorithm::RsaOaepSha1 => pb::Algorithm::RsaOaepSha1,
+    }
+}
+
+fn key_json(k: &pb::Key) -> serde_json::Value {
+    json!({
+        "name": k.name,
+        "key_type": match pb::KeyType::try_from(k.key_type) {
+            Ok(pb::KeyType::Aes256) => "aes-256",
+            Ok(pb::KeyType::Rsa2048) => "rsa-2048",
+            Ok(pb::KeyType::Rsa3072) => "rsa-3072",
+            Ok(pb::KeyType::Rsa4096) => "rsa-4096",
+            _ => "unspecified",
+        },
+        "algorithm": alg_name(k.algorithm),
+        "mechanism": k.mechanism,
+        "state": match pb::KeyState::try_from(k.state) {
+            Ok(pb::KeyState::Enabled) => "enabled",
+            Ok(pb::KeyState::Quarantined) => "quarantined",
+            _ => "unspecified",
+        },
+        "created_at_ms": k.created_at_ms,
+        "current_version": k.current_version,
+        "versions": k.versions.iter().map(|v| json!({
+            "version": v.version, "id": hex::encode(&v.id), "created_at_ms": v.created_at_ms,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_key(k: &pb::Key, out: Output) {
+    let j = key_json(k);
+    match out {
+        Output::Json => println!("{j}"),
+        Output::Text => {
+            println!(
+                "{}  type={}  algorithm={}  state={}  current_version={}  mechanism={}",
+                k.name, j["key_type"].as_str().unwrap_or(""), j["algorithm"].as_str().unwrap_or(""),
+                j["state"].as_str().unwrap_or(""), k.current_version, k.mechanism
+            );
+            for v in &k.versions {
+                println!("  v{}  id={}  created_at_ms={}", v.version, hex::encode(&v.id), v.created_at_ms);
+            }
+        }
+    }
+}
+
+fn decode_b64(what: &str, s: &str) -> Result<Vec<u8>, String> {
+    B64.decode(s.trim()).map_err(|e| format!("{what} is not valid base64: {e}"))
+}
+
+/// Runs a client subcommand.
+pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
+    match cmd {
+        Command::Key { command, conn } => {
+            let mut c = clients(&settings(&conn)?).await?;
+            match command {
+                KeyCommand::Create { name, key_type, algorithm } => {
+                    let kt = KeyType::parse(&key_type)
+                        .ok_or_else(|| format!("unknown key type {key_type:?} (aes-256, rsa-2048, rsa-3072, rsa-4096)"))?;
+                    let alg = match algorithm {
+                        Some(a) => alg_to_pb(Algorithm::parse(&a).ok_or_else(|| {
+                            format!("unknown algorithm {a:?} (aes-256-gcm, aes-kwp, rsa-oaep-sha256, rsa-oaep-sha1)")
+                        })?),
+                        None => pb::Algorithm::Unspecified,
+                    };
+                    let kt = match kt {
+                        KeyType::Aes256 => pb::KeyType::Aes256,
+                        KeyType::Rsa2048 => pb::KeyType::Rsa2048,
+                        KeyType::Rsa3072 => pb::KeyType::Rsa3072,
+                        KeyType::Rsa4096 => pb::KeyType::Rsa4096,
+                    };
+                    let k = c
+                        .mgmt
+                        .create_key(pb::CreateKeyRequest { key: name, key_type: kt.into(), algorithm: alg.into() })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    print_key(&k, conn.output);
+                }
+                KeyCommand::Get { name } => {
+                    let k = c.mgmt.get_key(pb::GetKeyRequest { key: name }).await.map_err(status)?.into_inner();
+                    print_key(&k, conn.output);
+                }
+                KeyCommand::Rotate { name } => {
+                    let k = c.mgmt.rotate_key(pb::RotateKeyRequest { key: name }).await.map_err(status)?.into_inner();
+                    print_key(&k, conn.output);
+                }
+                KeyCommand::List { tenant } => {
+                    let mut token = String::new();
+                    let mut all = Vec::new();
+                    loop {
+                        let page = c
+                            .mgmt
+                            .list_keys(pb::ListKeysRequest { tenant: tenant.clone(), page_size: 1000, page_token: token })
+                            .await
+                            .map_err(status)?
+                            .into_inner();
+                        all.extend(page.keys);
+                        if page.next_page_token.is_empty() {
+                            break;
+                        }
+                        token = page.next_page_token;
+                    }
+                    match conn.output {
+                        Output::Json => println!("{}", json!(all.iter().map(key_json).collect::<Vec<_>>())),
+                        Output::Text => {
+                            if all.is_empty() {
+                                println!("(no keys in tenant {tenant})");
+                            }
+                            println!("{:<40} {:<9} {:<16} {:>7}", "NAME", "TYPE", "ALGORITHM", "VERSION");
+                            for k in &all {
+                                let j = key_json(k);
+                                println!(
+                                    "{:<40} {:<9} {:<16} {:>7}",
+                                    k.name,
+                                    j["key_type"].as_str().unwrap_or(""),
+                                    j["algorithm"].as_str().unwrap_or(""),
+                                    k.current_version
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Command::Wrap { key, plaintext_hex, plaintext_base64, aad, conn } => {
+            let plaintext = match (plaintext_hex, plaintext_base64) {
+                (Some(h), _) => hex::decode(h.trim()).map_err(|e| format!("--plaintext-hex is not valid hex: {e}"))?,
+                (None, Some(b)) => decode_b64("--plaintext-base64", &b)?,
+                (None, None) => return Err("give --plaintext-hex or --plaintext-base64".into()),
+            };
+            let mut c = clients(&settings(&conn)?).await?;
+            let r = c
+                .broker
+                .wrap_key(pb::WrapKeyRequest { key, plaintext, aad: aad.into_bytes() })
+                .await
+                .map_err(status)?
+                .into_inner();
+            match conn.output {
+                Output::Json => println!(
+                    "{}",
+                    json!({"wrapped_key": B64.encode(&r.wrapped_key), "key": r.key, "key_version": r.key_version, "algorithm": alg_name(r.algorithm)})
+                ),
+                Output::Text => println!("{}", B64.encode(&r.wrapped_key)),
+            }
+        }
+        Command::Unwrap { wrapped, key, aad, conn } => {
+            let env = decode_b64("the envelope", &wrapped)?;
+            let mut c = clients(&settings(&conn)?).await?;
+            let r = c
+                .broker
+                .unwrap_key(pb::UnwrapKeyRequest {
+                    key: key.unwrap_or_default(),
+                    aad: aad.into_bytes(),
+                    wrapped: Some(pb::unwrap_key_request::Wrapped::Envelope(env)),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            match conn.output {
+                Output::Json => println!(
+                    "{}",
+                    json!({"plaintext_hex": hex::encode(&r.plaintext), "key": r.key, "key_version": r.key_version, "algorithm": alg_name(r.algorithm)})
+                ),
+                Output::Text => println!("{}", hex::encode(&r.plaintext)),
+            }
+        }
+        Command::UnwrapRaw { key, ciphertext, version, algorithm, conn } => {
+            let ct = decode_b64("the ciphertext", &ciphertext)?;
+            let alg = Algorithm::parse(&algorithm)
+                .filter(|a| a.is_rsa())
+                .ok_or_else(|| format!("--algorithm {algorithm:?}: use rsa-oaep-sha256 or rsa-oaep-sha1"))?;
+            let mut c = clients(&settings(&conn)?).await?;
+            let r = c
+                .broker
+                .unwrap_key(pb::UnwrapKeyRequest {
+                    key,
+                    aad: Vec::new(),
+                    wrapped: Some(pb::unwrap_key_request::Wrapped::Raw(pb::RawCiphertext {
+                        ciphertext: ct,
+                        key_version: version,
+                        algorithm: alg_to_pb(alg).into(),
+                    })),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            match conn.output {
+                Output::Json => println!("{}", json!({"plaintext_hex": hex::encode(&r.plaintext), "key": r.key, "key_version": r.key_version})),
+                Output::Text => println!("{}", hex::encode(&r.plaintext)),
+            }
+        }
+        Command::GenerateDataKey { key, length, aad, conn } => {
+            let mut c = clients(&settings(&conn)?).await?;
+            let r = c
+                .broker
+                .generate_data_key(pb::GenerateDataKeyRequest { key, length, aad: aad.into_bytes() })
+                .await
+                .map_err(status)?
+                .into_inner();
+            match conn.output {
+                Output::Json => println!(
+                    "{}",
+                    json!({"plaintext_hex": hex::encode(&r.plaintext), "wrapped_key": B64.encode(&r.wrapped_key),
+                        "key": r.key, "key_version": r.key_version, "algorithm": alg_name(r.algorithm)})
+                ),
+                Output::Text => {
+                    println!("plaintext (hex): {}", hex::encode(&r.plaintext));
+                    println!("wrapped (base64): {}", B64.encode(&r.wrapped_key));
+                    println!("key: {} v{} {}", r.key, r.key_version, alg_name(r.algorithm));
+                }
+            }
+        }
+        Command::Rewrap { wrapped, aad, to, conn } => {
+            let env = decode_b64("the envelope", &wrapped)?;
+            let mut c = clients(&settings(&conn)?).await?;
+            let r = c
+                .broker
+                .rewrap(pb::RewrapRequest {
+                    key: String::new(),
+                    envelope: env,
+                    aad: aad.into_bytes(),
+                    destination_key: to.unwrap_or_default(),
+                    new_aad: Vec::new(),
+                    change_aad: false,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            match conn.output {
+                Output::Json => println!(
+                    "{}",
+                    json!({"wrapped_key": B64.encode(&r.wrapped_key), "key": r.key, "key_version": r.key_version, "source_key_version": r.source_key_version})
+                ),
+                Output::Text => println!("{}", B64.encode(&r.wrapped_key)),
+            }
+        }
+        Command::PublicKey { key, version, format, conn } => {
+            let mut c = clients(&settings(&conn)?).await?;
+            let r = c
+                .broker
+                .get_public_key(pb::GetPublicKeyRequest { key, key_version: version })
+                .await
+                .map_err(status)?
+                .into_inner();
+            match (conn.output, format.as_str()) {
+                (Output::Json, _) => println!(
+                    "{}",
+                    json!({"key": r.key, "key_version": r.key_version, "algorithm": alg_name(r.algorithm), "spki_pem": r.spki_pem, "jwk": serde_json::from_str::<serde_json::Value>(&r.jwk).unwrap_or_default()})
+                ),
+                (Output::Text, "jwk") => println!("{}", r.jwk),
+                (Output::Text, "pem") => print!("{}", r.spki_pem),
+                (_, other) => return Err(format!("--format {other:?}: use pem or jwk")),
+            }
+        }
+        Command::Serve { .. } | Command::CheckConfig { .. } | Command::Dev { .. } => {
+            return Err("not a client command".into());
+        }
+    }
+    Ok(())
+}

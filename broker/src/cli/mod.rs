@@ -1,0 +1,254 @@
+//! The `keybroker` command line: the server (`serve`, `dev`, `check-config`) and client
+//! subcommands for humans and scripts.
+
+mod commands;
+mod dev;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{Config, LogFormat};
+
+/// keybroker: KEKs stay in the HSM; DEKs are wrapped and unwrapped over mutual TLS.
+#[derive(Parser, Debug)]
+#[command(name = "keybroker", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the broker with a configuration file.
+    Serve {
+        /// The configuration file (see examples/keybroker.toml).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Listen on this address instead of the configured one (e.g. 127.0.0.1:0).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Validate a configuration file and probe its HSM (token, login, mechanisms), then exit.
+    CheckConfig {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Development mode: make a SoftHSM2 token, a PKI and a config under a state directory
+    /// (first run only), start the broker on loopback, show a wrap/unwrap, keep serving.
+    Dev {
+        /// Where the dev token, certificates, config and database live.
+        #[arg(long, default_value = "keybroker-dev")]
+        state_dir: PathBuf,
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: std::net::SocketAddr,
+    },
+    /// Manage keys (control plane).
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Wrap a DEK you supply under a key's newest version; prints the envelope (base64).
+    Wrap {
+        /// The key, "tenant/name".
+        key: String,
+        /// The DEK in hex.
+        #[arg(long, conflicts_with = "plaintext_base64", required_unless_present = "plaintext_base64")]
+        plaintext_hex: Option<String>,
+        /// The DEK in base64.
+        #[arg(long)]
+        plaintext_base64: Option<String>,
+        /// Additional authenticated data (UTF-8 text) to bind.
+        #[arg(long, default_value = "")]
+        aad: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Unwrap an envelope (base64); prints the DEK (hex).
+    Unwrap {
+        /// The envelope, base64.
+        wrapped: String,
+        /// The key that made it (optional; checked if given).
+        #[arg(long)]
+        key: Option<String>,
+        /// The AAD it was made with.
+        #[arg(long, default_value = "")]
+        aad: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Unwrap a raw RSA-OAEP ciphertext (base64) made with a key's exported public key.
+    UnwrapRaw {
+        /// The key, "tenant/name".
+        key: String,
+        /// The ciphertext, base64.
+        ciphertext: String,
+        /// The key version whose public key was used.
+        #[arg(long)]
+        version: u32,
+        /// rsa-oaep-sha256 or rsa-oaep-sha1.
+        #[arg(long)]
+        algorithm: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Generate a DEK in the HSM; prints it (hex) and its envelope (base64).
+    GenerateDataKey {
+        /// The key, "tenant/name".
+        key: String,
+        /// DEK length in bytes (16-64, a multiple of 8).
+        #[arg(long, default_value_t = 32)]
+        length: u32,
+        /// Additional authenticated data (UTF-8 text) to bind.
+        #[arg(long, default_value = "")]
+        aad: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Re-wrap an envelope under the newest version (of its key, or of --to).
+    Rewrap {
+        /// The envelope, base64.
+        wrapped: String,
+        /// The AAD it was made with.
+        #[arg(long, default_value = "")]
+        aad: String,
+        /// Wrap under this key instead.
+        #[arg(long)]
+        to: Option<String>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Print an RSA key's public key.
+    PublicKey {
+        /// The key, "tenant/name".
+        key: String,
+        /// Version (0 = newest).
+        #[arg(long, default_value_t = 0)]
+        version: u32,
+        /// pem or jwk.
+        #[arg(long, default_value = "pem")]
+        format: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCommand {
+    /// Create a key (generated inside the HSM).
+    Create {
+        /// "tenant/name".
+        name: String,
+        /// aes-256, rsa-2048, rsa-3072 or rsa-4096.
+        #[arg(long = "type", default_value = "aes-256")]
+        key_type: String,
+        /// aes-256-gcm, aes-kwp, rsa-oaep-sha256 or rsa-oaep-sha1 (default: by type).
+        #[arg(long)]
+        algorithm: Option<String>,
+    },
+    /// Show a key.
+    Get {
+        /// "tenant/name".
+        name: String,
+    },
+    /// List a tenant's keys.
+    List {
+        /// The tenant.
+        #[arg(long, default_value = "default")]
+        tenant: String,
+    },
+    /// Add a new version.
+    Rotate {
+        /// "tenant/name".
+        name: String,
+    },
+}
+
+/// How a client command reaches the broker.
+#[derive(Args, Debug, Clone)]
+pub struct ConnArgs {
+    /// The broker.
+    #[arg(long, env = "KEYBROKER_ENDPOINT", default_value = "https://127.0.0.1:8443", global = true)]
+    endpoint: String,
+    /// CA certificate that issued the broker's certificate (PEM).
+    #[arg(long, env = "KEYBROKER_CA_CERT", global = true)]
+    ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM).
+    #[arg(long, env = "KEYBROKER_CLIENT_CERT", global = true)]
+    client_cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, env = "KEYBROKER_CLIENT_KEY", global = true)]
+    client_key: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Output::Text, global = true)]
+    output: Output,
+}
+
+/// Output format of client commands.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    /// For people.
+    Text,
+    /// One JSON document.
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::{EnvFilter, fmt};
+    // cryptoki logs every mechanism number it has no name for at error level; ours are
+    // reported by the probe instead.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,cryptoki=off,h2=warn,tower=warn,hyper=warn"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = runtime().and_then(|rt| rt.block_on(run(cli)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keybroker: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Serve { config, listen } => {
+            let mut cfg = Config::load(&config)?;
+            if let Some(l) = listen {
+                cfg.server.listen = l;
+            }
+            init_logging(cfg.log.format);
+            crate::server::run(cfg, crate::server::shutdown_signal()).await
+        }
+        Command::CheckConfig { config } => {
+            let cfg = Config::load(&config)?;
+            init_logging(cfg.log.format);
+            commands::check_config(&cfg).await
+        }
+        Command::Dev { state_dir, listen } => {
+            init_logging(LogFormat::Text);
+            dev::run(&state_dir, listen).await
+        }
+        other => commands::client_command(other).await,
+    }
+}

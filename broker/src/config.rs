@@ -1,0 +1,299 @@
+//! The configuration file (TOML). Every key, its default and what it does is documented in
+//! `examples/keybroker.toml`. Relative paths are relative to the configuration file's directory.
+//! Unknown keys are errors (a typo must not silently weaken security).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::{
+    hsm::{HsmSettings, TokenSelector},
+    keyring::IntegrityPolicy,
+};
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The gRPC listener.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// TLS material.
+    pub tls: TlsConfig,
+    /// The HSM.
+    pub hsm: HsmConfig,
+    /// The metadata store.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Who may call.
+    pub access: AccessConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// The directory relative paths are resolved against (the config file's directory).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// `[server]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on. Default `127.0.0.1:8443` (loopback).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Longest time a request may run when the client sets no deadline, in ms. Default 30000.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Most concurrent HTTP/2 streams per connection. Default 256.
+    #[serde(default = "default_max_streams")]
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            request_timeout_ms: default_request_timeout_ms(),
+            max_concurrent_streams: default_max_streams(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8443))
+}
+fn default_request_timeout_ms() -> u64 {
+    30_000
+}
+fn default_max_streams() -> u32 {
+    256
+}
+
+/// `[tls]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Server private key, PEM.
+    pub key: PathBuf,
+    /// CA bundle that issues client certificates, PEM.
+    pub client_ca: PathBuf,
+    /// Handshake timeout in ms. Default 10000.
+    #[serde(default = "default_handshake_ms")]
+    pub handshake_timeout_ms: u64,
+}
+
+fn default_handshake_ms() -> u64 {
+    10_000
+}
+
+/// `[hsm]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HsmConfig {
+    /// The PKCS#11 module path.
+    pub module: PathBuf,
+    /// Token label.
+    pub token_label: Option<String>,
+    /// Token serial number (preferred: slot ids change on replug).
+    pub token_serial: Option<String>,
+    /// Slot id.
+    pub slot_id: Option<u64>,
+    /// File holding the user PIN (trailing newline ignored). One of `pin_file`/`pin_env`.
+    pub pin_file: Option<PathBuf>,
+    /// Environment variable holding the user PIN.
+    pub pin_env: Option<String>,
+    /// Sessions in the pool. Default: 2 per CPU, at least 4 (capped by the token).
+    pub sessions: Option<usize>,
+    /// Longest wait for a free session before RESOURCE_EXHAUSTED, ms. Default 2000.
+    #[serde(default = "default_session_wait_ms")]
+    pub session_wait_ms: u64,
+    /// What to do when a key fails its start-up integrity check. Default `fail`.
+    #[serde(default = "default_integrity")]
+    pub on_integrity_failure: IntegrityPolicy,
+}
+
+fn default_session_wait_ms() -> u64 {
+    2_000
+}
+fn default_integrity() -> IntegrityPolicy {
+    IntegrityPolicy::Fail
+}
+
+/// `[store]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// The SQLite file. Default `keybroker.db`.
+    #[serde(default = "default_store_path")]
+    pub path: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { path: default_store_path() }
+    }
+}
+
+fn default_store_path() -> PathBuf {
+    PathBuf::from("keybroker.db")
+}
+
+/// `[access]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessConfig {
+    /// Caller identities (SPIFFE IDs or DNS names) allowed to call. Anyone else gets
+    /// PERMISSION_DENIED. `*` at the end of an entry matches any suffix
+    /// (`spiffe://example.org/payments/*`).
+    pub allow: Vec<String>,
+}
+
+/// `[log]`
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (default) or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+        let mut cfg: Config =
+            toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))?;
+        cfg.base_dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from("."));
+        cfg.validate().map_err(|e| format!("config {}: {e}", path.display()))?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.hsm.pin_file.is_some() == self.hsm.pin_env.is_some() {
+            return Err("set exactly one of hsm.pin_file and hsm.pin_env (a PIN is never written inline)".into());
+        }
+        if self.hsm.token_label.is_none() && self.hsm.token_serial.is_none() && self.hsm.slot_id.is_none() {
+            return Err("select the token with hsm.token_serial, hsm.token_label or hsm.slot_id".into());
+        }
+        if self.access.allow.is_empty() {
+            return Err("access.allow is empty: nobody could call the broker".into());
+        }
+        if self.access.allow.iter().any(|a| a.trim().is_empty() || a == "*") {
+            return Err("access.allow may not contain an empty entry or a bare \"*\"".into());
+        }
+        if self.tls.handshake_timeout_ms == 0 {
+            return Err("tls.handshake_timeout_ms must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Resolves a path against the config file's directory.
+    pub fn path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() { p.to_path_buf() } else { self.base_dir.join(p) }
+    }
+
+    /// Reads the PIN from its file or environment variable.
+    pub fn read_pin(&self) -> Result<SecretString, String> {
+        if let Some(f) = &self.hsm.pin_file {
+            let f = self.path(f);
+            let text = std::fs::read_to_string(&f)
+                .map_err(|e| format!("cannot read hsm.pin_file {}: {e}", f.display()))?;
+            let pin = text.trim_end_matches(['\n', '\r']).to_string();
+            if pin.is_empty() {
+                return Err(format!("hsm.pin_file {} is empty", f.display()));
+            }
+            return Ok(SecretString::from(pin));
+        }
+        if let Some(var) = &self.hsm.pin_env {
+            let pin = std::env::var(var).map_err(|_| format!("environment variable {var} (hsm.pin_env) is not set"))?;
+            if pin.is_empty() {
+                return Err(format!("environment variable {var} (hsm.pin_env) is empty"));
+            }
+            return Ok(SecretString::from(pin));
+        }
+        Err("no PIN source configured".into())
+    }
+
+    /// The HSM settings, with the PIN.
+    pub fn hsm_settings(&self, pin: SecretString) -> HsmSettings {
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        HsmSettings {
+            module: self.path(&self.hsm.module),
+            token: TokenSelector {
+                label: self.hsm.token_label.clone(),
+                serial: self.hsm.token_serial.clone(),
+                slot: self.hsm.slot_id,
+            },
+            pin,
+            sessions: self.hsm.sessions.unwrap_or((cpus * 2).max(4)),
+            acquire_timeout: Duration::from_millis(self.hsm.session_wait_ms),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let p = dir.path().join("k.toml");
+        std::fs::write(&p, s).map_err(|e| e.to_string())?;
+        Config::load(&p)
+    }
+
+    const MINIMAL: &str = r#"
+[tls]
+cert = "server.pem"
+key = "server.key"
+client_ca = "ca.pem"
+[hsm]
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "kb"
+pin_env = "KB_PIN"
+[access]
+allow = ["spiffe://example.org/app"]
+"#;
+
+    #[test]
+    fn minimal_config_gets_secure_defaults() {
+        let c = parse(MINIMAL).expect("valid");
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8443");
+        assert_eq!(c.hsm.on_integrity_failure, IntegrityPolicy::Fail);
+        assert!(c.path(&c.tls.cert).ends_with("server.pem"));
+        assert!(c.path(&c.tls.cert).is_absolute() || c.path(&c.tls.cert).starts_with(&c.base_dir));
+    }
+
+    #[test]
+    fn unknown_keys_and_inline_pins_are_refused() {
+        let e = parse(&MINIMAL.replace("pin_env = \"KB_PIN\"", "pin = \"1234\"")).expect_err("refused");
+        assert!(e.contains("pin"), "{e}");
+        let e = parse(&MINIMAL.replace("[access]\nallow = [\"spiffe://example.org/app\"]", "[access]\nallow = []"))
+            .expect_err("refused");
+        assert!(e.contains("access.allow"), "{e}");
+    }
+}

@@ -1,0 +1,174 @@
+//! The wrapped-DEK envelope, format 1: self-describing, so unwrap needs nothing from the caller
+//! but the envelope (and its AAD), and it keeps working after rotation.
+//!
+//! ```text
+//! offset  size  field
+//! 0       1     format            0x01
+//! 1       1     algorithm         1 AES-256-GCM, 2 AES-KWP (RFC 5649), 3 RSA-OAEP-SHA256, 4 RSA-OAEP-SHA1
+//! 2       16    key version id    the version's id = its HSM object's CKA_ID
+//! 18      1     nonce length N    12 for AES-256-GCM, 0 otherwise
+//! 19      N     nonce             the AES-GCM IV
+//! 19+N    rest  ciphertext        GCM: encrypted DEK || 16-byte tag; KWP: RFC 5649 output;
+//!                                 OAEP: one modulus-sized block
+//! ```
+//!
+//! For AES-256-GCM the AAD given to the HSM is `header || caller_aad`, where header is bytes
+//! `0 .. 19+N`: the algorithm, version and IV are authenticated with the DEK.
+//!
+//! Parsing is strict: any length that does not fit the algorithm is refused, and every refusal
+//! is the same [`BrokerError::Unauthentic`] (no oracle on which check failed).
+
+use crate::{
+    error::BrokerError,
+    model::{Algorithm, MAX_DEK_LEN, MIN_DEK_LEN, VersionId},
+};
+
+/// The format byte of this envelope layout.
+pub const FORMAT_V1: u8 = 0x01;
+/// The AES-GCM IV length (NIST SP 800-38D's recommended 96 bits). Never anything else.
+pub const GCM_IV_LEN: usize = 12;
+/// The AES-GCM tag length (128 bits). Never anything shorter.
+pub const GCM_TAG_LEN: usize = 16;
+/// Header length before the nonce.
+const FIXED_HEADER: usize = 19;
+
+/// A parsed envelope, borrowing the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Envelope<'a> {
+    /// The algorithm that wrapped the DEK.
+    pub algorithm: Algorithm,
+    /// The key version that wrapped it.
+    pub version: VersionId,
+    /// The nonce (AES-GCM IV) or empty.
+    pub nonce: &'a [u8],
+    /// The ciphertext.
+    pub ciphertext: &'a [u8],
+    /// The header bytes (authenticated as AAD prefix for AES-GCM).
+    pub header: &'a [u8],
+}
+
+/// Builds the header for a new envelope.
+pub fn header(algorithm: Algorithm, version: VersionId, nonce: &[u8]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(FIXED_HEADER + nonce.len());
+    h.push(FORMAT_V1);
+    h.push(algorithm.id());
+    h.extend_from_slice(version.as_bytes());
+    // Nonces are 0 or 12 bytes: the cast cannot truncate.
+    h.push(nonce.len() as u8);
+    h.extend_from_slice(nonce);
+    h
+}
+
+/// Appends the ciphertext to a header made by [`header`].
+pub fn seal(mut header: Vec<u8>, ciphertext: &[u8]) -> Vec<u8> {
+    header.extend_from_slice(ciphertext);
+    header
+}
+
+/// The AAD the HSM sees for AES-GCM: the header, then the caller's AAD.
+pub fn gcm_aad(header: &[u8], caller_aad: &[u8]) -> Vec<u8> {
+    let mut a = Vec::with_capacity(header.len() + caller_aad.len());
+    a.extend_from_slice(header);
+    a.extend_from_slice(caller_aad);
+    a
+}
+
+/// Parses an envelope. `rsa_block` gives the modulus size in bytes for a version id, if the
+/// version is an RSA key (used to check the ciphertext length before the HSM sees it).
+pub fn parse(bytes: &[u8]) -> Result<Envelope<'_>, BrokerError> {
+    if bytes.len() < FIXED_HEADER || bytes[0] != FORMAT_V1 {
+        return Err(BrokerError::Unauthentic);
+    }
+    let algorithm = Algorithm::from_id(bytes[1]).ok_or(BrokerError::Unauthentic)?;
+    let version = VersionId::from_slice(&bytes[2..18]).ok_or(BrokerError::Unauthentic)?;
+    let nonce_len = usize::from(bytes[18]);
+    let expected_nonce = if algorithm == Algorithm::Aes256Gcm { GCM_IV_LEN } else { 0 };
+    if nonce_len != expected_nonce || bytes.len() < FIXED_HEADER + nonce_len {
+        return Err(BrokerError::Unauthentic);
+    }
+    let (header, ciphertext) = bytes.split_at(FIXED_HEADER + nonce_len);
+    let nonce = &header[FIXED_HEADER..];
+    let ct_ok = match algorithm {
+        Algorithm::Aes256Gcm => {
+            let n = ciphertext.len().wrapping_sub(GCM_TAG_LEN);
+            ciphertext.len() >= GCM_TAG_LEN && (MIN_DEK_LEN..=MAX_DEK_LEN).contains(&n)
+        }
+        // RFC 5649 output is the padded input (a multiple of 8) plus an 8-byte integrity block.
+        Algorithm::AesKeyWrapPad => {
+            ciphertext.len() % 8 == 0 && (MIN_DEK_LEN + 8..=MAX_DEK_LEN + 8).contains(&ciphertext.len())
+        }
+        // 2048..4096-bit moduli.
+        Algorithm::RsaOaepSha256 | Algorithm::RsaOaepSha1 => {
+            (256..=512).contains(&ciphertext.len())
+        }
+    };
+    if !ct_ok {
+        return Err(BrokerError::Unauthentic);
+    }
+    Ok(Envelope { algorithm, version, nonce, ciphertext, header })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(alg: Algorithm) -> Vec<u8> {
+        let nonce = if alg == Algorithm::Aes256Gcm { vec![7u8; 12] } else { vec![] };
+        let ct = match alg {
+            Algorithm::Aes256Gcm => vec![1u8; 32 + 16],
+            Algorithm::AesKeyWrapPad => vec![1u8; 40],
+            _ => vec![1u8; 384],
+        };
+        seal(header(alg, VersionId([9; 16]), &nonce), &ct)
+    }
+
+    #[test]
+    fn round_trip_every_algorithm() {
+        for alg in Algorithm::ALL {
+            let bytes = sample(alg);
+            let e = parse(&bytes).expect("parses");
+            assert_eq!(e.algorithm, alg);
+            assert_eq!(e.version, VersionId([9; 16]));
+            assert_eq!(e.header.len(), 19 + e.nonce.len());
+            assert_eq!(e.header.len() + e.ciphertext.len(), bytes.len());
+        }
+    }
+
+    #[test]
+    fn layout_is_as_documented() {
+        let bytes = sample(Algorithm::Aes256Gcm);
+        assert_eq!(bytes[0], 0x01);
+        assert_eq!(bytes[1], 1);
+        assert_eq!(&bytes[2..18], &[9u8; 16]);
+        assert_eq!(bytes[18], 12);
+        assert_eq!(&bytes[19..31], &[7u8; 12]);
+        assert_eq!(bytes.len(), 31 + 48);
+    }
+
+    #[test]
+    fn truncation_extension_and_bad_bytes_are_refused() {
+        for alg in Algorithm::ALL {
+            let bytes = sample(alg);
+            for n in 0..bytes.len() {
+                let r = parse(&bytes[..n]);
+                // A shorter RSA block or KWP blob may still be well-formed; it must never panic
+                // and header truncation must fail.
+                if n < 19 {
+                    assert!(matches!(r, Err(BrokerError::Unauthentic)));
+                }
+            }
+            let mut longer = bytes.clone();
+            longer.extend_from_slice(&[0; 600]);
+            assert!(matches!(parse(&longer), Err(BrokerError::Unauthentic)));
+        }
+        let mut b = sample(Algorithm::Aes256Gcm);
+        b[0] = 2;
+        assert!(matches!(parse(&b), Err(BrokerError::Unauthentic)));
+        let mut b = sample(Algorithm::Aes256Gcm);
+        b[1] = 9;
+        assert!(matches!(parse(&b), Err(BrokerError::Unauthentic)));
+        let mut b = sample(Algorithm::Aes256Gcm);
+        b[18] = 11;
+        assert!(matches!(parse(&b), Err(BrokerError::Unauthentic)));
+    }
+}

@@ -1,0 +1,154 @@
+//! The one place that classifies PKCS#11 failures (STYLE rule 3). The class drives recovery:
+//! a lost session is evicted and the operation retried once; a lost device makes callers see
+//! UNAVAILABLE; data errors keep the session.
+
+use cryptoki::error::{Error as CkError, RvError};
+
+use crate::error::BrokerError;
+
+/// What kind of failure an HSM call had, as far as recovery and callers are concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultKind {
+    /// The session is gone (handle invalid, closed): evict it, retry once on a fresh one.
+    SessionLost,
+    /// The device or token is gone, or the library lost its state: callers get UNAVAILABLE.
+    DeviceLost,
+    /// The HSM is busy or throttling, or no session could be had in time.
+    Busy,
+    /// The input to a decrypt/unwrap is not authentic or malformed.
+    DataInvalid,
+    /// An object handle is no longer valid (refresh cached handles).
+    HandleInvalid,
+    /// The PIN is wrong, locked or expired; or login is required.
+    Login,
+    /// The token refuses the mechanism or the key for this operation.
+    NotPermitted,
+    /// The token or its configuration is not what we need (start-up).
+    Setup,
+    /// Anything else.
+    Other,
+}
+
+/// A failed HSM call: the class, and for the log the PKCS#11 function and return value.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{context}: {detail}")]
+pub struct HsmError {
+    /// The class of fault.
+    pub kind: FaultKind,
+    /// What the broker was doing.
+    pub context: String,
+    /// The PKCS#11 function and return value (`C_Decrypt: GeneralError`), or another
+    /// explanation. Never key material.
+    pub detail: String,
+    /// The PKCS#11 return value, when there was one.
+    pub rv: Option<RvError>,
+}
+
+impl HsmError {
+    /// A fault of a given kind with an explanation.
+    pub fn new(kind: FaultKind, context: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self { kind, context: context.into(), detail: detail.into(), rv: None }
+    }
+
+    /// A start-up/configuration problem.
+    pub fn setup(context: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self::new(FaultKind::Setup, context, detail)
+    }
+
+    /// Classifies a cryptoki error.
+    pub fn from_ck(context: impl Into<String>, e: CkError) -> Self {
+        let (kind, rv, detail) = match &e {
+            CkError::Pkcs11(rv, f) => {
+                (classify(*rv), Some(*rv), format!("{} returned {rv:?}", function_name(*f)))
+            }
+            CkError::LibraryLoading(_) | CkError::MissingSymbol(_) => {
+                (FaultKind::Setup, None, e.to_string())
+            }
+            _ => (FaultKind::Other, None, e.to_string()),
+        };
+        Self { kind, context: context.into(), detail, rv }
+    }
+
+    /// Like [`HsmError::from_ck`], but for a decrypt/unwrap of caller data: every return value
+    /// that can mean "this ciphertext is not authentic" becomes [`FaultKind::DataInvalid`].
+    /// SoftHSM2 answers a bad AES-GCM tag with `CKR_GENERAL_ERROR` (HSM-NOTES), Kryoptic with
+    /// `CKR_ENCRYPTED_DATA_INVALID`; RFC 5649 integrity failures come back as
+    /// `CKR_WRAPPED_KEY_INVALID` or `CKR_ENCRYPTED_DATA_INVALID`.
+    pub fn from_ck_decrypt(context: impl Into<String>, e: CkError) -> Self {
+        let mut err = Self::from_ck(context, e);
+        if let Some(rv) = err.rv {
+            if matches!(
+                rv,
+                RvError::EncryptedDataInvalid
+                    | RvError::EncryptedDataLenRange
+                    | RvError::WrappedKeyInvalid
+                    | RvError::WrappedKeyLenRange
+                    | RvError::DataInvalid
+                    | RvError::DataLenRange
+                    | RvError::GeneralError
+                    | RvError::FunctionFailed
+            ) {
+                err.kind = FaultKind::DataInvalid;
+            }
+        }
+        err
+    }
+
+    /// The caller-facing error for this fault. Details stay in the log.
+    pub fn into_broker(self) -> BrokerError {
+        match self.kind {
+            FaultKind::DataInvalid => BrokerError::Unauthentic,
+            FaultKind::SessionLost | FaultKind::DeviceLost | FaultKind::Login => {
+                tracing::warn!(context = %self.context, detail = %self.detail, "HSM unavailable");
+                BrokerError::Unavailable("the HSM is unavailable; retry later".into())
+            }
+            FaultKind::Busy => {
+                BrokerError::ResourceExhausted("the HSM is at capacity; retry later".into())
+            }
+            FaultKind::HandleInvalid => {
+                tracing::warn!(context = %self.context, detail = %self.detail, "HSM object handle invalid");
+                BrokerError::Unavailable("the HSM object is being re-opened; retry".into())
+            }
+            FaultKind::NotPermitted => {
+                tracing::error!(context = %self.context, detail = %self.detail, "HSM refused operation");
+                BrokerError::precondition("the HSM refused this operation for this key")
+            }
+            FaultKind::Setup | FaultKind::Other => {
+                BrokerError::internal(format!("{}: {}", self.context, self.detail))
+            }
+        }
+    }
+}
+
+impl From<HsmError> for BrokerError {
+    fn from(e: HsmError) -> Self {
+        e.into_broker()
+    }
+}
+
+/// Maps a PKCS#11 return value to its class.
+pub fn classify(rv: RvError) -> FaultKind {
+    use RvError::*;
+    match rv {
+        SessionHandleInvalid | SessionClosed => FaultKind::SessionLost,
+        DeviceRemoved | TokenNotPresent | TokenNotRecognized | CryptokiNotInitialized
+        | DeviceMemory | DeviceError => FaultKind::DeviceLost,
+        SessionCount | FunctionCanceled | Cancel | HostMemory => FaultKind::Busy,
+        EncryptedDataInvalid | EncryptedDataLenRange | WrappedKeyInvalid | WrappedKeyLenRange
+        | DataInvalid | DataLenRange => FaultKind::DataInvalid,
+        ObjectHandleInvalid | KeyHandleInvalid | WrappingKeyHandleInvalid
+        | UnwrappingKeyHandleInvalid => FaultKind::HandleInvalid,
+        PinIncorrect | PinInvalid | PinLenRange | PinExpired | PinLocked | UserNotLoggedIn
+        | UserPinNotInitialized => FaultKind::Login,
+        KeyFunctionNotPermitted | MechanismInvalid | MechanismParamInvalid | KeyTypeInconsistent
+        | KeyUnextractable | KeyNotWrappable | ActionProhibited | FunctionNotSupported => {
+            FaultKind::NotPermitted
+        }
+        _ => FaultKind::Other,
+    }
+}
+
+/// `Function::Decrypt` → `C_Decrypt`.
+fn function_name(f: cryptoki::context::Function) -> String {
+    format!("C_{f:?}")
+}

@@ -1,0 +1,673 @@
+//! The HSM layer: the only code that touches `cryptoki` (STYLE rule 1).
+//!
+//! It owns the PKCS#11 module (loaded and initialised once per process), one login, a pool of
+//! sessions, the cache of object handles for every KEK version, and the start-up capability
+//! probe. Everything above it speaks domain types: [`VersionId`], [`Dek`], [`WrapParams`].
+//!
+//! Every PKCS#11 call runs on a blocking thread (`spawn_blocking`) with a session checked out of
+//! the pool; the async side waits for a session permit at most `acquire_timeout`, then answers
+//! RESOURCE_EXHAUSTED rather than queueing without bound (STYLE rule 2).
+//!
+//! Layout:
+//! * [`error`] — classification of PKCS#11 return values (drives recovery and status codes);
+//! * [`template`] — the fixed KEK template and its read-back check;
+//! * [`probe`] — mechanism list and known-answer tests at start-up;
+//! * [`ops`] — the blocking operations on one session.
+
+pub mod error;
+pub mod ops;
+pub mod probe;
+pub mod template;
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use cryptoki::{
+    context::{CInitializeArgs, CInitializeFlags, Pkcs11},
+    error::{Error as CkError, RvError},
+    mechanism::Mechanism,
+    object::{Attribute, AttributeType, ObjectClass, ObjectHandle},
+    session::{Session, UserType},
+    slot::{Limit, Slot},
+};
+use secrecy::SecretString;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+pub use self::{
+    error::{FaultKind, HsmError},
+    ops::{KwpMechanism, WrapParams},
+    probe::Capabilities,
+    template::KekSpec,
+};
+use crate::model::{Algorithm, Dek, KeyType, VersionId};
+
+/// Which token to use. Serial number is the most stable (slot ids change on replug).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TokenSelector {
+    /// `CK_TOKEN_INFO.label`.
+    pub label: Option<String>,
+    /// `CK_TOKEN_INFO.serialNumber`.
+    pub serial: Option<String>,
+    /// The slot id.
+    pub slot: Option<u64>,
+}
+
+/// How to open the HSM.
+#[derive(Clone, Debug)]
+pub struct HsmSettings {
+    /// The PKCS#11 module (`.so`).
+    pub module: PathBuf,
+    /// Which token.
+    pub token: TokenSelector,
+    /// The user PIN.
+    pub pin: SecretString,
+    /// How many sessions to keep (capped by the token's maximum).
+    pub sessions: usize,
+    /// How long a request may wait for a free session before RESOURCE_EXHAUSTED.
+    pub acquire_timeout: Duration,
+}
+
+/// What the token says about itself.
+#[derive(Clone, Debug, Serialize)]
+pub struct TokenSummary {
+    /// The library's description and version.
+    pub library: String,
+    /// The slot id.
+    pub slot: u64,
+    /// The token label.
+    pub label: String,
+    /// The manufacturer.
+    pub manufacturer: String,
+    /// The model.
+    pub model: String,
+    /// The serial number.
+    pub serial: String,
+    /// Sessions in the pool.
+    pub sessions: usize,
+}
+
+/// The object handles of one KEK version.
+#[derive(Clone, Copy, Debug)]
+pub struct KekHandles {
+    /// The secret key (AES) or private key (RSA).
+    pub secret: ObjectHandle,
+    /// The public key (RSA only).
+    pub public: Option<ObjectHandle>,
+}
+
+/// A KEK version the broker expects to find in the token.
+#[derive(Clone, Debug)]
+pub struct ExpectedKek {
+    /// Its id (`CKA_ID`).
+    pub id: VersionId,
+    /// Its key type.
+    pub key_type: KeyType,
+    /// Its algorithm.
+    pub algorithm: Algorithm,
+}
+
+/// The result of matching the store's KEK versions against the token's objects.
+#[derive(Debug, Default)]
+pub struct AttachReport {
+    /// Versions whose objects are missing, duplicated or have the wrong template, with why.
+    pub problems: Vec<(VersionId, String)>,
+    /// Objects keybroker made (label prefix `kb:`) whose id the store does not know.
+    pub orphans: Vec<String>,
+    /// How many versions were attached.
+    pub attached: usize,
+}
+
+/// The RSA public key of a version.
+#[derive(Clone, Debug)]
+pub struct RsaPublic {
+    /// The modulus, big-endian.
+    pub modulus: Vec<u8>,
+    /// The public exponent, big-endian.
+    pub exponent: Vec<u8>,
+}
+
+/// A handle to the HSM: cheap to clone, shared by every request.
+#[derive(Clone)]
+pub struct Hsm {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ctx: Pkcs11,
+    slot: Slot,
+    summary: TokenSummary,
+    caps: Capabilities,
+    kwp: Option<KwpMechanism>,
+    /// Idle sessions. A std mutex: it is held only to push/pop, never across a PKCS#11 call.
+    idle: Mutex<Vec<Session>>,
+    permits: Arc<Semaphore>,
+    acquire_timeout: Duration,
+    /// Kept open for the life of the process: object handles die when an application's last
+    /// session closes (HSM-NOTES), and the login belongs to the application.
+    _anchor: Mutex<Session>,
+    handles: RwLock<HashMap<VersionId, KekHandles>>,
+    /// Serialises object creation and destruction: SoftHSM2 2.6.1 races on concurrent object
+    /// creation and lookup (upstream #573/#576/#578/#688/#757).
+    object_lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for Hsm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hsm").field("token", &self.inner.summary).finish_non_exhaustive()
+    }
+}
+
+impl Hsm {
+    /// Loads the module, finds the token, logs in, runs the capability probe and opens the
+    /// session pool. Blocking: call it from a blocking thread.
+    pub fn open(settings: &HsmSettings) -> Result<Self, HsmError> {
+        let module = &settings.module;
+        if !module.exists() {
+            return Err(HsmError::setup(
+                "load the PKCS#11 module",
+                format!("{} does not exist", module.display()),
+            ));
+        }
+        let ctx = Pkcs11::new(module)
+            .map_err(|e| HsmError::from_ck(format!("load {}", module.display()), e))?;
+        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => return Err(HsmError::from_ck("C_Initialize", e)),
+        }
+        let library = ctx
+            .get_library_info()
+            .map(|i| {
+                format!(
+                    "{} {} ({})",
+                    i.library_description().trim(),
+                    i.library_version(),
+                    i.manufacturer_id().trim()
+                )
+            })
+            .unwrap_or_else(|_| "unknown".into());
+        let (slot, info) = select_token(&ctx, &settings.token)?;
+        let anchor = ctx
+            .open_rw_session(slot)
+            .map_err(|e| HsmError::from_ck("open the anchor session", e))?;
+        match anchor.login(UserType::User, Some(&settings.pin)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
+                return Err(HsmError::new(
+                    FaultKind::Login,
+                    "log in to the token",
+                    "the PIN is incorrect (CKR_PIN_INCORRECT)",
+                ));
+            }
+            Err(e) => return Err(HsmError::from_ck("log in to the token", e)),
+        }
+        let caps = probe::probe(&ctx, slot, &anchor)?;
+        let max = match info.max_session_count() {
+            Limit::Max(n) if n > 1 => usize::try_from(n - 1).unwrap_or(usize::MAX),
+            _ => usize::MAX,
+        };
+        let sessions = settings.sessions.clamp(1, max);
+        let mut idle = Vec::with_capacity(sessions);
+        for _ in 0..sessions {
+            idle.push(
+                ctx.open_rw_session(slot)
+                    .map_err(|e| HsmError::from_ck("open a pool session", e))?,
+            );
+        }
+        let summary = TokenSummary {
+            library,
+            slot: slot.id(),
+            label: info.label().trim().to_string(),
+            manufacturer: info.manufacturer_id().trim().to_string(),
+            model: info.model().trim().to_string(),
+            serial: info.serial_number().trim().to_string(),
+            sessions,
+        };
+        let kwp = match &caps.kwp {
+            Some(k) if k.mechanism == probe::cryptoki_sys_kwp::PAD => Some(KwpMechanism::Pad),
+            _ => None,
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                ctx,
+                slot,
+                summary,
+                caps,
+                kwp,
+                idle: Mutex::new(idle),
+                permits: Arc::new(Semaphore::new(sessions)),
+                acquire_timeout: settings.acquire_timeout,
+                _anchor: Mutex::new(anchor),
+                handles: RwLock::new(HashMap::new()),
+                object_lock: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// What the probe found.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.inner.caps
+    }
+
+    /// The token in use.
+    pub fn token(&self) -> &TokenSummary {
+        &self.inner.summary
+    }
+
+    /// Runs `f` with a pooled session on a blocking thread. If the session turns out to be lost,
+    /// it is evicted and `f` runs once more on a fresh one (every operation here is safe to
+    /// repeat).
+    async fn run<T, F>(&self, what: &'static str, f: F) -> Result<T, HsmError>
+    where
+        F: Fn(&Inner, &Session) -> Result<T, HsmError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let permit = match tokio::time::timeout(
+            self.inner.acquire_timeout,
+            self.inner.permits.clone().acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) => return Err(HsmError::new(FaultKind::Busy, what, "session pool closed")),
+            Err(_) => {
+                return Err(HsmError::new(
+                    FaultKind::Busy,
+                    what,
+                    format!("no HSM session free within {:?}", self.inner.acquire_timeout),
+                ));
+            }
+        };
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            inner.with_session(what, |s| f(&inner, s))
+        })
+        .await
+        .map_err(|e| HsmError::new(FaultKind::Other, what, format!("HSM worker failed: {e}")))?
+    }
+
+    /// Generates a KEK version inside the token from the fixed template, reads its attributes
+    /// back and checks them, and caches its handles. On any failure the new objects are
+    /// destroyed.
+    pub async fn generate_kek(&self, spec: KekSpec) -> Result<(), HsmError> {
+        let mech = self.inner.caps.mechanism_for(spec.algorithm).ok_or_else(|| {
+            HsmError::new(
+                FaultKind::NotPermitted,
+                "generate a KEK",
+                format!("the token cannot serve {}", spec.algorithm),
+            )
+        })?;
+        self.run("generate a KEK", move |inner, s| {
+            let _guard = inner.object_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let handles = if let Some(bits) = spec.key_type.rsa_bits() {
+                let (pubt, privt) = template::rsa_templates(&spec, bits, mech);
+                let (public, private) = s
+                    .generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &pubt, &privt)
+                    .map_err(|e| HsmError::from_ck("C_GenerateKeyPair", e))?;
+                KekHandles { secret: private, public: Some(public) }
+            } else {
+                let secret = s
+                    .generate_key(&Mechanism::AesKeyGen, &template::aes_template(&spec, mech))
+                    .map_err(|e| HsmError::from_ck("C_GenerateKey", e))?;
+                KekHandles { secret, public: None }
+            };
+            let problems = check_template(s, &handles, spec.algorithm, mech)?;
+            if !problems.is_empty() {
+                destroy_handles(s, &handles);
+                return Err(HsmError::new(
+                    FaultKind::Setup,
+                    "check a new KEK's template",
+                    format!("the token did not honour the KEK template: {}", problems.join("; ")),
+                ));
+            }
+            inner.handles.write().unwrap_or_else(|p| p.into_inner()).insert(spec.id, handles);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Destroys every object with this id (an aborted creation, or a purge) and forgets its
+    /// handles. Returns how many objects were destroyed.
+    pub async fn destroy_kek(&self, id: VersionId) -> Result<usize, HsmError> {
+        self.run("destroy a KEK", move |inner, s| {
+            let _guard = inner.object_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let found = s
+                .find_objects(&[Attribute::Id(id.as_bytes().to_vec())])
+                .map_err(|e| HsmError::from_ck("C_FindObjects", e))?;
+            let mut n = 0;
+            for h in found {
+                // Kryoptic lists mechanism objects too; only key objects carry our ids, but
+                // filter on class to be sure.
+                if is_key_object(s, h) {
+                    s.destroy_object(h).map_err(|e| HsmError::from_ck("C_DestroyObject", e))?;
+                    n += 1;
+                }
+            }
+            inner.handles.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Finds the objects of every expected KEK version in one pass over the token (never one
+    /// search per key: `C_FindObjects` costs ~15 µs per object scanned on SoftHSM2), checks
+    /// each one's template, and caches the handles of those that pass.
+    pub async fn attach(&self, expected: Vec<ExpectedKek>) -> Result<AttachReport, HsmError> {
+        self.run("attach the KEKs", move |inner, s| {
+            let mut by_id: HashMap<Vec<u8>, Vec<(ObjectHandle, ObjectClass, String)>> =
+                HashMap::new();
+            for class in [ObjectClass::SECRET_KEY, ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+                let found = s
+                    .find_objects(&[Attribute::Class(class), Attribute::Token(true)])
+                    .map_err(|e| HsmError::from_ck("C_FindObjects", e))?;
+                for h in found {
+                    let attrs = s
+                        .get_attributes(h, &[AttributeType::Id, AttributeType::Label])
+                        .map_err(|e| HsmError::from_ck("C_GetAttributeValue", e))?;
+                    let mut id = Vec::new();
+                    let mut label = String::new();
+                    for a in attrs {
+                        match a {
+                            Attribute::Id(v) => id = v,
+                            Attribute::Label(v) => label = String::from_utf8_lossy(&v).into_owned(),
+                            _ => {}
+                        }
+                    }
+                    by_id.entry(id).or_default().push((h, class, label));
+                }
+            }
+            let mut report = AttachReport::default();
+            let mut handles = HashMap::with_capacity(expected.len());
+            for e in &expected {
+                let objs = by_id.remove(e.id.as_bytes().as_slice()).unwrap_or_default();
+                let pick = |c: ObjectClass| -> Vec<ObjectHandle> {
+                    objs.iter().filter(|o| o.1 == c).map(|o| o.0).collect()
+                };
+                let (secrets, publics) = if e.key_type.is_rsa() {
+                    (pick(ObjectClass::PRIVATE_KEY), pick(ObjectClass::PUBLIC_KEY))
+                } else {
+                    (pick(ObjectClass::SECRET_KEY), Vec::new())
+                };
+                let want_public = usize::from(e.key_type.is_rsa());
+                let problem = if secrets.is_empty() {
+                    Some("its HSM object is missing".to_string())
+                } else if secrets.len() > 1 || publics.len() > want_public || objs.len() != 1 + want_public {
+                    Some(format!("{} HSM objects share its CKA_ID", objs.len()))
+                } else if publics.len() != want_public {
+                    Some("its public key object is missing".to_string())
+                } else {
+                    None
+                };
+                if let Some(p) = problem {
+                    report.problems.push((e.id, p));
+                    continue;
+                }
+                let h = KekHandles { secret: secrets[0], public: publics.first().copied() };
+                let Some(mech) = inner.caps.mechanism_for(e.algorithm) else {
+                    report.problems.push((e.id, format!("the token cannot serve {}", e.algorithm)));
+                    continue;
+                };
+                let problems = check_template(s, &h, e.algorithm, mech)?;
+                if !problems.is_empty() {
+                    report.problems.push((e.id, format!("wrong template: {}", problems.join("; "))));
+                    continue;
+                }
+                handles.insert(e.id, h);
+            }
+            for (id, objs) in by_id {
+                for (_, _, label) in objs {
+                    if label.starts_with(template::LABEL_PREFIX) {
+                        report.orphans.push(format!("{label} (CKA_ID {})", hex::encode(&id)));
+                    }
+                }
+            }
+            report.attached = handles.len();
+            *inner.handles.write().unwrap_or_else(|p| p.into_inner()) = handles;
+            Ok(report)
+        })
+        .await
+    }
+
+    /// Forgets the handles of a version (it will refuse to serve).
+    pub fn detach(&self, id: VersionId) {
+        self.inner.handles.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+
+    /// Wraps a DEK under a version.
+    pub async fn wrap(&self, id: VersionId, params: WrapParams, dek: Dek) -> Result<Vec<u8>, HsmError> {
+        self.run("wrap", move |inner, s| {
+            let (h, kwp) = inner.key_for(id, &params, true)?;
+            ops::wrap(s, h, kwp, &params, &dek)
+        })
+        .await
+    }
+
+    /// Unwraps a DEK with a version.
+    pub async fn unwrap(&self, id: VersionId, params: WrapParams, ciphertext: Vec<u8>) -> Result<Dek, HsmError> {
+        self.run("unwrap", move |inner, s| {
+            let (h, kwp) = inner.key_for(id, &params, false)?;
+            ops::unwrap(s, h, kwp, &params, &ciphertext)
+        })
+        .await
+    }
+
+    /// Draws a DEK of `len` bytes from the token's RNG and wraps it, in one session checkout.
+    pub async fn generate_and_wrap(
+        &self,
+        id: VersionId,
+        params: WrapParams,
+        len: usize,
+    ) -> Result<(Dek, Vec<u8>), HsmError> {
+        self.run("generate a data key", move |inner, s| {
+            let (h, kwp) = inner.key_for(id, &params, true)?;
+            let dek = ops::random(s, len)?;
+            let wrapped = ops::wrap(s, h, kwp, &params, &dek)?;
+            Ok((dek, wrapped))
+        })
+        .await
+    }
+
+    /// Unwraps with one version and wraps again with another, in one session checkout; the
+    /// DEK never leaves this call.
+    pub async fn rewrap(
+        &self,
+        from: (VersionId, WrapParams, Vec<u8>),
+        to: (VersionId, WrapParams),
+    ) -> Result<Vec<u8>, HsmError> {
+        self.run("rewrap", move |inner, s| {
+            let (h_from, kwp) = inner.key_for(from.0, &from.1, false)?;
+            let dek = ops::unwrap(s, h_from, kwp, &from.1, &from.2)?;
+            let (h_to, kwp) = inner.key_for(to.0, &to.1, true)?;
+            ops::wrap(s, h_to, kwp, &to.1, &dek)
+        })
+        .await
+    }
+
+    /// Reads the public key of an RSA version.
+    pub async fn public_key(&self, id: VersionId) -> Result<RsaPublic, HsmError> {
+        self.run("read a public key", move |inner, s| {
+            let h = inner.handles_of(id)?.public.ok_or_else(|| {
+                HsmError::new(FaultKind::NotPermitted, "read a public key", "not an RSA key")
+            })?;
+            let attrs = s
+                .get_attributes(h, &[AttributeType::Modulus, AttributeType::PublicExponent])
+                .map_err(|e| HsmError::from_ck("C_GetAttributeValue", e))?;
+            let mut pk = RsaPublic { modulus: Vec::new(), exponent: Vec::new() };
+            for a in attrs {
+                match a {
+                    Attribute::Modulus(m) => pk.modulus = m,
+                    Attribute::PublicExponent(e) => pk.exponent = e,
+                    _ => {}
+                }
+            }
+            if pk.modulus.is_empty() || pk.exponent.is_empty() {
+                return Err(HsmError::new(FaultKind::Other, "read a public key", "token returned no modulus/exponent"));
+            }
+            Ok(pk)
+        })
+        .await
+    }
+}
+
+impl Inner {
+    fn with_session<T>(
+        &self,
+        what: &'static str,
+        f: impl Fn(&Session) -> Result<T, HsmError>,
+    ) -> Result<T, HsmError> {
+        let mut last = None;
+        for _attempt in 0..2 {
+            let session = self.checkout(what)?;
+            match f(&session) {
+                Err(e) if e.kind == FaultKind::SessionLost => {
+                    tracing::warn!(context = %e.context, detail = %e.detail, "HSM session lost; evicting it");
+                    // Dropping closes it (the close fails harmlessly if it is already gone).
+                    drop(session);
+                    last = Some(e);
+                }
+                other => {
+                    self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(session);
+                    return other;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| HsmError::new(FaultKind::SessionLost, what, "session lost")))
+    }
+
+    fn checkout(&self, what: &'static str) -> Result<Session, HsmError> {
+        if let Some(s) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            return Ok(s);
+        }
+        self.ctx
+            .open_rw_session(self.slot)
+            .map_err(|e| HsmError::from_ck(format!("{what}: open a session"), e))
+    }
+
+    fn handles_of(&self, id: VersionId) -> Result<KekHandles, HsmError> {
+        self.handles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .copied()
+            .ok_or_else(|| {
+                HsmError::new(FaultKind::HandleInvalid, "find a KEK", format!("no attached HSM object for version {id}"))
+            })
+    }
+
+    /// The handle to use for `params` (public key for RSA wraps) and the RFC 5649 mechanism.
+    fn key_for(
+        &self,
+        id: VersionId,
+        params: &WrapParams,
+        wrapping: bool,
+    ) -> Result<(ObjectHandle, KwpMechanism), HsmError> {
+        let h = self.handles_of(id)?;
+        let kwp = match (params, self.kwp) {
+            (WrapParams::Kwp, None) => {
+                return Err(HsmError::new(FaultKind::NotPermitted, "AES key wrap", "the token has no usable RFC 5649 mechanism"));
+            }
+            (_, k) => k.unwrap_or(KwpMechanism::Pad),
+        };
+        let handle = match (params, wrapping) {
+            (WrapParams::OaepSha256 | WrapParams::OaepSha1, true) => h.public.ok_or_else(|| {
+                HsmError::new(FaultKind::Other, "RSA wrap", "no public key object cached")
+            })?,
+            _ => h.secret,
+        };
+        Ok((handle, kwp))
+    }
+}
+
+fn is_key_object(s: &Session, h: ObjectHandle) -> bool {
+    matches!(
+        s.get_attributes(h, &[AttributeType::Class]).as_deref(),
+        Ok([Attribute::Class(c)]) if [ObjectClass::SECRET_KEY, ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY].contains(c)
+    )
+}
+
+fn check_template(
+    s: &Session,
+    h: &KekHandles,
+    alg: Algorithm,
+    mech: cryptoki::mechanism::MechanismType,
+) -> Result<Vec<String>, HsmError> {
+    let attrs = s
+        .get_attributes(h.secret, template::SECRET_CHECK)
+        .map_err(|e| HsmError::from_ck("read back KEK attributes", e))?;
+    let mut problems = template::check_secret(alg, mech, &attrs);
+    if let Some(p) = h.public {
+        let attrs = s
+            .get_attributes(p, template::PUBLIC_CHECK)
+            .map_err(|e| HsmError::from_ck("read back public key attributes", e))?;
+        problems.extend(template::check_public(mech, &attrs));
+    }
+    Ok(problems)
+}
+
+fn destroy_handles(s: &Session, h: &KekHandles) {
+    ops::destroy_quietly(s, h.secret);
+    if let Some(p) = h.public {
+        ops::destroy_quietly(s, p);
+    }
+}
+
+/// Finds the configured token; the error lists what is present.
+fn select_token(
+    ctx: &Pkcs11,
+    sel: &TokenSelector,
+) -> Result<(Slot, cryptoki::slot::TokenInfo), HsmError> {
+    let slots = ctx
+        .get_slots_with_initialized_token()
+        .map_err(|e| HsmError::from_ck("C_GetSlotList", e))?;
+    let mut present = Vec::new();
+    for slot in slots {
+        let info = match ctx.get_token_info(slot) {
+            Ok(i) => i,
+            Err(e) => {
+                present.push(format!("slot {}: unreadable ({e})", slot.id()));
+                continue;
+            }
+        };
+        let label = info.label().trim().to_string();
+        let serial = info.serial_number().trim().to_string();
+        let matches = sel.label.as_ref().is_none_or(|l| *l == label)
+            && sel.serial.as_ref().is_none_or(|s| *s == serial)
+            && sel.slot.is_none_or(|id| id == slot.id());
+        if matches {
+            return Ok((slot, info));
+        }
+        present.push(format!(
+            "slot {} label {label:?} serial {serial:?} ({} {})",
+            slot.id(),
+            info.manufacturer_id().trim(),
+            info.model().trim()
+        ));
+    }
+    Err(HsmError::setup(
+        "find the token",
+        format!(
+            "no initialized token matches {}; tokens present: {}",
+            describe(sel),
+            if present.is_empty() { "none".to_string() } else { present.join(", ") }
+        ),
+    ))
+}
+
+fn describe(sel: &TokenSelector) -> String {
+    let mut parts = Vec::new();
+    if let Some(l) = &sel.label {
+        parts.push(format!("label {l:?}"));
+    }
+    if let Some(s) = &sel.serial {
+        parts.push(format!("serial {s:?}"));
+    }
+    if let Some(id) = sel.slot {
+        parts.push(format!("slot {id}"));
+    }
+    if parts.is_empty() { "any token".into() } else { parts.join(" and ") }
+}

@@ -1,0 +1,217 @@
+//! The blocking PKCS#11 operations, each on one borrowed session. Called only from the session
+//! pool's blocking threads (never on an async worker).
+
+use cryptoki::{
+    mechanism::{
+        Mechanism, MechanismType,
+        aead::GcmParams,
+        rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource},
+    },
+    object::{Attribute, AttributeType, KeyType as CkKeyType, ObjectClass, ObjectHandle},
+    session::Session,
+};
+use zeroize::Zeroize;
+
+use super::error::{FaultKind, HsmError};
+use crate::{
+    envelope::{GCM_IV_LEN, GCM_TAG_LEN},
+    model::{Algorithm, Dek},
+};
+
+/// The parameters of one wrap or unwrap.
+#[derive(Clone, Debug)]
+pub enum WrapParams {
+    /// AES-256-GCM with this IV and AAD (the full AAD: envelope header || caller AAD).
+    Gcm {
+        /// The 96-bit IV.
+        iv: [u8; GCM_IV_LEN],
+        /// The additional authenticated data.
+        aad: Vec<u8>,
+    },
+    /// RFC 5649 with the mechanism the probe chose.
+    Kwp,
+    /// RSA-OAEP with SHA-256.
+    OaepSha256,
+    /// RSA-OAEP with SHA-1.
+    OaepSha1,
+}
+
+impl WrapParams {
+    /// The algorithm these parameters belong to.
+    pub fn algorithm(&self) -> Algorithm {
+        match self {
+            WrapParams::Gcm { .. } => Algorithm::Aes256Gcm,
+            WrapParams::Kwp => Algorithm::AesKeyWrapPad,
+            WrapParams::OaepSha256 => Algorithm::RsaOaepSha256,
+            WrapParams::OaepSha1 => Algorithm::RsaOaepSha1,
+        }
+    }
+}
+
+/// Which PKCS#11 mechanism implements RFC 5649 on this token (decided by the probe).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KwpMechanism {
+    /// `CKM_AES_KEY_WRAP_PAD` (0x210A), e.g. SoftHSM2.
+    Pad,
+}
+
+impl KwpMechanism {
+    /// The cryptoki mechanism.
+    pub fn mechanism(self) -> Mechanism<'static> {
+        match self {
+            KwpMechanism::Pad => Mechanism::AesKeyWrapPad,
+        }
+    }
+}
+
+fn oaep(hash: Algorithm) -> Mechanism<'static> {
+    let (h, mgf) = if hash == Algorithm::RsaOaepSha1 {
+        (MechanismType::SHA1, PkcsMgfType::MGF1_SHA1)
+    } else {
+        (MechanismType::SHA256, PkcsMgfType::MGF1_SHA256)
+    };
+    Mechanism::RsaPkcsOaep(PkcsOaepParams::new(h, mgf, PkcsOaepSource::empty()))
+}
+
+/// Wraps `dek`. `key` is the secret key (AES) or the public key (RSA).
+pub fn wrap(
+    session: &Session,
+    key: ObjectHandle,
+    kwp: KwpMechanism,
+    params: &WrapParams,
+    dek: &Dek,
+) -> Result<Vec<u8>, HsmError> {
+    match params {
+        WrapParams::Gcm { iv, aad } => {
+            let mut iv = *iv;
+            let p = GcmParams::new(&mut iv, aad, 128.into())
+                .map_err(|e| HsmError::from_ck("AES-GCM parameters", e))?;
+            let out = session
+                .encrypt(&Mechanism::AesGcm(p), key, dek.expose())
+                .map_err(|e| HsmError::from_ck("AES-GCM encrypt", e))?;
+            if out.len() != dek.len() + GCM_TAG_LEN {
+                return Err(HsmError::new(
+                    FaultKind::Other,
+                    "AES-GCM encrypt",
+                    format!("token returned {} bytes, expected {}", out.len(), dek.len() + GCM_TAG_LEN),
+                ));
+            }
+            Ok(out)
+        }
+        WrapParams::Kwp => {
+            // C_WrapKey needs the DEK as a key object: a short-lived session object holding only
+            // the value, with no roles, destroyed before we return (DESIGN §3.2).
+            let obj = session
+                .create_object(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(CkKeyType::GENERIC_SECRET),
+                    Attribute::Token(false),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(false),
+                    Attribute::Extractable(true),
+                    Attribute::Encrypt(false),
+                    Attribute::Decrypt(false),
+                    Attribute::Wrap(false),
+                    Attribute::Unwrap(false),
+                    Attribute::Sign(false),
+                    Attribute::Verify(false),
+                    Attribute::Derive(false),
+                    Attribute::Value(dek.expose().to_vec()),
+                ])
+                .map_err(|e| HsmError::from_ck("create the DEK session object", e))?;
+            let r = session
+                .wrap_key(&kwp.mechanism(), key, obj)
+                .map_err(|e| HsmError::from_ck("AES key wrap", e));
+            destroy_quietly(session, obj);
+            r
+        }
+        WrapParams::OaepSha256 | WrapParams::OaepSha1 => session
+            .encrypt(&oaep(params.algorithm()), key, dek.expose())
+            .map_err(|e| HsmError::from_ck("RSA-OAEP encrypt", e)),
+    }
+}
+
+/// Unwraps `ciphertext`. `key` is the secret key (AES) or the private key (RSA). Any failure
+/// that can mean "not authentic" is [`FaultKind::DataInvalid`].
+pub fn unwrap(
+    session: &Session,
+    key: ObjectHandle,
+    kwp: KwpMechanism,
+    params: &WrapParams,
+    ciphertext: &[u8],
+) -> Result<Dek, HsmError> {
+    match params {
+        WrapParams::Gcm { iv, aad } => {
+            let mut iv = *iv;
+            let p = GcmParams::new(&mut iv, aad, 128.into())
+                .map_err(|e| HsmError::from_ck("AES-GCM parameters", e))?;
+            session
+                .decrypt(&Mechanism::AesGcm(p), key, ciphertext)
+                .map(Dek::new)
+                .map_err(|e| HsmError::from_ck_decrypt("AES-GCM decrypt", e))
+        }
+        WrapParams::Kwp => unwrap_generic(session, &kwp.mechanism(), key, ciphertext),
+        WrapParams::OaepSha256 | WrapParams::OaepSha1 => session
+            .decrypt(&oaep(params.algorithm()), key, ciphertext)
+            .map(Dek::new)
+            .map_err(|e| HsmError::from_ck_decrypt("RSA-OAEP decrypt", e)),
+    }
+}
+
+/// Unwraps into a short-lived generic-secret session object, reads its value, destroys it.
+pub fn unwrap_generic(
+    session: &Session,
+    mech: &Mechanism,
+    kek: ObjectHandle,
+    wrapped: &[u8],
+) -> Result<Dek, HsmError> {
+    let obj = session
+        .unwrap_key(
+            mech,
+            kek,
+            wrapped,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(CkKeyType::GENERIC_SECRET),
+                Attribute::Token(false),
+                Attribute::Private(true),
+                Attribute::Sensitive(false),
+                Attribute::Extractable(true),
+                Attribute::Encrypt(false),
+                Attribute::Decrypt(false),
+                Attribute::Wrap(false),
+                Attribute::Unwrap(false),
+                Attribute::Sign(false),
+                Attribute::Verify(false),
+                Attribute::Derive(false),
+            ],
+        )
+        .map_err(|e| HsmError::from_ck_decrypt("AES key unwrap", e))?;
+    let value = session.get_attributes(obj, &[AttributeType::Value]);
+    destroy_quietly(session, obj);
+    let attrs = value.map_err(|e| HsmError::from_ck("read the unwrapped DEK", e))?;
+    let mut out = None;
+    for a in attrs {
+        if let Attribute::Value(mut v) = a {
+            out = Some(Dek::new(std::mem::take(&mut v)));
+            v.zeroize();
+        }
+    }
+    out.ok_or_else(|| HsmError::new(FaultKind::Other, "AES key unwrap", "token returned no CKA_VALUE"))
+}
+
+/// Draws `len` random bytes from the token's RNG.
+pub fn random(session: &Session, len: usize) -> Result<Dek, HsmError> {
+    let mut buf = vec![0u8; len];
+    session
+        .generate_random_slice(&mut buf)
+        .map_err(|e| HsmError::from_ck("C_GenerateRandom", e))?;
+    Ok(Dek::new(buf))
+}
+
+/// Destroys a session object; failure is logged (it dies with the session anyway).
+pub fn destroy_quietly(session: &Session, obj: ObjectHandle) {
+    if let Err(e) = session.destroy_object(obj) {
+        tracing::warn!(error = %HsmError::from_ck("destroy a session object", e), "leaked a session object until the session closes");
+    }
+}

@@ -1,0 +1,268 @@
+//! The one fixed KEK template (DESIGN §3.1) and the read-back check that a KEK still has it
+//! (§3.3).
+//!
+//! Every KEK is created inside the token as a token object that is private, sensitive, never
+//! extractable, not modifiable, not copyable, with no derive/sign/verify, with exactly one role
+//! pair and `CKA_ALLOWED_MECHANISMS` limited to its one mechanism:
+//!
+//! | algorithm        | object          | roles set TRUE      | roles forced FALSE                    |
+//! |------------------|-----------------|---------------------|---------------------------------------|
+//! | AES-256-GCM      | secret key      | ENCRYPT, DECRYPT    | WRAP, UNWRAP, SIGN, VERIFY, DERIVE    |
+//! | AES-KWP          | secret key      | WRAP, UNWRAP        | ENCRYPT, DECRYPT, SIGN, VERIFY, DERIVE|
+//! | RSA-OAEP         | private key     | DECRYPT             | UNWRAP, SIGN, SIGN_RECOVER, DERIVE    |
+//! |                  | public key      | ENCRYPT             | WRAP, VERIFY, VERIFY_RECOVER, DERIVE  |
+//!
+//! Why no key may both wrap and decrypt (or unwrap and encrypt): with such a key, anyone holding
+//! a session can `C_WrapKey` a sensitive key under it and `C_Decrypt` the result, reading the
+//! sensitive key in the clear (Clulow, "On the Security of PKCS #11", CHES 2003). SoftHSM2 2.6.1
+//! does not prevent it (HSM-NOTES), so the template must. `CKA_MODIFIABLE` and `CKA_COPYABLE`
+//! FALSE stop an attacker from adding the missing role later with `C_SetAttributeValue` or
+//! `C_CopyObject`.
+
+use cryptoki::{
+    mechanism::MechanismType,
+    object::{Attribute, AttributeType, KeyType as CkKeyType, ObjectClass},
+};
+
+use crate::model::{Algorithm, KeyType, VersionId};
+
+/// The label prefix of every object keybroker creates (used to report orphans).
+pub const LABEL_PREFIX: &str = "kb:";
+
+/// What to create.
+#[derive(Clone, Debug)]
+pub struct KekSpec {
+    /// The version id, used as `CKA_ID`.
+    pub id: VersionId,
+    /// A human-readable label (`kb:tenant/name:vN`).
+    pub label: String,
+    /// The key type.
+    pub key_type: KeyType,
+    /// The algorithm (decides the role pair).
+    pub algorithm: Algorithm,
+}
+
+/// The role pair of an algorithm: (encrypt, decrypt, wrap, unwrap) on the secret/private object.
+fn roles(alg: Algorithm) -> (bool, bool, bool, bool) {
+    match alg {
+        Algorithm::Aes256Gcm => (true, true, false, false),
+        Algorithm::AesKeyWrapPad => (false, false, true, true),
+        Algorithm::RsaOaepSha256 | Algorithm::RsaOaepSha1 => (false, true, false, false),
+    }
+}
+
+/// The template of an AES KEK.
+pub fn aes_template(spec: &KekSpec, mechanism: MechanismType) -> Vec<Attribute> {
+    let (enc, dec, wrap, unwrap) = roles(spec.algorithm);
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(CkKeyType::AES),
+        Attribute::ValueLen(32.into()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Modifiable(false),
+        Attribute::Copyable(false),
+        Attribute::Destroyable(true),
+        Attribute::Derive(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Encrypt(enc),
+        Attribute::Decrypt(dec),
+        Attribute::Wrap(wrap),
+        Attribute::Unwrap(unwrap),
+        Attribute::AllowedMechanisms(vec![mechanism]),
+        Attribute::Id(spec.id.as_bytes().to_vec()),
+        Attribute::Label(spec.label.as_bytes().to_vec()),
+    ]
+}
+
+/// The (public, private) templates of an RSA KEK pair.
+pub fn rsa_templates(
+    spec: &KekSpec,
+    bits: u32,
+    mechanism: MechanismType,
+) -> (Vec<Attribute>, Vec<Attribute>) {
+    let public = vec![
+        Attribute::Class(ObjectClass::PUBLIC_KEY),
+        Attribute::KeyType(CkKeyType::RSA),
+        Attribute::ModulusBits(u64::from(bits).into()),
+        Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::Modifiable(false),
+        Attribute::Copyable(false),
+        Attribute::Destroyable(true),
+        Attribute::Derive(false),
+        Attribute::Verify(false),
+        Attribute::VerifyRecover(false),
+        Attribute::Encrypt(true),
+        Attribute::Wrap(false),
+        Attribute::AllowedMechanisms(vec![mechanism]),
+        Attribute::Id(spec.id.as_bytes().to_vec()),
+        Attribute::Label(spec.label.as_bytes().to_vec()),
+    ];
+    let private = vec![
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(CkKeyType::RSA),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Modifiable(false),
+        Attribute::Copyable(false),
+        Attribute::Destroyable(true),
+        Attribute::Derive(false),
+        Attribute::Sign(false),
+        Attribute::SignRecover(false),
+        Attribute::Decrypt(true),
+        Attribute::Unwrap(false),
+        Attribute::AllowedMechanisms(vec![mechanism]),
+        Attribute::Id(spec.id.as_bytes().to_vec()),
+        Attribute::Label(spec.label.as_bytes().to_vec()),
+    ];
+    (public, private)
+}
+
+/// The attributes read back from a secret or private KEK object to check its template.
+pub const SECRET_CHECK: &[AttributeType] = &[
+    AttributeType::Token,
+    AttributeType::Private,
+    AttributeType::Sensitive,
+    AttributeType::AlwaysSensitive,
+    AttributeType::Extractable,
+    AttributeType::NeverExtractable,
+    AttributeType::Modifiable,
+    AttributeType::Copyable,
+    AttributeType::Derive,
+    AttributeType::Sign,
+    AttributeType::Verify,
+    AttributeType::Encrypt,
+    AttributeType::Decrypt,
+    AttributeType::Wrap,
+    AttributeType::Unwrap,
+    AttributeType::AllowedMechanisms,
+];
+
+/// The attributes read back from a public KEK object.
+pub const PUBLIC_CHECK: &[AttributeType] = &[
+    AttributeType::Token,
+    AttributeType::Modifiable,
+    AttributeType::Copyable,
+    AttributeType::Derive,
+    AttributeType::Verify,
+    AttributeType::Encrypt,
+    AttributeType::Wrap,
+    AttributeType::AllowedMechanisms,
+];
+
+/// Compares attributes read back from the secret/private object of a KEK with what the
+/// template demands; returns one line per difference (empty = good).
+pub fn check_secret(alg: Algorithm, mechanism: MechanismType, attrs: &[Attribute]) -> Vec<String> {
+    let (enc, dec, wrap, unwrap) = roles(alg);
+    let mut problems = Vec::new();
+    let mut want = |name: &str, got: Option<bool>, expect: bool| match got {
+        Some(v) if v == expect => {}
+        Some(v) => problems.push(format!("{name} is {}, must be {}", tf(v), tf(expect))),
+        None => problems.push(format!("{name} is missing, must be {}", tf(expect))),
+    };
+    let b = |t: AttributeType| find_bool(attrs, t);
+    want("CKA_TOKEN", b(AttributeType::Token), true);
+    want("CKA_PRIVATE", b(AttributeType::Private), true);
+    want("CKA_SENSITIVE", b(AttributeType::Sensitive), true);
+    want("CKA_ALWAYS_SENSITIVE", b(AttributeType::AlwaysSensitive), true);
+    want("CKA_EXTRACTABLE", b(AttributeType::Extractable), false);
+    want("CKA_NEVER_EXTRACTABLE", b(AttributeType::NeverExtractable), true);
+    want("CKA_MODIFIABLE", b(AttributeType::Modifiable), false);
+    want("CKA_COPYABLE", b(AttributeType::Copyable), false);
+    want("CKA_DERIVE", b(AttributeType::Derive), false);
+    want("CKA_SIGN", b(AttributeType::Sign), false);
+    // A private RSA key has no CKA_VERIFY/CKA_ENCRYPT/CKA_WRAP meaning; tokens may report them
+    // absent. When present they must be FALSE.
+    if !alg.is_rsa() {
+        want("CKA_VERIFY", b(AttributeType::Verify), false);
+        want("CKA_ENCRYPT", b(AttributeType::Encrypt), enc);
+        want("CKA_WRAP", b(AttributeType::Wrap), wrap);
+    } else {
+        for (name, t) in [
+            ("CKA_VERIFY", AttributeType::Verify),
+            ("CKA_ENCRYPT", AttributeType::Encrypt),
+            ("CKA_WRAP", AttributeType::Wrap),
+        ] {
+            if b(t) == Some(true) {
+                want(name, Some(true), false);
+            }
+        }
+    }
+    want("CKA_DECRYPT", b(AttributeType::Decrypt), dec);
+    want("CKA_UNWRAP", b(AttributeType::Unwrap), unwrap);
+    check_mechanisms(attrs, mechanism, &mut problems);
+    problems
+}
+
+/// Compares attributes read back from the public object of an RSA KEK.
+pub fn check_public(mechanism: MechanismType, attrs: &[Attribute]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut want = |name: &str, got: Option<bool>, expect: bool| match got {
+        Some(v) if v == expect => {}
+        Some(v) => problems.push(format!("public {name} is {}, must be {}", tf(v), tf(expect))),
+        None => problems.push(format!("public {name} is missing, must be {}", tf(expect))),
+    };
+    let b = |t: AttributeType| find_bool(attrs, t);
+    want("CKA_TOKEN", b(AttributeType::Token), true);
+    want("CKA_MODIFIABLE", b(AttributeType::Modifiable), false);
+    want("CKA_COPYABLE", b(AttributeType::Copyable), false);
+    want("CKA_DERIVE", b(AttributeType::Derive), false);
+    want("CKA_VERIFY", b(AttributeType::Verify), false);
+    want("CKA_ENCRYPT", b(AttributeType::Encrypt), true);
+    want("CKA_WRAP", b(AttributeType::Wrap), false);
+    check_mechanisms(attrs, mechanism, &mut problems);
+    problems
+}
+
+fn check_mechanisms(attrs: &[Attribute], mechanism: MechanismType, problems: &mut Vec<String>) {
+    let allowed = attrs.iter().find_map(|a| match a {
+        Attribute::AllowedMechanisms(m) => Some(m.clone()),
+        _ => None,
+    });
+    match allowed {
+        Some(m) if m == vec![mechanism] => {}
+        Some(m) => problems.push(format!(
+            "CKA_ALLOWED_MECHANISMS is {m:?}, must be exactly [{mechanism}]"
+        )),
+        None => problems.push(format!(
+            "CKA_ALLOWED_MECHANISMS is missing, must be exactly [{mechanism}]"
+        )),
+    }
+}
+
+fn find_bool(attrs: &[Attribute], t: AttributeType) -> Option<bool> {
+    attrs.iter().find_map(|a| {
+        if a.attribute_type() != t {
+            return None;
+        }
+        match a {
+            Attribute::Token(v)
+            | Attribute::Private(v)
+            | Attribute::Sensitive(v)
+            | Attribute::AlwaysSensitive(v)
+            | Attribute::Extractable(v)
+            | Attribute::NeverExtractable(v)
+            | Attribute::Modifiable(v)
+            | Attribute::Copyable(v)
+            | Attribute::Derive(v)
+            | Attribute::Sign(v)
+            | Attribute::Verify(v)
+            | Attribute::Encrypt(v)
+            | Attribute::Decrypt(v)
+            | Attribute::Wrap(v)
+            | Attribute::Unwrap(v) => Some(*v),
+            _ => None,
+        }
+    })
+}
+
+fn tf(v: bool) -> &'static str {
+    if v { "TRUE" } else { "FALSE" }
+}

@@ -1,0 +1,741 @@
+//! The keyring: key metadata cached in memory, backed by the store, with key material in the
+//! HSM. It implements every key operation in domain terms; the gRPC layer only converts.
+//!
+//! The hot path (wrap/unwrap) reads the in-memory maps under a read lock and makes exactly one
+//! HSM call; it never touches the store or searches the token.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, RwLock},
+};
+
+use futures_util::{StreamExt, stream};
+use sha2::{Digest, Sha256};
+
+use crate::{
+    envelope::{self, GCM_IV_LEN},
+    error::BrokerError,
+    hsm::{ExpectedKek, Hsm, KekSpec, WrapParams, template::LABEL_PREFIX},
+    model::{
+        Algorithm, DEFAULT_DEK_LEN, Dek, KeyName, KeyType, MAX_AAD_LEN, VersionId, check_dek_len,
+        now_ms,
+    },
+    store::{Store, StoredKey, VersionState},
+};
+
+/// What to do with a key that fails its start-up integrity check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IntegrityPolicy {
+    /// Refuse to start (the default: fail closed, loudly).
+    Fail,
+    /// Start, but refuse every operation on the affected key (state QUARANTINED).
+    Quarantine,
+}
+
+/// A key's state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyState {
+    /// Serves requests.
+    Enabled,
+    /// Failed an integrity check; refuses everything. Carries the reason (for operators).
+    Quarantined(String),
+}
+
+/// One version of a key.
+#[derive(Clone, Debug)]
+pub struct VersionEntry {
+    /// The version number (1, 2, ...).
+    pub number: u32,
+    /// The version id (`CKA_ID`).
+    pub id: VersionId,
+    /// Creation time (ms).
+    pub created_at_ms: i64,
+}
+
+/// A key's metadata.
+#[derive(Clone, Debug)]
+pub struct KeyEntry {
+    /// The full name.
+    pub name: KeyName,
+    /// The key type.
+    pub key_type: KeyType,
+    /// The algorithm.
+    pub algorithm: Algorithm,
+    /// Creation time (ms).
+    pub created_at_ms: i64,
+    /// The state.
+    pub state: KeyState,
+    /// The versions, oldest first (never empty).
+    pub versions: Vec<VersionEntry>,
+}
+
+impl KeyEntry {
+    /// The newest version (the one that wraps).
+    pub fn current(&self) -> Result<&VersionEntry, BrokerError> {
+        self.versions
+            .last()
+            .ok_or_else(|| BrokerError::internal(format!("key {} has no versions", self.name)))
+    }
+
+    /// A version by number.
+    pub fn version(&self, number: u32) -> Option<&VersionEntry> {
+        self.versions.iter().find(|v| v.number == number)
+    }
+
+    fn usable(&self) -> Result<(), BrokerError> {
+        match &self.state {
+            KeyState::Enabled => Ok(()),
+            KeyState::Quarantined(_) => Err(BrokerError::precondition(format!(
+                "key {} is quarantined: it failed its HSM integrity check at start-up; see the broker log",
+                self.name
+            ))),
+        }
+    }
+}
+
+/// The result of a wrap.
+#[derive(Debug)]
+pub struct Wrapped {
+    /// The envelope.
+    pub envelope: Vec<u8>,
+    /// The key.
+    pub key: KeyName,
+    /// The version number used.
+    pub version: u32,
+    /// The algorithm.
+    pub algorithm: Algorithm,
+}
+
+/// The result of an unwrap.
+#[derive(Debug)]
+pub struct Unwrapped {
+    /// The DEK.
+    pub dek: Dek,
+    /// The key.
+    pub key: KeyName,
+    /// The version number used.
+    pub version: u32,
+    /// The algorithm.
+    pub algorithm: Algorithm,
+}
+
+/// An RSA public key of one version.
+#[derive(Debug)]
+pub struct PublicKeyInfo {
+    /// The key.
+    pub key: KeyName,
+    /// The version number.
+    pub version: u32,
+    /// The version id.
+    pub version_id: VersionId,
+    /// The algorithm.
+    pub algorithm: Algorithm,
+    /// The modulus (big-endian).
+    pub modulus: Vec<u8>,
+    /// The public exponent (big-endian).
+    pub exponent: Vec<u8>,
+}
+
+/// What start-up found.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// Keys loaded.
+    pub keys: usize,
+    /// Versions attached and verified.
+    pub versions: usize,
+    /// Pending (unacknowledged) versions rolled back.
+    pub rolled_back: usize,
+    /// Keys quarantined, with why.
+    pub quarantined: Vec<(String, String)>,
+    /// Objects made by keybroker that no key references.
+    pub orphans: Vec<String>,
+}
+
+/// The keyring.
+pub struct Keyring {
+    hsm: Hsm,
+    store: Arc<Store>,
+    keys: RwLock<BTreeMap<KeyName, Arc<KeyEntry>>>,
+    versions: RwLock<HashMap<VersionId, (KeyName, u32)>>,
+    /// Serialises create and rotate (two-phase writes against one HSM).
+    write_lock: tokio::sync::Mutex<()>,
+}
+
+const CANARY_AAD: &[u8] = b"keybroker canary v1";
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BrokerError> + Send + 'static,
+) -> Result<T, BrokerError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BrokerError::internal(format!("blocking task failed: {e}")))?
+}
+
+impl Keyring {
+    /// Loads every key from the store, rolls back unacknowledged creations, attaches the HSM
+    /// objects, checks their templates and canaries, and reports orphans. With
+    /// [`IntegrityPolicy::Fail`], any integrity problem is an error naming every affected key.
+    pub async fn load(
+        hsm: Hsm,
+        store: Arc<Store>,
+        policy: IntegrityPolicy,
+    ) -> Result<(Self, LoadReport), BrokerError> {
+        let st = store.clone();
+        let stored = blocking(move || st.load_all().map_err(BrokerError::from)).await?;
+        let mut report = LoadReport::default();
+
+        // Roll back creations that were never acknowledged.
+        for k in &stored {
+            for v in k.versions.iter().filter(|v| v.state == VersionState::Pending) {
+                let destroyed = hsm.destroy_kek(v.id).await.map_err(BrokerError::from)?;
+                let st = store.clone();
+                let id = v.id;
+                blocking(move || st.abort_version(id).map_err(BrokerError::from)).await?;
+                tracing::warn!(key = %k.name, version = v.number, objects_destroyed = destroyed,
+                    "rolled back a key version whose creation was interrupted (never acknowledged)");
+                report.rolled_back += 1;
+            }
+        }
+        let stored: Vec<StoredKey> = stored
+            .into_iter()
+            .map(|mut k| {
+                k.versions.retain(|v| v.state == VersionState::Active);
+                k
+            })
+            .filter(|k| !k.versions.is_empty())
+            .collect();
+
+        let expected = stored
+            .iter()
+            .flat_map(|k| {
+                k.versions.iter().map(|v| ExpectedKek { id: v.id, key_type: k.key_type, algorithm: k.algorithm })
+            })
+            .collect();
+        let attach = hsm.attach(expected).await.map_err(BrokerError::from)?;
+        report.orphans = attach.orphans;
+        let mut bad: HashMap<VersionId, String> = attach.problems.into_iter().collect();
+
+        // Canaries: prove each attached object is the key the version was created with.
+        let checks: Vec<_> = stored
+            .iter()
+            .flat_map(|k| k.versions.iter().map(move |v| (k, v)))
+            .filter(|(_, v)| !bad.contains_key(&v.id))
+            .map(|(k, v)| (k.algorithm, v.id, v.canary.clone(), v.canary_digest.clone()))
+            .collect();
+        let parallel = hsm.token().sessions.max(1);
+        let results: Vec<(VersionId, Result<(), String>)> = stream::iter(checks)
+            .map(|(alg, id, canary, digest)| {
+                let hsm = hsm.clone();
+                async move { (id, verify_canary(&hsm, alg, id, canary, digest).await) }
+            })
+            .buffer_unordered(parallel)
+            .collect()
+            .await;
+        for (id, r) in results {
+            if let Err(why) = r {
+                bad.insert(id, why);
+            }
+        }
+
+        let mut keys = BTreeMap::new();
+        let mut versions = HashMap::new();
+        for k in stored {
+            let problems: Vec<String> = k
+                .versions
+                .iter()
+                .filter_map(|v| bad.get(&v.id).map(|why| format!("version {}: {why}", v.number)))
+                .collect();
+            let state = if problems.is_empty() {
+                KeyState::Enabled
+            } else {
+                let why = problems.join("; ");
+                tracing::error!(key = %k.name, problems = %why, "KEK integrity check failed");
+                report.quarantined.push((k.name.to_string(), why.clone()));
+                for v in &k.versions {
+                    hsm.detach(v.id);
+                }
+                KeyState::Quarantined(why)
+            };
+            report.versions += k.versions.len();
+            for v in &k.versions {
+                versions.insert(v.id, (k.name.clone(), v.number));
+            }
+            let entry = KeyEntry {
+                name: k.name.clone(),
+                key_type: k.key_type,
+                algorithm: k.algorithm,
+                created_at_ms: k.created_at_ms,
+                state,
+                versions: k
+                    .versions
+                    .iter()
+                    .map(|v| VersionEntry { number: v.number, id: v.id, created_at_ms: v.created_at_ms })
+                    .collect(),
+            };
+            keys.insert(k.name, Arc::new(entry));
+        }
+        report.keys = keys.len();
+        for o in &report.orphans {
+            tracing::warn!(object = %o, "HSM object made by keybroker is not referenced by any key (orphan)");
+        }
+        if policy == IntegrityPolicy::Fail && !report.quarantined.is_empty() {
+            let list: Vec<String> =
+                report.quarantined.iter().map(|(k, why)| format!("{k}: {why}")).collect();
+            return Err(BrokerError::precondition(format!(
+                "refusing to start: {} key(s) failed the HSM integrity check (keys are never re-created silently; \
+                 investigate, or set hsm.on_integrity_failure = \"quarantine\" to serve the others): {}",
+                list.len(),
+                list.join(" | ")
+            )));
+        }
+        Ok((
+            Self {
+                hsm,
+                store,
+                keys: RwLock::new(keys),
+                versions: RwLock::new(versions),
+                write_lock: tokio::sync::Mutex::new(()),
+            },
+            report,
+        ))
+    }
+
+    /// The HSM.
+    pub fn hsm(&self) -> &Hsm {
+        &self.hsm
+    }
+
+    /// A key by name.
+    pub fn get(&self, name: &KeyName) -> Result<Arc<KeyEntry>, BrokerError> {
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BrokerError::NotFound(format!("key {name} not found")))
+    }
+
+    /// One page of a tenant's keys, ordered by name, starting after `after`.
+    pub fn list(&self, tenant: &str, after: Option<&str>, limit: usize) -> (Vec<Arc<KeyEntry>>, Option<String>) {
+        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        let mut next = None;
+        for (name, entry) in keys.iter() {
+            if name.tenant() != tenant {
+                continue;
+            }
+            if let Some(a) = after {
+                if name.name() <= a {
+                    continue;
+                }
+            }
+            if out.len() == limit {
+                next = out.last().map(|e: &Arc<KeyEntry>| e.name.name().to_string());
+                break;
+            }
+            out.push(entry.clone());
+        }
+        (out, next)
+    }
+
+    /// Number of keys and versions.
+    pub fn counts(&self) -> (usize, usize) {
+        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
+        (keys.len(), keys.values().map(|k| k.versions.len()).sum())
+    }
+
+    /// Creates a key with one version generated inside the HSM.
+    pub async fn create(
+        &self,
+        name: KeyName,
+        key_type: KeyType,
+        algorithm: Option<Algorithm>,
+    ) -> Result<Arc<KeyEntry>, BrokerError> {
+        let caps = self.hsm.capabilities();
+        let algorithm = algorithm.unwrap_or(if key_type.is_rsa() {
+            caps.default_rsa_algorithm()
+        } else {
+            Algorithm::Aes256Gcm
+        });
+        if !algorithm.fits(key_type) {
+            return Err(BrokerError::invalid(format!(
+                "algorithm {algorithm} cannot be used with key type {}",
+                key_type.as_str()
+            )));
+        }
+        if !caps.supports(algorithm) {
+            return Err(BrokerError::precondition(format!(
+                "this HSM cannot serve {algorithm} (see `keybroker check-config`): {}",
+                caps.notes.join("; ")
+            )));
+        }
+        let _w = self.write_lock.lock().await;
+        if self.get(&name).is_ok() {
+            return Err(BrokerError::AlreadyExists(format!("key {name} already exists")));
+        }
+        let id = VersionId::random();
+        let now = now_ms();
+        {
+            let (st, n) = (self.store.clone(), name.clone());
+            blocking(move || st.begin_create(&n, key_type, algorithm, id, now).map_err(BrokerError::from)).await?;
+        }
+        self.materialize(&name, key_type, algorithm, id, 1).await?;
+        let entry = Arc::new(KeyEntry {
+            name: name.clone(),
+            key_type,
+            algorithm,
+            created_at_ms: now,
+            state: KeyState::Enabled,
+            versions: vec![VersionEntry { number: 1, id, created_at_ms: now }],
+        });
+        self.versions.write().unwrap_or_else(|p| p.into_inner()).insert(id, (name.clone(), 1));
+        self.keys.write().unwrap_or_else(|p| p.into_inner()).insert(name.clone(), entry.clone());
+        tracing::info!(key = %name, key_type = key_type.as_str(), %algorithm, version_id = %id, "key created");
+        Ok(entry)
+    }
+
+    /// Adds a version generated inside the HSM; new wraps use it.
+    pub async fn rotate(&self, name: &KeyName) -> Result<Arc<KeyEntry>, BrokerError> {
+        let _w = self.write_lock.lock().await;
+        let old = self.get(name)?;
+        old.usable()?;
+        let id = VersionId::random();
+        let now = now_ms();
+        let number = {
+            let (st, n) = (self.store.clone(), name.clone());
+            blocking(move || st.begin_rotate(&n, id, now).map_err(BrokerError::from)).await?
+        };
+        self.materialize(name, old.key_type, old.algorithm, id, number).await?;
+        let mut entry = (*old).clone();
+        entry.versions.push(VersionEntry { number, id, created_at_ms: now });
+        let entry = Arc::new(entry);
+        self.versions.write().unwrap_or_else(|p| p.into_inner()).insert(id, (name.clone(), number));
+        self.keys.write().unwrap_or_else(|p| p.into_inner()).insert(name.clone(), entry.clone());
+        tracing::info!(key = %name, version = number, version_id = %id, "key rotated");
+        Ok(entry)
+    }
+
+    /// Phase 2 and 3 of a create/rotate: generate and check the HSM object, make and verify the
+    /// canary, mark the version active. Undoes phase 1 on failure.
+    async fn materialize(
+        &self,
+        name: &KeyName,
+        key_type: KeyType,
+        algorithm: Algorithm,
+        id: VersionId,
+        number: u32,
+    ) -> Result<(), BrokerError> {
+        let spec = KekSpec { id, label: format!("{LABEL_PREFIX}{name}:v{number}"), key_type, algorithm };
+        let result = async {
+            self.hsm.generate_kek(spec).await.map_err(BrokerError::from)?;
+            let mut value = [0u8; 32];
+            fill_random(&mut value)?;
+            let canary = Dek::from_slice(&value);
+            value.fill(0);
+            let digest = Sha256::digest(canary.expose()).to_vec();
+            let (params, header) = new_params(algorithm, id, CANARY_AAD)?;
+            let ct = self.hsm.wrap(id, params, canary).await.map_err(BrokerError::from)?;
+            let env = envelope::seal(header, &ct);
+            verify_canary(&self.hsm, algorithm, id, Some(env.clone()), Some(digest.clone()))
+                .await
+                .map_err(|why| BrokerError::internal(format!("new KEK failed its canary: {why}")))?;
+            let st = self.store.clone();
+            blocking(move || st.commit_version(id, &env, &digest).map_err(BrokerError::from)).await
+        }
+        .await;
+        if let Err(e) = &result {
+            tracing::warn!(key = %name, version = number, error = %e, "key version creation failed; rolling back");
+            if let Err(d) = self.hsm.destroy_kek(id).await {
+                tracing::error!(error = %d, version_id = %id, "could not destroy the half-made KEK; it will be rolled back at the next start");
+                return result;
+            }
+            let st = self.store.clone();
+            if let Err(a) = blocking(move || st.abort_version(id).map_err(BrokerError::from)).await {
+                tracing::error!(error = %a, version_id = %id, "could not remove the pending version; it will be rolled back at the next start");
+            }
+        }
+        result
+    }
+
+    /// Wraps a caller-supplied DEK under the newest version of `name`.
+    pub async fn wrap(&self, name: &KeyName, dek: Dek, aad: &[u8]) -> Result<Wrapped, BrokerError> {
+        check_dek_len(dek.len())?;
+        let entry = self.get(name)?;
+        check_aad(&entry, aad)?;
+        entry.usable()?;
+        let v = entry.current()?;
+        let (params, header) = new_params(entry.algorithm, v.id, aad)?;
+        let ct = self.hsm.wrap(v.id, params, dek).await.map_err(BrokerError::from)?;
+        Ok(Wrapped {
+            envelope: envelope::seal(header, &ct),
+            key: entry.name.clone(),
+            version: v.number,
+            algorithm: entry.algorithm,
+        })
+    }
+
+    /// Draws a DEK from the HSM's RNG and wraps it under the newest version of `name`.
+    pub async fn generate_data_key(
+        &self,
+        name: &KeyName,
+        len: usize,
+        aad: &[u8],
+    ) -> Result<(Dek, Wrapped), BrokerError> {
+        let len = if len == 0 { DEFAULT_DEK_LEN } else { len };
+        check_dek_len(len)?;
+        let entry = self.get(name)?;
+        check_aad(&entry, aad)?;
+        entry.usable()?;
+        let v = entry.current()?;
+        let (params, header) = new_params(entry.algorithm, v.id, aad)?;
+        let (dek, ct) =
+            self.hsm.generate_and_wrap(v.id, params, len).await.map_err(BrokerError::from)?;
+        Ok((
+            dek,
+            Wrapped {
+                envelope: envelope::seal(header, &ct),
+                key: entry.name.clone(),
+                version: v.number,
+                algorithm: entry.algorithm,
+            },
+        ))
+    }
+
+    /// Resolves an envelope to its key and version, checking it against `expected` (if the
+    /// caller named a key). Every mismatch is [`BrokerError::Unauthentic`].
+    fn resolve<'a>(
+        &self,
+        expected: Option<&KeyName>,
+        env: &envelope::Envelope<'a>,
+        aad: &[u8],
+    ) -> Result<(Arc<KeyEntry>, VersionEntry), BrokerError> {
+        if let Some(name) = expected {
+            // Surface NOT_FOUND for a named key that does not exist.
+            self.get(name)?;
+        }
+        let found = self.versions.read().unwrap_or_else(|p| p.into_inner()).get(&env.version).cloned();
+        let Some((name, number)) = found else {
+            return Err(BrokerError::Unauthentic);
+        };
+        if expected.is_some_and(|e| *e != name) {
+            return Err(BrokerError::Unauthentic);
+        }
+        let entry = self.get(&name)?;
+        if entry.algorithm != env.algorithm || (!aad.is_empty() && !env.algorithm.supports_aad()) {
+            return Err(BrokerError::Unauthentic);
+        }
+        entry.usable()?;
+        let v = entry.version(number).cloned().ok_or(BrokerError::Unauthentic)?;
+        Ok((entry, v))
+    }
+
+    /// Unwraps an envelope.
+    pub async fn unwrap(
+        &self,
+        expected: Option<&KeyName>,
+        envelope_bytes: &[u8],
+        aad: &[u8],
+    ) -> Result<Unwrapped, BrokerError> {
+        if aad.len() > MAX_AAD_LEN {
+            return Err(BrokerError::invalid(format!("aad is longer than {MAX_AAD_LEN} bytes")));
+        }
+        let env = envelope::parse(envelope_bytes)?;
+        let (entry, v) = self.resolve(expected, &env, aad)?;
+        let params = params_for(&env, aad)?;
+        let dek = self
+            .hsm
+            .unwrap(v.id, params, env.ciphertext.to_vec())
+            .await
+            .map_err(BrokerError::from)?;
+        if check_dek_len(dek.len()).is_err() {
+            return Err(BrokerError::Unauthentic);
+        }
+        Ok(Unwrapped { dek, key: entry.name.clone(), version: v.number, algorithm: entry.algorithm })
+    }
+
+    /// Unwraps a raw RSA-OAEP ciphertext made with an exported public key.
+    pub async fn unwrap_raw(
+        &self,
+        name: &KeyName,
+        version: u32,
+        algorithm: Algorithm,
+        ciphertext: &[u8],
+    ) -> Result<Unwrapped, BrokerError> {
+        let entry = self.get(name)?;
+        if !algorithm.is_rsa() {
+            return Err(BrokerError::invalid("a raw ciphertext must name RSA_OAEP_SHA256 or RSA_OAEP_SHA1"));
+        }
+        if entry.algorithm != algorithm {
+            return Err(BrokerError::invalid(format!(
+                "key {name} uses {}; a raw ciphertext for it must use the same algorithm",
+                entry.algorithm
+            )));
+        }
+        let bits = entry.key_type.rsa_bits().unwrap_or(0) as usize;
+        if version == 0 {
+            return Err(BrokerError::invalid("a raw ciphertext must name its key version (from GetPublicKey)"));
+        }
+        let v = entry
+            .version(version)
+            .cloned()
+            .ok_or_else(|| BrokerError::NotFound(format!("key {name} has no version {version}")))?;
+        entry.usable()?;
+        if ciphertext.len() != bits / 8 {
+            return Err(BrokerError::Unauthentic);
+        }
+        let params = if algorithm == Algorithm::RsaOaepSha1 { WrapParams::OaepSha1 } else { WrapParams::OaepSha256 };
+        let dek = self
+            .hsm
+            .unwrap(v.id, params, ciphertext.to_vec())
+            .await
+            .map_err(BrokerError::from)?;
+        if dek.is_empty() {
+            return Err(BrokerError::Unauthentic);
+        }
+        Ok(Unwrapped { dek, key: entry.name.clone(), version: v.number, algorithm })
+    }
+
+    /// Unwraps an envelope and wraps its DEK under the newest version of `destination` (or of
+    /// the same key), with `new_aad` if given.
+    pub async fn rewrap(
+        &self,
+        expected: Option<&KeyName>,
+        envelope_bytes: &[u8],
+        aad: &[u8],
+        destination: Option<&KeyName>,
+        new_aad: Option<&[u8]>,
+    ) -> Result<(Wrapped, u32), BrokerError> {
+        if aad.len() > MAX_AAD_LEN {
+            return Err(BrokerError::invalid(format!("aad is longer than {MAX_AAD_LEN} bytes")));
+        }
+        let env = envelope::parse(envelope_bytes)?;
+        let (src, sv) = self.resolve(expected, &env, aad)?;
+        let dst = match destination {
+            Some(d) => self.get(d)?,
+            None => src.clone(),
+        };
+        let out_aad = new_aad.unwrap_or(aad);
+        check_aad(&dst, out_aad)?;
+        dst.usable()?;
+        let dv = dst.current()?;
+        let from = params_for(&env, aad)?;
+        let (to, header) = new_params(dst.algorithm, dv.id, out_aad)?;
+        let ct = self
+            .hsm
+            .rewrap((sv.id, from, env.ciphertext.to_vec()), (dv.id, to))
+            .await
+            .map_err(BrokerError::from)?;
+        Ok((
+            Wrapped {
+                envelope: envelope::seal(header, &ct),
+                key: dst.name.clone(),
+                version: dv.number,
+                algorithm: dst.algorithm,
+            },
+            sv.number,
+        ))
+    }
+
+    /// The public key of an RSA key version (0 = newest).
+    pub async fn public_key(&self, name: &KeyName, version: u32) -> Result<PublicKeyInfo, BrokerError> {
+        let entry = self.get(name)?;
+        if !entry.key_type.is_rsa() {
+            return Err(BrokerError::precondition(format!(
+                "key {name} is {}: only RSA keys have a public key",
+                entry.key_type.as_str()
+            )));
+        }
+        entry.usable()?;
+        let v = if version == 0 {
+            entry.current()?.clone()
+        } else {
+            entry
+                .version(version)
+                .cloned()
+                .ok_or_else(|| BrokerError::NotFound(format!("key {name} has no version {version}")))?
+        };
+        let pk = self.hsm.public_key(v.id).await.map_err(BrokerError::from)?;
+        Ok(PublicKeyInfo {
+            key: entry.name.clone(),
+            version: v.number,
+            version_id: v.id,
+            algorithm: entry.algorithm,
+            modulus: pk.modulus,
+            exponent: pk.exponent,
+        })
+    }
+}
+
+fn check_aad(entry: &KeyEntry, aad: &[u8]) -> Result<(), BrokerError> {
+    if aad.len() > MAX_AAD_LEN {
+        return Err(BrokerError::invalid(format!("aad is longer than {MAX_AAD_LEN} bytes")));
+    }
+    if !aad.is_empty() && !entry.algorithm.supports_aad() {
+        return Err(BrokerError::invalid(format!(
+            "key {} uses {}, which cannot bind aad; send no aad or use an AES-256-GCM key",
+            entry.name, entry.algorithm
+        )));
+    }
+    Ok(())
+}
+
+fn fill_random(buf: &mut [u8]) -> Result<(), BrokerError> {
+    getrandom::fill(buf).map_err(|e| BrokerError::internal(format!("OS random number generator failed: {e}")))
+}
+
+/// Fresh parameters and the envelope header for wrapping under `id`.
+fn new_params(alg: Algorithm, id: VersionId, aad: &[u8]) -> Result<(WrapParams, Vec<u8>), BrokerError> {
+    Ok(match alg {
+        Algorithm::Aes256Gcm => {
+            // A random 96-bit IV per wrap (NIST SP 800-38D §8.2.2): the token's RNG is not
+            // needed for IVs; the OS RNG is cheaper and as good.
+            let mut iv = [0u8; GCM_IV_LEN];
+            fill_random(&mut iv)?;
+            let header = envelope::header(alg, id, &iv);
+            let aad = envelope::gcm_aad(&header, aad);
+            (WrapParams::Gcm { iv, aad }, header)
+        }
+        Algorithm::AesKeyWrapPad => (WrapParams::Kwp, envelope::header(alg, id, &[])),
+        Algorithm::RsaOaepSha256 => (WrapParams::OaepSha256, envelope::header(alg, id, &[])),
+        Algorithm::RsaOaepSha1 => (WrapParams::OaepSha1, envelope::header(alg, id, &[])),
+    })
+}
+
+/// Parameters to unwrap a parsed envelope.
+fn params_for(env: &envelope::Envelope<'_>, aad: &[u8]) -> Result<WrapParams, BrokerError> {
+    Ok(match env.algorithm {
+        Algorithm::Aes256Gcm => WrapParams::Gcm {
+            iv: env.nonce.try_into().map_err(|_| BrokerError::Unauthentic)?,
+            aad: envelope::gcm_aad(env.header, aad),
+        },
+        Algorithm::AesKeyWrapPad => WrapParams::Kwp,
+        Algorithm::RsaOaepSha256 => WrapParams::OaepSha256,
+        Algorithm::RsaOaepSha1 => WrapParams::OaepSha1,
+    })
+}
+
+async fn verify_canary(
+    hsm: &Hsm,
+    alg: Algorithm,
+    id: VersionId,
+    canary: Option<Vec<u8>>,
+    digest: Option<Vec<u8>>,
+) -> Result<(), String> {
+    let (Some(canary), Some(digest)) = (canary, digest) else {
+        return Err("no canary recorded".into());
+    };
+    let env = envelope::parse(&canary).map_err(|_| "canary envelope is malformed".to_string())?;
+    if env.version != id || env.algorithm != alg {
+        return Err("canary belongs to another key version".into());
+    }
+    let params = params_for(&env, CANARY_AAD).map_err(|e| e.to_string())?;
+    match hsm.unwrap(id, params, env.ciphertext.to_vec()).await {
+        Ok(dek) if Sha256::digest(dek.expose()).as_slice() == digest.as_slice() => Ok(()),
+        Ok(_) => Err("canary decrypts to the wrong value: the HSM object is not the key this version was created with".into()),
+        Err(e) if e.kind == crate::hsm::FaultKind::DataInvalid => Err(
+            "canary does not decrypt: the HSM object is not the key this version was created with".into(),
+        ),
+        Err(e) => Err(format!("canary check failed: {e}")),
+    }
+}

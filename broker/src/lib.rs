@@ -1,0 +1,34 @@
+//! keybroker: a gRPC key broker that keeps Key Encryption Keys (KEKs) inside a PKCS#11 HSM and
+//! wraps/unwraps Data Encryption Keys (DEKs) for the services that call it over mutual TLS.
+//!
+//! A request flows: TLS handshake (client certificate verified, identity derived) → access check
+//! → service handler → keyring (metadata in memory, one HSM call) → HSM layer (session pool,
+//! cached handles, blocking calls on blocking threads) → reply.
+//!
+//! # Layout
+//! * [`config`] — the TOML configuration file.
+//! * [`tls`], [`identity`] — the mutual-TLS listener and caller identity.
+//! * [`authz`] — who may call.
+//! * [`service`] — the `keybroker.v1` gRPC services (conversion only).
+//! * [`keyring`] — key operations in domain terms; start-up reconciliation and integrity checks.
+//! * [`envelope`] — the wrapped-DEK format, byte by byte.
+//! * [`hsm`] — the only module that uses `cryptoki`.
+//! * [`store`] — key metadata in SQLite (never key material).
+//! * [`model`], [`error`] — domain types and the one error → status mapping.
+//! * [`server`] — wiring and graceful shutdown; [`client`] — connecting as a client;
+//!   [`cli`] — the `keybroker` command.
+
+pub mod authz;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod envelope;
+pub mod error;
+pub mod hsm;
+pub mod identity;
+pub mod keyring;
+pub mod model;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod tls;

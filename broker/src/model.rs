@@ -1,0 +1,362 @@
+//! Domain types shared by every layer: key names, key types, algorithms, version ids and the
+//! secret DEK type. Nothing here knows about PKCS#11 or gRPC.
+
+use std::fmt;
+
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+use crate::error::BrokerError;
+
+/// The tenant a key reference without a `/` belongs to.
+pub const DEFAULT_TENANT: &str = "default";
+/// The longest tenant or key name part.
+pub const MAX_NAME_PART: usize = 64;
+
+/// A key's full name: `tenant/name`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyName {
+    tenant: String,
+    name: String,
+}
+
+impl KeyName {
+    /// Parses `tenant/name` or `name` (tenant `default`).
+    pub fn parse(s: &str) -> Result<Self, BrokerError> {
+        if s.is_empty() {
+            return Err(BrokerError::invalid("key name is empty"));
+        }
+        let (tenant, name) = match s.split_once('/') {
+            Some((t, n)) => (t, n),
+            None => (DEFAULT_TENANT, s),
+        };
+        validate_part("tenant", tenant)?;
+        validate_part("key name", name)?;
+        Ok(Self { tenant: tenant.into(), name: name.into() })
+    }
+
+    /// Builds a name from already-validated parts.
+    pub fn new(tenant: &str, name: &str) -> Result<Self, BrokerError> {
+        validate_part("tenant", tenant)?;
+        validate_part("key name", name)?;
+        Ok(Self { tenant: tenant.into(), name: name.into() })
+    }
+
+    /// The tenant part.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    /// The name part.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl fmt::Display for KeyName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.tenant, self.name)
+    }
+}
+
+/// Checks one part of a key name: 1-64 of `[A-Za-z0-9._-]`, starting with a letter or digit.
+pub fn validate_part(what: &str, s: &str) -> Result<(), BrokerError> {
+    if s.is_empty() {
+        return Err(BrokerError::invalid(format!("{what} is empty")));
+    }
+    if s.len() > MAX_NAME_PART {
+        return Err(BrokerError::invalid(format!(
+            "{what} is longer than {MAX_NAME_PART} characters"
+        )));
+    }
+    let ok_first = s.as_bytes()[0].is_ascii_alphanumeric();
+    let ok_rest = s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if !ok_first || !ok_rest {
+        return Err(BrokerError::invalid(format!(
+            "{what} may only contain letters, digits, '.', '_' and '-', and must start with a letter or digit"
+        )));
+    }
+    Ok(())
+}
+
+/// The kind of key material a KEK holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KeyType {
+    /// AES-256 secret key.
+    Aes256,
+    /// RSA key pair, 2048-bit modulus.
+    Rsa2048,
+    /// RSA key pair, 3072-bit modulus.
+    Rsa3072,
+    /// RSA key pair, 4096-bit modulus.
+    Rsa4096,
+}
+
+impl KeyType {
+    /// The stable name used in the store and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyType::Aes256 => "aes-256",
+            KeyType::Rsa2048 => "rsa-2048",
+            KeyType::Rsa3072 => "rsa-3072",
+            KeyType::Rsa4096 => "rsa-4096",
+        }
+    }
+
+    /// Parses [`KeyType::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "aes-256" => KeyType::Aes256,
+            "rsa-2048" => KeyType::Rsa2048,
+            "rsa-3072" => KeyType::Rsa3072,
+            "rsa-4096" => KeyType::Rsa4096,
+            _ => return None,
+        })
+    }
+
+    /// The RSA modulus size in bits, for RSA types.
+    pub fn rsa_bits(self) -> Option<u32> {
+        match self {
+            KeyType::Aes256 => None,
+            KeyType::Rsa2048 => Some(2048),
+            KeyType::Rsa3072 => Some(3072),
+            KeyType::Rsa4096 => Some(4096),
+        }
+    }
+
+    /// Whether this is an RSA type.
+    pub fn is_rsa(self) -> bool {
+        self.rsa_bits().is_some()
+    }
+}
+
+/// How a DEK is wrapped. The discriminant is the algorithm byte of the envelope and the value
+/// of the proto `Algorithm` enum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Algorithm {
+    /// AES-256-GCM, 96-bit IV, 128-bit tag, AAD = envelope header || caller AAD.
+    Aes256Gcm = 1,
+    /// AES key wrap with padding, RFC 5649.
+    AesKeyWrapPad = 2,
+    /// RSA-OAEP, SHA-256, MGF1-SHA-256, empty label.
+    RsaOaepSha256 = 3,
+    /// RSA-OAEP, SHA-1, MGF1-SHA-1, empty label.
+    RsaOaepSha1 = 4,
+}
+
+impl Algorithm {
+    /// All algorithms, in envelope-byte order.
+    pub const ALL: [Algorithm; 4] = [
+        Algorithm::Aes256Gcm,
+        Algorithm::AesKeyWrapPad,
+        Algorithm::RsaOaepSha256,
+        Algorithm::RsaOaepSha1,
+    ];
+
+    /// The envelope byte.
+    pub fn id(self) -> u8 {
+        self as u8
+    }
+
+    /// Parses an envelope byte.
+    pub fn from_id(b: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.id() == b)
+    }
+
+    /// The stable name used in the store and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::Aes256Gcm => "aes-256-gcm",
+            Algorithm::AesKeyWrapPad => "aes-kwp",
+            Algorithm::RsaOaepSha256 => "rsa-oaep-sha256",
+            Algorithm::RsaOaepSha1 => "rsa-oaep-sha1",
+        }
+    }
+
+    /// Parses [`Algorithm::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+
+    /// Whether the algorithm can serve a key of `key_type`.
+    pub fn fits(self, key_type: KeyType) -> bool {
+        match self {
+            Algorithm::Aes256Gcm | Algorithm::AesKeyWrapPad => !key_type.is_rsa(),
+            Algorithm::RsaOaepSha256 | Algorithm::RsaOaepSha1 => key_type.is_rsa(),
+        }
+    }
+
+    /// Whether the algorithm binds caller AAD.
+    pub fn supports_aad(self) -> bool {
+        self == Algorithm::Aes256Gcm
+    }
+
+    /// Whether this is an RSA-OAEP algorithm.
+    pub fn is_rsa(self) -> bool {
+        matches!(self, Algorithm::RsaOaepSha256 | Algorithm::RsaOaepSha1)
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The 16-byte id of a key version: carried in every envelope and used as the HSM object's
+/// `CKA_ID`. Random (UUID v4), so ids never collide across keys, tenants or replicas.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VersionId(pub [u8; 16]);
+
+impl VersionId {
+    /// A fresh random id.
+    pub fn random() -> Self {
+        Self(*uuid::Uuid::new_v4().as_bytes())
+    }
+
+    /// Parses 16 bytes.
+    pub fn from_slice(b: &[u8]) -> Option<Self> {
+        Some(Self(b.try_into().ok()?))
+    }
+
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+
+    /// Lower-case hex.
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Debug for VersionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "VersionId({})", self.hex())
+    }
+}
+
+impl fmt::Display for VersionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.hex())
+    }
+}
+
+/// The smallest DEK accepted.
+pub const MIN_DEK_LEN: usize = 16;
+/// The largest DEK accepted.
+pub const MAX_DEK_LEN: usize = 64;
+/// The DEK length `GenerateDataKey` uses when none is asked for.
+pub const DEFAULT_DEK_LEN: usize = 32;
+/// The largest caller AAD accepted.
+pub const MAX_AAD_LEN: usize = 8192;
+
+/// Checks a DEK length: 16-64 bytes and a multiple of 8 (RFC 5649 on SoftHSM2 zero-pads other
+/// lengths, which would change the DEK on unwrap; one rule for every algorithm keeps envelopes
+/// interchangeable).
+pub fn check_dek_len(len: usize) -> Result<(), BrokerError> {
+    if len == 0 {
+        return Err(BrokerError::invalid("the DEK is empty"));
+    }
+    if !(MIN_DEK_LEN..=MAX_DEK_LEN).contains(&len) || len % 8 != 0 {
+        return Err(BrokerError::invalid(format!(
+            "the DEK is {len} bytes; it must be {MIN_DEK_LEN} to {MAX_DEK_LEN} bytes and a multiple of 8"
+        )));
+    }
+    Ok(())
+}
+
+/// A plaintext DEK (or any secret byte string): erased from memory when dropped, never printed.
+#[derive(Clone, Zeroize, ZeroizeOnDrop, PartialEq, Eq)]
+pub struct Dek(Vec<u8>);
+
+impl Dek {
+    /// Takes ownership of the bytes (the caller's buffer is moved, not copied).
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    /// Copies the bytes out of a slice.
+    pub fn from_slice(bytes: &[u8]) -> Self {
+        Self(bytes.to_vec())
+    }
+
+    /// The secret bytes.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Moves the bytes out into a plain `Vec` (for a reply message). The caller takes over the
+    /// duty of erasing them.
+    pub fn into_vec(mut self) -> Vec<u8> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl fmt::Debug for Dek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Dek([REDACTED; {} bytes])", self.0.len())
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_name_defaults_tenant_and_rejects_bad_parts() {
+        let k = KeyName::parse("payments").expect("valid");
+        assert_eq!(k.to_string(), "default/payments");
+        let k = KeyName::parse("acme/db-kek_1.0").expect("valid");
+        assert_eq!((k.tenant(), k.name()), ("acme", "db-kek_1.0"));
+        for bad in ["", "/x", "x/", "a/b/c", "-x", "a b", "ä", &"x".repeat(65)] {
+            assert!(KeyName::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn dek_debug_is_redacted() {
+        let d = Dek::from_slice(&[0x41; 32]);
+        let s = format!("{d:?}");
+        assert_eq!(s, "Dek([REDACTED; 32 bytes])");
+        assert!(!s.contains("41") && !s.contains("65"));
+    }
+
+    #[test]
+    fn dek_lengths() {
+        for ok in [16, 24, 32, 40, 48, 56, 64] {
+            assert!(check_dek_len(ok).is_ok(), "{ok}");
+        }
+        for bad in [0, 1, 8, 15, 17, 20, 31, 33, 72, 4096] {
+            assert!(check_dek_len(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn algorithm_ids_round_trip() {
+        for a in Algorithm::ALL {
+            assert_eq!(Algorithm::from_id(a.id()), Some(a));
+            assert_eq!(Algorithm::parse(a.as_str()), Some(a));
+        }
+        assert_eq!(Algorithm::from_id(0), None);
+        assert_eq!(Algorithm::from_id(5), None);
+    }
+}

@@ -1,0 +1,131 @@
+//! Wiring: configuration → HSM → store → keyring → TLS listener → gRPC services, with graceful
+//! shutdown on SIGTERM/SIGINT (in-flight requests finish).
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use keybroker_proto::v1::{key_broker_server::KeyBrokerServer, key_management_server::KeyManagementServer};
+use tokio::net::TcpListener;
+
+use crate::{
+    authz::AllowList,
+    config::Config,
+    hsm::Hsm,
+    keyring::Keyring,
+    service::Api,
+    store::Store,
+    tls,
+};
+
+/// Largest request message accepted (a DEK request is well under 20 KiB).
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// Opens the HSM described by `cfg` (blocking work on a blocking thread).
+pub async fn open_hsm(cfg: &Config) -> Result<Hsm, String> {
+    let pin = cfg.read_pin()?;
+    let settings = cfg.hsm_settings(pin);
+    let hsm = tokio::task::spawn_blocking(move || Hsm::open(&settings))
+        .await
+        .map_err(|e| format!("HSM start-up task failed: {e}"))?
+        .map_err(|e| format!("HSM: {e}"))?;
+    let caps = hsm.capabilities();
+    let missing = caps.missing_required();
+    if !missing.is_empty() {
+        return Err(format!(
+            "HSM: the token lacks mechanisms keybroker needs: {} ({})",
+            missing.join(", "),
+            caps.notes.join("; ")
+        ));
+    }
+    Ok(hsm)
+}
+
+/// Runs the broker until `shutdown` completes. Prints `keybroker: listening on ADDR` on stdout
+/// once it accepts connections.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), String> {
+    let hsm = open_hsm(&cfg).await?;
+    let t = hsm.token();
+    tracing::info!(library = %t.library, slot = t.slot, label = %t.label, serial = %t.serial,
+        manufacturer = %t.manufacturer, model = %t.model, sessions = t.sessions, "HSM ready");
+    let caps = hsm.capabilities();
+    tracing::info!(
+        aes_gcm = caps.aes_gcm,
+        kwp = caps.kwp.as_ref().map(|k| k.name).unwrap_or("none"),
+        oaep_sha256 = caps.oaep_sha256,
+        oaep_sha1 = caps.oaep_sha1,
+        "capability probe"
+    );
+    for n in &caps.notes {
+        tracing::warn!(note = %n, "capability probe");
+    }
+    let store_path = cfg.path(&cfg.store.path);
+    let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
+        .await
+        .map_err(|e| format!("store task failed: {e}"))?
+        .map_err(|e| e.to_string())?;
+    let started = std::time::Instant::now();
+    let (keyring, report) = Keyring::load(hsm, Arc::new(store), cfg.hsm.on_integrity_failure)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(keys = report.keys, versions = report.versions, rolled_back = report.rolled_back,
+        quarantined = report.quarantined.len(), orphans = report.orphans.len(),
+        millis = started.elapsed().as_millis() as u64, "keys loaded and verified");
+    let keyring = Arc::new(keyring);
+    let allow = Arc::new(AllowList::new(cfg.access.allow.iter().cloned()));
+    let api = Api::new(keyring, allow);
+
+    let tls_cfg = tls::server_config(&tls::TlsFiles {
+        cert: &cfg.path(&cfg.tls.cert),
+        key: &cfg.path(&cfg.tls.key),
+        client_ca: &cfg.path(&cfg.tls.client_ca),
+    })?;
+    let listener = TcpListener::bind(cfg.server.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.server.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let incoming = tls::incoming(listener, tls_cfg, Duration::from_millis(cfg.tls.handshake_timeout_ms));
+
+    tracing::info!(%addr, "serving keybroker.v1 over mutual TLS 1.3");
+    println!("keybroker: listening on {addr}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+
+    tonic::transport::Server::builder()
+        .timeout(Duration::from_millis(cfg.server.request_timeout_ms))
+        .max_concurrent_streams(cfg.server.max_concurrent_streams)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .initial_stream_window_size(Some(256 * 1024))
+        .initial_connection_window_size(Some(1024 * 1024))
+        .add_service(
+            KeyBrokerServer::new(api.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            KeyManagementServer::new(api)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(|e| format!("server failed: {e}"))?;
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining in-flight requests"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining in-flight requests"),
+    }
+}

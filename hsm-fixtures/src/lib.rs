@@ -1,0 +1,39 @@
+//! Provisioning for keybroker's tests and its `dev` command.
+//!
+//! * [`softhsm`]: a SoftHSM2 token in a directory of its own (own `softhsm2.conf`, own token
+//!   directory, random PINs), so tests never touch a system-wide token and can run in parallel.
+//! * [`pki`]: a PKI made with rcgen — a CA, a server certificate for `localhost`/`127.0.0.1`,
+//!   client certificates carrying SPIFFE IDs or DNS names, an expired client certificate and a
+//!   client certificate from a foreign CA.
+//!
+//! Everything here is for tests and development only: keys are written to disk in the clear.
+
+pub mod pki;
+pub mod softhsm;
+
+/// Errors while provisioning fixtures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file or process operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// rcgen refused a certificate.
+    #[error("certificate generation failed: {0}")]
+    Cert(#[from] rcgen::Error),
+    /// A tool or environment requirement is missing or failed.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
