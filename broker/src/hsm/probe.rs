@@ -366,7 +366,8 @@ fn kwp_kat(session: &Session, mech: &Mechanism) -> Result<bool, String> {
     };
     let got = wrap_one(&unhex(KWP_ALIGNED_KEY))?;
     if got != unhex(KWP_ALIGNED_WRAPPED) {
-        return Err("wrapping a 32-byte key does not match RFC 5649".into());
+        // Test-vector bytes only: safe to show.
+        return Err(format!("wrapping a 32-byte key does not match RFC 5649 (got {})", hex::encode(&got)));
     }
     let unwrapped = super::ops::unwrap_generic(session, mech, kek.handle, &got)
         .map_err(|e| e.detail)?;
