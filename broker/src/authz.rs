@@ -28,7 +28,11 @@ impl AllowList {
 
     /// Whether the caller may call.
     pub fn permits(&self, caller: &Caller) -> bool {
-        self.exact.contains(&caller.id) || self.prefixes.iter().any(|p| caller.id.starts_with(p.as_str()))
+        self.exact.contains(&caller.id)
+            || self
+                .prefixes
+                .iter()
+                .any(|p| caller.id.starts_with(p.as_str()))
     }
 }
 
@@ -38,12 +42,19 @@ mod tests {
     use crate::identity::IdentityKind;
 
     fn c(id: &str) -> Caller {
-        Caller { id: id.into(), kind: IdentityKind::Spiffe }
+        Caller {
+            id: id.into(),
+            kind: IdentityKind::Spiffe,
+        }
     }
 
     #[test]
     fn exact_and_prefix_entries() {
-        let a = AllowList::new(["spiffe://x/app".to_string(), "spiffe://x/team/*".to_string(), "*".to_string()]);
+        let a = AllowList::new([
+            "spiffe://x/app".to_string(),
+            "spiffe://x/team/*".to_string(),
+            "*".to_string(),
+        ]);
         assert!(a.permits(&c("spiffe://x/app")));
         assert!(!a.permits(&c("spiffe://x/app2")));
         assert!(a.permits(&c("spiffe://x/team/a")));

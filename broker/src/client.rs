@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use keybroker_proto::v1::{key_broker_client::KeyBrokerClient, key_management_client::KeyManagementClient};
+use keybroker_proto::v1::{
+    key_broker_client::KeyBrokerClient, key_management_client::KeyManagementClient,
+};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Where the broker is and how to prove who we are.
@@ -26,7 +28,10 @@ fn read(p: &Path, what: &str) -> Result<Vec<u8>, String> {
 pub async fn connect(s: &ClientSettings) -> Result<Channel, String> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read(&s.ca, "CA certificate")?))
-        .identity(Identity::from_pem(read(&s.cert, "client certificate")?, read(&s.key, "client key")?));
+        .identity(Identity::from_pem(
+            read(&s.cert, "client certificate")?,
+            read(&s.key, "client key")?,
+        ));
     Endpoint::from_shared(s.endpoint.clone())
         .map_err(|e| format!("bad endpoint {:?}: {e}", s.endpoint))?
         .tls_config(tls)
@@ -48,5 +53,8 @@ pub struct Clients {
 /// Connects and returns both clients.
 pub async fn clients(s: &ClientSettings) -> Result<Clients, String> {
     let ch = connect(s).await?;
-    Ok(Clients { broker: KeyBrokerClient::new(ch.clone()), mgmt: KeyManagementClient::new(ch) })
+    Ok(Clients {
+        broker: KeyBrokerClient::new(ch.clone()),
+        mgmt: KeyManagementClient::new(ch),
+    })
 }

@@ -138,7 +138,9 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { path: default_store_path() }
+        Self {
+            path: default_store_path(),
+        }
     }
 }
 
@@ -188,21 +190,35 @@ impl Config {
             .map(Path::to_path_buf)
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or_else(|| PathBuf::from("."));
-        cfg.validate().map_err(|e| format!("config {}: {e}", path.display()))?;
+        cfg.validate()
+            .map_err(|e| format!("config {}: {e}", path.display()))?;
         Ok(cfg)
     }
 
     fn validate(&self) -> Result<(), String> {
         if self.hsm.pin_file.is_some() == self.hsm.pin_env.is_some() {
-            return Err("set exactly one of hsm.pin_file and hsm.pin_env (a PIN is never written inline)".into());
+            return Err(
+                "set exactly one of hsm.pin_file and hsm.pin_env (a PIN is never written inline)"
+                    .into(),
+            );
         }
-        if self.hsm.token_label.is_none() && self.hsm.token_serial.is_none() && self.hsm.slot_id.is_none() {
-            return Err("select the token with hsm.token_serial, hsm.token_label or hsm.slot_id".into());
+        if self.hsm.token_label.is_none()
+            && self.hsm.token_serial.is_none()
+            && self.hsm.slot_id.is_none()
+        {
+            return Err(
+                "select the token with hsm.token_serial, hsm.token_label or hsm.slot_id".into(),
+            );
         }
         if self.access.allow.is_empty() {
             return Err("access.allow is empty: nobody could call the broker".into());
         }
-        if self.access.allow.iter().any(|a| a.trim().is_empty() || a == "*") {
+        if self
+            .access
+            .allow
+            .iter()
+            .any(|a| a.trim().is_empty() || a == "*")
+        {
             return Err("access.allow may not contain an empty entry or a bare \"*\"".into());
         }
         if self.tls.handshake_timeout_ms == 0 {
@@ -213,7 +229,11 @@ impl Config {
 
     /// Resolves a path against the config file's directory.
     pub fn path(&self, p: &Path) -> PathBuf {
-        if p.is_absolute() { p.to_path_buf() } else { self.base_dir.join(p) }
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
     }
 
     /// Reads the PIN from its file or environment variable.
@@ -229,7 +249,8 @@ impl Config {
             return Ok(SecretString::from(pin));
         }
         if let Some(var) = &self.hsm.pin_env {
-            let pin = std::env::var(var).map_err(|_| format!("environment variable {var} (hsm.pin_env) is not set"))?;
+            let pin = std::env::var(var)
+                .map_err(|_| format!("environment variable {var} (hsm.pin_env) is not set"))?;
             if pin.is_empty() {
                 return Err(format!("environment variable {var} (hsm.pin_env) is empty"));
             }
@@ -240,7 +261,9 @@ impl Config {
 
     /// The HSM settings, with the PIN.
     pub fn hsm_settings(&self, pin: SecretString) -> HsmSettings {
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
         HsmSettings {
             module: self.path(&self.hsm.module),
             token: TokenSelector {
@@ -290,10 +313,14 @@ allow = ["spiffe://example.org/app"]
 
     #[test]
     fn unknown_keys_and_inline_pins_are_refused() {
-        let e = parse(&MINIMAL.replace("pin_env = \"KB_PIN\"", "pin = \"1234\"")).expect_err("refused");
+        let e =
+            parse(&MINIMAL.replace("pin_env = \"KB_PIN\"", "pin = \"1234\"")).expect_err("refused");
         assert!(e.contains("pin"), "{e}");
-        let e = parse(&MINIMAL.replace("[access]\nallow = [\"spiffe://example.org/app\"]", "[access]\nallow = []"))
-            .expect_err("refused");
+        let e = parse(&MINIMAL.replace(
+            "[access]\nallow = [\"spiffe://example.org/app\"]",
+            "[access]\nallow = []",
+        ))
+        .expect_err("refused");
         assert!(e.contains("access.allow"), "{e}");
     }
 }

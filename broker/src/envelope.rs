@@ -82,7 +82,11 @@ pub fn parse(bytes: &[u8]) -> Result<Envelope<'_>, BrokerError> {
     let algorithm = Algorithm::from_id(bytes[1]).ok_or(BrokerError::Unauthentic)?;
     let version = VersionId::from_slice(&bytes[2..18]).ok_or(BrokerError::Unauthentic)?;
     let nonce_len = usize::from(bytes[18]);
-    let expected_nonce = if algorithm == Algorithm::Aes256Gcm { GCM_IV_LEN } else { 0 };
+    let expected_nonce = if algorithm == Algorithm::Aes256Gcm {
+        GCM_IV_LEN
+    } else {
+        0
+    };
     if nonce_len != expected_nonce || bytes.len() < FIXED_HEADER + nonce_len {
         return Err(BrokerError::Unauthentic);
     }
@@ -95,7 +99,8 @@ pub fn parse(bytes: &[u8]) -> Result<Envelope<'_>, BrokerError> {
         }
         // RFC 5649 output is the padded input (a multiple of 8) plus an 8-byte integrity block.
         Algorithm::AesKeyWrapPad => {
-            ciphertext.len() % 8 == 0 && (MIN_DEK_LEN + 8..=MAX_DEK_LEN + 8).contains(&ciphertext.len())
+            ciphertext.len() % 8 == 0
+                && (MIN_DEK_LEN + 8..=MAX_DEK_LEN + 8).contains(&ciphertext.len())
         }
         // 2048..4096-bit moduli.
         Algorithm::RsaOaepSha256 | Algorithm::RsaOaepSha1 => {
@@ -105,7 +110,13 @@ pub fn parse(bytes: &[u8]) -> Result<Envelope<'_>, BrokerError> {
     if !ct_ok {
         return Err(BrokerError::Unauthentic);
     }
-    Ok(Envelope { algorithm, version, nonce, ciphertext, header })
+    Ok(Envelope {
+        algorithm,
+        version,
+        nonce,
+        ciphertext,
+        header,
+    })
 }
 
 #[cfg(test)]
@@ -113,7 +124,11 @@ mod tests {
     use super::*;
 
     fn sample(alg: Algorithm) -> Vec<u8> {
-        let nonce = if alg == Algorithm::Aes256Gcm { vec![7u8; 12] } else { vec![] };
+        let nonce = if alg == Algorithm::Aes256Gcm {
+            vec![7u8; 12]
+        } else {
+            vec![]
+        };
         let ct = match alg {
             Algorithm::Aes256Gcm => vec![1u8; 32 + 16],
             Algorithm::AesKeyWrapPad => vec![1u8; 40],

@@ -60,15 +60,21 @@ pub fn caller_from_cert(der: &[u8]) -> Result<Caller, String> {
     if let Some(u) = uris.first() {
         if let Some(rest) = u.strip_prefix("spiffe://") {
             if rest.is_empty() || rest.starts_with('/') || u.chars().any(|c| c.is_control()) {
-                return Err(format!("client certificate has a malformed SPIFFE ID {u:?}"));
+                return Err(format!(
+                    "client certificate has a malformed SPIFFE ID {u:?}"
+                ));
             }
-            return Ok(Caller { id: (*u).to_string(), kind: IdentityKind::Spiffe });
+            return Ok(Caller {
+                id: (*u).to_string(),
+                kind: IdentityKind::Spiffe,
+            });
         }
     }
     match dns.first() {
-        Some(d) if !d.is_empty() && !d.chars().any(|c| c.is_control()) => {
-            Ok(Caller { id: d.to_ascii_lowercase(), kind: IdentityKind::Dns })
-        }
+        Some(d) if !d.is_empty() && !d.chars().any(|c| c.is_control()) => Ok(Caller {
+            id: d.to_ascii_lowercase(),
+            kind: IdentityKind::Dns,
+        }),
         _ => Err("client certificate has neither a SPIFFE URI SAN nor a DNS SAN".into()),
     }
 }

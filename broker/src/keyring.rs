@@ -187,7 +187,11 @@ impl Keyring {
 
         // Roll back creations that were never acknowledged.
         for k in &stored {
-            for v in k.versions.iter().filter(|v| v.state == VersionState::Pending) {
+            for v in k
+                .versions
+                .iter()
+                .filter(|v| v.state == VersionState::Pending)
+            {
                 let destroyed = hsm.destroy_kek(v.id).await.map_err(BrokerError::from)?;
                 let st = store.clone();
                 let id = v.id;
@@ -209,7 +213,11 @@ impl Keyring {
         let expected = stored
             .iter()
             .flat_map(|k| {
-                k.versions.iter().map(|v| ExpectedKek { id: v.id, key_type: k.key_type, algorithm: k.algorithm })
+                k.versions.iter().map(|v| ExpectedKek {
+                    id: v.id,
+                    key_type: k.key_type,
+                    algorithm: k.algorithm,
+                })
             })
             .collect();
         let attach = hsm.attach(expected).await.map_err(BrokerError::from)?;
@@ -244,7 +252,10 @@ impl Keyring {
             let problems: Vec<String> = k
                 .versions
                 .iter()
-                .filter_map(|v| bad.get(&v.id).map(|why| format!("version {}: {why}", v.number)))
+                .filter_map(|v| {
+                    bad.get(&v.id)
+                        .map(|why| format!("version {}: {why}", v.number))
+                })
                 .collect();
             let state = if problems.is_empty() {
                 KeyState::Enabled
@@ -270,7 +281,11 @@ impl Keyring {
                 versions: k
                     .versions
                     .iter()
-                    .map(|v| VersionEntry { number: v.number, id: v.id, created_at_ms: v.created_at_ms })
+                    .map(|v| VersionEntry {
+                        number: v.number,
+                        id: v.id,
+                        created_at_ms: v.created_at_ms,
+                    })
                     .collect(),
             };
             keys.insert(k.name, Arc::new(entry));
@@ -280,8 +295,11 @@ impl Keyring {
             tracing::warn!(object = %o, "HSM object made by keybroker is not referenced by any key (orphan)");
         }
         if policy == IntegrityPolicy::Fail && !report.quarantined.is_empty() {
-            let list: Vec<String> =
-                report.quarantined.iter().map(|(k, why)| format!("{k}: {why}")).collect();
+            let list: Vec<String> = report
+                .quarantined
+                .iter()
+                .map(|(k, why)| format!("{k}: {why}"))
+                .collect();
             return Err(BrokerError::precondition(format!(
                 "refusing to start: {} key(s) failed the HSM integrity check (keys are never re-created silently; \
                  investigate, or set hsm.on_integrity_failure = \"quarantine\" to serve the others): {}",
@@ -317,7 +335,12 @@ impl Keyring {
     }
 
     /// One page of a tenant's keys, ordered by name, starting after `after`.
-    pub fn list(&self, tenant: &str, after: Option<&str>, limit: usize) -> (Vec<Arc<KeyEntry>>, Option<String>) {
+    pub fn list(
+        &self,
+        tenant: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<Arc<KeyEntry>>, Option<String>) {
         let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::new();
         let mut next = None;
@@ -331,7 +354,9 @@ impl Keyring {
                 }
             }
             if out.len() == limit {
-                next = out.last().map(|e: &Arc<KeyEntry>| e.name.name().to_string());
+                next = out
+                    .last()
+                    .map(|e: &Arc<KeyEntry>| e.name.name().to_string());
                 break;
             }
             out.push(entry.clone());
@@ -372,13 +397,19 @@ impl Keyring {
         }
         let _w = self.write_lock.lock().await;
         if self.get(&name).is_ok() {
-            return Err(BrokerError::AlreadyExists(format!("key {name} already exists")));
+            return Err(BrokerError::AlreadyExists(format!(
+                "key {name} already exists"
+            )));
         }
         let id = VersionId::random();
         let now = now_ms();
         {
             let (st, n) = (self.store.clone(), name.clone());
-            blocking(move || st.begin_create(&n, key_type, algorithm, id, now).map_err(BrokerError::from)).await?;
+            blocking(move || {
+                st.begin_create(&n, key_type, algorithm, id, now)
+                    .map_err(BrokerError::from)
+            })
+            .await?;
         }
         self.materialize(&name, key_type, algorithm, id, 1).await?;
         let entry = Arc::new(KeyEntry {
@@ -387,10 +418,20 @@ impl Keyring {
             algorithm,
             created_at_ms: now,
             state: KeyState::Enabled,
-            versions: vec![VersionEntry { number: 1, id, created_at_ms: now }],
+            versions: vec![VersionEntry {
+                number: 1,
+                id,
+                created_at_ms: now,
+            }],
         });
-        self.versions.write().unwrap_or_else(|p| p.into_inner()).insert(id, (name.clone(), 1));
-        self.keys.write().unwrap_or_else(|p| p.into_inner()).insert(name.clone(), entry.clone());
+        self.versions
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, (name.clone(), 1));
+        self.keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone(), entry.clone());
         tracing::info!(key = %name, key_type = key_type.as_str(), %algorithm, version_id = %id, "key created");
         Ok(entry)
     }
@@ -406,12 +447,23 @@ impl Keyring {
             let (st, n) = (self.store.clone(), name.clone());
             blocking(move || st.begin_rotate(&n, id, now).map_err(BrokerError::from)).await?
         };
-        self.materialize(name, old.key_type, old.algorithm, id, number).await?;
+        self.materialize(name, old.key_type, old.algorithm, id, number)
+            .await?;
         let mut entry = (*old).clone();
-        entry.versions.push(VersionEntry { number, id, created_at_ms: now });
+        entry.versions.push(VersionEntry {
+            number,
+            id,
+            created_at_ms: now,
+        });
         let entry = Arc::new(entry);
-        self.versions.write().unwrap_or_else(|p| p.into_inner()).insert(id, (name.clone(), number));
-        self.keys.write().unwrap_or_else(|p| p.into_inner()).insert(name.clone(), entry.clone());
+        self.versions
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, (name.clone(), number));
+        self.keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone(), entry.clone());
         tracing::info!(key = %name, version = number, version_id = %id, "key rotated");
         Ok(entry)
     }
@@ -426,22 +478,44 @@ impl Keyring {
         id: VersionId,
         number: u32,
     ) -> Result<(), BrokerError> {
-        let spec = KekSpec { id, label: format!("{LABEL_PREFIX}{name}:v{number}"), key_type, algorithm };
+        let spec = KekSpec {
+            id,
+            label: format!("{LABEL_PREFIX}{name}:v{number}"),
+            key_type,
+            algorithm,
+        };
         let result = async {
-            self.hsm.generate_kek(spec).await.map_err(BrokerError::from)?;
+            self.hsm
+                .generate_kek(spec)
+                .await
+                .map_err(BrokerError::from)?;
             let mut value = [0u8; 32];
             fill_random(&mut value)?;
             let canary = Dek::from_slice(&value);
             value.fill(0);
             let digest = Sha256::digest(canary.expose()).to_vec();
             let (params, header) = new_params(algorithm, id, CANARY_AAD)?;
-            let ct = self.hsm.wrap(id, params, canary).await.map_err(BrokerError::from)?;
-            let env = envelope::seal(header, &ct);
-            verify_canary(&self.hsm, algorithm, id, Some(env.clone()), Some(digest.clone()))
+            let ct = self
+                .hsm
+                .wrap(id, params, canary)
                 .await
-                .map_err(|why| BrokerError::internal(format!("new KEK failed its canary: {why}")))?;
+                .map_err(BrokerError::from)?;
+            let env = envelope::seal(header, &ct);
+            verify_canary(
+                &self.hsm,
+                algorithm,
+                id,
+                Some(env.clone()),
+                Some(digest.clone()),
+            )
+            .await
+            .map_err(|why| BrokerError::internal(format!("new KEK failed its canary: {why}")))?;
             let st = self.store.clone();
-            blocking(move || st.commit_version(id, &env, &digest).map_err(BrokerError::from)).await
+            blocking(move || {
+                st.commit_version(id, &env, &digest)
+                    .map_err(BrokerError::from)
+            })
+            .await
         }
         .await;
         if let Err(e) = &result {
@@ -451,7 +525,8 @@ impl Keyring {
                 return result;
             }
             let st = self.store.clone();
-            if let Err(a) = blocking(move || st.abort_version(id).map_err(BrokerError::from)).await {
+            if let Err(a) = blocking(move || st.abort_version(id).map_err(BrokerError::from)).await
+            {
                 tracing::error!(error = %a, version_id = %id, "could not remove the pending version; it will be rolled back at the next start");
             }
         }
@@ -466,7 +541,11 @@ impl Keyring {
         entry.usable()?;
         let v = entry.current()?;
         let (params, header) = new_params(entry.algorithm, v.id, aad)?;
-        let ct = self.hsm.wrap(v.id, params, dek).await.map_err(BrokerError::from)?;
+        let ct = self
+            .hsm
+            .wrap(v.id, params, dek)
+            .await
+            .map_err(BrokerError::from)?;
         Ok(Wrapped {
             envelope: envelope::seal(header, &ct),
             key: entry.name.clone(),
@@ -489,8 +568,11 @@ impl Keyring {
         entry.usable()?;
         let v = entry.current()?;
         let (params, header) = new_params(entry.algorithm, v.id, aad)?;
-        let (dek, ct) =
-            self.hsm.generate_and_wrap(v.id, params, len).await.map_err(BrokerError::from)?;
+        let (dek, ct) = self
+            .hsm
+            .generate_and_wrap(v.id, params, len)
+            .await
+            .map_err(BrokerError::from)?;
         Ok((
             dek,
             Wrapped {
@@ -510,11 +592,12 @@ impl Keyring {
         env: &envelope::Envelope<'a>,
         aad: &[u8],
     ) -> Result<(Arc<KeyEntry>, VersionEntry), BrokerError> {
-        if let Some(name) = expected {
-            // Surface NOT_FOUND for a named key that does not exist.
-            self.get(name)?;
-        }
-        let found = self.versions.read().unwrap_or_else(|p| p.into_inner()).get(&env.version).cloned();
+        let found = self
+            .versions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&env.version)
+            .cloned();
         let Some((name, number)) = found else {
             return Err(BrokerError::Unauthentic);
         };
@@ -526,7 +609,10 @@ impl Keyring {
             return Err(BrokerError::Unauthentic);
         }
         entry.usable()?;
-        let v = entry.version(number).cloned().ok_or(BrokerError::Unauthentic)?;
+        let v = entry
+            .version(number)
+            .cloned()
+            .ok_or(BrokerError::Unauthentic)?;
         Ok((entry, v))
     }
 
@@ -538,7 +624,12 @@ impl Keyring {
         aad: &[u8],
     ) -> Result<Unwrapped, BrokerError> {
         if aad.len() > MAX_AAD_LEN {
-            return Err(BrokerError::invalid(format!("aad is longer than {MAX_AAD_LEN} bytes")));
+            return Err(BrokerError::invalid(format!(
+                "aad is longer than {MAX_AAD_LEN} bytes"
+            )));
+        }
+        if let Some(name) = expected {
+            self.get(name)?;
         }
         let env = envelope::parse(envelope_bytes)?;
         let (entry, v) = self.resolve(expected, &env, aad)?;
@@ -551,7 +642,12 @@ impl Keyring {
         if check_dek_len(dek.len()).is_err() {
             return Err(BrokerError::Unauthentic);
         }
-        Ok(Unwrapped { dek, key: entry.name.clone(), version: v.number, algorithm: entry.algorithm })
+        Ok(Unwrapped {
+            dek,
+            key: entry.name.clone(),
+            version: v.number,
+            algorithm: entry.algorithm,
+        })
     }
 
     /// Unwraps a raw RSA-OAEP ciphertext made with an exported public key.
@@ -564,7 +660,9 @@ impl Keyring {
     ) -> Result<Unwrapped, BrokerError> {
         let entry = self.get(name)?;
         if !algorithm.is_rsa() {
-            return Err(BrokerError::invalid("a raw ciphertext must name RSA_OAEP_SHA256 or RSA_OAEP_SHA1"));
+            return Err(BrokerError::invalid(
+                "a raw ciphertext must name RSA_OAEP_SHA256 or RSA_OAEP_SHA1",
+            ));
         }
         if entry.algorithm != algorithm {
             return Err(BrokerError::invalid(format!(
@@ -574,7 +672,9 @@ impl Keyring {
         }
         let bits = entry.key_type.rsa_bits().unwrap_or(0) as usize;
         if version == 0 {
-            return Err(BrokerError::invalid("a raw ciphertext must name its key version (from GetPublicKey)"));
+            return Err(BrokerError::invalid(
+                "a raw ciphertext must name its key version (from GetPublicKey)",
+            ));
         }
         let v = entry
             .version(version)
@@ -584,7 +684,11 @@ impl Keyring {
         if ciphertext.len() != bits / 8 {
             return Err(BrokerError::Unauthentic);
         }
-        let params = if algorithm == Algorithm::RsaOaepSha1 { WrapParams::OaepSha1 } else { WrapParams::OaepSha256 };
+        let params = if algorithm == Algorithm::RsaOaepSha1 {
+            WrapParams::OaepSha1
+        } else {
+            WrapParams::OaepSha256
+        };
         let dek = self
             .hsm
             .unwrap(v.id, params, ciphertext.to_vec())
@@ -593,7 +697,12 @@ impl Keyring {
         if dek.is_empty() {
             return Err(BrokerError::Unauthentic);
         }
-        Ok(Unwrapped { dek, key: entry.name.clone(), version: v.number, algorithm })
+        Ok(Unwrapped {
+            dek,
+            key: entry.name.clone(),
+            version: v.number,
+            algorithm,
+        })
     }
 
     /// Unwraps an envelope and wraps its DEK under the newest version of `destination` (or of
@@ -607,7 +716,12 @@ impl Keyring {
         new_aad: Option<&[u8]>,
     ) -> Result<(Wrapped, u32), BrokerError> {
         if aad.len() > MAX_AAD_LEN {
-            return Err(BrokerError::invalid(format!("aad is longer than {MAX_AAD_LEN} bytes")));
+            return Err(BrokerError::invalid(format!(
+                "aad is longer than {MAX_AAD_LEN} bytes"
+            )));
+        }
+        if let Some(name) = expected {
+            self.get(name)?;
         }
         let env = envelope::parse(envelope_bytes)?;
         let (src, sv) = self.resolve(expected, &env, aad)?;
@@ -638,7 +752,11 @@ impl Keyring {
     }
 
     /// The public key of an RSA key version (0 = newest).
-    pub async fn public_key(&self, name: &KeyName, version: u32) -> Result<PublicKeyInfo, BrokerError> {
+    pub async fn public_key(
+        &self,
+        name: &KeyName,
+        version: u32,
+    ) -> Result<PublicKeyInfo, BrokerError> {
         let entry = self.get(name)?;
         if !entry.key_type.is_rsa() {
             return Err(BrokerError::precondition(format!(
@@ -650,10 +768,9 @@ impl Keyring {
         let v = if version == 0 {
             entry.current()?.clone()
         } else {
-            entry
-                .version(version)
-                .cloned()
-                .ok_or_else(|| BrokerError::NotFound(format!("key {name} has no version {version}")))?
+            entry.version(version).cloned().ok_or_else(|| {
+                BrokerError::NotFound(format!("key {name} has no version {version}"))
+            })?
         };
         let pk = self.hsm.public_key(v.id).await.map_err(BrokerError::from)?;
         Ok(PublicKeyInfo {
@@ -669,7 +786,9 @@ impl Keyring {
 
 fn check_aad(entry: &KeyEntry, aad: &[u8]) -> Result<(), BrokerError> {
     if aad.len() > MAX_AAD_LEN {
-        return Err(BrokerError::invalid(format!("aad is longer than {MAX_AAD_LEN} bytes")));
+        return Err(BrokerError::invalid(format!(
+            "aad is longer than {MAX_AAD_LEN} bytes"
+        )));
     }
     if !aad.is_empty() && !entry.algorithm.supports_aad() {
         return Err(BrokerError::invalid(format!(
@@ -681,11 +800,16 @@ fn check_aad(entry: &KeyEntry, aad: &[u8]) -> Result<(), BrokerError> {
 }
 
 fn fill_random(buf: &mut [u8]) -> Result<(), BrokerError> {
-    getrandom::fill(buf).map_err(|e| BrokerError::internal(format!("OS random number generator failed: {e}")))
+    getrandom::fill(buf)
+        .map_err(|e| BrokerError::internal(format!("OS random number generator failed: {e}")))
 }
 
 /// Fresh parameters and the envelope header for wrapping under `id`.
-fn new_params(alg: Algorithm, id: VersionId, aad: &[u8]) -> Result<(WrapParams, Vec<u8>), BrokerError> {
+fn new_params(
+    alg: Algorithm,
+    id: VersionId,
+    aad: &[u8],
+) -> Result<(WrapParams, Vec<u8>), BrokerError> {
     Ok(match alg {
         Algorithm::Aes256Gcm => {
             // A random 96-bit IV per wrap (NIST SP 800-38D §8.2.2): the token's RNG is not

@@ -31,14 +31,20 @@ impl KeyName {
         };
         validate_part("tenant", tenant)?;
         validate_part("key name", name)?;
-        Ok(Self { tenant: tenant.into(), name: name.into() })
+        Ok(Self {
+            tenant: tenant.into(),
+            name: name.into(),
+        })
     }
 
     /// Builds a name from already-validated parts.
     pub fn new(tenant: &str, name: &str) -> Result<Self, BrokerError> {
         validate_part("tenant", tenant)?;
         validate_part("key name", name)?;
-        Ok(Self { tenant: tenant.into(), name: name.into() })
+        Ok(Self {
+            tenant: tenant.into(),
+            name: name.into(),
+        })
     }
 
     /// The tenant part.
@@ -69,7 +75,9 @@ pub fn validate_part(what: &str, s: &str) -> Result<(), BrokerError> {
         )));
     }
     let ok_first = s.as_bytes()[0].is_ascii_alphanumeric();
-    let ok_rest = s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    let ok_rest = s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
     if !ok_first || !ok_rest {
         return Err(BrokerError::invalid(format!(
             "{what} may only contain letters, digits, '.', '_' and '-', and must start with a letter or digit"

@@ -3,17 +3,13 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use keybroker_proto::v1::{key_broker_server::KeyBrokerServer, key_management_server::KeyManagementServer};
+use keybroker_proto::v1::{
+    key_broker_server::KeyBrokerServer, key_management_server::KeyManagementServer,
+};
 use tokio::net::TcpListener;
 
 use crate::{
-    authz::AllowList,
-    config::Config,
-    hsm::Hsm,
-    keyring::Keyring,
-    service::Api,
-    store::Store,
-    tls,
+    authz::AllowList, config::Config, hsm::Hsm, keyring::Keyring, service::Api, store::Store, tls,
 };
 
 /// Largest request message accepted (a DEK request is well under 20 KiB).
@@ -41,7 +37,10 @@ pub async fn open_hsm(cfg: &Config) -> Result<Hsm, String> {
 
 /// Runs the broker until `shutdown` completes. Prints `keybroker: listening on ADDR` on stdout
 /// once it accepts connections.
-pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), String> {
+pub async fn run(
+    cfg: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
     let hsm = open_hsm(&cfg).await?;
     let t = hsm.token();
     tracing::info!(library = %t.library, slot = t.slot, label = %t.label, serial = %t.serial,
@@ -66,9 +65,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let (keyring, report) = Keyring::load(hsm, Arc::new(store), cfg.hsm.on_integrity_failure)
         .await
         .map_err(|e| e.to_string())?;
-    tracing::info!(keys = report.keys, versions = report.versions, rolled_back = report.rolled_back,
-        quarantined = report.quarantined.len(), orphans = report.orphans.len(),
-        millis = started.elapsed().as_millis() as u64, "keys loaded and verified");
+    tracing::info!(
+        keys = report.keys,
+        versions = report.versions,
+        rolled_back = report.rolled_back,
+        quarantined = report.quarantined.len(),
+        orphans = report.orphans.len(),
+        millis = started.elapsed().as_millis() as u64,
+        "keys loaded and verified"
+    );
     let keyring = Arc::new(keyring);
     let allow = Arc::new(AllowList::new(cfg.access.allow.iter().cloned()));
     let api = Api::new(keyring, allow);
@@ -82,7 +87,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.server.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let incoming = tls::incoming(listener, tls_cfg, Duration::from_millis(cfg.tls.handshake_timeout_ms));
+    let incoming = tls::incoming(
+        listener,
+        tls_cfg,
+        Duration::from_millis(cfg.tls.handshake_timeout_ms),
+    );
 
     tracing::info!(%addr, "serving keybroker.v1 over mutual TLS 1.3");
     println!("keybroker: listening on {addr}");

@@ -60,7 +60,10 @@ impl Api {
         Fut: Future<Output = Result<Resp, BrokerError>>,
     {
         let start = Instant::now();
-        let peer = req.extensions().get::<ConnInfo>().map(|c| c.caller.id.clone());
+        let peer = req
+            .extensions()
+            .get::<ConnInfo>()
+            .map(|c| c.caller.id.clone());
         let result = match self.caller(&req) {
             Ok(caller) => f(caller, req.into_inner()).await,
             Err(e) => Err(e),
@@ -69,7 +72,9 @@ impl Api {
         let caller = peer.as_deref().unwrap_or("-");
         match &result {
             Ok(_) => tracing::debug!(method, caller, micros, "ok"),
-            Err(e) => tracing::info!(method, caller, micros, code = ?e.code(), error = %e, "refused"),
+            Err(e) => {
+                tracing::info!(method, caller, micros, code = ?e.code(), error = %e, "refused")
+            }
         }
         result.map(Response::new).map_err(Status::from)
     }
@@ -83,7 +88,11 @@ fn key_name(s: &str) -> Result<KeyName, BrokerError> {
 }
 
 fn optional_key(s: &str) -> Result<Option<KeyName>, BrokerError> {
-    if s.is_empty() { Ok(None) } else { key_name(s).map(Some) }
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        key_name(s).map(Some)
+    }
 }
 
 fn algorithm_to_pb(a: Algorithm) -> pb::Algorithm {
@@ -149,23 +158,33 @@ impl Api {
                     created_at_ms: v.created_at_ms,
                 })
                 .collect(),
-            mechanism: self.keyring.hsm().capabilities().mechanism_name(k.algorithm),
+            mechanism: self
+                .keyring
+                .hsm()
+                .capabilities()
+                .mechanism_name(k.algorithm),
         }
     }
 }
 
 /// rsaEncryption (RFC 8017 appendix C).
-const RSA_ENCRYPTION: spki::ObjectIdentifier = spki::ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
+const RSA_ENCRYPTION: spki::ObjectIdentifier =
+    spki::ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
 
 /// Encodes an RSA public key as SPKI PEM and as a JWK.
 pub fn public_key_formats(pk: &PublicKeyInfo) -> Result<(String, String), BrokerError> {
     use spki::der::{Encode, asn1::BitStringRef, pem::LineEnding};
     let strip = |b: &[u8]| -> Vec<u8> {
-        let i = b.iter().position(|&x| x != 0).unwrap_or(b.len().saturating_sub(1));
+        let i = b
+            .iter()
+            .position(|&x| x != 0)
+            .unwrap_or(b.len().saturating_sub(1));
         b[i..].to_vec()
     };
     let (n, e) = (strip(&pk.modulus), strip(&pk.exponent));
-    let bad = |what: &str, err: &dyn std::fmt::Display| BrokerError::internal(format!("encode public key ({what}): {err}"));
+    let bad = |what: &str, err: &dyn std::fmt::Display| {
+        BrokerError::internal(format!("encode public key ({what}): {err}"))
+    };
     let rsa = pkcs1::RsaPublicKey {
         modulus: pkcs1::UintRef::new(&n).map_err(|x| bad("modulus", &x))?,
         public_exponent: pkcs1::UintRef::new(&e).map_err(|x| bad("exponent", &x))?,
@@ -176,10 +195,12 @@ pub fn public_key_formats(pk: &PublicKeyInfo) -> Result<(String, String), Broker
             oid: RSA_ENCRYPTION,
             parameters: Some(spki::der::asn1::AnyRef::NULL),
         },
-        subject_public_key: BitStringRef::from_bytes(&rsa_der).map_err(|x| bad("bit string", &x))?,
+        subject_public_key: BitStringRef::from_bytes(&rsa_der)
+            .map_err(|x| bad("bit string", &x))?,
     };
     let der = spki.to_der().map_err(|x| bad("SPKI", &x))?;
-    let pem = spki::der::pem::encode_string("PUBLIC KEY", LineEnding::LF, &der).map_err(|x| bad("PEM", &x))?;
+    let pem = spki::der::pem::encode_string("PUBLIC KEY", LineEnding::LF, &der)
+        .map_err(|x| bad("PEM", &x))?;
     let jwk = serde_json::json!({
         "kty": "RSA",
         "n": URL_SAFE_NO_PAD.encode(&n),
@@ -193,10 +214,16 @@ pub fn public_key_formats(pk: &PublicKeyInfo) -> Result<(String, String), Broker
 
 #[tonic::async_trait]
 impl KeyBroker for Api {
-    async fn wrap_key(&self, req: Request<pb::WrapKeyRequest>) -> Result<Response<pb::WrapKeyResponse>, Status> {
+    async fn wrap_key(
+        &self,
+        req: Request<pb::WrapKeyRequest>,
+    ) -> Result<Response<pb::WrapKeyResponse>, Status> {
         self.handle("WrapKey", req, |_caller, r| async move {
             let name = key_name(&r.key)?;
-            let w = self.keyring.wrap(&name, Dek::new(r.plaintext), &r.aad).await?;
+            let w = self
+                .keyring
+                .wrap(&name, Dek::new(r.plaintext), &r.aad)
+                .await?;
             Ok(pb::WrapKeyResponse {
                 wrapped_key: w.envelope,
                 key: w.key.to_string(),
@@ -219,15 +246,21 @@ impl KeyBroker for Api {
                 }
                 Some(PbWrapped::Raw(raw)) => {
                     if r.key.is_empty() {
-                        return Err(BrokerError::invalid("key is required with a raw ciphertext"));
+                        return Err(BrokerError::invalid(
+                            "key is required with a raw ciphertext",
+                        ));
                     }
                     if !r.aad.is_empty() {
-                        return Err(BrokerError::invalid("a raw RSA-OAEP ciphertext cannot carry aad"));
+                        return Err(BrokerError::invalid(
+                            "a raw RSA-OAEP ciphertext cannot carry aad",
+                        ));
                     }
                     let name = key_name(&r.key)?;
                     let alg = algorithm_from_pb(raw.algorithm)?
                         .ok_or_else(|| BrokerError::invalid("raw.algorithm is required"))?;
-                    self.keyring.unwrap_raw(&name, raw.key_version, alg, &raw.ciphertext).await?
+                    self.keyring
+                        .unwrap_raw(&name, raw.key_version, alg, &raw.ciphertext)
+                        .await?
                 }
                 None => return Err(BrokerError::invalid("set envelope or raw")),
             };
@@ -260,14 +293,27 @@ impl KeyBroker for Api {
         .await
     }
 
-    async fn rewrap(&self, req: Request<pb::RewrapRequest>) -> Result<Response<pb::RewrapResponse>, Status> {
+    async fn rewrap(
+        &self,
+        req: Request<pb::RewrapRequest>,
+    ) -> Result<Response<pb::RewrapResponse>, Status> {
         self.handle("Rewrap", req, |_caller, r| async move {
             let expected = optional_key(&r.key)?;
             let dest = optional_key(&r.destination_key)?;
-            let new_aad = if r.change_aad { Some(r.new_aad.as_slice()) } else { None };
+            let new_aad = if r.change_aad {
+                Some(r.new_aad.as_slice())
+            } else {
+                None
+            };
             let (w, src_version) = self
                 .keyring
-                .rewrap(expected.as_ref(), &r.envelope, &r.aad, dest.as_ref(), new_aad)
+                .rewrap(
+                    expected.as_ref(),
+                    &r.envelope,
+                    &r.aad,
+                    dest.as_ref(),
+                    new_aad,
+                )
                 .await?;
             Ok(pb::RewrapResponse {
                 wrapped_key: w.envelope,
@@ -303,7 +349,10 @@ impl KeyBroker for Api {
 
 #[tonic::async_trait]
 impl KeyManagement for Api {
-    async fn create_key(&self, req: Request<pb::CreateKeyRequest>) -> Result<Response<pb::Key>, Status> {
+    async fn create_key(
+        &self,
+        req: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
         self.handle("CreateKey", req, |caller, r| async move {
             let name = key_name(&r.key)?;
             let key_type = key_type_from_pb(r.key_type)?;
@@ -323,14 +372,25 @@ impl KeyManagement for Api {
         .await
     }
 
-    async fn list_keys(&self, req: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
+    async fn list_keys(
+        &self,
+        req: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
         self.handle("ListKeys", req, |_caller, r| async move {
-            let tenant = if r.tenant.is_empty() { DEFAULT_TENANT.to_string() } else { r.tenant };
+            let tenant = if r.tenant.is_empty() {
+                DEFAULT_TENANT.to_string()
+            } else {
+                r.tenant
+            };
             validate_part("tenant", &tenant)?;
             let limit = match r.page_size {
                 0 => 100,
                 n @ 1..=1000 => n as usize,
-                n => return Err(BrokerError::invalid(format!("page_size {n} is more than 1000"))),
+                n => {
+                    return Err(BrokerError::invalid(format!(
+                        "page_size {n} is more than 1000"
+                    )));
+                }
             };
             let after = if r.page_token.is_empty() {
                 None
@@ -347,7 +407,10 @@ impl KeyManagement for Api {
         .await
     }
 
-    async fn rotate_key(&self, req: Request<pb::RotateKeyRequest>) -> Result<Response<pb::Key>, Status> {
+    async fn rotate_key(
+        &self,
+        req: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
         self.handle("RotateKey", req, |caller, r| async move {
             let name = key_name(&r.key)?;
             let k = self.keyring.rotate(&name).await?;

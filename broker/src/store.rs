@@ -88,13 +88,17 @@ pub enum StoreError {
 impl From<StoreError> for BrokerError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::AlreadyExists(m) => BrokerError::AlreadyExists(format!("key {m} already exists")),
+            StoreError::AlreadyExists(m) => {
+                BrokerError::AlreadyExists(format!("key {m} already exists"))
+            }
             StoreError::NotFound(m) => BrokerError::NotFound(format!("key {m} not found")),
             StoreError::Db(e) => {
                 tracing::error!(error = %e, "metadata store failed");
                 BrokerError::Unavailable("the metadata store is unavailable".into())
             }
-            StoreError::Corrupt(m) => BrokerError::internal(format!("metadata store is corrupt: {m}")),
+            StoreError::Corrupt(m) => {
+                BrokerError::internal(format!("metadata store is corrupt: {m}"))
+            }
         }
     }
 }
@@ -142,7 +146,9 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -178,7 +184,13 @@ impl Store {
                 .ok_or_else(|| StoreError::Corrupt(format!("key {name}: algorithm {alg:?}")))?;
             keys.push((
                 id,
-                StoredKey { name, key_type, algorithm, created_at_ms: created, versions: Vec::new() },
+                StoredKey {
+                    name,
+                    key_type,
+                    algorithm,
+                    created_at_ms: created,
+                    versions: Vec::new(),
+                },
             ));
         }
         let mut stmt = conn.prepare(
@@ -196,8 +208,11 @@ impl Store {
                 r.get::<_, Option<Vec<u8>>>(6)?,
             ))
         })?;
-        let index: std::collections::HashMap<i64, usize> =
-            keys.iter().enumerate().map(|(i, (id, _))| (*id, i)).collect();
+        let index: std::collections::HashMap<i64, usize> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, (id, _))| (*id, i))
+            .collect();
         for row in rows {
             let (key_id, number, oid, state, created, canary, digest) = row?;
             let id = VersionId::from_slice(&oid)
@@ -208,7 +223,9 @@ impl Store {
                 other => return Err(StoreError::Corrupt(format!("version state {other:?}"))),
             };
             let Some(&i) = index.get(&key_id) else {
-                return Err(StoreError::Corrupt(format!("version of unknown key row {key_id}")));
+                return Err(StoreError::Corrupt(format!(
+                    "version of unknown key row {key_id}"
+                )));
             };
             keys[i].1.versions.push(StoredVersion {
                 number,
@@ -258,7 +275,12 @@ impl Store {
     }
 
     /// Phase 1 of rotating a key: inserts the next version as pending; returns its number.
-    pub fn begin_rotate(&self, name: &KeyName, id: VersionId, now_ms: i64) -> Result<u32, StoreError> {
+    pub fn begin_rotate(
+        &self,
+        name: &KeyName,
+        id: VersionId,
+        now_ms: i64,
+    ) -> Result<u32, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let key_id: i64 = tx
@@ -284,14 +306,21 @@ impl Store {
     }
 
     /// Phase 3: the version's HSM object exists and passed its checks.
-    pub fn commit_version(&self, id: VersionId, canary: &[u8], digest: &[u8]) -> Result<(), StoreError> {
+    pub fn commit_version(
+        &self,
+        id: VersionId,
+        canary: &[u8],
+        digest: &[u8],
+    ) -> Result<(), StoreError> {
         let n = self.conn().execute(
             "UPDATE key_versions SET state = 'active', canary = ?2, canary_digest = ?3
              WHERE object_id = ?1 AND state = 'pending'",
             params![id.as_bytes().as_slice(), canary, digest],
         )?;
         if n != 1 {
-            return Err(StoreError::Corrupt(format!("pending version {id} vanished")));
+            return Err(StoreError::Corrupt(format!(
+                "pending version {id} vanished"
+            )));
         }
         Ok(())
     }
@@ -339,9 +368,16 @@ mod tests {
         let v2 = VersionId::random();
         {
             let s = Store::open(&path).expect("open");
-            s.begin_create(&name("t/k"), KeyType::Aes256, Algorithm::Aes256Gcm, v1, 1).expect("create");
+            s.begin_create(&name("t/k"), KeyType::Aes256, Algorithm::Aes256Gcm, v1, 1)
+                .expect("create");
             assert!(matches!(
-                s.begin_create(&name("t/k"), KeyType::Aes256, Algorithm::Aes256Gcm, VersionId::random(), 1),
+                s.begin_create(
+                    &name("t/k"),
+                    KeyType::Aes256,
+                    Algorithm::Aes256Gcm,
+                    VersionId::random(),
+                    1
+                ),
                 Err(StoreError::AlreadyExists(_))
             ));
             s.commit_version(v1, b"c", b"d").expect("commit");
@@ -364,9 +400,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = Store::open(&dir.path().join("m.db")).expect("open");
         let v = VersionId::random();
-        s.begin_create(&name("k"), KeyType::Rsa2048, Algorithm::RsaOaepSha1, v, 1).expect("create");
+        s.begin_create(&name("k"), KeyType::Rsa2048, Algorithm::RsaOaepSha1, v, 1)
+            .expect("create");
         s.abort_version(v).expect("abort");
         assert!(s.load_all().expect("load").is_empty());
-        assert!(matches!(s.begin_rotate(&name("k"), VersionId::random(), 1), Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            s.begin_rotate(&name("k"), VersionId::random(), 1),
+            Err(StoreError::NotFound(_))
+        ));
     }
 }

@@ -60,13 +60,21 @@ impl Connected for TlsConn {
 }
 
 impl AsyncRead for TlsConn {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -125,7 +133,10 @@ pub fn server_config(files: &TlsFiles<'_>) -> Result<Arc<ServerConfig>, String> 
             .map_err(|e| format!("client CA {}: {e}", files.client_ca.display()))?;
     }
     if roots.is_empty() {
-        return Err(format!("{} holds no CA certificate", files.client_ca.display()));
+        return Err(format!(
+            "{} holds no CA certificate",
+            files.client_ca.display()
+        ));
     }
     let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
@@ -157,7 +168,9 @@ impl ClientCertVerifier for IdentityVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, TlsError> {
-        let ok = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let ok = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         caller_from_cert(end_entity).map_err(|why| {
             tracing::info!(reason = %why, "client certificate refused");
             TlsError::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure)
@@ -219,17 +232,18 @@ pub fn incoming(
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::info!(%remote, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::info!(%remote, "TLS handshake timed out");
-                        return;
-                    }
-                };
+                let stream =
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::info!(%remote, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::info!(%remote, "TLS handshake timed out");
+                            return;
+                        }
+                    };
                 let caller = stream
                     .get_ref()
                     .1
@@ -245,7 +259,12 @@ pub fn incoming(
                     }
                 };
                 tracing::debug!(%remote, caller = %caller, "client connected");
-                let _ = tx.send(Ok(TlsConn { stream, info: ConnInfo { caller, remote } })).await;
+                let _ = tx
+                    .send(Ok(TlsConn {
+                        stream,
+                        info: ConnInfo { caller, remote },
+                    }))
+                    .await;
             });
         }
     });

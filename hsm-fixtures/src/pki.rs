@@ -73,8 +73,14 @@ impl Ca {
         let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
         let cert_pem = issuer.pem();
         let cert_path = dir.join(format!("{stem}.pem"));
-        fs::write(&cert_path, &cert_pem).map_err(io_err(format!("write {}", cert_path.display())))?;
-        Ok(Self { issuer, cert_pem, cert_path, dir: dir.to_path_buf() })
+        fs::write(&cert_path, &cert_pem)
+            .map_err(io_err(format!("write {}", cert_path.display())))?;
+        Ok(Self {
+            issuer,
+            cert_pem,
+            cert_path,
+            dir: dir.to_path_buf(),
+        })
     }
 
     /// Issues a leaf certificate and writes `<stem>.pem` and `<stem>.key` beside the CA.
@@ -115,9 +121,15 @@ impl Ca {
         let key_pem = key.serialize_pem();
         let cert_path = self.dir.join(format!("{stem}.pem"));
         let key_path = self.dir.join(format!("{stem}.key"));
-        fs::write(&cert_path, &cert_pem).map_err(io_err(format!("write {}", cert_path.display())))?;
+        fs::write(&cert_path, &cert_pem)
+            .map_err(io_err(format!("write {}", cert_path.display())))?;
         write_private(&key_path, &key_pem)?;
-        Ok(Issued { cert_pem, key_pem, cert_path, key_path })
+        Ok(Issued {
+            cert_pem,
+            key_pem,
+            cert_path,
+            key_path,
+        })
     }
 
     /// A server certificate for `localhost`, `127.0.0.1` and `::1`.
@@ -205,6 +217,15 @@ impl TestPki {
             },
         )?;
         let foreign = foreign_ca.issue_spiffe_client("client", TEST_CLIENT_ID)?;
-        Ok(Self { ca, foreign_ca, server, client, stranger, dns_client, expired, foreign })
+        Ok(Self {
+            ca,
+            foreign_ca,
+            server,
+            client,
+            stranger,
+            dns_client,
+            expired,
+            foreign,
+        })
     }
 }

@@ -31,7 +31,8 @@ pub fn module_path() -> Result<PathBuf> {
         .find(|p| p.exists())
         .ok_or_else(|| {
             Error::Setup(
-                "SoftHSM2 is not installed (no libsofthsm2.so found); run softhsm/install.sh".into(),
+                "SoftHSM2 is not installed (no libsofthsm2.so found); run softhsm/install.sh"
+                    .into(),
             )
         })
 }
@@ -89,7 +90,9 @@ impl SoftHsmToken {
             .args(["--init-token", "--free", "--label", label])
             .args(["--so-pin", &so_pin, "--pin", &user_pin])
             .output()
-            .map_err(io_err("run softhsm2-util (install it with softhsm/install.sh)"))?;
+            .map_err(io_err(
+                "run softhsm2-util (install it with softhsm/install.sh)",
+            ))?;
         if !out.status.success() {
             return Err(Error::Setup(format!(
                 "softhsm2-util --init-token failed: {}",
@@ -99,7 +102,15 @@ impl SoftHsmToken {
         let pin_file = dir.join("user.pin");
         write_private(&pin_file, &user_pin)?;
         write_private(&dir.join("so.pin"), &so_pin)?;
-        Ok(Self { dir: dir.to_path_buf(), conf, label: label.into(), user_pin, so_pin, pin_file, module })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            conf,
+            label: label.into(),
+            user_pin,
+            so_pin,
+            pin_file,
+            module,
+        })
     }
 
     /// Re-opens a token made earlier by [`SoftHsmToken::create`] in `dir`.

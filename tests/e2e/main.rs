@@ -1,1 +1,10 @@
-//! placeholder
+//! End-to-end tests: the real `keybroker` binary, a real SoftHSM2 token per test, real mutual
+//! TLS on a loopback port. Run with `tests/run` (or `cargo test --workspace` once SoftHSM2 is
+//! installed).
+
+mod common;
+mod key_safety;
+mod keys;
+mod rsa_interop;
+mod tls;
+mod wrap_unwrap;

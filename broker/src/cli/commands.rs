@@ -13,7 +13,11 @@ use crate::{
 
 /// Probes the configured HSM and prints what it found.
 pub async fn check_config(cfg: &Config) -> Result<(), String> {
-    for (what, p) in [("tls.cert", &cfg.tls.cert), ("tls.key", &cfg.tls.key), ("tls.client_ca", &cfg.tls.client_ca)] {
+    for (what, p) in [
+        ("tls.cert", &cfg.tls.cert),
+        ("tls.key", &cfg.tls.key),
+        ("tls.client_ca", &cfg.tls.client_ca),
+    ] {
         let p = cfg.path(p);
         if !p.exists() {
             return Err(format!("{what}: {} does not exist", p.display()));
@@ -34,14 +38,19 @@ pub async fn check_config(cfg: &Config) -> Result<(), String> {
             "usable": hsm.capabilities().supports(*a),
         })).collect::<Vec<_>>(),
     });
-    println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
+    );
     println!("configuration OK");
     Ok(())
 }
 
 fn settings(c: &ConnArgs) -> Result<ClientSettings, String> {
     let need = |v: &Option<std::path::PathBuf>, flag: &str, env: &str| {
-        v.clone().ok_or_else(|| format!("{flag} (or {env}) is required; `keybroker dev` writes an env.sh that sets it"))
+        v.clone().ok_or_else(|| {
+            format!("{flag} (or {env}) is required; `keybroker dev` writes an env.sh that sets it")
+        })
     };
     Ok(ClientSettings {
         endpoint: c.endpoint.clone(),
@@ -106,18 +115,28 @@ fn print_key(k: &pb::Key, out: Output) {
         Output::Text => {
             println!(
                 "{}  type={}  algorithm={}  state={}  current_version={}  mechanism={}",
-                k.name, j["key_type"].as_str().unwrap_or(""), j["algorithm"].as_str().unwrap_or(""),
-                j["state"].as_str().unwrap_or(""), k.current_version, k.mechanism
+                k.name,
+                j["key_type"].as_str().unwrap_or(""),
+                j["algorithm"].as_str().unwrap_or(""),
+                j["state"].as_str().unwrap_or(""),
+                k.current_version,
+                k.mechanism
             );
             for v in &k.versions {
-                println!("  v{}  id={}  created_at_ms={}", v.version, hex::encode(&v.id), v.created_at_ms);
+                println!(
+                    "  v{}  id={}  created_at_ms={}",
+                    v.version,
+                    hex::encode(&v.id),
+                    v.created_at_ms
+                );
             }
         }
     }
 }
 
 fn decode_b64(what: &str, s: &str) -> Result<Vec<u8>, String> {
-    B64.decode(s.trim()).map_err(|e| format!("{what} is not valid base64: {e}"))
+    B64.decode(s.trim())
+        .map_err(|e| format!("{what} is not valid base64: {e}"))
 }
 
 /// Runs a client subcommand.
@@ -126,9 +145,16 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
         Command::Key { command, conn } => {
             let mut c = clients(&settings(&conn)?).await?;
             match command {
-                KeyCommand::Create { name, key_type, algorithm } => {
-                    let kt = KeyType::parse(&key_type)
-                        .ok_or_else(|| format!("unknown key type {key_type:?} (aes-256, rsa-2048, rsa-3072, rsa-4096)"))?;
+                KeyCommand::Create {
+                    name,
+                    key_type,
+                    algorithm,
+                } => {
+                    let kt = KeyType::parse(&key_type).ok_or_else(|| {
+                        format!(
+                            "unknown key type {key_type:?} (aes-256, rsa-2048, rsa-3072, rsa-4096)"
+                        )
+                    })?;
                     let alg = match algorithm {
                         Some(a) => alg_to_pb(Algorithm::parse(&a).ok_or_else(|| {
                             format!("unknown algorithm {a:?} (aes-256-gcm, aes-kwp, rsa-oaep-sha256, rsa-oaep-sha1)")
@@ -143,18 +169,32 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                     };
                     let k = c
                         .mgmt
-                        .create_key(pb::CreateKeyRequest { key: name, key_type: kt.into(), algorithm: alg.into() })
+                        .create_key(pb::CreateKeyRequest {
+                            key: name,
+                            key_type: kt.into(),
+                            algorithm: alg.into(),
+                        })
                         .await
                         .map_err(status)?
                         .into_inner();
                     print_key(&k, conn.output);
                 }
                 KeyCommand::Get { name } => {
-                    let k = c.mgmt.get_key(pb::GetKeyRequest { key: name }).await.map_err(status)?.into_inner();
+                    let k = c
+                        .mgmt
+                        .get_key(pb::GetKeyRequest { key: name })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
                     print_key(&k, conn.output);
                 }
                 KeyCommand::Rotate { name } => {
-                    let k = c.mgmt.rotate_key(pb::RotateKeyRequest { key: name }).await.map_err(status)?.into_inner();
+                    let k = c
+                        .mgmt
+                        .rotate_key(pb::RotateKeyRequest { key: name })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
                     print_key(&k, conn.output);
                 }
                 KeyCommand::List { tenant } => {
@@ -163,7 +203,11 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                     loop {
                         let page = c
                             .mgmt
-                            .list_keys(pb::ListKeysRequest { tenant: tenant.clone(), page_size: 1000, page_token: token })
+                            .list_keys(pb::ListKeysRequest {
+                                tenant: tenant.clone(),
+                                page_size: 1000,
+                                page_token: token,
+                            })
                             .await
                             .map_err(status)?
                             .into_inner();
@@ -174,12 +218,17 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                         token = page.next_page_token;
                     }
                     match conn.output {
-                        Output::Json => println!("{}", json!(all.iter().map(key_json).collect::<Vec<_>>())),
+                        Output::Json => {
+                            println!("{}", json!(all.iter().map(key_json).collect::<Vec<_>>()))
+                        }
                         Output::Text => {
                             if all.is_empty() {
                                 println!("(no keys in tenant {tenant})");
                             }
-                            println!("{:<40} {:<9} {:<16} {:>7}", "NAME", "TYPE", "ALGORITHM", "VERSION");
+                            println!(
+                                "{:<40} {:<9} {:<16} {:>7}",
+                                "NAME", "TYPE", "ALGORITHM", "VERSION"
+                            );
                             for k in &all {
                                 let j = key_json(k);
                                 println!(
@@ -195,16 +244,27 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                 }
             }
         }
-        Command::Wrap { key, plaintext_hex, plaintext_base64, aad, conn } => {
+        Command::Wrap {
+            key,
+            plaintext_hex,
+            plaintext_base64,
+            aad,
+            conn,
+        } => {
             let plaintext = match (plaintext_hex, plaintext_base64) {
-                (Some(h), _) => hex::decode(h.trim()).map_err(|e| format!("--plaintext-hex is not valid hex: {e}"))?,
+                (Some(h), _) => hex::decode(h.trim())
+                    .map_err(|e| format!("--plaintext-hex is not valid hex: {e}"))?,
                 (None, Some(b)) => decode_b64("--plaintext-base64", &b)?,
                 (None, None) => return Err("give --plaintext-hex or --plaintext-base64".into()),
             };
             let mut c = clients(&settings(&conn)?).await?;
             let r = c
                 .broker
-                .wrap_key(pb::WrapKeyRequest { key, plaintext, aad: aad.into_bytes() })
+                .wrap_key(pb::WrapKeyRequest {
+                    key,
+                    plaintext,
+                    aad: aad.into_bytes(),
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -216,7 +276,12 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                 Output::Text => println!("{}", B64.encode(&r.wrapped_key)),
             }
         }
-        Command::Unwrap { wrapped, key, aad, conn } => {
+        Command::Unwrap {
+            wrapped,
+            key,
+            aad,
+            conn,
+        } => {
             let env = decode_b64("the envelope", &wrapped)?;
             let mut c = clients(&settings(&conn)?).await?;
             let r = c
@@ -237,11 +302,19 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                 Output::Text => println!("{}", hex::encode(&r.plaintext)),
             }
         }
-        Command::UnwrapRaw { key, ciphertext, version, algorithm, conn } => {
+        Command::UnwrapRaw {
+            key,
+            ciphertext,
+            version,
+            algorithm,
+            conn,
+        } => {
             let ct = decode_b64("the ciphertext", &ciphertext)?;
             let alg = Algorithm::parse(&algorithm)
                 .filter(|a| a.is_rsa())
-                .ok_or_else(|| format!("--algorithm {algorithm:?}: use rsa-oaep-sha256 or rsa-oaep-sha1"))?;
+                .ok_or_else(|| {
+                    format!("--algorithm {algorithm:?}: use rsa-oaep-sha256 or rsa-oaep-sha1")
+                })?;
             let mut c = clients(&settings(&conn)?).await?;
             let r = c
                 .broker
@@ -258,15 +331,27 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                 .map_err(status)?
                 .into_inner();
             match conn.output {
-                Output::Json => println!("{}", json!({"plaintext_hex": hex::encode(&r.plaintext), "key": r.key, "key_version": r.key_version})),
+                Output::Json => println!(
+                    "{}",
+                    json!({"plaintext_hex": hex::encode(&r.plaintext), "key": r.key, "key_version": r.key_version})
+                ),
                 Output::Text => println!("{}", hex::encode(&r.plaintext)),
             }
         }
-        Command::GenerateDataKey { key, length, aad, conn } => {
+        Command::GenerateDataKey {
+            key,
+            length,
+            aad,
+            conn,
+        } => {
             let mut c = clients(&settings(&conn)?).await?;
             let r = c
                 .broker
-                .generate_data_key(pb::GenerateDataKeyRequest { key, length, aad: aad.into_bytes() })
+                .generate_data_key(pb::GenerateDataKeyRequest {
+                    key,
+                    length,
+                    aad: aad.into_bytes(),
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -279,11 +364,21 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                 Output::Text => {
                     println!("plaintext (hex): {}", hex::encode(&r.plaintext));
                     println!("wrapped (base64): {}", B64.encode(&r.wrapped_key));
-                    println!("key: {} v{} {}", r.key, r.key_version, alg_name(r.algorithm));
+                    println!(
+                        "key: {} v{} {}",
+                        r.key,
+                        r.key_version,
+                        alg_name(r.algorithm)
+                    );
                 }
             }
         }
-        Command::Rewrap { wrapped, aad, to, conn } => {
+        Command::Rewrap {
+            wrapped,
+            aad,
+            to,
+            conn,
+        } => {
             let env = decode_b64("the envelope", &wrapped)?;
             let mut c = clients(&settings(&conn)?).await?;
             let r = c
@@ -307,11 +402,19 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                 Output::Text => println!("{}", B64.encode(&r.wrapped_key)),
             }
         }
-        Command::PublicKey { key, version, format, conn } => {
+        Command::PublicKey {
+            key,
+            version,
+            format,
+            conn,
+        } => {
             let mut c = clients(&settings(&conn)?).await?;
             let r = c
                 .broker
-                .get_public_key(pb::GetPublicKeyRequest { key, key_version: version })
+                .get_public_key(pb::GetPublicKeyRequest {
+                    key,
+                    key_version: version,
+                })
                 .await
                 .map_err(status)?
                 .into_inner();

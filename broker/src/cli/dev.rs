@@ -58,14 +58,22 @@ fn provision(dir: &Path, listen: SocketAddr) -> Result<DevPaths, String> {
     let token = if hsm_dir.join("user.pin").exists() {
         SoftHsmToken::open(&hsm_dir, TOKEN_LABEL).map_err(|e| e.to_string())?
     } else {
-        eprintln!("keybroker dev: creating a SoftHSM2 token {TOKEN_LABEL:?} in {}", hsm_dir.display());
+        eprintln!(
+            "keybroker dev: creating a SoftHSM2 token {TOKEN_LABEL:?} in {}",
+            hsm_dir.display()
+        );
         SoftHsmToken::create(&hsm_dir, TOKEN_LABEL).map_err(|e| e.to_string())?
     };
     if !paths.client_key.exists() {
-        eprintln!("keybroker dev: creating a development PKI in {}", pki_dir.display());
+        eprintln!(
+            "keybroker dev: creating a development PKI in {}",
+            pki_dir.display()
+        );
         let ca = Ca::new(&pki_dir, "ca", "keybroker dev CA").map_err(|e| e.to_string())?;
-        ca.issue_localhost_server("server").map_err(|e| e.to_string())?;
-        ca.issue_spiffe_client("client", CLIENT_ID).map_err(|e| e.to_string())?;
+        ca.issue_localhost_server("server")
+            .map_err(|e| e.to_string())?;
+        ca.issue_spiffe_client("client", CLIENT_ID)
+            .map_err(|e| e.to_string())?;
     }
     let text = format!(
         "# Written by `keybroker dev`. A development configuration: SoftHSM2, loopback only.\n\
@@ -119,7 +127,9 @@ pub async fn run(state_dir: &Path, listen: SocketAddr) -> Result<(), String> {
             }
             Ok(Ok(None)) | Ok(Err(_)) => {
                 let status = child.wait().await.map_err(|e| e.to_string())?;
-                return Err(format!("the broker exited during start-up ({status}); see the messages above"));
+                return Err(format!(
+                    "the broker exited during start-up ({status}); see the messages above"
+                ));
             }
             Err(_) => return Err("the broker did not start within 120 s".into()),
         }
@@ -187,7 +197,11 @@ async fn demo(settings: &ClientSettings) -> Result<(), String> {
     let aad = b"demo-context".to_vec();
     let g = c
         .broker
-        .generate_data_key(pb::GenerateDataKeyRequest { key: "dev/demo".into(), length: 32, aad: aad.clone() })
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key: "dev/demo".into(),
+            length: 32,
+            aad: aad.clone(),
+        })
         .await
         .map_err(|e| format!("demo: GenerateDataKey failed: {}", status(e)))?
         .into_inner();
@@ -196,7 +210,9 @@ async fn demo(settings: &ClientSettings) -> Result<(), String> {
         .unwrap_key(pb::UnwrapKeyRequest {
             key: String::new(),
             aad,
-            wrapped: Some(pb::unwrap_key_request::Wrapped::Envelope(g.wrapped_key.clone())),
+            wrapped: Some(pb::unwrap_key_request::Wrapped::Envelope(
+                g.wrapped_key.clone(),
+            )),
         })
         .await
         .map_err(|e| format!("demo: UnwrapKey failed: {}", status(e)))?

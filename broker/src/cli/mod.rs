@@ -57,7 +57,11 @@ enum Command {
         /// The key, "tenant/name".
         key: String,
         /// The DEK in hex.
-        #[arg(long, conflicts_with = "plaintext_base64", required_unless_present = "plaintext_base64")]
+        #[arg(
+            long,
+            conflicts_with = "plaintext_base64",
+            required_unless_present = "plaintext_base64"
+        )]
         plaintext_hex: Option<String>,
         /// The DEK in base64.
         #[arg(long)]
@@ -172,7 +176,12 @@ enum KeyCommand {
 #[derive(Args, Debug, Clone)]
 pub struct ConnArgs {
     /// The broker.
-    #[arg(long, env = "KEYBROKER_ENDPOINT", default_value = "https://127.0.0.1:8443", global = true)]
+    #[arg(
+        long,
+        env = "KEYBROKER_ENDPOINT",
+        default_value = "https://127.0.0.1:8443",
+        global = true
+    )]
     endpoint: String,
     /// CA certificate that issued the broker's certificate (PEM).
     #[arg(long, env = "KEYBROKER_CA_CERT", global = true)]
@@ -203,7 +212,11 @@ fn init_logging(format: LogFormat) {
     // reported by the probe instead.
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,cryptoki=off,h2=warn,tower=warn,hyper=warn"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),

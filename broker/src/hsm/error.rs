@@ -47,7 +47,12 @@ pub struct HsmError {
 impl HsmError {
     /// A fault of a given kind with an explanation.
     pub fn new(kind: FaultKind, context: impl Into<String>, detail: impl Into<String>) -> Self {
-        Self { kind, context: context.into(), detail: detail.into(), rv: None }
+        Self {
+            kind,
+            context: context.into(),
+            detail: detail.into(),
+            rv: None,
+        }
     }
 
     /// A start-up/configuration problem.
@@ -58,15 +63,22 @@ impl HsmError {
     /// Classifies a cryptoki error.
     pub fn from_ck(context: impl Into<String>, e: CkError) -> Self {
         let (kind, rv, detail) = match &e {
-            CkError::Pkcs11(rv, f) => {
-                (classify(*rv), Some(*rv), format!("{} returned {rv:?}", function_name(*f)))
-            }
+            CkError::Pkcs11(rv, f) => (
+                classify(*rv),
+                Some(*rv),
+                format!("{} returned {rv:?}", function_name(*f)),
+            ),
             CkError::LibraryLoading(_) | CkError::MissingSymbol(_) => {
                 (FaultKind::Setup, None, e.to_string())
             }
             _ => (FaultKind::Other, None, e.to_string()),
         };
-        Self { kind, context: context.into(), detail, rv }
+        Self {
+            kind,
+            context: context.into(),
+            detail,
+            rv,
+        }
     }
 
     /// Like [`HsmError::from_ck`], but for a decrypt/unwrap of caller data: every return value
@@ -131,19 +143,38 @@ pub fn classify(rv: RvError) -> FaultKind {
     use RvError::*;
     match rv {
         SessionHandleInvalid | SessionClosed => FaultKind::SessionLost,
-        DeviceRemoved | TokenNotPresent | TokenNotRecognized | CryptokiNotInitialized
-        | DeviceMemory | DeviceError => FaultKind::DeviceLost,
+        DeviceRemoved
+        | TokenNotPresent
+        | TokenNotRecognized
+        | CryptokiNotInitialized
+        | DeviceMemory
+        | DeviceError => FaultKind::DeviceLost,
         SessionCount | FunctionCanceled | Cancel | HostMemory => FaultKind::Busy,
-        EncryptedDataInvalid | EncryptedDataLenRange | WrappedKeyInvalid | WrappedKeyLenRange
-        | DataInvalid | DataLenRange => FaultKind::DataInvalid,
-        ObjectHandleInvalid | KeyHandleInvalid | WrappingKeyHandleInvalid
+        EncryptedDataInvalid
+        | EncryptedDataLenRange
+        | WrappedKeyInvalid
+        | WrappedKeyLenRange
+        | DataInvalid
+        | DataLenRange => FaultKind::DataInvalid,
+        ObjectHandleInvalid
+        | KeyHandleInvalid
+        | WrappingKeyHandleInvalid
         | UnwrappingKeyHandleInvalid => FaultKind::HandleInvalid,
-        PinIncorrect | PinInvalid | PinLenRange | PinExpired | PinLocked | UserNotLoggedIn
+        PinIncorrect
+        | PinInvalid
+        | PinLenRange
+        | PinExpired
+        | PinLocked
+        | UserNotLoggedIn
         | UserPinNotInitialized => FaultKind::Login,
-        KeyFunctionNotPermitted | MechanismInvalid | MechanismParamInvalid | KeyTypeInconsistent
-        | KeyUnextractable | KeyNotWrappable | ActionProhibited | FunctionNotSupported => {
-            FaultKind::NotPermitted
-        }
+        KeyFunctionNotPermitted
+        | MechanismInvalid
+        | MechanismParamInvalid
+        | KeyTypeInconsistent
+        | KeyUnextractable
+        | KeyNotWrappable
+        | ActionProhibited
+        | FunctionNotSupported => FaultKind::NotPermitted,
         _ => FaultKind::Other,
     }
 }

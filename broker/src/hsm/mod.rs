@@ -158,7 +158,9 @@ struct Inner {
 
 impl std::fmt::Debug for Hsm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hsm").field("token", &self.inner.summary).finish_non_exhaustive()
+        f.debug_struct("Hsm")
+            .field("token", &self.inner.summary)
+            .finish_non_exhaustive()
     }
 }
 
@@ -278,7 +280,10 @@ impl Hsm {
                 return Err(HsmError::new(
                     FaultKind::Busy,
                     what,
-                    format!("no HSM session free within {:?}", self.inner.acquire_timeout),
+                    format!(
+                        "no HSM session free within {:?}",
+                        self.inner.acquire_timeout
+                    ),
                 ));
             }
         };
@@ -295,13 +300,17 @@ impl Hsm {
     /// back and checks them, and caches its handles. On any failure the new objects are
     /// destroyed.
     pub async fn generate_kek(&self, spec: KekSpec) -> Result<(), HsmError> {
-        let mech = self.inner.caps.mechanism_for(spec.algorithm).ok_or_else(|| {
-            HsmError::new(
-                FaultKind::NotPermitted,
-                "generate a KEK",
-                format!("the token cannot serve {}", spec.algorithm),
-            )
-        })?;
+        let mech = self
+            .inner
+            .caps
+            .mechanism_for(spec.algorithm)
+            .ok_or_else(|| {
+                HsmError::new(
+                    FaultKind::NotPermitted,
+                    "generate a KEK",
+                    format!("the token cannot serve {}", spec.algorithm),
+                )
+            })?;
         self.run("generate a KEK", move |inner, s| {
             let _guard = inner.object_lock.lock().unwrap_or_else(|p| p.into_inner());
             let handles = if let Some(bits) = spec.key_type.rsa_bits() {
@@ -309,12 +318,18 @@ impl Hsm {
                 let (public, private) = s
                     .generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &pubt, &privt)
                     .map_err(|e| HsmError::from_ck("C_GenerateKeyPair", e))?;
-                KekHandles { secret: private, public: Some(public) }
+                KekHandles {
+                    secret: private,
+                    public: Some(public),
+                }
             } else {
                 let secret = s
                     .generate_key(&Mechanism::AesKeyGen, &template::aes_template(&spec, mech))
                     .map_err(|e| HsmError::from_ck("C_GenerateKey", e))?;
-                KekHandles { secret, public: None }
+                KekHandles {
+                    secret,
+                    public: None,
+                }
             };
             let problems = check_template(s, &handles, spec.algorithm, mech)?;
             if !problems.is_empty() {
@@ -322,10 +337,17 @@ impl Hsm {
                 return Err(HsmError::new(
                     FaultKind::Setup,
                     "check a new KEK's template",
-                    format!("the token did not honour the KEK template: {}", problems.join("; ")),
+                    format!(
+                        "the token did not honour the KEK template: {}",
+                        problems.join("; ")
+                    ),
                 ));
             }
-            inner.handles.write().unwrap_or_else(|p| p.into_inner()).insert(spec.id, handles);
+            inner
+                .handles
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(spec.id, handles);
             Ok(())
         })
         .await
@@ -344,11 +366,16 @@ impl Hsm {
                 // Kryoptic lists mechanism objects too; only key objects carry our ids, but
                 // filter on class to be sure.
                 if is_key_object(s, h) {
-                    s.destroy_object(h).map_err(|e| HsmError::from_ck("C_DestroyObject", e))?;
+                    s.destroy_object(h)
+                        .map_err(|e| HsmError::from_ck("C_DestroyObject", e))?;
                     n += 1;
                 }
             }
-            inner.handles.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            inner
+                .handles
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
             Ok(n)
         })
         .await
@@ -361,7 +388,11 @@ impl Hsm {
         self.run("attach the KEKs", move |inner, s| {
             let mut by_id: HashMap<Vec<u8>, Vec<(ObjectHandle, ObjectClass, String)>> =
                 HashMap::new();
-            for class in [ObjectClass::SECRET_KEY, ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+            for class in [
+                ObjectClass::SECRET_KEY,
+                ObjectClass::PRIVATE_KEY,
+                ObjectClass::PUBLIC_KEY,
+            ] {
                 let found = s
                     .find_objects(&[Attribute::Class(class), Attribute::Token(true)])
                     .map_err(|e| HsmError::from_ck("C_FindObjects", e))?;
@@ -389,14 +420,20 @@ impl Hsm {
                     objs.iter().filter(|o| o.1 == c).map(|o| o.0).collect()
                 };
                 let (secrets, publics) = if e.key_type.is_rsa() {
-                    (pick(ObjectClass::PRIVATE_KEY), pick(ObjectClass::PUBLIC_KEY))
+                    (
+                        pick(ObjectClass::PRIVATE_KEY),
+                        pick(ObjectClass::PUBLIC_KEY),
+                    )
                 } else {
                     (pick(ObjectClass::SECRET_KEY), Vec::new())
                 };
                 let want_public = usize::from(e.key_type.is_rsa());
                 let problem = if secrets.is_empty() {
                     Some("its HSM object is missing".to_string())
-                } else if secrets.len() > 1 || publics.len() > want_public || objs.len() != 1 + want_public {
+                } else if secrets.len() > 1
+                    || publics.len() > want_public
+                    || objs.len() != 1 + want_public
+                {
                     Some(format!("{} HSM objects share its CKA_ID", objs.len()))
                 } else if publics.len() != want_public {
                     Some("its public key object is missing".to_string())
@@ -407,14 +444,21 @@ impl Hsm {
                     report.problems.push((e.id, p));
                     continue;
                 }
-                let h = KekHandles { secret: secrets[0], public: publics.first().copied() };
+                let h = KekHandles {
+                    secret: secrets[0],
+                    public: publics.first().copied(),
+                };
                 let Some(mech) = inner.caps.mechanism_for(e.algorithm) else {
-                    report.problems.push((e.id, format!("the token cannot serve {}", e.algorithm)));
+                    report
+                        .problems
+                        .push((e.id, format!("the token cannot serve {}", e.algorithm)));
                     continue;
                 };
                 let problems = check_template(s, &h, e.algorithm, mech)?;
                 if !problems.is_empty() {
-                    report.problems.push((e.id, format!("wrong template: {}", problems.join("; "))));
+                    report
+                        .problems
+                        .push((e.id, format!("wrong template: {}", problems.join("; "))));
                     continue;
                 }
                 handles.insert(e.id, h);
@@ -422,7 +466,9 @@ impl Hsm {
             for (id, objs) in by_id {
                 for (_, _, label) in objs {
                     if label.starts_with(template::LABEL_PREFIX) {
-                        report.orphans.push(format!("{label} (CKA_ID {})", hex::encode(&id)));
+                        report
+                            .orphans
+                            .push(format!("{label} (CKA_ID {})", hex::encode(&id)));
                     }
                 }
             }
@@ -435,11 +481,20 @@ impl Hsm {
 
     /// Forgets the handles of a version (it will refuse to serve).
     pub fn detach(&self, id: VersionId) {
-        self.inner.handles.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.inner
+            .handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
     }
 
     /// Wraps a DEK under a version.
-    pub async fn wrap(&self, id: VersionId, params: WrapParams, dek: Dek) -> Result<Vec<u8>, HsmError> {
+    pub async fn wrap(
+        &self,
+        id: VersionId,
+        params: WrapParams,
+        dek: Dek,
+    ) -> Result<Vec<u8>, HsmError> {
         self.run("wrap", move |inner, s| {
             let (h, kwp) = inner.key_for(id, &params, true)?;
             ops::wrap(s, h, kwp, &params, &dek)
@@ -448,7 +503,12 @@ impl Hsm {
     }
 
     /// Unwraps a DEK with a version.
-    pub async fn unwrap(&self, id: VersionId, params: WrapParams, ciphertext: Vec<u8>) -> Result<Dek, HsmError> {
+    pub async fn unwrap(
+        &self,
+        id: VersionId,
+        params: WrapParams,
+        ciphertext: Vec<u8>,
+    ) -> Result<Dek, HsmError> {
         self.run("unwrap", move |inner, s| {
             let (h, kwp) = inner.key_for(id, &params, false)?;
             ops::unwrap(s, h, kwp, &params, &ciphertext)
@@ -492,12 +552,19 @@ impl Hsm {
     pub async fn public_key(&self, id: VersionId) -> Result<RsaPublic, HsmError> {
         self.run("read a public key", move |inner, s| {
             let h = inner.handles_of(id)?.public.ok_or_else(|| {
-                HsmError::new(FaultKind::NotPermitted, "read a public key", "not an RSA key")
+                HsmError::new(
+                    FaultKind::NotPermitted,
+                    "read a public key",
+                    "not an RSA key",
+                )
             })?;
             let attrs = s
                 .get_attributes(h, &[AttributeType::Modulus, AttributeType::PublicExponent])
                 .map_err(|e| HsmError::from_ck("C_GetAttributeValue", e))?;
-            let mut pk = RsaPublic { modulus: Vec::new(), exponent: Vec::new() };
+            let mut pk = RsaPublic {
+                modulus: Vec::new(),
+                exponent: Vec::new(),
+            };
             for a in attrs {
                 match a {
                     Attribute::Modulus(m) => pk.modulus = m,
@@ -506,7 +573,11 @@ impl Hsm {
                 }
             }
             if pk.modulus.is_empty() || pk.exponent.is_empty() {
-                return Err(HsmError::new(FaultKind::Other, "read a public key", "token returned no modulus/exponent"));
+                return Err(HsmError::new(
+                    FaultKind::Other,
+                    "read a public key",
+                    "token returned no modulus/exponent",
+                ));
             }
             Ok(pk)
         })
@@ -531,7 +602,10 @@ impl Inner {
                     last = Some(e);
                 }
                 other => {
-                    self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(session);
+                    self.idle
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(session);
                     return other;
                 }
             }
@@ -555,7 +629,11 @@ impl Inner {
             .get(&id)
             .copied()
             .ok_or_else(|| {
-                HsmError::new(FaultKind::HandleInvalid, "find a KEK", format!("no attached HSM object for version {id}"))
+                HsmError::new(
+                    FaultKind::HandleInvalid,
+                    "find a KEK",
+                    format!("no attached HSM object for version {id}"),
+                )
             })
     }
 
@@ -569,7 +647,11 @@ impl Inner {
         let h = self.handles_of(id)?;
         let kwp = match (params, self.kwp) {
             (WrapParams::Kwp, None) => {
-                return Err(HsmError::new(FaultKind::NotPermitted, "AES key wrap", "the token has no usable RFC 5649 mechanism"));
+                return Err(HsmError::new(
+                    FaultKind::NotPermitted,
+                    "AES key wrap",
+                    "the token has no usable RFC 5649 mechanism",
+                ));
             }
             (_, k) => k.unwrap_or(KwpMechanism::Pad),
         };
@@ -653,7 +735,11 @@ fn select_token(
         format!(
             "no initialized token matches {}; tokens present: {}",
             describe(sel),
-            if present.is_empty() { "none".to_string() } else { present.join(", ") }
+            if present.is_empty() {
+                "none".to_string()
+            } else {
+                present.join(", ")
+            }
         ),
     ))
 }
@@ -669,5 +755,9 @@ fn describe(sel: &TokenSelector) -> String {
     if let Some(id) = sel.slot {
         parts.push(format!("slot {id}"));
     }
-    if parts.is_empty() { "any token".into() } else { parts.join(" and ") }
+    if parts.is_empty() {
+        "any token".into()
+    } else {
+        parts.join(" and ")
+    }
 }

@@ -93,7 +93,11 @@ pub fn wrap(
                 return Err(HsmError::new(
                     FaultKind::Other,
                     "AES-GCM encrypt",
-                    format!("token returned {} bytes, expected {}", out.len(), dek.len() + GCM_TAG_LEN),
+                    format!(
+                        "token returned {} bytes, expected {}",
+                        out.len(),
+                        dek.len() + GCM_TAG_LEN
+                    ),
                 ));
             }
             Ok(out)
@@ -197,7 +201,13 @@ pub fn unwrap_generic(
             v.zeroize();
         }
     }
-    out.ok_or_else(|| HsmError::new(FaultKind::Other, "AES key unwrap", "token returned no CKA_VALUE"))
+    out.ok_or_else(|| {
+        HsmError::new(
+            FaultKind::Other,
+            "AES key unwrap",
+            "token returned no CKA_VALUE",
+        )
+    })
 }
 
 /// Draws `len` random bytes from the token's RNG.

@@ -99,7 +99,11 @@ impl Capabilities {
 
     /// Whether keys of `alg` can be created and used.
     pub fn supports(&self, alg: Algorithm) -> bool {
-        let keygen = if alg.is_rsa() { self.rsa_keygen } else { self.aes_keygen };
+        let keygen = if alg.is_rsa() {
+            self.rsa_keygen
+        } else {
+            self.aes_keygen
+        };
         keygen && self.mechanism_for(alg).is_some()
     }
 
@@ -145,7 +149,9 @@ pub(crate) mod cryptoki_sys_kwp {
 
 // McGrew & Viega, "The Galois/Counter Mode of Operation", test case 16.
 const GCM_KEY: [u8; 32] = hex32("feffe9928665731c6d6a8f9467308308feffe9928665731c6d6a8f9467308308");
-const GCM_IV: [u8; 12] = [0xca, 0xfe, 0xba, 0xbe, 0xfa, 0xce, 0xdb, 0xad, 0xde, 0xca, 0xf8, 0x88];
+const GCM_IV: [u8; 12] = [
+    0xca, 0xfe, 0xba, 0xbe, 0xfa, 0xce, 0xdb, 0xad, 0xde, 0xca, 0xf8, 0x88,
+];
 const GCM_AAD: [u8; 20] = [
     0xfe, 0xed, 0xfa, 0xce, 0xde, 0xad, 0xbe, 0xef, 0xfe, 0xed, 0xfa, 0xce, 0xde, 0xad, 0xbe, 0xef,
     0xab, 0xad, 0xda, 0xd2,
@@ -162,7 +168,8 @@ pub(crate) const KWP_RFC_WRAPPED: &str =
 // independent RFC 5649 implementation (the `aes-kw` crate) in this module's tests.
 pub(crate) const KWP_ALIGNED_KEY: &str =
     "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
-pub(crate) const KWP_ALIGNED_WRAPPED: &str = "fe6a0320617d94d5abcd3cadbb5a15ee23574ad2a6509b3f5a2b3b9d96fda766e6d1204253503895";
+pub(crate) const KWP_ALIGNED_WRAPPED: &str =
+    "fe6a0320617d94d5abcd3cadbb5a15ee23574ad2a6509b3f5a2b3b9d96fda766e6d1204253503895";
 
 const fn hex32(s: &str) -> [u8; 32] {
     let b = s.as_bytes();
@@ -206,17 +213,23 @@ pub fn probe(ctx: &Pkcs11, slot: Slot, session: &Session) -> Result<Capabilities
     caps.rng = match session.generate_random_vec(16) {
         Ok(v) => v.len() == 16,
         Err(e) => {
-            caps.notes.push(format!("C_GenerateRandom failed: {}", HsmError::from_ck("rng", e)));
+            caps.notes.push(format!(
+                "C_GenerateRandom failed: {}",
+                HsmError::from_ck("rng", e)
+            ));
             false
         }
     };
     if list.contains(&MechanismType::AES_GCM) {
         match gcm_kat(session) {
             Ok(()) => caps.aes_gcm = true,
-            Err(why) => caps.notes.push(format!("CKM_AES_GCM failed its known-answer test: {why}")),
+            Err(why) => caps
+                .notes
+                .push(format!("CKM_AES_GCM failed its known-answer test: {why}")),
         }
     } else {
-        caps.notes.push("CKM_AES_GCM is not in the token's mechanism list".into());
+        caps.notes
+            .push("CKM_AES_GCM is not in the token's mechanism list".into());
     }
     if list.contains(&MechanismType::AES_KEY_WRAP_PAD) {
         match kwp_kat(session, &Mechanism::AesKeyWrapPad) {
@@ -234,9 +247,9 @@ pub fn probe(ctx: &Pkcs11, slot: Slot, session: &Session) -> Result<Capabilities
                     );
                 }
             }
-            Err(why) => caps
-                .notes
-                .push(format!("CKM_AES_KEY_WRAP_PAD failed its RFC 5649 known-answer test: {why}")),
+            Err(why) => caps.notes.push(format!(
+                "CKM_AES_KEY_WRAP_PAD failed its RFC 5649 known-answer test: {why}"
+            )),
         }
     }
     if caps.kwp.is_none() {
@@ -260,7 +273,8 @@ pub fn probe(ctx: &Pkcs11, slot: Slot, session: &Session) -> Result<Capabilities
             Err(why) => caps.notes.push(format!("RSA-OAEP probe failed: {why}")),
         }
     } else {
-        caps.notes.push("CKM_RSA_PKCS_OAEP or CKM_RSA_PKCS_KEY_PAIR_GEN is not listed".into());
+        caps.notes
+            .push("CKM_RSA_PKCS_OAEP or CKM_RSA_PKCS_KEY_PAIR_GEN is not listed".into());
     }
     Ok(caps)
 }
@@ -329,12 +343,18 @@ fn gcm_kat(session: &Session) -> Result<(), String> {
     }
     let mut iv = GCM_IV;
     let params = GcmParams::new(&mut iv, &GCM_AAD, 128.into()).map_err(|e| e.to_string())?;
-    if session.decrypt(&Mechanism::AesGcm(params), key.handle, &bad).is_ok() {
+    if session
+        .decrypt(&Mechanism::AesGcm(params), key.handle, &bad)
+        .is_ok()
+    {
         return Err("a flipped tag bit was accepted".into());
     }
     let mut iv = GCM_IV;
     let params = GcmParams::new(&mut iv, &GCM_AAD[..19], 128.into()).map_err(|e| e.to_string())?;
-    if session.decrypt(&Mechanism::AesGcm(params), key.handle, &want).is_ok() {
+    if session
+        .decrypt(&Mechanism::AesGcm(params), key.handle, &want)
+        .is_ok()
+    {
         return Err("a wrong AAD was accepted".into());
     }
     Ok(())
@@ -359,7 +379,10 @@ fn kwp_kat(session: &Session, mech: &Mechanism) -> Result<bool, String> {
                 Attribute::Value(value.to_vec()),
             ])
             .map_err(|e| HsmError::from_ck("create a probe target", e).detail)?;
-        let target = Temp { session, handle: target };
+        let target = Temp {
+            session,
+            handle: target,
+        };
         session
             .wrap_key(mech, kek.handle, target.handle)
             .map_err(|e| HsmError::from_ck("C_WrapKey", e).detail)
@@ -367,10 +390,13 @@ fn kwp_kat(session: &Session, mech: &Mechanism) -> Result<bool, String> {
     let got = wrap_one(&unhex(KWP_ALIGNED_KEY))?;
     if got != unhex(KWP_ALIGNED_WRAPPED) {
         // Test-vector bytes only: safe to show.
-        return Err(format!("wrapping a 32-byte key does not match RFC 5649 (got {})", hex::encode(&got)));
+        return Err(format!(
+            "wrapping a 32-byte key does not match RFC 5649 (got {})",
+            hex::encode(&got)
+        ));
     }
-    let unwrapped = super::ops::unwrap_generic(session, mech, kek.handle, &got)
-        .map_err(|e| e.detail)?;
+    let unwrapped =
+        super::ops::unwrap_generic(session, mech, kek.handle, &got).map_err(|e| e.detail)?;
     if unwrapped.expose() != unhex(KWP_ALIGNED_KEY).as_slice() {
         return Err("unwrapping does not give the 32-byte key back".into());
     }
@@ -389,11 +415,21 @@ fn oaep_probe(session: &Session) -> Result<(bool, bool), String> {
                 Attribute::PublicExponent(vec![1, 0, 1]),
                 Attribute::Encrypt(true),
             ],
-            &[Attribute::Token(false), Attribute::Private(false), Attribute::Decrypt(true)],
+            &[
+                Attribute::Token(false),
+                Attribute::Private(false),
+                Attribute::Decrypt(true),
+            ],
         )
         .map_err(|e| HsmError::from_ck("C_GenerateKeyPair", e).detail)?;
-    let _pub = Temp { session, handle: public };
-    let _priv = Temp { session, handle: private };
+    let _pub = Temp {
+        session,
+        handle: public,
+    };
+    let _priv = Temp {
+        session,
+        handle: private,
+    };
     let round_trip = |hash: MechanismType, mgf: PkcsMgfType| -> bool {
         let m = Mechanism::RsaPkcsOaep(PkcsOaepParams::new(hash, mgf, PkcsOaepSource::empty()));
         let msg = [0x5au8; 32];
@@ -414,10 +450,19 @@ mod tests {
 
     #[test]
     fn gcm_vector_matches_an_independent_implementation() {
-        use aes_gcm::{Aes256Gcm, KeyInit, aead::{Aead, Payload}};
+        use aes_gcm::{
+            Aes256Gcm, KeyInit,
+            aead::{Aead, Payload},
+        };
         let c = Aes256Gcm::new_from_slice(&GCM_KEY).expect("key");
         let ct = c
-            .encrypt((&GCM_IV).into(), Payload { msg: &unhex(GCM_PT), aad: &GCM_AAD })
+            .encrypt(
+                (&GCM_IV).into(),
+                Payload {
+                    msg: &unhex(GCM_PT),
+                    aad: &GCM_AAD,
+                },
+            )
             .expect("encrypt");
         assert_eq!(hex::encode(ct), GCM_CT_TAG);
     }
@@ -425,9 +470,13 @@ mod tests {
     #[test]
     fn kwp_vectors_match_an_independent_implementation() {
         let kek = aes_kw::KekAes192::try_from(unhex(KWP_KEK).as_slice()).expect("kek");
-        let w = kek.wrap_with_padding_vec(&unhex(KWP_RFC_KEY)).expect("wrap");
+        let w = kek
+            .wrap_with_padding_vec(&unhex(KWP_RFC_KEY))
+            .expect("wrap");
         assert_eq!(hex::encode(w), KWP_RFC_WRAPPED);
-        let w = kek.wrap_with_padding_vec(&unhex(KWP_ALIGNED_KEY)).expect("wrap");
+        let w = kek
+            .wrap_with_padding_vec(&unhex(KWP_ALIGNED_KEY))
+            .expect("wrap");
         assert_eq!(hex::encode(w), KWP_ALIGNED_WRAPPED);
     }
 }

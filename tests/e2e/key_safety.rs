@@ -1,0 +1,85 @@
+//! Key safety, checked through PKCS#11 directly (hsm-probe), not through the broker.
+
+use keybroker_proto::v1 as pb;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn kek_values_cannot_be_read_and_no_object_can_wrap_and_decrypt() {
+    let env = Env::new();
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    let mut ids = Vec::new();
+    for (key, kt, alg) in [
+        ("t/gcm", pb::KeyType::Aes256, pb::Algorithm::Unspecified),
+        ("t/kwp", pb::KeyType::Aes256, pb::Algorithm::AesKeyWrapPad),
+        ("t/rsa", pb::KeyType::Rsa2048, pb::Algorithm::Unspecified),
+    ] {
+        let k = create(&mut c, key, kt, alg).await;
+        ids.push((key, hex::encode(&k.versions[0].id)));
+    }
+    c.mgmt
+        .rotate_key(pb::RotateKeyRequest {
+            key: "t/gcm".into(),
+        })
+        .await
+        .expect("rotate");
+    drop(c);
+    b.stop().await;
+
+    let report = env.probe(&["inspect"]);
+    let objects = report["objects"].as_array().expect("objects");
+    // 2 GCM versions + 1 KWP + 1 RSA pair.
+    assert_eq!(objects.len(), 5, "{report:#}");
+    for o in objects {
+        let class = o["class"].as_str().unwrap_or("");
+        assert!(o["label"].as_str().unwrap_or("").starts_with("kb:"), "{o}");
+        assert_eq!(o["token"], true, "{o}");
+        assert_eq!(o["modifiable"], false, "{o}");
+        assert_eq!(o["copyable"], false, "{o}");
+        assert_ne!(o["derive"], true, "{o}");
+        assert!(
+            !(o["wrap"] == true && o["decrypt"] == true),
+            "wrap+decrypt: {o}"
+        );
+        assert!(
+            !(o["unwrap"] == true && o["encrypt"] == true),
+            "unwrap+encrypt: {o}"
+        );
+        if class != "CKO_PUBLIC_KEY" {
+            assert_eq!(
+                o["value"], "sensitive",
+                "secret value must not be readable: {o}"
+            );
+            assert_eq!(o["sensitive"], true, "{o}");
+            assert_eq!(o["extractable"], false, "{o}");
+            assert_eq!(o["never_extractable"], true, "{o}");
+            assert_eq!(o["always_sensitive"], true, "{o}");
+            assert_eq!(o["private"], true, "{o}");
+            assert_ne!(o["sign"], true, "{o}");
+        }
+    }
+    for (key, id) in &ids {
+        let a = env.probe(&["attack", id]);
+        assert_eq!(
+            a["control_bad_key_extracts_target"], true,
+            "the attack works on a bad key: {a:#}"
+        );
+        for attack in [
+            "clulow_wrap_then_decrypt",
+            "set_attribute_add_role",
+            "copy_object_add_role",
+            "loosen_sensitive_extractable",
+        ] {
+            let r = a[attack].as_str().unwrap_or("");
+            assert!(
+                r.starts_with("refused"),
+                "{key}: {attack} was not refused: {a:#}"
+            );
+        }
+        assert_eq!(a["read_value"], "sensitive", "{key}: {a:#}");
+    }
+    // The attacks changed nothing: the broker starts and its integrity checks pass.
+    let b = env.start().await;
+    b.stop().await;
+}

@@ -1,0 +1,210 @@
+//! Mutual TLS: who gets through the handshake, and what identity they get.
+
+use std::{sync::Arc, time::Duration};
+
+use hsm_fixtures::pki::{Issued, LeafSpec};
+use keybroker_proto::v1 as pb;
+use rustls::{
+    ClientConfig, RootCertStore,
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use tokio_rustls::TlsConnector;
+use tonic::Code;
+
+use crate::common::*;
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn client_config(env: &Env, who: Option<&Issued>, tls12_only: bool) -> ClientConfig {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(&env.pki.ca.cert_path).expect("ca"))
+        .expect("add ca");
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls12_only {
+        &[&rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13]
+    };
+    let b = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .expect("versions")
+        .with_root_certificates(roots);
+    let mut cfg = match who {
+        Some(i) => b
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_file(&i.cert_path).expect("cert")],
+                PrivateKeyDer::from_pem_file(&i.key_path).expect("key"),
+            )
+            .expect("client auth"),
+        None => b.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg
+}
+
+/// Connects, completes TLS, sends the HTTP/2 preface and waits for the server's first frame.
+/// In TLS 1.3 the server judges the client certificate after the client's Finished, so its
+/// verdict (an alert, or its SETTINGS frame) arrives with the first read.
+async fn handshake(b: &Broker, cfg: ClientConfig) -> Result<(), String> {
+    let tcp = TcpStream::connect(b.addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("localhost").expect("name");
+    let mut tls = TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    tls.flush().await.map_err(|e| format!("flush: {e}"))?;
+    let mut buf = [0u8; 9];
+    match tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => Ok(()),
+        Ok(Ok(_)) => Err("closed by the server".into()),
+        Ok(Err(e)) => Err(format!("read: {e}")),
+        Err(_) => Err("no answer in 10 s".into()),
+    }
+}
+
+#[tokio::test]
+async fn only_valid_client_certificates_over_tls13_get_through_the_handshake() {
+    let env = Env::new();
+    let two_uris = env
+        .pki
+        .ca
+        .issue(
+            "two-uris",
+            &LeafSpec {
+                common_name: "two".into(),
+                uris: vec![
+                    hsm_fixtures::pki::TEST_CLIENT_ID.into(),
+                    "spiffe://keybroker.test/other".into(),
+                ],
+                valid_days: 30,
+                ..Default::default()
+            },
+        )
+        .expect("issue");
+    let no_identity = env
+        .pki
+        .ca
+        .issue(
+            "no-identity",
+            &LeafSpec {
+                common_name: "nobody".into(),
+                valid_days: 30,
+                ..Default::default()
+            },
+        )
+        .expect("issue");
+    let b = env.start().await;
+
+    // The positive control: the same probe with a good certificate is accepted.
+    handshake(&b, client_config(&env, Some(&env.pki.client), false))
+        .await
+        .expect("valid client accepted");
+
+    let cases: [(&str, ClientConfig, &str); 6] = [
+        (
+            "no client certificate",
+            client_config(&env, None, false),
+            "CertificateRequired",
+        ),
+        (
+            "foreign CA",
+            client_config(&env, Some(&env.pki.foreign), false),
+            "alert",
+        ),
+        (
+            "expired certificate",
+            client_config(&env, Some(&env.pki.expired), false),
+            "alert",
+        ),
+        (
+            "TLS 1.2 only",
+            client_config(&env, Some(&env.pki.client), true),
+            "alert",
+        ),
+        (
+            "two URI SANs",
+            client_config(&env, Some(&two_uris), false),
+            "alert",
+        ),
+        (
+            "no SPIFFE or DNS SAN",
+            client_config(&env, Some(&no_identity), false),
+            "alert",
+        ),
+    ];
+    for (what, cfg, expect) in cases {
+        let e = handshake(&b, cfg).await.expect_err(what);
+        assert!(
+            e.contains(expect),
+            "{what}: refused, but not by a TLS alert: {e}"
+        );
+    }
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn identity_comes_from_the_certificate_and_strangers_are_denied() {
+    let env = Env::new();
+    let b = env.start().await;
+    // A valid certificate whose SPIFFE ID is not allowed: through TLS, then PERMISSION_DENIED.
+    let mut s = b.clients_as(&env.pki.stranger).await;
+    let e = s
+        .mgmt
+        .list_keys(pb::ListKeysRequest::default())
+        .await
+        .expect_err("stranger");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(
+        e.message().contains("spiffe://keybroker.test/intruder"),
+        "{}",
+        e.message()
+    );
+    let e = wrap(&mut s, "t/k", &[1; 32], b"")
+        .await
+        .expect_err("stranger wrap");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // An allowed DNS-SAN identity works.
+    let mut d = b.clients_as(&env.pki.dns_client).await;
+    create(
+        &mut d,
+        "t/k",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    let w = wrap(&mut d, "t/k", &[1; 32], b"")
+        .await
+        .expect("dns client wraps");
+    // ...and the stranger cannot unwrap what the DNS client wrapped.
+    let e = unwrap(&mut s, "", &w.wrapped_key, b"")
+        .await
+        .expect_err("stranger unwrap");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_silent_client_is_cut_off_after_the_handshake_timeout() {
+    let env = Env::new();
+    let b = env.start().await;
+    let mut tcp = TcpStream::connect(b.addr).await.expect("connect");
+    let mut buf = [0u8; 16];
+    // The test config sets handshake_timeout_ms = 3000; allow generous slack.
+    let r = tokio::time::timeout(Duration::from_secs(20), tcp.read(&mut buf)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "connection not closed: {r:?}"
+    );
+    b.stop().await;
+}
