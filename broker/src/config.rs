@@ -312,6 +312,14 @@ allow = ["spiffe://example.org/app"]
     }
 
     #[test]
+    fn the_commented_example_config_is_valid() {
+        let c = parse(include_str!("../../examples/keybroker.toml"))
+            .expect("examples/keybroker.toml is valid");
+        assert_eq!(c.access.allow.len(), 2);
+        assert_eq!(c.hsm.token_label.as_deref(), Some("keybroker"));
+    }
+
+    #[test]
     fn unknown_keys_and_inline_pins_are_refused() {
         let e =
             parse(&MINIMAL.replace("pin_env = \"KB_PIN\"", "pin = \"1234\"")).expect_err("refused");

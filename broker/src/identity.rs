@@ -57,18 +57,18 @@ pub fn caller_from_cert(der: &[u8]) -> Result<Caller, String> {
             uris.len()
         ));
     }
-    if let Some(u) = uris.first() {
-        if let Some(rest) = u.strip_prefix("spiffe://") {
-            if rest.is_empty() || rest.starts_with('/') || u.chars().any(|c| c.is_control()) {
-                return Err(format!(
-                    "client certificate has a malformed SPIFFE ID {u:?}"
-                ));
-            }
-            return Ok(Caller {
-                id: (*u).to_string(),
-                kind: IdentityKind::Spiffe,
-            });
+    if let Some(u) = uris.first()
+        && let Some(rest) = u.strip_prefix("spiffe://")
+    {
+        if rest.is_empty() || rest.starts_with('/') || u.chars().any(|c| c.is_control()) {
+            return Err(format!(
+                "client certificate has a malformed SPIFFE ID {u:?}"
+            ));
         }
+        return Ok(Caller {
+            id: (*u).to_string(),
+            kind: IdentityKind::Spiffe,
+        });
     }
     match dns.first() {
         Some(d) if !d.is_empty() && !d.chars().any(|c| c.is_control()) => Ok(Caller {

@@ -348,10 +348,10 @@ impl Keyring {
             if name.tenant() != tenant {
                 continue;
             }
-            if let Some(a) = after {
-                if name.name() <= a {
-                    continue;
-                }
+            if let Some(a) = after
+                && name.name() <= a
+            {
+                continue;
             }
             if out.len() == limit {
                 next = out

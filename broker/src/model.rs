@@ -266,7 +266,7 @@ pub fn check_dek_len(len: usize) -> Result<(), BrokerError> {
     if len == 0 {
         return Err(BrokerError::invalid("the DEK is empty"));
     }
-    if !(MIN_DEK_LEN..=MAX_DEK_LEN).contains(&len) || len % 8 != 0 {
+    if !(MIN_DEK_LEN..=MAX_DEK_LEN).contains(&len) || !len.is_multiple_of(8) {
         return Err(BrokerError::invalid(format!(
             "the DEK is {len} bytes; it must be {MIN_DEK_LEN} to {MAX_DEK_LEN} bytes and a multiple of 8"
         )));

@@ -170,8 +170,12 @@ pub async fn run(state_dir: &Path, listen: SocketAddr) -> Result<(), String> {
             let status = status.map_err(|e| e.to_string())?;
             if status.success() { Ok(()) } else { Err(format!("the broker exited: {status}")) }
         }
-        _ = tokio::signal::ctrl_c() => {
-            // The broker got the same SIGINT (same process group) and drains; wait for it.
+        _ = crate::server::shutdown_signal() => {
+            // Pass SIGTERM on (a terminal's Ctrl-C already reached the whole process group;
+            // a second SIGTERM is harmless), then wait for the broker to drain.
+            if let Some(pid) = child.id() {
+                let _ = tokio::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+            }
             let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
             Ok(())
         }

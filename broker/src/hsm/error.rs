@@ -88,8 +88,8 @@ impl HsmError {
     /// `CKR_WRAPPED_KEY_INVALID` or `CKR_ENCRYPTED_DATA_INVALID`.
     pub fn from_ck_decrypt(context: impl Into<String>, e: CkError) -> Self {
         let mut err = Self::from_ck(context, e);
-        if let Some(rv) = err.rv {
-            if matches!(
+        if let Some(rv) = err.rv
+            && matches!(
                 rv,
                 RvError::EncryptedDataInvalid
                     | RvError::EncryptedDataLenRange
@@ -99,9 +99,9 @@ impl HsmError {
                     | RvError::DataLenRange
                     | RvError::GeneralError
                     | RvError::FunctionFailed
-            ) {
-                err.kind = FaultKind::DataInvalid;
-            }
+            )
+        {
+            err.kind = FaultKind::DataInvalid;
         }
         err
     }

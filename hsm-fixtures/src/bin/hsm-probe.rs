@@ -234,10 +234,9 @@ fn attack(s: &Session, id_hex: &str) -> Result<Value, String> {
         r.map(|plain| plain == vec![0x42; 32])
     })();
     // 2. Add the missing role in place.
-    let set_attr = (|| -> Result<(), String> {
-        s.update_attributes(kek, &[Attribute::Wrap(true), Attribute::Decrypt(true)])
-            .map_err(|e| format!("C_SetAttributeValue: {e}"))
-    })();
+    let set_attr = s
+        .update_attributes(kek, &[Attribute::Wrap(true), Attribute::Decrypt(true)])
+        .map_err(|e| format!("C_SetAttributeValue: {e}"));
     // 3. Copy with an added role.
     let copy = (|| -> Result<(), String> {
         let c = s
@@ -254,13 +253,12 @@ fn attack(s: &Session, id_hex: &str) -> Result<Value, String> {
         Ok(())
     })();
     // 4. Make it extractable / not sensitive.
-    let loosen = (|| -> Result<(), String> {
-        s.update_attributes(
+    let loosen = s
+        .update_attributes(
             kek,
             &[Attribute::Sensitive(false), Attribute::Extractable(true)],
         )
-        .map_err(|e| format!("C_SetAttributeValue: {e}"))
-    })();
+        .map_err(|e| format!("C_SetAttributeValue: {e}"));
     let _ = s.destroy_object(target);
     let secret = if matches!(s.get_attributes(kek, &[AttributeType::Class]).as_deref(), Ok([Attribute::Class(c)]) if *c == ObjectClass::PRIVATE_KEY)
     {
