@@ -15,6 +15,18 @@ use crate::{
 /// Largest request message accepted (a DEK request is well under 20 KiB).
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
+/// Keeps secrets out of core dumps: no core file (RLIMIT_CORE = 0) and not dumpable (which also
+/// stops same-user processes from attaching with ptrace or reading /proc/PID/mem).
+pub fn harden_process() {
+    use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
+    if let Err(e) = setrlimit(Resource::Core, Rlimit { current: Some(0), maximum: Some(0) }) {
+        tracing::warn!(error = %e, "could not disable core dumps (RLIMIT_CORE)");
+    }
+    if let Err(e) = set_dumpable_behavior(DumpableBehavior::NotDumpable) {
+        tracing::warn!(error = %e, "could not mark the process non-dumpable");
+    }
+}
+
 /// Opens the HSM described by `cfg` (blocking work on a blocking thread).
 pub async fn open_hsm(cfg: &Config) -> Result<Hsm, String> {
     let pin = cfg.read_pin()?;
@@ -41,6 +53,7 @@ pub async fn run(
     cfg: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
+    harden_process();
     let hsm = open_hsm(&cfg).await?;
     let t = hsm.token();
     tracing::info!(library = %t.library, slot = t.slot, label = %t.label, serial = %t.serial,

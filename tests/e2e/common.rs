@@ -29,12 +29,15 @@ pub struct Env {
     pub token: SoftHsmToken,
     pub pki: TestPki,
     pub config: PathBuf,
+    pub opts: Options,
 }
 
 /// Extra `[hsm]` lines, e.g. `on_integrity_failure = "quarantine"`.
 #[derive(Default, Clone)]
 pub struct Options {
     pub hsm_extra: String,
+    /// RUST_LOG for the broker (default `info,cryptoki=off`).
+    pub rust_log: Option<String>,
 }
 
 impl Env {
@@ -82,6 +85,7 @@ allow = ["{TEST_CLIENT_ID}", "{TEST_DNS_CLIENT}"]
             token,
             pki,
             config,
+            opts,
         }
     }
 
@@ -98,7 +102,7 @@ allow = ["{TEST_CLIENT_ID}", "{TEST_DNS_CLIENT}"]
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("SOFTHSM2_CONF", &self.token.conf)
-            .env("RUST_LOG", "info,cryptoki=off")
+            .env("RUST_LOG", self.opts.rust_log.as_deref().unwrap_or("info,cryptoki=off"))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -108,7 +112,7 @@ allow = ["{TEST_CLIENT_ID}", "{TEST_DNS_CLIENT}"]
         let stderr = child.stderr.take().ok_or("no stderr")?;
         let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let log2 = log.clone();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(l)) = lines.next_line().await {
                 if let Ok(mut g) = log2.lock() {
@@ -139,6 +143,7 @@ allow = ["{TEST_CLIENT_ID}", "{TEST_DNS_CLIENT}"]
             child,
             addr,
             log,
+            reader: Some(reader),
             ca: self.pki.ca.cert_path.clone(),
         })
     }
@@ -168,6 +173,7 @@ pub struct Broker {
     pub child: tokio::process::Child,
     pub addr: SocketAddr,
     log: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: Option<tokio::task::JoinHandle<()>>,
     ca: PathBuf,
 }
 
@@ -193,8 +199,8 @@ impl Broker {
         self.log.lock().map(|g| g.clone()).unwrap_or_default()
     }
 
-    /// SIGTERM, then wait for a clean exit.
-    pub async fn stop(mut self) {
+    /// SIGTERM, then wait for a clean exit; returns everything the broker wrote to stderr.
+    pub async fn stop(mut self) -> String {
         if let Some(pid) = self.child.id() {
             let _ = std::process::Command::new("kill")
                 .args(["-TERM", &pid.to_string()])
@@ -204,11 +210,15 @@ impl Broker {
             .await
             .expect("broker exits within 30 s after SIGTERM")
             .expect("wait");
+        if let Some(r) = self.reader.take() {
+            let _ = r.await;
+        }
         assert!(
             status.success(),
             "broker exit status {status}; log:\n{}",
             self.log()
         );
+        self.log()
     }
 }
 

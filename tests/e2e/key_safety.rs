@@ -83,3 +83,55 @@ async fn kek_values_cannot_be_read_and_no_object_can_wrap_and_decrypt() {
     let b = env.start().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn dek_bytes_and_the_pin_never_reach_the_log_and_core_dumps_are_off() {
+    let env = Env::with(Options { rust_log: Some("trace".into()), ..Default::default() });
+    let b = env.start().await;
+    let pid = b.child.id().expect("pid");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let core = limits.lines().find(|l| l.starts_with("Max core file size")).expect("core line");
+    assert_eq!(core.split_whitespace().skip(4).take(2).collect::<Vec<_>>(), ["0", "0"], "{core}");
+
+    let mut c = b.clients_as(&env.pki.client).await;
+    let mut secrets: Vec<Vec<u8>> = Vec::new();
+    for (key, kt, alg) in [
+        ("t/gcm", pb::KeyType::Aes256, pb::Algorithm::Unspecified),
+        ("t/kwp", pb::KeyType::Aes256, pb::Algorithm::AesKeyWrapPad),
+        ("t/rsa", pb::KeyType::Rsa2048, pb::Algorithm::Unspecified),
+    ] {
+        create(&mut c, key, kt, alg).await;
+        let dek = random_dek(32);
+        let w = wrap(&mut c, key, &dek, b"").await.expect("wrap");
+        assert_eq!(unwrap(&mut c, key, &w.wrapped_key, b"").await.expect("unwrap").plaintext, dek);
+        let mut bad = w.wrapped_key.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(unwrap(&mut c, key, &bad, b"").await.is_err());
+        assert!(wrap(&mut c, key, &dek[..31], b"").await.is_err(), "odd-length DEK refused");
+        let g = c
+            .broker
+            .generate_data_key(pb::GenerateDataKeyRequest { key: key.into(), length: 32, aad: vec![] })
+            .await
+            .expect("generate")
+            .into_inner();
+        secrets.push(dek);
+        secrets.push(g.plaintext);
+    }
+    drop(c);
+    let log = b.stop().await;
+    assert!(log.contains("TRACE") || log.contains("DEBUG"), "the broker logged at trace level");
+    use base64::Engine;
+    for s in &secrets {
+        for needle in [
+            hex::encode(s),
+            hex::encode_upper(s),
+            base64::engine::general_purpose::STANDARD.encode(s),
+            format!("{:?}", &s[..8]),
+            format!("{:02x?}", &s[..8]),
+        ] {
+            assert!(!log.contains(&needle), "DEK material in the log: {needle}");
+        }
+    }
+    assert!(!log.contains(&env.token.user_pin), "the PIN is in the log");
+}
