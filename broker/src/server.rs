@@ -19,7 +19,13 @@ pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 /// stops same-user processes from attaching with ptrace or reading /proc/PID/mem).
 pub fn harden_process() {
     use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
-    if let Err(e) = setrlimit(Resource::Core, Rlimit { current: Some(0), maximum: Some(0) }) {
+    if let Err(e) = setrlimit(
+        Resource::Core,
+        Rlimit {
+            current: Some(0),
+            maximum: Some(0),
+        },
+    ) {
         tracing::warn!(error = %e, "could not disable core dumps (RLIMIT_CORE)");
     }
     if let Err(e) = set_dumpable_behavior(DumpableBehavior::NotDumpable) {

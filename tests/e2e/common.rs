@@ -89,6 +89,12 @@ allow = ["{TEST_CLIENT_ID}", "{TEST_DNS_CLIENT}"]
         }
     }
 
+    /// Rewrites the config file.
+    pub fn edit_config(&self, f: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.config).expect("read config");
+        std::fs::write(&self.config, f(text)).expect("write config");
+    }
+
     /// Starts the broker and waits until it listens.
     pub async fn start(&self) -> Broker {
         self.try_start()
@@ -102,7 +108,10 @@ allow = ["{TEST_CLIENT_ID}", "{TEST_DNS_CLIENT}"]
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("SOFTHSM2_CONF", &self.token.conf)
-            .env("RUST_LOG", self.opts.rust_log.as_deref().unwrap_or("info,cryptoki=off"))
+            .env(
+                "RUST_LOG",
+                self.opts.rust_log.as_deref().unwrap_or("info,cryptoki=off"),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)

@@ -86,12 +86,22 @@ async fn kek_values_cannot_be_read_and_no_object_can_wrap_and_decrypt() {
 
 #[tokio::test]
 async fn dek_bytes_and_the_pin_never_reach_the_log_and_core_dumps_are_off() {
-    let env = Env::with(Options { rust_log: Some("trace".into()), ..Default::default() });
+    let env = Env::with(Options {
+        rust_log: Some("trace".into()),
+        ..Default::default()
+    });
     let b = env.start().await;
     let pid = b.child.id().expect("pid");
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
-    let core = limits.lines().find(|l| l.starts_with("Max core file size")).expect("core line");
-    assert_eq!(core.split_whitespace().skip(4).take(2).collect::<Vec<_>>(), ["0", "0"], "{core}");
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("core line");
+    assert_eq!(
+        core.split_whitespace().skip(4).take(2).collect::<Vec<_>>(),
+        ["0", "0"],
+        "{core}"
+    );
 
     let mut c = b.clients_as(&env.pki.client).await;
     let mut secrets: Vec<Vec<u8>> = Vec::new();
@@ -103,15 +113,28 @@ async fn dek_bytes_and_the_pin_never_reach_the_log_and_core_dumps_are_off() {
         create(&mut c, key, kt, alg).await;
         let dek = random_dek(32);
         let w = wrap(&mut c, key, &dek, b"").await.expect("wrap");
-        assert_eq!(unwrap(&mut c, key, &w.wrapped_key, b"").await.expect("unwrap").plaintext, dek);
+        assert_eq!(
+            unwrap(&mut c, key, &w.wrapped_key, b"")
+                .await
+                .expect("unwrap")
+                .plaintext,
+            dek
+        );
         let mut bad = w.wrapped_key.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;
         assert!(unwrap(&mut c, key, &bad, b"").await.is_err());
-        assert!(wrap(&mut c, key, &dek[..31], b"").await.is_err(), "odd-length DEK refused");
+        assert!(
+            wrap(&mut c, key, &dek[..31], b"").await.is_err(),
+            "odd-length DEK refused"
+        );
         let g = c
             .broker
-            .generate_data_key(pb::GenerateDataKeyRequest { key: key.into(), length: 32, aad: vec![] })
+            .generate_data_key(pb::GenerateDataKeyRequest {
+                key: key.into(),
+                length: 32,
+                aad: vec![],
+            })
             .await
             .expect("generate")
             .into_inner();
@@ -120,7 +143,10 @@ async fn dek_bytes_and_the_pin_never_reach_the_log_and_core_dumps_are_off() {
     }
     drop(c);
     let log = b.stop().await;
-    assert!(log.contains("TRACE") || log.contains("DEBUG"), "the broker logged at trace level");
+    assert!(
+        log.contains("TRACE") || log.contains("DEBUG"),
+        "the broker logged at trace level"
+    );
     use base64::Engine;
     for s in &secrets {
         for needle in [
@@ -134,4 +160,89 @@ async fn dek_bytes_and_the_pin_never_reach_the_log_and_core_dumps_are_off() {
         }
     }
     assert!(!log.contains(&env.token.user_pin), "the PIN is in the log");
+}
+
+#[tokio::test]
+async fn a_tampered_token_fails_closed_at_start_up_and_quarantine_refuses_only_that_key() {
+    for (mode, expect) in [
+        ("destroy", "its HSM object is missing"),
+        ("duplicate", "share its CKA_ID"),
+        ("replace-bad", "wrong template"),
+        ("replace-good", "canary"),
+    ] {
+        let env = Env::new();
+        let b = env.start().await;
+        let mut c = b.clients_as(&env.pki.client).await;
+        let a = create(
+            &mut c,
+            "t/a",
+            pb::KeyType::Aes256,
+            pb::Algorithm::Unspecified,
+        )
+        .await;
+        create(
+            &mut c,
+            "t/b",
+            pb::KeyType::Aes256,
+            pb::Algorithm::Unspecified,
+        )
+        .await;
+        let dek = random_dek(32);
+        let wa = wrap(&mut c, "t/a", &dek, b"").await.expect("wrap a");
+        let wb = wrap(&mut c, "t/b", &dek, b"").await.expect("wrap b");
+        drop(c);
+        b.stop().await;
+
+        env.probe(&["tamper", &hex::encode(&a.versions[0].id), mode]);
+        let err = match env.try_start().await {
+            Ok(b) => {
+                b.stop().await;
+                panic!("{mode}: the broker started on a tampered token");
+            }
+            Err(e) => e,
+        };
+        assert!(err.contains("refusing to start"), "{mode}: {err}");
+        assert!(
+            err.contains("t/a") && err.contains(expect),
+            "{mode}: the error names the key and the problem: {err}"
+        );
+        assert!(
+            !err.contains("t/b:"),
+            "{mode}: the intact key is not blamed: {err}"
+        );
+
+        // With quarantine, the broker serves the intact key and refuses the tampered one.
+        env.edit_config(|t| {
+            t.replace(
+                "sessions = 4",
+                "sessions = 4\non_integrity_failure = \"quarantine\"",
+            )
+        });
+        let b = env.start().await;
+        let mut c = b.clients_as(&env.pki.client).await;
+        assert_eq!(
+            unwrap(&mut c, "", &wb.wrapped_key, b"")
+                .await
+                .expect("intact key")
+                .plaintext,
+            dek
+        );
+        let e = unwrap(&mut c, "", &wa.wrapped_key, b"")
+            .await
+            .expect_err("quarantined key unwraps");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{mode}: {e:?}");
+        let e = wrap(&mut c, "t/a", &dek, b"")
+            .await
+            .expect_err("quarantined key wraps");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{mode}");
+        let k = c
+            .mgmt
+            .get_key(pb::GetKeyRequest { key: "t/a".into() })
+            .await
+            .expect("get")
+            .into_inner();
+        assert_eq!(k.state, pb::KeyState::Quarantined as i32);
+        drop(c);
+        b.stop().await;
+    }
 }

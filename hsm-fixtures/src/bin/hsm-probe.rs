@@ -32,6 +32,9 @@ fn main() -> ExitCode {
         Some("attack") if args.len() == 6 => {
             open(&args[2], &args[3], &args[4]).and_then(|s| attack(&s, &args[5]))
         }
+        Some("tamper") if args.len() == 7 => {
+            open(&args[2], &args[3], &args[4]).and_then(|s| tamper(&s, &args[5], &args[6]))
+        }
         _ => {
             Err("usage: hsm-probe inspect MODULE LABEL PIN | attack MODULE LABEL PIN ID_HEX".into())
         }
@@ -315,4 +318,66 @@ fn clulow(s: &Session, kek: ObjectHandle, target: ObjectHandle) -> Result<Vec<u8
         return Ok(r.concat());
     }
     Err(last)
+}
+
+fn tamper(s: &Session, id_hex: &str, mode: &str) -> Result<Value, String> {
+    let id = hex::decode(id_hex).map_err(|e| e.to_string())?;
+    let found = s
+        .find_objects(&[Attribute::Id(id.clone())])
+        .map_err(|e| e.to_string())?;
+    let new_key = |roles: &[Attribute]| -> Result<(), String> {
+        let mut t = vec![
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32.into()),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Modifiable(false),
+            Attribute::Copyable(false),
+            Attribute::Derive(false),
+            Attribute::Sign(false),
+            Attribute::Verify(false),
+            Attribute::Id(id.clone()),
+            Attribute::Label(b"kb:tampered".to_vec()),
+        ];
+        t.extend_from_slice(roles);
+        s.generate_key(&Mechanism::AesKeyGen, &t)
+            .map(|_| ())
+            .map_err(|e| format!("C_GenerateKey: {e}"))
+    };
+    let destroy_all = || -> Result<(), String> {
+        for h in &found {
+            s.destroy_object(*h)
+                .map_err(|e| format!("C_DestroyObject: {e}"))?;
+        }
+        Ok(())
+    };
+    let gcm_roles = [
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::AllowedMechanisms(vec![cryptoki::mechanism::MechanismType::AES_GCM]),
+    ];
+    match mode {
+        "destroy" => destroy_all()?,
+        "duplicate" => new_key(&gcm_roles)?,
+        "replace-bad" => {
+            destroy_all()?;
+            new_key(&[
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+                Attribute::Wrap(true),
+                Attribute::Unwrap(true),
+            ])?
+        }
+        "replace-good" => {
+            destroy_all()?;
+            new_key(&gcm_roles)?
+        }
+        other => return Err(format!("unknown tamper mode {other:?}")),
+    }
+    Ok(json!({ "tampered": mode, "objects_before": found.len() }))
 }
