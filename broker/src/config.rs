@@ -118,6 +118,10 @@ pub struct HsmConfig {
     /// What to do when a key fails its start-up integrity check. Default `fail`.
     #[serde(default = "default_integrity")]
     pub on_integrity_failure: IntegrityPolicy,
+    /// The vendor profile (`broker/src/hsm/profile.rs`): `auto` (default: chosen from the
+    /// token's manufacturer/model) or a profile name such as `softhsm2`, `kryoptic`, `luna`.
+    #[serde(default)]
+    pub profile: Option<String>,
 }
 
 fn default_session_wait_ms() -> u64 {
@@ -221,6 +225,15 @@ impl Config {
         {
             return Err("access.allow may not contain an empty entry or a bare \"*\"".into());
         }
+        if let Some(p) = self.hsm.profile.as_deref()
+            && p != "auto"
+            && crate::hsm::profile::by_name(p).is_none()
+        {
+            return Err(format!(
+                "hsm.profile {p:?} is unknown; known: auto, {}",
+                crate::hsm::profile::names().join(", ")
+            ));
+        }
         if self.tls.handshake_timeout_ms == 0 {
             return Err("tls.handshake_timeout_ms must be positive".into());
         }
@@ -274,6 +287,7 @@ impl Config {
             pin,
             sessions: self.hsm.sessions.unwrap_or((cpus * 2).max(4)),
             acquire_timeout: Duration::from_millis(self.hsm.session_wait_ms),
+            profile: self.hsm.profile.clone().filter(|p| p != "auto"),
         }
     }
 }

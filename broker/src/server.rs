@@ -63,15 +63,28 @@ pub async fn run(
     let hsm = open_hsm(&cfg).await?;
     let t = hsm.token();
     tracing::info!(library = %t.library, slot = t.slot, label = %t.label, serial = %t.serial,
-        manufacturer = %t.manufacturer, model = %t.model, sessions = t.sessions, "HSM ready");
+        manufacturer = %t.manufacturer, model = %t.model, sessions = t.sessions,
+        profile = t.profile, profile_configured = t.profile_configured,
+        profile_tested = hsm.profile().tested, "HSM ready");
     let caps = hsm.capabilities();
     tracing::info!(
         aes_gcm = caps.aes_gcm,
         kwp = caps.kwp.as_ref().map(|k| k.name).unwrap_or("none"),
+        kwp_full_rfc5649 = caps.kwp.as_ref().is_some_and(|k| k.full_rfc5649),
         oaep_sha256 = caps.oaep_sha256,
         oaep_sha1 = caps.oaep_sha1,
         "capability probe"
     );
+    for a in &crate::model::Algorithm::ALL {
+        tracing::info!(algorithm = %a, mechanism = %caps.mechanism_name(*a),
+            usable = caps.supports(*a), "capability probe: algorithm");
+    }
+    if !hsm.profile().tested {
+        tracing::warn!(
+            profile = hsm.profile().name,
+            "this vendor profile is documented from vendor sources but not tested by keybroker's CI"
+        );
+    }
     for n in &caps.notes {
         tracing::warn!(note = %n, "capability probe");
     }

@@ -2,14 +2,19 @@
 //!
 //! * [`softhsm`]: a SoftHSM2 token in a directory of its own (own `softhsm2.conf`, own token
 //!   directory, random PINs), so tests never touch a system-wide token and can run in parallel.
+//! * [`kryoptic`]: the same for Kryoptic, keybroker's second CI token (an independent PKCS#11
+//!   implementation), whose module `kryoptic/build.sh` builds from crates.io.
+//! * [`token`]: a token of either kind behind one type, chosen by `KEYBROKER_TEST_TOKEN`.
 //! * [`pki`]: a PKI made with rcgen — a CA, a server certificate for `localhost`/`127.0.0.1`,
 //!   client certificates carrying SPIFFE IDs or DNS names, an expired client certificate and a
 //!   client certificate from a foreign CA.
 //!
 //! Everything here is for tests and development only: keys are written to disk in the clear.
 
+pub mod kryoptic;
 pub mod pki;
 pub mod softhsm;
+pub mod token;
 
 /// Errors while provisioning fixtures.
 #[derive(Debug, thiserror::Error)]

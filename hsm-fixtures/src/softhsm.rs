@@ -141,7 +141,8 @@ fn softhsm2_util() -> String {
     std::env::var("SOFTHSM2_UTIL").unwrap_or_else(|_| "softhsm2-util".into())
 }
 
-fn random_pin() -> Result<String> {
+/// A random 24-hex-digit PIN.
+pub fn random_pin() -> Result<String> {
     let mut b = [0u8; 12];
     let mut f = fs::File::open("/dev/urandom").map_err(io_err("open /dev/urandom"))?;
     std::io::Read::read_exact(&mut f, &mut b).map_err(io_err("read /dev/urandom"))?;

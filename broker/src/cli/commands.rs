@@ -31,6 +31,7 @@ pub async fn check_config(cfg: &Config) -> Result<(), String> {
     let hsm = crate::server::open_hsm(cfg).await?;
     let report = json!({
         "token": hsm.token(),
+        "profile": hsm.profile(),
         "capabilities": hsm.capabilities(),
         "algorithms": Algorithm::ALL.iter().map(|a| json!({
             "algorithm": a.as_str(),

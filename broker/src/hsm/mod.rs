@@ -12,11 +12,14 @@
 //! * [`error`] — classification of PKCS#11 return values (drives recovery and status codes);
 //! * [`template`] — the fixed KEK template and its read-back check;
 //! * [`probe`] — mechanism list and known-answer tests at start-up;
+//! * [`profile`] — the table of vendor quirks (RFC 5649 number, session cap, throttling, ...);
 //! * [`ops`] — the blocking operations on one session.
 
 pub mod error;
+pub(crate) mod kat_rsa;
 pub mod ops;
 pub mod probe;
+pub mod profile;
 pub mod template;
 
 use std::{
@@ -42,6 +45,7 @@ pub use self::{
     error::{FaultKind, HsmError},
     ops::{KwpMechanism, WrapParams},
     probe::Capabilities,
+    profile::Profile,
     template::KekSpec,
 };
 use crate::model::{Algorithm, Dek, KeyType, VersionId};
@@ -70,6 +74,8 @@ pub struct HsmSettings {
     pub sessions: usize,
     /// How long a request may wait for a free session before RESOURCE_EXHAUSTED.
     pub acquire_timeout: Duration,
+    /// The vendor profile by name; `None` detects it from what the token reports.
+    pub profile: Option<String>,
 }
 
 /// What the token says about itself.
@@ -89,6 +95,10 @@ pub struct TokenSummary {
     pub serial: String,
     /// Sessions in the pool.
     pub sessions: usize,
+    /// The vendor profile in use.
+    pub profile: &'static str,
+    /// Whether the profile was configured (`[hsm] profile`) rather than detected.
+    pub profile_configured: bool,
 }
 
 /// The object handles of one KEK version.
@@ -143,6 +153,7 @@ struct Inner {
     summary: TokenSummary,
     caps: Capabilities,
     kwp: Option<KwpMechanism>,
+    profile: &'static Profile,
     /// Idle sessions. A std mutex: it is held only to push/pop, never across a PKCS#11 call.
     idle: Mutex<Vec<Session>>,
     permits: Arc<Semaphore>,
@@ -175,11 +186,39 @@ impl Hsm {
                 format!("{} does not exist", module.display()),
             ));
         }
+        let configured = match settings.profile.as_deref() {
+            None => None,
+            Some(name) => Some(profile::by_name(name).ok_or_else(|| {
+                HsmError::setup(
+                    "select the vendor profile",
+                    format!(
+                        "unknown profile {name:?}; known: auto, {}",
+                        profile::names().join(", ")
+                    ),
+                )
+            })?),
+        };
+        let module_name = module.display().to_string();
+        // A module that needs C_Initialize's pReserved cannot be driven without unsafe code:
+        // refuse it before loading, whether configured or recognised by its file name.
+        let early = configured.unwrap_or_else(|| profile::detect(&[&module_name]));
+        if let Some(reserved) = early.init_reserved {
+            return Err(unsupported_init(early, reserved));
+        }
         let ctx = Pkcs11::new(module)
             .map_err(|e| HsmError::from_ck(format!("load {}", module.display()), e))?;
         match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
             Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-            Err(e) => return Err(HsmError::from_ck("C_Initialize", e)),
+            Err(e) => {
+                let mut err = HsmError::from_ck("C_Initialize", e);
+                if err.rv == Some(RvError::ArgumentsBad) {
+                    err.detail.push_str(
+                        " (this module may need C_Initialize pReserved arguments, which keybroker \
+                         cannot pass: see the nss-softoken profile)",
+                    );
+                }
+                return Err(err);
+            }
         }
         let library = ctx
             .get_library_info()
@@ -193,6 +232,12 @@ impl Hsm {
             })
             .unwrap_or_else(|_| "unknown".into());
         let (slot, info) = select_token(&ctx, &settings.token)?;
+        let profile = configured.unwrap_or_else(|| {
+            profile::detect(&[info.manufacturer_id(), info.model(), &library, &module_name])
+        });
+        if let Some(reserved) = profile.init_reserved {
+            return Err(unsupported_init(profile, reserved));
+        }
         let anchor = ctx
             .open_rw_session(slot)
             .map_err(|e| HsmError::from_ck("open the anchor session", e))?;
@@ -207,12 +252,17 @@ impl Hsm {
             }
             Err(e) => return Err(HsmError::from_ck("log in to the token", e)),
         }
-        let caps = probe::probe(&ctx, slot, &anchor)?;
-        let max = match info.max_session_count() {
+        let caps = probe::probe(&ctx, slot, &anchor, profile)?;
+        // One session is the anchor; the token's own limit and the profile's both cap the pool.
+        let token_max = match info.max_session_count() {
             Limit::Max(n) if n > 1 => usize::try_from(n - 1).unwrap_or(usize::MAX),
             _ => usize::MAX,
         };
-        let sessions = settings.sessions.clamp(1, max);
+        let profile_max = profile
+            .max_sessions
+            .map(|n| n.saturating_sub(1).max(1))
+            .unwrap_or(usize::MAX);
+        let sessions = settings.sessions.clamp(1, token_max.min(profile_max));
         let mut idle = Vec::with_capacity(sessions);
         for _ in 0..sessions {
             idle.push(
@@ -228,11 +278,10 @@ impl Hsm {
             model: info.model().trim().to_string(),
             serial: info.serial_number().trim().to_string(),
             sessions,
+            profile: profile.name,
+            profile_configured: configured.is_some(),
         };
-        let kwp = match &caps.kwp {
-            Some(k) if k.mechanism == probe::cryptoki_sys_kwp::PAD => Some(KwpMechanism::Pad),
-            _ => None,
-        };
+        let kwp = caps.kwp.as_ref().map(|k| k.kind);
         Ok(Self {
             inner: Arc::new(Inner {
                 ctx,
@@ -240,6 +289,7 @@ impl Hsm {
                 summary,
                 caps,
                 kwp,
+                profile,
                 idle: Mutex::new(idle),
                 permits: Arc::new(Semaphore::new(sessions)),
                 acquire_timeout: settings.acquire_timeout,
@@ -258,6 +308,11 @@ impl Hsm {
     /// The token in use.
     pub fn token(&self) -> &TokenSummary {
         &self.inner.summary
+    }
+
+    /// The vendor profile in use.
+    pub fn profile(&self) -> &'static Profile {
+        self.inner.profile
     }
 
     /// Runs `f` with a pooled session on a blocking thread. If the session turns out to be lost,
@@ -308,7 +363,7 @@ impl Hsm {
                 HsmError::new(
                     FaultKind::NotPermitted,
                     "generate a KEK",
-                    format!("the token cannot serve {}", spec.algorithm),
+                    self.inner.caps.why_not(spec.algorithm),
                 )
             })?;
         self.run("generate a KEK", move |inner, s| {
@@ -449,9 +504,13 @@ impl Hsm {
                     public: publics.first().copied(),
                 };
                 let Some(mech) = inner.caps.mechanism_for(e.algorithm) else {
-                    report
-                        .problems
-                        .push((e.id, format!("the token cannot serve {}", e.algorithm)));
+                    report.problems.push((
+                        e.id,
+                        format!(
+                            "the token cannot serve its algorithm: {}",
+                            inner.caps.why_not(e.algorithm)
+                        ),
+                    ));
                     continue;
                 };
                 let problems = check_template(s, &h, e.algorithm, mech)?;
@@ -594,7 +653,7 @@ impl Inner {
         let mut last = None;
         for _attempt in 0..2 {
             let session = self.checkout(what)?;
-            match f(&session) {
+            match f(&session).map_err(|e| self.apply_profile(e)) {
                 Err(e) if e.kind == FaultKind::SessionLost => {
                     tracing::warn!(context = %e.context, detail = %e.detail, "HSM session lost; evicting it");
                     // Dropping closes it (the close fails harmlessly if it is already gone).
@@ -611,6 +670,17 @@ impl Inner {
             }
         }
         Err(last.unwrap_or_else(|| HsmError::new(FaultKind::SessionLost, what, "session lost")))
+    }
+
+    /// Re-classifies a fault where the vendor profile knows better: on CloudHSM,
+    /// `CKR_DEVICE_ERROR` can mean the cluster is throttling, which is "busy, retry"
+    /// (RESOURCE_EXHAUSTED), not "device lost" (UNAVAILABLE).
+    fn apply_profile(&self, mut e: HsmError) -> HsmError {
+        if self.profile.device_error_is_throttling && e.rv == Some(RvError::DeviceError) {
+            e.kind = FaultKind::Busy;
+            e.detail.push_str(" (throttling, per the vendor profile)");
+        }
+        e
     }
 
     fn checkout(&self, what: &'static str) -> Result<Session, HsmError> {
@@ -696,6 +766,18 @@ fn destroy_handles(s: &Session, h: &KekHandles) {
     if let Some(p) = h.public {
         ops::destroy_quietly(s, p);
     }
+}
+
+fn unsupported_init(p: &Profile, reserved: &str) -> HsmError {
+    HsmError::setup(
+        "initialise the PKCS#11 module",
+        format!(
+            "the {} profile ({}) needs C_Initialize pReserved = {reserved:?}; keybroker cannot pass \
+             it (cryptoki offers only an unsafe constructor for it and keybroker forbids unsafe \
+             code), so this module is unsupported",
+            p.name, p.product
+        ),
+    )
 }
 
 /// Finds the configured token; the error lists what is present.

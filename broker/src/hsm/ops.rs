@@ -10,6 +10,7 @@ use cryptoki::{
     object::{Attribute, AttributeType, KeyType as CkKeyType, ObjectClass, ObjectHandle},
     session::Session,
 };
+use serde::Serialize;
 use zeroize::Zeroize;
 
 use super::error::{FaultKind, HsmError};
@@ -48,18 +49,52 @@ impl WrapParams {
     }
 }
 
-/// Which PKCS#11 mechanism implements RFC 5649 on this token (decided by the probe).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which PKCS#11 mechanism implements RFC 5649 on this token, decided by the probe's
+/// known-answer tests (the number alone proves nothing: SoftHSM2's 0x210A is RFC 5649 for
+/// aligned input, NSS's 0x210A is RFC 3394 over PKCS#7 padding, and PKCS#11 3.0 defines 0x210A
+/// as that PKCS#7 variant and 0x210B as RFC 5649).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum KwpMechanism {
-    /// `CKM_AES_KEY_WRAP_PAD` (0x210A), e.g. SoftHSM2.
+    /// `CKM_AES_KEY_WRAP_KWP` (0x210B, PKCS#11 3.0): Kryoptic, Thales Luna, Entrust nShield.
+    Kwp,
+    /// `CKM_AES_KEY_WRAP_PAD` (0x210A): SoftHSM2 (RFC 5649 after zero-padding to a multiple of
+    /// 8, so equal to RFC 5649 only for aligned input; keybroker's DEKs always are).
     Pad,
 }
 
 impl KwpMechanism {
+    /// Every RFC 5649 candidate the probe knows, in its default order of preference.
+    pub const ALL: [KwpMechanism; 2] = [KwpMechanism::Kwp, KwpMechanism::Pad];
+
     /// The cryptoki mechanism.
     pub fn mechanism(self) -> Mechanism<'static> {
         match self {
+            KwpMechanism::Kwp => Mechanism::AesKeyWrapKwp,
             KwpMechanism::Pad => Mechanism::AesKeyWrapPad,
+        }
+    }
+
+    /// The mechanism type (for `CKA_ALLOWED_MECHANISMS` and the mechanism list).
+    pub fn mechanism_type(self) -> MechanismType {
+        match self {
+            KwpMechanism::Kwp => MechanismType::AES_KEY_WRAP_KWP,
+            KwpMechanism::Pad => MechanismType::AES_KEY_WRAP_PAD,
+        }
+    }
+
+    /// The PKCS#11 name.
+    pub fn name(self) -> &'static str {
+        match self {
+            KwpMechanism::Kwp => "CKM_AES_KEY_WRAP_KWP",
+            KwpMechanism::Pad => "CKM_AES_KEY_WRAP_PAD",
+        }
+    }
+
+    /// The PKCS#11 number.
+    pub fn number(self) -> u64 {
+        match self {
+            KwpMechanism::Kwp => 0x210B,
+            KwpMechanism::Pad => 0x210A,
         }
     }
 }

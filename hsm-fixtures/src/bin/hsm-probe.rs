@@ -8,36 +8,57 @@
 //! hsm-probe attack MODULE LABEL PIN ID_HEX
 //!     against the KEK with that CKA_ID: Clulow's wrap-then-decrypt, adding a role with
 //!     C_SetAttributeValue, copying with added roles via C_CopyObject, reading CKA_VALUE
+//! hsm-probe tamper MODULE LABEL PIN ID_HEX destroy|duplicate|replace-bad|replace-good
+//!     damage a KEK the way an operator or attacker might, for the start-up integrity tests
+//! hsm-probe tokens MODULE
+//!     every slot with an initialised token: slot id, label, serial, manufacturer, model
+//! hsm-probe init-token MODULE SLOT LABEL SO_PIN USER_PIN
+//!     C_InitToken, SO login, C_InitPIN: how Kryoptic tokens are made (it has no softhsm2-util)
+//!
+//! Portability (the same key material imported into two tokens must interoperate):
+//! hsm-probe import-keys MODULE LABEL PIN FILE
+//!     FILE has `name=hex` lines: id, aes (an AES key: CKA_WRAP/CKA_UNWRAP) and n, e, d, p, q,
+//!     dp, dq, qinv (an RSA key pair: CKA_ENCRYPT/CKA_DECRYPT); objects get CKA_ID = id
+//! hsm-probe kwp-wrap MODULE LABEL PIN ID_HEX DATA_HEX
+//! hsm-probe kwp-unwrap MODULE LABEL PIN ID_HEX WRAPPED_HEX
+//!     RFC 5649 with the token's mechanism (CKM_AES_KEY_WRAP_KWP if listed, else
+//!     CKM_AES_KEY_WRAP_PAD); prints the mechanism used and the result
+//! hsm-probe oaep-encrypt MODULE LABEL PIN ID_HEX sha1|sha256 DATA_HEX
+//! hsm-probe oaep-decrypt MODULE LABEL PIN ID_HEX sha1|sha256 CIPHERTEXT_HEX
 //! ```
 //!
-//! SoftHSM2 reads SOFTHSM2_CONF at start: run this with the token's environment.
+//! SoftHSM2 reads SOFTHSM2_CONF and Kryoptic KRYOPTIC_CONF at start: run this with the token's
+//! environment. Kryoptic also lists ~148 CKO_MECHANISM objects in C_FindObjects, so every search
+//! here filters by CKA_CLASS.
 
 use std::process::ExitCode;
 
 use cryptoki::{
     context::{CInitializeArgs, CInitializeFlags, Pkcs11},
-    mechanism::Mechanism,
+    mechanism::{
+        Mechanism, MechanismType,
+        rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource},
+    },
     object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle},
     session::{Session, UserType},
     types::AuthPin,
 };
 use serde_json::{Value, json};
 
+const USAGE: &str = "usage: hsm-probe inspect|attack|tamper|tokens|init-token|import-keys|kwp-wrap|kwp-unwrap|oaep-encrypt|oaep-decrypt ... (see the source's header)";
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let result = match args.get(1).map(String::as_str) {
-        Some("inspect") if args.len() == 5 => {
-            open(&args[2], &args[3], &args[4]).and_then(|s| inspect(&s))
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = match a.get(1..).unwrap_or_default() {
+        ["tokens", module] => tokens(module),
+        ["init-token", module, slot, label, so_pin, user_pin] => {
+            init_token(module, slot, label, so_pin, user_pin)
         }
-        Some("attack") if args.len() == 6 => {
-            open(&args[2], &args[3], &args[4]).and_then(|s| attack(&s, &args[5]))
+        [cmd, module, label, pin, rest @ ..] => {
+            open(module, label, pin).and_then(|(s, mechs)| session_command(&s, &mechs, cmd, rest))
         }
-        Some("tamper") if args.len() == 7 => {
-            open(&args[2], &args[3], &args[4]).and_then(|s| tamper(&s, &args[5], &args[6]))
-        }
-        _ => {
-            Err("usage: hsm-probe inspect MODULE LABEL PIN | attack MODULE LABEL PIN ID_HEX".into())
-        }
+        _ => Err(USAGE.into()),
     };
     match result {
         Ok(v) => {
@@ -51,10 +72,82 @@ fn main() -> ExitCode {
     }
 }
 
-fn open(module: &str, label: &str, pin: &str) -> Result<Session, String> {
+fn session_command(
+    s: &Session,
+    mechs: &[MechanismType],
+    cmd: &str,
+    rest: &[&str],
+) -> Result<Value, String> {
+    match (cmd, rest) {
+        ("inspect", []) => inspect(s),
+        ("attack", [id]) => attack(s, id),
+        ("tamper", [id, mode]) => tamper(s, id, mode),
+        ("import-keys", [file]) => import_keys(s, file),
+        ("kwp-wrap", [id, data]) => kwp(s, mechs, id, data, true),
+        ("kwp-unwrap", [id, data]) => kwp(s, mechs, id, data, false),
+        ("oaep-encrypt", [id, hash, data]) => oaep(s, id, hash, data, true),
+        ("oaep-decrypt", [id, hash, data]) => oaep(s, id, hash, data, false),
+        _ => Err(USAGE.into()),
+    }
+}
+
+fn init_ctx(module: &str) -> Result<Pkcs11, String> {
     let ctx = Pkcs11::new(module).map_err(|e| format!("load {module}: {e}"))?;
     ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
         .map_err(|e| e.to_string())?;
+    Ok(ctx)
+}
+
+fn tokens(module: &str) -> Result<Value, String> {
+    let ctx = init_ctx(module)?;
+    let mut out = Vec::new();
+    for slot in ctx
+        .get_slots_with_initialized_token()
+        .map_err(|e| e.to_string())?
+    {
+        let t = ctx.get_token_info(slot).map_err(|e| e.to_string())?;
+        out.push(json!({
+            "slot": slot.id(),
+            "label": t.label().trim(),
+            "serial": t.serial_number().trim(),
+            "manufacturer": t.manufacturer_id().trim(),
+            "model": t.model().trim(),
+        }));
+    }
+    Ok(json!({ "tokens": out }))
+}
+
+fn init_token(
+    module: &str,
+    slot: &str,
+    label: &str,
+    so_pin: &str,
+    user_pin: &str,
+) -> Result<Value, String> {
+    let ctx = init_ctx(module)?;
+    let id: u64 = slot.parse().map_err(|e| format!("slot {slot:?}: {e}"))?;
+    let slot = ctx
+        .get_slots_with_token()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|s| s.id() == id)
+        .ok_or_else(|| format!("no slot {id}"))?;
+    let so = AuthPin::from(so_pin.to_string());
+    ctx.init_token(slot, &so, label)
+        .map_err(|e| format!("C_InitToken: {e}"))?;
+    let s = ctx.open_rw_session(slot).map_err(|e| e.to_string())?;
+    s.login(UserType::So, Some(&so))
+        .map_err(|e| format!("SO login: {e}"))?;
+    s.init_pin(&AuthPin::from(user_pin.to_string()))
+        .map_err(|e| format!("C_InitPIN: {e}"))?;
+    s.logout().map_err(|e| format!("C_Logout: {e}"))?;
+    let t = ctx.get_token_info(slot).map_err(|e| e.to_string())?;
+    Ok(json!({ "slot": id, "label": t.label().trim(), "serial": t.serial_number().trim() }))
+}
+
+/// Opens a logged-in session on the token labelled `label`; also returns its mechanism list.
+fn open(module: &str, label: &str, pin: &str) -> Result<(Session, Vec<MechanismType>), String> {
+    let ctx = init_ctx(module)?;
     let slot = ctx
         .get_slots_with_initialized_token()
         .map_err(|e| e.to_string())?
@@ -68,7 +161,8 @@ fn open(module: &str, label: &str, pin: &str) -> Result<Session, String> {
     let s = ctx.open_rw_session(slot).map_err(|e| e.to_string())?;
     s.login(UserType::User, Some(&AuthPin::from(pin.to_string())))
         .map_err(|e| format!("login: {e}"))?;
-    Ok(s)
+    let mechs = ctx.get_mechanism_list(slot).map_err(|e| e.to_string())?;
+    Ok((s, mechs))
 }
 
 fn key_objects(s: &Session) -> Result<Vec<(ObjectHandle, ObjectClass)>, String> {
@@ -191,16 +285,9 @@ fn inspect(s: &Session) -> Result<Value, String> {
 
 fn attack(s: &Session, id_hex: &str) -> Result<Value, String> {
     let id = hex::decode(id_hex).map_err(|e| e.to_string())?;
-    let found = s
-        .find_objects(&[Attribute::Id(id)])
-        .map_err(|e| e.to_string())?;
-    let kek = found
-        .into_iter()
-        .find(|h| {
-            matches!(s.get_attributes(*h, &[AttributeType::Class]).as_deref(),
-                Ok([Attribute::Class(c)]) if *c == ObjectClass::SECRET_KEY || *c == ObjectClass::PRIVATE_KEY)
-        })
-        .ok_or("no secret or private key with that id")?;
+    let kek = find_key(s, &id, ObjectClass::SECRET_KEY)
+        .or_else(|_| find_key(s, &id, ObjectClass::PRIVATE_KEY))
+        .map_err(|_| "no secret or private key with that id")?;
     // A sensitive, extractable target: what an attacker wants to read.
     let target = s
         .create_object(&[
@@ -322,9 +409,7 @@ fn clulow(s: &Session, kek: ObjectHandle, target: ObjectHandle) -> Result<Vec<u8
 
 fn tamper(s: &Session, id_hex: &str, mode: &str) -> Result<Value, String> {
     let id = hex::decode(id_hex).map_err(|e| e.to_string())?;
-    let found = s
-        .find_objects(&[Attribute::Id(id.clone())])
-        .map_err(|e| e.to_string())?;
+    let found = key_objects_with_id(s, &id)?;
     let new_key = |roles: &[Attribute]| -> Result<(), String> {
         let mut t = vec![
             Attribute::Class(ObjectClass::SECRET_KEY),
@@ -380,4 +465,204 @@ fn tamper(s: &Session, id_hex: &str, mode: &str) -> Result<Value, String> {
         other => return Err(format!("unknown tamper mode {other:?}")),
     }
     Ok(json!({ "tampered": mode, "objects_before": found.len() }))
+}
+
+/// Every key object (secret, private, public) with this CKA_ID. Searching by class keeps
+/// Kryoptic's CKO_MECHANISM objects out.
+fn key_objects_with_id(s: &Session, id: &[u8]) -> Result<Vec<ObjectHandle>, String> {
+    let mut out = Vec::new();
+    for class in [
+        ObjectClass::SECRET_KEY,
+        ObjectClass::PRIVATE_KEY,
+        ObjectClass::PUBLIC_KEY,
+    ] {
+        out.extend(
+            s.find_objects(&[Attribute::Class(class), Attribute::Id(id.to_vec())])
+                .map_err(|e| format!("C_FindObjects: {e}"))?,
+        );
+    }
+    Ok(out)
+}
+
+/// The one object of `class` with this CKA_ID.
+fn find_key(s: &Session, id: &[u8], class: ObjectClass) -> Result<ObjectHandle, String> {
+    let found = s
+        .find_objects(&[Attribute::Class(class), Attribute::Id(id.to_vec())])
+        .map_err(|e| format!("C_FindObjects: {e}"))?;
+    match found.as_slice() {
+        [h] => Ok(*h),
+        [] => Err(format!("no {class} with CKA_ID {}", hex::encode(id))),
+        more => Err(format!(
+            "{} objects of class {class} share CKA_ID {}",
+            more.len(),
+            hex::encode(id)
+        )),
+    }
+}
+
+fn unhex(what: &str, s: &str) -> Result<Vec<u8>, String> {
+    hex::decode(s.trim()).map_err(|e| format!("{what}: not hex: {e}"))
+}
+
+/// Imports fixed key material as token objects, so that two tokens hold the same keys. Test
+/// keys only: the material was in a file in the clear.
+fn import_keys(s: &Session, file: &str) -> Result<Value, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("read {file}: {e}"))?;
+    let mut v = std::collections::HashMap::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let (k, val) = line
+            .split_once('=')
+            .ok_or_else(|| format!("{file}: line without '=': {line:?}"))?;
+        v.insert(k.trim().to_string(), unhex(k, val)?);
+    }
+    let get = |k: &str| v.get(k).cloned().ok_or_else(|| format!("{file}: no {k}="));
+    let id = get("id")?;
+    let mut made = Vec::new();
+    if let Some(aes) = v.get("aes") {
+        s.create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Encrypt(false),
+            Attribute::Decrypt(false),
+            Attribute::Wrap(true),
+            Attribute::Unwrap(true),
+            Attribute::Id(id.clone()),
+            Attribute::Label(b"portability:aes".to_vec()),
+            Attribute::Value(aes.clone()),
+        ])
+        .map_err(|e| format!("C_CreateObject(AES): {e}"))?;
+        made.push("aes");
+    }
+    if v.contains_key("n") {
+        s.create_object(&[
+            Attribute::Class(ObjectClass::PUBLIC_KEY),
+            Attribute::KeyType(KeyType::RSA),
+            Attribute::Token(true),
+            Attribute::Encrypt(true),
+            Attribute::Wrap(false),
+            Attribute::Verify(false),
+            Attribute::Id(id.clone()),
+            Attribute::Label(b"portability:rsa".to_vec()),
+            Attribute::Modulus(get("n")?),
+            Attribute::PublicExponent(get("e")?),
+        ])
+        .map_err(|e| format!("C_CreateObject(RSA public): {e}"))?;
+        s.create_object(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::KeyType(KeyType::RSA),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Decrypt(true),
+            Attribute::Unwrap(false),
+            Attribute::Sign(false),
+            Attribute::Id(id.clone()),
+            Attribute::Label(b"portability:rsa".to_vec()),
+            Attribute::Modulus(get("n")?),
+            Attribute::PublicExponent(get("e")?),
+            Attribute::PrivateExponent(get("d")?),
+            Attribute::Prime1(get("p")?),
+            Attribute::Prime2(get("q")?),
+            Attribute::Exponent1(get("dp")?),
+            Attribute::Exponent2(get("dq")?),
+            Attribute::Coefficient(get("qinv")?),
+        ])
+        .map_err(|e| format!("C_CreateObject(RSA private): {e}"))?;
+        made.push("rsa");
+    }
+    Ok(json!({ "imported": made, "id": hex::encode(&id) }))
+}
+
+/// RFC 5649 wrap (of `data` as a generic secret) or unwrap, with the token's own mechanism.
+fn kwp(
+    s: &Session,
+    mechs: &[MechanismType],
+    id_hex: &str,
+    data_hex: &str,
+    wrap: bool,
+) -> Result<Value, String> {
+    let id = unhex("id", id_hex)?;
+    let data = unhex("data", data_hex)?;
+    let kek = find_key(s, &id, ObjectClass::SECRET_KEY)?;
+    // The token's mechanism list decides which number to use: PKCS#11 3.0's KWP where listed
+    // (Kryoptic, Luna), else SoftHSM2's 0x210A, which is RFC 5649 for 8-byte-aligned input.
+    let listed = |m: MechanismType| mechs.contains(&m);
+    let (mech, name) = if listed(MechanismType::AES_KEY_WRAP_KWP) {
+        (Mechanism::AesKeyWrapKwp, "CKM_AES_KEY_WRAP_KWP")
+    } else if listed(MechanismType::AES_KEY_WRAP_PAD) {
+        (Mechanism::AesKeyWrapPad, "CKM_AES_KEY_WRAP_PAD")
+    } else {
+        return Err("the token lists no RFC 5649 mechanism".into());
+    };
+    let out = if wrap {
+        let target = s
+            .create_object(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::GENERIC_SECRET),
+                Attribute::Token(false),
+                Attribute::Sensitive(false),
+                Attribute::Extractable(true),
+                Attribute::Value(data),
+            ])
+            .map_err(|e| format!("C_CreateObject: {e}"))?;
+        let r = s
+            .wrap_key(&mech, kek, target)
+            .map_err(|e| format!("C_WrapKey({name}): {e}"));
+        let _ = s.destroy_object(target);
+        r?
+    } else {
+        let h = s
+            .unwrap_key(
+                &mech,
+                kek,
+                &data,
+                &[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::GENERIC_SECRET),
+                    Attribute::Token(false),
+                    Attribute::Sensitive(false),
+                    Attribute::Extractable(true),
+                ],
+            )
+            .map_err(|e| format!("C_UnwrapKey({name}): {e}"))?;
+        let v = s.get_attributes(h, &[AttributeType::Value]);
+        let _ = s.destroy_object(h);
+        match v.map_err(|e| e.to_string())?.as_slice() {
+            [Attribute::Value(v)] => v.clone(),
+            _ => return Err("no CKA_VALUE".into()),
+        }
+    };
+    Ok(json!({ "mechanism": name, "output": hex::encode(out) }))
+}
+
+fn oaep(
+    s: &Session,
+    id_hex: &str,
+    hash: &str,
+    data_hex: &str,
+    encrypt: bool,
+) -> Result<Value, String> {
+    let id = unhex("id", id_hex)?;
+    let data = unhex("data", data_hex)?;
+    let (h, mgf) = match hash {
+        "sha1" => (MechanismType::SHA1, PkcsMgfType::MGF1_SHA1),
+        "sha256" => (MechanismType::SHA256, PkcsMgfType::MGF1_SHA256),
+        other => return Err(format!("hash {other:?}: expected sha1 or sha256")),
+    };
+    let m = Mechanism::RsaPkcsOaep(PkcsOaepParams::new(h, mgf, PkcsOaepSource::empty()));
+    let out = if encrypt {
+        let k = find_key(s, &id, ObjectClass::PUBLIC_KEY)?;
+        s.encrypt(&m, k, &data)
+            .map_err(|e| format!("C_Encrypt(OAEP {hash}): {e}"))?
+    } else {
+        let k = find_key(s, &id, ObjectClass::PRIVATE_KEY)?;
+        s.decrypt(&m, k, &data)
+            .map_err(|e| format!("C_Decrypt(OAEP {hash}): {e}"))?
+    };
+    Ok(json!({ "output": hex::encode(out) }))
 }

@@ -1,0 +1,146 @@
+//! A test token of either kind (SoftHSM2 or Kryoptic), behind one type, so the end-to-end suite
+//! can run unchanged against both implementations (`KEYBROKER_TEST_TOKEN=softhsm|kryoptic`).
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use crate::{Error, Result, io_err, kryoptic, softhsm};
+
+/// Which PKCS#11 implementation backs a test token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenKind {
+    /// SoftHSM2 2.6.1 (Debian package `softhsm2`).
+    SoftHsm,
+    /// Kryoptic (built from crates.io by `kryoptic/build.sh`).
+    Kryoptic,
+}
+
+impl TokenKind {
+    /// `KEYBROKER_TEST_TOKEN` (`softhsm`, the default, or `kryoptic`).
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("KEYBROKER_TEST_TOKEN").as_deref() {
+            Err(_) | Ok("") | Ok("softhsm") | Ok("softhsm2") => Ok(TokenKind::SoftHsm),
+            Ok("kryoptic") => Ok(TokenKind::Kryoptic),
+            Ok(other) => Err(Error::Setup(format!(
+                "KEYBROKER_TEST_TOKEN={other:?}: expected \"softhsm\" or \"kryoptic\""
+            ))),
+        }
+    }
+
+    /// `softhsm` or `kryoptic`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenKind::SoftHsm => "softhsm",
+            TokenKind::Kryoptic => "kryoptic",
+        }
+    }
+
+    /// The variable the module reads its configuration path from.
+    pub fn conf_var(self) -> &'static str {
+        match self {
+            TokenKind::SoftHsm => "SOFTHSM2_CONF",
+            TokenKind::Kryoptic => "KRYOPTIC_CONF",
+        }
+    }
+}
+
+/// A token in its own directory, of either kind.
+#[derive(Clone)]
+pub struct TestToken {
+    /// Which implementation.
+    pub kind: TokenKind,
+    /// The directory holding the configuration, the token's storage and the PIN files.
+    pub dir: PathBuf,
+    /// The configuration file (`SOFTHSM2_CONF` or `KRYOPTIC_CONF`).
+    pub conf: PathBuf,
+    /// The token label.
+    pub label: String,
+    /// The user PIN.
+    pub user_pin: String,
+    /// The security officer PIN.
+    pub so_pin: String,
+    /// The file holding the user PIN (mode 0600), for `pin_file` in a broker config.
+    pub pin_file: PathBuf,
+    /// The PKCS#11 module.
+    pub module: PathBuf,
+}
+
+impl std::fmt::Debug for TestToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestToken")
+            .field("kind", &self.kind)
+            .field("dir", &self.dir)
+            .field("label", &self.label)
+            .field("module", &self.module)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TestToken {
+    /// Creates and initialises a token of `kind` in `dir`. `hsm_probe` is the `hsm-probe` tool
+    /// (Kryoptic tokens are initialised through PKCS#11 by it; SoftHSM2 uses `softhsm2-util`).
+    pub fn create(kind: TokenKind, dir: &Path, label: &str, hsm_probe: &Path) -> Result<Self> {
+        match kind {
+            TokenKind::SoftHsm => {
+                let t = softhsm::SoftHsmToken::create(dir, label)?;
+                Ok(Self {
+                    kind,
+                    dir: t.dir,
+                    conf: t.conf,
+                    label: t.label,
+                    user_pin: t.user_pin,
+                    so_pin: t.so_pin,
+                    pin_file: t.pin_file,
+                    module: t.module,
+                })
+            }
+            TokenKind::Kryoptic => {
+                let module = kryoptic::module_path()?;
+                if !module.exists() {
+                    return Err(Error::Setup(format!(
+                        "the Kryoptic module {} is not built; run kryoptic/build.sh",
+                        module.display()
+                    )));
+                }
+                fs::create_dir_all(dir).map_err(io_err(format!("create {}", dir.display())))?;
+                let conf = dir.join("kryoptic.conf");
+                kryoptic::write_conf(&conf, &dir.join("token.sql"), None)?;
+                let user_pin = softhsm::random_pin()?;
+                let so_pin = softhsm::random_pin()?;
+                kryoptic::init_token(hsm_probe, &module, &conf, label, &so_pin, &user_pin)?;
+                let pin_file = dir.join("user.pin");
+                softhsm::write_private(&pin_file, &user_pin)?;
+                softhsm::write_private(&dir.join("so.pin"), &so_pin)?;
+                Ok(Self {
+                    kind,
+                    dir: dir.to_path_buf(),
+                    conf,
+                    label: label.into(),
+                    user_pin,
+                    so_pin,
+                    pin_file,
+                    module,
+                })
+            }
+        }
+    }
+
+    /// The environment a process needs to see this token.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![(self.kind.conf_var().into(), self.conf.display().to_string())]
+    }
+
+    /// Kryoptic only: rewrites the slot's `mechanisms` list (`None` removes it), e.g.
+    /// `["DENY", "CKM_AES_GCM"]` to imitate an HSM without AES-GCM. Takes effect at the next
+    /// process start. The token's objects are kept.
+    pub fn set_mechanisms(&self, mechanisms: Option<&[&str]>) -> Result<()> {
+        if self.kind != TokenKind::Kryoptic {
+            return Err(Error::Setup(
+                "only a Kryoptic slot can hide mechanisms".into(),
+            ));
+        }
+        kryoptic::write_conf(&self.conf, &self.dir.join("token.sql"), mechanisms)
+    }
+}
