@@ -392,7 +392,7 @@ impl Keyring {
         if !caps.supports(algorithm) {
             return Err(BrokerError::precondition(format!(
                 "this HSM cannot serve {algorithm} (see `keybroker check-config`): {}",
-                caps.notes.join("; ")
+                caps.why_not(algorithm)
             )));
         }
         let _w = self.write_lock.lock().await;

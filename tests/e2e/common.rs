@@ -1,6 +1,10 @@
-//! The end-to-end harness: a private SoftHSM2 token and test PKI per test, the real `keybroker`
-//! binary started as a child process (SoftHSM2 reads `SOFTHSM2_CONF` once per process, so each
-//! broker gets its own token), clients over real mutual TLS.
+//! The end-to-end harness: a private token and test PKI per test, the real `keybroker` binary
+//! started as a child process (SoftHSM2 and Kryoptic read their configuration once per process,
+//! so each broker gets its own token), clients over real mutual TLS.
+//!
+//! The token implementation is `KEYBROKER_TEST_TOKEN=softhsm` (default) or `kryoptic`
+//! (`tests/run` runs the suite once with each). A test that needs a capability one token lacks
+//! calls [`skip`], which prints the reason, instead of passing silently.
 
 #![allow(dead_code)]
 
@@ -14,7 +18,7 @@ use std::{
 
 use hsm_fixtures::{
     pki::{Issued, TEST_CLIENT_ID, TEST_DNS_CLIENT, TestPki},
-    softhsm::SoftHsmToken,
+    token::{TestToken, TokenKind},
 };
 use keybroker::client::{ClientSettings, Clients, clients};
 use keybroker_proto::v1 as pb;
@@ -26,7 +30,7 @@ pub const BROKER: &str = env!("CARGO_BIN_EXE_keybroker");
 /// One test's world: token, PKI, config, database — in a temporary directory.
 pub struct Env {
     pub dir: tempfile::TempDir,
-    pub token: SoftHsmToken,
+    pub token: TestToken,
     pub pki: TestPki,
     pub config: PathBuf,
     pub opts: Options,
@@ -46,10 +50,20 @@ impl Env {
     }
 
     pub fn with(opts: Options) -> Self {
+        Self::of(token_kind(), opts)
+    }
+
+    /// An env on a token of the given kind, whatever `KEYBROKER_TEST_TOKEN` says.
+    pub fn of(kind: TokenKind, opts: Options) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let label = format!("kb-{}", &hex_id()[..12]);
-        let token = SoftHsmToken::create(&dir.path().join("hsm"), &label)
-            .expect("SoftHSM2 token (run softhsm/install.sh)");
+        let token = TestToken::create(kind, &dir.path().join("hsm"), &label, &hsm_probe())
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{} token: {e} (tests/run installs SoftHSM2 and builds Kryoptic)",
+                    kind.name()
+                )
+            });
         let pki = TestPki::generate(&dir.path().join("pki")).expect("test PKI");
         let config = dir.path().join("keybroker.toml");
         let text = format!(
@@ -107,7 +121,7 @@ allow = ["{TEST_CLIENT_ID}", "{TEST_DNS_CLIENT}"]
         let mut child = tokio::process::Command::new(BROKER)
             .args(["serve", "--config"])
             .arg(&self.config)
-            .env("SOFTHSM2_CONF", &self.token.conf)
+            .envs(self.token.env())
             .env(
                 "RUST_LOG",
                 self.opts.rust_log.as_deref().unwrap_or("info,cryptoki=off"),
@@ -165,7 +179,7 @@ allow = ["{TEST_CLIENT_ID}", "{TEST_DNS_CLIENT}"]
             .arg(&self.token.label)
             .arg(&self.token.user_pin)
             .args(&args[1..])
-            .env("SOFTHSM2_CONF", &self.token.conf)
+            .envs(self.token.env())
             .output()
             .expect("run hsm-probe");
         assert!(
@@ -175,6 +189,68 @@ allow = ["{TEST_CLIENT_ID}", "{TEST_DNS_CLIENT}"]
         );
         serde_json::from_slice(&out.stdout).expect("hsm-probe prints JSON")
     }
+}
+
+impl Env {
+    /// Runs `keybroker check-config` on this env's config: `Ok(report JSON)` when it passes,
+    /// `Err(stderr)` when it refuses.
+    pub fn check_config(&self) -> Result<serde_json::Value, String> {
+        let out = std::process::Command::new(BROKER)
+            .args(["check-config", "--config"])
+            .arg(&self.config)
+            .envs(self.token.env())
+            .env("RUST_LOG", "warn,cryptoki=off")
+            .output()
+            .expect("run keybroker check-config");
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let json = text
+            .rsplit_once("configuration OK")
+            .map(|(j, _)| j)
+            .unwrap_or(&text);
+        Ok(serde_json::from_str(json.trim()).expect("check-config prints JSON"))
+    }
+
+    /// Runs hsm-probe with the token's environment and the given arguments verbatim.
+    pub fn probe_raw(&self, args: &[&str]) -> Result<serde_json::Value, String> {
+        let out = std::process::Command::new(hsm_probe())
+            .args(args)
+            .envs(self.token.env())
+            .output()
+            .expect("run hsm-probe");
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    }
+}
+
+/// The token kind this run uses (`KEYBROKER_TEST_TOKEN`).
+pub fn token_kind() -> TokenKind {
+    TokenKind::from_env().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Prints why a test does not run its checks on this token (never a silent pass). Written to
+/// the process's stderr directly, not through `eprintln!`, so the test harness's output capture
+/// does not swallow it: the reason shows in every `cargo test` run.
+pub fn skip(test: &str, reason: &str) {
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test} on {}: {reason}",
+        token_kind().name()
+    );
+}
+
+/// `true` (after printing the reason) when this run's token is not `kind`.
+pub fn skip_unless(test: &str, kind: TokenKind, reason: &str) -> bool {
+    if token_kind() == kind {
+        return false;
+    }
+    skip(test, reason);
+    true
 }
 
 /// A running broker.

@@ -1,10 +1,11 @@
-//! End-to-end tests: the real `keybroker` binary, a real SoftHSM2 token per test, real mutual
-//! TLS on a loopback port. Run with `tests/run` (or `cargo test --workspace` once SoftHSM2 is
-//! installed).
+//! End-to-end tests: the real `keybroker` binary, a real token per test (SoftHSM2, or Kryoptic
+//! with `KEYBROKER_TEST_TOKEN=kryoptic`), real mutual TLS on a loopback port. Run with
+//! `tests/run` (both tokens), or `cargo test --workspace` once SoftHSM2 is installed.
 
 mod common;
 mod key_safety;
 mod keys;
+mod portability;
 mod rsa_interop;
 mod tls;
 mod wrap_unwrap;

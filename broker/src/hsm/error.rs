@@ -42,6 +42,9 @@ pub struct HsmError {
     pub detail: String,
     /// The PKCS#11 return value, when there was one.
     pub rv: Option<RvError>,
+    /// Whether the failed call was a decrypt/unwrap of caller-supplied data (so a vendor
+    /// profile may know that a return value there means "not authentic").
+    pub caller_data: bool,
 }
 
 impl HsmError {
@@ -52,6 +55,7 @@ impl HsmError {
             context: context.into(),
             detail: detail.into(),
             rv: None,
+            caller_data: false,
         }
     }
 
@@ -78,6 +82,7 @@ impl HsmError {
             context: context.into(),
             detail,
             rv,
+            caller_data: false,
         }
     }
 
@@ -85,9 +90,13 @@ impl HsmError {
     /// that can mean "this ciphertext is not authentic" becomes [`FaultKind::DataInvalid`].
     /// SoftHSM2 answers a bad AES-GCM tag with `CKR_GENERAL_ERROR` (HSM-NOTES), Kryoptic with
     /// `CKR_ENCRYPTED_DATA_INVALID`; RFC 5649 integrity failures come back as
-    /// `CKR_WRAPPED_KEY_INVALID` or `CKR_ENCRYPTED_DATA_INVALID`.
+    /// `CKR_WRAPPED_KEY_INVALID` or `CKR_ENCRYPTED_DATA_INVALID`. Kryoptic answers a failed
+    /// RFC 5649 or OAEP integrity check with `CKR_DEVICE_ERROR`: that is left as a device fault
+    /// here and re-classified by the HSM layer under the Kryoptic profile, after checking that
+    /// the session still works (see `hsm::Inner::apply_profile`).
     pub fn from_ck_decrypt(context: impl Into<String>, e: CkError) -> Self {
         let mut err = Self::from_ck(context, e);
+        err.caller_data = true;
         if let Some(rv) = err.rv
             && matches!(
                 rv,

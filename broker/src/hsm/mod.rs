@@ -653,7 +653,7 @@ impl Inner {
         let mut last = None;
         for _attempt in 0..2 {
             let session = self.checkout(what)?;
-            match f(&session).map_err(|e| self.apply_profile(e)) {
+            match f(&session).map_err(|e| self.apply_profile(&session, e)) {
                 Err(e) if e.kind == FaultKind::SessionLost => {
                     tracing::warn!(context = %e.context, detail = %e.detail, "HSM session lost; evicting it");
                     // Dropping closes it (the close fails harmlessly if it is already gone).
@@ -672,11 +672,24 @@ impl Inner {
         Err(last.unwrap_or_else(|| HsmError::new(FaultKind::SessionLost, what, "session lost")))
     }
 
-    /// Re-classifies a fault where the vendor profile knows better: on CloudHSM,
-    /// `CKR_DEVICE_ERROR` can mean the cluster is throttling, which is "busy, retry"
-    /// (RESOURCE_EXHAUSTED), not "device lost" (UNAVAILABLE).
-    fn apply_profile(&self, mut e: HsmError) -> HsmError {
-        if self.profile.device_error_is_throttling && e.rv == Some(RvError::DeviceError) {
+    /// Re-classifies a `CKR_DEVICE_ERROR` where the vendor profile knows better:
+    /// * Kryoptic reports a failed integrity check on decrypt/unwrap (OAEP padding, RFC 5649
+    ///   check value) as a device error. If the call was on caller data and the session still
+    ///   answers, the data was not authentic (one error for every cause: no oracle).
+    /// * On CloudHSM a device error can mean the cluster is throttling: "busy, retry"
+    ///   (RESOURCE_EXHAUSTED), not "device lost" (UNAVAILABLE).
+    fn apply_profile(&self, session: &Session, mut e: HsmError) -> HsmError {
+        if e.rv != Some(RvError::DeviceError) {
+            return e;
+        }
+        if self.profile.device_error_on_bad_ciphertext
+            && e.caller_data
+            && session.get_session_info().is_ok()
+        {
+            e.kind = FaultKind::DataInvalid;
+            e.detail
+                .push_str(" (a failed integrity check, per the vendor profile)");
+        } else if self.profile.device_error_is_throttling {
             e.kind = FaultKind::Busy;
             e.detail.push_str(" (throttling, per the vendor profile)");
         }

@@ -14,6 +14,8 @@
 //! * `max_sessions` — caps the session pool (besides `CK_TOKEN_INFO.ulMaxSessionCount`);
 //! * `device_error_is_throttling` — `CKR_DEVICE_ERROR` becomes a retryable "busy"
 //!   (RESOURCE_EXHAUSTED), not "device lost" (UNAVAILABLE);
+//! * `device_error_on_bad_ciphertext` — on a decrypt/unwrap of caller data, `CKR_DEVICE_ERROR`
+//!   from a session that still answers `C_GetSessionInfo` means "not authentic" (Kryoptic);
 //! * `init_reserved` — a module that needs `C_Initialize` `pReserved` is refused with a clear
 //!   message: cryptoki can pass it only through an `unsafe` constructor
 //!   (`CInitializeArgs::new_with_reserved`) and every keybroker crate forbids unsafe code.
@@ -73,6 +75,10 @@ pub struct Profile {
     pub max_sessions: Option<usize>,
     /// Whether `CKR_DEVICE_ERROR` means throttling (retry later) rather than a lost device.
     pub device_error_is_throttling: bool,
+    /// Whether a decrypt/unwrap of data that fails its integrity check (bad OAEP padding, bad
+    /// RFC 5649 integrity check value) returns `CKR_DEVICE_ERROR`. Then, on such a call, a
+    /// device error from a session that still answers is "not authentic".
+    pub device_error_on_bad_ciphertext: bool,
     /// What else to know, with sources.
     pub notes: &'static str,
 }
@@ -89,6 +95,7 @@ pub const GENERIC: Profile = Profile {
     init_reserved: None,
     max_sessions: None,
     device_error_is_throttling: false,
+    device_error_on_bad_ciphertext: false,
     notes: "No known quirks assumed; the probe's known-answer tests decide everything.",
 };
 
@@ -106,6 +113,7 @@ pub const PROFILES: &[Profile] = &[
         init_reserved: None,
         max_sessions: None,
         device_error_is_throttling: false,
+        device_error_on_bad_ciphertext: false,
         notes: "CKM_AES_KEY_WRAP_PAD (0x210A) zero-pads to a multiple of 8 and then applies RFC 5649 \
                 (upstream issue #726): RFC 5649 for aligned input only; no CKM_AES_KEY_WRAP_KWP. \
                 RSA-OAEP with SHA-1 only. A bad GCM tag gives CKR_GENERAL_ERROR. Does not enforce \
@@ -122,9 +130,12 @@ pub const PROFILES: &[Profile] = &[
         init_reserved: None,
         max_sessions: None,
         device_error_is_throttling: false,
+        device_error_on_bad_ciphertext: true,
         notes: "RFC 5649 as CKM_AES_KEY_WRAP_KWP (0x210B), no 0x210A. RSA-OAEP with SHA-256. A bad GCM \
                 tag gives CKR_ENCRYPTED_DATA_INVALID. C_FindObjects also returns ~148 CKO_MECHANISM \
-                objects: searches filter by CKA_CLASS. A slot's `mechanisms = [\"DENY\", ...]` hides \
+                objects: searches filter by CKA_CLASS. A failed RFC 5649 or RSA-OAEP integrity check on \
+                unwrap/decrypt returns CKR_DEVICE_ERROR (found by this suite's flipped-byte tests); \
+                it is reported as unauthentic when the session still answers. A slot's `mechanisms = [\"DENY\", ...]` hides \
                 mechanisms (used in tests to imitate a poorer HSM).",
     },
     Profile {
@@ -138,6 +149,7 @@ pub const PROFILES: &[Profile] = &[
         init_reserved: None,
         max_sessions: None,
         device_error_is_throttling: false,
+        device_error_on_bad_ciphertext: false,
         notes: "Not tested here. RFC 5649 as CKM_AES_KEY_WRAP_KWP (0x210B; also the vendor CKM_LUNA_AES_KWP). \
                 In FIPS mode the HSM generates AES-GCM IVs itself: keybroker's GCM KAT then fails and the \
                 broker refuses to start (use a non-FIPS partition policy for caller IVs until a new \
@@ -155,6 +167,7 @@ pub const PROFILES: &[Profile] = &[
         init_reserved: None,
         max_sessions: None,
         device_error_is_throttling: true,
+        device_error_on_bad_ciphertext: false,
         notes: "Not tested here. RFC 5649 only as the vendor-defined CKM_CLOUDHSM_AES_KEY_WRAP_ZERO_PAD \
                 (not driven by keybroker: AES-KWP keys are unavailable). AES-GCM encryption always uses \
                 an HSM-generated 12-byte IV written back into CK_GCM_PARAMS (keybroker's GCM KAT fails: \
@@ -175,6 +188,7 @@ pub const PROFILES: &[Profile] = &[
         init_reserved: None,
         max_sessions: None,
         device_error_is_throttling: false,
+        device_error_on_bad_ciphertext: false,
         notes: "Not tested here. Both CKM_AES_KEY_WRAP_KWP and CKM_AES_KEY_WRAP_PAD are RFC 5649 and \
                 interoperate with Luna's KWP (validated on a real nShield in Mastercard/pkcs11-tools \
                 PR #77); some nShield lines only offer KWP (dogtagpki/jss PR #660). Keys are generated \
@@ -191,6 +205,7 @@ pub const PROFILES: &[Profile] = &[
         init_reserved: None,
         max_sessions: Some(16),
         device_error_is_throttling: false,
+        device_error_on_bad_ciphertext: false,
         notes: "Not tested here. At most 16 sessions on the device (the pool is capped). No CKM_AES_GCM \
                 and no AES key wrap (only the vendor CKM_YUBICO_AES_CCM_WRAP): keybroker refuses to \
                 start, naming CKM_AES_GCM. RSA-OAEP decryption is available. Sources: Yubico YubiHSM 2 \
@@ -207,6 +222,7 @@ pub const PROFILES: &[Profile] = &[
         init_reserved: Some("configdir='sql:DIR' certPrefix='' keyPrefix='' secmod='secmod.db'"),
         max_sessions: None,
         device_error_is_throttling: false,
+        device_error_on_bad_ciphertext: false,
         notes: "Unsupported: C_Initialize needs pReserved (a configuration string), which cryptoki can \
                 pass only through an unsafe constructor, and keybroker forbids unsafe code. Also: its \
                 0x210A is RFC 3394 over PKCS#7 padding (a third meaning, refused by the KAT) and its \

@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! hsm-probe inspect MODULE LABEL PIN
-//!     every key object: class, CKA_ID, label, the security attributes, and whether CKA_VALUE
-//!     (or CKA_PRIVATE_EXPONENT) can be read
+//!     every key object: class, CKA_ID, label, the security attributes, CKA_ALLOWED_MECHANISMS,
+//!     and whether CKA_VALUE (or CKA_PRIVATE_EXPONENT) can be read
 //! hsm-probe attack MODULE LABEL PIN ID_HEX
 //!     against the KEK with that CKA_ID: Clulow's wrap-then-decrypt, adding a role with
 //!     C_SetAttributeValue, copying with added roles via C_CopyObject, reading CKA_VALUE
@@ -248,7 +248,11 @@ const FLAGS: &[(&str, AttributeType)] = &[
 fn inspect(s: &Session) -> Result<Value, String> {
     let mut objects = Vec::new();
     for (h, class) in key_objects(s)? {
-        let mut types = vec![AttributeType::Id, AttributeType::Label];
+        let mut types = vec![
+            AttributeType::Id,
+            AttributeType::Label,
+            AttributeType::AllowedMechanisms,
+        ];
         types.extend(FLAGS.iter().map(|f| f.1));
         let attrs: Vec<Attribute> = types
             .iter()
@@ -263,6 +267,10 @@ fn inspect(s: &Session) -> Result<Value, String> {
                 }
                 Attribute::Label(v) => {
                     o.insert("label".into(), json!(String::from_utf8_lossy(v)));
+                }
+                Attribute::AllowedMechanisms(m) => {
+                    let names: Vec<String> = m.iter().map(|m| m.to_string()).collect();
+                    o.insert("allowed_mechanisms".into(), json!(names));
                 }
                 _ => {}
             }
