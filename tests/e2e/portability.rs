@@ -424,3 +424,63 @@ async fn rfc5649_and_rsa_oaep_blobs_made_on_one_token_unwrap_on_the_other() {
     assert!(refused.is_err(), "SoftHSM2 2.6.1 has no SHA-256 OAEP");
     eprintln!("note: SHA-256 OAEP portability checked on Kryoptic only (SoftHSM2 2.6.1 lacks it)");
 }
+
+#[tokio::test]
+async fn a_configured_profile_caps_the_pool_and_an_unsupported_one_is_refused_at_start_up() {
+    let env = Env::new();
+    let auto = env.check_config().expect("check-config");
+    assert_eq!(auto["token"]["profile_configured"], false);
+
+    // YubiHSM 2 allows 16 sessions: one anchor + 15 in the pool, whatever `sessions` says. The
+    // known-answer tests still decide the mechanisms.
+    env.edit_config(|t| t.replace("sessions = 4", "sessions = 32\nprofile = \"yubihsm2\""));
+    let r = env
+        .check_config()
+        .expect("check-config with the yubihsm2 profile");
+    assert_eq!(r["token"]["profile"], "yubihsm2");
+    assert_eq!(r["token"]["profile_configured"], true);
+    assert_eq!(r["token"]["sessions"], 15, "{r:#}");
+    assert_eq!(r["profile"]["tested"], false);
+    assert_eq!(
+        r["capabilities"]["kwp"]["mechanism"],
+        auto["capabilities"]["kwp"]["mechanism"]
+    );
+
+    // A profile whose RFC 5649 expectation the token does not meet: the tests win, and the
+    // difference is reported.
+    env.edit_config(|t| t.replace("profile = \"yubihsm2\"", "profile = \"luna\""));
+    let r = env
+        .check_config()
+        .expect("check-config with the luna profile");
+    let notes = r["capabilities"]["notes"].to_string();
+    let expect_note = token_kind() == TokenKind::SoftHsm;
+    assert_eq!(
+        notes.contains("the luna profile expects RFC 5649 as CKM_AES_KEY_WRAP_KWP, but the known-answer tests chose CKM_AES_KEY_WRAP_PAD"),
+        expect_note,
+        "{notes}"
+    );
+
+    // NSS softoken needs C_Initialize pReserved, which keybroker cannot pass without unsafe
+    // code: refused before the module is even loaded, with the reason.
+    env.edit_config(|t| t.replace("profile = \"luna\"", "profile = \"nss-softoken\""));
+    let err = env.check_config().expect_err("nss-softoken refused");
+    assert!(
+        err.contains("pReserved") && err.contains("unsupported"),
+        "{err}"
+    );
+    let err = match env.try_start().await {
+        Ok(b) => {
+            b.stop().await;
+            panic!("started with the nss-softoken profile");
+        }
+        Err(e) => e,
+    };
+    assert!(err.contains("pReserved"), "{err}");
+
+    env.edit_config(|t| t.replace("profile = \"nss-softoken\"", "profile = \"acme-9000\""));
+    let err = env.check_config().expect_err("unknown profile refused");
+    assert!(
+        err.contains("hsm.profile \"acme-9000\" is unknown") && err.contains("kryoptic"),
+        "{err}"
+    );
+}

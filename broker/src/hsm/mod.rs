@@ -672,28 +672,13 @@ impl Inner {
         Err(last.unwrap_or_else(|| HsmError::new(FaultKind::SessionLost, what, "session lost")))
     }
 
-    /// Re-classifies a `CKR_DEVICE_ERROR` where the vendor profile knows better:
-    /// * Kryoptic reports a failed integrity check on decrypt/unwrap (OAEP padding, RFC 5649
-    ///   check value) as a device error. If the call was on caller data and the session still
-    ///   answers, the data was not authentic (one error for every cause: no oracle).
-    /// * On CloudHSM a device error can mean the cluster is throttling: "busy, retry"
-    ///   (RESOURCE_EXHAUSTED), not "device lost" (UNAVAILABLE).
-    fn apply_profile(&self, session: &Session, mut e: HsmError) -> HsmError {
+    /// Re-classifies a fault where the vendor profile knows better (see [`reclassify`]).
+    fn apply_profile(&self, session: &Session, e: HsmError) -> HsmError {
         if e.rv != Some(RvError::DeviceError) {
             return e;
         }
-        if self.profile.device_error_on_bad_ciphertext
-            && e.caller_data
-            && session.get_session_info().is_ok()
-        {
-            e.kind = FaultKind::DataInvalid;
-            e.detail
-                .push_str(" (a failed integrity check, per the vendor profile)");
-        } else if self.profile.device_error_is_throttling {
-            e.kind = FaultKind::Busy;
-            e.detail.push_str(" (throttling, per the vendor profile)");
-        }
-        e
+        let alive = || session.get_session_info().is_ok();
+        reclassify(self.profile, e, alive)
     }
 
     fn checkout(&self, what: &'static str) -> Result<Session, HsmError> {
@@ -781,6 +766,31 @@ fn destroy_handles(s: &Session, h: &KekHandles) {
     }
 }
 
+/// Re-classifies a `CKR_DEVICE_ERROR` where the vendor profile knows better:
+/// * Kryoptic reports a failed integrity check on decrypt/unwrap (OAEP padding, RFC 5649 check
+///   value) as a device error. If the call was on caller data and the session still answers
+///   (`session_alive`), the data was not authentic (one error for every cause: no oracle).
+/// * On CloudHSM a device error can mean the cluster is throttling: "busy, retry"
+///   (RESOURCE_EXHAUSTED), not "device lost" (UNAVAILABLE).
+fn reclassify(
+    profile: &Profile,
+    mut e: HsmError,
+    session_alive: impl FnOnce() -> bool,
+) -> HsmError {
+    if e.rv != Some(RvError::DeviceError) {
+        return e;
+    }
+    if profile.device_error_on_bad_ciphertext && e.caller_data && session_alive() {
+        e.kind = FaultKind::DataInvalid;
+        e.detail
+            .push_str(" (a failed integrity check, per the vendor profile)");
+    } else if profile.device_error_is_throttling {
+        e.kind = FaultKind::Busy;
+        e.detail.push_str(" (throttling, per the vendor profile)");
+    }
+    e
+}
+
 fn unsupported_init(p: &Profile, reserved: &str) -> HsmError {
     HsmError::setup(
         "initialise the PKCS#11 module",
@@ -854,5 +864,61 @@ fn describe(sel: &TokenSelector) -> String {
         "any token".into()
     } else {
         parts.join(" and ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device_error(caller_data: bool) -> HsmError {
+        let mut e = HsmError::from_ck(
+            "unwrap",
+            CkError::Pkcs11(RvError::DeviceError, cryptoki::context::Function::Decrypt),
+        );
+        e.caller_data = caller_data;
+        e
+    }
+
+    fn profile(name: &str) -> &'static Profile {
+        profile::by_name(name).expect("profile")
+    }
+
+    #[test]
+    fn a_device_error_is_a_lost_device_unless_the_profile_says_otherwise() {
+        assert_eq!(device_error(true).kind, FaultKind::DeviceLost);
+        for p in ["softhsm2", "generic", "luna"] {
+            assert_eq!(
+                reclassify(profile(p), device_error(true), || true).kind,
+                FaultKind::DeviceLost,
+                "{p}"
+            );
+        }
+        // CloudHSM: throttling, whatever the call.
+        assert_eq!(
+            reclassify(profile("cloudhsm"), device_error(false), || true).kind,
+            FaultKind::Busy
+        );
+        // Kryoptic: unauthentic caller data, but only while the session still answers, and
+        // never for the broker's own calls.
+        let k = profile("kryoptic");
+        assert_eq!(
+            reclassify(k, device_error(true), || true).kind,
+            FaultKind::DataInvalid
+        );
+        assert_eq!(
+            reclassify(k, device_error(true), || false).kind,
+            FaultKind::DeviceLost
+        );
+        assert_eq!(
+            reclassify(k, device_error(false), || true).kind,
+            FaultKind::DeviceLost
+        );
+        // Other return values are left alone.
+        let other = HsmError::from_ck(
+            "unwrap",
+            CkError::Pkcs11(RvError::GeneralError, cryptoki::context::Function::Decrypt),
+        );
+        assert_eq!(reclassify(k, other, || true).kind, FaultKind::Other);
     }
 }
