@@ -378,9 +378,13 @@ fn attack(s: &Session, id_hex: &str) -> Result<Value, String> {
 /// AES-ECB decryption, block by block (Clulow's attack); returns the recovered key bytes.
 fn clulow(s: &Session, kek: ObjectHandle, target: ObjectHandle) -> Result<Vec<u8>, String> {
     let mut last = String::new();
+    // Every AES key-wrap flavour a token may allow the KEK (the last two are RFC 5649 on
+    // SoftHSM2 and Kryoptic respectively); the unwrapping below inverts the RFC 3394 core that
+    // all of them share.
     for (wrap_mech, name) in [
         (Mechanism::AesKeyWrap, "CKM_AES_KEY_WRAP"),
         (Mechanism::AesKeyWrapPad, "CKM_AES_KEY_WRAP_PAD"),
+        (Mechanism::AesKeyWrapKwp, "CKM_AES_KEY_WRAP_KWP"),
     ] {
         let blob = match s.wrap_key(&wrap_mech, kek, target) {
             Ok(b) => b,
