@@ -389,6 +389,11 @@ impl Keyring {
                 key_type.as_str()
             )));
         }
+        if let Err(why) = caps.key_type_fits(key_type) {
+            return Err(BrokerError::precondition(format!(
+                "this HSM cannot create this key (see `keybroker check-config`): {why}"
+            )));
+        }
         if !caps.supports(algorithm) {
             return Err(BrokerError::precondition(format!(
                 "this HSM cannot serve {algorithm} (see `keybroker check-config`): {}",

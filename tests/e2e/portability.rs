@@ -56,6 +56,30 @@ async fn check_config_reports_the_rfc5649_mechanism_the_known_answer_tests_chose
     assert_eq!(kwp["name"], name, "{report:#}");
     assert_eq!(caps["aes_gcm"], true);
     assert_eq!(caps["oaep_sha1"], true);
+    // C_GetMechanismInfo: both tokens claim the functions keybroker uses and the RSA sizes it
+    // offers (2048..4096 bits).
+    let info = |m: &str| {
+        caps["mechanism_info"]
+            .as_array()
+            .expect("mechanism_info")
+            .iter()
+            .find(|i| i["name"] == m)
+            .unwrap_or_else(|| panic!("{m} in mechanism_info: {report:#}"))
+            .clone()
+    };
+    let claims = |m: &str, f: &str| {
+        info(m)["functions"]
+            .as_array()
+            .is_some_and(|v| v.contains(&f.into()))
+    };
+    assert!(claims("CKM_AES_GCM", "encrypt") && claims("CKM_AES_GCM", "decrypt"));
+    assert!(claims(name, "wrap") && claims(name, "unwrap"), "{report:#}");
+    assert!(claims("CKM_RSA_PKCS_KEY_PAIR_GEN", "generate_key_pair"));
+    let rsa = info("CKM_RSA_PKCS_KEY_PAIR_GEN");
+    assert!(
+        rsa["min_key_size"].as_u64() <= Some(2048) && rsa["max_key_size"].as_u64() >= Some(4096),
+        "{rsa}"
+    );
     let algs = report["algorithms"].as_array().expect("algorithms");
     let kwp_alg = algs
         .iter()

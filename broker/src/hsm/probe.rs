@@ -31,7 +31,7 @@ use cryptoki::{
 use serde::Serialize;
 
 use super::{error::HsmError, kat_rsa, ops::KwpMechanism, profile::Profile};
-use crate::model::Algorithm;
+use crate::model::{Algorithm, KeyType};
 
 /// How the token implements RFC 5649.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -64,6 +64,20 @@ pub struct KwpCandidate {
     pub error: Option<String>,
 }
 
+/// What the token says about one mechanism keybroker uses (`C_GetMechanismInfo`).
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct MechanismFlags {
+    /// The mechanism's name.
+    pub name: String,
+    /// `ulMinKeySize` (bytes for AES, bits for RSA, as PKCS#11 defines them).
+    pub min_key_size: usize,
+    /// `ulMaxKeySize`.
+    pub max_key_size: usize,
+    /// The functions its flags claim (`encrypt`, `decrypt`, `wrap`, `unwrap`, `generate`,
+    /// `generate_key_pair`).
+    pub functions: Vec<&'static str>,
+}
+
 /// What the token can do for keybroker, as proven by the probe.
 #[derive(Clone, Debug, Serialize)]
 pub struct Capabilities {
@@ -85,6 +99,8 @@ pub struct Capabilities {
     pub oaep_sha1: bool,
     /// `C_GenerateRandom` works.
     pub rng: bool,
+    /// The flags and key sizes the token reports for the mechanisms keybroker uses.
+    pub mechanism_info: Vec<MechanismFlags>,
     /// Why each failed check failed (for the log and `check-config`).
     pub notes: Vec<String>,
 }
@@ -182,6 +198,38 @@ impl Capabilities {
         why
     }
 
+    /// Whether keys of `key_type` fit the key sizes the token reports for their generation
+    /// mechanism (`Err` says why not). A token that reports no sizes (0..0) is not held to them.
+    pub fn key_type_fits(&self, key_type: KeyType) -> Result<(), String> {
+        let (mech, sizes): (&str, &[usize]) = match key_type.rsa_bits() {
+            // PKCS#11 gives RSA sizes in bits.
+            Some(bits) => ("CKM_RSA_PKCS_KEY_PAIR_GEN", &[bits as usize][..]),
+            // AES sizes are in bytes by the standard; some tokens report bits.
+            None => ("CKM_AES_KEY_GEN", &[32, 256][..]),
+        };
+        let Some(info) = self.mechanism_info.iter().find(|m| m.name == mech) else {
+            return Ok(());
+        };
+        if info.max_key_size == 0
+            || sizes
+                .iter()
+                .any(|s| (info.min_key_size..=info.max_key_size).contains(s))
+        {
+            return Ok(());
+        }
+        Err(format!(
+            "{} keys need {mech} with a {} key, but the token reports key sizes {}..{}",
+            key_type.as_str(),
+            if key_type.is_rsa() {
+                format!("{}-bit", sizes[0])
+            } else {
+                "32-byte".to_string()
+            },
+            info.min_key_size,
+            info.max_key_size
+        ))
+    }
+
     /// The mechanisms keybroker cannot serve at all without: AES key generation, AES-GCM, RSA
     /// key-pair generation, RSA-OAEP (some hash), and the RNG. Returns the missing ones by name.
     pub fn missing_required(&self) -> Vec<&'static str> {
@@ -273,8 +321,10 @@ pub fn probe(
         oaep_sha256: false,
         oaep_sha1: false,
         rng: false,
+        mechanism_info: Vec::new(),
         notes: Vec::new(),
     };
+    mechanism_flags(ctx, slot, &list, &mut caps);
     caps.rng = match session.generate_random_vec(16) {
         Ok(v) => v.len() == 16,
         Err(e) => {
@@ -332,6 +382,63 @@ pub fn probe(
             .push("CKM_RSA_PKCS_KEY_PAIR_GEN is not in the token's mechanism list".into());
     }
     Ok(caps)
+}
+
+/// Reads `C_GetMechanismInfo` for the mechanisms keybroker uses and notes any that does not
+/// claim a function keybroker needs from it. Only informative: the known-answer tests decide
+/// (SoftHSM2, for one, claims wrap for GCM and refuses it).
+fn mechanism_flags(ctx: &Pkcs11, slot: Slot, list: &[MechanismType], caps: &mut Capabilities) {
+    let wanted: [(MechanismType, &[&'static str]); 6] = [
+        (MechanismType::AES_KEY_GEN, &["generate"]),
+        (MechanismType::AES_GCM, &["encrypt", "decrypt"]),
+        (MechanismType::AES_KEY_WRAP_KWP, &["wrap", "unwrap"]),
+        (MechanismType::AES_KEY_WRAP_PAD, &["wrap", "unwrap"]),
+        (MechanismType::RSA_PKCS_KEY_PAIR_GEN, &["generate_key_pair"]),
+        (MechanismType::RSA_PKCS_OAEP, &["encrypt", "decrypt"]),
+    ];
+    for (m, needs) in wanted {
+        if !list.contains(&m) {
+            continue;
+        }
+        let info = match ctx.get_mechanism_info(slot, m) {
+            Ok(i) => i,
+            Err(e) => {
+                caps.notes.push(format!(
+                    "C_GetMechanismInfo({m}) failed: {}",
+                    HsmError::from_ck("mechanism info", e).detail
+                ));
+                continue;
+            }
+        };
+        let functions: Vec<&'static str> = [
+            ("encrypt", info.encrypt()),
+            ("decrypt", info.decrypt()),
+            ("wrap", info.wrap()),
+            ("unwrap", info.unwrap()),
+            ("generate", info.generate()),
+            ("generate_key_pair", info.generate_key_pair()),
+        ]
+        .into_iter()
+        .filter_map(|(n, on)| on.then_some(n))
+        .collect();
+        let missing: Vec<&str> = needs
+            .iter()
+            .copied()
+            .filter(|n| !functions.contains(n))
+            .collect();
+        if !missing.is_empty() {
+            caps.notes.push(format!(
+                "{m}: the token's flags do not claim {} (the known-answer tests decide)",
+                missing.join(", ")
+            ));
+        }
+        caps.mechanism_info.push(MechanismFlags {
+            name: m.to_string(),
+            min_key_size: info.min_key_size(),
+            max_key_size: info.max_key_size(),
+            functions,
+        });
+    }
 }
 
 /// Tries every listed RFC 5649 candidate and picks one (see the module docs).
@@ -632,6 +739,51 @@ fn oaep_probe(session: &Session) -> Result<(bool, bool, (String, String)), Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn caps_with(info: Vec<MechanismFlags>) -> Capabilities {
+        Capabilities {
+            mechanisms: Vec::new(),
+            aes_keygen: true,
+            rsa_keygen: true,
+            aes_gcm: true,
+            kwp: None,
+            kwp_candidates: Vec::new(),
+            oaep_sha256: true,
+            oaep_sha1: true,
+            rng: true,
+            mechanism_info: info,
+            notes: Vec::new(),
+        }
+    }
+
+    fn flags(name: &str, min: usize, max: usize) -> MechanismFlags {
+        MechanismFlags {
+            name: name.into(),
+            min_key_size: min,
+            max_key_size: max,
+            functions: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn key_sizes_the_token_cannot_generate_are_refused_by_name() {
+        let c = caps_with(vec![
+            flags("CKM_RSA_PKCS_KEY_PAIR_GEN", 1024, 3072),
+            flags("CKM_AES_KEY_GEN", 16, 32),
+        ]);
+        assert!(c.key_type_fits(KeyType::Rsa2048).is_ok());
+        assert!(c.key_type_fits(KeyType::Rsa3072).is_ok());
+        let e = c.key_type_fits(KeyType::Rsa4096).expect_err("too big");
+        assert!(e.contains("4096-bit") && e.contains("1024..3072"), "{e}");
+        assert!(c.key_type_fits(KeyType::Aes256).is_ok());
+        // AES sizes reported in bits, and tokens that report no sizes at all.
+        let c = caps_with(vec![flags("CKM_AES_KEY_GEN", 128, 256)]);
+        assert!(c.key_type_fits(KeyType::Aes256).is_ok());
+        let c = caps_with(vec![flags("CKM_AES_KEY_GEN", 16, 24)]);
+        assert!(c.key_type_fits(KeyType::Aes256).is_err());
+        let c = caps_with(vec![flags("CKM_RSA_PKCS_KEY_PAIR_GEN", 0, 0)]);
+        assert!(c.key_type_fits(KeyType::Rsa4096).is_ok());
+    }
 
     #[test]
     fn gcm_vector_matches_an_independent_implementation() {
