@@ -228,6 +228,7 @@ async fn a_kryoptic_slot_denying_a_needed_mechanism_makes_the_broker_refuse_at_s
             key: "t/kwp2".into(),
             key_type: pb::KeyType::Aes256.into(),
             algorithm: pb::Algorithm::AesKeyWrapPad.into(),
+            ..Default::default()
         })
         .await
         .expect_err("new kwp key refused");
