@@ -222,6 +222,8 @@ async fn a_kryoptic_slot_denying_a_needed_mechanism_makes_the_broker_refuse_at_s
         .into_inner();
     assert_eq!(k.state, pb::KeyState::Quarantined as i32);
     assert_eq!(k.mechanism, "unavailable");
+    // `..Default::default()` keeps this literal valid when the request gains fields.
+    #[allow(clippy::needless_update)]
     let e = c
         .mgmt
         .create_key(pb::CreateKeyRequest {
