@@ -112,9 +112,15 @@ async fn check_config_reports_the_rfc5649_mechanism_the_known_answer_tests_chose
     drop(c);
     b.stop().await;
     let inspect = env.probe(&["inspect"]);
-    let objects = inspect["objects"].as_array().expect("objects");
-    assert_eq!(objects.len(), 1, "{inspect:#}");
-    assert_eq!(objects[0]["allowed_mechanisms"], serde_json::json!([name]));
+    let id = hex::encode(&k.versions[0].id);
+    let kek: Vec<_> = inspect["objects"]
+        .as_array()
+        .expect("objects")
+        .iter()
+        .filter(|o| o["id"] == id.as_str())
+        .collect();
+    assert_eq!(kek.len(), 1, "{inspect:#}");
+    assert_eq!(kek[0]["allowed_mechanisms"], serde_json::json!([name]));
 }
 
 #[tokio::test]
