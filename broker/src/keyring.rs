@@ -324,6 +324,11 @@ impl Keyring {
         &self.hsm
     }
 
+    /// The metadata store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
     /// A key by name.
     pub fn get(&self, name: &KeyName) -> Result<Arc<KeyEntry>, BrokerError> {
         self.keys
@@ -608,7 +613,6 @@ impl Keyring {
         if entry.algorithm != env.algorithm || (!aad.is_empty() && !env.algorithm.supports_aad()) {
             return Err(BrokerError::Unauthentic);
         }
-        entry.usable()?;
         let v = entry
             .version(number)
             .cloned()
@@ -617,11 +621,15 @@ impl Keyring {
     }
 
     /// Unwraps an envelope.
+    ///
+    /// `authorize` is called with the key the envelope belongs to, after it is known and before
+    /// the HSM is asked: policy is decided at the edge, but only the envelope names the key.
     pub async fn unwrap(
         &self,
         expected: Option<&KeyName>,
         envelope_bytes: &[u8],
         aad: &[u8],
+        authorize: impl FnOnce(&KeyName) -> Result<(), BrokerError>,
     ) -> Result<Unwrapped, BrokerError> {
         if aad.len() > MAX_AAD_LEN {
             return Err(BrokerError::invalid(format!(
@@ -633,6 +641,8 @@ impl Keyring {
         }
         let env = envelope::parse(envelope_bytes)?;
         let (entry, v) = self.resolve(expected, &env, aad)?;
+        authorize(&entry.name)?;
+        entry.usable()?;
         let params = params_for(&env, aad)?;
         let dek = self
             .hsm
@@ -707,6 +717,10 @@ impl Keyring {
 
     /// Unwraps an envelope and wraps its DEK under the newest version of `destination` (or of
     /// the same key), with `new_aad` if given.
+    ///
+    /// `authorize_source` and `authorize_destination` are called with the two keys before the
+    /// HSM is asked (as in [`Keyring::unwrap`]).
+    #[allow(clippy::too_many_arguments)]
     pub async fn rewrap(
         &self,
         expected: Option<&KeyName>,
@@ -714,6 +728,8 @@ impl Keyring {
         aad: &[u8],
         destination: Option<&KeyName>,
         new_aad: Option<&[u8]>,
+        authorize_source: impl FnOnce(&KeyName) -> Result<(), BrokerError>,
+        authorize_destination: impl FnOnce(&KeyName) -> Result<(), BrokerError>,
     ) -> Result<(Wrapped, u32), BrokerError> {
         if aad.len() > MAX_AAD_LEN {
             return Err(BrokerError::invalid(format!(
@@ -725,10 +741,11 @@ impl Keyring {
         }
         let env = envelope::parse(envelope_bytes)?;
         let (src, sv) = self.resolve(expected, &env, aad)?;
-        let dst = match destination {
-            Some(d) => self.get(d)?,
-            None => src.clone(),
-        };
+        authorize_source(&src.name)?;
+        src.usable()?;
+        let dst_name = destination.cloned().unwrap_or_else(|| src.name.clone());
+        authorize_destination(&dst_name)?;
+        let dst = self.get(&dst_name)?;
         let out_aad = new_aad.unwrap_or(aad);
         check_aad(&dst, out_aad)?;
         dst.usable()?;

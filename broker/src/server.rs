@@ -4,12 +4,20 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use keybroker_proto::v1::{
-    key_broker_server::KeyBrokerServer, key_management_server::KeyManagementServer,
+    audit_server::AuditServer, hyok_server::HyokServer, key_broker_server::KeyBrokerServer,
+    key_management_server::KeyManagementServer,
 };
 use tokio::net::TcpListener;
 
 use crate::{
-    authz::AllowList, config::Config, hsm::Hsm, keyring::Keyring, service::Api, store::Store, tls,
+    audit::{AuditLog, AuditSettings},
+    config::Config,
+    hsm::Hsm,
+    hyok::HyokSwitch,
+    keyring::Keyring,
+    service::Api,
+    store::Store,
+    tls,
 };
 
 /// Largest request message accepted (a DEK request is well under 20 KiB).
@@ -94,13 +102,28 @@ pub async fn run(
         "keys loaded and verified"
     );
     let keyring = Arc::new(keyring);
-    let allow = Arc::new(AllowList::new(cfg.access.allow.iter().cloned()));
-    let api = Api::new(keyring, allow);
+    let policy = Arc::new(cfg.policy()?);
+    policy.watch();
+    let store = keyring.store().clone();
+    let audit = AuditLog::open(
+        AuditSettings {
+            path: cfg.path(&cfg.audit.path),
+            checkpoint_every: cfg.audit.checkpoint_every,
+            checkpoint_interval: Duration::from_millis(cfg.audit.checkpoint_interval_ms),
+            sync: cfg.audit.sync,
+        },
+        keyring.hsm().clone(),
+        store.clone(),
+    )
+    .await?;
+    let hyok = Arc::new(HyokSwitch::load(store).await.map_err(|e| e.to_string())?);
+    let api = Api::new(keyring, policy, audit.clone(), hyok);
 
     let tls_cfg = tls::server_config(&tls::TlsFiles {
         cert: &cfg.path(&cfg.tls.cert),
         key: &cfg.path(&cfg.tls.key),
         client_ca: &cfg.path(&cfg.tls.client_ca),
+        crls: &cfg.tls.crl.iter().map(|p| cfg.path(p)).collect::<Vec<_>>(),
     })?;
     let listener = TcpListener::bind(cfg.server.listen)
         .await
@@ -129,6 +152,8 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
+        .add_service(AuditServer::new(api.clone()))
+        .add_service(HyokServer::new(api.clone()))
         .add_service(
             KeyManagementServer::new(api)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -137,6 +162,7 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| format!("server failed: {e}"))?;
+    audit.close().await;
     tracing::info!("shut down cleanly");
     Ok(())
 }

@@ -128,6 +128,10 @@ CREATE TABLE IF NOT EXISTS key_versions (
     canary_digest BLOB,
     PRIMARY KEY (key_id, version)
 );
+CREATE TABLE IF NOT EXISTS settings (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 ";
 
 impl Store {
@@ -348,6 +352,30 @@ impl Store {
             )?;
         }
         tx.commit()?;
+        Ok(())
+    }
+}
+
+impl Store {
+    /// A broker-wide setting (HYOK state, audit key id, last audit checkpoint...).
+    pub fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT value FROM settings WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Sets a setting durably (committed with `synchronous = FULL` before this returns).
+    pub fn set_setting(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO settings (name, value) VALUES (?1, ?2)
+             ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            params![name, value],
+        )?;
         Ok(())
     }
 }

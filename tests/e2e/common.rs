@@ -287,6 +287,7 @@ pub async fn wrap(
             key: key.into(),
             plaintext: dek.to_vec(),
             aad: aad.to_vec(),
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner())
@@ -303,6 +304,7 @@ pub async fn unwrap(
             key: key.into(),
             aad: aad.to_vec(),
             wrapped: Some(pb::unwrap_key_request::Wrapped::Envelope(env.to_vec())),
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner())

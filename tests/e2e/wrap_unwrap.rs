@@ -32,6 +32,7 @@ async fn round_trip(c: &mut keybroker::client::Clients, key: &str, aad: &[u8]) {
             key: key.into(),
             length: 0,
             aad: aad.to_vec(),
+            ..Default::default()
         })
         .await
         .expect("generate")
@@ -50,6 +51,7 @@ async fn round_trip(c: &mut keybroker::client::Clients, key: &str, aad: &[u8]) {
             key: key.into(),
             length: 16,
             aad: aad.to_vec(),
+            ..Default::default()
         })
         .await
         .expect("generate 16")
@@ -255,6 +257,7 @@ async fn bad_sizes_unknown_keys_and_bad_names_get_the_right_codes() {
                 key: "t/gcm".into(),
                 length: n,
                 aad: vec![],
+                ..Default::default()
             })
             .await
             .expect_err("bad length accepted");
@@ -335,6 +338,7 @@ async fn bad_sizes_unknown_keys_and_bad_names_get_the_right_codes() {
             key: "t/gcm".into(),
             aad: vec![],
             wrapped: None,
+            ..Default::default()
         })
         .await
         .expect_err("nothing to unwrap");

@@ -151,6 +151,8 @@ struct Inner {
     /// session closes (HSM-NOTES), and the login belongs to the application.
     _anchor: Mutex<Session>,
     handles: RwLock<HashMap<VersionId, KekHandles>>,
+    /// The audit trail's HMAC key (see [`Hsm::ensure_audit_key`]).
+    audit_key: RwLock<Option<ObjectHandle>>,
     /// Serialises object creation and destruction: SoftHSM2 2.6.1 races on concurrent object
     /// creation and lookup (upstream #573/#576/#578/#688/#757).
     object_lock: Mutex<()>,
@@ -245,6 +247,7 @@ impl Hsm {
                 acquire_timeout: settings.acquire_timeout,
                 _anchor: Mutex::new(anchor),
                 handles: RwLock::new(HashMap::new()),
+                audit_key: RwLock::new(None),
                 object_lock: Mutex::new(()),
             }),
         })
@@ -585,7 +588,122 @@ impl Hsm {
     }
 }
 
+/// The label prefix of the audit HMAC key (not `kb:`, so it is never reported as an orphan KEK).
+pub const AUDIT_KEY_LABEL: &str = "kb-audit:hmac-sha256";
+
+impl Hsm {
+    /// Finds the audit trail's HMAC key by id, or creates it when `id` is `None` (first start).
+    /// The key is a token object: sensitive, never extractable, not modifiable or copyable,
+    /// SIGN+VERIFY only, `CKA_ALLOWED_MECHANISMS` = `CKM_SHA256_HMAC`. Someone who can write the
+    /// audit file cannot forge a checkpoint without this key. Fails if `id` names a key that is
+    /// missing or duplicated (fail closed: never silently re-created).
+    pub async fn ensure_audit_key(&self, id: Option<VersionId>) -> Result<VersionId, HsmError> {
+        self.run("find or create the audit key", move |inner, s| {
+            use cryptoki::{mechanism::MechanismType, object::KeyType as CkKeyType};
+            let _guard = inner.object_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let (id, handle) = match id {
+                Some(id) => {
+                    let found = s
+                        .find_objects(&[
+                            Attribute::Class(ObjectClass::SECRET_KEY),
+                            Attribute::Id(id.as_bytes().to_vec()),
+                        ])
+                        .map_err(|e| HsmError::from_ck("C_FindObjects", e))?;
+                    match found.as_slice() {
+                        [h] => (id, *h),
+                        [] => {
+                            return Err(HsmError::setup(
+                                "find the audit key",
+                                format!("the audit HMAC key {id} is missing from the token; checkpoints cannot be made or verified"),
+                            ));
+                        }
+                        more => {
+                            return Err(HsmError::setup(
+                                "find the audit key",
+                                format!("{} objects share the audit HMAC key's CKA_ID {id}", more.len()),
+                            ));
+                        }
+                    }
+                }
+                None => {
+                    let id = VersionId::random();
+                    let h = s
+                        .generate_key(
+                            &Mechanism::GenericSecretKeyGen,
+                            &[
+                                Attribute::Class(ObjectClass::SECRET_KEY),
+                                Attribute::KeyType(CkKeyType::GENERIC_SECRET),
+                                Attribute::ValueLen(32.into()),
+                                Attribute::Token(true),
+                                Attribute::Private(true),
+                                Attribute::Sensitive(true),
+                                Attribute::Extractable(false),
+                                Attribute::Modifiable(false),
+                                Attribute::Copyable(false),
+                                Attribute::Sign(true),
+                                Attribute::Verify(true),
+                                Attribute::Encrypt(false),
+                                Attribute::Decrypt(false),
+                                Attribute::Wrap(false),
+                                Attribute::Unwrap(false),
+                                Attribute::Derive(false),
+                                Attribute::AllowedMechanisms(vec![MechanismType::SHA256_HMAC]),
+                                Attribute::Id(id.as_bytes().to_vec()),
+                                Attribute::Label(AUDIT_KEY_LABEL.as_bytes().to_vec()),
+                            ],
+                        )
+                        .map_err(|e| HsmError::from_ck("generate the audit HMAC key", e))?;
+                    (id, h)
+                }
+            };
+            *inner.audit_key.write().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+            Ok(id)
+        })
+        .await
+    }
+
+    /// HMAC-SHA256 of `data` with the audit key, computed inside the HSM.
+    pub async fn audit_mac(&self, data: Vec<u8>) -> Result<Vec<u8>, HsmError> {
+        self.run("MAC an audit checkpoint", move |inner, s| {
+            let h = inner.audit_handle()?;
+            s.sign(&Mechanism::Sha256Hmac, h, &data)
+                .map_err(|e| HsmError::from_ck("C_Sign (HMAC)", e))
+        })
+        .await
+    }
+
+    /// Verifies an audit checkpoint MAC inside the HSM.
+    pub async fn audit_verify(&self, data: Vec<u8>, mac: Vec<u8>) -> Result<bool, HsmError> {
+        self.run("verify an audit checkpoint", move |inner, s| {
+            let h = inner.audit_handle()?;
+            match s.verify(&Mechanism::Sha256Hmac, h, &data, &mac) {
+                Ok(()) => Ok(true),
+                Err(CkError::Pkcs11(RvError::SignatureInvalid | RvError::SignatureLenRange, _)) => {
+                    Ok(false)
+                }
+                Err(e) => Err(HsmError::from_ck("C_Verify (HMAC)", e)),
+            }
+        })
+        .await
+    }
+
+    /// A cheap liveness check: one `C_GenerateRandom` through the pool.
+    pub async fn ping(&self) -> Result<(), HsmError> {
+        self.run("ping the HSM", |_, s| ops::random(s, 8).map(|_| ()))
+            .await
+    }
+}
+
 impl Inner {
+    fn audit_handle(&self) -> Result<ObjectHandle, HsmError> {
+        self.audit_key
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .ok_or_else(|| {
+                HsmError::new(FaultKind::Setup, "audit key", "the audit key is not loaded")
+            })
+    }
+
     fn with_session<T>(
         &self,
         what: &'static str,
