@@ -39,6 +39,20 @@ pub fn harden_process() {
     if let Err(e) = set_dumpable_behavior(DumpableBehavior::NotDumpable) {
         tracing::warn!(error = %e, "could not mark the process non-dumpable");
     }
+    // A write past RLIMIT_FSIZE raises SIGXFSZ, whose default action kills the process. Catch it
+    // so a full audit volume fails requests (EFBIG) instead of killing the broker.
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(
+        rustix::process::Signal::XFSZ.as_raw(),
+    )) {
+        Ok(mut s) => {
+            tokio::spawn(async move {
+                while s.recv().await.is_some() {
+                    tracing::error!("SIGXFSZ: a file reached the size limit");
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot catch SIGXFSZ"),
+    }
 }
 
 /// Opens the HSM described by `cfg` (blocking work on a blocking thread).

@@ -37,14 +37,21 @@ async fn kek_values_cannot_be_read_and_no_object_can_wrap_and_decrypt() {
         .collect();
     assert_eq!(audit_keys.len(), 1, "{report:#}");
     let a = audit_keys[0];
-    assert_eq!((&a["sign"], &a["verify"]), (&true.into(), &true.into()), "{a}");
+    assert_eq!(
+        (&a["sign"], &a["verify"]),
+        (&true.into(), &true.into()),
+        "{a}"
+    );
     for role in ["encrypt", "decrypt", "wrap", "unwrap"] {
         assert_ne!(a[role], true, "audit key may {role}: {a}");
     }
     for o in objects {
         let class = o["class"].as_str().unwrap_or("");
         let label = o["label"].as_str().unwrap_or("");
-        assert!(label.starts_with("kb:") || label.starts_with("kb-audit:"), "{o}");
+        assert!(
+            label.starts_with("kb:") || label.starts_with("kb-audit:"),
+            "{o}"
+        );
         assert_eq!(o["token"], true, "{o}");
         assert_eq!(o["modifiable"], false, "{o}");
         assert_eq!(o["copyable"], false, "{o}");

@@ -2,6 +2,7 @@
 //! TLS on a loopback port. Run with `tests/run` (or `cargo test --workspace` once SoftHSM2 is
 //! installed).
 
+mod access;
 mod common;
 mod key_safety;
 mod keys;
