@@ -256,11 +256,11 @@ impl AuditLog {
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
         }
-        if let Some(dir) = settings.path.parent() {
-            if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| format!("cannot create audit directory {}: {e}", dir.display()))?;
-            }
+        if let Some(dir) = settings.path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create audit directory {}: {e}", dir.display()))?;
         }
         let path = settings.path.clone();
         let tail = tokio::task::spawn_blocking(move || scan(&path))
@@ -383,7 +383,7 @@ impl Writer {
             }
             if !batch.is_empty() {
                 let (recs, acks): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-                let result = self.write(recs).await;
+                let result = self.write(recs.into_iter().map(|r| *r).collect()).await;
                 for a in acks {
                     let _ = a.send(result.clone());
                 }
@@ -402,7 +402,7 @@ impl Writer {
     }
 
     /// Chains, writes and syncs a batch. On failure nothing of the batch stays in the file.
-    async fn write(&mut self, recs: Vec<Box<Record>>) -> Result<(), String> {
+    async fn write(&mut self, recs: Vec<Record>) -> Result<(), String> {
         let (seq0, hash0) = (self.seq, self.last_hash.clone());
         let mut buf = Vec::with_capacity(recs.len() * 256);
         let n = recs.len() as u64;
@@ -485,7 +485,7 @@ impl Writer {
             mac: Some(mac),
             ..Default::default()
         };
-        if self.write(vec![Box::new(rec)]).await.is_ok() {
+        if self.write(vec![rec]).await.is_ok() {
             self.since_checkpoint = 0;
             let value = format!("{}:{}", self.seq, self.last_hash);
             let st = self.store.clone();

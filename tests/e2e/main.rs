@@ -3,7 +3,9 @@
 //! installed).
 
 mod access;
+mod audit;
 mod common;
+mod hyok;
 mod key_safety;
 mod keys;
 mod rsa_interop;

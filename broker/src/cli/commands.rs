@@ -584,14 +584,13 @@ pub async fn audit_verify(file: &std::path::Path, cfg: Option<&Config>) -> Resul
         if let Some(rec) = store
             .setting(SETTING_LAST_CHECKPOINT)
             .map_err(|e| e.to_string())?
+            && !checkpoints.iter().any(|(s, h)| format!("{s}:{h}") == rec)
         {
-            if !checkpoints.iter().any(|(s, h)| format!("{s}:{h}") == rec) {
-                let seq = rec.split(':').next().unwrap_or("?");
-                v.problems.push(format!(
+            let seq = rec.split(':').next().unwrap_or("?");
+            v.problems.push(format!(
                     "the last checkpoint the broker recorded (seq {seq}) is not in the file: the log was truncated or rewritten after line {}",
                     v.lines
                 ));
-            }
         }
     }
     println!(

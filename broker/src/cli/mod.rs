@@ -172,6 +172,8 @@ enum HyokCommand {
     Status,
 }
 
+// Parsed once per process: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum AuditCommand {
     /// Verify an audit log offline: hash chain, sequence, and (with --config) every checkpoint
