@@ -387,10 +387,11 @@ allow = ["spiffe://example.org/app"]
         assert_eq!(c.hsm.token_label.as_deref(), Some("keybroker"));
     }
 
-        #[test]
+    #[test]
     fn the_managed_hsm_and_hyok_examples_are_valid_with_their_policies() {
         for name in ["managed-hsm", "hyok"] {
-            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../examples/{name}.toml"));
+            let path =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../examples/{name}.toml"));
             let c = Config::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
             let policy = c.policy().unwrap_or_else(|e| panic!("{name}: {e}")).get();
             assert!(!policy.bindings.is_empty(), "{name}");
