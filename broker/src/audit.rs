@@ -84,6 +84,9 @@ pub struct Record {
     /// Time spent on the request before it was audited, µs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_us: Option<u64>,
+    /// Structured detail of an event (e.g. a destruction receipt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
     /// Checkpoints: HMAC-SHA256 (hex) over the domain, `seq` and `prev`, made in the HSM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,

@@ -35,6 +35,9 @@ pub struct Config {
     /// The audit trail.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// Soft delete, purge protection, background maintenance.
+    #[serde(default)]
+    pub lifecycle: LifecycleConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -167,6 +170,49 @@ pub struct AccessConfig {
     pub allow: Option<Vec<String>>,
 }
 
+/// `[lifecycle]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleConfig {
+    /// Days a soft-deleted key is kept before it is purged: 7-90, default 90.
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u32,
+    /// Purge protection for every key (per-key setting otherwise). Default false.
+    #[serde(default)]
+    pub purge_protection: bool,
+    /// How often scheduled purges, automatic rotations and usage saving run, ms. Default 60000.
+    #[serde(default = "default_maintenance_ms")]
+    pub maintenance_interval_ms: u64,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        Self {
+            retention_days: default_retention_days(),
+            purge_protection: false,
+            maintenance_interval_ms: default_maintenance_ms(),
+        }
+    }
+}
+
+fn default_retention_days() -> u32 {
+    90
+}
+fn default_maintenance_ms() -> u64 {
+    60_000
+}
+
+impl LifecycleConfig {
+    /// The keyring's settings.
+    pub fn settings(&self) -> crate::keyring::LifecycleSettings {
+        crate::keyring::LifecycleSettings {
+            retention_ms: i64::from(self.retention_days) * 24 * 3600 * 1000,
+            purge_protection: self.purge_protection,
+            maintenance_interval: Duration::from_millis(self.maintenance_interval_ms),
+        }
+    }
+}
+
 /// `[audit]`
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -272,6 +318,12 @@ impl Config {
                 return Err("access.allow may not contain an empty entry or a bare \"*\"".into());
             }
             _ => {}
+        }
+        if !(7..=90).contains(&self.lifecycle.retention_days) {
+            return Err("lifecycle.retention_days must be between 7 and 90".into());
+        }
+        if self.lifecycle.maintenance_interval_ms < 100 {
+            return Err("lifecycle.maintenance_interval_ms must be at least 100".into());
         }
         if self.audit.checkpoint_every == 0 || self.audit.checkpoint_interval_ms == 0 {
             return Err(

@@ -103,9 +103,14 @@ pub async fn run(
         .map_err(|e| format!("store task failed: {e}"))?
         .map_err(|e| e.to_string())?;
     let started = std::time::Instant::now();
-    let (keyring, report) = Keyring::load(hsm, Arc::new(store), cfg.hsm.on_integrity_failure)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (keyring, report) = Keyring::load(
+        hsm,
+        Arc::new(store),
+        cfg.hsm.on_integrity_failure,
+        cfg.lifecycle.settings(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     tracing::info!(
         keys = report.keys,
         versions = report.versions,
@@ -131,6 +136,15 @@ pub async fn run(
     )
     .await?;
     let hyok = Arc::new(HyokSwitch::load(store).await.map_err(|e| e.to_string())?);
+    keyring.attach_audit(audit.clone());
+    for r in &report.finished_destructions {
+        keyring.write_receipt(r).await.map_err(|e| e.to_string())?;
+    }
+    for a in crate::failpoint::armed() {
+        tracing::warn!(failpoint = %a, "TEST FAILPOINT ARMED: the broker will abort when it reaches it");
+    }
+    keyring.spawn_maintenance();
+    let keyring_for_shutdown = keyring.clone();
     let api = Api::new(keyring, policy, audit.clone(), hyok);
 
     let tls_cfg = tls::server_config(&tls::TlsFiles {
@@ -176,6 +190,7 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| format!("server failed: {e}"))?;
+    keyring_for_shutdown.flush_usage().await;
     audit.close().await;
     tracing::info!("shut down cleanly");
     Ok(())

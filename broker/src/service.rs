@@ -21,8 +21,11 @@ use crate::{
     error::BrokerError,
     hyok::{HyokState, HyokSwitch},
     identity::Caller,
-    keyring::{KeyEntry, KeyState, Keyring, PublicKeyInfo},
-    model::{Algorithm, DEFAULT_TENANT, Dek, KeyName, KeyType, validate_part},
+    keyring::{KeyEntry, KeyState, Keyring, Lifecycle, PublicKeyInfo, VersionEntry},
+    lifecycle::AttributePatch,
+    model::{
+        Algorithm, DEFAULT_TENANT, Dek, KeyAttributes, KeyName, KeyOp, KeyType, validate_part,
+    },
     policy::{Permission, Policy, PolicyHandle, Reason},
     tls::ConnInfo,
 };
@@ -338,6 +341,122 @@ fn key_type_from_pb(v: i32) -> Result<KeyType, BrokerError> {
     }
 }
 
+fn op_to_pb(o: KeyOp) -> pb::KeyOperation {
+    match o {
+        KeyOp::Wrap => pb::KeyOperation::Wrap,
+        KeyOp::Unwrap => pb::KeyOperation::Unwrap,
+        KeyOp::GenerateDataKey => pb::KeyOperation::GenerateDataKey,
+        KeyOp::Rewrap => pb::KeyOperation::Rewrap,
+    }
+}
+
+fn op_from_pb(v: i32) -> Result<KeyOp, BrokerError> {
+    match pb::KeyOperation::try_from(v) {
+        Ok(pb::KeyOperation::Wrap) => Ok(KeyOp::Wrap),
+        Ok(pb::KeyOperation::Unwrap) => Ok(KeyOp::Unwrap),
+        Ok(pb::KeyOperation::GenerateDataKey) => Ok(KeyOp::GenerateDataKey),
+        Ok(pb::KeyOperation::Rewrap) => Ok(KeyOp::Rewrap),
+        _ => Err(BrokerError::invalid(format!("unknown key operation {v}"))),
+    }
+}
+
+fn opt_time(v: i64, what: &str) -> Result<Option<i64>, BrokerError> {
+    match v {
+        0 => Ok(None),
+        v if v > 0 => Ok(Some(v)),
+        _ => Err(BrokerError::invalid(format!("{what} must not be negative"))),
+    }
+}
+
+fn attributes_to_pb(a: &KeyAttributes) -> pb::KeyAttributes {
+    pb::KeyAttributes {
+        enabled: Some(a.enabled),
+        not_before_ms: a.not_before_ms.unwrap_or(0),
+        expires_ms: a.expires_ms.unwrap_or(0),
+        operations: Some(pb::KeyOperations {
+            operations: a.operations.iter().map(|o| op_to_pb(*o).into()).collect(),
+        }),
+        tags: Some(pb::KeyTags {
+            tags: a.tags.clone().into_iter().collect(),
+        }),
+        min_decryption_version: a.min_decryption_version,
+        purge_protection: Some(a.purge_protection),
+        rotation_period_ms: a.rotation_period_ms.unwrap_or(0),
+        version_expiry_ms: a.version_expiry_ms.unwrap_or(0),
+    }
+}
+
+/// Attributes for a new key: unset fields take their defaults.
+fn attributes_from_pb(a: Option<pb::KeyAttributes>) -> Result<KeyAttributes, BrokerError> {
+    let mut out = KeyAttributes::default();
+    let Some(a) = a else { return Ok(out) };
+    if let Some(e) = a.enabled {
+        out.enabled = e;
+    }
+    out.not_before_ms = opt_time(a.not_before_ms, "not_before_ms")?;
+    out.expires_ms = opt_time(a.expires_ms, "expires_ms")?;
+    out.rotation_period_ms = opt_time(a.rotation_period_ms, "rotation_period_ms")?;
+    out.version_expiry_ms = opt_time(a.version_expiry_ms, "version_expiry_ms")?;
+    if let Some(ops) = a.operations {
+        out.operations = ops
+            .operations
+            .into_iter()
+            .map(op_from_pb)
+            .collect::<Result<_, _>>()?;
+    }
+    if let Some(t) = a.tags {
+        out.tags = t.tags.into_iter().collect();
+    }
+    if a.min_decryption_version > 1 {
+        return Err(BrokerError::invalid(
+            "a new key's min_decryption_version is 1",
+        ));
+    }
+    if let Some(p) = a.purge_protection {
+        out.purge_protection = p;
+    }
+    out.validate()?;
+    Ok(out)
+}
+
+fn patch_from_pb(r: pb::UpdateKeyRequest) -> Result<AttributePatch, BrokerError> {
+    let a = r.attributes.unwrap_or_default();
+    Ok(AttributePatch {
+        enabled: a.enabled,
+        times: if r.set_times {
+            Some((
+                opt_time(a.not_before_ms, "not_before_ms")?,
+                opt_time(a.expires_ms, "expires_ms")?,
+                opt_time(a.rotation_period_ms, "rotation_period_ms")?,
+                opt_time(a.version_expiry_ms, "version_expiry_ms")?,
+            ))
+        } else {
+            if a.not_before_ms != 0
+                || a.expires_ms != 0
+                || a.rotation_period_ms != 0
+                || a.version_expiry_ms != 0
+            {
+                return Err(BrokerError::invalid(
+                    "set set_times to change not_before/expires/rotation_period/version_expiry",
+                ));
+            }
+            None
+        },
+        operations: match a.operations {
+            Some(ops) => Some(
+                ops.operations
+                    .into_iter()
+                    .map(op_from_pb)
+                    .collect::<Result<_, _>>()?,
+            ),
+            None => None,
+        },
+        tags: a.tags.map(|t| t.tags.into_iter().collect()),
+        min_decryption_version: (a.min_decryption_version != 0).then_some(a.min_decryption_version),
+        purge_protection: a.purge_protection,
+    })
+}
+
 impl Api {
     fn key_to_pb(&self, k: &KeyEntry) -> pb::Key {
         pb::Key {
@@ -345,9 +464,11 @@ impl Api {
             tenant: k.name.tenant().to_string(),
             key_type: key_type_to_pb(k.key_type).into(),
             algorithm: algorithm_to_pb(k.algorithm).into(),
-            state: match k.state {
-                KeyState::Enabled => pb::KeyState::Enabled,
-                KeyState::Quarantined(_) => pb::KeyState::Quarantined,
+            state: match (&k.lifecycle, &k.state) {
+                (Lifecycle::Deleted { .. }, _) => pb::KeyState::Deleted,
+                (_, KeyState::Quarantined(_)) => pb::KeyState::Quarantined,
+                _ if !k.attributes.enabled => pb::KeyState::Disabled,
+                _ => pb::KeyState::Enabled,
             }
             .into(),
             created_at_ms: k.created_at_ms,
@@ -355,17 +476,51 @@ impl Api {
             versions: k
                 .versions
                 .iter()
-                .map(|v| pb::KeyVersion {
-                    version: v.number,
-                    id: v.id.as_bytes().to_vec(),
-                    created_at_ms: v.created_at_ms,
-                })
+                .map(|v| self.version_to_pb(k, v))
                 .collect(),
             mechanism: self
                 .keyring
                 .hsm()
                 .capabilities()
                 .mechanism_name(k.algorithm),
+            attributes: Some(attributes_to_pb(&k.attributes)),
+            updated_at_ms: k.updated_at_ms,
+        }
+    }
+
+    fn version_to_pb(&self, k: &KeyEntry, v: &VersionEntry) -> pb::KeyVersion {
+        use std::sync::atomic::Ordering::Relaxed;
+        let u = self.keyring.usage(v.id);
+        pb::KeyVersion {
+            version: v.number,
+            id: v.id.as_bytes().to_vec(),
+            created_at_ms: v.created_at_ms,
+            origin: v.origin.as_str().into(),
+            expires_ms: v.expires_ms.unwrap_or(0),
+            decryptable: k.decryptable(v),
+            wraps: u.as_ref().map(|u| u.wraps.load(Relaxed)).unwrap_or(0),
+            unwraps: u.as_ref().map(|u| u.unwraps.load(Relaxed)).unwrap_or(0),
+            last_used_ms: u
+                .as_ref()
+                .map(|u| u.last_used_ms.load(Relaxed))
+                .unwrap_or(0),
+        }
+    }
+
+    fn deleted_to_pb(&self, k: &KeyEntry) -> pb::DeletedKey {
+        let (deleted_at_ms, scheduled_purge_ms, deleted_by) = match &k.lifecycle {
+            Lifecycle::Deleted {
+                deleted_at_ms,
+                purge_at_ms,
+                deleted_by,
+            } => (*deleted_at_ms, *purge_at_ms, deleted_by.clone()),
+            Lifecycle::Active => (0, 0, String::new()),
+        };
+        pb::DeletedKey {
+            key: Some(self.key_to_pb(k)),
+            deleted_at_ms,
+            scheduled_purge_ms,
+            deleted_by,
         }
     }
 }
@@ -586,7 +741,8 @@ impl KeyManagement for Api {
             ctx.authorize(Permission::Create, &name)?;
             let key_type = key_type_from_pb(r.key_type)?;
             let alg = algorithm_from_pb(r.algorithm)?;
-            let k = self.keyring.create(name, key_type, alg).await?;
+            let attrs = attributes_from_pb(r.attributes)?;
+            let k = self.keyring.create(name, key_type, alg, attrs).await?;
             ctx.note_version(1);
             Ok(self.key_to_pb(&k))
         })
@@ -597,7 +753,7 @@ impl KeyManagement for Api {
         self.handle("GetKey", req, |ctx, r| async move {
             let name = key_name(&r.key)?;
             ctx.authorize(Permission::ReadMetadata, &name)?;
-            let k = self.keyring.get(&name)?;
+            let k = self.keyring.get_live(&name)?;
             Ok(self.key_to_pb(&k))
         })
         .await
@@ -664,6 +820,218 @@ impl KeyManagement for Api {
             ctx.authorize(Permission::Rotate, &name)?;
             let k = self.keyring.rotate(&name).await?;
             ctx.note_version(k.versions.last().map(|v| v.number).unwrap_or(0));
+            Ok(self.key_to_pb(&k))
+        })
+        .await
+    }
+
+    async fn update_key(
+        &self,
+        req: Request<pb::UpdateKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        self.handle("UpdateKey", req, |ctx, r| async move {
+            let name = key_name(&r.key)?;
+            ctx.authorize(Permission::Update, &name)?;
+            let patch = patch_from_pb(r)?;
+            let k = self.keyring.update(&name, patch).await?;
+            Ok(self.key_to_pb(&k))
+        })
+        .await
+    }
+
+    async fn list_key_versions(
+        &self,
+        req: Request<pb::ListKeyVersionsRequest>,
+    ) -> Result<Response<pb::ListKeyVersionsResponse>, Status> {
+        self.handle("ListKeyVersions", req, |ctx, r| async move {
+            let name = key_name(&r.key)?;
+            ctx.authorize(Permission::ReadMetadata, &name)?;
+            let k = self.keyring.get_live(&name)?;
+            Ok(pb::ListKeyVersionsResponse {
+                versions: k
+                    .versions
+                    .iter()
+                    .map(|v| self.version_to_pb(&k, v))
+                    .collect(),
+                min_decryption_version: k.attributes.min_decryption_version,
+            })
+        })
+        .await
+    }
+
+    async fn trim_key_versions(
+        &self,
+        req: Request<pb::TrimKeyVersionsRequest>,
+    ) -> Result<Response<pb::TrimKeyVersionsResponse>, Status> {
+        self.handle("TrimKeyVersions", req, |ctx, r| async move {
+            let name = key_name(&r.key)?;
+            ctx.authorize(Permission::TrimVersions, &name)?;
+            let (destroyed, k) = self.keyring.trim(&name, &ctx.caller.id).await?;
+            Ok(pb::TrimKeyVersionsResponse {
+                destroyed_versions: destroyed,
+                key: Some(self.key_to_pb(&k)),
+            })
+        })
+        .await
+    }
+
+    async fn delete_key(
+        &self,
+        req: Request<pb::DeleteKeyRequest>,
+    ) -> Result<Response<pb::DeletedKey>, Status> {
+        self.handle("DeleteKey", req, |ctx, r| async move {
+            let name = key_name(&r.key)?;
+            ctx.authorize(Permission::Delete, &name)?;
+            let k = self.keyring.delete(&name, &ctx.caller.id).await?;
+            Ok(self.deleted_to_pb(&k))
+        })
+        .await
+    }
+
+    async fn list_deleted_keys(
+        &self,
+        req: Request<pb::ListDeletedKeysRequest>,
+    ) -> Result<Response<pb::ListDeletedKeysResponse>, Status> {
+        self.handle("ListDeletedKeys", req, |ctx, r| async move {
+            let tenant = if r.tenant.is_empty() {
+                DEFAULT_TENANT.to_string()
+            } else {
+                r.tenant
+            };
+            validate_part("tenant", &tenant)?;
+            ctx.fields().tenant = Some(tenant.clone());
+            if !ctx
+                .policy
+                .allows_in_tenant(&ctx.caller, Permission::ReadMetadata, &tenant)
+            {
+                return Err(BrokerError::PermissionDenied(format!(
+                    "{} may not read metadata in tenant {tenant}",
+                    ctx.caller
+                )));
+            }
+            Ok(pb::ListDeletedKeysResponse {
+                keys: self
+                    .keyring
+                    .list_deleted(&tenant)
+                    .iter()
+                    .filter(|k| {
+                        ctx.policy
+                            .allows(&ctx.caller, Permission::ReadMetadata, &k.name)
+                    })
+                    .map(|k| self.deleted_to_pb(k))
+                    .collect(),
+            })
+        })
+        .await
+    }
+
+    async fn get_deleted_key(
+        &self,
+        req: Request<pb::GetDeletedKeyRequest>,
+    ) -> Result<Response<pb::DeletedKey>, Status> {
+        self.handle("GetDeletedKey", req, |ctx, r| async move {
+            let name = key_name(&r.key)?;
+            ctx.authorize(Permission::ReadMetadata, &name)?;
+            let k = self.keyring.get_deleted(&name)?;
+            Ok(self.deleted_to_pb(&k))
+        })
+        .await
+    }
+
+    async fn recover_key(
+        &self,
+        req: Request<pb::RecoverKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        self.handle("RecoverKey", req, |ctx, r| async move {
+            let name = key_name(&r.key)?;
+            ctx.authorize(Permission::Recover, &name)?;
+            let k = self.keyring.recover(&name).await?;
+            Ok(self.key_to_pb(&k))
+        })
+        .await
+    }
+
+    async fn purge_key(
+        &self,
+        req: Request<pb::PurgeKeyRequest>,
+    ) -> Result<Response<pb::PurgeReceipt>, Status> {
+        self.handle("PurgeKey", req, |ctx, r| async move {
+            let name = key_name(&r.key)?;
+            ctx.authorize(Permission::Purge, &name)?;
+            let rc = self.keyring.purge(&name, &ctx.caller.id).await?;
+            Ok(pb::PurgeReceipt {
+                key: rc.key,
+                versions: rc.versions,
+                object_ids: rc.object_ids,
+                objects_destroyed: rc.objects_destroyed as u32,
+                purged_at_ms: rc.at_ms,
+                purged_by: rc.by,
+            })
+        })
+        .await
+    }
+
+    async fn create_import_key(
+        &self,
+        req: Request<pb::CreateImportKeyRequest>,
+    ) -> Result<Response<pb::ImportKeyInfo>, Status> {
+        self.handle("CreateImportKey", req, |ctx, r| async move {
+            // An import key is not bound to a key name: creating one needs import rights
+            // somewhere (scope all).
+            ctx.authorize_global(Permission::Import)?;
+            let kt = if r.key_type == 0 {
+                KeyType::Rsa3072
+            } else {
+                key_type_from_pb(r.key_type)?
+            };
+            let info = self.keyring.create_import_key(kt).await?;
+            let pk = PublicKeyInfo {
+                key: KeyName::parse("byok/import")
+                    .map_err(|e| BrokerError::internal(e.to_string()))?,
+                version: 0,
+                version_id: info.id,
+                algorithm: info.oaep,
+                modulus: info.public.modulus,
+                exponent: info.public.exponent,
+            };
+            let (spki_pem, _) = public_key_formats(&pk)?;
+            Ok(pb::ImportKeyInfo {
+                import_key_id: info.id.hex(),
+                spki_pem,
+                oaep: algorithm_to_pb(info.oaep).into(),
+                expires_ms: info.expires_ms,
+            })
+        })
+        .await
+    }
+
+    async fn import_key(
+        &self,
+        req: Request<pb::ImportKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        self.handle("ImportKey", req, |ctx, r| async move {
+            let name = key_name(&r.key)?;
+            ctx.authorize(Permission::Import, &name)?;
+            let kt = if r.key_type == 0 {
+                KeyType::Aes256
+            } else {
+                key_type_from_pb(r.key_type)?
+            };
+            if kt != KeyType::Aes256 {
+                return Err(BrokerError::invalid("ImportKey takes AES_256 key material"));
+            }
+            if r.wrapped_material.len() > 4096 {
+                return Err(BrokerError::invalid(
+                    "wrapped_material is larger than 4096 bytes",
+                ));
+            }
+            let alg = algorithm_from_pb(r.algorithm)?;
+            let attrs = attributes_from_pb(r.attributes)?;
+            let k = self
+                .keyring
+                .import(name, alg, attrs, &r.import_key_id, r.wrapped_material)
+                .await?;
+            ctx.note_version(1);
             Ok(self.key_to_pb(&k))
         })
         .await

@@ -83,6 +83,7 @@ async fn call(c: &mut Clients, rpc: &str, who: &str, envelope: &[u8]) -> Result<
                 key: format!("t/new-{who}"),
                 key_type: pb::KeyType::Aes256.into(),
                 algorithm: 0,
+                ..Default::default()
             })
             .await
             .map(drop),

@@ -330,6 +330,7 @@ pub async fn create(c: &mut Clients, name: &str, kt: pb::KeyType, alg: pb::Algor
             key: name.into(),
             key_type: kt.into(),
             algorithm: alg.into(),
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|e| panic!("create {name}: {e:?}"))

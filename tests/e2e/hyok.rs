@@ -178,6 +178,7 @@ async fn service_identity_needs_an_accepted_justification_and_cannot_manage_keys
             key: "acme/x".into(),
             key_type: pb::KeyType::Aes256.into(),
             algorithm: 0,
+            ..Default::default()
         })
         .await
         .expect_err("create");

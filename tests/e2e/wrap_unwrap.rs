@@ -308,6 +308,7 @@ async fn bad_sizes_unknown_keys_and_bad_names_get_the_right_codes() {
             key: "t/gcm".into(),
             key_type: pb::KeyType::Aes256.into(),
             algorithm: 0,
+            ..Default::default()
         })
         .await
         .expect_err("duplicate");
@@ -318,6 +319,7 @@ async fn bad_sizes_unknown_keys_and_bad_names_get_the_right_codes() {
             key: "t/mismatch".into(),
             key_type: pb::KeyType::Aes256.into(),
             algorithm: pb::Algorithm::RsaOaepSha256.into(),
+            ..Default::default()
         })
         .await
         .expect_err("AES key with an RSA algorithm");
@@ -328,6 +330,7 @@ async fn bad_sizes_unknown_keys_and_bad_names_get_the_right_codes() {
             key: "t/none".into(),
             key_type: 0,
             algorithm: 0,
+            ..Default::default()
         })
         .await
         .expect_err("no type");

@@ -203,6 +203,7 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                             key: name,
                             key_type: kt.into(),
                             algorithm: alg.into(),
+                            attributes: None,
                         })
                         .await
                         .map_err(status)?

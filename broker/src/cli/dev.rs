@@ -191,6 +191,7 @@ async fn demo(settings: &ClientSettings) -> Result<(), String> {
             key: "dev/demo".into(),
             key_type: pb::KeyType::Aes256.into(),
             algorithm: pb::Algorithm::Unspecified.into(),
+            attributes: None,
         })
         .await
     {
