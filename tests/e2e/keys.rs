@@ -150,7 +150,10 @@ async fn dek_wrapped_before_restart_unwraps_after() {
         .expect("get")
         .into_inner();
     assert_eq!(before, after, "metadata survives the restart unchanged");
-    assert_eq!(after.versions[0].wraps, 1, "usage counters survive a restart");
+    assert_eq!(
+        after.versions[0].wraps, 1,
+        "usage counters survive a restart"
+    );
     for (key, d, aad, w) in &saved {
         let u = unwrap(&mut c, "", w, aad)
             .await

@@ -8,6 +8,7 @@ mod common;
 mod hyok;
 mod key_safety;
 mod keys;
+mod lifecycle;
 mod rsa_interop;
 mod tls;
 mod wrap_unwrap;
