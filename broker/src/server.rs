@@ -4,12 +4,20 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use keybroker_proto::v1::{
-    key_broker_server::KeyBrokerServer, key_management_server::KeyManagementServer,
+    audit_server::AuditServer, hyok_server::HyokServer, key_broker_server::KeyBrokerServer,
+    key_management_server::KeyManagementServer,
 };
 use tokio::net::TcpListener;
 
 use crate::{
-    authz::AllowList, config::Config, hsm::Hsm, keyring::Keyring, service::Api, store::Store, tls,
+    audit::{AuditLog, AuditSettings},
+    config::Config,
+    hsm::Hsm,
+    hyok::HyokSwitch,
+    keyring::Keyring,
+    service::Api,
+    store::Store,
+    tls,
 };
 
 /// Largest request message accepted (a DEK request is well under 20 KiB).
@@ -30,6 +38,20 @@ pub fn harden_process() {
     }
     if let Err(e) = set_dumpable_behavior(DumpableBehavior::NotDumpable) {
         tracing::warn!(error = %e, "could not mark the process non-dumpable");
+    }
+    // A write past RLIMIT_FSIZE raises SIGXFSZ, whose default action kills the process. Catch it
+    // so a full audit volume fails requests (EFBIG) instead of killing the broker.
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(
+        rustix::process::Signal::XFSZ.as_raw(),
+    )) {
+        Ok(mut s) => {
+            tokio::spawn(async move {
+                while s.recv().await.is_some() {
+                    tracing::error!("SIGXFSZ: a file reached the size limit");
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot catch SIGXFSZ"),
     }
 }
 
@@ -94,9 +116,14 @@ pub async fn run(
         .map_err(|e| format!("store task failed: {e}"))?
         .map_err(|e| e.to_string())?;
     let started = std::time::Instant::now();
-    let (keyring, report) = Keyring::load(hsm, Arc::new(store), cfg.hsm.on_integrity_failure)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (keyring, report) = Keyring::load(
+        hsm,
+        Arc::new(store),
+        cfg.hsm.on_integrity_failure,
+        cfg.lifecycle.settings(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     tracing::info!(
         keys = report.keys,
         versions = report.versions,
@@ -107,13 +134,37 @@ pub async fn run(
         "keys loaded and verified"
     );
     let keyring = Arc::new(keyring);
-    let allow = Arc::new(AllowList::new(cfg.access.allow.iter().cloned()));
-    let api = Api::new(keyring, allow);
+    let policy = Arc::new(cfg.policy()?);
+    policy.watch();
+    let store = keyring.store().clone();
+    let audit = AuditLog::open(
+        AuditSettings {
+            path: cfg.path(&cfg.audit.path),
+            checkpoint_every: cfg.audit.checkpoint_every,
+            checkpoint_interval: Duration::from_millis(cfg.audit.checkpoint_interval_ms),
+            sync: cfg.audit.sync,
+        },
+        keyring.hsm().clone(),
+        store.clone(),
+    )
+    .await?;
+    let hyok = Arc::new(HyokSwitch::load(store).await.map_err(|e| e.to_string())?);
+    keyring.attach_audit(audit.clone());
+    for r in &report.finished_destructions {
+        keyring.write_receipt(r).await.map_err(|e| e.to_string())?;
+    }
+    for a in crate::failpoint::armed() {
+        tracing::warn!(failpoint = %a, "TEST FAILPOINT ARMED: the broker will abort when it reaches it");
+    }
+    keyring.spawn_maintenance();
+    let keyring_for_shutdown = keyring.clone();
+    let api = Api::new(keyring, policy, audit.clone(), hyok);
 
     let tls_cfg = tls::server_config(&tls::TlsFiles {
         cert: &cfg.path(&cfg.tls.cert),
         key: &cfg.path(&cfg.tls.key),
         client_ca: &cfg.path(&cfg.tls.client_ca),
+        crls: &cfg.tls.crl.iter().map(|p| cfg.path(p)).collect::<Vec<_>>(),
     })?;
     let listener = TcpListener::bind(cfg.server.listen)
         .await
@@ -142,6 +193,8 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
+        .add_service(AuditServer::new(api.clone()))
+        .add_service(HyokServer::new(api.clone()))
         .add_service(
             KeyManagementServer::new(api)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -150,6 +203,8 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| format!("server failed: {e}"))?;
+    keyring_for_shutdown.flush_usage().await;
+    audit.close().await;
     tracing::info!("shut down cleanly");
     Ok(())
 }

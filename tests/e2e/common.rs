@@ -42,6 +42,16 @@ pub struct Options {
     pub hsm_extra: String,
     /// RUST_LOG for the broker (default `info,cryptoki=off`).
     pub rust_log: Option<String>,
+    /// A policy file's text; without one the config allows the test client identities.
+    pub policy: Option<String>,
+    /// Extra `[audit]` lines.
+    pub audit_extra: String,
+    /// Extra `[tls]` lines.
+    pub tls_extra: String,
+    /// A command prefix for the broker (e.g. `prlimit --fsize=N --`).
+    pub wrapper: Vec<String>,
+    /// Extra `[lifecycle]` lines.
+    pub lifecycle_extra: String,
 }
 
 impl Env {
@@ -75,6 +85,7 @@ cert = "{cert}"
 key = "{key}"
 client_ca = "{ca}"
 handshake_timeout_ms = 3000
+{tls_extra}
 [hsm]
 module = "{module}"
 token_label = "{label}"
@@ -83,8 +94,13 @@ sessions = 4
 {extra}
 [store]
 path = "keybroker.db"
+[audit]
+path = "audit.log"
+{audit_extra}
+[lifecycle]
+{lifecycle_extra}
 [access]
-allow = ["{TEST_CLIENT_ID}", "{TEST_DNS_CLIENT}"]
+{access}
 "#,
             cert = pki.server.cert_path.display(),
             key = pki.server.key_path.display(),
@@ -92,6 +108,16 @@ allow = ["{TEST_CLIENT_ID}", "{TEST_DNS_CLIENT}"]
             module = token.module.display(),
             pin = token.pin_file.display(),
             extra = opts.hsm_extra,
+            tls_extra = opts.tls_extra,
+            audit_extra = opts.audit_extra,
+            lifecycle_extra = opts.lifecycle_extra,
+            access = match &opts.policy {
+                Some(text) => {
+                    std::fs::write(dir.path().join("policy.toml"), text).expect("write policy");
+                    "policy_file = \"policy.toml\"".to_string()
+                }
+                None => format!("allow = [\"{TEST_CLIENT_ID}\", \"{TEST_DNS_CLIENT}\"]"),
+            },
         );
         std::fs::write(&config, text).expect("write config");
         Self {
@@ -101,6 +127,37 @@ allow = ["{TEST_CLIENT_ID}", "{TEST_DNS_CLIENT}"]
             config,
             opts,
         }
+    }
+
+    /// The audit log file.
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit.log")
+    }
+
+    /// The policy file.
+    pub fn policy_file(&self) -> PathBuf {
+        self.dir.path().join("policy.toml")
+    }
+
+    /// Runs `keybroker audit verify` on `file` with this env's config; returns (success, stdout).
+    pub fn verify_audit(&self, file: &Path) -> (bool, String) {
+        let out = std::process::Command::new(BROKER)
+            .args(["audit", "verify"])
+            .arg(file)
+            .arg("--config")
+            .arg(&self.config)
+            .envs(self.token.env())
+            .env("RUST_LOG", "warn,cryptoki=off")
+            .output()
+            .expect("run keybroker audit verify");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
     }
 
     /// Rewrites the config file.
@@ -118,10 +175,24 @@ allow = ["{TEST_CLIENT_ID}", "{TEST_DNS_CLIENT}"]
 
     /// Starts the broker; `Err` carries its stderr if it exits before listening.
     pub async fn try_start(&self) -> Result<Broker, String> {
-        let mut child = tokio::process::Command::new(BROKER)
+        self.try_start_with(&[]).await
+    }
+
+    /// Starts the broker with extra environment variables (e.g. `KEYBROKER_FAILPOINTS`).
+    pub async fn try_start_with(&self, envs: &[(&str, &str)]) -> Result<Broker, String> {
+        let mut cmd = match self.opts.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = tokio::process::Command::new(first);
+                c.args(rest).arg(BROKER);
+                c
+            }
+            None => tokio::process::Command::new(BROKER),
+        };
+        let mut child = cmd
             .args(["serve", "--config"])
             .arg(&self.config)
             .envs(self.token.env())
+            .envs(envs.iter().copied())
             .env(
                 "RUST_LOG",
                 self.opts.rust_log.as_deref().unwrap_or("info,cryptoki=off"),
@@ -284,6 +355,17 @@ impl Broker {
         self.log.lock().map(|g| g.clone()).unwrap_or_default()
     }
 
+    /// Waits for the process to end by itself (e.g. at a failpoint); returns its log.
+    pub async fn wait_exit(mut self) -> String {
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("broker exits");
+        if let Some(r) = self.reader.take() {
+            let _ = r.await;
+        }
+        self.log()
+    }
+
     /// SIGTERM, then wait for a clean exit; returns everything the broker wrote to stderr.
     pub async fn stop(mut self) -> String {
         if let Some(pid) = self.child.id() {
@@ -346,6 +428,7 @@ pub async fn create(c: &mut Clients, name: &str, kt: pb::KeyType, alg: pb::Algor
             key: name.into(),
             key_type: kt.into(),
             algorithm: alg.into(),
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|e| panic!("create {name}: {e:?}"))
@@ -363,6 +446,7 @@ pub async fn wrap(
             key: key.into(),
             plaintext: dek.to_vec(),
             aad: aad.to_vec(),
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner())
@@ -379,6 +463,7 @@ pub async fn unwrap(
             key: key.into(),
             aad: aad.to_vec(),
             wrapped: Some(pb::unwrap_key_request::Wrapped::Envelope(env.to_vec())),
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner())

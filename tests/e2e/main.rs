@@ -2,9 +2,13 @@
 //! with `KEYBROKER_TEST_TOKEN=kryoptic`), real mutual TLS on a loopback port. Run with
 //! `tests/run` (both tokens), or `cargo test --workspace` once SoftHSM2 is installed.
 
+mod access;
+mod audit;
 mod common;
+mod hyok;
 mod key_safety;
 mod keys;
+mod lifecycle;
 mod portability;
 mod rsa_interop;
 mod tls;

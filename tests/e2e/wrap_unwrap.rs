@@ -34,6 +34,7 @@ async fn round_trip(c: &mut keybroker::client::Clients, key: &str, aad: &[u8]) {
             key: key.into(),
             length: 0,
             aad: aad.to_vec(),
+            ..Default::default()
         })
         .await
         .expect("generate")
@@ -52,6 +53,7 @@ async fn round_trip(c: &mut keybroker::client::Clients, key: &str, aad: &[u8]) {
             key: key.into(),
             length: 16,
             aad: aad.to_vec(),
+            ..Default::default()
         })
         .await
         .expect("generate 16")
@@ -254,6 +256,7 @@ async fn bad_sizes_unknown_keys_and_bad_names_get_the_right_codes() {
                 key: "t/gcm".into(),
                 length: n,
                 aad: vec![],
+                ..Default::default()
             })
             .await
             .expect_err("bad length accepted");
@@ -304,6 +307,7 @@ async fn bad_sizes_unknown_keys_and_bad_names_get_the_right_codes() {
             key: "t/gcm".into(),
             key_type: pb::KeyType::Aes256.into(),
             algorithm: 0,
+            ..Default::default()
         })
         .await
         .expect_err("duplicate");
@@ -314,6 +318,7 @@ async fn bad_sizes_unknown_keys_and_bad_names_get_the_right_codes() {
             key: "t/mismatch".into(),
             key_type: pb::KeyType::Aes256.into(),
             algorithm: pb::Algorithm::RsaOaepSha256.into(),
+            ..Default::default()
         })
         .await
         .expect_err("AES key with an RSA algorithm");
@@ -324,6 +329,7 @@ async fn bad_sizes_unknown_keys_and_bad_names_get_the_right_codes() {
             key: "t/none".into(),
             key_type: 0,
             algorithm: 0,
+            ..Default::default()
         })
         .await
         .expect_err("no type");
@@ -334,6 +340,7 @@ async fn bad_sizes_unknown_keys_and_bad_names_get_the_right_codes() {
             key: "t/gcm".into(),
             aad: vec![],
             wrapped: None,
+            ..Default::default()
         })
         .await
         .expect_err("nothing to unwrap");

@@ -45,6 +45,18 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8443")]
         listen: std::net::SocketAddr,
     },
+    /// The HYOK kill switch (administrator role).
+    Hyok {
+        #[command(subcommand)]
+        command: HyokCommand,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// The audit trail: verify a log file, or query a running broker.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Manage keys (control plane).
     Key {
         #[command(subcommand)]
@@ -142,6 +154,64 @@ enum Command {
 }
 
 #[derive(Subcommand, Debug)]
+enum HyokCommand {
+    /// Cut HYOK service identities off: from the moment this returns, their wraps and unwraps
+    /// are refused, across all keys, until `reconnect` (survives broker restarts).
+    Disconnect {
+        /// Why (recorded in the audit trail).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Let HYOK service identities in again.
+    Reconnect {
+        /// Why (recorded in the audit trail).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Show the state.
+    Status,
+}
+
+// Parsed once per process: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Verify an audit log offline: hash chain, sequence, and (with --config) every checkpoint
+    /// MAC in the HSM and the last checkpoint the broker recorded. Exit status 1 on tampering.
+    Verify {
+        /// The audit log file.
+        file: PathBuf,
+        /// The broker's config: check checkpoint MACs with its HSM and detect truncation against
+        /// its store (SoftHSM2 needs SOFTHSM2_CONF as for `serve`).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Read audit records from a running broker (auditor role).
+    Query {
+        /// Only this key ("tenant/name").
+        #[arg(long)]
+        key: Option<String>,
+        /// Only this caller identity.
+        #[arg(long)]
+        caller: Option<String>,
+        /// Only this outcome (OK, PERMISSION_DENIED, ...).
+        #[arg(long)]
+        outcome: Option<String>,
+        /// Only records at or after (ms since the epoch).
+        #[arg(long, default_value_t = 0)]
+        since_ms: i64,
+        /// Only records before (ms since the epoch).
+        #[arg(long, default_value_t = 0)]
+        until_ms: i64,
+        /// At most this many records.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum KeyCommand {
     /// Create a key (generated inside the HSM).
     Create {
@@ -170,6 +240,98 @@ enum KeyCommand {
         /// "tenant/name".
         name: String,
     },
+    /// Change attributes (only the options given).
+    Update {
+        /// "tenant/name".
+        name: String,
+        /// Enable the key.
+        #[arg(long, conflicts_with = "disable")]
+        enable: bool,
+        /// Disable the key (every operation refused).
+        #[arg(long)]
+        disable: bool,
+        /// Allowed operations, comma-separated: wrap,unwrap,generate-data-key,rewrap.
+        #[arg(long)]
+        operations: Option<String>,
+        /// Replace the tags: --tag team=payments --tag env=prod (give --tag "" to clear).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Versions below this refuse to unwrap.
+        #[arg(long)]
+        min_decryption_version: Option<u32>,
+        /// Turn purge protection on (it can never be turned off).
+        #[arg(long)]
+        purge_protection: bool,
+        /// Set the time fields (all four together; unset ones are cleared).
+        #[arg(long)]
+        set_times: bool,
+        /// Not valid before (ms since the epoch), with --set-times.
+        #[arg(long, default_value_t = 0)]
+        not_before_ms: i64,
+        /// Expires at (ms since the epoch), with --set-times.
+        #[arg(long, default_value_t = 0)]
+        expires_ms: i64,
+        /// Rotate automatically every N ms, with --set-times.
+        #[arg(long, default_value_t = 0)]
+        rotation_period_ms: i64,
+        /// Rotated versions expire N ms after creation, with --set-times.
+        #[arg(long, default_value_t = 0)]
+        version_expiry_ms: i64,
+    },
+    /// List versions with usage (wraps, unwraps, last use).
+    Versions {
+        /// "tenant/name".
+        name: String,
+    },
+    /// Destroy every version below the minimum decryption version (irreversible).
+    Trim {
+        /// "tenant/name".
+        name: String,
+    },
+    /// Soft-delete a key (recoverable until purged).
+    Delete {
+        /// "tenant/name".
+        name: String,
+    },
+    /// List soft-deleted keys.
+    Deleted {
+        /// The tenant.
+        #[arg(long, default_value = "default")]
+        tenant: String,
+    },
+    /// Bring a soft-deleted key back.
+    Recover {
+        /// "tenant/name".
+        name: String,
+    },
+    /// Destroy a soft-deleted key's material: every DEK under it becomes unreadable, forever.
+    Purge {
+        /// "tenant/name".
+        name: String,
+    },
+    /// BYOK step 1: create an RSA import key; prints its id and public key (PEM).
+    ImportKey {
+        /// rsa-3072 or rsa-4096.
+        #[arg(long = "type", default_value = "rsa-3072")]
+        key_type: String,
+        /// Write the public key PEM to this file.
+        #[arg(long)]
+        pem_out: Option<PathBuf>,
+    },
+    /// BYOK step 2: import AES-256 key material wrapped for an import key (see README).
+    Import {
+        /// "tenant/name".
+        name: String,
+        /// The import key id from `key import-key`.
+        #[arg(long)]
+        import_key_id: String,
+        /// The wrapped material: RSA-OAEP part followed by the RFC 5649 part.
+        #[arg(long)]
+        wrapped_file: PathBuf,
+        /// aes-256-gcm (default) or aes-kwp.
+        #[arg(long)]
+        algorithm: Option<String>,
+    },
 }
 
 /// How a client command reaches the broker.
@@ -195,6 +357,18 @@ pub struct ConnArgs {
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = Output::Text, global = true)]
     output: Output,
+    /// Access justification reason for data-plane calls (e.g. CUSTOMER_INITIATED_ACCESS).
+    #[arg(long, env = "KEYBROKER_JUSTIFICATION", global = true)]
+    justification: Option<String>,
+    /// Free text for the justification (ticket number...).
+    #[arg(long, global = true)]
+    justification_detail: Option<String>,
+    /// Request id recorded in the audit trail.
+    #[arg(long, global = true)]
+    request_id: Option<String>,
+    /// Correlation id recorded in the audit trail.
+    #[arg(long, global = true)]
+    correlation_id: Option<String>,
 }
 
 /// Output format of client commands.
@@ -232,6 +406,20 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    // `keybroker key list | head`: a closed stdout is not a crash.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default_hook(info);
+    }));
     let cli = Cli::parse();
     let result = runtime().and_then(|rt| rt.block_on(run(cli)));
     match result {
@@ -257,6 +445,19 @@ async fn run(cli: Cli) -> Result<(), String> {
             let cfg = Config::load(&config)?;
             init_logging(cfg.log.format);
             commands::check_config(&cfg).await
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { file, config },
+        } => {
+            let cfg = match config {
+                Some(c) => {
+                    let cfg = Config::load(&c)?;
+                    init_logging(cfg.log.format);
+                    Some(cfg)
+                }
+                None => None,
+            };
+            commands::audit_verify(&file, cfg.as_ref()).await
         }
         Command::Dev { state_dir, listen } => {
             init_logging(LogFormat::Text);

@@ -62,7 +62,6 @@ pub fn aes_template(spec: &KekSpec, mechanism: MechanismType) -> Vec<Attribute> 
         Attribute::Private(true),
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
-        Attribute::Modifiable(false),
         Attribute::Copyable(false),
         Attribute::Destroyable(true),
         Attribute::Derive(false),
@@ -75,6 +74,9 @@ pub fn aes_template(spec: &KekSpec, mechanism: MechanismType) -> Vec<Attribute> 
         Attribute::AllowedMechanisms(vec![mechanism]),
         Attribute::Id(spec.id.as_bytes().to_vec()),
         Attribute::Label(spec.label.as_bytes().to_vec()),
+        // Last: SoftHSM2 applies an unwrap template in order, and once CKA_MODIFIABLE is FALSE
+        // every later attribute is read-only (CKR_ATTRIBUTE_READ_ONLY) — measured, 2.6.1.
+        Attribute::Modifiable(false),
     ]
 }
 
@@ -158,8 +160,15 @@ pub const PUBLIC_CHECK: &[AttributeType] = &[
 ];
 
 /// Compares attributes read back from the secret/private object of a KEK with what the
-/// template demands; returns one line per difference (empty = good).
-pub fn check_secret(alg: Algorithm, mechanism: MechanismType, attrs: &[Attribute]) -> Vec<String> {
+/// template demands; returns one line per difference (empty = good). An imported key (BYOK)
+/// existed outside the HSM before, so PKCS#11 rightly reports it neither always-sensitive nor
+/// never-extractable; everything else is the same.
+pub fn check_secret(
+    alg: Algorithm,
+    mechanism: MechanismType,
+    attrs: &[Attribute],
+    imported: bool,
+) -> Vec<String> {
     let (enc, dec, wrap, unwrap) = roles(alg);
     let mut problems = Vec::new();
     let mut want = |name: &str, got: Option<bool>, expect: bool| match got {
@@ -171,17 +180,19 @@ pub fn check_secret(alg: Algorithm, mechanism: MechanismType, attrs: &[Attribute
     want("CKA_TOKEN", b(AttributeType::Token), true);
     want("CKA_PRIVATE", b(AttributeType::Private), true);
     want("CKA_SENSITIVE", b(AttributeType::Sensitive), true);
-    want(
-        "CKA_ALWAYS_SENSITIVE",
-        b(AttributeType::AlwaysSensitive),
-        true,
-    );
+    if !imported {
+        want(
+            "CKA_ALWAYS_SENSITIVE",
+            b(AttributeType::AlwaysSensitive),
+            true,
+        );
+        want(
+            "CKA_NEVER_EXTRACTABLE",
+            b(AttributeType::NeverExtractable),
+            true,
+        );
+    }
     want("CKA_EXTRACTABLE", b(AttributeType::Extractable), false);
-    want(
-        "CKA_NEVER_EXTRACTABLE",
-        b(AttributeType::NeverExtractable),
-        true,
-    );
     want("CKA_MODIFIABLE", b(AttributeType::Modifiable), false);
     want("CKA_COPYABLE", b(AttributeType::Copyable), false);
     want("CKA_DERIVE", b(AttributeType::Derive), false);
