@@ -9,6 +9,7 @@ mod hyok;
 mod key_safety;
 mod keys;
 mod lifecycle;
+mod properties;
 mod rsa_interop;
 mod tls;
 mod wrap_unwrap;
