@@ -5,11 +5,13 @@
 mod access;
 mod audit;
 mod common;
+mod hostile;
 mod hyok;
 mod key_safety;
 mod keys;
 mod lifecycle;
 mod portability;
+mod properties;
 mod rsa_interop;
 mod tls;
 mod wrap_unwrap;
