@@ -19,6 +19,7 @@
 //!   [`cli`] — the `keybroker` command.
 
 pub mod audit;
+pub mod batch;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -124,6 +124,12 @@ impl Ctx {
     /// the key's accepted justifications). Deny by default.
     fn authorize(&self, perm: Permission, key: &KeyName) -> Result<(), BrokerError> {
         self.note_key(key);
+        self.check(perm, key)
+    }
+
+    /// [`Ctx::authorize`] without noting the key in the request's record (batch items have
+    /// their own records).
+    fn check(&self, perm: Permission, key: &KeyName) -> Result<(), BrokerError> {
         if !self.policy.allows(&self.caller, perm, key) {
             return Err(BrokerError::PermissionDenied(format!(
                 "{} may not {perm} key {key}",
@@ -572,6 +578,152 @@ pub fn public_key_formats(pk: &PublicKeyInfo) -> Result<(String, String), Broker
 
 #[tonic::async_trait]
 impl KeyBroker for Api {
+    async fn batch_wrap_key(
+        &self,
+        req: Request<pb::BatchWrapKeyRequest>,
+    ) -> Result<Response<pb::BatchWrapKeyResponse>, Status> {
+        self.handle("BatchWrapKey", req, |ctx, r| async move {
+            ctx.take_context(r.context)?;
+            check_batch_size(r.items.len())?;
+            let names: Vec<String> = r.items.iter().map(|i| i.key.clone()).collect();
+            let items = r
+                .items
+                .into_iter()
+                .map(|i| key_name(&i.key).map(|k| (k, Dek::new(i.plaintext), i.aad)))
+                .collect();
+            let authorize = |k: &KeyName| ctx.check(Permission::Wrap, k);
+            let results = self.keyring.wrap_batch(items, &authorize).await;
+            self.audit_items(
+                &ctx,
+                "BatchWrapKey",
+                &names,
+                results.iter().map(|r| r.as_ref().map(|w| w.version)),
+            )
+            .await?;
+            Ok(pb::BatchWrapKeyResponse {
+                results: results
+                    .into_iter()
+                    .map(|r| pb::WrapKeyResult {
+                        result: Some(match r {
+                            Ok(w) => pb::wrap_key_result::Result::Ok(pb::WrapKeyResponse {
+                                wrapped_key: w.envelope,
+                                key: w.key.to_string(),
+                                key_version: w.version,
+                                algorithm: algorithm_to_pb(w.algorithm).into(),
+                            }),
+                            Err(e) => pb::wrap_key_result::Result::Error(item_error(&e)),
+                        }),
+                    })
+                    .collect(),
+            })
+        })
+        .await
+    }
+
+    async fn batch_unwrap_key(
+        &self,
+        req: Request<pb::BatchUnwrapKeyRequest>,
+    ) -> Result<Response<pb::BatchUnwrapKeyResponse>, Status> {
+        self.handle("BatchUnwrapKey", req, |ctx, r| async move {
+            ctx.take_context(r.context)?;
+            check_batch_size(r.items.len())?;
+            let names: Vec<String> = r.items.iter().map(|i| i.key.clone()).collect();
+            let items = r
+                .items
+                .into_iter()
+                .map(|i| match i.wrapped {
+                    Some(PbWrapped::Envelope(env)) => optional_key(&i.key).map(|k| (k, env, i.aad)),
+                    Some(PbWrapped::Raw(_)) => Err(BrokerError::invalid(
+                        "raw ciphertexts are not supported in batches; use UnwrapKey",
+                    )),
+                    None => Err(BrokerError::invalid("set envelope")),
+                })
+                .collect();
+            let authorize = |k: &KeyName| ctx.check(Permission::Unwrap, k);
+            let results = self.keyring.unwrap_batch(items, &authorize).await;
+            let names: Vec<String> = names
+                .into_iter()
+                .zip(&results)
+                .map(|(n, r)| match r {
+                    Ok(u) => u.key.to_string(),
+                    Err(_) => n,
+                })
+                .collect();
+            self.audit_items(
+                &ctx,
+                "BatchUnwrapKey",
+                &names,
+                results.iter().map(|r| r.as_ref().map(|u| u.version)),
+            )
+            .await?;
+            Ok(pb::BatchUnwrapKeyResponse {
+                results: results
+                    .into_iter()
+                    .map(|r| pb::UnwrapKeyResult {
+                        result: Some(match r {
+                            Ok(u) => pb::unwrap_key_result::Result::Ok(pb::UnwrapKeyResponse {
+                                key: u.key.to_string(),
+                                key_version: u.version,
+                                algorithm: algorithm_to_pb(u.algorithm).into(),
+                                plaintext: u.dek.into_vec(),
+                            }),
+                            Err(e) => pb::unwrap_key_result::Result::Error(item_error(&e)),
+                        }),
+                    })
+                    .collect(),
+            })
+        })
+        .await
+    }
+
+    async fn batch_generate_data_key(
+        &self,
+        req: Request<pb::BatchGenerateDataKeyRequest>,
+    ) -> Result<Response<pb::BatchGenerateDataKeyResponse>, Status> {
+        self.handle("BatchGenerateDataKey", req, |ctx, r| async move {
+            ctx.take_context(r.context)?;
+            check_batch_size(r.items.len())?;
+            let names: Vec<String> = r.items.iter().map(|i| i.key.clone()).collect();
+            let items = r
+                .items
+                .into_iter()
+                .map(|i| {
+                    key_name(&i.key)
+                        .map(|k| (k, usize::try_from(i.length).unwrap_or(usize::MAX), i.aad))
+                })
+                .collect();
+            let authorize = |k: &KeyName| ctx.check(Permission::Wrap, k);
+            let results = self.keyring.generate_batch(items, &authorize).await;
+            self.audit_items(
+                &ctx,
+                "BatchGenerateDataKey",
+                &names,
+                results.iter().map(|r| r.as_ref().map(|w| w.1.version)),
+            )
+            .await?;
+            Ok(pb::BatchGenerateDataKeyResponse {
+                results: results
+                    .into_iter()
+                    .map(|r| pb::GenerateDataKeyResult {
+                        result: Some(match r {
+                            Ok((dek, w)) => pb::generate_data_key_result::Result::Ok(
+                                pb::GenerateDataKeyResponse {
+                                    plaintext: dek.into_vec(),
+                                    wrapped_key: w.envelope,
+                                    key: w.key.to_string(),
+                                    key_version: w.version,
+                                    algorithm: algorithm_to_pb(w.algorithm).into(),
+                                },
+                            ),
+                            Err(e) => pb::generate_data_key_result::Result::Error(item_error(&e)),
+                        }),
+                    })
+                    .collect(),
+            })
+        })
+        .await
+    }
+
     async fn wrap_key(
         &self,
         req: Request<pb::WrapKeyRequest>,
@@ -1105,6 +1257,89 @@ impl Audit for Api {
             })
         })
         .await
+    }
+}
+
+fn check_batch_size(n: usize) -> Result<(), BrokerError> {
+    if n == 0 || n > crate::batch::MAX_BATCH {
+        return Err(BrokerError::invalid(format!(
+            "a batch has 1 to {} items, not {n}",
+            crate::batch::MAX_BATCH
+        )));
+    }
+    Ok(())
+}
+
+fn item_error(e: &BrokerError) -> pb::ItemError {
+    let message = match e {
+        BrokerError::Internal(detail) => {
+            tracing::error!(detail = %detail, "internal error in a batch item");
+            "internal error (logged by the broker)".to_string()
+        }
+        other => other.to_string(),
+    };
+    pb::ItemError {
+        code: e.code() as i32,
+        message,
+    }
+}
+
+impl Api {
+    /// One audit record per batch item (written together, before the reply).
+    async fn audit_items<'a>(
+        &self,
+        ctx: &Ctx,
+        op: &str,
+        keys: &[String],
+        outcomes: impl Iterator<Item = Result<u32, &'a BrokerError>>,
+    ) -> Result<(), BrokerError> {
+        let (base_id, just, detail, corr) = {
+            let f = ctx.fields();
+            (
+                f.request_id
+                    .clone()
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                f.justification.clone(),
+                f.justification_detail.clone(),
+                f.correlation_id.clone(),
+            )
+        };
+        let recs = outcomes
+            .zip(keys)
+            .enumerate()
+            .map(|(i, (o, key))| {
+                let mut rec = Record::request(op, &ctx.caller.id);
+                rec.key = Some(key.clone()).filter(|k| !k.is_empty());
+                rec.tenant = rec
+                    .key
+                    .as_deref()
+                    .and_then(|k| KeyName::parse(k).ok())
+                    .map(|k| k.tenant().to_string());
+                match o {
+                    Ok(v) => {
+                        rec.version = Some(v);
+                        rec.outcome = Some("OK".into());
+                    }
+                    Err(e) => {
+                        rec.outcome = Some(code_name(e.code()));
+                        rec.message = Some(match e {
+                            BrokerError::Internal(_) => "internal error".into(),
+                            other => other.to_string(),
+                        });
+                    }
+                }
+                rec.justification = just.clone();
+                rec.justification_detail = detail.clone();
+                rec.correlation_id = corr.clone();
+                rec.request_id = Some(format!("{base_id}#{i}"));
+                rec
+            })
+            .collect();
+        self.audit.append_many(recs).await.map_err(|e| {
+            BrokerError::Unavailable(format!(
+                "the audit trail cannot be written; the request was refused ({e})"
+            ))
+        })
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod access;
 mod audit;
+mod batch;
 mod common;
 mod hostile;
 mod hyok;

@@ -612,6 +612,84 @@ impl Hsm {
         .await
     }
 
+    /// Wraps many DEKs in one session checkout (a batch chunk). The outer error is a session-
+    /// level fault (the whole chunk is retried once on a lost session); each item has its own
+    /// result.
+    pub async fn wrap_many(
+        &self,
+        items: Vec<(VersionId, WrapParams, Dek)>,
+    ) -> Result<Vec<Result<Vec<u8>, HsmError>>, HsmError> {
+        self.run("wrap (batch)", move |inner, s| {
+            let mut out = Vec::with_capacity(items.len());
+            for (id, params, dek) in &items {
+                let r = inner
+                    .key_for(*id, params, true)
+                    .and_then(|(h, kwp)| ops::wrap(s, h, kwp, params, dek));
+                if let Err(e) = &r {
+                    if e.kind == FaultKind::SessionLost {
+                        return Err(e.clone());
+                    }
+                }
+                out.push(r);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Unwraps many ciphertexts in one session checkout, as [`Hsm::wrap_many`].
+    pub async fn unwrap_many(
+        &self,
+        items: Vec<(VersionId, WrapParams, Vec<u8>)>,
+    ) -> Result<Vec<Result<Dek, HsmError>>, HsmError> {
+        self.run("unwrap (batch)", move |inner, s| {
+            let mut out = Vec::with_capacity(items.len());
+            for (id, params, ct) in &items {
+                let r = inner
+                    .key_for(*id, params, false)
+                    .and_then(|(h, kwp)| ops::unwrap(s, h, kwp, params, ct));
+                if let Err(e) = &r {
+                    if e.kind == FaultKind::SessionLost {
+                        return Err(e.clone());
+                    }
+                }
+                out.push(r);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Draws and wraps many DEKs in one session checkout, as [`Hsm::wrap_many`].
+    pub async fn generate_many(
+        &self,
+        items: Vec<(VersionId, WrapParams, usize)>,
+    ) -> Result<Vec<Result<(Dek, Vec<u8>), HsmError>>, HsmError> {
+        self.run("generate data keys (batch)", move |inner, s| {
+            let mut out = Vec::with_capacity(items.len());
+            for (id, params, len) in &items {
+                let r = inner.key_for(*id, params, true).and_then(|(h, kwp)| {
+                    let dek = ops::random(s, *len)?;
+                    let ct = ops::wrap(s, h, kwp, params, &dek)?;
+                    Ok((dek, ct))
+                });
+                if let Err(e) = &r {
+                    if e.kind == FaultKind::SessionLost {
+                        return Err(e.clone());
+                    }
+                }
+                out.push(r);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Sessions in the pool (how many batch chunks can run at once).
+    pub fn sessions(&self) -> usize {
+        self.inner.summary.sessions
+    }
+
     /// Reads the public key of an RSA version.
     pub async fn public_key(&self, id: VersionId) -> Result<RsaPublic, HsmError> {
         self.run("read a public key", move |inner, s| {
