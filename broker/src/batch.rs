@@ -15,6 +15,13 @@ use crate::{
     model::{DEFAULT_DEK_LEN, Dek, KeyName, KeyOp, MAX_AAD_LEN, VersionId, check_dek_len, now_ms},
 };
 
+/// A wrap item: key, DEK, AAD.
+pub type WrapItem = (KeyName, Dek, Vec<u8>);
+/// A generate item: key, length, AAD.
+pub type GenerateItem = (KeyName, usize, Vec<u8>);
+/// An unwrap item: the key the caller named (if any), envelope, AAD.
+pub type UnwrapItem = (Option<KeyName>, Vec<u8>, Vec<u8>);
+
 /// The most items in one batch.
 pub const MAX_BATCH: usize = 1000;
 
@@ -45,7 +52,7 @@ impl Keyring {
     /// Wraps caller-supplied DEKs. `items[i]` is the parsed request (or why it did not parse).
     pub async fn wrap_batch(
         &self,
-        items: Vec<Result<(KeyName, Dek, Vec<u8>), BrokerError>>,
+        items: Vec<Result<WrapItem, BrokerError>>,
         authorize: &(dyn Fn(&KeyName) -> Result<(), BrokerError> + Sync),
     ) -> Vec<Result<Wrapped, BrokerError>> {
         let now = now_ms();
@@ -115,7 +122,7 @@ impl Keyring {
     /// Generates and wraps DEKs.
     pub async fn generate_batch(
         &self,
-        items: Vec<Result<(KeyName, usize, Vec<u8>), BrokerError>>,
+        items: Vec<Result<GenerateItem, BrokerError>>,
         authorize: &(dyn Fn(&KeyName) -> Result<(), BrokerError> + Sync),
     ) -> Vec<Result<(Dek, Wrapped), BrokerError>> {
         let now = now_ms();
@@ -189,7 +196,7 @@ impl Keyring {
     /// Unwraps envelopes. `items[i]` is (the key the caller named, if any; envelope; aad).
     pub async fn unwrap_batch(
         &self,
-        items: Vec<Result<(Option<KeyName>, Vec<u8>, Vec<u8>), BrokerError>>,
+        items: Vec<Result<UnwrapItem, BrokerError>>,
         authorize: &(dyn Fn(&KeyName) -> Result<(), BrokerError> + Sync),
     ) -> Vec<Result<Unwrapped, BrokerError>> {
         let now = now_ms();
