@@ -625,10 +625,10 @@ impl Hsm {
                 let r = inner
                     .key_for(*id, params, true)
                     .and_then(|(h, kwp)| ops::wrap(s, h, kwp, params, dek));
-                if let Err(e) = &r {
-                    if e.kind == FaultKind::SessionLost {
-                        return Err(e.clone());
-                    }
+                if let Err(e) = &r
+                    && e.kind == FaultKind::SessionLost
+                {
+                    return Err(e.clone());
                 }
                 out.push(r);
             }
@@ -648,10 +648,10 @@ impl Hsm {
                 let r = inner
                     .key_for(*id, params, false)
                     .and_then(|(h, kwp)| ops::unwrap(s, h, kwp, params, ct));
-                if let Err(e) = &r {
-                    if e.kind == FaultKind::SessionLost {
-                        return Err(e.clone());
-                    }
+                if let Err(e) = &r
+                    && e.kind == FaultKind::SessionLost
+                {
+                    return Err(e.clone());
                 }
                 out.push(r);
             }
@@ -673,10 +673,10 @@ impl Hsm {
                     let ct = ops::wrap(s, h, kwp, params, &dek)?;
                     Ok((dek, ct))
                 });
-                if let Err(e) = &r {
-                    if e.kind == FaultKind::SessionLost {
-                        return Err(e.clone());
-                    }
+                if let Err(e) = &r
+                    && e.kind == FaultKind::SessionLost
+                {
+                    return Err(e.clone());
                 }
                 out.push(r);
             }
