@@ -69,7 +69,7 @@ fn step(
             let mut aad = sample[..31].to_vec();
             aad.extend_from_slice(AAD);
             let p = GcmParams::new(&mut iv, &aad, 128.into()).map_err(e)?;
-            s.decrypt(&Mechanism::AesGcm(p), kek, &sample[31..])
+            s.decrypt_sized(&Mechanism::AesGcm(p), kek, &sample[31..], sample.len() - 31)
                 .map_err(e)?;
         }
         "aes-gcm wrap" | "aes-gcm generate" => {
@@ -83,7 +83,8 @@ fn step(
             let mut aad = vec![0u8; 31];
             aad.extend_from_slice(AAD);
             let p = GcmParams::new(&mut iv, &aad, 128.into()).map_err(e)?;
-            s.encrypt(&Mechanism::AesGcm(p), kek, &dek).map_err(e)?;
+            s.encrypt_sized(&Mechanism::AesGcm(p), kek, &dek, dek.len() + 16)
+                .map_err(e)?;
         }
         "aes-kwp wrap" => {
             let obj = s
@@ -122,7 +123,8 @@ fn step(
             v.map_err(e)?;
         }
         _ => {
-            s.decrypt(&oaep(alg), kek, &sample[19..]).map_err(e)?;
+            s.decrypt_sized(&oaep(alg), kek, &sample[19..], sample.len() - 19)
+                .map_err(e)?;
         }
     }
     Ok(())
