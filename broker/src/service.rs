@@ -1,6 +1,10 @@
 //! The gRPC services. Each handler: identity (from the connection, decided at the handshake) →
 //! access check → parse → keyring → convert. Errors become `tonic::Status` in one place
 //! ([`BrokerError`]'s `From` impl).
+//!
+//! Every request gets a request id — the caller's `x-request-id` metadata when it is sane (1-128
+//! of `[A-Za-z0-9._:/-]`), else a fresh one — that is in its log line and in the span of
+//! everything logged while it runs, and is sent back in the reply's `x-request-id`.
 
 use std::{future::Future, sync::Arc, time::Instant};
 
@@ -9,28 +13,67 @@ use keybroker_proto::v1::{
     self as pb, key_broker_server::KeyBroker, key_management_server::KeyManagement,
     unwrap_key_request::Wrapped as PbWrapped,
 };
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, metadata::MetadataValue};
+use tracing::Instrument;
 
 use crate::{
     authz::AllowList,
     error::BrokerError,
     identity::Caller,
     keyring::{KeyEntry, KeyState, Keyring, PublicKeyInfo},
+    metrics::Metrics,
     model::{Algorithm, DEFAULT_TENANT, Dek, KeyName, KeyType, validate_part},
     tls::ConnInfo,
 };
+
+/// The data-plane service's full name.
+pub const KEY_BROKER: &str = "keybroker.v1.KeyBroker";
+/// The control-plane service's full name.
+pub const KEY_MANAGEMENT: &str = "keybroker.v1.KeyManagement";
+/// The metadata header carrying the request id (in both directions).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// A caller-supplied request id, if it is safe to log as is: 1-128 characters of
+/// `[A-Za-z0-9._:/-]` (no spaces, quotes or control characters that could forge log lines).
+pub fn sanitize_request_id(s: &str) -> Option<String> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:/-".contains(&b));
+    ok.then(|| s.to_string())
+}
+
+/// The request's id: the caller's `x-request-id` if sane, else a fresh `kb-<uuid>`.
+pub fn request_id<T>(req: &Request<T>) -> String {
+    req.metadata()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(sanitize_request_id)
+        .unwrap_or_else(|| format!("kb-{}", uuid::Uuid::new_v4().simple()))
+}
 
 /// Both services over one keyring.
 #[derive(Clone)]
 pub struct Api {
     keyring: Arc<Keyring>,
     allow: Arc<AllowList>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Api {
     /// Builds the services.
     pub fn new(keyring: Arc<Keyring>, allow: Arc<AllowList>) -> Self {
-        Self { keyring, allow }
+        Self {
+            keyring,
+            allow,
+            metrics: None,
+        }
+    }
+
+    /// Records every request in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The verified caller, if it may call at all.
@@ -48,9 +91,11 @@ impl Api {
         Ok(info.caller.clone())
     }
 
-    /// Runs one request: identity, then the handler, with one log line for the outcome.
+    /// Runs one request: request id, identity, then the handler, with one log line and one
+    /// metrics observation for the outcome.
     async fn handle<Req, Resp, F, Fut>(
         &self,
+        service: &'static str,
         method: &'static str,
         req: Request<Req>,
         f: F,
@@ -60,23 +105,52 @@ impl Api {
         Fut: Future<Output = Result<Resp, BrokerError>>,
     {
         let start = Instant::now();
+        let request_id = request_id(&req);
         let peer = req
             .extensions()
             .get::<ConnInfo>()
             .map(|c| c.caller.id.clone());
-        let result = match self.caller(&req) {
-            Ok(caller) => f(caller, req.into_inner()).await,
-            Err(e) => Err(e),
-        };
-        let micros = start.elapsed().as_micros() as u64;
-        let caller = peer.as_deref().unwrap_or("-");
-        match &result {
-            Ok(_) => tracing::debug!(method, caller, micros, "ok"),
-            Err(e) => {
-                tracing::info!(method, caller, micros, code = ?e.code(), error = %e, "refused")
+        let span = tracing::info_span!("rpc", method, request_id = %request_id);
+        let result = async {
+            match self.caller(&req) {
+                Ok(caller) => f(caller, req.into_inner()).await,
+                Err(e) => Err(e),
             }
         }
-        result.map(Response::new).map_err(Status::from)
+        .instrument(span)
+        .await;
+        let micros = start.elapsed().as_micros() as u64;
+        let caller = peer.as_deref().unwrap_or("-");
+        let code = match &result {
+            Ok(_) => tonic::Code::Ok,
+            Err(e) => e.code(),
+        };
+        match &result {
+            Ok(_) => tracing::debug!(method, request_id = %request_id, caller, micros, "ok"),
+            Err(e) => {
+                tracing::info!(method, request_id = %request_id, caller, micros, code = ?e.code(), error = %e, "refused")
+            }
+        }
+        if let Some(m) = &self.metrics {
+            m.observe_request(service, method, code, start.elapsed());
+        }
+        let rid = MetadataValue::try_from(request_id.as_str()).ok();
+        match result {
+            Ok(resp) => {
+                let mut resp = Response::new(resp);
+                if let Some(v) = rid {
+                    resp.metadata_mut().insert(REQUEST_ID_HEADER, v);
+                }
+                Ok(resp)
+            }
+            Err(e) => {
+                let mut status = Status::from(e);
+                if let Some(v) = rid {
+                    status.metadata_mut().insert(REQUEST_ID_HEADER, v);
+                }
+                Err(status)
+            }
+        }
     }
 }
 
@@ -218,7 +292,7 @@ impl KeyBroker for Api {
         &self,
         req: Request<pb::WrapKeyRequest>,
     ) -> Result<Response<pb::WrapKeyResponse>, Status> {
-        self.handle("WrapKey", req, |_caller, r| async move {
+        self.handle(KEY_BROKER, "WrapKey", req, |_caller, r| async move {
             let name = key_name(&r.key)?;
             let w = self
                 .keyring
@@ -238,7 +312,7 @@ impl KeyBroker for Api {
         &self,
         req: Request<pb::UnwrapKeyRequest>,
     ) -> Result<Response<pb::UnwrapKeyResponse>, Status> {
-        self.handle("UnwrapKey", req, |_caller, r| async move {
+        self.handle(KEY_BROKER, "UnwrapKey", req, |_caller, r| async move {
             let u = match r.wrapped {
                 Some(PbWrapped::Envelope(env)) => {
                     let expected = optional_key(&r.key)?;
@@ -278,18 +352,23 @@ impl KeyBroker for Api {
         &self,
         req: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
-        self.handle("GenerateDataKey", req, |_caller, r| async move {
-            let name = key_name(&r.key)?;
-            let len = usize::try_from(r.length).unwrap_or(usize::MAX);
-            let (dek, w) = self.keyring.generate_data_key(&name, len, &r.aad).await?;
-            Ok(pb::GenerateDataKeyResponse {
-                plaintext: dek.into_vec(),
-                wrapped_key: w.envelope,
-                key: w.key.to_string(),
-                key_version: w.version,
-                algorithm: algorithm_to_pb(w.algorithm).into(),
-            })
-        })
+        self.handle(
+            KEY_BROKER,
+            "GenerateDataKey",
+            req,
+            |_caller, r| async move {
+                let name = key_name(&r.key)?;
+                let len = usize::try_from(r.length).unwrap_or(usize::MAX);
+                let (dek, w) = self.keyring.generate_data_key(&name, len, &r.aad).await?;
+                Ok(pb::GenerateDataKeyResponse {
+                    plaintext: dek.into_vec(),
+                    wrapped_key: w.envelope,
+                    key: w.key.to_string(),
+                    key_version: w.version,
+                    algorithm: algorithm_to_pb(w.algorithm).into(),
+                })
+            },
+        )
         .await
     }
 
@@ -297,7 +376,7 @@ impl KeyBroker for Api {
         &self,
         req: Request<pb::RewrapRequest>,
     ) -> Result<Response<pb::RewrapResponse>, Status> {
-        self.handle("Rewrap", req, |_caller, r| async move {
+        self.handle(KEY_BROKER, "Rewrap", req, |_caller, r| async move {
             let expected = optional_key(&r.key)?;
             let dest = optional_key(&r.destination_key)?;
             let new_aad = if r.change_aad {
@@ -330,7 +409,7 @@ impl KeyBroker for Api {
         &self,
         req: Request<pb::GetPublicKeyRequest>,
     ) -> Result<Response<pb::GetPublicKeyResponse>, Status> {
-        self.handle("GetPublicKey", req, |_caller, r| async move {
+        self.handle(KEY_BROKER, "GetPublicKey", req, |_caller, r| async move {
             let name = key_name(&r.key)?;
             let pk = self.keyring.public_key(&name, r.key_version).await?;
             let (spki_pem, jwk) = public_key_formats(&pk)?;
@@ -353,7 +432,7 @@ impl KeyManagement for Api {
         &self,
         req: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
-        self.handle("CreateKey", req, |caller, r| async move {
+        self.handle(KEY_MANAGEMENT, "CreateKey", req, |caller, r| async move {
             let name = key_name(&r.key)?;
             let key_type = key_type_from_pb(r.key_type)?;
             let alg = algorithm_from_pb(r.algorithm)?;
@@ -365,7 +444,7 @@ impl KeyManagement for Api {
     }
 
     async fn get_key(&self, req: Request<pb::GetKeyRequest>) -> Result<Response<pb::Key>, Status> {
-        self.handle("GetKey", req, |_caller, r| async move {
+        self.handle(KEY_MANAGEMENT, "GetKey", req, |_caller, r| async move {
             let k = self.keyring.get(&key_name(&r.key)?)?;
             Ok(self.key_to_pb(&k))
         })
@@ -376,7 +455,7 @@ impl KeyManagement for Api {
         &self,
         req: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        self.handle("ListKeys", req, |_caller, r| async move {
+        self.handle(KEY_MANAGEMENT, "ListKeys", req, |_caller, r| async move {
             let tenant = if r.tenant.is_empty() {
                 DEFAULT_TENANT.to_string()
             } else {
@@ -411,12 +490,43 @@ impl KeyManagement for Api {
         &self,
         req: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
-        self.handle("RotateKey", req, |caller, r| async move {
+        self.handle(KEY_MANAGEMENT, "RotateKey", req, |caller, r| async move {
             let name = key_name(&r.key)?;
             let k = self.keyring.rotate(&name).await?;
             tracing::info!(key = %k.name, caller = %caller, version = k.versions.len(), "RotateKey");
             Ok(self.key_to_pb(&k))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_kept_only_when_safe_to_log() {
+        assert_eq!(sanitize_request_id("kbc-0a1b").as_deref(), Some("kbc-0a1b"));
+        assert_eq!(
+            sanitize_request_id("a1b2c3d4-e5f6:trace/7.x").as_deref(),
+            Some("a1b2c3d4-e5f6:trace/7.x")
+        );
+        for bad in [
+            "",
+            "has space",
+            "new\nline",
+            "quote\"",
+            "x=y",
+            "ü",
+            &"a".repeat(129),
+        ] {
+            assert_eq!(sanitize_request_id(bad), None, "{bad:?}");
+        }
+        let mut req = Request::new(());
+        let fresh = request_id(&req);
+        assert!(fresh.starts_with("kb-") && fresh.len() == 35, "{fresh}");
+        req.metadata_mut()
+            .insert(REQUEST_ID_HEADER, MetadataValue::from_static("order-42"));
+        assert_eq!(request_id(&req), "order-42");
     }
 }

@@ -644,7 +644,7 @@ impl Sealer {
 
 enum OpenState {
     Header(Vec<u8>),
-    Body(Decryptor),
+    Body(Box<Decryptor>),
     Failed,
 }
 
@@ -686,7 +686,7 @@ impl Opener {
                 let key = self.client.data_key(header.wrapped()).await?;
                 let mut d = Decryptor::new(&key, &header, &self.aad);
                 let out = d.update(&rest)?;
-                self.state = OpenState::Body(d);
+                self.state = OpenState::Body(Box::new(d));
                 Ok(out)
             }
         }
