@@ -61,7 +61,7 @@ struct Entry {
 pub struct CacheStats {
     /// Opens served from the cache.
     pub hits: u64,
-    /// Opens that had to unwrap.
+    /// Opens that had to unwrap (concurrent opens of one DEK share one miss and one unwrap).
     pub misses: u64,
     /// DEKs erased because of age, use count or capacity.
     pub evictions: u64,
@@ -92,7 +92,8 @@ impl DekCache {
         now.saturating_duration_since(e.inserted) >= self.cfg.max_age || e.uses >= self.cfg.max_uses
     }
 
-    /// The DEK of `wrapped`, counting a hit or a miss.
+    /// The DEK of `wrapped`, counting a hit when found. (A miss is counted by
+    /// [`DekCache::record_miss`] when the caller really unwraps.)
     pub(crate) fn get(&self, wrapped: &[u8], now: Instant) -> Option<DataKey> {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let found = match map.get_mut(wrapped) {
@@ -112,13 +113,15 @@ impl DekCache {
             }
             None => None,
         };
-        let counter = if found.is_some() {
-            &self.hits
-        } else {
-            &self.misses
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        if found.is_some() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
         found
+    }
+
+    /// Counts an open that has to unwrap.
+    pub(crate) fn record_miss(&self) {
+        self.misses.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether `wrapped` is cached and usable (no counting).
@@ -199,10 +202,12 @@ mod tests {
         let c = cache(60, 3, 10);
         let t = Instant::now();
         assert!(c.get(b"w", t).is_none());
+        c.record_miss();
         c.insert(b"w", key(1), t); // use 1
         assert_eq!(c.get(b"w", t), Some(key(1))); // use 2
         assert_eq!(c.get(b"w", t), Some(key(1))); // use 3: evicted after serving
         assert!(c.get(b"w", t).is_none());
+        c.record_miss();
         assert_eq!(
             c.stats(),
             CacheStats {

@@ -540,6 +540,7 @@ impl Client {
         {
             return Ok(k);
         }
+        inner.cache.record_miss();
         let request_id = new_request_id();
         inner.unwrap_calls.fetch_add(1, Ordering::Relaxed);
         let envelope = wrapped.to_vec();

@@ -5,6 +5,9 @@
 mod common;
 mod key_safety;
 mod keys;
+mod kms_v2;
+mod observability;
 mod rsa_interop;
+mod sdk;
 mod tls;
 mod wrap_unwrap;
