@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use keybroker_proto::v1::{
-    key_broker_client::KeyBrokerClient, key_management_client::KeyManagementClient,
+    audit_client::AuditClient, hyok_client::HyokClient, key_broker_client::KeyBrokerClient,
+    key_management_client::KeyManagementClient,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -42,12 +43,16 @@ pub async fn connect(s: &ClientSettings) -> Result<Channel, String> {
         .map_err(|e| format!("cannot connect to {}: {e}", s.endpoint))
 }
 
-/// Both clients on one channel.
+/// Every client, on one channel.
 pub struct Clients {
     /// Data plane.
     pub broker: KeyBrokerClient<Channel>,
     /// Control plane.
     pub mgmt: KeyManagementClient<Channel>,
+    /// The audit trail.
+    pub audit: AuditClient<Channel>,
+    /// The HYOK kill switch.
+    pub hyok: HyokClient<Channel>,
 }
 
 /// Connects and returns both clients.
@@ -55,6 +60,8 @@ pub async fn clients(s: &ClientSettings) -> Result<Clients, String> {
     let ch = connect(s).await?;
     Ok(Clients {
         broker: KeyBrokerClient::new(ch.clone()),
-        mgmt: KeyManagementClient::new(ch),
+        mgmt: KeyManagementClient::new(ch.clone()),
+        audit: AuditClient::new(ch.clone()),
+        hyok: HyokClient::new(ch),
     })
 }

@@ -32,6 +32,12 @@ pub struct Config {
     pub store: StoreConfig,
     /// Who may call.
     pub access: AccessConfig,
+    /// The audit trail.
+    #[serde(default)]
+    pub audit: AuditConfig,
+    /// Soft delete, purge protection, background maintenance.
+    #[serde(default)]
+    pub lifecycle: LifecycleConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -95,6 +101,10 @@ pub struct TlsConfig {
     /// Handshake timeout in ms. Default 10000.
     #[serde(default = "default_handshake_ms")]
     pub handshake_timeout_ms: u64,
+    /// Certificate revocation lists (PEM), checked for the whole client chain; a certificate
+    /// whose status is unknown is refused. Default: none (no revocation checking).
+    #[serde(default)]
+    pub crl: Vec<PathBuf>,
 }
 
 fn default_handshake_ms() -> u64 {
@@ -159,10 +169,97 @@ fn default_store_path() -> PathBuf {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccessConfig {
-    /// Caller identities (SPIFFE IDs or DNS names) allowed to call. Anyone else gets
-    /// PERMISSION_DENIED. `*` at the end of an entry matches any suffix
-    /// (`spiffe://example.org/payments/*`).
-    pub allow: Vec<String>,
+    /// The policy file (see `examples/*-policy.toml`): role bindings and HYOK rules, reloaded
+    /// on SIGHUP and on change.
+    pub policy_file: Option<PathBuf>,
+    /// Development shorthand instead of a policy file: these identities (exact, or globs with
+    /// `*`) get every role on every key.
+    pub allow: Option<Vec<String>>,
+}
+
+/// `[lifecycle]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleConfig {
+    /// Days a soft-deleted key is kept before it is purged: 7-90, default 90.
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u32,
+    /// Purge protection for every key (per-key setting otherwise). Default false.
+    #[serde(default)]
+    pub purge_protection: bool,
+    /// How often scheduled purges, automatic rotations and usage saving run, ms. Default 60000.
+    #[serde(default = "default_maintenance_ms")]
+    pub maintenance_interval_ms: u64,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        Self {
+            retention_days: default_retention_days(),
+            purge_protection: false,
+            maintenance_interval_ms: default_maintenance_ms(),
+        }
+    }
+}
+
+fn default_retention_days() -> u32 {
+    90
+}
+fn default_maintenance_ms() -> u64 {
+    60_000
+}
+
+impl LifecycleConfig {
+    /// The keyring's settings.
+    pub fn settings(&self) -> crate::keyring::LifecycleSettings {
+        crate::keyring::LifecycleSettings {
+            retention_ms: i64::from(self.retention_days) * 24 * 3600 * 1000,
+            purge_protection: self.purge_protection,
+            maintenance_interval: Duration::from_millis(self.maintenance_interval_ms),
+        }
+    }
+}
+
+/// `[audit]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// The audit log (JSON lines). Default `audit.log`.
+    #[serde(default = "default_audit_path")]
+    pub path: PathBuf,
+    /// Write an HSM-authenticated checkpoint after this many records. Default 1000.
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// ...or after this many ms with records not yet checkpointed. Default 10000.
+    #[serde(default = "default_checkpoint_ms")]
+    pub checkpoint_interval_ms: u64,
+    /// fdatasync each batch of records before the replies go out. Default true.
+    #[serde(default = "default_true")]
+    pub sync: bool,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            path: default_audit_path(),
+            checkpoint_every: default_checkpoint_every(),
+            checkpoint_interval_ms: default_checkpoint_ms(),
+            sync: true,
+        }
+    }
+}
+
+fn default_audit_path() -> PathBuf {
+    PathBuf::from("audit.log")
+}
+fn default_checkpoint_every() -> u64 {
+    1000
+}
+fn default_checkpoint_ms() -> u64 {
+    10_000
+}
+fn default_true() -> bool {
+    true
 }
 
 /// `[health]`
@@ -275,16 +372,28 @@ impl Config {
                 "select the token with hsm.token_serial, hsm.token_label or hsm.slot_id".into(),
             );
         }
-        if self.access.allow.is_empty() {
-            return Err("access.allow is empty: nobody could call the broker".into());
+        match (&self.access.policy_file, &self.access.allow) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err("set exactly one of access.policy_file and access.allow".into());
+            }
+            (None, Some(a)) if a.is_empty() => {
+                return Err("access.allow is empty: nobody could call the broker".into());
+            }
+            (None, Some(a)) if a.iter().any(|a| a.trim().is_empty() || a == "*") => {
+                return Err("access.allow may not contain an empty entry or a bare \"*\"".into());
+            }
+            _ => {}
         }
-        if self
-            .access
-            .allow
-            .iter()
-            .any(|a| a.trim().is_empty() || a == "*")
-        {
-            return Err("access.allow may not contain an empty entry or a bare \"*\"".into());
+        if !(7..=90).contains(&self.lifecycle.retention_days) {
+            return Err("lifecycle.retention_days must be between 7 and 90".into());
+        }
+        if self.lifecycle.maintenance_interval_ms < 100 {
+            return Err("lifecycle.maintenance_interval_ms must be at least 100".into());
+        }
+        if self.audit.checkpoint_every == 0 || self.audit.checkpoint_interval_ms == 0 {
+            return Err(
+                "audit.checkpoint_every and audit.checkpoint_interval_ms must be positive".into(),
+            );
         }
         if self.tls.handshake_timeout_ms == 0 {
             return Err("tls.handshake_timeout_ms must be positive".into());
@@ -315,6 +424,17 @@ impl Config {
             p.to_path_buf()
         } else {
             self.base_dir.join(p)
+        }
+    }
+
+    /// The access policy in force at start-up.
+    pub fn policy(&self) -> Result<crate::policy::PolicyHandle, String> {
+        match (&self.access.policy_file, &self.access.allow) {
+            (Some(f), _) => crate::policy::PolicyHandle::load(&self.path(f)),
+            (None, Some(a)) => Ok(crate::policy::PolicyHandle::fixed(
+                crate::policy::Policy::allow_all(a),
+            )),
+            (None, None) => Err("no access policy configured".into()),
         }
     }
 
@@ -399,7 +519,7 @@ allow = ["spiffe://example.org/app"]
     fn the_commented_example_config_is_valid() {
         let c = parse(include_str!("../../examples/keybroker.toml"))
             .expect("examples/keybroker.toml is valid");
-        assert_eq!(c.access.allow.len(), 2);
+        assert_eq!(c.access.allow.as_ref().map(Vec::len), Some(2));
         assert_eq!(c.hsm.token_label.as_deref(), Some("keybroker"));
         let m = c.metrics.expect("[metrics] in the example");
         assert_eq!(m.listen.to_string(), "127.0.0.1:9464");
@@ -423,6 +543,18 @@ allow = ["spiffe://example.org/app"]
         ))
         .expect_err("world-writable");
         assert!(e.contains("socket_mode"), "{e}");
+    }
+
+    #[test]
+    fn the_managed_hsm_and_hyok_examples_are_valid_with_their_policies() {
+        for name in ["managed-hsm", "hyok"] {
+            let path =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../examples/{name}.toml"));
+            let c = Config::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let policy = c.policy().unwrap_or_else(|e| panic!("{name}: {e}")).get();
+            assert!(!policy.bindings.is_empty(), "{name}");
+            assert_eq!(policy.hyok.is_some(), name == "hyok", "{name}");
+        }
     }
 
     #[test]

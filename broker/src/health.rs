@@ -1,5 +1,5 @@
 //! Health: a periodic probe that makes a real HSM call (`C_GenerateRandom` through the session
-//! pool, see [`crate::hsm::Hsm::health_check`]) and drives the standard `grpc.health.v1.Health`
+//! pool, see [`crate::hsm::Hsm::ping`]) and drives the standard `grpc.health.v1.Health`
 //! statuses — the overall status (`""`) and one per served service — plus
 //! `keybroker_hsm_up` and the metrics listener's `/healthz`.
 //!
@@ -20,7 +20,12 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::metrics::Metrics;
 
 /// The services whose status the probe sets (besides the overall `""`).
-pub const SERVICES: [&str; 2] = ["keybroker.v1.KeyBroker", "keybroker.v1.KeyManagement"];
+pub const SERVICES: [&str; 4] = [
+    "keybroker.v1.KeyBroker",
+    "keybroker.v1.KeyManagement",
+    "keybroker.v1.Audit",
+    "keybroker.v1.Hyok",
+];
 
 /// The last probe's result.
 #[derive(Debug)]
@@ -153,7 +158,7 @@ mod tests {
         let not_serving = health_check_response::ServingStatus::NotServing as i32;
 
         publish(&reporter, &state, Some(&metrics), Ok(())).await;
-        for s in ["", SERVICES[0], SERVICES[1]] {
+        for s in ["", SERVICES[0], SERVICES[1], SERVICES[2], SERVICES[3]] {
             assert_eq!(status(&svc, s).await, serving, "{s:?}");
         }
         assert!(state.is_up());
@@ -162,7 +167,7 @@ mod tests {
             || async { Err::<(), String>("C_GenerateRandom returned DeviceError".into()) };
         let r = probe_once(&failing, Duration::from_secs(5)).await;
         publish(&reporter, &state, Some(&metrics), r).await;
-        for s in ["", SERVICES[0], SERVICES[1]] {
+        for s in ["", SERVICES[0], SERVICES[1], SERVICES[2], SERVICES[3]] {
             assert_eq!(status(&svc, s).await, not_serving, "{s:?}");
         }
         assert!(!state.is_up());

@@ -6,21 +6,26 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, OnceLock, RwLock,
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
 use futures_util::{StreamExt, stream};
 use sha2::{Digest, Sha256};
 
 use crate::{
+    audit::AuditLog,
     envelope::{self, GCM_IV_LEN},
     error::BrokerError,
-    hsm::{ExpectedKek, Hsm, KekSpec, WrapParams, template::LABEL_PREFIX},
+    hsm::{ExpectedKek, Hsm, WrapParams},
     model::{
-        Algorithm, DEFAULT_DEK_LEN, Dek, KeyName, KeyType, MAX_AAD_LEN, VersionId, check_dek_len,
-        now_ms,
+        Algorithm, DEFAULT_DEK_LEN, Dek, KeyAttributes, KeyName, KeyOp, KeyType, MAX_AAD_LEN,
+        Origin, VersionId, check_dek_len, now_ms,
     },
-    store::{Store, StoredKey, VersionState},
+    store::{Store, StoredKey, StoredLifecycle, VersionState},
 };
 
 /// What to do with a key that fails its start-up integrity check.
@@ -51,6 +56,26 @@ pub struct VersionEntry {
     pub id: VersionId,
     /// Creation time (ms).
     pub created_at_ms: i64,
+    /// Generated or imported.
+    pub origin: Origin,
+    /// When this version stops wrapping (rotation policy).
+    pub expires_ms: Option<i64>,
+}
+
+/// A key's lifecycle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// In use.
+    Active,
+    /// Soft-deleted: refuses everything, name reserved until purged.
+    Deleted {
+        /// When.
+        deleted_at_ms: i64,
+        /// When it will be purged.
+        purge_at_ms: i64,
+        /// Who deleted it.
+        deleted_by: String,
+    },
 }
 
 /// A key's metadata.
@@ -64,8 +89,14 @@ pub struct KeyEntry {
     pub algorithm: Algorithm,
     /// Creation time (ms).
     pub created_at_ms: i64,
-    /// The state.
+    /// Last attribute change (ms).
+    pub updated_at_ms: i64,
+    /// Integrity state.
     pub state: KeyState,
+    /// Active or soft-deleted.
+    pub lifecycle: Lifecycle,
+    /// Attributes.
+    pub attributes: KeyAttributes,
     /// The versions, oldest first (never empty).
     pub versions: Vec<VersionEntry>,
 }
@@ -83,13 +114,138 @@ impl KeyEntry {
         self.versions.iter().find(|v| v.number == number)
     }
 
-    fn usable(&self) -> Result<(), BrokerError> {
+    /// Refuses a quarantined or deleted key.
+    pub(crate) fn usable(&self) -> Result<(), BrokerError> {
+        if let Lifecycle::Deleted { purge_at_ms, .. } = &self.lifecycle {
+            return Err(BrokerError::precondition(format!(
+                "key {} is deleted (purge scheduled at {} ms); RecoverKey brings it back",
+                self.name, purge_at_ms
+            )));
+        }
         match &self.state {
             KeyState::Enabled => Ok(()),
             KeyState::Quarantined(_) => Err(BrokerError::precondition(format!(
                 "key {} is quarantined: it failed its HSM integrity check at start-up; see the broker log",
                 self.name
             ))),
+        }
+    }
+
+    /// Whether `v` may still unwrap (at or above the minimum decryption version).
+    pub fn decryptable(&self, v: &VersionEntry) -> bool {
+        v.number >= self.attributes.min_decryption_version
+    }
+
+    /// Checks that the key may do `op` with version `v` now (DESIGN §3.9): usable, enabled,
+    /// the operation allowed, inside not-before; for new envelopes not expired (expired keys
+    /// still unwrap, as in Azure Key Vault); for unwrapping, not below the minimum decryption
+    /// version.
+    pub fn check(&self, op: KeyOp, v: &VersionEntry, now: i64) -> Result<(), BrokerError> {
+        self.usable()?;
+        let a = &self.attributes;
+        if !a.enabled {
+            return Err(BrokerError::precondition(format!(
+                "key {} is disabled",
+                self.name
+            )));
+        }
+        if !a.operations.contains(&op) {
+            return Err(BrokerError::precondition(format!(
+                "key {} does not allow {}",
+                self.name,
+                op.as_str()
+            )));
+        }
+        if a.not_before_ms.is_some_and(|nb| now < nb) {
+            return Err(BrokerError::precondition(format!(
+                "key {} is not valid before {} ms",
+                self.name,
+                a.not_before_ms.unwrap_or(0)
+            )));
+        }
+        match op {
+            KeyOp::Wrap | KeyOp::GenerateDataKey => {
+                if a.expires_ms.is_some_and(|e| now >= e) {
+                    return Err(BrokerError::precondition(format!(
+                        "key {} expired at {} ms: it still unwraps, but makes no new envelopes",
+                        self.name,
+                        a.expires_ms.unwrap_or(0)
+                    )));
+                }
+                if v.expires_ms.is_some_and(|e| now >= e) {
+                    return Err(BrokerError::precondition(format!(
+                        "version {} of key {} expired; rotate the key",
+                        v.number, self.name
+                    )));
+                }
+            }
+            KeyOp::Unwrap | KeyOp::Rewrap => {
+                if !self.decryptable(v) {
+                    return Err(BrokerError::precondition(format!(
+                        "version {} of key {} is below its minimum decryption version {}",
+                        v.number, self.name, a.min_decryption_version
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Usage counters of one version (telemetry: is an old version still used before trimming?).
+#[derive(Debug, Default)]
+pub struct Usage {
+    /// Wraps.
+    pub wraps: AtomicU64,
+    /// Unwraps.
+    pub unwraps: AtomicU64,
+    /// Last use (ms).
+    pub last_used_ms: AtomicI64,
+    dirty: AtomicBool,
+}
+
+impl Usage {
+    fn new(wraps: u64, unwraps: u64, last: Option<i64>) -> Self {
+        Self {
+            wraps: AtomicU64::new(wraps),
+            unwraps: AtomicU64::new(unwraps),
+            last_used_ms: AtomicI64::new(last.unwrap_or(0)),
+            dirty: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn take_dirty(&self) -> bool {
+        self.dirty.swap(false, Ordering::Relaxed)
+    }
+
+    fn bump(&self, wrap: bool) {
+        if wrap {
+            self.wraps.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.unwraps.fetch_add(1, Ordering::Relaxed);
+        }
+        self.last_used_ms.store(now_ms(), Ordering::Relaxed);
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Deployment-wide lifecycle settings (`[lifecycle]`).
+#[derive(Clone, Debug)]
+pub struct LifecycleSettings {
+    /// Soft-delete retention (7-90 days), ms.
+    pub retention_ms: i64,
+    /// Purge protection for every key.
+    pub purge_protection: bool,
+    /// How often the maintenance task runs (scheduled purge, auto-rotation, usage flush).
+    pub maintenance_interval: Duration,
+}
+
+impl Default for LifecycleSettings {
+    fn default() -> Self {
+        Self {
+            retention_ms: 90 * 24 * 3600 * 1000,
+            purge_protection: false,
+            maintenance_interval: Duration::from_secs(60),
         }
     }
 }
@@ -150,21 +306,47 @@ pub struct LoadReport {
     pub quarantined: Vec<(String, String)>,
     /// Objects made by keybroker that no key references.
     pub orphans: Vec<String>,
+    /// Destructions (purge/trim) interrupted by a crash and finished now; their receipts still
+    /// have to go into the audit trail.
+    pub finished_destructions: Vec<Receipt>,
+}
+
+/// Proof of destruction of key versions (purge or trim).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Receipt {
+    /// The key.
+    pub key: String,
+    /// `purge` or `trim`.
+    pub reason: String,
+    /// The version numbers destroyed.
+    pub versions: Vec<u32>,
+    /// Their object ids (CKA_ID, hex).
+    pub object_ids: Vec<String>,
+    /// HSM objects destroyed now (0 for objects already gone before a crash).
+    pub objects_destroyed: usize,
+    /// When (ms).
+    pub at_ms: i64,
+    /// Who.
+    pub by: String,
 }
 
 /// The keyring.
 pub struct Keyring {
-    hsm: Hsm,
-    store: Arc<Store>,
-    keys: RwLock<BTreeMap<KeyName, Arc<KeyEntry>>>,
-    versions: RwLock<HashMap<VersionId, (KeyName, u32)>>,
-    /// Serialises create and rotate (two-phase writes against one HSM).
-    write_lock: tokio::sync::Mutex<()>,
+    pub(crate) hsm: Hsm,
+    pub(crate) store: Arc<Store>,
+    pub(crate) keys: RwLock<BTreeMap<KeyName, Arc<KeyEntry>>>,
+    pub(crate) versions: RwLock<HashMap<VersionId, (KeyName, u32)>>,
+    pub(crate) usage: RwLock<HashMap<VersionId, Arc<Usage>>>,
+    /// Serialises every change that touches the HSM and the store (two-phase writes).
+    pub(crate) write_lock: tokio::sync::Mutex<()>,
+    pub(crate) settings: LifecycleSettings,
+    /// Where destruction receipts from the maintenance task go.
+    pub(crate) audit: OnceLock<AuditLog>,
 }
 
-const CANARY_AAD: &[u8] = b"keybroker canary v1";
+pub(crate) const CANARY_AAD: &[u8] = b"keybroker canary v1";
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, BrokerError> + Send + 'static,
 ) -> Result<T, BrokerError> {
     tokio::task::spawn_blocking(f)
@@ -173,17 +355,61 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Keyring {
-    /// Loads every key from the store, rolls back unacknowledged creations, attaches the HSM
-    /// objects, checks their templates and canaries, and reports orphans. With
-    /// [`IntegrityPolicy::Fail`], any integrity problem is an error naming every affected key.
+    /// Loads every key from the store, finishes destructions and rolls back creations that a
+    /// crash interrupted, attaches the HSM objects, checks their templates and canaries, and
+    /// reports orphans. With [`IntegrityPolicy::Fail`], any integrity problem is an error
+    /// naming every affected key.
     pub async fn load(
         hsm: Hsm,
         store: Arc<Store>,
         policy: IntegrityPolicy,
+        settings: LifecycleSettings,
     ) -> Result<(Self, LoadReport), BrokerError> {
+        let mut report = LoadReport::default();
+
+        // Finish destructions that were started (their intent is durable) before anything else.
+        let st = store.clone();
+        let pending =
+            blocking(move || st.pending_destructions().map_err(BrokerError::from)).await?;
+        let mut by_key: BTreeMap<(KeyName, String, String), Vec<(u32, VersionId)>> =
+            BTreeMap::new();
+        for p in pending {
+            by_key
+                .entry((p.key, p.reason, p.requested_by))
+                .or_default()
+                .push((p.version, p.id));
+        }
+        for ((key, reason, by), versions) in by_key {
+            let mut destroyed = 0;
+            for (_, id) in &versions {
+                destroyed += hsm.destroy_kek(*id).await.map_err(BrokerError::from)?;
+            }
+            let (st, k, ids) = (
+                store.clone(),
+                key.clone(),
+                versions.iter().map(|v| v.1).collect::<Vec<_>>(),
+            );
+            let purge = reason == "purge";
+            blocking(move || {
+                st.finish_destroy(&k, &ids, purge)
+                    .map_err(BrokerError::from)
+            })
+            .await?;
+            tracing::warn!(key = %key, %reason, versions = versions.len(), objects_destroyed = destroyed,
+                "finished a destruction interrupted by a crash");
+            report.finished_destructions.push(Receipt {
+                key: key.to_string(),
+                reason,
+                versions: versions.iter().map(|v| v.0).collect(),
+                object_ids: versions.iter().map(|v| v.1.hex()).collect(),
+                objects_destroyed: destroyed,
+                at_ms: now_ms(),
+                by,
+            });
+        }
+
         let st = store.clone();
         let stored = blocking(move || st.load_all().map_err(BrokerError::from)).await?;
-        let mut report = LoadReport::default();
 
         // Roll back creations that were never acknowledged.
         for k in &stored {
@@ -203,6 +429,7 @@ impl Keyring {
         }
         let stored: Vec<StoredKey> = stored
             .into_iter()
+            .filter(|k| k.lifecycle != StoredLifecycle::Purging)
             .map(|mut k| {
                 k.versions.retain(|v| v.state == VersionState::Active);
                 k
@@ -217,6 +444,7 @@ impl Keyring {
                     id: v.id,
                     key_type: k.key_type,
                     algorithm: k.algorithm,
+                    origin: v.origin,
                 })
             })
             .collect();
@@ -248,6 +476,7 @@ impl Keyring {
 
         let mut keys = BTreeMap::new();
         let mut versions = HashMap::new();
+        let mut usage = HashMap::new();
         for k in stored {
             let problems: Vec<String> = k
                 .versions
@@ -271,13 +500,32 @@ impl Keyring {
             report.versions += k.versions.len();
             for v in &k.versions {
                 versions.insert(v.id, (k.name.clone(), v.number));
+                usage.insert(
+                    v.id,
+                    Arc::new(Usage::new(v.wraps, v.unwraps, v.last_used_ms)),
+                );
             }
+            let lifecycle = match k.lifecycle {
+                StoredLifecycle::Deleted {
+                    deleted_at_ms,
+                    purge_at_ms,
+                    deleted_by,
+                } => Lifecycle::Deleted {
+                    deleted_at_ms,
+                    purge_at_ms,
+                    deleted_by,
+                },
+                _ => Lifecycle::Active,
+            };
             let entry = KeyEntry {
                 name: k.name.clone(),
                 key_type: k.key_type,
                 algorithm: k.algorithm,
                 created_at_ms: k.created_at_ms,
+                updated_at_ms: k.updated_at_ms,
                 state,
+                lifecycle,
+                attributes: k.attributes,
                 versions: k
                     .versions
                     .iter()
@@ -285,6 +533,8 @@ impl Keyring {
                         number: v.number,
                         id: v.id,
                         created_at_ms: v.created_at_ms,
+                        origin: v.origin,
+                        expires_ms: v.expires_ms,
                     })
                     .collect(),
             };
@@ -313,7 +563,10 @@ impl Keyring {
                 store,
                 keys: RwLock::new(keys),
                 versions: RwLock::new(versions),
+                usage: RwLock::new(usage),
                 write_lock: tokio::sync::Mutex::new(()),
+                settings,
+                audit: OnceLock::new(),
             },
             report,
         ))
@@ -324,7 +577,38 @@ impl Keyring {
         &self.hsm
     }
 
-    /// A key by name.
+    /// The metadata store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// A key that is not soft-deleted (FAILED_PRECONDITION for a deleted one).
+    pub fn get_live(&self, name: &KeyName) -> Result<Arc<KeyEntry>, BrokerError> {
+        let k = self.get(name)?;
+        if let Lifecycle::Deleted { .. } = k.lifecycle {
+            return Err(BrokerError::precondition(format!(
+                "key {name} is deleted; see GetDeletedKey, RecoverKey"
+            )));
+        }
+        Ok(k)
+    }
+
+    /// The usage counters of a version.
+    pub fn usage(&self, id: VersionId) -> Option<Arc<Usage>> {
+        self.usage
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    fn bump(&self, id: VersionId, wrap: bool) {
+        if let Some(u) = self.usage(id) {
+            u.bump(wrap);
+        }
+    }
+
+    /// A key by name (soft-deleted ones included).
     pub fn get(&self, name: &KeyName) -> Result<Arc<KeyEntry>, BrokerError> {
         self.keys
             .read()
@@ -345,7 +629,7 @@ impl Keyring {
         let mut out = Vec::new();
         let mut next = None;
         for (name, entry) in keys.iter() {
-            if name.tenant() != tenant {
+            if name.tenant() != tenant || entry.lifecycle != Lifecycle::Active {
                 continue;
             }
             if let Some(a) = after
@@ -370,182 +654,20 @@ impl Keyring {
         (keys.len(), keys.values().map(|k| k.versions.len()).sum())
     }
 
-    /// Creates a key with one version generated inside the HSM.
-    pub async fn create(
-        &self,
-        name: KeyName,
-        key_type: KeyType,
-        algorithm: Option<Algorithm>,
-    ) -> Result<Arc<KeyEntry>, BrokerError> {
-        let caps = self.hsm.capabilities();
-        let algorithm = algorithm.unwrap_or(if key_type.is_rsa() {
-            caps.default_rsa_algorithm()
-        } else {
-            Algorithm::Aes256Gcm
-        });
-        if !algorithm.fits(key_type) {
-            return Err(BrokerError::invalid(format!(
-                "algorithm {algorithm} cannot be used with key type {}",
-                key_type.as_str()
-            )));
-        }
-        if !caps.supports(algorithm) {
-            return Err(BrokerError::precondition(format!(
-                "this HSM cannot serve {algorithm} (see `keybroker check-config`): {}",
-                caps.notes.join("; ")
-            )));
-        }
-        let _w = self.write_lock.lock().await;
-        if self.get(&name).is_ok() {
-            return Err(BrokerError::AlreadyExists(format!(
-                "key {name} already exists"
-            )));
-        }
-        let id = VersionId::random();
-        let now = now_ms();
-        {
-            let (st, n) = (self.store.clone(), name.clone());
-            blocking(move || {
-                st.begin_create(&n, key_type, algorithm, id, now)
-                    .map_err(BrokerError::from)
-            })
-            .await?;
-        }
-        self.materialize(&name, key_type, algorithm, id, 1).await?;
-        let entry = Arc::new(KeyEntry {
-            name: name.clone(),
-            key_type,
-            algorithm,
-            created_at_ms: now,
-            state: KeyState::Enabled,
-            versions: vec![VersionEntry {
-                number: 1,
-                id,
-                created_at_ms: now,
-            }],
-        });
-        self.versions
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, (name.clone(), 1));
-        self.keys
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.clone(), entry.clone());
-        tracing::info!(key = %name, key_type = key_type.as_str(), %algorithm, version_id = %id, "key created");
-        Ok(entry)
-    }
-
-    /// Adds a version generated inside the HSM; new wraps use it.
-    pub async fn rotate(&self, name: &KeyName) -> Result<Arc<KeyEntry>, BrokerError> {
-        let _w = self.write_lock.lock().await;
-        let old = self.get(name)?;
-        old.usable()?;
-        let id = VersionId::random();
-        let now = now_ms();
-        let number = {
-            let (st, n) = (self.store.clone(), name.clone());
-            blocking(move || st.begin_rotate(&n, id, now).map_err(BrokerError::from)).await?
-        };
-        self.materialize(name, old.key_type, old.algorithm, id, number)
-            .await?;
-        let mut entry = (*old).clone();
-        entry.versions.push(VersionEntry {
-            number,
-            id,
-            created_at_ms: now,
-        });
-        let entry = Arc::new(entry);
-        self.versions
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, (name.clone(), number));
-        self.keys
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.clone(), entry.clone());
-        tracing::info!(key = %name, version = number, version_id = %id, "key rotated");
-        Ok(entry)
-    }
-
-    /// Phase 2 and 3 of a create/rotate: generate and check the HSM object, make and verify the
-    /// canary, mark the version active. Undoes phase 1 on failure.
-    async fn materialize(
-        &self,
-        name: &KeyName,
-        key_type: KeyType,
-        algorithm: Algorithm,
-        id: VersionId,
-        number: u32,
-    ) -> Result<(), BrokerError> {
-        let spec = KekSpec {
-            id,
-            label: format!("{LABEL_PREFIX}{name}:v{number}"),
-            key_type,
-            algorithm,
-        };
-        let result = async {
-            self.hsm
-                .generate_kek(spec)
-                .await
-                .map_err(BrokerError::from)?;
-            let mut value = [0u8; 32];
-            fill_random(&mut value)?;
-            let canary = Dek::from_slice(&value);
-            value.fill(0);
-            let digest = Sha256::digest(canary.expose()).to_vec();
-            let (params, header) = new_params(algorithm, id, CANARY_AAD)?;
-            let ct = self
-                .hsm
-                .wrap(id, params, canary)
-                .await
-                .map_err(BrokerError::from)?;
-            let env = envelope::seal(header, &ct);
-            verify_canary(
-                &self.hsm,
-                algorithm,
-                id,
-                Some(env.clone()),
-                Some(digest.clone()),
-            )
-            .await
-            .map_err(|why| BrokerError::internal(format!("new KEK failed its canary: {why}")))?;
-            let st = self.store.clone();
-            blocking(move || {
-                st.commit_version(id, &env, &digest)
-                    .map_err(BrokerError::from)
-            })
-            .await
-        }
-        .await;
-        if let Err(e) = &result {
-            tracing::warn!(key = %name, version = number, error = %e, "key version creation failed; rolling back");
-            if let Err(d) = self.hsm.destroy_kek(id).await {
-                tracing::error!(error = %d, version_id = %id, "could not destroy the half-made KEK; it will be rolled back at the next start");
-                return result;
-            }
-            let st = self.store.clone();
-            if let Err(a) = blocking(move || st.abort_version(id).map_err(BrokerError::from)).await
-            {
-                tracing::error!(error = %a, version_id = %id, "could not remove the pending version; it will be rolled back at the next start");
-            }
-        }
-        result
-    }
-
     /// Wraps a caller-supplied DEK under the newest version of `name`.
     pub async fn wrap(&self, name: &KeyName, dek: Dek, aad: &[u8]) -> Result<Wrapped, BrokerError> {
         check_dek_len(dek.len())?;
         let entry = self.get(name)?;
         check_aad(&entry, aad)?;
-        entry.usable()?;
         let v = entry.current()?;
+        entry.check(KeyOp::Wrap, v, now_ms())?;
         let (params, header) = new_params(entry.algorithm, v.id, aad)?;
         let ct = self
             .hsm
             .wrap(v.id, params, dek)
             .await
             .map_err(BrokerError::from)?;
+        self.bump(v.id, true);
         Ok(Wrapped {
             envelope: envelope::seal(header, &ct),
             key: entry.name.clone(),
@@ -565,14 +687,15 @@ impl Keyring {
         check_dek_len(len)?;
         let entry = self.get(name)?;
         check_aad(&entry, aad)?;
-        entry.usable()?;
         let v = entry.current()?;
+        entry.check(KeyOp::GenerateDataKey, v, now_ms())?;
         let (params, header) = new_params(entry.algorithm, v.id, aad)?;
         let (dek, ct) = self
             .hsm
             .generate_and_wrap(v.id, params, len)
             .await
             .map_err(BrokerError::from)?;
+        self.bump(v.id, true);
         Ok((
             dek,
             Wrapped {
@@ -608,7 +731,6 @@ impl Keyring {
         if entry.algorithm != env.algorithm || (!aad.is_empty() && !env.algorithm.supports_aad()) {
             return Err(BrokerError::Unauthentic);
         }
-        entry.usable()?;
         let v = entry
             .version(number)
             .cloned()
@@ -617,11 +739,15 @@ impl Keyring {
     }
 
     /// Unwraps an envelope.
+    ///
+    /// `authorize` is called with the key the envelope belongs to, after it is known and before
+    /// the HSM is asked: policy is decided at the edge, but only the envelope names the key.
     pub async fn unwrap(
         &self,
         expected: Option<&KeyName>,
         envelope_bytes: &[u8],
         aad: &[u8],
+        authorize: impl FnOnce(&KeyName) -> Result<(), BrokerError>,
     ) -> Result<Unwrapped, BrokerError> {
         if aad.len() > MAX_AAD_LEN {
             return Err(BrokerError::invalid(format!(
@@ -633,6 +759,8 @@ impl Keyring {
         }
         let env = envelope::parse(envelope_bytes)?;
         let (entry, v) = self.resolve(expected, &env, aad)?;
+        authorize(&entry.name)?;
+        entry.check(KeyOp::Unwrap, &v, now_ms())?;
         let params = params_for(&env, aad)?;
         let dek = self
             .hsm
@@ -642,6 +770,7 @@ impl Keyring {
         if check_dek_len(dek.len()).is_err() {
             return Err(BrokerError::Unauthentic);
         }
+        self.bump(v.id, false);
         Ok(Unwrapped {
             dek,
             key: entry.name.clone(),
@@ -680,7 +809,7 @@ impl Keyring {
             .version(version)
             .cloned()
             .ok_or_else(|| BrokerError::NotFound(format!("key {name} has no version {version}")))?;
-        entry.usable()?;
+        entry.check(KeyOp::Unwrap, &v, now_ms())?;
         if ciphertext.len() != bits / 8 {
             return Err(BrokerError::Unauthentic);
         }
@@ -697,6 +826,7 @@ impl Keyring {
         if dek.is_empty() {
             return Err(BrokerError::Unauthentic);
         }
+        self.bump(v.id, false);
         Ok(Unwrapped {
             dek,
             key: entry.name.clone(),
@@ -707,6 +837,10 @@ impl Keyring {
 
     /// Unwraps an envelope and wraps its DEK under the newest version of `destination` (or of
     /// the same key), with `new_aad` if given.
+    ///
+    /// `authorize_source` and `authorize_destination` are called with the two keys before the
+    /// HSM is asked (as in [`Keyring::unwrap`]).
+    #[allow(clippy::too_many_arguments)]
     pub async fn rewrap(
         &self,
         expected: Option<&KeyName>,
@@ -714,6 +848,8 @@ impl Keyring {
         aad: &[u8],
         destination: Option<&KeyName>,
         new_aad: Option<&[u8]>,
+        authorize_source: impl FnOnce(&KeyName) -> Result<(), BrokerError>,
+        authorize_destination: impl FnOnce(&KeyName) -> Result<(), BrokerError>,
     ) -> Result<(Wrapped, u32), BrokerError> {
         if aad.len() > MAX_AAD_LEN {
             return Err(BrokerError::invalid(format!(
@@ -725,14 +861,16 @@ impl Keyring {
         }
         let env = envelope::parse(envelope_bytes)?;
         let (src, sv) = self.resolve(expected, &env, aad)?;
-        let dst = match destination {
-            Some(d) => self.get(d)?,
-            None => src.clone(),
-        };
+        authorize_source(&src.name)?;
+        let now = now_ms();
+        src.check(KeyOp::Rewrap, &sv, now)?;
+        let dst_name = destination.cloned().unwrap_or_else(|| src.name.clone());
+        authorize_destination(&dst_name)?;
+        let dst = self.get(&dst_name)?;
         let out_aad = new_aad.unwrap_or(aad);
         check_aad(&dst, out_aad)?;
-        dst.usable()?;
         let dv = dst.current()?;
+        dst.check(KeyOp::Wrap, dv, now)?;
         let from = params_for(&env, aad)?;
         let (to, header) = new_params(dst.algorithm, dv.id, out_aad)?;
         let ct = self
@@ -740,6 +878,8 @@ impl Keyring {
             .rewrap((sv.id, from, env.ciphertext.to_vec()), (dv.id, to))
             .await
             .map_err(BrokerError::from)?;
+        self.bump(sv.id, false);
+        self.bump(dv.id, true);
         Ok((
             Wrapped {
                 envelope: envelope::seal(header, &ct),
@@ -799,13 +939,13 @@ fn check_aad(entry: &KeyEntry, aad: &[u8]) -> Result<(), BrokerError> {
     Ok(())
 }
 
-fn fill_random(buf: &mut [u8]) -> Result<(), BrokerError> {
+pub(crate) fn fill_random(buf: &mut [u8]) -> Result<(), BrokerError> {
     getrandom::fill(buf)
         .map_err(|e| BrokerError::internal(format!("OS random number generator failed: {e}")))
 }
 
 /// Fresh parameters and the envelope header for wrapping under `id`.
-fn new_params(
+pub(crate) fn new_params(
     alg: Algorithm,
     id: VersionId,
     aad: &[u8],
@@ -839,7 +979,7 @@ fn params_for(env: &envelope::Envelope<'_>, aad: &[u8]) -> Result<WrapParams, Br
     })
 }
 
-async fn verify_canary(
+pub(crate) async fn verify_canary(
     hsm: &Hsm,
     alg: Algorithm,
     id: VersionId,

@@ -16,6 +16,10 @@
 //!   or a `key_id` that is not the one its version produces.
 //! * `Status` makes a **real HSM call** each time (the same probe as the health service) and
 //!   answers `healthz: "ok"` only when it succeeds and the key is usable.
+//! * Every `Encrypt` and `Decrypt`, allowed or refused, leaves one audit record before the reply
+//!   (op `KmsV2Encrypt`/`KmsV2Decrypt`, caller `unix:uid=N` from the socket's peer credentials,
+//!   request id = kube-apiserver's `uid` when sane); no record, no reply. `Status` is a health
+//!   poll and is not audited.
 //!
 //! # Trust
 //! The socket is local trust: there is no TLS and no client identity; whoever can connect to
@@ -37,16 +41,17 @@ use keybroker_proto::kms_v2::{
     key_management_service_server::{KeyManagementService, KeyManagementServiceServer},
 };
 use tokio::net::UnixListener;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, transport::server::UdsConnectInfo};
 use tracing::Instrument;
 
 use crate::{
+    audit::{AuditLog, Record},
     error::BrokerError,
     health,
     keyring::{KeyState, Keyring, VersionEntry},
     metrics::Metrics,
-    model::{Dek, KeyName},
-    service::sanitize_request_id,
+    model::{Dek, KeyName, KeyOp, now_ms},
+    service::{code_name, sanitize_request_id},
 };
 
 /// The AAD every KMS v2 envelope is bound to.
@@ -66,6 +71,7 @@ pub fn key_id(name: &KeyName, v: &VersionEntry) -> String {
 pub struct KmsV2 {
     keyring: Arc<Keyring>,
     key: KeyName,
+    audit: AuditLog,
     metrics: Option<Arc<Metrics>>,
     probe_timeout: Duration,
 }
@@ -75,12 +81,14 @@ impl KmsV2 {
     pub fn new(
         keyring: Arc<Keyring>,
         key: KeyName,
+        audit: AuditLog,
         metrics: Option<Arc<Metrics>>,
         probe_timeout: Duration,
     ) -> Self {
         Self {
             keyring,
             key,
+            audit,
             metrics,
             probe_timeout,
         }
@@ -98,10 +106,12 @@ impl KmsV2 {
                 self.key
             ));
         }
+        let v = entry.current().map_err(|e| e.to_string())?;
+        // Disabled, deleted or expired: Encrypt would fail, so the plugin is not healthy.
         entry
-            .current()
-            .map(|v| key_id(&self.key, v))
-            .map_err(|e| e.to_string())
+            .check(KeyOp::Wrap, v, now_ms())
+            .map_err(|e| e.to_string())?;
+        Ok(key_id(&self.key, v))
     }
 
     /// The key id of version `number` of the configured key.
@@ -113,17 +123,22 @@ impl KmsV2 {
         Ok(key_id(&self.key, v))
     }
 
+    /// Runs one request: the handler, then (for `caller: Some`) the audit record before the
+    /// reply, one log line and one metrics observation. The handler returns the key version it
+    /// used, for the audit record.
     async fn handle<Resp, Fut>(
         &self,
         method: &'static str,
+        caller: Option<String>,
         uid: &str,
         fut: Fut,
     ) -> Result<Response<Resp>, Status>
     where
-        Fut: std::future::Future<Output = Result<Resp, BrokerError>>,
+        Fut: std::future::Future<Output = Result<(Resp, Option<u32>), BrokerError>>,
     {
         let start = Instant::now();
-        let request_id = sanitize_request_id(uid).unwrap_or_else(|| "-".into());
+        let request_id =
+            sanitize_request_id(uid).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let span = tracing::info_span!("kms_v2", method, request_id = %request_id);
         let result = fut.instrument(span).await;
         let micros = start.elapsed().as_micros() as u64;
@@ -131,6 +146,35 @@ impl KmsV2 {
             Ok(_) => tonic::Code::Ok,
             Err(e) => e.code(),
         };
+        if let Some(caller) = caller {
+            let mut rec = Record::request(&format!("KmsV2{method}"), &caller);
+            rec.key = Some(self.key.to_string());
+            rec.tenant = Some(self.key.tenant().to_string());
+            rec.version = result.as_ref().ok().and_then(|r| r.1);
+            rec.outcome = Some(code_name(code));
+            rec.message = result.as_ref().err().map(|e| match e {
+                BrokerError::Internal(_) => "internal error".to_string(),
+                other => other.to_string(),
+            });
+            rec.request_id = Some(request_id.clone());
+            rec.latency_us = Some(micros);
+            let audit_start = Instant::now();
+            let written = self.audit.append(rec).await;
+            if let Some(m) = &self.metrics {
+                m.observe_audit_write(audit_start.elapsed(), written.is_ok());
+            }
+            if let Err(e) = written {
+                tracing::error!(method, request_id = %request_id, error = %e, "audit record not written: kms-v2 request refused");
+                if let Some(m) = &self.metrics {
+                    m.observe_request(SERVICE, method, tonic::Code::Unavailable, start.elapsed());
+                }
+                // The result (a DEK, perhaps) is dropped here, zeroized, never sent.
+                return Err(Status::unavailable(
+                    "the audit trail cannot be written; the request was refused",
+                ));
+            }
+        }
+        let result = result.map(|r| r.0);
         match &result {
             Ok(_) => tracing::debug!(method, request_id = %request_id, micros, "kms-v2 ok"),
             Err(e) => {
@@ -150,11 +194,11 @@ impl KeyManagementService for KmsV2 {
         &self,
         _req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        self.handle("Status", "", async {
+        self.handle("Status", None, "", async {
             let hsm = self.keyring.hsm().clone();
             let probe = || {
                 let hsm = hsm.clone();
-                async move { hsm.health_check().await.map_err(|e| e.to_string()) }
+                async move { hsm.ping().await.map_err(|e| e.to_string()) }
             };
             let healthz = health::probe_once(&probe, self.probe_timeout).await;
             let key_id = self.current_key_id();
@@ -163,11 +207,14 @@ impl KeyManagementService for KmsV2 {
                 (Err(e), _) => format!("keybroker: HSM unavailable: {e}"),
                 (Ok(()), Err(e)) => format!("keybroker: {e}"),
             };
-            Ok(pb::StatusResponse {
-                version: API_VERSION.into(),
-                healthz,
-                key_id: key_id.unwrap_or_default(),
-            })
+            Ok((
+                pb::StatusResponse {
+                    version: API_VERSION.into(),
+                    healthz,
+                    key_id: key_id.unwrap_or_default(),
+                },
+                None,
+            ))
         })
         .await
     }
@@ -176,18 +223,22 @@ impl KeyManagementService for KmsV2 {
         &self,
         req: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
+        let caller = peer(&req);
         let r = req.into_inner();
         let uid = r.uid.clone();
-        self.handle("Encrypt", &uid, async move {
+        self.handle("Encrypt", Some(caller), &uid, async move {
             let w = self
                 .keyring
                 .wrap(&self.key, Dek::new(r.plaintext), KMS_AAD)
                 .await?;
-            Ok(pb::EncryptResponse {
-                ciphertext: w.envelope,
-                key_id: self.key_id_of(w.version)?,
-                annotations: Default::default(),
-            })
+            Ok((
+                pb::EncryptResponse {
+                    ciphertext: w.envelope,
+                    key_id: self.key_id_of(w.version)?,
+                    annotations: Default::default(),
+                },
+                Some(w.version),
+            ))
         })
         .await
     }
@@ -196,26 +247,42 @@ impl KeyManagementService for KmsV2 {
         &self,
         req: Request<pb::DecryptRequest>,
     ) -> Result<Response<pb::DecryptResponse>, Status> {
+        let caller = peer(&req);
         let r = req.into_inner();
         let uid = r.uid.clone();
-        self.handle("Decrypt", &uid, async move {
+        self.handle("Decrypt", Some(caller), &uid, async move {
             if r.ciphertext.is_empty() {
                 return Err(BrokerError::invalid("ciphertext is empty"));
             }
             let u = self
                 .keyring
-                .unwrap(Some(&self.key), &r.ciphertext, KMS_AAD)
+                // The envelope must belong to the configured key (checked by `expected`); the
+                // socket is local trust, so there is no further policy decision to make.
+                .unwrap(Some(&self.key), &r.ciphertext, KMS_AAD, |_| Ok(()))
                 .await?;
             if self.key_id_of(u.version)? != r.key_id {
                 // The DEK is dropped (and zeroized) unreturned.
                 return Err(BrokerError::Unauthentic);
             }
-            Ok(pb::DecryptResponse {
-                plaintext: u.dek.into_vec(),
-            })
+            let version = u.version;
+            Ok((
+                pb::DecryptResponse {
+                    plaintext: u.dek.into_vec(),
+                },
+                Some(version),
+            ))
         })
         .await
     }
+}
+
+/// The audit identity of a unix-socket peer: its uid from the kernel (`SO_PEERCRED`).
+fn peer<T>(req: &Request<T>) -> String {
+    req.extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+        .map(|c| format!("unix:uid={}", c.uid()))
+        .unwrap_or_else(|| "unix:unknown".into())
 }
 
 /// Binds the socket at `path` with `mode`, never exposing it with looser permissions: bind under

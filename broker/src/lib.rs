@@ -8,7 +8,7 @@
 //! # Layout
 //! * [`config`] — the TOML configuration file.
 //! * [`tls`], [`identity`] — the mutual-TLS listener and caller identity.
-//! * [`authz`] — who may call.
+//! * [`policy`] — roles, scopes, HYOK rules; [`hyok`] — the kill switch; [`audit`] — the tamper-evident trail.
 //! * [`service`] — the `keybroker.v1` gRPC services (conversion only).
 //! * [`keyring`] — key operations in domain terms; start-up reconciliation and integrity checks.
 //! * [`envelope`] — the wrapped-DEK format, byte by byte.
@@ -21,19 +21,23 @@
 //! * [`server`] — wiring and graceful shutdown; [`client`] — connecting as a client;
 //!   [`cli`] — the `keybroker` command.
 
-pub mod authz;
+pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub mod failpoint;
 pub mod health;
 pub mod hsm;
+pub mod hyok;
 pub mod identity;
 pub mod keyring;
 pub mod kms;
+pub mod lifecycle;
 pub mod metrics;
 pub mod model;
+pub mod policy;
 pub mod server;
 pub mod service;
 pub mod store;

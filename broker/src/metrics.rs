@@ -7,8 +7,10 @@
 //! |---|---|---|---|
 //! | `grpc_server_handled_total` | counter | `grpc_service`, `grpc_method`, `grpc_code` | RPCs completed (the names dashboards built for go-grpc-prometheus expect) |
 //! | `grpc_server_handling_seconds` | histogram | `grpc_service`, `grpc_method` | RPC latency, 0.5 ms … 16 s |
-//! | `keybroker_hsm_call_duration_seconds` | histogram | `operation` | one session-pool operation on the HSM (`wrap`, `unwrap`, `generate_data_key`, `rewrap`, `public_key`, `generate_kek`, `destroy_kek`, `attach`, `health_probe`), 50 µs … 1.6 s |
+//! | `keybroker_hsm_call_duration_seconds` | histogram | `operation` | one session-pool operation on the HSM (`wrap`, `unwrap`, `generate_data_key`, `rewrap`, `public_key`, `generate_kek`, `destroy_kek`, `attach`, `health_probe`, `create_import_key`, `import_kek`, `audit_key`, `audit_checkpoint_mac`, `audit_checkpoint_verify`), 50 µs … 1.6 s |
 //! | `keybroker_hsm_call_errors_total` | counter | `operation`, `fault` | HSM operations that failed, by fault class (`data_invalid` is a caller's unauthentic input, not an HSM problem) |
+//! | `keybroker_audit_write_seconds` | histogram | | writing one audit record (the request waits for it before its reply), 50 µs … 1.6 s |
+//! | `keybroker_audit_write_errors_total` | counter | | audit records that could not be written (each failed its request) |
 //! | `keybroker_hsm_sessions` | gauge | | sessions in the pool |
 //! | `keybroker_hsm_sessions_in_use` | gauge | | sessions checked out now |
 //! | `keybroker_hsm_session_waiters` | gauge | | calls waiting for a session now |
@@ -87,6 +89,8 @@ pub struct Metrics {
     handling: HistogramFamily<MethodLabels>,
     hsm_calls: HistogramFamily<OperationLabels>,
     hsm_errors: Family<FaultLabels, Counter>,
+    audit_writes: Histogram,
+    audit_errors: Counter,
     sessions: Gauge,
     sessions_in_use: Gauge,
     session_waiters: Gauge,
@@ -123,6 +127,12 @@ fn operation_label(op: &str) -> String {
         "generate a KEK" => "generate_kek".into(),
         "destroy a KEK" => "destroy_kek".into(),
         "attach the KEKs" => "attach".into(),
+        "ping the HSM" => "health_probe".into(),
+        "find or create the audit key" => "audit_key".into(),
+        "MAC an audit checkpoint" => "audit_checkpoint_mac".into(),
+        "verify an audit checkpoint" => "audit_checkpoint_verify".into(),
+        "create an import key" => "create_import_key".into(),
+        "import a KEK" => "import_kek".into(),
         other => other.to_ascii_lowercase().replace(' ', "_"),
     }
 }
@@ -171,6 +181,18 @@ impl Metrics {
             "HSM operations that failed, by fault class",
             hsm_errors.clone(),
         );
+        let audit_writes = hsm_histogram();
+        registry.register(
+            "keybroker_audit_write_seconds",
+            "Writing one audit record, which the request waits for before it replies",
+            audit_writes.clone(),
+        );
+        let audit_errors = Counter::default();
+        registry.register(
+            "keybroker_audit_write_errors",
+            "Audit records that could not be written (each failed its request)",
+            audit_errors.clone(),
+        );
         let gauge = |registry: &mut Registry, name: &str, help: &str| {
             let g = Gauge::default();
             registry.register(name, help, g.clone());
@@ -208,6 +230,8 @@ impl Metrics {
             handling,
             hsm_calls,
             hsm_errors,
+            audit_writes,
+            audit_errors,
             sessions,
             sessions_in_use,
             session_waiters,
@@ -232,6 +256,14 @@ impl Metrics {
                 grpc_method: method.to_string(),
             })
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records one audit write.
+    pub fn observe_audit_write(&self, elapsed: Duration, ok: bool) {
+        self.audit_writes.observe(elapsed.as_secs_f64());
+        if !ok {
+            self.audit_errors.inc();
+        }
     }
 
     /// Records the outcome of a health probe.

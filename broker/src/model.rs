@@ -368,3 +368,168 @@ mod tests {
         assert_eq!(Algorithm::from_id(5), None);
     }
 }
+
+/// An operation a key may allow (proto `KeyOperation`).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyOp {
+    /// WrapKey.
+    Wrap,
+    /// UnwrapKey.
+    Unwrap,
+    /// GenerateDataKey.
+    GenerateDataKey,
+    /// Rewrap (as the source).
+    Rewrap,
+}
+
+impl KeyOp {
+    /// Every operation.
+    pub const ALL: [KeyOp; 4] = [
+        KeyOp::Wrap,
+        KeyOp::Unwrap,
+        KeyOp::GenerateDataKey,
+        KeyOp::Rewrap,
+    ];
+
+    /// The name used in messages and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyOp::Wrap => "wrap",
+            KeyOp::Unwrap => "unwrap",
+            KeyOp::GenerateDataKey => "generate-data-key",
+            KeyOp::Rewrap => "rewrap",
+        }
+    }
+
+    /// Parses [`KeyOp::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+}
+
+/// The most tags a key may carry.
+pub const MAX_TAGS: usize = 15;
+/// The longest tag name or value, in characters.
+pub const MAX_TAG_LEN: usize = 256;
+/// The most versions a key may have.
+pub const MAX_VERSIONS: usize = 100;
+
+/// A key's attributes (stored as JSON; every field has a default so old rows load).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct KeyAttributes {
+    /// Whether the key may be used at all.
+    pub enabled: bool,
+    /// Refuse everything before this time (ms).
+    pub not_before_ms: Option<i64>,
+    /// After this time refuse wrap/generate (unwrap still works).
+    pub expires_ms: Option<i64>,
+    /// Allowed operations.
+    pub operations: std::collections::BTreeSet<KeyOp>,
+    /// Tags.
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// Versions below this refuse to unwrap.
+    pub min_decryption_version: u32,
+    /// Purge protection (never turned off once on).
+    pub purge_protection: bool,
+    /// Automatic rotation period (ms).
+    pub rotation_period_ms: Option<i64>,
+    /// Expiry of versions created by rotation (ms after creation).
+    pub version_expiry_ms: Option<i64>,
+}
+
+impl Default for KeyAttributes {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            not_before_ms: None,
+            expires_ms: None,
+            operations: KeyOp::ALL.into_iter().collect(),
+            tags: Default::default(),
+            min_decryption_version: 1,
+            purge_protection: false,
+            rotation_period_ms: None,
+            version_expiry_ms: None,
+        }
+    }
+}
+
+impl KeyAttributes {
+    /// Checks limits: tags, time order, positive periods.
+    pub fn validate(&self) -> Result<(), BrokerError> {
+        if self.tags.len() > MAX_TAGS {
+            return Err(BrokerError::invalid(format!(
+                "a key has at most {MAX_TAGS} tags"
+            )));
+        }
+        for (k, v) in &self.tags {
+            if k.is_empty() || k.chars().count() > MAX_TAG_LEN || v.chars().count() > MAX_TAG_LEN {
+                return Err(BrokerError::invalid(format!(
+                    "tag names must be 1-{MAX_TAG_LEN} characters and values at most {MAX_TAG_LEN}"
+                )));
+            }
+            if k.chars().chain(v.chars()).any(char::is_control) {
+                return Err(BrokerError::invalid(
+                    "tags may not contain control characters",
+                ));
+            }
+        }
+        if let (Some(nb), Some(exp)) = (self.not_before_ms, self.expires_ms) {
+            if exp <= nb {
+                return Err(BrokerError::invalid("expires must be after not-before"));
+            }
+        }
+        for (what, v) in [
+            ("not_before_ms", self.not_before_ms),
+            ("expires_ms", self.expires_ms),
+            ("rotation_period_ms", self.rotation_period_ms),
+            ("version_expiry_ms", self.version_expiry_ms),
+        ] {
+            if v.is_some_and(|v| v <= 0) {
+                return Err(BrokerError::invalid(format!(
+                    "{what} must be positive (0 means unset)"
+                )));
+            }
+        }
+        if self.rotation_period_ms.is_some_and(|p| p < 1000) {
+            return Err(BrokerError::invalid(
+                "rotation_period_ms must be at least 1000",
+            ));
+        }
+        if self.min_decryption_version == 0 {
+            return Err(BrokerError::invalid("min_decryption_version starts at 1"));
+        }
+        Ok(())
+    }
+}
+
+/// Where a version's key material came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Generated inside the HSM.
+    Generated,
+    /// Imported (BYOK), unwrapped inside the HSM.
+    Imported,
+}
+
+impl Origin {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Generated => "generated",
+            Origin::Imported => "imported",
+        }
+    }
+
+    /// Parses [`Origin::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "generated" => Some(Origin::Generated),
+            "imported" => Some(Origin::Imported),
+            _ => None,
+        }
+    }
+}

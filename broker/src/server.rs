@@ -10,15 +10,17 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use keybroker_proto::v1::{
-    key_broker_server::KeyBrokerServer, key_management_server::KeyManagementServer,
+    audit_server::AuditServer, hyok_server::HyokServer, key_broker_server::KeyBrokerServer,
+    key_management_server::KeyManagementServer,
 };
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
-    authz::AllowList,
+    audit::{AuditLog, AuditSettings},
     config::Config,
     health::{self, HsmHealth},
     hsm::Hsm,
+    hyok::HyokSwitch,
     keyring::Keyring,
     kms::{self, KmsV2},
     metrics::{self, Metrics, MetricsState},
@@ -51,6 +53,20 @@ pub fn harden_process() {
     }
     if let Err(e) = set_dumpable_behavior(DumpableBehavior::NotDumpable) {
         tracing::warn!(error = %e, "could not mark the process non-dumpable");
+    }
+    // A write past RLIMIT_FSIZE raises SIGXFSZ, whose default action kills the process. Catch it
+    // so a full audit volume fails requests (EFBIG) instead of killing the broker.
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(
+        rustix::process::Signal::XFSZ.as_raw(),
+    )) {
+        Ok(mut s) => {
+            tokio::spawn(async move {
+                while s.recv().await.is_some() {
+                    tracing::error!("SIGXFSZ: a file reached the size limit");
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot catch SIGXFSZ"),
     }
 }
 
@@ -102,9 +118,14 @@ pub async fn run(
         .map_err(|e| format!("store task failed: {e}"))?
         .map_err(|e| e.to_string())?;
     let started = std::time::Instant::now();
-    let (keyring, report) = Keyring::load(hsm, Arc::new(store), cfg.hsm.on_integrity_failure)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (keyring, report) = Keyring::load(
+        hsm,
+        Arc::new(store),
+        cfg.hsm.on_integrity_failure,
+        cfg.lifecycle.settings(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     tracing::info!(
         keys = report.keys,
         versions = report.versions,
@@ -117,8 +138,31 @@ pub async fn run(
     let keyring = Arc::new(keyring);
     let metrics = Arc::new(Metrics::new());
     keyring.hsm().set_observer(metrics.clone());
-    let allow = Arc::new(AllowList::new(cfg.access.allow.iter().cloned()));
-    let api = Api::new(keyring.clone(), allow).with_metrics(metrics.clone());
+    let policy = Arc::new(cfg.policy()?);
+    policy.watch();
+    let store = keyring.store().clone();
+    let audit = AuditLog::open(
+        AuditSettings {
+            path: cfg.path(&cfg.audit.path),
+            checkpoint_every: cfg.audit.checkpoint_every,
+            checkpoint_interval: Duration::from_millis(cfg.audit.checkpoint_interval_ms),
+            sync: cfg.audit.sync,
+        },
+        keyring.hsm().clone(),
+        store.clone(),
+    )
+    .await?;
+    let hyok = Arc::new(HyokSwitch::load(store).await.map_err(|e| e.to_string())?);
+    keyring.attach_audit(audit.clone());
+    for r in &report.finished_destructions {
+        keyring.write_receipt(r).await.map_err(|e| e.to_string())?;
+    }
+    for a in crate::failpoint::armed() {
+        tracing::warn!(failpoint = %a, "TEST FAILPOINT ARMED: the broker will abort when it reaches it");
+    }
+    keyring.spawn_maintenance();
+    let keyring_for_shutdown = keyring.clone();
+    let api = Api::new(keyring.clone(), policy, audit.clone(), hyok).with_metrics(metrics.clone());
 
     // One shutdown signal for every listener and the probe.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -140,7 +184,7 @@ pub async fn run(
         let hsm = keyring.hsm().clone();
         move || {
             let hsm = hsm.clone();
-            async move { hsm.health_check().await.map_err(|e| e.to_string()) }
+            async move { hsm.ping().await.map_err(|e| e.to_string()) }
         }
     };
     let first = health::probe_once(&probe, probe_timeout).await;
@@ -206,7 +250,13 @@ pub async fn run(
         }
         let path = cfg.path(&k.socket);
         let listener = kms::bind(&path, k.socket_mode)?;
-        let svc = KmsV2::new(keyring.clone(), key, Some(metrics.clone()), probe_timeout);
+        let svc = KmsV2::new(
+            keyring.clone(),
+            key,
+            audit.clone(),
+            Some(metrics.clone()),
+            probe_timeout,
+        );
         tracing::info!(socket = %path.display(), key = %k.key, "serving Kubernetes KMS v2 (local trust: no TLS on the unix socket)");
         println!("keybroker: kms-v2 on {}", path.display());
         let stop = stopped(stop_rx.clone());
@@ -217,6 +267,7 @@ pub async fn run(
         cert: &cfg.path(&cfg.tls.cert),
         key: &cfg.path(&cfg.tls.key),
         client_ca: &cfg.path(&cfg.tls.client_ca),
+        crls: &cfg.tls.crl.iter().map(|p| cfg.path(p)).collect::<Vec<_>>(),
     })?;
     let listener = TcpListener::bind(cfg.server.listen)
         .await
@@ -245,6 +296,8 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
+        .add_service(AuditServer::new(api.clone()))
+        .add_service(HyokServer::new(api.clone()))
         .add_service(
             KeyManagementServer::new(api)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -266,6 +319,8 @@ pub async fn run(
         }
     }
     served?;
+    keyring_for_shutdown.flush_usage().await;
+    audit.close().await;
     tracing::info!("shut down cleanly");
     Ok(())
 }

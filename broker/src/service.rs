@@ -1,28 +1,40 @@
-//! The gRPC services. Each handler: identity (from the connection, decided at the handshake) →
-//! access check → parse → keyring → convert. Errors become `tonic::Status` in one place
-//! ([`BrokerError`]'s `From` impl).
+//! The gRPC services. Each request: identity (from the connection, decided at the handshake) →
+//! policy (role × scope, HYOK kill switch and justification) → keyring → convert → **audit
+//! record written before the reply** (if it cannot be written, the request fails). Errors become
+//! `tonic::Status` in one place ([`BrokerError`]'s `From` impl).
 //!
-//! Every request gets a request id — the caller's `x-request-id` metadata when it is sane (1-128
-//! of `[A-Za-z0-9._:/-]`), else a fresh one — that is in its log line and in the span of
-//! everything logged while it runs, and is sent back in the reply's `x-request-id`.
+//! Every request has a request id: the `request_id` of its `RequestContext`, else its
+//! `x-request-id` metadata when that is sane (1-128 of `[A-Za-z0-9._:/-]`, see
+//! [`sanitize_request_id`]), else a fresh UUID. It is in the audit record, in the request's log
+//! line and in the span of everything logged while it runs, and is sent back in the reply's
+//! `x-request-id`. Each request is also one observation in the Prometheus metrics.
 
-use std::{future::Future, sync::Arc, time::Instant};
+use std::{
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use keybroker_proto::v1::{
-    self as pb, key_broker_server::KeyBroker, key_management_server::KeyManagement,
-    unwrap_key_request::Wrapped as PbWrapped,
+    self as pb, audit_server::Audit, hyok_server::Hyok, key_broker_server::KeyBroker,
+    key_management_server::KeyManagement, unwrap_key_request::Wrapped as PbWrapped,
 };
 use tonic::{Request, Response, Status, metadata::MetadataValue};
 use tracing::Instrument;
 
 use crate::{
-    authz::AllowList,
+    audit::{AuditLog, QueryFilter, Record},
     error::BrokerError,
+    hyok::{HyokState, HyokSwitch},
     identity::Caller,
-    keyring::{KeyEntry, KeyState, Keyring, PublicKeyInfo},
+    keyring::{KeyEntry, KeyState, Keyring, Lifecycle, PublicKeyInfo, VersionEntry},
+    lifecycle::AttributePatch,
     metrics::Metrics,
-    model::{Algorithm, DEFAULT_TENANT, Dek, KeyName, KeyType, validate_part},
+    model::{
+        Algorithm, DEFAULT_TENANT, Dek, KeyAttributes, KeyName, KeyOp, KeyType, validate_part,
+    },
+    policy::{Permission, Policy, PolicyHandle, Reason},
     tls::ConnInfo,
 };
 
@@ -30,11 +42,15 @@ use crate::{
 pub const KEY_BROKER: &str = "keybroker.v1.KeyBroker";
 /// The control-plane service's full name.
 pub const KEY_MANAGEMENT: &str = "keybroker.v1.KeyManagement";
+/// The audit service's full name.
+pub const AUDIT: &str = "keybroker.v1.Audit";
+/// The HYOK switch service's full name.
+pub const HYOK: &str = "keybroker.v1.Hyok";
 /// The metadata header carrying the request id (in both directions).
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// A caller-supplied request id, if it is safe to log as is: 1-128 characters of
-/// `[A-Za-z0-9._:/-]` (no spaces, quotes or control characters that could forge log lines).
+/// `[A-Za-z0-9._:/-]` (no spaces, quotes or control characters that could forge log fields).
 pub fn sanitize_request_id(s: &str) -> Option<String> {
     let ok = !s.is_empty()
         && s.len() <= 128
@@ -43,29 +59,175 @@ pub fn sanitize_request_id(s: &str) -> Option<String> {
     ok.then(|| s.to_string())
 }
 
-/// The request's id: the caller's `x-request-id` if sane, else a fresh `kb-<uuid>`.
-pub fn request_id<T>(req: &Request<T>) -> String {
-    req.metadata()
-        .get(REQUEST_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(sanitize_request_id)
-        .unwrap_or_else(|| format!("kb-{}", uuid::Uuid::new_v4().simple()))
+/// The gRPC service and method of an audit op name (for metrics).
+fn grpc_name(op: &'static str) -> (&'static str, &'static str) {
+    match op {
+        "WrapKey" | "UnwrapKey" | "GenerateDataKey" | "Rewrap" | "GetPublicKey" => (KEY_BROKER, op),
+        "QueryAudit" => (AUDIT, op),
+        "HyokDisconnect" => (HYOK, "Disconnect"),
+        "HyokReconnect" => (HYOK, "Reconnect"),
+        "HyokGetState" => (HYOK, "GetState"),
+        _ => (KEY_MANAGEMENT, op),
+    }
 }
 
-/// Both services over one keyring.
+/// Every service over one keyring.
 #[derive(Clone)]
 pub struct Api {
     keyring: Arc<Keyring>,
-    allow: Arc<AllowList>,
+    policy: Arc<PolicyHandle>,
+    audit: AuditLog,
+    hyok: Arc<HyokSwitch>,
     metrics: Option<Arc<Metrics>>,
+}
+
+/// What one request's audit record says, filled in as the request learns it.
+#[derive(Default)]
+struct Fields {
+    key: Option<String>,
+    tenant: Option<String>,
+    version: Option<u32>,
+    justification: Option<String>,
+    justification_detail: Option<String>,
+    request_id: Option<String>,
+    correlation_id: Option<String>,
+}
+
+/// The request's verified caller and the policy in force when it arrived.
+#[derive(Clone)]
+struct Ctx {
+    caller: Caller,
+    policy: Arc<Policy>,
+    hyok: Arc<HyokSwitch>,
+    fields: Arc<Mutex<Fields>>,
+    reason: Arc<Mutex<Option<Reason>>>,
+    /// Set once a HYOK service identity passed the kill switch: re-checked before replying.
+    hyok_gated: Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn check_id(what: &str, s: &str) -> Result<(), BrokerError> {
+    if s.len() > 128 || s.chars().any(|c| c.is_control()) {
+        return Err(BrokerError::invalid(format!(
+            "{what} must be at most 128 printable characters"
+        )));
+    }
+    Ok(())
+}
+
+impl Ctx {
+    fn fields(&self) -> std::sync::MutexGuard<'_, Fields> {
+        self.fields.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn note_key(&self, key: &KeyName) {
+        let mut f = self.fields();
+        f.key = Some(key.to_string());
+        f.tenant = Some(key.tenant().to_string());
+    }
+
+    fn note_version(&self, v: u32) {
+        self.fields().version = Some(v);
+    }
+
+    /// Takes the request context (ids, justification) into the audit record and the HYOK check.
+    fn take_context(&self, c: Option<pb::RequestContext>) -> Result<(), BrokerError> {
+        let Some(c) = c else { return Ok(()) };
+        check_id("context.request_id", &c.request_id)?;
+        check_id("context.correlation_id", &c.correlation_id)?;
+        let mut f = self.fields();
+        if !c.request_id.is_empty() {
+            f.request_id = Some(c.request_id);
+        }
+        if !c.correlation_id.is_empty() {
+            f.correlation_id = Some(c.correlation_id);
+        }
+        if let Some(j) = c.justification {
+            if j.detail.chars().count() > 256 || j.detail.chars().any(|c| c.is_control()) {
+                return Err(BrokerError::invalid(
+                    "context.justification.detail must be at most 256 printable characters",
+                ));
+            }
+            let reason = match j.reason {
+                0 => None,
+                v => Some(Reason::from_proto(v).ok_or_else(|| {
+                    BrokerError::invalid(format!("unknown justification reason {v}"))
+                })?),
+            };
+            f.justification = reason.map(|r| r.as_str().to_string());
+            if !j.detail.is_empty() {
+                f.justification_detail = Some(j.detail);
+            }
+            *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+        }
+        Ok(())
+    }
+
+    /// Checks `perm` on `key` (and, for key use by a HYOK service identity, the kill switch and
+    /// the key's accepted justifications). Deny by default.
+    fn authorize(&self, perm: Permission, key: &KeyName) -> Result<(), BrokerError> {
+        self.note_key(key);
+        if !self.policy.allows(&self.caller, perm, key) {
+            return Err(BrokerError::PermissionDenied(format!(
+                "{} may not {perm} key {key}",
+                self.caller
+            )));
+        }
+        if matches!(perm, Permission::Wrap | Permission::Unwrap)
+            && self.policy.is_hyok_service(&self.caller)
+        {
+            self.hyok_gated
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            if !self.hyok.connected() {
+                return Err(BrokerError::PermissionDenied(
+                    "the key owner has disconnected HYOK service access".into(),
+                ));
+            }
+            let reason = *self.reason.lock().unwrap_or_else(|p| p.into_inner());
+            self.policy
+                .check_justification(key, reason)
+                .map_err(BrokerError::PermissionDenied)?;
+        }
+        Ok(())
+    }
+
+    /// Checks a broker-wide permission (scope `all`).
+    fn authorize_global(&self, perm: Permission) -> Result<(), BrokerError> {
+        if !self.policy.allows_global(&self.caller, perm) {
+            return Err(BrokerError::PermissionDenied(format!(
+                "{} may not {perm}",
+                self.caller
+            )));
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn code_name(c: tonic::Code) -> String {
+    let s = format!("{c:?}");
+    // InvalidArgument -> INVALID_ARGUMENT
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if ch.is_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(ch.to_ascii_uppercase());
+    }
+    out
 }
 
 impl Api {
     /// Builds the services.
-    pub fn new(keyring: Arc<Keyring>, allow: Arc<AllowList>) -> Self {
+    pub fn new(
+        keyring: Arc<Keyring>,
+        policy: Arc<PolicyHandle>,
+        audit: AuditLog,
+        hyok: Arc<HyokSwitch>,
+    ) -> Self {
         Self {
             keyring,
-            allow,
+            policy,
+            audit,
+            hyok,
             metrics: None,
         }
     }
@@ -76,62 +238,26 @@ impl Api {
         self
     }
 
-    /// The verified caller, if it may call at all.
-    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, BrokerError> {
-        let info = req
-            .extensions()
-            .get::<ConnInfo>()
-            .ok_or_else(|| BrokerError::PermissionDenied("no verified client identity".into()))?;
-        if !self.allow.permits(&info.caller) {
-            return Err(BrokerError::PermissionDenied(format!(
-                "identity {} is not allowed to call this broker",
-                info.caller
-            )));
-        }
-        Ok(info.caller.clone())
-    }
-
-    /// Runs one request: request id, identity, then the handler, with one log line and one
-    /// metrics observation for the outcome.
+    /// Runs one request ([`Api::handle_inner`]), then counts it in the metrics and sends its
+    /// request id back.
     async fn handle<Req, Resp, F, Fut>(
         &self,
-        service: &'static str,
-        method: &'static str,
+        op: &'static str,
         req: Request<Req>,
         f: F,
     ) -> Result<Response<Resp>, Status>
     where
-        F: FnOnce(Caller, Req) -> Fut,
+        F: FnOnce(Ctx, Req) -> Fut,
         Fut: Future<Output = Result<Resp, BrokerError>>,
     {
         let start = Instant::now();
-        let request_id = request_id(&req);
-        let peer = req
-            .extensions()
-            .get::<ConnInfo>()
-            .map(|c| c.caller.id.clone());
-        let span = tracing::info_span!("rpc", method, request_id = %request_id);
-        let result = async {
-            match self.caller(&req) {
-                Ok(caller) => f(caller, req.into_inner()).await,
-                Err(e) => Err(e),
-            }
-        }
-        .instrument(span)
-        .await;
-        let micros = start.elapsed().as_micros() as u64;
-        let caller = peer.as_deref().unwrap_or("-");
-        let code = match &result {
-            Ok(_) => tonic::Code::Ok,
-            Err(e) => e.code(),
-        };
-        match &result {
-            Ok(_) => tracing::debug!(method, request_id = %request_id, caller, micros, "ok"),
-            Err(e) => {
-                tracing::info!(method, request_id = %request_id, caller, micros, code = ?e.code(), error = %e, "refused")
-            }
-        }
+        let (result, request_id) = self.handle_inner(op, req, f).await;
         if let Some(m) = &self.metrics {
+            let (service, method) = grpc_name(op);
+            let code = match &result {
+                Ok(_) => tonic::Code::Ok,
+                Err(s) => s.code(),
+            };
             m.observe_request(service, method, code, start.elapsed());
         }
         let rid = MetadataValue::try_from(request_id.as_str()).ok();
@@ -143,14 +269,119 @@ impl Api {
                 }
                 Ok(resp)
             }
-            Err(e) => {
-                let mut status = Status::from(e);
+            Err(mut status) => {
                 if let Some(v) = rid {
                     status.metadata_mut().insert(REQUEST_ID_HEADER, v);
                 }
                 Err(status)
             }
         }
+    }
+
+    /// Runs one request: identity and policy snapshot, the handler, the kill-switch re-check,
+    /// then the audit record (before the reply) and one log line. Returns the result and the
+    /// request id.
+    async fn handle_inner<Req, Resp, F, Fut>(
+        &self,
+        op: &'static str,
+        req: Request<Req>,
+        f: F,
+    ) -> (Result<Resp, Status>, String)
+    where
+        F: FnOnce(Ctx, Req) -> Fut,
+        Fut: Future<Output = Result<Resp, BrokerError>>,
+    {
+        let start = Instant::now();
+        let header_id = req
+            .metadata()
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(sanitize_request_id)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let Some(conn) = req.extensions().get::<ConnInfo>().cloned() else {
+            return (
+                Err(Status::permission_denied("no verified client identity")),
+                header_id,
+            );
+        };
+        let span = tracing::info_span!("rpc", op, request_id = %header_id);
+        let ctx = Ctx {
+            caller: conn.caller.clone(),
+            policy: self.policy.get(),
+            hyok: self.hyok.clone(),
+            fields: Arc::new(Mutex::new(Fields {
+                request_id: Some(header_id.clone()),
+                ..Default::default()
+            })),
+            reason: Arc::new(Mutex::new(None)),
+            hyok_gated: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        };
+        let mut result = if ctx.policy.knows(&ctx.caller) {
+            f(ctx.clone(), req.into_inner()).instrument(span).await
+        } else {
+            Err(BrokerError::PermissionDenied(format!(
+                "identity {} has no role on this broker",
+                ctx.caller
+            )))
+        };
+        // The kill switch may have been thrown while the HSM worked: nothing reaches a
+        // disconnected service identity after Disconnect returned.
+        if result.is_ok()
+            && ctx.hyok_gated.load(std::sync::atomic::Ordering::SeqCst)
+            && !self.hyok.connected()
+        {
+            result = Err(BrokerError::PermissionDenied(
+                "the key owner has disconnected HYOK service access".into(),
+            ));
+        }
+        let latency_us = start.elapsed().as_micros() as u64;
+        let (code, message) = match &result {
+            Ok(_) => (tonic::Code::Ok, None),
+            Err(e) => (
+                e.code(),
+                Some(match e {
+                    BrokerError::Internal(_) => "internal error".to_string(),
+                    other => other.to_string(),
+                }),
+            ),
+        };
+        let mut rec = Record::request(op, &ctx.caller.id);
+        {
+            let mut f = ctx.fields();
+            rec.key = f.key.take();
+            rec.tenant = f.tenant.take();
+            rec.version = f.version;
+            rec.justification = f.justification.take();
+            rec.justification_detail = f.justification_detail.take();
+            rec.request_id = Some(f.request_id.take().unwrap_or(header_id));
+            rec.correlation_id = f.correlation_id.take();
+        }
+        rec.outcome = Some(code_name(code));
+        rec.message = message;
+        rec.latency_us = Some(latency_us);
+        let request_id = rec.request_id.clone().unwrap_or_default();
+        let audit_start = Instant::now();
+        let written = self.audit.append(rec).await;
+        if let Some(m) = &self.metrics {
+            m.observe_audit_write(audit_start.elapsed(), written.is_ok());
+        }
+        if let Err(e) = written {
+            tracing::error!(op, caller = %ctx.caller, request_id, error = %e, "audit record not written: request refused");
+            // The result (a DEK, perhaps) is dropped here, zeroized, never sent.
+            return (
+                Err(Status::unavailable(
+                    "the audit trail cannot be written; the request was refused",
+                )),
+                request_id,
+            );
+        }
+        match &result {
+            Ok(_) => tracing::debug!(op, caller = %ctx.caller, request_id, latency_us, "ok"),
+            Err(e) => {
+                tracing::info!(op, caller = %ctx.caller, request_id, latency_us, code = ?e.code(), error = %e, "refused")
+            }
+        }
+        (result.map_err(Status::from), request_id)
     }
 }
 
@@ -209,6 +440,122 @@ fn key_type_from_pb(v: i32) -> Result<KeyType, BrokerError> {
     }
 }
 
+fn op_to_pb(o: KeyOp) -> pb::KeyOperation {
+    match o {
+        KeyOp::Wrap => pb::KeyOperation::Wrap,
+        KeyOp::Unwrap => pb::KeyOperation::Unwrap,
+        KeyOp::GenerateDataKey => pb::KeyOperation::GenerateDataKey,
+        KeyOp::Rewrap => pb::KeyOperation::Rewrap,
+    }
+}
+
+fn op_from_pb(v: i32) -> Result<KeyOp, BrokerError> {
+    match pb::KeyOperation::try_from(v) {
+        Ok(pb::KeyOperation::Wrap) => Ok(KeyOp::Wrap),
+        Ok(pb::KeyOperation::Unwrap) => Ok(KeyOp::Unwrap),
+        Ok(pb::KeyOperation::GenerateDataKey) => Ok(KeyOp::GenerateDataKey),
+        Ok(pb::KeyOperation::Rewrap) => Ok(KeyOp::Rewrap),
+        _ => Err(BrokerError::invalid(format!("unknown key operation {v}"))),
+    }
+}
+
+fn opt_time(v: i64, what: &str) -> Result<Option<i64>, BrokerError> {
+    match v {
+        0 => Ok(None),
+        v if v > 0 => Ok(Some(v)),
+        _ => Err(BrokerError::invalid(format!("{what} must not be negative"))),
+    }
+}
+
+fn attributes_to_pb(a: &KeyAttributes) -> pb::KeyAttributes {
+    pb::KeyAttributes {
+        enabled: Some(a.enabled),
+        not_before_ms: a.not_before_ms.unwrap_or(0),
+        expires_ms: a.expires_ms.unwrap_or(0),
+        operations: Some(pb::KeyOperations {
+            operations: a.operations.iter().map(|o| op_to_pb(*o).into()).collect(),
+        }),
+        tags: Some(pb::KeyTags {
+            tags: a.tags.clone().into_iter().collect(),
+        }),
+        min_decryption_version: a.min_decryption_version,
+        purge_protection: Some(a.purge_protection),
+        rotation_period_ms: a.rotation_period_ms.unwrap_or(0),
+        version_expiry_ms: a.version_expiry_ms.unwrap_or(0),
+    }
+}
+
+/// Attributes for a new key: unset fields take their defaults.
+fn attributes_from_pb(a: Option<pb::KeyAttributes>) -> Result<KeyAttributes, BrokerError> {
+    let mut out = KeyAttributes::default();
+    let Some(a) = a else { return Ok(out) };
+    if let Some(e) = a.enabled {
+        out.enabled = e;
+    }
+    out.not_before_ms = opt_time(a.not_before_ms, "not_before_ms")?;
+    out.expires_ms = opt_time(a.expires_ms, "expires_ms")?;
+    out.rotation_period_ms = opt_time(a.rotation_period_ms, "rotation_period_ms")?;
+    out.version_expiry_ms = opt_time(a.version_expiry_ms, "version_expiry_ms")?;
+    if let Some(ops) = a.operations {
+        out.operations = ops
+            .operations
+            .into_iter()
+            .map(op_from_pb)
+            .collect::<Result<_, _>>()?;
+    }
+    if let Some(t) = a.tags {
+        out.tags = t.tags.into_iter().collect();
+    }
+    if a.min_decryption_version > 1 {
+        return Err(BrokerError::invalid(
+            "a new key's min_decryption_version is 1",
+        ));
+    }
+    if let Some(p) = a.purge_protection {
+        out.purge_protection = p;
+    }
+    out.validate()?;
+    Ok(out)
+}
+
+fn patch_from_pb(r: pb::UpdateKeyRequest) -> Result<AttributePatch, BrokerError> {
+    let a = r.attributes.unwrap_or_default();
+    Ok(AttributePatch {
+        enabled: a.enabled,
+        times: if r.set_times {
+            Some((
+                opt_time(a.not_before_ms, "not_before_ms")?,
+                opt_time(a.expires_ms, "expires_ms")?,
+                opt_time(a.rotation_period_ms, "rotation_period_ms")?,
+                opt_time(a.version_expiry_ms, "version_expiry_ms")?,
+            ))
+        } else {
+            if a.not_before_ms != 0
+                || a.expires_ms != 0
+                || a.rotation_period_ms != 0
+                || a.version_expiry_ms != 0
+            {
+                return Err(BrokerError::invalid(
+                    "set set_times to change not_before/expires/rotation_period/version_expiry",
+                ));
+            }
+            None
+        },
+        operations: match a.operations {
+            Some(ops) => Some(
+                ops.operations
+                    .into_iter()
+                    .map(op_from_pb)
+                    .collect::<Result<_, _>>()?,
+            ),
+            None => None,
+        },
+        tags: a.tags.map(|t| t.tags.into_iter().collect()),
+        min_decryption_version: (a.min_decryption_version != 0).then_some(a.min_decryption_version),
+        purge_protection: a.purge_protection,
+    })
+}
+
 impl Api {
     fn key_to_pb(&self, k: &KeyEntry) -> pb::Key {
         pb::Key {
@@ -216,9 +563,11 @@ impl Api {
             tenant: k.name.tenant().to_string(),
             key_type: key_type_to_pb(k.key_type).into(),
             algorithm: algorithm_to_pb(k.algorithm).into(),
-            state: match k.state {
-                KeyState::Enabled => pb::KeyState::Enabled,
-                KeyState::Quarantined(_) => pb::KeyState::Quarantined,
+            state: match (&k.lifecycle, &k.state) {
+                (Lifecycle::Deleted { .. }, _) => pb::KeyState::Deleted,
+                (_, KeyState::Quarantined(_)) => pb::KeyState::Quarantined,
+                _ if !k.attributes.enabled => pb::KeyState::Disabled,
+                _ => pb::KeyState::Enabled,
             }
             .into(),
             created_at_ms: k.created_at_ms,
@@ -226,17 +575,51 @@ impl Api {
             versions: k
                 .versions
                 .iter()
-                .map(|v| pb::KeyVersion {
-                    version: v.number,
-                    id: v.id.as_bytes().to_vec(),
-                    created_at_ms: v.created_at_ms,
-                })
+                .map(|v| self.version_to_pb(k, v))
                 .collect(),
             mechanism: self
                 .keyring
                 .hsm()
                 .capabilities()
                 .mechanism_name(k.algorithm),
+            attributes: Some(attributes_to_pb(&k.attributes)),
+            updated_at_ms: k.updated_at_ms,
+        }
+    }
+
+    fn version_to_pb(&self, k: &KeyEntry, v: &VersionEntry) -> pb::KeyVersion {
+        use std::sync::atomic::Ordering::Relaxed;
+        let u = self.keyring.usage(v.id);
+        pb::KeyVersion {
+            version: v.number,
+            id: v.id.as_bytes().to_vec(),
+            created_at_ms: v.created_at_ms,
+            origin: v.origin.as_str().into(),
+            expires_ms: v.expires_ms.unwrap_or(0),
+            decryptable: k.decryptable(v),
+            wraps: u.as_ref().map(|u| u.wraps.load(Relaxed)).unwrap_or(0),
+            unwraps: u.as_ref().map(|u| u.unwraps.load(Relaxed)).unwrap_or(0),
+            last_used_ms: u
+                .as_ref()
+                .map(|u| u.last_used_ms.load(Relaxed))
+                .unwrap_or(0),
+        }
+    }
+
+    fn deleted_to_pb(&self, k: &KeyEntry) -> pb::DeletedKey {
+        let (deleted_at_ms, scheduled_purge_ms, deleted_by) = match &k.lifecycle {
+            Lifecycle::Deleted {
+                deleted_at_ms,
+                purge_at_ms,
+                deleted_by,
+            } => (*deleted_at_ms, *purge_at_ms, deleted_by.clone()),
+            Lifecycle::Active => (0, 0, String::new()),
+        };
+        pb::DeletedKey {
+            key: Some(self.key_to_pb(k)),
+            deleted_at_ms,
+            scheduled_purge_ms,
+            deleted_by,
         }
     }
 }
@@ -292,12 +675,15 @@ impl KeyBroker for Api {
         &self,
         req: Request<pb::WrapKeyRequest>,
     ) -> Result<Response<pb::WrapKeyResponse>, Status> {
-        self.handle(KEY_BROKER, "WrapKey", req, |_caller, r| async move {
+        self.handle("WrapKey", req, |ctx, r| async move {
+            ctx.take_context(r.context)?;
             let name = key_name(&r.key)?;
+            ctx.authorize(Permission::Wrap, &name)?;
             let w = self
                 .keyring
                 .wrap(&name, Dek::new(r.plaintext), &r.aad)
                 .await?;
+            ctx.note_version(w.version);
             Ok(pb::WrapKeyResponse {
                 wrapped_key: w.envelope,
                 key: w.key.to_string(),
@@ -312,11 +698,19 @@ impl KeyBroker for Api {
         &self,
         req: Request<pb::UnwrapKeyRequest>,
     ) -> Result<Response<pb::UnwrapKeyResponse>, Status> {
-        self.handle(KEY_BROKER, "UnwrapKey", req, |_caller, r| async move {
+        self.handle("UnwrapKey", req, |ctx, r| async move {
+            ctx.take_context(r.context)?;
             let u = match r.wrapped {
                 Some(PbWrapped::Envelope(env)) => {
                     let expected = optional_key(&r.key)?;
-                    self.keyring.unwrap(expected.as_ref(), &env, &r.aad).await?
+                    if let Some(k) = &expected {
+                        ctx.authorize(Permission::Unwrap, k)?;
+                    }
+                    self.keyring
+                        .unwrap(expected.as_ref(), &env, &r.aad, |k| {
+                            ctx.authorize(Permission::Unwrap, k)
+                        })
+                        .await?
                 }
                 Some(PbWrapped::Raw(raw)) => {
                     if r.key.is_empty() {
@@ -330,6 +724,7 @@ impl KeyBroker for Api {
                         ));
                     }
                     let name = key_name(&r.key)?;
+                    ctx.authorize(Permission::Unwrap, &name)?;
                     let alg = algorithm_from_pb(raw.algorithm)?
                         .ok_or_else(|| BrokerError::invalid("raw.algorithm is required"))?;
                     self.keyring
@@ -338,6 +733,7 @@ impl KeyBroker for Api {
                 }
                 None => return Err(BrokerError::invalid("set envelope or raw")),
             };
+            ctx.note_version(u.version);
             Ok(pb::UnwrapKeyResponse {
                 plaintext: u.dek.into_vec(),
                 key: u.key.to_string(),
@@ -352,23 +748,21 @@ impl KeyBroker for Api {
         &self,
         req: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
-        self.handle(
-            KEY_BROKER,
-            "GenerateDataKey",
-            req,
-            |_caller, r| async move {
-                let name = key_name(&r.key)?;
-                let len = usize::try_from(r.length).unwrap_or(usize::MAX);
-                let (dek, w) = self.keyring.generate_data_key(&name, len, &r.aad).await?;
-                Ok(pb::GenerateDataKeyResponse {
-                    plaintext: dek.into_vec(),
-                    wrapped_key: w.envelope,
-                    key: w.key.to_string(),
-                    key_version: w.version,
-                    algorithm: algorithm_to_pb(w.algorithm).into(),
-                })
-            },
-        )
+        self.handle("GenerateDataKey", req, |ctx, r| async move {
+            ctx.take_context(r.context)?;
+            let name = key_name(&r.key)?;
+            ctx.authorize(Permission::Wrap, &name)?;
+            let len = usize::try_from(r.length).unwrap_or(usize::MAX);
+            let (dek, w) = self.keyring.generate_data_key(&name, len, &r.aad).await?;
+            ctx.note_version(w.version);
+            Ok(pb::GenerateDataKeyResponse {
+                plaintext: dek.into_vec(),
+                wrapped_key: w.envelope,
+                key: w.key.to_string(),
+                key_version: w.version,
+                algorithm: algorithm_to_pb(w.algorithm).into(),
+            })
+        })
         .await
     }
 
@@ -376,8 +770,12 @@ impl KeyBroker for Api {
         &self,
         req: Request<pb::RewrapRequest>,
     ) -> Result<Response<pb::RewrapResponse>, Status> {
-        self.handle(KEY_BROKER, "Rewrap", req, |_caller, r| async move {
+        self.handle("Rewrap", req, |ctx, r| async move {
+            ctx.take_context(r.context)?;
             let expected = optional_key(&r.key)?;
+            if let Some(k) = &expected {
+                ctx.authorize(Permission::Unwrap, k)?;
+            }
             let dest = optional_key(&r.destination_key)?;
             let new_aad = if r.change_aad {
                 Some(r.new_aad.as_slice())
@@ -392,8 +790,11 @@ impl KeyBroker for Api {
                     &r.aad,
                     dest.as_ref(),
                     new_aad,
+                    |k| ctx.authorize(Permission::Unwrap, k),
+                    |k| ctx.authorize(Permission::Wrap, k),
                 )
                 .await?;
+            ctx.note_version(w.version);
             Ok(pb::RewrapResponse {
                 wrapped_key: w.envelope,
                 key: w.key.to_string(),
@@ -409,9 +810,11 @@ impl KeyBroker for Api {
         &self,
         req: Request<pb::GetPublicKeyRequest>,
     ) -> Result<Response<pb::GetPublicKeyResponse>, Status> {
-        self.handle(KEY_BROKER, "GetPublicKey", req, |_caller, r| async move {
+        self.handle("GetPublicKey", req, |ctx, r| async move {
             let name = key_name(&r.key)?;
+            ctx.authorize(Permission::ReadMetadata, &name)?;
             let pk = self.keyring.public_key(&name, r.key_version).await?;
+            ctx.note_version(pk.version);
             let (spki_pem, jwk) = public_key_formats(&pk)?;
             Ok(pb::GetPublicKeyResponse {
                 key: pk.key.to_string(),
@@ -432,20 +835,24 @@ impl KeyManagement for Api {
         &self,
         req: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
-        self.handle(KEY_MANAGEMENT, "CreateKey", req, |caller, r| async move {
+        self.handle("CreateKey", req, |ctx, r| async move {
             let name = key_name(&r.key)?;
+            ctx.authorize(Permission::Create, &name)?;
             let key_type = key_type_from_pb(r.key_type)?;
             let alg = algorithm_from_pb(r.algorithm)?;
-            let k = self.keyring.create(name, key_type, alg).await?;
-            tracing::info!(key = %k.name, caller = %caller, "CreateKey");
+            let attrs = attributes_from_pb(r.attributes)?;
+            let k = self.keyring.create(name, key_type, alg, attrs).await?;
+            ctx.note_version(1);
             Ok(self.key_to_pb(&k))
         })
         .await
     }
 
     async fn get_key(&self, req: Request<pb::GetKeyRequest>) -> Result<Response<pb::Key>, Status> {
-        self.handle(KEY_MANAGEMENT, "GetKey", req, |_caller, r| async move {
-            let k = self.keyring.get(&key_name(&r.key)?)?;
+        self.handle("GetKey", req, |ctx, r| async move {
+            let name = key_name(&r.key)?;
+            ctx.authorize(Permission::ReadMetadata, &name)?;
+            let k = self.keyring.get_live(&name)?;
             Ok(self.key_to_pb(&k))
         })
         .await
@@ -455,13 +862,23 @@ impl KeyManagement for Api {
         &self,
         req: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        self.handle(KEY_MANAGEMENT, "ListKeys", req, |_caller, r| async move {
+        self.handle("ListKeys", req, |ctx, r| async move {
             let tenant = if r.tenant.is_empty() {
                 DEFAULT_TENANT.to_string()
             } else {
                 r.tenant
             };
             validate_part("tenant", &tenant)?;
+            ctx.fields().tenant = Some(tenant.clone());
+            if !ctx
+                .policy
+                .allows_in_tenant(&ctx.caller, Permission::ReadMetadata, &tenant)
+            {
+                return Err(BrokerError::PermissionDenied(format!(
+                    "{} may not read metadata in tenant {tenant}",
+                    ctx.caller
+                )));
+            }
             let limit = match r.page_size {
                 0 => 100,
                 n @ 1..=1000 => n as usize,
@@ -479,7 +896,14 @@ impl KeyManagement for Api {
             };
             let (keys, next) = self.keyring.list(&tenant, after, limit);
             Ok(pb::ListKeysResponse {
-                keys: keys.iter().map(|k| self.key_to_pb(k)).collect(),
+                keys: keys
+                    .iter()
+                    .filter(|k| {
+                        ctx.policy
+                            .allows(&ctx.caller, Permission::ReadMetadata, &k.name)
+                    })
+                    .map(|k| self.key_to_pb(k))
+                    .collect(),
                 next_page_token: next.unwrap_or_default(),
             })
         })
@@ -490,11 +914,351 @@ impl KeyManagement for Api {
         &self,
         req: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
-        self.handle(KEY_MANAGEMENT, "RotateKey", req, |caller, r| async move {
+        self.handle("RotateKey", req, |ctx, r| async move {
             let name = key_name(&r.key)?;
+            ctx.authorize(Permission::Rotate, &name)?;
             let k = self.keyring.rotate(&name).await?;
-            tracing::info!(key = %k.name, caller = %caller, version = k.versions.len(), "RotateKey");
+            ctx.note_version(k.versions.last().map(|v| v.number).unwrap_or(0));
             Ok(self.key_to_pb(&k))
+        })
+        .await
+    }
+
+    async fn update_key(
+        &self,
+        req: Request<pb::UpdateKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        self.handle("UpdateKey", req, |ctx, r| async move {
+            let name = key_name(&r.key)?;
+            ctx.authorize(Permission::Update, &name)?;
+            let patch = patch_from_pb(r)?;
+            let k = self.keyring.update(&name, patch).await?;
+            Ok(self.key_to_pb(&k))
+        })
+        .await
+    }
+
+    async fn list_key_versions(
+        &self,
+        req: Request<pb::ListKeyVersionsRequest>,
+    ) -> Result<Response<pb::ListKeyVersionsResponse>, Status> {
+        self.handle("ListKeyVersions", req, |ctx, r| async move {
+            let name = key_name(&r.key)?;
+            ctx.authorize(Permission::ReadMetadata, &name)?;
+            let k = self.keyring.get_live(&name)?;
+            Ok(pb::ListKeyVersionsResponse {
+                versions: k
+                    .versions
+                    .iter()
+                    .map(|v| self.version_to_pb(&k, v))
+                    .collect(),
+                min_decryption_version: k.attributes.min_decryption_version,
+            })
+        })
+        .await
+    }
+
+    async fn trim_key_versions(
+        &self,
+        req: Request<pb::TrimKeyVersionsRequest>,
+    ) -> Result<Response<pb::TrimKeyVersionsResponse>, Status> {
+        self.handle("TrimKeyVersions", req, |ctx, r| async move {
+            let name = key_name(&r.key)?;
+            ctx.authorize(Permission::TrimVersions, &name)?;
+            let (destroyed, k) = self.keyring.trim(&name, &ctx.caller.id).await?;
+            Ok(pb::TrimKeyVersionsResponse {
+                destroyed_versions: destroyed,
+                key: Some(self.key_to_pb(&k)),
+            })
+        })
+        .await
+    }
+
+    async fn delete_key(
+        &self,
+        req: Request<pb::DeleteKeyRequest>,
+    ) -> Result<Response<pb::DeletedKey>, Status> {
+        self.handle("DeleteKey", req, |ctx, r| async move {
+            let name = key_name(&r.key)?;
+            ctx.authorize(Permission::Delete, &name)?;
+            let k = self.keyring.delete(&name, &ctx.caller.id).await?;
+            Ok(self.deleted_to_pb(&k))
+        })
+        .await
+    }
+
+    async fn list_deleted_keys(
+        &self,
+        req: Request<pb::ListDeletedKeysRequest>,
+    ) -> Result<Response<pb::ListDeletedKeysResponse>, Status> {
+        self.handle("ListDeletedKeys", req, |ctx, r| async move {
+            let tenant = if r.tenant.is_empty() {
+                DEFAULT_TENANT.to_string()
+            } else {
+                r.tenant
+            };
+            validate_part("tenant", &tenant)?;
+            ctx.fields().tenant = Some(tenant.clone());
+            if !ctx
+                .policy
+                .allows_in_tenant(&ctx.caller, Permission::ReadMetadata, &tenant)
+            {
+                return Err(BrokerError::PermissionDenied(format!(
+                    "{} may not read metadata in tenant {tenant}",
+                    ctx.caller
+                )));
+            }
+            Ok(pb::ListDeletedKeysResponse {
+                keys: self
+                    .keyring
+                    .list_deleted(&tenant)
+                    .iter()
+                    .filter(|k| {
+                        ctx.policy
+                            .allows(&ctx.caller, Permission::ReadMetadata, &k.name)
+                    })
+                    .map(|k| self.deleted_to_pb(k))
+                    .collect(),
+            })
+        })
+        .await
+    }
+
+    async fn get_deleted_key(
+        &self,
+        req: Request<pb::GetDeletedKeyRequest>,
+    ) -> Result<Response<pb::DeletedKey>, Status> {
+        self.handle("GetDeletedKey", req, |ctx, r| async move {
+            let name = key_name(&r.key)?;
+            ctx.authorize(Permission::ReadMetadata, &name)?;
+            let k = self.keyring.get_deleted(&name)?;
+            Ok(self.deleted_to_pb(&k))
+        })
+        .await
+    }
+
+    async fn recover_key(
+        &self,
+        req: Request<pb::RecoverKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        self.handle("RecoverKey", req, |ctx, r| async move {
+            let name = key_name(&r.key)?;
+            ctx.authorize(Permission::Recover, &name)?;
+            let k = self.keyring.recover(&name).await?;
+            Ok(self.key_to_pb(&k))
+        })
+        .await
+    }
+
+    async fn purge_key(
+        &self,
+        req: Request<pb::PurgeKeyRequest>,
+    ) -> Result<Response<pb::PurgeReceipt>, Status> {
+        self.handle("PurgeKey", req, |ctx, r| async move {
+            let name = key_name(&r.key)?;
+            ctx.authorize(Permission::Purge, &name)?;
+            let rc = self.keyring.purge(&name, &ctx.caller.id).await?;
+            Ok(pb::PurgeReceipt {
+                key: rc.key,
+                versions: rc.versions,
+                object_ids: rc.object_ids,
+                objects_destroyed: rc.objects_destroyed as u32,
+                purged_at_ms: rc.at_ms,
+                purged_by: rc.by,
+            })
+        })
+        .await
+    }
+
+    async fn create_import_key(
+        &self,
+        req: Request<pb::CreateImportKeyRequest>,
+    ) -> Result<Response<pb::ImportKeyInfo>, Status> {
+        self.handle("CreateImportKey", req, |ctx, r| async move {
+            // An import key is not bound to a key name: creating one needs import rights
+            // somewhere (scope all).
+            ctx.authorize_global(Permission::Import)?;
+            let kt = if r.key_type == 0 {
+                KeyType::Rsa3072
+            } else {
+                key_type_from_pb(r.key_type)?
+            };
+            let info = self.keyring.create_import_key(kt).await?;
+            let pk = PublicKeyInfo {
+                key: KeyName::parse("byok/import")
+                    .map_err(|e| BrokerError::internal(e.to_string()))?,
+                version: 0,
+                version_id: info.id,
+                algorithm: info.oaep,
+                modulus: info.public.modulus,
+                exponent: info.public.exponent,
+            };
+            let (spki_pem, _) = public_key_formats(&pk)?;
+            Ok(pb::ImportKeyInfo {
+                import_key_id: info.id.hex(),
+                spki_pem,
+                oaep: algorithm_to_pb(info.oaep).into(),
+                expires_ms: info.expires_ms,
+            })
+        })
+        .await
+    }
+
+    async fn import_key(
+        &self,
+        req: Request<pb::ImportKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        self.handle("ImportKey", req, |ctx, r| async move {
+            let name = key_name(&r.key)?;
+            ctx.authorize(Permission::Import, &name)?;
+            let kt = if r.key_type == 0 {
+                KeyType::Aes256
+            } else {
+                key_type_from_pb(r.key_type)?
+            };
+            if kt != KeyType::Aes256 {
+                return Err(BrokerError::invalid("ImportKey takes AES_256 key material"));
+            }
+            if r.wrapped_material.len() > 4096 {
+                return Err(BrokerError::invalid(
+                    "wrapped_material is larger than 4096 bytes",
+                ));
+            }
+            let alg = algorithm_from_pb(r.algorithm)?;
+            let attrs = attributes_from_pb(r.attributes)?;
+            let k = self
+                .keyring
+                .import(name, alg, attrs, &r.import_key_id, r.wrapped_material)
+                .await?;
+            ctx.note_version(1);
+            Ok(self.key_to_pb(&k))
+        })
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl Audit for Api {
+    async fn query_audit(
+        &self,
+        req: Request<pb::QueryAuditRequest>,
+    ) -> Result<Response<pb::QueryAuditResponse>, Status> {
+        self.handle("QueryAudit", req, |ctx, r| async move {
+            let global = ctx.policy.allows_global(&ctx.caller, Permission::ReadAudit);
+            if !global
+                && !ctx.policy.bindings.iter().any(|b| {
+                    crate::policy::glob(&b.identity, &ctx.caller.id)
+                        && b.roles
+                            .iter()
+                            .any(|role| role.permissions().contains(&Permission::ReadAudit))
+                })
+            {
+                return Err(BrokerError::PermissionDenied(format!(
+                    "{} may not read audit",
+                    ctx.caller
+                )));
+            }
+            let limit = match r.page_size {
+                0 => 100,
+                n @ 1..=1000 => n as usize,
+                n => {
+                    return Err(BrokerError::invalid(format!(
+                        "page_size {n} is more than 1000"
+                    )));
+                }
+            };
+            let after = if r.page_token.is_empty() {
+                0
+            } else {
+                r.page_token
+                    .parse::<u64>()
+                    .map_err(|_| BrokerError::invalid("page_token is not one this broker issued"))?
+            };
+            let opt = |s: String| if s.is_empty() { None } else { Some(s) };
+            let filter = QueryFilter {
+                since_ms: (r.since_ms > 0).then_some(r.since_ms),
+                until_ms: (r.until_ms > 0).then_some(r.until_ms),
+                key: opt(r.key),
+                caller: opt(r.caller),
+                outcome: opt(r.outcome),
+            };
+            let path = self.audit.path().to_path_buf();
+            let policy = ctx.policy.clone();
+            let caller = ctx.caller.clone();
+            let (records, next) = tokio::task::spawn_blocking(move || {
+                crate::audit::query(&path, &filter, after, limit, |rec| {
+                    global
+                        || rec
+                            .key
+                            .as_deref()
+                            .and_then(|k| KeyName::parse(k).ok())
+                            .is_some_and(|k| policy.allows(&caller, Permission::ReadAudit, &k))
+                })
+            })
+            .await
+            .map_err(|e| BrokerError::internal(e.to_string()))?
+            .map_err(BrokerError::Unavailable)?;
+            Ok(pb::QueryAuditResponse {
+                records,
+                next_page_token: next.map(|n| n.to_string()).unwrap_or_default(),
+            })
+        })
+        .await
+    }
+}
+
+fn hyok_to_pb(s: HyokState) -> pb::HyokState {
+    pb::HyokState {
+        connected: s.connected,
+        changed_at_ms: s.changed_at_ms,
+        changed_by: s.changed_by,
+        reason: s.reason,
+    }
+}
+
+impl Api {
+    async fn switch(
+        &self,
+        connected: bool,
+        op: &'static str,
+        req: Request<pb::HyokSwitchRequest>,
+    ) -> Result<Response<pb::HyokState>, Status> {
+        self.handle(op, req, |ctx, r| async move {
+            ctx.authorize_global(Permission::HyokControl)?;
+            if r.reason.chars().count() > 256 || r.reason.chars().any(|c| c.is_control()) {
+                return Err(BrokerError::invalid("reason must be at most 256 printable characters"));
+            }
+            let s = self.hyok.set(connected, &ctx.caller.id, &r.reason).await?;
+            tracing::warn!(connected, by = %ctx.caller, reason = %r.reason, "HYOK service access switched");
+            Ok(hyok_to_pb(s))
+        })
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl Hyok for Api {
+    async fn disconnect(
+        &self,
+        req: Request<pb::HyokSwitchRequest>,
+    ) -> Result<Response<pb::HyokState>, Status> {
+        self.switch(false, "HyokDisconnect", req).await
+    }
+
+    async fn reconnect(
+        &self,
+        req: Request<pb::HyokSwitchRequest>,
+    ) -> Result<Response<pb::HyokState>, Status> {
+        self.switch(true, "HyokReconnect", req).await
+    }
+
+    async fn get_state(
+        &self,
+        req: Request<pb::GetHyokStateRequest>,
+    ) -> Result<Response<pb::HyokState>, Status> {
+        self.handle("HyokGetState", req, |ctx, _r| async move {
+            ctx.authorize_global(Permission::HyokControl)?;
+            Ok(hyok_to_pb(self.hyok.state()))
         })
         .await
     }
@@ -522,11 +1286,13 @@ mod tests {
         ] {
             assert_eq!(sanitize_request_id(bad), None, "{bad:?}");
         }
-        let mut req = Request::new(());
-        let fresh = request_id(&req);
-        assert!(fresh.starts_with("kb-") && fresh.len() == 35, "{fresh}");
-        req.metadata_mut()
-            .insert(REQUEST_ID_HEADER, MetadataValue::from_static("order-42"));
-        assert_eq!(request_id(&req), "order-42");
+    }
+
+    #[test]
+    fn audit_ops_map_to_grpc_names() {
+        assert_eq!(grpc_name("WrapKey"), (KEY_BROKER, "WrapKey"));
+        assert_eq!(grpc_name("PurgeKey"), (KEY_MANAGEMENT, "PurgeKey"));
+        assert_eq!(grpc_name("QueryAudit"), (AUDIT, "QueryAudit"));
+        assert_eq!(grpc_name("HyokDisconnect"), (HYOK, "Disconnect"));
     }
 }

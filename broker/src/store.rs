@@ -1,18 +1,19 @@
-//! The metadata store: key names, types, algorithms, versions and their canaries — never key
-//! material (the HSM holds that). The embedded default is one SQLite file.
+//! The metadata store: key names, types, algorithms, attributes, lifecycle, versions, usage and
+//! canaries — never key material (the HSM holds that). The embedded default is one SQLite file.
 //!
-//! Durability: WAL journal with `synchronous = FULL`, so a committed create/rotate survives a
-//! crash or power loss. Creation is two-phase so that a crash between the HSM and the store
-//! loses nothing that was acknowledged and leaves nothing unexplained:
+//! Durability: WAL journal with `synchronous = FULL`, so a committed change survives a crash or
+//! power loss. Changes that touch both the HSM and the store are written as intents first, so a
+//! crash at any point loses nothing acknowledged and leaves nothing unexplained:
 //!
-//! 1. a version row is inserted as `pending` (with the id the HSM object will carry) and
-//!    committed;
-//! 2. the HSM object is generated and checked, and its canary made;
-//! 3. the row becomes `active` — only then is the request acknowledged.
+//! * create/rotate/import: a version row is inserted as `pending` (with the id the HSM object
+//!   will carry) and committed; the HSM object is made and checked, its canary made; the row
+//!   becomes `active` — only then is the request acknowledged. At start-up a `pending` row means
+//!   the last step never happened: its HSM object (if any) is destroyed and the row removed.
+//! * purge/trim: a `destructions` row per version is committed (and a purged key's lifecycle set
+//!   to `purging`) before any HSM object is destroyed; the rows go when the objects are gone. At
+//!   start-up the remaining rows are finished.
 //!
-//! At start-up a `pending` row means step 3 never happened: its HSM object (if any) is destroyed
-//! and the row removed (see `keyring::Keyring::load`).
-//!
+//! Schema versions are tracked with `PRAGMA user_version` and migrated forward at open.
 //! All calls are blocking; the keyring runs them on blocking threads.
 
 use std::{
@@ -24,7 +25,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
     error::BrokerError,
-    model::{Algorithm, KeyName, KeyType, VersionId},
+    model::{Algorithm, KeyAttributes, KeyName, KeyType, Origin, VersionId},
 };
 
 /// A stored version's state.
@@ -51,6 +52,34 @@ pub struct StoredVersion {
     pub canary: Option<Vec<u8>>,
     /// SHA-256 of the canary's plaintext.
     pub canary_digest: Option<Vec<u8>>,
+    /// Generated or imported.
+    pub origin: Origin,
+    /// When this version stops wrapping.
+    pub expires_ms: Option<i64>,
+    /// Usage: wraps.
+    pub wraps: u64,
+    /// Usage: unwraps.
+    pub unwraps: u64,
+    /// Usage: last use (ms).
+    pub last_used_ms: Option<i64>,
+}
+
+/// A key's lifecycle as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoredLifecycle {
+    /// In use.
+    Active,
+    /// Soft-deleted.
+    Deleted {
+        /// When.
+        deleted_at_ms: i64,
+        /// When it will be purged.
+        purge_at_ms: i64,
+        /// Who.
+        deleted_by: String,
+    },
+    /// Being purged (destruction rows exist).
+    Purging,
 }
 
 /// One stored key with its versions (oldest first).
@@ -64,8 +93,29 @@ pub struct StoredKey {
     pub algorithm: Algorithm,
     /// Creation time (ms since the epoch).
     pub created_at_ms: i64,
+    /// Last attribute change (ms).
+    pub updated_at_ms: i64,
+    /// Attributes.
+    pub attributes: KeyAttributes,
+    /// Lifecycle.
+    pub lifecycle: StoredLifecycle,
     /// The versions, oldest first.
     pub versions: Vec<StoredVersion>,
+}
+
+/// A destruction that was started and may not have finished.
+#[derive(Clone, Debug)]
+pub struct PendingDestruction {
+    /// The version's id.
+    pub id: VersionId,
+    /// The key.
+    pub key: KeyName,
+    /// The version number.
+    pub version: u32,
+    /// `purge` or `trim`.
+    pub reason: String,
+    /// Who asked.
+    pub requested_by: String,
 }
 
 /// Errors of the store.
@@ -108,7 +158,8 @@ pub struct Store {
     conn: Mutex<Connection>,
 }
 
-const SCHEMA: &str = "
+/// Schema version 1: keys and versions.
+const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS keys (
     id            INTEGER PRIMARY KEY,
     tenant        TEXT NOT NULL,
@@ -128,10 +179,40 @@ CREATE TABLE IF NOT EXISTS key_versions (
     canary_digest BLOB,
     PRIMARY KEY (key_id, version)
 );
+CREATE TABLE IF NOT EXISTS settings (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 ";
 
+/// Schema version 2: attributes, lifecycle, version origin/expiry/usage, destruction intents.
+const SCHEMA_V2: &str = "
+ALTER TABLE keys ADD COLUMN attributes TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE keys ADD COLUMN updated_at_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE keys ADD COLUMN lifecycle TEXT NOT NULL DEFAULT 'active';
+ALTER TABLE keys ADD COLUMN deleted_at_ms INTEGER;
+ALTER TABLE keys ADD COLUMN purge_at_ms INTEGER;
+ALTER TABLE keys ADD COLUMN deleted_by TEXT;
+ALTER TABLE key_versions ADD COLUMN origin TEXT NOT NULL DEFAULT 'generated';
+ALTER TABLE key_versions ADD COLUMN expires_ms INTEGER;
+ALTER TABLE key_versions ADD COLUMN wraps INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE key_versions ADD COLUMN unwraps INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE key_versions ADD COLUMN last_used_ms INTEGER;
+CREATE TABLE destructions (
+    object_id     BLOB PRIMARY KEY,
+    tenant        TEXT NOT NULL,
+    name          TEXT NOT NULL,
+    version       INTEGER NOT NULL,
+    reason        TEXT NOT NULL,
+    requested_by  TEXT NOT NULL,
+    requested_at_ms INTEGER NOT NULL
+);
+";
+
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
+
 impl Store {
-    /// Opens (creating if needed) the store at `path`.
+    /// Opens (creating if needed) the store at `path` and migrates its schema forward.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
@@ -140,12 +221,38 @@ impl Store {
                 StoreError::Corrupt(format!("cannot create {}: {e}", dir.display()))
             })?;
         }
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)?;
+        let v: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let mut version = usize::try_from(v).unwrap_or(usize::MAX);
+        // A v1 store written before user_version was set has the tables but version 0.
+        let has_keys: bool = conn
+            .query_row(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'keys'",
+                [],
+                |_| Ok(true),
+            )
+            .optional()?
+            .unwrap_or(false);
+        if version == 0 && has_keys {
+            version = 1;
+        }
+        if version > MIGRATIONS.len() {
+            return Err(StoreError::Corrupt(format!(
+                "schema version {version} is newer than this keybroker understands ({})",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+            tracing::info!(schema_version = i + 1, "metadata store migrated");
+        }
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -157,118 +264,148 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Every key with its versions.
+    /// Every key (including soft-deleted and purging ones) with its versions.
     pub fn load_all(&self) -> Result<Vec<StoredKey>, StoreError> {
         let conn = self.conn();
         let mut keys: Vec<(i64, StoredKey)> = Vec::new();
         let mut stmt = conn.prepare(
-            "SELECT id, tenant, name, key_type, algorithm, created_at_ms FROM keys ORDER BY tenant, name",
+            "SELECT id, tenant, name, key_type, algorithm, created_at_ms, updated_at_ms, attributes,
+                    lifecycle, deleted_at_ms, purge_at_ms, deleted_by
+             FROM keys ORDER BY tenant, name",
         )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, i64>(5)?,
-            ))
-        })?;
-        for row in rows {
-            let (id, tenant, name, kt, alg, created) = row?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let id: i64 = r.get(0)?;
+            let tenant: String = r.get(1)?;
+            let name: String = r.get(2)?;
+            let kt: String = r.get(3)?;
+            let alg: String = r.get(4)?;
             let name = KeyName::new(&tenant, &name)
                 .map_err(|e| StoreError::Corrupt(format!("key name {tenant}/{name}: {e}")))?;
             let key_type = KeyType::parse(&kt)
                 .ok_or_else(|| StoreError::Corrupt(format!("key {name}: key type {kt:?}")))?;
             let algorithm = Algorithm::parse(&alg)
                 .ok_or_else(|| StoreError::Corrupt(format!("key {name}: algorithm {alg:?}")))?;
+            let attributes: KeyAttributes = serde_json::from_str(&r.get::<_, String>(7)?)
+                .map_err(|e| StoreError::Corrupt(format!("key {name}: attributes: {e}")))?;
+            let lifecycle = match r.get::<_, String>(8)?.as_str() {
+                "active" => StoredLifecycle::Active,
+                "deleted" => StoredLifecycle::Deleted {
+                    deleted_at_ms: r.get::<_, Option<i64>>(9)?.unwrap_or(0),
+                    purge_at_ms: r.get::<_, Option<i64>>(10)?.unwrap_or(0),
+                    deleted_by: r.get::<_, Option<String>>(11)?.unwrap_or_default(),
+                },
+                "purging" => StoredLifecycle::Purging,
+                other => {
+                    return Err(StoreError::Corrupt(format!(
+                        "key {name}: lifecycle {other:?}"
+                    )));
+                }
+            };
             keys.push((
                 id,
                 StoredKey {
                     name,
                     key_type,
                     algorithm,
-                    created_at_ms: created,
+                    created_at_ms: r.get(5)?,
+                    updated_at_ms: r.get(6)?,
+                    attributes,
+                    lifecycle,
                     versions: Vec::new(),
                 },
             ));
         }
-        let mut stmt = conn.prepare(
-            "SELECT key_id, version, object_id, state, created_at_ms, canary, canary_digest
-             FROM key_versions ORDER BY key_id, version",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, u32>(1)?,
-                r.get::<_, Vec<u8>>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, i64>(4)?,
-                r.get::<_, Option<Vec<u8>>>(5)?,
-                r.get::<_, Option<Vec<u8>>>(6)?,
-            ))
-        })?;
+        drop(rows);
+        drop(stmt);
         let index: std::collections::HashMap<i64, usize> = keys
             .iter()
             .enumerate()
             .map(|(i, (id, _))| (*id, i))
             .collect();
-        for row in rows {
-            let (key_id, number, oid, state, created, canary, digest) = row?;
+        let mut stmt = conn.prepare(
+            "SELECT key_id, version, object_id, state, created_at_ms, canary, canary_digest,
+                    origin, expires_ms, wraps, unwraps, last_used_ms
+             FROM key_versions ORDER BY key_id, version",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let key_id: i64 = r.get(0)?;
+            let oid: Vec<u8> = r.get(2)?;
             let id = VersionId::from_slice(&oid)
                 .ok_or_else(|| StoreError::Corrupt(format!("object id of length {}", oid.len())))?;
-            let state = match state.as_str() {
+            let state = match r.get::<_, String>(3)?.as_str() {
                 "pending" => VersionState::Pending,
                 "active" => VersionState::Active,
                 other => return Err(StoreError::Corrupt(format!("version state {other:?}"))),
             };
+            let origin_s: String = r.get(7)?;
+            let origin = Origin::parse(&origin_s)
+                .ok_or_else(|| StoreError::Corrupt(format!("version origin {origin_s:?}")))?;
             let Some(&i) = index.get(&key_id) else {
                 return Err(StoreError::Corrupt(format!(
                     "version of unknown key row {key_id}"
                 )));
             };
             keys[i].1.versions.push(StoredVersion {
-                number,
+                number: r.get(1)?,
                 id,
                 state,
-                created_at_ms: created,
-                canary,
-                canary_digest: digest,
+                created_at_ms: r.get(4)?,
+                canary: r.get(5)?,
+                canary_digest: r.get(6)?,
+                origin,
+                expires_ms: r.get(8)?,
+                wraps: r.get::<_, i64>(9)?.max(0) as u64,
+                unwraps: r.get::<_, i64>(10)?.max(0) as u64,
+                last_used_ms: r.get(11)?,
             });
         }
         Ok(keys.into_iter().map(|(_, k)| k).collect())
     }
 
-    /// Phase 1 of creating a key: inserts the key and its version 1 as pending.
+    fn key_id(
+        tx: &rusqlite::Transaction<'_>,
+        name: &KeyName,
+    ) -> Result<Option<(i64, String)>, StoreError> {
+        Ok(tx
+            .query_row(
+                "SELECT id, lifecycle FROM keys WHERE tenant = ?1 AND name = ?2",
+                params![name.tenant(), name.name()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    /// Phase 1 of creating (or importing) a key: inserts the key and its version 1 as pending.
+    #[allow(clippy::too_many_arguments)]
     pub fn begin_create(
         &self,
         name: &KeyName,
         key_type: KeyType,
         algorithm: Algorithm,
+        attributes: &KeyAttributes,
+        origin: Origin,
         id: VersionId,
         now_ms: i64,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let exists: Option<i64> = tx
-            .query_row(
-                "SELECT id FROM keys WHERE tenant = ?1 AND name = ?2",
-                params![name.tenant(), name.name()],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if exists.is_some() {
+        if Self::key_id(&tx, name)?.is_some() {
             return Err(StoreError::AlreadyExists(name.to_string()));
         }
+        let attrs = serde_json::to_string(attributes)
+            .map_err(|e| StoreError::Corrupt(format!("attributes: {e}")))?;
         tx.execute(
-            "INSERT INTO keys (tenant, name, key_type, algorithm, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![name.tenant(), name.name(), key_type.as_str(), algorithm.as_str(), now_ms],
+            "INSERT INTO keys (tenant, name, key_type, algorithm, created_at_ms, updated_at_ms, attributes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
+            params![name.tenant(), name.name(), key_type.as_str(), algorithm.as_str(), now_ms, attrs],
         )?;
         let key_id = tx.last_insert_rowid();
         tx.execute(
-            "INSERT INTO key_versions (key_id, version, object_id, state, created_at_ms)
-             VALUES (?1, 1, ?2, 'pending', ?3)",
-            params![key_id, id.as_bytes().as_slice(), now_ms],
+            "INSERT INTO key_versions (key_id, version, object_id, state, created_at_ms, origin)
+             VALUES (?1, 1, ?2, 'pending', ?3, ?4)",
+            params![key_id, id.as_bytes().as_slice(), now_ms, origin.as_str()],
         )?;
         tx.commit()?;
         Ok(())
@@ -280,26 +417,21 @@ impl Store {
         name: &KeyName,
         id: VersionId,
         now_ms: i64,
+        expires_ms: Option<i64>,
     ) -> Result<u32, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let key_id: i64 = tx
-            .query_row(
-                "SELECT id FROM keys WHERE tenant = ?1 AND name = ?2",
-                params![name.tenant(), name.name()],
-                |r| r.get(0),
-            )
-            .optional()?
-            .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+        let (key_id, _) =
+            Self::key_id(&tx, name)?.ok_or_else(|| StoreError::NotFound(name.to_string()))?;
         let next: u32 = tx.query_row(
             "SELECT COALESCE(MAX(version), 0) + 1 FROM key_versions WHERE key_id = ?1",
             params![key_id],
             |r| r.get(0),
         )?;
         tx.execute(
-            "INSERT INTO key_versions (key_id, version, object_id, state, created_at_ms)
-             VALUES (?1, ?2, ?3, 'pending', ?4)",
-            params![key_id, next, id.as_bytes().as_slice(), now_ms],
+            "INSERT INTO key_versions (key_id, version, object_id, state, created_at_ms, expires_ms)
+             VALUES (?1, ?2, ?3, 'pending', ?4, ?5)",
+            params![key_id, next, id.as_bytes().as_slice(), now_ms, expires_ms],
         )?;
         tx.commit()?;
         Ok(next)
@@ -350,6 +482,178 @@ impl Store {
         tx.commit()?;
         Ok(())
     }
+
+    /// Replaces a key's attributes.
+    pub fn update_attributes(
+        &self,
+        name: &KeyName,
+        attributes: &KeyAttributes,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let attrs = serde_json::to_string(attributes)
+            .map_err(|e| StoreError::Corrupt(format!("attributes: {e}")))?;
+        let n = self.conn().execute(
+            "UPDATE keys SET attributes = ?3, updated_at_ms = ?4 WHERE tenant = ?1 AND name = ?2",
+            params![name.tenant(), name.name(), attrs, now_ms],
+        )?;
+        if n != 1 {
+            return Err(StoreError::NotFound(name.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Sets a key's lifecycle to active or deleted.
+    pub fn set_lifecycle(&self, name: &KeyName, lc: &StoredLifecycle) -> Result<(), StoreError> {
+        let (state, deleted_at, purge_at, by) = match lc {
+            StoredLifecycle::Active => ("active", None, None, None),
+            StoredLifecycle::Deleted {
+                deleted_at_ms,
+                purge_at_ms,
+                deleted_by,
+            } => (
+                "deleted",
+                Some(*deleted_at_ms),
+                Some(*purge_at_ms),
+                Some(deleted_by.clone()),
+            ),
+            StoredLifecycle::Purging => ("purging", None, None, None),
+        };
+        let n = self.conn().execute(
+            "UPDATE keys SET lifecycle = ?3, deleted_at_ms = ?4, purge_at_ms = ?5, deleted_by = ?6
+             WHERE tenant = ?1 AND name = ?2",
+            params![name.tenant(), name.name(), state, deleted_at, purge_at, by],
+        )?;
+        if n != 1 {
+            return Err(StoreError::NotFound(name.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Records the intent to destroy versions of a key (and, for a purge, marks the key
+    /// `purging`), before any HSM object is touched.
+    pub fn begin_destroy(
+        &self,
+        name: &KeyName,
+        versions: &[(u32, VersionId)],
+        reason: &str,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for (n, id) in versions {
+            tx.execute(
+                "INSERT OR IGNORE INTO destructions (object_id, tenant, name, version, reason, requested_by, requested_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![id.as_bytes().as_slice(), name.tenant(), name.name(), n, reason, by, now_ms],
+            )?;
+        }
+        if reason == "purge" {
+            tx.execute(
+                "UPDATE keys SET lifecycle = 'purging' WHERE tenant = ?1 AND name = ?2",
+                params![name.tenant(), name.name()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The destruction intents still open (after a crash).
+    pub fn pending_destructions(&self) -> Result<Vec<PendingDestruction>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT object_id, tenant, name, version, reason, requested_by FROM destructions ORDER BY tenant, name, version",
+        )?;
+        let mut out = Vec::new();
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let oid: Vec<u8> = r.get(0)?;
+            let tenant: String = r.get(1)?;
+            let name: String = r.get(2)?;
+            out.push(PendingDestruction {
+                id: VersionId::from_slice(&oid)
+                    .ok_or_else(|| StoreError::Corrupt("destruction object id".into()))?,
+                key: KeyName::new(&tenant, &name)
+                    .map_err(|e| StoreError::Corrupt(format!("destruction key: {e}")))?,
+                version: r.get(3)?,
+                reason: r.get(4)?,
+                requested_by: r.get(5)?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The HSM objects are gone: removes the versions and the intents, and for a purge the key.
+    pub fn finish_destroy(
+        &self,
+        name: &KeyName,
+        ids: &[VersionId],
+        purge: bool,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for id in ids {
+            tx.execute(
+                "DELETE FROM key_versions WHERE object_id = ?1",
+                params![id.as_bytes().as_slice()],
+            )?;
+            tx.execute(
+                "DELETE FROM destructions WHERE object_id = ?1",
+                params![id.as_bytes().as_slice()],
+            )?;
+        }
+        if purge {
+            tx.execute(
+                "DELETE FROM key_versions WHERE key_id = (SELECT id FROM keys WHERE tenant = ?1 AND name = ?2)",
+                params![name.tenant(), name.name()],
+            )?;
+            tx.execute(
+                "DELETE FROM keys WHERE tenant = ?1 AND name = ?2",
+                params![name.tenant(), name.name()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Saves usage counters (absolute values) for versions.
+    pub fn save_usage(
+        &self,
+        usage: &[(VersionId, u64, u64, Option<i64>)],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for (id, w, u, last) in usage {
+            tx.execute(
+                "UPDATE key_versions SET wraps = ?2, unwraps = ?3, last_used_ms = ?4 WHERE object_id = ?1",
+                params![id.as_bytes().as_slice(), *w as i64, *u as i64, last],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A broker-wide setting (HYOK state, audit key id, last audit checkpoint...).
+    pub fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT value FROM settings WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Sets a setting durably (committed with `synchronous = FULL` before this returns).
+    pub fn set_setting(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO settings (name, value) VALUES (?1, ?2)
+             ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            params![name, value],
+        )?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -360,6 +664,18 @@ mod tests {
         KeyName::parse(s).expect("valid name")
     }
 
+    fn create(s: &Store, n: &str, v: VersionId) -> Result<(), StoreError> {
+        s.begin_create(
+            &name(n),
+            KeyType::Aes256,
+            Algorithm::Aes256Gcm,
+            &KeyAttributes::default(),
+            Origin::Generated,
+            v,
+            1,
+        )
+    }
+
     #[test]
     fn create_commit_rotate_and_reload() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -368,25 +684,23 @@ mod tests {
         let v2 = VersionId::random();
         {
             let s = Store::open(&path).expect("open");
-            s.begin_create(&name("t/k"), KeyType::Aes256, Algorithm::Aes256Gcm, v1, 1)
-                .expect("create");
+            create(&s, "t/k", v1).expect("create");
             assert!(matches!(
-                s.begin_create(
-                    &name("t/k"),
-                    KeyType::Aes256,
-                    Algorithm::Aes256Gcm,
-                    VersionId::random(),
-                    1
-                ),
+                create(&s, "t/k", VersionId::random()),
                 Err(StoreError::AlreadyExists(_))
             ));
             s.commit_version(v1, b"c", b"d").expect("commit");
-            assert_eq!(s.begin_rotate(&name("t/k"), v2, 2).expect("rotate"), 2);
+            assert_eq!(
+                s.begin_rotate(&name("t/k"), v2, 2, None).expect("rotate"),
+                2
+            );
         }
         let s = Store::open(&path).expect("reopen");
         let all = s.load_all().expect("load");
         assert_eq!(all.len(), 1);
         let k = &all[0];
+        assert_eq!(k.attributes, KeyAttributes::default());
+        assert_eq!(k.lifecycle, StoredLifecycle::Active);
         assert_eq!(k.versions.len(), 2);
         assert_eq!(k.versions[0].state, VersionState::Active);
         assert_eq!(k.versions[1].state, VersionState::Pending);
@@ -400,13 +714,60 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = Store::open(&dir.path().join("m.db")).expect("open");
         let v = VersionId::random();
-        s.begin_create(&name("k"), KeyType::Rsa2048, Algorithm::RsaOaepSha1, v, 1)
-            .expect("create");
+        create(&s, "k", v).expect("create");
         s.abort_version(v).expect("abort");
         assert!(s.load_all().expect("load").is_empty());
         assert!(matches!(
-            s.begin_rotate(&name("k"), VersionId::random(), 1),
+            s.begin_rotate(&name("k"), VersionId::random(), 1, None),
             Err(StoreError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn a_version_1_store_is_migrated_and_keeps_its_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m.db");
+        {
+            let c = Connection::open(&path).expect("open");
+            c.execute_batch(SCHEMA_V1).expect("v1");
+            c.execute("INSERT INTO keys (tenant, name, key_type, algorithm, created_at_ms) VALUES ('t', 'old', 'aes-256', 'aes-256-gcm', 5)", [])
+                .expect("row");
+            c.execute("INSERT INTO key_versions (key_id, version, object_id, state, created_at_ms) VALUES (1, 1, x'00112233445566778899aabbccddeeff', 'active', 5)", [])
+                .expect("row");
+        }
+        let s = Store::open(&path).expect("migrate");
+        let all = s.load_all().expect("load");
+        assert_eq!(all[0].name.to_string(), "t/old");
+        assert_eq!(all[0].attributes, KeyAttributes::default());
+        assert_eq!(all[0].versions[0].origin, Origin::Generated);
+        let v: i64 = s
+            .conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(v, 2);
+    }
+
+    #[test]
+    fn destruction_intents_survive_until_finished() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m.db");
+        let v = VersionId::random();
+        {
+            let s = Store::open(&path).expect("open");
+            create(&s, "t/k", v).expect("create");
+            s.commit_version(v, b"c", b"d").expect("commit");
+            s.begin_destroy(&name("t/k"), &[(1, v)], "purge", "alice", 9)
+                .expect("intent");
+        }
+        let s = Store::open(&path).expect("reopen");
+        let p = s.pending_destructions().expect("pending");
+        assert_eq!((p.len(), p[0].id, p[0].reason.as_str()), (1, v, "purge"));
+        assert_eq!(
+            s.load_all().expect("load")[0].lifecycle,
+            StoredLifecycle::Purging
+        );
+        s.finish_destroy(&name("t/k"), &[v], true).expect("finish");
+        assert!(s.pending_destructions().expect("pending").is_empty());
+        assert!(s.load_all().expect("load").is_empty());
     }
 }

@@ -104,6 +104,8 @@ pub struct TlsFiles<'a> {
     pub key: &'a Path,
     /// The CA certificates that issue client certificates (PEM bundle).
     pub client_ca: &'a Path,
+    /// Certificate revocation lists (PEM).
+    pub crls: &'a [std::path::PathBuf],
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -138,7 +140,18 @@ pub fn server_config(files: &TlsFiles<'_>) -> Result<Arc<ServerConfig>, String> 
             files.client_ca.display()
         ));
     }
+    let mut crls = Vec::new();
+    for f in files.crls {
+        for crl in rustls::pki_types::CertificateRevocationListDer::pem_file_iter(f)
+            .map_err(|e| format!("read CRL {}: {e}", f.display()))?
+        {
+            crls.push(crl.map_err(|e| format!("parse CRL {}: {e}", f.display()))?);
+        }
+    }
+    // With CRLs, rustls checks the whole chain and refuses a certificate whose status is unknown
+    // (its secure defaults; we do not loosen them).
     let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .with_crls(crls)
         .build()
         .map_err(|e| format!("client certificate verifier: {e}"))?;
     let verifier = Arc::new(IdentityVerifier { inner: webpki });

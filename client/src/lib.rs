@@ -431,7 +431,9 @@ impl Client {
                     let mut req = tonic::Request::new(pb::GenerateDataKeyRequest {
                         key: key.clone(),
                         length: DEK_LEN as u32,
-                        aad: Vec::new(),
+                        // No broker AAD (the caller's AAD is bound locally, in every chunk), no
+                        // request context; `Default` also keeps this compiling as fields are added.
+                        ..Default::default()
                     });
                     decorate(&mut req, &req_id, timeout);
                     async move { stub.generate_data_key(req).await }
@@ -547,9 +549,9 @@ impl Client {
         let result = self
             .call("UnwrapKey", &request_id, |mut stub, req_id, timeout| {
                 let mut req = tonic::Request::new(pb::UnwrapKeyRequest {
-                    key: String::new(),
-                    aad: Vec::new(),
+                    // No key name (the envelope names its version) and no broker AAD.
                     wrapped: Some(pb::unwrap_key_request::Wrapped::Envelope(envelope.clone())),
+                    ..Default::default()
                 });
                 decorate(&mut req, &req_id, timeout);
                 async move { stub.unwrap_key(req).await }

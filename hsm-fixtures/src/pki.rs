@@ -7,8 +7,9 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer,
+    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair,
+    KeyUsagePurpose, RevocationReason, RevokedCertParams, SanType, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -35,6 +36,8 @@ pub struct Issued {
     pub cert_path: PathBuf,
     /// The private key file (mode 0600).
     pub key_path: PathBuf,
+    /// The certificate's serial number.
+    pub serial: Vec<u8>,
 }
 
 /// What a leaf certificate says about its holder.
@@ -115,6 +118,14 @@ impl Ca {
             params.not_before = now - Duration::hours(1);
             params.not_after = now + Duration::days(spec.valid_days.max(1));
         }
+        let mut serial = [0u8; 16];
+        std::io::Read::read_exact(
+            &mut fs::File::open("/dev/urandom").map_err(io_err("open /dev/urandom"))?,
+            &mut serial,
+        )
+        .map_err(io_err("read /dev/urandom"))?;
+        serial[0] &= 0x7f; // positive
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         let cert_pem = cert.pem();
@@ -129,7 +140,33 @@ impl Ca {
             key_pem,
             cert_path,
             key_path,
+            serial: serial.to_vec(),
         })
+    }
+
+    /// Writes a CRL (valid for a day) revoking `revoked`, as `<stem>.pem` beside the CA.
+    pub fn crl(&self, stem: &str, revoked: &[&Issued]) -> Result<PathBuf> {
+        let now = OffsetDateTime::now_utc();
+        let params = CertificateRevocationListParams {
+            this_update: now - Duration::hours(1),
+            next_update: now + Duration::days(1),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|i| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&i.serial),
+                    revocation_time: now - Duration::minutes(5),
+                    reason_code: Some(RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer)?;
+        let path = self.dir.join(format!("{stem}.pem"));
+        fs::write(&path, crl.pem()?).map_err(io_err(format!("write {}", path.display())))?;
+        Ok(path)
     }
 
     /// A server certificate for `localhost`, `127.0.0.1` and `::1`.

@@ -40,6 +40,14 @@ pub struct Options {
     pub sections: String,
     /// RUST_LOG for the broker (default `info,cryptoki=off`).
     pub rust_log: Option<String>,
+    /// A policy file's text; without one the config allows the test client identities.
+    pub policy: Option<String>,
+    /// Extra `[audit]` lines.
+    pub audit_extra: String,
+    /// Extra `[tls]` lines.
+    pub tls_extra: String,
+    /// A command prefix for the broker (e.g. `prlimit --fsize=N --`).
+    pub wrapper: Vec<String>,
 }
 
 impl Env {
@@ -63,6 +71,7 @@ cert = "{cert}"
 key = "{key}"
 client_ca = "{ca}"
 handshake_timeout_ms = 3000
+{tls_extra}
 [hsm]
 module = "{module}"
 token_label = "{label}"
@@ -71,8 +80,11 @@ sessions = 4
 {extra}
 [store]
 path = "keybroker.db"
+[audit]
+path = "audit.log"
+{audit_extra}
 [access]
-allow = ["{TEST_CLIENT_ID}", "{TEST_DNS_CLIENT}"]
+{access}
 {sections}
 "#,
             cert = pki.server.cert_path.display(),
@@ -81,6 +93,15 @@ allow = ["{TEST_CLIENT_ID}", "{TEST_DNS_CLIENT}"]
             module = token.module.display(),
             pin = token.pin_file.display(),
             extra = opts.hsm_extra,
+            tls_extra = opts.tls_extra,
+            audit_extra = opts.audit_extra,
+            access = match &opts.policy {
+                Some(text) => {
+                    std::fs::write(dir.path().join("policy.toml"), text).expect("write policy");
+                    "policy_file = \"policy.toml\"".to_string()
+                }
+                None => format!("allow = [\"{TEST_CLIENT_ID}\", \"{TEST_DNS_CLIENT}\"]"),
+            },
             sections = opts.sections,
         );
         std::fs::write(&config, text).expect("write config");
@@ -91,6 +112,37 @@ allow = ["{TEST_CLIENT_ID}", "{TEST_DNS_CLIENT}"]
             config,
             opts,
         }
+    }
+
+    /// The audit log file.
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit.log")
+    }
+
+    /// The policy file.
+    pub fn policy_file(&self) -> PathBuf {
+        self.dir.path().join("policy.toml")
+    }
+
+    /// Runs `keybroker audit verify` on `file` with this env's config; returns (success, stdout).
+    pub fn verify_audit(&self, file: &Path) -> (bool, String) {
+        let out = std::process::Command::new(BROKER)
+            .args(["audit", "verify"])
+            .arg(file)
+            .arg("--config")
+            .arg(&self.config)
+            .env("SOFTHSM2_CONF", &self.token.conf)
+            .env("RUST_LOG", "warn,cryptoki=off")
+            .output()
+            .expect("run keybroker audit verify");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
     }
 
     /// Rewrites the config file.
@@ -108,7 +160,15 @@ allow = ["{TEST_CLIENT_ID}", "{TEST_DNS_CLIENT}"]
 
     /// Starts the broker; `Err` carries its stderr if it exits before listening.
     pub async fn try_start(&self) -> Result<Broker, String> {
-        let mut child = tokio::process::Command::new(BROKER)
+        let mut cmd = match self.opts.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = tokio::process::Command::new(first);
+                c.args(rest).arg(BROKER);
+                c
+            }
+            None => tokio::process::Command::new(BROKER),
+        };
+        let mut child = cmd
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("SOFTHSM2_CONF", &self.token.conf)
@@ -332,6 +392,7 @@ pub async fn create(c: &mut Clients, name: &str, kt: pb::KeyType, alg: pb::Algor
             key: name.into(),
             key_type: kt.into(),
             algorithm: alg.into(),
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|e| panic!("create {name}: {e:?}"))
@@ -349,6 +410,7 @@ pub async fn wrap(
             key: key.into(),
             plaintext: dek.to_vec(),
             aad: aad.to_vec(),
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner())
@@ -365,6 +427,7 @@ pub async fn unwrap(
             key: key.into(),
             aad: aad.to_vec(),
             wrapped: Some(pb::unwrap_key_request::Wrapped::Envelope(env.to_vec())),
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner())

@@ -29,11 +29,29 @@ async fn kek_values_cannot_be_read_and_no_object_can_wrap_and_decrypt() {
 
     let report = env.probe(&["inspect"]);
     let objects = report["objects"].as_array().expect("objects");
-    // 2 GCM versions + 1 KWP + 1 RSA pair.
-    assert_eq!(objects.len(), 5, "{report:#}");
+    // 2 GCM versions + 1 KWP + 1 RSA pair, and the audit trail's HMAC key.
+    assert_eq!(objects.len(), 6, "{report:#}");
+    let audit_keys: Vec<_> = objects
+        .iter()
+        .filter(|o| o["label"].as_str().unwrap_or("").starts_with("kb-audit:"))
+        .collect();
+    assert_eq!(audit_keys.len(), 1, "{report:#}");
+    let a = audit_keys[0];
+    assert_eq!(
+        (&a["sign"], &a["verify"]),
+        (&true.into(), &true.into()),
+        "{a}"
+    );
+    for role in ["encrypt", "decrypt", "wrap", "unwrap"] {
+        assert_ne!(a[role], true, "audit key may {role}: {a}");
+    }
     for o in objects {
         let class = o["class"].as_str().unwrap_or("");
-        assert!(o["label"].as_str().unwrap_or("").starts_with("kb:"), "{o}");
+        let label = o["label"].as_str().unwrap_or("");
+        assert!(
+            label.starts_with("kb:") || label.starts_with("kb-audit:"),
+            "{o}"
+        );
         assert_eq!(o["token"], true, "{o}");
         assert_eq!(o["modifiable"], false, "{o}");
         assert_eq!(o["copyable"], false, "{o}");
@@ -56,7 +74,9 @@ async fn kek_values_cannot_be_read_and_no_object_can_wrap_and_decrypt() {
             assert_eq!(o["never_extractable"], true, "{o}");
             assert_eq!(o["always_sensitive"], true, "{o}");
             assert_eq!(o["private"], true, "{o}");
-            assert_ne!(o["sign"], true, "{o}");
+            if !label.starts_with("kb-audit:") {
+                assert_ne!(o["sign"], true, "{o}");
+            }
         }
     }
     for (key, id) in &ids {
@@ -134,6 +154,7 @@ async fn dek_bytes_and_the_pin_never_reach_the_log_and_core_dumps_are_off() {
                 key: key.into(),
                 length: 32,
                 aad: vec![],
+                ..Default::default()
             })
             .await
             .expect("generate")

@@ -141,12 +141,6 @@ async fn dek_wrapped_before_restart_unwraps_after() {
 
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
-    for (key, d, aad, w) in &saved {
-        let u = unwrap(&mut c, "", w, aad)
-            .await
-            .unwrap_or_else(|e| panic!("{key} after restart: {e:?}"));
-        assert_eq!(&u.plaintext, d, "{key}");
-    }
     let after = c
         .mgmt
         .get_key(pb::GetKeyRequest {
@@ -156,6 +150,17 @@ async fn dek_wrapped_before_restart_unwraps_after() {
         .expect("get")
         .into_inner();
     assert_eq!(before, after, "metadata survives the restart unchanged");
+    assert_eq!(
+        after.versions[0].wraps, 1,
+        "usage counters survive a restart"
+    );
+    for (key, d, aad, w) in &saved {
+        let u = unwrap(&mut c, "", w, aad)
+            .await
+            .unwrap_or_else(|e| panic!("{key} after restart: {e:?}"));
+        assert_eq!(&u.plaintext, d, "{key}");
+    }
+
     let w = wrap(&mut c, "t/gcm", &[9; 32], b"")
         .await
         .expect("wrap after restart");

@@ -2,7 +2,10 @@
 //! TLS on a loopback port. Run with `tests/run` (or `cargo test --workspace` once SoftHSM2 is
 //! installed).
 
+mod access;
+mod audit;
 mod common;
+mod hyok;
 mod key_safety;
 mod keys;
 mod kms_v2;

@@ -23,6 +23,7 @@ async fn unwrap_raw(
                 key_version: version,
                 algorithm: alg,
             })),
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner())

@@ -21,7 +21,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn client_config(env: &Env, who: Option<&Issued>, tls12_only: bool) -> ClientConfig {
+pub fn client_config(env: &Env, who: Option<&Issued>, tls12_only: bool) -> ClientConfig {
     let mut roots = RootCertStore::empty();
     roots
         .add(CertificateDer::from_pem_file(&env.pki.ca.cert_path).expect("ca"))
@@ -51,7 +51,7 @@ fn client_config(env: &Env, who: Option<&Issued>, tls12_only: bool) -> ClientCon
 /// Connects, completes TLS, sends the HTTP/2 preface and waits for the server's first frame.
 /// In TLS 1.3 the server judges the client certificate after the client's Finished, so its
 /// verdict (an alert, or its SETTINGS frame) arrives with the first read.
-async fn handshake(b: &Broker, cfg: ClientConfig) -> Result<(), String> {
+pub async fn handshake(b: &Broker, cfg: ClientConfig) -> Result<(), String> {
     let tcp = TcpStream::connect(b.addr)
         .await
         .map_err(|e| e.to_string())?;

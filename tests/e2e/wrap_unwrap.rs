@@ -32,6 +32,7 @@ async fn round_trip(c: &mut keybroker::client::Clients, key: &str, aad: &[u8]) {
             key: key.into(),
             length: 0,
             aad: aad.to_vec(),
+            ..Default::default()
         })
         .await
         .expect("generate")
@@ -50,6 +51,7 @@ async fn round_trip(c: &mut keybroker::client::Clients, key: &str, aad: &[u8]) {
             key: key.into(),
             length: 16,
             aad: aad.to_vec(),
+            ..Default::default()
         })
         .await
         .expect("generate 16")
@@ -255,6 +257,7 @@ async fn bad_sizes_unknown_keys_and_bad_names_get_the_right_codes() {
                 key: "t/gcm".into(),
                 length: n,
                 aad: vec![],
+                ..Default::default()
             })
             .await
             .expect_err("bad length accepted");
@@ -305,6 +308,7 @@ async fn bad_sizes_unknown_keys_and_bad_names_get_the_right_codes() {
             key: "t/gcm".into(),
             key_type: pb::KeyType::Aes256.into(),
             algorithm: 0,
+            ..Default::default()
         })
         .await
         .expect_err("duplicate");
@@ -315,6 +319,7 @@ async fn bad_sizes_unknown_keys_and_bad_names_get_the_right_codes() {
             key: "t/mismatch".into(),
             key_type: pb::KeyType::Aes256.into(),
             algorithm: pb::Algorithm::RsaOaepSha256.into(),
+            ..Default::default()
         })
         .await
         .expect_err("AES key with an RSA algorithm");
@@ -325,6 +330,7 @@ async fn bad_sizes_unknown_keys_and_bad_names_get_the_right_codes() {
             key: "t/none".into(),
             key_type: 0,
             algorithm: 0,
+            ..Default::default()
         })
         .await
         .expect_err("no type");
@@ -335,6 +341,7 @@ async fn bad_sizes_unknown_keys_and_bad_names_get_the_right_codes() {
             key: "t/gcm".into(),
             aad: vec![],
             wrapped: None,
+            ..Default::default()
         })
         .await
         .expect_err("nothing to unwrap");

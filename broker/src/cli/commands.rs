@@ -4,7 +4,7 @@ use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use keybroker_proto::v1 as pb;
 use serde_json::json;
 
-use super::{Command, ConnArgs, KeyCommand, Output};
+use super::{AuditCommand, Command, ConnArgs, HyokCommand, KeyCommand, Output};
 use crate::{
     client::{ClientSettings, clients},
     config::Config,
@@ -27,6 +27,7 @@ pub async fn check_config(cfg: &Config) -> Result<(), String> {
         cert: &cfg.path(&cfg.tls.cert),
         key: &cfg.path(&cfg.tls.key),
         client_ca: &cfg.path(&cfg.tls.client_ca),
+        crls: &cfg.tls.crl.iter().map(|p| cfg.path(p)).collect::<Vec<_>>(),
     })?;
     let hsm = crate::server::open_hsm(cfg).await?;
     let report = json!({
@@ -58,6 +59,35 @@ fn settings(c: &ConnArgs) -> Result<ClientSettings, String> {
         cert: need(&c.client_cert, "--client-cert", "KEYBROKER_CLIENT_CERT")?,
         key: need(&c.client_key, "--client-key", "KEYBROKER_CLIENT_KEY")?,
     })
+}
+
+/// The request context from --request-id, --correlation-id and --justification.
+fn context(c: &ConnArgs) -> Result<Option<pb::RequestContext>, String> {
+    let justification = match &c.justification {
+        None => None,
+        Some(r) => {
+            let reason =
+                pb::JustificationReason::from_str_name(&r.to_ascii_uppercase().replace('-', "_"))
+                    .filter(|r| *r != pb::JustificationReason::Unspecified)
+                    .ok_or_else(|| {
+                        format!(
+                            "--justification {r:?}: unknown reason (e.g. CUSTOMER_INITIATED_ACCESS)"
+                        )
+                    })?;
+            Some(pb::AccessJustification {
+                reason: reason.into(),
+                detail: c.justification_detail.clone().unwrap_or_default(),
+            })
+        }
+    };
+    if justification.is_none() && c.request_id.is_none() && c.correlation_id.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(pb::RequestContext {
+        request_id: c.request_id.clone().unwrap_or_default(),
+        correlation_id: c.correlation_id.clone().unwrap_or_default(),
+        justification,
+    }))
 }
 
 fn status(e: tonic::Status) -> String {
@@ -173,6 +203,7 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                             key: name,
                             key_type: kt.into(),
                             algorithm: alg.into(),
+                            attributes: None,
                         })
                         .await
                         .map_err(status)?
@@ -264,6 +295,7 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                     key,
                     plaintext,
                     aad: aad.into_bytes(),
+                    context: context(&conn)?,
                 })
                 .await
                 .map_err(status)?
@@ -289,6 +321,7 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                 .unwrap_key(pb::UnwrapKeyRequest {
                     key: key.unwrap_or_default(),
                     aad: aad.into_bytes(),
+                    context: context(&conn)?,
                     wrapped: Some(pb::unwrap_key_request::Wrapped::Envelope(env)),
                 })
                 .await
@@ -321,6 +354,7 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                 .unwrap_key(pb::UnwrapKeyRequest {
                     key,
                     aad: Vec::new(),
+                    context: context(&conn)?,
                     wrapped: Some(pb::unwrap_key_request::Wrapped::Raw(pb::RawCiphertext {
                         ciphertext: ct,
                         key_version: version,
@@ -351,6 +385,7 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                     key,
                     length,
                     aad: aad.into_bytes(),
+                    context: context(&conn)?,
                 })
                 .await
                 .map_err(status)?
@@ -390,6 +425,7 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                     destination_key: to.unwrap_or_default(),
                     new_aad: Vec::new(),
                     change_aad: false,
+                    context: context(&conn)?,
                 })
                 .await
                 .map_err(status)?
@@ -428,9 +464,154 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                 (_, other) => return Err(format!("--format {other:?}: use pem or jwk")),
             }
         }
-        Command::Serve { .. } | Command::CheckConfig { .. } | Command::Dev { .. } => {
+        Command::Hyok { command, conn } => {
+            let ch = crate::client::connect(&settings(&conn)?).await?;
+            let mut c = pb::hyok_client::HyokClient::new(ch);
+            let st = match command {
+                HyokCommand::Disconnect { reason } => {
+                    c.disconnect(pb::HyokSwitchRequest { reason }).await
+                }
+                HyokCommand::Reconnect { reason } => {
+                    c.reconnect(pb::HyokSwitchRequest { reason }).await
+                }
+                HyokCommand::Status => c.get_state(pb::GetHyokStateRequest {}).await,
+            }
+            .map_err(status)?
+            .into_inner();
+            match conn.output {
+                Output::Json => println!(
+                    "{}",
+                    json!({"connected": st.connected, "changed_at_ms": st.changed_at_ms, "changed_by": st.changed_by, "reason": st.reason})
+                ),
+                Output::Text => println!(
+                    "HYOK service access: {}  (changed_at_ms={} by {} reason={:?})",
+                    if st.connected {
+                        "CONNECTED"
+                    } else {
+                        "DISCONNECTED"
+                    },
+                    st.changed_at_ms,
+                    if st.changed_by.is_empty() {
+                        "-"
+                    } else {
+                        &st.changed_by
+                    },
+                    st.reason
+                ),
+            }
+        }
+        Command::Audit {
+            command:
+                AuditCommand::Query {
+                    key,
+                    caller,
+                    outcome,
+                    since_ms,
+                    until_ms,
+                    limit,
+                    conn,
+                },
+        } => {
+            let ch = crate::client::connect(&settings(&conn)?).await?;
+            let mut c = pb::audit_client::AuditClient::new(ch);
+            let mut token = String::new();
+            let mut left = limit;
+            while left > 0 {
+                let page = c
+                    .query_audit(pb::QueryAuditRequest {
+                        since_ms,
+                        until_ms,
+                        key: key.clone().unwrap_or_default(),
+                        caller: caller.clone().unwrap_or_default(),
+                        outcome: outcome.clone().unwrap_or_default(),
+                        page_size: left.min(1000),
+                        page_token: token,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                left = left.saturating_sub(page.records.len() as u32);
+                for r in page.records {
+                    println!("{r}");
+                }
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+        }
+        Command::Serve { .. }
+        | Command::CheckConfig { .. }
+        | Command::Dev { .. }
+        | Command::Audit { .. } => {
             return Err("not a client command".into());
         }
     }
     Ok(())
+}
+
+/// `keybroker audit verify`.
+pub async fn audit_verify(file: &std::path::Path, cfg: Option<&Config>) -> Result<(), String> {
+    use crate::audit::{SETTING_KEY_ID, SETTING_LAST_CHECKPOINT, verify_chain};
+    let text = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let (mut v, macs, checkpoints) = verify_chain(&text);
+    let mut mode =
+        "hash chain only (give --config to check checkpoint MACs in the HSM and truncation)";
+    if let Some(cfg) = cfg {
+        mode = "hash chain, checkpoint MACs (HSM) and the last recorded checkpoint";
+        let store =
+            crate::store::Store::open(&cfg.path(&cfg.store.path)).map_err(|e| e.to_string())?;
+        let key_id = store
+            .setting(SETTING_KEY_ID)
+            .map_err(|e| e.to_string())?
+            .and_then(|h| hex::decode(h).ok())
+            .and_then(|b| crate::model::VersionId::from_slice(&b))
+            .ok_or(
+                "the store has no audit key id: was this broker ever started with this config?",
+            )?;
+        let hsm = crate::server::open_hsm(cfg).await?;
+        hsm.ensure_audit_key(Some(key_id))
+            .await
+            .map_err(|e| e.to_string())?;
+        for (line, data, mac) in macs {
+            match hsm.audit_verify(data, mac).await {
+                Ok(true) => v.macs_verified += 1,
+                Ok(false) => v.problems.push(format!(
+                    "line {line}: checkpoint MAC does not verify: the records before it were rewritten or the checkpoint forged"
+                )),
+                Err(e) => return Err(format!("HSM: {e}")),
+            }
+        }
+        if let Some(rec) = store
+            .setting(SETTING_LAST_CHECKPOINT)
+            .map_err(|e| e.to_string())?
+            && !checkpoints.iter().any(|(s, h)| format!("{s}:{h}") == rec)
+        {
+            let seq = rec.split(':').next().unwrap_or("?");
+            v.problems.push(format!(
+                    "the last checkpoint the broker recorded (seq {seq}) is not in the file: the log was truncated or rewritten after line {}",
+                    v.lines
+                ));
+        }
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+    );
+    if v.problems.is_empty() {
+        println!(
+            "audit log OK ({mode}): {} lines, {} checkpoints ({} MACs verified), {} records after the last checkpoint",
+            v.lines, v.checkpoints, v.macs_verified, v.unchecked_tail
+        );
+        Ok(())
+    } else {
+        for p in &v.problems {
+            println!("TAMPERED: {p}");
+        }
+        Err(format!(
+            "audit log {} failed verification ({} problems)",
+            file.display(),
+            v.problems.len()
+        ))
+    }
 }

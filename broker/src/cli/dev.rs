@@ -191,6 +191,7 @@ async fn demo(settings: &ClientSettings) -> Result<(), String> {
             key: "dev/demo".into(),
             key_type: pb::KeyType::Aes256.into(),
             algorithm: pb::Algorithm::Unspecified.into(),
+            attributes: None,
         })
         .await
     {
@@ -205,6 +206,7 @@ async fn demo(settings: &ClientSettings) -> Result<(), String> {
             key: "dev/demo".into(),
             length: 32,
             aad: aad.clone(),
+            context: None,
         })
         .await
         .map_err(|e| format!("demo: GenerateDataKey failed: {}", status(e)))?
@@ -214,6 +216,7 @@ async fn demo(settings: &ClientSettings) -> Result<(), String> {
         .unwrap_key(pb::UnwrapKeyRequest {
             key: String::new(),
             aad,
+            context: None,
             wrapped: Some(pb::unwrap_key_request::Wrapped::Envelope(
                 g.wrapped_key.clone(),
             )),

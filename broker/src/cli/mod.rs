@@ -45,6 +45,18 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8443")]
         listen: std::net::SocketAddr,
     },
+    /// The HYOK kill switch (administrator role).
+    Hyok {
+        #[command(subcommand)]
+        command: HyokCommand,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// The audit trail: verify a log file, or query a running broker.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Manage keys (control plane).
     Key {
         #[command(subcommand)]
@@ -142,6 +154,64 @@ enum Command {
 }
 
 #[derive(Subcommand, Debug)]
+enum HyokCommand {
+    /// Cut HYOK service identities off: from the moment this returns, their wraps and unwraps
+    /// are refused, across all keys, until `reconnect` (survives broker restarts).
+    Disconnect {
+        /// Why (recorded in the audit trail).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Let HYOK service identities in again.
+    Reconnect {
+        /// Why (recorded in the audit trail).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Show the state.
+    Status,
+}
+
+// Parsed once per process: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Verify an audit log offline: hash chain, sequence, and (with --config) every checkpoint
+    /// MAC in the HSM and the last checkpoint the broker recorded. Exit status 1 on tampering.
+    Verify {
+        /// The audit log file.
+        file: PathBuf,
+        /// The broker's config: check checkpoint MACs with its HSM and detect truncation against
+        /// its store (SoftHSM2 needs SOFTHSM2_CONF as for `serve`).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Read audit records from a running broker (auditor role).
+    Query {
+        /// Only this key ("tenant/name").
+        #[arg(long)]
+        key: Option<String>,
+        /// Only this caller identity.
+        #[arg(long)]
+        caller: Option<String>,
+        /// Only this outcome (OK, PERMISSION_DENIED, ...).
+        #[arg(long)]
+        outcome: Option<String>,
+        /// Only records at or after (ms since the epoch).
+        #[arg(long, default_value_t = 0)]
+        since_ms: i64,
+        /// Only records before (ms since the epoch).
+        #[arg(long, default_value_t = 0)]
+        until_ms: i64,
+        /// At most this many records.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum KeyCommand {
     /// Create a key (generated inside the HSM).
     Create {
@@ -195,6 +265,18 @@ pub struct ConnArgs {
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = Output::Text, global = true)]
     output: Output,
+    /// Access justification reason for data-plane calls (e.g. CUSTOMER_INITIATED_ACCESS).
+    #[arg(long, env = "KEYBROKER_JUSTIFICATION", global = true)]
+    justification: Option<String>,
+    /// Free text for the justification (ticket number...).
+    #[arg(long, global = true)]
+    justification_detail: Option<String>,
+    /// Request id recorded in the audit trail.
+    #[arg(long, global = true)]
+    request_id: Option<String>,
+    /// Correlation id recorded in the audit trail.
+    #[arg(long, global = true)]
+    correlation_id: Option<String>,
 }
 
 /// Output format of client commands.
@@ -257,6 +339,19 @@ async fn run(cli: Cli) -> Result<(), String> {
             let cfg = Config::load(&config)?;
             init_logging(cfg.log.format);
             commands::check_config(&cfg).await
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { file, config },
+        } => {
+            let cfg = match config {
+                Some(c) => {
+                    let cfg = Config::load(&c)?;
+                    init_logging(cfg.log.format);
+                    Some(cfg)
+                }
+                None => None,
+            };
+            commands::audit_verify(&file, cfg.as_ref()).await
         }
         Command::Dev { state_dir, listen } => {
             init_logging(LogFormat::Text);

@@ -47,7 +47,7 @@ pub use self::{
     probe::Capabilities,
     template::KekSpec,
 };
-use crate::model::{Algorithm, Dek, KeyType, VersionId};
+use crate::model::{Algorithm, Dek, KeyType, Origin, VersionId};
 
 /// Which token to use. Serial number is the most stable (slot ids change on replug).
 #[derive(Clone, Debug, Default, Serialize)]
@@ -112,6 +112,8 @@ pub struct ExpectedKek {
     pub key_type: KeyType,
     /// Its algorithm.
     pub algorithm: Algorithm,
+    /// Generated or imported.
+    pub origin: Origin,
 }
 
 /// The result of matching the store's KEK versions against the token's objects.
@@ -188,6 +190,8 @@ struct Inner {
     /// session closes (HSM-NOTES), and the login belongs to the application.
     _anchor: Mutex<Session>,
     handles: RwLock<HashMap<VersionId, KekHandles>>,
+    /// The audit trail's HMAC key (see [`Hsm::ensure_audit_key`]).
+    audit_key: RwLock<Option<ObjectHandle>>,
     /// Serialises object creation and destruction: SoftHSM2 2.6.1 races on concurrent object
     /// creation and lookup (upstream #573/#576/#578/#688/#757).
     object_lock: Mutex<()>,
@@ -286,6 +290,7 @@ impl Hsm {
                 acquire_timeout: settings.acquire_timeout,
                 _anchor: Mutex::new(anchor),
                 handles: RwLock::new(HashMap::new()),
+                audit_key: RwLock::new(None),
                 object_lock: Mutex::new(()),
                 observer: OnceLock::new(),
                 waiting: AtomicUsize::new(0),
@@ -316,13 +321,6 @@ impl Hsm {
             in_use: size.saturating_sub(self.inner.permits.available_permits()),
             waiting: self.inner.waiting.load(Ordering::Relaxed),
         }
-    }
-
-    /// The health probe: one real round trip to the token (`C_GenerateRandom` of 16 bytes)
-    /// through the session pool, so it fails when the token, the library or the pool does.
-    pub async fn health_check(&self) -> Result<(), HsmError> {
-        self.run("health probe", |_, s| ops::random(s, 16).map(drop))
-            .await
     }
 
     /// Runs `f` with a pooled session on a blocking thread. If the session turns out to be lost,
@@ -408,7 +406,7 @@ impl Hsm {
                     public: None,
                 }
             };
-            let problems = check_template(s, &handles, spec.algorithm, mech)?;
+            let problems = check_template(s, &handles, spec.algorithm, mech, Origin::Generated)?;
             if !problems.is_empty() {
                 destroy_handles(s, &handles);
                 return Err(HsmError::new(
@@ -531,7 +529,7 @@ impl Hsm {
                         .push((e.id, format!("the token cannot serve {}", e.algorithm)));
                     continue;
                 };
-                let problems = check_template(s, &h, e.algorithm, mech)?;
+                let problems = check_template(s, &h, e.algorithm, mech, e.origin)?;
                 if !problems.is_empty() {
                     report
                         .problems
@@ -662,7 +660,343 @@ impl Hsm {
     }
 }
 
+/// The label prefix of BYOK key-exchange keys.
+pub const IMPORT_KEY_LABEL: &str = "kb-import:";
+
+/// The label prefix of the audit HMAC key (not `kb:`, so it is never reported as an orphan KEK).
+pub const AUDIT_KEY_LABEL: &str = "kb-audit:hmac-sha256";
+
+impl Hsm {
+    /// Finds the audit trail's HMAC key by id, or creates it when `id` is `None` (first start).
+    /// The key is a token object: sensitive, never extractable, not modifiable or copyable,
+    /// SIGN+VERIFY only, `CKA_ALLOWED_MECHANISMS` = `CKM_SHA256_HMAC`. Someone who can write the
+    /// audit file cannot forge a checkpoint without this key. Fails if `id` names a key that is
+    /// missing or duplicated (fail closed: never silently re-created).
+    pub async fn ensure_audit_key(&self, id: Option<VersionId>) -> Result<VersionId, HsmError> {
+        self.run("find or create the audit key", move |inner, s| {
+            use cryptoki::{mechanism::MechanismType, object::KeyType as CkKeyType};
+            let _guard = inner.object_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let (id, handle) = match id {
+                Some(id) => {
+                    let found = s
+                        .find_objects(&[
+                            Attribute::Class(ObjectClass::SECRET_KEY),
+                            Attribute::Id(id.as_bytes().to_vec()),
+                        ])
+                        .map_err(|e| HsmError::from_ck("C_FindObjects", e))?;
+                    match found.as_slice() {
+                        [h] => (id, *h),
+                        [] => {
+                            return Err(HsmError::setup(
+                                "find the audit key",
+                                format!("the audit HMAC key {id} is missing from the token; checkpoints cannot be made or verified"),
+                            ));
+                        }
+                        more => {
+                            return Err(HsmError::setup(
+                                "find the audit key",
+                                format!("{} objects share the audit HMAC key's CKA_ID {id}", more.len()),
+                            ));
+                        }
+                    }
+                }
+                None => {
+                    let id = VersionId::random();
+                    let h = s
+                        .generate_key(
+                            &Mechanism::GenericSecretKeyGen,
+                            &[
+                                Attribute::Class(ObjectClass::SECRET_KEY),
+                                Attribute::KeyType(CkKeyType::GENERIC_SECRET),
+                                Attribute::ValueLen(32.into()),
+                                Attribute::Token(true),
+                                Attribute::Private(true),
+                                Attribute::Sensitive(true),
+                                Attribute::Extractable(false),
+                                Attribute::Modifiable(false),
+                                Attribute::Copyable(false),
+                                Attribute::Sign(true),
+                                Attribute::Verify(true),
+                                Attribute::Encrypt(false),
+                                Attribute::Decrypt(false),
+                                Attribute::Wrap(false),
+                                Attribute::Unwrap(false),
+                                Attribute::Derive(false),
+                                Attribute::AllowedMechanisms(vec![MechanismType::SHA256_HMAC]),
+                                Attribute::Id(id.as_bytes().to_vec()),
+                                Attribute::Label(AUDIT_KEY_LABEL.as_bytes().to_vec()),
+                            ],
+                        )
+                        .map_err(|e| HsmError::from_ck("generate the audit HMAC key", e))?;
+                    (id, h)
+                }
+            };
+            *inner.audit_key.write().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+            Ok(id)
+        })
+        .await
+    }
+
+    /// HMAC-SHA256 of `data` with the audit key, computed inside the HSM.
+    pub async fn audit_mac(&self, data: Vec<u8>) -> Result<Vec<u8>, HsmError> {
+        self.run("MAC an audit checkpoint", move |inner, s| {
+            let h = inner.audit_handle()?;
+            s.sign(&Mechanism::Sha256Hmac, h, &data)
+                .map_err(|e| HsmError::from_ck("C_Sign (HMAC)", e))
+        })
+        .await
+    }
+
+    /// Verifies an audit checkpoint MAC inside the HSM.
+    pub async fn audit_verify(&self, data: Vec<u8>, mac: Vec<u8>) -> Result<bool, HsmError> {
+        self.run("verify an audit checkpoint", move |inner, s| {
+            let h = inner.audit_handle()?;
+            match s.verify(&Mechanism::Sha256Hmac, h, &data, &mac) {
+                Ok(()) => Ok(true),
+                Err(CkError::Pkcs11(RvError::SignatureInvalid | RvError::SignatureLenRange, _)) => {
+                    Ok(false)
+                }
+                Err(e) => Err(HsmError::from_ck("C_Verify (HMAC)", e)),
+            }
+        })
+        .await
+    }
+
+    /// BYOK step 1: generates an RSA key-exchange key (token objects labelled `kb-import:`)
+    /// whose private half may only unwrap, with RSA-OAEP, and returns its public key.
+    pub async fn create_import_key(&self, id: VersionId, bits: u32) -> Result<RsaPublic, HsmError> {
+        self.run("create an import key", move |inner, s| {
+            use cryptoki::object::KeyType as CkKeyType;
+            let _guard = inner.object_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let label = format!("{IMPORT_KEY_LABEL}{id}").into_bytes();
+            let oaep = cryptoki::mechanism::MechanismType::RSA_PKCS_OAEP;
+            let (public, private) = s
+                .generate_key_pair(
+                    &Mechanism::RsaPkcsKeyPairGen,
+                    &[
+                        Attribute::Class(ObjectClass::PUBLIC_KEY),
+                        Attribute::KeyType(CkKeyType::RSA),
+                        Attribute::ModulusBits(u64::from(bits).into()),
+                        Attribute::PublicExponent(vec![1, 0, 1]),
+                        Attribute::Token(true),
+                        Attribute::Private(false),
+                        Attribute::Modifiable(false),
+                        Attribute::Encrypt(false),
+                        Attribute::Wrap(false),
+                        Attribute::Verify(false),
+                        Attribute::Derive(false),
+                        Attribute::Id(id.as_bytes().to_vec()),
+                        Attribute::Label(label.clone()),
+                    ],
+                    &[
+                        Attribute::Class(ObjectClass::PRIVATE_KEY),
+                        Attribute::KeyType(CkKeyType::RSA),
+                        Attribute::Token(true),
+                        Attribute::Private(true),
+                        Attribute::Sensitive(true),
+                        Attribute::Extractable(false),
+                        Attribute::Modifiable(false),
+                        Attribute::Copyable(false),
+                        Attribute::Unwrap(true),
+                        Attribute::Decrypt(false),
+                        Attribute::Sign(false),
+                        Attribute::SignRecover(false),
+                        Attribute::Derive(false),
+                        Attribute::AllowedMechanisms(vec![oaep]),
+                        Attribute::Id(id.as_bytes().to_vec()),
+                        Attribute::Label(label),
+                    ],
+                )
+                .map_err(|e| HsmError::from_ck("generate the import key", e))?;
+            let attrs = s
+                .get_attributes(
+                    public,
+                    &[AttributeType::Modulus, AttributeType::PublicExponent],
+                )
+                .map_err(|e| HsmError::from_ck("read the import key", e));
+            let attrs = match attrs {
+                Ok(a) => a,
+                Err(e) => {
+                    ops::destroy_quietly(s, public);
+                    ops::destroy_quietly(s, private);
+                    return Err(e);
+                }
+            };
+            let mut pk = RsaPublic {
+                modulus: Vec::new(),
+                exponent: Vec::new(),
+            };
+            for a in attrs {
+                match a {
+                    Attribute::Modulus(m) => pk.modulus = m,
+                    Attribute::PublicExponent(e) => pk.exponent = e,
+                    _ => {}
+                }
+            }
+            Ok(pk)
+        })
+        .await
+    }
+
+    /// BYOK step 2, the CKM_RSA_AES_KEY_WRAP construction done in two steps inside the HSM
+    /// (SoftHSM2 lacks the combined mechanism): RSA-OAEP-unwrap the customer's ephemeral AES key
+    /// into a short-lived session object that may only unwrap, then RFC 5649-unwrap the key
+    /// material with it into a token KEK with the standard template. The ephemeral key is
+    /// destroyed whatever happens; the new KEK is checked like any other (as imported).
+    pub async fn import_kek(
+        &self,
+        import_id: VersionId,
+        oaep: Algorithm,
+        material: Vec<u8>,
+        spec: KekSpec,
+    ) -> Result<(), HsmError> {
+        let mech = self
+            .inner
+            .caps
+            .mechanism_for(spec.algorithm)
+            .ok_or_else(|| {
+                HsmError::new(
+                    FaultKind::NotPermitted,
+                    "import a KEK",
+                    format!("the token cannot serve {}", spec.algorithm),
+                )
+            })?;
+        let kwp = self.inner.kwp.ok_or_else(|| {
+            HsmError::new(
+                FaultKind::NotPermitted,
+                "import a KEK",
+                "the token has no usable RFC 5649 mechanism",
+            )
+        })?;
+        self.run("import a KEK", move |inner, s| {
+            use cryptoki::object::KeyType as CkKeyType;
+            let _guard = inner.object_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let found = s
+                .find_objects(&[
+                    Attribute::Class(ObjectClass::PRIVATE_KEY),
+                    Attribute::Id(import_id.as_bytes().to_vec()),
+                ])
+                .map_err(|e| HsmError::from_ck("C_FindObjects", e))?;
+            let [private] = found.as_slice() else {
+                return Err(HsmError::new(
+                    FaultKind::NotPermitted,
+                    "import a KEK",
+                    "no such import key",
+                ));
+            };
+            let modulus = s
+                .get_attributes(*private, &[AttributeType::Modulus])
+                .map_err(|e| HsmError::from_ck("read the import key", e))?
+                .into_iter()
+                .find_map(|a| {
+                    if let Attribute::Modulus(m) = a {
+                        Some(m)
+                    } else {
+                        None
+                    }
+                })
+                .unwrap_or_default();
+            let k = modulus.len();
+            if k == 0 || material.len() < k + 24 {
+                return Err(HsmError::new(
+                    FaultKind::DataInvalid,
+                    "import a KEK",
+                    "wrapped material is too short",
+                ));
+            }
+            let (rsa_part, kwp_part) = material.split_at(k);
+            let ephemeral = s
+                .unwrap_key(
+                    &ops::oaep_mechanism(oaep),
+                    *private,
+                    rsa_part,
+                    &[
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::KeyType(CkKeyType::AES),
+                        Attribute::Token(false),
+                        Attribute::Private(true),
+                        Attribute::Sensitive(true),
+                        Attribute::Extractable(false),
+                        Attribute::Unwrap(true),
+                        Attribute::Wrap(false),
+                        Attribute::Encrypt(false),
+                        Attribute::Decrypt(false),
+                        Attribute::Sign(false),
+                        Attribute::Verify(false),
+                        Attribute::Derive(false),
+                    ],
+                )
+                .map_err(|e| {
+                    HsmError::from_ck_decrypt("RSA-OAEP unwrap of the ephemeral key", e)
+                })?;
+            let mut template = template::aes_template(&spec, mech);
+            template.retain(|a| a.attribute_type() != AttributeType::ValueLen);
+            let unwrapped = s.unwrap_key(&kwp.mechanism(), ephemeral, kwp_part, &template);
+            ops::destroy_quietly(s, ephemeral);
+            let secret = unwrapped
+                .map_err(|e| HsmError::from_ck_decrypt("AES key unwrap of the key material", e))?;
+            let handles = KekHandles {
+                secret,
+                public: None,
+            };
+            let len = s
+                .get_attributes(secret, &[AttributeType::ValueLen])
+                .map_err(|e| HsmError::from_ck("read the imported key", e))?
+                .into_iter()
+                .find_map(|a| {
+                    if let Attribute::ValueLen(l) = a {
+                        Some(u64::from(l))
+                    } else {
+                        None
+                    }
+                });
+            if len != Some(32) {
+                destroy_handles(s, &handles);
+                return Err(HsmError::new(
+                    FaultKind::DataInvalid,
+                    "import a KEK",
+                    "the key material is not a 256-bit AES key",
+                ));
+            }
+            let problems = check_template(s, &handles, spec.algorithm, mech, Origin::Imported)?;
+            if !problems.is_empty() {
+                destroy_handles(s, &handles);
+                return Err(HsmError::new(
+                    FaultKind::Setup,
+                    "check an imported KEK's template",
+                    format!(
+                        "the token did not honour the KEK template: {}",
+                        problems.join("; ")
+                    ),
+                ));
+            }
+            inner
+                .handles
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(spec.id, handles);
+            Ok(())
+        })
+        .await
+    }
+
+    /// A cheap liveness check: one `C_GenerateRandom` through the pool.
+    pub async fn ping(&self) -> Result<(), HsmError> {
+        self.run("ping the HSM", |_, s| ops::random(s, 8).map(|_| ()))
+            .await
+    }
+}
+
 impl Inner {
+    fn audit_handle(&self) -> Result<ObjectHandle, HsmError> {
+        self.audit_key
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .ok_or_else(|| {
+                HsmError::new(FaultKind::Setup, "audit key", "the audit key is not loaded")
+            })
+    }
+
     fn with_session<T>(
         &self,
         what: &'static str,
@@ -754,11 +1088,12 @@ fn check_template(
     h: &KekHandles,
     alg: Algorithm,
     mech: cryptoki::mechanism::MechanismType,
+    origin: Origin,
 ) -> Result<Vec<String>, HsmError> {
     let attrs = s
         .get_attributes(h.secret, template::SECRET_CHECK)
         .map_err(|e| HsmError::from_ck("read back KEK attributes", e))?;
-    let mut problems = template::check_secret(alg, mech, &attrs);
+    let mut problems = template::check_secret(alg, mech, &attrs, origin == Origin::Imported);
     if let Some(p) = h.public {
         let attrs = s
             .get_attributes(p, template::PUBLIC_CHECK)

@@ -64,6 +64,12 @@ impl KwpMechanism {
     }
 }
 
+/// The RSA-OAEP mechanism for an OAEP algorithm (SHA-256 or SHA-1, MGF1 of the same hash,
+/// empty label).
+pub fn oaep_mechanism(hash: Algorithm) -> Mechanism<'static> {
+    oaep(hash)
+}
+
 fn oaep(hash: Algorithm) -> Mechanism<'static> {
     let (h, mgf) = if hash == Algorithm::RsaOaepSha1 {
         (MechanismType::SHA1, PkcsMgfType::MGF1_SHA1)

@@ -158,8 +158,15 @@ pub const PUBLIC_CHECK: &[AttributeType] = &[
 ];
 
 /// Compares attributes read back from the secret/private object of a KEK with what the
-/// template demands; returns one line per difference (empty = good).
-pub fn check_secret(alg: Algorithm, mechanism: MechanismType, attrs: &[Attribute]) -> Vec<String> {
+/// template demands; returns one line per difference (empty = good). An imported key (BYOK)
+/// existed outside the HSM before, so PKCS#11 rightly reports it neither always-sensitive nor
+/// never-extractable; everything else is the same.
+pub fn check_secret(
+    alg: Algorithm,
+    mechanism: MechanismType,
+    attrs: &[Attribute],
+    imported: bool,
+) -> Vec<String> {
     let (enc, dec, wrap, unwrap) = roles(alg);
     let mut problems = Vec::new();
     let mut want = |name: &str, got: Option<bool>, expect: bool| match got {
@@ -171,17 +178,19 @@ pub fn check_secret(alg: Algorithm, mechanism: MechanismType, attrs: &[Attribute
     want("CKA_TOKEN", b(AttributeType::Token), true);
     want("CKA_PRIVATE", b(AttributeType::Private), true);
     want("CKA_SENSITIVE", b(AttributeType::Sensitive), true);
-    want(
-        "CKA_ALWAYS_SENSITIVE",
-        b(AttributeType::AlwaysSensitive),
-        true,
-    );
+    if !imported {
+        want(
+            "CKA_ALWAYS_SENSITIVE",
+            b(AttributeType::AlwaysSensitive),
+            true,
+        );
+        want(
+            "CKA_NEVER_EXTRACTABLE",
+            b(AttributeType::NeverExtractable),
+            true,
+        );
+    }
     want("CKA_EXTRACTABLE", b(AttributeType::Extractable), false);
-    want(
-        "CKA_NEVER_EXTRACTABLE",
-        b(AttributeType::NeverExtractable),
-        true,
-    );
     want("CKA_MODIFIABLE", b(AttributeType::Modifiable), false);
     want("CKA_COPYABLE", b(AttributeType::Copyable), false);
     want("CKA_DERIVE", b(AttributeType::Derive), false);

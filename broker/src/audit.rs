@@ -1,0 +1,761 @@
+//! The audit trail: one JSON line per request (allowed or refused) and per security event,
+//! written **before the reply**; if the record cannot be written the request fails.
+//!
+//! Tamper evidence: every line carries a sequence number and `prev`, the SHA-256 of the previous
+//! line, so an edit, deletion, insertion or reordering breaks the chain where it happened. Every
+//! `checkpoint_every` records (and every `checkpoint_interval_ms`, and at shutdown) a checkpoint
+//! line carries an HMAC-SHA256 of its position and chain hash, computed inside the HSM with a
+//! key that never leaves it: whoever can write the file can recompute the hashes but cannot
+//! forge a checkpoint. The broker also records its latest checkpoint in the metadata store, so
+//! truncating the file back past a checkpoint is detected. `keybroker audit verify` checks all of
+//! this and prints where it breaks.
+//!
+//! Records never contain key material, DEK bytes or hashes of them.
+//!
+//! Throughput: one writer task takes whatever records are waiting, writes them with one
+//! `write`, one `fdatasync`, then acknowledges them all (group commit), so the cost of durability
+//! is shared by concurrent requests.
+
+use std::{
+    io::{BufRead, Write},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{hsm::Hsm, model::VersionId, store::Store};
+
+/// The hash `prev` holds on the first line of a log.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+const MAC_DOMAIN: &[u8] = b"keybroker-audit-checkpoint-v1\n";
+/// Store setting: the audit HMAC key's id.
+pub const SETTING_KEY_ID: &str = "audit.hmac_key_id";
+/// Store setting: `seq:sha256-of-line` of the latest checkpoint.
+pub const SETTING_LAST_CHECKPOINT: &str = "audit.last_checkpoint";
+
+/// One line of the audit log.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Record {
+    /// Position in the log, from 1, no gaps.
+    pub seq: u64,
+    /// UTC time, RFC 3339 with milliseconds.
+    pub time: String,
+    /// Milliseconds since the epoch (for filtering).
+    pub time_ms: i64,
+    /// `request`, `event` or `checkpoint`.
+    pub kind: String,
+    /// The verified caller identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller: Option<String>,
+    /// The RPC (or event name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub op: Option<String>,
+    /// The tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// The key (`tenant/name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// The key version used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    /// The gRPC outcome (`OK`, `PERMISSION_DENIED`...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    /// Why a request was refused, or an event's description (never key material).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The access justification reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub justification: Option<String>,
+    /// The justification's free text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub justification_detail: Option<String>,
+    /// The request id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// The correlation id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    /// Time spent on the request before it was audited, µs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_us: Option<u64>,
+    /// Structured detail of an event (e.g. a destruction receipt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
+    /// Checkpoints: HMAC-SHA256 (hex) over the domain, `seq` and `prev`, made in the HSM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// SHA-256 (hex) of the previous line; [`GENESIS`] on the first.
+    pub prev: String,
+}
+
+impl Record {
+    /// A request record.
+    pub fn request(op: &str, caller: &str) -> Self {
+        Self {
+            kind: "request".into(),
+            op: Some(op.into()),
+            caller: Some(caller.into()),
+            ..Default::default()
+        }
+    }
+
+    /// An event record.
+    pub fn event(op: &str, caller: Option<&str>, message: impl Into<String>) -> Self {
+        Self {
+            kind: "event".into(),
+            op: Some(op.into()),
+            caller: caller.map(str::to_string),
+            message: Some(message.into()),
+            ..Default::default()
+        }
+    }
+}
+
+/// Audit settings.
+#[derive(Clone, Debug)]
+pub struct AuditSettings {
+    /// The log file.
+    pub path: PathBuf,
+    /// Checkpoint after this many records.
+    pub checkpoint_every: u64,
+    /// ... or after this long with unchecked records.
+    pub checkpoint_interval: Duration,
+    /// `fdatasync` each batch before acknowledging it.
+    pub sync: bool,
+}
+
+enum Msg {
+    Append(Box<Record>, oneshot::Sender<Result<(), String>>),
+    Close(oneshot::Sender<()>),
+}
+
+/// The audit log writer handle.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Msg>,
+    path: PathBuf,
+}
+
+struct Writer {
+    file: Option<std::fs::File>,
+    path: PathBuf,
+    seq: u64,
+    last_hash: String,
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
+    settings: AuditSettings,
+    hsm: Hsm,
+    store: Arc<Store>,
+}
+
+fn now() -> (String, i64) {
+    let t = time::OffsetDateTime::now_utc();
+    let ms = (t.unix_timestamp_nanos() / 1_000_000) as i64;
+    let s = t
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| ms.to_string());
+    (s, ms)
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+fn mac_input(seq: u64, prev: &str) -> Vec<u8> {
+    let mut v = MAC_DOMAIN.to_vec();
+    v.extend_from_slice(format!("{seq}\n{prev}").as_bytes());
+    v
+}
+
+/// What opening an existing log found.
+struct Tail {
+    seq: u64,
+    hash: String,
+    len: u64,
+    checkpoints: Vec<(u64, String)>,
+    problems: Vec<String>,
+}
+
+fn scan(path: &Path) -> Result<Tail, String> {
+    let mut tail = Tail {
+        seq: 0,
+        hash: GENESIS.into(),
+        len: 0,
+        checkpoints: Vec::new(),
+        problems: Vec::new(),
+    };
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(tail),
+        Err(e) => return Err(format!("cannot read audit log {}: {e}", path.display())),
+    };
+    let mut r = std::io::BufReader::new(f);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = r
+            .read_until(b'\n', &mut line)
+            .map_err(|e| format!("read audit log: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        if line.last() != Some(&b'\n') {
+            // A partial last line: the write of a record that was never acknowledged.
+            tail.problems.push(format!(
+                "partial last line ({n} bytes) dropped: its request was never answered"
+            ));
+            break;
+        }
+        let body = &line[..line.len() - 1];
+        tail.len += n as u64;
+        tail.hash = sha256_hex(body);
+        if let Ok(rec) = serde_json::from_slice::<Record>(body) {
+            tail.seq = rec.seq;
+            if rec.kind == "checkpoint" {
+                tail.checkpoints.push((rec.seq, tail.hash.clone()));
+            }
+        }
+    }
+    Ok(tail)
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log, sets up the HSM MAC key, checks the log against the last
+    /// checkpoint the store knows, and starts the writer task.
+    pub async fn open(
+        settings: AuditSettings,
+        hsm: Hsm,
+        store: Arc<Store>,
+    ) -> Result<Self, String> {
+        let st = store.clone();
+        let key_id = tokio::task::spawn_blocking(move || st.setting(SETTING_KEY_ID))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let key_id = match key_id {
+            Some(h) => Some(
+                hex::decode(&h)
+                    .ok()
+                    .and_then(|b| VersionId::from_slice(&b))
+                    .ok_or_else(|| format!("store setting {SETTING_KEY_ID} is malformed"))?,
+            ),
+            None => None,
+        };
+        let created = key_id.is_none();
+        let id = hsm
+            .ensure_audit_key(key_id)
+            .await
+            .map_err(|e| format!("audit: {e}"))?;
+        if created {
+            let st = store.clone();
+            tokio::task::spawn_blocking(move || st.set_setting(SETTING_KEY_ID, &id.hex()))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        }
+        if let Some(dir) = settings.path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create audit directory {}: {e}", dir.display()))?;
+        }
+        let path = settings.path.clone();
+        let tail = tokio::task::spawn_blocking(move || scan(&path))
+            .await
+            .map_err(|e| e.to_string())??;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&settings.path)
+            .map_err(|e| format!("cannot open audit log {}: {e}", settings.path.display()))?;
+        if file.metadata().map(|m| m.len()).unwrap_or(0) > tail.len {
+            file.set_len(tail.len)
+                .map_err(|e| format!("cannot drop the partial audit line: {e}"))?;
+        }
+        let st = store.clone();
+        let recorded = tokio::task::spawn_blocking(move || st.setting(SETTING_LAST_CHECKPOINT))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let mut events = Vec::new();
+        for p in &tail.problems {
+            tracing::warn!(problem = %p, "audit log");
+            events.push(Record::event("AuditLogRecovered", None, p.clone()));
+        }
+        if let Some(rec) = recorded {
+            let present = tail
+                .checkpoints
+                .iter()
+                .any(|(s, h)| format!("{s}:{h}") == rec);
+            if !present {
+                let m = format!(
+                    "the audit log does not contain the last checkpoint the broker recorded ({rec}): it was truncated or rewritten while the broker was stopped"
+                );
+                tracing::error!(problem = %m, "AUDIT LOG TAMPERING");
+                events.push(Record::event("AuditLogTampered", None, m));
+            }
+        }
+        let (tx, rx) = mpsc::channel(4096);
+        let writer = Writer {
+            file: Some(file),
+            path: settings.path.clone(),
+            seq: tail.seq,
+            last_hash: tail.hash,
+            since_checkpoint: 0,
+            last_checkpoint: Instant::now(),
+            settings: settings.clone(),
+            hsm,
+            store,
+        };
+        tokio::spawn(writer.run(rx));
+        let log = Self {
+            tx,
+            path: settings.path,
+        };
+        log.append(Record::event(
+            "AuditLogOpened",
+            None,
+            format!("broker started; log continues after seq {}", tail.seq),
+        ))
+        .await?;
+        for e in events {
+            log.append(e).await?;
+        }
+        Ok(log)
+    }
+
+    /// Appends a record and waits until it is written (and synced). `Err` means the record is
+    /// not in the log: the caller must fail the request.
+    pub async fn append(&self, rec: Record) -> Result<(), String> {
+        let (ack, done) = oneshot::channel();
+        self.tx
+            .send(Msg::Append(Box::new(rec), ack))
+            .await
+            .map_err(|_| "the audit writer has stopped".to_string())?;
+        done.await
+            .map_err(|_| "the audit writer has stopped".to_string())?
+    }
+
+    /// Writes a final checkpoint and stops the writer.
+    pub async fn close(&self) {
+        let (ack, done) = oneshot::channel();
+        if self.tx.send(Msg::Close(ack)).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+
+    /// The log file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        loop {
+            let deadline = self.last_checkpoint + self.settings.checkpoint_interval;
+            let first = tokio::select! {
+                m = rx.recv() => m,
+                _ = tokio::time::sleep_until(deadline.into()), if self.since_checkpoint > 0 => {
+                    self.checkpoint().await;
+                    continue;
+                }
+            };
+            let Some(first) = first else {
+                self.checkpoint().await;
+                return;
+            };
+            let mut batch = Vec::new();
+            let mut close = None;
+            match first {
+                Msg::Append(r, a) => batch.push((r, a)),
+                Msg::Close(a) => close = Some(a),
+            }
+            while close.is_none() && batch.len() < 1024 {
+                match rx.try_recv() {
+                    Ok(Msg::Append(r, a)) => batch.push((r, a)),
+                    Ok(Msg::Close(a)) => close = Some(a),
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                let (recs, acks): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                let result = self.write(recs.into_iter().map(|r| *r).collect()).await;
+                for a in acks {
+                    let _ = a.send(result.clone());
+                }
+            }
+            if self.since_checkpoint >= self.settings.checkpoint_every {
+                self.checkpoint().await;
+            }
+            if let Some(a) = close {
+                if self.since_checkpoint > 0 {
+                    self.checkpoint().await;
+                }
+                let _ = a.send(());
+                return;
+            }
+        }
+    }
+
+    /// Chains, writes and syncs a batch. On failure nothing of the batch stays in the file.
+    async fn write(&mut self, recs: Vec<Record>) -> Result<(), String> {
+        let (seq0, hash0) = (self.seq, self.last_hash.clone());
+        let mut buf = Vec::with_capacity(recs.len() * 256);
+        let n = recs.len() as u64;
+        for mut r in recs {
+            self.seq += 1;
+            r.seq = self.seq;
+            if r.time.is_empty() {
+                let (t, ms) = now();
+                r.time = t;
+                r.time_ms = ms;
+            }
+            r.prev = std::mem::take(&mut self.last_hash);
+            let line =
+                serde_json::to_vec(&r).map_err(|e| format!("serialise audit record: {e}"))?;
+            self.last_hash = sha256_hex(&line);
+            buf.extend_from_slice(&line);
+            buf.push(b'\n');
+        }
+        let Some(mut file) = self.file.take() else {
+            self.seq = seq0;
+            self.last_hash = hash0;
+            return Err("audit log is not open".into());
+        };
+        let sync = self.settings.sync;
+        let path = self.path.clone();
+        let (file, res) = match tokio::task::spawn_blocking(move || {
+            let before = file.metadata().map(|m| m.len());
+            let r = file
+                .write_all(&buf)
+                .and_then(|()| if sync { file.sync_data() } else { Ok(()) });
+            if r.is_err() {
+                // Leave no partial line behind: the next record must chain from the last good one.
+                if let Ok(len) = before {
+                    let _ = file.set_len(len);
+                }
+            }
+            (file, r)
+        })
+        .await
+        {
+            Ok(x) => x,
+            Err(e) => {
+                self.seq = seq0;
+                self.last_hash = hash0;
+                // The file handle was lost with the task; reopen it next time.
+                self.file = std::fs::OpenOptions::new().append(true).open(&path).ok();
+                return Err(format!("audit writer task failed: {e}"));
+            }
+        };
+        self.file = Some(file);
+        match res {
+            Ok(()) => {
+                self.since_checkpoint += n;
+                Ok(())
+            }
+            Err(e) => {
+                self.seq = seq0;
+                self.last_hash = hash0;
+                tracing::error!(path = %self.path.display(), error = %e, "cannot write the audit log: requests are refused until it can be written");
+                Err(format!("cannot write the audit log: {e}"))
+            }
+        }
+    }
+
+    async fn checkpoint(&mut self) {
+        self.last_checkpoint = Instant::now();
+        let seq = self.seq + 1;
+        let mac = match self.hsm.audit_mac(mac_input(seq, &self.last_hash)).await {
+            Ok(m) => hex::encode(m),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot MAC an audit checkpoint (will retry)");
+                return;
+            }
+        };
+        let (t, ms) = now();
+        let rec = Record {
+            kind: "checkpoint".into(),
+            time: t,
+            time_ms: ms,
+            mac: Some(mac),
+            ..Default::default()
+        };
+        if self.write(vec![rec]).await.is_ok() {
+            self.since_checkpoint = 0;
+            let value = format!("{}:{}", self.seq, self.last_hash);
+            let st = self.store.clone();
+            match tokio::task::spawn_blocking(move || {
+                st.set_setting(SETTING_LAST_CHECKPOINT, &value)
+            })
+            .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cannot record the audit checkpoint in the store")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot record the audit checkpoint in the store")
+                }
+            }
+        }
+    }
+}
+
+/// The result of verifying a log.
+#[derive(Debug, Default, Serialize)]
+pub struct Verification {
+    /// Lines read.
+    pub lines: u64,
+    /// Checkpoints found.
+    pub checkpoints: u64,
+    /// Checkpoints whose MAC the HSM verified.
+    pub macs_verified: u64,
+    /// The sequence number of the last checkpoint.
+    pub last_checkpoint_seq: u64,
+    /// Lines after the last checkpoint (chained, not yet MAC-protected).
+    pub unchecked_tail: u64,
+    /// What is wrong, each with its line number. Empty = intact.
+    pub problems: Vec<String>,
+}
+
+/// A checkpoint to verify: (line number, data the MAC covers, MAC).
+pub type PendingMac = (u64, Vec<u8>, Vec<u8>);
+
+/// Verifies the hash chain and sequence of a log (no HSM needed). Returns the checkpoints whose
+/// MACs still need the HSM, and the (seq, line hash) of every checkpoint.
+pub fn verify_chain(text: &[u8]) -> (Verification, Vec<PendingMac>, Vec<(u64, String)>) {
+    let mut v = Verification::default();
+    let mut macs = Vec::new();
+    let mut cps = Vec::new();
+    let mut prev_hash = GENESIS.to_string();
+    let mut prev_seq: Option<u64> = None;
+    let mut since_cp = 0u64;
+    let lines: Vec<&[u8]> = text.split(|b| *b == b'\n').collect();
+    // `split` leaves an empty last piece after a final newline, or the partial last line.
+    let complete = lines.len() - 1;
+    for (i, body) in lines.iter().take(complete).enumerate() {
+        let ln = i as u64 + 1;
+        v.lines = ln;
+        let here = sha256_hex(body);
+        let rec: Record = match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => {
+                v.problems.push(format!(
+                    "line {ln}: not a valid audit record ({e}): the line was edited"
+                ));
+                prev_hash = here;
+                prev_seq = prev_seq.map(|s| s + 1);
+                continue;
+            }
+        };
+        if rec.prev != prev_hash {
+            v.problems.push(format!(
+                "line {ln} (seq {}): its prev hash does not match line {}: a line at or before {} was edited, inserted or deleted",
+                rec.seq,
+                ln.saturating_sub(1),
+                ln.saturating_sub(1)
+            ));
+        }
+        match prev_seq {
+            Some(p) if rec.seq == p + 1 => {}
+            Some(p) if rec.seq > p + 1 => v.problems.push(format!(
+                "line {ln}: seq jumps from {p} to {}: {} record(s) deleted",
+                rec.seq,
+                rec.seq - p - 1
+            )),
+            Some(p) => v.problems.push(format!(
+                "line {ln}: seq {} after {p}: records inserted or reordered",
+                rec.seq
+            )),
+            None if ln == 1 && rec.prev != GENESIS => v.problems.push(format!(
+                "line 1 (seq {}): the log does not start at its beginning: truncated at the front",
+                rec.seq
+            )),
+            None => {}
+        }
+        if rec.kind == "checkpoint" {
+            v.checkpoints += 1;
+            v.last_checkpoint_seq = rec.seq;
+            since_cp = 0;
+            match rec.mac.as_deref().map(hex::decode) {
+                Some(Ok(mac)) => macs.push((ln, mac_input(rec.seq, &rec.prev), mac)),
+                _ => v
+                    .problems
+                    .push(format!("line {ln}: checkpoint without a valid MAC")),
+            }
+            cps.push((rec.seq, here.clone()));
+        } else {
+            since_cp += 1;
+        }
+        prev_hash = here;
+        prev_seq = Some(rec.seq);
+    }
+    if complete < lines.len() && !lines[complete].is_empty() {
+        v.problems.push(format!(
+            "line {}: partial last line (truncated mid-record)",
+            complete + 1
+        ));
+    }
+    v.unchecked_tail = since_cp;
+    (v, macs, cps)
+}
+
+/// Filters for [`query`].
+#[derive(Debug, Default, Clone)]
+pub struct QueryFilter {
+    /// Records at or after (ms).
+    pub since_ms: Option<i64>,
+    /// Records before (ms).
+    pub until_ms: Option<i64>,
+    /// Key.
+    pub key: Option<String>,
+    /// Caller.
+    pub caller: Option<String>,
+    /// Outcome code name.
+    pub outcome: Option<String>,
+}
+
+/// Reads matching records with seq > `after`, at most `limit`; returns them (as stored) and the
+/// seq to continue after, if there may be more. `visible` decides per record whether the asker
+/// may see it.
+pub fn query(
+    path: &Path,
+    f: &QueryFilter,
+    after: u64,
+    limit: usize,
+    visible: impl Fn(&Record) -> bool,
+) -> Result<(Vec<String>, Option<u64>), String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read audit log: {e}"))?;
+    let mut out = Vec::new();
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line.map_err(|e| format!("cannot read audit log: {e}"))?;
+        let Ok(r) = serde_json::from_str::<Record>(&line) else {
+            continue;
+        };
+        if r.seq <= after
+            || f.since_ms.is_some_and(|s| r.time_ms < s)
+            || f.until_ms.is_some_and(|u| r.time_ms >= u)
+            || f.key.as_ref().is_some_and(|k| r.key.as_ref() != Some(k))
+            || f.caller
+                .as_ref()
+                .is_some_and(|c| r.caller.as_ref() != Some(c))
+            || f.outcome
+                .as_ref()
+                .is_some_and(|o| r.outcome.as_ref() != Some(o))
+            || !visible(&r)
+        {
+            continue;
+        }
+        if out.len() == limit {
+            let next = after_of(&out);
+            return Ok((out, Some(next)));
+        }
+        out.push(line);
+    }
+    Ok((out, None))
+}
+
+fn after_of(lines: &[String]) -> u64 {
+    lines
+        .last()
+        .and_then(|l| serde_json::from_str::<Record>(l).ok())
+        .map(|r| r.seq)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(n: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut prev = GENESIS.to_string();
+        for seq in 1..=n {
+            let r = Record {
+                seq,
+                kind: "request".into(),
+                op: Some("WrapKey".into()),
+                prev,
+                ..Default::default()
+            };
+            let line = serde_json::to_vec(&r).expect("json");
+            prev = sha256_hex(&line);
+            out.extend_from_slice(&line);
+            out.push(b'\n');
+        }
+        out
+    }
+
+    #[test]
+    fn an_intact_chain_verifies() {
+        let (v, macs, _) = verify_chain(&chain(5));
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        assert_eq!((v.lines, v.unchecked_tail, macs.len()), (5, 5, 0));
+    }
+
+    #[test]
+    fn each_kind_of_tampering_is_found_where_it_happened() {
+        let text = String::from_utf8(chain(6)).expect("utf8");
+        let lines: Vec<&str> = text.lines().collect();
+        let join = |ls: Vec<&str>| format!("{}\n", ls.join("\n"));
+        // Edit line 3.
+        let edited = text.replacen("\"seq\":3,", "\"seq\":3,\"key\":\"x/y\",", 1);
+        let (v, _, _) = verify_chain(edited.as_bytes());
+        assert!(v.problems[0].starts_with("line 4 "), "{:?}", v.problems);
+        // Delete line 3.
+        let mut ls = lines.clone();
+        ls.remove(2);
+        let (v, _, _) = verify_chain(join(ls).as_bytes());
+        assert!(
+            v.problems
+                .iter()
+                .any(|p| p.starts_with("line 3") && p.contains("deleted")),
+            "{:?}",
+            v.problems
+        );
+        // Swap lines 2 and 3.
+        let mut ls = lines.clone();
+        ls.swap(1, 2);
+        let (v, _, _) = verify_chain(join(ls).as_bytes());
+        assert!(
+            v.problems.iter().any(|p| p.starts_with("line 2")),
+            "{:?}",
+            v.problems
+        );
+        // Insert a copy of line 2 after it.
+        let mut ls = lines.clone();
+        ls.insert(2, lines[1]);
+        let (v, _, _) = verify_chain(join(ls).as_bytes());
+        assert!(
+            v.problems
+                .iter()
+                .any(|p| p.starts_with("line 3") && p.contains("inserted")),
+            "{:?}",
+            v.problems
+        );
+        // Cut the front.
+        let (v, _, _) = verify_chain(join(lines[2..].to_vec()).as_bytes());
+        assert!(
+            v.problems
+                .iter()
+                .any(|p| p.contains("truncated at the front")),
+            "{:?}",
+            v.problems
+        );
+        // Cut mid-line.
+        let (v, _, _) = verify_chain(&text.as_bytes()[..text.len() - 10]);
+        assert!(
+            v.problems.iter().any(|p| p.contains("partial")),
+            "{:?}",
+            v.problems
+        );
+    }
+}

@@ -1,0 +1,859 @@
+//! The key lifecycle of a Managed HSM: create, import (BYOK), rotate (also automatically),
+//! update attributes, soft delete, recover, purge (cryptographic erasure with a receipt) and
+//! trim old versions — each crash-safe (see `store`), each serialised with the others.
+//!
+//! ```text
+//!            CreateKey / ImportKey
+//!                    │
+//!                    ▼
+//!   ┌──────────► ACTIVE ──── UpdateKey (enable/disable, dates, operations, tags, min version)
+//!   │            │  ▲  │──── RotateKey / rotation policy ──► new version (max 100)
+//!   │ RecoverKey │  │  └──── TrimKeyVersions ──► versions below min decryption version destroyed
+//!   │            ▼  │
+//!   └─────── DELETED (soft: every operation refused, name reserved)
+//!                │
+//!                │ PurgeKey (refused before the scheduled date under purge protection)
+//!                │ or the scheduled date passes (maintenance task)
+//!                ▼
+//!            PURGED: HSM objects of every version destroyed, metadata forgotten,
+//!                    destruction receipt in the audit trail; envelopes can never unwrap again
+//! ```
+
+use std::sync::{Arc, atomic::Ordering};
+
+use sha2::{Digest, Sha256};
+
+use crate::{
+    audit::Record,
+    envelope,
+    error::BrokerError,
+    failpoint,
+    hsm::{KekSpec, RsaPublic, template::LABEL_PREFIX},
+    keyring::{
+        CANARY_AAD, KeyEntry, KeyState, Keyring, Lifecycle, Receipt, VersionEntry, blocking,
+        new_params, verify_canary,
+    },
+    model::{Algorithm, KeyAttributes, KeyName, KeyType, MAX_VERSIONS, Origin, VersionId, now_ms},
+    store::StoredLifecycle,
+};
+
+/// Store setting holding the BYOK import keys (id → expiry).
+const SETTING_IMPORT_KEYS: &str = "byok.import_keys";
+/// How long a BYOK import key lives.
+pub const IMPORT_KEY_TTL_MS: i64 = 24 * 3600 * 1000;
+
+/// A change to a key's attributes (unset = unchanged).
+#[derive(Clone, Debug, Default)]
+pub struct AttributePatch {
+    /// Enable/disable.
+    pub enabled: Option<bool>,
+    /// The four time fields (0 in each = cleared), applied together.
+    pub times: Option<(Option<i64>, Option<i64>, Option<i64>, Option<i64>)>,
+    /// Replace the operations.
+    pub operations: Option<std::collections::BTreeSet<crate::model::KeyOp>>,
+    /// Replace the tags.
+    pub tags: Option<std::collections::BTreeMap<String, String>>,
+    /// New minimum decryption version.
+    pub min_decryption_version: Option<u32>,
+    /// Turn purge protection on.
+    pub purge_protection: Option<bool>,
+}
+
+/// What `CreateImportKey` returns.
+#[derive(Debug)]
+pub struct ImportKeyInfo {
+    /// The id.
+    pub id: VersionId,
+    /// The public key.
+    pub public: RsaPublic,
+    /// The OAEP algorithm the customer must use.
+    pub oaep: Algorithm,
+    /// Import before this (ms).
+    pub expires_ms: i64,
+}
+
+impl Keyring {
+    fn replace(&self, entry: KeyEntry) -> Arc<KeyEntry> {
+        let entry = Arc::new(entry);
+        self.keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(entry.name.clone(), entry.clone());
+        entry
+    }
+
+    fn register_version(&self, name: &KeyName, v: &VersionEntry) {
+        self.versions
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(v.id, (name.clone(), v.number));
+        self.usage
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(v.id)
+            .or_default();
+    }
+
+    fn resolve_algorithm(
+        &self,
+        key_type: KeyType,
+        algorithm: Option<Algorithm>,
+    ) -> Result<Algorithm, BrokerError> {
+        let caps = self.hsm.capabilities();
+        let algorithm = algorithm.unwrap_or(if key_type.is_rsa() {
+            caps.default_rsa_algorithm()
+        } else {
+            Algorithm::Aes256Gcm
+        });
+        if !algorithm.fits(key_type) {
+            return Err(BrokerError::invalid(format!(
+                "algorithm {algorithm} cannot be used with key type {}",
+                key_type.as_str()
+            )));
+        }
+        if !caps.supports(algorithm) {
+            return Err(BrokerError::precondition(format!(
+                "this HSM cannot serve {algorithm} (see `keybroker check-config`): {}",
+                caps.notes.join("; ")
+            )));
+        }
+        Ok(algorithm)
+    }
+
+    fn new_attributes(&self, mut attrs: KeyAttributes) -> Result<KeyAttributes, BrokerError> {
+        attrs.purge_protection |= self.settings.purge_protection;
+        attrs.validate()?;
+        if attrs.min_decryption_version != 1 {
+            return Err(BrokerError::invalid(
+                "a new key's min_decryption_version is 1",
+            ));
+        }
+        Ok(attrs)
+    }
+
+    /// Creates a key with one version generated inside the HSM.
+    pub async fn create(
+        &self,
+        name: KeyName,
+        key_type: KeyType,
+        algorithm: Option<Algorithm>,
+        attributes: KeyAttributes,
+    ) -> Result<Arc<KeyEntry>, BrokerError> {
+        let algorithm = self.resolve_algorithm(key_type, algorithm)?;
+        let attributes = self.new_attributes(attributes)?;
+        let _w = self.write_lock.lock().await;
+        self.name_free(&name)?;
+        let id = VersionId::random();
+        let now = now_ms();
+        {
+            let (st, n, a) = (self.store.clone(), name.clone(), attributes.clone());
+            blocking(move || {
+                st.begin_create(&n, key_type, algorithm, &a, Origin::Generated, id, now)
+                    .map_err(BrokerError::from)
+            })
+            .await?;
+        }
+        failpoint::hit("create.after_pending");
+        let spec = KekSpec {
+            id,
+            label: format!("{LABEL_PREFIX}{name}:v1"),
+            key_type,
+            algorithm,
+        };
+        self.materialize(&name, spec, 1, "create.after_hsm", None)
+            .await?;
+        let v = VersionEntry {
+            number: 1,
+            id,
+            created_at_ms: now,
+            origin: Origin::Generated,
+            expires_ms: None,
+        };
+        self.register_version(&name, &v);
+        let entry = self.replace(KeyEntry {
+            name: name.clone(),
+            key_type,
+            algorithm,
+            created_at_ms: now,
+            updated_at_ms: now,
+            state: KeyState::Enabled,
+            lifecycle: Lifecycle::Active,
+            attributes,
+            versions: vec![v],
+        });
+        tracing::info!(key = %name, key_type = key_type.as_str(), %algorithm, version_id = %id, "key created");
+        Ok(entry)
+    }
+
+    /// A name is free unless a key (also a soft-deleted one) has it.
+    fn name_free(&self, name: &KeyName) -> Result<(), BrokerError> {
+        match self.get(name) {
+            Err(_) => Ok(()),
+            Ok(k) if matches!(k.lifecycle, Lifecycle::Deleted { .. }) => {
+                Err(BrokerError::AlreadyExists(format!(
+                    "a deleted key named {name} exists until it is purged (RecoverKey or PurgeKey)"
+                )))
+            }
+            Ok(_) => Err(BrokerError::AlreadyExists(format!(
+                "key {name} already exists"
+            ))),
+        }
+    }
+
+    /// Adds a version generated inside the HSM; new wraps use it.
+    pub async fn rotate(&self, name: &KeyName) -> Result<Arc<KeyEntry>, BrokerError> {
+        let _w = self.write_lock.lock().await;
+        self.rotate_locked(name).await
+    }
+
+    async fn rotate_locked(&self, name: &KeyName) -> Result<Arc<KeyEntry>, BrokerError> {
+        let old = self.get_live(name)?;
+        old.usable()?;
+        if old.versions.len() >= MAX_VERSIONS {
+            return Err(BrokerError::precondition(format!(
+                "key {name} has {MAX_VERSIONS} versions, the most a key may have; raise its minimum decryption version and trim"
+            )));
+        }
+        let id = VersionId::random();
+        let now = now_ms();
+        let expires = old
+            .attributes
+            .version_expiry_ms
+            .map(|t| now.saturating_add(t));
+        let number = {
+            let (st, n) = (self.store.clone(), name.clone());
+            blocking(move || {
+                st.begin_rotate(&n, id, now, expires)
+                    .map_err(BrokerError::from)
+            })
+            .await?
+        };
+        let spec = KekSpec {
+            id,
+            label: format!("{LABEL_PREFIX}{name}:v{number}"),
+            key_type: old.key_type,
+            algorithm: old.algorithm,
+        };
+        self.materialize(name, spec, number, "rotate.after_hsm", None)
+            .await?;
+        let mut entry = (*old).clone();
+        let v = VersionEntry {
+            number,
+            id,
+            created_at_ms: now,
+            origin: Origin::Generated,
+            expires_ms: expires,
+        };
+        self.register_version(name, &v);
+        entry.versions.push(v);
+        tracing::info!(key = %name, version = number, version_id = %id, "key rotated");
+        Ok(self.replace(entry))
+    }
+
+    /// Phases 2 and 3 of a create/rotate/import: make the HSM object (generated, or imported from
+    /// `import`), check it, make and verify the canary, mark the version active. Undoes phase 1
+    /// on failure.
+    async fn materialize(
+        &self,
+        name: &KeyName,
+        spec: KekSpec,
+        number: u32,
+        failpoint_name: &str,
+        import: Option<(VersionId, Algorithm, Vec<u8>)>,
+    ) -> Result<(), BrokerError> {
+        let (id, algorithm) = (spec.id, spec.algorithm);
+        let result = async {
+            match import {
+                None => self
+                    .hsm
+                    .generate_kek(spec)
+                    .await
+                    .map_err(BrokerError::from)?,
+                Some((import_id, oaep, material)) => self
+                    .hsm
+                    .import_kek(import_id, oaep, material, spec)
+                    .await
+                    .map_err(|e| match e.kind {
+                        crate::hsm::FaultKind::DataInvalid => BrokerError::invalid(format!(
+                            "the wrapped key material does not unwrap with this import key: {}",
+                            e.detail
+                        )),
+                        _ => BrokerError::from(e),
+                    })?,
+            }
+            failpoint::hit(failpoint_name);
+            let mut value = [0u8; 32];
+            crate::keyring::fill_random(&mut value)?;
+            let canary = crate::model::Dek::from_slice(&value);
+            value.fill(0);
+            let digest = Sha256::digest(canary.expose()).to_vec();
+            let (params, header) = new_params(algorithm, id, CANARY_AAD)?;
+            let ct = self
+                .hsm
+                .wrap(id, params, canary)
+                .await
+                .map_err(BrokerError::from)?;
+            let env = envelope::seal(header, &ct);
+            verify_canary(
+                &self.hsm,
+                algorithm,
+                id,
+                Some(env.clone()),
+                Some(digest.clone()),
+            )
+            .await
+            .map_err(|why| BrokerError::internal(format!("new KEK failed its canary: {why}")))?;
+            let st = self.store.clone();
+            blocking(move || {
+                st.commit_version(id, &env, &digest)
+                    .map_err(BrokerError::from)
+            })
+            .await
+        }
+        .await;
+        if let Err(e) = &result {
+            tracing::warn!(key = %name, version = number, error = %e, "key version creation failed; rolling back");
+            if let Err(d) = self.hsm.destroy_kek(id).await {
+                tracing::error!(error = %d, version_id = %id, "could not destroy the half-made KEK; it will be rolled back at the next start");
+                return result;
+            }
+            let st = self.store.clone();
+            if let Err(a) = blocking(move || st.abort_version(id).map_err(BrokerError::from)).await
+            {
+                tracing::error!(error = %a, version_id = %id, "could not remove the pending version; it will be rolled back at the next start");
+            }
+        }
+        result
+    }
+
+    /// Changes attributes. Purge protection can only be turned on; the minimum decryption
+    /// version can only name an existing version.
+    pub async fn update(
+        &self,
+        name: &KeyName,
+        patch: AttributePatch,
+    ) -> Result<Arc<KeyEntry>, BrokerError> {
+        let _w = self.write_lock.lock().await;
+        let old = self.get_live(name)?;
+        let mut a = old.attributes.clone();
+        if let Some(e) = patch.enabled {
+            a.enabled = e;
+        }
+        if let Some((nb, exp, rot, vexp)) = patch.times {
+            a.not_before_ms = nb;
+            a.expires_ms = exp;
+            a.rotation_period_ms = rot;
+            a.version_expiry_ms = vexp;
+        }
+        if let Some(ops) = patch.operations {
+            a.operations = ops;
+        }
+        if let Some(tags) = patch.tags {
+            a.tags = tags;
+        }
+        if let Some(m) = patch.min_decryption_version {
+            let current = old.current()?.number;
+            if m == 0 || m > current {
+                return Err(BrokerError::invalid(format!(
+                    "min_decryption_version must be between 1 and the current version {current}"
+                )));
+            }
+            a.min_decryption_version = m;
+        }
+        match patch.purge_protection {
+            Some(true) => a.purge_protection = true,
+            Some(false) if a.purge_protection => {
+                return Err(BrokerError::precondition(format!(
+                    "purge protection of key {name} is on and can never be turned off"
+                )));
+            }
+            _ => {}
+        }
+        a.validate()?;
+        let now = now_ms();
+        let (st, n, a2) = (self.store.clone(), name.clone(), a.clone());
+        blocking(move || {
+            st.update_attributes(&n, &a2, now)
+                .map_err(BrokerError::from)
+        })
+        .await?;
+        let mut entry = (*old).clone();
+        entry.attributes = a;
+        entry.updated_at_ms = now;
+        tracing::info!(key = %name, "key attributes updated");
+        Ok(self.replace(entry))
+    }
+
+    /// Soft-deletes a key.
+    pub async fn delete(&self, name: &KeyName, by: &str) -> Result<Arc<KeyEntry>, BrokerError> {
+        let _w = self.write_lock.lock().await;
+        let old = self.get_live(name)?;
+        let now = now_ms();
+        let lc = StoredLifecycle::Deleted {
+            deleted_at_ms: now,
+            purge_at_ms: now.saturating_add(self.settings.retention_ms),
+            deleted_by: by.to_string(),
+        };
+        let (st, n, l) = (self.store.clone(), name.clone(), lc.clone());
+        blocking(move || st.set_lifecycle(&n, &l).map_err(BrokerError::from)).await?;
+        let mut entry = (*old).clone();
+        if let StoredLifecycle::Deleted {
+            deleted_at_ms,
+            purge_at_ms,
+            deleted_by,
+        } = lc
+        {
+            entry.lifecycle = Lifecycle::Deleted {
+                deleted_at_ms,
+                purge_at_ms,
+                deleted_by,
+            };
+        }
+        tracing::info!(key = %name, by, "key soft-deleted");
+        Ok(self.replace(entry))
+    }
+
+    /// A soft-deleted key.
+    pub fn get_deleted(&self, name: &KeyName) -> Result<Arc<KeyEntry>, BrokerError> {
+        let k = self.get(name)?;
+        match k.lifecycle {
+            Lifecycle::Deleted { .. } => Ok(k),
+            Lifecycle::Active => Err(BrokerError::NotFound(format!("key {name} is not deleted"))),
+        }
+    }
+
+    /// A tenant's soft-deleted keys.
+    pub fn list_deleted(&self, tenant: &str) -> Vec<Arc<KeyEntry>> {
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|k| {
+                k.name.tenant() == tenant && matches!(k.lifecycle, Lifecycle::Deleted { .. })
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Brings a soft-deleted key back exactly as it was.
+    pub async fn recover(&self, name: &KeyName) -> Result<Arc<KeyEntry>, BrokerError> {
+        let _w = self.write_lock.lock().await;
+        let old = self.get_deleted(name)?;
+        let (st, n) = (self.store.clone(), name.clone());
+        blocking(move || {
+            st.set_lifecycle(&n, &StoredLifecycle::Active)
+                .map_err(BrokerError::from)
+        })
+        .await?;
+        let mut entry = (*old).clone();
+        entry.lifecycle = Lifecycle::Active;
+        tracing::info!(key = %name, "key recovered");
+        Ok(self.replace(entry))
+    }
+
+    /// Purges a soft-deleted key: destroys every version's HSM objects and forgets the key.
+    /// Refused before the scheduled date while purge protection is on (for every caller).
+    pub async fn purge(&self, name: &KeyName, by: &str) -> Result<Receipt, BrokerError> {
+        let _w = self.write_lock.lock().await;
+        let k = self.get_deleted(name)?;
+        let Lifecycle::Deleted { purge_at_ms, .. } = k.lifecycle else {
+            return Err(BrokerError::precondition(format!(
+                "key {name} is not deleted"
+            )));
+        };
+        if (k.attributes.purge_protection || self.settings.purge_protection)
+            && now_ms() < purge_at_ms
+        {
+            return Err(BrokerError::precondition(format!(
+                "key {name} is purge-protected: it can only be purged at its scheduled date ({purge_at_ms} ms)"
+            )));
+        }
+        let versions: Vec<(u32, VersionId)> = k.versions.iter().map(|v| (v.number, v.id)).collect();
+        self.destroy(&k, versions, "purge", by).await
+    }
+
+    /// Destroys, inside the HSM, every version below the minimum decryption version.
+    pub async fn trim(
+        &self,
+        name: &KeyName,
+        by: &str,
+    ) -> Result<(Vec<u32>, Arc<KeyEntry>), BrokerError> {
+        let _w = self.write_lock.lock().await;
+        let k = self.get_live(name)?;
+        k.usable()?;
+        let versions: Vec<(u32, VersionId)> = k
+            .versions
+            .iter()
+            .filter(|v| !k.decryptable(v))
+            .map(|v| (v.number, v.id))
+            .collect();
+        if versions.is_empty() {
+            return Ok((Vec::new(), k));
+        }
+        let receipt = self.destroy(&k, versions, "trim", by).await?;
+        let k = self.get(name)?;
+        Ok((receipt.versions, k))
+    }
+
+    /// Records the intent, detaches, destroys the HSM objects, forgets the metadata, and writes
+    /// the receipt to the audit trail.
+    async fn destroy(
+        &self,
+        k: &KeyEntry,
+        versions: Vec<(u32, VersionId)>,
+        reason: &str,
+        by: &str,
+    ) -> Result<Receipt, BrokerError> {
+        let purge = reason == "purge";
+        let now = now_ms();
+        {
+            let (st, n, v, r, b) = (
+                self.store.clone(),
+                k.name.clone(),
+                versions.clone(),
+                reason.to_string(),
+                by.to_string(),
+            );
+            blocking(move || {
+                st.begin_destroy(&n, &v, &r, &b, now)
+                    .map_err(BrokerError::from)
+            })
+            .await?;
+        }
+        failpoint::hit("destroy.after_intent");
+        // From here on the versions are gone for callers, whatever happens next.
+        {
+            let mut vmap = self.versions.write().unwrap_or_else(|p| p.into_inner());
+            for (_, id) in &versions {
+                vmap.remove(id);
+                self.hsm.detach(*id);
+            }
+        }
+        if purge {
+            self.keys
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&k.name);
+        } else {
+            let mut entry = k.clone();
+            entry
+                .versions
+                .retain(|v| !versions.iter().any(|(_, id)| *id == v.id));
+            self.replace(entry);
+        }
+        let mut destroyed = 0;
+        for (_, id) in &versions {
+            // A failure here leaves the intent in the store: the next start finishes the job.
+            destroyed += self.hsm.destroy_kek(*id).await.map_err(BrokerError::from)?;
+        }
+        failpoint::hit("destroy.after_hsm");
+        {
+            let (st, n, ids) = (
+                self.store.clone(),
+                k.name.clone(),
+                versions.iter().map(|v| v.1).collect::<Vec<_>>(),
+            );
+            blocking(move || {
+                st.finish_destroy(&n, &ids, purge)
+                    .map_err(BrokerError::from)
+            })
+            .await?;
+        }
+        {
+            let mut u = self.usage.write().unwrap_or_else(|p| p.into_inner());
+            for (_, id) in &versions {
+                u.remove(id);
+            }
+        }
+        let receipt = Receipt {
+            key: k.name.to_string(),
+            reason: reason.to_string(),
+            versions: versions.iter().map(|v| v.0).collect(),
+            object_ids: versions.iter().map(|v| v.1.hex()).collect(),
+            objects_destroyed: destroyed,
+            at_ms: now_ms(),
+            by: by.to_string(),
+        };
+        tracing::warn!(key = %k.name, reason, versions = ?receipt.versions, objects = destroyed, by, "key material destroyed");
+        self.write_receipt(&receipt).await?;
+        Ok(receipt)
+    }
+
+    /// Writes a destruction receipt into the audit trail.
+    pub async fn write_receipt(&self, r: &Receipt) -> Result<(), BrokerError> {
+        let Some(audit) = self.audit.get() else {
+            tracing::warn!(key = %r.key, "no audit trail attached: destruction receipt only in the log");
+            return Ok(());
+        };
+        let mut rec = Record::event(
+            "DestructionReceipt",
+            Some(&r.by),
+            format!(
+                "{} of {}: versions {:?} destroyed in the HSM",
+                r.reason, r.key, r.versions
+            ),
+        );
+        rec.key = Some(r.key.clone());
+        rec.tenant = r.key.split('/').next().map(str::to_string);
+        rec.detail = serde_json::to_value(r).ok();
+        audit.append(rec).await.map_err(|e| {
+            BrokerError::Unavailable(format!("the audit trail cannot be written: {e}"))
+        })
+    }
+
+    /// Attaches the audit trail (for receipts written outside requests).
+    pub fn attach_audit(&self, audit: crate::audit::AuditLog) {
+        let _ = self.audit.set(audit);
+    }
+
+    /// BYOK step 1.
+    pub async fn create_import_key(&self, key_type: KeyType) -> Result<ImportKeyInfo, BrokerError> {
+        let bits = match key_type {
+            KeyType::Rsa3072 => 3072,
+            KeyType::Rsa4096 => 4096,
+            _ => {
+                return Err(BrokerError::invalid(
+                    "an import key is RSA_3072 or RSA_4096",
+                ));
+            }
+        };
+        let caps = self.hsm.capabilities();
+        if caps.kwp.is_none() {
+            return Err(BrokerError::precondition(
+                "this HSM has no usable RFC 5649 mechanism, which BYOK needs",
+            ));
+        }
+        let _w = self.write_lock.lock().await;
+        let id = VersionId::random();
+        let expires_ms = now_ms().saturating_add(IMPORT_KEY_TTL_MS);
+        let mut keys = self.import_keys().await?;
+        keys.insert(id.hex(), expires_ms);
+        // Recorded before the HSM object exists: a crash leaves a record whose object the
+        // maintenance task destroys (destroying by id is idempotent).
+        self.save_import_keys(&keys).await?;
+        let public = self
+            .hsm
+            .create_import_key(id, bits)
+            .await
+            .map_err(BrokerError::from)?;
+        Ok(ImportKeyInfo {
+            id,
+            public,
+            oaep: caps.default_rsa_algorithm(),
+            expires_ms,
+        })
+    }
+
+    async fn import_keys(&self) -> Result<std::collections::BTreeMap<String, i64>, BrokerError> {
+        let st = self.store.clone();
+        let raw =
+            blocking(move || st.setting(SETTING_IMPORT_KEYS).map_err(BrokerError::from)).await?;
+        Ok(raw
+            .and_then(|r| serde_json::from_str(&r).ok())
+            .unwrap_or_default())
+    }
+
+    async fn save_import_keys(
+        &self,
+        keys: &std::collections::BTreeMap<String, i64>,
+    ) -> Result<(), BrokerError> {
+        let text = serde_json::to_string(keys).map_err(|e| BrokerError::internal(e.to_string()))?;
+        let st = self.store.clone();
+        blocking(move || {
+            st.set_setting(SETTING_IMPORT_KEYS, &text)
+                .map_err(BrokerError::from)
+        })
+        .await
+    }
+
+    /// BYOK step 2: imports AES-256 key material wrapped for an import key into a new key.
+    pub async fn import(
+        &self,
+        name: KeyName,
+        algorithm: Option<Algorithm>,
+        attributes: KeyAttributes,
+        import_id: &str,
+        material: Vec<u8>,
+    ) -> Result<Arc<KeyEntry>, BrokerError> {
+        let key_type = KeyType::Aes256;
+        let algorithm = self.resolve_algorithm(key_type, algorithm)?;
+        let attributes = self.new_attributes(attributes)?;
+        let import_keys = self.import_keys().await?;
+        let import = match import_keys.get(import_id) {
+            Some(exp) if *exp > now_ms() => hex::decode(import_id)
+                .ok()
+                .and_then(|b| VersionId::from_slice(&b))
+                .ok_or_else(|| BrokerError::invalid("import_key_id is malformed"))?,
+            Some(_) => {
+                return Err(BrokerError::precondition(
+                    "the import key has expired; create a new one",
+                ));
+            }
+            None => {
+                return Err(BrokerError::NotFound(format!(
+                    "import key {import_id:?} not found"
+                )));
+            }
+        };
+        let oaep = self.hsm.capabilities().default_rsa_algorithm();
+        let _w = self.write_lock.lock().await;
+        self.name_free(&name)?;
+        let id = VersionId::random();
+        let now = now_ms();
+        {
+            let (st, n, a) = (self.store.clone(), name.clone(), attributes.clone());
+            blocking(move || {
+                st.begin_create(&n, key_type, algorithm, &a, Origin::Imported, id, now)
+                    .map_err(BrokerError::from)
+            })
+            .await?;
+        }
+        let spec = KekSpec {
+            id,
+            label: format!("{LABEL_PREFIX}{name}:v1"),
+            key_type,
+            algorithm,
+        };
+        self.materialize(
+            &name,
+            spec,
+            1,
+            "import.after_hsm",
+            Some((import, oaep, material)),
+        )
+        .await?;
+        let v = VersionEntry {
+            number: 1,
+            id,
+            created_at_ms: now,
+            origin: Origin::Imported,
+            expires_ms: None,
+        };
+        self.register_version(&name, &v);
+        let entry = self.replace(KeyEntry {
+            name: name.clone(),
+            key_type,
+            algorithm,
+            created_at_ms: now,
+            updated_at_ms: now,
+            state: KeyState::Enabled,
+            lifecycle: Lifecycle::Active,
+            attributes,
+            versions: vec![v],
+        });
+        tracing::info!(key = %name, %algorithm, version_id = %id, "key imported (BYOK)");
+        Ok(entry)
+    }
+
+    /// One pass of the maintenance task: purge keys whose date has passed, rotate keys whose
+    /// rotation period has elapsed, destroy expired import keys, save usage counters.
+    pub async fn maintain(&self) {
+        let now = now_ms();
+        let all: Vec<Arc<KeyEntry>> = self
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for k in &all {
+            match &k.lifecycle {
+                Lifecycle::Deleted { purge_at_ms, .. } if *purge_at_ms <= now => {
+                    let _w = self.write_lock.lock().await;
+                    let versions = k.versions.iter().map(|v| (v.number, v.id)).collect();
+                    match self.destroy(k, versions, "purge", "scheduler").await {
+                        Ok(_) => tracing::info!(key = %k.name, "scheduled purge done"),
+                        Err(e) => {
+                            tracing::error!(key = %k.name, error = %e, "scheduled purge failed; retrying later")
+                        }
+                    }
+                }
+                Lifecycle::Active if k.state == KeyState::Enabled && k.attributes.enabled => {
+                    let due = match (k.attributes.rotation_period_ms, k.versions.last()) {
+                        (Some(p), Some(v)) => v.created_at_ms.saturating_add(p) <= now,
+                        _ => false,
+                    };
+                    if due {
+                        let _w = self.write_lock.lock().await;
+                        // Re-check under the lock: a manual rotation may have happened.
+                        let fresh = self.get(&k.name).ok();
+                        let still_due = fresh.as_ref().is_some_and(|f| {
+                            f.versions
+                                .last()
+                                .map(|v| v.created_at_ms)
+                                .unwrap_or(now)
+                                .saturating_add(f.attributes.rotation_period_ms.unwrap_or(i64::MAX))
+                                <= now
+                        });
+                        if still_due {
+                            match self.rotate_locked(&k.name).await {
+                                Ok(e) => {
+                                    tracing::info!(key = %k.name, version = e.versions.len(), "automatic rotation")
+                                }
+                                Err(e) => {
+                                    tracing::error!(key = %k.name, error = %e, "automatic rotation failed")
+                                }
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Ok(imports) = self.import_keys().await {
+            let (expired, live): (Vec<_>, Vec<_>) =
+                imports.into_iter().partition(|(_, exp)| *exp <= now);
+            if !expired.is_empty() {
+                for (id, _) in &expired {
+                    if let Some(v) = hex::decode(id).ok().and_then(|b| VersionId::from_slice(&b)) {
+                        if let Err(e) = self.hsm.destroy_kek(v).await {
+                            tracing::warn!(error = %e, "could not destroy an expired import key");
+                        }
+                    }
+                }
+                let _ = self.save_import_keys(&live.into_iter().collect()).await;
+            }
+        }
+        self.flush_usage().await;
+    }
+
+    /// Saves usage counters that changed.
+    pub async fn flush_usage(&self) {
+        let dirty: Vec<(VersionId, u64, u64, Option<i64>)> = self
+            .usage
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, u)| u.take_dirty())
+            .map(|(id, u)| {
+                let last = u.last_used_ms.load(Ordering::Relaxed);
+                (
+                    *id,
+                    u.wraps.load(Ordering::Relaxed),
+                    u.unwraps.load(Ordering::Relaxed),
+                    (last > 0).then_some(last),
+                )
+            })
+            .collect();
+        if dirty.is_empty() {
+            return;
+        }
+        let st = self.store.clone();
+        if let Err(e) = blocking(move || st.save_usage(&dirty).map_err(BrokerError::from)).await {
+            tracing::warn!(error = %e, "could not save usage counters");
+        }
+    }
+
+    /// Runs [`Keyring::maintain`] every `maintenance_interval` until the process ends.
+    pub fn spawn_maintenance(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(me.settings.maintenance_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                me.maintain().await;
+            }
+        });
+    }
+}

@@ -1,0 +1,679 @@
+//! Who may do what: roles modelled on Azure Key Vault Managed HSM's built-in roles, bound to
+//! identity patterns and key scopes, deny by default; and the HYOK rules (which identities are
+//! the provider's service, which access justifications each key accepts).
+//!
+//! | role                      | permissions                                                         |
+//! |---------------------------|---------------------------------------------------------------------|
+//! | `administrator`           | read metadata, HYOK connect/disconnect (no key use)                 |
+//! | `crypto-officer`          | read metadata, delete, recover, purge, restore, trim versions        |
+//! | `crypto-user`             | read metadata, create, update, rotate, import, backup, wrap, unwrap  |
+//! | `service-encryption-user` | read metadata, wrap, unwrap                                          |
+//! | `auditor`                 | read metadata, read the audit trail (no key use)                     |
+//! | `backup`                  | read metadata, backup                                                |
+//!
+//! The policy is a file (see `examples/*-policy.toml`) reloaded on SIGHUP and when its content
+//! changes; an invalid file is rejected and the previous policy stays in force.
+
+use std::{
+    collections::BTreeSet,
+    fmt,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::{identity::Caller, model::KeyName};
+
+/// One permission (a Managed-HSM "data action").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Permission {
+    /// Read key metadata (GetKey, ListKeys, GetPublicKey, ListKeyVersions...).
+    ReadMetadata,
+    /// Create keys.
+    Create,
+    /// Change key attributes.
+    Update,
+    /// Rotate keys.
+    Rotate,
+    /// Import keys (BYOK).
+    Import,
+    /// Back keys up.
+    Backup,
+    /// Restore keys.
+    Restore,
+    /// Soft-delete keys.
+    Delete,
+    /// Recover soft-deleted keys.
+    Recover,
+    /// Purge (destroy) keys.
+    Purge,
+    /// Destroy old key versions.
+    TrimVersions,
+    /// Wrap (WrapKey, GenerateDataKey, the wrap half of Rewrap).
+    Wrap,
+    /// Unwrap (UnwrapKey, the unwrap half of Rewrap).
+    Unwrap,
+    /// Read the audit trail.
+    ReadAudit,
+    /// Connect/disconnect HYOK service identities.
+    HyokControl,
+}
+
+impl fmt::Display for Permission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Permission::ReadMetadata => "read metadata",
+            Permission::Create => "create",
+            Permission::Update => "update",
+            Permission::Rotate => "rotate",
+            Permission::Import => "import",
+            Permission::Backup => "backup",
+            Permission::Restore => "restore",
+            Permission::Delete => "delete",
+            Permission::Recover => "recover",
+            Permission::Purge => "purge",
+            Permission::TrimVersions => "trim versions",
+            Permission::Wrap => "wrap",
+            Permission::Unwrap => "unwrap",
+            Permission::ReadAudit => "read audit",
+            Permission::HyokControl => "HYOK control",
+        };
+        f.write_str(s)
+    }
+}
+
+/// A built-in role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Roles and security domain; no key use.
+    Administrator,
+    /// Delete, recover, purge, restore, trim.
+    CryptoOfficer,
+    /// Create, read, update, rotate, import, backup, wrap, unwrap.
+    CryptoUser,
+    /// Read metadata, wrap, unwrap: the role a calling service gets.
+    ServiceEncryptionUser,
+    /// Read metadata and the audit trail; no key use.
+    Auditor,
+    /// Backup.
+    Backup,
+}
+
+impl Role {
+    /// Every role.
+    pub const ALL: [Role; 6] = [
+        Role::Administrator,
+        Role::CryptoOfficer,
+        Role::CryptoUser,
+        Role::ServiceEncryptionUser,
+        Role::Auditor,
+        Role::Backup,
+    ];
+
+    /// The role's permissions (the table in the module docs and the README).
+    pub fn permissions(self) -> &'static [Permission] {
+        use Permission::*;
+        match self {
+            Role::Administrator => &[ReadMetadata, HyokControl],
+            Role::CryptoOfficer => &[ReadMetadata, Delete, Recover, Purge, Restore, TrimVersions],
+            Role::CryptoUser => &[
+                ReadMetadata,
+                Create,
+                Update,
+                Rotate,
+                Import,
+                Backup,
+                Wrap,
+                Unwrap,
+            ],
+            Role::ServiceEncryptionUser => &[ReadMetadata, Wrap, Unwrap],
+            Role::Auditor => &[ReadMetadata, ReadAudit],
+            Role::Backup => &[ReadMetadata, Backup],
+        }
+    }
+}
+
+/// What a binding covers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Every key of every tenant, and broker-wide actions.
+    All,
+    /// Every key of one tenant.
+    Tenant(String),
+    /// Keys whose full name (`tenant/name`) matches a glob (`*`, `?`).
+    Key(String),
+}
+
+impl Scope {
+    fn parse(s: &str) -> Result<Self, String> {
+        if s == "all" {
+            return Ok(Scope::All);
+        }
+        if let Some(t) = s.strip_prefix("tenant:") {
+            crate::model::validate_part("scope tenant", t).map_err(|e| e.to_string())?;
+            return Ok(Scope::Tenant(t.to_string()));
+        }
+        if let Some(g) = s.strip_prefix("key:") {
+            if g.is_empty() || !g.contains('/') {
+                return Err(format!(
+                    "scope {s:?}: a key glob must match \"tenant/name\""
+                ));
+            }
+            return Ok(Scope::Key(g.to_string()));
+        }
+        Err(format!(
+            "scope {s:?}: use \"all\", \"tenant:NAME\" or \"key:GLOB\""
+        ))
+    }
+
+    fn covers(&self, key: &KeyName) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Tenant(t) => t == key.tenant(),
+            Scope::Key(g) => glob(g, &key.to_string()),
+        }
+    }
+
+    fn covers_tenant(&self, tenant: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Tenant(t) => t == tenant,
+            // A key glob may cover some of the tenant's keys: listing filters per key.
+            Scope::Key(g) => {
+                let prefix: String = g.chars().take_while(|c| *c != '*' && *c != '?').collect();
+                let t = format!("{tenant}/");
+                prefix.starts_with(&t) || t.starts_with(&prefix)
+            }
+        }
+    }
+}
+
+/// Matches `*` (any run of characters, including `/`) and `?` (one character).
+pub fn glob(pattern: &str, s: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = s.chars().collect();
+    let (mut pi, mut ti) = (0usize, 0usize);
+    let (mut star, mut mark) = (None::<usize>, 0usize);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(sp) = star {
+            pi = sp + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == '*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+/// A justification reason code (mirrors the proto enum).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[allow(missing_docs)]
+pub enum Reason {
+    CustomerInitiatedAccess,
+    CustomerInitiatedSupport,
+    CustomerAuthorizedWorkflow,
+    ProviderInitiatedService,
+    ProviderInitiatedReview,
+    ProviderInternalMaintenance,
+    ProviderResponseToAlert,
+    ThirdPartyDataRequest,
+    ReasonNotExpected,
+}
+
+impl Reason {
+    /// From the proto enum value (0 = none).
+    pub fn from_proto(v: i32) -> Option<Self> {
+        use Reason::*;
+        Some(match v {
+            1 => CustomerInitiatedAccess,
+            2 => CustomerInitiatedSupport,
+            3 => CustomerAuthorizedWorkflow,
+            4 => ProviderInitiatedService,
+            5 => ProviderInitiatedReview,
+            6 => ProviderInternalMaintenance,
+            7 => ProviderResponseToAlert,
+            8 => ThirdPartyDataRequest,
+            9 => ReasonNotExpected,
+            _ => return None,
+        })
+    }
+
+    /// The proto/config name.
+    pub fn as_str(self) -> &'static str {
+        use Reason::*;
+        match self {
+            CustomerInitiatedAccess => "CUSTOMER_INITIATED_ACCESS",
+            CustomerInitiatedSupport => "CUSTOMER_INITIATED_SUPPORT",
+            CustomerAuthorizedWorkflow => "CUSTOMER_AUTHORIZED_WORKFLOW",
+            ProviderInitiatedService => "PROVIDER_INITIATED_SERVICE",
+            ProviderInitiatedReview => "PROVIDER_INITIATED_REVIEW",
+            ProviderInternalMaintenance => "PROVIDER_INTERNAL_MAINTENANCE",
+            ProviderResponseToAlert => "PROVIDER_RESPONSE_TO_ALERT",
+            ThirdPartyDataRequest => "THIRD_PARTY_DATA_REQUEST",
+            ReasonNotExpected => "REASON_NOT_EXPECTED",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    #[serde(default)]
+    binding: Vec<BindingFile>,
+    #[serde(default)]
+    hyok: Option<HyokFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BindingFile {
+    identity: String,
+    #[serde(default)]
+    role: Option<Role>,
+    #[serde(default)]
+    roles: Vec<Role>,
+    scope: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HyokFile {
+    service_identities: Vec<String>,
+    #[serde(default)]
+    default_accepted_reasons: Option<Vec<Reason>>,
+    #[serde(default)]
+    key: Vec<HyokKeyFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HyokKeyFile {
+    keys: String,
+    accepted_reasons: Vec<Reason>,
+}
+
+/// One binding: identity pattern × roles × scope.
+#[derive(Clone, Debug)]
+pub struct Binding {
+    /// Exact identity or glob.
+    pub identity: String,
+    /// The roles granted.
+    pub roles: Vec<Role>,
+    /// Where.
+    pub scope: Scope,
+}
+
+/// The HYOK rules.
+#[derive(Clone, Debug, Default)]
+pub struct HyokRules {
+    /// Identity patterns of the provider's service: subject to the kill switch and
+    /// justification rules.
+    pub service_identities: Vec<String>,
+    /// Reasons accepted for keys that match no per-key entry (`None` = any reason).
+    pub default_accepted: Option<BTreeSet<Reason>>,
+    /// Per key glob, the accepted reasons (first match wins).
+    pub keys: Vec<(String, BTreeSet<Reason>)>,
+}
+
+/// A validated policy.
+#[derive(Clone, Debug, Default)]
+pub struct Policy {
+    /// The bindings.
+    pub bindings: Vec<Binding>,
+    /// HYOK rules, if this broker runs the HYOK model.
+    pub hyok: Option<HyokRules>,
+}
+
+impl Policy {
+    /// Parses and validates a policy file's text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let f: PolicyFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut bindings = Vec::new();
+        for (i, b) in f.binding.into_iter().enumerate() {
+            let n = i + 1;
+            if b.identity.trim().is_empty() || b.identity == "*" {
+                return Err(format!(
+                    "binding {n}: identity must not be empty or a bare \"*\""
+                ));
+            }
+            let mut roles = b.roles;
+            roles.extend(b.role);
+            if roles.is_empty() {
+                return Err(format!(
+                    "binding {n} ({}): give `role` or `roles`",
+                    b.identity
+                ));
+            }
+            let scope =
+                Scope::parse(&b.scope).map_err(|e| format!("binding {n} ({}): {e}", b.identity))?;
+            bindings.push(Binding {
+                identity: b.identity,
+                roles,
+                scope,
+            });
+        }
+        let hyok = match f.hyok {
+            None => None,
+            Some(h) => {
+                if h.service_identities.is_empty() {
+                    return Err("[hyok] service_identities is empty".into());
+                }
+                Some(HyokRules {
+                    service_identities: h.service_identities,
+                    default_accepted: h.default_accepted_reasons.map(|v| v.into_iter().collect()),
+                    keys: h
+                        .key
+                        .into_iter()
+                        .map(|k| (k.keys, k.accepted_reasons.into_iter().collect()))
+                        .collect(),
+                })
+            }
+        };
+        Ok(Self { bindings, hyok })
+    }
+
+    /// The policy of a plain allow-list: each listed identity gets every role on everything.
+    pub fn allow_all(identities: &[String]) -> Self {
+        Self {
+            bindings: identities
+                .iter()
+                .map(|i| Binding {
+                    identity: i.clone(),
+                    roles: Role::ALL.to_vec(),
+                    scope: Scope::All,
+                })
+                .collect(),
+            hyok: None,
+        }
+    }
+
+    fn matching<'a>(&'a self, caller: &'a Caller) -> impl Iterator<Item = &'a Binding> + 'a {
+        self.bindings
+            .iter()
+            .filter(move |b| glob(&b.identity, &caller.id))
+    }
+
+    /// Whether the caller holds `perm` on `key`.
+    pub fn allows(&self, caller: &Caller, perm: Permission, key: &KeyName) -> bool {
+        self.matching(caller)
+            .any(|b| b.scope.covers(key) && b.roles.iter().any(|r| r.permissions().contains(&perm)))
+    }
+
+    /// Whether the caller holds `perm` on something in `tenant` (listing then filters per key).
+    pub fn allows_in_tenant(&self, caller: &Caller, perm: Permission, tenant: &str) -> bool {
+        self.matching(caller).any(|b| {
+            b.scope.covers_tenant(tenant) && b.roles.iter().any(|r| r.permissions().contains(&perm))
+        })
+    }
+
+    /// Whether the caller holds `perm` broker-wide (scope `all`).
+    pub fn allows_global(&self, caller: &Caller, perm: Permission) -> bool {
+        self.matching(caller).any(|b| {
+            b.scope == Scope::All && b.roles.iter().any(|r| r.permissions().contains(&perm))
+        })
+    }
+
+    /// Whether the caller may call at all (any binding matches).
+    pub fn knows(&self, caller: &Caller) -> bool {
+        self.matching(caller).next().is_some()
+    }
+
+    /// Whether the caller is a HYOK service identity.
+    pub fn is_hyok_service(&self, caller: &Caller) -> bool {
+        self.hyok
+            .as_ref()
+            .is_some_and(|h| h.service_identities.iter().any(|p| glob(p, &caller.id)))
+    }
+
+    /// Checks a HYOK service identity's justification for `key`. `Err` names what was wrong.
+    pub fn check_justification(&self, key: &KeyName, reason: Option<Reason>) -> Result<(), String> {
+        let Some(h) = &self.hyok else { return Ok(()) };
+        let Some(reason) = reason else {
+            return Err("a HYOK service identity must give an access justification (context.justification.reason)".into());
+        };
+        let full = key.to_string();
+        let accepted = h
+            .keys
+            .iter()
+            .find(|(g, _)| glob(g, &full))
+            .map(|(_, r)| Some(r))
+            .unwrap_or(h.default_accepted.as_ref());
+        match accepted {
+            Some(set) if !set.contains(&reason) => Err(format!(
+                "key {key} does not accept the access justification {}",
+                reason.as_str()
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The policy in force, swapped atomically on reload.
+pub struct PolicyHandle {
+    current: RwLock<Arc<Policy>>,
+    path: Option<PathBuf>,
+    last_text: RwLock<String>,
+}
+
+impl PolicyHandle {
+    /// A fixed policy (no file).
+    pub fn fixed(p: Policy) -> Self {
+        Self {
+            current: RwLock::new(Arc::new(p)),
+            path: None,
+            last_text: RwLock::new(String::new()),
+        }
+    }
+
+    /// Loads the policy file; fails if it is invalid.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read policy file {}: {e}", path.display()))?;
+        let p = Policy::parse(&text).map_err(|e| format!("policy file {}: {e}", path.display()))?;
+        Ok(Self {
+            current: RwLock::new(Arc::new(p)),
+            path: Some(path.to_path_buf()),
+            last_text: RwLock::new(text),
+        })
+    }
+
+    /// The policy in force.
+    pub fn get(&self) -> Arc<Policy> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the file. An invalid file is rejected (logged) and the previous policy stays.
+    /// Returns whether a new policy took effect.
+    pub fn reload(&self, force: bool) -> bool {
+        let Some(path) = &self.path else { return false };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "policy reload failed; the previous policy stays in force");
+                return false;
+            }
+        };
+        if !force && *self.last_text.read().unwrap_or_else(|e| e.into_inner()) == text {
+            return false;
+        }
+        *self.last_text.write().unwrap_or_else(|e| e.into_inner()) = text.clone();
+        match Policy::parse(&text) {
+            Ok(p) => {
+                let n = p.bindings.len();
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p);
+                tracing::info!(path = %path.display(), bindings = n, "policy reloaded");
+                true
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "invalid policy file rejected; the previous policy stays in force");
+                false
+            }
+        }
+    }
+
+    /// Reloads on SIGHUP and whenever the file's content changes (checked every second).
+    pub fn watch(self: &Arc<Self>) {
+        if self.path.is_none() {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut hup = match signal(SignalKind::hangup()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGHUP; policy reloads on change only");
+                    None
+                }
+            };
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                let force = tokio::select! {
+                    _ = tick.tick() => false,
+                    Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                        tracing::info!("SIGHUP: reloading the policy");
+                        true
+                    }
+                };
+                let me2 = me.clone();
+                let _ = tokio::task::spawn_blocking(move || me2.reload(force)).await;
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::IdentityKind;
+
+    fn caller(id: &str) -> Caller {
+        Caller {
+            id: id.into(),
+            kind: IdentityKind::Spiffe,
+        }
+    }
+    fn key(s: &str) -> KeyName {
+        KeyName::parse(s).expect("name")
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob("spiffe://x/*", "spiffe://x/a/b"));
+        assert!(glob("acme/pay-*", "acme/pay-1"));
+        assert!(!glob("acme/pay-*", "acme/bill-1"));
+        assert!(glob("a?c", "abc"));
+        assert!(!glob("a?c", "abbc"));
+        assert!(glob("*", ""));
+        assert!(glob("exact", "exact"));
+        assert!(!glob("exact", "exact2"));
+    }
+
+    #[test]
+    fn deny_by_default_and_scopes() {
+        let p = Policy::parse(
+            r#"
+[[binding]]
+identity = "spiffe://c/app"
+role = "service-encryption-user"
+scope = "tenant:acme"
+[[binding]]
+identity = "spiffe://c/ops/*"
+roles = ["crypto-user", "crypto-officer"]
+scope = "key:acme/pay-*"
+"#,
+        )
+        .expect("valid");
+        let app = caller("spiffe://c/app");
+        assert!(p.allows(&app, Permission::Wrap, &key("acme/x")));
+        assert!(!p.allows(&app, Permission::Wrap, &key("other/x")));
+        assert!(!p.allows(&app, Permission::Create, &key("acme/x")));
+        let ops = caller("spiffe://c/ops/alice");
+        assert!(p.allows(&ops, Permission::Purge, &key("acme/pay-1")));
+        assert!(!p.allows(&ops, Permission::Purge, &key("acme/bill")));
+        assert!(p.allows_in_tenant(&ops, Permission::ReadMetadata, "acme"));
+        assert!(!p.allows_in_tenant(&ops, Permission::ReadMetadata, "other"));
+        let nobody = caller("spiffe://c/nobody");
+        assert!(!p.knows(&nobody));
+        for perm in [Permission::ReadMetadata, Permission::Wrap] {
+            assert!(!p.allows(&nobody, perm, &key("acme/x")));
+        }
+    }
+
+    #[test]
+    fn invalid_files_are_refused_with_a_reason() {
+        for (text, needle) in [
+            (
+                "[[binding]]\nidentity = \"*\"\nrole = \"auditor\"\nscope = \"all\"",
+                "bare",
+            ),
+            (
+                "[[binding]]\nidentity = \"x\"\nrole = \"king\"\nscope = \"all\"",
+                "king",
+            ),
+            (
+                "[[binding]]\nidentity = \"x\"\nrole = \"auditor\"\nscope = \"everything\"",
+                "scope",
+            ),
+            ("[[binding]]\nidentity = \"x\"\nscope = \"all\"", "role"),
+            ("[[bindings]]\nidentity = \"x\"", "bindings"),
+        ] {
+            let e = Policy::parse(text).expect_err(text);
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn justifications() {
+        let p = Policy::parse(
+            r#"
+[hyok]
+service_identities = ["spiffe://provider/*"]
+default_accepted_reasons = ["CUSTOMER_INITIATED_ACCESS"]
+[[hyok.key]]
+keys = "acme/logs-*"
+accepted_reasons = ["PROVIDER_INTERNAL_MAINTENANCE"]
+"#,
+        )
+        .expect("valid");
+        assert!(p.is_hyok_service(&caller("spiffe://provider/kms")));
+        assert!(!p.is_hyok_service(&caller("spiffe://customer/admin")));
+        let k = key("acme/db");
+        assert!(p.check_justification(&k, None).is_err());
+        assert!(
+            p.check_justification(&k, Some(Reason::CustomerInitiatedAccess))
+                .is_ok()
+        );
+        let e = p
+            .check_justification(&k, Some(Reason::ThirdPartyDataRequest))
+            .expect_err("refused");
+        assert!(e.contains("THIRD_PARTY_DATA_REQUEST"), "{e}");
+        let logs = key("acme/logs-1");
+        assert!(
+            p.check_justification(&logs, Some(Reason::ProviderInternalMaintenance))
+                .is_ok()
+        );
+        assert!(
+            p.check_justification(&logs, Some(Reason::CustomerInitiatedAccess))
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,340 @@
+//! The audit trail: written before the reply, tamper-evident, verifiable, queryable.
+
+use keybroker_proto::v1 as pb;
+use sha2::{Digest, Sha256};
+use tonic::Code;
+
+use crate::common::*;
+
+fn lines(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .expect("audit log")
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn write_lines(path: &std::path::Path, ls: &[String]) {
+    std::fs::write(path, format!("{}\n", ls.join("\n"))).expect("write");
+}
+
+fn json(l: &str) -> serde_json::Value {
+    serde_json::from_str(l).expect("json")
+}
+
+#[tokio::test]
+async fn audit_verify_passes_an_untouched_log_and_finds_each_tampering_where_it_happened() {
+    let env = Env::with(Options {
+        audit_extra: "checkpoint_every = 5".into(),
+        ..Default::default()
+    });
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    create(
+        &mut c,
+        "t/k",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    for i in 0..20 {
+        let w = wrap(&mut c, "t/k", &[i; 32], b"").await.expect("wrap");
+        unwrap(&mut c, "", &w.wrapped_key, b"")
+            .await
+            .expect("unwrap");
+    }
+    let _ = wrap(&mut c, "t/missing", &[1; 32], b"").await; // a refusal, audited too
+    drop(c);
+    b.stop().await;
+
+    let log = env.audit_log();
+    let (ok, out) = env.verify_audit(&log);
+    assert!(ok, "an untouched log verifies: {out}");
+    assert!(out.contains("checkpoint MACs (HSM)"), "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(&out[..out.find("\naudit log OK").expect("summary")]).expect("report");
+    assert!(v["checkpoints"].as_u64().expect("n") >= 8, "{v}");
+    assert_eq!(v["macs_verified"], v["checkpoints"], "{v}");
+    assert_eq!(
+        v["unchecked_tail"], 0,
+        "a clean shutdown ends with a checkpoint: {v}"
+    );
+    let all = lines(&log);
+    assert!(
+        all.iter().any(|l| json(l)["outcome"] == "NOT_FOUND"),
+        "refusals are audited"
+    );
+    // No line carries key material: not the DEK bytes we sent, in any common encoding.
+    for l in &all {
+        assert!(!l.contains(&hex::encode([5u8; 32])), "{l}");
+    }
+
+    // Pick a request line in the middle (not a checkpoint) to tamper with.
+    let n = (10..all.len())
+        .find(|&i| json(&all[i])["kind"] == "request" && json(&all[i + 1])["kind"] == "request")
+        .expect("line");
+    let ln = n + 1; // 1-based line number
+    let tampered = env.dir.path().join("tampered.log");
+    let check = |ls: Vec<String>, expect: &str, what: &str| {
+        write_lines(&tampered, &ls);
+        let (ok, out) = env.verify_audit(&tampered);
+        assert!(!ok, "{what}: tampering not detected:\n{out}");
+        assert!(
+            out.contains(expect),
+            "{what}: expected {expect:?} in:\n{out}"
+        );
+    };
+    // 1. Edit a field.
+    let mut ls = all.clone();
+    ls[n] = ls[n].replacen("\"outcome\":\"OK\"", "\"outcome\":\"PERMISSION_DENIED\"", 1);
+    assert_ne!(ls[n], all[n]);
+    check(ls, &format!("line {} ", ln + 1), "edit");
+    // 2. Delete a line.
+    let mut ls = all.clone();
+    ls.remove(n);
+    check(ls, &format!("line {ln}: seq jumps"), "deletion");
+    // 3. Insert a copy.
+    let mut ls = all.clone();
+    ls.insert(n + 1, all[n].clone());
+    check(ls, &format!("line {}: seq", ln + 1), "insertion");
+    // 4. Reorder two lines.
+    let mut ls = all.clone();
+    ls.swap(n, n + 1);
+    check(ls, &format!("line {ln} "), "reordering");
+    // 5. Truncate back past the last checkpoint.
+    check(
+        all[..n].to_vec(),
+        "last checkpoint the broker recorded",
+        "truncation",
+    );
+    // 6. Rewrite a line and recompute every hash after it: the chain is consistent again, but
+    //    the next checkpoint's MAC (made in the HSM) no longer verifies.
+    let mut ls = all.clone();
+    ls[n] = ls[n].replacen("\"outcome\":\"OK\"", "\"outcome\":\"PERMISSION_DENIED\"", 1);
+    for i in n + 1..ls.len() {
+        let prev = hex::encode(Sha256::digest(ls[i - 1].as_bytes()));
+        let mut r = json(&ls[i]);
+        r["prev"] = prev.into();
+        // Keep the field order of the original line: rebuild it by replacing the prev value.
+        let old_prev = json(&all[i])["prev"].as_str().expect("prev").to_string();
+        ls[i] = ls[i].replace(&old_prev, r["prev"].as_str().expect("prev"));
+    }
+    let cp = (n..ls.len())
+        .find(|&i| json(&ls[i])["kind"] == "checkpoint")
+        .expect("a later checkpoint");
+    check(
+        ls,
+        &format!("line {}: checkpoint MAC does not verify", cp + 1),
+        "recomputed chain",
+    );
+}
+
+#[tokio::test]
+async fn an_unwritable_audit_log_makes_requests_fail_rather_than_go_unrecorded() {
+    // The kernel refuses writes past RLIMIT_FSIZE with EFBIG: the audit volume is "full".
+    let env = Env::with(Options {
+        wrapper: vec!["prlimit".into(), "--fsize=262144".into(), "--".into()],
+        ..Default::default()
+    });
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    create(
+        &mut c,
+        "t/k",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    let mut served = 0u64;
+    let failure = loop {
+        match c
+            .mgmt
+            .get_key(pb::GetKeyRequest { key: "t/k".into() })
+            .await
+        {
+            Ok(_) => served += 1,
+            Err(e) => break e,
+        }
+        assert!(served < 5000, "the audit log never filled up");
+    };
+    assert_eq!(failure.code(), Code::Unavailable, "{failure:?}");
+    assert!(failure.message().contains("audit"), "{}", failure.message());
+    // Every kind of request is refused now, including unwraps: nothing is served unaudited.
+    let e = wrap(&mut c, "t/k", &[1; 32], b"")
+        .await
+        .expect_err("wrap while the log is full");
+    assert_eq!(e.code(), Code::Unavailable);
+    drop(c);
+    b.stop().await;
+    // The broker survived (no SIGXFSZ death), and every answered request is in the log.
+    let recorded = lines(&env.audit_log())
+        .iter()
+        .filter(|l| {
+            let r = json(l);
+            r["op"] == "GetKey" && r["outcome"] == "OK"
+        })
+        .count() as u64;
+    assert_eq!(
+        recorded, served,
+        "every GetKey that was answered is in the log, and no more"
+    );
+    let (ok, out) = env.verify_audit(&env.audit_log());
+    assert!(ok, "the log is still intact: {out}");
+}
+
+#[tokio::test]
+async fn auditors_query_the_trail_with_filters() {
+    let policy = format!(
+        r#"
+[[binding]]
+identity = "{app}"
+role = "crypto-user"
+scope = "all"
+[[binding]]
+identity = "spiffe://keybroker.test/auditor"
+role = "auditor"
+scope = "all"
+[[binding]]
+identity = "spiffe://keybroker.test/acme-auditor"
+role = "auditor"
+scope = "tenant:acme"
+"#,
+        app = hsm_fixtures::pki::TEST_CLIENT_ID
+    );
+    let env = Env::with(Options {
+        policy: Some(policy),
+        ..Default::default()
+    });
+    let auditor = env
+        .pki
+        .ca
+        .issue_spiffe_client("auditor", "spiffe://keybroker.test/auditor")
+        .expect("cert");
+    let acme_auditor = env
+        .pki
+        .ca
+        .issue_spiffe_client("acme-auditor", "spiffe://keybroker.test/acme-auditor")
+        .expect("cert");
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    create(
+        &mut c,
+        "acme/k",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    create(
+        &mut c,
+        "other/k",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    for _ in 0..3 {
+        wrap(&mut c, "acme/k", &[1; 32], b"").await.expect("wrap");
+        wrap(&mut c, "other/k", &[1; 32], b"").await.expect("wrap");
+    }
+    let _ = wrap(&mut c, "acme/missing", &[1; 32], b"").await;
+    let mut a = b.clients_as(&auditor).await;
+    let q = |key: &str, caller: &str, outcome: &str, page_size: u32, token: String| {
+        pb::QueryAuditRequest {
+            key: key.into(),
+            caller: caller.into(),
+            outcome: outcome.into(),
+            page_size,
+            page_token: token,
+            ..Default::default()
+        }
+    };
+    let r = a
+        .audit
+        .query_audit(q("acme/k", "", "", 0, String::new()))
+        .await
+        .expect("query")
+        .into_inner();
+    assert_eq!(r.records.len(), 4, "create + 3 wraps: {:?}", r.records);
+    assert!(r.records.iter().all(|l| json(l)["key"] == "acme/k"));
+    let r = a
+        .audit
+        .query_audit(q("", "", "NOT_FOUND", 0, String::new()))
+        .await
+        .expect("query")
+        .into_inner();
+    assert_eq!(r.records.len(), 1);
+    assert_eq!(json(&r.records[0])["key"], "acme/missing");
+    let r = a
+        .audit
+        .query_audit(q(
+            "",
+            hsm_fixtures::pki::TEST_CLIENT_ID,
+            "",
+            0,
+            String::new(),
+        ))
+        .await
+        .expect("query")
+        .into_inner();
+    assert_eq!(r.records.len(), 9);
+    // Paging.
+    let p1 = a
+        .audit
+        .query_audit(q(
+            "",
+            hsm_fixtures::pki::TEST_CLIENT_ID,
+            "",
+            5,
+            String::new(),
+        ))
+        .await
+        .expect("page")
+        .into_inner();
+    assert_eq!(p1.records.len(), 5);
+    assert!(!p1.next_page_token.is_empty());
+    let p2 = a
+        .audit
+        .query_audit(q(
+            "",
+            hsm_fixtures::pki::TEST_CLIENT_ID,
+            "",
+            5,
+            p1.next_page_token,
+        ))
+        .await
+        .expect("page")
+        .into_inner();
+    assert_eq!(p2.records.len(), 4);
+    assert!(p2.next_page_token.is_empty());
+    // A tenant-scoped auditor sees only its tenant's records.
+    let mut t = b.clients_as(&acme_auditor).await;
+    let r = t
+        .audit
+        .query_audit(q("", "", "", 1000, String::new()))
+        .await
+        .expect("query")
+        .into_inner();
+    assert!(!r.records.is_empty());
+    assert!(
+        r.records.iter().all(|l| json(l)["tenant"] == "acme"),
+        "{:?}",
+        r.records
+    );
+    // Auditors cannot use keys; key users cannot read the trail.
+    assert_eq!(
+        wrap(&mut a, "acme/k", &[1; 32], b"")
+            .await
+            .expect_err("auditor wrap")
+            .code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        c.audit
+            .query_audit(q("", "", "", 0, String::new()))
+            .await
+            .expect_err("user query")
+            .code(),
+        Code::PermissionDenied
+    );
+    drop((a, c, t));
+    b.stop().await;
+}
