@@ -42,13 +42,16 @@ const SETTING_IMPORT_KEYS: &str = "byok.import_keys";
 /// How long a BYOK import key lives.
 pub const IMPORT_KEY_TTL_MS: i64 = 24 * 3600 * 1000;
 
+/// not-before, expires, rotation period, version expiry (`None` = cleared).
+pub type Times = (Option<i64>, Option<i64>, Option<i64>, Option<i64>);
+
 /// A change to a key's attributes (unset = unchanged).
 #[derive(Clone, Debug, Default)]
 pub struct AttributePatch {
     /// Enable/disable.
     pub enabled: Option<bool>,
-    /// The four time fields (0 in each = cleared), applied together.
-    pub times: Option<(Option<i64>, Option<i64>, Option<i64>, Option<i64>)>,
+    /// The four time fields, applied together.
+    pub times: Option<Times>,
     /// Replace the operations.
     pub operations: Option<std::collections::BTreeSet<crate::model::KeyOp>>,
     /// Replace the tags.
@@ -805,10 +808,10 @@ impl Keyring {
                 imports.into_iter().partition(|(_, exp)| *exp <= now);
             if !expired.is_empty() {
                 for (id, _) in &expired {
-                    if let Some(v) = hex::decode(id).ok().and_then(|b| VersionId::from_slice(&b)) {
-                        if let Err(e) = self.hsm.destroy_kek(v).await {
-                            tracing::warn!(error = %e, "could not destroy an expired import key");
-                        }
+                    if let Some(v) = hex::decode(id).ok().and_then(|b| VersionId::from_slice(&b))
+                        && let Err(e) = self.hsm.destroy_kek(v).await
+                    {
+                        tracing::warn!(error = %e, "could not destroy an expired import key");
                     }
                 }
                 let _ = self.save_import_keys(&live.into_iter().collect()).await;

@@ -477,10 +477,10 @@ impl KeyAttributes {
                 ));
             }
         }
-        if let (Some(nb), Some(exp)) = (self.not_before_ms, self.expires_ms) {
-            if exp <= nb {
-                return Err(BrokerError::invalid("expires must be after not-before"));
-            }
+        if let (Some(nb), Some(exp)) = (self.not_before_ms, self.expires_ms)
+            && exp <= nb
+        {
+            return Err(BrokerError::invalid("expires must be after not-before"));
         }
         for (what, v) in [
             ("not_before_ms", self.not_before_ms),

@@ -48,6 +48,8 @@ pub struct Options {
     pub tls_extra: String,
     /// A command prefix for the broker (e.g. `prlimit --fsize=N --`).
     pub wrapper: Vec<String>,
+    /// Extra `[lifecycle]` lines.
+    pub lifecycle_extra: String,
 }
 
 impl Env {
@@ -83,6 +85,8 @@ path = "keybroker.db"
 [audit]
 path = "audit.log"
 {audit_extra}
+[lifecycle]
+{lifecycle_extra}
 [access]
 {access}
 {sections}
@@ -95,6 +99,7 @@ path = "audit.log"
             extra = opts.hsm_extra,
             tls_extra = opts.tls_extra,
             audit_extra = opts.audit_extra,
+            lifecycle_extra = opts.lifecycle_extra,
             access = match &opts.policy {
                 Some(text) => {
                     std::fs::write(dir.path().join("policy.toml"), text).expect("write policy");
@@ -160,6 +165,11 @@ path = "audit.log"
 
     /// Starts the broker; `Err` carries its stderr if it exits before listening.
     pub async fn try_start(&self) -> Result<Broker, String> {
+        self.try_start_with(&[]).await
+    }
+
+    /// Starts the broker with extra environment variables (e.g. `KEYBROKER_FAILPOINTS`).
+    pub async fn try_start_with(&self, envs: &[(&str, &str)]) -> Result<Broker, String> {
         let mut cmd = match self.opts.wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = tokio::process::Command::new(first);
@@ -172,6 +182,7 @@ path = "audit.log"
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("SOFTHSM2_CONF", &self.token.conf)
+            .envs(envs.iter().copied())
             .env(
                 "RUST_LOG",
                 self.opts.rust_log.as_deref().unwrap_or("info,cryptoki=off"),
@@ -328,6 +339,17 @@ impl Broker {
     /// Everything the broker wrote to stderr so far.
     pub fn log(&self) -> String {
         self.log.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    /// Waits for the process to end by itself (e.g. at a failpoint); returns its log.
+    pub async fn wait_exit(mut self) -> String {
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("broker exits");
+        if let Some(r) = self.reader.take() {
+            let _ = r.await;
+        }
+        self.log()
     }
 
     /// SIGTERM, then wait for a clean exit; returns everything the broker wrote to stderr.

@@ -9,6 +9,7 @@ mod hyok;
 mod key_safety;
 mod keys;
 mod kms_v2;
+mod lifecycle;
 mod observability;
 mod rsa_interop;
 mod sdk;

@@ -132,9 +132,21 @@ fn key_json(k: &pb::Key) -> serde_json::Value {
         },
         "created_at_ms": k.created_at_ms,
         "current_version": k.current_version,
-        "versions": k.versions.iter().map(|v| json!({
+                "versions": k.versions.iter().map(|v| json!({
             "version": v.version, "id": hex::encode(&v.id), "created_at_ms": v.created_at_ms,
+            "origin": v.origin, "expires_ms": v.expires_ms, "decryptable": v.decryptable,
+            "wraps": v.wraps, "unwraps": v.unwraps, "last_used_ms": v.last_used_ms,
         })).collect::<Vec<_>>(),
+        "attributes": k.attributes.as_ref().map(|a| json!({
+            "enabled": a.enabled, "not_before_ms": a.not_before_ms, "expires_ms": a.expires_ms,
+            "operations": a.operations.as_ref().map(|o| o.operations.iter().map(|x| match pb::KeyOperation::try_from(*x) {
+                Ok(pb::KeyOperation::Wrap) => "wrap", Ok(pb::KeyOperation::Unwrap) => "unwrap",
+                Ok(pb::KeyOperation::GenerateDataKey) => "generate-data-key", Ok(pb::KeyOperation::Rewrap) => "rewrap",
+                _ => "unknown" }).collect::<Vec<_>>()),
+            "tags": a.tags.as_ref().map(|t| t.tags.clone()),
+            "min_decryption_version": a.min_decryption_version, "purge_protection": a.purge_protection,
+            "rotation_period_ms": a.rotation_period_ms, "version_expiry_ms": a.version_expiry_ms,
+        })),
     })
 }
 
@@ -152,12 +164,19 @@ fn print_key(k: &pb::Key, out: Output) {
                 k.current_version,
                 k.mechanism
             );
+                        if let Some(a) = &j.get("attributes").filter(|a| !a.is_null()) {
+                println!("  attributes: {a}");
+            }
             for v in &k.versions {
                 println!(
-                    "  v{}  id={}  created_at_ms={}",
+                    "  v{}  id={}  origin={}  created_at_ms={}  wraps={} unwraps={}{}",
                     v.version,
                     hex::encode(&v.id),
-                    v.created_at_ms
+                    v.origin,
+                    v.created_at_ms,
+                    v.wraps,
+                    v.unwraps,
+                    if v.decryptable { "" } else { "  (below min decryption version)" }
                 );
             }
         }
@@ -223,6 +242,186 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                     let k = c
                         .mgmt
                         .rotate_key(pb::RotateKeyRequest { key: name })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    print_key(&k, conn.output);
+                }
+                                KeyCommand::Update {
+                    name,
+                    enable,
+                    disable,
+                    operations,
+                    tags,
+                    min_decryption_version,
+                    purge_protection,
+                    set_times,
+                    not_before_ms,
+                    expires_ms,
+                    rotation_period_ms,
+                    version_expiry_ms,
+                } => {
+                    let ops = match operations {
+                        None => None,
+                        Some(s) => Some(pb::KeyOperations {
+                            operations: s
+                                .split(',')
+                                .filter(|o| !o.trim().is_empty())
+                                .map(|o| match o.trim() {
+                                    "wrap" => Ok(pb::KeyOperation::Wrap.into()),
+                                    "unwrap" => Ok(pb::KeyOperation::Unwrap.into()),
+                                    "generate-data-key" => Ok(pb::KeyOperation::GenerateDataKey.into()),
+                                    "rewrap" => Ok(pb::KeyOperation::Rewrap.into()),
+                                    other => Err(format!("unknown operation {other:?}")),
+                                })
+                                .collect::<Result<_, _>>()?,
+                        }),
+                    };
+                    let tags = if tags.is_empty() {
+                        None
+                    } else {
+                        let mut m = std::collections::HashMap::new();
+                        for t in tags.iter().filter(|t| !t.is_empty()) {
+                            let (k, v) = t.split_once('=').ok_or_else(|| format!("--tag {t:?}: use name=value"))?;
+                            m.insert(k.to_string(), v.to_string());
+                        }
+                        Some(pb::KeyTags { tags: m })
+                    };
+                    let attributes = pb::KeyAttributes {
+                        enabled: if enable { Some(true) } else if disable { Some(false) } else { None },
+                        not_before_ms,
+                        expires_ms,
+                        operations: ops,
+                        tags,
+                        min_decryption_version: min_decryption_version.unwrap_or(0),
+                        purge_protection: purge_protection.then_some(true),
+                        rotation_period_ms,
+                        version_expiry_ms,
+                    };
+                    let k = c
+                        .mgmt
+                        .update_key(pb::UpdateKeyRequest { key: name, attributes: Some(attributes), set_times })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    print_key(&k, conn.output);
+                }
+                KeyCommand::Versions { name } => {
+                    let r = c
+                        .mgmt
+                        .list_key_versions(pb::ListKeyVersionsRequest { key: name })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    match conn.output {
+                        Output::Json => println!(
+                            "{}",
+                            json!({"min_decryption_version": r.min_decryption_version, "versions": r.versions.iter().map(|v| json!({
+                                "version": v.version, "id": hex::encode(&v.id), "origin": v.origin, "created_at_ms": v.created_at_ms,
+                                "expires_ms": v.expires_ms, "decryptable": v.decryptable, "wraps": v.wraps, "unwraps": v.unwraps,
+                                "last_used_ms": v.last_used_ms})).collect::<Vec<_>>()})
+                        ),
+                        Output::Text => {
+                            println!("{:>7} {:<32} {:<9} {:>11} {:>9} {:>9} {:>15}", "VERSION", "ID", "ORIGIN", "DECRYPTABLE", "WRAPS", "UNWRAPS", "LAST_USED_MS");
+                            for v in &r.versions {
+                                println!(
+                                    "{:>7} {:<32} {:<9} {:>11} {:>9} {:>9} {:>15}",
+                                    v.version, hex::encode(&v.id), v.origin, v.decryptable, v.wraps, v.unwraps, v.last_used_ms
+                                );
+                            }
+                        }
+                    }
+                }
+                KeyCommand::Trim { name } => {
+                    let r = c
+                        .mgmt
+                        .trim_key_versions(pb::TrimKeyVersionsRequest { key: name })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    println!("destroyed versions: {:?}", r.destroyed_versions);
+                }
+                KeyCommand::Delete { name } => {
+                    let d = c.mgmt.delete_key(pb::DeleteKeyRequest { key: name }).await.map_err(status)?.into_inner();
+                    println!(
+                        "deleted; recoverable until the scheduled purge at {} ms (RecoverKey), deleted by {}",
+                        d.scheduled_purge_ms, d.deleted_by
+                    );
+                }
+                KeyCommand::Deleted { tenant } => {
+                    let r = c
+                        .mgmt
+                        .list_deleted_keys(pb::ListDeletedKeysRequest { tenant })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    for d in r.keys {
+                        let name = d.key.map(|k| k.name).unwrap_or_default();
+                        match conn.output {
+                            Output::Json => println!(
+                                "{}",
+                                json!({"name": name, "deleted_at_ms": d.deleted_at_ms, "scheduled_purge_ms": d.scheduled_purge_ms, "deleted_by": d.deleted_by})
+                            ),
+                            Output::Text => println!("{name}  deleted_at_ms={}  purge_at_ms={}  by={}", d.deleted_at_ms, d.scheduled_purge_ms, d.deleted_by),
+                        }
+                    }
+                }
+                KeyCommand::Recover { name } => {
+                    let k = c.mgmt.recover_key(pb::RecoverKeyRequest { key: name }).await.map_err(status)?.into_inner();
+                    print_key(&k, conn.output);
+                }
+                KeyCommand::Purge { name } => {
+                    let r = c.mgmt.purge_key(pb::PurgeKeyRequest { key: name }).await.map_err(status)?.into_inner();
+                    println!(
+                        "{}",
+                        json!({"key": r.key, "versions": r.versions, "object_ids": r.object_ids, "objects_destroyed": r.objects_destroyed,
+                            "purged_at_ms": r.purged_at_ms, "purged_by": r.purged_by})
+                    );
+                }
+                KeyCommand::ImportKey { key_type, pem_out } => {
+                    let kt = match key_type.as_str() {
+                        "rsa-3072" => pb::KeyType::Rsa3072,
+                        "rsa-4096" => pb::KeyType::Rsa4096,
+                        other => return Err(format!("--type {other:?}: use rsa-3072 or rsa-4096")),
+                    };
+                    let r = c
+                        .mgmt
+                        .create_import_key(pb::CreateImportKeyRequest { key_type: kt.into() })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    if let Some(p) = pem_out {
+                        std::fs::write(&p, &r.spki_pem).map_err(|e| format!("write {}: {e}", p.display()))?;
+                    }
+                    match conn.output {
+                        Output::Json => println!(
+                            "{}",
+                            json!({"import_key_id": r.import_key_id, "oaep": alg_name(r.oaep), "expires_ms": r.expires_ms, "spki_pem": r.spki_pem})
+                        ),
+                        Output::Text => {
+                            println!("import key id: {}", r.import_key_id);
+                            println!("RSA-OAEP hash: {}", if alg_name(r.oaep) == "rsa-oaep-sha1" { "sha1" } else { "sha256" });
+                            println!("expires at: {} ms", r.expires_ms);
+                            print!("{}", r.spki_pem);
+                        }
+                    }
+                }
+                KeyCommand::Import { name, import_key_id, wrapped_file, algorithm } => {
+                    let material = std::fs::read(&wrapped_file).map_err(|e| format!("read {}: {e}", wrapped_file.display()))?;
+                    let alg = match algorithm {
+                        Some(a) => alg_to_pb(Algorithm::parse(&a).ok_or_else(|| format!("unknown algorithm {a:?}"))?),
+                        None => pb::Algorithm::Unspecified,
+                    };
+                    let k = c
+                        .mgmt
+                        .import_key(pb::ImportKeyRequest {
+                            key: name,
+                            key_type: pb::KeyType::Aes256.into(),
+                            algorithm: alg.into(),
+                            attributes: None,
+                            import_key_id,
+                            wrapped_material: material,
+                        })
                         .await
                         .map_err(status)?
                         .into_inner();

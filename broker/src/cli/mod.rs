@@ -235,10 +235,102 @@ enum KeyCommand {
         #[arg(long, default_value = "default")]
         tenant: String,
     },
-    /// Add a new version.
+        /// Add a new version.
     Rotate {
         /// "tenant/name".
         name: String,
+    },
+    /// Change attributes (only the options given).
+    Update {
+        /// "tenant/name".
+        name: String,
+        /// Enable the key.
+        #[arg(long, conflicts_with = "disable")]
+        enable: bool,
+        /// Disable the key (every operation refused).
+        #[arg(long)]
+        disable: bool,
+        /// Allowed operations, comma-separated: wrap,unwrap,generate-data-key,rewrap.
+        #[arg(long)]
+        operations: Option<String>,
+        /// Replace the tags: --tag team=payments --tag env=prod (give --tag "" to clear).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Versions below this refuse to unwrap.
+        #[arg(long)]
+        min_decryption_version: Option<u32>,
+        /// Turn purge protection on (it can never be turned off).
+        #[arg(long)]
+        purge_protection: bool,
+        /// Set the time fields (all four together; unset ones are cleared).
+        #[arg(long)]
+        set_times: bool,
+        /// Not valid before (ms since the epoch), with --set-times.
+        #[arg(long, default_value_t = 0)]
+        not_before_ms: i64,
+        /// Expires at (ms since the epoch), with --set-times.
+        #[arg(long, default_value_t = 0)]
+        expires_ms: i64,
+        /// Rotate automatically every N ms, with --set-times.
+        #[arg(long, default_value_t = 0)]
+        rotation_period_ms: i64,
+        /// Rotated versions expire N ms after creation, with --set-times.
+        #[arg(long, default_value_t = 0)]
+        version_expiry_ms: i64,
+    },
+    /// List versions with usage (wraps, unwraps, last use).
+    Versions {
+        /// "tenant/name".
+        name: String,
+    },
+    /// Destroy every version below the minimum decryption version (irreversible).
+    Trim {
+        /// "tenant/name".
+        name: String,
+    },
+    /// Soft-delete a key (recoverable until purged).
+    Delete {
+        /// "tenant/name".
+        name: String,
+    },
+    /// List soft-deleted keys.
+    Deleted {
+        /// The tenant.
+        #[arg(long, default_value = "default")]
+        tenant: String,
+    },
+    /// Bring a soft-deleted key back.
+    Recover {
+        /// "tenant/name".
+        name: String,
+    },
+    /// Destroy a soft-deleted key's material: every DEK under it becomes unreadable, forever.
+    Purge {
+        /// "tenant/name".
+        name: String,
+    },
+    /// BYOK step 1: create an RSA import key; prints its id and public key (PEM).
+    ImportKey {
+        /// rsa-3072 or rsa-4096.
+        #[arg(long = "type", default_value = "rsa-3072")]
+        key_type: String,
+        /// Write the public key PEM to this file.
+        #[arg(long)]
+        pem_out: Option<PathBuf>,
+    },
+    /// BYOK step 2: import AES-256 key material wrapped for an import key (see README).
+    Import {
+        /// "tenant/name".
+        name: String,
+        /// The import key id from `key import-key`.
+        #[arg(long)]
+        import_key_id: String,
+        /// The wrapped material: RSA-OAEP part followed by the RFC 5649 part.
+        #[arg(long)]
+        wrapped_file: PathBuf,
+        /// aes-256-gcm (default) or aes-kwp.
+        #[arg(long)]
+        algorithm: Option<String>,
     },
 }
 
@@ -314,6 +406,20 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    // `keybroker key list | head`: a closed stdout is not a crash.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default_hook(info);
+    }));
     let cli = Cli::parse();
     let result = runtime().and_then(|rt| rt.block_on(run(cli)));
     match result {

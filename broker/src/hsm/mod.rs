@@ -905,6 +905,19 @@ impl Hsm {
                 ));
             }
             let (rsa_part, kwp_part) = material.split_at(k);
+            // RFC 5649 of a 256-bit key is 40 bytes. (SoftHSM2 reports CKA_VALUE_LEN = 0 for
+            // unwrapped keys and refuses it in an unwrap template, so the length is checked here
+            // and, where the token reports it, again below.)
+            if kwp_part.len() != 40 {
+                return Err(HsmError::new(
+                    FaultKind::DataInvalid,
+                    "import a KEK",
+                    format!(
+                        "the AES key wrap part is {} bytes; a 256-bit key wraps to 40",
+                        kwp_part.len()
+                    ),
+                ));
+            }
             let ephemeral = s
                 .unwrap_key(
                     &ops::oaep_mechanism(oaep),
@@ -950,7 +963,7 @@ impl Hsm {
                         None
                     }
                 });
-            if len != Some(32) {
+            if !matches!(len, Some(32) | Some(0)) {
                 destroy_handles(s, &handles);
                 return Err(HsmError::new(
                     FaultKind::DataInvalid,

@@ -62,7 +62,6 @@ pub fn aes_template(spec: &KekSpec, mechanism: MechanismType) -> Vec<Attribute> 
         Attribute::Private(true),
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
-        Attribute::Modifiable(false),
         Attribute::Copyable(false),
         Attribute::Destroyable(true),
         Attribute::Derive(false),
@@ -75,6 +74,9 @@ pub fn aes_template(spec: &KekSpec, mechanism: MechanismType) -> Vec<Attribute> 
         Attribute::AllowedMechanisms(vec![mechanism]),
         Attribute::Id(spec.id.as_bytes().to_vec()),
         Attribute::Label(spec.label.as_bytes().to_vec()),
+        // Last: SoftHSM2 applies an unwrap template in order, and once CKA_MODIFIABLE is FALSE
+        // every later attribute is read-only (CKR_ATTRIBUTE_READ_ONLY) — measured, 2.6.1.
+        Attribute::Modifiable(false),
     ]
 }
 
