@@ -197,6 +197,40 @@ async fn status_encrypt_decrypt_and_rotation_changes_the_key_id() {
         !env.dir.path().join("kms.sock").exists(),
         "socket removed at shutdown"
     );
+
+    // Every Encrypt and Decrypt, allowed or refused, left one audit record with the socket
+    // peer's uid as the caller.
+    let log = std::fs::read_to_string(env.dir.path().join("audit.log")).expect("audit log");
+    let records: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .filter(|r: &serde_json::Value| r["op"].as_str().is_some_and(|op| op.starts_with("KmsV2")))
+        .collect();
+    let count = |op: &str, outcome: &str| {
+        records
+            .iter()
+            .filter(|r| r["op"] == op && r["outcome"] == outcome)
+            .count()
+    };
+    assert_eq!(count("KmsV2Encrypt", "OK"), 2);
+    assert_eq!(count("KmsV2Encrypt", "INVALID_ARGUMENT"), 1);
+    assert_eq!(count("KmsV2Decrypt", "OK"), 3);
+    assert_eq!(count("KmsV2Decrypt", "INVALID_ARGUMENT"), 6);
+    assert_eq!(records.len(), 12, "Status is not audited");
+    let uid = format!("unix:uid={}", rustix::process::getuid().as_raw());
+    assert!(
+        records
+            .iter()
+            .all(|r| r["caller"] == uid.as_str() && r["key"] == KEY)
+    );
+    assert!(
+        records
+            .iter()
+            .filter(|r| r["op"] == "KmsV2Encrypt" && r["outcome"] == "OK")
+            .all(|r| r["request_id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("uid-")))
+    );
 }
 
 #[tokio::test]

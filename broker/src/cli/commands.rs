@@ -164,7 +164,7 @@ fn print_key(k: &pb::Key, out: Output) {
                 k.current_version,
                 k.mechanism
             );
-                        if let Some(a) = &j.get("attributes").filter(|a| !a.is_null()) {
+            if let Some(a) = &j.get("attributes").filter(|a| !a.is_null()) {
                 println!("  attributes: {a}");
             }
             for v in &k.versions {
@@ -176,7 +176,11 @@ fn print_key(k: &pb::Key, out: Output) {
                     v.created_at_ms,
                     v.wraps,
                     v.unwraps,
-                    if v.decryptable { "" } else { "  (below min decryption version)" }
+                    if v.decryptable {
+                        ""
+                    } else {
+                        "  (below min decryption version)"
+                    }
                 );
             }
         }
@@ -247,7 +251,7 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                         .into_inner();
                     print_key(&k, conn.output);
                 }
-                                KeyCommand::Update {
+                KeyCommand::Update {
                     name,
                     enable,
                     disable,
@@ -270,7 +274,9 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                                 .map(|o| match o.trim() {
                                     "wrap" => Ok(pb::KeyOperation::Wrap.into()),
                                     "unwrap" => Ok(pb::KeyOperation::Unwrap.into()),
-                                    "generate-data-key" => Ok(pb::KeyOperation::GenerateDataKey.into()),
+                                    "generate-data-key" => {
+                                        Ok(pb::KeyOperation::GenerateDataKey.into())
+                                    }
                                     "rewrap" => Ok(pb::KeyOperation::Rewrap.into()),
                                     other => Err(format!("unknown operation {other:?}")),
                                 })
@@ -282,13 +288,21 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                     } else {
                         let mut m = std::collections::HashMap::new();
                         for t in tags.iter().filter(|t| !t.is_empty()) {
-                            let (k, v) = t.split_once('=').ok_or_else(|| format!("--tag {t:?}: use name=value"))?;
+                            let (k, v) = t
+                                .split_once('=')
+                                .ok_or_else(|| format!("--tag {t:?}: use name=value"))?;
                             m.insert(k.to_string(), v.to_string());
                         }
                         Some(pb::KeyTags { tags: m })
                     };
                     let attributes = pb::KeyAttributes {
-                        enabled: if enable { Some(true) } else if disable { Some(false) } else { None },
+                        enabled: if enable {
+                            Some(true)
+                        } else if disable {
+                            Some(false)
+                        } else {
+                            None
+                        },
                         not_before_ms,
                         expires_ms,
                         operations: ops,
@@ -300,7 +314,11 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                     };
                     let k = c
                         .mgmt
-                        .update_key(pb::UpdateKeyRequest { key: name, attributes: Some(attributes), set_times })
+                        .update_key(pb::UpdateKeyRequest {
+                            key: name,
+                            attributes: Some(attributes),
+                            set_times,
+                        })
                         .await
                         .map_err(status)?
                         .into_inner();
@@ -322,11 +340,26 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                                 "last_used_ms": v.last_used_ms})).collect::<Vec<_>>()})
                         ),
                         Output::Text => {
-                            println!("{:>7} {:<32} {:<9} {:>11} {:>9} {:>9} {:>15}", "VERSION", "ID", "ORIGIN", "DECRYPTABLE", "WRAPS", "UNWRAPS", "LAST_USED_MS");
+                            println!(
+                                "{:>7} {:<32} {:<9} {:>11} {:>9} {:>9} {:>15}",
+                                "VERSION",
+                                "ID",
+                                "ORIGIN",
+                                "DECRYPTABLE",
+                                "WRAPS",
+                                "UNWRAPS",
+                                "LAST_USED_MS"
+                            );
                             for v in &r.versions {
                                 println!(
                                     "{:>7} {:<32} {:<9} {:>11} {:>9} {:>9} {:>15}",
-                                    v.version, hex::encode(&v.id), v.origin, v.decryptable, v.wraps, v.unwraps, v.last_used_ms
+                                    v.version,
+                                    hex::encode(&v.id),
+                                    v.origin,
+                                    v.decryptable,
+                                    v.wraps,
+                                    v.unwraps,
+                                    v.last_used_ms
                                 );
                             }
                         }
@@ -342,7 +375,12 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                     println!("destroyed versions: {:?}", r.destroyed_versions);
                 }
                 KeyCommand::Delete { name } => {
-                    let d = c.mgmt.delete_key(pb::DeleteKeyRequest { key: name }).await.map_err(status)?.into_inner();
+                    let d = c
+                        .mgmt
+                        .delete_key(pb::DeleteKeyRequest { key: name })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
                     println!(
                         "deleted; recoverable until the scheduled purge at {} ms (RecoverKey), deleted by {}",
                         d.scheduled_purge_ms, d.deleted_by
@@ -362,16 +400,29 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                                 "{}",
                                 json!({"name": name, "deleted_at_ms": d.deleted_at_ms, "scheduled_purge_ms": d.scheduled_purge_ms, "deleted_by": d.deleted_by})
                             ),
-                            Output::Text => println!("{name}  deleted_at_ms={}  purge_at_ms={}  by={}", d.deleted_at_ms, d.scheduled_purge_ms, d.deleted_by),
+                            Output::Text => println!(
+                                "{name}  deleted_at_ms={}  purge_at_ms={}  by={}",
+                                d.deleted_at_ms, d.scheduled_purge_ms, d.deleted_by
+                            ),
                         }
                     }
                 }
                 KeyCommand::Recover { name } => {
-                    let k = c.mgmt.recover_key(pb::RecoverKeyRequest { key: name }).await.map_err(status)?.into_inner();
+                    let k = c
+                        .mgmt
+                        .recover_key(pb::RecoverKeyRequest { key: name })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
                     print_key(&k, conn.output);
                 }
                 KeyCommand::Purge { name } => {
-                    let r = c.mgmt.purge_key(pb::PurgeKeyRequest { key: name }).await.map_err(status)?.into_inner();
+                    let r = c
+                        .mgmt
+                        .purge_key(pb::PurgeKeyRequest { key: name })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
                     println!(
                         "{}",
                         json!({"key": r.key, "versions": r.versions, "object_ids": r.object_ids, "objects_destroyed": r.objects_destroyed,
@@ -386,12 +437,15 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                     };
                     let r = c
                         .mgmt
-                        .create_import_key(pb::CreateImportKeyRequest { key_type: kt.into() })
+                        .create_import_key(pb::CreateImportKeyRequest {
+                            key_type: kt.into(),
+                        })
                         .await
                         .map_err(status)?
                         .into_inner();
                     if let Some(p) = pem_out {
-                        std::fs::write(&p, &r.spki_pem).map_err(|e| format!("write {}: {e}", p.display()))?;
+                        std::fs::write(&p, &r.spki_pem)
+                            .map_err(|e| format!("write {}: {e}", p.display()))?;
                     }
                     match conn.output {
                         Output::Json => println!(
@@ -400,16 +454,32 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                         ),
                         Output::Text => {
                             println!("import key id: {}", r.import_key_id);
-                            println!("RSA-OAEP hash: {}", if alg_name(r.oaep) == "rsa-oaep-sha1" { "sha1" } else { "sha256" });
+                            println!(
+                                "RSA-OAEP hash: {}",
+                                if alg_name(r.oaep) == "rsa-oaep-sha1" {
+                                    "sha1"
+                                } else {
+                                    "sha256"
+                                }
+                            );
                             println!("expires at: {} ms", r.expires_ms);
                             print!("{}", r.spki_pem);
                         }
                     }
                 }
-                KeyCommand::Import { name, import_key_id, wrapped_file, algorithm } => {
-                    let material = std::fs::read(&wrapped_file).map_err(|e| format!("read {}: {e}", wrapped_file.display()))?;
+                KeyCommand::Import {
+                    name,
+                    import_key_id,
+                    wrapped_file,
+                    algorithm,
+                } => {
+                    let material = std::fs::read(&wrapped_file)
+                        .map_err(|e| format!("read {}: {e}", wrapped_file.display()))?;
                     let alg = match algorithm {
-                        Some(a) => alg_to_pb(Algorithm::parse(&a).ok_or_else(|| format!("unknown algorithm {a:?}"))?),
+                        Some(a) => alg_to_pb(
+                            Algorithm::parse(&a)
+                                .ok_or_else(|| format!("unknown algorithm {a:?}"))?,
+                        ),
                         None => pb::Algorithm::Unspecified,
                     };
                     let k = c

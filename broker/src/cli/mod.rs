@@ -235,7 +235,7 @@ enum KeyCommand {
         #[arg(long, default_value = "default")]
         tenant: String,
     },
-        /// Add a new version.
+    /// Add a new version.
     Rotate {
         /// "tenant/name".
         name: String,
