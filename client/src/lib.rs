@@ -45,7 +45,18 @@
 //!   uses and count, and erased on eviction. The cache's `max_age` is how long data stays
 //!   readable here after its key is disabled at the broker.
 //! * **A request id** (`x-request-id`, the same across the retries of one operation) that the
-//!   broker writes into its log line for the request.
+//!   broker writes into its log line and audit record for the request.
+//! * **Access justifications** for HYOK deployments, where the key owner's policy may require a
+//!   reason for each use of its key: [`Client::with_justification`] returns a client (sharing
+//!   the channel and the DEK cache) whose broker calls carry it.
+//!
+//! # The DEK cache and the key owner's controls
+//! An open served from the cache does not reach the broker: it is not audited there, needs no
+//! justification and is not stopped by disabling the key or by the HYOK kill switch until the
+//! entry expires. That is the point of the cache (one unwrap, then local decryption), and it is
+//! bounded by `max_age` and `max_uses`. Where the key owner must see and be able to stop every
+//! use within a short time, keep `max_age` short or turn the cache off
+//! ([`CacheConfig::disabled`]).
 //! * **Secrets kept in zeroizing types**: plaintext DEKs ([`format::DataKey`]) are erased when
 //!   dropped and print as `[REDACTED]`. (The DEK also passes briefly through tonic's and prost's
 //!   buffers, which are not zeroized.)
@@ -85,6 +96,8 @@ use crate::{
     cache::DekCache,
     format::{DEFAULT_CHUNK_LOG2, DEK_LEN, Decryptor, Encryptor, Header, NONCE_PREFIX_LEN},
 };
+pub use keybroker_proto::v1::JustificationReason;
+
 pub use crate::{
     cache::{CacheConfig, CacheStats},
     error::{Error, Result},
@@ -277,6 +290,7 @@ impl ClientBuilder {
             .keep_alive_timeout(Duration::from_secs(10))
             .connect_lazy();
         Ok(Client {
+            justification: None,
             inner: Arc::new(Inner {
                 stub: KeyBrokerClient::new(channel),
                 key: self.key,
@@ -313,12 +327,15 @@ pub struct ClientStats {
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
+    /// The access justification sent with every broker call, if any.
+    justification: Option<Arc<pb::AccessJustification>>,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
             .field("key", &self.inner.key)
+            .field("justification", &self.justification)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
@@ -380,6 +397,32 @@ impl Drop for InflightGuard<'_> {
 }
 
 impl Client {
+    /// The same client (same channel, same DEK cache and counters) whose broker calls carry an
+    /// access justification: why the key is used (HYOK: the key owner's policy may accept only
+    /// some reasons, and records them in its audit trail). `detail` is at most 256 printable
+    /// characters, e.g. a ticket number. Opens served from the DEK cache make no broker call.
+    pub fn with_justification(
+        &self,
+        reason: JustificationReason,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            justification: Some(Arc::new(pb::AccessJustification {
+                reason: reason.into(),
+                detail: detail.into(),
+            })),
+        }
+    }
+
+    /// The request context of a broker call (the request id travels as `x-request-id`).
+    fn context(&self) -> Option<pb::RequestContext> {
+        self.justification.as_ref().map(|j| pb::RequestContext {
+            justification: Some((**j).clone()),
+            ..Default::default()
+        })
+    }
+
     /// What the client has done so far.
     pub fn stats(&self) -> ClientStats {
         let i = &self.inner;
@@ -422,6 +465,7 @@ impl Client {
                 Error::Config("no key to seal under: set ClientBuilder::key".into())
             })?;
         let request_id = new_request_id();
+        let context = self.context();
         self.inner.generate_calls.fetch_add(1, Ordering::Relaxed);
         let mut resp = self
             .call(
@@ -431,8 +475,8 @@ impl Client {
                     let mut req = tonic::Request::new(pb::GenerateDataKeyRequest {
                         key: key.clone(),
                         length: DEK_LEN as u32,
-                        // No broker AAD (the caller's AAD is bound locally, in every chunk), no
-                        // request context; `Default` also keeps this compiling as fields are added.
+                        context: context.clone(),
+                        // No broker AAD: the caller's AAD is bound locally, in every chunk.
                         ..Default::default()
                     });
                     decorate(&mut req, &req_id, timeout);
@@ -546,11 +590,13 @@ impl Client {
         let request_id = new_request_id();
         inner.unwrap_calls.fetch_add(1, Ordering::Relaxed);
         let envelope = wrapped.to_vec();
+        let context = self.context();
         let result = self
             .call("UnwrapKey", &request_id, |mut stub, req_id, timeout| {
                 let mut req = tonic::Request::new(pb::UnwrapKeyRequest {
                     // No key name (the envelope names its version) and no broker AAD.
                     wrapped: Some(pb::unwrap_key_request::Wrapped::Envelope(envelope.clone())),
+                    context: context.clone(),
                     ..Default::default()
                 });
                 decorate(&mut req, &req_id, timeout);

@@ -382,3 +382,101 @@ fn build_example() -> std::path::PathBuf {
     assert!(status.success(), "building the example failed");
     dir.join("seal_open")
 }
+
+#[tokio::test]
+async fn a_hyok_service_identity_seals_and_opens_with_a_justification_the_key_owner_accepts() {
+    const PROVIDER: &str = "spiffe://provider.test/reindexer";
+    const ADMIN: &str = "spiffe://customer.test/admin";
+    let env = Env::with(Options {
+        policy: Some(format!(
+            r#"
+[[binding]]
+identity = "{ADMIN}"
+roles = ["administrator", "crypto-user"]
+scope = "all"
+[[binding]]
+identity = "{PROVIDER}"
+role = "service-encryption-user"
+scope = "tenant:acme"
+
+[hyok]
+service_identities = ["spiffe://provider.test/*"]
+default_accepted_reasons = ["PROVIDER_INITIATED_SERVICE"]
+"#
+        )),
+        ..Options::default()
+    });
+    let admin = env
+        .pki
+        .ca
+        .issue_spiffe_client("admin", ADMIN)
+        .expect("cert");
+    let provider = env
+        .pki
+        .ca
+        .issue_spiffe_client("provider", PROVIDER)
+        .expect("cert");
+    let b = env.start().await;
+    let mut a = b.clients_as(&admin).await;
+    create(
+        &mut a,
+        "acme/db",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+
+    // The cache is off so that every open reaches the key owner's policy.
+    let base = b
+        .sdk_as(&provider)
+        .key("acme/db")
+        .cache(CacheConfig::disabled())
+        .build()
+        .expect("client");
+    let e = base.seal(b"x", b"").await.expect_err("no justification");
+    assert_eq!(e.code(), Some(tonic::Code::PermissionDenied), "{e}");
+    let justified = base.with_justification(
+        keybroker_client::JustificationReason::ProviderInitiatedService,
+        "reindex 7",
+    );
+    let sealed = justified.seal(b"record", b"ctx").await.expect("seal");
+    assert_eq!(
+        justified.open(&sealed, b"ctx").await.expect("open"),
+        b"record"
+    );
+    let refused = base.with_justification(
+        keybroker_client::JustificationReason::ProviderInternalMaintenance,
+        "not accepted for this key",
+    );
+    let e = refused
+        .open(&sealed, b"ctx")
+        .await
+        .expect_err("reason not accepted");
+    assert_eq!(e.code(), Some(tonic::Code::PermissionDenied), "{e}");
+    // The three views share one channel and one set of counters; nothing was retried.
+    let s = base.stats();
+    assert_eq!(s, justified.stats());
+    assert_eq!(
+        (s.generate_calls, s.unwrap_calls, s.rpc_attempts, s.retries),
+        (2, 2, 4, 0)
+    );
+    drop(a);
+    b.stop().await;
+
+    // The key owner's audit trail has the reason, the detail and the SDK's request id.
+    let text = std::fs::read_to_string(env.audit_log()).expect("audit");
+    let rec: serde_json::Value = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .find(|r| r["caller"] == PROVIDER && r["op"] == "GenerateDataKey" && r["outcome"] == "OK")
+        .expect("the provider's GenerateDataKey is audited");
+    assert_eq!(rec["justification"], "PROVIDER_INITIATED_SERVICE");
+    assert_eq!(rec["justification_detail"], "reindex 7");
+    assert_eq!(rec["key"], "acme/db");
+    assert!(
+        rec["request_id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("kbc-")),
+        "{rec}"
+    );
+}
