@@ -3,8 +3,9 @@
 //! * `proto/keybroker/v1/keybroker.proto` — keybroker's own API;
 //! * `proto/k8s/kms/v2/api.proto` — the Kubernetes KMS v2 plugin API (package `v2`).
 //!
-//! Each API's encoded descriptor set is kept in OUT_DIR for gRPC server reflection (kept apart
-//! so that a listener lists only the services it serves).
+//! Both use [`crate::codec::Codec`] (a request that does not decode is INVALID_ARGUMENT, not
+//! INTERNAL). Each API's encoded descriptor set is kept in OUT_DIR for gRPC server reflection
+//! (kept apart so that a listener lists only the services it serves).
 use std::{env, fs, path::PathBuf};
 
 use prost::Message;
@@ -23,6 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         tonic_prost_build::configure()
             .build_client(true)
             .build_server(true)
+            .codec_path("crate::codec::Codec")
             .compile_fds(fds)?;
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -263,12 +263,13 @@ pub async fn run(
         side_tasks.push(tokio::spawn(kms::serve(listener, path, svc, stop)));
     }
 
-    let tls_cfg = tls::server_config(&tls::TlsFiles {
-        cert: &cfg.path(&cfg.tls.cert),
-        key: &cfg.path(&cfg.tls.key),
-        client_ca: &cfg.path(&cfg.tls.client_ca),
-        crls: &cfg.tls.crl.iter().map(|p| cfg.path(p)).collect::<Vec<_>>(),
+    let tls_cfg = tls::Reloadable::load(tls::TlsPaths {
+        cert: cfg.path(&cfg.tls.cert),
+        key: cfg.path(&cfg.tls.key),
+        client_ca: cfg.path(&cfg.tls.client_ca),
+        crls: cfg.tls.crl.iter().map(|p| cfg.path(p)).collect(),
     })?;
+    tls_cfg.watch();
     let listener = TcpListener::bind(cfg.server.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.server.listen))?;

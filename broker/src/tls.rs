@@ -218,11 +218,10 @@ impl ClientCertVerifier for IdentityVerifier {
 /// hold up the others); yields finished connections for tonic.
 pub fn incoming(
     listener: TcpListener,
-    config: Arc<ServerConfig>,
+    config: Arc<Reloadable>,
     handshake_timeout: Duration,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(256);
-    let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = match listener.accept().await {
@@ -242,7 +241,9 @@ pub fn incoming(
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::debug!(error = %e, "set TCP_NODELAY failed");
             }
-            let acceptor = acceptor.clone();
+            // Each new connection takes the configuration in force now; established ones keep
+            // theirs, so a reload never fails a valid in-flight client.
+            let acceptor = TlsAcceptor::from(config.current());
             let tx = tx.clone();
             tokio::spawn(async move {
                 let stream =
@@ -282,4 +283,113 @@ pub fn incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Owned copies of the TLS file paths, for reloading.
+#[derive(Clone, Debug)]
+pub struct TlsPaths {
+    /// Server certificate chain.
+    pub cert: std::path::PathBuf,
+    /// Server key.
+    pub key: std::path::PathBuf,
+    /// Client CA bundle.
+    pub client_ca: std::path::PathBuf,
+    /// CRLs.
+    pub crls: Vec<std::path::PathBuf>,
+}
+
+impl TlsPaths {
+    fn files(&self) -> TlsFiles<'_> {
+        TlsFiles {
+            cert: &self.cert,
+            key: &self.key,
+            client_ca: &self.client_ca,
+            crls: &self.crls,
+        }
+    }
+
+    /// The content of every file (to notice changes).
+    fn fingerprint(&self) -> Vec<u8> {
+        let mut all = Vec::new();
+        for p in [&self.cert, &self.key, &self.client_ca]
+            .into_iter()
+            .chain(self.crls.iter())
+        {
+            all.extend(std::fs::read(p).unwrap_or_default());
+            all.push(0);
+        }
+        sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&all)).to_vec()
+    }
+}
+
+/// The server TLS configuration, replaced atomically when its files change (server certificate,
+/// client CA bundle, CRLs): on SIGHUP and when their content changes (checked every second). A
+/// new configuration that does not load (corrupt file, key that does not match) is rejected and
+/// the previous one stays in force.
+pub struct Reloadable {
+    paths: TlsPaths,
+    current: std::sync::RwLock<Arc<ServerConfig>>,
+    fingerprint: std::sync::Mutex<Vec<u8>>,
+}
+
+impl Reloadable {
+    /// Loads the configuration; fails if it does not load.
+    pub fn load(paths: TlsPaths) -> Result<Arc<Self>, String> {
+        let cfg = server_config(&paths.files())?;
+        let fp = paths.fingerprint();
+        Ok(Arc::new(Self {
+            paths,
+            current: std::sync::RwLock::new(cfg),
+            fingerprint: std::sync::Mutex::new(fp),
+        }))
+    }
+
+    /// The configuration in force.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Reloads if the files changed (or `force`). Returns whether a new configuration took effect.
+    pub fn reload(&self, force: bool) -> bool {
+        let fp = self.paths.fingerprint();
+        {
+            let mut old = self.fingerprint.lock().unwrap_or_else(|p| p.into_inner());
+            if !force && *old == fp {
+                return false;
+            }
+            *old = fp;
+        }
+        match server_config(&self.paths.files()) {
+            Ok(cfg) => {
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = cfg;
+                tracing::info!("TLS configuration reloaded (certificate, client CAs, CRLs)");
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "new TLS files rejected; the previous TLS configuration stays in force");
+                false
+            }
+        }
+    }
+
+    /// Reloads on SIGHUP and on change.
+    pub fn watch(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut hup = signal(SignalKind::hangup()).ok();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                let force = tokio::select! {
+                    _ = tick.tick() => false,
+                    Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+                };
+                let me2 = me.clone();
+                let _ = tokio::task::spawn_blocking(move || me2.reload(force)).await;
+            }
+        });
+    }
 }

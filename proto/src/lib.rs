@@ -3,6 +3,8 @@
 //! Every message and field is documented in the `.proto` files; the docs are carried into the
 //! generated code.
 
+pub mod codec;
+
 /// `keybroker.v1`: messages, `key_broker_client`/`key_broker_server` and
 /// `key_management_client`/`key_management_server`.
 pub mod v1 {

@@ -5,12 +5,14 @@
 mod access;
 mod audit;
 mod common;
+mod hostile;
 mod hyok;
 mod key_safety;
 mod keys;
 mod kms_v2;
 mod lifecycle;
 mod observability;
+mod properties;
 mod rsa_interop;
 mod sdk;
 mod tls;

@@ -208,3 +208,138 @@ async fn a_silent_client_is_cut_off_after_the_handshake_timeout() {
     );
     b.stop().await;
 }
+
+#[tokio::test]
+async fn certificates_cas_and_crls_reload_without_a_restart_and_a_corrupt_file_keeps_the_old_ones()
+{
+    use hsm_fixtures::pki::Ca;
+    let env = Env::new();
+    // CRLs are configured from the start (a CRL per trusted CA; unknown status is refused).
+    let crl_path = env.dir.path().join("crl.pem");
+    std::fs::copy(env.pki.ca.crl("crl1", &[]).expect("crl"), &crl_path).expect("copy");
+    env.edit_config(|t| {
+        t.replace(
+            "handshake_timeout_ms = 3000",
+            &format!(
+                "handshake_timeout_ms = 3000\ncrl = [\"{}\"]",
+                crl_path.display()
+            ),
+        )
+    });
+    let b = env.start().await;
+    let pid = b.child.id().expect("pid").to_string();
+    let hup = || {
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .expect("kill -HUP");
+    };
+    let wait_log = |needle: &'static str, count: usize| {
+        let b = &b;
+        async move {
+            for _ in 0..200 {
+                if b.log().matches(needle).count() >= count {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("no {needle:?} in the log");
+        }
+    };
+    // A client connected before the rotation keeps working through it.
+    let mut before = b.clients_as(&env.pki.client).await;
+    before
+        .mgmt
+        .list_keys(pb::ListKeysRequest::default())
+        .await
+        .expect("before");
+
+    // Rotate to a new CA: new server certificate and client CA bundle.
+    let ca2 = Ca::new(&env.dir.path().join("pki2"), "ca", "second CA").expect("ca2");
+    let server2 = ca2.issue_localhost_server("server").expect("server2");
+    let client2 = ca2
+        .issue_spiffe_client("client", hsm_fixtures::pki::TEST_CLIENT_ID)
+        .expect("client2");
+    std::fs::write(&env.pki.server.cert_path, &server2.cert_pem).expect("write");
+    std::fs::write(&env.pki.server.key_path, &server2.key_pem).expect("write");
+    std::fs::write(&env.pki.ca.cert_path, &ca2.cert_pem).expect("write");
+    std::fs::copy(ca2.crl("crl2", &[]).expect("crl"), &crl_path).expect("copy");
+    hup();
+    wait_log("TLS configuration reloaded", 1).await;
+    before
+        .mgmt
+        .list_keys(pb::ListKeysRequest::default())
+        .await
+        .expect("in-flight client unaffected");
+    // New connections: the old CA's client is refused, the new CA's client gets in.
+    let mut cfg_old = client_config(&env, Some(&env.pki.client), false);
+    cfg_old.enable_sni = true;
+    let e = handshake(&b, cfg_old)
+        .await
+        .expect_err("old client CA no longer trusted");
+    assert!(e.contains("alert") || e.contains("handshake"), "{e}");
+    let mut new_client = keybroker::client::clients(&keybroker::client::ClientSettings {
+        endpoint: b.endpoint(),
+        ca: ca2.cert_path.clone(),
+        cert: client2.cert_path.clone(),
+        key: client2.key_path.clone(),
+    })
+    .await
+    .expect("new CA client connects");
+    new_client
+        .mgmt
+        .list_keys(pb::ListKeysRequest::default())
+        .await
+        .expect("new client works");
+
+    // A corrupt server certificate: rejected, the previous configuration stays.
+    std::fs::write(
+        &env.pki.server.cert_path,
+        "-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write");
+    hup();
+    wait_log("new TLS files rejected", 1).await;
+    let mut again = keybroker::client::clients(&keybroker::client::ClientSettings {
+        endpoint: b.endpoint(),
+        ca: ca2.cert_path.clone(),
+        cert: client2.cert_path.clone(),
+        key: client2.key_path.clone(),
+    })
+    .await
+    .expect("still served with the last good configuration");
+    again
+        .mgmt
+        .list_keys(pb::ListKeysRequest::default())
+        .await
+        .expect("works");
+
+    // Restore the server certificate and revoke client2 in the CRL: picked up on change alone.
+    std::fs::write(&env.pki.server.cert_path, &server2.cert_pem).expect("write");
+    std::fs::copy(ca2.crl("crl3", &[&client2]).expect("crl"), &crl_path).expect("copy");
+    wait_log("TLS configuration reloaded", 2).await;
+    let r = keybroker::client::clients(&keybroker::client::ClientSettings {
+        endpoint: b.endpoint(),
+        ca: ca2.cert_path.clone(),
+        cert: client2.cert_path.clone(),
+        key: client2.key_path.clone(),
+    })
+    .await;
+    match r {
+        Err(_) => {}
+        Ok(mut c) => {
+            let e = c
+                .mgmt
+                .list_keys(pb::ListKeysRequest::default())
+                .await
+                .expect_err("revoked client2 still accepted");
+            assert_ne!(
+                e.code(),
+                Code::PermissionDenied,
+                "refused at the handshake: {e:?}"
+            );
+        }
+    }
+    drop((before, new_client, again));
+    b.stop().await;
+}
