@@ -62,7 +62,15 @@ pub fn sanitize_request_id(s: &str) -> Option<String> {
 /// The gRPC service and method of an audit op name (for metrics).
 fn grpc_name(op: &'static str) -> (&'static str, &'static str) {
     match op {
-        "WrapKey" | "UnwrapKey" | "GenerateDataKey" | "Rewrap" | "GetPublicKey" => (KEY_BROKER, op),
+        // The batch RPCs are on main's KeyBroker service (listed ahead of the merge).
+        "WrapKey"
+        | "UnwrapKey"
+        | "GenerateDataKey"
+        | "Rewrap"
+        | "GetPublicKey"
+        | "BatchWrapKey"
+        | "BatchUnwrapKey"
+        | "BatchGenerateDataKey" => (KEY_BROKER, op),
         "QueryAudit" => (AUDIT, op),
         "HyokDisconnect" => (HYOK, "Disconnect"),
         "HyokReconnect" => (HYOK, "Reconnect"),
@@ -1291,6 +1299,7 @@ mod tests {
     #[test]
     fn audit_ops_map_to_grpc_names() {
         assert_eq!(grpc_name("WrapKey"), (KEY_BROKER, "WrapKey"));
+        assert_eq!(grpc_name("BatchUnwrapKey"), (KEY_BROKER, "BatchUnwrapKey"));
         assert_eq!(grpc_name("PurgeKey"), (KEY_MANAGEMENT, "PurgeKey"));
         assert_eq!(grpc_name("QueryAudit"), (AUDIT, "QueryAudit"));
         assert_eq!(grpc_name("HyokDisconnect"), (HYOK, "Disconnect"));
