@@ -2,6 +2,12 @@
 //! policy (role × scope, HYOK kill switch and justification) → keyring → convert → **audit
 //! record written before the reply** (if it cannot be written, the request fails). Errors become
 //! `tonic::Status` in one place ([`BrokerError`]'s `From` impl).
+//!
+//! Every request has a request id: the `request_id` of its `RequestContext`, else its
+//! `x-request-id` metadata when that is sane (1-128 of `[A-Za-z0-9._:/-]`, see
+//! [`sanitize_request_id`]), else a fresh UUID. It is in the audit record, in the request's log
+//! line and in the span of everything logged while it runs, and is sent back in the reply's
+//! `x-request-id`. Each request is also one observation in the Prometheus metrics.
 
 use std::{
     future::Future,
@@ -14,7 +20,8 @@ use keybroker_proto::v1::{
     self as pb, audit_server::Audit, hyok_server::Hyok, key_broker_server::KeyBroker,
     key_management_server::KeyManagement, unwrap_key_request::Wrapped as PbWrapped,
 };
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, metadata::MetadataValue};
+use tracing::Instrument;
 
 use crate::{
     audit::{AuditLog, QueryFilter, Record},
@@ -23,12 +30,54 @@ use crate::{
     identity::Caller,
     keyring::{KeyEntry, KeyState, Keyring, Lifecycle, PublicKeyInfo, VersionEntry},
     lifecycle::AttributePatch,
+    metrics::Metrics,
     model::{
         Algorithm, DEFAULT_TENANT, Dek, KeyAttributes, KeyName, KeyOp, KeyType, validate_part,
     },
     policy::{Permission, Policy, PolicyHandle, Reason},
     tls::ConnInfo,
 };
+
+/// The data-plane service's full name.
+pub const KEY_BROKER: &str = "keybroker.v1.KeyBroker";
+/// The control-plane service's full name.
+pub const KEY_MANAGEMENT: &str = "keybroker.v1.KeyManagement";
+/// The audit service's full name.
+pub const AUDIT: &str = "keybroker.v1.Audit";
+/// The HYOK switch service's full name.
+pub const HYOK: &str = "keybroker.v1.Hyok";
+/// The metadata header carrying the request id (in both directions).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// A caller-supplied request id, if it is safe to log as is: 1-128 characters of
+/// `[A-Za-z0-9._:/-]` (no spaces, quotes or control characters that could forge log fields).
+pub fn sanitize_request_id(s: &str) -> Option<String> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:/-".contains(&b));
+    ok.then(|| s.to_string())
+}
+
+/// The gRPC service and method of an audit op name (for metrics).
+fn grpc_name(op: &'static str) -> (&'static str, &'static str) {
+    match op {
+        // The batch RPCs are on main's KeyBroker service (listed ahead of the merge).
+        "WrapKey"
+        | "UnwrapKey"
+        | "GenerateDataKey"
+        | "Rewrap"
+        | "GetPublicKey"
+        | "BatchWrapKey"
+        | "BatchUnwrapKey"
+        | "BatchGenerateDataKey" => (KEY_BROKER, op),
+        "QueryAudit" => (AUDIT, op),
+        "HyokDisconnect" => (HYOK, "Disconnect"),
+        "HyokReconnect" => (HYOK, "Reconnect"),
+        "HyokGetState" => (HYOK, "GetState"),
+        _ => (KEY_MANAGEMENT, op),
+    }
+}
 
 /// Every service over one keyring.
 #[derive(Clone)]
@@ -37,6 +86,7 @@ pub struct Api {
     policy: Arc<PolicyHandle>,
     audit: AuditLog,
     hyok: Arc<HyokSwitch>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// What one request's audit record says, filled in as the request learns it.
@@ -166,7 +216,7 @@ impl Ctx {
     }
 }
 
-fn code_name(c: tonic::Code) -> String {
+pub(crate) fn code_name(c: tonic::Code) -> String {
     let s = format!("{c:?}");
     // InvalidArgument -> INVALID_ARGUMENT
     let mut out = String::new();
@@ -192,11 +242,18 @@ impl Api {
             policy,
             audit,
             hyok,
+            metrics: None,
         }
     }
 
-    /// Runs one request: identity and policy snapshot, the handler, the kill-switch re-check,
-    /// then the audit record (before the reply) and one log line.
+    /// Records every request in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Runs one request ([`Api::handle_inner`]), then counts it in the metrics and sends its
+    /// request id back.
     async fn handle<Req, Resp, F, Fut>(
         &self,
         op: &'static str,
@@ -208,28 +265,73 @@ impl Api {
         Fut: Future<Output = Result<Resp, BrokerError>>,
     {
         let start = Instant::now();
+        let (result, request_id) = self.handle_inner(op, req, f).await;
+        if let Some(m) = &self.metrics {
+            let (service, method) = grpc_name(op);
+            let code = match &result {
+                Ok(_) => tonic::Code::Ok,
+                Err(s) => s.code(),
+            };
+            m.observe_request(service, method, code, start.elapsed());
+        }
+        let rid = MetadataValue::try_from(request_id.as_str()).ok();
+        match result {
+            Ok(resp) => {
+                let mut resp = Response::new(resp);
+                if let Some(v) = rid {
+                    resp.metadata_mut().insert(REQUEST_ID_HEADER, v);
+                }
+                Ok(resp)
+            }
+            Err(mut status) => {
+                if let Some(v) = rid {
+                    status.metadata_mut().insert(REQUEST_ID_HEADER, v);
+                }
+                Err(status)
+            }
+        }
+    }
+
+    /// Runs one request: identity and policy snapshot, the handler, the kill-switch re-check,
+    /// then the audit record (before the reply) and one log line. Returns the result and the
+    /// request id.
+    async fn handle_inner<Req, Resp, F, Fut>(
+        &self,
+        op: &'static str,
+        req: Request<Req>,
+        f: F,
+    ) -> (Result<Resp, Status>, String)
+    where
+        F: FnOnce(Ctx, Req) -> Fut,
+        Fut: Future<Output = Result<Resp, BrokerError>>,
+    {
+        let start = Instant::now();
         let header_id = req
             .metadata()
-            .get("x-request-id")
+            .get(REQUEST_ID_HEADER)
             .and_then(|v| v.to_str().ok())
-            .filter(|v| check_id("x-request-id", v).is_ok() && !v.is_empty())
-            .map(str::to_string);
+            .and_then(sanitize_request_id)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let Some(conn) = req.extensions().get::<ConnInfo>().cloned() else {
-            return Err(Status::permission_denied("no verified client identity"));
+            return (
+                Err(Status::permission_denied("no verified client identity")),
+                header_id,
+            );
         };
+        let span = tracing::info_span!("rpc", op, request_id = %header_id);
         let ctx = Ctx {
             caller: conn.caller.clone(),
             policy: self.policy.get(),
             hyok: self.hyok.clone(),
             fields: Arc::new(Mutex::new(Fields {
-                request_id: header_id,
+                request_id: Some(header_id.clone()),
                 ..Default::default()
             })),
             reason: Arc::new(Mutex::new(None)),
             hyok_gated: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         let mut result = if ctx.policy.knows(&ctx.caller) {
-            f(ctx.clone(), req.into_inner()).await
+            f(ctx.clone(), req.into_inner()).instrument(span).await
         } else {
             Err(BrokerError::PermissionDenied(format!(
                 "identity {} has no role on this broker",
@@ -265,22 +367,27 @@ impl Api {
             rec.version = f.version;
             rec.justification = f.justification.take();
             rec.justification_detail = f.justification_detail.take();
-            rec.request_id = f
-                .request_id
-                .take()
-                .or_else(|| Some(uuid::Uuid::new_v4().to_string()));
+            rec.request_id = Some(f.request_id.take().unwrap_or(header_id));
             rec.correlation_id = f.correlation_id.take();
         }
         rec.outcome = Some(code_name(code));
         rec.message = message;
         rec.latency_us = Some(latency_us);
         let request_id = rec.request_id.clone().unwrap_or_default();
-        if let Err(e) = self.audit.append(rec).await {
+        let audit_start = Instant::now();
+        let written = self.audit.append(rec).await;
+        if let Some(m) = &self.metrics {
+            m.observe_audit_write(audit_start.elapsed(), written.is_ok());
+        }
+        if let Err(e) = written {
             tracing::error!(op, caller = %ctx.caller, request_id, error = %e, "audit record not written: request refused");
             // The result (a DEK, perhaps) is dropped here, zeroized, never sent.
-            return Err(Status::unavailable(
-                "the audit trail cannot be written; the request was refused",
-            ));
+            return (
+                Err(Status::unavailable(
+                    "the audit trail cannot be written; the request was refused",
+                )),
+                request_id,
+            );
         }
         match &result {
             Ok(_) => tracing::debug!(op, caller = %ctx.caller, request_id, latency_us, "ok"),
@@ -288,7 +395,7 @@ impl Api {
                 tracing::info!(op, caller = %ctx.caller, request_id, latency_us, code = ?e.code(), error = %e, "refused")
             }
         }
-        result.map(Response::new).map_err(Status::from)
+        (result.map_err(Status::from), request_id)
     }
 }
 
@@ -1397,5 +1504,39 @@ impl Hyok for Api {
             Ok(hyok_to_pb(self.hyok.state()))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_kept_only_when_safe_to_log() {
+        assert_eq!(sanitize_request_id("kbc-0a1b").as_deref(), Some("kbc-0a1b"));
+        assert_eq!(
+            sanitize_request_id("a1b2c3d4-e5f6:trace/7.x").as_deref(),
+            Some("a1b2c3d4-e5f6:trace/7.x")
+        );
+        for bad in [
+            "",
+            "has space",
+            "new\nline",
+            "quote\"",
+            "x=y",
+            "ü",
+            &"a".repeat(129),
+        ] {
+            assert_eq!(sanitize_request_id(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn audit_ops_map_to_grpc_names() {
+        assert_eq!(grpc_name("WrapKey"), (KEY_BROKER, "WrapKey"));
+        assert_eq!(grpc_name("BatchUnwrapKey"), (KEY_BROKER, "BatchUnwrapKey"));
+        assert_eq!(grpc_name("PurgeKey"), (KEY_MANAGEMENT, "PurgeKey"));
+        assert_eq!(grpc_name("QueryAudit"), (AUDIT, "QueryAudit"));
+        assert_eq!(grpc_name("HyokDisconnect"), (HYOK, "Disconnect"));
     }
 }

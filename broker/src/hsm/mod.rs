@@ -25,8 +25,11 @@ pub mod template;
 use std::{
     collections::HashMap,
     path::PathBuf,
-    sync::{Arc, Mutex, RwLock},
-    time::Duration,
+    sync::{
+        Arc, Mutex, OnceLock, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use cryptoki::{
@@ -143,6 +146,40 @@ pub struct RsaPublic {
     pub exponent: Vec<u8>,
 }
 
+/// Told the duration and outcome of every HSM call made through the session pool (metrics).
+pub trait HsmObserver: Send + Sync {
+    /// `operation` is the pool operation (`"wrap"`, `"unwrap"`, `"health probe"`, ...);
+    /// `fault` is `None` on success.
+    fn hsm_call(&self, operation: &'static str, elapsed: Duration, fault: Option<FaultKind>);
+}
+
+/// How busy the session pool is right now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Sessions in the pool.
+    pub size: usize,
+    /// Sessions checked out by a call.
+    pub in_use: usize,
+    /// Calls waiting for a free session.
+    pub waiting: usize,
+}
+
+/// Counts a waiter for as long as it lives (so a cancelled wait is uncounted too).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A handle to the HSM: cheap to clone, shared by every request.
 #[derive(Clone)]
 pub struct Hsm {
@@ -169,6 +206,10 @@ struct Inner {
     /// Serialises object creation and destruction: SoftHSM2 2.6.1 races on concurrent object
     /// creation and lookup (upstream #573/#576/#578/#688/#757).
     object_lock: Mutex<()>,
+    /// Metrics hook, set once at start-up.
+    observer: OnceLock<Arc<dyn HsmObserver>>,
+    /// Calls waiting for a session permit.
+    waiting: AtomicUsize,
 }
 
 impl std::fmt::Debug for Hsm {
@@ -301,6 +342,8 @@ impl Hsm {
                 handles: RwLock::new(HashMap::new()),
                 audit_key: RwLock::new(None),
                 object_lock: Mutex::new(()),
+                observer: OnceLock::new(),
+                waiting: AtomicUsize::new(0),
             }),
         })
     }
@@ -320,6 +363,21 @@ impl Hsm {
         self.inner.profile
     }
 
+    /// Installs the metrics hook (once; later calls are ignored).
+    pub fn set_observer(&self, observer: Arc<dyn HsmObserver>) {
+        let _ = self.inner.observer.set(observer);
+    }
+
+    /// How busy the session pool is.
+    pub fn pool_stats(&self) -> PoolStats {
+        let size = self.inner.summary.sessions;
+        PoolStats {
+            size,
+            in_use: size.saturating_sub(self.inner.permits.available_permits()),
+            waiting: self.inner.waiting.load(Ordering::Relaxed),
+        }
+    }
+
     /// Runs `f` with a pooled session on a blocking thread. If the session turns out to be lost,
     /// it is evicted and `f` runs once more on a fresh one (every operation here is safe to
     /// repeat).
@@ -328,6 +386,7 @@ impl Hsm {
         F: Fn(&Inner, &Session) -> Result<T, HsmError> + Send + 'static,
         T: Send + 'static,
     {
+        let waiting = Waiting::new(&self.inner.waiting);
         let permit = match tokio::time::timeout(
             self.inner.acquire_timeout,
             self.inner.permits.clone().acquire_owned(),
@@ -347,13 +406,24 @@ impl Hsm {
                 ));
             }
         };
+        drop(waiting);
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let result = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             inner.with_session(what, |s| f(&inner, s))
         })
         .await
-        .map_err(|e| HsmError::new(FaultKind::Other, what, format!("HSM worker failed: {e}")))?
+        .map_err(|e| HsmError::new(FaultKind::Other, what, format!("HSM worker failed: {e}")))
+        .and_then(|r| r);
+        if let Some(o) = self.inner.observer.get() {
+            o.hsm_call(
+                what,
+                started.elapsed(),
+                result.as_ref().err().map(|e| e.kind),
+            );
+        }
+        result
     }
 
     /// Generates a KEK version inside the token from the fixed template, reads its attributes
