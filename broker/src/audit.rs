@@ -34,8 +34,23 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 const MAC_DOMAIN: &[u8] = b"keybroker-audit-checkpoint-v1\n";
 /// Store setting: the audit HMAC key's id.
 pub const SETTING_KEY_ID: &str = "audit.hmac_key_id";
-/// Store setting: `seq:sha256-of-line` of the latest checkpoint.
+/// Store setting: `seq:sha256-of-line` of the latest checkpoint (see [`checkpoint_setting`]).
 pub const SETTING_LAST_CHECKPOINT: &str = "audit.last_checkpoint";
+
+/// The store setting that records the latest checkpoint of the audit log at `path`. Each broker
+/// process writes its own log; in a store shared by replicas each log gets its own setting,
+/// named by host and absolute path (a replica's host name must stay stable across restarts for
+/// the truncation check to follow its log, e.g. a StatefulSet pod name).
+pub fn checkpoint_setting(store: &Store, path: &Path) -> String {
+    if !store.is_shared() {
+        return SETTING_LAST_CHECKPOINT.to_string();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    format!("{SETTING_LAST_CHECKPOINT}@{host}:{}", abs.display())
+}
 
 /// One line of the audit log.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -279,7 +294,8 @@ impl AuditLog {
                 .map_err(|e| format!("cannot drop the partial audit line: {e}"))?;
         }
         let st = store.clone();
-        let recorded = tokio::task::spawn_blocking(move || st.setting(SETTING_LAST_CHECKPOINT))
+        let setting = checkpoint_setting(&store, &settings.path);
+        let recorded = tokio::task::spawn_blocking(move || st.setting(&setting))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
@@ -507,11 +523,8 @@ impl Writer {
             self.since_checkpoint = 0;
             let value = format!("{}:{}", self.seq, self.last_hash);
             let st = self.store.clone();
-            match tokio::task::spawn_blocking(move || {
-                st.set_setting(SETTING_LAST_CHECKPOINT, &value)
-            })
-            .await
-            {
+            let setting = checkpoint_setting(&self.store, &self.path);
+            match tokio::task::spawn_blocking(move || st.set_setting(&setting, &value)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "cannot record the audit checkpoint in the store")

@@ -199,6 +199,21 @@ impl Keyring {
         items: Vec<Result<UnwrapItem, BrokerError>>,
         authorize: &(dyn Fn(&KeyName) -> Result<(), BrokerError> + Sync),
     ) -> Vec<Result<Unwrapped, BrokerError>> {
+        // A version unknown here may be another replica's newest: one refresh for the batch.
+        let unknown = items
+            .iter()
+            .filter_map(|i| i.as_ref().ok())
+            .filter_map(|(_, b, _)| envelope::parse(b).ok().map(|e| e.version))
+            .find(|v| !self.knows_version(*v));
+        if let Some(v) = unknown
+            && let Err(e) = self.ensure_known(v).await
+        {
+            let m = e.to_string();
+            return items
+                .iter()
+                .map(|_| Err(BrokerError::Unavailable(m.clone())))
+                .collect();
+        }
         let now = now_ms();
         let mut results: Vec<Option<Result<Unwrapped, BrokerError>>> =
             (0..items.len()).map(|_| None).collect();

@@ -148,25 +148,38 @@ fn default_integrity() -> IntegrityPolicy {
     IntegrityPolicy::Fail
 }
 
-/// `[store]`
-#[derive(Clone, Debug, Deserialize)]
+/// `[store]`: the embedded SQLite file (`path`, the default) or PostgreSQL (`url`), shared by
+/// several replicas.
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// The SQLite file. Default `keybroker.db`.
-    #[serde(default = "default_store_path")]
-    pub path: PathBuf,
-}
-
-impl Default for StoreConfig {
-    fn default() -> Self {
-        Self {
-            path: default_store_path(),
-        }
-    }
+    /// The SQLite file. Default `keybroker.db` (when no `url` is given).
+    pub path: Option<PathBuf>,
+    /// A PostgreSQL URL (`postgres://user@host:port/db`, or `host=/run/postgresql` for a unix
+    /// socket), without a password.
+    pub url: Option<String>,
+    /// File holding the PostgreSQL password (trailing newline ignored).
+    pub password_file: Option<PathBuf>,
+    /// Environment variable holding the PostgreSQL password.
+    pub password_env: Option<String>,
+    /// PostgreSQL only: how stale this replica's key cache may be, in ms. Default 0: the
+    /// store's generation is checked before every request, so a change made through any replica
+    /// is in force on every replica from the moment it returns.
+    #[serde(default)]
+    pub max_staleness_ms: u64,
 }
 
 fn default_store_path() -> PathBuf {
     PathBuf::from("keybroker.db")
+}
+
+/// Which store a configuration names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// A SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL URL.
+    Postgres(String),
 }
 
 /// `[access]`
@@ -416,6 +429,7 @@ impl Config {
                 "health.probe_interval_ms and health.probe_timeout_ms must be positive".into(),
             );
         }
+        self.validate_store()?;
         if let Some(k) = &self.kms_v2 {
             crate::model::KeyName::parse(&k.key).map_err(|e| format!("kms_v2.key: {e}"))?;
             if k.socket.as_os_str().is_empty() {
@@ -429,6 +443,93 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    fn validate_store(&self) -> Result<(), String> {
+        let s = &self.store;
+        match (&s.path, &s.url) {
+            (Some(_), Some(_)) => {
+                return Err("set one of store.path (SQLite) and store.url (PostgreSQL)".into());
+            }
+            (_, Some(url)) => {
+                if !(url.starts_with("postgres://")
+                    || url.starts_with("postgresql://")
+                    || url.contains('='))
+                {
+                    return Err(format!(
+                        "store.url must be a PostgreSQL URL (postgres://user@host:port/db), not {url:?}"
+                    ));
+                }
+                let parsed: tokio_postgres::Config = url
+                    .parse()
+                    .map_err(|e| format!("store.url is not a valid PostgreSQL URL: {e}"))?;
+                if parsed.get_password().is_some() {
+                    return Err("store.url carries a password; a password is never written inline: use store.password_file or store.password_env".into());
+                }
+                if s.password_file.is_some() && s.password_env.is_some() {
+                    return Err(
+                        "set at most one of store.password_file and store.password_env".into(),
+                    );
+                }
+            }
+            (_, None) => {
+                if s.password_file.is_some() || s.password_env.is_some() {
+                    return Err(
+                        "store.password_file/password_env need store.url (PostgreSQL)".into(),
+                    );
+                }
+                if s.max_staleness_ms != 0 {
+                    return Err(
+                        "store.max_staleness_ms applies to PostgreSQL (store.url) only".into(),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The store this configuration names.
+    pub fn store_location(&self) -> StoreLocation {
+        match &self.store.url {
+            Some(u) => StoreLocation::Postgres(u.clone()),
+            None => StoreLocation::Sqlite(
+                self.path(self.store.path.as_deref().unwrap_or(&default_store_path())),
+            ),
+        }
+    }
+
+    /// Reads the PostgreSQL password from its file or environment variable (`None`: not set,
+    /// e.g. peer or trust authentication over a unix socket).
+    pub fn read_store_password(&self) -> Result<Option<SecretString>, String> {
+        if let Some(f) = &self.store.password_file {
+            let f = self.path(f);
+            let text = std::fs::read_to_string(&f)
+                .map_err(|e| format!("cannot read store.password_file {}: {e}", f.display()))?;
+            return Ok(Some(SecretString::from(
+                text.trim_end_matches(['\n', '\r']).to_string(),
+            )));
+        }
+        if let Some(var) = &self.store.password_env {
+            let p = std::env::var(var).map_err(|_| {
+                format!("environment variable {var} (store.password_env) is not set")
+            })?;
+            return Ok(Some(SecretString::from(p)));
+        }
+        Ok(None)
+    }
+
+    /// Opens the configured store (blocking: call it from a blocking thread).
+    pub fn open_store(&self) -> Result<crate::store::Store, String> {
+        use secrecy::ExposeSecret;
+        match self.store_location() {
+            StoreLocation::Sqlite(p) => crate::store::Store::open(&p).map_err(|e| e.to_string()),
+            StoreLocation::Postgres(url) => {
+                let pw = self.read_store_password()?;
+                crate::store::PgStore::open(&url, pw.as_ref().map(|p| p.expose_secret()))
+                    .map(crate::store::Store::Postgres)
+                    .map_err(|e| e.to_string())
+            }
+        }
     }
 
     /// Resolves a path against the config file's directory.

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{error::BrokerError, model::now_ms, store::Store};
 
-const SETTING: &str = "hyok.state";
+/// The store setting holding the state.
+pub const SETTING: &str = "hyok.state";
 
 /// The switch's state.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -76,6 +77,26 @@ impl HyokSwitch {
     /// The current state.
     pub fn state(&self) -> HyokState {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Takes a state another replica stored (called when the shared store reports the change).
+    pub fn apply_stored(&self, text: &str) {
+        match serde_json::from_str::<HyokState>(text) {
+            Ok(state) => {
+                if state.connected != self.connected() {
+                    tracing::warn!(connected = state.connected, by = %state.changed_by, reason = %state.reason,
+                        "HYOK kill switch changed through another replica");
+                }
+                let connected = state.connected;
+                *self.state.lock().unwrap_or_else(|p| p.into_inner()) = state;
+                self.connected.store(connected, Ordering::SeqCst);
+            }
+            // Fail closed: a state this replica cannot read cuts service identities off.
+            Err(e) => {
+                tracing::error!(error = %e, "stored HYOK state is malformed; service identities disconnected");
+                self.connected.store(false, Ordering::SeqCst);
+            }
+        }
     }
 
     /// Sets the switch: persisted first, then in effect.

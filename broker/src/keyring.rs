@@ -8,7 +8,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     sync::{
         Arc, OnceLock, RwLock,
-        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -201,31 +201,56 @@ pub struct Usage {
     pub unwraps: AtomicU64,
     /// Last use (ms).
     pub last_used_ms: AtomicI64,
-    dirty: AtomicBool,
+    /// Counted here and not yet added to the store (wraps, unwraps).
+    unsaved_wraps: AtomicU64,
+    unsaved_unwraps: AtomicU64,
 }
 
 impl Usage {
-    fn new(wraps: u64, unwraps: u64, last: Option<i64>) -> Self {
+    pub(crate) fn new(wraps: u64, unwraps: u64, last: Option<i64>) -> Self {
         Self {
             wraps: AtomicU64::new(wraps),
             unwraps: AtomicU64::new(unwraps),
             last_used_ms: AtomicI64::new(last.unwrap_or(0)),
-            dirty: AtomicBool::new(false),
+            unsaved_wraps: AtomicU64::new(0),
+            unsaved_unwraps: AtomicU64::new(0),
         }
     }
 
-    pub(crate) fn take_dirty(&self) -> bool {
-        self.dirty.swap(false, Ordering::Relaxed)
+    /// Takes what was counted since the last save: (wraps, unwraps), or `None` if nothing.
+    pub(crate) fn take_unsaved(&self) -> Option<(u64, u64)> {
+        let w = self.unsaved_wraps.swap(0, Ordering::Relaxed);
+        let u = self.unsaved_unwraps.swap(0, Ordering::Relaxed);
+        (w > 0 || u > 0).then_some((w, u))
+    }
+
+    /// Gives back counts whose save failed (they go out with the next one).
+    pub(crate) fn restore_unsaved(&self, wraps: u64, unwraps: u64) {
+        self.unsaved_wraps.fetch_add(wraps, Ordering::Relaxed);
+        self.unsaved_unwraps.fetch_add(unwraps, Ordering::Relaxed);
+    }
+
+    /// Takes the store's totals (which include other replicas' saved counts) plus what this
+    /// process has counted and not saved yet.
+    pub(crate) fn set_saved(&self, wraps: u64, unwraps: u64, last: Option<i64>) {
+        let w = wraps.saturating_add(self.unsaved_wraps.load(Ordering::Relaxed));
+        let u = unwraps.saturating_add(self.unsaved_unwraps.load(Ordering::Relaxed));
+        self.wraps.store(w, Ordering::Relaxed);
+        self.unwraps.store(u, Ordering::Relaxed);
+        if let Some(l) = last {
+            self.last_used_ms.fetch_max(l, Ordering::Relaxed);
+        }
     }
 
     fn bump(&self, wrap: bool) {
         if wrap {
             self.wraps.fetch_add(1, Ordering::Relaxed);
+            self.unsaved_wraps.fetch_add(1, Ordering::Relaxed);
         } else {
             self.unwraps.fetch_add(1, Ordering::Relaxed);
+            self.unsaved_unwraps.fetch_add(1, Ordering::Relaxed);
         }
         self.last_used_ms.store(now_ms(), Ordering::Relaxed);
-        self.dirty.store(true, Ordering::Relaxed);
     }
 }
 
@@ -337,8 +362,11 @@ pub struct Keyring {
     pub(crate) keys: RwLock<BTreeMap<KeyName, Arc<KeyEntry>>>,
     pub(crate) versions: RwLock<HashMap<VersionId, (KeyName, u32)>>,
     pub(crate) usage: RwLock<HashMap<VersionId, Arc<Usage>>>,
-    /// Serialises every change that touches the HSM and the store (two-phase writes).
+    /// Serialises every change that touches the HSM and the store (two-phase writes); with a
+    /// shared store, together with the store's cluster-wide lock ([`Keyring::write`]).
     pub(crate) write_lock: tokio::sync::Mutex<()>,
+    /// Keeping the cache in step with other replicas (shared stores; see `replica`).
+    pub(crate) replica: crate::replica::ReplicaState,
     pub(crate) settings: LifecycleSettings,
     /// Where destruction receipts from the maintenance task go.
     pub(crate) audit: OnceLock<AuditLog>,
@@ -367,13 +395,30 @@ impl Keyring {
     ) -> Result<(Self, LoadReport), BrokerError> {
         let mut report = LoadReport::default();
 
+        // With a shared store, recovery runs under the cluster-wide write lock, and only for the
+        // work of replicas that are gone: another replica may be in the middle of a creation.
+        let st = store.clone();
+        let cluster = blocking(move || st.lock_writes().map_err(BrokerError::from)).await?;
+        let cluster = crate::replica::ReleaseOnDrop(cluster);
+        let st = store.clone();
+        let applied_generation =
+            blocking(move || st.generation().map_err(BrokerError::from)).await?;
+        let applied_generation = applied_generation.unwrap_or(0);
+
         // Finish destructions that were started (their intent is durable) before anything else.
         let st = store.clone();
         let pending =
             blocking(move || st.pending_destructions().map_err(BrokerError::from)).await?;
+        let mut in_progress = std::collections::HashSet::new();
         let mut by_key: BTreeMap<(KeyName, String, String), Vec<(u32, VersionId)>> =
             BTreeMap::new();
         for p in pending {
+            let st = store.clone();
+            let owner = p.owner;
+            if blocking(move || st.owner_alive(owner).map_err(BrokerError::from)).await? {
+                in_progress.insert(p.id);
+                continue;
+            }
             by_key
                 .entry((p.key, p.reason, p.requested_by))
                 .or_default()
@@ -411,13 +456,18 @@ impl Keyring {
         let st = store.clone();
         let stored = blocking(move || st.load_all().map_err(BrokerError::from)).await?;
 
-        // Roll back creations that were never acknowledged.
+        // Roll back creations that were never acknowledged (and whose replica is gone).
         for k in &stored {
             for v in k
                 .versions
                 .iter()
                 .filter(|v| v.state == VersionState::Pending)
             {
+                let st = store.clone();
+                let owner = v.owner;
+                if blocking(move || st.owner_alive(owner).map_err(BrokerError::from)).await? {
+                    continue;
+                }
                 let destroyed = hsm.destroy_kek(v.id).await.map_err(BrokerError::from)?;
                 let st = store.clone();
                 let id = v.id;
@@ -427,11 +477,13 @@ impl Keyring {
                 report.rolled_back += 1;
             }
         }
+        drop(cluster);
         let stored: Vec<StoredKey> = stored
             .into_iter()
             .filter(|k| k.lifecycle != StoredLifecycle::Purging)
             .map(|mut k| {
-                k.versions.retain(|v| v.state == VersionState::Active);
+                k.versions
+                    .retain(|v| v.state == VersionState::Active && !in_progress.contains(&v.id));
                 k
             })
             .filter(|k| !k.versions.is_empty())
@@ -565,6 +617,7 @@ impl Keyring {
                 versions: RwLock::new(versions),
                 usage: RwLock::new(usage),
                 write_lock: tokio::sync::Mutex::new(()),
+                replica: crate::replica::ReplicaState::new(applied_generation),
                 settings,
                 audit: OnceLock::new(),
             },
@@ -758,6 +811,7 @@ impl Keyring {
             self.get(name)?;
         }
         let env = envelope::parse(envelope_bytes)?;
+        self.ensure_known(env.version).await?;
         let (entry, v) = self.resolve(expected, &env, aad)?;
         authorize(&entry.name)?;
         entry.check(KeyOp::Unwrap, &v, now_ms())?;
@@ -860,6 +914,7 @@ impl Keyring {
             self.get(name)?;
         }
         let env = envelope::parse(envelope_bytes)?;
+        self.ensure_known(env.version).await?;
         let (src, sv) = self.resolve(expected, &env, aad)?;
         authorize_source(&src.name)?;
         let now = now_ms();

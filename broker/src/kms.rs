@@ -140,7 +140,11 @@ impl KmsV2 {
         let request_id =
             sanitize_request_id(uid).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let span = tracing::info_span!("kms_v2", method, request_id = %request_id);
-        let result = fut.instrument(span).await;
+        // With replicas, catch up with changes made through the others first.
+        let result = match self.keyring.sync().await {
+            Ok(()) => fut.instrument(span).await,
+            Err(e) => Err(e),
+        };
         let micros = start.elapsed().as_micros() as u64;
         let code = match &result {
             Ok(_) => tonic::Code::Ok,

@@ -13,7 +13,8 @@
 //! * [`keyring`] — key operations in domain terms; start-up reconciliation and integrity checks.
 //! * [`envelope`] — the wrapped-DEK format, byte by byte.
 //! * [`hsm`] — the only module that uses `cryptoki`.
-//! * [`store`] — key metadata in SQLite (never key material).
+//! * [`store`] — key metadata (never key material): SQLite, or PostgreSQL for several replicas;
+//!   [`replica`] — keeping each replica's cache in step with the shared store.
 //! * [`model`], [`error`] — domain types and the one error → status mapping.
 //! * [`kms`] — the Kubernetes KMS v2 plugin API on a unix socket, for one key.
 //! * [`health`], [`metrics`] — the HSM health probe behind `grpc.health.v1`, and Prometheus
@@ -39,6 +40,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod model;
 pub mod policy;
+pub mod replica;
 pub mod server;
 pub mod service;
 pub mod store;

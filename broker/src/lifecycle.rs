@@ -78,23 +78,27 @@ pub struct ImportKeyInfo {
 impl Keyring {
     fn replace(&self, entry: KeyEntry) -> Arc<KeyEntry> {
         let entry = Arc::new(entry);
-        self.keys
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(entry.name.clone(), entry.clone());
+        self.local_change(|| {
+            self.keys
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(entry.name.clone(), entry.clone());
+        });
         entry
     }
 
     fn register_version(&self, name: &KeyName, v: &VersionEntry) {
-        self.versions
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(v.id, (name.clone(), v.number));
-        self.usage
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(v.id)
-            .or_default();
+        self.local_change(|| {
+            self.versions
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(v.id, (name.clone(), v.number));
+            self.usage
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(v.id)
+                .or_default();
+        });
     }
 
     fn resolve_algorithm(
@@ -149,7 +153,7 @@ impl Keyring {
     ) -> Result<Arc<KeyEntry>, BrokerError> {
         let algorithm = self.resolve_algorithm(key_type, algorithm)?;
         let attributes = self.new_attributes(attributes)?;
-        let _w = self.write_lock.lock().await;
+        let _w = self.write().await?;
         self.name_free(&name)?;
         let id = VersionId::random();
         let now = now_ms();
@@ -210,7 +214,7 @@ impl Keyring {
 
     /// Adds a version generated inside the HSM; new wraps use it.
     pub async fn rotate(&self, name: &KeyName) -> Result<Arc<KeyEntry>, BrokerError> {
-        let _w = self.write_lock.lock().await;
+        let _w = self.write().await?;
         self.rotate_locked(name).await
     }
 
@@ -341,7 +345,7 @@ impl Keyring {
         name: &KeyName,
         patch: AttributePatch,
     ) -> Result<Arc<KeyEntry>, BrokerError> {
-        let _w = self.write_lock.lock().await;
+        let _w = self.write().await?;
         let old = self.get_live(name)?;
         let mut a = old.attributes.clone();
         if let Some(e) = patch.enabled {
@@ -394,7 +398,7 @@ impl Keyring {
 
     /// Soft-deletes a key.
     pub async fn delete(&self, name: &KeyName, by: &str) -> Result<Arc<KeyEntry>, BrokerError> {
-        let _w = self.write_lock.lock().await;
+        let _w = self.write().await?;
         let old = self.get_live(name)?;
         let now = now_ms();
         let lc = StoredLifecycle::Deleted {
@@ -445,7 +449,7 @@ impl Keyring {
 
     /// Brings a soft-deleted key back exactly as it was.
     pub async fn recover(&self, name: &KeyName) -> Result<Arc<KeyEntry>, BrokerError> {
-        let _w = self.write_lock.lock().await;
+        let _w = self.write().await?;
         let old = self.get_deleted(name)?;
         let (st, n) = (self.store.clone(), name.clone());
         blocking(move || {
@@ -462,7 +466,7 @@ impl Keyring {
     /// Purges a soft-deleted key: destroys every version's HSM objects and forgets the key.
     /// Refused before the scheduled date while purge protection is on (for every caller).
     pub async fn purge(&self, name: &KeyName, by: &str) -> Result<Receipt, BrokerError> {
-        let _w = self.write_lock.lock().await;
+        let _w = self.write().await?;
         let k = self.get_deleted(name)?;
         let Lifecycle::Deleted { purge_at_ms, .. } = k.lifecycle else {
             return Err(BrokerError::precondition(format!(
@@ -486,7 +490,7 @@ impl Keyring {
         name: &KeyName,
         by: &str,
     ) -> Result<(Vec<u32>, Arc<KeyEntry>), BrokerError> {
-        let _w = self.write_lock.lock().await;
+        let _w = self.write().await?;
         let k = self.get_live(name)?;
         k.usable()?;
         let versions: Vec<(u32, VersionId)> = k
@@ -530,18 +534,20 @@ impl Keyring {
         }
         failpoint::hit("destroy.after_intent");
         // From here on the versions are gone for callers, whatever happens next.
-        {
+        self.local_change(|| {
             let mut vmap = self.versions.write().unwrap_or_else(|p| p.into_inner());
             for (_, id) in &versions {
                 vmap.remove(id);
                 self.hsm.detach(*id);
             }
-        }
+        });
         if purge {
-            self.keys
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&k.name);
+            self.local_change(|| {
+                self.keys
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&k.name);
+            });
         } else {
             let mut entry = k.clone();
             entry
@@ -631,7 +637,7 @@ impl Keyring {
                 "this HSM has no usable RFC 5649 mechanism, which BYOK needs",
             ));
         }
-        let _w = self.write_lock.lock().await;
+        let _w = self.write().await?;
         let id = VersionId::random();
         let expires_ms = now_ms().saturating_add(IMPORT_KEY_TTL_MS);
         let mut keys = self.import_keys().await?;
@@ -704,7 +710,7 @@ impl Keyring {
             }
         };
         let oaep = self.hsm.capabilities().default_rsa_algorithm();
-        let _w = self.write_lock.lock().await;
+        let _w = self.write().await?;
         self.name_free(&name)?;
         let id = VersionId::random();
         let now = now_ms();
@@ -767,9 +773,23 @@ impl Keyring {
         for k in &all {
             match &k.lifecycle {
                 Lifecycle::Deleted { purge_at_ms, .. } if *purge_at_ms <= now => {
-                    let _w = self.write_lock.lock().await;
+                    let _w = match self.write().await {
+                        Ok(w) => w,
+                        Err(e) => {
+                            tracing::error!(key = %k.name, error = %e, "scheduled purge: cannot take the write lock; retrying later");
+                            continue;
+                        }
+                    };
+                    // Re-check under the lock: another replica (or a request) may have purged or
+                    // recovered it meanwhile.
+                    let k = match self.get(&k.name) {
+                        Ok(f) if matches!(f.lifecycle, Lifecycle::Deleted { purge_at_ms, .. } if purge_at_ms <= now) => {
+                            f
+                        }
+                        _ => continue,
+                    };
                     let versions = k.versions.iter().map(|v| (v.number, v.id)).collect();
-                    match self.destroy(k, versions, "purge", "scheduler").await {
+                    match self.destroy(&k, versions, "purge", "scheduler").await {
                         Ok(_) => tracing::info!(key = %k.name, "scheduled purge done"),
                         Err(e) => {
                             tracing::error!(key = %k.name, error = %e, "scheduled purge failed; retrying later")
@@ -782,7 +802,13 @@ impl Keyring {
                         _ => false,
                     };
                     if due {
-                        let _w = self.write_lock.lock().await;
+                        let _w = match self.write().await {
+                            Ok(w) => w,
+                            Err(e) => {
+                                tracing::error!(key = %k.name, error = %e, "automatic rotation: cannot take the write lock; retrying later");
+                                continue;
+                            }
+                        };
                         // Re-check under the lock: a manual rotation may have happened.
                         let fresh = self.get(&k.name).ok();
                         let still_due = fresh.as_ref().is_some_and(|f| {
@@ -825,30 +851,32 @@ impl Keyring {
         self.flush_usage().await;
     }
 
-    /// Saves usage counters that changed.
+    /// Adds the usage counted since the last save to the store (adding, so replicas counting
+    /// the same version do not overwrite each other).
     pub async fn flush_usage(&self) {
-        let dirty: Vec<(VersionId, u64, u64, Option<i64>)> = self
+        let unsaved: Vec<(VersionId, u64, u64, Option<i64>)> = self
             .usage
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter(|(_, u)| u.take_dirty())
-            .map(|(id, u)| {
+            .filter_map(|(id, u)| {
+                let (w, un) = u.take_unsaved()?;
                 let last = u.last_used_ms.load(Ordering::Relaxed);
-                (
-                    *id,
-                    u.wraps.load(Ordering::Relaxed),
-                    u.unwraps.load(Ordering::Relaxed),
-                    (last > 0).then_some(last),
-                )
+                Some((*id, w, un, (last > 0).then_some(last)))
             })
             .collect();
-        if dirty.is_empty() {
+        if unsaved.is_empty() {
             return;
         }
         let st = self.store.clone();
-        if let Err(e) = blocking(move || st.save_usage(&dirty).map_err(BrokerError::from)).await {
-            tracing::warn!(error = %e, "could not save usage counters");
+        let batch = unsaved.clone();
+        if let Err(e) = blocking(move || st.add_usage(&batch).map_err(BrokerError::from)).await {
+            tracing::warn!(error = %e, "could not save usage counters (kept for the next save)");
+            for (id, w, u, _) in unsaved {
+                if let Some(us) = self.usage(id) {
+                    us.restore_unsaved(w, u);
+                }
+            }
         }
     }
 

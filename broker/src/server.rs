@@ -90,6 +90,15 @@ pub async fn open_hsm(cfg: &Config) -> Result<Hsm, String> {
     Ok(hsm)
 }
 
+/// Opens the configured metadata store (SQLite or PostgreSQL) on a blocking thread.
+pub async fn open_store(cfg: &Config) -> Result<Store, String> {
+    let c = cfg.clone();
+    tokio::task::spawn_blocking(move || c.open_store())
+        .await
+        .map_err(|e| format!("store task failed: {e}"))?
+        .map_err(|e| format!("metadata store: {e}"))
+}
+
 /// Runs the broker until `shutdown` completes. Prints `keybroker: listening on ADDR` on stdout
 /// once it accepts connections.
 pub async fn run(
@@ -125,11 +134,8 @@ pub async fn run(
     for n in &caps.notes {
         tracing::warn!(note = %n, "capability probe");
     }
-    let store_path = cfg.path(&cfg.store.path);
-    let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
-        .await
-        .map_err(|e| format!("store task failed: {e}"))?
-        .map_err(|e| e.to_string())?;
+    let store = open_store(&cfg).await?;
+    tracing::info!(store = %store.describe(), shared = store.is_shared(), "metadata store open");
     let started = std::time::Instant::now();
     let (keyring, report) = Keyring::load(
         hsm,
@@ -149,11 +155,15 @@ pub async fn run(
         "keys loaded and verified"
     );
     let keyring = Arc::new(keyring);
+    keyring.set_max_staleness(Duration::from_millis(cfg.store.max_staleness_ms));
     let metrics = Arc::new(Metrics::new());
     keyring.hsm().set_observer(metrics.clone());
     let policy = Arc::new(cfg.policy()?);
     policy.watch();
     let store = keyring.store().clone();
+    // Replicas starting together must agree on one audit HMAC key: whoever creates it does so
+    // under the cluster-wide write lock.
+    let audit_lock = keyring.write().await.map_err(|e| e.to_string())?;
     let audit = AuditLog::open(
         AuditSettings {
             path: cfg.path(&cfg.audit.path),
@@ -165,7 +175,17 @@ pub async fn run(
         store.clone(),
     )
     .await?;
+    drop(audit_lock);
     let hyok = Arc::new(HyokSwitch::load(store).await.map_err(|e| e.to_string())?);
+    {
+        let h = Arc::downgrade(&hyok);
+        keyring.on_setting(crate::hyok::SETTING, move |v| {
+            if let Some(h) = h.upgrade() {
+                h.apply_stored(v);
+            }
+        });
+    }
+    keyring.spawn_change_listener();
     keyring.attach_audit(audit.clone());
     for r in &report.finished_destructions {
         keyring.write_receipt(r).await.map_err(|e| e.to_string())?;

@@ -331,7 +331,12 @@ impl Api {
             hyok_gated: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         let mut result = if ctx.policy.knows(&ctx.caller) {
-            f(ctx.clone(), req.into_inner()).instrument(span).await
+            // With replicas, this replica's cache first catches up with every change made
+            // through any of them (see `replica`).
+            match self.keyring.sync().await {
+                Ok(()) => f(ctx.clone(), req.into_inner()).instrument(span).await,
+                Err(e) => Err(e),
+            }
         } else {
             Err(BrokerError::PermissionDenied(format!(
                 "identity {} has no role on this broker",
@@ -340,13 +345,15 @@ impl Api {
         };
         // The kill switch may have been thrown while the HSM worked: nothing reaches a
         // disconnected service identity after Disconnect returned.
-        if result.is_ok()
-            && ctx.hyok_gated.load(std::sync::atomic::Ordering::SeqCst)
-            && !self.hyok.connected()
-        {
-            result = Err(BrokerError::PermissionDenied(
-                "the key owner has disconnected HYOK service access".into(),
-            ));
+        if result.is_ok() && ctx.hyok_gated.load(std::sync::atomic::Ordering::SeqCst) {
+            // With replicas, the switch may have been thrown through another one.
+            if let Err(e) = self.keyring.sync_now().await {
+                result = Err(e);
+            } else if !self.hyok.connected() {
+                result = Err(BrokerError::PermissionDenied(
+                    "the key owner has disconnected HYOK service access".into(),
+                ));
+            }
         }
         let latency_us = start.elapsed().as_micros() as u64;
         let (code, message) = match &result {

@@ -5,6 +5,8 @@
 //! * [`kryoptic`]: the same for Kryoptic, keybroker's second CI token (an independent PKCS#11
 //!   implementation), whose module `kryoptic/build.sh` builds from crates.io.
 //! * [`token`]: a token of either kind behind one type, chosen by `KEYBROKER_TEST_TOKEN`.
+//! * [`postgres`]: a private PostgreSQL server (Debian's package) on loopback in a temporary
+//!   directory, for the replica tests.
 //! * [`pki`]: a PKI made with rcgen — a CA, a server certificate for `localhost`/`127.0.0.1`,
 //!   client certificates carrying SPIFFE IDs or DNS names, an expired client certificate and a
 //!   client certificate from a foreign CA.
@@ -13,6 +15,7 @@
 
 pub mod kryoptic;
 pub mod pki;
+pub mod postgres;
 pub mod softhsm;
 pub mod token;
 

@@ -822,18 +822,25 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
 
 /// `keybroker audit verify`.
 pub async fn audit_verify(file: &std::path::Path, cfg: Option<&Config>) -> Result<(), String> {
-    use crate::audit::{SETTING_KEY_ID, SETTING_LAST_CHECKPOINT, verify_chain};
+    use crate::audit::{SETTING_KEY_ID, checkpoint_setting, verify_chain};
     let text = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
     let (mut v, macs, checkpoints) = verify_chain(&text);
     let mut mode =
         "hash chain only (give --config to check checkpoint MACs in the HSM and truncation)";
     if let Some(cfg) = cfg {
         mode = "hash chain, checkpoint MACs (HSM) and the last recorded checkpoint";
-        let store =
-            crate::store::Store::open(&cfg.path(&cfg.store.path)).map_err(|e| e.to_string())?;
-        let key_id = store
-            .setting(SETTING_KEY_ID)
-            .map_err(|e| e.to_string())?
+        let (c, f) = (cfg.clone(), file.to_path_buf());
+        let (key_id, recorded) = tokio::task::spawn_blocking(move || {
+            let store = c.open_store()?;
+            let key_id = store.setting(SETTING_KEY_ID).map_err(|e| e.to_string())?;
+            let recorded = store
+                .setting(&checkpoint_setting(&store, &f))
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((key_id, recorded))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let key_id = key_id
             .and_then(|h| hex::decode(h).ok())
             .and_then(|b| crate::model::VersionId::from_slice(&b))
             .ok_or(
@@ -852,9 +859,7 @@ pub async fn audit_verify(file: &std::path::Path, cfg: Option<&Config>) -> Resul
                 Err(e) => return Err(format!("HSM: {e}")),
             }
         }
-        if let Some(rec) = store
-            .setting(SETTING_LAST_CHECKPOINT)
-            .map_err(|e| e.to_string())?
+        if let Some(rec) = recorded
             && !checkpoints.iter().any(|(s, h)| format!("{s}:{h}") == rec)
         {
             let seq = rec.split(':').next().unwrap_or("?");

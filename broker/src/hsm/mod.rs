@@ -20,6 +20,7 @@ pub(crate) mod kat_rsa;
 pub mod ops;
 pub mod probe;
 pub mod profile;
+mod replica;
 pub mod template;
 
 use std::{

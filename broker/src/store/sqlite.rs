@@ -1,161 +1,26 @@
-//! The metadata store: key names, types, algorithms, attributes, lifecycle, versions, usage and
-//! canaries — never key material (the HSM holds that). The embedded default is one SQLite file.
+//! The embedded metadata store: one SQLite file, for one broker process (the default).
 //!
 //! Durability: WAL journal with `synchronous = FULL`, so a committed change survives a crash or
-//! power loss. Changes that touch both the HSM and the store are written as intents first, so a
-//! crash at any point loses nothing acknowledged and leaves nothing unexplained:
-//!
-//! * create/rotate/import: a version row is inserted as `pending` (with the id the HSM object
-//!   will carry) and committed; the HSM object is made and checked, its canary made; the row
-//!   becomes `active` — only then is the request acknowledged. At start-up a `pending` row means
-//!   the last step never happened: its HSM object (if any) is destroyed and the row removed.
-//! * purge/trim: a `destructions` row per version is committed (and a purged key's lifecycle set
-//!   to `purging`) before any HSM object is destroyed; the rows go when the objects are gone. At
-//!   start-up the remaining rows are finished.
+//! power loss. The intent rows that make HSM changes crash-safe are described in [`super`].
 //!
 //! Schema versions are tracked with `PRAGMA user_version` and migrated forward at open.
-//! All calls are blocking; the keyring runs them on blocking threads.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Mutex, MutexGuard},
 };
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::{
-    error::BrokerError,
-    model::{Algorithm, KeyAttributes, KeyName, KeyType, Origin, VersionId},
+use super::{
+    PendingDestruction, StoreError, StoredKey, StoredLifecycle, StoredVersion, VersionState,
 };
-
-/// A stored version's state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VersionState {
-    /// Being created; not acknowledged.
-    Pending,
-    /// Created, checked and acknowledged.
-    Active,
-}
-
-/// One stored version.
-#[derive(Clone, Debug)]
-pub struct StoredVersion {
-    /// The version number.
-    pub number: u32,
-    /// The version id (`CKA_ID`).
-    pub id: VersionId,
-    /// Pending or active.
-    pub state: VersionState,
-    /// Creation time (ms since the epoch).
-    pub created_at_ms: i64,
-    /// The canary envelope (a random value wrapped at creation).
-    pub canary: Option<Vec<u8>>,
-    /// SHA-256 of the canary's plaintext.
-    pub canary_digest: Option<Vec<u8>>,
-    /// Generated or imported.
-    pub origin: Origin,
-    /// When this version stops wrapping.
-    pub expires_ms: Option<i64>,
-    /// Usage: wraps.
-    pub wraps: u64,
-    /// Usage: unwraps.
-    pub unwraps: u64,
-    /// Usage: last use (ms).
-    pub last_used_ms: Option<i64>,
-}
-
-/// A key's lifecycle as stored.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StoredLifecycle {
-    /// In use.
-    Active,
-    /// Soft-deleted.
-    Deleted {
-        /// When.
-        deleted_at_ms: i64,
-        /// When it will be purged.
-        purge_at_ms: i64,
-        /// Who.
-        deleted_by: String,
-    },
-    /// Being purged (destruction rows exist).
-    Purging,
-}
-
-/// One stored key with its versions (oldest first).
-#[derive(Clone, Debug)]
-pub struct StoredKey {
-    /// The full name.
-    pub name: KeyName,
-    /// The key type.
-    pub key_type: KeyType,
-    /// The algorithm.
-    pub algorithm: Algorithm,
-    /// Creation time (ms since the epoch).
-    pub created_at_ms: i64,
-    /// Last attribute change (ms).
-    pub updated_at_ms: i64,
-    /// Attributes.
-    pub attributes: KeyAttributes,
-    /// Lifecycle.
-    pub lifecycle: StoredLifecycle,
-    /// The versions, oldest first.
-    pub versions: Vec<StoredVersion>,
-}
-
-/// A destruction that was started and may not have finished.
-#[derive(Clone, Debug)]
-pub struct PendingDestruction {
-    /// The version's id.
-    pub id: VersionId,
-    /// The key.
-    pub key: KeyName,
-    /// The version number.
-    pub version: u32,
-    /// `purge` or `trim`.
-    pub reason: String,
-    /// Who asked.
-    pub requested_by: String,
-}
-
-/// Errors of the store.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The key name is taken.
-    #[error("key {0} already exists")]
-    AlreadyExists(String),
-    /// No such key.
-    #[error("key {0} not found")]
-    NotFound(String),
-    /// SQLite failed.
-    #[error("metadata store: {0}")]
-    Db(#[from] rusqlite::Error),
-    /// The stored data is not what this version of keybroker understands.
-    #[error("metadata store is corrupt: {0}")]
-    Corrupt(String),
-}
-
-impl From<StoreError> for BrokerError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::AlreadyExists(m) => {
-                BrokerError::AlreadyExists(format!("key {m} already exists"))
-            }
-            StoreError::NotFound(m) => BrokerError::NotFound(format!("key {m} not found")),
-            StoreError::Db(e) => {
-                tracing::error!(error = %e, "metadata store failed");
-                BrokerError::Unavailable("the metadata store is unavailable".into())
-            }
-            StoreError::Corrupt(m) => {
-                BrokerError::internal(format!("metadata store is corrupt: {m}"))
-            }
-        }
-    }
-}
+use crate::model::{Algorithm, KeyAttributes, KeyName, KeyType, Origin, VersionId};
 
 /// The SQLite store.
-pub struct Store {
+pub struct SqliteStore {
     conn: Mutex<Connection>,
+    path: PathBuf,
 }
 
 /// Schema version 1: keys and versions.
@@ -211,7 +76,7 @@ CREATE TABLE destructions (
 
 const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
 
-impl Store {
+impl SqliteStore {
     /// Opens (creating if needed) the store at `path` and migrates its schema forward.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent()
@@ -255,7 +120,20 @@ impl Store {
         }
         Ok(Self {
             conn: Mutex::new(conn),
+            path: path.to_path_buf(),
         })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The schema version (`PRAGMA user_version`).
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?)
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -313,6 +191,7 @@ impl Store {
                     attributes,
                     lifecycle,
                     versions: Vec::new(),
+                    stamp: 0,
                 },
             ));
         }
@@ -359,6 +238,7 @@ impl Store {
                 wraps: r.get::<_, i64>(9)?.max(0) as u64,
                 unwraps: r.get::<_, i64>(10)?.max(0) as u64,
                 last_used_ms: r.get(11)?,
+                owner: None,
             });
         }
         Ok(keys.into_iter().map(|(_, k)| k).collect())
@@ -578,6 +458,7 @@ impl Store {
                 version: r.get(3)?,
                 reason: r.get(4)?,
                 requested_by: r.get(5)?,
+                owner: None,
             });
         }
         Ok(out)
@@ -616,8 +497,8 @@ impl Store {
         Ok(())
     }
 
-    /// Saves usage counters (absolute values) for versions.
-    pub fn save_usage(
+    /// Adds usage counted since the last save.
+    pub fn add_usage(
         &self,
         usage: &[(VersionId, u64, u64, Option<i64>)],
     ) -> Result<(), StoreError> {
@@ -625,8 +506,16 @@ impl Store {
         let tx = conn.transaction()?;
         for (id, w, u, last) in usage {
             tx.execute(
-                "UPDATE key_versions SET wraps = ?2, unwraps = ?3, last_used_ms = ?4 WHERE object_id = ?1",
-                params![id.as_bytes().as_slice(), *w as i64, *u as i64, last],
+                "UPDATE key_versions SET wraps = wraps + ?2, unwraps = unwraps + ?3,
+                        last_used_ms = CASE WHEN ?4 IS NULL THEN last_used_ms
+                                            ELSE MAX(COALESCE(last_used_ms, 0), ?4) END
+                 WHERE object_id = ?1",
+                params![
+                    id.as_bytes().as_slice(),
+                    i64::try_from(*w).unwrap_or(i64::MAX),
+                    i64::try_from(*u).unwrap_or(i64::MAX),
+                    last
+                ],
             )?;
         }
         tx.commit()?;
@@ -664,7 +553,7 @@ mod tests {
         KeyName::parse(s).expect("valid name")
     }
 
-    fn create(s: &Store, n: &str, v: VersionId) -> Result<(), StoreError> {
+    fn create(s: &SqliteStore, n: &str, v: VersionId) -> Result<(), StoreError> {
         s.begin_create(
             &name(n),
             KeyType::Aes256,
@@ -683,7 +572,7 @@ mod tests {
         let v1 = VersionId::random();
         let v2 = VersionId::random();
         {
-            let s = Store::open(&path).expect("open");
+            let s = SqliteStore::open(&path).expect("open");
             create(&s, "t/k", v1).expect("create");
             assert!(matches!(
                 create(&s, "t/k", VersionId::random()),
@@ -695,7 +584,7 @@ mod tests {
                 2
             );
         }
-        let s = Store::open(&path).expect("reopen");
+        let s = SqliteStore::open(&path).expect("reopen");
         let all = s.load_all().expect("load");
         assert_eq!(all.len(), 1);
         let k = &all[0];
@@ -712,7 +601,7 @@ mod tests {
     #[test]
     fn aborting_the_only_version_removes_the_key() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let s = Store::open(&dir.path().join("m.db")).expect("open");
+        let s = SqliteStore::open(&dir.path().join("m.db")).expect("open");
         let v = VersionId::random();
         create(&s, "k", v).expect("create");
         s.abort_version(v).expect("abort");
@@ -735,7 +624,7 @@ mod tests {
             c.execute("INSERT INTO key_versions (key_id, version, object_id, state, created_at_ms) VALUES (1, 1, x'00112233445566778899aabbccddeeff', 'active', 5)", [])
                 .expect("row");
         }
-        let s = Store::open(&path).expect("migrate");
+        let s = SqliteStore::open(&path).expect("migrate");
         let all = s.load_all().expect("load");
         assert_eq!(all[0].name.to_string(), "t/old");
         assert_eq!(all[0].attributes, KeyAttributes::default());
@@ -753,13 +642,13 @@ mod tests {
         let path = dir.path().join("m.db");
         let v = VersionId::random();
         {
-            let s = Store::open(&path).expect("open");
+            let s = SqliteStore::open(&path).expect("open");
             create(&s, "t/k", v).expect("create");
             s.commit_version(v, b"c", b"d").expect("commit");
             s.begin_destroy(&name("t/k"), &[(1, v)], "purge", "alice", 9)
                 .expect("intent");
         }
-        let s = Store::open(&path).expect("reopen");
+        let s = SqliteStore::open(&path).expect("reopen");
         let p = s.pending_destructions().expect("pending");
         assert_eq!((p.len(), p[0].id, p[0].reason.as_str()), (1, v, "purge"));
         assert_eq!(
