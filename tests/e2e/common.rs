@@ -54,6 +54,9 @@ pub struct Options {
     pub wrapper: Vec<String>,
     /// Extra `[lifecycle]` lines.
     pub lifecycle_extra: String,
+    /// The `[store]` lines instead of the default `path = "keybroker.db"` (e.g. a PostgreSQL
+    /// `url`).
+    pub store: Option<String>,
 }
 
 impl Env {
@@ -95,7 +98,7 @@ pin_file = "{pin}"
 sessions = 4
 {extra}
 [store]
-path = "keybroker.db"
+{store}
 [audit]
 path = "audit.log"
 {audit_extra}
@@ -122,6 +125,7 @@ path = "audit.log"
                 None => format!("allow = [\"{TEST_CLIENT_ID}\", \"{TEST_DNS_CLIENT}\"]"),
             },
             sections = opts.sections,
+            store = opts.store.as_deref().unwrap_or("path = \"keybroker.db\""),
         );
         std::fs::write(&config, text).expect("write config");
         Self {
@@ -184,6 +188,15 @@ path = "audit.log"
 
     /// Starts the broker with extra environment variables (e.g. `KEYBROKER_FAILPOINTS`).
     pub async fn try_start_with(&self, envs: &[(&str, &str)]) -> Result<Broker, String> {
+        self.try_start_config(&self.config, envs).await
+    }
+
+    /// Starts a broker with another config file (e.g. a second replica on the same token).
+    pub async fn try_start_config(
+        &self,
+        config: &Path,
+        envs: &[(&str, &str)],
+    ) -> Result<Broker, String> {
         let mut cmd = match self.opts.wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = tokio::process::Command::new(first);
@@ -194,7 +207,7 @@ path = "audit.log"
         };
         let mut child = cmd
             .args(["serve", "--config"])
-            .arg(&self.config)
+            .arg(config)
             .envs(self.token.env())
             .envs(envs.iter().copied())
             .env(

@@ -15,6 +15,7 @@ mod lifecycle;
 mod observability;
 mod portability;
 mod properties;
+mod replicas;
 mod rsa_interop;
 mod sdk;
 mod tls;
