@@ -14,6 +14,7 @@ use serde::Deserialize;
 use crate::{
     hsm::{HsmSettings, TokenSelector},
     keyring::IntegrityPolicy,
+    pkcs11_uri::{PinSource, Pkcs11Uri},
 };
 
 /// The whole configuration.
@@ -115,8 +116,11 @@ fn default_handshake_ms() -> u64 {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HsmConfig {
-    /// The PKCS#11 module path.
-    pub module: PathBuf,
+    /// The PKCS#11 module path (or `module-path` in `uri`).
+    pub module: Option<PathBuf>,
+    /// A PKCS #11 URI (RFC 7512) selecting the module and token, instead of `module` and
+    /// `token_label`/`token_serial`/`slot_id`; it may carry `pin-source` (never `pin-value`).
+    pub uri: Option<String>,
     /// Token label.
     pub token_label: Option<String>,
     /// Token serial number (preferred: slot ids change on replug).
@@ -374,21 +378,73 @@ impl Config {
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<(), String> {
-        if self.hsm.pin_file.is_some() == self.hsm.pin_env.is_some() {
-            return Err(
+    /// The parsed `[hsm] uri`, if any (validated at load).
+    pub fn hsm_uri(&self) -> Result<Option<Pkcs11Uri>, String> {
+        self.hsm
+            .uri
+            .as_deref()
+            .map(|u| Pkcs11Uri::parse(u).map_err(|e| format!("hsm.uri: {e}")))
+            .transpose()
+    }
+
+    fn validate_hsm(&self) -> Result<(), String> {
+        let h = &self.hsm;
+        let uri = self.hsm_uri()?;
+        let uri_pin = uri.as_ref().is_some_and(|u| u.pin_source.is_some());
+        let pins = [uri_pin, h.pin_file.is_some(), h.pin_env.is_some()];
+        if pins.iter().filter(|p| **p).count() != 1 {
+            return Err(if uri.is_some() {
+                "set exactly one PIN source: pin-source in hsm.uri, hsm.pin_file or hsm.pin_env (a PIN is never written inline)".into()
+            } else {
                 "set exactly one of hsm.pin_file and hsm.pin_env (a PIN is never written inline)"
-                    .into(),
-            );
+                    .into()
+            });
         }
-        if self.hsm.token_label.is_none()
-            && self.hsm.token_serial.is_none()
-            && self.hsm.slot_id.is_none()
-        {
-            return Err(
-                "select the token with hsm.token_serial, hsm.token_label or hsm.slot_id".into(),
-            );
+        match uri {
+            Some(u) => {
+                if !u.object_attributes.is_empty() {
+                    return Err(format!(
+                        "hsm.uri names objects ({}): it selects the token only; the broker finds its keys itself",
+                        u.object_attributes.join(", ")
+                    ));
+                }
+                if h.token_label.is_some() || h.token_serial.is_some() || h.slot_id.is_some() {
+                    return Err("with hsm.uri, select the token in the URI, not with hsm.token_label, hsm.token_serial or hsm.slot_id".into());
+                }
+                match (&u.module_path, &h.module) {
+                    (Some(_), Some(_)) => {
+                        return Err(
+                            "name the module once: module-path in hsm.uri or hsm.module".into()
+                        );
+                    }
+                    (None, None) => {
+                        return Err(
+                            "hsm.uri has no module-path; add ?module-path=/path/to/module.so or set hsm.module".into(),
+                        );
+                    }
+                    _ => {}
+                }
+                if !u.selects_token() {
+                    return Err("hsm.uri selects no token: give token, serial, slot-id (or manufacturer, model, slot-description, slot-manufacturer)".into());
+                }
+            }
+            None => {
+                if h.module.is_none() {
+                    return Err("set hsm.module (or hsm.uri with module-path)".into());
+                }
+                if h.token_label.is_none() && h.token_serial.is_none() && h.slot_id.is_none() {
+                    return Err(
+                        "select the token with hsm.token_serial, hsm.token_label or hsm.slot_id (or hsm.uri)"
+                            .into(),
+                    );
+                }
+            }
         }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.validate_hsm()?;
         match (&self.access.policy_file, &self.access.allow) {
             (Some(_), Some(_)) | (None, None) => {
                 return Err("set exactly one of access.policy_file and access.allow".into());
@@ -554,7 +610,13 @@ impl Config {
 
     /// Reads the PIN from its file or environment variable.
     pub fn read_pin(&self) -> Result<SecretString, String> {
-        if let Some(f) = &self.hsm.pin_file {
+        let from_uri = self.hsm_uri()?.and_then(|u| u.pin_source);
+        let (pin_file, pin_env) = match from_uri {
+            Some(PinSource::File(f)) => (Some(f), None),
+            Some(PinSource::Env(v)) => (None, Some(v)),
+            None => (self.hsm.pin_file.clone(), self.hsm.pin_env.clone()),
+        };
+        if let Some(f) = &pin_file {
             let f = self.path(f);
             let text = std::fs::read_to_string(&f)
                 .map_err(|e| format!("cannot read hsm.pin_file {}: {e}", f.display()))?;
@@ -564,7 +626,7 @@ impl Config {
             }
             return Ok(SecretString::from(pin));
         }
-        if let Some(var) = &self.hsm.pin_env {
+        if let Some(var) = &pin_env {
             let pin = std::env::var(var)
                 .map_err(|_| format!("environment variable {var} (hsm.pin_env) is not set"))?;
             if pin.is_empty() {
@@ -580,13 +642,35 @@ impl Config {
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
-        HsmSettings {
-            module: self.path(&self.hsm.module),
-            token: TokenSelector {
+        let uri = self.hsm_uri().ok().flatten();
+        let module = uri
+            .as_ref()
+            .and_then(|u| u.module_path.clone())
+            .or_else(|| self.hsm.module.clone())
+            .unwrap_or_default();
+        let token = match uri {
+            Some(u) => TokenSelector {
+                label: u.token,
+                serial: u.serial,
+                slot: u.slot_id,
+                manufacturer: u.manufacturer,
+                model: u.model,
+                slot_description: u.slot_description,
+                slot_manufacturer: u.slot_manufacturer,
+                library_manufacturer: u.library_manufacturer,
+                library_description: u.library_description,
+                library_version: u.library_version,
+            },
+            None => TokenSelector {
                 label: self.hsm.token_label.clone(),
                 serial: self.hsm.token_serial.clone(),
                 slot: self.hsm.slot_id,
+                ..Default::default()
             },
+        };
+        HsmSettings {
+            module: self.path(&module),
+            token,
             pin,
             sessions: self.hsm.sessions.unwrap_or((cpus * 2).max(4)),
             acquire_timeout: Duration::from_millis(self.hsm.session_wait_ms),
@@ -669,6 +753,105 @@ allow = ["spiffe://example.org/app"]
             let policy = c.policy().unwrap_or_else(|e| panic!("{name}: {e}")).get();
             assert!(!policy.bindings.is_empty(), "{name}");
             assert_eq!(policy.hyok.is_some(), name == "hyok", "{name}");
+        }
+    }
+
+    #[test]
+    fn a_pkcs11_uri_selects_module_token_and_pin() {
+        let uri = MINIMAL
+            .replace("module = \"/usr/lib/softhsm/libsofthsm2.so\"\n", "")
+            .replace("token_label = \"kb\"\n", "")
+            .replace(
+                "pin_env = \"KB_PIN\"",
+                "uri = \"pkcs11:token=prod;serial=42;slot-id=0?module-path=/usr/lib/x.so&pin-source=file:/etc/kb/pin\"",
+            );
+        let c = parse(&uri).expect("valid");
+        let s = c.hsm_settings(SecretString::from(String::new()));
+        assert_eq!(s.module, PathBuf::from("/usr/lib/x.so"));
+        assert_eq!(
+            (
+                s.token.label.as_deref(),
+                s.token.serial.as_deref(),
+                s.token.slot
+            ),
+            (Some("prod"), Some("42"), Some(0))
+        );
+        let e = c.read_pin().expect_err("no such file");
+        assert!(e.contains("/etc/kb/pin"), "{e}");
+        for (text, why) in [
+            (
+                uri.replace("pin-source=file:/etc/kb/pin", "pin-value=1234"),
+                "pin-value is refused: a PIN is never written inline",
+            ),
+            (
+                uri.replace("[hsm]\n", "[hsm]\npin_env = \"KB_PIN\"\n"),
+                "set exactly one PIN source",
+            ),
+            (
+                uri.replace("[hsm]\n", "[hsm]\ntoken_label = \"kb\"\n"),
+                "with hsm.uri, select the token in the URI",
+            ),
+            (
+                uri.replace("[hsm]\n", "[hsm]\nmodule = \"/usr/lib/y.so\"\n"),
+                "name the module once",
+            ),
+            (
+                uri.replace("?module-path=/usr/lib/x.so&", "?"),
+                "hsm.uri has no module-path",
+            ),
+            (
+                uri.replace("token=prod;serial=42;slot-id=0", "object=k"),
+                "hsm.uri names objects (object)",
+            ),
+            (
+                uri.replace("token=prod;serial=42;slot-id=0", "library-version=1"),
+                "hsm.uri selects no token",
+            ),
+        ] {
+            let e = parse(&text).expect_err(why);
+            assert!(e.contains(why), "{why}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_store_is_sqlite_by_default_or_postgres_by_url_without_an_inline_password() {
+        let c = parse(MINIMAL).expect("valid");
+        match c.store_location() {
+            StoreLocation::Sqlite(p) => assert!(p.ends_with("keybroker.db"), "{p:?}"),
+            other => panic!("{other:?}"),
+        }
+        let pg = parse(&format!(
+            "{MINIMAL}[store]\nurl = \"postgres://kb@db.internal:5432/kb\"\npassword_env = \"KB_DB\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(
+            pg.store_location(),
+            StoreLocation::Postgres("postgres://kb@db.internal:5432/kb".into())
+        );
+        for (store, why) in [
+            (
+                "url = \"postgres://kb:hunter2@db/kb\"",
+                "store.url carries a password",
+            ),
+            (
+                "url = \"postgres://kb@db/kb\"\npath = \"x.db\"",
+                "set one of store.path (SQLite) and store.url (PostgreSQL)",
+            ),
+            (
+                "url = \"mysql://db/kb\"",
+                "store.url must be a PostgreSQL URL",
+            ),
+            (
+                "path = \"x.db\"\npassword_env = \"X\"",
+                "store.password_file/password_env need store.url",
+            ),
+            (
+                "url = \"postgres://kb@db/kb\"\npassword_env = \"X\"\npassword_file = \"f\"",
+                "set at most one of store.password_file and store.password_env",
+            ),
+        ] {
+            let e = parse(&format!("{MINIMAL}[store]\n{store}\n")).expect_err(why);
+            assert!(e.contains(why), "{why}: {e}");
         }
     }
 

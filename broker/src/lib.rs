@@ -12,7 +12,8 @@
 //! * [`service`] — the `keybroker.v1` gRPC services (conversion only).
 //! * [`keyring`] — key operations in domain terms; start-up reconciliation and integrity checks.
 //! * [`envelope`] — the wrapped-DEK format, byte by byte.
-//! * [`hsm`] — the only module that uses `cryptoki`.
+//! * [`hsm`] — the only module that uses `cryptoki`; [`pkcs11_uri`] — RFC 7512 URIs that select
+//!   the module and token.
 //! * [`store`] — key metadata (never key material): SQLite, or PostgreSQL for several replicas;
 //!   [`replica`] — keeping each replica's cache in step with the shared store.
 //! * [`model`], [`error`] — domain types and the one error → status mapping.
@@ -39,6 +40,7 @@ pub mod kms;
 pub mod lifecycle;
 pub mod metrics;
 pub mod model;
+pub mod pkcs11_uri;
 pub mod policy;
 pub mod replica;
 pub mod server;

@@ -72,6 +72,11 @@ pub fn harden_process() {
 
 /// Opens the HSM described by `cfg` (blocking work on a blocking thread).
 pub async fn open_hsm(cfg: &Config) -> Result<Hsm, String> {
+    if let Some(u) = cfg.hsm_uri()? {
+        for a in &u.ignored {
+            tracing::warn!(attribute = %a, "hsm.uri: query attribute not known to keybroker, ignored (RFC 7512 lets a consumer ignore vendor query attributes)");
+        }
+    }
     let pin = cfg.read_pin()?;
     let settings = cfg.hsm_settings(pin);
     let hsm = tokio::task::spawn_blocking(move || Hsm::open(&settings))

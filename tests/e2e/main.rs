@@ -13,6 +13,7 @@ mod keys;
 mod kms_v2;
 mod lifecycle;
 mod observability;
+mod pkcs11_uri;
 mod portability;
 mod properties;
 mod replicas;

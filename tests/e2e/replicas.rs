@@ -54,10 +54,7 @@ async fn rotate(c: &mut Clients, key: &str) -> Result<pb::Key, tonic::Status> {
 
 async fn versions(c: &mut Clients, key: &str) -> Vec<u32> {
     c.mgmt
-        .list_key_versions(pb::ListKeyVersionsRequest {
-            key: key.into(),
-            ..Default::default()
-        })
+        .list_key_versions(pb::ListKeyVersionsRequest { key: key.into() })
         .await
         .expect("list versions")
         .into_inner()
@@ -284,6 +281,12 @@ async fn delete_recover_and_purge_through_one_replica_are_in_force_on_the_other(
     );
     b.stop().await;
     a.stop().await;
+
+    // check-config reaches the database and reports its schema without changing it.
+    let report = env.check_config().expect("check-config");
+    assert_eq!(report["store"]["kind"], "postgres");
+    assert_eq!(report["store"]["schema_version"], 2);
+    assert_eq!(report["store"]["schema"], "up to date");
 }
 
 #[tokio::test]

@@ -29,8 +29,17 @@ pub async fn check_config(cfg: &Config) -> Result<(), String> {
         client_ca: &cfg.path(&cfg.tls.client_ca),
         crls: &cfg.tls.crl.iter().map(|p| cfg.path(p)).collect::<Vec<_>>(),
     })?;
+    let store = probe_store(cfg).await?;
     let hsm = crate::server::open_hsm(cfg).await?;
+    let uri = cfg.hsm_uri()?.map(|u| {
+        json!({
+            "selector": cfg.hsm_settings(secrecy::SecretString::from(String::new())).token,
+            "ignored_query_attributes": u.ignored,
+        })
+    });
     let report = json!({
+        "store": store,
+        "hsm_uri": uri,
         "token": hsm.token(),
         "profile": hsm.profile(),
         "capabilities": hsm.capabilities(),
@@ -46,6 +55,80 @@ pub async fn check_config(cfg: &Config) -> Result<(), String> {
     );
     println!("configuration OK");
     Ok(())
+}
+
+/// What `check-config` says about the metadata store: reachable, which schema, and whether the
+/// next start would migrate it. Changes nothing.
+async fn probe_store(cfg: &Config) -> Result<serde_json::Value, String> {
+    use crate::config::StoreLocation;
+    let known = |v: Option<i64>, max: usize| match v {
+        None => "empty: the broker creates its schema at start".to_string(),
+        Some(v) if v == max as i64 => "up to date".to_string(),
+        Some(v) if v < max as i64 => format!("the broker migrates it from {v} to {max} at start"),
+        Some(v) => format!("{v} is NEWER than this keybroker understands ({max}): start refused"),
+    };
+    match cfg.store_location() {
+        StoreLocation::Sqlite(path) => {
+            let exists = path.exists();
+            let schema = if exists {
+                let p = path.clone();
+                tokio::task::spawn_blocking(move || {
+                    let c = rusqlite::Connection::open_with_flags(
+                        &p,
+                        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                    )?;
+                    c.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("store.path {}: {e}", path.display()))
+                .map(Some)?
+            } else {
+                None
+            };
+            if let Some(v) = schema
+                && v > crate::store::sqlite::SCHEMA_VERSION as i64
+            {
+                return Err(format!(
+                    "store.path {}: schema version {v} is newer than this keybroker understands",
+                    path.display()
+                ));
+            }
+            Ok(json!({
+                "kind": "sqlite",
+                "path": path,
+                "schema_version": schema,
+                "schema": known(schema.filter(|v| *v > 0), crate::store::sqlite::SCHEMA_VERSION),
+            }))
+        }
+        StoreLocation::Postgres(url) => {
+            use secrecy::ExposeSecret;
+            let pw = cfg.read_store_password()?;
+            let u = url.clone();
+            let (server, schema) = tokio::task::spawn_blocking(move || {
+                crate::store::PgStore::probe(&u, pw.as_ref().map(|p| p.expose_secret()))
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("store.url: cannot reach PostgreSQL: {e}"))?;
+            let max = crate::store::postgres::MIGRATIONS.len();
+            if schema.is_some_and(|v| v > max as i64) {
+                return Err(format!(
+                    "store.url: schema version {} is newer than this keybroker understands ({max})",
+                    schema.unwrap_or_default()
+                ));
+            }
+            let parsed: Result<tokio_postgres::Config, _> = url.parse();
+            Ok(json!({
+                "kind": "postgres",
+                "url": parsed.map(|c| crate::store::postgres::describe_config(&c)).unwrap_or_default(),
+                "server_version": server,
+                "schema_version": schema,
+                "schema": known(schema, max),
+                "max_staleness_ms": cfg.store.max_staleness_ms,
+            }))
+        }
+    }
 }
 
 fn settings(c: &ConnArgs) -> Result<ClientSettings, String> {

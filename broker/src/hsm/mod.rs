@@ -54,7 +54,8 @@ pub use self::{
 };
 use crate::model::{Algorithm, Dek, KeyType, Origin, VersionId};
 
-/// Which token to use. Serial number is the most stable (slot ids change on replug).
+/// Which token to use. Serial number is the most stable (slot ids change on replug). Every
+/// field that is set must match (the last ones come from a PKCS #11 URI, `pkcs11_uri`).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct TokenSelector {
     /// `CK_TOKEN_INFO.label`.
@@ -63,6 +64,27 @@ pub struct TokenSelector {
     pub serial: Option<String>,
     /// The slot id.
     pub slot: Option<u64>,
+    /// `CK_TOKEN_INFO.manufacturerID`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manufacturer: Option<String>,
+    /// `CK_TOKEN_INFO.model`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// `CK_SLOT_INFO.slotDescription`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slot_description: Option<String>,
+    /// `CK_SLOT_INFO.manufacturerID`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slot_manufacturer: Option<String>,
+    /// `CK_INFO.manufacturerID` of the module.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub library_manufacturer: Option<String>,
+    /// `CK_INFO.libraryDescription` of the module.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub library_description: Option<String>,
+    /// `CK_INFO.libraryVersion` of the module (major, minor).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub library_version: Option<(u8, u8)>,
 }
 
 /// How to open the HSM.
@@ -1312,6 +1334,33 @@ fn select_token(
     ctx: &Pkcs11,
     sel: &TokenSelector,
 ) -> Result<(Slot, cryptoki::slot::TokenInfo), HsmError> {
+    // Attributes of the module itself (from a PKCS #11 URI): it is the wrong module, whatever
+    // its tokens are.
+    if sel.library_manufacturer.is_some()
+        || sel.library_description.is_some()
+        || sel.library_version.is_some()
+    {
+        let info = ctx
+            .get_library_info()
+            .map_err(|e| HsmError::from_ck("C_GetInfo", e))?;
+        let (maj, min) = (
+            info.library_version().major(),
+            info.library_version().minor(),
+        );
+        let man = info.manufacturer_id().trim().to_string();
+        let desc = info.library_description().trim().to_string();
+        if sel.library_manufacturer.as_ref().is_some_and(|m| *m != man)
+            || sel.library_description.as_ref().is_some_and(|d| *d != desc)
+            || sel.library_version.is_some_and(|v| v != (maj, min))
+        {
+            return Err(HsmError::setup(
+                "find the token",
+                format!(
+                    "the module is {desc:?} {maj}.{min} by {man:?}, not the library the PKCS #11 URI names"
+                ),
+            ));
+        }
+    }
     let slots = ctx
         .get_slots_with_initialized_token()
         .map_err(|e| HsmError::from_ck("C_GetSlotList", e))?;
@@ -1326,9 +1375,31 @@ fn select_token(
         };
         let label = info.label().trim().to_string();
         let serial = info.serial_number().trim().to_string();
+        let slot_matches = if sel.slot_description.is_some() || sel.slot_manufacturer.is_some() {
+            match ctx.get_slot_info(slot) {
+                Ok(si) => {
+                    sel.slot_description
+                        .as_ref()
+                        .is_none_or(|d| d == si.slot_description().trim())
+                        && sel
+                            .slot_manufacturer
+                            .as_ref()
+                            .is_none_or(|m| m == si.manufacturer_id().trim())
+                }
+                Err(_) => false,
+            }
+        } else {
+            true
+        };
         let matches = sel.label.as_ref().is_none_or(|l| *l == label)
             && sel.serial.as_ref().is_none_or(|s| *s == serial)
-            && sel.slot.is_none_or(|id| id == slot.id());
+            && sel.slot.is_none_or(|id| id == slot.id())
+            && sel
+                .manufacturer
+                .as_ref()
+                .is_none_or(|m| m == info.manufacturer_id().trim())
+            && sel.model.as_ref().is_none_or(|m| m == info.model().trim())
+            && slot_matches;
         if matches {
             return Ok((slot, info));
         }
@@ -1363,6 +1434,16 @@ fn describe(sel: &TokenSelector) -> String {
     }
     if let Some(id) = sel.slot {
         parts.push(format!("slot {id}"));
+    }
+    for (what, v) in [
+        ("manufacturer", &sel.manufacturer),
+        ("model", &sel.model),
+        ("slot description", &sel.slot_description),
+        ("slot manufacturer", &sel.slot_manufacturer),
+    ] {
+        if let Some(v) = v {
+            parts.push(format!("{what} {v:?}"));
+        }
     }
     if parts.is_empty() {
         "any token".into()

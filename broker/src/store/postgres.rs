@@ -281,7 +281,7 @@ impl PgStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
-        let describe = describe(&config);
+        let describe = describe_config(&config);
         let (handle, runtime) = match Handle::try_current() {
             Ok(h) => (h, None),
             Err(_) => {
@@ -332,6 +332,49 @@ impl PgStore {
             notify,
             listener: Some(listener),
             _runtime: runtime,
+        })
+    }
+
+    /// Connects without changing anything (`check-config`): the server's version and the
+    /// schema version found (`None`: no keybroker schema yet). Blocking, like `open`.
+    pub fn probe(url: &str, password: Option<&str>) -> Result<(String, Option<i64>), StoreError> {
+        let mut config: Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| StoreError::Postgres(format!("store.url: {e}")))?;
+        if let Some(p) = password {
+            config.password(p);
+        }
+        config.connect_timeout(Duration::from_secs(10));
+        let rt;
+        let handle = match Handle::try_current() {
+            Ok(h) => h,
+            Err(_) => {
+                rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| StoreError::Postgres(format!("runtime: {e}")))?;
+                rt.handle().clone()
+            }
+        };
+        handle.block_on(async {
+            let (client, conn) = config.connect(NoTls).await?;
+            let driver = tokio::spawn(conn);
+            let server: String = client.query_one("SHOW server_version", &[]).await?.get(0);
+            let has: bool = client
+                .query_one("SELECT to_regclass('kb_schema') IS NOT NULL", &[])
+                .await?
+                .get(0);
+            let schema = if has {
+                client
+                    .query_opt("SELECT version FROM kb_schema", &[])
+                    .await?
+                    .map(|r| i64::from(r.get::<_, i32>(0)))
+            } else {
+                None
+            };
+            drop(client);
+            driver.abort();
+            Ok((server, schema))
         })
     }
 
@@ -1163,7 +1206,8 @@ async fn listen(
     }
 }
 
-fn describe(c: &Config) -> String {
+/// `postgres://user@host:port/db` for a connection config (never the password).
+pub fn describe_config(c: &Config) -> String {
     use tokio_postgres::config::Host;
     let hosts: Vec<String> = c
         .get_hosts()

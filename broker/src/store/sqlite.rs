@@ -76,6 +76,9 @@ CREATE TABLE destructions (
 
 const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
 
+/// The schema version this keybroker writes.
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
 impl SqliteStore {
     /// Opens (creating if needed) the store at `path` and migrates its schema forward.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
