@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what keybroker's development broker and test suite need on Debian/Ubuntu, when it is
 # missing: SoftHSM2 (the CI token, Debian package softhsm2), OpenSSL's command line (an
-# independent RSA-OAEP implementation used by the interop tests) and a C compiler (ring and the
-# bundled SQLite build C code). Idempotent; needs root or sudo only when something is missing.
+# independent RSA-OAEP implementation used by the interop tests), a C compiler (ring and the
+# bundled SQLite build C code) and PostgreSQL (Debian package postgresql: the replica tests run
+# a private server from its initdb/pg_ctl, on loopback, in a temp dir). Idempotent; needs root
+# or sudo only when something is missing.
 set -euo pipefail
 
 need=()
@@ -13,9 +15,14 @@ done
 { $have_module && command -v softhsm2-util >/dev/null; } || need+=(softhsm2)
 command -v openssl >/dev/null || need+=(openssl)
 command -v cc >/dev/null || need+=(gcc libc6-dev)
+have_pg=false
+for b in /usr/lib/postgresql/*/bin/initdb; do
+  [ -x "$b" ] && have_pg=true
+done
+$have_pg || need+=(postgresql)
 
 if [ ${#need[@]} -eq 0 ]; then
-  echo "softhsm/install.sh: SoftHSM2, openssl and a C compiler are present"
+  echo "softhsm/install.sh: SoftHSM2, openssl, a C compiler and PostgreSQL are present"
   exit 0
 fi
 

@@ -5,6 +5,7 @@
 mod access;
 mod audit;
 mod batch;
+mod cli;
 mod common;
 mod hostile;
 mod hyok;

@@ -174,7 +174,7 @@ fn context(c: &ConnArgs) -> Result<Option<pb::RequestContext>, String> {
     }))
 }
 
-fn status(e: tonic::Status) -> String {
+pub(super) fn status(e: tonic::Status) -> String {
     format!("{:?}: {}", e.code(), e.message())
 }
 
@@ -325,6 +325,27 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                         .map_err(status)?
                         .into_inner();
                     print_key(&k, conn.output);
+                }
+                KeyCommand::RewrapAll {
+                    input,
+                    output_file,
+                    to,
+                    concurrency,
+                    progress,
+                } => {
+                    super::bulk::rewrap_all(
+                        &c,
+                        super::bulk::RewrapAll {
+                            input,
+                            output_file,
+                            to,
+                            concurrency,
+                            progress,
+                            out: conn.output,
+                            context: context(&conn)?,
+                        },
+                    )
+                    .await?;
                 }
                 KeyCommand::Rotate { name } => {
                     let k = c

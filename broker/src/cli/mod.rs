@@ -1,6 +1,7 @@
 //! The `keybroker` command line: the server (`serve`, `dev`, `check-config`) and client
 //! subcommands for humans and scripts.
 
+mod bulk;
 mod commands;
 mod dev;
 
@@ -278,6 +279,29 @@ enum KeyCommand {
         #[arg(long, default_value_t = 0)]
         version_expiry_ms: i64,
     },
+    /// Re-wrap a file of envelopes under the newest versions (after a rotation, before
+    /// raising the minimum decryption version and trimming). Reads one base64 envelope per
+    /// line, optionally followed by a tab and its AAD (UTF-8); writes one new envelope per line,
+    /// in the same order (an empty line where an item failed). The DEKs never leave the broker.
+    /// Progress goes to stderr when it is a terminal; a summary to stdout. Exits 1 if any item
+    /// failed.
+    RewrapAll {
+        /// The file of envelopes (`-` for stdin).
+        #[arg(long)]
+        input: PathBuf,
+        /// Where the new envelopes go (`-` for stdout; then the summary goes to stderr).
+        #[arg(long)]
+        output_file: PathBuf,
+        /// Wrap under this key instead of each envelope's own.
+        #[arg(long)]
+        to: Option<String>,
+        /// Requests in flight at once (1-256).
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Show progress on stderr: auto (when stderr is a terminal), always or never.
+        #[arg(long, value_enum, default_value_t = Progress::Auto)]
+        progress: Progress,
+    },
     /// List versions with usage (wraps, unwraps, last use).
     Versions {
         /// "tenant/name".
@@ -369,6 +393,17 @@ pub struct ConnArgs {
     /// Correlation id recorded in the audit trail.
     #[arg(long, global = true)]
     correlation_id: Option<String>,
+}
+
+/// When to show a progress line.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Progress {
+    /// When stderr is a terminal.
+    Auto,
+    /// Always (e.g. to a log).
+    Always,
+    /// Never.
+    Never,
 }
 
 /// Output format of client commands.

@@ -1,0 +1,160 @@
+//! The `keybroker` command line for people: bulk operations with progress and a summary.
+
+use base64::{Engine, engine::general_purpose::STANDARD as B64};
+use keybroker_proto::v1 as pb;
+
+use crate::common::*;
+
+/// Runs a client command against `b` as the test client: (success, stdout, stderr).
+async fn cli(env: &Env, b: &Broker, args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(BROKER)
+        .args(args)
+        .env("KEYBROKER_ENDPOINT", b.endpoint())
+        .env("KEYBROKER_CA_CERT", &env.pki.ca.cert_path)
+        .env("KEYBROKER_CLIENT_CERT", &env.pki.client.cert_path)
+        .env("KEYBROKER_CLIENT_KEY", &env.pki.client.key_path)
+        .output()
+        .await
+        .expect("run keybroker");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn key_rewrap_all_moves_a_file_of_envelopes_to_the_newest_version_with_progress() {
+    let env = Env::new();
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    create(
+        &mut c,
+        "acme/bulk",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    const N: usize = 40;
+    let mut deks = Vec::new();
+    let mut input = String::from("# envelopes of acme/bulk\n");
+    for i in 0..N {
+        let dek = random_dek(32);
+        let aad = format!("item-{i}");
+        let w = wrap(&mut c, "acme/bulk", &dek, aad.as_bytes())
+            .await
+            .expect("wrap");
+        assert_eq!(w.key_version, 1);
+        input.push_str(&format!("{}\t{aad}\n", B64.encode(&w.wrapped_key)));
+        if i == 19 {
+            input.push_str("not-base64!!\n");
+        }
+        deks.push((dek, aad));
+    }
+    c.mgmt
+        .rotate_key(pb::RotateKeyRequest {
+            key: "acme/bulk".into(),
+        })
+        .await
+        .expect("rotate");
+    let dir = env.dir.path();
+    let (inp, outp) = (dir.join("envelopes.txt"), dir.join("rewrapped.txt"));
+    std::fs::write(&inp, &input).expect("write input");
+
+    let (ok, stdout, stderr) = cli(
+        &env,
+        &b,
+        &[
+            "key",
+            "rewrap-all",
+            "--input",
+            inp.to_str().expect("path"),
+            "--output-file",
+            outp.to_str().expect("path"),
+            "--concurrency",
+            "8",
+            "--progress",
+            "always",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert!(
+        !ok,
+        "one line failed, so the command fails: {stdout}{stderr}"
+    );
+    let total = N + 2;
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON summary");
+    assert_eq!(summary["total"], total);
+    assert_eq!(summary["rewrapped"], N);
+    assert_eq!(summary["moved_to_newer_version"], N);
+    assert_eq!(summary["skipped"], 1);
+    assert_eq!(summary["failed"], 1);
+    assert_eq!(
+        summary["errors"],
+        serde_json::json!([{"line": 22, "error": "not base64"}])
+    );
+    assert!(
+        stderr.contains(&format!("rewrap-all: {total}/{total} (100%), 1 failed")),
+        "the last progress line: {stderr}"
+    );
+    assert!(
+        stderr.contains("1 of 42 envelopes could not be rewrapped"),
+        "{stderr}"
+    );
+
+    // Line N of the output answers line N of the input.
+    let text = std::fs::read_to_string(&outp).expect("output");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), total);
+    assert_eq!((lines[0], lines[21]), ("", ""));
+    let mut fixed = String::new();
+    for (i, (dek, aad)) in deks.iter().enumerate() {
+        let line = lines[if i < 20 { i + 1 } else { i + 2 }];
+        let env_bytes = B64.decode(line).expect("base64 envelope");
+        let u = unwrap(&mut c, "acme/bulk", &env_bytes, aad.as_bytes())
+            .await
+            .expect("the new envelope unwraps with the same AAD");
+        assert_eq!((&u.plaintext, u.key_version), (dek, 2));
+        fixed.push_str(&format!("{line}\t{aad}\n"));
+    }
+
+    // Everything already at the newest version: success, a table, no progress when asked not.
+    std::fs::write(&inp, &fixed).expect("write input");
+    let (ok, stdout, stderr) = cli(
+        &env,
+        &b,
+        &[
+            "key",
+            "rewrap-all",
+            "--input",
+            inp.to_str().expect("path"),
+            "--output-file",
+            outp.to_str().expect("path"),
+            "--progress",
+            "never",
+        ],
+    )
+    .await;
+    assert!(ok, "{stdout}{stderr}");
+    assert!(!stderr.contains("rewrap-all:"), "{stderr}");
+    let rows: Vec<(&str, &str)> = stdout
+        .lines()
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').expect("row");
+            (k.trim(), v.trim())
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("envelopes read", "40"),
+            ("rewrapped", "40"),
+            ("moved to a newer version", "0"),
+            ("skipped (blank/comment)", "0"),
+            ("failed", "0"),
+        ]
+    );
+    b.stop().await;
+}
