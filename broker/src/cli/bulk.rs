@@ -61,11 +61,7 @@ impl Meter {
         }
         self.last = Some(now);
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
-        let pct = if self.total == 0 {
-            100
-        } else {
-            done * 100 / self.total
-        };
+        let pct = (done * 100).checked_div(self.total).unwrap_or(100);
         let mut e = std::io::stderr().lock();
         let _ = write!(
             e,
