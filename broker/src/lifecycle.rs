@@ -834,7 +834,19 @@ impl Keyring {
                 _ => {}
             }
         }
-        if let Ok(imports) = self.import_keys().await {
+        let expired_imports = self
+            .import_keys()
+            .await
+            .is_ok_and(|i| i.values().any(|exp| *exp <= now));
+        // Under the write lock: the list is one setting that replicas rewrite.
+        let guard = if expired_imports {
+            self.write().await.ok()
+        } else {
+            None
+        };
+        if guard.is_some()
+            && let Ok(imports) = self.import_keys().await
+        {
             let (expired, live): (Vec<_>, Vec<_>) =
                 imports.into_iter().partition(|(_, exp)| *exp <= now);
             if !expired.is_empty() {
@@ -848,6 +860,7 @@ impl Keyring {
                 let _ = self.save_import_keys(&live.into_iter().collect()).await;
             }
         }
+        drop(guard);
         self.flush_usage().await;
     }
 
