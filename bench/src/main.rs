@@ -58,7 +58,7 @@ struct Args {
     /// Only these rows (comma-separated substrings of the operation names).
     #[arg(long)]
     only: Option<String>,
-        /// Skip the raw PKCS#11 measurements (quicker; for profiling the broker).
+    /// Skip the raw PKCS#11 measurements (quicker; for profiling the broker).
     #[arg(long)]
     no_raw: bool,
     /// Internal: run the raw PKCS#11 loop described by this file and print JSON.
@@ -573,7 +573,7 @@ async fn bench(args: Args) -> Result<(), String> {
         _ => "aes-256-gcm",
     };
     let id = |k: &pb::Key| hex::encode(&k.versions[0].id);
-            let spec = RawSpec {
+    let spec = RawSpec {
         module: w.token.module.display().to_string(),
         label: w.token.label.clone(),
         pin: w.token.user_pin.clone(),
@@ -625,7 +625,7 @@ async fn bench(args: Args) -> Result<(), String> {
             ),
         ],
     };
-        let mut spec = spec;
+    let mut spec = spec;
     if args.no_raw {
         spec.ops.clear();
     }
@@ -635,7 +635,7 @@ async fn bench(args: Args) -> Result<(), String> {
         serde_json::to_vec(&spec).map_err(|e| e.to_string())?,
     )
     .map_err(|e| e.to_string())?;
-            eprintln!("keybroker-bench: measuring the raw PKCS#11 rates ({sessions} sessions)...");
+    eprintln!("keybroker-bench: measuring the raw PKCS#11 rates ({sessions} sessions)...");
     let raw_out = tokio::process::Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
         .arg("--raw")
         .arg(&spec_path)

@@ -166,6 +166,9 @@ pub struct StoreConfig {
     pub password_file: Option<PathBuf>,
     /// Environment variable holding the PostgreSQL password.
     pub password_env: Option<String>,
+    /// CA bundle (PEM) that issues the PostgreSQL server's certificate. When set, connections
+    /// require TLS and verify the server's certificate and host name.
+    pub ca_file: Option<PathBuf>,
     /// PostgreSQL only: how stale this replica's key cache may be, in ms. Default 0: the
     /// store's generation is checked before every request, so a change made through any replica
     /// is in force on every replica from the moment it returns.
@@ -527,11 +530,16 @@ impl Config {
                         "set at most one of store.password_file and store.password_env".into(),
                     );
                 }
+                let wants_tls = url.contains("sslmode=require") || url.contains("sslmode=verify");
+                if wants_tls && s.ca_file.is_none() {
+                    return Err("store.url asks for TLS: give store.ca_file, the CA that issues the server's certificate (keybroker always verifies it)".into());
+                }
             }
             (_, None) => {
-                if s.password_file.is_some() || s.password_env.is_some() {
+                if s.password_file.is_some() || s.password_env.is_some() || s.ca_file.is_some() {
                     return Err(
-                        "store.password_file/password_env need store.url (PostgreSQL)".into(),
+                        "store.password_file/password_env/ca_file need store.url (PostgreSQL)"
+                            .into(),
                     );
                 }
                 if s.max_staleness_ms != 0 {
@@ -574,6 +582,17 @@ impl Config {
         Ok(None)
     }
 
+    /// The TLS connector for PostgreSQL (`store.ca_file`), if configured.
+    pub fn store_tls(&self) -> Result<Option<crate::store::postgres::Tls>, String> {
+        self.store
+            .ca_file
+            .as_ref()
+            .map(|f| {
+                crate::store::postgres::tls_from_ca_file(&self.path(f)).map_err(|e| e.to_string())
+            })
+            .transpose()
+    }
+
     /// Opens the configured store (blocking: call it from a blocking thread).
     pub fn open_store(&self) -> Result<crate::store::Store, String> {
         use secrecy::ExposeSecret;
@@ -581,7 +600,8 @@ impl Config {
             StoreLocation::Sqlite(p) => crate::store::Store::open(&p).map_err(|e| e.to_string()),
             StoreLocation::Postgres(url) => {
                 let pw = self.read_store_password()?;
-                crate::store::PgStore::open(&url, pw.as_ref().map(|p| p.expose_secret()))
+                let tls = self.store_tls()?;
+                crate::store::PgStore::open(&url, pw.as_ref().map(|p| p.expose_secret()), tls)
                     .map(crate::store::Store::Postgres)
                     .map_err(|e| e.to_string())
             }
@@ -843,7 +863,7 @@ allow = ["spiffe://example.org/app"]
             ),
             (
                 "path = \"x.db\"\npassword_env = \"X\"",
-                "store.password_file/password_env need store.url",
+                "store.password_file/password_env/ca_file need store.url",
             ),
             (
                 "url = \"postgres://kb@db/kb\"\npassword_env = \"X\"\npassword_file = \"f\"",

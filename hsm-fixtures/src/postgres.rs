@@ -80,6 +80,16 @@ fn free_port() -> Result<u16> {
 impl PgServer {
     /// Creates and starts a server (about a second).
     pub fn start() -> Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// Creates and starts a server that accepts TCP connections over TLS only (`hostssl` in
+    /// `pg_hba.conf`), with this certificate chain and key (PEM).
+    pub fn start_tls(cert: &Path, key: &Path) -> Result<Self> {
+        Self::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&Path, &Path)>) -> Result<Self> {
         let bin = bin_dir()?;
         let dir = tempfile::Builder::new()
             .prefix("kb-pg-")
@@ -142,13 +152,49 @@ impl PgServer {
         if !out.0 {
             return Err(Error::Setup(format!("initdb failed: {}", out.1)));
         }
+        let mut ssl_opts = String::new();
+        if let Some((cert, key)) = tls {
+            let (c, k) = (data.join("server.crt"), data.join("server.key"));
+            std::fs::copy(cert, &c).map_err(io_err("copy the server certificate"))?;
+            std::fs::copy(key, &k).map_err(io_err("copy the server key"))?;
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600))
+                    .map_err(io_err("chmod the server key"))?;
+            }
+            if let Some(user) = &server.run_as {
+                let st = Command::new("chown")
+                    .arg(format!("{user}:"))
+                    .args([&c, &k])
+                    .status()
+                    .map_err(io_err("chown"))?;
+                if !st.success() {
+                    return Err(Error::Setup("cannot chown the server key".into()));
+                }
+            }
+            let hba = data.join("pg_hba.conf");
+            let text = std::fs::read_to_string(&hba).map_err(io_err("read pg_hba.conf"))?;
+            let text: String = text
+                .lines()
+                .map(|l| match l.strip_prefix("host ") {
+                    Some(rest) => format!("hostssl {rest}\n"),
+                    None => format!("{l}\n"),
+                })
+                .collect();
+            std::fs::write(&hba, text).map_err(io_err("write pg_hba.conf"))?;
+            ssl_opts = format!(
+                " -c ssl=on -c ssl_cert_file='{}' -c ssl_key_file='{}'",
+                c.display(),
+                k.display()
+            );
+        }
         // A port can be taken between choosing and binding it: try a few.
         let mut last = String::new();
         for _ in 0..5 {
             let port = free_port()?;
             let opts = format!(
                 "-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories='{}' \
-                 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
+                 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200{ssl_opts}",
                 data.display()
             );
             let log = data.join("server.log");

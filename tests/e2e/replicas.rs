@@ -427,3 +427,86 @@ async fn an_envelope_from_a_version_a_stale_replica_has_not_seen_still_unwraps()
     b.stop().await;
     a.stop().await;
 }
+
+#[tokio::test]
+async fn the_store_connection_is_tls_verified_against_the_configured_ca() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let pki = hsm_fixtures::pki::TestPki::generate(certs.path()).expect("PKI");
+    let other = hsm_fixtures::pki::TestPki::generate(&certs.path().join("other")).expect("PKI");
+    let pg = PgServer::start_tls(&pki.server.cert_path, &pki.server.key_path)
+        .expect("start PostgreSQL with TLS");
+    pg.create_database("kb").expect("create database");
+    let store = |ca: Option<&std::path::Path>| {
+        let mut s = format!(
+            "url = \"{}\"\npassword_file = \"{}\"",
+            pg.url("kb"),
+            pg.password_file.display()
+        );
+        if let Some(ca) = ca {
+            s.push_str(&format!("\nca_file = \"{}\"", ca.display()));
+        }
+        s
+    };
+    let env = Env::with(Options {
+        store: Some(store(Some(&pki.ca.cert_path))),
+        ..Default::default()
+    });
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    create(
+        &mut c,
+        "acme/tls",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    wrap(&mut c, "acme/tls", &random_dek(32), b"")
+        .await
+        .expect("wrap");
+    // Every connection the broker holds is encrypted (the server admits TCP over TLS only).
+    let plain = pg
+        .psql(
+            "kb",
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'keybroker' AND NOT s.ssl",
+        )
+        .expect("psql");
+    let encrypted = pg
+        .psql(
+            "kb",
+            "SELECT count(*) > 0 FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'keybroker' AND s.ssl",
+        )
+        .expect("psql");
+    assert_eq!((plain.as_str(), encrypted.as_str()), ("0", "t"));
+    b.stop().await;
+    let report = env.check_config().expect("check-config");
+    assert_eq!(report["store"]["tls"], true);
+
+    // A server certificate from another CA: refused. No CA at all: plaintext, which this server
+    // refuses.
+    for (ca, why) in [
+        (
+            Some(other.ca.cert_path.as_path()),
+            "invalid peer certificate",
+        ),
+        (None, "no pg_hba.conf entry"),
+    ] {
+        let text = std::fs::read_to_string(&env.config).expect("config");
+        let start = text.find("[store]\n").expect("store") + "[store]\n".len();
+        let end = text[start..].find("\n[").expect("next section") + start;
+        std::fs::write(
+            &env.config,
+            format!("{}{}{}", &text[..start], store(ca), &text[end..]),
+        )
+        .expect("write config");
+        let err = match env.try_start().await {
+            Ok(b) => {
+                b.stop().await;
+                panic!("started with CA {ca:?}");
+            }
+            Err(e) => e,
+        };
+        assert!(err.contains(why), "{why}: {err}");
+    }
+}

@@ -104,9 +104,10 @@ async fn probe_store(cfg: &Config) -> Result<serde_json::Value, String> {
         StoreLocation::Postgres(url) => {
             use secrecy::ExposeSecret;
             let pw = cfg.read_store_password()?;
+            let tls = cfg.store_tls()?;
             let u = url.clone();
-            let (server, schema) = tokio::task::spawn_blocking(move || {
-                crate::store::PgStore::probe(&u, pw.as_ref().map(|p| p.expose_secret()))
+            let (server, schema, encrypted) = tokio::task::spawn_blocking(move || {
+                crate::store::PgStore::probe(&u, pw.as_ref().map(|p| p.expose_secret()), tls)
             })
             .await
             .map_err(|e| e.to_string())?
@@ -123,6 +124,7 @@ async fn probe_store(cfg: &Config) -> Result<serde_json::Value, String> {
                 "kind": "postgres",
                 "url": parsed.map(|c| crate::store::postgres::describe_config(&c)).unwrap_or_default(),
                 "server_version": server,
+                "tls": encrypted,
                 "schema_version": schema,
                 "schema": known(schema, max),
                 "max_staleness_ms": cfg.store.max_staleness_ms,

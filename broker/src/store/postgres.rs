@@ -156,20 +156,100 @@ fn sqlstate(e: &StoreError) -> Option<&str> {
     }
 }
 
+/// TLS to the server: the CA bundle (PEM) that issues its certificate. With it, every
+/// connection requires TLS and verifies the certificate and host name (rustls, TLS 1.2/1.3).
+pub type Tls = tokio_postgres_rustls::MakeRustlsConnect;
+
+/// Builds the TLS connector from a CA bundle (PEM file).
+pub fn tls_from_ca_file(path: &std::path::Path) -> Result<Tls, StoreError> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| StoreError::Postgres(format!("store.ca_file {}: {e}", path.display())))?;
+    for c in certs {
+        let c =
+            c.map_err(|e| StoreError::Postgres(format!("store.ca_file {}: {e}", path.display())))?;
+        roots
+            .add(c)
+            .map_err(|e| StoreError::Postgres(format!("store.ca_file {}: {e}", path.display())))?;
+    }
+    if roots.is_empty() {
+        return Err(StoreError::Postgres(format!(
+            "store.ca_file {} holds no certificate",
+            path.display()
+        )));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| StoreError::Postgres(format!("TLS: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// Connects (with TLS when `tls` is given) and spawns the task that drives the connection;
+/// notifications go to `notifications` when given.
+async fn connect_with(
+    config: &Config,
+    tls: Option<&Tls>,
+    notifications: Option<tokio::sync::mpsc::UnboundedSender<()>>,
+) -> Result<(Client, tokio::task::JoinHandle<()>), StoreError> {
+    fn drive<S, T>(
+        mut conn: tokio_postgres::Connection<S, T>,
+        tx: Option<tokio::sync::mpsc::UnboundedSender<()>>,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+            while let Some(m) = messages.next().await {
+                match m {
+                    Ok(AsyncMessage::Notification(_)) => {
+                        if let Some(tx) = &tx
+                            && tx.send(()).is_err()
+                        {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if tx.is_some() {
+                            tracing::warn!(error = %pg_message(&e), "metadata store: listening connection lost");
+                        } else {
+                            tracing::debug!(error = %pg_message(&e), "metadata store connection ended");
+                        }
+                        break;
+                    }
+                }
+            }
+        })
+    }
+    match tls {
+        None => {
+            let (client, conn) = config.connect(NoTls).await?;
+            Ok((client, drive(conn, notifications)))
+        }
+        Some(t) => {
+            let (client, conn) = config.connect(t.clone()).await?;
+            Ok((client, drive(conn, notifications)))
+        }
+    }
+}
+
 struct Shared {
     config: Config,
+    tls: Option<Tls>,
     handle: Handle,
     idle: Mutex<Vec<Client>>,
 }
 
 impl Shared {
     async fn connect(&self) -> Result<Client, StoreError> {
-        let (client, conn) = self.config.connect(NoTls).await?;
-        self.handle.spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "metadata store connection ended");
-            }
-        });
+        let (client, _driver) = connect_with(&self.config, self.tls.as_ref(), None).await?;
         // A write-lock wait or a stuck query fails (UNAVAILABLE) instead of hanging a request.
         client
             .batch_execute("SET lock_timeout = '30s'; SET statement_timeout = '60s'")
@@ -263,10 +343,13 @@ impl PgStore {
     /// Connects, applies missing migrations, takes this process's presence lock and starts
     /// listening for other replicas' changes. Blocking: call it from a blocking thread (or from
     /// outside any tokio runtime).
-    pub fn open(url: &str, password: Option<&str>) -> Result<Self, StoreError> {
+    pub fn open(url: &str, password: Option<&str>, tls: Option<Tls>) -> Result<Self, StoreError> {
         let mut config: Config = url
             .parse()
             .map_err(|e: tokio_postgres::Error| StoreError::Postgres(format!("store.url: {e}")))?;
+        if tls.is_some() {
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+        }
         if config.get_password().is_some() {
             return Err(StoreError::Postgres(
                 "store.url carries a password: give it with store.password_file or store.password_env instead".into(),
@@ -295,6 +378,7 @@ impl PgStore {
         };
         let shared = Arc::new(Shared {
             config,
+            tls,
             handle: handle.clone(),
             idle: Mutex::new(Vec::new()),
         });
@@ -337,10 +421,17 @@ impl PgStore {
 
     /// Connects without changing anything (`check-config`): the server's version and the
     /// schema version found (`None`: no keybroker schema yet). Blocking, like `open`.
-    pub fn probe(url: &str, password: Option<&str>) -> Result<(String, Option<i64>), StoreError> {
+    pub fn probe(
+        url: &str,
+        password: Option<&str>,
+        tls: Option<Tls>,
+    ) -> Result<(String, Option<i64>, bool), StoreError> {
         let mut config: Config = url
             .parse()
             .map_err(|e: tokio_postgres::Error| StoreError::Postgres(format!("store.url: {e}")))?;
+        if tls.is_some() {
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+        }
         if let Some(p) = password {
             config.password(p);
         }
@@ -357,9 +448,15 @@ impl PgStore {
             }
         };
         handle.block_on(async {
-            let (client, conn) = config.connect(NoTls).await?;
-            let driver = tokio::spawn(conn);
+            let (client, driver) = connect_with(&config, tls.as_ref(), None).await?;
             let server: String = client.query_one("SHOW server_version", &[]).await?.get(0);
+            let encrypted: bool = client
+                .query_one(
+                    "SELECT COALESCE((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)",
+                    &[],
+                )
+                .await?
+                .get(0);
             let has: bool = client
                 .query_one("SELECT to_regclass('kb_schema') IS NOT NULL", &[])
                 .await?
@@ -374,7 +471,7 @@ impl PgStore {
             };
             drop(client);
             driver.abort();
-            Ok((server, schema))
+            Ok((server, schema, encrypted))
         })
     }
 
@@ -1144,25 +1241,9 @@ async fn listen(
     let mut backoff = Duration::from_millis(200);
     loop {
         let attempt = async {
-            let (client, mut conn) = shared.config.connect(NoTls).await?;
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let driver = tokio::spawn(async move {
-                let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-                while let Some(m) = messages.next().await {
-                    match m {
-                        Ok(AsyncMessage::Notification(_)) => {
-                            if tx.send(()).is_err() {
-                                break;
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::warn!(error = %pg_message(&e), "metadata store: listening connection lost");
-                            break;
-                        }
-                    }
-                }
-            });
+            let (client, driver) =
+                connect_with(&shared.config, shared.tls.as_ref(), Some(tx)).await?;
             let setup = async {
                 client
                     .execute(
@@ -1274,7 +1355,7 @@ mod tests {
             ),
         )
         .expect("version 1 schema");
-        let s = PgStore::open(&url, Some(&pw)).expect("migrate");
+        let s = PgStore::open(&url, Some(&pw), None).expect("migrate");
         assert_eq!(s.schema_version().expect("version"), 2);
         let all = s.load_all().expect("load");
         assert_eq!(all.len(), 1);
@@ -1284,12 +1365,12 @@ mod tests {
         assert_eq!(s.generation().expect("generation"), 1);
         // Opening again applies nothing.
         drop(s);
-        let s = PgStore::open(&url, Some(&pw)).expect("reopen");
+        let s = PgStore::open(&url, Some(&pw), None).expect("reopen");
         assert_eq!(s.schema_version().expect("version"), 2);
         drop(s);
         pg.psql("migrate", "UPDATE kb_schema SET version = 3")
             .expect("pretend a newer keybroker ran");
-        let e = PgStore::open(&url, Some(&pw))
+        let e = PgStore::open(&url, Some(&pw), None)
             .err()
             .expect("a newer schema is refused");
         assert_eq!(
@@ -1303,7 +1384,7 @@ mod tests {
         let (_pg, url, pw) = server_db("replicas");
         let opened: Vec<PgStore> = std::thread::scope(|sc| {
             let hs: Vec<_> = (0..4)
-                .map(|_| sc.spawn(|| PgStore::open(&url, Some(&pw)).expect("open")))
+                .map(|_| sc.spawn(|| PgStore::open(&url, Some(&pw), None).expect("open")))
                 .collect();
             hs.into_iter().map(|h| h.join().expect("thread")).collect()
         });
@@ -1351,13 +1432,13 @@ mod tests {
         assert!(b.owner_alive(a.owner()).expect("alive"));
         let gone = opened[2].owner();
         drop(opened);
-        let s = PgStore::open(&url, Some(&pw)).expect("open");
+        let s = PgStore::open(&url, Some(&pw), None).expect("open");
         assert!(!s.owner_alive(gone).expect("gone"));
     }
 
     #[test]
     fn a_password_in_the_url_is_refused() {
-        let e = PgStore::open("postgres://kb:secret@127.0.0.1:1/db", None)
+        let e = PgStore::open("postgres://kb:secret@127.0.0.1:1/db", None, None)
             .err()
             .expect("refused");
         assert!(e.to_string().contains("password_file"), "{e}");
