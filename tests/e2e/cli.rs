@@ -156,5 +156,46 @@ async fn key_rewrap_all_moves_a_file_of_envelopes_to_the_newest_version_with_pro
             ("failed", "0"),
         ]
     );
+
+    // Admin commands: a table for people, one JSON document with -o json.
+    let (ok, stdout, stderr) = cli(&env, &b, &["key", "get", "acme/bulk"]).await;
+    assert!(ok, "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["FIELD", "VALUE"]
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["current", "version", "2"]),
+        "{stdout}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("VERSION  ID")),
+        "{stdout}"
+    );
+    let (ok, stdout, _) = cli(&env, &b, &["key", "get", "acme/bulk", "-o", "json"]).await;
+    assert!(ok);
+    let j: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON document");
+    assert_eq!(j["current_version"], 2);
+    assert_eq!(j["versions"].as_array().map(Vec::len), Some(2));
+    let (ok, stdout, stderr) = cli(
+        &env,
+        &b,
+        &["audit", "query", "--key", "acme/bulk", "--limit", "3"],
+    )
+    .await;
+    assert!(ok, "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["SEQ", "TIME", "CALLER", "OP", "KEY", "VERSION", "OUTCOME"]
+    );
+    assert_eq!(lines.len(), 4, "{stdout}");
+    assert!(
+        lines[1].contains("acme/bulk") && lines[1].contains("OK"),
+        "{stdout}"
+    );
     b.stop().await;
 }

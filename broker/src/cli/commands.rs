@@ -236,37 +236,89 @@ fn key_json(k: &pb::Key) -> serde_json::Value {
     })
 }
 
+/// Prints rows under a header, each column as wide as its widest cell (people read columns).
+pub(super) fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, cell) in width.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (c, w)) in cells.iter().zip(&width).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(c);
+            } else {
+                out.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
 fn print_key(k: &pb::Key, out: Output) {
     let j = key_json(k);
     match out {
         Output::Json => println!("{j}"),
         Output::Text => {
-            println!(
-                "{}  type={}  algorithm={}  state={}  current_version={}  mechanism={}",
-                k.name,
-                j["key_type"].as_str().unwrap_or(""),
-                j["algorithm"].as_str().unwrap_or(""),
-                j["state"].as_str().unwrap_or(""),
-                k.current_version,
-                k.mechanism
-            );
-            if let Some(a) = &j.get("attributes").filter(|a| !a.is_null()) {
-                println!("  attributes: {a}");
+            let text = |v: &serde_json::Value| match v {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => "-".into(),
+                other => other.to_string(),
+            };
+            let mut rows = vec![
+                vec!["name".to_string(), k.name.clone()],
+                vec!["type".into(), text(&j["key_type"])],
+                vec!["algorithm".into(), text(&j["algorithm"])],
+                vec!["mechanism".into(), k.mechanism.clone()],
+                vec!["state".into(), text(&j["state"])],
+                vec!["current version".into(), k.current_version.to_string()],
+                vec!["created (ms)".into(), k.created_at_ms.to_string()],
+            ];
+            if let Some(a) = j.get("attributes").and_then(|a| a.as_object()) {
+                for (name, v) in a {
+                    rows.push(vec![name.replace('_', " "), text(v)]);
+                }
             }
-            for v in &k.versions {
-                println!(
-                    "  v{}  id={}  origin={}  created_at_ms={}  wraps={} unwraps={}{}",
-                    v.version,
-                    hex::encode(&v.id),
-                    v.origin,
-                    v.created_at_ms,
-                    v.wraps,
-                    v.unwraps,
-                    if v.decryptable {
-                        ""
-                    } else {
-                        "  (below min decryption version)"
-                    }
+            print_table(&["FIELD", "VALUE"], &rows);
+            if !k.versions.is_empty() {
+                println!();
+                let rows: Vec<Vec<String>> = k
+                    .versions
+                    .iter()
+                    .map(|v| {
+                        vec![
+                            v.version.to_string(),
+                            hex::encode(&v.id),
+                            v.origin.clone(),
+                            v.created_at_ms.to_string(),
+                            v.wraps.to_string(),
+                            v.unwraps.to_string(),
+                            if v.decryptable {
+                                "yes"
+                            } else {
+                                "no (below min)"
+                            }
+                            .to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "VERSION",
+                        "ID",
+                        "ORIGIN",
+                        "CREATED (ms)",
+                        "WRAPS",
+                        "UNWRAPS",
+                        "UNWRAPS?",
+                    ],
+                    &rows,
                 );
             }
         }
@@ -500,18 +552,32 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                         .await
                         .map_err(status)?
                         .into_inner();
-                    for d in r.keys {
-                        let name = d.key.map(|k| k.name).unwrap_or_default();
-                        match conn.output {
-                            Output::Json => println!(
-                                "{}",
-                                json!({"name": name, "deleted_at_ms": d.deleted_at_ms, "scheduled_purge_ms": d.scheduled_purge_ms, "deleted_by": d.deleted_by})
-                            ),
-                            Output::Text => println!(
-                                "{name}  deleted_at_ms={}  purge_at_ms={}  by={}",
-                                d.deleted_at_ms, d.scheduled_purge_ms, d.deleted_by
-                            ),
-                        }
+                    let items: Vec<_> = r
+                        .keys
+                        .into_iter()
+                        .map(|d| {
+                            (
+                                d.key.map(|k| k.name).unwrap_or_default(),
+                                d.deleted_at_ms,
+                                d.scheduled_purge_ms,
+                                d.deleted_by,
+                            )
+                        })
+                        .collect();
+                    match conn.output {
+                        Output::Json => println!(
+                            "{}",
+                            json!(items.iter().map(|(n, at, purge, by)| json!({"name": n, "deleted_at_ms": at, "scheduled_purge_ms": purge, "deleted_by": by})).collect::<Vec<_>>())
+                        ),
+                        Output::Text => print_table(
+                            &["NAME", "DELETED (ms)", "PURGE AT (ms)", "DELETED BY"],
+                            &items
+                                .iter()
+                                .map(|(n, at, purge, by)| {
+                                    vec![n.clone(), at.to_string(), purge.to_string(), by.clone()]
+                                })
+                                .collect::<Vec<_>>(),
+                        ),
                     }
                 }
                 KeyCommand::Recover { name } => {
@@ -892,6 +958,7 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
             let mut c = pb::audit_client::AuditClient::new(ch);
             let mut token = String::new();
             let mut left = limit;
+            let mut rows: Vec<Vec<String>> = Vec::new();
             while left > 0 {
                 let page = c
                     .query_audit(pb::QueryAuditRequest {
@@ -907,13 +974,43 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                     .map_err(status)?
                     .into_inner();
                 left = left.saturating_sub(page.records.len() as u32);
-                for r in page.records {
-                    println!("{r}");
+                match conn.output {
+                    // JSON Lines: each record exactly as stored (hash-chained).
+                    Output::Json => {
+                        for r in page.records {
+                            println!("{r}");
+                        }
+                    }
+                    Output::Text => {
+                        rows.extend(page.records.iter().map(|r| {
+                            let v: serde_json::Value = serde_json::from_str(r).unwrap_or_default();
+                            let f = |k: &str| match &v[k] {
+                                serde_json::Value::String(s) => s.clone(),
+                                serde_json::Value::Null => "-".into(),
+                                other => other.to_string(),
+                            };
+                            vec![
+                                f("seq"),
+                                f("time"),
+                                f("caller"),
+                                f("op"),
+                                f("key"),
+                                f("version"),
+                                f("outcome"),
+                            ]
+                        }));
+                    }
                 }
                 if page.next_page_token.is_empty() {
                     break;
                 }
                 token = page.next_page_token;
+            }
+            if conn.output == Output::Text {
+                print_table(
+                    &["SEQ", "TIME", "CALLER", "OP", "KEY", "VERSION", "OUTCOME"],
+                    &rows,
+                );
             }
         }
         Command::Serve { .. }
