@@ -20,7 +20,7 @@ use crate::{
     audit::AuditLog,
     envelope::{self, GCM_IV_LEN},
     error::BrokerError,
-    hsm::{ExpectedKek, Hsm, WrapParams},
+    hsm::{Canary, ExpectedKek, Hsm, WrapParams},
     model::{
         Algorithm, DEFAULT_DEK_LEN, Dek, KeyAttributes, KeyName, KeyOp, KeyType, MAX_AAD_LEN,
         Origin, VersionId, check_dek_len, now_ms,
@@ -445,6 +445,7 @@ impl Keyring {
                     key_type: k.key_type,
                     algorithm: k.algorithm,
                     origin: v.origin,
+                    canary: canary_of(v.canary.as_deref(), v.canary_digest.as_deref()),
                 })
             })
             .collect();
@@ -976,6 +977,16 @@ fn params_for(env: &envelope::Envelope<'_>, aad: &[u8]) -> Result<WrapParams, Br
         Algorithm::AesKeyWrapPad => WrapParams::Kwp,
         Algorithm::RsaOaepSha256 => WrapParams::OaepSha256,
         Algorithm::RsaOaepSha1 => WrapParams::OaepSha1,
+    })
+}
+
+/// A stored canary in the form the HSM layer re-checks after a re-initialisation.
+pub(crate) fn canary_of(envelope: Option<&[u8]>, digest: Option<&[u8]>) -> Option<Canary> {
+    let env = envelope::parse(envelope?).ok()?;
+    Some(Canary {
+        params: params_for(&env, CANARY_AAD).ok()?,
+        ciphertext: env.ciphertext.to_vec(),
+        digest: digest?.to_vec(),
     })
 }
 

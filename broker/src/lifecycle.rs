@@ -28,7 +28,7 @@ use crate::{
     envelope,
     error::BrokerError,
     failpoint,
-    hsm::{KekSpec, RsaPublic, template::LABEL_PREFIX},
+    hsm::{KekSpec, RequestScope, RsaPublic, template::LABEL_PREFIX},
     keyring::{
         CANARY_AAD, KeyEntry, KeyState, Keyring, Lifecycle, Receipt, VersionEntry, blocking,
         new_params, verify_canary,
@@ -76,6 +76,24 @@ pub struct ImportKeyInfo {
 }
 
 impl Keyring {
+    /// Takes the write lock for a request, waiting at most until its deadline (a hung HSM
+    /// holding the lock must not pile requests up; the caller hears DEADLINE_EXCEEDED). Work
+    /// whose deadline has passed is not started.
+    async fn lock_writes(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, BrokerError> {
+        let expired = || {
+            BrokerError::DeadlineExceeded(
+                "the deadline passed while waiting for other key changes to finish".into(),
+            )
+        };
+        match RequestScope::current_deadline() {
+            None => Ok(self.write_lock.lock().await),
+            Some(d) if d <= std::time::Instant::now() => Err(expired()),
+            Some(d) => tokio::time::timeout_at(d.into(), self.write_lock.lock())
+                .await
+                .map_err(|_| expired()),
+        }
+    }
+
     fn replace(&self, entry: KeyEntry) -> Arc<KeyEntry> {
         let entry = Arc::new(entry);
         self.keys
@@ -149,7 +167,7 @@ impl Keyring {
     ) -> Result<Arc<KeyEntry>, BrokerError> {
         let algorithm = self.resolve_algorithm(key_type, algorithm)?;
         let attributes = self.new_attributes(attributes)?;
-        let _w = self.write_lock.lock().await;
+        let _w = self.lock_writes().await?;
         self.name_free(&name)?;
         let id = VersionId::random();
         let now = now_ms();
@@ -210,7 +228,7 @@ impl Keyring {
 
     /// Adds a version generated inside the HSM; new wraps use it.
     pub async fn rotate(&self, name: &KeyName) -> Result<Arc<KeyEntry>, BrokerError> {
-        let _w = self.write_lock.lock().await;
+        let _w = self.lock_writes().await?;
         self.rotate_locked(name).await
     }
 
@@ -311,12 +329,17 @@ impl Keyring {
             )
             .await
             .map_err(|why| BrokerError::internal(format!("new KEK failed its canary: {why}")))?;
+            let canary = crate::keyring::canary_of(Some(&env), Some(&digest));
             let st = self.store.clone();
             blocking(move || {
                 st.commit_version(id, &env, &digest)
                     .map_err(BrokerError::from)
             })
-            .await
+            .await?;
+            if let Some(c) = canary {
+                self.hsm.set_canary(id, c);
+            }
+            Ok(())
         }
         .await;
         if let Err(e) = &result {
@@ -341,7 +364,7 @@ impl Keyring {
         name: &KeyName,
         patch: AttributePatch,
     ) -> Result<Arc<KeyEntry>, BrokerError> {
-        let _w = self.write_lock.lock().await;
+        let _w = self.lock_writes().await?;
         let old = self.get_live(name)?;
         let mut a = old.attributes.clone();
         if let Some(e) = patch.enabled {
@@ -394,7 +417,7 @@ impl Keyring {
 
     /// Soft-deletes a key.
     pub async fn delete(&self, name: &KeyName, by: &str) -> Result<Arc<KeyEntry>, BrokerError> {
-        let _w = self.write_lock.lock().await;
+        let _w = self.lock_writes().await?;
         let old = self.get_live(name)?;
         let now = now_ms();
         let lc = StoredLifecycle::Deleted {
@@ -445,7 +468,7 @@ impl Keyring {
 
     /// Brings a soft-deleted key back exactly as it was.
     pub async fn recover(&self, name: &KeyName) -> Result<Arc<KeyEntry>, BrokerError> {
-        let _w = self.write_lock.lock().await;
+        let _w = self.lock_writes().await?;
         let old = self.get_deleted(name)?;
         let (st, n) = (self.store.clone(), name.clone());
         blocking(move || {
@@ -462,7 +485,7 @@ impl Keyring {
     /// Purges a soft-deleted key: destroys every version's HSM objects and forgets the key.
     /// Refused before the scheduled date while purge protection is on (for every caller).
     pub async fn purge(&self, name: &KeyName, by: &str) -> Result<Receipt, BrokerError> {
-        let _w = self.write_lock.lock().await;
+        let _w = self.lock_writes().await?;
         let k = self.get_deleted(name)?;
         let Lifecycle::Deleted { purge_at_ms, .. } = k.lifecycle else {
             return Err(BrokerError::precondition(format!(
@@ -486,7 +509,7 @@ impl Keyring {
         name: &KeyName,
         by: &str,
     ) -> Result<(Vec<u32>, Arc<KeyEntry>), BrokerError> {
-        let _w = self.write_lock.lock().await;
+        let _w = self.lock_writes().await?;
         let k = self.get_live(name)?;
         k.usable()?;
         let versions: Vec<(u32, VersionId)> = k
@@ -631,7 +654,7 @@ impl Keyring {
                 "this HSM has no usable RFC 5649 mechanism, which BYOK needs",
             ));
         }
-        let _w = self.write_lock.lock().await;
+        let _w = self.lock_writes().await?;
         let id = VersionId::random();
         let expires_ms = now_ms().saturating_add(IMPORT_KEY_TTL_MS);
         let mut keys = self.import_keys().await?;
@@ -704,7 +727,7 @@ impl Keyring {
             }
         };
         let oaep = self.hsm.capabilities().default_rsa_algorithm();
-        let _w = self.write_lock.lock().await;
+        let _w = self.lock_writes().await?;
         self.name_free(&name)?;
         let id = VersionId::random();
         let now = now_ms();

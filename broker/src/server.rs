@@ -1,5 +1,7 @@
 //! Wiring: configuration → HSM → store → keyring → TLS listener → gRPC services, with graceful
-//! shutdown on SIGTERM/SIGINT (in-flight requests finish).
+//! shutdown on SIGTERM/SIGINT: the listener stops accepting, connections get GOAWAY (new
+//! requests are refused), requests in flight finish and are answered, the audit trail gets its
+//! final checkpoint, and the HSM is closed (sessions closed, `C_Finalize`). Exit status 0.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -158,7 +160,8 @@ pub async fn run(
     }
     keyring.spawn_maintenance();
     let keyring_for_shutdown = keyring.clone();
-    let api = Api::new(keyring, policy, audit.clone(), hyok);
+    let api = Api::new(keyring, policy, audit.clone(), hyok)
+        .with_request_timeout(Duration::from_millis(cfg.server.request_timeout_ms));
 
     let tls_cfg = tls::Reloadable::load(tls::TlsPaths {
         cert: cfg.path(&cfg.tls.cert),
@@ -182,8 +185,10 @@ pub async fn run(
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
+    // No tonic `.timeout(...)`: deadlines (the caller's grpc-timeout, capped by
+    // request_timeout_ms) are enforced by `Api::handle`, so that a request that runs out of time
+    // is answered DEADLINE_EXCEEDED *and audited*, and its HSM waits are bounded by it.
     tonic::transport::Server::builder()
-        .timeout(Duration::from_millis(cfg.server.request_timeout_ms))
         .max_concurrent_streams(cfg.server.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -204,8 +209,15 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| format!("server failed: {e}"))?;
+    // In-flight requests have been answered (serve_with_incoming_shutdown drains them). Save
+    // the usage counters and the final audit checkpoint while the HSM is still open, then close
+    // it: every session closed (logging out) and C_Finalize.
     keyring_for_shutdown.flush_usage().await;
     audit.close().await;
+    keyring_for_shutdown
+        .hsm()
+        .close(crate::hsm::recovery_drain())
+        .await;
     tracing::info!("shut down cleanly");
     Ok(())
 }

@@ -25,6 +25,11 @@ pub enum FaultKind {
     NotPermitted,
     /// The token or its configuration is not what we need (start-up).
     Setup,
+    /// The call failed for a reason the token does not say (`CKR_FUNCTION_FAILED`), but the
+    /// session and the device are fine: the caller may retry (UNAVAILABLE).
+    Transient,
+    /// The request's deadline passed before the HSM work could start or finish.
+    Deadline,
     /// Anything else.
     Other,
 }
@@ -93,7 +98,9 @@ impl HsmError {
     /// `CKR_WRAPPED_KEY_INVALID` or `CKR_ENCRYPTED_DATA_INVALID`. Kryoptic answers a failed
     /// RFC 5649 or OAEP integrity check with `CKR_DEVICE_ERROR`: that is left as a device fault
     /// here and re-classified by the HSM layer under the Kryoptic profile, after checking that
-    /// the session still works (see `hsm::Inner::apply_profile`).
+    /// the session still works (see `hsm::Inner::apply_profile`). `CKR_FUNCTION_FAILED` is not
+    /// taken to mean "not authentic": no tested token reports a bad tag with it, and a caller
+    /// told that a valid envelope is corrupt may throw data away; it is a retryable failure.
     pub fn from_ck_decrypt(context: impl Into<String>, e: CkError) -> Self {
         let mut err = Self::from_ck(context, e);
         err.caller_data = true;
@@ -107,7 +114,6 @@ impl HsmError {
                     | RvError::DataInvalid
                     | RvError::DataLenRange
                     | RvError::GeneralError
-                    | RvError::FunctionFailed
             )
         {
             err.kind = FaultKind::DataInvalid;
@@ -124,8 +130,22 @@ impl HsmError {
                 BrokerError::Unavailable("the HSM is unavailable; retry later".into())
             }
             FaultKind::Busy => {
-                BrokerError::ResourceExhausted("the HSM is at capacity; retry later".into())
+                tracing::debug!(context = %self.context, detail = %self.detail, "HSM busy");
+                // An admission refusal says why (queue full, wait too long); a token's own
+                // "busy" return value stays in the log.
+                BrokerError::ResourceExhausted(if self.rv.is_none() {
+                    format!("{}; retry later", self.detail)
+                } else {
+                    "the HSM is at capacity; retry later".into()
+                })
             }
+            FaultKind::Transient => {
+                tracing::warn!(context = %self.context, detail = %self.detail, "HSM call failed");
+                BrokerError::Unavailable("the HSM could not perform the operation; retry".into())
+            }
+            FaultKind::Deadline => BrokerError::DeadlineExceeded(
+                "the deadline passed before the HSM could do the work".into(),
+            ),
             FaultKind::HandleInvalid => {
                 tracing::warn!(context = %self.context, detail = %self.detail, "HSM object handle invalid");
                 BrokerError::Unavailable("the HSM object is being re-opened; retry".into())
@@ -159,6 +179,7 @@ pub fn classify(rv: RvError) -> FaultKind {
         | DeviceMemory
         | DeviceError => FaultKind::DeviceLost,
         SessionCount | FunctionCanceled | Cancel | HostMemory => FaultKind::Busy,
+        FunctionFailed => FaultKind::Transient,
         EncryptedDataInvalid
         | EncryptedDataLenRange
         | WrappedKeyInvalid
