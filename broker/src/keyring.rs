@@ -342,6 +342,9 @@ pub struct Keyring {
     pub(crate) settings: LifecycleSettings,
     /// Where destruction receipts from the maintenance task go.
     pub(crate) audit: OnceLock<AuditLog>,
+    /// Versions whose failed creation could not be rolled back yet (id, whether an HSM object
+    /// may exist): retried by the maintenance task and when the HSM serves again.
+    pub(crate) pending_rollbacks: std::sync::Mutex<Vec<(VersionId, bool)>>,
 }
 
 pub(crate) const CANARY_AAD: &[u8] = b"keybroker canary v1";
@@ -568,6 +571,7 @@ impl Keyring {
                 write_lock: tokio::sync::Mutex::new(()),
                 settings,
                 audit: OnceLock::new(),
+                pending_rollbacks: std::sync::Mutex::new(Vec::new()),
             },
             report,
         ))

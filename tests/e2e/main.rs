@@ -5,6 +5,7 @@
 mod access;
 mod audit;
 mod common;
+mod faults;
 mod hostile;
 mod hyok;
 mod key_safety;

@@ -9,7 +9,8 @@ use crate::error::BrokerError;
 /// What kind of failure an HSM call had, as far as recovery and callers are concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FaultKind {
-    /// The session is gone (handle invalid, closed): evict it, retry once on a fresh one.
+    /// The session is gone (handle invalid, closed) or unusable (an operation left active):
+    /// evict it, retry once on a fresh one.
     SessionLost,
     /// The device or token is gone, or the library lost its state: callers get UNAVAILABLE.
     DeviceLost,
@@ -50,6 +51,9 @@ pub struct HsmError {
     /// Whether the failed call was a decrypt/unwrap of caller-supplied data (so a vendor
     /// profile may know that a return value there means "not authentic").
     pub caller_data: bool,
+    /// Whether the HSM was never asked (refused before the call: unhealthy, queue full,
+    /// deadline passed), so nothing can have changed in the token.
+    pub not_started: bool,
 }
 
 impl HsmError {
@@ -61,7 +65,15 @@ impl HsmError {
             detail: detail.into(),
             rv: None,
             caller_data: false,
+            not_started: false,
         }
+    }
+
+    /// A refusal before the HSM was asked anything.
+    pub fn refused(kind: FaultKind, context: impl Into<String>, detail: impl Into<String>) -> Self {
+        let mut e = Self::new(kind, context, detail);
+        e.not_started = true;
+        e
     }
 
     /// A start-up/configuration problem.
@@ -88,6 +100,7 @@ impl HsmError {
             detail,
             rv,
             caller_data: false,
+            not_started: false,
         }
     }
 
@@ -171,7 +184,9 @@ impl From<HsmError> for BrokerError {
 pub fn classify(rv: RvError) -> FaultKind {
     use RvError::*;
     match rv {
-        SessionHandleInvalid | SessionClosed => FaultKind::SessionLost,
+        // An operation left active (a module that did not end it after a failure) makes the
+        // session unusable for anything else: evict it like a lost one.
+        SessionHandleInvalid | SessionClosed | OperationActive => FaultKind::SessionLost,
         DeviceRemoved
         | TokenNotPresent
         | TokenNotRecognized

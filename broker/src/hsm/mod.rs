@@ -268,7 +268,7 @@ const MAINTAIN: CallKind = CallKind {
 };
 
 fn deadline_passed(what: &'static str) -> HsmError {
-    HsmError::new(
+    HsmError::refused(
         FaultKind::Deadline,
         what,
         "the request's deadline passed before the HSM work could start",
@@ -1110,14 +1110,14 @@ impl Inner {
     /// Refuses at once while the HSM is known to be down (UNAVAILABLE) or shut down.
     fn usable(&self, what: &'static str) -> Result<(), HsmError> {
         if self.closed.load(Ordering::SeqCst) {
-            return Err(HsmError::new(
+            return Err(HsmError::refused(
                 FaultKind::DeviceLost,
                 what,
                 "the HSM is closed (shutting down)",
             ));
         }
         if !self.health.borrow().serving {
-            return Err(HsmError::new(
+            return Err(HsmError::refused(
                 FaultKind::DeviceLost,
                 what,
                 "the HSM is unavailable; re-initialising in the background",
@@ -1184,12 +1184,20 @@ impl Inner {
                         return Err(r);
                     }
                 }
-                other => {
-                    conn.checkin(session);
-                    if let Err(e) = &other {
-                        self.note_fault(&conn, e);
+                Err(e) => {
+                    // After a failure the module is not trusted to have ended the operation:
+                    // a session that saw anything but a data error is not reused.
+                    if e.kind == FaultKind::DataInvalid || e.rv.is_none() {
+                        conn.checkin(session);
+                    } else {
+                        conn.discard(session);
                     }
-                    return other;
+                    self.note_fault(&conn, &e);
+                    return Err(e);
+                }
+                Ok(v) => {
+                    conn.checkin(session);
+                    return Ok(v);
                 }
             }
         }
@@ -1212,7 +1220,7 @@ fn refused(what: &'static str, r: Refused) -> HsmError {
         Refused::Closed => FaultKind::DeviceLost,
         _ => FaultKind::Busy,
     };
-    HsmError::new(kind, what, r.to_string())
+    HsmError::refused(kind, what, r.to_string())
 }
 
 /// Opens a read-write session and logs the user in (already logged in is success).
