@@ -5,12 +5,14 @@
 mod access;
 mod audit;
 mod common;
+mod crash;
 mod faults;
 mod hostile;
 mod hyok;
 mod key_safety;
 mod keys;
 mod lifecycle;
+mod overload;
 mod portability;
 mod properties;
 mod rsa_interop;
