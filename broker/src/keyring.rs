@@ -1001,20 +1001,41 @@ pub(crate) async fn verify_canary(
     canary: Option<Vec<u8>>,
     digest: Option<Vec<u8>>,
 ) -> Result<(), String> {
-    let (Some(canary), Some(digest)) = (canary, digest) else {
-        return Err("no canary recorded".into());
-    };
-    let env = envelope::parse(&canary).map_err(|_| "canary envelope is malformed".to_string())?;
-    if env.version != id || env.algorithm != alg {
-        return Err("canary belongs to another key version".into());
-    }
-    let params = params_for(&env, CANARY_AAD).map_err(|e| e.to_string())?;
-    match hsm.unwrap(id, params, env.ciphertext.to_vec()).await {
-        Ok(dek) if Sha256::digest(dek.expose()).as_slice() == digest.as_slice() => Ok(()),
-        Ok(_) => Err("canary decrypts to the wrong value: the HSM object is not the key this version was created with".into()),
-        Err(e) if e.kind == crate::hsm::FaultKind::DataInvalid => Err(
-            "canary does not decrypt: the HSM object is not the key this version was created with".into(),
-        ),
+    match check_canary(hsm, alg, id, canary, digest).await {
+        Ok(verdict) => verdict,
         Err(e) => Err(format!("canary check failed: {e}")),
+    }
+}
+
+/// Unwraps a version's canary and compares it: `Ok(Ok(()))` it is the key the version was
+/// created with, `Ok(Err(why))` it is not (or there is no usable canary), `Err` the HSM could
+/// not answer (a fault, not a verdict).
+pub(crate) async fn check_canary(
+    hsm: &Hsm,
+    alg: Algorithm,
+    id: VersionId,
+    canary: Option<Vec<u8>>,
+    digest: Option<Vec<u8>>,
+) -> Result<Result<(), String>, crate::hsm::HsmError> {
+    let (Some(canary), Some(digest)) = (canary, digest) else {
+        return Ok(Err("no canary recorded".into()));
+    };
+    let Ok(env) = envelope::parse(&canary) else {
+        return Ok(Err("canary envelope is malformed".to_string()));
+    };
+    if env.version != id || env.algorithm != alg {
+        return Ok(Err("canary belongs to another key version".into()));
+    }
+    let params = match params_for(&env, CANARY_AAD) {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    match hsm.unwrap(id, params, env.ciphertext.to_vec()).await {
+        Ok(dek) if Sha256::digest(dek.expose()).as_slice() == digest.as_slice() => Ok(Ok(())),
+        Ok(_) => Ok(Err("canary decrypts to the wrong value: the HSM object is not the key this version was created with".into())),
+        Err(e) if e.kind == crate::hsm::FaultKind::DataInvalid => Ok(Err(
+            "canary does not decrypt: the HSM object is not the key this version was created with".into(),
+        )),
+        Err(e) => Err(e),
     }
 }

@@ -31,7 +31,7 @@ use crate::{
     hsm::{KekSpec, RequestScope, RsaPublic, template::LABEL_PREFIX},
     keyring::{
         CANARY_AAD, KeyEntry, KeyState, Keyring, Lifecycle, Receipt, VersionEntry, blocking,
-        new_params, verify_canary,
+        check_canary, new_params,
     },
     model::{Algorithm, KeyAttributes, KeyName, KeyType, MAX_VERSIONS, Origin, VersionId, now_ms},
     store::StoredLifecycle,
@@ -321,7 +321,8 @@ impl Keyring {
                 .await
                 .map_err(BrokerError::from)?;
             let env = envelope::seal(header, &ct);
-            verify_canary(
+            // An HSM fault here is just that (UNAVAILABLE, ...); only a wrong answer is a bug.
+            check_canary(
                 &self.hsm,
                 algorithm,
                 id,
@@ -329,6 +330,7 @@ impl Keyring {
                 Some(digest.clone()),
             )
             .await
+            .map_err(BrokerError::from)?
             .map_err(|why| BrokerError::internal(format!("new KEK failed its canary: {why}")))?;
             let canary = crate::keyring::canary_of(Some(&env), Some(&digest));
             let st = self.store.clone();

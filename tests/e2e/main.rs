@@ -16,5 +16,6 @@ mod overload;
 mod portability;
 mod properties;
 mod rsa_interop;
+mod soak;
 mod tls;
 mod wrap_unwrap;
