@@ -1254,3 +1254,38 @@ impl Hyok for Api {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_headers_parse_by_unit_and_bad_ones_are_ignored() {
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(parse_grpc_timeout("1n"), Some(Duration::from_nanos(1)));
+        for bad in ["", "m", "10", "10x", "-1S", "123456789S", "1.5S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_broker_stops_a_little_before_the_callers_deadline() {
+        let t0 = Instant::now();
+        assert_eq!(
+            work_deadline(t0, Duration::from_secs(1)),
+            t0 + Duration::from_millis(900)
+        );
+        assert_eq!(
+            work_deadline(t0, Duration::from_secs(30)),
+            t0 + Duration::from_millis(29_900)
+        );
+        assert_eq!(
+            work_deadline(t0, Duration::from_nanos(1)),
+            t0 + Duration::from_nanos(1)
+        );
+    }
+}
