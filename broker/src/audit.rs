@@ -131,7 +131,7 @@ pub struct AuditSettings {
 }
 
 enum Msg {
-    Append(Box<Record>, oneshot::Sender<Result<(), String>>),
+    Append(Vec<Record>, oneshot::Sender<Result<(), String>>),
     Close(oneshot::Sender<()>),
 }
 
@@ -342,9 +342,14 @@ impl AuditLog {
     /// Appends a record and waits until it is written (and synced). `Err` means the record is
     /// not in the log: the caller must fail the request.
     pub async fn append(&self, rec: Record) -> Result<(), String> {
+        self.append_many(vec![rec]).await
+    }
+
+    /// Appends several records, written together (one batch request's per-item records).
+    pub async fn append_many(&self, recs: Vec<Record>) -> Result<(), String> {
         let (ack, done) = oneshot::channel();
         self.tx
-            .send(Msg::Append(Box::new(rec), ack))
+            .send(Msg::Append(recs, ack))
             .await
             .map_err(|_| "the audit writer has stopped".to_string())?;
         done.await
@@ -380,22 +385,32 @@ impl Writer {
                 self.checkpoint().await;
                 return;
             };
-            let mut batch = Vec::new();
+            let mut recs = Vec::new();
+            let mut acks = Vec::new();
             let mut close = None;
             match first {
-                Msg::Append(r, a) => batch.push((r, a)),
+                Msg::Append(r, a) => {
+                    recs.extend(r);
+                    acks.push(a);
+                }
                 Msg::Close(a) => close = Some(a),
             }
-            while close.is_none() && batch.len() < 1024 {
+            while close.is_none() && recs.len() < 4096 {
                 match rx.try_recv() {
-                    Ok(Msg::Append(r, a)) => batch.push((r, a)),
+                    Ok(Msg::Append(r, a)) => {
+                        recs.extend(r);
+                        acks.push(a);
+                    }
                     Ok(Msg::Close(a)) => close = Some(a),
                     Err(_) => break,
                 }
             }
-            if !batch.is_empty() {
-                let (recs, acks): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-                let result = self.write(recs.into_iter().map(|r| *r).collect()).await;
+            if !acks.is_empty() {
+                let result = if recs.is_empty() {
+                    Ok(())
+                } else {
+                    self.write(recs).await
+                };
                 for a in acks {
                     let _ = a.send(result.clone());
                 }

@@ -41,6 +41,13 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// The HSM health probe behind `grpc.health.v1`.
+    #[serde(default)]
+    pub health: HealthConfig,
+    /// The Prometheus metrics listener (off unless the section is present).
+    pub metrics: Option<MetricsConfig>,
+    /// The Kubernetes KMS v2 plugin socket (off unless the section is present).
+    pub kms_v2: Option<KmsV2Config>,
     /// The directory relative paths are resolved against (the config file's directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -283,6 +290,64 @@ fn default_true() -> bool {
     true
 }
 
+/// `[health]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// How often the HSM is probed (one `C_GenerateRandom`), ms. Default 5000.
+    #[serde(default = "default_probe_interval_ms")]
+    pub probe_interval_ms: u64,
+    /// A probe slower than this counts as failed, ms. Default 2000.
+    #[serde(default = "default_probe_timeout_ms")]
+    pub probe_timeout_ms: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            probe_interval_ms: default_probe_interval_ms(),
+            probe_timeout_ms: default_probe_timeout_ms(),
+        }
+    }
+}
+
+fn default_probe_interval_ms() -> u64 {
+    5_000
+}
+fn default_probe_timeout_ms() -> u64 {
+    2_000
+}
+
+/// `[metrics]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Plain-HTTP listener for `/metrics` and `/healthz`. Default `127.0.0.1:9464`.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: SocketAddr,
+}
+
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+
+/// `[kms_v2]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KmsV2Config {
+    /// The unix socket kube-apiserver connects to.
+    pub socket: PathBuf,
+    /// The key (`tenant/name`) that encrypts kube-apiserver's DEKs.
+    pub key: String,
+    /// The socket file's mode. Default 0o600.
+    #[serde(default = "default_socket_mode")]
+    pub socket_mode: u32,
+}
+
+fn default_socket_mode() -> u32 {
+    0o600
+}
+
 /// `[log]`
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -380,6 +445,23 @@ impl Config {
         }
         if self.tls.handshake_timeout_ms == 0 {
             return Err("tls.handshake_timeout_ms must be positive".into());
+        }
+        if self.health.probe_interval_ms == 0 || self.health.probe_timeout_ms == 0 {
+            return Err(
+                "health.probe_interval_ms and health.probe_timeout_ms must be positive".into(),
+            );
+        }
+        if let Some(k) = &self.kms_v2 {
+            crate::model::KeyName::parse(&k.key).map_err(|e| format!("kms_v2.key: {e}"))?;
+            if k.socket.as_os_str().is_empty() {
+                return Err("kms_v2.socket is empty".into());
+            }
+            if k.socket_mode & 0o7777 != k.socket_mode || k.socket_mode & 0o007 != 0 {
+                return Err(format!(
+                    "kms_v2.socket_mode {:o} must be a file mode without access for others (e.g. 0o600 or 0o660)",
+                    k.socket_mode
+                ));
+            }
         }
         Ok(())
     }
@@ -480,6 +562,8 @@ allow = ["spiffe://example.org/app"]
         let c = parse(MINIMAL).expect("valid");
         assert_eq!(c.server.listen.to_string(), "127.0.0.1:8443");
         assert_eq!(c.hsm.on_integrity_failure, IntegrityPolicy::Fail);
+        assert!(c.metrics.is_none() && c.kms_v2.is_none());
+        assert_eq!(c.health.probe_interval_ms, 5000);
         assert!(c.path(&c.tls.cert).ends_with("server.pem"));
         assert!(c.path(&c.tls.cert).is_absolute() || c.path(&c.tls.cert).starts_with(&c.base_dir));
     }
@@ -490,6 +574,28 @@ allow = ["spiffe://example.org/app"]
             .expect("examples/keybroker.toml is valid");
         assert_eq!(c.access.allow.as_ref().map(Vec::len), Some(2));
         assert_eq!(c.hsm.token_label.as_deref(), Some("keybroker"));
+        let m = c.metrics.expect("[metrics] in the example");
+        assert_eq!(m.listen.to_string(), "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn kms_v2_section_is_checked() {
+        let ok = parse(&format!(
+            "{MINIMAL}[kms_v2]\nsocket = \"/run/kmsplugin/kb.sock\"\nkey = \"k8s/etcd\"\n"
+        ))
+        .expect("valid");
+        let k = ok.kms_v2.expect("section");
+        assert_eq!((k.key.as_str(), k.socket_mode), ("k8s/etcd", 0o600));
+        let e = parse(&format!(
+            "{MINIMAL}[kms_v2]\nsocket = \"/run/kb.sock\"\nkey = \"a/b/c\"\n"
+        ))
+        .expect_err("bad key");
+        assert!(e.contains("kms_v2.key"), "{e}");
+        let e = parse(&format!(
+            "{MINIMAL}[kms_v2]\nsocket = \"/run/kb.sock\"\nkey = \"k\"\nsocket_mode = 0o666\n"
+        ))
+        .expect_err("world-writable");
+        assert!(e.contains("socket_mode"), "{e}");
     }
 
     #[test]

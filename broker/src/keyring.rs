@@ -607,7 +607,7 @@ impl Keyring {
             .cloned()
     }
 
-    fn bump(&self, id: VersionId, wrap: bool) {
+    pub(crate) fn bump(&self, id: VersionId, wrap: bool) {
         if let Some(u) = self.usage(id) {
             u.bump(wrap);
         }
@@ -714,7 +714,7 @@ impl Keyring {
 
     /// Resolves an envelope to its key and version, checking it against `expected` (if the
     /// caller named a key). Every mismatch is [`BrokerError::Unauthentic`].
-    fn resolve<'a>(
+    pub(crate) fn resolve<'a>(
         &self,
         expected: Option<&KeyName>,
         env: &envelope::Envelope<'a>,
@@ -929,7 +929,7 @@ impl Keyring {
     }
 }
 
-fn check_aad(entry: &KeyEntry, aad: &[u8]) -> Result<(), BrokerError> {
+pub(crate) fn check_aad(entry: &KeyEntry, aad: &[u8]) -> Result<(), BrokerError> {
     if aad.len() > MAX_AAD_LEN {
         return Err(BrokerError::invalid(format!(
             "aad is longer than {MAX_AAD_LEN} bytes"
@@ -972,7 +972,10 @@ pub(crate) fn new_params(
 }
 
 /// Parameters to unwrap a parsed envelope.
-fn params_for(env: &envelope::Envelope<'_>, aad: &[u8]) -> Result<WrapParams, BrokerError> {
+pub(crate) fn params_for(
+    env: &envelope::Envelope<'_>,
+    aad: &[u8],
+) -> Result<WrapParams, BrokerError> {
     Ok(match env.algorithm {
         Algorithm::Aes256Gcm => WrapParams::Gcm {
             iv: env.nonce.try_into().map_err(|_| BrokerError::Unauthentic)?,

@@ -15,21 +15,28 @@
 //! * [`hsm`] — the only module that uses `cryptoki`.
 //! * [`store`] — key metadata in SQLite (never key material).
 //! * [`model`], [`error`] — domain types and the one error → status mapping.
+//! * [`kms`] — the Kubernetes KMS v2 plugin API on a unix socket, for one key.
+//! * [`health`], [`metrics`] — the HSM health probe behind `grpc.health.v1`, and Prometheus
+//!   metrics on their own listener.
 //! * [`server`] — wiring and graceful shutdown; [`client`] — connecting as a client;
 //!   [`cli`] — the `keybroker` command.
 
 pub mod audit;
+pub mod batch;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod envelope;
 pub mod error;
 pub mod failpoint;
+pub mod health;
 pub mod hsm;
 pub mod hyok;
 pub mod identity;
 pub mod keyring;
+pub mod kms;
 pub mod lifecycle;
+pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod server;

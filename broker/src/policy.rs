@@ -191,17 +191,26 @@ impl Scope {
     }
 }
 
-/// Matches `*` (any run of characters, including `/`) and `?` (one character).
+/// Matches `*` (any run of characters, including `/`) and `?` (one character). Runs on every
+/// request: no allocation for ASCII (identities and key names are ASCII in practice).
 pub fn glob(pattern: &str, s: &str) -> bool {
+    if pattern.is_ascii() && s.is_ascii() {
+        return glob_slice(pattern.as_bytes(), s.as_bytes());
+    }
     let p: Vec<char> = pattern.chars().collect();
     let t: Vec<char> = s.chars().collect();
+    glob_slice(&p, &t)
+}
+
+fn glob_slice<T: PartialEq + Copy + From<u8>>(p: &[T], t: &[T]) -> bool {
+    let (star_c, any_c) = (T::from(b'*'), T::from(b'?'));
     let (mut pi, mut ti) = (0usize, 0usize);
     let (mut star, mut mark) = (None::<usize>, 0usize);
     while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+        if pi < p.len() && (p[pi] == any_c || p[pi] == t[ti]) {
             pi += 1;
             ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
+        } else if pi < p.len() && p[pi] == star_c {
             star = Some(pi);
             mark = ti;
             pi += 1;
@@ -213,7 +222,7 @@ pub fn glob(pattern: &str, s: &str) -> bool {
             return false;
         }
     }
-    while pi < p.len() && p[pi] == '*' {
+    while pi < p.len() && p[pi] == star_c {
         pi += 1;
     }
     pi == p.len()

@@ -1,7 +1,13 @@
 //! Wiring: configuration → HSM → store → keyring → TLS listener → gRPC services, with graceful
-//! shutdown on SIGTERM/SIGINT: the listener stops accepting, connections get GOAWAY (new
+//! shutdown on SIGTERM/SIGINT: the listeners stop accepting, connections get GOAWAY (new
 //! requests are refused), requests in flight finish and are answered, the audit trail gets its
 //! final checkpoint, and the HSM is closed (sessions closed, `C_Finalize`). Exit status 0.
+//!
+//! Listeners: the mutual-TLS gRPC listener (`keybroker.v1`, `grpc.health.v1`, server reflection);
+//! optionally the metrics listener (`[metrics]`, plain HTTP) and the Kubernetes KMS v2 unix socket
+//! (`[kms_v2]`). Each prints `keybroker: ... on ADDR` on stdout when it is ready; the TLS
+//! listener's `listening on` line comes last. One shutdown signal stops them all and the health
+//! probe.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -9,18 +15,27 @@ use keybroker_proto::v1::{
     audit_server::AuditServer, hyok_server::HyokServer, key_broker_server::KeyBrokerServer,
     key_management_server::KeyManagementServer,
 };
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
     audit::{AuditLog, AuditSettings},
     config::Config,
+    health::{self, HsmHealth},
     hsm::Hsm,
     hyok::HyokSwitch,
     keyring::Keyring,
+    kms::{self, KmsV2},
+    metrics::{self, Metrics, MetricsState},
+    model::KeyName,
     service::Api,
     store::Store,
     tls,
 };
+
+/// A future that completes once `rx` sees `true`.
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
 
 /// Largest request message accepted (a DEK request is well under 20 KiB).
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
@@ -136,6 +151,8 @@ pub async fn run(
         "keys loaded and verified"
     );
     let keyring = Arc::new(keyring);
+    let metrics = Arc::new(Metrics::new());
+    keyring.hsm().set_observer(metrics.clone());
     let policy = Arc::new(cfg.policy()?);
     policy.watch();
     let store = keyring.store().clone();
@@ -160,8 +177,126 @@ pub async fn run(
     }
     keyring.spawn_maintenance();
     let keyring_for_shutdown = keyring.clone();
-    let api = Api::new(keyring, policy, audit.clone(), hyok)
+    let api = Api::new(keyring.clone(), policy, audit.clone(), hyok)
+        .with_metrics(metrics.clone())
         .with_request_timeout(Duration::from_millis(cfg.server.request_timeout_ms));
+
+    // One shutdown signal for every listener and the probe.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    {
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+    }
+    let mut side_tasks = Vec::new();
+
+    // Health: the first probe before any listener opens, then one per interval.
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let hsm_health = Arc::new(HsmHealth::default());
+    let probe_timeout = Duration::from_millis(cfg.health.probe_timeout_ms);
+    let probe = {
+        let hsm = keyring.hsm().clone();
+        move || {
+            let hsm = hsm.clone();
+            async move { hsm.ping().await.map_err(|e| e.to_string()) }
+        }
+    };
+    let first = health::probe_once(&probe, probe_timeout).await;
+    health::publish(&reporter, &hsm_health, Some(&metrics), first).await;
+    // The HSM layer's own verdict, at once: NOT_SERVING from the moment it confirms a lost
+    // device (requests get UNAVAILABLE), SERVING the moment re-initialisation succeeds —
+    // without waiting for the next probe.
+    side_tasks.push(tokio::spawn({
+        let (reporter, state, metrics) = (reporter.clone(), hsm_health.clone(), metrics.clone());
+        let (mut changes, mut stop) = (keyring.hsm().health(), stop_rx.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    c = changes.changed() => if c.is_err() { return Ok(()) },
+                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                }
+                let h = changes.borrow_and_update().clone();
+                let result = if h.serving { Ok(()) } else { Err(h.detail) };
+                health::publish(&reporter, &state, Some(&metrics), result).await;
+            }
+        }
+    }));
+    side_tasks.push(tokio::spawn({
+        let (state, metrics, rx) = (hsm_health.clone(), metrics.clone(), stop_rx.clone());
+        let interval = Duration::from_millis(cfg.health.probe_interval_ms);
+        async move {
+            health::run(
+                reporter,
+                state,
+                Some(metrics),
+                interval,
+                probe_timeout,
+                probe,
+                rx,
+            )
+            .await;
+            Ok(())
+        }
+    }));
+
+    // Server reflection (v1 and v1alpha, which older grpcurl releases ask for).
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(keybroker_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| format!("server reflection: {e}"))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| format!("server reflection: {e}"))?;
+
+    if let Some(m) = &cfg.metrics {
+        let listener = TcpListener::bind(m.listen)
+            .await
+            .map_err(|e| format!("metrics: cannot listen on {}: {e}", m.listen))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        if !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "the metrics listener is not on loopback: it is plain HTTP without authentication");
+        }
+        let state = MetricsState {
+            metrics: metrics.clone(),
+            keyring: keyring.clone(),
+            health: hsm_health.clone(),
+        };
+        tracing::info!(%addr, "serving metrics (/metrics, /healthz)");
+        println!("keybroker: metrics on {addr}");
+        let stop = stopped(stop_rx.clone());
+        side_tasks.push(tokio::spawn(async move {
+            metrics::serve(listener, state, stop)
+                .await
+                .map_err(|e| format!("metrics listener failed: {e}"))
+        }));
+    }
+
+    if let Some(k) = &cfg.kms_v2 {
+        let key = KeyName::parse(&k.key).map_err(|e| format!("kms_v2.key: {e}"))?;
+        if keyring.get(&key).is_err() {
+            tracing::warn!(key = %key, "kms_v2.key does not exist (yet): Status reports it and Encrypt fails until it is created");
+        }
+        let path = cfg.path(&k.socket);
+        let listener = kms::bind(&path, k.socket_mode)?;
+        let svc = KmsV2::new(
+            keyring.clone(),
+            key,
+            audit.clone(),
+            Some(metrics.clone()),
+            probe_timeout,
+        );
+        tracing::info!(socket = %path.display(), key = %k.key, "serving Kubernetes KMS v2 (local trust: no TLS on the unix socket)");
+        println!("keybroker: kms-v2 on {}", path.display());
+        let stop = stopped(stop_rx.clone());
+        side_tasks.push(tokio::spawn(kms::serve(listener, path, svc, stop)));
+    }
 
     let tls_cfg = tls::Reloadable::load(tls::TlsPaths {
         cert: cfg.path(&cfg.tls.cert),
@@ -188,7 +323,7 @@ pub async fn run(
     // No tonic `.timeout(...)`: deadlines (the caller's grpc-timeout, capped by
     // request_timeout_ms) are enforced by `Api::handle`, so that a request that runs out of time
     // is answered DEADLINE_EXCEEDED *and audited*, and its HSM waits are bounded by it.
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         .max_concurrent_streams(cfg.server.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -206,9 +341,22 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(incoming, shutdown)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(incoming, stopped(stop_rx))
         .await
-        .map_err(|e| format!("server failed: {e}"))?;
+        .map_err(|e| format!("server failed: {e}"));
+    // However the main listener ended, stop the others and wait for them to drain.
+    let _ = stop_tx.send(true);
+    for t in side_tasks {
+        match t.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "listener failed"),
+            Err(e) => tracing::error!(error = %e, "listener task failed"),
+        }
+    }
+    served?;
     // In-flight requests have been answered (serve_with_incoming_shutdown drains them). Save
     // the usage counters and the final audit checkpoint while the HSM is still open, then close
     // it: every session closed (logging out) and C_Finalize.

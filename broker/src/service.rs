@@ -2,6 +2,12 @@
 //! policy (role × scope, HYOK kill switch and justification) → keyring → convert → **audit
 //! record written before the reply** (if it cannot be written, the request fails). Errors become
 //! `tonic::Status` in one place ([`BrokerError`]'s `From` impl).
+//!
+//! Every request has a request id: the `request_id` of its `RequestContext`, else its
+//! `x-request-id` metadata when that is sane (1-128 of `[A-Za-z0-9._:/-]`, see
+//! [`sanitize_request_id`]), else a fresh UUID. It is in the audit record, in the request's log
+//! line and in the span of everything logged while it runs, and is sent back in the reply's
+//! `x-request-id`. Each request is also one observation in the Prometheus metrics.
 
 use std::{
     future::Future,
@@ -14,7 +20,8 @@ use keybroker_proto::v1::{
     self as pb, audit_server::Audit, hyok_server::Hyok, key_broker_server::KeyBroker,
     key_management_server::KeyManagement, unwrap_key_request::Wrapped as PbWrapped,
 };
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, metadata::MetadataValue};
+use tracing::Instrument;
 
 use crate::{
     audit::{AuditLog, QueryFilter, Record},
@@ -24,12 +31,54 @@ use crate::{
     identity::Caller,
     keyring::{KeyEntry, KeyState, Keyring, Lifecycle, PublicKeyInfo, VersionEntry},
     lifecycle::AttributePatch,
+    metrics::Metrics,
     model::{
         Algorithm, DEFAULT_TENANT, Dek, KeyAttributes, KeyName, KeyOp, KeyType, validate_part,
     },
     policy::{Permission, Policy, PolicyHandle, Reason},
     tls::ConnInfo,
 };
+
+/// The data-plane service's full name.
+pub const KEY_BROKER: &str = "keybroker.v1.KeyBroker";
+/// The control-plane service's full name.
+pub const KEY_MANAGEMENT: &str = "keybroker.v1.KeyManagement";
+/// The audit service's full name.
+pub const AUDIT: &str = "keybroker.v1.Audit";
+/// The HYOK switch service's full name.
+pub const HYOK: &str = "keybroker.v1.Hyok";
+/// The metadata header carrying the request id (in both directions).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// A caller-supplied request id, if it is safe to log as is: 1-128 characters of
+/// `[A-Za-z0-9._:/-]` (no spaces, quotes or control characters that could forge log fields).
+pub fn sanitize_request_id(s: &str) -> Option<String> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:/-".contains(&b));
+    ok.then(|| s.to_string())
+}
+
+/// The gRPC service and method of an audit op name (for metrics).
+fn grpc_name(op: &'static str) -> (&'static str, &'static str) {
+    match op {
+        // The batch RPCs are on main's KeyBroker service (listed ahead of the merge).
+        "WrapKey"
+        | "UnwrapKey"
+        | "GenerateDataKey"
+        | "Rewrap"
+        | "GetPublicKey"
+        | "BatchWrapKey"
+        | "BatchUnwrapKey"
+        | "BatchGenerateDataKey" => (KEY_BROKER, op),
+        "QueryAudit" => (AUDIT, op),
+        "HyokDisconnect" => (HYOK, "Disconnect"),
+        "HyokReconnect" => (HYOK, "Reconnect"),
+        "HyokGetState" => (HYOK, "GetState"),
+        _ => (KEY_MANAGEMENT, op),
+    }
+}
 
 /// Every service over one keyring.
 #[derive(Clone)]
@@ -39,6 +88,7 @@ pub struct Api {
     audit: AuditLog,
     hyok: Arc<HyokSwitch>,
     request_timeout: Duration,
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// The default for `[server] request_timeout_ms`.
@@ -175,6 +225,12 @@ impl Ctx {
     /// the key's accepted justifications). Deny by default.
     fn authorize(&self, perm: Permission, key: &KeyName) -> Result<(), BrokerError> {
         self.note_key(key);
+        self.check(perm, key)
+    }
+
+    /// [`Ctx::authorize`] without noting the key in the request's record (batch items have
+    /// their own records).
+    fn check(&self, perm: Permission, key: &KeyName) -> Result<(), BrokerError> {
         if !self.policy.allows(&self.caller, perm, key) {
             return Err(BrokerError::PermissionDenied(format!(
                 "{} may not {perm} key {key}",
@@ -211,7 +267,7 @@ impl Ctx {
     }
 }
 
-fn code_name(c: tonic::Code) -> String {
+pub(crate) fn code_name(c: tonic::Code) -> String {
     let s = format!("{c:?}");
     // InvalidArgument -> INVALID_ARGUMENT
     let mut out = String::new();
@@ -238,6 +294,7 @@ impl Api {
             audit,
             hyok,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            metrics: None,
         }
     }
 
@@ -247,8 +304,14 @@ impl Api {
         self
     }
 
-    /// Runs one request: identity and policy snapshot, the handler, the kill-switch re-check,
-    /// then the audit record (before the reply) and one log line.
+    /// Records every request in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Runs one request ([`Api::handle_inner`]), then counts it in the metrics and sends its
+    /// request id back.
     async fn handle<Req, Resp, F, Fut>(
         &self,
         op: &'static str,
@@ -260,14 +323,58 @@ impl Api {
         Fut: Future<Output = Result<Resp, BrokerError>>,
     {
         let start = Instant::now();
+        let (result, request_id) = self.handle_inner(op, req, f).await;
+        if let Some(m) = &self.metrics {
+            let (service, method) = grpc_name(op);
+            let code = match &result {
+                Ok(_) => tonic::Code::Ok,
+                Err(s) => s.code(),
+            };
+            m.observe_request(service, method, code, start.elapsed());
+        }
+        let rid = MetadataValue::try_from(request_id.as_str()).ok();
+        match result {
+            Ok(resp) => {
+                let mut resp = Response::new(resp);
+                if let Some(v) = rid {
+                    resp.metadata_mut().insert(REQUEST_ID_HEADER, v);
+                }
+                Ok(resp)
+            }
+            Err(mut status) => {
+                if let Some(v) = rid {
+                    status.metadata_mut().insert(REQUEST_ID_HEADER, v);
+                }
+                Err(status)
+            }
+        }
+    }
+
+    /// Runs one request: identity and policy snapshot, the handler, the kill-switch re-check,
+    /// then the audit record (before the reply) and one log line. Returns the result and the
+    /// request id.
+    async fn handle_inner<Req, Resp, F, Fut>(
+        &self,
+        op: &'static str,
+        req: Request<Req>,
+        f: F,
+    ) -> (Result<Resp, Status>, String)
+    where
+        F: FnOnce(Ctx, Req) -> Fut,
+        Fut: Future<Output = Result<Resp, BrokerError>>,
+    {
+        let start = Instant::now();
         let header_id = req
             .metadata()
-            .get("x-request-id")
+            .get(REQUEST_ID_HEADER)
             .and_then(|v| v.to_str().ok())
-            .filter(|v| check_id("x-request-id", v).is_ok() && !v.is_empty())
-            .map(str::to_string);
+            .and_then(sanitize_request_id)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let Some(conn) = req.extensions().get::<ConnInfo>().cloned() else {
-            return Err(Status::permission_denied("no verified client identity"));
+            return (
+                Err(Status::permission_denied("no verified client identity")),
+                header_id,
+            );
         };
         // The deadline: the caller's (grpc-timeout), capped by [server] request_timeout_ms.
         // Enforced here rather than by tonic's timeout layer, which would drop the request
@@ -280,13 +387,14 @@ impl Api {
             .map_or(self.request_timeout, |t| t.min(self.request_timeout));
         let deadline = work_deadline(start, timeout);
         let scope = RequestScope::new(Some(deadline));
+        let span = tracing::info_span!("rpc", op, request_id = %header_id);
         let ctx = Ctx {
             caller: conn.caller.clone(),
             scope: scope.clone(),
             policy: self.policy.get(),
             hyok: self.hyok.clone(),
             fields: Arc::new(Mutex::new(Fields {
-                request_id: header_id,
+                request_id: Some(header_id.clone()),
                 ..Default::default()
             })),
             reason: Arc::new(Mutex::new(None)),
@@ -298,7 +406,7 @@ impl Api {
                 "the request's deadline had passed when it arrived".into(),
             ))
         } else if ctx.policy.knows(&ctx.caller) {
-            let work = scope.run(f(ctx.clone(), req.into_inner()));
+            let work = scope.run(f(ctx.clone(), req.into_inner()).instrument(span));
             match tokio::time::timeout_at(deadline.into(), work).await {
                 Ok(r) => r,
                 Err(_) => Err(BrokerError::DeadlineExceeded(
@@ -340,22 +448,27 @@ impl Api {
             rec.version = f.version;
             rec.justification = f.justification.take();
             rec.justification_detail = f.justification_detail.take();
-            rec.request_id = f
-                .request_id
-                .take()
-                .or_else(|| Some(uuid::Uuid::new_v4().to_string()));
+            rec.request_id = Some(f.request_id.take().unwrap_or(header_id));
             rec.correlation_id = f.correlation_id.take();
         }
         rec.outcome = Some(code_name(code));
         rec.message = message;
         rec.latency_us = Some(latency_us);
         let request_id = rec.request_id.clone().unwrap_or_default();
-        if let Err(e) = self.audit.append(rec).await {
+        let audit_start = Instant::now();
+        let written = self.audit.append(rec).await;
+        if let Some(m) = &self.metrics {
+            m.observe_audit_write(audit_start.elapsed(), written.is_ok());
+        }
+        if let Err(e) = written {
             tracing::error!(op, caller = %ctx.caller, request_id, error = %e, "audit record not written: request refused");
             // The result (a DEK, perhaps) is dropped here, zeroized, never sent.
-            return Err(Status::unavailable(
-                "the audit trail cannot be written; the request was refused",
-            ));
+            return (
+                Err(Status::unavailable(
+                    "the audit trail cannot be written; the request was refused",
+                )),
+                request_id,
+            );
         }
         match &result {
             Ok(_) => tracing::debug!(op, caller = %ctx.caller, request_id, latency_us, "ok"),
@@ -363,7 +476,7 @@ impl Api {
                 tracing::info!(op, caller = %ctx.caller, request_id, latency_us, code = ?e.code(), error = %e, "refused")
             }
         }
-        result.map(Response::new).map_err(Status::from)
+        (result.map_err(Status::from), request_id)
     }
 }
 
@@ -653,6 +766,152 @@ pub fn public_key_formats(pk: &PublicKeyInfo) -> Result<(String, String), Broker
 
 #[tonic::async_trait]
 impl KeyBroker for Api {
+    async fn batch_wrap_key(
+        &self,
+        req: Request<pb::BatchWrapKeyRequest>,
+    ) -> Result<Response<pb::BatchWrapKeyResponse>, Status> {
+        self.handle("BatchWrapKey", req, |ctx, r| async move {
+            ctx.take_context(r.context)?;
+            check_batch_size(r.items.len())?;
+            let names: Vec<String> = r.items.iter().map(|i| i.key.clone()).collect();
+            let items = r
+                .items
+                .into_iter()
+                .map(|i| key_name(&i.key).map(|k| (k, Dek::new(i.plaintext), i.aad)))
+                .collect();
+            let authorize = |k: &KeyName| ctx.check(Permission::Wrap, k);
+            let results = self.keyring.wrap_batch(items, &authorize).await;
+            self.audit_items(
+                &ctx,
+                "BatchWrapKey",
+                &names,
+                results.iter().map(|r| r.as_ref().map(|w| w.version)),
+            )
+            .await?;
+            Ok(pb::BatchWrapKeyResponse {
+                results: results
+                    .into_iter()
+                    .map(|r| pb::WrapKeyResult {
+                        result: Some(match r {
+                            Ok(w) => pb::wrap_key_result::Result::Ok(pb::WrapKeyResponse {
+                                wrapped_key: w.envelope,
+                                key: w.key.to_string(),
+                                key_version: w.version,
+                                algorithm: algorithm_to_pb(w.algorithm).into(),
+                            }),
+                            Err(e) => pb::wrap_key_result::Result::Error(item_error(&e)),
+                        }),
+                    })
+                    .collect(),
+            })
+        })
+        .await
+    }
+
+    async fn batch_unwrap_key(
+        &self,
+        req: Request<pb::BatchUnwrapKeyRequest>,
+    ) -> Result<Response<pb::BatchUnwrapKeyResponse>, Status> {
+        self.handle("BatchUnwrapKey", req, |ctx, r| async move {
+            ctx.take_context(r.context)?;
+            check_batch_size(r.items.len())?;
+            let names: Vec<String> = r.items.iter().map(|i| i.key.clone()).collect();
+            let items = r
+                .items
+                .into_iter()
+                .map(|i| match i.wrapped {
+                    Some(PbWrapped::Envelope(env)) => optional_key(&i.key).map(|k| (k, env, i.aad)),
+                    Some(PbWrapped::Raw(_)) => Err(BrokerError::invalid(
+                        "raw ciphertexts are not supported in batches; use UnwrapKey",
+                    )),
+                    None => Err(BrokerError::invalid("set envelope")),
+                })
+                .collect();
+            let authorize = |k: &KeyName| ctx.check(Permission::Unwrap, k);
+            let results = self.keyring.unwrap_batch(items, &authorize).await;
+            let names: Vec<String> = names
+                .into_iter()
+                .zip(&results)
+                .map(|(n, r)| match r {
+                    Ok(u) => u.key.to_string(),
+                    Err(_) => n,
+                })
+                .collect();
+            self.audit_items(
+                &ctx,
+                "BatchUnwrapKey",
+                &names,
+                results.iter().map(|r| r.as_ref().map(|u| u.version)),
+            )
+            .await?;
+            Ok(pb::BatchUnwrapKeyResponse {
+                results: results
+                    .into_iter()
+                    .map(|r| pb::UnwrapKeyResult {
+                        result: Some(match r {
+                            Ok(u) => pb::unwrap_key_result::Result::Ok(pb::UnwrapKeyResponse {
+                                key: u.key.to_string(),
+                                key_version: u.version,
+                                algorithm: algorithm_to_pb(u.algorithm).into(),
+                                plaintext: u.dek.into_vec(),
+                            }),
+                            Err(e) => pb::unwrap_key_result::Result::Error(item_error(&e)),
+                        }),
+                    })
+                    .collect(),
+            })
+        })
+        .await
+    }
+
+    async fn batch_generate_data_key(
+        &self,
+        req: Request<pb::BatchGenerateDataKeyRequest>,
+    ) -> Result<Response<pb::BatchGenerateDataKeyResponse>, Status> {
+        self.handle("BatchGenerateDataKey", req, |ctx, r| async move {
+            ctx.take_context(r.context)?;
+            check_batch_size(r.items.len())?;
+            let names: Vec<String> = r.items.iter().map(|i| i.key.clone()).collect();
+            let items = r
+                .items
+                .into_iter()
+                .map(|i| {
+                    key_name(&i.key)
+                        .map(|k| (k, usize::try_from(i.length).unwrap_or(usize::MAX), i.aad))
+                })
+                .collect();
+            let authorize = |k: &KeyName| ctx.check(Permission::Wrap, k);
+            let results = self.keyring.generate_batch(items, &authorize).await;
+            self.audit_items(
+                &ctx,
+                "BatchGenerateDataKey",
+                &names,
+                results.iter().map(|r| r.as_ref().map(|w| w.1.version)),
+            )
+            .await?;
+            Ok(pb::BatchGenerateDataKeyResponse {
+                results: results
+                    .into_iter()
+                    .map(|r| pb::GenerateDataKeyResult {
+                        result: Some(match r {
+                            Ok((dek, w)) => pb::generate_data_key_result::Result::Ok(
+                                pb::GenerateDataKeyResponse {
+                                    plaintext: dek.into_vec(),
+                                    wrapped_key: w.envelope,
+                                    key: w.key.to_string(),
+                                    key_version: w.version,
+                                    algorithm: algorithm_to_pb(w.algorithm).into(),
+                                },
+                            ),
+                            Err(e) => pb::generate_data_key_result::Result::Error(item_error(&e)),
+                        }),
+                    })
+                    .collect(),
+            })
+        })
+        .await
+    }
+
     async fn wrap_key(
         &self,
         req: Request<pb::WrapKeyRequest>,
@@ -1198,6 +1457,89 @@ impl Audit for Api {
     }
 }
 
+fn check_batch_size(n: usize) -> Result<(), BrokerError> {
+    if n == 0 || n > crate::batch::MAX_BATCH {
+        return Err(BrokerError::invalid(format!(
+            "a batch has 1 to {} items, not {n}",
+            crate::batch::MAX_BATCH
+        )));
+    }
+    Ok(())
+}
+
+fn item_error(e: &BrokerError) -> pb::ItemError {
+    let message = match e {
+        BrokerError::Internal(detail) => {
+            tracing::error!(detail = %detail, "internal error in a batch item");
+            "internal error (logged by the broker)".to_string()
+        }
+        other => other.to_string(),
+    };
+    pb::ItemError {
+        code: e.code() as i32,
+        message,
+    }
+}
+
+impl Api {
+    /// One audit record per batch item (written together, before the reply).
+    async fn audit_items<'a>(
+        &self,
+        ctx: &Ctx,
+        op: &str,
+        keys: &[String],
+        outcomes: impl Iterator<Item = Result<u32, &'a BrokerError>>,
+    ) -> Result<(), BrokerError> {
+        let (base_id, just, detail, corr) = {
+            let f = ctx.fields();
+            (
+                f.request_id
+                    .clone()
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                f.justification.clone(),
+                f.justification_detail.clone(),
+                f.correlation_id.clone(),
+            )
+        };
+        let recs = outcomes
+            .zip(keys)
+            .enumerate()
+            .map(|(i, (o, key))| {
+                let mut rec = Record::request(op, &ctx.caller.id);
+                rec.key = Some(key.clone()).filter(|k| !k.is_empty());
+                rec.tenant = rec
+                    .key
+                    .as_deref()
+                    .and_then(|k| KeyName::parse(k).ok())
+                    .map(|k| k.tenant().to_string());
+                match o {
+                    Ok(v) => {
+                        rec.version = Some(v);
+                        rec.outcome = Some("OK".into());
+                    }
+                    Err(e) => {
+                        rec.outcome = Some(code_name(e.code()));
+                        rec.message = Some(match e {
+                            BrokerError::Internal(_) => "internal error".into(),
+                            other => other.to_string(),
+                        });
+                    }
+                }
+                rec.justification = just.clone();
+                rec.justification_detail = detail.clone();
+                rec.correlation_id = corr.clone();
+                rec.request_id = Some(format!("{base_id}#{i}"));
+                rec
+            })
+            .collect();
+        self.audit.append_many(recs).await.map_err(|e| {
+            BrokerError::Unavailable(format!(
+                "the audit trail cannot be written; the request was refused ({e})"
+            ))
+        })
+    }
+}
+
 fn hyok_to_pb(s: HyokState) -> pb::HyokState {
     pb::HyokState {
         connected: s.connected,
@@ -1287,5 +1629,34 @@ mod tests {
             work_deadline(t0, Duration::from_nanos(1)),
             t0 + Duration::from_nanos(1)
         );
+    }
+
+    #[test]
+    fn request_ids_are_kept_only_when_safe_to_log() {
+        assert_eq!(sanitize_request_id("kbc-0a1b").as_deref(), Some("kbc-0a1b"));
+        assert_eq!(
+            sanitize_request_id("a1b2c3d4-e5f6:trace/7.x").as_deref(),
+            Some("a1b2c3d4-e5f6:trace/7.x")
+        );
+        for bad in [
+            "",
+            "has space",
+            "new\nline",
+            "quote\"",
+            "x=y",
+            "ü",
+            &"a".repeat(129),
+        ] {
+            assert_eq!(sanitize_request_id(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn audit_ops_map_to_grpc_names() {
+        assert_eq!(grpc_name("WrapKey"), (KEY_BROKER, "WrapKey"));
+        assert_eq!(grpc_name("BatchUnwrapKey"), (KEY_BROKER, "BatchUnwrapKey"));
+        assert_eq!(grpc_name("PurgeKey"), (KEY_MANAGEMENT, "PurgeKey"));
+        assert_eq!(grpc_name("QueryAudit"), (AUDIT, "QueryAudit"));
+        assert_eq!(grpc_name("HyokDisconnect"), (HYOK, "Disconnect"));
     }
 }

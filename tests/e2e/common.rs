@@ -43,6 +43,8 @@ pub struct Env {
 #[derive(Default, Clone)]
 pub struct Options {
     pub hsm_extra: String,
+    /// Whole sections appended to the config, e.g. `[metrics]\nlisten = "127.0.0.1:0"`.
+    pub sections: String,
     /// RUST_LOG for the broker (default `info,cryptoki=off`).
     pub rust_log: Option<String>,
     /// A policy file's text; without one the config allows the test client identities.
@@ -117,6 +119,7 @@ path = "audit.log"
 {lifecycle_extra}
 [access]
 {access}
+{sections}
 "#,
             cert = pki.server.cert_path.display(),
             key = pki.server.key_path.display(),
@@ -136,6 +139,7 @@ path = "audit.log"
                 }
                 None => format!("allow = [\"{TEST_CLIENT_ID}\", \"{TEST_DNS_CLIENT}\"]"),
             },
+            sections = opts.sections,
         );
         std::fs::write(&config, text).expect("write config");
         Self {
@@ -251,11 +255,19 @@ path = "audit.log"
             }
         });
         let mut lines = BufReader::new(stdout).lines();
+        let (mut metrics_addr, mut kms_socket) = (None, None);
         let addr = loop {
             match tokio::time::timeout(Duration::from_secs(120), lines.next_line()).await {
                 Ok(Ok(Some(l))) => {
                     if let Some(a) = l.strip_prefix("keybroker: listening on ") {
                         break a.trim().parse::<SocketAddr>().map_err(|e| e.to_string())?;
+                    }
+                    if let Some(a) = l.strip_prefix("keybroker: metrics on ") {
+                        metrics_addr =
+                            Some(a.trim().parse::<SocketAddr>().map_err(|e| e.to_string())?);
+                    }
+                    if let Some(p) = l.strip_prefix("keybroker: kms-v2 on ") {
+                        kms_socket = Some(PathBuf::from(p.trim()));
                     }
                 }
                 Ok(_) => {
@@ -271,6 +283,8 @@ path = "audit.log"
         Ok(Broker {
             child,
             addr,
+            metrics_addr,
+            kms_socket,
             log,
             reader: Some(reader),
             ca: self.pki.ca.cert_path.clone(),
@@ -363,6 +377,10 @@ pub fn skip_unless(test: &str, kind: TokenKind, reason: &str) -> bool {
 pub struct Broker {
     pub child: tokio::process::Child,
     pub addr: SocketAddr,
+    /// The metrics listener, when `[metrics]` is configured.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The KMS v2 socket, when `[kms_v2]` is configured.
+    pub kms_socket: Option<PathBuf>,
     log: std::sync::Arc<std::sync::Mutex<String>>,
     reader: Option<tokio::task::JoinHandle<()>>,
     ca: PathBuf,
@@ -383,6 +401,50 @@ impl Broker {
         })
         .await
         .expect("connect")
+    }
+
+    /// Client settings for `who` (for raw channels: health, reflection, request ids).
+    pub fn settings_as(&self, who: &Issued) -> ClientSettings {
+        ClientSettings {
+            endpoint: self.endpoint(),
+            ca: self.ca.clone(),
+            cert: who.cert_path.clone(),
+            key: who.key_path.clone(),
+        }
+    }
+
+    /// An SDK client builder authenticated with `who`'s certificate.
+    pub fn sdk_as(&self, who: &Issued) -> keybroker_client::ClientBuilder {
+        keybroker_client::ClientBuilder::from_pem_files(
+            self.endpoint(),
+            &self.ca,
+            &who.cert_path,
+            &who.key_path,
+        )
+        .expect("read the test PKI")
+    }
+
+    /// `GET path` on the metrics listener: (status code, body).
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.metrics_addr.expect("[metrics] configured");
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connect to metrics");
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("send request");
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).await.expect("read response");
+        let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
+        let code = head
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status code");
+        (code, body.to_string())
     }
 
     /// Everything the broker wrote to stderr so far.

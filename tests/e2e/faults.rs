@@ -10,6 +10,9 @@ use hsm_fixtures::fault::Rule;
 use keybroker::client::Clients;
 use keybroker_proto::v1 as pb;
 use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 use crate::common::*;
 
@@ -65,6 +68,33 @@ async fn until_serving(c: &mut Clients, key: &str) {
             wrap_within(&mut c, key, &[1; 32], Duration::from_secs(2))
                 .await
                 .ok()
+        }
+    })
+    .await;
+}
+
+/// Waits until `grpc.health.v1` reports `want` for the whole server and the data plane.
+async fn wait_health(b: &Broker, env: &Env, want: ServingStatus) {
+    let ch = keybroker::client::connect(&b.settings_as(&env.pki.client))
+        .await
+        .expect("connect");
+    poll_until(&format!("health {want:?}"), Duration::from_secs(10), || {
+        let mut h = HealthClient::new(ch.clone());
+        async move {
+            for service in ["", "keybroker.v1.KeyBroker"] {
+                let s = h
+                    .check(HealthCheckRequest {
+                        service: service.into(),
+                    })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .status;
+                if s != want as i32 {
+                    return None;
+                }
+            }
+            Some(())
         }
     })
     .await;
@@ -176,6 +206,7 @@ async fn a_removed_device_or_token_is_unavailable_then_served_again_without_a_re
         // The device comes back: served again, no restart, same process.
         f.set(std::slice::from_ref(&trace)).expect("rules");
         until_serving(&mut c, key).await;
+        wait_health(&b, &env, ServingStatus::Serving).await;
         assert!(
             f.count("trace", Some("C_Initialize")) >= 1 && f.count("trace", Some("C_Login")) >= 1,
             "round {round}: the broker re-initialised and logged in again: {:?}",

@@ -4,6 +4,7 @@
 
 mod access;
 mod audit;
+mod batch;
 mod common;
 mod crash;
 mod faults;
@@ -11,11 +12,14 @@ mod hostile;
 mod hyok;
 mod key_safety;
 mod keys;
+mod kms_v2;
 mod lifecycle;
+mod observability;
 mod overload;
 mod portability;
 mod properties;
 mod rsa_interop;
+mod sdk;
 mod soak;
 mod tls;
 mod wrap_unwrap;

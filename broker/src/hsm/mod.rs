@@ -51,7 +51,7 @@ use std::{
     collections::HashMap,
     path::PathBuf,
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, Mutex, OnceLock, RwLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -201,6 +201,13 @@ pub struct RsaPublic {
     pub exponent: Vec<u8>,
 }
 
+/// Told the duration and outcome of every HSM call made through the session pool (metrics).
+pub trait HsmObserver: Send + Sync {
+    /// `operation` is the pool operation (`"wrap"`, `"unwrap"`, `"health probe"`, ...);
+    /// `fault` is `None` on success.
+    fn hsm_call(&self, operation: &'static str, elapsed: Duration, fault: Option<FaultKind>);
+}
+
 /// A handle to the HSM: cheap to clone, shared by every request.
 #[derive(Clone)]
 pub struct Hsm {
@@ -231,6 +238,8 @@ struct Inner {
     /// Serialises object creation and destruction: SoftHSM2 2.6.1 races on concurrent object
     /// creation and lookup (upstream #573/#576/#578/#688/#757).
     object_lock: Mutex<()>,
+    /// Metrics hook, set once at start-up.
+    observer: OnceLock<Arc<dyn HsmObserver>>,
 }
 
 impl std::fmt::Debug for Hsm {
@@ -391,6 +400,7 @@ impl Hsm {
                 closed: AtomicBool::new(false),
                 reinitialisations: AtomicU64::new(0),
                 object_lock: Mutex::new(()),
+                observer: OnceLock::new(),
             }),
         })
     }
@@ -411,7 +421,7 @@ impl Hsm {
     }
 
     /// Whether the HSM serves: false from the moment a lost device is confirmed until the
-    /// re-initialisation succeeds (and after shutdown). A health service reports this.
+    /// re-initialisation succeeds (and after shutdown). The health service reports this.
     pub fn healthy(&self) -> bool {
         self.inner.health.borrow().serving
     }
@@ -424,6 +434,11 @@ impl Hsm {
     /// How many times the module was re-initialised after a lost device.
     pub fn reinitialisations(&self) -> u64 {
         self.inner.reinitialisations.load(Ordering::Relaxed)
+    }
+
+    /// Installs the metrics hook (once; later calls are ignored).
+    pub fn set_observer(&self, observer: Arc<dyn HsmObserver>) {
+        let _ = self.inner.observer.set(observer);
     }
 
     /// How busy the session pool is.
@@ -464,6 +479,7 @@ impl Hsm {
             return Err(deadline_passed(what));
         }
         let worker = inner.clone();
+        let started = Instant::now();
         let task = tokio::task::spawn_blocking(move || {
             let _slot = slot;
             // The blocking pool may have been slow to start us.
@@ -482,18 +498,24 @@ impl Hsm {
                         "an HSM call did not return by its deadline; the request gives up, the \
                          call keeps its session until the HSM answers"
                     );
-                    return Err(HsmError::new(
+                    let e = HsmError::new(
                         FaultKind::Deadline,
                         what,
                         "the HSM did not answer before the deadline",
-                    ));
+                    );
+                    let result = Err(e);
+                    inner.observe(what, started, &result);
+                    return result;
                 }
             }
         } else {
             task.await
         };
-        joined
-            .map_err(|e| HsmError::new(FaultKind::Other, what, format!("HSM worker failed: {e}")))?
+        let result = joined
+            .map_err(|e| HsmError::new(FaultKind::Other, what, format!("HSM worker failed: {e}")))
+            .and_then(|r| r);
+        inner.observe(what, started, &result);
+        result
     }
 
     /// Generates a KEK version inside the token from the fixed template, reads its attributes
@@ -693,6 +715,86 @@ impl Hsm {
             ops::wrap(s, h_to, kwp, &to.1, &dek)
         })
         .await
+    }
+
+    /// Wraps many DEKs in one session checkout (a batch chunk). The outer error is a session-
+    /// level fault (the whole chunk is retried once on a lost session); each item has its own
+    /// result.
+    pub async fn wrap_many(
+        &self,
+        items: Vec<(VersionId, WrapParams, Dek)>,
+    ) -> Result<Vec<Result<Vec<u8>, HsmError>>, HsmError> {
+        self.run("wrap (batch)", READ, move |inner, conn, s| {
+            let mut out = Vec::with_capacity(items.len());
+            for (id, params, dek) in &items {
+                let r = conn
+                    .key_for(inner.kwp, *id, params, true)
+                    .and_then(|(h, kwp)| ops::wrap(s, h, kwp, params, dek));
+                if let Err(e) = &r
+                    && chunk_fault(e)
+                {
+                    return Err(e.clone());
+                }
+                out.push(r);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Unwraps many ciphertexts in one session checkout, as [`Hsm::wrap_many`].
+    pub async fn unwrap_many(
+        &self,
+        items: Vec<(VersionId, WrapParams, Vec<u8>)>,
+    ) -> Result<Vec<Result<Dek, HsmError>>, HsmError> {
+        self.run("unwrap (batch)", READ, move |inner, conn, s| {
+            let mut out = Vec::with_capacity(items.len());
+            for (id, params, ct) in &items {
+                let r = conn
+                    .key_for(inner.kwp, *id, params, false)
+                    .and_then(|(h, kwp)| ops::unwrap(s, h, kwp, params, ct));
+                if let Err(e) = &r
+                    && chunk_fault(e)
+                {
+                    return Err(e.clone());
+                }
+                out.push(r);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Draws and wraps many DEKs in one session checkout, as [`Hsm::wrap_many`].
+    pub async fn generate_many(
+        &self,
+        items: Vec<(VersionId, WrapParams, usize)>,
+    ) -> Result<Vec<Result<(Dek, Vec<u8>), HsmError>>, HsmError> {
+        self.run("generate data keys (batch)", READ, move |inner, conn, s| {
+            let mut out = Vec::with_capacity(items.len());
+            for (id, params, len) in &items {
+                let r = conn
+                    .key_for(inner.kwp, *id, params, true)
+                    .and_then(|(h, kwp)| {
+                        let dek = ops::random(s, *len)?;
+                        let ct = ops::wrap(s, h, kwp, params, &dek)?;
+                        Ok((dek, ct))
+                    });
+                if let Err(e) = &r
+                    && chunk_fault(e)
+                {
+                    return Err(e.clone());
+                }
+                out.push(r);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Sessions in the pool (how many batch chunks can run at once).
+    pub fn sessions(&self) -> usize {
+        self.inner.summary.sessions
     }
 
     /// Reads the public key of an RSA version.
@@ -1102,6 +1204,17 @@ impl Hsm {
 }
 
 impl Inner {
+    /// Tells the metrics hook about one call that got a session.
+    fn observe<T>(&self, what: &'static str, started: Instant, result: &Result<T, HsmError>) {
+        if let Some(o) = self.observer.get() {
+            o.hsm_call(
+                what,
+                started.elapsed(),
+                result.as_ref().err().map(|e| e.kind),
+            );
+        }
+    }
+
     /// The current generation.
     fn current(&self) -> Arc<Conn> {
         self.conn.read().unwrap_or_else(|p| p.into_inner()).clone()
@@ -1211,6 +1324,14 @@ impl Inner {
         let alive = || session.get_session_info().is_ok();
         reclassify(self.profile, e, alive)
     }
+}
+
+/// A fault in one item of a batch chunk that is really about the session or the device: the
+/// whole chunk fails with it, so that the session is evicted (and the chunk retried once), the
+/// handles re-found, or the device recovered — as for a single call.
+fn chunk_fault(e: &HsmError) -> bool {
+    matches!(e.kind, FaultKind::SessionLost | FaultKind::DeviceLost)
+        || (e.kind == FaultKind::HandleInvalid && e.rv.is_some())
 }
 
 /// The caller-facing error for a refused admission: RESOURCE_EXHAUSTED (retry later), or

@@ -19,6 +19,9 @@ use crate::{
     model::{Algorithm, Dek},
 };
 
+/// The largest RSA block (4096-bit modulus).
+const MAX_RSA_BLOCK: usize = 512;
+
 /// The parameters of one wrap or unwrap.
 #[derive(Clone, Debug)]
 pub enum WrapParams {
@@ -128,7 +131,12 @@ pub fn wrap(
             let p = GcmParams::new(&mut iv, aad, 128.into())
                 .map_err(|e| HsmError::from_ck("AES-GCM parameters", e))?;
             let out = session
-                .encrypt(&Mechanism::AesGcm(p), key, dek.expose())
+                .encrypt_sized(
+                    &Mechanism::AesGcm(p),
+                    key,
+                    dek.expose(),
+                    dek.len() + GCM_TAG_LEN,
+                )
                 .map_err(|e| HsmError::from_ck("AES-GCM encrypt", e))?;
             if out.len() != dek.len() + GCM_TAG_LEN {
                 return Err(HsmError::new(
@@ -171,7 +179,7 @@ pub fn wrap(
             r
         }
         WrapParams::OaepSha256 | WrapParams::OaepSha1 => session
-            .encrypt(&oaep(params.algorithm()), key, dek.expose())
+            .encrypt_sized(&oaep(params.algorithm()), key, dek.expose(), MAX_RSA_BLOCK)
             .map_err(|e| HsmError::from_ck("RSA-OAEP encrypt", e)),
     }
 }
@@ -191,13 +199,13 @@ pub fn unwrap(
             let p = GcmParams::new(&mut iv, aad, 128.into())
                 .map_err(|e| HsmError::from_ck("AES-GCM parameters", e))?;
             session
-                .decrypt(&Mechanism::AesGcm(p), key, ciphertext)
+                .decrypt_sized(&Mechanism::AesGcm(p), key, ciphertext, ciphertext.len())
                 .map(Dek::new)
                 .map_err(|e| HsmError::from_ck_decrypt("AES-GCM decrypt", e))
         }
         WrapParams::Kwp => unwrap_generic(session, &kwp.mechanism(), key, ciphertext),
         WrapParams::OaepSha256 | WrapParams::OaepSha1 => session
-            .decrypt(&oaep(params.algorithm()), key, ciphertext)
+            .decrypt_sized(&oaep(params.algorithm()), key, ciphertext, ciphertext.len())
             .map(Dek::new)
             .map_err(|e| HsmError::from_ck_decrypt("RSA-OAEP decrypt", e)),
     }

@@ -11,6 +11,58 @@ use cryptoki_sys::*;
 use std::convert::TryInto;
 
 impl Session {
+
+    /// Single-part encryption with one `C_Encrypt` call into a buffer of `capacity` bytes (keybroker
+    /// patch). [`Session::encrypt`] first asks the token for the output length, and soft tokens such
+    /// as SoftHSM2 do the whole operation to answer that, so every operation costs twice. If the
+    /// token reports `CKR_BUFFER_TOO_SMALL`, the operation stays active (PKCS#11 §5.2) and the
+    /// call is repeated once with the size it asked for.
+    pub fn encrypt_sized(
+        &self,
+        mechanism: &Mechanism,
+        key: ObjectHandle,
+        input: &[u8],
+        capacity: usize,
+    ) -> Result<Vec<u8>> {
+        let mut mechanism: CK_MECHANISM = mechanism.into();
+        unsafe {
+            Rv::from(get_pkcs11!(self.client(), C_EncryptInit)(
+                self.handle(),
+                &mut mechanism as CK_MECHANISM_PTR,
+                key.handle(),
+            ))
+            .into_result(Function::EncryptInit)?;
+        }
+        let mut out = vec![0; capacity];
+        let mut out_len: CK_ULONG = out.len().try_into()?;
+        let rv = unsafe {
+            Rv::from(get_pkcs11!(self.client(), C_Encrypt)(
+                self.handle(),
+                input.as_ptr() as *mut u8,
+                input.len().try_into()?,
+                out.as_mut_ptr(),
+                &mut out_len,
+            ))
+        };
+        match rv {
+            Rv::Error(crate::error::RvError::BufferTooSmall) => {
+                out.resize(out_len.try_into()?, 0);
+                unsafe {
+                    Rv::from(get_pkcs11!(self.client(), C_Encrypt)(
+                        self.handle(),
+                        input.as_ptr() as *mut u8,
+                        input.len().try_into()?,
+                        out.as_mut_ptr(),
+                        &mut out_len,
+                    ))
+                    .into_result(Function::Encrypt)?;
+                }
+            }
+            rv => rv.into_result(Function::Encrypt)?,
+        }
+        out.truncate(out_len.try_into()?);
+        Ok(out)
+    }
     /// Single-part encryption operation
     pub fn encrypt(
         &self,

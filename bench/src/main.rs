@@ -1,0 +1,1033 @@
+//! keybroker-bench: measures keybroker over real mutual-TLS gRPC and, in the same run, the raw
+//! PKCS#11 rate of the same operations on the same token with the same number of sessions (the
+//! physical limit of this machine). Prints one table (or JSON with `--json`).
+//!
+//! ```text
+//! cargo build --release -p keybroker -p keybroker-bench
+//! target/release/keybroker-bench                  # default run (a few minutes)
+//! target/release/keybroker-bench --keys 10,1000,10000 --json
+//! ```
+//!
+//! The broker runs as a child process with its own SoftHSM2 token (SoftHSM2 reads
+//! SOFTHSM2_CONF once per process); the raw loop runs in another child (this binary with
+//! `--raw`), so neither steals the other's token state. The client (this process) shares the
+//! machine's cores with the broker: the figures include the client.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use hsm_fixtures::{pki::Ca, softhsm::SoftHsmToken};
+use keybroker::client::{ClientSettings, Clients, clients};
+use keybroker_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+mod raw;
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmark keybroker against the raw PKCS#11 rate")]
+struct Args {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Repetitions per row (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Key counts for the scale rows (comma-separated), e.g. 10,1000,10000.
+    #[arg(long, default_value = "10,1000")]
+    keys: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// The keybroker binary (default: beside this one).
+    #[arg(long)]
+    broker: Option<PathBuf>,
+    /// HSM sessions in the broker's pool and raw threads (default: 2 per CPU, at least 4).
+    #[arg(long)]
+    sessions: Option<usize>,
+    /// Only these rows (comma-separated substrings of the operation names).
+    #[arg(long)]
+    only: Option<String>,
+    /// Skip the raw PKCS#11 measurements (quicker; for profiling the broker).
+    #[arg(long)]
+    no_raw: bool,
+    /// Internal: run the raw PKCS#11 loop described by this file and print JSON.
+    #[arg(long, hide = true)]
+    raw: Option<PathBuf>,
+}
+
+/// One row of the table.
+#[derive(Clone, Debug, Serialize)]
+struct Row {
+    operation: String,
+    concurrency: usize,
+    batch: usize,
+    broker_ops_per_s: f64,
+    raw_ops_per_s: Option<f64>,
+    ratio: Option<f64>,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    server_cpu_us_per_op: f64,
+    peak_rss_mib: f64,
+    errors: u64,
+}
+
+/// What the raw child measures.
+#[derive(Serialize, Deserialize)]
+pub struct RawSpec {
+    module: String,
+    label: String,
+    pin: String,
+    threads: usize,
+    seconds: f64,
+    reps: usize,
+    /// (name, key version id hex, algorithm, sample envelope hex)
+    ops: Vec<(String, String, String, String)>,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    if let Some(spec) = &args.raw {
+        return match raw::run(spec) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("raw: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keybroker-bench: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(bench(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keybroker-bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+struct World {
+    dir: tempfile::TempDir,
+    token: SoftHsmToken,
+    config: PathBuf,
+    settings: ClientSettings,
+    broker_bin: PathBuf,
+}
+
+struct Running {
+    child: tokio::process::Child,
+    addr: String,
+    started_in: Duration,
+}
+
+impl World {
+    fn new(broker_bin: PathBuf, sessions: usize) -> Result<Self, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let token =
+            SoftHsmToken::create(&dir.path().join("hsm"), "bench").map_err(|e| e.to_string())?;
+        let ca = Ca::new(&dir.path().join("pki"), "ca", "bench CA").map_err(|e| e.to_string())?;
+        let server = ca
+            .issue_localhost_server("server")
+            .map_err(|e| e.to_string())?;
+        let client = ca
+            .issue_spiffe_client("client", "spiffe://bench/client")
+            .map_err(|e| e.to_string())?;
+        let config = dir.path().join("keybroker.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nmax_concurrent_streams = 1024\n\
+                 [tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n\
+                 [hsm]\nmodule = \"{}\"\ntoken_label = \"bench\"\npin_file = \"{}\"\nsessions = {sessions}\n\
+                 [audit]\npath = \"audit.log\"\n\
+                 [access]\nallow = [\"spiffe://bench/client\"]\n",
+                server.cert_path.display(),
+                server.key_path.display(),
+                ca.cert_path.display(),
+                token.module.display(),
+                token.pin_file.display(),
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let settings = ClientSettings {
+            endpoint: String::new(),
+            ca: ca.cert_path.clone(),
+            cert: client.cert_path.clone(),
+            key: client.key_path.clone(),
+        };
+        Ok(Self {
+            dir,
+            token,
+            config,
+            settings,
+            broker_bin,
+        })
+    }
+
+    async fn start(&self) -> Result<Running, String> {
+        let t0 = Instant::now();
+        let mut child = tokio::process::Command::new(&self.broker_bin)
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("SOFTHSM2_CONF", &self.token.conf)
+            .env("RUST_LOG", "warn,cryptoki=off")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("start {}: {e}", self.broker_bin.display()))?;
+        let out = child.stdout.take().ok_or("no stdout")?;
+        let mut lines = BufReader::new(out).lines();
+        loop {
+            match lines.next_line().await {
+                Ok(Some(l)) => {
+                    if let Some(a) = l.strip_prefix("keybroker: listening on ") {
+                        return Ok(Running {
+                            child,
+                            addr: a.trim().to_string(),
+                            started_in: t0.elapsed(),
+                        });
+                    }
+                }
+                _ => return Err("the broker exited during start-up".into()),
+            }
+        }
+    }
+
+    async fn connect(&self, r: &Running) -> Result<Clients, String> {
+        let mut s = self.settings.clone();
+        let port = r.addr.rsplit(':').next().unwrap_or("0");
+        s.endpoint = format!("https://localhost:{port}");
+        clients(&s).await
+    }
+}
+
+impl Running {
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+}
+
+/// utime+stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 of /proc/PID/stat (1-based) are 11 and 12 after the ")".
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Wrap,
+    Unwrap,
+    Generate,
+}
+
+/// The requests one benchmark row sends.
+#[derive(Clone)]
+struct Load {
+    op: Op,
+    keys: Arc<Vec<String>>,
+    /// For unwraps: envelopes (with their AAD) to cycle through.
+    envelopes: Arc<Vec<(Vec<u8>, Vec<u8>)>>,
+    aad: Vec<u8>,
+    batch: usize,
+}
+
+struct Measured {
+    ops_per_s: f64,
+    hist: Histogram<u64>,
+    errors: u64,
+    cpu_us_per_op: f64,
+}
+
+async fn one_call(c: &mut Clients, load: &Load, i: usize) -> Result<u64, tonic::Status> {
+    let key = load.keys[i % load.keys.len()].clone();
+    match (load.op, load.batch) {
+        (Op::Wrap, 1) => c
+            .broker
+            .wrap_key(pb::WrapKeyRequest {
+                key,
+                plaintext: vec![7; 32],
+                aad: load.aad.clone(),
+                context: None,
+            })
+            .await
+            .map(|_| 1),
+        (Op::Generate, 1) => c
+            .broker
+            .generate_data_key(pb::GenerateDataKeyRequest {
+                key,
+                length: 32,
+                aad: load.aad.clone(),
+                context: None,
+            })
+            .await
+            .map(|_| 1),
+        (Op::Unwrap, 1) => {
+            let (env, aad) = &load.envelopes[i % load.envelopes.len()];
+            c.broker
+                .unwrap_key(pb::UnwrapKeyRequest {
+                    key: String::new(),
+                    aad: aad.clone(),
+                    context: None,
+                    wrapped: Some(pb::unwrap_key_request::Wrapped::Envelope(env.clone())),
+                })
+                .await
+                .map(|_| 1)
+        }
+        (Op::Unwrap, n) => {
+            let items = (0..n)
+                .map(|j| {
+                    let (env, aad) = &load.envelopes[(i * n + j) % load.envelopes.len()];
+                    pb::UnwrapKeyRequest {
+                        aad: aad.clone(),
+                        wrapped: Some(pb::unwrap_key_request::Wrapped::Envelope(env.clone())),
+                        ..Default::default()
+                    }
+                })
+                .collect();
+            let r = c
+                .broker
+                .batch_unwrap_key(pb::BatchUnwrapKeyRequest {
+                    items,
+                    context: None,
+                })
+                .await?;
+            Ok(r.into_inner()
+                .results
+                .iter()
+                .filter(|x| matches!(x.result, Some(pb::unwrap_key_result::Result::Ok(_))))
+                .count() as u64)
+        }
+        (Op::Wrap, n) => {
+            let items = (0..n)
+                .map(|_| pb::WrapKeyRequest {
+                    key: key.clone(),
+                    plaintext: vec![7; 32],
+                    aad: load.aad.clone(),
+                    context: None,
+                })
+                .collect();
+            let r = c
+                .broker
+                .batch_wrap_key(pb::BatchWrapKeyRequest {
+                    items,
+                    context: None,
+                })
+                .await?;
+            Ok(r.into_inner()
+                .results
+                .iter()
+                .filter(|x| matches!(x.result, Some(pb::wrap_key_result::Result::Ok(_))))
+                .count() as u64)
+        }
+        (Op::Generate, n) => {
+            let items = (0..n)
+                .map(|_| pb::GenerateDataKeyRequest {
+                    key: key.clone(),
+                    length: 32,
+                    aad: load.aad.clone(),
+                    context: None,
+                })
+                .collect();
+            let r = c
+                .broker
+                .batch_generate_data_key(pb::BatchGenerateDataKeyRequest {
+                    items,
+                    context: None,
+                })
+                .await?;
+            Ok(r.into_inner()
+                .results
+                .iter()
+                .filter(|x| matches!(x.result, Some(pb::generate_data_key_result::Result::Ok(_))))
+                .count() as u64)
+        }
+    }
+}
+
+/// Runs `load` with `concurrency` tasks over `conns` connections for `secs`.
+async fn drive(
+    w: &World,
+    r: &Running,
+    load: &Load,
+    concurrency: usize,
+    conns: usize,
+    secs: f64,
+) -> Result<Measured, String> {
+    let mut pool = Vec::new();
+    for _ in 0..conns.max(1) {
+        pool.push(w.connect(r).await?);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let cpu0 = cpu_seconds(r.pid());
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..concurrency {
+        let mut c = Clients {
+            broker: pool[t % pool.len()].broker.clone(),
+            mgmt: pool[t % pool.len()].mgmt.clone(),
+            audit: pool[t % pool.len()].audit.clone(),
+            hyok: pool[t % pool.len()].hyok.clone(),
+        };
+        let (load, stop, done, errors) = (load.clone(), stop.clone(), done.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut h =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
+            let mut i = t * 7919;
+            while !stop.load(Ordering::Relaxed) {
+                let s = Instant::now();
+                match one_call(&mut c, &load, i).await {
+                    Ok(n) => {
+                        done.fetch_add(n, Ordering::Relaxed);
+                        let _ = h.record(s.elapsed().as_micros() as u64);
+                    }
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                i += 1;
+            }
+            Ok::<_, String>(h)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
+    for t in tasks {
+        let h = t.await.map_err(|e| e.to_string())??;
+        hist.add(&h).map_err(|e| e.to_string())?;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(r.pid()) - cpu0;
+    let n = done.load(Ordering::Relaxed);
+    Ok(Measured {
+        ops_per_s: n as f64 / elapsed,
+        hist,
+        errors: errors.load(Ordering::Relaxed),
+        cpu_us_per_op: if n > 0 { cpu * 1e6 / n as f64 } else { 0.0 },
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+async fn create_key(
+    c: &mut Clients,
+    name: &str,
+    kt: pb::KeyType,
+    alg: pb::Algorithm,
+) -> Result<pb::Key, String> {
+    c.mgmt
+        .create_key(pb::CreateKeyRequest {
+            key: name.into(),
+            key_type: kt.into(),
+            algorithm: alg.into(),
+            attributes: None,
+        })
+        .await
+        .map(|k| k.into_inner())
+        .map_err(|e| format!("create {name}: {e}"))
+}
+
+async fn envelopes(
+    c: &mut Clients,
+    keys: &[String],
+    aad: &[u8],
+    n: usize,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut dek = [0u8; 32];
+        getrandom::fill(&mut dek).map_err(|e| e.to_string())?;
+        let w = c
+            .broker
+            .wrap_key(pb::WrapKeyRequest {
+                key: keys[i % keys.len()].clone(),
+                plaintext: dek.to_vec(),
+                aad: aad.to_vec(),
+                context: None,
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        out.push((w.wrapped_key, aad.to_vec()));
+    }
+    Ok(out)
+}
+
+async fn bench(args: Args) -> Result<(), String> {
+    let broker_bin = match &args.broker {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .parent()
+            .map(|d| d.join("keybroker"))
+            .ok_or("no binary directory")?,
+    };
+    if !broker_bin.exists() {
+        return Err(format!(
+            "{} not found: cargo build --release -p keybroker",
+            broker_bin.display()
+        ));
+    }
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let sessions = args.sessions.unwrap_or((cpus * 2).max(4));
+    let w = World::new(broker_bin, sessions)?;
+    let r = w.start().await?;
+    let mut c = w.connect(&r).await?;
+    let gcm = create_key(
+        &mut c,
+        "bench/gcm",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Aes256Gcm,
+    )
+    .await?;
+    let kwp = create_key(
+        &mut c,
+        "bench/kwp",
+        pb::KeyType::Aes256,
+        pb::Algorithm::AesKeyWrapPad,
+    )
+    .await?;
+    let r2048 = create_key(
+        &mut c,
+        "bench/rsa2048",
+        pb::KeyType::Rsa2048,
+        pb::Algorithm::Unspecified,
+    )
+    .await?;
+    let r3072 = create_key(
+        &mut c,
+        "bench/rsa3072",
+        pb::KeyType::Rsa3072,
+        pb::Algorithm::Unspecified,
+    )
+    .await?;
+    let aad = b"tenant=bench;object=42".to_vec();
+    let one = |k: &str| Arc::new(vec![k.to_string()]);
+    let env_gcm = Arc::new(envelopes(&mut c, &["bench/gcm".into()], &aad, 500).await?);
+    let env_kwp = Arc::new(envelopes(&mut c, &["bench/kwp".into()], b"", 500).await?);
+    let env_2048 = Arc::new(envelopes(&mut c, &["bench/rsa2048".into()], b"", 200).await?);
+    let env_3072 = Arc::new(envelopes(&mut c, &["bench/rsa3072".into()], b"", 200).await?);
+
+    // The raw PKCS#11 rates, measured by a child process on the same token and KEK objects.
+    let alg_name = |k: &pb::Key| match pb::Algorithm::try_from(k.algorithm) {
+        Ok(pb::Algorithm::RsaOaepSha256) => "rsa-oaep-sha256",
+        Ok(pb::Algorithm::RsaOaepSha1) => "rsa-oaep-sha1",
+        Ok(pb::Algorithm::AesKeyWrapPad) => "aes-kwp",
+        _ => "aes-256-gcm",
+    };
+    let id = |k: &pb::Key| hex::encode(&k.versions[0].id);
+    let spec = RawSpec {
+        module: w.token.module.display().to_string(),
+        label: w.token.label.clone(),
+        pin: w.token.user_pin.clone(),
+        threads: sessions,
+        seconds: args.seconds,
+        reps: args.reps,
+        ops: vec![
+            (
+                "aes-gcm wrap".into(),
+                id(&gcm),
+                alg_name(&gcm).into(),
+                String::new(),
+            ),
+            (
+                "aes-gcm unwrap".into(),
+                id(&gcm),
+                alg_name(&gcm).into(),
+                hex::encode(&env_gcm[0].0),
+            ),
+            (
+                "aes-gcm generate".into(),
+                id(&gcm),
+                alg_name(&gcm).into(),
+                String::new(),
+            ),
+            (
+                "aes-kwp wrap".into(),
+                id(&kwp),
+                alg_name(&kwp).into(),
+                String::new(),
+            ),
+            (
+                "aes-kwp unwrap".into(),
+                id(&kwp),
+                alg_name(&kwp).into(),
+                hex::encode(&env_kwp[0].0),
+            ),
+            (
+                "rsa-2048 unwrap".into(),
+                id(&r2048),
+                alg_name(&r2048).into(),
+                hex::encode(&env_2048[0].0),
+            ),
+            (
+                "rsa-3072 unwrap".into(),
+                id(&r3072),
+                alg_name(&r3072).into(),
+                hex::encode(&env_3072[0].0),
+            ),
+        ],
+    };
+    let mut spec = spec;
+    if args.no_raw {
+        spec.ops.clear();
+    }
+    let spec_path = w.dir.path().join("raw.json");
+    std::fs::write(
+        &spec_path,
+        serde_json::to_vec(&spec).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    eprintln!("keybroker-bench: measuring the raw PKCS#11 rates ({sessions} sessions)...");
+    let raw_out = tokio::process::Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+        .arg("--raw")
+        .arg(&spec_path)
+        .env("SOFTHSM2_CONF", &w.token.conf)
+        .output()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !raw_out.status.success() {
+        return Err(format!(
+            "raw loop failed: {}",
+            String::from_utf8_lossy(&raw_out.stderr)
+        ));
+    }
+    let raw: BTreeMap<String, f64> =
+        serde_json::from_slice(&raw_out.stdout).map_err(|e| e.to_string())?;
+
+    struct Plan {
+        name: &'static str,
+        load: Load,
+        concurrency: usize,
+        conns: usize,
+    }
+    let plan = vec![
+        Plan {
+            name: "aes-gcm unwrap",
+            load: Load {
+                op: Op::Unwrap,
+                keys: one("bench/gcm"),
+                envelopes: env_gcm.clone(),
+                aad: aad.clone(),
+                batch: 1,
+            },
+            concurrency: 32,
+            conns: 4,
+        },
+        Plan {
+            name: "aes-gcm unwrap",
+            load: Load {
+                op: Op::Unwrap,
+                keys: one("bench/gcm"),
+                envelopes: env_gcm.clone(),
+                aad: aad.clone(),
+                batch: 1,
+            },
+            concurrency: 16,
+            conns: 4,
+        },
+        Plan {
+            name: "aes-gcm unwrap",
+            load: Load {
+                op: Op::Unwrap,
+                keys: one("bench/gcm"),
+                envelopes: env_gcm.clone(),
+                aad: aad.clone(),
+                batch: 100,
+            },
+            concurrency: 4,
+            conns: 4,
+        },
+        Plan {
+            name: "aes-gcm wrap",
+            load: Load {
+                op: Op::Wrap,
+                keys: one("bench/gcm"),
+                envelopes: env_gcm.clone(),
+                aad: aad.clone(),
+                batch: 1,
+            },
+            concurrency: 32,
+            conns: 4,
+        },
+        Plan {
+            name: "aes-gcm wrap",
+            load: Load {
+                op: Op::Wrap,
+                keys: one("bench/gcm"),
+                envelopes: env_gcm.clone(),
+                aad: aad.clone(),
+                batch: 100,
+            },
+            concurrency: 4,
+            conns: 4,
+        },
+        Plan {
+            name: "aes-gcm generate",
+            load: Load {
+                op: Op::Generate,
+                keys: one("bench/gcm"),
+                envelopes: env_gcm.clone(),
+                aad: aad.clone(),
+                batch: 1,
+            },
+            concurrency: 32,
+            conns: 4,
+        },
+        Plan {
+            name: "aes-gcm generate",
+            load: Load {
+                op: Op::Generate,
+                keys: one("bench/gcm"),
+                envelopes: env_gcm.clone(),
+                aad: aad.clone(),
+                batch: 100,
+            },
+            concurrency: 4,
+            conns: 4,
+        },
+        Plan {
+            name: "aes-kwp unwrap",
+            load: Load {
+                op: Op::Unwrap,
+                keys: one("bench/kwp"),
+                envelopes: env_kwp.clone(),
+                aad: Vec::new(),
+                batch: 1,
+            },
+            concurrency: 32,
+            conns: 4,
+        },
+        Plan {
+            name: "aes-kwp unwrap",
+            load: Load {
+                op: Op::Unwrap,
+                keys: one("bench/kwp"),
+                envelopes: env_kwp.clone(),
+                aad: Vec::new(),
+                batch: 100,
+            },
+            concurrency: 4,
+            conns: 4,
+        },
+        Plan {
+            name: "aes-kwp wrap",
+            load: Load {
+                op: Op::Wrap,
+                keys: one("bench/kwp"),
+                envelopes: env_kwp.clone(),
+                aad: Vec::new(),
+                batch: 1,
+            },
+            concurrency: 32,
+            conns: 4,
+        },
+        Plan {
+            name: "rsa-2048 unwrap",
+            load: Load {
+                op: Op::Unwrap,
+                keys: one("bench/rsa2048"),
+                envelopes: env_2048.clone(),
+                aad: Vec::new(),
+                batch: 1,
+            },
+            concurrency: 32,
+            conns: 4,
+        },
+        Plan {
+            name: "rsa-2048 unwrap",
+            load: Load {
+                op: Op::Unwrap,
+                keys: one("bench/rsa2048"),
+                envelopes: env_2048.clone(),
+                aad: Vec::new(),
+                batch: 10,
+            },
+            concurrency: 4,
+            conns: 4,
+        },
+        Plan {
+            name: "rsa-3072 unwrap",
+            load: Load {
+                op: Op::Unwrap,
+                keys: one("bench/rsa3072"),
+                envelopes: env_3072.clone(),
+                aad: Vec::new(),
+                batch: 1,
+            },
+            concurrency: 32,
+            conns: 4,
+        },
+    ];
+    let only: Option<Vec<String>> = args
+        .only
+        .as_ref()
+        .map(|o| o.split(',').map(str::to_string).collect());
+    let mut rows = Vec::new();
+    for p in &plan {
+        if only
+            .as_ref()
+            .is_some_and(|o| !o.iter().any(|s| p.name.contains(s.as_str())))
+        {
+            continue;
+        }
+        eprintln!(
+            "keybroker-bench: {} ×{} batch {}...",
+            p.name, p.concurrency, p.load.batch
+        );
+        // Warm-up.
+        drive(
+            &w,
+            &r,
+            &p.load,
+            p.concurrency,
+            p.conns,
+            (args.seconds / 3.0).max(0.5),
+        )
+        .await?;
+        let mut rates = Vec::new();
+        let mut cpus = Vec::new();
+        let mut hist =
+            Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
+        let mut errors = 0;
+        for _ in 0..args.reps.max(1) {
+            let m = drive(&w, &r, &p.load, p.concurrency, p.conns, args.seconds).await?;
+            rates.push(m.ops_per_s);
+            cpus.push(m.cpu_us_per_op);
+            hist.add(&m.hist).map_err(|e| e.to_string())?;
+            errors += m.errors;
+        }
+        let broker = median(rates);
+        let raw_rate = raw.get(p.name).copied();
+        // Latency is per call; a batch call carries `batch` items.
+        rows.push(Row {
+            operation: p.name.to_string(),
+            concurrency: p.concurrency,
+            batch: p.load.batch,
+            broker_ops_per_s: broker,
+            raw_ops_per_s: raw_rate,
+            ratio: raw_rate.map(|x| broker / x),
+            p50_ms: hist.value_at_quantile(0.5) as f64 / 1000.0,
+            p99_ms: hist.value_at_quantile(0.99) as f64 / 1000.0,
+            p999_ms: hist.value_at_quantile(0.999) as f64 / 1000.0,
+            server_cpu_us_per_op: median(cpus),
+            peak_rss_mib: peak_rss_mib(r.pid()),
+            errors,
+        });
+    }
+
+    // Memory under 256 concurrent streams.
+    let mut rss = None;
+    if only.is_none() {
+        eprintln!("keybroker-bench: 256 concurrent streams...");
+        let load = Load {
+            op: Op::Unwrap,
+            keys: one("bench/gcm"),
+            envelopes: env_gcm.clone(),
+            aad: aad.clone(),
+            batch: 1,
+        };
+        let m = drive(&w, &r, &load, 256, 8, args.seconds).await?;
+        rss = Some((m.ops_per_s, peak_rss_mib(r.pid()), m.errors));
+    }
+
+    // Scale with keys: ops/s across K keys and start-up time with K keys.
+    let mut scale = Vec::new();
+    if only.is_none() {
+        let mut targets: Vec<usize> = args
+            .keys
+            .split(',')
+            .filter_map(|s| s.trim().parse().ok())
+            .collect();
+        targets.sort();
+        let mut have = 1usize; // bench/gcm
+        let mut names = vec!["bench/gcm".to_string()];
+        for k in targets {
+            eprintln!("keybroker-bench: scaling to {k} AES keys...");
+            while have < k {
+                let name = format!("scale/k{have:06}");
+                create_key(&mut c, &name, pb::KeyType::Aes256, pb::Algorithm::Aes256Gcm).await?;
+                names.push(name);
+                have += 1;
+            }
+            let keys = Arc::new(names.clone());
+            let envs =
+                Arc::new(envelopes(&mut c, &names, &aad, 500.min(names.len().max(100))).await?);
+            let load = Load {
+                op: Op::Unwrap,
+                keys: keys.clone(),
+                envelopes: envs,
+                aad: aad.clone(),
+                batch: 1,
+            };
+            drive(&w, &r, &load, 32, 4, (args.seconds / 3.0).max(0.5)).await?;
+            let mut rates = Vec::new();
+            for _ in 0..args.reps.max(1) {
+                rates.push(drive(&w, &r, &load, 32, 4, args.seconds).await?.ops_per_s);
+            }
+            scale.push((k, median(rates), 0.0f64));
+        }
+        drop(c);
+        r.stop().await;
+        // Start-up time with the largest key count (every KEK's template and canary checked).
+        let r2 = w.start().await?;
+        let started = r2.started_in.as_secs_f64();
+        if let Some(last) = scale.last_mut() {
+            last.2 = started;
+        }
+        r2.stop().await;
+    } else {
+        drop(c);
+        r.stop().await;
+    }
+    report(&args, &rows, rss, &scale, sessions)
+}
+
+fn report(
+    args: &Args,
+    rows: &[Row],
+    rss: Option<(f64, f64, u64)>,
+    scale: &[(usize, f64, f64)],
+    sessions: usize,
+) -> Result<(), String> {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    if args.json {
+        let v = serde_json::json!({
+            "machine": {"cpu": cpu, "cores": cores, "sessions": sessions},
+            "seconds": args.seconds, "reps": args.reps,
+            "rows": rows,
+            "streams_256": rss.map(|(ops, mib, err)| serde_json::json!({"ops_per_s": ops, "peak_rss_mib": mib, "errors": err})),
+            "scale": scale.iter().map(|(k, ops, st)| serde_json::json!({"keys": k, "ops_per_s": ops, "startup_s": st})).collect::<Vec<_>>(),
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    println!(
+        "keybroker-bench — {cpu}, {cores} cores, {sessions} HSM sessions, SoftHSM2; {}s × {} reps, medians; client on the same machine",
+        args.seconds, args.reps
+    );
+    println!(
+        "{:<18} {:>5} {:>5} {:>11} {:>11} {:>6} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6}",
+        "operation",
+        "conc",
+        "batch",
+        "broker/s",
+        "raw/s",
+        "ratio",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "cpu µs/op",
+        "RSS MiB",
+        "errors"
+    );
+    for r in rows {
+        println!(
+            "{:<18} {:>5} {:>5} {:>11.0} {:>11} {:>6} {:>8.2} {:>8.2} {:>9.2} {:>9.1} {:>8.1} {:>6}",
+            r.operation,
+            r.concurrency,
+            r.batch,
+            r.broker_ops_per_s,
+            r.raw_ops_per_s
+                .map(|x| format!("{x:.0}"))
+                .unwrap_or_else(|| "-".into()),
+            r.ratio
+                .map(|x| format!("{:.0}%", x * 100.0))
+                .unwrap_or_else(|| "-".into()),
+            r.p50_ms,
+            r.p99_ms,
+            r.p999_ms,
+            r.server_cpu_us_per_op,
+            r.peak_rss_mib,
+            r.errors
+        );
+    }
+    if let Some((ops, mib, err)) = rss {
+        println!(
+            "256 concurrent streams (aes-gcm unwrap): {ops:.0} ops/s, peak RSS {mib:.1} MiB, {err} errors"
+        );
+    }
+    for (k, ops, st) in scale {
+        if *st > 0.0 {
+            println!(
+                "{k:>6} keys: aes-gcm unwrap ×32 across all keys {ops:.0} ops/s; broker start-up with {k} keys {st:.2} s"
+            );
+        } else {
+            println!("{k:>6} keys: aes-gcm unwrap ×32 across all keys {ops:.0} ops/s");
+        }
+    }
+    Ok(())
+}
+
+#[allow(dead_code)]
+fn unused(_: &Path) {}

@@ -1,0 +1,208 @@
+//! The raw PKCS#11 loop: the same operations the broker performs for one request, straight
+//! through cryptoki on the broker's own KEK objects, one session per thread — the physical limit
+//! the broker is compared with.
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use cryptoki::{
+    context::{CInitializeArgs, CInitializeFlags, Pkcs11},
+    mechanism::{
+        Mechanism, MechanismType,
+        aead::GcmParams,
+        rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource},
+    },
+    object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle},
+    session::{Session, UserType},
+    types::AuthPin,
+};
+
+use crate::RawSpec;
+
+const AAD: &[u8] = b"tenant=bench;object=42";
+
+fn oaep(alg: &str) -> Mechanism<'static> {
+    let (h, m) = if alg == "rsa-oaep-sha1" {
+        (MechanismType::SHA1, PkcsMgfType::MGF1_SHA1)
+    } else {
+        (MechanismType::SHA256, PkcsMgfType::MGF1_SHA256)
+    };
+    Mechanism::RsaPkcsOaep(PkcsOaepParams::new(h, m, PkcsOaepSource::empty()))
+}
+
+fn kwp(s: &Session, kek: ObjectHandle, alg: &str) -> Mechanism<'static> {
+    let _ = (s, kek, alg);
+    Mechanism::AesKeyWrapPad
+}
+
+fn find(s: &Session, id: &[u8]) -> Result<ObjectHandle, String> {
+    for class in [ObjectClass::SECRET_KEY, ObjectClass::PRIVATE_KEY] {
+        let f = s
+            .find_objects(&[Attribute::Class(class), Attribute::Id(id.to_vec())])
+            .map_err(|e| e.to_string())?;
+        if let Some(h) = f.first() {
+            return Ok(*h);
+        }
+    }
+    Err("KEK not found".into())
+}
+
+/// One operation, as the broker does it.
+fn step(
+    s: &Session,
+    kek: ObjectHandle,
+    name: &str,
+    alg: &str,
+    sample: &[u8],
+) -> Result<(), String> {
+    let e = |x: cryptoki::error::Error| x.to_string();
+    match name {
+        "aes-gcm unwrap" => {
+            let mut iv: [u8; 12] = sample[19..31].try_into().map_err(|_| "short envelope")?;
+            let mut aad = sample[..31].to_vec();
+            aad.extend_from_slice(AAD);
+            let p = GcmParams::new(&mut iv, &aad, 128.into()).map_err(e)?;
+            s.decrypt_sized(&Mechanism::AesGcm(p), kek, &sample[31..], sample.len() - 31)
+                .map_err(e)?;
+        }
+        "aes-gcm wrap" | "aes-gcm generate" => {
+            let dek = if name.ends_with("generate") {
+                s.generate_random_vec(32).map_err(e)?
+            } else {
+                vec![7u8; 32]
+            };
+            let mut iv = [0u8; 12];
+            getrandom::fill(&mut iv).map_err(|x| x.to_string())?;
+            let mut aad = vec![0u8; 31];
+            aad.extend_from_slice(AAD);
+            let p = GcmParams::new(&mut iv, &aad, 128.into()).map_err(e)?;
+            s.encrypt_sized(&Mechanism::AesGcm(p), kek, &dek, dek.len() + 16)
+                .map_err(e)?;
+        }
+        "aes-kwp wrap" => {
+            let obj = s
+                .create_object(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::GENERIC_SECRET),
+                    Attribute::Token(false),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(false),
+                    Attribute::Extractable(true),
+                    Attribute::Value(vec![7u8; 32]),
+                ])
+                .map_err(e)?;
+            let r = s.wrap_key(&kwp(s, kek, alg), kek, obj);
+            let _ = s.destroy_object(obj);
+            r.map_err(e)?;
+        }
+        "aes-kwp unwrap" => {
+            let obj = s
+                .unwrap_key(
+                    &kwp(s, kek, alg),
+                    kek,
+                    &sample[19..],
+                    &[
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::KeyType(KeyType::GENERIC_SECRET),
+                        Attribute::Token(false),
+                        Attribute::Private(true),
+                        Attribute::Sensitive(false),
+                        Attribute::Extractable(true),
+                    ],
+                )
+                .map_err(e)?;
+            let v = s.get_attributes(obj, &[AttributeType::Value]);
+            let _ = s.destroy_object(obj);
+            v.map_err(e)?;
+        }
+        _ => {
+            s.decrypt_sized(&oaep(alg), kek, &sample[19..], sample.len() - 19)
+                .map_err(e)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs every operation of the spec and prints `{name: ops_per_s}`.
+pub fn run(spec_path: &Path) -> Result<(), String> {
+    let spec: RawSpec =
+        serde_json::from_slice(&std::fs::read(spec_path).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    let ctx = Pkcs11::new(&spec.module).map_err(|e| e.to_string())?;
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .map_err(|e| e.to_string())?;
+    let slot = ctx
+        .get_slots_with_initialized_token()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|s| {
+            ctx.get_token_info(*s)
+                .map(|t| t.label().trim() == spec.label)
+                .unwrap_or(false)
+        })
+        .ok_or("token not found")?;
+    let anchor = ctx.open_rw_session(slot).map_err(|e| e.to_string())?;
+    anchor
+        .login(UserType::User, Some(&AuthPin::from(spec.pin.clone())))
+        .map_err(|e| e.to_string())?;
+    let mut out = BTreeMap::new();
+    for (name, id, alg, sample) in &spec.ops {
+        let id = hex::decode(id).map_err(|e| e.to_string())?;
+        let sample = Arc::new(hex::decode(sample).map_err(|e| e.to_string())?);
+        let kek = find(&anchor, &id)?;
+        let mut rates = Vec::new();
+        for rep in 0..=spec.reps.max(1) {
+            let stop = Arc::new(AtomicBool::new(false));
+            let done = Arc::new(AtomicU64::new(0));
+            let mut threads = Vec::new();
+            let t0 = Instant::now();
+            for _ in 0..spec.threads {
+                let s = ctx.open_rw_session(slot).map_err(|e| e.to_string())?;
+                let (stop, done, sample, name, alg) = (
+                    stop.clone(),
+                    done.clone(),
+                    sample.clone(),
+                    name.clone(),
+                    alg.clone(),
+                );
+                threads.push(std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        if step(&s, kek, &name, &alg, &sample).is_ok() {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }));
+            }
+            let secs = if rep == 0 {
+                (spec.seconds / 3.0).max(0.5)
+            } else {
+                spec.seconds
+            };
+            std::thread::sleep(Duration::from_secs_f64(secs));
+            stop.store(true, Ordering::Relaxed);
+            for t in threads {
+                let _ = t.join();
+            }
+            if rep > 0 {
+                rates.push(done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64());
+            }
+        }
+        rates.sort_by(|a, b| a.total_cmp(b));
+        out.insert(
+            name.clone(),
+            rates.get(rates.len() / 2).copied().unwrap_or(0.0),
+        );
+    }
+    println!(
+        "{}",
+        serde_json::to_string(&out).map_err(|e| e.to_string())?
+    );
+    Ok(())
+}

@@ -1,0 +1,186 @@
+//! Health: a periodic probe that makes a real HSM call (`C_GenerateRandom` through the session
+//! pool, see [`crate::hsm::Hsm::ping`]) and drives the standard `grpc.health.v1.Health`
+//! statuses — the overall status (`""`) and one per served service — plus
+//! `keybroker_hsm_up` and the metrics listener's `/healthz`.
+//!
+//! Every service of the broker needs the HSM, so they all flip together: SERVING while the
+//! last probe succeeded, NOT_SERVING from the first failed probe until the next good one.
+
+use std::{
+    future::Future,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::metrics::Metrics;
+
+/// The services whose status the probe sets (besides the overall `""`).
+pub const SERVICES: [&str; 4] = [
+    "keybroker.v1.KeyBroker",
+    "keybroker.v1.KeyManagement",
+    "keybroker.v1.Audit",
+    "keybroker.v1.Hyok",
+];
+
+/// The last probe's result.
+#[derive(Debug)]
+pub struct HsmHealth {
+    up: AtomicBool,
+    detail: Mutex<String>,
+}
+
+impl Default for HsmHealth {
+    fn default() -> Self {
+        Self {
+            up: AtomicBool::new(false),
+            detail: Mutex::new("not probed yet".into()),
+        }
+    }
+}
+
+impl HsmHealth {
+    /// Whether the last probe succeeded.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Why the last probe failed (or "ok").
+    pub fn detail(&self) -> String {
+        self.detail
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+}
+
+/// Publishes one probe result: health statuses, `keybroker_hsm_up`, `/healthz`. Logs changes.
+pub async fn publish(
+    reporter: &HealthReporter,
+    state: &HsmHealth,
+    metrics: Option<&Metrics>,
+    result: Result<(), String>,
+) {
+    let up = result.is_ok();
+    let status = if up {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    reporter.set_service_status("", status).await;
+    for s in SERVICES {
+        reporter.set_service_status(s, status).await;
+    }
+    if let Some(m) = metrics {
+        m.set_hsm_up(up);
+    }
+    let was_up = state.up.swap(up, Ordering::Relaxed);
+    let detail = match &result {
+        Ok(()) => "ok".to_string(),
+        Err(e) => e.clone(),
+    };
+    *state.detail.lock().unwrap_or_else(|p| p.into_inner()) = detail;
+    match (&result, was_up) {
+        (Ok(()), false) => tracing::info!("HSM health probe: SERVING"),
+        (Err(e), true) => tracing::error!(error = %e, "HSM health probe failed: NOT_SERVING"),
+        (Err(e), false) => tracing::warn!(error = %e, "HSM health probe still failing"),
+        (Ok(()), true) => {}
+    }
+}
+
+/// Runs `probe` (bounded by `timeout`) every `interval`, publishing each result, until
+/// `shutdown` changes. (The first probe, before the listeners open, is the caller's.)
+pub async fn run<P, Fut>(
+    reporter: HealthReporter,
+    state: Arc<HsmHealth>,
+    metrics: Option<Arc<Metrics>>,
+    interval: Duration,
+    timeout: Duration,
+    probe: P,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) where
+    P: Fn() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => return,
+        }
+        let result = probe_once(&probe, timeout).await;
+        publish(&reporter, &state, metrics.as_deref(), result).await;
+    }
+}
+
+/// One probe, failing if it takes longer than `timeout`.
+pub async fn probe_once<P, Fut>(probe: &P, timeout: Duration) -> Result<(), String>
+where
+    P: Fn() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    match tokio::time::timeout(timeout, probe()).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("the HSM did not answer within {timeout:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::Request;
+    use tonic_health::{
+        pb::{HealthCheckRequest, health_check_response, health_server::Health},
+        server::HealthService,
+    };
+
+    use super::*;
+
+    async fn status(svc: &HealthService, name: &str) -> i32 {
+        svc.check(Request::new(HealthCheckRequest {
+            service: name.into(),
+        }))
+        .await
+        .expect("known service")
+        .into_inner()
+        .status
+    }
+
+    #[tokio::test]
+    async fn a_failed_probe_flips_every_service_to_not_serving_and_back() {
+        let reporter = HealthReporter::new();
+        let svc = HealthService::from_health_reporter(reporter.clone());
+        let state = HsmHealth::default();
+        let metrics = Metrics::new();
+        let serving = health_check_response::ServingStatus::Serving as i32;
+        let not_serving = health_check_response::ServingStatus::NotServing as i32;
+
+        publish(&reporter, &state, Some(&metrics), Ok(())).await;
+        for s in ["", SERVICES[0], SERVICES[1], SERVICES[2], SERVICES[3]] {
+            assert_eq!(status(&svc, s).await, serving, "{s:?}");
+        }
+        assert!(state.is_up());
+
+        let failing =
+            || async { Err::<(), String>("C_GenerateRandom returned DeviceError".into()) };
+        let r = probe_once(&failing, Duration::from_secs(5)).await;
+        publish(&reporter, &state, Some(&metrics), r).await;
+        for s in ["", SERVICES[0], SERVICES[1], SERVICES[2], SERVICES[3]] {
+            assert_eq!(status(&svc, s).await, not_serving, "{s:?}");
+        }
+        assert!(!state.is_up());
+        assert!(state.detail().contains("DeviceError"));
+
+        let hanging = || std::future::pending::<Result<(), String>>();
+        let r = probe_once(&hanging, Duration::from_millis(1)).await;
+        assert!(
+            r.as_ref().is_err_and(|e| e.contains("did not answer")),
+            "{r:?}"
+        );
+
+        publish(&reporter, &state, Some(&metrics), Ok(())).await;
+        assert_eq!(status(&svc, SERVICES[0]).await, serving);
+    }
+}
