@@ -153,7 +153,8 @@ async fn a_lost_session_is_evicted_and_the_operation_retried_once() {
 }
 
 #[tokio::test]
-async fn a_removed_device_or_token_is_unavailable_then_served_again_without_a_restart() {
+async fn a_removed_device_absent_token_or_lost_login_is_unavailable_then_served_again_without_a_restart()
+ {
     let env = fault_env(2);
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -173,9 +174,14 @@ async fn a_removed_device_or_token_is_unavailable_then_served_again_without_a_re
     let f = env.faults();
     let trace = Rule::trace("C_Initialize,C_Finalize,C_Login");
 
-    for (round, rv) in ["CKR_DEVICE_REMOVED", "CKR_TOKEN_NOT_PRESENT"]
-        .into_iter()
-        .enumerate()
+    // A removed device, an absent token, and a token that dropped the login (reset).
+    for (round, rv) in [
+        "CKR_DEVICE_REMOVED",
+        "CKR_TOKEN_NOT_PRESENT",
+        "CKR_USER_NOT_LOGGED_IN",
+    ]
+    .into_iter()
+    .enumerate()
     {
         // The device goes away, and stays unusable until the library is re-initialised.
         f.set(&[trace.clone(), Rule::fail("*", rv).latch()])
@@ -240,7 +246,7 @@ async fn a_removed_device_or_token_is_unavailable_then_served_again_without_a_re
     let log = b.stop().await;
     assert_eq!(
         log.matches("HSM re-initialised: serving again").count(),
-        2,
+        3,
         "{log}"
     );
     // Everything made before, during and after the faults survives a restart.

@@ -14,7 +14,12 @@ use std::{
     sync::{Mutex, RwLock},
 };
 
-use cryptoki::{context::Pkcs11, object::ObjectHandle, session::Session, slot::Slot};
+use cryptoki::{
+    context::Pkcs11,
+    object::ObjectHandle,
+    session::{Session, SessionState},
+    slot::Slot,
+};
 
 use super::{FaultKind, HsmError, KekHandles, KwpMechanism, WrapParams};
 use crate::model::VersionId;
@@ -119,13 +124,20 @@ impl Conn {
         (idle, anchor)
     }
 
-    /// Whether the anchor session still answers `C_GetSessionInfo`.
+    /// Whether the anchor session still answers `C_GetSessionInfo` and is still logged in as
+    /// the user (a token reset can keep the session but drop the login).
     pub(super) fn anchor_answers(&self) -> bool {
         self.anchor
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .is_some_and(|a| a.get_session_info().is_ok())
+            .and_then(|a| a.get_session_info().ok())
+            .is_some_and(|i| {
+                matches!(
+                    i.session_state(),
+                    SessionState::RwUser | SessionState::RoUser
+                )
+            })
     }
 
     pub(super) fn handle_epoch(&self) -> u64 {
