@@ -555,3 +555,47 @@ async fn work_whose_deadline_has_passed_is_not_started() {
     .await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_key_swapped_while_the_device_was_away_is_never_used_after_reinitialisation() {
+    let env = fault_env(2);
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    let a = create(&mut c, "t/a", pb::KeyType::Aes256, pb::Algorithm::Unspecified).await;
+    create(&mut c, "t/b", pb::KeyType::Aes256, pb::Algorithm::Unspecified).await;
+    let dek = random_dek(32);
+    let wa = wrap(&mut c, "t/a", &dek, b"").await.expect("wrap a");
+    let f = env.faults();
+    f.set(&[Rule::fail("*", "CKR_DEVICE_REMOVED").latch()])
+        .expect("rules");
+    assert_code(
+        wrap(&mut c, "t/a", &dek, b"").await,
+        Code::Unavailable,
+        "device away",
+    );
+    poll_until("the broker notices", Duration::from_secs(10), || {
+        let log = b.log();
+        async move { log.contains("HSM device or token lost").then_some(()) }
+    })
+    .await;
+    // Meanwhile someone replaces t/a's KEK with another key: same CKA_ID, same template.
+    env.probe(&["tamper", &hex::encode(&a.versions[0].id), "replace-good"]);
+    f.clear().expect("rules");
+    until_serving(&mut c, "t/b").await;
+    // The impostor never wraps or unwraps: its canary gives it away.
+    assert_code(
+        wrap(&mut c, "t/a", &dek, b"").await,
+        Code::FailedPrecondition,
+        "wrap under the swapped key",
+    );
+    assert_code(
+        unwrap(&mut c, "t/a", &wa.wrapped_key, b"").await,
+        Code::FailedPrecondition,
+        "unwrap with the swapped key",
+    );
+    let log = b.stop().await;
+    assert!(
+        log.contains("KEK integrity check failed after re-initialising the HSM"),
+        "{log}"
+    );
+}

@@ -11,7 +11,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Mutex, RwLock},
+    sync::{
+        Mutex, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use cryptoki::{
@@ -23,6 +26,15 @@ use cryptoki::{
 
 use super::{FaultKind, HsmError, KekHandles, KwpMechanism, WrapParams};
 use crate::model::VersionId;
+
+/// Whether a version's identity is proven on this generation.
+#[derive(Clone, Debug)]
+pub(super) enum Check {
+    /// Not checked yet.
+    Pending,
+    /// Its canary failed: never served on this generation.
+    Failed(String),
+}
 
 struct Pool {
     idle: Vec<Session>,
@@ -45,6 +57,11 @@ pub(super) struct Conn {
     pub(super) audit_key: RwLock<Option<ObjectHandle>>,
     /// Bumped each time the handles are re-found (so concurrent callers refresh once).
     pub(super) handle_epoch: Mutex<u64>,
+    /// Versions whose identity (canary) is not proven on this generation yet, or failed: after
+    /// a re-initialisation they are checked before first use and swept in the background.
+    checks: Mutex<HashMap<VersionId, Check>>,
+    /// Whether `checks` may be non-empty (the hot path skips the lock when not).
+    any_checks: AtomicBool,
 }
 
 impl Conn {
@@ -60,7 +77,51 @@ impl Conn {
             handles: RwLock::new(HashMap::new()),
             audit_key: RwLock::new(None),
             handle_epoch: Mutex::new(0),
+            checks: Mutex::new(HashMap::new()),
+            any_checks: AtomicBool::new(false),
         }
+    }
+
+    fn checks(&self) -> std::sync::MutexGuard<'_, HashMap<VersionId, Check>> {
+        self.checks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks versions as not yet proven on this generation.
+    pub(super) fn set_unchecked(&self, ids: impl IntoIterator<Item = VersionId>) {
+        let mut c = self.checks();
+        c.extend(ids.into_iter().map(|id| (id, Check::Pending)));
+        self.any_checks.store(!c.is_empty(), Ordering::SeqCst);
+    }
+
+    /// Where `id` stands: `None` proven (or never in doubt).
+    pub(super) fn check_of(&self, id: VersionId) -> Option<Check> {
+        if !self.any_checks.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.checks().get(&id).cloned()
+    }
+
+    /// Records the verdict on `id`: proven (`None`) or failed (why).
+    pub(super) fn set_verdict(&self, id: VersionId, failed: Option<String>) {
+        let mut c = self.checks();
+        match failed {
+            None => {
+                c.remove(&id);
+            }
+            Some(why) => {
+                c.insert(id, Check::Failed(why));
+            }
+        }
+        self.any_checks.store(!c.is_empty(), Ordering::SeqCst);
+    }
+
+    /// The versions still to prove.
+    pub(super) fn unchecked(&self) -> Vec<VersionId> {
+        self.checks()
+            .iter()
+            .filter(|(_, c)| matches!(c, Check::Pending))
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     fn pool(&self) -> std::sync::MutexGuard<'_, Pool> {

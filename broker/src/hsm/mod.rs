@@ -616,7 +616,7 @@ impl Hsm {
     /// versions re-found after a re-initialisation.
     pub async fn attach(&self, expected: Vec<ExpectedKek>) -> Result<AttachReport, HsmError> {
         self.run("attach the KEKs", MAINTAIN, move |inner, conn, s| {
-            let (report, handles) = find_keks(inner, s, &expected, false)?;
+            let (report, handles) = find_keks(inner, s, &expected)?;
             {
                 let mut known = inner.known.write().unwrap_or_else(|p| p.into_inner());
                 known.clear();
@@ -665,7 +665,7 @@ impl Hsm {
         dek: Dek,
     ) -> Result<Vec<u8>, HsmError> {
         self.run("wrap", READ, move |inner, conn, s| {
-            let (h, kwp) = conn.key_for(inner.kwp, id, &params, true)?;
+            let (h, kwp) = inner.key_for(conn, s, id, &params, true)?;
             ops::wrap(s, h, kwp, &params, &dek)
         })
         .await
@@ -679,7 +679,7 @@ impl Hsm {
         ciphertext: Vec<u8>,
     ) -> Result<Dek, HsmError> {
         self.run("unwrap", READ, move |inner, conn, s| {
-            let (h, kwp) = conn.key_for(inner.kwp, id, &params, false)?;
+            let (h, kwp) = inner.key_for(conn, s, id, &params, false)?;
             ops::unwrap(s, h, kwp, &params, &ciphertext)
         })
         .await
@@ -693,7 +693,7 @@ impl Hsm {
         len: usize,
     ) -> Result<(Dek, Vec<u8>), HsmError> {
         self.run("generate a data key", READ, move |inner, conn, s| {
-            let (h, kwp) = conn.key_for(inner.kwp, id, &params, true)?;
+            let (h, kwp) = inner.key_for(conn, s, id, &params, true)?;
             let dek = ops::random(s, len)?;
             let wrapped = ops::wrap(s, h, kwp, &params, &dek)?;
             Ok((dek, wrapped))
@@ -709,9 +709,9 @@ impl Hsm {
         to: (VersionId, WrapParams),
     ) -> Result<Vec<u8>, HsmError> {
         self.run("rewrap", READ, move |inner, conn, s| {
-            let (h_from, kwp) = conn.key_for(inner.kwp, from.0, &from.1, false)?;
+            let (h_from, kwp) = inner.key_for(conn, s, from.0, &from.1, false)?;
             let dek = ops::unwrap(s, h_from, kwp, &from.1, &from.2)?;
-            let (h_to, kwp) = conn.key_for(inner.kwp, to.0, &to.1, true)?;
+            let (h_to, kwp) = inner.key_for(conn, s, to.0, &to.1, true)?;
             ops::wrap(s, h_to, kwp, &to.1, &dek)
         })
         .await
@@ -727,8 +727,8 @@ impl Hsm {
         self.run("wrap (batch)", READ, move |inner, conn, s| {
             let mut out = Vec::with_capacity(items.len());
             for (id, params, dek) in &items {
-                let r = conn
-                    .key_for(inner.kwp, *id, params, true)
+                let r = inner
+                    .key_for(conn, s, *id, params, true)
                     .and_then(|(h, kwp)| ops::wrap(s, h, kwp, params, dek));
                 if let Err(e) = &r
                     && chunk_fault(e)
@@ -750,8 +750,8 @@ impl Hsm {
         self.run("unwrap (batch)", READ, move |inner, conn, s| {
             let mut out = Vec::with_capacity(items.len());
             for (id, params, ct) in &items {
-                let r = conn
-                    .key_for(inner.kwp, *id, params, false)
+                let r = inner
+                    .key_for(conn, s, *id, params, false)
                     .and_then(|(h, kwp)| ops::unwrap(s, h, kwp, params, ct));
                 if let Err(e) = &r
                     && chunk_fault(e)
@@ -773,8 +773,8 @@ impl Hsm {
         self.run("generate data keys (batch)", READ, move |inner, conn, s| {
             let mut out = Vec::with_capacity(items.len());
             for (id, params, len) in &items {
-                let r = conn
-                    .key_for(inner.kwp, *id, params, true)
+                let r = inner
+                    .key_for(conn, s, *id, params, true)
                     .and_then(|(h, kwp)| {
                         let dek = ops::random(s, *len)?;
                         let ct = ops::wrap(s, h, kwp, params, &dek)?;
@@ -799,7 +799,8 @@ impl Hsm {
 
     /// Reads the public key of an RSA version.
     pub async fn public_key(&self, id: VersionId) -> Result<RsaPublic, HsmError> {
-        self.run("read a public key", READ, move |_, conn, s| {
+        self.run("read a public key", READ, move |inner, conn, s| {
+            inner.ensure_verified(conn, s, id)?;
             let h = conn.handles_of(id)?.public.ok_or_else(|| {
                 HsmError::new(
                     FaultKind::NotPermitted,
@@ -1215,6 +1216,20 @@ impl Inner {
         }
     }
 
+    /// The handle to use for `params` and the RFC 5649 mechanism, once the version's identity
+    /// is proven on this generation (see [`Inner::ensure_verified`]).
+    fn key_for(
+        &self,
+        conn: &Conn,
+        s: &Session,
+        id: VersionId,
+        params: &WrapParams,
+        wrapping: bool,
+    ) -> Result<(ObjectHandle, KwpMechanism), HsmError> {
+        self.ensure_verified(conn, s, id)?;
+        conn.key_for(self.kwp, id, params, wrapping)
+    }
+
     /// The current generation.
     fn current(&self) -> Arc<Conn> {
         self.conn.read().unwrap_or_else(|p| p.into_inner()).clone()
@@ -1397,14 +1412,33 @@ fn find_audit_key(s: &Session, id: VersionId) -> Result<ObjectHandle, HsmError> 
     }
 }
 
-/// Matches expected KEK versions to the token's objects in one pass, checks each one's
-/// template and (with `verify_canaries`, after a re-initialisation) unwraps its canary.
-/// Returns the report and the handles of the versions that passed.
+/// Unwraps a canary with `h`: `None` if it gives the recorded value, `Some(why)` if not; `Err`
+/// when the HSM could not answer.
+fn canary_verdict(
+    inner: &Inner,
+    s: &Session,
+    h: &KekHandles,
+    c: &Canary,
+) -> Result<Option<String>, HsmError> {
+    let kwp = inner.kwp.unwrap_or(KwpMechanism::Pad);
+    match ops::unwrap(s, h.secret, kwp, &c.params, &c.ciphertext) {
+        Ok(v) if Sha256::digest(v.expose()).as_slice() == c.digest.as_slice() => Ok(None),
+        Ok(_) => Ok(Some(
+            "canary decrypts to the wrong value: the HSM object is not the key this version was created with".into(),
+        )),
+        Err(err) if err.kind == FaultKind::DataInvalid => Ok(Some(
+            "canary does not decrypt: the HSM object is not the key this version was created with".into(),
+        )),
+        Err(err) => Err(err),
+    }
+}
+
+/// Matches expected KEK versions to the token's objects in one pass and checks each one's
+/// template. Returns the report and the handles of the versions that passed.
 fn find_keks(
     inner: &Inner,
     s: &Session,
     expected: &[ExpectedKek],
-    verify_canaries: bool,
 ) -> Result<(AttachReport, HashMap<VersionId, KekHandles>), HsmError> {
     let mut by_id: HashMap<Vec<u8>, Vec<(ObjectHandle, ObjectClass, String)>> = HashMap::new();
     for class in [
@@ -1481,27 +1515,6 @@ fn find_keks(
                 .problems
                 .push((e.id, format!("wrong template: {}", problems.join("; "))));
             continue;
-        }
-        if verify_canaries && let Some(c) = &e.canary {
-            let kwp = inner.kwp.unwrap_or(KwpMechanism::Pad);
-            match ops::unwrap(s, h.secret, kwp, &c.params, &c.ciphertext) {
-                Ok(v) if Sha256::digest(v.expose()).as_slice() == c.digest.as_slice() => {}
-                Ok(_) => {
-                    report.problems.push((
-                        e.id,
-                        "canary decrypts to the wrong value: the HSM object is not the key this version was created with".into(),
-                    ));
-                    continue;
-                }
-                Err(err) if err.kind == FaultKind::DataInvalid => {
-                    report.problems.push((
-                        e.id,
-                        "canary does not decrypt: the HSM object is not the key this version was created with".into(),
-                    ));
-                    continue;
-                }
-                Err(err) => return Err(err),
-            }
         }
         handles.insert(e.id, h);
     }

@@ -14,10 +14,14 @@
 //! 2. let calls in flight finish, for at most [`DRAIN`];
 //! 3. `C_Finalize`, `C_Initialize`, find the token again (by the configured selector: its slot
 //!    may have changed), open and log in the anchor session, open the pool;
-//! 4. re-find every known KEK version in one pass, check its template and unwrap its canary
-//!    (DESIGN §3.3: after every re-login); a version that fails is not served and the failure
-//!    is logged as an integrity alert; find the audit key again;
-//! 5. install the new generation and report SERVING.
+//! 4. re-find every known KEK version in one pass and check its template; find the audit key;
+//! 5. install the new generation and report SERVING;
+//! 6. prove each version's identity by unwrapping its canary (DESIGN §3.3: after every
+//!    re-login) — lazily, before a version's first use on the new generation, and in a sweep in
+//!    the background — so that serving again does not wait for one unwrap per version (which
+//!    takes seconds with thousands of versions). A version that fails is never served (its
+//!    handles are dropped, callers get FAILED_PRECONDITION) and the failure is logged as an
+//!    integrity alert.
 
 use std::{
     sync::{Arc, atomic::Ordering},
@@ -29,10 +33,14 @@ use cryptoki::{
     error::{Error as CkError, RvError},
 };
 
+use cryptoki::session::Session;
+
 use super::{
-    AttachReport, FaultKind, HsmError, Inner, conn::Conn, find_audit_key, find_keks,
-    open_and_login, open_pool, select_token,
+    AttachReport, FaultKind, HsmError, Inner, canary_verdict,
+    conn::{Check, Conn},
+    find_audit_key, find_keks, open_and_login, open_pool, select_token,
 };
+use crate::model::VersionId;
 
 /// The longest a re-initialisation waits for calls in flight on the old generation. PKCS#11
 /// cannot cancel a call: one still hung in the module after this is abandoned.
@@ -127,18 +135,21 @@ impl Inner {
         let mut attempt = 0u32;
         while !self.closed.load(Ordering::SeqCst) {
             attempt += 1;
+            let t = Instant::now();
             match self.reinitialise() {
                 Ok(report) => {
                     self.reinitialisations.fetch_add(1, Ordering::Relaxed);
                     self.set_health(true, "ok");
                     tracing::warn!(
                         attempts = attempt,
-                        millis = started.elapsed().as_millis() as u64,
+                        outage_ms = started.elapsed().as_millis() as u64,
+                        reinit_ms = t.elapsed().as_millis() as u64,
                         generation = self.current().generation,
                         keks = report.attached,
                         problems = report.problems.len(),
                         "HSM re-initialised: serving again"
                     );
+                    self.sweep_canaries();
                     break;
                 }
                 Err(e) => {
@@ -198,7 +209,7 @@ impl Inner {
             .cloned()
             .collect();
         let s = conn.checkout(&self.ctx, "re-find the KEKs")?;
-        let found = find_keks(self, &s, &expected, true);
+        let found = find_keks(self, &s, &expected);
         let audit_id = *self.audit_key_id.lock().unwrap_or_else(|p| p.into_inner());
         let audit = audit_id.map(|id| find_audit_key(&s, id));
         conn.checkin(s);
@@ -207,6 +218,13 @@ impl Inner {
             tracing::error!(version_id = %id, problem = %why,
                 "KEK integrity check failed after re-initialising the HSM: this version is not served");
         }
+        // Identities are proven before first use and by the sweep (see the module docs).
+        conn.set_unchecked(
+            expected
+                .iter()
+                .filter(|e| e.canary.is_some() && handles.contains_key(&e.id))
+                .map(|e| e.id),
+        );
         *conn.handles.write().unwrap_or_else(|p| p.into_inner()) = handles;
         match audit {
             Some(Ok(h)) => *conn.audit_key.write().unwrap_or_else(|p| p.into_inner()) = Some(h),
@@ -234,7 +252,7 @@ impl Inner {
             .cloned()
             .collect();
         let s = conn.checkout(&self.ctx, "re-find the KEKs")?;
-        let found = find_keks(self, &s, &expected, false);
+        let found = find_keks(self, &s, &expected);
         let audit_id = *self.audit_key_id.lock().unwrap_or_else(|p| p.into_inner());
         let audit = audit_id.map(|id| find_audit_key(&s, id));
         match &found {
@@ -256,5 +274,84 @@ impl Inner {
             "re-found the KEK objects after an invalid object handle"
         );
         Ok(())
+    }
+
+    /// Proves that `id`'s object is the key the version was created with (its canary), if this
+    /// generation has not yet. A version that fails loses its handles for good.
+    pub(super) fn ensure_verified(
+        &self,
+        conn: &Conn,
+        s: &Session,
+        id: VersionId,
+    ) -> Result<(), HsmError> {
+        let failed = |why: &str| {
+            HsmError::new(
+                FaultKind::NotPermitted,
+                "prove a KEK's identity",
+                format!("version {id} failed its integrity check after re-initialisation: {why}"),
+            )
+        };
+        match conn.check_of(id) {
+            None => return Ok(()),
+            Some(Check::Failed(why)) => return Err(failed(&why)),
+            Some(Check::Pending) => {}
+        }
+        let canary = self
+            .known
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .and_then(|e| e.canary.clone());
+        let (Some(c), Ok(h)) = (canary, conn.handles_of(id)) else {
+            conn.set_verdict(id, None);
+            return Ok(());
+        };
+        let verdict = canary_verdict(self, s, &h, &c)?;
+        conn.set_verdict(id, verdict.clone());
+        match verdict {
+            None => Ok(()),
+            Some(why) => {
+                tracing::error!(version_id = %id, problem = %why,
+                    "KEK integrity check failed after re-initialising the HSM: this version is not served");
+                Err(failed(&why))
+            }
+        }
+    }
+
+    /// Proves every version not yet proven on the current generation (after a
+    /// re-initialisation, while requests are served again).
+    fn sweep_canaries(&self) {
+        let conn = self.current();
+        let ids = conn.unchecked();
+        if ids.is_empty() {
+            return;
+        }
+        let t = Instant::now();
+        let s = match conn.checkout(&self.ctx, "prove the KEKs' identities") {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot sweep the KEK canaries now; they are checked before first use");
+                return;
+            }
+        };
+        let (mut failed, n) = (0, ids.len());
+        for id in ids {
+            match self.ensure_verified(&conn, &s, id) {
+                Ok(()) => {}
+                Err(e) if e.kind == FaultKind::NotPermitted => failed += 1,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the KEK canary sweep stopped; the rest are checked before first use");
+                    conn.discard(s);
+                    return;
+                }
+            }
+        }
+        conn.checkin(s);
+        tracing::info!(
+            versions = n,
+            failed,
+            millis = t.elapsed().as_millis() as u64,
+            "KEK identities proven after re-initialising the HSM"
+        );
     }
 }
