@@ -561,8 +561,20 @@ async fn a_key_swapped_while_the_device_was_away_is_never_used_after_reinitialis
     let env = fault_env(2);
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
-    let a = create(&mut c, "t/a", pb::KeyType::Aes256, pb::Algorithm::Unspecified).await;
-    create(&mut c, "t/b", pb::KeyType::Aes256, pb::Algorithm::Unspecified).await;
+    let a = create(
+        &mut c,
+        "t/a",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    create(
+        &mut c,
+        "t/b",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
     let dek = random_dek(32);
     let wa = wrap(&mut c, "t/a", &dek, b"").await.expect("wrap a");
     let f = env.faults();
