@@ -157,6 +157,11 @@ pub struct AuditLog {
     path: PathBuf,
 }
 
+/// The longest the audit writer waits for the HSM to MAC a checkpoint.
+const CHECKPOINT_MAC_WAIT: Duration = Duration::from_millis(1_000);
+/// How long after a failed checkpoint MAC the next count-triggered attempt waits.
+const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
+
 struct Writer {
     file: Option<std::fs::File>,
     path: PathBuf,
@@ -164,6 +169,9 @@ struct Writer {
     last_hash: String,
     since_checkpoint: u64,
     last_checkpoint: Instant,
+    /// After a checkpoint MAC failed (HSM down or hung), count-triggered checkpoints wait until
+    /// this instant: appends must not queue behind the HSM.
+    mac_retry_after: Option<Instant>,
     settings: AuditSettings,
     hsm: Hsm,
     store: Arc<Store>,
@@ -325,6 +333,7 @@ impl AuditLog {
             last_hash: tail.hash,
             since_checkpoint: 0,
             last_checkpoint: Instant::now(),
+            mac_retry_after: None,
             settings: settings.clone(),
             hsm,
             store,
@@ -422,7 +431,9 @@ impl Writer {
                     let _ = a.send(result.clone());
                 }
             }
-            if self.since_checkpoint >= self.settings.checkpoint_every {
+            if self.since_checkpoint >= self.settings.checkpoint_every
+                && self.mac_retry_after.is_none_or(|t| Instant::now() >= t)
+            {
                 self.checkpoint().await;
             }
             if let Some(a) = close {
@@ -504,10 +515,19 @@ impl Writer {
     async fn checkpoint(&mut self) {
         self.last_checkpoint = Instant::now();
         let seq = self.seq + 1;
-        let mac = match self.hsm.audit_mac(mac_input(seq, &self.last_hash)).await {
-            Ok(m) => hex::encode(m),
+        // Bounded: every append waits behind this writer, so a hung HSM must not hold it long.
+        let scope = crate::hsm::RequestScope::new(Some(Instant::now() + CHECKPOINT_MAC_WAIT));
+        let mac = match scope
+            .run(self.hsm.audit_mac(mac_input(seq, &self.last_hash)))
+            .await
+        {
+            Ok(m) => {
+                self.mac_retry_after = None;
+                hex::encode(m)
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot MAC an audit checkpoint (will retry)");
+                self.mac_retry_after = Some(Instant::now() + CHECKPOINT_RETRY);
                 return;
             }
         };

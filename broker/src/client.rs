@@ -43,7 +43,8 @@ pub async fn connect(s: &ClientSettings) -> Result<Channel, String> {
         .map_err(|e| format!("cannot connect to {}: {e}", s.endpoint))
 }
 
-/// Every client, on one channel.
+/// Every client, on one channel (cheap to clone: clones share the connection).
+#[derive(Clone)]
 pub struct Clients {
     /// Data plane.
     pub broker: KeyBrokerClient<Channel>,

@@ -143,6 +143,30 @@ pub struct HsmConfig {
     /// token's manufacturer/model) or a profile name such as `softhsm2`, `kryoptic`, `luna`.
     #[serde(default)]
     pub profile: Option<String>,
+    /// Most requests waiting for a session, all tenants together; more are refused at once
+    /// with RESOURCE_EXHAUSTED. Default 256.
+    #[serde(default = "default_queue_limit")]
+    pub queue_limit: usize,
+    /// Most requests of one tenant waiting for a session. Default 64.
+    #[serde(default = "default_tenant_queue_limit")]
+    pub tenant_queue_limit: usize,
+    /// Most sessions one tenant may hold at once. Default: all of them (sessions are shared
+    /// round-robin between the tenants that wait, so a hard cap is optional).
+    pub tenant_max_sessions: Option<usize>,
+    /// How long the broker waits for an HSM call it makes for itself (audit checkpoints,
+    /// maintenance), ms. Request calls are bounded by the request's deadline. Default 10000.
+    #[serde(default = "default_call_timeout_ms")]
+    pub call_timeout_ms: u64,
+}
+
+fn default_queue_limit() -> usize {
+    256
+}
+fn default_tenant_queue_limit() -> usize {
+    64
+}
+fn default_call_timeout_ms() -> u64 {
+    10_000
 }
 
 fn default_session_wait_ms() -> u64 {
@@ -480,6 +504,17 @@ impl Config {
                 crate::hsm::profile::names().join(", ")
             ));
         }
+        if self.hsm.queue_limit == 0 || self.hsm.tenant_queue_limit == 0 {
+            return Err("hsm.queue_limit and hsm.tenant_queue_limit must be positive".into());
+        }
+        if self.hsm.tenant_max_sessions == Some(0) {
+            return Err("hsm.tenant_max_sessions must be positive".into());
+        }
+        if self.hsm.call_timeout_ms == 0 || self.server.request_timeout_ms == 0 {
+            return Err(
+                "hsm.call_timeout_ms and server.request_timeout_ms must be positive".into(),
+            );
+        }
         if self.tls.handshake_timeout_ms == 0 {
             return Err("tls.handshake_timeout_ms must be positive".into());
         }
@@ -695,6 +730,10 @@ impl Config {
             sessions: self.hsm.sessions.unwrap_or((cpus * 2).max(4)),
             acquire_timeout: Duration::from_millis(self.hsm.session_wait_ms),
             profile: self.hsm.profile.clone().filter(|p| p != "auto"),
+            queue_limit: self.hsm.queue_limit,
+            tenant_queue_limit: self.hsm.tenant_queue_limit,
+            tenant_max_sessions: self.hsm.tenant_max_sessions,
+            call_timeout: Duration::from_millis(self.hsm.call_timeout_ms),
         }
     }
 }

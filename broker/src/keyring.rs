@@ -20,7 +20,7 @@ use crate::{
     audit::AuditLog,
     envelope::{self, GCM_IV_LEN},
     error::BrokerError,
-    hsm::{ExpectedKek, Hsm, WrapParams},
+    hsm::{Canary, ExpectedKek, Hsm, WrapParams},
     model::{
         Algorithm, DEFAULT_DEK_LEN, Dek, KeyAttributes, KeyName, KeyOp, KeyType, MAX_AAD_LEN,
         Origin, VersionId, check_dek_len, now_ms,
@@ -370,6 +370,9 @@ pub struct Keyring {
     pub(crate) settings: LifecycleSettings,
     /// Where destruction receipts from the maintenance task go.
     pub(crate) audit: OnceLock<AuditLog>,
+    /// Versions whose failed creation could not be rolled back yet (id, whether an HSM object
+    /// may exist): retried by the maintenance task and when the HSM serves again.
+    pub(crate) pending_rollbacks: std::sync::Mutex<Vec<(VersionId, bool)>>,
 }
 
 pub(crate) const CANARY_AAD: &[u8] = b"keybroker canary v1";
@@ -497,6 +500,7 @@ impl Keyring {
                     key_type: k.key_type,
                     algorithm: k.algorithm,
                     origin: v.origin,
+                    canary: canary_of(v.canary.as_deref(), v.canary_digest.as_deref()),
                 })
             })
             .collect();
@@ -620,6 +624,7 @@ impl Keyring {
                 replica: crate::replica::ReplicaState::new(applied_generation),
                 settings,
                 audit: OnceLock::new(),
+                pending_rollbacks: std::sync::Mutex::new(Vec::new()),
             },
             report,
         ))
@@ -1037,6 +1042,16 @@ pub(crate) fn params_for(
     })
 }
 
+/// A stored canary in the form the HSM layer re-checks after a re-initialisation.
+pub(crate) fn canary_of(envelope: Option<&[u8]>, digest: Option<&[u8]>) -> Option<Canary> {
+    let env = envelope::parse(envelope?).ok()?;
+    Some(Canary {
+        params: params_for(&env, CANARY_AAD).ok()?,
+        ciphertext: env.ciphertext.to_vec(),
+        digest: digest?.to_vec(),
+    })
+}
+
 pub(crate) async fn verify_canary(
     hsm: &Hsm,
     alg: Algorithm,
@@ -1044,20 +1059,41 @@ pub(crate) async fn verify_canary(
     canary: Option<Vec<u8>>,
     digest: Option<Vec<u8>>,
 ) -> Result<(), String> {
-    let (Some(canary), Some(digest)) = (canary, digest) else {
-        return Err("no canary recorded".into());
-    };
-    let env = envelope::parse(&canary).map_err(|_| "canary envelope is malformed".to_string())?;
-    if env.version != id || env.algorithm != alg {
-        return Err("canary belongs to another key version".into());
-    }
-    let params = params_for(&env, CANARY_AAD).map_err(|e| e.to_string())?;
-    match hsm.unwrap(id, params, env.ciphertext.to_vec()).await {
-        Ok(dek) if Sha256::digest(dek.expose()).as_slice() == digest.as_slice() => Ok(()),
-        Ok(_) => Err("canary decrypts to the wrong value: the HSM object is not the key this version was created with".into()),
-        Err(e) if e.kind == crate::hsm::FaultKind::DataInvalid => Err(
-            "canary does not decrypt: the HSM object is not the key this version was created with".into(),
-        ),
+    match check_canary(hsm, alg, id, canary, digest).await {
+        Ok(verdict) => verdict,
         Err(e) => Err(format!("canary check failed: {e}")),
+    }
+}
+
+/// Unwraps a version's canary and compares it: `Ok(Ok(()))` it is the key the version was
+/// created with, `Ok(Err(why))` it is not (or there is no usable canary), `Err` the HSM could
+/// not answer (a fault, not a verdict).
+pub(crate) async fn check_canary(
+    hsm: &Hsm,
+    alg: Algorithm,
+    id: VersionId,
+    canary: Option<Vec<u8>>,
+    digest: Option<Vec<u8>>,
+) -> Result<Result<(), String>, crate::hsm::HsmError> {
+    let (Some(canary), Some(digest)) = (canary, digest) else {
+        return Ok(Err("no canary recorded".into()));
+    };
+    let Ok(env) = envelope::parse(&canary) else {
+        return Ok(Err("canary envelope is malformed".to_string()));
+    };
+    if env.version != id || env.algorithm != alg {
+        return Ok(Err("canary belongs to another key version".into()));
+    }
+    let params = match params_for(&env, CANARY_AAD) {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    match hsm.unwrap(id, params, env.ciphertext.to_vec()).await {
+        Ok(dek) if Sha256::digest(dek.expose()).as_slice() == digest.as_slice() => Ok(Ok(())),
+        Ok(_) => Ok(Err("canary decrypts to the wrong value: the HSM object is not the key this version was created with".into())),
+        Err(e) if e.kind == crate::hsm::FaultKind::DataInvalid => Ok(Err(
+            "canary does not decrypt: the HSM object is not the key this version was created with".into(),
+        )),
+        Err(e) => Err(e),
     }
 }

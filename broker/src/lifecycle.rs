@@ -28,10 +28,10 @@ use crate::{
     envelope,
     error::BrokerError,
     failpoint,
-    hsm::{KekSpec, RsaPublic, template::LABEL_PREFIX},
+    hsm::{KekSpec, RequestScope, RsaPublic, template::LABEL_PREFIX},
     keyring::{
         CANARY_AAD, KeyEntry, KeyState, Keyring, Lifecycle, Receipt, VersionEntry, blocking,
-        new_params, verify_canary,
+        check_canary, new_params,
     },
     model::{Algorithm, KeyAttributes, KeyName, KeyType, MAX_VERSIONS, Origin, VersionId, now_ms},
     store::StoredLifecycle,
@@ -274,24 +274,25 @@ impl Keyring {
         import: Option<(VersionId, Algorithm, Vec<u8>)>,
     ) -> Result<(), BrokerError> {
         let (id, algorithm) = (spec.id, spec.algorithm);
+        // Whether an HSM object may exist under `id` if this fails (no: the HSM was never
+        // asked to make it).
+        let mut may_exist = true;
         let result = async {
-            match import {
-                None => self
-                    .hsm
-                    .generate_kek(spec)
-                    .await
-                    .map_err(BrokerError::from)?,
-                Some((import_id, oaep, material)) => self
-                    .hsm
-                    .import_kek(import_id, oaep, material, spec)
-                    .await
-                    .map_err(|e| match e.kind {
-                        crate::hsm::FaultKind::DataInvalid => BrokerError::invalid(format!(
-                            "the wrapped key material does not unwrap with this import key: {}",
-                            e.detail
-                        )),
-                        _ => BrokerError::from(e),
-                    })?,
+            let made = match import {
+                None => self.hsm.generate_kek(spec).await,
+                Some((import_id, oaep, material)) => {
+                    self.hsm.import_kek(import_id, oaep, material, spec).await
+                }
+            };
+            if let Err(e) = made {
+                may_exist = !e.not_started;
+                return Err(match e.kind {
+                    crate::hsm::FaultKind::DataInvalid => BrokerError::invalid(format!(
+                        "the wrapped key material does not unwrap with this import key: {}",
+                        e.detail
+                    )),
+                    _ => BrokerError::from(e),
+                });
             }
             failpoint::hit(failpoint_name);
             let mut value = [0u8; 32];
@@ -306,7 +307,8 @@ impl Keyring {
                 .await
                 .map_err(BrokerError::from)?;
             let env = envelope::seal(header, &ct);
-            verify_canary(
+            // An HSM fault here is just that (UNAVAILABLE, ...); only a wrong answer is a bug.
+            check_canary(
                 &self.hsm,
                 algorithm,
                 id,
@@ -314,28 +316,69 @@ impl Keyring {
                 Some(digest.clone()),
             )
             .await
+            .map_err(BrokerError::from)?
             .map_err(|why| BrokerError::internal(format!("new KEK failed its canary: {why}")))?;
+            let canary = crate::keyring::canary_of(Some(&env), Some(&digest));
             let st = self.store.clone();
             blocking(move || {
                 st.commit_version(id, &env, &digest)
                     .map_err(BrokerError::from)
             })
-            .await
+            .await?;
+            if let Some(c) = canary {
+                self.hsm.set_canary(id, c);
+            }
+            Ok(())
         }
         .await;
         if let Err(e) = &result {
             tracing::warn!(key = %name, version = number, error = %e, "key version creation failed; rolling back");
-            if let Err(d) = self.hsm.destroy_kek(id).await {
-                tracing::error!(error = %d, version_id = %id, "could not destroy the half-made KEK; it will be rolled back at the next start");
-                return result;
-            }
-            let st = self.store.clone();
-            if let Err(a) = blocking(move || st.abort_version(id).map_err(BrokerError::from)).await
-            {
-                tracing::error!(error = %a, version_id = %id, "could not remove the pending version; it will be rolled back at the next start");
+            // Cleanup is not bound by the request's deadline (it may be why we are here).
+            let rolled_back = RequestScope::new(None)
+                .run(self.roll_back(id, may_exist))
+                .await;
+            if let Err(d) = rolled_back {
+                tracing::error!(error = %d, version_id = %id,
+                    "could not roll back the half-made key version now; the maintenance task retries (and every start-up rolls it back)");
+                self.pending_rollbacks
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((id, may_exist));
             }
         }
         result
+    }
+
+    /// Undoes phase 1 (and 2, if `may_exist`) of a creation: destroys any HSM object with the
+    /// version's id, then removes the pending version row.
+    async fn roll_back(&self, id: VersionId, may_exist: bool) -> Result<(), BrokerError> {
+        if may_exist {
+            self.hsm.destroy_kek(id).await.map_err(BrokerError::from)?;
+        }
+        let st = self.store.clone();
+        blocking(move || st.abort_version(id).map_err(BrokerError::from)).await
+    }
+
+    /// Retries the rollbacks that failed (HSM unavailable at the time).
+    async fn retry_rollbacks(&self) {
+        let pending: Vec<_> = std::mem::take(
+            &mut *self
+                .pending_rollbacks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for (id, may_exist) in pending {
+            match self.roll_back(id, may_exist).await {
+                Ok(()) => tracing::info!(version_id = %id, "rolled back a half-made key version"),
+                Err(e) => {
+                    tracing::warn!(version_id = %id, error = %e, "rollback of a half-made key version failed again; will retry");
+                    self.pending_rollbacks
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((id, may_exist));
+                }
+            }
+        }
     }
 
     /// Changes attributes. Purge protection can only be turned on; the minimum decryption
@@ -762,6 +805,7 @@ impl Keyring {
     /// One pass of the maintenance task: purge keys whose date has passed, rotate keys whose
     /// rotation period has elapsed, destroy expired import keys, save usage counters.
     pub async fn maintain(&self) {
+        self.retry_rollbacks().await;
         let now = now_ms();
         let all: Vec<Arc<KeyEntry>> = self
             .keys
@@ -899,9 +943,20 @@ impl Keyring {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(me.settings.maintenance_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut health = me.hsm.health();
             loop {
-                tick.tick().await;
-                me.maintain().await;
+                tokio::select! {
+                    _ = tick.tick() => me.maintain().await,
+                    changed = health.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        // Back from a lost device: finish what failed while it was away.
+                        if health.borrow_and_update().serving {
+                            me.retry_rollbacks().await;
+                        }
+                    }
+                }
             }
         });
     }

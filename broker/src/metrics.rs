@@ -147,6 +147,8 @@ fn fault_label(kind: FaultKind) -> &'static str {
         FaultKind::Login => "login",
         FaultKind::NotPermitted => "not_permitted",
         FaultKind::Setup => "setup",
+        FaultKind::Transient => "transient",
+        FaultKind::Deadline => "deadline",
         FaultKind::Other => "other",
     }
 }

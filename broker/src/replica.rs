@@ -44,7 +44,8 @@ use crate::{
     error::BrokerError,
     hsm::ExpectedKek,
     keyring::{
-        KeyEntry, KeyState, Keyring, Lifecycle, Usage, VersionEntry, blocking, verify_canary,
+        KeyEntry, KeyState, Keyring, Lifecycle, Usage, VersionEntry, blocking, canary_of,
+        verify_canary,
     },
     model::KeyName,
     store::{StoreLock, StoredKey, StoredLifecycle},
@@ -120,7 +121,21 @@ pub(crate) struct WriteGuard<'a> {
 impl Keyring {
     /// Takes the write locks and brings the cache up to date (see the module docs).
     pub(crate) async fn write(&self) -> Result<WriteGuard<'_>, BrokerError> {
-        let local = self.write_lock.lock().await;
+        // A hung HSM holding the lock must not pile requests up: wait at most until the
+        // request's deadline (the caller hears DEADLINE_EXCEEDED); work whose deadline has
+        // passed is not started.
+        let expired = || {
+            BrokerError::DeadlineExceeded(
+                "the deadline passed while waiting for other key changes to finish".into(),
+            )
+        };
+        let local = match crate::hsm::RequestScope::current_deadline() {
+            None => self.write_lock.lock().await,
+            Some(d) if d <= std::time::Instant::now() => return Err(expired()),
+            Some(d) => tokio::time::timeout_at(d.into(), self.write_lock.lock())
+                .await
+                .map_err(|_| expired())?,
+        };
         let st = self.store.clone();
         let cluster = blocking(move || st.lock_writes().map_err(BrokerError::from)).await?;
         let guard = WriteGuard {
@@ -299,6 +314,7 @@ impl Keyring {
                 key_type: k.key_type,
                 algorithm: k.algorithm,
                 origin: v.origin,
+                canary: canary_of(v.canary.as_deref(), v.canary_digest.as_deref()),
             };
             match self
                 .hsm

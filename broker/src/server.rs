@@ -1,5 +1,7 @@
 //! Wiring: configuration → HSM → store → keyring → TLS listener → gRPC services, with graceful
-//! shutdown on SIGTERM/SIGINT (in-flight requests finish).
+//! shutdown on SIGTERM/SIGINT: the listeners stop accepting, connections get GOAWAY (new
+//! requests are refused), requests in flight finish and are answered, the audit trail gets its
+//! final checkpoint, and the HSM is closed (sessions closed, `C_Finalize`). Exit status 0.
 //!
 //! Listeners: the mutual-TLS gRPC listener (`keybroker.v1`, `grpc.health.v1`, server reflection);
 //! optionally the metrics listener (`[metrics]`, plain HTTP) and the Kubernetes KMS v2 unix socket
@@ -200,7 +202,9 @@ pub async fn run(
     }
     keyring.spawn_maintenance();
     let keyring_for_shutdown = keyring.clone();
-    let api = Api::new(keyring.clone(), policy, audit.clone(), hyok).with_metrics(metrics.clone());
+    let api = Api::new(keyring.clone(), policy, audit.clone(), hyok)
+        .with_metrics(metrics.clone())
+        .with_request_timeout(Duration::from_millis(cfg.server.request_timeout_ms));
 
     // One shutdown signal for every listener and the probe.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -227,6 +231,24 @@ pub async fn run(
     };
     let first = health::probe_once(&probe, probe_timeout).await;
     health::publish(&reporter, &hsm_health, Some(&metrics), first).await;
+    // The HSM layer's own verdict, at once: NOT_SERVING from the moment it confirms a lost
+    // device (requests get UNAVAILABLE), SERVING the moment re-initialisation succeeds —
+    // without waiting for the next probe.
+    side_tasks.push(tokio::spawn({
+        let (reporter, state, metrics) = (reporter.clone(), hsm_health.clone(), metrics.clone());
+        let (mut changes, mut stop) = (keyring.hsm().health(), stop_rx.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    c = changes.changed() => if c.is_err() { return Ok(()) },
+                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                }
+                let h = changes.borrow_and_update().clone();
+                let result = if h.serving { Ok(()) } else { Err(h.detail) };
+                health::publish(&reporter, &state, Some(&metrics), result).await;
+            }
+        }
+    }));
     side_tasks.push(tokio::spawn({
         let (state, metrics, rx) = (hsm_health.clone(), metrics.clone(), stop_rx.clone());
         let interval = Duration::from_millis(cfg.health.probe_interval_ms);
@@ -323,8 +345,10 @@ pub async fn run(
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
+    // No tonic `.timeout(...)`: deadlines (the caller's grpc-timeout, capped by
+    // request_timeout_ms) are enforced by `Api::handle`, so that a request that runs out of time
+    // is answered DEADLINE_EXCEEDED *and audited*, and its HSM waits are bounded by it.
     let served = tonic::transport::Server::builder()
-        .timeout(Duration::from_millis(cfg.server.request_timeout_ms))
         .max_concurrent_streams(cfg.server.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -358,8 +382,15 @@ pub async fn run(
         }
     }
     served?;
+    // In-flight requests have been answered (serve_with_incoming_shutdown drains them). Save
+    // the usage counters and the final audit checkpoint while the HSM is still open, then close
+    // it: every session closed (logging out) and C_Finalize.
     keyring_for_shutdown.flush_usage().await;
     audit.close().await;
+    keyring_for_shutdown
+        .hsm()
+        .close(crate::hsm::recovery_drain())
+        .await;
     tracing::info!("shut down cleanly");
     Ok(())
 }

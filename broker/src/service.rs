@@ -12,7 +12,7 @@
 use std::{
     future::Future,
     sync::{Arc, Mutex},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
@@ -26,6 +26,7 @@ use tracing::Instrument;
 use crate::{
     audit::{AuditLog, QueryFilter, Record},
     error::BrokerError,
+    hsm::RequestScope,
     hyok::{HyokState, HyokSwitch},
     identity::Caller,
     keyring::{KeyEntry, KeyState, Keyring, Lifecycle, PublicKeyInfo, VersionEntry},
@@ -86,7 +87,55 @@ pub struct Api {
     policy: Arc<PolicyHandle>,
     audit: AuditLog,
     hyok: Arc<HyokSwitch>,
+    request_timeout: Duration,
     metrics: Option<Arc<Metrics>>,
+}
+
+/// The default for `[server] request_timeout_ms`.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Parses a `grpc-timeout` header value (gRPC over HTTP/2: at most 8 digits and a unit).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// When the broker stops working on a request that has `timeout` to live: a little before the
+/// caller's deadline, so that the answer (DEADLINE_EXCEEDED, audited) reaches the caller while
+/// it still listens. A tenth of the time, at most 100 ms.
+fn work_deadline(start: Instant, timeout: Duration) -> Instant {
+    let margin = (timeout / 10).min(Duration::from_millis(100));
+    start + timeout.saturating_sub(margin)
+}
+
+/// Runs a key change to completion (or rollback) in its own task, whatever happens to the
+/// request: a caller that hangs up or times out must not leave a half-done change behind.
+/// The request's scope (deadline, tenant) goes with it, so work not yet started when the
+/// deadline passes is not started.
+async fn detached<T, F>(f: F) -> Result<T, BrokerError>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, BrokerError>> + Send + 'static,
+{
+    let scope = RequestScope::current().unwrap_or_default();
+    tokio::spawn(scope.run(f))
+        .await
+        .map_err(|e| BrokerError::internal(format!("key change task failed: {e}")))?
 }
 
 /// What one request's audit record says, filled in as the request learns it.
@@ -105,6 +154,7 @@ struct Fields {
 #[derive(Clone)]
 struct Ctx {
     caller: Caller,
+    scope: RequestScope,
     policy: Arc<Policy>,
     hyok: Arc<HyokSwitch>,
     fields: Arc<Mutex<Fields>>,
@@ -128,6 +178,7 @@ impl Ctx {
     }
 
     fn note_key(&self, key: &KeyName) {
+        self.scope.set_tenant(key.tenant());
         let mut f = self.fields();
         f.key = Some(key.to_string());
         f.tenant = Some(key.tenant().to_string());
@@ -242,8 +293,15 @@ impl Api {
             policy,
             audit,
             hyok,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
             metrics: None,
         }
+    }
+
+    /// The longest a request may run when its caller sets no (or a longer) deadline.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
     }
 
     /// Records every request in `metrics`.
@@ -318,9 +376,21 @@ impl Api {
                 header_id,
             );
         };
+        // The deadline: the caller's (grpc-timeout), capped by [server] request_timeout_ms.
+        // Enforced here rather than by tonic's timeout layer, which would drop the request
+        // without an audit record; it also bounds every HSM wait below (RequestScope).
+        let timeout = req
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .map_or(self.request_timeout, |t| t.min(self.request_timeout));
+        let deadline = work_deadline(start, timeout);
+        let scope = RequestScope::new(Some(deadline));
         let span = tracing::info_span!("rpc", op, request_id = %header_id);
         let ctx = Ctx {
             caller: conn.caller.clone(),
+            scope: scope.clone(),
             policy: self.policy.get(),
             hyok: self.hyok.clone(),
             fields: Arc::new(Mutex::new(Fields {
@@ -330,12 +400,28 @@ impl Api {
             reason: Arc::new(Mutex::new(None)),
             hyok_gated: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
-        let mut result = if ctx.policy.knows(&ctx.caller) {
+        let mut result = if Instant::now() >= deadline {
+            // Work whose deadline has already passed is not started.
+            Err(BrokerError::DeadlineExceeded(
+                "the request's deadline had passed when it arrived".into(),
+            ))
+        } else if ctx.policy.knows(&ctx.caller) {
             // With replicas, this replica's cache first catches up with every change made
             // through any of them (see `replica`).
-            match self.keyring.sync().await {
-                Ok(()) => f(ctx.clone(), req.into_inner()).instrument(span).await,
-                Err(e) => Err(e),
+            let keyring = self.keyring.clone();
+            let call = f(ctx.clone(), req.into_inner());
+            let work = scope.run(
+                async move {
+                    keyring.sync().await?;
+                    call.await
+                }
+                .instrument(span),
+            );
+            match tokio::time::timeout_at(deadline.into(), work).await {
+                Ok(r) => r,
+                Err(_) => Err(BrokerError::DeadlineExceeded(
+                    "the request's deadline passed before it was done".into(),
+                )),
             }
         } else {
             Err(BrokerError::PermissionDenied(format!(
@@ -1008,7 +1094,8 @@ impl KeyManagement for Api {
             let key_type = key_type_from_pb(r.key_type)?;
             let alg = algorithm_from_pb(r.algorithm)?;
             let attrs = attributes_from_pb(r.attributes)?;
-            let k = self.keyring.create(name, key_type, alg, attrs).await?;
+            let kr = self.keyring.clone();
+            let k = detached(async move { kr.create(name, key_type, alg, attrs).await }).await?;
             ctx.note_version(1);
             Ok(self.key_to_pb(&k))
         })
@@ -1084,7 +1171,8 @@ impl KeyManagement for Api {
         self.handle("RotateKey", req, |ctx, r| async move {
             let name = key_name(&r.key)?;
             ctx.authorize(Permission::Rotate, &name)?;
-            let k = self.keyring.rotate(&name).await?;
+            let (kr, n) = (self.keyring.clone(), name.clone());
+            let k = detached(async move { kr.rotate(&n).await }).await?;
             ctx.note_version(k.versions.last().map(|v| v.number).unwrap_or(0));
             Ok(self.key_to_pb(&k))
         })
@@ -1099,7 +1187,8 @@ impl KeyManagement for Api {
             let name = key_name(&r.key)?;
             ctx.authorize(Permission::Update, &name)?;
             let patch = patch_from_pb(r)?;
-            let k = self.keyring.update(&name, patch).await?;
+            let (kr, n) = (self.keyring.clone(), name.clone());
+            let k = detached(async move { kr.update(&n, patch).await }).await?;
             Ok(self.key_to_pb(&k))
         })
         .await
@@ -1132,7 +1221,8 @@ impl KeyManagement for Api {
         self.handle("TrimKeyVersions", req, |ctx, r| async move {
             let name = key_name(&r.key)?;
             ctx.authorize(Permission::TrimVersions, &name)?;
-            let (destroyed, k) = self.keyring.trim(&name, &ctx.caller.id).await?;
+            let (kr, n, by) = (self.keyring.clone(), name.clone(), ctx.caller.id.clone());
+            let (destroyed, k) = detached(async move { kr.trim(&n, &by).await }).await?;
             Ok(pb::TrimKeyVersionsResponse {
                 destroyed_versions: destroyed,
                 key: Some(self.key_to_pb(&k)),
@@ -1148,7 +1238,8 @@ impl KeyManagement for Api {
         self.handle("DeleteKey", req, |ctx, r| async move {
             let name = key_name(&r.key)?;
             ctx.authorize(Permission::Delete, &name)?;
-            let k = self.keyring.delete(&name, &ctx.caller.id).await?;
+            let (kr, n, by) = (self.keyring.clone(), name.clone(), ctx.caller.id.clone());
+            let k = detached(async move { kr.delete(&n, &by).await }).await?;
             Ok(self.deleted_to_pb(&k))
         })
         .await
@@ -1211,7 +1302,8 @@ impl KeyManagement for Api {
         self.handle("RecoverKey", req, |ctx, r| async move {
             let name = key_name(&r.key)?;
             ctx.authorize(Permission::Recover, &name)?;
-            let k = self.keyring.recover(&name).await?;
+            let (kr, n) = (self.keyring.clone(), name.clone());
+            let k = detached(async move { kr.recover(&n).await }).await?;
             Ok(self.key_to_pb(&k))
         })
         .await
@@ -1224,7 +1316,8 @@ impl KeyManagement for Api {
         self.handle("PurgeKey", req, |ctx, r| async move {
             let name = key_name(&r.key)?;
             ctx.authorize(Permission::Purge, &name)?;
-            let rc = self.keyring.purge(&name, &ctx.caller.id).await?;
+            let (kr, n, by) = (self.keyring.clone(), name.clone(), ctx.caller.id.clone());
+            let rc = detached(async move { kr.purge(&n, &by).await }).await?;
             Ok(pb::PurgeReceipt {
                 key: rc.key,
                 versions: rc.versions,
@@ -1250,7 +1343,8 @@ impl KeyManagement for Api {
             } else {
                 key_type_from_pb(r.key_type)?
             };
-            let info = self.keyring.create_import_key(kt).await?;
+            let kr = self.keyring.clone();
+            let info = detached(async move { kr.create_import_key(kt).await }).await?;
             let pk = PublicKeyInfo {
                 key: KeyName::parse("byok/import")
                     .map_err(|e| BrokerError::internal(e.to_string()))?,
@@ -1293,10 +1387,11 @@ impl KeyManagement for Api {
             }
             let alg = algorithm_from_pb(r.algorithm)?;
             let attrs = attributes_from_pb(r.attributes)?;
-            let k = self
-                .keyring
-                .import(name, alg, attrs, &r.import_key_id, r.wrapped_material)
-                .await?;
+            let (kr, import_id, material) =
+                (self.keyring.clone(), r.import_key_id, r.wrapped_material);
+            let k =
+                detached(async move { kr.import(name, alg, attrs, &import_id, material).await })
+                    .await?;
             ctx.note_version(1);
             Ok(self.key_to_pb(&k))
         })
@@ -1517,6 +1612,36 @@ impl Hyok for Api {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_timeout_headers_parse_by_unit_and_bad_ones_are_ignored() {
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(parse_grpc_timeout("1n"), Some(Duration::from_nanos(1)));
+        for bad in ["", "m", "10", "10x", "-1S", "123456789S", "1.5S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_broker_stops_a_little_before_the_callers_deadline() {
+        let t0 = Instant::now();
+        assert_eq!(
+            work_deadline(t0, Duration::from_secs(1)),
+            t0 + Duration::from_millis(900)
+        );
+        assert_eq!(
+            work_deadline(t0, Duration::from_secs(30)),
+            t0 + Duration::from_millis(29_900)
+        );
+        assert_eq!(
+            work_deadline(t0, Duration::from_nanos(1)),
+            t0 + Duration::from_nanos(1)
+        );
+    }
 
     #[test]
     fn request_ids_are_kept_only_when_safe_to_log() {

@@ -224,7 +224,14 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel(256);
     tokio::spawn(async move {
         loop {
-            let (tcp, remote) = match listener.accept().await {
+            // Stop accepting as soon as the server stops listening (graceful shutdown drops
+            // the stream): the listening socket closes, so new connections are refused at once
+            // instead of being accepted and never served.
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                () = tx.closed() => break,
+            };
+            let (tcp, remote) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
@@ -233,9 +240,6 @@ pub fn incoming(
                     continue;
                 }
             };
-            if tx.is_closed() {
-                break;
-            }
             // Without TCP_NODELAY the first response on a fresh TLS 1.3 connection waits ~40 ms
             // (session-ticket write meets delayed ACK).
             if let Err(e) = tcp.set_nodelay(true) {

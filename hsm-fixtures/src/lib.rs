@@ -5,6 +5,9 @@
 //! * [`kryoptic`]: the same for Kryoptic, keybroker's second CI token (an independent PKCS#11
 //!   implementation), whose module `kryoptic/build.sh` builds from crates.io.
 //! * [`token`]: a token of either kind behind one type, chosen by `KEYBROKER_TEST_TOKEN`.
+//! * [`fault`]: the fault-injecting PKCS#11 module (C, built by `build.rs`) that sits between
+//!   the broker and a real token and injects the return codes, latency and hangs a real HSM
+//!   has, on command, while the broker runs.
 //! * [`postgres`]: a private PostgreSQL server (Debian's package) on loopback in a temporary
 //!   directory, for the replica tests.
 //! * [`pki`]: a PKI made with rcgen — a CA, a server certificate for `localhost`/`127.0.0.1`,
@@ -13,6 +16,7 @@
 //!
 //! Everything here is for tests and development only: keys are written to disk in the clear.
 
+pub mod fault;
 pub mod kryoptic;
 pub mod pki;
 pub mod postgres;

@@ -17,6 +17,7 @@ use std::{
 };
 
 use hsm_fixtures::{
+    fault::FaultControl,
     pki::{Issued, TEST_CLIENT_ID, TEST_DNS_CLIENT, TestPki},
     token::{TestToken, TokenKind},
 };
@@ -34,6 +35,8 @@ pub struct Env {
     pub pki: TestPki,
     pub config: PathBuf,
     pub opts: Options,
+    /// With [`Options::faults`]: the fault module's control file and log.
+    pub faults: Option<FaultControl>,
 }
 
 /// Extra `[hsm]` lines, e.g. `on_integrity_failure = "quarantine"`.
@@ -57,6 +60,12 @@ pub struct Options {
     /// The `[store]` lines instead of the default `path = "keybroker.db"` (e.g. a PostgreSQL
     /// `url`).
     pub store: Option<String>,
+    /// Load the token through the fault-injecting module (`hsm_fixtures::fault`).
+    pub faults: bool,
+    /// Extra `[server]` lines.
+    pub server_extra: String,
+    /// `[hsm] sessions` (default 4).
+    pub sessions: Option<usize>,
 }
 
 impl Env {
@@ -80,11 +89,18 @@ impl Env {
                 )
             });
         let pki = TestPki::generate(&dir.path().join("pki")).expect("test PKI");
+        let faults = opts.faults.then(|| {
+            FaultControl::new(&dir.path().join("faults"), &token.module).expect("fault module")
+        });
+        let module = faults
+            .as_ref()
+            .map_or_else(|| token.module.clone(), FaultControl::module);
         let config = dir.path().join("keybroker.toml");
         let text = format!(
             r#"
 [server]
 listen = "127.0.0.1:0"
+{server_extra}
 [tls]
 cert = "{cert}"
 key = "{key}"
@@ -95,7 +111,7 @@ handshake_timeout_ms = 3000
 module = "{module}"
 token_label = "{label}"
 pin_file = "{pin}"
-sessions = 4
+sessions = {sessions}
 {extra}
 [store]
 {store}
@@ -111,7 +127,9 @@ path = "audit.log"
             cert = pki.server.cert_path.display(),
             key = pki.server.key_path.display(),
             ca = pki.ca.cert_path.display(),
-            module = token.module.display(),
+            module = module.display(),
+            server_extra = opts.server_extra,
+            sessions = opts.sessions.unwrap_or(4),
             pin = token.pin_file.display(),
             extra = opts.hsm_extra,
             tls_extra = opts.tls_extra,
@@ -134,7 +152,24 @@ path = "audit.log"
             pki,
             config,
             opts,
+            faults,
         }
+    }
+
+    /// The environment the broker needs: the token's, and the fault module's if any.
+    pub fn broker_env(&self) -> Vec<(String, String)> {
+        let mut env = self.token.env();
+        if let Some(f) = &self.faults {
+            env.extend(f.env());
+        }
+        env
+    }
+
+    /// The fault module's controls (the env must have been made with `faults: true`).
+    pub fn faults(&self) -> &FaultControl {
+        self.faults
+            .as_ref()
+            .expect("this Env was made with Options { faults: true, .. }")
     }
 
     /// The audit log file.
@@ -154,7 +189,7 @@ path = "audit.log"
             .arg(file)
             .arg("--config")
             .arg(&self.config)
-            .envs(self.token.env())
+            .envs(self.broker_env())
             .env("RUST_LOG", "warn,cryptoki=off")
             .output()
             .expect("run keybroker audit verify");
@@ -208,7 +243,7 @@ path = "audit.log"
         let mut child = cmd
             .args(["serve", "--config"])
             .arg(config)
-            .envs(self.token.env())
+            .envs(self.broker_env())
             .envs(envs.iter().copied())
             .env(
                 "RUST_LOG",
@@ -296,7 +331,7 @@ impl Env {
         let out = std::process::Command::new(BROKER)
             .args(["check-config", "--config"])
             .arg(&self.config)
-            .envs(self.token.env())
+            .envs(self.broker_env())
             .env("RUST_LOG", "warn,cryptoki=off")
             .output()
             .expect("run keybroker check-config");
@@ -441,6 +476,60 @@ impl Broker {
         self.log()
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the broker is running")
+    }
+
+    /// Sends SIGTERM and returns at once.
+    pub fn sigterm(&self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+    }
+
+    /// `kill -9`: the process dies at whatever it was doing. Returns its log.
+    pub async fn kill9(mut self) -> String {
+        self.child.start_kill().expect("SIGKILL");
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("broker dies")
+            .expect("wait");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9),
+            "{status}"
+        );
+        if let Some(r) = self.reader.take() {
+            let _ = r.await;
+        }
+        self.log()
+    }
+
+    /// Waits (at most 60 s) for the process to exit by itself; returns its status and log.
+    pub async fn wait_status(mut self) -> (std::process::ExitStatus, String) {
+        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .expect("broker exits within 60 s")
+            .expect("wait");
+        if let Some(r) = self.reader.take() {
+            let _ = r.await;
+        }
+        (status, self.log())
+    }
+
+    /// Resident memory of the broker process (VmRSS), KiB.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
     /// SIGTERM, then wait for a clean exit; returns everything the broker wrote to stderr.
     pub async fn stop(mut self) -> String {
         if let Some(pid) = self.child.id() {
@@ -489,6 +578,27 @@ pub fn hsm_probe() -> PathBuf {
         dir.join("hsm-probe")
     })
     .clone()
+}
+
+/// Polls `f` until it returns `Some` or `bound` passes (then panics naming `what`). For
+/// waiting on observable state — a fault logged, a log line, a broker that serves again —
+/// instead of sleeping.
+pub async fn poll_until<T, F, Fut>(what: &str, bound: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = std::time::Instant::now() + bound;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "{what}: not within {bound:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 pub fn hex_id() -> String {

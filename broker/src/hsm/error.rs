@@ -9,7 +9,8 @@ use crate::error::BrokerError;
 /// What kind of failure an HSM call had, as far as recovery and callers are concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FaultKind {
-    /// The session is gone (handle invalid, closed): evict it, retry once on a fresh one.
+    /// The session is gone (handle invalid, closed) or unusable (an operation left active):
+    /// evict it, retry once on a fresh one.
     SessionLost,
     /// The device or token is gone, or the library lost its state: callers get UNAVAILABLE.
     DeviceLost,
@@ -25,6 +26,11 @@ pub enum FaultKind {
     NotPermitted,
     /// The token or its configuration is not what we need (start-up).
     Setup,
+    /// The call failed for a reason the token does not say (`CKR_FUNCTION_FAILED`), but the
+    /// session and the device are fine: the caller may retry (UNAVAILABLE).
+    Transient,
+    /// The request's deadline passed before the HSM work could start or finish.
+    Deadline,
     /// Anything else.
     Other,
 }
@@ -45,6 +51,9 @@ pub struct HsmError {
     /// Whether the failed call was a decrypt/unwrap of caller-supplied data (so a vendor
     /// profile may know that a return value there means "not authentic").
     pub caller_data: bool,
+    /// Whether the HSM was never asked (refused before the call: unhealthy, queue full,
+    /// deadline passed), so nothing can have changed in the token.
+    pub not_started: bool,
 }
 
 impl HsmError {
@@ -56,7 +65,15 @@ impl HsmError {
             detail: detail.into(),
             rv: None,
             caller_data: false,
+            not_started: false,
         }
+    }
+
+    /// A refusal before the HSM was asked anything.
+    pub fn refused(kind: FaultKind, context: impl Into<String>, detail: impl Into<String>) -> Self {
+        let mut e = Self::new(kind, context, detail);
+        e.not_started = true;
+        e
     }
 
     /// A start-up/configuration problem.
@@ -83,6 +100,7 @@ impl HsmError {
             detail,
             rv,
             caller_data: false,
+            not_started: false,
         }
     }
 
@@ -93,7 +111,9 @@ impl HsmError {
     /// `CKR_WRAPPED_KEY_INVALID` or `CKR_ENCRYPTED_DATA_INVALID`. Kryoptic answers a failed
     /// RFC 5649 or OAEP integrity check with `CKR_DEVICE_ERROR`: that is left as a device fault
     /// here and re-classified by the HSM layer under the Kryoptic profile, after checking that
-    /// the session still works (see `hsm::Inner::apply_profile`).
+    /// the session still works (see `hsm::Inner::apply_profile`). `CKR_FUNCTION_FAILED` is not
+    /// taken to mean "not authentic": no tested token reports a bad tag with it, and a caller
+    /// told that a valid envelope is corrupt may throw data away; it is a retryable failure.
     pub fn from_ck_decrypt(context: impl Into<String>, e: CkError) -> Self {
         let mut err = Self::from_ck(context, e);
         err.caller_data = true;
@@ -107,7 +127,6 @@ impl HsmError {
                     | RvError::DataInvalid
                     | RvError::DataLenRange
                     | RvError::GeneralError
-                    | RvError::FunctionFailed
             )
         {
             err.kind = FaultKind::DataInvalid;
@@ -124,8 +143,22 @@ impl HsmError {
                 BrokerError::Unavailable("the HSM is unavailable; retry later".into())
             }
             FaultKind::Busy => {
-                BrokerError::ResourceExhausted("the HSM is at capacity; retry later".into())
+                tracing::debug!(context = %self.context, detail = %self.detail, "HSM busy");
+                // An admission refusal says why (queue full, wait too long); a token's own
+                // "busy" return value stays in the log.
+                BrokerError::ResourceExhausted(if self.rv.is_none() {
+                    format!("{}; retry later", self.detail)
+                } else {
+                    "the HSM is at capacity; retry later".into()
+                })
             }
+            FaultKind::Transient => {
+                tracing::warn!(context = %self.context, detail = %self.detail, "HSM call failed");
+                BrokerError::Unavailable("the HSM could not perform the operation; retry".into())
+            }
+            FaultKind::Deadline => BrokerError::DeadlineExceeded(
+                "the deadline passed before the HSM could do the work".into(),
+            ),
             FaultKind::HandleInvalid => {
                 tracing::warn!(context = %self.context, detail = %self.detail, "HSM object handle invalid");
                 BrokerError::Unavailable("the HSM object is being re-opened; retry".into())
@@ -151,7 +184,9 @@ impl From<HsmError> for BrokerError {
 pub fn classify(rv: RvError) -> FaultKind {
     use RvError::*;
     match rv {
-        SessionHandleInvalid | SessionClosed => FaultKind::SessionLost,
+        // An operation left active (a module that did not end it after a failure) makes the
+        // session unusable for anything else: evict it like a lost one.
+        SessionHandleInvalid | SessionClosed | OperationActive => FaultKind::SessionLost,
         DeviceRemoved
         | TokenNotPresent
         | TokenNotRecognized
@@ -159,6 +194,7 @@ pub fn classify(rv: RvError) -> FaultKind {
         | DeviceMemory
         | DeviceError => FaultKind::DeviceLost,
         SessionCount | FunctionCanceled | Cancel | HostMemory => FaultKind::Busy,
+        FunctionFailed => FaultKind::Transient,
         EncryptedDataInvalid
         | EncryptedDataLenRange
         | WrappedKeyInvalid

@@ -1,25 +1,50 @@
 //! The HSM layer: the only code that touches `cryptoki` (STYLE rule 1).
 //!
-//! It owns the PKCS#11 module (loaded and initialised once per process), one login, a pool of
-//! sessions, the cache of object handles for every KEK version, and the start-up capability
-//! probe. Everything above it speaks domain types: [`VersionId`], [`Dek`], [`WrapParams`].
+//! It owns the PKCS#11 module (loaded once per process), the login, a pool of sessions, the
+//! cache of object handles for every KEK version, the start-up capability probe, and recovery
+//! from the faults a real HSM has. Everything above it speaks domain types: [`VersionId`],
+//! [`Dek`], [`WrapParams`].
 //!
 //! Every PKCS#11 call runs on a blocking thread (`spawn_blocking`) with a session checked out of
-//! the pool; the async side waits for a session permit at most `acquire_timeout`, then answers
-//! RESOURCE_EXHAUSTED rather than queueing without bound (STYLE rule 2).
+//! the pool (STYLE rule 2), after [`admission`] let it in: bounded queues, a wait bounded by the
+//! request's deadline and `session_wait_ms`, round-robin between tenants. Work whose deadline
+//! has passed is not started; a call that does not return by its deadline is abandoned by the
+//! request (the blocking thread waits for the HSM, and its session returns to the pool when the
+//! call does), so a hung HSM cannot hang the server.
+//!
+//! Faults are classified once ([`error`]) and the class drives recovery (STYLE rule 3):
+//! * **session lost** (`CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_CLOSED`): the session is
+//!   evicted and the operation runs once more on a fresh one — for operations that are safe to
+//!   repeat (every read, wrap, unwrap and destroy; never an object creation, which may have
+//!   happened before the session died: that fails, and its two-phase creation rolls back);
+//! * **object handle invalid**: the cached handles are re-found (the same attach logic as at
+//!   start-up, template check included) and the operation runs once more;
+//! * **device or token lost** (`CKR_DEVICE_REMOVED`, `CKR_TOKEN_NOT_PRESENT`,
+//!   `CKR_DEVICE_ERROR`, ...): if the token no longer answers, the HSM is marked unhealthy
+//!   ([`Hsm::healthy`], [`Hsm::health`]), every request gets UNAVAILABLE at once, and a
+//!   background thread re-initialises with backoff (≤ 500 ms between attempts): `C_Finalize`,
+//!   `C_Initialize`, find the token again, log in, open a new pool, re-find every known KEK,
+//!   check its template and unwrap its canary, find the audit key — then serves again. See
+//!   [`conn`] for why a re-initialisation replaces every session and object handle at once.
 //!
 //! Layout:
 //! * [`error`] — classification of PKCS#11 return values (drives recovery and status codes);
+//! * [`admission`] — bounded, deadline-aware, tenant-fair admission to the session pool;
+//! * [`conn`] — the sessions and handles of one initialisation of the module;
+//! * [`recovery`] — health, re-initialisation and handle refresh;
 //! * [`template`] — the fixed KEK template and its read-back check;
 //! * [`probe`] — mechanism list and known-answer tests at start-up;
 //! * [`profile`] — the table of vendor quirks (RFC 5649 number, session cap, throttling, ...);
 //! * [`ops`] — the blocking operations on one session.
 
+pub mod admission;
+mod conn;
 pub mod error;
 pub(crate) mod kat_rsa;
 pub mod ops;
 pub mod probe;
 pub mod profile;
+mod recovery;
 mod replica;
 pub mod template;
 
@@ -28,7 +53,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex, OnceLock, RwLock,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -43,13 +68,20 @@ use cryptoki::{
 };
 use secrecy::SecretString;
 use serde::Serialize;
-use tokio::sync::Semaphore;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 
+use self::{
+    admission::{Admission, AdmissionSettings, Refused, SYSTEM_TENANT},
+    conn::Conn,
+};
 pub use self::{
+    admission::{PoolStats, RequestScope},
     error::{FaultKind, HsmError},
     ops::{KwpMechanism, WrapParams},
     probe::Capabilities,
     profile::Profile,
+    recovery::Health,
     template::KekSpec,
 };
 use crate::model::{Algorithm, Dek, KeyType, Origin, VersionId};
@@ -102,6 +134,14 @@ pub struct HsmSettings {
     pub acquire_timeout: Duration,
     /// The vendor profile by name; `None` detects it from what the token reports.
     pub profile: Option<String>,
+    /// Most requests waiting for a session, all tenants together.
+    pub queue_limit: usize,
+    /// Most requests of one tenant waiting for a session.
+    pub tenant_queue_limit: usize,
+    /// Most sessions one tenant may hold at once (`None`: all of them).
+    pub tenant_max_sessions: Option<usize>,
+    /// How long the broker waits for an HSM call it makes for itself (no request deadline).
+    pub call_timeout: Duration,
 }
 
 /// What the token says about itself.
@@ -136,6 +176,18 @@ pub struct KekHandles {
     pub public: Option<ObjectHandle>,
 }
 
+/// A value wrapped under a KEK version when it was created, with the SHA-256 of the value: if
+/// it unwraps to that value, the object is the key the version was created with.
+#[derive(Clone, Debug)]
+pub struct Canary {
+    /// How to unwrap it.
+    pub params: WrapParams,
+    /// The wrapped value.
+    pub ciphertext: Vec<u8>,
+    /// SHA-256 of the value.
+    pub digest: Vec<u8>,
+}
+
 /// A KEK version the broker expects to find in the token.
 #[derive(Clone, Debug)]
 pub struct ExpectedKek {
@@ -147,6 +199,9 @@ pub struct ExpectedKek {
     pub algorithm: Algorithm,
     /// Generated or imported.
     pub origin: Origin,
+    /// Its canary, checked when the HSM layer re-finds the key after a re-initialisation (at
+    /// start-up the keyring checks canaries itself, in parallel).
+    pub canary: Option<Canary>,
 }
 
 /// The result of matching the store's KEK versions against the token's objects.
@@ -176,33 +231,6 @@ pub trait HsmObserver: Send + Sync {
     fn hsm_call(&self, operation: &'static str, elapsed: Duration, fault: Option<FaultKind>);
 }
 
-/// How busy the session pool is right now.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PoolStats {
-    /// Sessions in the pool.
-    pub size: usize,
-    /// Sessions checked out by a call.
-    pub in_use: usize,
-    /// Calls waiting for a free session.
-    pub waiting: usize,
-}
-
-/// Counts a waiter for as long as it lives (so a cancelled wait is uncounted too).
-struct Waiting<'a>(&'a AtomicUsize);
-
-impl<'a> Waiting<'a> {
-    fn new(n: &'a AtomicUsize) -> Self {
-        n.fetch_add(1, Ordering::Relaxed);
-        Self(n)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// A handle to the HSM: cheap to clone, shared by every request.
 #[derive(Clone)]
 pub struct Hsm {
@@ -211,28 +239,30 @@ pub struct Hsm {
 
 struct Inner {
     ctx: Pkcs11,
-    slot: Slot,
+    token: TokenSelector,
+    pin: SecretString,
+    pool_size: usize,
     summary: TokenSummary,
     caps: Capabilities,
     kwp: Option<KwpMechanism>,
     profile: &'static Profile,
-    /// Idle sessions. A std mutex: it is held only to push/pop, never across a PKCS#11 call.
-    idle: Mutex<Vec<Session>>,
-    permits: Arc<Semaphore>,
-    acquire_timeout: Duration,
-    /// Kept open for the life of the process: object handles die when an application's last
-    /// session closes (HSM-NOTES), and the login belongs to the application.
-    _anchor: Mutex<Session>,
-    handles: RwLock<HashMap<VersionId, KekHandles>>,
-    /// The audit trail's HMAC key (see [`Hsm::ensure_audit_key`]).
-    audit_key: RwLock<Option<ObjectHandle>>,
+    /// The current generation (see [`conn`]).
+    conn: RwLock<Arc<Conn>>,
+    admission: Arc<Admission>,
+    call_timeout: Duration,
+    health: watch::Sender<Health>,
+    /// Every KEK version that should be attached, to re-find after a re-initialisation or an
+    /// invalid handle.
+    known: RwLock<HashMap<VersionId, ExpectedKek>>,
+    audit_key_id: Mutex<Option<VersionId>>,
+    recovering: AtomicBool,
+    closed: AtomicBool,
+    reinitialisations: AtomicU64,
     /// Serialises object creation and destruction: SoftHSM2 2.6.1 races on concurrent object
     /// creation and lookup (upstream #573/#576/#578/#688/#757).
     object_lock: Mutex<()>,
     /// Metrics hook, set once at start-up.
     observer: OnceLock<Arc<dyn HsmObserver>>,
-    /// Calls waiting for a session permit.
-    waiting: AtomicUsize,
 }
 
 impl std::fmt::Debug for Hsm {
@@ -241,6 +271,40 @@ impl std::fmt::Debug for Hsm {
             .field("token", &self.inner.summary)
             .finish_non_exhaustive()
     }
+}
+
+/// How an operation may be retried and abandoned.
+#[derive(Clone, Copy, Debug)]
+struct CallKind {
+    /// Safe to run again after a lost session or an invalid handle (no object is created).
+    retry: bool,
+    /// The caller may stop waiting at its deadline (nothing is left half-done in the broker's
+    /// own state if the call completes later).
+    abandon: bool,
+}
+
+/// Reads, wraps and unwraps: repeatable, and abandoned at the deadline.
+const READ: CallKind = CallKind {
+    retry: true,
+    abandon: true,
+};
+/// Object creation: never repeated (the object may exist), never abandoned once started.
+const CREATE: CallKind = CallKind {
+    retry: false,
+    abandon: false,
+};
+/// Finding and destroying objects: repeatable, never abandoned once started.
+const MAINTAIN: CallKind = CallKind {
+    retry: true,
+    abandon: false,
+};
+
+fn deadline_passed(what: &'static str) -> HsmError {
+    HsmError::refused(
+        FaultKind::Deadline,
+        what,
+        "the request's deadline passed before the HSM work could start",
+    )
 }
 
 impl Hsm {
@@ -306,20 +370,7 @@ impl Hsm {
         if let Some(reserved) = profile.init_reserved {
             return Err(unsupported_init(profile, reserved));
         }
-        let anchor = ctx
-            .open_rw_session(slot)
-            .map_err(|e| HsmError::from_ck("open the anchor session", e))?;
-        match anchor.login(UserType::User, Some(&settings.pin)) {
-            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-            Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
-                return Err(HsmError::new(
-                    FaultKind::Login,
-                    "log in to the token",
-                    "the PIN is incorrect (CKR_PIN_INCORRECT)",
-                ));
-            }
-            Err(e) => return Err(HsmError::from_ck("log in to the token", e)),
-        }
+        let anchor = open_and_login(&ctx, slot, &settings.pin)?;
         let caps = probe::probe(&ctx, slot, &anchor, profile)?;
         // One session is the anchor; the token's own limit and the profile's both cap the pool.
         let token_max = match info.max_session_count() {
@@ -331,13 +382,7 @@ impl Hsm {
             .map(|n| n.saturating_sub(1).max(1))
             .unwrap_or(usize::MAX);
         let sessions = settings.sessions.clamp(1, token_max.min(profile_max));
-        let mut idle = Vec::with_capacity(sessions);
-        for _ in 0..sessions {
-            idle.push(
-                ctx.open_rw_session(slot)
-                    .map_err(|e| HsmError::from_ck("open a pool session", e))?,
-            );
-        }
+        let idle = open_pool(&ctx, slot, sessions)?;
         let summary = TokenSummary {
             library,
             slot: slot.id(),
@@ -350,23 +395,35 @@ impl Hsm {
             profile_configured: configured.is_some(),
         };
         let kwp = caps.kwp.as_ref().map(|k| k.kind);
+        let admission = Admission::new(AdmissionSettings {
+            slots: sessions,
+            max_wait: settings.acquire_timeout,
+            queue_limit: settings.queue_limit.max(1),
+            tenant_queue_limit: settings.tenant_queue_limit.max(1),
+            tenant_max_slots: settings.tenant_max_sessions.unwrap_or(sessions),
+        });
+        let (health, _) = watch::channel(Health::serving(1));
         Ok(Self {
             inner: Arc::new(Inner {
                 ctx,
-                slot,
+                token: settings.token.clone(),
+                pin: settings.pin.clone(),
+                pool_size: sessions,
                 summary,
                 caps,
                 kwp,
                 profile,
-                idle: Mutex::new(idle),
-                permits: Arc::new(Semaphore::new(sessions)),
-                acquire_timeout: settings.acquire_timeout,
-                _anchor: Mutex::new(anchor),
-                handles: RwLock::new(HashMap::new()),
-                audit_key: RwLock::new(None),
+                conn: RwLock::new(Arc::new(Conn::new(1, slot, idle, anchor))),
+                admission,
+                call_timeout: settings.call_timeout,
+                health,
+                known: RwLock::new(HashMap::new()),
+                audit_key_id: Mutex::new(None),
+                recovering: AtomicBool::new(false),
+                closed: AtomicBool::new(false),
+                reinitialisations: AtomicU64::new(0),
                 object_lock: Mutex::new(()),
                 observer: OnceLock::new(),
-                waiting: AtomicUsize::new(0),
             }),
         })
     }
@@ -386,6 +443,22 @@ impl Hsm {
         self.inner.profile
     }
 
+    /// Whether the HSM serves: false from the moment a lost device is confirmed until the
+    /// re-initialisation succeeds (and after shutdown). The health service reports this.
+    pub fn healthy(&self) -> bool {
+        self.inner.health.borrow().serving
+    }
+
+    /// Notifications of every health change (for `grpc.health.v1`, metrics, the keyring).
+    pub fn health(&self) -> watch::Receiver<Health> {
+        self.inner.health.subscribe()
+    }
+
+    /// How many times the module was re-initialised after a lost device.
+    pub fn reinitialisations(&self) -> u64 {
+        self.inner.reinitialisations.load(Ordering::Relaxed)
+    }
+
     /// Installs the metrics hook (once; later calls are ignored).
     pub fn set_observer(&self, observer: Arc<dyn HsmObserver>) {
         let _ = self.inner.observer.set(observer);
@@ -393,65 +466,85 @@ impl Hsm {
 
     /// How busy the session pool is.
     pub fn pool_stats(&self) -> PoolStats {
-        let size = self.inner.summary.sessions;
-        PoolStats {
-            size,
-            in_use: size.saturating_sub(self.inner.permits.available_permits()),
-            waiting: self.inner.waiting.load(Ordering::Relaxed),
-        }
+        self.inner.admission.stats()
     }
 
-    /// Runs `f` with a pooled session on a blocking thread. If the session turns out to be lost,
-    /// it is evicted and `f` runs once more on a fresh one (every operation here is safe to
-    /// repeat).
-    async fn run<T, F>(&self, what: &'static str, f: F) -> Result<T, HsmError>
+    /// Runs `f` with a pooled session on a blocking thread, after admission (see the module
+    /// docs). Recovery from lost sessions, invalid handles and lost devices happens inside.
+    async fn run<T, F>(&self, what: &'static str, kind: CallKind, f: F) -> Result<T, HsmError>
     where
-        F: Fn(&Inner, &Session) -> Result<T, HsmError> + Send + 'static,
+        F: Fn(&Inner, &Conn, &Session) -> Result<T, HsmError> + Send + 'static,
         T: Send + 'static,
     {
-        let waiting = Waiting::new(&self.inner.waiting);
-        let permit = match tokio::time::timeout(
-            self.inner.acquire_timeout,
-            self.inner.permits.clone().acquire_owned(),
-        )
-        .await
-        {
-            Ok(Ok(p)) => p,
-            Ok(Err(_)) => return Err(HsmError::new(FaultKind::Busy, what, "session pool closed")),
-            Err(_) => {
-                return Err(HsmError::new(
-                    FaultKind::Busy,
-                    what,
-                    format!(
-                        "no HSM session free within {:?}",
-                        self.inner.acquire_timeout
-                    ),
-                ));
+        let inner = &self.inner;
+        inner.usable(what)?;
+        let scope = RequestScope::current();
+        let deadline = scope.as_ref().and_then(RequestScope::deadline);
+        let tenant: Arc<str> = scope
+            .as_ref()
+            .map_or_else(|| Arc::from(SYSTEM_TENANT), RequestScope::tenant);
+        let budget = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(deadline_passed(what));
+                }
+                Some(left)
             }
+            None => None,
         };
-        drop(waiting);
-        let inner = self.inner.clone();
-        let started = Instant::now();
-        let result = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            inner.with_session(what, |s| f(&inner, s))
-        })
-        .await
-        .map_err(|e| HsmError::new(FaultKind::Other, what, format!("HSM worker failed: {e}")))
-        .and_then(|r| r);
-        if let Some(o) = self.inner.observer.get() {
-            o.hsm_call(
-                what,
-                started.elapsed(),
-                result.as_ref().err().map(|e| e.kind),
-            );
+        let slot = inner
+            .admission
+            .acquire(&tenant, budget)
+            .await
+            .map_err(|r| refused(what, r))?;
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(deadline_passed(what));
         }
+        let worker = inner.clone();
+        let started = Instant::now();
+        let task = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            // The blocking pool may have been slow to start us.
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(deadline_passed(what));
+            }
+            worker.with_session(what, kind, |conn, s| f(&worker, conn, s))
+        });
+        let joined = if kind.abandon {
+            let until = deadline.unwrap_or_else(|| Instant::now() + inner.call_timeout);
+            match tokio::time::timeout_at(until.into(), task).await {
+                Ok(j) => j,
+                Err(_) => {
+                    tracing::warn!(
+                        operation = what,
+                        "an HSM call did not return by its deadline; the request gives up, the \
+                         call keeps its session until the HSM answers"
+                    );
+                    let e = HsmError::new(
+                        FaultKind::Deadline,
+                        what,
+                        "the HSM did not answer before the deadline",
+                    );
+                    let result = Err(e);
+                    inner.observe(what, started, &result);
+                    return result;
+                }
+            }
+        } else {
+            task.await
+        };
+        let result = joined
+            .map_err(|e| HsmError::new(FaultKind::Other, what, format!("HSM worker failed: {e}")))
+            .and_then(|r| r);
+        inner.observe(what, started, &result);
         result
     }
 
     /// Generates a KEK version inside the token from the fixed template, reads its attributes
     /// back and checks them, and caches its handles. On any failure the new objects are
-    /// destroyed.
+    /// destroyed. Never retried after a lost session (the object may exist: the caller's
+    /// two-phase creation rolls it back by id).
     pub async fn generate_kek(&self, spec: KekSpec) -> Result<(), HsmError> {
         let mech = self
             .inner
@@ -464,7 +557,7 @@ impl Hsm {
                     self.inner.caps.why_not(spec.algorithm),
                 )
             })?;
-        self.run("generate a KEK", move |inner, s| {
+        self.run("generate a KEK", CREATE, move |inner, conn, s| {
             let _guard = inner.object_lock.lock().unwrap_or_else(|p| p.into_inner());
             let handles = if let Some(bits) = spec.key_type.rsa_bits() {
                 let (pubt, privt) = template::rsa_templates(&spec, bits, mech);
@@ -496,11 +589,17 @@ impl Hsm {
                     ),
                 ));
             }
-            inner
-                .handles
+            conn.handles
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(spec.id, handles);
+            inner.remember(ExpectedKek {
+                id: spec.id,
+                key_type: spec.key_type,
+                algorithm: spec.algorithm,
+                origin: Origin::Generated,
+                canary: None,
+            });
             Ok(())
         })
         .await
@@ -509,7 +608,7 @@ impl Hsm {
     /// Destroys every object with this id (an aborted creation, or a purge) and forgets its
     /// handles. Returns how many objects were destroyed.
     pub async fn destroy_kek(&self, id: VersionId) -> Result<usize, HsmError> {
-        self.run("destroy a KEK", move |inner, s| {
+        self.run("destroy a KEK", MAINTAIN, move |inner, conn, s| {
             let _guard = inner.object_lock.lock().unwrap_or_else(|p| p.into_inner());
             let found = s
                 .find_objects(&[Attribute::Id(id.as_bytes().to_vec())])
@@ -524,11 +623,11 @@ impl Hsm {
                     n += 1;
                 }
             }
-            inner
-                .handles
+            conn.handles
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
+            inner.forget(id);
             Ok(n)
         })
         .await
@@ -536,101 +635,21 @@ impl Hsm {
 
     /// Finds the objects of every expected KEK version in one pass over the token (never one
     /// search per key: `C_FindObjects` costs ~15 µs per object scanned on SoftHSM2), checks
-    /// each one's template, and caches the handles of those that pass.
+    /// each one's template, and caches the handles of those that pass. They are also the
+    /// versions re-found after a re-initialisation.
     pub async fn attach(&self, expected: Vec<ExpectedKek>) -> Result<AttachReport, HsmError> {
-        self.run("attach the KEKs", move |inner, s| {
-            let mut by_id: HashMap<Vec<u8>, Vec<(ObjectHandle, ObjectClass, String)>> =
-                HashMap::new();
-            for class in [
-                ObjectClass::SECRET_KEY,
-                ObjectClass::PRIVATE_KEY,
-                ObjectClass::PUBLIC_KEY,
-            ] {
-                let found = s
-                    .find_objects(&[Attribute::Class(class), Attribute::Token(true)])
-                    .map_err(|e| HsmError::from_ck("C_FindObjects", e))?;
-                for h in found {
-                    let attrs = s
-                        .get_attributes(h, &[AttributeType::Id, AttributeType::Label])
-                        .map_err(|e| HsmError::from_ck("C_GetAttributeValue", e))?;
-                    let mut id = Vec::new();
-                    let mut label = String::new();
-                    for a in attrs {
-                        match a {
-                            Attribute::Id(v) => id = v,
-                            Attribute::Label(v) => label = String::from_utf8_lossy(&v).into_owned(),
-                            _ => {}
-                        }
-                    }
-                    by_id.entry(id).or_default().push((h, class, label));
-                }
-            }
-            let mut report = AttachReport::default();
-            let mut handles = HashMap::with_capacity(expected.len());
-            for e in &expected {
-                let objs = by_id.remove(e.id.as_bytes().as_slice()).unwrap_or_default();
-                let pick = |c: ObjectClass| -> Vec<ObjectHandle> {
-                    objs.iter().filter(|o| o.1 == c).map(|o| o.0).collect()
-                };
-                let (secrets, publics) = if e.key_type.is_rsa() {
-                    (
-                        pick(ObjectClass::PRIVATE_KEY),
-                        pick(ObjectClass::PUBLIC_KEY),
-                    )
-                } else {
-                    (pick(ObjectClass::SECRET_KEY), Vec::new())
-                };
-                let want_public = usize::from(e.key_type.is_rsa());
-                let problem = if secrets.is_empty() {
-                    Some("its HSM object is missing".to_string())
-                } else if secrets.len() > 1
-                    || publics.len() > want_public
-                    || objs.len() != 1 + want_public
-                {
-                    Some(format!("{} HSM objects share its CKA_ID", objs.len()))
-                } else if publics.len() != want_public {
-                    Some("its public key object is missing".to_string())
-                } else {
-                    None
-                };
-                if let Some(p) = problem {
-                    report.problems.push((e.id, p));
-                    continue;
-                }
-                let h = KekHandles {
-                    secret: secrets[0],
-                    public: publics.first().copied(),
-                };
-                let Some(mech) = inner.caps.mechanism_for(e.algorithm) else {
-                    report.problems.push((
-                        e.id,
-                        format!(
-                            "the token cannot serve its algorithm: {}",
-                            inner.caps.why_not(e.algorithm)
-                        ),
-                    ));
-                    continue;
-                };
-                let problems = check_template(s, &h, e.algorithm, mech, e.origin)?;
-                if !problems.is_empty() {
-                    report
-                        .problems
-                        .push((e.id, format!("wrong template: {}", problems.join("; "))));
-                    continue;
-                }
-                handles.insert(e.id, h);
-            }
-            for (id, objs) in by_id {
-                for (_, _, label) in objs {
-                    if label.starts_with(template::LABEL_PREFIX) {
-                        report
-                            .orphans
-                            .push(format!("{label} (CKA_ID {})", hex::encode(&id)));
+        self.run("attach the KEKs", MAINTAIN, move |inner, conn, s| {
+            let (report, handles) = find_keks(inner, s, &expected)?;
+            {
+                let mut known = inner.known.write().unwrap_or_else(|p| p.into_inner());
+                known.clear();
+                for e in &expected {
+                    if handles.contains_key(&e.id) {
+                        known.insert(e.id, e.clone());
                     }
                 }
             }
-            report.attached = handles.len();
-            *inner.handles.write().unwrap_or_else(|p| p.into_inner()) = handles;
+            *conn.handles.write().unwrap_or_else(|p| p.into_inner()) = handles;
             Ok(report)
         })
         .await
@@ -639,10 +658,26 @@ impl Hsm {
     /// Forgets the handles of a version (it will refuse to serve).
     pub fn detach(&self, id: VersionId) {
         self.inner
+            .current()
             .handles
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
+        self.inner.forget(id);
+    }
+
+    /// Records the canary of a version (made after its object), so that a re-initialisation
+    /// re-checks its identity.
+    pub fn set_canary(&self, id: VersionId, canary: Canary) {
+        if let Some(e) = self
+            .inner
+            .known
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&id)
+        {
+            e.canary = Some(canary);
+        }
     }
 
     /// Wraps a DEK under a version.
@@ -652,8 +687,8 @@ impl Hsm {
         params: WrapParams,
         dek: Dek,
     ) -> Result<Vec<u8>, HsmError> {
-        self.run("wrap", move |inner, s| {
-            let (h, kwp) = inner.key_for(id, &params, true)?;
+        self.run("wrap", READ, move |inner, conn, s| {
+            let (h, kwp) = inner.key_for(conn, s, id, &params, true)?;
             ops::wrap(s, h, kwp, &params, &dek)
         })
         .await
@@ -666,8 +701,8 @@ impl Hsm {
         params: WrapParams,
         ciphertext: Vec<u8>,
     ) -> Result<Dek, HsmError> {
-        self.run("unwrap", move |inner, s| {
-            let (h, kwp) = inner.key_for(id, &params, false)?;
+        self.run("unwrap", READ, move |inner, conn, s| {
+            let (h, kwp) = inner.key_for(conn, s, id, &params, false)?;
             ops::unwrap(s, h, kwp, &params, &ciphertext)
         })
         .await
@@ -680,8 +715,8 @@ impl Hsm {
         params: WrapParams,
         len: usize,
     ) -> Result<(Dek, Vec<u8>), HsmError> {
-        self.run("generate a data key", move |inner, s| {
-            let (h, kwp) = inner.key_for(id, &params, true)?;
+        self.run("generate a data key", READ, move |inner, conn, s| {
+            let (h, kwp) = inner.key_for(conn, s, id, &params, true)?;
             let dek = ops::random(s, len)?;
             let wrapped = ops::wrap(s, h, kwp, &params, &dek)?;
             Ok((dek, wrapped))
@@ -696,10 +731,10 @@ impl Hsm {
         from: (VersionId, WrapParams, Vec<u8>),
         to: (VersionId, WrapParams),
     ) -> Result<Vec<u8>, HsmError> {
-        self.run("rewrap", move |inner, s| {
-            let (h_from, kwp) = inner.key_for(from.0, &from.1, false)?;
+        self.run("rewrap", READ, move |inner, conn, s| {
+            let (h_from, kwp) = inner.key_for(conn, s, from.0, &from.1, false)?;
             let dek = ops::unwrap(s, h_from, kwp, &from.1, &from.2)?;
-            let (h_to, kwp) = inner.key_for(to.0, &to.1, true)?;
+            let (h_to, kwp) = inner.key_for(conn, s, to.0, &to.1, true)?;
             ops::wrap(s, h_to, kwp, &to.1, &dek)
         })
         .await
@@ -712,14 +747,14 @@ impl Hsm {
         &self,
         items: Vec<(VersionId, WrapParams, Dek)>,
     ) -> Result<Vec<Result<Vec<u8>, HsmError>>, HsmError> {
-        self.run("wrap (batch)", move |inner, s| {
+        self.run("wrap (batch)", READ, move |inner, conn, s| {
             let mut out = Vec::with_capacity(items.len());
             for (id, params, dek) in &items {
                 let r = inner
-                    .key_for(*id, params, true)
+                    .key_for(conn, s, *id, params, true)
                     .and_then(|(h, kwp)| ops::wrap(s, h, kwp, params, dek));
                 if let Err(e) = &r
-                    && e.kind == FaultKind::SessionLost
+                    && chunk_fault(e)
                 {
                     return Err(e.clone());
                 }
@@ -735,14 +770,14 @@ impl Hsm {
         &self,
         items: Vec<(VersionId, WrapParams, Vec<u8>)>,
     ) -> Result<Vec<Result<Dek, HsmError>>, HsmError> {
-        self.run("unwrap (batch)", move |inner, s| {
+        self.run("unwrap (batch)", READ, move |inner, conn, s| {
             let mut out = Vec::with_capacity(items.len());
             for (id, params, ct) in &items {
                 let r = inner
-                    .key_for(*id, params, false)
+                    .key_for(conn, s, *id, params, false)
                     .and_then(|(h, kwp)| ops::unwrap(s, h, kwp, params, ct));
                 if let Err(e) = &r
-                    && e.kind == FaultKind::SessionLost
+                    && chunk_fault(e)
                 {
                     return Err(e.clone());
                 }
@@ -758,16 +793,18 @@ impl Hsm {
         &self,
         items: Vec<(VersionId, WrapParams, usize)>,
     ) -> Result<Vec<Result<(Dek, Vec<u8>), HsmError>>, HsmError> {
-        self.run("generate data keys (batch)", move |inner, s| {
+        self.run("generate data keys (batch)", READ, move |inner, conn, s| {
             let mut out = Vec::with_capacity(items.len());
             for (id, params, len) in &items {
-                let r = inner.key_for(*id, params, true).and_then(|(h, kwp)| {
-                    let dek = ops::random(s, *len)?;
-                    let ct = ops::wrap(s, h, kwp, params, &dek)?;
-                    Ok((dek, ct))
-                });
+                let r = inner
+                    .key_for(conn, s, *id, params, true)
+                    .and_then(|(h, kwp)| {
+                        let dek = ops::random(s, *len)?;
+                        let ct = ops::wrap(s, h, kwp, params, &dek)?;
+                        Ok((dek, ct))
+                    });
                 if let Err(e) = &r
-                    && e.kind == FaultKind::SessionLost
+                    && chunk_fault(e)
                 {
                     return Err(e.clone());
                 }
@@ -785,8 +822,9 @@ impl Hsm {
 
     /// Reads the public key of an RSA version.
     pub async fn public_key(&self, id: VersionId) -> Result<RsaPublic, HsmError> {
-        self.run("read a public key", move |inner, s| {
-            let h = inner.handles_of(id)?.public.ok_or_else(|| {
+        self.run("read a public key", READ, move |inner, conn, s| {
+            inner.ensure_verified(conn, s, id)?;
+            let h = conn.handles_of(id)?.public.ok_or_else(|| {
                 HsmError::new(
                     FaultKind::NotPermitted,
                     "read a public key",
@@ -818,6 +856,51 @@ impl Hsm {
         })
         .await
     }
+
+    /// A cheap liveness check: one `C_GenerateRandom` through the pool.
+    pub async fn ping(&self) -> Result<(), HsmError> {
+        self.run("ping the HSM", READ, |_, _, s| {
+            ops::random(s, 8).map(|_| ())
+        })
+        .await
+    }
+
+    /// Closes the HSM for a clean shutdown: refuses new work, lets calls in flight finish
+    /// (for at most `drain`), closes every session (which logs out) and calls `C_Finalize`.
+    pub async fn close(&self, drain: Duration) {
+        let inner = self.inner.clone();
+        inner.closed.store(true, Ordering::SeqCst);
+        inner.admission.close();
+        let done = tokio::task::spawn_blocking(move || {
+            let until = Instant::now() + drain;
+            while inner.admission.stats().in_use > 0 && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let busy = inner.admission.stats().in_use;
+            let closed = inner.current().close_all();
+            let finalized = inner.ctx.clone().finalize();
+            inner.set_health(false, "shut down");
+            match finalized {
+                Ok(()) => tracing::info!(
+                    sessions_closed = closed,
+                    calls_still_running = busy,
+                    "HSM closed: sessions closed, logged out, C_Finalize"
+                ),
+                Err(e) => tracing::warn!(error = %HsmError::from_ck("C_Finalize", e),
+                    sessions_closed = closed, "HSM closed, but C_Finalize failed"),
+            }
+        })
+        .await;
+        if let Err(e) = done {
+            tracing::error!(error = %e, "closing the HSM failed");
+        }
+    }
+}
+
+/// How long a shutdown waits for HSM calls still in flight (the same bound as a
+/// re-initialisation).
+pub fn recovery_drain() -> Duration {
+    recovery::DRAIN
 }
 
 /// The label prefix of BYOK key-exchange keys.
@@ -833,74 +916,58 @@ impl Hsm {
     /// audit file cannot forge a checkpoint without this key. Fails if `id` names a key that is
     /// missing or duplicated (fail closed: never silently re-created).
     pub async fn ensure_audit_key(&self, id: Option<VersionId>) -> Result<VersionId, HsmError> {
-        self.run("find or create the audit key", move |inner, s| {
-            use cryptoki::{mechanism::MechanismType, object::KeyType as CkKeyType};
-            let _guard = inner.object_lock.lock().unwrap_or_else(|p| p.into_inner());
-            let (id, handle) = match id {
-                Some(id) => {
-                    let found = s
-                        .find_objects(&[
-                            Attribute::Class(ObjectClass::SECRET_KEY),
-                            Attribute::Id(id.as_bytes().to_vec()),
-                        ])
-                        .map_err(|e| HsmError::from_ck("C_FindObjects", e))?;
-                    match found.as_slice() {
-                        [h] => (id, *h),
-                        [] => {
-                            return Err(HsmError::setup(
-                                "find the audit key",
-                                format!("the audit HMAC key {id} is missing from the token; checkpoints cannot be made or verified"),
-                            ));
-                        }
-                        more => {
-                            return Err(HsmError::setup(
-                                "find the audit key",
-                                format!("{} objects share the audit HMAC key's CKA_ID {id}", more.len()),
-                            ));
-                        }
+        let kind = if id.is_some() { MAINTAIN } else { CREATE };
+        self.run(
+            "find or create the audit key",
+            kind,
+            move |inner, conn, s| {
+                use cryptoki::{mechanism::MechanismType, object::KeyType as CkKeyType};
+                let _guard = inner.object_lock.lock().unwrap_or_else(|p| p.into_inner());
+                let (id, handle) = match id {
+                    Some(id) => (id, find_audit_key(s, id)?),
+                    None => {
+                        let id = VersionId::random();
+                        let h = s
+                            .generate_key(
+                                &Mechanism::GenericSecretKeyGen,
+                                &[
+                                    Attribute::Class(ObjectClass::SECRET_KEY),
+                                    Attribute::KeyType(CkKeyType::GENERIC_SECRET),
+                                    Attribute::ValueLen(32.into()),
+                                    Attribute::Token(true),
+                                    Attribute::Private(true),
+                                    Attribute::Sensitive(true),
+                                    Attribute::Extractable(false),
+                                    Attribute::Modifiable(false),
+                                    Attribute::Copyable(false),
+                                    Attribute::Sign(true),
+                                    Attribute::Verify(true),
+                                    Attribute::Encrypt(false),
+                                    Attribute::Decrypt(false),
+                                    Attribute::Wrap(false),
+                                    Attribute::Unwrap(false),
+                                    Attribute::Derive(false),
+                                    Attribute::AllowedMechanisms(vec![MechanismType::SHA256_HMAC]),
+                                    Attribute::Id(id.as_bytes().to_vec()),
+                                    Attribute::Label(AUDIT_KEY_LABEL.as_bytes().to_vec()),
+                                ],
+                            )
+                            .map_err(|e| HsmError::from_ck("generate the audit HMAC key", e))?;
+                        (id, h)
                     }
-                }
-                None => {
-                    let id = VersionId::random();
-                    let h = s
-                        .generate_key(
-                            &Mechanism::GenericSecretKeyGen,
-                            &[
-                                Attribute::Class(ObjectClass::SECRET_KEY),
-                                Attribute::KeyType(CkKeyType::GENERIC_SECRET),
-                                Attribute::ValueLen(32.into()),
-                                Attribute::Token(true),
-                                Attribute::Private(true),
-                                Attribute::Sensitive(true),
-                                Attribute::Extractable(false),
-                                Attribute::Modifiable(false),
-                                Attribute::Copyable(false),
-                                Attribute::Sign(true),
-                                Attribute::Verify(true),
-                                Attribute::Encrypt(false),
-                                Attribute::Decrypt(false),
-                                Attribute::Wrap(false),
-                                Attribute::Unwrap(false),
-                                Attribute::Derive(false),
-                                Attribute::AllowedMechanisms(vec![MechanismType::SHA256_HMAC]),
-                                Attribute::Id(id.as_bytes().to_vec()),
-                                Attribute::Label(AUDIT_KEY_LABEL.as_bytes().to_vec()),
-                            ],
-                        )
-                        .map_err(|e| HsmError::from_ck("generate the audit HMAC key", e))?;
-                    (id, h)
-                }
-            };
-            *inner.audit_key.write().unwrap_or_else(|p| p.into_inner()) = Some(handle);
-            Ok(id)
-        })
+                };
+                *conn.audit_key.write().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+                *inner.audit_key_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+                Ok(id)
+            },
+        )
         .await
     }
 
     /// HMAC-SHA256 of `data` with the audit key, computed inside the HSM.
     pub async fn audit_mac(&self, data: Vec<u8>) -> Result<Vec<u8>, HsmError> {
-        self.run("MAC an audit checkpoint", move |inner, s| {
-            let h = inner.audit_handle()?;
+        self.run("MAC an audit checkpoint", READ, move |_, conn, s| {
+            let h = conn.audit_handle()?;
             s.sign(&Mechanism::Sha256Hmac, h, &data)
                 .map_err(|e| HsmError::from_ck("C_Sign (HMAC)", e))
         })
@@ -909,8 +976,8 @@ impl Hsm {
 
     /// Verifies an audit checkpoint MAC inside the HSM.
     pub async fn audit_verify(&self, data: Vec<u8>, mac: Vec<u8>) -> Result<bool, HsmError> {
-        self.run("verify an audit checkpoint", move |inner, s| {
-            let h = inner.audit_handle()?;
+        self.run("verify an audit checkpoint", READ, move |_, conn, s| {
+            let h = conn.audit_handle()?;
             match s.verify(&Mechanism::Sha256Hmac, h, &data, &mac) {
                 Ok(()) => Ok(true),
                 Err(CkError::Pkcs11(RvError::SignatureInvalid | RvError::SignatureLenRange, _)) => {
@@ -925,7 +992,7 @@ impl Hsm {
     /// BYOK step 1: generates an RSA key-exchange key (token objects labelled `kb-import:`)
     /// whose private half may only unwrap, with RSA-OAEP, and returns its public key.
     pub async fn create_import_key(&self, id: VersionId, bits: u32) -> Result<RsaPublic, HsmError> {
-        self.run("create an import key", move |inner, s| {
+        self.run("create an import key", CREATE, move |inner, _, s| {
             use cryptoki::object::KeyType as CkKeyType;
             let _guard = inner.object_lock.lock().unwrap_or_else(|p| p.into_inner());
             let label = format!("{IMPORT_KEY_LABEL}{id}").into_bytes();
@@ -1028,7 +1095,7 @@ impl Hsm {
                 "the token has no usable RFC 5649 mechanism",
             )
         })?;
-        self.run("import a KEK", move |inner, s| {
+        self.run("import a KEK", CREATE, move |inner, conn, s| {
             use cryptoki::object::KeyType as CkKeyType;
             let _guard = inner.object_lock.lock().unwrap_or_else(|p| p.into_inner());
             let found = s
@@ -1143,58 +1210,148 @@ impl Hsm {
                     ),
                 ));
             }
-            inner
-                .handles
+            conn.handles
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(spec.id, handles);
+            inner.remember(ExpectedKek {
+                id: spec.id,
+                key_type: spec.key_type,
+                algorithm: spec.algorithm,
+                origin: Origin::Imported,
+                canary: None,
+            });
             Ok(())
         })
         .await
     }
-
-    /// A cheap liveness check: one `C_GenerateRandom` through the pool.
-    pub async fn ping(&self) -> Result<(), HsmError> {
-        self.run("ping the HSM", |_, s| ops::random(s, 8).map(|_| ()))
-            .await
-    }
 }
 
 impl Inner {
-    fn audit_handle(&self) -> Result<ObjectHandle, HsmError> {
-        self.audit_key
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .ok_or_else(|| {
-                HsmError::new(FaultKind::Setup, "audit key", "the audit key is not loaded")
-            })
+    /// Tells the metrics hook about one call that got a session.
+    fn observe<T>(&self, what: &'static str, started: Instant, result: &Result<T, HsmError>) {
+        if let Some(o) = self.observer.get() {
+            o.hsm_call(
+                what,
+                started.elapsed(),
+                result.as_ref().err().map(|e| e.kind),
+            );
+        }
     }
 
-    fn with_session<T>(
+    /// The handle to use for `params` and the RFC 5649 mechanism, once the version's identity
+    /// is proven on this generation (see [`Inner::ensure_verified`]).
+    fn key_for(
         &self,
+        conn: &Conn,
+        s: &Session,
+        id: VersionId,
+        params: &WrapParams,
+        wrapping: bool,
+    ) -> Result<(ObjectHandle, KwpMechanism), HsmError> {
+        self.ensure_verified(conn, s, id)?;
+        conn.key_for(self.kwp, id, params, wrapping)
+    }
+
+    /// The current generation.
+    fn current(&self) -> Arc<Conn> {
+        self.conn.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Refuses at once while the HSM is known to be down (UNAVAILABLE) or shut down.
+    fn usable(&self, what: &'static str) -> Result<(), HsmError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(HsmError::refused(
+                FaultKind::DeviceLost,
+                what,
+                "the HSM is closed (shutting down)",
+            ));
+        }
+        if !self.health.borrow().serving {
+            return Err(HsmError::refused(
+                FaultKind::DeviceLost,
+                what,
+                "the HSM is unavailable; re-initialising in the background",
+            ));
+        }
+        Ok(())
+    }
+
+    fn remember(&self, e: ExpectedKek) {
+        self.known
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(e.id, e);
+    }
+
+    fn forget(&self, id: VersionId) {
+        self.known
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    /// Runs `f` on a session of the current generation. A lost session is evicted and `f` runs
+    /// once more on a fresh one; an invalid object handle makes the handles be re-found and `f`
+    /// run once more (both only for `kind.retry`). A lost device starts recovery.
+    fn with_session<T>(
+        self: &Arc<Self>,
         what: &'static str,
-        f: impl Fn(&Session) -> Result<T, HsmError>,
+        kind: CallKind,
+        f: impl Fn(&Conn, &Session) -> Result<T, HsmError>,
     ) -> Result<T, HsmError> {
-        let mut last = None;
-        for _attempt in 0..2 {
-            let session = self.checkout(what)?;
-            match f(&session).map_err(|e| self.apply_profile(&session, e)) {
-                Err(e) if e.kind == FaultKind::SessionLost => {
-                    tracing::warn!(context = %e.context, detail = %e.detail, "HSM session lost; evicting it");
-                    // Dropping closes it (the close fails harmlessly if it is already gone).
-                    drop(session);
-                    last = Some(e);
+        let conn = self.current();
+        let mut session_retry = kind.retry;
+        let mut handle_retry = kind.retry;
+        loop {
+            let epoch = conn.handle_epoch();
+            let session = match conn.checkout(&self.ctx, what) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.note_fault(&conn, &e);
+                    return Err(e);
                 }
-                other => {
-                    self.idle
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(session);
-                    return other;
+            };
+            match f(&conn, &session).map_err(|e| self.apply_profile(&session, e)) {
+                Err(e) if e.kind == FaultKind::SessionLost => {
+                    conn.discard(session);
+                    if session_retry {
+                        session_retry = false;
+                        tracing::warn!(operation = what, context = %e.context, detail = %e.detail,
+                            "HSM session lost: evicted it; running the operation once more on a fresh session");
+                        continue;
+                    }
+                    tracing::warn!(operation = what, context = %e.context, detail = %e.detail,
+                        "HSM session lost: evicted it");
+                    return Err(e);
+                }
+                Err(e) if e.kind == FaultKind::HandleInvalid && e.rv.is_some() && handle_retry => {
+                    conn.checkin(session);
+                    handle_retry = false;
+                    tracing::warn!(operation = what, context = %e.context, detail = %e.detail,
+                        "HSM object handle invalid: re-finding the KEK objects; running the operation once more");
+                    if let Err(r) = self.refresh_handles(&conn, epoch) {
+                        self.note_fault(&conn, &r);
+                        return Err(r);
+                    }
+                }
+                Err(e) => {
+                    // After a failure the module is not trusted to have ended the operation:
+                    // a session that saw anything but a data error is not reused.
+                    if e.kind == FaultKind::DataInvalid || e.rv.is_none() {
+                        conn.checkin(session);
+                    } else {
+                        conn.discard(session);
+                    }
+                    self.note_fault(&conn, &e);
+                    return Err(e);
+                }
+                Ok(v) => {
+                    conn.checkin(session);
+                    return Ok(v);
                 }
             }
         }
-        Err(last.unwrap_or_else(|| HsmError::new(FaultKind::SessionLost, what, "session lost")))
     }
 
     /// Re-classifies a fault where the vendor profile knows better (see [`reclassify`]).
@@ -1205,57 +1362,196 @@ impl Inner {
         let alive = || session.get_session_info().is_ok();
         reclassify(self.profile, e, alive)
     }
+}
 
-    fn checkout(&self, what: &'static str) -> Result<Session, HsmError> {
-        if let Some(s) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
-            return Ok(s);
-        }
-        self.ctx
-            .open_rw_session(self.slot)
-            .map_err(|e| HsmError::from_ck(format!("{what}: open a session"), e))
+/// A fault in one item of a batch chunk that is really about the session or the device: the
+/// whole chunk fails with it, so that the session is evicted (and the chunk retried once), the
+/// handles re-found, or the device recovered — as for a single call.
+fn chunk_fault(e: &HsmError) -> bool {
+    matches!(e.kind, FaultKind::SessionLost | FaultKind::DeviceLost)
+        || (e.kind == FaultKind::HandleInvalid && e.rv.is_some())
+}
+
+/// The caller-facing error for a refused admission: RESOURCE_EXHAUSTED (retry later), or
+/// UNAVAILABLE while shutting down.
+fn refused(what: &'static str, r: Refused) -> HsmError {
+    let kind = match r {
+        Refused::Closed => FaultKind::DeviceLost,
+        _ => FaultKind::Busy,
+    };
+    HsmError::refused(kind, what, r.to_string())
+}
+
+/// Opens a read-write session and logs the user in (already logged in is success).
+fn open_and_login(ctx: &Pkcs11, slot: Slot, pin: &SecretString) -> Result<Session, HsmError> {
+    let anchor = ctx
+        .open_rw_session(slot)
+        .map_err(|e| HsmError::from_ck("open the anchor session", e))?;
+    match anchor.login(UserType::User, Some(pin)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(anchor),
+        Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => Err(HsmError::new(
+            FaultKind::Login,
+            "log in to the token",
+            "the PIN is incorrect (CKR_PIN_INCORRECT)",
+        )),
+        Err(e) => Err(HsmError::from_ck("log in to the token", e)),
     }
+}
 
-    fn handles_of(&self, id: VersionId) -> Result<KekHandles, HsmError> {
-        self.handles
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .copied()
-            .ok_or_else(|| {
-                HsmError::new(
-                    FaultKind::HandleInvalid,
-                    "find a KEK",
-                    format!("no attached HSM object for version {id}"),
-                )
-            })
+fn open_pool(ctx: &Pkcs11, slot: Slot, n: usize) -> Result<Vec<Session>, HsmError> {
+    let mut idle = Vec::with_capacity(n);
+    for _ in 0..n {
+        idle.push(
+            ctx.open_rw_session(slot)
+                .map_err(|e| HsmError::from_ck("open a pool session", e))?,
+        );
     }
+    Ok(idle)
+}
 
-    /// The handle to use for `params` (public key for RSA wraps) and the RFC 5649 mechanism.
-    fn key_for(
-        &self,
-        id: VersionId,
-        params: &WrapParams,
-        wrapping: bool,
-    ) -> Result<(ObjectHandle, KwpMechanism), HsmError> {
-        let h = self.handles_of(id)?;
-        let kwp = match (params, self.kwp) {
-            (WrapParams::Kwp, None) => {
-                return Err(HsmError::new(
-                    FaultKind::NotPermitted,
-                    "AES key wrap",
-                    "the token has no usable RFC 5649 mechanism",
-                ));
+/// Finds the audit key by id (exactly one object, or fail closed).
+fn find_audit_key(s: &Session, id: VersionId) -> Result<ObjectHandle, HsmError> {
+    let found = s
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Id(id.as_bytes().to_vec()),
+        ])
+        .map_err(|e| HsmError::from_ck("C_FindObjects", e))?;
+    match found.as_slice() {
+        [h] => Ok(*h),
+        [] => Err(HsmError::setup(
+            "find the audit key",
+            format!(
+                "the audit HMAC key {id} is missing from the token; checkpoints cannot be made or verified"
+            ),
+        )),
+        more => Err(HsmError::setup(
+            "find the audit key",
+            format!(
+                "{} objects share the audit HMAC key's CKA_ID {id}",
+                more.len()
+            ),
+        )),
+    }
+}
+
+/// Unwraps a canary with `h`: `None` if it gives the recorded value, `Some(why)` if not; `Err`
+/// when the HSM could not answer.
+fn canary_verdict(
+    inner: &Inner,
+    s: &Session,
+    h: &KekHandles,
+    c: &Canary,
+) -> Result<Option<String>, HsmError> {
+    let kwp = inner.kwp.unwrap_or(KwpMechanism::Pad);
+    match ops::unwrap(s, h.secret, kwp, &c.params, &c.ciphertext) {
+        Ok(v) if Sha256::digest(v.expose()).as_slice() == c.digest.as_slice() => Ok(None),
+        Ok(_) => Ok(Some(
+            "canary decrypts to the wrong value: the HSM object is not the key this version was created with".into(),
+        )),
+        Err(err) if err.kind == FaultKind::DataInvalid => Ok(Some(
+            "canary does not decrypt: the HSM object is not the key this version was created with".into(),
+        )),
+        Err(err) => Err(err),
+    }
+}
+
+/// Matches expected KEK versions to the token's objects in one pass and checks each one's
+/// template. Returns the report and the handles of the versions that passed.
+fn find_keks(
+    inner: &Inner,
+    s: &Session,
+    expected: &[ExpectedKek],
+) -> Result<(AttachReport, HashMap<VersionId, KekHandles>), HsmError> {
+    let mut by_id: HashMap<Vec<u8>, Vec<(ObjectHandle, ObjectClass, String)>> = HashMap::new();
+    for class in [
+        ObjectClass::SECRET_KEY,
+        ObjectClass::PRIVATE_KEY,
+        ObjectClass::PUBLIC_KEY,
+    ] {
+        let found = s
+            .find_objects(&[Attribute::Class(class), Attribute::Token(true)])
+            .map_err(|e| HsmError::from_ck("C_FindObjects", e))?;
+        for h in found {
+            let attrs = s
+                .get_attributes(h, &[AttributeType::Id, AttributeType::Label])
+                .map_err(|e| HsmError::from_ck("C_GetAttributeValue", e))?;
+            let mut id = Vec::new();
+            let mut label = String::new();
+            for a in attrs {
+                match a {
+                    Attribute::Id(v) => id = v,
+                    Attribute::Label(v) => label = String::from_utf8_lossy(&v).into_owned(),
+                    _ => {}
+                }
             }
-            (_, k) => k.unwrap_or(KwpMechanism::Pad),
-        };
-        let handle = match (params, wrapping) {
-            (WrapParams::OaepSha256 | WrapParams::OaepSha1, true) => h.public.ok_or_else(|| {
-                HsmError::new(FaultKind::Other, "RSA wrap", "no public key object cached")
-            })?,
-            _ => h.secret,
-        };
-        Ok((handle, kwp))
+            by_id.entry(id).or_default().push((h, class, label));
+        }
     }
+    let mut report = AttachReport::default();
+    let mut handles = HashMap::with_capacity(expected.len());
+    for e in expected {
+        let objs = by_id.remove(e.id.as_bytes().as_slice()).unwrap_or_default();
+        let pick = |c: ObjectClass| -> Vec<ObjectHandle> {
+            objs.iter().filter(|o| o.1 == c).map(|o| o.0).collect()
+        };
+        let (secrets, publics) = if e.key_type.is_rsa() {
+            (
+                pick(ObjectClass::PRIVATE_KEY),
+                pick(ObjectClass::PUBLIC_KEY),
+            )
+        } else {
+            (pick(ObjectClass::SECRET_KEY), Vec::new())
+        };
+        let want_public = usize::from(e.key_type.is_rsa());
+        let problem = if secrets.is_empty() {
+            Some("its HSM object is missing".to_string())
+        } else if secrets.len() > 1 || publics.len() > want_public || objs.len() != 1 + want_public
+        {
+            Some(format!("{} HSM objects share its CKA_ID", objs.len()))
+        } else if publics.len() != want_public {
+            Some("its public key object is missing".to_string())
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            report.problems.push((e.id, p));
+            continue;
+        }
+        let h = KekHandles {
+            secret: secrets[0],
+            public: publics.first().copied(),
+        };
+        let Some(mech) = inner.caps.mechanism_for(e.algorithm) else {
+            report.problems.push((
+                e.id,
+                format!(
+                    "the token cannot serve its algorithm: {}",
+                    inner.caps.why_not(e.algorithm)
+                ),
+            ));
+            continue;
+        };
+        let problems = check_template(s, &h, e.algorithm, mech, e.origin)?;
+        if !problems.is_empty() {
+            report
+                .problems
+                .push((e.id, format!("wrong template: {}", problems.join("; "))));
+            continue;
+        }
+        handles.insert(e.id, h);
+    }
+    for (id, objs) in by_id {
+        for (_, _, label) in objs {
+            if label.starts_with(template::LABEL_PREFIX) {
+                report
+                    .orphans
+                    .push(format!("{label} (CKA_ID {})", hex::encode(&id)));
+            }
+        }
+    }
+    report.attached = handles.len();
+    Ok((report, handles))
 }
 
 fn is_key_object(s: &Session, h: ObjectHandle) -> bool {

@@ -4,12 +4,13 @@
 
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 
-use super::{ExpectedKek, Hsm, HsmError, KekHandles, check_template};
+use super::{ExpectedKek, Hsm, HsmError, KekHandles, MAINTAIN, check_template};
 
 impl Hsm {
     /// Whether this process holds handles for a version.
     pub fn has_handles(&self, id: crate::model::VersionId) -> bool {
         self.inner
+            .current()
             .handles
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -19,7 +20,7 @@ impl Hsm {
     /// Finds, checks and caches one version's objects. The outer error is an HSM fault (retry
     /// later); the inner one an integrity problem (missing, duplicated, wrong template).
     pub async fn attach_one(&self, e: ExpectedKek) -> Result<Result<(), String>, HsmError> {
-        self.run("attach", move |inner, s| {
+        self.run("attach a KEK version", MAINTAIN, move |inner, conn, s| {
             let found = s
                 .find_objects(&[
                     Attribute::Id(e.id.as_bytes().to_vec()),
@@ -82,11 +83,13 @@ impl Hsm {
             if !problems.is_empty() {
                 return Ok(Err(format!("wrong template: {}", problems.join("; "))));
             }
-            inner
-                .handles
+            conn.handles
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(e.id, h);
+            // Re-found and re-proven after a re-initialisation, like the versions attached at
+            // start-up.
+            inner.remember(e.clone());
             Ok(Ok(()))
         })
         .await

@@ -1,0 +1,614 @@
+//! Admission to the session pool: bounded queues, deadlines, and fairness between tenants.
+//!
+//! The HSM is the scarce resource: a pool of `slots` sessions. Every HSM call first takes a
+//! [`Slot`] here; the call itself then runs on a blocking thread.
+//!
+//! * **Bounded queues.** At most `queue_limit` requests wait in all, at most
+//!   `tenant_queue_limit` per tenant; past that a request is refused at once. Waiters hold only
+//!   a small record, so memory stays flat under a burst: the excess is answered, not parked.
+//! * **Refuse early, not late.** Before queueing, the wait is estimated from the queue ahead
+//!   and the measured service time (an exponential moving average of how long a slot is held;
+//!   when every slot is busy, at least the age of the youngest call in flight, so a hung HSM
+//!   raises the estimate by itself). If the estimate exceeds the request's remaining deadline or
+//!   the configured bound (`session_wait_ms`), the request is refused at once — callers get
+//!   RESOURCE_EXHAUSTED promptly instead of a pile of timeouts. The wait itself is also capped
+//!   by both, as a backstop.
+//! * **Fairness.** Each tenant has its own FIFO queue, and a freed slot goes to the tenants in
+//!   round-robin order, so a tenant with a thousand queued requests delays another tenant's
+//!   request by at most one turn per tenant. The scheme is work-conserving (one busy tenant may
+//!   use every session while nobody else waits); `tenant_max_slots` additionally caps how many
+//!   sessions one tenant may hold at once, if an operator wants a hard share.
+//!
+//! Which request, and which tenant, a call belongs to travels in a task-local
+//! [`RequestScope`] set by the service layer (so the keyring's signatures need not carry it).
+//! HSM work the broker does for itself (start-up, maintenance, audit checkpoints, recovery)
+//! runs without a scope, in the [`SYSTEM_TENANT`] queue, bounded by the configured wait.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::oneshot;
+
+/// The queue of HSM work the broker does for itself.
+pub const SYSTEM_TENANT: &str = "";
+
+/// How the pool admits work.
+#[derive(Clone, Debug)]
+pub struct AdmissionSettings {
+    /// Sessions in the pool.
+    pub slots: usize,
+    /// The longest a request may wait for a session (also when its deadline is later).
+    pub max_wait: Duration,
+    /// Most requests waiting, all tenants together.
+    pub queue_limit: usize,
+    /// Most requests waiting per tenant.
+    pub tenant_queue_limit: usize,
+    /// Most sessions one tenant may hold at once.
+    pub tenant_max_slots: usize,
+}
+
+/// Why a request was not admitted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// Too many requests are waiting in all.
+    QueueFull,
+    /// Too many requests of this tenant are waiting.
+    TenantQueueFull,
+    /// The estimated wait is longer than the request may wait.
+    WouldWait {
+        /// The estimate.
+        estimate: Duration,
+        /// What the request could wait.
+        allowed: Duration,
+    },
+    /// No session came free in time.
+    TimedOut(Duration),
+    /// The pool is shutting down.
+    Closed,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::QueueFull => write!(f, "too many requests are waiting for an HSM session"),
+            Refused::TenantQueueFull => {
+                write!(
+                    f,
+                    "too many of this tenant's requests are waiting for an HSM session"
+                )
+            }
+            Refused::WouldWait { estimate, allowed } => write!(
+                f,
+                "an HSM session would take about {} ms to come free; the request can wait {} ms",
+                estimate.as_millis(),
+                allowed.as_millis()
+            ),
+            Refused::TimedOut(d) => {
+                write!(f, "no HSM session came free within {} ms", d.as_millis())
+            }
+            Refused::Closed => write!(f, "the HSM session pool is shutting down"),
+        }
+    }
+}
+
+/// The right to use one session. Dropping it frees the session for the next waiter.
+#[derive(Debug)]
+pub struct Slot {
+    admission: Arc<Admission>,
+    tenant: Arc<str>,
+    id: u64,
+    started: Instant,
+    /// False for a slot that was never handed out (its accounting was undone by hand).
+    armed: bool,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.armed {
+            self.admission
+                .release(&self.tenant, self.id, self.started.elapsed());
+        }
+    }
+}
+
+struct Waiter {
+    id: u64,
+    tx: oneshot::Sender<Slot>,
+}
+
+#[derive(Default)]
+struct State {
+    free: usize,
+    in_use: HashMap<Arc<str>, usize>,
+    queues: HashMap<Arc<str>, VecDeque<Waiter>>,
+    /// Tenants with waiters, in the order they get their next turn.
+    order: VecDeque<Arc<str>>,
+    waiting: usize,
+    next_id: u64,
+    /// Slot id → when it was handed out.
+    in_flight: HashMap<u64, Instant>,
+    /// Mean slot hold time (exponential moving average), µs.
+    service_us: f64,
+    closed: bool,
+}
+
+/// The admission controller of one session pool.
+#[derive(Debug)]
+pub struct Admission {
+    settings: AdmissionSettings,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("free", &self.free)
+            .field("waiting", &self.waiting)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How busy the pool is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Sessions in the pool.
+    pub size: usize,
+    /// Sessions held by a call.
+    pub in_use: usize,
+    /// Requests waiting for a session.
+    pub waiting: usize,
+}
+
+impl Admission {
+    /// A controller for `settings.slots` sessions.
+    pub fn new(mut settings: AdmissionSettings) -> Arc<Self> {
+        settings.slots = settings.slots.max(1);
+        settings.tenant_max_slots = settings.tenant_max_slots.clamp(1, settings.slots);
+        let state = State {
+            free: settings.slots,
+            ..Default::default()
+        };
+        Arc::new(Self {
+            settings,
+            state: Mutex::new(state),
+        })
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &AdmissionSettings {
+        &self.settings
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A std mutex: held only for bookkeeping, never across an await or an HSM call.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How busy the pool is now.
+    pub fn stats(&self) -> PoolStats {
+        let st = self.lock();
+        PoolStats {
+            size: self.settings.slots,
+            in_use: self.settings.slots.saturating_sub(st.free),
+            waiting: st.waiting,
+        }
+    }
+
+    /// Waits for a slot for `tenant`, at most `budget` (the request's remaining deadline) and at
+    /// most the configured bound. Refuses at once when the queues are full or the estimated wait
+    /// is longer than that.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        tenant: &str,
+        budget: Option<Duration>,
+    ) -> Result<Slot, Refused> {
+        let allowed = budget.map_or(self.settings.max_wait, |b| b.min(self.settings.max_wait));
+        let (id, mut rx) = {
+            let mut st = self.lock();
+            if st.closed {
+                return Err(Refused::Closed);
+            }
+            let tenant_in_use = st.in_use.get(tenant).copied().unwrap_or(0);
+            let queued = st.queues.get(tenant).map_or(0, VecDeque::len);
+            if st.free > 0 && queued == 0 && tenant_in_use < self.settings.tenant_max_slots {
+                return Ok(self.grant(&mut st, Arc::from(tenant)));
+            }
+            if st.waiting >= self.settings.queue_limit {
+                return Err(Refused::QueueFull);
+            }
+            if queued >= self.settings.tenant_queue_limit {
+                return Err(Refused::TenantQueueFull);
+            }
+            let estimate = self.estimate(&st, queued);
+            if estimate > allowed {
+                return Err(Refused::WouldWait { estimate, allowed });
+            }
+            st.next_id += 1;
+            let id = st.next_id;
+            let (tx, rx) = oneshot::channel();
+            let key: Arc<str> = Arc::from(tenant);
+            let q = st.queues.entry(key.clone()).or_default();
+            q.push_back(Waiter { id, tx });
+            if q.len() == 1 {
+                st.order.push_back(key);
+            }
+            st.waiting += 1;
+            (id, rx)
+        };
+        match tokio::time::timeout(allowed, &mut rx).await {
+            Ok(Ok(slot)) => Ok(slot),
+            Ok(Err(_)) => Err(Refused::Closed),
+            Err(_) => {
+                self.forget_waiter(tenant, id);
+                // A slot may have been handed over between the timeout and the removal.
+                match rx.try_recv() {
+                    Ok(slot) => Ok(slot),
+                    Err(_) => Err(Refused::TimedOut(allowed)),
+                }
+            }
+        }
+    }
+
+    /// Refuses every waiter and every later request (shutdown).
+    pub fn close(&self) {
+        let mut st = self.lock();
+        st.closed = true;
+        st.queues.clear();
+        st.order.clear();
+        st.waiting = 0;
+    }
+
+    fn grant(self: &Arc<Self>, st: &mut State, tenant: Arc<str>) -> Slot {
+        st.free -= 1;
+        *st.in_use.entry(tenant.clone()).or_default() += 1;
+        st.next_id += 1;
+        let id = st.next_id;
+        let started = Instant::now();
+        st.in_flight.insert(id, started);
+        Slot {
+            admission: self.clone(),
+            tenant,
+            id,
+            started,
+            armed: true,
+        }
+    }
+
+    /// Undoes [`Admission::grant`] for a slot that could not be handed over.
+    fn ungrant(st: &mut State, mut slot: Slot) {
+        slot.armed = false;
+        st.free += 1;
+        st.in_flight.remove(&slot.id);
+        if let Some(n) = st.in_use.get_mut(&slot.tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                st.in_use.remove(&slot.tenant);
+            }
+        }
+    }
+
+    /// The expected wait of a new request of a tenant that has `queued` requests waiting.
+    fn estimate(&self, st: &State, queued: usize) -> Duration {
+        // Round-robin: our request is served after `queued` more turns of ours, and each turn
+        // goes once around every tenant that has waiters.
+        let tenants = st.order.len() + usize::from(queued == 0);
+        let turns_ahead = (queued + 1) * tenants.max(1);
+        let rounds = turns_ahead.div_ceil(self.settings.slots);
+        let mut service = Duration::from_micros(st.service_us as u64);
+        if st.free == 0
+            && let Some(youngest) = st.in_flight.values().max()
+        {
+            service = service.max(youngest.elapsed());
+        }
+        service.saturating_mul(u32::try_from(rounds).unwrap_or(u32::MAX))
+    }
+
+    fn forget_waiter(&self, tenant: &str, id: u64) {
+        let mut st = self.lock();
+        let mut removed = false;
+        let mut now_empty = false;
+        if let Some(q) = st.queues.get_mut(tenant) {
+            if let Some(pos) = q.iter().position(|w| w.id == id) {
+                q.remove(pos);
+                removed = true;
+            }
+            now_empty = q.is_empty();
+        }
+        if removed {
+            st.waiting = st.waiting.saturating_sub(1);
+        }
+        if now_empty {
+            st.queues.remove(tenant);
+            st.order.retain(|t| &**t != tenant);
+        }
+    }
+
+    fn release(self: &Arc<Self>, tenant: &Arc<str>, id: u64, held: Duration) {
+        let mut st = self.lock();
+        st.in_flight.remove(&id);
+        let us = held.as_micros() as f64;
+        st.service_us = if st.service_us == 0.0 {
+            us
+        } else {
+            0.8 * st.service_us + 0.2 * us
+        };
+        if let Some(n) = st.in_use.get_mut(tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                st.in_use.remove(tenant);
+            }
+        }
+        st.free += 1;
+        self.dispatch(&mut st);
+    }
+
+    /// Hands free slots to waiters, one tenant at a time in round-robin order.
+    fn dispatch(self: &Arc<Self>, st: &mut State) {
+        while st.free > 0 && !st.order.is_empty() {
+            let mut handed = false;
+            for _ in 0..st.order.len() {
+                let Some(tenant) = st.order.pop_front() else {
+                    break;
+                };
+                let capped =
+                    st.in_use.get(&tenant).copied().unwrap_or(0) >= self.settings.tenant_max_slots;
+                if capped {
+                    st.order.push_back(tenant);
+                    continue;
+                }
+                let Some(waiter) = st.queues.get_mut(&tenant).and_then(VecDeque::pop_front) else {
+                    st.queues.remove(&tenant);
+                    continue;
+                };
+                st.waiting = st.waiting.saturating_sub(1);
+                let slot = self.grant(st, tenant.clone());
+                if let Err(slot) = waiter.tx.send(slot) {
+                    // The waiter gave up (its request ended): undo, and try the next one.
+                    Self::ungrant(st, slot);
+                } else {
+                    handed = true;
+                }
+                if st.queues.get(&tenant).is_some_and(|q| !q.is_empty()) {
+                    st.order.push_back(tenant);
+                } else {
+                    st.queues.remove(&tenant);
+                }
+                if handed {
+                    break;
+                }
+            }
+            if !handed
+                && st.order.iter().all(|t| {
+                    st.in_use.get(t).copied().unwrap_or(0) >= self.settings.tenant_max_slots
+                })
+            {
+                break;
+            }
+        }
+    }
+}
+
+/// The request an HSM call is made for: its deadline and its tenant. Set by the service layer
+/// around each request (a task-local, see the module docs).
+#[derive(Clone, Debug, Default)]
+pub struct RequestScope {
+    deadline: Option<Instant>,
+    tenant: Arc<Mutex<Option<Arc<str>>>>,
+}
+
+tokio::task_local! {
+    static SCOPE: RequestScope;
+}
+
+impl RequestScope {
+    /// A scope with a deadline (`None`: bounded only by the pool's configured wait).
+    pub fn new(deadline: Option<Instant>) -> Self {
+        Self {
+            deadline,
+            tenant: Arc::default(),
+        }
+    }
+
+    /// The scope of the current task, if any.
+    pub fn current() -> Option<Self> {
+        SCOPE.try_with(Clone::clone).ok()
+    }
+
+    /// The deadline.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// The current task's deadline, if it runs in a scope that has one.
+    pub fn current_deadline() -> Option<Instant> {
+        SCOPE.try_with(|s| s.deadline).ok().flatten()
+    }
+
+    /// Records the tenant the request acts for (the first one named wins).
+    pub fn set_tenant(&self, tenant: &str) {
+        let mut t = self.tenant.lock().unwrap_or_else(|p| p.into_inner());
+        if t.is_none() {
+            *t = Some(Arc::from(tenant));
+        }
+    }
+
+    /// The tenant, or [`SYSTEM_TENANT`]... for requests that named none, a shared queue.
+    pub fn tenant(&self) -> Arc<str> {
+        self.tenant
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| Arc::from("-"))
+    }
+
+    /// Runs `f` in this scope.
+    pub async fn run<F: std::future::Future>(self, f: F) -> F::Output {
+        SCOPE.scope(self, f).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn adm(slots: usize, queue: usize, per_tenant: usize, cap: usize) -> Arc<Admission> {
+        Admission::new(AdmissionSettings {
+            slots,
+            max_wait: Duration::from_secs(5),
+            queue_limit: queue,
+            tenant_queue_limit: per_tenant,
+            tenant_max_slots: cap,
+        })
+    }
+
+    #[tokio::test]
+    async fn full_queues_are_refused_at_once() {
+        let a = adm(1, 2, 1, 1);
+        let held = a.acquire("t1", None).await.expect("free slot");
+        let a2 = a.clone();
+        let w1 = tokio::spawn(async move { a2.acquire("t1", None).await.map(drop) });
+        let a3 = a.clone();
+        let w2 = tokio::spawn(async move { a3.acquire("t2", None).await.map(drop) });
+        // Poll until both wait (observable state, no sleeps).
+        for _ in 0..1000 {
+            if a.stats().waiting == 2 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(a.stats().waiting, 2);
+        assert_eq!(
+            a.acquire("t1", None).await.map(drop),
+            Err(Refused::QueueFull)
+        );
+        drop(held);
+        assert_eq!(w1.await.expect("join"), Ok(()));
+        assert_eq!(w2.await.expect("join"), Ok(()));
+        assert_eq!(a.stats().in_use, 0);
+    }
+
+    #[tokio::test]
+    async fn a_tenant_queue_limit_leaves_room_for_others() {
+        let a = adm(1, 10, 1, 1);
+        let held = a.acquire("busy", None).await.expect("free slot");
+        let a2 = a.clone();
+        let w = tokio::spawn(async move { a2.acquire("busy", None).await.map(drop) });
+        for _ in 0..1000 {
+            if a.stats().waiting == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            a.acquire("busy", None).await.map(drop),
+            Err(Refused::TenantQueueFull)
+        );
+        let a3 = a.clone();
+        let other = tokio::spawn(async move { a3.acquire("quiet", None).await.map(drop) });
+        for _ in 0..1000 {
+            if a.stats().waiting == 2 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        assert_eq!(w.await.expect("join"), Ok(()));
+        assert_eq!(other.await.expect("join"), Ok(()));
+    }
+
+    #[test]
+    fn freed_slots_go_round_robin_between_tenants() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let a = adm(1, 100, 100, 1);
+            let first = a.acquire("a", None).await.expect("free");
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            // Tenant a queues four requests, then b queues two.
+            for (t, n) in [("a", 4), ("b", 2)] {
+                for i in 0..n {
+                    let (a2, tx) = (a.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        let slot = a2.acquire(t, None).await;
+                        let _ = tx.send(format!("{t}{i}"));
+                        drop(slot);
+                    });
+                    tokio::task::yield_now().await;
+                }
+            }
+            assert_eq!(a.stats().waiting, 6);
+            drop(first);
+            let mut served = Vec::new();
+            while served.len() < 6 {
+                served.push(rx.recv().await.expect("served"));
+            }
+            // b's first request is served after a's first, not after all four of a's.
+            assert_eq!(served, ["a0", "b0", "a1", "b1", "a2", "a3"]);
+        });
+    }
+
+    #[tokio::test]
+    async fn a_tenant_cap_holds_back_a_tenant_with_free_sessions_left() {
+        let a = adm(3, 10, 10, 2);
+        let s1 = a.acquire("a", None).await.expect("1");
+        let s2 = a.acquire("a", None).await.expect("2");
+        let a2 = a.clone();
+        let third = tokio::spawn(async move {
+            a2.acquire("a", Some(Duration::from_secs(5)))
+                .await
+                .map(drop)
+        });
+        for _ in 0..1000 {
+            if a.stats().waiting == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(a.stats().in_use, 2, "a is capped at 2 of 3 sessions");
+        let b = a
+            .acquire("b", None)
+            .await
+            .expect("b gets the third session");
+        drop((s1, b));
+        assert_eq!(third.await.expect("join"), Ok(()));
+        drop(s2);
+    }
+
+    #[tokio::test]
+    async fn a_wait_longer_than_the_budget_is_refused_without_waiting() {
+        let a = adm(1, 10, 10, 1);
+        // Teach it a 200 ms service time.
+        {
+            let mut st = a.lock();
+            st.service_us = 200_000.0;
+        }
+        let held = a.acquire("t", None).await.expect("free");
+        let r = a.acquire("t", Some(Duration::from_millis(50))).await;
+        assert!(matches!(r, Err(Refused::WouldWait { .. })), "{r:?}");
+        assert_eq!(a.stats().waiting, 0, "nothing was queued");
+        drop(held);
+    }
+
+    #[tokio::test]
+    async fn close_refuses_waiters_and_newcomers() {
+        let a = adm(1, 10, 10, 1);
+        let held = a.acquire("t", None).await.expect("free");
+        let a2 = a.clone();
+        let w = tokio::spawn(async move { a2.acquire("t", None).await.map(drop) });
+        for _ in 0..1000 {
+            if a.stats().waiting == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        a.close();
+        assert_eq!(w.await.expect("join"), Err(Refused::Closed));
+        assert_eq!(a.acquire("t", None).await.map(drop), Err(Refused::Closed));
+        drop(held);
+    }
+}
