@@ -257,6 +257,11 @@ struct Inner {
     audit_key_id: Mutex<Option<VersionId>>,
     recovering: AtomicBool,
     closed: AtomicBool,
+    /// Held by a re-initialisation attempt and by `close`: the module is never finalised by
+    /// one while the other initialises it or opens sessions on it (the soak run saw SoftHSM2
+    /// crash when SIGTERM arrived during a re-initialisation), and never re-initialised after
+    /// a shutdown finalised it.
+    reinit_lock: Mutex<()>,
     reinitialisations: AtomicU64,
     /// Serialises object creation and destruction: SoftHSM2 2.6.1 races on concurrent object
     /// creation and lookup (upstream #573/#576/#578/#688/#757).
@@ -423,6 +428,7 @@ impl Hsm {
                 closed: AtomicBool::new(false),
                 reinitialisations: AtomicU64::new(0),
                 object_lock: Mutex::new(()),
+                reinit_lock: Mutex::new(()),
                 observer: OnceLock::new(),
             }),
         })
@@ -876,10 +882,22 @@ impl Hsm {
             while inner.admission.stats().in_use > 0 && Instant::now() < until {
                 std::thread::sleep(Duration::from_millis(5));
             }
+            // Waits for a re-initialisation attempt in progress; none starts after this.
+            let _reinit = inner.reinit_lock.lock().unwrap_or_else(|p| p.into_inner());
             let busy = inner.admission.stats().in_use;
             let closed = inner.current().close_all();
-            let finalized = inner.ctx.clone().finalize();
             inner.set_health(false, "shut down");
+            if busy > 0 {
+                // C_Finalize while another thread is inside the module is undefined behaviour
+                // for PKCS#11; the OS releases the sessions when the process exits.
+                tracing::warn!(
+                    sessions_closed = closed,
+                    calls_still_running = busy,
+                    "HSM closed without C_Finalize: calls still inside the module after the drain"
+                );
+                return;
+            }
+            let finalized = inner.ctx.clone().finalize();
             match finalized {
                 Ok(()) => tracing::info!(
                     sessions_closed = closed,

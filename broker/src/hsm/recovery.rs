@@ -166,6 +166,14 @@ impl Inner {
 
     /// One re-initialisation attempt (see the module docs).
     fn reinitialise(self: &Arc<Self>) -> Result<AttachReport, HsmError> {
+        let _reinit = self.reinit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(HsmError::refused(
+                FaultKind::DeviceLost,
+                "re-initialise the HSM",
+                "the HSM is closed (shutting down)",
+            ));
+        }
         let old = self.current();
         let (idle, anchor) = old.retire();
         // C_Finalize releases them inside the module; closing them after a re-initialisation
@@ -321,6 +329,9 @@ impl Inner {
     /// Proves every version not yet proven on the current generation (after a
     /// re-initialisation, while requests are served again).
     fn sweep_canaries(&self) {
+        // Its session is outside admission, so a shutdown waits for it here (see `close`);
+        // it stops early once the HSM is closed.
+        let _reinit = self.reinit_lock.lock().unwrap_or_else(|p| p.into_inner());
         let conn = self.current();
         let ids = conn.unchecked();
         if ids.is_empty() {
@@ -336,6 +347,9 @@ impl Inner {
         };
         let (mut failed, n) = (0, ids.len());
         for id in ids {
+            if self.closed.load(Ordering::SeqCst) {
+                break;
+            }
             match self.ensure_verified(&conn, &s, id) {
                 Ok(()) => {}
                 Err(e) if e.kind == FaultKind::NotPermitted => failed += 1,
