@@ -575,8 +575,16 @@ async fn a_key_swapped_while_the_device_was_away_is_never_used_after_reinitialis
         pb::Algorithm::Unspecified,
     )
     .await;
+    let kc = create(
+        &mut c,
+        "t/c",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
     let dek = random_dek(32);
     let wa = wrap(&mut c, "t/a", &dek, b"").await.expect("wrap a");
+    let wc = wrap(&mut c, "t/c", &dek, b"").await.expect("wrap c");
     let f = env.faults();
     f.set(&[Rule::fail("*", "CKR_DEVICE_REMOVED").latch()])
         .expect("rules");
@@ -592,6 +600,8 @@ async fn a_key_swapped_while_the_device_was_away_is_never_used_after_reinitialis
     .await;
     // Meanwhile someone replaces t/a's KEK with another key: same CKA_ID, same template.
     env.probe(&["tamper", &hex::encode(&a.versions[0].id), "replace-good"]);
+    // And t/c's with a key that may wrap and decrypt (the template re-initialisation defers).
+    env.probe(&["tamper", &hex::encode(&kc.versions[0].id), "replace-bad"]);
     f.clear().expect("rules");
     until_serving(&mut c, "t/b").await;
     // The impostor never wraps or unwraps: its canary gives it away.
@@ -605,9 +615,20 @@ async fn a_key_swapped_while_the_device_was_away_is_never_used_after_reinitialis
         Code::FailedPrecondition,
         "unwrap with the swapped key",
     );
+    assert_code(
+        unwrap(&mut c, "t/c", &wc.wrapped_key, b"").await,
+        Code::FailedPrecondition,
+        "unwrap with a KEK of the wrong template",
+    );
+    assert_code(
+        wrap(&mut c, "t/c", &dek, b"").await,
+        Code::FailedPrecondition,
+        "wrap under a KEK of the wrong template",
+    );
     let log = b.stop().await;
     assert!(
         log.contains("KEK integrity check failed after re-initialising the HSM"),
         "{log}"
     );
+    assert!(log.contains("wrong template"), "{log}");
 }

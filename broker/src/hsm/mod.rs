@@ -22,7 +22,7 @@
 //! * **device or token lost** (`CKR_DEVICE_REMOVED`, `CKR_TOKEN_NOT_PRESENT`,
 //!   `CKR_DEVICE_ERROR`, ...): if the token no longer answers, the HSM is marked unhealthy
 //!   ([`Hsm::healthy`], [`Hsm::health`]), every request gets UNAVAILABLE at once, and a
-//!   background thread re-initialises with backoff (≤ 500 ms between attempts): `C_Finalize`,
+//!   background thread re-initialises with backoff (≤ 250 ms between attempts): `C_Finalize`,
 //!   `C_Initialize`, find the token again, log in, open a new pool, re-find every known KEK,
 //!   check its template and unwrap its canary, find the audit key — then serves again. See
 //!   [`conn`] for why a re-initialisation replaces every session and object handle at once.
@@ -645,7 +645,7 @@ impl Hsm {
     /// versions re-found after a re-initialisation.
     pub async fn attach(&self, expected: Vec<ExpectedKek>) -> Result<AttachReport, HsmError> {
         self.run("attach the KEKs", MAINTAIN, move |inner, conn, s| {
-            let (report, handles) = find_keks(inner, s, &expected)?;
+            let (report, handles) = find_keks(inner, s, &expected, true)?;
             {
                 let mut known = inner.known.write().unwrap_or_else(|p| p.into_inner());
                 known.clear();
@@ -1474,12 +1474,14 @@ fn canary_verdict(
     }
 }
 
-/// Matches expected KEK versions to the token's objects in one pass and checks each one's
-/// template. Returns the report and the handles of the versions that passed.
+/// Matches expected KEK versions to the token's objects in one pass and, with `templates`,
+/// checks each one's template (a re-initialisation defers that to before first use: see
+/// `recovery`). Returns the report and the handles of the versions that passed.
 fn find_keks(
     inner: &Inner,
     s: &Session,
     expected: &[ExpectedKek],
+    templates: bool,
 ) -> Result<(AttachReport, HashMap<VersionId, KekHandles>), HsmError> {
     let mut by_id: HashMap<Vec<u8>, Vec<(ObjectHandle, ObjectClass, String)>> = HashMap::new();
     for class in [
@@ -1550,7 +1552,11 @@ fn find_keks(
             ));
             continue;
         };
-        let problems = check_template(s, &h, e.algorithm, mech, e.origin)?;
+        let problems = if templates {
+            check_template(s, &h, e.algorithm, mech, e.origin)?
+        } else {
+            Vec::new()
+        };
         if !problems.is_empty() {
             report
                 .problems

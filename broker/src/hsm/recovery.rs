@@ -7,19 +7,21 @@
 //! the anchor session's `C_GetSessionInfo`): one failed call can be transient, and then the
 //! caller alone gets UNAVAILABLE. If the token does not answer, the HSM is marked unhealthy —
 //! every request gets UNAVAILABLE at once, health reports NOT_SERVING — and the thread
-//! re-initialises until it works, with backoff from 25 ms doubling to at most 500 ms, so the
+//! re-initialises until it works, with backoff from 25 ms doubling to at most 250 ms, so the
 //! broker serves again well within a second of the device coming back:
 //!
 //! 1. retire the current generation (its sessions are forgotten, never closed: see `conn`);
 //! 2. let calls in flight finish, for at most [`DRAIN`];
 //! 3. `C_Finalize`, `C_Initialize`, find the token again (by the configured selector: its slot
 //!    may have changed), open and log in the anchor session, open the pool;
-//! 4. re-find every known KEK version in one pass and check its template; find the audit key;
+//! 4. re-find every known KEK version in one pass (id and class: the same checks for missing
+//!    and duplicated objects as at start-up); find the audit key;
 //! 5. install the new generation and report SERVING;
-//! 6. prove each version's identity by unwrapping its canary (DESIGN §3.3: after every
-//!    re-login) — lazily, before a version's first use on the new generation, and in a sweep in
-//!    the background — so that serving again does not wait for one unwrap per version (which
-//!    takes seconds with thousands of versions). A version that fails is never served (its
+//! 6. check each version's template and prove its identity by unwrapping its canary (DESIGN
+//!    §3.3: after every re-login) — lazily, before a version's first use on the new
+//!    generation, and in a sweep in the background — so that serving again does not wait for
+//!    two attribute reads and one unwrap per version (which takes seconds with thousands of
+//!    versions). A version that fails is never served (its
 //!    handles are dropped, callers get FAILED_PRECONDITION) and the failure is logged as an
 //!    integrity alert.
 
@@ -36,7 +38,7 @@ use cryptoki::{
 use cryptoki::session::Session;
 
 use super::{
-    AttachReport, FaultKind, HsmError, Inner, canary_verdict,
+    AttachReport, FaultKind, HsmError, Inner, canary_verdict, check_template,
     conn::{Check, Conn},
     find_audit_key, find_keks, open_and_login, open_pool, select_token,
 };
@@ -48,7 +50,7 @@ pub const DRAIN: Duration = Duration::from_secs(2);
 /// The first pause between re-initialisation attempts.
 const BACKOFF_START: Duration = Duration::from_millis(25);
 /// The longest pause between attempts (bounds the time to serve after the device returns).
-const BACKOFF_MAX: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_millis(250);
 
 /// The HSM's health, as published to [`super::Hsm::health`] subscribers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -217,7 +219,7 @@ impl Inner {
             .cloned()
             .collect();
         let s = conn.checkout(&self.ctx, "re-find the KEKs")?;
-        let found = find_keks(self, &s, &expected);
+        let found = find_keks(self, &s, &expected, false);
         let audit_id = *self.audit_key_id.lock().unwrap_or_else(|p| p.into_inner());
         let audit = audit_id.map(|id| find_audit_key(&s, id));
         conn.checkin(s);
@@ -226,11 +228,12 @@ impl Inner {
             tracing::error!(version_id = %id, problem = %why,
                 "KEK integrity check failed after re-initialising the HSM: this version is not served");
         }
-        // Identities are proven before first use and by the sweep (see the module docs).
+        // Templates and identities are checked before first use and by the sweep (see the
+        // module docs).
         conn.set_unchecked(
             expected
                 .iter()
-                .filter(|e| e.canary.is_some() && handles.contains_key(&e.id))
+                .filter(|e| handles.contains_key(&e.id))
                 .map(|e| e.id),
         );
         *conn.handles.write().unwrap_or_else(|p| p.into_inner()) = handles;
@@ -260,7 +263,7 @@ impl Inner {
             .cloned()
             .collect();
         let s = conn.checkout(&self.ctx, "re-find the KEKs")?;
-        let found = find_keks(self, &s, &expected);
+        let found = find_keks(self, &s, &expected, true);
         let audit_id = *self.audit_key_id.lock().unwrap_or_else(|p| p.into_inner());
         let audit = audit_id.map(|id| find_audit_key(&s, id));
         match &found {
@@ -304,17 +307,32 @@ impl Inner {
             Some(Check::Failed(why)) => return Err(failed(&why)),
             Some(Check::Pending) => {}
         }
-        let canary = self
+        let expected = self
             .known
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
-            .and_then(|e| e.canary.clone());
-        let (Some(c), Ok(h)) = (canary, conn.handles_of(id)) else {
+            .cloned();
+        let (Some(e), Ok(h)) = (expected, conn.handles_of(id)) else {
             conn.set_verdict(id, None);
             return Ok(());
         };
-        let verdict = canary_verdict(self, s, &h, &c)?;
+        let verdict = match self.caps.mechanism_for(e.algorithm) {
+            None => Some(format!(
+                "the token cannot serve its algorithm: {}",
+                self.caps.why_not(e.algorithm)
+            )),
+            Some(mech) => {
+                let problems = check_template(s, &h, e.algorithm, mech, e.origin)?;
+                if !problems.is_empty() {
+                    Some(format!("wrong template: {}", problems.join("; ")))
+                } else if let Some(c) = &e.canary {
+                    canary_verdict(self, s, &h, c)?
+                } else {
+                    None
+                }
+            }
+        };
         conn.set_verdict(id, verdict.clone());
         match verdict {
             None => Ok(()),
