@@ -142,7 +142,12 @@ struct Running {
 
 impl World {
     fn new(broker_bin: PathBuf, sessions: usize) -> Result<Self, String> {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let mut dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        // For profiling start-up by hand: keep the token, config and store afterwards.
+        if std::env::var_os("KEYBROKER_BENCH_KEEP").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("keybroker-bench: keeping {}", dir.path().display());
+        }
         let token =
             SoftHsmToken::create(&dir.path().join("hsm"), "bench").map_err(|e| e.to_string())?;
         let ca = Ca::new(&dir.path().join("pki"), "ca", "bench CA").map_err(|e| e.to_string())?;

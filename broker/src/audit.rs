@@ -34,7 +34,8 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 const MAC_DOMAIN: &[u8] = b"keybroker-audit-checkpoint-v1\n";
 /// Store setting: the audit HMAC key's id.
 pub const SETTING_KEY_ID: &str = "audit.hmac_key_id";
-/// Store setting: `seq:sha256-of-line` of the latest checkpoint (see [`checkpoint_setting`]).
+/// Store setting: `seq:sha256-of-line:byte-offset` of the latest checkpoint (see
+/// [`checkpoint_setting`]; settings written before the offset was added have no offset).
 pub const SETTING_LAST_CHECKPOINT: &str = "audit.last_checkpoint";
 
 /// The store setting that records the latest checkpoint of the audit log at `path`. Each broker
@@ -167,6 +168,8 @@ struct Writer {
     path: PathBuf,
     seq: u64,
     last_hash: String,
+    /// Where the last batch written starts in the file (if the file system said).
+    last_write_at: Option<u64>,
     since_checkpoint: u64,
     last_checkpoint: Instant,
     /// After a checkpoint MAC failed (HSM down or hung), count-triggered checkpoints wait until
@@ -205,7 +208,45 @@ struct Tail {
     problems: Vec<String>,
 }
 
-fn scan(path: &Path) -> Result<Tail, String> {
+/// The latest checkpoint as recorded in the store: `seq:hash[:offset]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedCheckpoint {
+    /// Its sequence number.
+    pub seq: u64,
+    /// SHA-256 (hex) of its line.
+    pub hash: String,
+    /// Where its line starts in the file, if recorded.
+    pub offset: Option<u64>,
+}
+
+impl RecordedCheckpoint {
+    /// Parses the store setting (`None` if it is not in either format).
+    pub fn parse(v: &str) -> Option<Self> {
+        let mut it = v.split(':');
+        let seq = it.next()?.parse().ok()?;
+        let hash = it.next()?.to_string();
+        let offset = match it.next() {
+            None => None,
+            Some(o) => Some(o.parse().ok()?),
+        };
+        if it.next().is_some() || hash.len() != 64 {
+            return None;
+        }
+        Some(Self { seq, hash, offset })
+    }
+
+    /// Whether `(seq, hash)` is this checkpoint.
+    pub fn is(&self, seq: u64, hash: &str) -> bool {
+        self.seq == seq && self.hash == hash
+    }
+}
+
+/// Reads the log to find where it ends: the last sequence number and line hash, and its
+/// checkpoints. With `hint` (the last checkpoint the store recorded, with its offset) the
+/// scan starts at that line if it is there unchanged, so start-up reads only what was written
+/// since the last checkpoint instead of the whole log; otherwise it reads everything (and the
+/// caller reports a missing checkpoint). `keybroker audit verify` always reads everything.
+fn scan(path: &Path, hint: Option<&RecordedCheckpoint>) -> Result<Tail, String> {
     let mut tail = Tail {
         seq: 0,
         hash: GENESIS.into(),
@@ -213,13 +254,40 @@ fn scan(path: &Path) -> Result<Tail, String> {
         checkpoints: Vec::new(),
         problems: Vec::new(),
     };
-    let f = match std::fs::File::open(path) {
+    let mut f = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(tail),
         Err(e) => return Err(format!("cannot read audit log {}: {e}", path.display())),
     };
-    let mut r = std::io::BufReader::new(f);
     let mut line = Vec::new();
+    if let Some(h) = hint
+        && let Some(offset) = h.offset
+    {
+        use std::io::{Seek, SeekFrom};
+        let mut r = std::io::BufReader::new(&mut f);
+        let found = r.seek(SeekFrom::Start(offset)).is_ok()
+            && r.read_until(b'\n', &mut line).is_ok()
+            && line.last() == Some(&b'\n')
+            && h.is(
+                serde_json::from_slice::<Record>(&line[..line.len() - 1])
+                    .map(|r| r.seq)
+                    .unwrap_or(0),
+                &sha256_hex(&line[..line.len() - 1]),
+            );
+        if found {
+            tail.seq = h.seq;
+            tail.hash = h.hash.clone();
+            tail.len = offset + line.len() as u64;
+            tail.checkpoints.push((h.seq, h.hash.clone()));
+        } else {
+            tail.len = 0;
+        }
+        line.clear();
+    }
+    use std::io::{Seek, SeekFrom};
+    f.seek(SeekFrom::Start(tail.len))
+        .map_err(|e| format!("read audit log: {e}"))?;
+    let mut r = std::io::BufReader::new(f);
     loop {
         line.clear();
         let n = r
@@ -288,8 +356,16 @@ impl AuditLog {
             std::fs::create_dir_all(dir)
                 .map_err(|e| format!("cannot create audit directory {}: {e}", dir.display()))?;
         }
+        let st = store.clone();
+        let setting = checkpoint_setting(&store, &settings.path);
+        let recorded = tokio::task::spawn_blocking(move || st.setting(&setting))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let hint = recorded.as_deref().and_then(RecordedCheckpoint::parse);
         let path = settings.path.clone();
-        let tail = tokio::task::spawn_blocking(move || scan(&path))
+        let h = hint.clone();
+        let tail = tokio::task::spawn_blocking(move || scan(&path, h.as_ref()))
             .await
             .map_err(|e| e.to_string())??;
         let file = std::fs::OpenOptions::new()
@@ -301,22 +377,16 @@ impl AuditLog {
             file.set_len(tail.len)
                 .map_err(|e| format!("cannot drop the partial audit line: {e}"))?;
         }
-        let st = store.clone();
-        let setting = checkpoint_setting(&store, &settings.path);
-        let recorded = tokio::task::spawn_blocking(move || st.setting(&setting))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
         let mut events = Vec::new();
         for p in &tail.problems {
             tracing::warn!(problem = %p, "audit log");
             events.push(Record::event("AuditLogRecovered", None, p.clone()));
         }
         if let Some(rec) = recorded {
-            let present = tail
-                .checkpoints
-                .iter()
-                .any(|(s, h)| format!("{s}:{h}") == rec);
+            let present = match &hint {
+                Some(h) => tail.checkpoints.iter().any(|(s, hash)| h.is(*s, hash)),
+                None => false,
+            };
             if !present {
                 let m = format!(
                     "the audit log does not contain the last checkpoint the broker recorded ({rec}): it was truncated or rewritten while the broker was stopped"
@@ -331,6 +401,7 @@ impl AuditLog {
             path: settings.path.clone(),
             seq: tail.seq,
             last_hash: tail.hash,
+            last_write_at: Some(tail.len),
             since_checkpoint: 0,
             last_checkpoint: Instant::now(),
             mac_retry_after: None,
@@ -474,17 +545,17 @@ impl Writer {
         let sync = self.settings.sync;
         let path = self.path.clone();
         let (file, res) = match tokio::task::spawn_blocking(move || {
-            let before = file.metadata().map(|m| m.len());
+            let before = file.metadata().map(|m| m.len()).ok();
             let r = file
                 .write_all(&buf)
                 .and_then(|()| if sync { file.sync_data() } else { Ok(()) });
             if r.is_err() {
                 // Leave no partial line behind: the next record must chain from the last good one.
-                if let Ok(len) = before {
+                if let Some(len) = before {
                     let _ = file.set_len(len);
                 }
             }
-            (file, r)
+            (file, r.map(|()| before))
         })
         .await
         {
@@ -499,7 +570,8 @@ impl Writer {
         };
         self.file = Some(file);
         match res {
-            Ok(()) => {
+            Ok(at) => {
+                self.last_write_at = at;
                 self.since_checkpoint += n;
                 Ok(())
             }
@@ -541,7 +613,10 @@ impl Writer {
         };
         if self.write(vec![rec]).await.is_ok() {
             self.since_checkpoint = 0;
-            let value = format!("{}:{}", self.seq, self.last_hash);
+            let value = match self.last_write_at {
+                Some(at) => format!("{}:{}:{at}", self.seq, self.last_hash),
+                None => format!("{}:{}", self.seq, self.last_hash),
+            };
             let st = self.store.clone();
             let setting = checkpoint_setting(&self.store, &self.path);
             match tokio::task::spawn_blocking(move || st.set_setting(&setting, &value)).await {
@@ -740,6 +815,63 @@ mod tests {
             out.push(b'\n');
         }
         out
+    }
+
+    /// A log of `n` records where record `cp` is a checkpoint; returns the bytes and the
+    /// checkpoint's (hash, offset).
+    fn log_with_checkpoint(n: u64, cp: u64) -> (Vec<u8>, String, u64) {
+        let mut out = Vec::new();
+        let mut prev = GENESIS.to_string();
+        let mut at = (String::new(), 0);
+        for seq in 1..=n {
+            let r = Record {
+                seq,
+                kind: if seq == cp { "checkpoint" } else { "request" }.into(),
+                prev,
+                ..Default::default()
+            };
+            let line = serde_json::to_vec(&r).expect("json");
+            prev = sha256_hex(&line);
+            if seq == cp {
+                at = (prev.clone(), out.len() as u64);
+            }
+            out.extend_from_slice(&line);
+            out.push(b'\n');
+        }
+        (out, at.0, at.1)
+    }
+
+    #[test]
+    fn a_scan_from_the_recorded_checkpoint_ends_where_a_full_scan_does() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("audit.log");
+        let (mut log, hash, offset) = log_with_checkpoint(50, 30);
+        log.extend_from_slice(b"{\"partial"); // an unacknowledged write
+        std::fs::write(&path, &log).expect("write");
+        let full = scan(&path, None).expect("scan");
+        let hint = RecordedCheckpoint::parse(&format!("30:{hash}:{offset}")).expect("parse");
+        let fast = scan(&path, Some(&hint)).expect("scan");
+        assert_eq!(
+            (fast.seq, &fast.hash, fast.len),
+            (full.seq, &full.hash, full.len)
+        );
+        assert_eq!(full.seq, 50);
+        assert_eq!(fast.problems, full.problems);
+        assert!(fast.checkpoints.iter().any(|(s, h)| hint.is(*s, h)));
+        // A stale offset (the log was rewritten or truncated): a full scan, which does not
+        // find the checkpoint's line where the store says.
+        let stale = RecordedCheckpoint::parse(&format!("30:{hash}:{}", offset + 7)).expect("p");
+        let fallback = scan(&path, Some(&stale)).expect("scan");
+        assert_eq!((fallback.seq, fallback.len), (full.seq, full.len));
+        let wrong = RecordedCheckpoint::parse(&format!("31:{hash}:{offset}")).expect("p");
+        let t = scan(&path, Some(&wrong)).expect("scan");
+        assert!(!t.checkpoints.iter().any(|(s, h)| wrong.is(*s, h)));
+        // The old setting format (no offset) still parses.
+        assert_eq!(
+            RecordedCheckpoint::parse(&format!("30:{hash}")).map(|r| r.offset),
+            Some(None)
+        );
+        assert!(RecordedCheckpoint::parse("30:abc:1").is_none());
     }
 
     #[test]

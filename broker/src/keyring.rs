@@ -334,6 +334,10 @@ pub struct LoadReport {
     /// Destructions (purge/trim) interrupted by a crash and finished now; their receipts still
     /// have to go into the audit trail.
     pub finished_destructions: Vec<Receipt>,
+    /// Time spent finding the KEK objects and checking their templates.
+    pub attach_ms: u64,
+    /// Time spent proving the KEKs' identities (canaries).
+    pub canaries_ms: u64,
 }
 
 /// Proof of destruction of key versions (purge or trim).
@@ -504,7 +508,9 @@ impl Keyring {
                 })
             })
             .collect();
+        let t_attach = std::time::Instant::now();
         let attach = hsm.attach(expected).await.map_err(BrokerError::from)?;
+        report.attach_ms = t_attach.elapsed().as_millis() as u64;
         report.orphans = attach.orphans;
         let mut bad: HashMap<VersionId, String> = attach.problems.into_iter().collect();
 
@@ -515,6 +521,7 @@ impl Keyring {
             .filter(|(_, v)| !bad.contains_key(&v.id))
             .map(|(k, v)| (k.algorithm, v.id, v.canary.clone(), v.canary_digest.clone()))
             .collect();
+        let t_canaries = std::time::Instant::now();
         let parallel = hsm.token().sessions.max(1);
         let results: Vec<(VersionId, Result<(), String>)> = stream::iter(checks)
             .map(|(alg, id, canary, digest)| {
@@ -529,6 +536,7 @@ impl Keyring {
                 bad.insert(id, why);
             }
         }
+        report.canaries_ms = t_canaries.elapsed().as_millis() as u64;
 
         let mut keys = BTreeMap::new();
         let mut versions = HashMap::new();

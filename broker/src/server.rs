@@ -159,6 +159,8 @@ pub async fn run(
         quarantined = report.quarantined.len(),
         orphans = report.orphans.len(),
         millis = started.elapsed().as_millis() as u64,
+        attach_ms = report.attach_ms,
+        canaries_ms = report.canaries_ms,
         "keys loaded and verified"
     );
     let keyring = Arc::new(keyring);

@@ -127,6 +127,25 @@ async fn audit_verify_passes_an_untouched_log_and_finds_each_tampering_where_it_
         &format!("line {}: checkpoint MAC does not verify", cp + 1),
         "recomputed chain",
     );
+
+    // At start-up the broker finds its last recorded checkpoint (reading from the offset the
+    // store recorded, not the whole log) and continues the chain...
+    let b = env.start().await;
+    let log_text = b.stop().await;
+    assert!(!log_text.contains("AUDIT LOG TAMPERING"), "{log_text}");
+    let (ok, out) = env.verify_audit(&log);
+    assert!(ok, "the chain continues across a restart: {out}");
+    // ...and reports a log cut back past that checkpoint while it was stopped.
+    write_lines(&log, &all[..n]);
+    let b = env.start().await;
+    let log_text = b.stop().await;
+    assert!(log_text.contains("AUDIT LOG TAMPERING"), "{log_text}");
+    assert!(
+        lines(&log)
+            .iter()
+            .any(|l| json(l)["event"] == "AuditLogTampered" || l.contains("AuditLogTampered")),
+        "the finding is in the trail itself"
+    );
 }
 
 #[tokio::test]

@@ -376,8 +376,8 @@ async fn invalid_object_handles_are_found_again() {
         .await
         .expect("handles re-found, wrap retried");
     assert!(
-        f.count("trace", Some("C_FindObjectsInit")) >= 3,
-        "one pass over the token's key classes: {:?}",
+        f.count("trace", Some("C_FindObjectsInit")) >= 1,
+        "the objects were searched for again: {:?}",
         f.events()
     );
     f.set(&[Rule::fail("C_DecryptInit", "CKR_OBJECT_HANDLE_INVALID").count(1)])

@@ -710,6 +710,12 @@ async fn soak_chaos() {
     println!("\n| soak | result |\n|---|---|\n{t}");
     for l in all_logs
         .lines()
+        .filter(|l| l.contains("re-initialisation phases") || l.contains("serving again"))
+    {
+        println!("broker: {l}");
+    }
+    for l in all_logs
+        .lines()
         .filter(|l| l.contains("internal error"))
         .take(10)
     {

@@ -1063,7 +1063,8 @@ pub async fn audit_verify(file: &std::path::Path, cfg: Option<&Config>) -> Resul
             }
         }
         if let Some(rec) = recorded
-            && !checkpoints.iter().any(|(s, h)| format!("{s}:{h}") == rec)
+            && !crate::audit::RecordedCheckpoint::parse(&rec)
+                .is_some_and(|r| checkpoints.iter().any(|(s, h)| r.is(*s, h)))
         {
             let seq = rec.split(':').next().unwrap_or("?");
             v.problems.push(format!(

@@ -1483,29 +1483,51 @@ fn find_keks(
     expected: &[ExpectedKek],
     templates: bool,
 ) -> Result<(AttachReport, HashMap<VersionId, KekHandles>), HsmError> {
+    // One search over the token, not one per class: SoftHSM2 reads every object for each
+    // search (~15 µs per object), and this pass is most of a re-initialisation's time.
     let mut by_id: HashMap<Vec<u8>, Vec<(ObjectHandle, ObjectClass, String)>> = HashMap::new();
-    for class in [
-        ObjectClass::SECRET_KEY,
-        ObjectClass::PRIVATE_KEY,
-        ObjectClass::PUBLIC_KEY,
-    ] {
-        let found = s
-            .find_objects(&[Attribute::Class(class), Attribute::Token(true)])
-            .map_err(|e| HsmError::from_ck("C_FindObjects", e))?;
-        for h in found {
-            let attrs = s
-                .get_attributes(h, &[AttributeType::Id, AttributeType::Label])
-                .map_err(|e| HsmError::from_ck("C_GetAttributeValue", e))?;
-            let mut id = Vec::new();
-            let mut label = String::new();
-            for a in attrs {
-                match a {
-                    Attribute::Id(v) => id = v,
-                    Attribute::Label(v) => label = String::from_utf8_lossy(&v).into_owned(),
-                    _ => {}
-                }
+    let found = s
+        .find_objects(&[Attribute::Token(true)])
+        .map_err(|e| HsmError::from_ck("C_FindObjects", e))?;
+    for h in found {
+        let attrs = match s.get_attributes(
+            h,
+            &[
+                AttributeType::Class,
+                AttributeType::Id,
+                AttributeType::Label,
+            ],
+        ) {
+            Ok(a) => a,
+            // Objects that are not keys (Kryoptic lists mechanism and profile objects) may
+            // lack these attributes; a key always has them.
+            Err(cryptoki::error::Error::Pkcs11(
+                RvError::AttributeTypeInvalid | RvError::AttributeSensitive,
+                _,
+            )) => continue,
+            Err(e) => return Err(HsmError::from_ck("C_GetAttributeValue", e)),
+        };
+        let (mut class, mut id, mut label) = (None, Vec::new(), String::new());
+        for a in attrs {
+            match a {
+                Attribute::Class(c) => class = Some(c),
+                Attribute::Id(v) => id = v,
+                Attribute::Label(v) => label = String::from_utf8_lossy(&v).into_owned(),
+                _ => {}
             }
-            by_id.entry(id).or_default().push((h, class, label));
+        }
+        match class {
+            Some(c)
+                if [
+                    ObjectClass::SECRET_KEY,
+                    ObjectClass::PRIVATE_KEY,
+                    ObjectClass::PUBLIC_KEY,
+                ]
+                .contains(&c) =>
+            {
+                by_id.entry(id).or_default().push((h, c, label));
+            }
+            _ => {}
         }
     }
     let mut report = AttachReport::default();

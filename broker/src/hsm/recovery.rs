@@ -177,6 +177,7 @@ impl Inner {
             ));
         }
         let old = self.current();
+        let old_retired = Instant::now();
         let (idle, anchor) = old.retire();
         // C_Finalize releases them inside the module; closing them after a re-initialisation
         // could close someone else's session.
@@ -197,6 +198,7 @@ impl Inner {
                 "re-initialising the HSM while calls are still inside the module (they are abandoned)"
             );
         }
+        let drained = Instant::now();
         if let Err(e) = self.ctx.clone().finalize() {
             tracing::debug!(error = %HsmError::from_ck("C_Finalize", e), "C_Finalize before re-initialising");
         }
@@ -208,8 +210,10 @@ impl Inner {
             Err(e) => return Err(HsmError::from_ck("C_Initialize", e)),
         }
         let (slot, _) = select_token(&self.ctx, &self.token)?;
+        let initialised = Instant::now();
         let anchor = open_and_login(&self.ctx, slot, &self.pin)?;
         let idle = open_pool(&self.ctx, slot, self.pool_size)?;
+        let logged_in = Instant::now();
         let conn = Conn::new(old.generation + 1, slot, idle, anchor);
         let expected: Vec<_> = self
             .known
@@ -224,6 +228,14 @@ impl Inner {
         let audit = audit_id.map(|id| find_audit_key(&s, id));
         conn.checkin(s);
         let (report, handles) = found?;
+        tracing::info!(
+            drain_ms = (drained - old_retired).as_millis() as u64,
+            initialise_ms = (initialised - drained).as_millis() as u64,
+            login_ms = (logged_in - initialised).as_millis() as u64,
+            find_ms = logged_in.elapsed().as_millis() as u64,
+            versions = expected.len(),
+            "re-initialisation phases"
+        );
         for (id, why) in &report.problems {
             tracing::error!(version_id = %id, problem = %why,
                 "KEK integrity check failed after re-initialising the HSM: this version is not served");
