@@ -514,26 +514,48 @@ impl Keyring {
         report.orphans = attach.orphans;
         let mut bad: HashMap<VersionId, String> = attach.problems.into_iter().collect();
 
-        // Canaries: prove each attached object is the key the version was created with.
-        let checks: Vec<_> = stored
-            .iter()
-            .flat_map(|k| k.versions.iter().map(move |v| (k, v)))
-            .filter(|(_, v)| !bad.contains_key(&v.id))
-            .map(|(k, v)| (k.algorithm, v.id, v.canary.clone(), v.canary_digest.clone()))
-            .collect();
+        // Canaries: prove each attached object is the key the version was created with, in
+        // chunks (one HSM call each, not one per version), one chunk per session at a time.
         let t_canaries = std::time::Instant::now();
+        let mut to_check = Vec::new();
+        for k in &stored {
+            for v in &k.versions {
+                if bad.contains_key(&v.id) {
+                    continue;
+                }
+                match canary_to_check(
+                    k.algorithm,
+                    v.id,
+                    v.canary.as_deref(),
+                    v.canary_digest.as_deref(),
+                ) {
+                    Ok(c) => to_check.push((v.id, c)),
+                    Err(why) => {
+                        bad.insert(v.id, why);
+                    }
+                }
+            }
+        }
         let parallel = hsm.token().sessions.max(1);
-        let results: Vec<(VersionId, Result<(), String>)> = stream::iter(checks)
-            .map(|(alg, id, canary, digest)| {
+        let chunk = to_check.len().div_ceil(parallel * 4).clamp(1, 512);
+        let mut chunks = Vec::new();
+        let mut it = to_check.into_iter().peekable();
+        while it.peek().is_some() {
+            chunks.push(it.by_ref().take(chunk).collect::<Vec<_>>());
+        }
+        let results: Vec<_> = stream::iter(chunks)
+            .map(|c| {
                 let hsm = hsm.clone();
-                async move { (id, verify_canary(&hsm, alg, id, canary, digest).await) }
+                async move { hsm.check_canaries(c).await }
             })
             .buffer_unordered(parallel)
             .collect()
             .await;
-        for (id, r) in results {
-            if let Err(why) = r {
-                bad.insert(id, why);
+        for r in results {
+            for (id, verdict) in r.map_err(BrokerError::from)? {
+                if let Some(why) = verdict {
+                    bad.insert(id, why);
+                }
             }
         }
         report.canaries_ms = t_canaries.elapsed().as_millis() as u64;
@@ -1047,6 +1069,30 @@ pub(crate) fn params_for(
         Algorithm::AesKeyWrapPad => WrapParams::Kwp,
         Algorithm::RsaOaepSha256 => WrapParams::OaepSha256,
         Algorithm::RsaOaepSha1 => WrapParams::OaepSha1,
+    })
+}
+
+/// A version's stored canary, ready for the HSM, or why it cannot prove anything (the same
+/// verdicts as [`check_canary`]).
+fn canary_to_check(
+    alg: Algorithm,
+    id: VersionId,
+    canary: Option<&[u8]>,
+    digest: Option<&[u8]>,
+) -> Result<Canary, String> {
+    let (Some(canary), Some(digest)) = (canary, digest) else {
+        return Err("no canary recorded".into());
+    };
+    let Ok(env) = envelope::parse(canary) else {
+        return Err("canary envelope is malformed".to_string());
+    };
+    if env.version != id || env.algorithm != alg {
+        return Err("canary belongs to another key version".into());
+    }
+    Ok(Canary {
+        params: params_for(&env, CANARY_AAD).map_err(|e| e.to_string())?,
+        ciphertext: env.ciphertext.to_vec(),
+        digest: digest.to_vec(),
     })
 }
 

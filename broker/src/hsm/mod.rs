@@ -826,6 +826,28 @@ impl Hsm {
         self.inner.summary.sessions
     }
 
+    /// Proves many versions' identities in one HSM call (start-up): for each, `None` if its
+    /// canary unwraps to the recorded value, else why not. An HSM fault fails the whole call.
+    pub async fn check_canaries(
+        &self,
+        items: Vec<(VersionId, Canary)>,
+    ) -> Result<Vec<(VersionId, Option<String>)>, HsmError> {
+        let items = Arc::new(items);
+        self.run("prove KEK identities", READ, move |inner, conn, s| {
+            items
+                .iter()
+                .map(|(id, c)| {
+                    let verdict = match conn.handles_of(*id) {
+                        Ok(h) => canary_verdict(inner, s, &h, c)?,
+                        Err(_) => Some("its HSM object is not attached".to_string()),
+                    };
+                    Ok((*id, verdict))
+                })
+                .collect()
+        })
+        .await
+    }
+
     /// Reads the public key of an RSA version.
     pub async fn public_key(&self, id: VersionId) -> Result<RsaPublic, HsmError> {
         self.run("read a public key", READ, move |inner, conn, s| {
@@ -1485,19 +1507,23 @@ fn find_keks(
 ) -> Result<(AttachReport, HashMap<VersionId, KekHandles>), HsmError> {
     // One search over the token, not one per class: SoftHSM2 reads every object for each
     // search (~15 µs per object), and this pass is most of a re-initialisation's time.
-    let mut by_id: HashMap<Vec<u8>, Vec<(ObjectHandle, ObjectClass, String)>> = HashMap::new();
+    // With `templates`, each object's template attributes come in the same read (one
+    // C_GetAttributeValue pair per object, not two).
+    type Found = (ObjectHandle, ObjectClass, String, Vec<Attribute>);
+    let mut by_id: HashMap<Vec<u8>, Vec<Found>> = HashMap::new();
+    let mut wanted = vec![
+        AttributeType::Class,
+        AttributeType::Id,
+        AttributeType::Label,
+    ];
+    if templates {
+        wanted.extend_from_slice(template::SECRET_CHECK);
+    }
     let found = s
         .find_objects(&[Attribute::Token(true)])
         .map_err(|e| HsmError::from_ck("C_FindObjects", e))?;
     for h in found {
-        let attrs = match s.get_attributes(
-            h,
-            &[
-                AttributeType::Class,
-                AttributeType::Id,
-                AttributeType::Label,
-            ],
-        ) {
+        let attrs = match s.get_attributes(h, &wanted) {
             Ok(a) => a,
             // Objects that are not keys (Kryoptic lists mechanism and profile objects) may
             // lack these attributes; a key always has them.
@@ -1508,11 +1534,11 @@ fn find_keks(
             Err(e) => return Err(HsmError::from_ck("C_GetAttributeValue", e)),
         };
         let (mut class, mut id, mut label) = (None, Vec::new(), String::new());
-        for a in attrs {
+        for a in &attrs {
             match a {
-                Attribute::Class(c) => class = Some(c),
-                Attribute::Id(v) => id = v,
-                Attribute::Label(v) => label = String::from_utf8_lossy(&v).into_owned(),
+                Attribute::Class(c) => class = Some(*c),
+                Attribute::Id(v) => id.clone_from(v),
+                Attribute::Label(v) => label = String::from_utf8_lossy(v).into_owned(),
                 _ => {}
             }
         }
@@ -1525,7 +1551,7 @@ fn find_keks(
                 ]
                 .contains(&c) =>
             {
-                by_id.entry(id).or_default().push((h, c, label));
+                by_id.entry(id).or_default().push((h, c, label, attrs));
             }
             _ => {}
         }
@@ -1575,7 +1601,26 @@ fn find_keks(
             continue;
         };
         let problems = if templates {
-            check_template(s, &h, e.algorithm, mech, e.origin)?
+            let attrs_of = |c: ObjectClass| {
+                objs.iter()
+                    .find(|o| o.1 == c)
+                    .map(|o| o.3.as_slice())
+                    .unwrap_or_default()
+            };
+            let secret_class = if e.key_type.is_rsa() {
+                ObjectClass::PRIVATE_KEY
+            } else {
+                ObjectClass::SECRET_KEY
+            };
+            let imported = e.origin == Origin::Imported;
+            let mut p = template::check_secret(e.algorithm, mech, attrs_of(secret_class), imported);
+            if h.public.is_some() {
+                p.extend(template::check_public(
+                    mech,
+                    attrs_of(ObjectClass::PUBLIC_KEY),
+                ));
+            }
+            p
         } else {
             Vec::new()
         };
@@ -1588,7 +1633,7 @@ fn find_keks(
         handles.insert(e.id, h);
     }
     for (id, objs) in by_id {
-        for (_, _, label) in objs {
+        for (_, _, label, _) in objs {
             if label.starts_with(template::LABEL_PREFIX) {
                 report
                     .orphans
