@@ -61,6 +61,10 @@ struct Args {
     /// Skip the raw PKCS#11 measurements (quicker; for profiling the broker).
     #[arg(long)]
     no_raw: bool,
+    /// Run the broker with `[audit] sync = false` (no fdatasync before replies), to see what
+    /// the durable audit trail costs. Not how keybroker should run.
+    #[arg(long)]
+    no_audit_sync: bool,
     /// Internal: run the raw PKCS#11 loop described by this file and print JSON.
     #[arg(long, hide = true)]
     raw: Option<PathBuf>,
@@ -141,7 +145,7 @@ struct Running {
 }
 
 impl World {
-    fn new(broker_bin: PathBuf, sessions: usize) -> Result<Self, String> {
+    fn new(broker_bin: PathBuf, sessions: usize, audit_sync: bool) -> Result<Self, String> {
         let mut dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         // For profiling start-up by hand: keep the token, config and store afterwards.
         if std::env::var_os("KEYBROKER_BENCH_KEEP").is_some() {
@@ -164,7 +168,7 @@ impl World {
                 "[server]\nlisten = \"127.0.0.1:0\"\nmax_concurrent_streams = 1024\n\
                  [tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n\
                  [hsm]\nmodule = \"{}\"\ntoken_label = \"bench\"\npin_file = \"{}\"\nsessions = {sessions}\n\
-                 [audit]\npath = \"audit.log\"\n\
+                 [audit]\npath = \"audit.log\"\nsync = {audit_sync}\n\
                  [access]\nallow = [\"spiffe://bench/client\"]\n",
                 server.cert_path.display(),
                 server.key_path.display(),
@@ -407,6 +411,21 @@ async fn drive(
     conns: usize,
     secs: f64,
 ) -> Result<Measured, String> {
+    drive_at(w, r, load, concurrency, conns, secs, None).await
+}
+
+/// Like [`drive`]; with `rate` (ops/s in total) the tasks send on a fixed schedule (tokio's
+/// timer: 1 ms resolution) instead of as fast as answers come. Latency is per call, from when
+/// it was sent.
+async fn drive_at(
+    w: &World,
+    r: &Running,
+    load: &Load,
+    concurrency: usize,
+    conns: usize,
+    secs: f64,
+    rate: Option<f64>,
+) -> Result<Measured, String> {
     let mut pool = Vec::new();
     for _ in 0..conns.max(1) {
         pool.push(w.connect(r).await?);
@@ -429,7 +448,17 @@ async fn drive(
             let mut h =
                 Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
             let mut i = t * 7919;
+            let interval = rate.map(|r| Duration::from_secs_f64(concurrency as f64 / r.max(1.0)));
+            // Spread the tasks' first calls over one interval.
+            let mut due = Instant::now()
+                + interval.map_or(Duration::ZERO, |iv| {
+                    iv.mul_f64(t as f64 / concurrency as f64)
+                });
             while !stop.load(Ordering::Relaxed) {
+                if let Some(iv) = interval {
+                    tokio::time::sleep_until(due.into()).await;
+                    due += iv;
+                }
                 let s = Instant::now();
                 match one_call(&mut c, &load, i).await {
                     Ok(n) => {
@@ -532,7 +561,7 @@ async fn bench(args: Args) -> Result<(), String> {
         .map(|n| n.get())
         .unwrap_or(2);
     let sessions = args.sessions.unwrap_or((cpus * 2).max(4));
-    let w = World::new(broker_bin, sessions)?;
+    let w = World::new(broker_bin, sessions, !args.no_audit_sync)?;
     let r = w.start().await?;
     let mut c = w.connect(&r).await?;
     let gcm = create_key(
@@ -662,6 +691,8 @@ async fn bench(args: Args) -> Result<(), String> {
         load: Load,
         concurrency: usize,
         conns: usize,
+        /// Sent at half the rate the previous row reached (open loop), not as fast as possible.
+        half_rate: bool,
     }
     let plan = vec![
         Plan {
@@ -675,6 +706,7 @@ async fn bench(args: Args) -> Result<(), String> {
             },
             concurrency: 32,
             conns: 4,
+            half_rate: false,
         },
         Plan {
             name: "aes-gcm unwrap",
@@ -687,6 +719,7 @@ async fn bench(args: Args) -> Result<(), String> {
             },
             concurrency: 16,
             conns: 4,
+            half_rate: true,
         },
         Plan {
             name: "aes-gcm unwrap",
@@ -699,6 +732,7 @@ async fn bench(args: Args) -> Result<(), String> {
             },
             concurrency: 4,
             conns: 4,
+            half_rate: false,
         },
         Plan {
             name: "aes-gcm wrap",
@@ -711,6 +745,7 @@ async fn bench(args: Args) -> Result<(), String> {
             },
             concurrency: 32,
             conns: 4,
+            half_rate: false,
         },
         Plan {
             name: "aes-gcm wrap",
@@ -723,6 +758,7 @@ async fn bench(args: Args) -> Result<(), String> {
             },
             concurrency: 4,
             conns: 4,
+            half_rate: false,
         },
         Plan {
             name: "aes-gcm generate",
@@ -735,6 +771,7 @@ async fn bench(args: Args) -> Result<(), String> {
             },
             concurrency: 32,
             conns: 4,
+            half_rate: false,
         },
         Plan {
             name: "aes-gcm generate",
@@ -747,6 +784,7 @@ async fn bench(args: Args) -> Result<(), String> {
             },
             concurrency: 4,
             conns: 4,
+            half_rate: false,
         },
         Plan {
             name: "aes-kwp unwrap",
@@ -759,6 +797,7 @@ async fn bench(args: Args) -> Result<(), String> {
             },
             concurrency: 32,
             conns: 4,
+            half_rate: false,
         },
         Plan {
             name: "aes-kwp unwrap",
@@ -771,6 +810,7 @@ async fn bench(args: Args) -> Result<(), String> {
             },
             concurrency: 4,
             conns: 4,
+            half_rate: false,
         },
         Plan {
             name: "aes-kwp wrap",
@@ -783,6 +823,7 @@ async fn bench(args: Args) -> Result<(), String> {
             },
             concurrency: 32,
             conns: 4,
+            half_rate: false,
         },
         Plan {
             name: "rsa-2048 unwrap",
@@ -795,6 +836,7 @@ async fn bench(args: Args) -> Result<(), String> {
             },
             concurrency: 32,
             conns: 4,
+            half_rate: false,
         },
         Plan {
             name: "rsa-2048 unwrap",
@@ -807,6 +849,7 @@ async fn bench(args: Args) -> Result<(), String> {
             },
             concurrency: 4,
             conns: 4,
+            half_rate: false,
         },
         Plan {
             name: "rsa-3072 unwrap",
@@ -819,6 +862,7 @@ async fn bench(args: Args) -> Result<(), String> {
             },
             concurrency: 32,
             conns: 4,
+            half_rate: false,
         },
     ];
     let only: Option<Vec<String>> = args
@@ -837,14 +881,23 @@ async fn bench(args: Args) -> Result<(), String> {
             "keybroker-bench: {} ×{} batch {}...",
             p.name, p.concurrency, p.load.batch
         );
+        let rate = if p.half_rate {
+            let Some(prev) = rows.last().map(|r: &Row| r.broker_ops_per_s) else {
+                continue;
+            };
+            Some(prev / 2.0)
+        } else {
+            None
+        };
         // Warm-up.
-        drive(
+        drive_at(
             &w,
             &r,
             &p.load,
             p.concurrency,
             p.conns,
             (args.seconds / 3.0).max(0.5),
+            rate,
         )
         .await?;
         let mut rates = Vec::new();
@@ -853,7 +906,7 @@ async fn bench(args: Args) -> Result<(), String> {
             Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
         let mut errors = 0;
         for _ in 0..args.reps.max(1) {
-            let m = drive(&w, &r, &p.load, p.concurrency, p.conns, args.seconds).await?;
+            let m = drive_at(&w, &r, &p.load, p.concurrency, p.conns, args.seconds, rate).await?;
             rates.push(m.ops_per_s);
             cpus.push(m.cpu_us_per_op);
             hist.add(&m.hist).map_err(|e| e.to_string())?;
@@ -863,7 +916,11 @@ async fn bench(args: Args) -> Result<(), String> {
         let raw_rate = raw.get(p.name).copied();
         // Latency is per call; a batch call carries `batch` items.
         rows.push(Row {
-            operation: p.name.to_string(),
+            operation: if p.half_rate {
+                format!("{} @½", p.name)
+            } else {
+                p.name.to_string()
+            },
             concurrency: p.concurrency,
             batch: p.load.batch,
             broker_ops_per_s: broker,
