@@ -1129,21 +1129,12 @@ pub(crate) async fn check_canary(
     canary: Option<Vec<u8>>,
     digest: Option<Vec<u8>>,
 ) -> Result<Result<(), String>, crate::hsm::HsmError> {
-    let (Some(canary), Some(digest)) = (canary, digest) else {
-        return Ok(Err("no canary recorded".into()));
+    let c = match canary_to_check(alg, id, canary.as_deref(), digest.as_deref()) {
+        Ok(c) => c,
+        Err(why) => return Ok(Err(why)),
     };
-    let Ok(env) = envelope::parse(&canary) else {
-        return Ok(Err("canary envelope is malformed".to_string()));
-    };
-    if env.version != id || env.algorithm != alg {
-        return Ok(Err("canary belongs to another key version".into()));
-    }
-    let params = match params_for(&env, CANARY_AAD) {
-        Ok(p) => p,
-        Err(e) => return Ok(Err(e.to_string())),
-    };
-    match hsm.unwrap(id, params, env.ciphertext.to_vec()).await {
-        Ok(dek) if Sha256::digest(dek.expose()).as_slice() == digest.as_slice() => Ok(Ok(())),
+    match hsm.unwrap(id, c.params, c.ciphertext).await {
+        Ok(dek) if Sha256::digest(dek.expose()).as_slice() == c.digest.as_slice() => Ok(Ok(())),
         Ok(_) => Ok(Err("canary decrypts to the wrong value: the HSM object is not the key this version was created with".into())),
         Err(e) if e.kind == crate::hsm::FaultKind::DataInvalid => Ok(Err(
             "canary does not decrypt: the HSM object is not the key this version was created with".into(),
