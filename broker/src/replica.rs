@@ -44,8 +44,7 @@ use crate::{
     error::BrokerError,
     hsm::ExpectedKek,
     keyring::{
-        KeyEntry, KeyState, Keyring, Lifecycle, Usage, VersionEntry, blocking, canary_of,
-        verify_canary,
+        KeyEntry, KeyState, Keyring, Lifecycle, Usage, VersionEntry, blocking, canary_to_check,
     },
     model::KeyName,
     store::{StoreLock, StoredKey, StoredLifecycle},
@@ -309,12 +308,24 @@ impl Keyring {
             if self.hsm.has_handles(v.id) {
                 continue;
             }
+            let canary = match canary_to_check(
+                k.algorithm,
+                v.id,
+                v.canary.as_deref(),
+                v.canary_digest.as_deref(),
+            ) {
+                Ok(c) => c,
+                Err(why) => {
+                    problems.push(format!("version {}: {why}", v.number));
+                    continue;
+                }
+            };
             let expected = ExpectedKek {
                 id: v.id,
                 key_type: k.key_type,
                 algorithm: k.algorithm,
                 origin: v.origin,
-                canary: canary_of(v.canary.as_deref(), v.canary_digest.as_deref()),
+                canary: Some(canary),
             };
             match self
                 .hsm
@@ -323,21 +334,8 @@ impl Keyring {
                 .map_err(BrokerError::from)?
             {
                 Ok(()) => {
-                    if let Err(why) = verify_canary(
-                        &self.hsm,
-                        k.algorithm,
-                        v.id,
-                        v.canary.clone(),
-                        v.canary_digest.clone(),
-                    )
-                    .await
-                    {
-                        self.hsm.detach(v.id);
-                        problems.push(format!("version {}: {why}", v.number));
-                    } else {
-                        tracing::info!(key = %k.name, version = v.number, version_id = %v.id,
-                            "attached a key version made by another replica");
-                    }
+                    tracing::info!(key = %k.name, version = v.number, version_id = %v.id,
+                        "attached a key version made by another replica");
                 }
                 Err(why) => problems.push(format!("version {}: {why}", v.number)),
             }

@@ -408,6 +408,40 @@ async fn invalid_object_handles_are_found_again() {
 }
 
 #[tokio::test]
+async fn a_key_replaced_behind_a_handle_is_never_used_after_its_handles_are_found_again() {
+    let env = fault_env(2);
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    let k = create(
+        &mut c,
+        "t/k",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    let dek = random_dek(32);
+    let w = wrap(&mut c, "t/k", &dek, b"").await.expect("wrap");
+    // Someone with the PIN replaces the KEK (same CKA_ID, same template) while the broker
+    // runs; the next call finds its handle invalid and the objects are searched for again.
+    env.probe(&["tamper", &hex::encode(&k.versions[0].id), "replace-good"]);
+    let f = env.faults();
+    f.set(&[Rule::fail("C_EncryptInit", "CKR_KEY_HANDLE_INVALID").count(1)])
+        .expect("rules");
+    assert_code(
+        wrap(&mut c, "t/k", &dek, b"").await,
+        Code::FailedPrecondition,
+        "wrap under the replaced key",
+    );
+    assert_code(
+        unwrap(&mut c, "t/k", &w.wrapped_key, b"").await,
+        Code::FailedPrecondition,
+        "unwrap with the replaced key",
+    );
+    let log = b.stop().await;
+    assert!(log.contains("re-found the KEK objects"), "{log}");
+}
+
+#[tokio::test]
 async fn a_hung_hsm_call_does_not_hang_the_server() {
     let env = fault_env(2);
     let b = env.start().await;

@@ -168,7 +168,7 @@ pub struct TokenSummary {
 }
 
 /// The object handles of one KEK version.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KekHandles {
     /// The secret key (AES) or private key (RSA).
     pub secret: ObjectHandle,
@@ -904,11 +904,30 @@ impl Hsm {
             while inner.admission.stats().in_use > 0 && Instant::now() < until {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            // Waits for a re-initialisation attempt in progress; none starts after this.
-            let _reinit = inner.reinit_lock.lock().unwrap_or_else(|p| p.into_inner());
+            // Waits (within the drain) for a re-initialisation attempt or canary sweep in
+            // progress; none starts after this. One that is stuck in the module keeps the lock:
+            // then, as with calls still running, no C_Finalize.
+            let reinit = loop {
+                match inner.reinit_lock.try_lock() {
+                    Ok(g) => break Some(g),
+                    Err(std::sync::TryLockError::Poisoned(p)) => break Some(p.into_inner()),
+                    Err(std::sync::TryLockError::WouldBlock) if Instant::now() < until => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(std::sync::TryLockError::WouldBlock) => break None,
+                }
+            };
             let busy = inner.admission.stats().in_use;
-            let closed = inner.current().close_all();
             inner.set_health(false, "shut down");
+            if reinit.is_none() {
+                tracing::warn!(
+                    calls_still_running = busy,
+                    "HSM closed without closing sessions or C_Finalize: a re-initialisation is \
+                     still inside the module after the drain"
+                );
+                return;
+            }
+            let closed = inner.current().close_all();
             if busy > 0 {
                 // C_Finalize while another thread is inside the module is undefined behaviour
                 // for PKCS#11; the OS releases the sessions when the process exits.

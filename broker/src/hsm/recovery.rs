@@ -123,7 +123,16 @@ impl Inner {
     }
 
     fn recover(self: Arc<Self>, cause: HsmError) {
-        if self.answers() {
+        let answers = {
+            // Not while a shutdown finalises the module.
+            let _reinit = self.reinit_lock.lock().unwrap_or_else(|p| p.into_inner());
+            !self.closed.load(Ordering::SeqCst) && self.answers()
+        };
+        if self.closed.load(Ordering::SeqCst) {
+            self.recovering.store(false, Ordering::SeqCst);
+            return;
+        }
+        if answers {
             tracing::warn!(context = %cause.context, detail = %cause.detail,
                 "an HSM call reported a device fault, but the token still answers: not re-initialising");
             self.recovering.store(false, Ordering::SeqCst);
@@ -287,6 +296,17 @@ impl Inner {
             tracing::error!(version_id = %id, problem = %why,
                 "KEK integrity check failed while re-finding objects: this version is not served");
         }
+        // A version whose object is not the one it had (another handle, or newly found) must
+        // prove its identity again before use: the object behind an id can have been replaced.
+        let changed: Vec<VersionId> = {
+            let old = conn.handles.read().unwrap_or_else(|p| p.into_inner());
+            handles
+                .iter()
+                .filter(|(id, h)| old.get(*id) != Some(*h))
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        conn.set_unchecked(changed);
         *conn.handles.write().unwrap_or_else(|p| p.into_inner()) = handles;
         if let Some(Ok(h)) = audit {
             *conn.audit_key.write().unwrap_or_else(|p| p.into_inner()) = Some(h);

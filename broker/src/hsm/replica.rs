@@ -4,7 +4,7 @@
 
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 
-use super::{ExpectedKek, Hsm, HsmError, KekHandles, MAINTAIN, check_template};
+use super::{ExpectedKek, Hsm, HsmError, KekHandles, MAINTAIN, canary_verdict, check_template};
 
 impl Hsm {
     /// Whether this process holds handles for a version.
@@ -17,8 +17,9 @@ impl Hsm {
             .contains_key(&id)
     }
 
-    /// Finds, checks and caches one version's objects. The outer error is an HSM fault (retry
-    /// later); the inner one an integrity problem (missing, duplicated, wrong template).
+    /// Finds, checks (template and canary) and caches one version's objects. The outer error
+    /// is an HSM fault (retry later); the inner one an integrity problem (missing, duplicated,
+    /// wrong template, wrong key).
     pub async fn attach_one(&self, e: ExpectedKek) -> Result<Result<(), String>, HsmError> {
         self.run("attach a KEK version", MAINTAIN, move |inner, conn, s| {
             let found = s
@@ -82,6 +83,15 @@ impl Hsm {
             let problems = check_template(s, &h, e.algorithm, mech, e.origin)?;
             if !problems.is_empty() {
                 return Ok(Err(format!("wrong template: {}", problems.join("; "))));
+            }
+            // Its identity is proven before its handles are cached, in the same call: a
+            // request that gives up half way (deadline, hang-up) must not leave an unproven
+            // KEK attached. An HSM fault is an error (the refresh is retried), not a verdict.
+            let Some(canary) = &e.canary else {
+                return Ok(Err("no canary recorded".to_string()));
+            };
+            if let Some(why) = canary_verdict(inner, s, &h, canary)? {
+                return Ok(Err(why));
             }
             conn.handles
                 .write()
