@@ -237,7 +237,7 @@ impl Inner {
         let audit = audit_id.map(|id| find_audit_key(&s, id));
         conn.checkin(s);
         let (report, handles) = found?;
-        tracing::info!(
+        tracing::warn!(
             drain_ms = (drained - old_retired).as_millis() as u64,
             initialise_ms = (initialised - drained).as_millis() as u64,
             login_ms = (logged_in - initialised).as_millis() as u64,
