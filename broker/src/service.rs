@@ -126,16 +126,50 @@ fn work_deadline(start: Instant, timeout: Duration) -> Instant {
 /// Runs a key change to completion (or rollback) in its own task, whatever happens to the
 /// request: a caller that hangs up or times out must not leave a half-done change behind.
 /// The request's scope (deadline, tenant) goes with it, so work not yet started when the
-/// deadline passes is not started.
-async fn detached<T, F>(f: F) -> Result<T, BrokerError>
+/// deadline passes is not started. If the request was answered (DEADLINE_EXCEEDED) or dropped
+/// before the change finished, its outcome goes into the audit trail as its own event
+/// (`KeyChangeFinishedLate`, same request id): the request's record alone would say it failed.
+async fn detached<T, F>(audit: &AuditLog, ctx: &Ctx, op: &str, f: F) -> Result<T, BrokerError>
 where
     T: Send + 'static,
     F: Future<Output = Result<T, BrokerError>> + Send + 'static,
 {
+    struct Waiting(Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for Waiting {
+        fn drop(&mut self) {
+            self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
     let scope = RequestScope::current().unwrap_or_default();
-    tokio::spawn(scope.run(f))
-        .await
-        .map_err(|e| BrokerError::internal(format!("key change task failed: {e}")))?
+    let waiting = Waiting(Arc::new(std::sync::atomic::AtomicBool::new(true)));
+    let still = waiting.0.clone();
+    let audit = audit.clone();
+    let (op, caller) = (op.to_string(), ctx.caller.id.clone());
+    let (key, tenant, request_id) = {
+        let f = ctx.fields();
+        (f.key.clone(), f.tenant.clone(), f.request_id.clone())
+    };
+    let task = tokio::spawn(scope.run(async move {
+        let r = f.await;
+        if !still.load(std::sync::atomic::Ordering::SeqCst) {
+            let message = match &r {
+                Ok(_) => format!("{op} completed after its request was answered or dropped"),
+                Err(e) => format!("{op} failed after its request was answered or dropped: {e}"),
+            };
+            let mut rec = Record::event("KeyChangeFinishedLate", Some(&caller), message);
+            rec.key = key;
+            rec.tenant = tenant;
+            rec.request_id = request_id;
+            rec.outcome = Some(if r.is_ok() { "OK" } else { "FAILED" }.into());
+            if let Err(e) = audit.append(rec).await {
+                tracing::error!(error = %e, op, "could not audit a key change that finished late");
+            }
+        }
+        r
+    }));
+    let joined = task.await;
+    drop(waiting);
+    joined.map_err(|e| BrokerError::internal(format!("key change task failed: {e}")))?
 }
 
 /// What one request's audit record says, filled in as the request learns it.
@@ -1095,7 +1129,10 @@ impl KeyManagement for Api {
             let alg = algorithm_from_pb(r.algorithm)?;
             let attrs = attributes_from_pb(r.attributes)?;
             let kr = self.keyring.clone();
-            let k = detached(async move { kr.create(name, key_type, alg, attrs).await }).await?;
+            let k = detached(&self.audit, &ctx, "CreateKey", async move {
+                kr.create(name, key_type, alg, attrs).await
+            })
+            .await?;
             ctx.note_version(1);
             Ok(self.key_to_pb(&k))
         })
@@ -1172,7 +1209,10 @@ impl KeyManagement for Api {
             let name = key_name(&r.key)?;
             ctx.authorize(Permission::Rotate, &name)?;
             let (kr, n) = (self.keyring.clone(), name.clone());
-            let k = detached(async move { kr.rotate(&n).await }).await?;
+            let k = detached(&self.audit, &ctx, "RotateKey", async move {
+                kr.rotate(&n).await
+            })
+            .await?;
             ctx.note_version(k.versions.last().map(|v| v.number).unwrap_or(0));
             Ok(self.key_to_pb(&k))
         })
@@ -1188,7 +1228,10 @@ impl KeyManagement for Api {
             ctx.authorize(Permission::Update, &name)?;
             let patch = patch_from_pb(r)?;
             let (kr, n) = (self.keyring.clone(), name.clone());
-            let k = detached(async move { kr.update(&n, patch).await }).await?;
+            let k = detached(&self.audit, &ctx, "UpdateKey", async move {
+                kr.update(&n, patch).await
+            })
+            .await?;
             Ok(self.key_to_pb(&k))
         })
         .await
@@ -1222,7 +1265,10 @@ impl KeyManagement for Api {
             let name = key_name(&r.key)?;
             ctx.authorize(Permission::TrimVersions, &name)?;
             let (kr, n, by) = (self.keyring.clone(), name.clone(), ctx.caller.id.clone());
-            let (destroyed, k) = detached(async move { kr.trim(&n, &by).await }).await?;
+            let (destroyed, k) = detached(&self.audit, &ctx, "TrimKeyVersions", async move {
+                kr.trim(&n, &by).await
+            })
+            .await?;
             Ok(pb::TrimKeyVersionsResponse {
                 destroyed_versions: destroyed,
                 key: Some(self.key_to_pb(&k)),
@@ -1239,7 +1285,10 @@ impl KeyManagement for Api {
             let name = key_name(&r.key)?;
             ctx.authorize(Permission::Delete, &name)?;
             let (kr, n, by) = (self.keyring.clone(), name.clone(), ctx.caller.id.clone());
-            let k = detached(async move { kr.delete(&n, &by).await }).await?;
+            let k = detached(&self.audit, &ctx, "DeleteKey", async move {
+                kr.delete(&n, &by).await
+            })
+            .await?;
             Ok(self.deleted_to_pb(&k))
         })
         .await
@@ -1303,7 +1352,10 @@ impl KeyManagement for Api {
             let name = key_name(&r.key)?;
             ctx.authorize(Permission::Recover, &name)?;
             let (kr, n) = (self.keyring.clone(), name.clone());
-            let k = detached(async move { kr.recover(&n).await }).await?;
+            let k = detached(&self.audit, &ctx, "RecoverKey", async move {
+                kr.recover(&n).await
+            })
+            .await?;
             Ok(self.key_to_pb(&k))
         })
         .await
@@ -1317,7 +1369,10 @@ impl KeyManagement for Api {
             let name = key_name(&r.key)?;
             ctx.authorize(Permission::Purge, &name)?;
             let (kr, n, by) = (self.keyring.clone(), name.clone(), ctx.caller.id.clone());
-            let rc = detached(async move { kr.purge(&n, &by).await }).await?;
+            let rc = detached(&self.audit, &ctx, "PurgeKey", async move {
+                kr.purge(&n, &by).await
+            })
+            .await?;
             Ok(pb::PurgeReceipt {
                 key: rc.key,
                 versions: rc.versions,
@@ -1344,7 +1399,10 @@ impl KeyManagement for Api {
                 key_type_from_pb(r.key_type)?
             };
             let kr = self.keyring.clone();
-            let info = detached(async move { kr.create_import_key(kt).await }).await?;
+            let info = detached(&self.audit, &ctx, "CreateImportKey", async move {
+                kr.create_import_key(kt).await
+            })
+            .await?;
             let pk = PublicKeyInfo {
                 key: KeyName::parse("byok/import")
                     .map_err(|e| BrokerError::internal(e.to_string()))?,
@@ -1389,9 +1447,10 @@ impl KeyManagement for Api {
             let attrs = attributes_from_pb(r.attributes)?;
             let (kr, import_id, material) =
                 (self.keyring.clone(), r.import_key_id, r.wrapped_material);
-            let k =
-                detached(async move { kr.import(name, alg, attrs, &import_id, material).await })
-                    .await?;
+            let k = detached(&self.audit, &ctx, "ImportKey", async move {
+                kr.import(name, alg, attrs, &import_id, material).await
+            })
+            .await?;
             ctx.note_version(1);
             Ok(self.key_to_pb(&k))
         })

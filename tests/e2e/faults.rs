@@ -666,3 +666,74 @@ async fn a_key_swapped_while_the_device_was_away_is_never_used_after_reinitialis
     );
     assert!(log.contains("wrong template"), "{log}");
 }
+
+#[tokio::test]
+async fn a_key_change_that_finishes_after_its_deadline_is_audited_as_such() {
+    let env = fault_env(2);
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    create(
+        &mut c,
+        "t/slow",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    // Key generation takes 1.5 s; the caller gives the rotation 600 ms.
+    let f = env.faults();
+    f.set(&[Rule::delay("C_GenerateKey", 1500)]).expect("rules");
+    let mut r = tonic::Request::new(pb::RotateKeyRequest {
+        key: "t/slow".into(),
+    });
+    r.set_timeout(Duration::from_millis(600));
+    r.metadata_mut()
+        .insert("x-request-id", "late-rotation-1".parse().expect("ascii"));
+    assert_code(
+        c.mgmt.rotate_key(r).await,
+        Code::DeadlineExceeded,
+        "rotation past its deadline",
+    );
+    // The change runs to its end in its own task — completed, or (a later step found the
+    // deadline passed) rolled back, never half done — and the trail says which, under the
+    // same request id, beside the DEADLINE_EXCEEDED record.
+    let log = env.audit_log();
+    let records = poll_until("the late event is written", Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        async move {
+            let recs: Vec<serde_json::Value> = text
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .filter(|r: &serde_json::Value| r["request_id"] == "late-rotation-1")
+                .collect();
+            recs.iter()
+                .any(|r| r["op"] == "KeyChangeFinishedLate")
+                .then_some(recs)
+        }
+    })
+    .await;
+    f.clear().expect("rules");
+    assert!(
+        records
+            .iter()
+            .any(|r| r["op"] == "RotateKey" && r["outcome"] == "DEADLINE_EXCEEDED"),
+        "{records:?}"
+    );
+    let late = records
+        .iter()
+        .find(|r| r["op"] == "KeyChangeFinishedLate")
+        .expect("late event");
+    assert_eq!(late["key"], "t/slow", "{late}");
+    // The key is exactly as the event says.
+    let k = c
+        .mgmt
+        .get_key(pb::GetKeyRequest {
+            key: "t/slow".into(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    let rotated = late["outcome"] == "OK";
+    assert_eq!(k.current_version, if rotated { 2 } else { 1 }, "{late}");
+    assert_eq!(k.versions.len(), if rotated { 2 } else { 1 }, "{late}");
+    b.stop().await;
+}
