@@ -616,9 +616,25 @@ async fn a_key_swapped_while_the_device_was_away_is_never_used_after_reinitialis
         pb::Algorithm::Unspecified,
     )
     .await;
+    let kd = create(
+        &mut c,
+        "t/d",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    let ke = create(
+        &mut c,
+        "t/e",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
     let dek = random_dek(32);
     let wa = wrap(&mut c, "t/a", &dek, b"").await.expect("wrap a");
     let wc = wrap(&mut c, "t/c", &dek, b"").await.expect("wrap c");
+    let wd = wrap(&mut c, "t/d", &dek, b"").await.expect("wrap d");
+    let we = wrap(&mut c, "t/e", &dek, b"").await.expect("wrap e");
     let f = env.faults();
     f.set(&[Rule::fail("*", "CKR_DEVICE_REMOVED").latch()])
         .expect("rules");
@@ -636,8 +652,26 @@ async fn a_key_swapped_while_the_device_was_away_is_never_used_after_reinitialis
     env.probe(&["tamper", &hex::encode(&a.versions[0].id), "replace-good"]);
     // And t/c's with a key that may wrap and decrypt (the template re-initialisation defers).
     env.probe(&["tamper", &hex::encode(&kc.versions[0].id), "replace-bad"]);
+    // t/d's object is destroyed, and t/e gets a second object with its id.
+    env.probe(&["tamper", &hex::encode(&kd.versions[0].id), "destroy"]);
+    env.probe(&["tamper", &hex::encode(&ke.versions[0].id), "duplicate"]);
     f.clear().expect("rules");
     until_serving(&mut c, "t/b").await;
+    for (key, w, what) in [
+        ("t/d", &wd, "unwrap under a KEK whose object is gone"),
+        ("t/e", &we, "unwrap under a KEK whose id two objects share"),
+    ] {
+        assert_code(
+            unwrap(&mut c, key, &w.wrapped_key, b"").await,
+            Code::FailedPrecondition,
+            what,
+        );
+        assert_code(
+            wrap(&mut c, key, &dek, b"").await,
+            Code::FailedPrecondition,
+            what,
+        );
+    }
     // The impostor never wraps or unwraps: its canary gives it away.
     assert_code(
         wrap(&mut c, "t/a", &dek, b"").await,
@@ -665,6 +699,86 @@ async fn a_key_swapped_while_the_device_was_away_is_never_used_after_reinitialis
         "{log}"
     );
     assert!(log.contains("wrong template"), "{log}");
+    assert!(log.contains("its HSM object is missing"), "{log}");
+    assert!(log.contains("2 HSM objects share its CKA_ID"), "{log}");
+}
+
+#[tokio::test]
+async fn after_a_reinitialisation_keys_are_served_before_the_pass_that_finds_them_all_ends() {
+    let env = fault_env(2);
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    let n = 60;
+    for i in 0..n {
+        create(
+            &mut c,
+            &format!("t/k{i}"),
+            pb::KeyType::Aes256,
+            pb::Algorithm::Unspecified,
+        )
+        .await;
+    }
+    let last = format!("t/k{}", n - 1);
+    let dek = random_dek(32);
+    let before = wrap(&mut c, &last, &dek, b"").await.expect("wrap");
+    let f = env.faults();
+    f.set(&[Rule::fail("*", "CKR_DEVICE_REMOVED").latch()])
+        .expect("rules");
+    assert_code(
+        wrap(&mut c, "t/k0", &dek, b"").await,
+        Code::Unavailable,
+        "device away",
+    );
+    poll_until("the broker notices", Duration::from_secs(10), || {
+        let log = b.log();
+        async move { log.contains("HSM device or token lost").then_some(()) }
+    })
+    .await;
+    // The device comes back slow to read attributes: the pass that re-finds every version's
+    // objects (two reads per object, 60+ objects) takes over 3 s, while one key's own lookup
+    // and checks take a handful of reads.
+    f.set(&[
+        Rule::trace("C_GetAttributeValue"),
+        Rule::delay("C_GetAttributeValue", 25),
+    ])
+    .expect("rules");
+    until_serving(&mut c, "t/k0").await;
+    let u = unwrap(&mut c, &last, &before.wrapped_key, b"")
+        .await
+        .expect("an old envelope unwraps while the pass runs");
+    assert_eq!(u.plaintext, dek);
+    let reads = f.count("trace", Some("C_GetAttributeValue"));
+    assert!(
+        reads < n,
+        "served after {reads} attribute reads: the broker waited for the pass over all {n} keys"
+    );
+    let log = b.log();
+    assert!(log.contains("HSM re-initialised: serving again"), "{log}");
+    assert!(
+        !log.contains("KEK objects re-found after re-initialising the HSM"),
+        "served only once the whole token had been searched: {log}"
+    );
+    poll_until("the pass ends", Duration::from_secs(60), || {
+        let log = b.log();
+        async move {
+            log.contains("KEK objects re-found after re-initialising the HSM")
+                .then_some(())
+        }
+    })
+    .await;
+    f.clear().expect("rules");
+    // Every version is served after the pass, the ones looked up early included.
+    for i in [0, n / 2, n - 1] {
+        wrap(&mut c, &format!("t/k{i}"), &dek, b"")
+            .await
+            .expect("wrap after the pass");
+    }
+    let u = unwrap(&mut c, &last, &before.wrapped_key, b"")
+        .await
+        .expect("unwrap after the pass");
+    assert_eq!(u.plaintext, dek);
+    let log = b.stop().await;
+    assert!(!log.contains("KEK integrity check failed"), "{log}");
 }
 
 #[tokio::test]

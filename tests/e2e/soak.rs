@@ -708,10 +708,11 @@ async fn soak_chaos() {
         },
     );
     println!("\n| soak | result |\n|---|---|\n{t}");
-    for l in all_logs
-        .lines()
-        .filter(|l| l.contains("re-initialisation phases") || l.contains("serving again"))
-    {
+    for l in all_logs.lines().filter(|l| {
+        l.contains("re-initialisation phases")
+            || l.contains("serving again")
+            || l.contains("KEK objects re-found")
+    }) {
         println!("broker: {l}");
     }
     for l in all_logs

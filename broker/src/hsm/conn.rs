@@ -62,6 +62,10 @@ pub(super) struct Conn {
     checks: Mutex<HashMap<VersionId, Check>>,
     /// Whether `checks` may be non-empty (the hot path skips the lock when not).
     any_checks: AtomicBool,
+    /// Whether the pass that re-finds every known version's objects after a
+    /// re-initialisation is still running: meanwhile a version with no cached handles is
+    /// looked up by its own `CKA_ID` before its first use (see `recovery`).
+    resolving: AtomicBool,
 }
 
 impl Conn {
@@ -79,7 +83,17 @@ impl Conn {
             handle_epoch: Mutex::new(0),
             checks: Mutex::new(HashMap::new()),
             any_checks: AtomicBool::new(false),
+            resolving: AtomicBool::new(false),
         }
+    }
+
+    /// Whether this generation's handles are still being re-found (see [`Conn::resolving`]).
+    pub(super) fn resolving(&self) -> bool {
+        self.resolving.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn set_resolving(&self, on: bool) {
+        self.resolving.store(on, Ordering::SeqCst);
     }
 
     fn checks(&self) -> std::sync::MutexGuard<'_, HashMap<VersionId, Check>> {

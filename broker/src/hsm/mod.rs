@@ -1025,8 +1025,8 @@ impl Hsm {
 
     /// HMAC-SHA256 of `data` with the audit key, computed inside the HSM.
     pub async fn audit_mac(&self, data: Vec<u8>) -> Result<Vec<u8>, HsmError> {
-        self.run("MAC an audit checkpoint", READ, move |_, conn, s| {
-            let h = conn.audit_handle()?;
+        self.run("MAC an audit checkpoint", READ, move |inner, conn, s| {
+            let h = inner.audit_handle(conn, s)?;
             s.sign(&Mechanism::Sha256Hmac, h, &data)
                 .map_err(|e| HsmError::from_ck("C_Sign (HMAC)", e))
         })
@@ -1035,8 +1035,8 @@ impl Hsm {
 
     /// Verifies an audit checkpoint MAC inside the HSM.
     pub async fn audit_verify(&self, data: Vec<u8>, mac: Vec<u8>) -> Result<bool, HsmError> {
-        self.run("verify an audit checkpoint", READ, move |_, conn, s| {
-            let h = conn.audit_handle()?;
+        self.run("verify an audit checkpoint", READ, move |inner, conn, s| {
+            let h = inner.audit_handle(conn, s)?;
             match s.verify(&Mechanism::Sha256Hmac, h, &data, &mac) {
                 Ok(()) => Ok(true),
                 Err(CkError::Pkcs11(RvError::SignatureInvalid | RvError::SignatureLenRange, _)) => {
@@ -1541,7 +1541,15 @@ fn find_keks(
     let found = s
         .find_objects(&[Attribute::Token(true)])
         .map_err(|e| HsmError::from_ck("C_FindObjects", e))?;
-    for h in found {
+    for (i, h) in found.into_iter().enumerate() {
+        // A pass over a large token takes a second or more: a shutdown does not wait for it.
+        if i % 256 == 255 && inner.closed.load(Ordering::SeqCst) {
+            return Err(HsmError::refused(
+                FaultKind::DeviceLost,
+                "find the KEKs",
+                "the HSM is closed (shutting down)",
+            ));
+        }
         let attrs = match s.get_attributes(h, &wanted) {
             Ok(a) => a,
             // Objects that are not keys (Kryoptic lists mechanism and profile objects) may
@@ -1579,35 +1587,13 @@ fn find_keks(
     let mut handles = HashMap::with_capacity(expected.len());
     for e in expected {
         let objs = by_id.remove(e.id.as_bytes().as_slice()).unwrap_or_default();
-        let pick = |c: ObjectClass| -> Vec<ObjectHandle> {
-            objs.iter().filter(|o| o.1 == c).map(|o| o.0).collect()
-        };
-        let (secrets, publics) = if e.key_type.is_rsa() {
-            (
-                pick(ObjectClass::PRIVATE_KEY),
-                pick(ObjectClass::PUBLIC_KEY),
-            )
-        } else {
-            (pick(ObjectClass::SECRET_KEY), Vec::new())
-        };
-        let want_public = usize::from(e.key_type.is_rsa());
-        let problem = if secrets.is_empty() {
-            Some("its HSM object is missing".to_string())
-        } else if secrets.len() > 1 || publics.len() > want_public || objs.len() != 1 + want_public
-        {
-            Some(format!("{} HSM objects share its CKA_ID", objs.len()))
-        } else if publics.len() != want_public {
-            Some("its public key object is missing".to_string())
-        } else {
-            None
-        };
-        if let Some(p) = problem {
-            report.problems.push((e.id, p));
-            continue;
-        }
-        let h = KekHandles {
-            secret: secrets[0],
-            public: publics.first().copied(),
+        let classes: Vec<_> = objs.iter().map(|o| (o.0, o.1)).collect();
+        let h = match match_objects(e, &classes) {
+            Ok(h) => h,
+            Err(p) => {
+                report.problems.push((e.id, p));
+                continue;
+            }
         };
         let Some(mech) = inner.caps.mechanism_for(e.algorithm) else {
             report.problems.push((
@@ -1662,6 +1648,71 @@ fn find_keks(
     }
     report.attached = handles.len();
     Ok((report, handles))
+}
+
+/// Picks a version's handles from the key objects that carry its `CKA_ID`: exactly one secret
+/// (or private) key, and for RSA exactly one public key; anything else is why not.
+fn match_objects(
+    e: &ExpectedKek,
+    objs: &[(ObjectHandle, ObjectClass)],
+) -> Result<KekHandles, String> {
+    let pick = |c: ObjectClass| -> Vec<ObjectHandle> {
+        objs.iter().filter(|o| o.1 == c).map(|o| o.0).collect()
+    };
+    let (secrets, publics) = if e.key_type.is_rsa() {
+        (
+            pick(ObjectClass::PRIVATE_KEY),
+            pick(ObjectClass::PUBLIC_KEY),
+        )
+    } else {
+        (pick(ObjectClass::SECRET_KEY), Vec::new())
+    };
+    let want_public = usize::from(e.key_type.is_rsa());
+    match secrets.as_slice() {
+        [] => Err("its HSM object is missing".to_string()),
+        _ if secrets.len() > 1 || publics.len() > want_public || objs.len() != 1 + want_public => {
+            Err(format!("{} HSM objects share its CKA_ID", objs.len()))
+        }
+        _ if publics.len() != want_public => Err("its public key object is missing".to_string()),
+        [secret, ..] => Ok(KekHandles {
+            secret: *secret,
+            public: publics.first().copied(),
+        }),
+    }
+}
+
+/// Finds one version's objects with a search by its `CKA_ID` (one scan of the token: for a
+/// single version, never for all of them). The outer error is an HSM fault, the inner one an
+/// integrity problem (missing or duplicated objects).
+fn find_one(s: &Session, e: &ExpectedKek) -> Result<Result<KekHandles, String>, HsmError> {
+    let found = s
+        .find_objects(&[
+            Attribute::Id(e.id.as_bytes().to_vec()),
+            Attribute::Token(true),
+        ])
+        .map_err(|err| HsmError::from_ck("C_FindObjects", err))?;
+    let mut objs = Vec::with_capacity(found.len());
+    for h in found {
+        let class = s
+            .get_attributes(h, &[AttributeType::Class])
+            .map_err(|err| HsmError::from_ck("C_GetAttributeValue", err))?
+            .into_iter()
+            .find_map(|a| match a {
+                Attribute::Class(c) => Some(c),
+                _ => None,
+            });
+        if let Some(c) = class
+            && [
+                ObjectClass::SECRET_KEY,
+                ObjectClass::PRIVATE_KEY,
+                ObjectClass::PUBLIC_KEY,
+            ]
+            .contains(&c)
+        {
+            objs.push((h, c));
+        }
+    }
+    Ok(match_objects(e, &objs))
 }
 
 fn is_key_object(s: &Session, h: ObjectHandle) -> bool {

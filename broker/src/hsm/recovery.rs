@@ -14,18 +14,22 @@
 //! 2. let calls in flight finish, for at most [`DRAIN`];
 //! 3. `C_Finalize`, `C_Initialize`, find the token again (by the configured selector: its slot
 //!    may have changed), open and log in the anchor session, open the pool;
-//! 4. re-find every known KEK version in one pass (id and class: the same checks for missing
-//!    and duplicated objects as at start-up); find the audit key;
-//! 5. install the new generation and report SERVING;
+//! 4. install the new generation and report SERVING — before any object is looked up, so the
+//!    outage does not grow with the number of keys (a pass over a token of 6,500 versions
+//!    takes over a second on SoftHSM2: two attribute reads per object, each re-checking the
+//!    object's file);
+//! 5. re-find every known KEK version in one pass over the token, in the background (id and
+//!    class: the same checks for missing and duplicated objects as at start-up), and the audit
+//!    key. Until the pass is done, a version asked for that it has not reached is looked up by
+//!    its own `CKA_ID` (one search, with the same checks) and cached;
 //! 6. check each version's template and prove its identity by unwrapping its canary (DESIGN
 //!    §3.3: after every re-login) — lazily, before a version's first use on the new
-//!    generation, and in a sweep in the background — so that serving again does not wait for
-//!    two attribute reads and one unwrap per version (which takes seconds with thousands of
-//!    versions). A version that fails is never served (its
-//!    handles are dropped, callers get FAILED_PRECONDITION) and the failure is logged as an
-//!    integrity alert.
+//!    generation, and in a sweep in the background after the pass. A version that fails any
+//!    check is never served on the generation (callers get FAILED_PRECONDITION) and the
+//!    failure is logged as an integrity alert.
 
 use std::{
+    collections::HashMap,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -33,14 +37,15 @@ use std::{
 use cryptoki::{
     context::{CInitializeArgs, CInitializeFlags},
     error::{Error as CkError, RvError},
+    object::ObjectHandle,
+    session::Session,
 };
 
-use cryptoki::session::Session;
-
 use super::{
-    AttachReport, FaultKind, HsmError, Inner, canary_verdict, check_template,
+    AttachReport, ExpectedKek, FaultKind, HsmError, Inner, KekHandles, canary_verdict,
+    check_template,
     conn::{Check, Conn},
-    find_audit_key, find_keks, open_and_login, open_pool, select_token,
+    find_audit_key, find_keks, find_one, open_and_login, open_pool, select_token,
 };
 use crate::model::VersionId;
 
@@ -148,7 +153,7 @@ impl Inner {
             attempt += 1;
             let t = Instant::now();
             match self.reinitialise() {
-                Ok(report) => {
+                Ok(versions) => {
                     self.reinitialisations.fetch_add(1, Ordering::Relaxed);
                     self.set_health(true, "ok");
                     tracing::warn!(
@@ -156,10 +161,10 @@ impl Inner {
                         outage_ms = started.elapsed().as_millis() as u64,
                         reinit_ms = t.elapsed().as_millis() as u64,
                         generation = self.current().generation,
-                        keks = report.attached,
-                        problems = report.problems.len(),
+                        versions,
                         "HSM re-initialised: serving again"
                     );
+                    self.refind();
                     self.sweep_canaries();
                     break;
                 }
@@ -176,7 +181,8 @@ impl Inner {
     }
 
     /// One re-initialisation attempt (see the module docs).
-    fn reinitialise(self: &Arc<Self>) -> Result<AttachReport, HsmError> {
+    /// Returns how many known versions are to be found again.
+    fn reinitialise(self: &Arc<Self>) -> Result<usize, HsmError> {
         let _reinit = self.reinit_lock.lock().unwrap_or_else(|p| p.into_inner());
         if self.closed.load(Ordering::SeqCst) {
             return Err(HsmError::refused(
@@ -224,49 +230,179 @@ impl Inner {
         let idle = open_pool(&self.ctx, slot, self.pool_size)?;
         let logged_in = Instant::now();
         let conn = Conn::new(old.generation + 1, slot, idle, anchor);
-        let expected: Vec<_> = self
+        // Serve at once: the handles are re-found by a pass over the token after the new
+        // generation is installed (`refind`), and a version asked for before the pass reaches
+        // it is looked up by its own id. Every known version proves its template and identity
+        // again before its first use either way.
+        let known: Vec<VersionId> = self
             .known
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
+            .keys()
+            .copied()
             .collect();
-        let s = conn.checkout(&self.ctx, "re-find the KEKs")?;
-        let found = find_keks(self, &s, &expected, false);
-        let audit_id = *self.audit_key_id.lock().unwrap_or_else(|p| p.into_inner());
-        let audit = audit_id.map(|id| find_audit_key(&s, id));
-        conn.checkin(s);
-        let (report, handles) = found?;
+        conn.set_resolving(true);
+        conn.set_unchecked(known.iter().copied());
         tracing::warn!(
             drain_ms = (drained - old_retired).as_millis() as u64,
             initialise_ms = (initialised - drained).as_millis() as u64,
-            login_ms = (logged_in - initialised).as_millis() as u64,
-            find_ms = logged_in.elapsed().as_millis() as u64,
-            versions = expected.len(),
+            login_ms = logged_in.duration_since(initialised).as_millis() as u64,
+            versions = known.len(),
             "re-initialisation phases"
         );
-        for (id, why) in &report.problems {
-            tracing::error!(version_id = %id, problem = %why,
-                "KEK integrity check failed after re-initialising the HSM: this version is not served");
-        }
-        // Templates and identities are checked before first use and by the sweep (see the
-        // module docs).
-        conn.set_unchecked(
-            expected
-                .iter()
-                .filter(|e| handles.contains_key(&e.id))
-                .map(|e| e.id),
-        );
-        *conn.handles.write().unwrap_or_else(|p| p.into_inner()) = handles;
-        match audit {
-            Some(Ok(h)) => *conn.audit_key.write().unwrap_or_else(|p| p.into_inner()) = Some(h),
-            Some(Err(e)) => {
+        *self.conn.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(conn);
+        Ok(known.len())
+    }
+
+    /// After a re-initialisation, while requests are served: re-finds every known version's
+    /// objects in one pass over the token (the same checks for missing and duplicated objects
+    /// as at start-up) and the audit key, then ends the per-version lookups.
+    fn refind(&self) {
+        // Its session is outside admission, so a shutdown waits for it here (see `close`);
+        // `find_keks` stops early once the HSM is closed.
+        let _reinit = self.reinit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let conn = self.current();
+        let t = Instant::now();
+        for attempt in 1..=3u64 {
+            if self.closed.load(Ordering::SeqCst) || !conn.resolving() || conn.retired() {
+                return;
+            }
+            let expected: Vec<_> = self
+                .known
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .cloned()
+                .collect();
+            let s = match conn.checkout(&self.ctx, "re-find the KEKs") {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot re-find the KEK objects now; each is looked up before its first use");
+                    return;
+                }
+            };
+            let found = find_keks(self, &s, &expected, false);
+            if conn.audit_handle().is_err()
+                && let Err(e) = self.audit_handle(&conn, &s)
+            {
                 tracing::error!(error = %e, "the audit key was not found after re-initialising the HSM: checkpoints fail until it is");
             }
-            None => {}
+            match found {
+                Ok((report, handles)) => {
+                    conn.checkin(s);
+                    self.merge_found(&conn, &expected, &report, handles);
+                    conn.set_resolving(false);
+                    tracing::warn!(
+                        versions = expected.len(),
+                        problems = report.problems.len(),
+                        find_ms = t.elapsed().as_millis() as u64,
+                        "KEK objects re-found after re-initialising the HSM"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    conn.discard(s);
+                    tracing::warn!(attempt, error = %e, "re-finding the KEK objects failed; each is looked up before its first use meanwhile");
+                    std::thread::sleep(Duration::from_millis(100 * attempt));
+                }
+            }
         }
-        *self.conn.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(conn);
-        Ok(report)
+    }
+
+    /// Installs handles found by a pass over the token for the versions in `expected` (those
+    /// still known: one destroyed meanwhile stays gone). A version whose handle changed must
+    /// prove its identity again (the object behind an id can have been replaced); one with a
+    /// problem (missing, duplicated, wrong template) is never served on this generation.
+    fn merge_found(
+        &self,
+        conn: &Conn,
+        expected: &[ExpectedKek],
+        report: &AttachReport,
+        found: HashMap<VersionId, KekHandles>,
+    ) {
+        let known = self.known.read().unwrap_or_else(|p| p.into_inner());
+        let mut changed = Vec::new();
+        {
+            let mut handles = conn.handles.write().unwrap_or_else(|p| p.into_inner());
+            for e in expected.iter().filter(|e| known.contains_key(&e.id)) {
+                match found.get(&e.id) {
+                    Some(h) => {
+                        if handles.insert(e.id, *h) != Some(*h) {
+                            changed.push(e.id);
+                        }
+                    }
+                    None => {
+                        handles.remove(&e.id);
+                    }
+                }
+            }
+        }
+        conn.set_unchecked(changed);
+        for (id, why) in report
+            .problems
+            .iter()
+            .filter(|(id, _)| known.contains_key(id))
+        {
+            tracing::error!(version_id = %id, problem = %why,
+                "KEK integrity check failed while re-finding objects: this version is not served");
+            conn.set_verdict(*id, Some(why.clone()));
+        }
+    }
+
+    /// A version's handles on `conn`; while the re-find after a re-initialisation runs, a
+    /// version it has not reached yet is looked up by its own id (and cached). Missing or
+    /// duplicated objects fail the version for this generation (FAILED_PRECONDITION).
+    fn handles_for(
+        &self,
+        conn: &Conn,
+        s: &Session,
+        id: VersionId,
+    ) -> Result<Option<KekHandles>, HsmError> {
+        if let Ok(h) = conn.handles_of(id) {
+            return Ok(Some(h));
+        }
+        if !conn.resolving() {
+            return Ok(None);
+        }
+        let expected = self
+            .known
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned();
+        let Some(e) = expected else {
+            return Ok(None);
+        };
+        match find_one(s, &e)? {
+            Ok(h) => Ok(Some(
+                *conn
+                    .handles
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(id)
+                    .or_insert(h),
+            )),
+            Err(why) => {
+                tracing::error!(version_id = %id, problem = %why,
+                    "KEK integrity check failed after re-initialising the HSM: this version is not served");
+                conn.set_verdict(id, Some(why.clone()));
+                Err(integrity_failed(id, &why))
+            }
+        }
+    }
+
+    /// The audit key's handle on `conn`, found by its id if this generation has not yet.
+    pub(super) fn audit_handle(&self, conn: &Conn, s: &Session) -> Result<ObjectHandle, HsmError> {
+        if let Ok(h) = conn.audit_handle() {
+            return Ok(h);
+        }
+        let id = *self.audit_key_id.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(id) = id else {
+            return conn.audit_handle();
+        };
+        let h = find_audit_key(s, id)?;
+        *conn.audit_key.write().unwrap_or_else(|p| p.into_inner()) = Some(h);
+        Ok(h)
     }
 
     /// Re-finds every known KEK's objects on `conn` (after `CKR_OBJECT_HANDLE_INVALID` and
@@ -292,22 +428,7 @@ impl Inner {
             _ => conn.checkin(s),
         }
         let (report, handles) = found?;
-        for (id, why) in &report.problems {
-            tracing::error!(version_id = %id, problem = %why,
-                "KEK integrity check failed while re-finding objects: this version is not served");
-        }
-        // A version whose object is not the one it had (another handle, or newly found) must
-        // prove its identity again before use: the object behind an id can have been replaced.
-        let changed: Vec<VersionId> = {
-            let old = conn.handles.read().unwrap_or_else(|p| p.into_inner());
-            handles
-                .iter()
-                .filter(|(id, h)| old.get(*id) != Some(*h))
-                .map(|(id, _)| *id)
-                .collect()
-        };
-        conn.set_unchecked(changed);
-        *conn.handles.write().unwrap_or_else(|p| p.into_inner()) = handles;
+        self.merge_found(conn, &expected, &report, handles);
         if let Some(Ok(h)) = audit {
             *conn.audit_key.write().unwrap_or_else(|p| p.into_inner()) = Some(h);
         }
@@ -327,25 +448,19 @@ impl Inner {
         s: &Session,
         id: VersionId,
     ) -> Result<(), HsmError> {
-        let failed = |why: &str| {
-            HsmError::new(
-                FaultKind::NotPermitted,
-                "prove a KEK's identity",
-                format!("version {id} failed its integrity check after re-initialisation: {why}"),
-            )
-        };
         match conn.check_of(id) {
             None => return Ok(()),
-            Some(Check::Failed(why)) => return Err(failed(&why)),
+            Some(Check::Failed(why)) => return Err(integrity_failed(id, &why)),
             Some(Check::Pending) => {}
         }
+        let h = self.handles_for(conn, s, id)?;
         let expected = self
             .known
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
             .cloned();
-        let (Some(e), Ok(h)) = (expected, conn.handles_of(id)) else {
+        let (Some(e), Some(h)) = (expected, h) else {
             conn.set_verdict(id, None);
             return Ok(());
         };
@@ -371,7 +486,7 @@ impl Inner {
             Some(why) => {
                 tracing::error!(version_id = %id, problem = %why,
                     "KEK integrity check failed after re-initialising the HSM: this version is not served");
-                Err(failed(&why))
+                Err(integrity_failed(id, &why))
             }
         }
     }
@@ -418,4 +533,13 @@ impl Inner {
             "KEK identities proven after re-initialising the HSM"
         );
     }
+}
+
+/// The error for a version that failed its integrity check on this generation.
+fn integrity_failed(id: VersionId, why: &str) -> HsmError {
+    HsmError::new(
+        FaultKind::NotPermitted,
+        "prove a KEK's identity",
+        format!("version {id} failed its integrity check after re-initialisation: {why}"),
+    )
 }
