@@ -26,7 +26,11 @@ use std::{
 
 use clap::Parser;
 use hdrhistogram::Histogram;
-use hsm_fixtures::{pki::Ca, softhsm::SoftHsmToken};
+use hsm_fixtures::{
+    fault::{FaultControl, Rule},
+    pki::Ca,
+    softhsm::SoftHsmToken,
+};
 use keybroker::client::{ClientSettings, Clients, clients};
 use keybroker_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
@@ -55,7 +59,8 @@ struct Args {
     /// HSM sessions in the broker's pool and raw threads (default: 2 per CPU, at least 4).
     #[arg(long)]
     sessions: Option<usize>,
-    /// Only these rows (comma-separated substrings of the operation names).
+    /// Only these rows (comma-separated substrings of the operation names; `scale` for the
+    /// key-count rows, start-up time and device outages).
     #[arg(long)]
     only: Option<String>,
     /// Skip the raw PKCS#11 measurements (quicker; for profiling the broker).
@@ -134,6 +139,10 @@ struct World {
     dir: tempfile::TempDir,
     token: SoftHsmToken,
     config: PathBuf,
+    /// The same configuration with the fault module between the broker and SoftHSM2 (for the
+    /// device-outage measurement only: it adds a little to every call).
+    faulty_config: PathBuf,
+    faults: FaultControl,
     settings: ClientSettings,
     broker_bin: PathBuf,
 }
@@ -162,8 +171,9 @@ impl World {
             .issue_spiffe_client("client", "spiffe://bench/client")
             .map_err(|e| e.to_string())?;
         let config = dir.path().join("keybroker.toml");
-        std::fs::write(
-            &config,
+        let faults = FaultControl::new(&dir.path().join("faults"), &token.module)
+            .map_err(|e| e.to_string())?;
+        let text = |module: &Path| {
             format!(
                 "[server]\nlisten = \"127.0.0.1:0\"\nmax_concurrent_streams = 1024\n\
                  [tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n\
@@ -173,11 +183,13 @@ impl World {
                 server.cert_path.display(),
                 server.key_path.display(),
                 ca.cert_path.display(),
-                token.module.display(),
+                module.display(),
                 token.pin_file.display(),
-            ),
-        )
-        .map_err(|e| e.to_string())?;
+            )
+        };
+        std::fs::write(&config, text(&token.module)).map_err(|e| e.to_string())?;
+        let faulty_config = dir.path().join("keybroker-faults.toml");
+        std::fs::write(&faulty_config, text(&faults.module())).map_err(|e| e.to_string())?;
         let settings = ClientSettings {
             endpoint: String::new(),
             ca: ca.cert_path.clone(),
@@ -188,18 +200,33 @@ impl World {
             dir,
             token,
             config,
+            faulty_config,
+            faults,
             settings,
             broker_bin,
         })
     }
 
     async fn start(&self) -> Result<Running, String> {
+        self.start_with(false).await
+    }
+
+    /// Starts the broker, through the fault module with `faulty`.
+    async fn start_with(&self, faulty: bool) -> Result<Running, String> {
         let t0 = Instant::now();
-        let mut child = tokio::process::Command::new(&self.broker_bin)
-            .args(["serve", "--config"])
-            .arg(&self.config)
+        let mut cmd = tokio::process::Command::new(&self.broker_bin);
+        cmd.args(["serve", "--config"])
+            .arg(if faulty {
+                &self.faulty_config
+            } else {
+                &self.config
+            })
             .env("SOFTHSM2_CONF", &self.token.conf)
-            .env("RUST_LOG", "warn,cryptoki=off")
+            .env("RUST_LOG", "warn,cryptoki=off");
+        if faulty {
+            cmd.envs(self.faults.env());
+        }
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -869,6 +896,7 @@ async fn bench(args: Args) -> Result<(), String> {
         .only
         .as_ref()
         .map(|o| o.split(',').map(str::to_string).collect());
+    let scale_rows = only.as_ref().is_none_or(|o| o.iter().any(|s| s == "scale"));
     let mut rows = Vec::new();
     for p in &plan {
         if only
@@ -952,7 +980,9 @@ async fn bench(args: Args) -> Result<(), String> {
 
     // Scale with keys: ops/s across K keys and start-up time with K keys.
     let mut scale = Vec::new();
-    if only.is_none() {
+    let mut outage = None;
+    if scale_rows {
+        let mut outage_envelopes = Arc::new(Vec::new());
         let mut targets: Vec<usize> = args
             .keys
             .split(',')
@@ -972,6 +1002,7 @@ async fn bench(args: Args) -> Result<(), String> {
             let keys = Arc::new(names.clone());
             let envs =
                 Arc::new(envelopes(&mut c, &names, &aad, 500.min(names.len().max(100))).await?);
+            outage_envelopes = envs.clone();
             let load = Load {
                 op: Op::Unwrap,
                 keys: keys.clone(),
@@ -995,11 +1026,74 @@ async fn bench(args: Args) -> Result<(), String> {
             last.2 = started;
         }
         r2.stop().await;
+        if let Some(&(k, _, _)) = scale.last() {
+            eprintln!("keybroker-bench: device outages with {k} keys...");
+            let ms = outages(&w, &outage_envelopes, args.reps.max(3)).await?;
+            outage = Some((k, ms));
+        }
     } else {
         drop(c);
         r.stop().await;
     }
-    report(&args, &rows, rss, &scale, sessions)
+    report(&args, &rows, rss, &scale, outage, sessions)
+}
+
+/// Device outages through the fault module: every call fails with `CKR_DEVICE_REMOVED` until
+/// the rule is lifted (the device returns); measured is the time from then to the first
+/// unwrap served, each time under a key not used since the outage (so its handles are not yet
+/// re-found). Returns the milliseconds of each outage.
+async fn outages(w: &World, envs: &[(Vec<u8>, Vec<u8>)], n: usize) -> Result<Vec<f64>, String> {
+    if envs.is_empty() {
+        return Ok(Vec::new());
+    }
+    w.faults.clear().map_err(|e| e.to_string())?;
+    let r = w.start_with(true).await?;
+    let mut c = w.connect(&r).await?;
+    let unwrap = |c: &mut Clients, i: usize| {
+        let (env, aad) = envs[i % envs.len()].clone();
+        let mut c = c.clone();
+        async move {
+            let mut req = tonic::Request::new(pb::UnwrapKeyRequest {
+                wrapped: Some(pb::unwrap_key_request::Wrapped::Envelope(env)),
+                aad,
+                ..Default::default()
+            });
+            req.set_timeout(Duration::from_secs(5));
+            c.broker.unwrap_key(req).await
+        }
+    };
+    unwrap(&mut c, 0)
+        .await
+        .map_err(|e| format!("unwrap before the outage: {e}"))?;
+    let mut ms = Vec::new();
+    for round in 1..=n {
+        w.faults
+            .set(&[Rule::fail("*", "CKR_DEVICE_REMOVED").latch()])
+            .map_err(|e| e.to_string())?;
+        // The broker notices at its next call, then keeps trying to re-initialise.
+        let _ = unwrap(&mut c, 0).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        w.faults.clear().map_err(|e| e.to_string())?;
+        let back = Instant::now();
+        let i = round * envs.len() / (n + 1);
+        loop {
+            match unwrap(&mut c, i).await {
+                Ok(_) => break,
+                Err(s) if s.code() == tonic::Code::Unavailable => {}
+                Err(s) => return Err(format!("unwrap after the device returned: {s}")),
+            }
+            if back.elapsed() > Duration::from_secs(60) {
+                return Err("not serving 60 s after the device returned".into());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        ms.push(back.elapsed().as_secs_f64() * 1000.0);
+        // Let the background pass and the canary sweep finish before the next outage.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    drop(c);
+    r.stop().await;
+    Ok(ms)
 }
 
 fn report(
@@ -1007,6 +1101,7 @@ fn report(
     rows: &[Row],
     rss: Option<(f64, f64, u64)>,
     scale: &[(usize, f64, f64)],
+    outage: Option<(usize, Vec<f64>)>,
     sessions: usize,
 ) -> Result<(), String> {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -1027,6 +1122,7 @@ fn report(
             "rows": rows,
             "streams_256": rss.map(|(ops, mib, err)| serde_json::json!({"ops_per_s": ops, "peak_rss_mib": mib, "errors": err})),
             "scale": scale.iter().map(|(k, ops, st)| serde_json::json!({"keys": k, "ops_per_s": ops, "startup_s": st})).collect::<Vec<_>>(),
+            "device_outage": outage.as_ref().map(|(k, ms)| serde_json::json!({"keys": k, "serving_again_ms": ms})),
         });
         println!(
             "{}",
@@ -1087,6 +1183,14 @@ fn report(
         } else {
             println!("{k:>6} keys: aes-gcm unwrap ×32 across all keys {ops:.0} ops/s");
         }
+    }
+    if let Some((k, ms)) = &outage {
+        let max = ms.iter().copied().fold(0.0, f64::max);
+        println!(
+            "device outage with {k} keys: first unwrap served {:.0} ms after the device returned (median of {}; max {max:.0} ms; includes up to 100 ms of re-initialisation backoff)",
+            median(ms.clone()),
+            ms.len()
+        );
     }
     Ok(())
 }

@@ -22,10 +22,12 @@
 //! * **device or token lost** (`CKR_DEVICE_REMOVED`, `CKR_TOKEN_NOT_PRESENT`,
 //!   `CKR_DEVICE_ERROR`, ...): if the token no longer answers, the HSM is marked unhealthy
 //!   ([`Hsm::healthy`], [`Hsm::health`]), every request gets UNAVAILABLE at once, and a
-//!   background thread re-initialises with backoff (≤ 250 ms between attempts): `C_Finalize`,
-//!   `C_Initialize`, find the token again, log in, open a new pool, re-find every known KEK,
-//!   check its template and unwrap its canary, find the audit key — then serves again. See
-//!   [`conn`] for why a re-initialisation replaces every session and object handle at once.
+//!   background thread re-initialises with backoff (≤ 100 ms between attempts): `C_Finalize`,
+//!   `C_Initialize`, find the token again, log in, open a new pool — then serves again, while
+//!   it re-finds every known KEK and the audit key in one pass (a version needed before the
+//!   pass reaches it is looked up by its id), each KEK's template and canary checked before
+//!   its first use. See [`conn`] for why a re-initialisation replaces every session and object
+//!   handle at once, and [`recovery`] for the steps.
 //!
 //! Layout:
 //! * [`error`] — classification of PKCS#11 return values (drives recovery and status codes);

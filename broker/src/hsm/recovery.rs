@@ -7,7 +7,7 @@
 //! the anchor session's `C_GetSessionInfo`): one failed call can be transient, and then the
 //! caller alone gets UNAVAILABLE. If the token does not answer, the HSM is marked unhealthy —
 //! every request gets UNAVAILABLE at once, health reports NOT_SERVING — and the thread
-//! re-initialises until it works, with backoff from 25 ms doubling to at most 250 ms, so the
+//! re-initialises until it works, with backoff from 25 ms doubling to at most 100 ms, so the
 //! broker serves again well within a second of the device coming back:
 //!
 //! 1. retire the current generation (its sessions are forgotten, never closed: see `conn`);
@@ -55,7 +55,7 @@ pub const DRAIN: Duration = Duration::from_secs(2);
 /// The first pause between re-initialisation attempts.
 const BACKOFF_START: Duration = Duration::from_millis(25);
 /// The longest pause between attempts (bounds the time to serve after the device returns).
-const BACKOFF_MAX: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_millis(100);
 
 /// The HSM's health, as published to [`super::Hsm::health`] subscribers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -373,7 +373,11 @@ impl Inner {
         let Some(e) = expected else {
             return Ok(None);
         };
-        match find_one(s, &e)? {
+        let t = Instant::now();
+        let found = find_one(s, &e)?;
+        tracing::debug!(version_id = %id, millis = t.elapsed().as_millis() as u64,
+            "looked up a version by its id before the re-find reached it");
+        match found {
             Ok(h) => Ok(Some(
                 *conn
                     .handles
