@@ -66,6 +66,10 @@ pub(super) struct Conn {
     /// re-initialisation is still running: meanwhile a version with no cached handles is
     /// looked up by its own `CKA_ID` before its first use (see `recovery`).
     resolving: AtomicBool,
+    /// Held by the one lookup by id allowed at a time while `resolving`: each is a scan of the
+    /// whole token (~15 µs per object on SoftHSM2), so many at once would cost more than the
+    /// pass they stand in for and take every session from the keys that are ready.
+    pub(super) lookup: Mutex<()>,
 }
 
 impl Conn {
@@ -84,6 +88,7 @@ impl Conn {
             checks: Mutex::new(HashMap::new()),
             any_checks: AtomicBool::new(false),
             resolving: AtomicBool::new(false),
+            lookup: Mutex::new(()),
         }
     }
 

@@ -194,7 +194,11 @@ pub fn classify(rv: RvError) -> FaultKind {
         | DeviceMemory
         | DeviceError => FaultKind::DeviceLost,
         SessionCount | FunctionCanceled | Cancel | HostMemory => FaultKind::Busy,
-        FunctionFailed => FaultKind::Transient,
+        // CKR_GENERAL_ERROR outside a decrypt (where SoftHSM2 means a bad GCM tag: see
+        // `from_ck_decrypt`) is the token failing the call: SoftHSM2 2.6.1 returns it now and
+        // then from C_GenerateKey under concurrent load (its object-store races, HSM-NOTES). The
+        // caller can retry (a half-made key is rolled back); it is not a broker bug (INTERNAL).
+        FunctionFailed | GeneralError => FaultKind::Transient,
         EncryptedDataInvalid
         | EncryptedDataLenRange
         | WrappedKeyInvalid

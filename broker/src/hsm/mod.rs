@@ -1963,6 +1963,19 @@ mod tests {
             "unwrap",
             CkError::Pkcs11(RvError::GeneralError, cryptoki::context::Function::Decrypt),
         );
-        assert_eq!(reclassify(k, other, || true).kind, FaultKind::Other);
+        assert_eq!(reclassify(k, other, || true).kind, FaultKind::Transient);
+        // A token failing a key creation is a retryable UNAVAILABLE, never INTERNAL.
+        let generate = HsmError::from_ck(
+            "C_GenerateKey",
+            CkError::Pkcs11(
+                RvError::GeneralError,
+                cryptoki::context::Function::GenerateKey,
+            ),
+        );
+        assert_eq!(generate.kind, FaultKind::Transient);
+        assert!(matches!(
+            generate.into_broker(),
+            crate::error::BrokerError::Unavailable(_)
+        ));
     }
 }

@@ -21,7 +21,9 @@
 //! 5. re-find every known KEK version in one pass over the token, in the background (id and
 //!    class: the same checks for missing and duplicated objects as at start-up), and the audit
 //!    key. Until the pass is done, a version asked for that it has not reached is looked up by
-//!    its own `CKA_ID` (one search, with the same checks) and cached;
+//!    its own `CKA_ID` (one search, with the same checks) and cached — one such lookup at a
+//!    time (each scans the whole token); a request that would need a second one meanwhile gets
+//!    UNAVAILABLE (retry) at once instead of holding a session;
 //! 6. check each version's template and prove its identity by unwrapping its canary (DESIGN
 //!    §3.3: after every re-login) — lazily, before a version's first use on the new
 //!    generation, and in a sweep in the background after the pass. A version that fails any
@@ -30,7 +32,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, atomic::Ordering},
+    sync::{Arc, TryLockError, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -372,6 +374,19 @@ impl Inner {
             .cloned();
         let Some(e) = expected else {
             return Ok(None);
+        };
+        let _one = match conn.lookup.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                return Err(HsmError::new(
+                    FaultKind::Transient,
+                    "find a KEK",
+                    format!(
+                        "version {id}'s objects are being found again after the HSM was re-initialised"
+                    ),
+                ));
+            }
         };
         let t = Instant::now();
         let found = find_one(s, &e)?;
