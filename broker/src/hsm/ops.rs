@@ -154,24 +154,30 @@ pub fn wrap(
         WrapParams::Kwp => {
             // C_WrapKey needs the DEK as a key object: a short-lived session object holding only
             // the value, with no roles, destroyed before we return (DESIGN §3.2).
-            let obj = session
-                .create_object(&[
-                    Attribute::Class(ObjectClass::SECRET_KEY),
-                    Attribute::KeyType(CkKeyType::GENERIC_SECRET),
-                    Attribute::Token(false),
-                    Attribute::Private(true),
-                    Attribute::Sensitive(false),
-                    Attribute::Extractable(true),
-                    Attribute::Encrypt(false),
-                    Attribute::Decrypt(false),
-                    Attribute::Wrap(false),
-                    Attribute::Unwrap(false),
-                    Attribute::Sign(false),
-                    Attribute::Verify(false),
-                    Attribute::Derive(false),
-                    Attribute::Value(dek.expose().to_vec()),
-                ])
-                .map_err(|e| HsmError::from_ck("create the DEK session object", e))?;
+            let mut template = [
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(CkKeyType::GENERIC_SECRET),
+                Attribute::Token(false),
+                Attribute::Private(true),
+                Attribute::Sensitive(false),
+                Attribute::Extractable(true),
+                Attribute::Encrypt(false),
+                Attribute::Decrypt(false),
+                Attribute::Wrap(false),
+                Attribute::Unwrap(false),
+                Attribute::Sign(false),
+                Attribute::Verify(false),
+                Attribute::Derive(false),
+                Attribute::Value(dek.expose().to_vec()),
+            ];
+            let made = session.create_object(&template);
+            // The template's copy of the DEK is wiped like every other.
+            for a in &mut template {
+                if let Attribute::Value(v) = a {
+                    v.zeroize();
+                }
+            }
+            let obj = made.map_err(|e| HsmError::from_ck("create the DEK session object", e))?;
             let r = session
                 .wrap_key(&kwp.mechanism(), key, obj)
                 .map_err(|e| HsmError::from_ck("AES key wrap", e));
