@@ -1,0 +1,169 @@
+/* Measures whether a PKCS#11 token enforces CKA_UNWRAP_TEMPLATE (the step keybroker's
+ * BackupKey/RestoreKey depends on: a domain key that unwraps backups must force the template of
+ * what it unwraps, or anyone with the user PIN could restore a KEK as extractable, or with
+ * wrap + decrypt, and extract it). Run by unwrap-template.sh; prints one line per case.
+ *
+ * Build: cc -I/usr/include/p11-kit-1 unwrap-template.c -ldl
+ * Usage: unwrap-template MODULE TOKEN_LABEL PIN
+ */
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <p11-kit/pkcs11.h>
+
+static CK_FUNCTION_LIST *f;
+static CK_BBOOL T = CK_TRUE, F = CK_FALSE;
+static CK_OBJECT_CLASS SECRET = CKO_SECRET_KEY;
+static CK_KEY_TYPE AES = CKK_AES;
+static CK_ULONG LEN32 = 32;
+/* RFC 5649: SoftHSM2 names it CKM_AES_KEY_WRAP_PAD (0x210A), Kryoptic CKM_AES_KEY_WRAP_KWP
+ * (0x210B); the first that wraps is used. */
+static CK_MECHANISM_TYPE kwp_mech = CKM_AES_KEY_WRAP_PAD;
+
+#define A(t, v) {t, &v, sizeof(v)}
+
+static void die(const char *what, CK_RV rv) {
+    fprintf(stderr, "%s: 0x%lx\n", what, rv);
+    exit(1);
+}
+
+/* The template the domain key forces on what it unwraps: a KEK as keybroker makes it for
+ * backup (sensitive, extractable only under a trusted key, encrypt/decrypt only, fixed). */
+static CK_ATTRIBUTE forced[] = {
+    A(CKA_SENSITIVE, T), A(CKA_EXTRACTABLE, T), A(CKA_WRAP_WITH_TRUSTED, T),
+    A(CKA_ENCRYPT, T),   A(CKA_DECRYPT, T),     A(CKA_WRAP, F),
+    A(CKA_UNWRAP, F),    A(CKA_DERIVE, F),      A(CKA_SIGN, F),
+    A(CKA_VERIFY, F),    A(CKA_COPYABLE, F),
+};
+#define NFORCED (sizeof(forced) / sizeof(forced[0]))
+
+static void show(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h) {
+    CK_BBOOL v[7];
+    CK_ATTRIBUTE q[] = {
+        {CKA_EXTRACTABLE, &v[0], 1}, {CKA_WRAP_WITH_TRUSTED, &v[1], 1}, {CKA_WRAP, &v[2], 1},
+        {CKA_DECRYPT, &v[3], 1},     {CKA_SENSITIVE, &v[4], 1},         {CKA_MODIFIABLE, &v[5], 1},
+        {CKA_COPYABLE, &v[6], 1},
+    };
+    CK_RV rv = f->C_GetAttributeValue(s, h, q, 7);
+    if (rv != CKR_OK) {
+        printf("    (read back: 0x%lx)\n", rv);
+        return;
+    }
+    printf("    got: extractable=%d wrap_with_trusted=%d wrap=%d decrypt=%d sensitive=%d "
+           "modifiable=%d copyable=%d\n",
+           v[0], v[1], v[2], v[3], v[4], v[5], v[6]);
+}
+
+static void attempt(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE dom, CK_BYTE *blob, CK_ULONG n,
+                    const char *what, CK_ATTRIBUTE *t, CK_ULONG tn) {
+    CK_MECHANISM m = {kwp_mech, NULL, 0};
+    CK_OBJECT_HANDLE h = 0;
+    CK_RV rv = f->C_UnwrapKey(s, &m, dom, blob, n, t, tn, &h);
+    printf("%-58s %s (0x%lx)\n", what, rv == CKR_OK ? "UNWRAPPED" : "refused", rv);
+    if (rv == CKR_OK) {
+        show(s, h);
+        f->C_DestroyObject(s, h);
+    }
+}
+
+int main(int argc, char **argv) {
+    if (argc != 4) {
+        fprintf(stderr, "usage: %s MODULE TOKEN_LABEL PIN\n", argv[0]);
+        return 2;
+    }
+    void *lib = dlopen(argv[1], RTLD_NOW);
+    if (!lib) die(dlerror(), 0);
+    CK_RV (*gfl)(CK_FUNCTION_LIST **) = (CK_RV(*)(CK_FUNCTION_LIST **))dlsym(lib, "C_GetFunctionList");
+    CK_RV rv = gfl(&f);
+    if (rv) die("C_GetFunctionList", rv);
+    if ((rv = f->C_Initialize(NULL))) die("C_Initialize", rv);
+    CK_SLOT_ID slots[64];
+    CK_ULONG ns = 64;
+    if ((rv = f->C_GetSlotList(CK_TRUE, slots, &ns))) die("C_GetSlotList", rv);
+    CK_SLOT_ID slot = (CK_SLOT_ID)-1;
+    for (CK_ULONG i = 0; i < ns; i++) {
+        CK_TOKEN_INFO ti;
+        if (f->C_GetTokenInfo(slots[i], &ti) == CKR_OK) {
+            char label[33];
+            memcpy(label, ti.label, 32);
+            label[32] = 0;
+            for (int j = 31; j >= 0 && label[j] == ' '; j--) label[j] = 0;
+            if (strcmp(label, argv[2]) == 0) slot = slots[i];
+        }
+    }
+    if (slot == (CK_SLOT_ID)-1) die("no token with that label", 0);
+    CK_SESSION_HANDLE s;
+    if ((rv = f->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &s)))
+        die("C_OpenSession", rv);
+    if ((rv = f->C_Login(s, CKU_USER, (CK_BYTE *)argv[3], strlen(argv[3])))) die("C_Login", rv);
+
+    /* The domain key: wrap/unwrap only, with the forced template. (Not CKA_TRUSTED: only the SO
+     * can set that, and the unwrap side does not depend on it.) */
+    CK_MECHANISM gen = {CKM_AES_KEY_GEN, NULL, 0};
+    CK_ATTRIBUTE dt[] = {
+        A(CKA_CLASS, SECRET), A(CKA_KEY_TYPE, AES), A(CKA_VALUE_LEN, LEN32), A(CKA_TOKEN, F),
+        A(CKA_SENSITIVE, T), A(CKA_EXTRACTABLE, F), A(CKA_WRAP, T), A(CKA_UNWRAP, T),
+        A(CKA_ENCRYPT, F), A(CKA_DECRYPT, F),
+        {CKA_UNWRAP_TEMPLATE, forced, sizeof(forced)},
+    };
+    CK_OBJECT_HANDLE dom;
+    rv = f->C_GenerateKey(s, &gen, dt, sizeof(dt) / sizeof(dt[0]), &dom);
+    printf("%-58s %s (0x%lx)\n", "create a domain key with CKA_UNWRAP_TEMPLATE",
+           rv == CKR_OK ? "ok" : "FAILED", rv);
+    if (rv) return 1;
+
+    /* A key to back up: extractable (no WRAP_WITH_TRUSTED here: the wrapping key is not
+     * trusted in this probe). */
+    CK_ATTRIBUTE kt[] = {
+        A(CKA_CLASS, SECRET), A(CKA_KEY_TYPE, AES), A(CKA_VALUE_LEN, LEN32), A(CKA_TOKEN, F),
+        A(CKA_SENSITIVE, T), A(CKA_EXTRACTABLE, T), A(CKA_ENCRYPT, T), A(CKA_DECRYPT, T),
+    };
+    CK_OBJECT_HANDLE k;
+    if ((rv = f->C_GenerateKey(s, &gen, kt, sizeof(kt) / sizeof(kt[0]), &k))) die("generate K", rv);
+    CK_MECHANISM kwp = {kwp_mech, NULL, 0};
+    CK_BYTE blob[256];
+    CK_ULONG n = sizeof(blob);
+    if (f->C_WrapKey(s, &kwp, dom, k, blob, &n) != CKR_OK) {
+        kwp_mech = kwp.mechanism = 0x210BUL;
+        n = sizeof(blob);
+        if ((rv = f->C_WrapKey(s, &kwp, dom, k, blob, &n))) die("C_WrapKey", rv);
+    }
+
+    CK_ATTRIBUTE exact[2 + NFORCED + 1];
+    CK_ULONG en = 0;
+    exact[en++] = (CK_ATTRIBUTE)A(CKA_CLASS, SECRET);
+    exact[en++] = (CK_ATTRIBUTE)A(CKA_KEY_TYPE, AES);
+    exact[en++] = (CK_ATTRIBUTE)A(CKA_TOKEN, F);
+    for (CK_ULONG i = 0; i < NFORCED; i++) exact[en++] = forced[i];
+    attempt(s, dom, blob, n, "1 template = the forced one", exact, en);
+
+    CK_ATTRIBUTE with_mod[2 + NFORCED + 2];
+    memcpy(with_mod, exact, en * sizeof(CK_ATTRIBUTE));
+    with_mod[en] = (CK_ATTRIBUTE)A(CKA_MODIFIABLE, F);
+    attempt(s, dom, blob, n, "2 the forced one + CKA_MODIFIABLE=false", with_mod, en + 1);
+
+    CK_ATTRIBUTE bare[] = {A(CKA_CLASS, SECRET), A(CKA_KEY_TYPE, AES), A(CKA_TOKEN, F)};
+    attempt(s, dom, blob, n, "3 class and key type only (forced attributes omitted)", bare, 3);
+
+    CK_ATTRIBUTE loose[] = {A(CKA_CLASS, SECRET), A(CKA_KEY_TYPE, AES), A(CKA_TOKEN, F),
+                            A(CKA_EXTRACTABLE, T), A(CKA_WRAP_WITH_TRUSTED, F)};
+    attempt(s, dom, blob, n, "4 extractable without CKA_WRAP_WITH_TRUSTED", loose, 5);
+
+    CK_ATTRIBUTE clulow[] = {A(CKA_CLASS, SECRET), A(CKA_KEY_TYPE, AES), A(CKA_TOKEN, F),
+                             A(CKA_WRAP, T), A(CKA_DECRYPT, T)};
+    attempt(s, dom, blob, n, "5 wrap + decrypt (Clulow), rest omitted", clulow, 5);
+
+    CK_ATTRIBUTE insens[] = {A(CKA_CLASS, SECRET), A(CKA_KEY_TYPE, AES), A(CKA_TOKEN, F),
+                             A(CKA_SENSITIVE, F)};
+    attempt(s, dom, blob, n, "6 not sensitive, rest omitted", insens, 4);
+
+    CK_ATTRIBUTE q = {CKA_UNWRAP_TEMPLATE, NULL, 0};
+    rv = f->C_GetAttributeValue(s, dom, &q, 1);
+    printf("%-58s 0x%lx, %lu bytes (%lu attributes)\n", "read back the domain key's template", rv,
+           q.ulValueLen, q.ulValueLen / sizeof(CK_ATTRIBUTE));
+    f->C_Logout(s);
+    f->C_CloseSession(s);
+    f->C_Finalize(NULL);
+    return 0;
+}
