@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use hsm_fixtures::fault::Rule;
+use hsm_fixtures::fault::{FaultControl, Rule};
 use keybroker::client::Clients;
 use keybroker_proto::v1 as pb;
 use tonic::Code;
@@ -69,6 +69,23 @@ async fn until_serving(c: &mut Clients, key: &str) {
                 .await
                 .ok()
         }
+    })
+    .await;
+}
+
+/// Removes the device (every call fails with `CKR_DEVICE_REMOVED` until the rules change) and
+/// waits until a wrap under `key` has made the broker notice.
+async fn remove_the_device(b: &Broker, f: &FaultControl, c: &mut Clients, key: &str) {
+    f.set(&[Rule::fail("*", "CKR_DEVICE_REMOVED").latch()])
+        .expect("rules");
+    assert_code(
+        wrap(c, key, &[7; 32], b"").await,
+        Code::Unavailable,
+        "device away",
+    );
+    poll_until("the broker notices", Duration::from_secs(10), || {
+        let log = b.log();
+        async move { log.contains("HSM device or token lost").then_some(()) }
     })
     .await;
 }
@@ -666,18 +683,7 @@ async fn a_key_swapped_while_the_device_was_away_is_never_used_after_reinitialis
     let wd = wrap(&mut c, "t/d", &dek, b"").await.expect("wrap d");
     let we = wrap(&mut c, "t/e", &dek, b"").await.expect("wrap e");
     let f = env.faults();
-    f.set(&[Rule::fail("*", "CKR_DEVICE_REMOVED").latch()])
-        .expect("rules");
-    assert_code(
-        wrap(&mut c, "t/a", &dek, b"").await,
-        Code::Unavailable,
-        "device away",
-    );
-    poll_until("the broker notices", Duration::from_secs(10), || {
-        let log = b.log();
-        async move { log.contains("HSM device or token lost").then_some(()) }
-    })
-    .await;
+    remove_the_device(&b, f, &mut c, "t/a").await;
     // Meanwhile someone replaces t/a's KEK with another key: same CKA_ID, same template.
     env.probe(&["tamper", &hex::encode(&a.versions[0].id), "replace-good"]);
     // And t/c's with a key that may wrap and decrypt (the template re-initialisation defers).
@@ -752,18 +758,7 @@ async fn after_a_reinitialisation_keys_are_served_before_the_pass_that_finds_the
     let dek = random_dek(32);
     let before = wrap(&mut c, &last, &dek, b"").await.expect("wrap");
     let f = env.faults();
-    f.set(&[Rule::fail("*", "CKR_DEVICE_REMOVED").latch()])
-        .expect("rules");
-    assert_code(
-        wrap(&mut c, "t/k0", &dek, b"").await,
-        Code::Unavailable,
-        "device away",
-    );
-    poll_until("the broker notices", Duration::from_secs(10), || {
-        let log = b.log();
-        async move { log.contains("HSM device or token lost").then_some(()) }
-    })
-    .await;
+    remove_the_device(&b, f, &mut c, "t/k0").await;
     // The device comes back slow to read attributes: the pass that re-finds every version's
     // objects (two reads per object, 60+ objects) takes over 3 s, while one key's own lookup
     // and checks take a handful of reads.

@@ -1352,6 +1352,25 @@ impl Inner {
             .remove(&id);
     }
 
+    /// What is known of one version (to find and check its objects).
+    fn known_one(&self, id: VersionId) -> Option<ExpectedKek> {
+        self.known
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    /// Every known version (for a pass over the token).
+    fn known_all(&self) -> Vec<ExpectedKek> {
+        self.known
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     /// Runs `f` on a session of the current generation. A lost session is evicted and `f` runs
     /// once more on a fresh one; an invalid object handle makes the handles be re-found and `f`
     /// run once more (both only for `kind.retry`). A lost device starts recovery.

@@ -154,22 +154,8 @@ pub fn wrap(
         WrapParams::Kwp => {
             // C_WrapKey needs the DEK as a key object: a short-lived session object holding only
             // the value, with no roles, destroyed before we return (DESIGN §3.2).
-            let mut template = [
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(CkKeyType::GENERIC_SECRET),
-                Attribute::Token(false),
-                Attribute::Private(true),
-                Attribute::Sensitive(false),
-                Attribute::Extractable(true),
-                Attribute::Encrypt(false),
-                Attribute::Decrypt(false),
-                Attribute::Wrap(false),
-                Attribute::Unwrap(false),
-                Attribute::Sign(false),
-                Attribute::Verify(false),
-                Attribute::Derive(false),
-                Attribute::Value(dek.expose().to_vec()),
-            ];
+            let mut template = dek_object_template();
+            template.push(Attribute::Value(dek.expose().to_vec()));
             let made = session.create_object(&template);
             // The template's copy of the DEK is wiped like every other.
             for a in &mut template {
@@ -217,6 +203,27 @@ pub fn unwrap(
     }
 }
 
+/// The template of the short-lived session object a DEK passes through when a mechanism works
+/// only on key objects (AES key wrap): a generic secret with no role at all, readable only so
+/// that its value can be taken out, destroyed at once (DESIGN §3.2).
+fn dek_object_template() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(CkKeyType::GENERIC_SECRET),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(false),
+        Attribute::Extractable(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+    ]
+}
+
 /// Unwraps into a short-lived generic-secret session object, reads its value, destroys it.
 pub fn unwrap_generic(
     session: &Session,
@@ -225,26 +232,7 @@ pub fn unwrap_generic(
     wrapped: &[u8],
 ) -> Result<Dek, HsmError> {
     let obj = session
-        .unwrap_key(
-            mech,
-            kek,
-            wrapped,
-            &[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(CkKeyType::GENERIC_SECRET),
-                Attribute::Token(false),
-                Attribute::Private(true),
-                Attribute::Sensitive(false),
-                Attribute::Extractable(true),
-                Attribute::Encrypt(false),
-                Attribute::Decrypt(false),
-                Attribute::Wrap(false),
-                Attribute::Unwrap(false),
-                Attribute::Sign(false),
-                Attribute::Verify(false),
-                Attribute::Derive(false),
-            ],
-        )
+        .unwrap_key(mech, kek, wrapped, &dek_object_template())
         .map_err(|e| HsmError::from_ck_decrypt("AES key unwrap", e))?;
     let value = session.get_attributes(obj, &[AttributeType::Value]);
     destroy_quietly(session, obj);

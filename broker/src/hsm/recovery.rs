@@ -269,13 +269,7 @@ impl Inner {
             if self.closed.load(Ordering::SeqCst) || !conn.resolving() || conn.retired() {
                 return;
             }
-            let expected: Vec<_> = self
-                .known
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .values()
-                .cloned()
-                .collect();
+            let expected = self.known_all();
             let s = match conn.checkout(&self.ctx, "re-find the KEKs") {
                 Ok(s) => s,
                 Err(e) => {
@@ -366,12 +360,7 @@ impl Inner {
         if !conn.resolving() {
             return Ok(None);
         }
-        let expected = self
-            .known
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .cloned();
+        let expected = self.known_one(id);
         let Some(e) = expected else {
             return Ok(None);
         };
@@ -431,13 +420,7 @@ impl Inner {
         if *current != epoch {
             return Ok(());
         }
-        let expected: Vec<_> = self
-            .known
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let expected = self.known_all();
         let s = conn.checkout(&self.ctx, "re-find the KEKs")?;
         let found = find_keks(self, &s, &expected, true);
         let audit_id = *self.audit_key_id.lock().unwrap_or_else(|p| p.into_inner());
@@ -473,12 +456,7 @@ impl Inner {
             Some(Check::Pending) => {}
         }
         let h = self.handles_for(conn, s, id)?;
-        let expected = self
-            .known
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .cloned();
+        let expected = self.known_one(id);
         let (Some(e), Some(h)) = (expected, h) else {
             conn.set_verdict(id, None);
             return Ok(());
