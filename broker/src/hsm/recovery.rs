@@ -22,8 +22,8 @@
 //!    class: the same checks for missing and duplicated objects as at start-up), and the audit
 //!    key. Until the pass is done, a version asked for that it has not reached is looked up by
 //!    its own `CKA_ID` (one search, with the same checks) and cached — one such lookup at a
-//!    time (each scans the whole token); a request that would need a second one meanwhile gets
-//!    UNAVAILABLE (retry) at once instead of holding a session;
+//!    time (each scans the whole token); a request that would need a second one meanwhile waits
+//!    for it or for the pass (at most [`LOOKUP_WAIT`], then UNAVAILABLE);
 //! 6. check each version's template and prove its identity by unwrapping its canary (DESIGN
 //!    §3.3: after every re-login) — lazily, before a version's first use on the new
 //!    generation, and in a sweep in the background after the pass. A version that fails any
@@ -54,6 +54,9 @@ use crate::model::VersionId;
 /// The longest a re-initialisation waits for calls in flight on the old generation. PKCS#11
 /// cannot cancel a call: one still hung in the module after this is abandoned.
 pub const DRAIN: Duration = Duration::from_secs(2);
+/// The longest a request waits for another's lookup by id, or for the pass over the token,
+/// to find its version after a re-initialisation (then UNAVAILABLE: retry).
+const LOOKUP_WAIT: Duration = Duration::from_secs(5);
 /// The first pause between re-initialisation attempts.
 const BACKOFF_START: Duration = Duration::from_millis(25);
 /// The longest pause between attempts (bounds the time to serve after the device returns).
@@ -364,19 +367,40 @@ impl Inner {
         let Some(e) = expected else {
             return Ok(None);
         };
-        let _one = match conn.lookup.try_lock() {
-            Ok(g) => g,
-            Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(TryLockError::WouldBlock) => {
-                return Err(HsmError::new(
-                    FaultKind::Transient,
-                    "find a KEK",
-                    format!(
-                        "version {id}'s objects are being found again after the HSM was re-initialised"
-                    ),
-                ));
+        // One lookup at a time; the others wait for it, or for the pass, to find their version
+        // (holding their sessions: right after a re-initialisation nearly every request is in
+        // the same position, and a refusal only makes the caller retry).
+        let started = Instant::now();
+        let _one = loop {
+            if let Ok(h) = conn.handles_of(id) {
+                return Ok(Some(h));
+            }
+            if let Some(Check::Failed(why)) = conn.check_of(id) {
+                return Err(integrity_failed(id, &why));
+            }
+            if !conn.resolving() {
+                return Ok(None);
+            }
+            match conn.lookup.try_lock() {
+                Ok(g) => break g,
+                Err(TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(TryLockError::WouldBlock) if started.elapsed() < LOOKUP_WAIT => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(TryLockError::WouldBlock) => {
+                    return Err(HsmError::new(
+                        FaultKind::Transient,
+                        "find a KEK",
+                        format!(
+                            "version {id}'s objects are still being found again after the HSM was re-initialised"
+                        ),
+                    ));
+                }
             }
         };
+        if let Ok(h) = conn.handles_of(id) {
+            return Ok(Some(h));
+        }
         let t = Instant::now();
         let found = find_one(s, &e)?;
         tracing::debug!(version_id = %id, millis = t.elapsed().as_millis() as u64,
