@@ -414,7 +414,7 @@ fn mechanism_flags(ctx: &Pkcs11, slot: Slot, list: &[MechanismType], caps: &mut 
             ("encrypt", info.encrypt()),
             ("decrypt", info.decrypt()),
             ("wrap", info.wrap()),
-            ("unwrap", info.unwrap()),
+            ("unwrap", info.unwrap()), // ok: MechanismInfo::unwrap is the CKF_UNWRAP flag, not Option::unwrap
             ("generate", info.generate()),
             ("generate_key_pair", info.generate_key_pair()),
         ]
