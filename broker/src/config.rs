@@ -238,6 +238,12 @@ pub struct LifecycleConfig {
     /// How often scheduled purges, automatic rotations and usage saving run, ms. Default 60000.
     #[serde(default = "default_maintenance_ms")]
     pub maintenance_interval_ms: u64,
+    /// Create KEK versions that `BackupKey` can back up: extractable, but only under a trusted
+    /// key (`CKA_WRAP_WITH_TRUSTED`), i.e. the security domain's wrap keys, which only the
+    /// token's security officer can make (`keybroker domain init`). Default false: KEKs never
+    /// leave the HSM in any form. Versions made while it was off can never be backed up.
+    #[serde(default)]
+    pub backup: bool,
 }
 
 impl Default for LifecycleConfig {
@@ -246,6 +252,7 @@ impl Default for LifecycleConfig {
             retention_days: default_retention_days(),
             purge_protection: false,
             maintenance_interval_ms: default_maintenance_ms(),
+            backup: false,
         }
     }
 }
@@ -264,6 +271,7 @@ impl LifecycleConfig {
             retention_ms: i64::from(self.retention_days) * 24 * 3600 * 1000,
             purge_protection: self.purge_protection,
             maintenance_interval: Duration::from_millis(self.maintenance_interval_ms),
+            backup: self.backup,
         }
     }
 }

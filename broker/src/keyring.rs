@@ -263,6 +263,8 @@ pub struct LifecycleSettings {
     pub purge_protection: bool,
     /// How often the maintenance task runs (scheduled purge, auto-rotation, usage flush).
     pub maintenance_interval: Duration,
+    /// New KEK versions can be backed up (extractable only under a trusted key).
+    pub backup: bool,
 }
 
 impl Default for LifecycleSettings {
@@ -271,6 +273,7 @@ impl Default for LifecycleSettings {
             retention_ms: 90 * 24 * 3600 * 1000,
             purge_protection: false,
             maintenance_interval: Duration::from_secs(60),
+            backup: false,
         }
     }
 }

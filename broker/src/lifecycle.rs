@@ -171,6 +171,7 @@ impl Keyring {
             label: format!("{LABEL_PREFIX}{name}:v1"),
             key_type,
             algorithm,
+            backup: self.settings.backup,
         };
         self.materialize(&name, spec, 1, "create.after_hsm", None)
             .await?;
@@ -245,6 +246,7 @@ impl Keyring {
             label: format!("{LABEL_PREFIX}{name}:v{number}"),
             key_type: old.key_type,
             algorithm: old.algorithm,
+            backup: self.settings.backup,
         };
         self.materialize(name, spec, number, "rotate.after_hsm", None)
             .await?;
@@ -770,6 +772,7 @@ impl Keyring {
             label: format!("{LABEL_PREFIX}{name}:v1"),
             key_type,
             algorithm,
+            backup: self.settings.backup,
         };
         self.materialize(
             &name,

@@ -158,6 +158,66 @@ int main(int argc, char **argv) {
                              A(CKA_SENSITIVE, F)};
     attempt(s, dom, blob, n, "6 not sensitive, rest omitted", insens, 4);
 
+    /* 7-9: a forced CKA_ALLOWED_MECHANISMS (so a copy restored under the wrong role could not
+     * use ECB on another role's key material). */
+    CK_MECHANISM_TYPE gcm_only[] = {CKM_AES_GCM};
+    CK_MECHANISM_TYPE ecb_only[] = {CKM_AES_ECB};
+    CK_ATTRIBUTE forced_m[NFORCED + 1];
+    memcpy(forced_m, forced, sizeof(forced));
+    forced_m[NFORCED] = (CK_ATTRIBUTE){CKA_ALLOWED_MECHANISMS, gcm_only, sizeof(gcm_only)};
+    CK_ATTRIBUTE dtm[] = {
+        A(CKA_CLASS, SECRET), A(CKA_KEY_TYPE, AES), A(CKA_VALUE_LEN, LEN32), A(CKA_TOKEN, F),
+        A(CKA_SENSITIVE, T), A(CKA_EXTRACTABLE, F), A(CKA_WRAP, T), A(CKA_UNWRAP, T),
+        A(CKA_ENCRYPT, F), A(CKA_DECRYPT, F),
+        {CKA_UNWRAP_TEMPLATE, forced_m, sizeof(forced_m)},
+    };
+    CK_OBJECT_HANDLE domm;
+    rv = f->C_GenerateKey(s, &gen, dtm, sizeof(dtm) / sizeof(dtm[0]), &domm);
+    printf("%-58s %s (0x%lx)\n", "create a domain key forcing CKA_ALLOWED_MECHANISMS",
+           rv == CKR_OK ? "ok" : "FAILED", rv);
+    if (rv == CKR_OK) {
+        n = sizeof(blob);
+        if ((rv = f->C_WrapKey(s, &kwp, domm, k, blob, &n))) die("C_WrapKey (7)", rv);
+        CK_ATTRIBUTE em[2 + NFORCED + 2];
+        memcpy(em, exact, en * sizeof(CK_ATTRIBUTE));
+        em[en] = (CK_ATTRIBUTE){CKA_ALLOWED_MECHANISMS, gcm_only, sizeof(gcm_only)};
+        attempt(s, domm, blob, n, "7 forced one incl. allowed mechanisms = [GCM]", em, en + 1);
+        em[en] = (CK_ATTRIBUTE){CKA_ALLOWED_MECHANISMS, ecb_only, sizeof(ecb_only)};
+        attempt(s, domm, blob, n, "8 same but allowed mechanisms = [ECB]", em, en + 1);
+        attempt(s, domm, blob, n, "9 allowed mechanisms omitted", exact, en);
+    }
+
+    /* 10-11: CKA_WRAP_TEMPLATE (a domain key that only wraps keys of its own role). */
+    CK_ATTRIBUTE wrap_req[] = {A(CKA_DECRYPT, T), A(CKA_WRAP, F)};
+    CK_ATTRIBUTE dtw[] = {
+        A(CKA_CLASS, SECRET), A(CKA_KEY_TYPE, AES), A(CKA_VALUE_LEN, LEN32), A(CKA_TOKEN, F),
+        A(CKA_SENSITIVE, T), A(CKA_EXTRACTABLE, F), A(CKA_WRAP, T), A(CKA_UNWRAP, T),
+        A(CKA_ENCRYPT, F), A(CKA_DECRYPT, F),
+        {CKA_WRAP_TEMPLATE, wrap_req, sizeof(wrap_req)},
+    };
+    CK_OBJECT_HANDLE domw;
+    rv = f->C_GenerateKey(s, &gen, dtw, sizeof(dtw) / sizeof(dtw[0]), &domw);
+    printf("%-58s %s (0x%lx)\n", "create a domain key with CKA_WRAP_TEMPLATE {decrypt, !wrap}",
+           rv == CKR_OK ? "ok" : "FAILED", rv);
+    if (rv == CKR_OK) {
+        n = sizeof(blob);
+        rv = f->C_WrapKey(s, &kwp, domw, k, blob, &n);
+        printf("%-58s %s (0x%lx)\n", "10 wrap a key that matches (decrypt, not wrap)",
+               rv == CKR_OK ? "WRAPPED" : "refused", rv);
+        CK_ATTRIBUTE k2t[] = {
+            A(CKA_CLASS, SECRET), A(CKA_KEY_TYPE, AES), A(CKA_VALUE_LEN, LEN32), A(CKA_TOKEN, F),
+            A(CKA_SENSITIVE, T), A(CKA_EXTRACTABLE, T), A(CKA_WRAP, T), A(CKA_UNWRAP, T),
+            A(CKA_ENCRYPT, F), A(CKA_DECRYPT, F),
+        };
+        CK_OBJECT_HANDLE k2;
+        if ((rv = f->C_GenerateKey(s, &gen, k2t, sizeof(k2t) / sizeof(k2t[0]), &k2)))
+            die("generate K2", rv);
+        n = sizeof(blob);
+        rv = f->C_WrapKey(s, &kwp, domw, k2, blob, &n);
+        printf("%-58s %s (0x%lx)\n", "11 wrap a key of another role (wrap, not decrypt)",
+               rv == CKR_OK ? "WRAPPED" : "refused", rv);
+    }
+
     CK_ATTRIBUTE q = {CKA_UNWRAP_TEMPLATE, NULL, 0};
     rv = f->C_GetAttributeValue(s, dom, &q, 1);
     printf("%-58s 0x%lx, %lu bytes (%lu attributes)\n", "read back the domain key's template", rv,

@@ -41,6 +41,7 @@
 
 pub mod admission;
 mod conn;
+pub mod domain;
 pub mod error;
 pub(crate) mod kat_rsa;
 pub mod ops;

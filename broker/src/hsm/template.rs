@@ -40,6 +40,19 @@ pub struct KekSpec {
     pub key_type: KeyType,
     /// The algorithm (decides the role pair).
     pub algorithm: Algorithm,
+    /// Backup enabled (`[backup] enabled`): the object is `CKA_EXTRACTABLE` but
+    /// `CKA_WRAP_WITH_TRUSTED`, so only a trusted key (made by the token's security officer: the
+    /// security domain's wrap keys) can ever wrap it. Otherwise never extractable.
+    pub backup: bool,
+}
+
+/// `CKA_EXTRACTABLE` and, for a backup-enabled KEK, `CKA_WRAP_WITH_TRUSTED`.
+fn extractability(backup: bool) -> Vec<Attribute> {
+    if backup {
+        vec![Attribute::Extractable(true), Attribute::WrapWithTrusted(true)]
+    } else {
+        vec![Attribute::Extractable(false)]
+    }
 }
 
 /// The role pair of an algorithm: (encrypt, decrypt, wrap, unwrap) on the secret/private object.
@@ -54,14 +67,16 @@ fn roles(alg: Algorithm) -> (bool, bool, bool, bool) {
 /// The template of an AES KEK.
 pub fn aes_template(spec: &KekSpec, mechanism: MechanismType) -> Vec<Attribute> {
     let (enc, dec, wrap, unwrap) = roles(spec.algorithm);
-    vec![
+    let mut t = vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(CkKeyType::AES),
         Attribute::ValueLen(32.into()),
         Attribute::Token(true),
         Attribute::Private(true),
         Attribute::Sensitive(true),
-        Attribute::Extractable(false),
+    ];
+    t.extend(extractability(spec.backup));
+    t.extend([
         Attribute::Copyable(false),
         Attribute::Destroyable(true),
         Attribute::Derive(false),
@@ -77,7 +92,8 @@ pub fn aes_template(spec: &KekSpec, mechanism: MechanismType) -> Vec<Attribute> 
         // Last: SoftHSM2 applies an unwrap template in order, and once CKA_MODIFIABLE is FALSE
         // every later attribute is read-only (CKR_ATTRIBUTE_READ_ONLY) — measured, 2.6.1.
         Attribute::Modifiable(false),
-    ]
+    ]);
+    t
 }
 
 /// The (public, private) templates of an RSA KEK pair.
@@ -105,14 +121,15 @@ pub fn rsa_templates(
         Attribute::Id(spec.id.as_bytes().to_vec()),
         Attribute::Label(spec.label.as_bytes().to_vec()),
     ];
-    let private = vec![
+    let mut private = vec![
         Attribute::Class(ObjectClass::PRIVATE_KEY),
         Attribute::KeyType(CkKeyType::RSA),
         Attribute::Token(true),
         Attribute::Private(true),
         Attribute::Sensitive(true),
-        Attribute::Extractable(false),
-        Attribute::Modifiable(false),
+    ];
+    private.extend(extractability(spec.backup));
+    private.extend([
         Attribute::Copyable(false),
         Attribute::Destroyable(true),
         Attribute::Derive(false),
@@ -123,7 +140,9 @@ pub fn rsa_templates(
         Attribute::AllowedMechanisms(vec![mechanism]),
         Attribute::Id(spec.id.as_bytes().to_vec()),
         Attribute::Label(spec.label.as_bytes().to_vec()),
-    ];
+        // Last, as in the AES template (an unwrap applies it in order).
+        Attribute::Modifiable(false),
+    ]);
     (public, private)
 }
 
@@ -135,6 +154,7 @@ pub const SECRET_CHECK: &[AttributeType] = &[
     AttributeType::AlwaysSensitive,
     AttributeType::Extractable,
     AttributeType::NeverExtractable,
+    AttributeType::WrapWithTrusted,
     AttributeType::Modifiable,
     AttributeType::Copyable,
     AttributeType::Derive,
@@ -180,7 +200,20 @@ pub fn check_secret(
     want("CKA_TOKEN", b(AttributeType::Token), true);
     want("CKA_PRIVATE", b(AttributeType::Private), true);
     want("CKA_SENSITIVE", b(AttributeType::Sensitive), true);
-    if !imported {
+    // A backup-enabled KEK is extractable, but only under a trusted key (the security domain's,
+    // made by the SO); it was then never extractable by anyone else, but PKCS#11 reports it
+    // neither never-extractable nor (once restored) always-sensitive.
+    let backup = b(AttributeType::Extractable) == Some(true);
+    if backup {
+        want(
+            "CKA_WRAP_WITH_TRUSTED (of an extractable KEK)",
+            b(AttributeType::WrapWithTrusted),
+            true,
+        );
+    } else {
+        want("CKA_EXTRACTABLE", b(AttributeType::Extractable), false);
+    }
+    if !imported && !backup {
         want(
             "CKA_ALWAYS_SENSITIVE",
             b(AttributeType::AlwaysSensitive),
@@ -192,7 +225,6 @@ pub fn check_secret(
             true,
         );
     }
-    want("CKA_EXTRACTABLE", b(AttributeType::Extractable), false);
     want("CKA_MODIFIABLE", b(AttributeType::Modifiable), false);
     want("CKA_COPYABLE", b(AttributeType::Copyable), false);
     want("CKA_DERIVE", b(AttributeType::Derive), false);
@@ -272,6 +304,8 @@ fn find_bool(attrs: &[Attribute], t: AttributeType) -> Option<bool> {
             | Attribute::AlwaysSensitive(v)
             | Attribute::Extractable(v)
             | Attribute::NeverExtractable(v)
+            | Attribute::WrapWithTrusted(v)
+            | Attribute::Trusted(v)
             | Attribute::Modifiable(v)
             | Attribute::Copyable(v)
             | Attribute::Derive(v)

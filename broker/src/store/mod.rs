@@ -120,6 +120,25 @@ pub struct StoredKey {
     pub stamp: i64,
 }
 
+/// A key being restored from a backup (`begin_restore`).
+#[derive(Clone, Debug)]
+pub struct RestoredKey {
+    /// The full name (as backed up).
+    pub name: KeyName,
+    /// The key type.
+    pub key_type: KeyType,
+    /// The algorithm.
+    pub algorithm: Algorithm,
+    /// The original creation time (ms).
+    pub created_at_ms: i64,
+    /// When it is restored (ms): its `updated_at_ms`.
+    pub now_ms: i64,
+    /// The attributes, as backed up.
+    pub attributes: KeyAttributes,
+    /// (number, id, created_at_ms, origin, expires_ms) of each version, oldest first.
+    pub versions: Vec<(u32, VersionId, i64, Origin, Option<i64>)>,
+}
+
 /// A destruction that was started and may not have finished.
 #[derive(Clone, Debug)]
 pub struct PendingDestruction {
@@ -274,6 +293,18 @@ impl Store {
         expires_ms: Option<i64>,
     ) -> Result<u32, StoreError> {
         each!(self, s => s.begin_rotate(name, id, now_ms, expires_ms))
+    }
+
+    /// Phase 1 of restoring a key from a backup: inserts the key and every version (with its
+    /// original number and id) as pending.
+    pub fn begin_restore(&self, key: &RestoredKey) -> Result<(), StoreError> {
+        each!(self, s => s.begin_restore(key))
+    }
+
+    /// Phase 3 of a restore: every version's object exists and passed its checks; all of them
+    /// become active in one transaction (a restore is all or nothing).
+    pub fn commit_versions(&self, versions: &[(VersionId, Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {
+        each!(self, s => s.commit_versions(versions))
     }
 
     /// Phase 3: the version's HSM object exists and passed its checks.

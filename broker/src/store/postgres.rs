@@ -689,6 +689,74 @@ impl PgStore {
         }
     }
 
+    /// Phase 1 of a restore: the key and all its versions, pending.
+    pub fn begin_restore(&self, key: &super::RestoredKey) -> Result<(), StoreError> {
+        let attrs = serde_json::to_string(&key.attributes)
+            .map_err(|e| StoreError::Corrupt(format!("attributes: {e}")))?;
+        let owner = self.owner();
+        let r = self.exec(async |c| {
+            let tx = c.transaction().await?;
+            let stamp = bump(&tx).await?;
+            let key_id: i64 = tx
+                .query_one(
+                    "INSERT INTO kb_keys (tenant, name, key_type, algorithm, created_at_ms, updated_at_ms, attributes, gen)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+                    &[&key.name.tenant(), &key.name.name(), &key.key_type.as_str(), &key.algorithm.as_str(), &key.created_at_ms, &key.now_ms, &attrs, &stamp],
+                )
+                .await?
+                .get(0);
+            for (number, id, created, origin, expires) in &key.versions {
+                let number = i32::try_from(*number)
+                    .map_err(|_| StoreError::Corrupt(format!("version {number}")))?;
+                tx.execute(
+                    "INSERT INTO kb_key_versions (key_id, version, object_id, state, created_at_ms, origin, expires_ms, owner)
+                     VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7)",
+                    &[&key_id, &number, &id.as_bytes().as_slice(), created, &origin.as_str(), expires, &owner],
+                )
+                .await?;
+            }
+            tx.execute(
+                "DELETE FROM kb_purged_keys WHERE tenant = $1 AND name = $2",
+                &[&key.name.tenant(), &key.name.name()],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        });
+        match r {
+            Err(e) if sqlstate(&e) == Some("23505") => {
+                Err(StoreError::AlreadyExists(key.name.to_string()))
+            }
+            other => other,
+        }
+    }
+
+    /// Phase 3 of a restore, in one transaction.
+    pub fn commit_versions(
+        &self,
+        versions: &[(VersionId, Vec<u8>, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        self.exec(async |c| {
+            let tx = c.transaction().await?;
+            let stamp = bump(&tx).await?;
+            for (id, canary, digest) in versions {
+                let n = tx
+                    .execute(
+                        "UPDATE kb_key_versions SET state = 'active', canary = $2, canary_digest = $3, owner = NULL
+                         WHERE object_id = $1 AND state = 'pending'",
+                        &[&id.as_bytes().as_slice(), canary, digest],
+                    )
+                    .await?;
+                if n != 1 {
+                    return Err(StoreError::Corrupt(format!("pending version {id} vanished")));
+                }
+                touch_key_of_version(&tx, *id, stamp).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
     /// Phase 3.
     pub fn commit_version(
         &self,

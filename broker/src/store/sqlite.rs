@@ -320,6 +320,55 @@ impl SqliteStore {
         Ok(next)
     }
 
+    /// Phase 1 of a restore: the key and all its versions, pending.
+    pub fn begin_restore(&self, key: &super::RestoredKey) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        if Self::key_id(&tx, &key.name)?.is_some() {
+            return Err(StoreError::AlreadyExists(key.name.to_string()));
+        }
+        let attrs = serde_json::to_string(&key.attributes)
+            .map_err(|e| StoreError::Corrupt(format!("attributes: {e}")))?;
+        tx.execute(
+            "INSERT INTO keys (tenant, name, key_type, algorithm, created_at_ms, updated_at_ms, attributes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![key.name.tenant(), key.name.name(), key.key_type.as_str(), key.algorithm.as_str(), key.created_at_ms, key.now_ms, attrs],
+        )?;
+        let key_id = tx.last_insert_rowid();
+        for (number, id, created, origin, expires) in &key.versions {
+            tx.execute(
+                "INSERT INTO key_versions (key_id, version, object_id, state, created_at_ms, origin, expires_ms)
+                 VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6)",
+                params![key_id, number, id.as_bytes().as_slice(), created, origin.as_str(), expires],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Phase 3 of a restore, in one transaction.
+    pub fn commit_versions(
+        &self,
+        versions: &[(VersionId, Vec<u8>, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for (id, canary, digest) in versions {
+            let n = tx.execute(
+                "UPDATE key_versions SET state = 'active', canary = ?2, canary_digest = ?3
+                 WHERE object_id = ?1 AND state = 'pending'",
+                params![id.as_bytes().as_slice(), canary, digest],
+            )?;
+            if n != 1 {
+                return Err(StoreError::Corrupt(format!(
+                    "pending version {id} vanished"
+                )));
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Phase 3: the version's HSM object exists and passed its checks.
     pub fn commit_version(
         &self,

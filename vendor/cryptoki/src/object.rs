@@ -194,6 +194,9 @@ pub enum AttributeType {
     Wrap,
     /// Indicates that the key can only be wrapped with a wrapping key that has the Trusted attribute
     WrapWithTrusted,
+    /// The template every key unwrapped with this key must match (an attribute array).
+    // keybroker patch: not in cryptoki 0.12.1.
+    UnwrapTemplate,
 }
 
 impl AttributeType {
@@ -456,6 +459,7 @@ impl AttributeType {
             | AttributeType::ValidationVendorUri
             | AttributeType::ValidationProfile
             | AttributeType::Value
+            | AttributeType::UnwrapTemplate
             | AttributeType::VendorDefined(_) => None,
         }
     }
@@ -549,6 +553,7 @@ impl From<AttributeType> for CK_ATTRIBUTE_TYPE {
             AttributeType::VerifyRecover => CKA_VERIFY_RECOVER,
             AttributeType::Wrap => CKA_WRAP,
             AttributeType::WrapWithTrusted => CKA_WRAP_WITH_TRUSTED,
+            AttributeType::UnwrapTemplate => CKA_UNWRAP_TEMPLATE,
         }
     }
 }
@@ -636,6 +641,7 @@ impl TryFrom<CK_ATTRIBUTE_TYPE> for AttributeType {
             CKA_VERIFY_RECOVER => Ok(AttributeType::VerifyRecover),
             CKA_WRAP => Ok(AttributeType::Wrap),
             CKA_WRAP_WITH_TRUSTED => Ok(AttributeType::WrapWithTrusted),
+            CKA_UNWRAP_TEMPLATE => Ok(AttributeType::UnwrapTemplate),
             CKA_VENDOR_DEFINED..=CK_ULONG::MAX => Ok(AttributeType::VendorDefined(attribute_type)),
             attr_type => {
                 error!("Attribute type {attr_type} not supported.");
@@ -806,6 +812,10 @@ pub enum Attribute {
     Wrap(bool),
     /// Indicates that the key can only be wrapped with a wrapping key that has the Trusted attribute
     WrapWithTrusted(bool),
+    /// The template every key unwrapped with this key must match (set only: reading an
+    /// attribute array back is not supported).
+    // keybroker patch: not in cryptoki 0.12.1.
+    UnwrapTemplate(AttributeArray),
 }
 
 impl Attribute {
@@ -892,6 +902,7 @@ impl Attribute {
             Attribute::VerifyRecover(_) => AttributeType::VerifyRecover,
             Attribute::Wrap(_) => AttributeType::Wrap,
             Attribute::WrapWithTrusted(_) => AttributeType::WrapWithTrusted,
+            Attribute::UnwrapTemplate(_) => AttributeType::UnwrapTemplate,
         }
     }
 
@@ -978,6 +989,7 @@ impl Attribute {
                 size_of::<CK_MECHANISM_TYPE>() * mechanisms.len()
             }
             Attribute::VendorDefined((_, bytes)) => bytes.len(),
+            Attribute::UnwrapTemplate(array) => array.raw.len() * size_of::<CK_ATTRIBUTE>(),
         }
     }
 
@@ -1081,6 +1093,7 @@ impl Attribute {
                 authority_type as *const _ as *mut c_void
             }
             Attribute::AllowedMechanisms(mechanisms) => as_cptr!(mechanisms),
+            Attribute::UnwrapTemplate(array) => array.raw.as_ptr() as *mut c_void,
             Attribute::EndDate(date) | Attribute::StartDate(date) => {
                 date as *const _ as *mut c_void
             }
@@ -1316,6 +1329,8 @@ impl TryFrom<CK_ATTRIBUTE> for Attribute {
                     }
                 }
             }
+            // keybroker patch: an attribute array is set, never read back, through this crate.
+            AttributeType::UnwrapTemplate => Err(Error::NotSupported),
             AttributeType::VendorDefined(t) => Ok(Attribute::VendorDefined((
                 AttributeType::VendorDefined(t),
                 val.to_vec(),
@@ -1323,6 +1338,55 @@ impl TryFrom<CK_ATTRIBUTE> for Attribute {
         }
     }
 }
+
+/// The value of an attribute-array attribute (`CKA_UNWRAP_TEMPLATE`): the attributes, and the
+/// `CK_ATTRIBUTE` array the token reads, which points into them.
+// keybroker patch: not in cryptoki 0.12.1.
+pub struct AttributeArray {
+    attributes: Vec<Attribute>,
+    // Points into `attributes` (into each element, or into the heap buffer it owns). Those never
+    // move or change while `self` lives: `attributes` is private and never mutated after `new`,
+    // and moving a Vec does not move its buffer.
+    raw: Vec<CK_ATTRIBUTE>,
+}
+
+impl AttributeArray {
+    /// An array of these attributes.
+    pub fn new(attributes: Vec<Attribute>) -> Self {
+        let raw = attributes.iter().map(CK_ATTRIBUTE::from).collect();
+        AttributeArray { attributes, raw }
+    }
+
+    /// The attributes.
+    pub fn attributes(&self) -> &[Attribute] {
+        &self.attributes
+    }
+}
+
+impl Clone for AttributeArray {
+    fn clone(&self) -> Self {
+        AttributeArray::new(self.attributes.clone())
+    }
+}
+
+impl PartialEq for AttributeArray {
+    fn eq(&self, other: &Self) -> bool {
+        self.attributes == other.attributes
+    }
+}
+
+impl Eq for AttributeArray {}
+
+impl std::fmt::Debug for AttributeArray {
+    fn fmt(&self, f: &mut Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(&self.attributes).finish()
+    }
+}
+
+// SAFETY: the raw pointers only point into data owned by the same value, which is never mutated
+// after construction; sharing or sending it is as safe as sharing or sending `attributes`.
+unsafe impl Send for AttributeArray {}
+unsafe impl Sync for AttributeArray {}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(transparent)]
