@@ -24,6 +24,7 @@
 //!   [`cli`] — the `keybroker` command.
 
 pub mod audit;
+pub mod backup;
 pub mod batch;
 pub mod cli;
 pub mod client;

@@ -76,7 +76,7 @@ pub struct ImportKeyInfo {
 }
 
 impl Keyring {
-    fn replace(&self, entry: KeyEntry) -> Arc<KeyEntry> {
+    pub(crate) fn replace(&self, entry: KeyEntry) -> Arc<KeyEntry> {
         let entry = Arc::new(entry);
         self.local_change(|| {
             self.keys
@@ -87,7 +87,7 @@ impl Keyring {
         entry
     }
 
-    fn register_version(&self, name: &KeyName, v: &VersionEntry) {
+    pub(crate) fn register_version(&self, name: &KeyName, v: &VersionEntry) {
         self.local_change(|| {
             self.versions
                 .write()
@@ -199,7 +199,7 @@ impl Keyring {
     }
 
     /// A name is free unless a key (also a soft-deleted one) has it.
-    fn name_free(&self, name: &KeyName) -> Result<(), BrokerError> {
+    pub(crate) fn name_free(&self, name: &KeyName) -> Result<(), BrokerError> {
         match self.get(name) {
             Err(_) => Ok(()),
             Ok(k) if matches!(k.lifecycle, Lifecycle::Deleted { .. }) => {
@@ -297,29 +297,7 @@ impl Keyring {
                 });
             }
             failpoint::hit(failpoint_name);
-            let mut value = [0u8; 32];
-            crate::keyring::fill_random(&mut value)?;
-            let canary = crate::model::Dek::from_slice(&value);
-            value.fill(0);
-            let digest = Sha256::digest(canary.expose()).to_vec();
-            let (params, header) = new_params(algorithm, id, CANARY_AAD)?;
-            let ct = self
-                .hsm
-                .wrap(id, params, canary)
-                .await
-                .map_err(BrokerError::from)?;
-            let env = envelope::seal(header, &ct);
-            // An HSM fault here is just that (UNAVAILABLE, ...); only a wrong answer is a bug.
-            check_canary(
-                &self.hsm,
-                algorithm,
-                id,
-                Some(env.clone()),
-                Some(digest.clone()),
-            )
-            .await
-            .map_err(BrokerError::from)?
-            .map_err(|why| BrokerError::internal(format!("new KEK failed its canary: {why}")))?;
+            let (env, digest) = self.new_canary(algorithm, id).await?;
             let canary = crate::keyring::canary_of(Some(&env), Some(&digest));
             let st = self.store.clone();
             blocking(move || {
@@ -351,9 +329,43 @@ impl Keyring {
         result
     }
 
+    /// Wraps a random canary under a new version and checks that it unwraps to the same value;
+    /// returns the envelope and the SHA-256 of the value (stored with the version: every start
+    /// and re-initialisation checks the object's identity with it).
+    pub(crate) async fn new_canary(
+        &self,
+        algorithm: Algorithm,
+        id: VersionId,
+    ) -> Result<(Vec<u8>, Vec<u8>), BrokerError> {
+        let mut value = [0u8; 32];
+        crate::keyring::fill_random(&mut value)?;
+        let canary = crate::model::Dek::from_slice(&value);
+        value.fill(0);
+        let digest = Sha256::digest(canary.expose()).to_vec();
+        let (params, header) = new_params(algorithm, id, CANARY_AAD)?;
+        let ct = self
+            .hsm
+            .wrap(id, params, canary)
+            .await
+            .map_err(BrokerError::from)?;
+        let env = envelope::seal(header, &ct);
+        // An HSM fault here is just that (UNAVAILABLE, ...); only a wrong answer is a bug.
+        check_canary(
+            &self.hsm,
+            algorithm,
+            id,
+            Some(env.clone()),
+            Some(digest.clone()),
+        )
+        .await
+        .map_err(BrokerError::from)?
+        .map_err(|why| BrokerError::internal(format!("new KEK failed its canary: {why}")))?;
+        Ok((env, digest))
+    }
+
     /// Undoes phase 1 (and 2, if `may_exist`) of a creation: destroys any HSM object with the
     /// version's id, then removes the pending version row.
-    async fn roll_back(&self, id: VersionId, may_exist: bool) -> Result<(), BrokerError> {
+    pub(crate) async fn roll_back(&self, id: VersionId, may_exist: bool) -> Result<(), BrokerError> {
         if may_exist {
             self.hsm.destroy_kek(id).await.map_err(BrokerError::from)?;
         }

@@ -11,6 +11,41 @@ use crate::{
     model::{Algorithm, KeyType},
 };
 
+/// `keybroker domain init` (with an SO PIN source) or `keybroker domain show` (without).
+pub async fn domain(cfg: &Config, so_pin_file: Option<Option<std::path::PathBuf>>) -> Result<(), String> {
+    let hsm = crate::server::open_hsm(cfg).await?;
+    let Some(so_pin_file) = so_pin_file else {
+        let id = hsm.domain_id().await.map_err(|e| e.to_string())?;
+        println!(
+            "{}",
+            match id {
+                Ok(id) => json!({"domain_id": id.hex()}),
+                Err(why) => json!({"domain_id": null, "why": why}),
+            }
+        );
+        return Ok(());
+    };
+    let pin = match so_pin_file {
+        Some(p) => std::fs::read_to_string(&p)
+            .map_err(|e| format!("read {}: {e}", p.display()))?
+            .trim_end_matches(['\r', '\n'])
+            .to_string(),
+        None => std::env::var("KEYBROKER_SO_PIN")
+            .map_err(|_| "give the SO PIN with --so-pin-file or KEYBROKER_SO_PIN".to_string())?,
+    };
+    let pin = secrecy::SecretString::from(pin);
+    let report = tokio::task::spawn_blocking(move || hsm.init_domain(&pin))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    println!(
+        "{}",
+        json!({"domain_id": report.id.hex(), "kwp_mechanism": report.kwp_mechanism,
+            "created": ["kb-domain:wrap-aes-gcm", "kb-domain:wrap-aes-kwp", "kb-domain:wrap-rsa-oaep", "kb-domain:mac"]})
+    );
+    Ok(())
+}
+
 /// Probes the configured HSM and prints what it found.
 pub async fn check_config(cfg: &Config) -> Result<(), String> {
     for (what, p) in [
@@ -602,6 +637,32 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                             "purged_at_ms": r.purged_at_ms, "purged_by": r.purged_by})
                     );
                 }
+                KeyCommand::Backup { name, out } => {
+                    let r = c
+                        .mgmt
+                        .backup_key(pb::BackupKeyRequest { key: name.clone() })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    std::fs::write(&out, &r.backup)
+                        .map_err(|e| format!("write {}: {e}", out.display()))?;
+                    println!(
+                        "{}",
+                        json!({"key": name, "file": out.display().to_string(), "bytes": r.backup.len(),
+                            "versions": r.versions, "domain_id": r.domain_id})
+                    );
+                }
+                KeyCommand::Restore { file } => {
+                    let backup = std::fs::read(&file)
+                        .map_err(|e| format!("read {}: {e}", file.display()))?;
+                    let k = c
+                        .mgmt
+                        .restore_key(pb::RestoreKeyRequest { backup })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    print_key(&k, conn.output);
+                }
                 KeyCommand::ImportKey { key_type, pem_out } => {
                     let kt = match key_type.as_str() {
                         "rsa-3072" => pb::KeyType::Rsa3072,
@@ -1016,6 +1077,7 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
         Command::Serve { .. }
         | Command::CheckConfig { .. }
         | Command::Dev { .. }
+        | Command::Domain { .. }
         | Command::Audit { .. } => {
             return Err("not a client command".into());
         }

@@ -81,6 +81,7 @@ fn provision(dir: &Path, listen: SocketAddr) -> Result<DevPaths, String> {
          [tls]\ncert = \"pki/server.pem\"\nkey = \"pki/server.key\"\nclient_ca = \"pki/ca.pem\"\n\n\
          [hsm]\nmodule = \"{module}\"\ntoken_label = \"{TOKEN_LABEL}\"\npin_file = \"hsm/user.pin\"\n\n\
          [store]\npath = \"keybroker.db\"\n\n\
+         [lifecycle]\nbackup = true\n\n\
          [access]\nallow = [\"{CLIENT_ID}\"]\n",
         module = token.module.display(),
     );
@@ -105,6 +106,27 @@ fn provision(dir: &Path, listen: SocketAddr) -> Result<DevPaths, String> {
 pub async fn run(state_dir: &Path, listen: SocketAddr) -> Result<(), String> {
     let paths = provision(state_dir, listen)?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
+    // The dev token's security officer makes its security domain once (what BackupKey and
+    // RestoreKey use); a real deployment's SO runs `keybroker domain init` by hand.
+    let marker = paths.dir.join("hsm").join("domain.created");
+    if !marker.exists() {
+        let out = tokio::process::Command::new(&exe)
+            .args(["domain", "init", "--config"])
+            .arg(&paths.config)
+            .arg("--so-pin-file")
+            .arg(paths.dir.join("hsm").join("so.pin"))
+            .env("SOFTHSM2_CONF", &paths.softhsm_conf)
+            .output()
+            .await
+            .map_err(|e| format!("cannot run `keybroker domain init`: {e}"))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() && !stderr.contains("already has a security domain") {
+            return Err(format!("`keybroker domain init` failed: {}", stderr.trim()));
+        }
+        std::fs::write(&marker, &out.stdout)
+            .map_err(|e| format!("write {}: {e}", marker.display()))?;
+        eprintln!("keybroker dev: created the token's security domain (for key backup/restore)");
+    }
     let mut child = tokio::process::Command::new(&exe)
         .arg("serve")
         .arg("--config")
@@ -160,7 +182,8 @@ pub async fn run(state_dir: &Path, listen: SocketAddr) -> Result<(), String> {
          \x20 {me} unwrap <wrapped-base64> [--aad order-42]\n\
          \x20 {me} key rotate dev/payments\n\
          \x20 {me} key create dev/rsa --type rsa-3072 && {me} public-key dev/rsa --format jwk\n\
-         \x20 {me} key list --tenant dev\n\n\
+         \x20 {me} key list --tenant dev\n\
+         \x20 {me} key backup dev/payments --out payments.kbbk\n\n\
          Press Ctrl-C to stop.",
         dir = paths.dir.display(),
         env = paths.env_file.display(),

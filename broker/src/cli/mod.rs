@@ -20,6 +20,28 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+enum DomainCommand {
+    /// Create the security domain in the configured token, as its security officer: three
+    /// trusted wrap keys (one per KEK role, each forcing the KEK template on what it unwraps)
+    /// and a MAC key. Once per token; refuses if one exists. The SO PIN comes from
+    /// --so-pin-file or the KEYBROKER_SO_PIN environment variable, never the command line.
+    Init {
+        /// The broker's configuration file (module, token, user PIN).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// A file holding the SO PIN.
+        #[arg(long)]
+        so_pin_file: Option<PathBuf>,
+    },
+    /// Show the configured token's security domain id (or why there is none).
+    Show {
+        /// The broker's configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum Command {
     /// Run the broker with a configuration file.
     Serve {
@@ -45,6 +67,11 @@ enum Command {
         /// Listen address.
         #[arg(long, default_value = "127.0.0.1:8443")]
         listen: std::net::SocketAddr,
+    },
+    /// The security domain that backups are made in (the token's security officer).
+    Domain {
+        #[command(subcommand)]
+        command: DomainCommand,
     },
     /// The HYOK kill switch (administrator role).
     Hyok {
@@ -333,6 +360,19 @@ enum KeyCommand {
         /// "tenant/name".
         name: String,
     },
+    /// Back a key up (every version, wrapped under the HSM's security domain) into a file.
+    Backup {
+        /// "tenant/name".
+        name: String,
+        /// Where to write the blob.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restore a key from a backup file (same name, every version; the name must be free).
+    Restore {
+        /// A file written by `key backup`.
+        file: PathBuf,
+    },
     /// BYOK step 1: create an RSA import key; prints its id and public key (PEM).
     ImportKey {
         /// rsa-3072 or rsa-4096.
@@ -493,6 +533,18 @@ async fn run(cli: Cli) -> Result<(), String> {
                 None => None,
             };
             commands::audit_verify(&file, cfg.as_ref()).await
+        }
+        Command::Domain { command } => {
+            let config = match &command {
+                DomainCommand::Init { config, .. } | DomainCommand::Show { config } => config,
+            };
+            let cfg = Config::load(config)?;
+            init_logging(cfg.log.format);
+            let so_pin_file = match command {
+                DomainCommand::Init { so_pin_file, .. } => Some(so_pin_file),
+                DomainCommand::Show { .. } => None,
+            };
+            commands::domain(&cfg, so_pin_file).await
         }
         Command::Dev { state_dir, listen } => {
             init_logging(LogFormat::Text);
