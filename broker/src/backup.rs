@@ -105,7 +105,9 @@ pub fn parse(blob: &[u8]) -> Result<Parsed<'_>, BrokerError> {
         return Err(malformed("too short"));
     }
     if &blob[..4] != MAGIC {
-        return Err(malformed("it does not start with KBBK (not made by BackupKey)"));
+        return Err(malformed(
+            "it does not start with KBBK (not made by BackupKey)",
+        ));
     }
     if blob[4] != FORMAT {
         return Err(malformed(&format!(
@@ -116,7 +118,9 @@ pub fn parse(blob: &[u8]) -> Result<Parsed<'_>, BrokerError> {
     let domain = VersionId::from_slice(&blob[5..21]).ok_or_else(|| malformed("domain id"))?;
     let n = u32::from_be_bytes([blob[21], blob[22], blob[23], blob[24]]) as usize;
     if n > MAX_BODY || blob.len() != HEADER + n + MAC_LEN {
-        return Err(malformed("its length does not match its header (truncated or extended)"));
+        return Err(malformed(
+            "its length does not match its header (truncated or extended)",
+        ));
     }
     Ok(Parsed {
         domain,

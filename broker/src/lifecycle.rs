@@ -365,7 +365,11 @@ impl Keyring {
 
     /// Undoes phase 1 (and 2, if `may_exist`) of a creation: destroys any HSM object with the
     /// version's id, then removes the pending version row.
-    pub(crate) async fn roll_back(&self, id: VersionId, may_exist: bool) -> Result<(), BrokerError> {
+    pub(crate) async fn roll_back(
+        &self,
+        id: VersionId,
+        may_exist: bool,
+    ) -> Result<(), BrokerError> {
         if may_exist {
             self.hsm.destroy_kek(id).await.map_err(BrokerError::from)?;
         }

@@ -4,6 +4,7 @@
 
 mod access;
 mod audit;
+mod backup;
 mod batch;
 mod cli;
 mod common;

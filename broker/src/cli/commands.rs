@@ -12,7 +12,10 @@ use crate::{
 };
 
 /// `keybroker domain init` (with an SO PIN source) or `keybroker domain show` (without).
-pub async fn domain(cfg: &Config, so_pin_file: Option<Option<std::path::PathBuf>>) -> Result<(), String> {
+pub async fn domain(
+    cfg: &Config,
+    so_pin_file: Option<Option<std::path::PathBuf>>,
+) -> Result<(), String> {
     let hsm = crate::server::open_hsm(cfg).await?;
     let Some(so_pin_file) = so_pin_file else {
         let id = hsm.domain_id().await.map_err(|e| e.to_string())?;

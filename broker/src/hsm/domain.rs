@@ -23,17 +23,15 @@
 
 use cryptoki::{
     mechanism::{Mechanism, MechanismType},
-    object::{Attribute, AttributeArray, AttributeType, KeyType as CkKeyType, ObjectClass, ObjectHandle},
+    object::{
+        Attribute, AttributeArray, AttributeType, KeyType as CkKeyType, ObjectClass, ObjectHandle,
+    },
     session::{Session, UserType},
     types::AuthPin,
 };
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{
-    Hsm, HsmError, KekSpec, RsaPublic,
-    error::FaultKind,
-    template,
-};
+use super::{Hsm, HsmError, KekSpec, RsaPublic, error::FaultKind, template};
 use crate::model::{Algorithm, KeyType, VersionId};
 
 /// The label of the domain MAC key.
@@ -404,9 +402,11 @@ impl Hsm {
 
     /// The domain id of this token, or why there is no usable domain.
     pub async fn domain_id(&self) -> Result<Result<VersionId, Refusal>, HsmError> {
-        self.run("find the security domain", super::MAINTAIN, move |_, _, s| {
-            Ok(find(s)?.map(|d| d.id))
-        })
+        self.run(
+            "find the security domain",
+            super::MAINTAIN,
+            move |_, _, s| Ok(find(s)?.map(|d| d.id)),
+        )
         .await
     }
 

@@ -49,7 +49,10 @@ pub struct KekSpec {
 /// `CKA_EXTRACTABLE` and, for a backup-enabled KEK, `CKA_WRAP_WITH_TRUSTED`.
 fn extractability(backup: bool) -> Vec<Attribute> {
     if backup {
-        vec![Attribute::Extractable(true), Attribute::WrapWithTrusted(true)]
+        vec![
+            Attribute::Extractable(true),
+            Attribute::WrapWithTrusted(true),
+        ]
     } else {
         vec![Attribute::Extractable(false)]
     }

@@ -303,7 +303,10 @@ impl Store {
 
     /// Phase 3 of a restore: every version's object exists and passed its checks; all of them
     /// become active in one transaction (a restore is all or nothing).
-    pub fn commit_versions(&self, versions: &[(VersionId, Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {
+    pub fn commit_versions(
+        &self,
+        versions: &[(VersionId, Vec<u8>, Vec<u8>)],
+    ) -> Result<(), StoreError> {
         each!(self, s => s.commit_versions(versions))
     }
 

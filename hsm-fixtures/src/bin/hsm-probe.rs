@@ -45,7 +45,7 @@ use cryptoki::{
 };
 use serde_json::{Value, json};
 
-const USAGE: &str = "usage: hsm-probe inspect|attack|tamper|tokens|init-token|import-keys|kwp-wrap|kwp-unwrap|oaep-encrypt|oaep-decrypt ... (see the source's header)";
+const USAGE: &str = "usage: hsm-probe inspect|attack|tamper|tokens|init-token|import-keys|kwp-wrap|kwp-unwrap|oaep-encrypt|oaep-decrypt|backup-attack ... (see the source's header)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -87,6 +87,7 @@ fn session_command(
         ("kwp-unwrap", [id, data]) => kwp(s, mechs, id, data, false),
         ("oaep-encrypt", [id, hash, data]) => oaep(s, id, hash, data, true),
         ("oaep-decrypt", [id, hash, data]) => oaep(s, id, hash, data, false),
+        ("backup-attack", [id, wrapped]) => backup_attack(s, mechs, id, wrapped),
         _ => Err(USAGE.into()),
     }
 }
@@ -677,4 +678,101 @@ fn oaep(
             .map_err(|e| format!("C_Decrypt(OAEP {hash}): {e}"))?
     };
     Ok(json!({ "output": hex::encode(out) }))
+}
+
+/// What a holder of the user PIN can do with a backup-enabled AES-256-GCM KEK (`id`) and its
+/// material from a backup blob (`wrapped`, RFC 5649 under the domain's GCM wrap key): wrap the
+/// KEK under a key of their own, and unwrap the blob with the domain key under templates that
+/// would let them read or misuse the key. Each entry says "refused: ..." or what happened.
+fn backup_attack(
+    s: &Session,
+    mechs: &[MechanismType],
+    id_hex: &str,
+    wrapped_hex: &str,
+) -> Result<Value, String> {
+    let id = unhex("id", id_hex)?;
+    let wrapped = unhex("wrapped", wrapped_hex)?;
+    let kek = find_key(s, &id, ObjectClass::SECRET_KEY)?;
+    let mech = if mechs.contains(&MechanismType::AES_KEY_WRAP_KWP) {
+        Mechanism::AesKeyWrapKwp
+    } else {
+        Mechanism::AesKeyWrapPad
+    };
+    let domain = s
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(b"kb-domain:wrap-aes-gcm".to_vec()),
+        ])
+        .map_err(|e| e.to_string())?
+        .first()
+        .copied()
+        .ok_or("no domain GCM wrap key")?;
+    // 1. Wrap the KEK under an untrusted key of our own (then decrypt the blob with it).
+    let own = s
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Token(false),
+                Attribute::ValueLen(32.into()),
+                Attribute::Wrap(true),
+                Attribute::Decrypt(true),
+            ],
+        )
+        .map_err(|e| format!("generate own key: {e}"))?;
+    let wrap_own = match s.wrap_key(&mech, own, kek) {
+        Ok(_) => json!("succeeded"),
+        Err(e) => json!(format!("refused: {e}")),
+    };
+    let _ = s.destroy_object(own);
+    // The KEK template of the GCM role, as the domain key forces it (token=false: a copy).
+    let forced = |allowed: MechanismType, private: bool| {
+        vec![
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(false),
+            Attribute::Private(private),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(true),
+            Attribute::WrapWithTrusted(true),
+            Attribute::Copyable(false),
+            Attribute::Derive(false),
+            Attribute::Sign(false),
+            Attribute::Verify(false),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+            Attribute::AllowedMechanisms(vec![allowed]),
+        ]
+    };
+    let try_unwrap = |t: &[Attribute]| -> Value {
+        match s.unwrap_key(&mech, domain, &wrapped, t) {
+            Ok(h) => {
+                let value = try_read(s, h, AttributeType::Value);
+                let _ = s.destroy_object(h);
+                json!(format!("unwrapped (CKA_VALUE: {value})"))
+            }
+            Err(e) => json!(format!("refused: {e}")),
+        }
+    };
+    Ok(json!({
+        "wrap_under_own_key": wrap_own,
+        "unwrap_extractable_not_sensitive": try_unwrap(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(false),
+            Attribute::Sensitive(false),
+            Attribute::Extractable(true),
+        ]),
+        "unwrap_wrap_and_decrypt": try_unwrap(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(false),
+            Attribute::Wrap(true),
+            Attribute::Decrypt(true),
+        ]),
+        "unwrap_with_ecb_allowed": try_unwrap(&forced(MechanismType::AES_ECB, true)),
+        "unwrap_public_object": try_unwrap(&forced(MechanismType::AES_GCM, false)),
+        "unwrap_as_forced": try_unwrap(&forced(MechanismType::AES_GCM, true)),
+    }))
 }
