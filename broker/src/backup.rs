@@ -437,7 +437,7 @@ mod tests {
     use super::*;
 
     fn blob() -> Vec<u8> {
-        let mut b = frame(VersionId([7; 16]), br#"{"key":"t/k"}"#).unwrap();
+        let mut b = frame(VersionId([7; 16]), br#"{"key":"t/k"}"#).expect("frame");
         b.extend_from_slice(&[0u8; 32]);
         b
     }
@@ -445,7 +445,7 @@ mod tests {
     #[test]
     fn frames_and_parses() {
         let b = blob();
-        let p = parse(&b).unwrap();
+        let p = parse(&b).expect("parse");
         assert_eq!(p.domain, VersionId([7; 16]));
         assert_eq!(p.body, br#"{"key":"t/k"}"#);
         assert_eq!(p.signed.len(), b.len() - 32);

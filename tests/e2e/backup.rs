@@ -193,7 +193,7 @@ async fn backup_then_purge_then_restore_brings_every_version_back_for_each_key_t
         assert_eq!(k.attributes, before.attributes, "{name}: same attributes");
         assert_eq!(k.created_at_ms, before.created_at_ms, "{name}");
         for (e, dek, aad) in envelopes {
-            let got = unwrap(&mut c, name, e, *aad)
+            let got = unwrap(&mut c, name, e, aad)
                 .await
                 .unwrap_or_else(|s| panic!("{name}: unwrap after restore: {s:?}"));
             assert_eq!(&got.plaintext, dek, "{name}");
@@ -223,7 +223,7 @@ async fn backup_then_purge_then_restore_brings_every_version_back_for_each_key_t
     for (name, _, _, envelopes) in &saved {
         for (e, dek, aad) in envelopes {
             assert_eq!(
-                &unwrap(&mut c, name, e, *aad)
+                &unwrap(&mut c, name, e, aad)
                     .await
                     .expect("unwrap after restart")
                     .plaintext,

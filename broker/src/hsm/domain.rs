@@ -161,11 +161,14 @@ fn find_by_label(s: &Session, label: &str) -> Result<Vec<ObjectHandle>, HsmError
     .map_err(|e| HsmError::from_ck("C_FindObjects (security domain)", e))
 }
 
+/// An object's `CKA_ID` (when 16 bytes) and the boolean attributes asked for.
+type IdAndFlags = (Option<VersionId>, Vec<(AttributeType, bool)>);
+
 fn read_bools(
     s: &Session,
     h: ObjectHandle,
     types: &[AttributeType],
-) -> Result<(Option<VersionId>, Vec<(AttributeType, bool)>), HsmError> {
+) -> Result<IdAndFlags, HsmError> {
     let mut want = vec![AttributeType::Id];
     want.extend_from_slice(types);
     let attrs = s
@@ -638,5 +641,43 @@ impl Hsm {
             Ok(Ok(()))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_role_forces_its_operations_and_its_one_mechanism_but_not_identity() {
+        let gcm = forced(Role::Gcm, MechanismType::AES_GCM);
+        for a in [
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(true),
+            Attribute::WrapWithTrusted(true),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+            Attribute::Copyable(false),
+            Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]),
+        ] {
+            assert!(gcm.contains(&a), "{a:?} not forced: {gcm:?}");
+        }
+        for t in [
+            AttributeType::Id,
+            AttributeType::Label,
+            AttributeType::Token,
+            AttributeType::Modifiable,
+        ] {
+            assert!(!gcm.iter().any(|a| a.attribute_type() == t), "{t:?} forced");
+        }
+        let kwp = forced(Role::Kwp, MechanismType::AES_KEY_WRAP_PAD);
+        assert!(kwp.contains(&Attribute::Wrap(true)) && kwp.contains(&Attribute::Decrypt(false)));
+        let rsa = forced(Role::Rsa, MechanismType::RSA_PKCS_OAEP);
+        assert!(rsa.contains(&Attribute::Class(ObjectClass::PRIVATE_KEY)));
+        assert!(rsa.contains(&Attribute::Decrypt(true)) && rsa.contains(&Attribute::Unwrap(false)));
+        assert_eq!(Role::of(Algorithm::RsaOaepSha1), Role::Rsa);
     }
 }

@@ -326,3 +326,83 @@ fn find_bool(attrs: &[Attribute], t: AttributeType) -> Option<bool> {
 fn tf(v: bool) -> &'static str {
     if v { "TRUE" } else { "FALSE" }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a token reports for a KEK generated from `aes_template` (backup on or off).
+    fn reported(backup: bool) -> Vec<Attribute> {
+        vec![
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::AlwaysSensitive(true),
+            Attribute::Extractable(backup),
+            Attribute::NeverExtractable(!backup),
+            Attribute::WrapWithTrusted(backup),
+            Attribute::Modifiable(false),
+            Attribute::Copyable(false),
+            Attribute::Derive(false),
+            Attribute::Sign(false),
+            Attribute::Verify(false),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+            Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]),
+        ]
+    }
+
+    fn check(attrs: &[Attribute]) -> Vec<String> {
+        check_secret(Algorithm::Aes256Gcm, MechanismType::AES_GCM, attrs, false)
+    }
+
+    #[test]
+    fn a_backup_enabled_kek_is_extractable_only_under_a_trusted_key() {
+        assert!(check(&reported(false)).is_empty());
+        assert!(check(&reported(true)).is_empty());
+        // Extractable without CKA_WRAP_WITH_TRUSTED: any key with wrap could take it out.
+        let mut loose = reported(true);
+        loose.retain(|a| a.attribute_type() != AttributeType::WrapWithTrusted);
+        loose.push(Attribute::WrapWithTrusted(false));
+        let p = check(&loose);
+        assert!(
+            p.iter().any(|l| l.contains("CKA_WRAP_WITH_TRUSTED")),
+            "{p:?}"
+        );
+        // Not extractable but never-extractable FALSE: it was extractable once.
+        let mut was = reported(false);
+        was.retain(|a| a.attribute_type() != AttributeType::NeverExtractable);
+        was.push(Attribute::NeverExtractable(false));
+        assert!(!check(&was).is_empty());
+    }
+
+    #[test]
+    fn the_template_asks_for_wrap_with_trusted_only_when_backup_is_on() {
+        let spec = |backup| KekSpec {
+            id: VersionId::random(),
+            label: "kb:t/k:v1".into(),
+            key_type: KeyType::Aes256,
+            algorithm: Algorithm::Aes256Gcm,
+            backup,
+        };
+        let on = aes_template(&spec(true), MechanismType::AES_GCM);
+        assert!(on.contains(&Attribute::Extractable(true)));
+        assert!(on.contains(&Attribute::WrapWithTrusted(true)));
+        let off = aes_template(&spec(false), MechanismType::AES_GCM);
+        assert!(off.contains(&Attribute::Extractable(false)));
+        assert!(
+            !off.iter()
+                .any(|a| a.attribute_type() == AttributeType::WrapWithTrusted)
+        );
+        // CKA_MODIFIABLE stays last (SoftHSM2 applies an unwrap template in order).
+        for t in [
+            on,
+            off,
+            rsa_templates(&spec(true), 3072, MechanismType::RSA_PKCS_OAEP).1,
+        ] {
+            assert_eq!(t.last(), Some(&Attribute::Modifiable(false)));
+        }
+    }
+}
