@@ -43,9 +43,9 @@ const MAX_BODY: usize = 8 << 20;
 pub struct Body {
     /// "tenant/name".
     pub key: String,
-    /// e.g. `AES_256`.
+    /// e.g. `aes-256`.
     pub key_type: String,
-    /// e.g. `AES_256_GCM`.
+    /// e.g. `aes-256-gcm`.
     pub algorithm: String,
     /// When the key was created (ms).
     pub created_at_ms: i64,
@@ -484,8 +484,8 @@ mod tests {
         };
         let body = |versions| Body {
             key: "t/k".into(),
-            key_type: "AES_256".into(),
-            algorithm: "AES_256_GCM".into(),
+            key_type: "aes-256".into(),
+            algorithm: "aes-256-gcm".into(),
             created_at_ms: 1,
             attributes: KeyAttributes::default(),
             backed_up_at_ms: 2,

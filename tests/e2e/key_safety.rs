@@ -6,7 +6,21 @@ use crate::common::*;
 
 #[tokio::test]
 async fn kek_values_cannot_be_read_and_no_object_can_wrap_and_decrypt() {
-    let env = Env::new();
+    kek_safety(false).await;
+}
+
+/// The same with `[lifecycle] backup = true`: KEKs are extractable, but only under a trusted
+/// key (`CKA_WRAP_WITH_TRUSTED`), so none of the attacks gets further than before.
+#[tokio::test]
+async fn backup_enabled_keks_resist_the_same_attacks() {
+    kek_safety(true).await;
+}
+
+async fn kek_safety(backup: bool) {
+    let env = Env::with(Options {
+        lifecycle_extra: if backup { "backup = true".into() } else { String::new() },
+        ..Default::default()
+    });
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
     let mut ids = Vec::new();
@@ -70,8 +84,12 @@ async fn kek_values_cannot_be_read_and_no_object_can_wrap_and_decrypt() {
                 "secret value must not be readable: {o}"
             );
             assert_eq!(o["sensitive"], true, "{o}");
-            assert_eq!(o["extractable"], false, "{o}");
-            assert_eq!(o["never_extractable"], true, "{o}");
+            let kek_backup = backup && label.starts_with("kb:");
+            assert_eq!(o["extractable"], kek_backup, "{o}");
+            assert_eq!(o["never_extractable"], !kek_backup, "{o}");
+            if kek_backup {
+                assert_eq!(o["wrap_with_trusted"], true, "{o}");
+            }
             assert_eq!(o["always_sensitive"], true, "{o}");
             assert_eq!(o["private"], true, "{o}");
             if !label.starts_with("kb-audit:") {

@@ -193,6 +193,7 @@ fn bool_attr(attrs: &[Attribute], t: AttributeType) -> Value {
                 | Attribute::AlwaysSensitive(v)
                 | Attribute::Extractable(v)
                 | Attribute::NeverExtractable(v)
+                | Attribute::WrapWithTrusted(v)
                 | Attribute::Modifiable(v)
                 | Attribute::Copyable(v)
                 | Attribute::Derive(v)
@@ -235,6 +236,7 @@ const FLAGS: &[(&str, AttributeType)] = &[
     ("always_sensitive", AttributeType::AlwaysSensitive),
     ("extractable", AttributeType::Extractable),
     ("never_extractable", AttributeType::NeverExtractable),
+    ("wrap_with_trusted", AttributeType::WrapWithTrusted),
     ("modifiable", AttributeType::Modifiable),
     ("copyable", AttributeType::Copyable),
     ("derive", AttributeType::Derive),
