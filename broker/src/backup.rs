@@ -364,6 +364,10 @@ impl Keyring {
         }
         failpoint::hit("restore.after_pending");
         let ids: Vec<VersionId> = plan.versions.iter().map(|(v, _)| v.id).collect();
+        // Versions whose objects this restore may have made (a refusal before the unwrap, e.g.
+        // objects with that id already in the token, made nothing, and those objects are not
+        // ours to destroy).
+        let touched = std::sync::Mutex::new(Vec::new());
         let made = async {
             let mut canaries = Vec::with_capacity(plan.versions.len());
             for (v, w) in &plan.versions {
@@ -374,11 +378,11 @@ impl Keyring {
                     algorithm: plan.algorithm,
                     backup: true,
                 };
-                self.hsm
-                    .restore_kek(spec, w.clone(), v.origin)
-                    .await
-                    .map_err(BrokerError::from)?
-                    .map_err(refused)?;
+                let r = self.hsm.restore_kek(spec, w.clone(), v.origin).await;
+                if !matches!(r, Ok(Err(_))) {
+                    touched.lock().unwrap_or_else(|p| p.into_inner()).push(v.id);
+                }
+                r.map_err(BrokerError::from)?.map_err(refused)?;
                 let (env, digest) = self.new_canary(plan.algorithm, v.id).await?;
                 canaries.push((v.id, env, digest));
             }
@@ -393,15 +397,19 @@ impl Keyring {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(key = %name, error = %e, "restore failed; rolling back");
+                let touched = touched.into_inner().unwrap_or_else(|p| p.into_inner());
                 for id in &ids {
-                    let rolled_back = RequestScope::new(None).run(self.roll_back(*id, true)).await;
+                    let may_exist = touched.contains(id);
+                    let rolled_back = RequestScope::new(None)
+                        .run(self.roll_back(*id, may_exist))
+                        .await;
                     if let Err(d) = rolled_back {
                         tracing::error!(error = %d, version_id = %id,
                             "could not roll back a half-restored version now; the maintenance task retries (and every start-up rolls it back)");
                         self.pending_rollbacks
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
-                            .push((*id, true));
+                            .push((*id, may_exist));
                     }
                 }
                 return Err(e);

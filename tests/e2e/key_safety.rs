@@ -18,7 +18,11 @@ async fn backup_enabled_keks_resist_the_same_attacks() {
 
 async fn kek_safety(backup: bool) {
     let env = Env::with(Options {
-        lifecycle_extra: if backup { "backup = true".into() } else { String::new() },
+        lifecycle_extra: if backup {
+            "backup = true".into()
+        } else {
+            String::new()
+        },
         ..Default::default()
     });
     let b = env.start().await;
