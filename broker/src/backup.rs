@@ -24,7 +24,9 @@ use serde::{Deserialize, Serialize};
 use crate::{
     error::BrokerError,
     failpoint,
-    hsm::{KekSpec, RequestScope, RsaPublic, domain::WrappedVersion, template::LABEL_PREFIX},
+    hsm::{
+        HsmError, KekSpec, RequestScope, RsaPublic, domain::WrappedVersion, template::LABEL_PREFIX,
+    },
     keyring::{KeyEntry, KeyState, Keyring, Lifecycle, VersionEntry, blocking},
     model::{Algorithm, KeyAttributes, KeyName, KeyType, MAX_VERSIONS, Origin, VersionId, now_ms},
     store::RestoredKey,
@@ -344,6 +346,16 @@ impl Keyring {
                 )));
             }
         }
+        let in_use = self
+            .hsm
+            .ids_in_use(plan.versions.iter().map(|(v, _)| v.id).collect())
+            .await
+            .map_err(BrokerError::from)?;
+        if let Some(id) = in_use.first() {
+            return Err(BrokerError::AlreadyExists(format!(
+                "the HSM already holds objects with version id {id} of this backup: the key still exists under another name, or its purge has not finished"
+            )));
+        }
         let now = now_ms();
         let record = RestoredKey {
             name: name.clone(),
@@ -379,7 +391,14 @@ impl Keyring {
                     backup: true,
                 };
                 let r = self.hsm.restore_kek(spec, w.clone(), v.origin).await;
-                if !matches!(r, Ok(Err(_))) {
+                if matches!(
+                    &r,
+                    Ok(Ok(()))
+                        | Err(HsmError {
+                            not_started: false,
+                            ..
+                        })
+                ) {
                     touched.lock().unwrap_or_else(|p| p.into_inner()).push(v.id);
                 }
                 r.map_err(BrokerError::from)?.map_err(refused)?;

@@ -218,6 +218,53 @@ int main(int argc, char **argv) {
                rv == CKR_OK ? "WRAPPED" : "refused", rv);
     }
 
+    /* 12-15: forcing CKA_MODIFIABLE=false and CKA_DESTROYABLE=true too (else a copy could be
+     * unwrapped modifiable and given more roles afterwards, or indestructible). */
+    CK_ATTRIBUTE forced_f[NFORCED + 3];
+    memcpy(forced_f, forced, sizeof(forced));
+    forced_f[NFORCED] = (CK_ATTRIBUTE){CKA_ALLOWED_MECHANISMS, gcm_only, sizeof(gcm_only)};
+    forced_f[NFORCED + 1] = (CK_ATTRIBUTE)A(CKA_DESTROYABLE, T);
+    forced_f[NFORCED + 2] = (CK_ATTRIBUTE)A(CKA_MODIFIABLE, F);
+    CK_ATTRIBUTE dtf[] = {
+        A(CKA_CLASS, SECRET), A(CKA_KEY_TYPE, AES), A(CKA_VALUE_LEN, LEN32), A(CKA_TOKEN, F),
+        A(CKA_SENSITIVE, T), A(CKA_EXTRACTABLE, F), A(CKA_WRAP, T), A(CKA_UNWRAP, T),
+        A(CKA_ENCRYPT, F), A(CKA_DECRYPT, F),
+        {CKA_UNWRAP_TEMPLATE, forced_f, sizeof(forced_f)},
+    };
+    CK_OBJECT_HANDLE domf;
+    rv = f->C_GenerateKey(s, &gen, dtf, sizeof(dtf) / sizeof(dtf[0]), &domf);
+    printf("%-58s %s (0x%lx)\n", "create a domain key also forcing modifiable=F destroyable=T",
+           rv == CKR_OK ? "ok" : "FAILED", rv);
+    if (rv == CKR_OK) {
+        n = sizeof(blob);
+        if ((rv = f->C_WrapKey(s, &kwp, domf, k, blob, &n))) die("C_WrapKey (12)", rv);
+        CK_ATTRIBUTE ef[3 + NFORCED + 3];
+        CK_ULONG efn = 0;
+        ef[efn++] = (CK_ATTRIBUTE)A(CKA_CLASS, SECRET);
+        ef[efn++] = (CK_ATTRIBUTE)A(CKA_KEY_TYPE, AES);
+        ef[efn++] = (CK_ATTRIBUTE)A(CKA_TOKEN, F);
+        for (CK_ULONG i = 0; i < NFORCED + 3; i++) ef[efn++] = forced_f[i];
+        attempt(s, domf, blob, n, "12 the forced one, modifiable=F last", ef, efn);
+        ef[efn - 1] = (CK_ATTRIBUTE)A(CKA_MODIFIABLE, T);
+        attempt(s, domf, blob, n, "13 same but modifiable=T", ef, efn);
+        ef[efn - 1] = (CK_ATTRIBUTE)A(CKA_MODIFIABLE, F);
+        ef[efn - 2] = (CK_ATTRIBUTE)A(CKA_DESTROYABLE, F);
+        attempt(s, domf, blob, n, "14 same but destroyable=F", ef, efn);
+        attempt(s, domf, blob, n, "15 modifiable and destroyable omitted", ef, efn - 2);
+        /* 16: a copy unwrapped as forced cannot be given wrap afterwards. */
+        ef[efn - 2] = (CK_ATTRIBUTE)A(CKA_DESTROYABLE, T);
+        CK_OBJECT_HANDLE h = 0;
+        CK_MECHANISM m = {kwp_mech, NULL, 0};
+        rv = f->C_UnwrapKey(s, &m, domf, blob, n, ef, efn, &h);
+        if (rv == CKR_OK) {
+            CK_ATTRIBUTE add[] = {A(CKA_WRAP, T)};
+            rv = f->C_SetAttributeValue(s, h, add, 1);
+            printf("%-58s %s (0x%lx)\n", "16 then C_SetAttributeValue(CKA_WRAP=T)",
+                   rv == CKR_OK ? "CHANGED" : "refused", rv);
+            f->C_DestroyObject(s, h);
+        }
+    }
+
     CK_ATTRIBUTE q = {CKA_UNWRAP_TEMPLATE, NULL, 0};
     rv = f->C_GetAttributeValue(s, dom, &q, 1);
     printf("%-58s 0x%lx, %lu bytes (%lu attributes)\n", "read back the domain key's template", rv,

@@ -278,6 +278,10 @@ async fn an_altered_or_foreign_backup_is_refused_and_changes_nothing() {
             with_body(&blob, |b| b["attributes"]["enabled"] = false.into()),
         ),
         (
+            "a changed name",
+            with_body(&blob, |b| b["key"] = "acme/other".into()),
+        ),
+        (
             "a changed version number",
             with_body(&blob, |b| b["versions"][0]["number"] = 7.into()),
         ),
@@ -428,6 +432,7 @@ async fn a_pin_holder_cannot_turn_a_backup_into_a_readable_or_misusable_key() {
         &hex::encode(&k.versions[0].id),
         &hex::encode(&wrapped),
     ]);
+    eprintln!("backup-attack: {r:#}");
     let s = |k: &str| r[k].as_str().unwrap_or_default().to_string();
     for refused in [
         "wrap_under_own_key",
@@ -435,6 +440,10 @@ async fn a_pin_holder_cannot_turn_a_backup_into_a_readable_or_misusable_key() {
         "unwrap_wrap_and_decrypt",
         "unwrap_with_ecb_allowed",
         "unwrap_public_object",
+        "unwrap_modifiable",
+        "unwrap_indestructible",
+        "add_wrap_to_the_copy",
+        "destroy_domain_key",
     ] {
         assert!(s(refused).starts_with("refused"), "{refused}: {r}");
     }

@@ -199,3 +199,99 @@ async fn key_rewrap_all_moves_a_file_of_envelopes_to_the_newest_version_with_pro
     );
     b.stop().await;
 }
+
+/// `keybroker domain init|show`, `key backup`, `key purge`, `key restore` by hand, as the README
+/// describes them; the envelope made before the backup unwraps after the restore.
+#[tokio::test]
+async fn backup_and_restore_through_the_command_line() {
+    let env = Env::with(Options {
+        lifecycle_extra: "backup = true".into(),
+        ..Default::default()
+    });
+    let domain = |args: &[&str], so_pin: Option<&str>| {
+        let mut c = std::process::Command::new(BROKER);
+        c.arg("domain")
+            .args(args)
+            .arg("--config")
+            .arg(&env.config)
+            .envs(env.token.env());
+        if let Some(p) = so_pin {
+            c.env("KEYBROKER_SO_PIN", p);
+        }
+        let out = c.output().expect("run keybroker domain");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, _) = domain(&["show"], None);
+    assert!(ok && stdout.contains("\"domain_id\":null"), "{stdout}");
+    let (ok, _, stderr) = domain(&["init"], Some("not-the-so-pin"));
+    assert!(
+        !ok && stderr.contains("security officer"),
+        "wrong SO PIN: {stderr}"
+    );
+    let (ok, _, stderr) = domain(&["init"], None);
+    assert!(
+        !ok && stderr.contains("KEYBROKER_SO_PIN"),
+        "no SO PIN: {stderr}"
+    );
+    let (ok, made, stderr) = domain(&["init"], Some(&env.token.so_pin));
+    assert!(ok, "{stderr}");
+    let made: serde_json::Value = serde_json::from_str(made.trim()).expect("JSON");
+    let (ok, shown, _) = domain(&["show"], None);
+    assert!(ok);
+    let shown: serde_json::Value = serde_json::from_str(shown.trim()).expect("JSON");
+    assert_eq!(made["domain_id"], shown["domain_id"]);
+
+    let b = env.start().await;
+    let (ok, _, stderr) = cli(
+        &env,
+        &b,
+        &["key", "create", "acme/cli", "--type", "aes-256"],
+    )
+    .await;
+    assert!(ok, "{stderr}");
+    let dek = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+    let (ok, wrapped, stderr) = cli(
+        &env,
+        &b,
+        &[
+            "wrap",
+            "acme/cli",
+            "--plaintext-hex",
+            dek,
+            "--aad",
+            "order-42",
+        ],
+    )
+    .await;
+    assert!(ok, "{stderr}");
+    let wrapped = wrapped.trim().to_string();
+    let file = env.dir.path().join("acme-cli.kbbk");
+    let file_s = file.display().to_string();
+    let (ok, stdout, stderr) =
+        cli(&env, &b, &["key", "backup", "acme/cli", "--out", &file_s]).await;
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains(made["domain_id"].as_str().expect("id")),
+        "{stdout}"
+    );
+    assert!(std::fs::read(&file).expect("blob").starts_with(b"KBBK"));
+    for args in [["key", "delete", "acme/cli"], ["key", "purge", "acme/cli"]] {
+        let (ok, _, stderr) = cli(&env, &b, &args).await;
+        assert!(ok, "{args:?}: {stderr}");
+    }
+    let (ok, _, _) = cli(&env, &b, &["unwrap", &wrapped, "--aad", "order-42"]).await;
+    assert!(!ok, "purged: must not unwrap");
+    let (ok, stdout, stderr) = cli(&env, &b, &["key", "restore", &file_s]).await;
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("acme/cli"), "{stdout}");
+    let (ok, stdout, stderr) = cli(&env, &b, &["unwrap", &wrapped, "--aad", "order-42"]).await;
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains(dek), "{stdout}");
+    let (ok, _, stderr) = cli(&env, &b, &["key", "restore", &file_s]).await;
+    assert!(!ok && stderr.contains("AlreadyExists"), "{stderr}");
+    b.stop().await;
+}

@@ -83,10 +83,10 @@ impl Role {
 }
 
 /// The attributes a role's domain wrap key forces on what it unwraps: every attribute of the
-/// role's backup-enabled KEK template that decides what the key can do (taken from that
-/// template, so the two cannot drift apart). Not forced: token, label, id (they differ per
-/// KEK) and modifiable (SoftHSM2 makes attributes after a forced `CKA_MODIFIABLE` FALSE
-/// read-only; the restored KEK still gets it, last, from the broker's template).
+/// role's backup-enabled KEK template that decides what the key can do or become (taken from
+/// that template, in its order, so the two cannot drift apart), including not modifiable
+/// (else a copy could be given another role afterwards) and destroyable. Not forced: token,
+/// label and id, which differ per KEK.
 pub fn forced(role: Role, mechanism: MechanismType) -> Vec<Attribute> {
     const FORCED: &[AttributeType] = &[
         AttributeType::Class,
@@ -105,6 +105,8 @@ pub fn forced(role: Role, mechanism: MechanismType) -> Vec<Attribute> {
         AttributeType::Wrap,
         AttributeType::Unwrap,
         AttributeType::AllowedMechanisms,
+        AttributeType::Destroyable,
+        AttributeType::Modifiable,
     ];
     let (key_type, algorithm) = role.sample();
     let spec = KekSpec {
@@ -152,13 +154,22 @@ pub struct DomainReport {
     pub kwp_mechanism: String,
 }
 
+/// The domain's objects with this label. Wrap keys are searched with `CKA_TRUSTED` (which only
+/// the SO can set) and the MAC key as a private object (which only the user can make), so an
+/// object that someone without those rights adds under the same label is not even seen.
 fn find_by_label(s: &Session, label: &str) -> Result<Vec<ObjectHandle>, HsmError> {
-    s.find_objects(&[
+    let mut t = vec![
         Attribute::Token(true),
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::Label(label.as_bytes().to_vec()),
-    ])
-    .map_err(|e| HsmError::from_ck("C_FindObjects (security domain)", e))
+    ];
+    t.push(if label == MAC_LABEL {
+        Attribute::Private(true)
+    } else {
+        Attribute::Trusted(true)
+    });
+    s.find_objects(&t)
+        .map_err(|e| HsmError::from_ck("C_FindObjects (security domain)", e))
 }
 
 /// An object's `CKA_ID` (when 16 bytes) and the boolean attributes asked for.
@@ -180,6 +191,11 @@ fn read_bools(
         match a {
             Attribute::Id(v) => id = VersionId::from_slice(&v),
             Attribute::Trusted(b)
+            | Attribute::Private(b)
+            | Attribute::Local(b)
+            | Attribute::AlwaysSensitive(b)
+            | Attribute::NeverExtractable(b)
+            | Attribute::Destroyable(b)
             | Attribute::Sensitive(b)
             | Attribute::Extractable(b)
             | Attribute::Encrypt(b)
@@ -217,8 +233,17 @@ pub(super) fn find(s: &Session) -> Result<Result<DomainKeys, String>, HsmError> 
             }
         };
         let mac = label == MAC_LABEL;
-        let checks: &[(AttributeType, bool)] = if mac {
+        // Generated inside the token (local, always sensitive, never extractable), not
+        // destroyable, not modifiable: not a key someone created with a value they know.
+        let common = [
+            (AttributeType::Local, true),
+            (AttributeType::AlwaysSensitive, true),
+            (AttributeType::NeverExtractable, true),
+            (AttributeType::Destroyable, false),
+        ];
+        let own: &[(AttributeType, bool)] = if mac {
             &[
+                (AttributeType::Private, true),
                 (AttributeType::Sensitive, true),
                 (AttributeType::Extractable, false),
                 (AttributeType::Sign, true),
@@ -240,9 +265,10 @@ pub(super) fn find(s: &Session) -> Result<Result<DomainKeys, String>, HsmError> 
                 (AttributeType::Modifiable, false),
             ]
         };
+        let checks: Vec<(AttributeType, bool)> = common.iter().chain(own).copied().collect();
         let types: Vec<AttributeType> = checks.iter().map(|c| c.0).collect();
         let (id, got) = read_bools(s, h, &types)?;
-        for (t, want) in checks {
+        for (t, want) in &checks {
             if !got.iter().any(|(gt, gv)| gt == t && gv == want) {
                 return Ok(Err(format!(
                     "the security domain's key {label} does not have {t} = {want}: not made by `keybroker domain init`; refusing to use it"
@@ -319,14 +345,63 @@ impl Hsm {
             Err(why) if why == NO_DOMAIN => {}
             Err(why) => return Err(HsmError::setup("create the security domain", why)),
         }
-        // The user session state is per application: log the user out, the SO in.
-        let _ = s.logout();
-        s.login(
-            UserType::So,
-            Some(&AuthPin::new(so_pin.expose_secret().to_string().into())),
-        )
-        .map_err(|e| HsmError::from_ck("C_Login (security officer)", e))?;
         let id = VersionId::random();
+        let partial = |what: &str, e: HsmError| {
+            HsmError::setup(
+                "create the security domain",
+                format!(
+                    "{what} failed ({e}); the token may now hold part of a domain ({id}), whose keys cannot be destroyed: initialise a fresh token"
+                ),
+            )
+        };
+        let so = || AuthPin::new(so_pin.expose_secret().to_string().into());
+        let user = || AuthPin::new(inner.pin.expose_secret().to_string().into());
+        // 0. Check the SO PIN before making anything (a typo must not leave half a domain).
+        let _ = s.logout();
+        let so_ok = s
+            .login(UserType::So, Some(&so()))
+            .map_err(|e| HsmError::from_ck("C_Login (security officer)", e));
+        let _ = s.logout();
+        s.login(UserType::User, Some(&user()))
+            .map_err(|e| HsmError::from_ck("C_Login (user)", e))?;
+        so_ok?;
+        // 1. The MAC key, as the user: a private object, so that only someone logged in can
+        //    MAC (an SO session cannot create private objects).
+        s.generate_key(
+            &Mechanism::GenericSecretKeyGen,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(CkKeyType::GENERIC_SECRET),
+                Attribute::ValueLen(32.into()),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Copyable(false),
+                Attribute::Destroyable(false),
+                Attribute::Sign(true),
+                Attribute::Verify(true),
+                Attribute::Encrypt(false),
+                Attribute::Decrypt(false),
+                Attribute::Wrap(false),
+                Attribute::Unwrap(false),
+                Attribute::Derive(false),
+                Attribute::AllowedMechanisms(vec![MechanismType::SHA256_HMAC]),
+                Attribute::Id(id.as_bytes().to_vec()),
+                Attribute::Label(MAC_LABEL.as_bytes().to_vec()),
+                Attribute::Modifiable(false),
+            ],
+        )
+        .map_err(|e| HsmError::from_ck("create the domain MAC key", e))?;
+        // 2. The wrap keys, as the SO (only the SO can set CKA_TRUSTED). The login state is
+        //    per application: log the user out, the SO in, and back.
+        let _ = s.logout();
+        s.login(UserType::So, Some(&so())).map_err(|e| {
+            partial(
+                "C_Login (security officer)",
+                HsmError::from_ck("C_Login", e),
+            )
+        })?;
         let made = (|| -> Result<(), HsmError> {
             for role in Role::ALL {
                 let mech = match role {
@@ -344,6 +419,7 @@ impl Hsm {
                     Attribute::Extractable(false),
                     Attribute::Trusted(true),
                     Attribute::Copyable(false),
+                    Attribute::Destroyable(false),
                     Attribute::Wrap(true),
                     Attribute::Unwrap(true),
                     Attribute::Encrypt(false),
@@ -360,43 +436,11 @@ impl Hsm {
                 s.generate_key(&Mechanism::AesKeyGen, &t)
                     .map_err(|e| HsmError::from_ck("create a domain wrap key", e))?;
             }
-            s.generate_key(
-                &Mechanism::GenericSecretKeyGen,
-                &[
-                    Attribute::Class(ObjectClass::SECRET_KEY),
-                    Attribute::KeyType(CkKeyType::GENERIC_SECRET),
-                    Attribute::ValueLen(32.into()),
-                    Attribute::Token(true),
-                    Attribute::Private(false),
-                    Attribute::Sensitive(true),
-                    Attribute::Extractable(false),
-                    Attribute::Copyable(false),
-                    Attribute::Sign(true),
-                    Attribute::Verify(true),
-                    Attribute::Encrypt(false),
-                    Attribute::Decrypt(false),
-                    Attribute::Wrap(false),
-                    Attribute::Unwrap(false),
-                    Attribute::Derive(false),
-                    Attribute::AllowedMechanisms(vec![MechanismType::SHA256_HMAC]),
-                    Attribute::Id(id.as_bytes().to_vec()),
-                    Attribute::Label(MAC_LABEL.as_bytes().to_vec()),
-                    Attribute::Modifiable(false),
-                ],
-            )
-            .map_err(|e| HsmError::from_ck("create the domain MAC key", e))?;
             Ok(())
         })();
-        if made.is_err() {
-            // Leave no partial domain behind.
-            if let Ok(found) = s.find_objects(&[Attribute::Id(id.as_bytes().to_vec())]) {
-                for h in found {
-                    let _ = s.destroy_object(h);
-                }
-            }
-        }
         let _ = s.logout();
-        made?;
+        let _ = s.login(UserType::User, Some(&user()));
+        made.map_err(|e| partial("creating the wrap keys", e))?;
         Ok(DomainReport {
             id,
             kwp_mechanism: kwp_type.to_string(),
@@ -475,6 +519,24 @@ impl Hsm {
                 out.push(WrappedVersion { wrapped, public });
             }
             Ok(Ok((domain.id, out)))
+        })
+        .await
+    }
+
+    /// Which of these ids already name objects in the token (a restore must not adopt or,
+    /// when rolled back, destroy objects it did not make).
+    pub async fn ids_in_use(&self, ids: Vec<VersionId>) -> Result<Vec<VersionId>, HsmError> {
+        self.run("look for version ids", super::MAINTAIN, move |_, _, s| {
+            let mut used = Vec::new();
+            for id in &ids {
+                let found = s
+                    .find_objects(&[Attribute::Id(id.as_bytes().to_vec())])
+                    .map_err(|e| HsmError::from_ck("C_FindObjects", e))?;
+                if found.iter().any(|h| super::is_key_object(s, *h)) {
+                    used.push(*id);
+                }
+            }
+            Ok(used)
         })
         .await
     }
@@ -662,14 +724,16 @@ mod tests {
             Attribute::Unwrap(false),
             Attribute::Copyable(false),
             Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]),
+            Attribute::Destroyable(true),
         ] {
             assert!(gcm.contains(&a), "{a:?} not forced: {gcm:?}");
         }
+        // Not modifiable, and last: SoftHSM2 applies a template in order.
+        assert_eq!(gcm.last(), Some(&Attribute::Modifiable(false)));
         for t in [
             AttributeType::Id,
             AttributeType::Label,
             AttributeType::Token,
-            AttributeType::Modifiable,
         ] {
             assert!(!gcm.iter().any(|a| a.attribute_type() == t), "{t:?} forced");
         }

@@ -727,7 +727,7 @@ fn backup_attack(
     };
     let _ = s.destroy_object(own);
     // The KEK template of the GCM role, as the domain key forces it (token=false: a copy).
-    let forced = |allowed: MechanismType, private: bool| {
+    let forced = |allowed: MechanismType, private: bool, modifiable: bool, destroyable: bool| {
         vec![
             Attribute::Class(ObjectClass::SECRET_KEY),
             Attribute::KeyType(KeyType::AES),
@@ -745,8 +745,11 @@ fn backup_attack(
             Attribute::Wrap(false),
             Attribute::Unwrap(false),
             Attribute::AllowedMechanisms(vec![allowed]),
+            Attribute::Destroyable(destroyable),
+            Attribute::Modifiable(modifiable),
         ]
     };
+    let gcm = MechanismType::AES_GCM;
     let try_unwrap = |t: &[Attribute]| -> Value {
         match s.unwrap_key(&mech, domain, &wrapped, t) {
             Ok(h) => {
@@ -773,8 +776,25 @@ fn backup_attack(
             Attribute::Wrap(true),
             Attribute::Decrypt(true),
         ]),
-        "unwrap_with_ecb_allowed": try_unwrap(&forced(MechanismType::AES_ECB, true)),
-        "unwrap_public_object": try_unwrap(&forced(MechanismType::AES_GCM, false)),
-        "unwrap_as_forced": try_unwrap(&forced(MechanismType::AES_GCM, true)),
+        "unwrap_with_ecb_allowed": try_unwrap(&forced(MechanismType::AES_ECB, true, false, true)),
+        "unwrap_public_object": try_unwrap(&forced(gcm, false, false, true)),
+        "unwrap_modifiable": try_unwrap(&forced(gcm, true, true, true)),
+        "unwrap_indestructible": try_unwrap(&forced(gcm, true, false, false)),
+        "add_wrap_to_the_copy": match s.unwrap_key(&mech, domain, &wrapped, &forced(gcm, true, false, true)) {
+            Ok(h) => {
+                let r = s.update_attributes(h, &[Attribute::Wrap(true)]);
+                let _ = s.destroy_object(h);
+                match r {
+                    Ok(()) => json!("succeeded"),
+                    Err(e) => json!(format!("refused: {e}")),
+                }
+            }
+            Err(e) => json!(format!("not unwrapped: {e}")),
+        },
+        "unwrap_as_forced": try_unwrap(&forced(gcm, true, false, true)),
+        "destroy_domain_key": match s.destroy_object(domain) {
+            Ok(()) => json!("succeeded"),
+            Err(e) => json!(format!("refused: {e}")),
+        },
     }))
 }
