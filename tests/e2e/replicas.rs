@@ -510,3 +510,84 @@ async fn the_store_connection_is_tls_verified_against_the_configured_ca() {
         assert!(err.contains(why), "{why}: {err}");
     }
 }
+
+/// BackupKey through one replica, purge, RestoreKey through the other: the restored key (all
+/// its versions, recorded in PostgreSQL in one transaction) is served through the first at once.
+#[tokio::test]
+async fn a_key_restored_through_one_replica_is_served_by_the_other_at_once() {
+    let (_pg, env, b_config) = replicated(
+        Options {
+            lifecycle_extra: "backup = true".into(),
+            ..Default::default()
+        },
+        "",
+    );
+    let out = std::process::Command::new(BROKER)
+        .args(["domain", "init", "--config"])
+        .arg(&env.config)
+        .env("KEYBROKER_SO_PIN", &env.token.so_pin)
+        .envs(env.token.env())
+        .output()
+        .expect("run keybroker domain init");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (a, b) = start_both(&env, &b_config).await;
+    let mut ca = a.clients_as(&env.pki.client).await;
+    let mut cb = b.clients_as(&env.pki.client).await;
+    create(
+        &mut ca,
+        "acme/kept",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    rotate(&mut ca, "acme/kept").await.expect("rotate");
+    let dek = random_dek(32);
+    let old = wrap(&mut ca, "acme/kept", &dek, b"").await.expect("wrap");
+    let blob = ca
+        .mgmt
+        .backup_key(pb::BackupKeyRequest {
+            key: "acme/kept".into(),
+        })
+        .await
+        .expect("backup through A")
+        .into_inner()
+        .backup;
+    ca.mgmt
+        .delete_key(pb::DeleteKeyRequest {
+            key: "acme/kept".into(),
+        })
+        .await
+        .expect("delete");
+    ca.mgmt
+        .purge_key(pb::PurgeKeyRequest {
+            key: "acme/kept".into(),
+        })
+        .await
+        .expect("purge");
+    let k = cb
+        .mgmt
+        .restore_key(pb::RestoreKeyRequest {
+            backup: blob.clone(),
+        })
+        .await
+        .expect("restore through B")
+        .into_inner();
+    assert_eq!(k.current_version, 2);
+    assert_eq!(versions(&mut ca, "acme/kept").await, vec![1, 2]);
+    let u = unwrap(&mut ca, "", &old.wrapped_key, b"")
+        .await
+        .expect("A serves the key B restored");
+    assert_eq!(u.plaintext, dek);
+    let e = ca
+        .mgmt
+        .restore_key(pb::RestoreKeyRequest { backup: blob })
+        .await
+        .expect_err("restored already");
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    b.stop().await;
+    a.stop().await;
+}
