@@ -183,7 +183,7 @@ pub async fn run(state_dir: &Path, listen: SocketAddr) -> Result<(), String> {
          \x20 {me} key rotate dev/payments\n\
          \x20 {me} key create dev/rsa --type rsa-3072 && {me} public-key dev/rsa --format jwk\n\
          \x20 {me} key list --tenant dev\n\
-         \x20 {me} key backup dev/payments --out payments.kbbk\n\n\
+         \x20 {me} key backup dev/payments --out payments.kbbk   # then: key delete, key purge, key restore payments.kbbk\n\n\
          Press Ctrl-C to stop.",
         dir = paths.dir.display(),
         env = paths.env_file.display(),
