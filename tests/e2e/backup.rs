@@ -531,3 +531,85 @@ async fn a_crash_during_a_restore_is_rolled_back_at_the_next_start() {
     drop(c);
     b.stop().await;
 }
+
+/// The role table (README "Roles"): BackupKey needs the backup permission (crypto-user, backup),
+/// RestoreKey the restore permission (crypto-officer) on the name in the blob, within scope.
+#[tokio::test]
+async fn backup_and_restore_follow_the_role_table_and_scopes() {
+    let roles = [
+        "administrator",
+        "crypto-officer",
+        "crypto-user",
+        "service-encryption-user",
+        "auditor",
+        "backup",
+    ];
+    let id = |r: &str| format!("spiffe://keybroker.test/role/{r}");
+    let mut policy = String::new();
+    for r in roles {
+        policy.push_str(&format!(
+            "[[binding]]\nidentity = \"{}\"\nrole = \"{r}\"\nscope = \"all\"\n",
+            id(r)
+        ));
+    }
+    // A crypto-officer of tenant "other" only.
+    policy.push_str(
+        "[[binding]]\nidentity = \"spiffe://keybroker.test/officer-other\"\nrole = \"crypto-officer\"\nscope = \"tenant:other\"\n",
+    );
+    let env = Env::with(Options {
+        lifecycle_extra: "backup = true".into(),
+        policy: Some(policy),
+        ..Default::default()
+    });
+    domain_init(&env).expect("domain init");
+    let b = env.start().await;
+    let mut clients = std::collections::HashMap::new();
+    for r in roles {
+        let cert = env.pki.ca.issue_spiffe_client(r, &id(r)).expect("cert");
+        clients.insert(r, b.clients_as(&cert).await);
+    }
+    let other = env
+        .pki
+        .ca
+        .issue_spiffe_client("officer-other", "spiffe://keybroker.test/officer-other")
+        .expect("cert");
+    let mut other = b.clients_as(&other).await;
+    let user = clients.get_mut("crypto-user").expect("crypto-user");
+    create_kind(
+        user,
+        "acme/k",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Aes256Gcm,
+    )
+    .await;
+    let mut blob = Vec::new();
+    for r in roles {
+        let c = clients.get_mut(r).expect("client");
+        let got = backup(c, "acme/k").await;
+        let may = ["crypto-user", "backup"].contains(&r);
+        match got {
+            Ok(made) => {
+                assert!(may, "{r} backed up");
+                blob = made.backup;
+            }
+            Err(e) => {
+                assert!(!may, "{r}: {e:?}");
+                assert_eq!(e.code(), Code::PermissionDenied, "{r}: {e:?}");
+            }
+        }
+    }
+    let officer = clients.get_mut("crypto-officer").expect("officer");
+    delete_and_purge(officer, "acme/k").await;
+    for r in roles.iter().filter(|r| **r != "crypto-officer") {
+        let c = clients.get_mut(r).expect("client");
+        let e = restore(c, &blob).await.expect_err("not an officer");
+        assert_eq!(e.code(), Code::PermissionDenied, "{r}: {e:?}");
+    }
+    let e = restore(&mut other, &blob).await.expect_err("out of scope");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let officer = clients.get_mut("crypto-officer").expect("officer");
+    restore(officer, &blob).await.expect("the officer restores");
+    drop(clients);
+    drop(other);
+    b.stop().await;
+}
