@@ -649,6 +649,12 @@ impl Hsm {
                                 .into(),
                         ));
                     }
+                    if e.rv == Some(cryptoki::error::RvError::TemplateInconsistent) {
+                        return Ok(Err(format!(
+                            "the security domain's {} key refuses this broker's KEK template (CKR_TEMPLATE_INCONSISTENT): the domain was made for another template or RFC 5649 mechanism; make a new domain on a fresh token",
+                            role.label()
+                        )));
+                    }
                     return Err(e);
                 }
             };
