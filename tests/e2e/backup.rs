@@ -19,7 +19,7 @@ fn backup_env() -> Env {
 }
 
 /// `keybroker domain init` as the token's security officer (the SO PIN from the environment).
-fn domain_init(env: &Env) -> Result<serde_json::Value, String> {
+pub(crate) fn domain_init(env: &Env) -> Result<serde_json::Value, String> {
     let out = std::process::Command::new(BROKER)
         .args(["domain", "init", "--config"])
         .arg(&env.config)

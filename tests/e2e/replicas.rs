@@ -522,18 +522,7 @@ async fn a_key_restored_through_one_replica_is_served_by_the_other_at_once() {
         },
         "",
     );
-    let out = std::process::Command::new(BROKER)
-        .args(["domain", "init", "--config"])
-        .arg(&env.config)
-        .env("KEYBROKER_SO_PIN", &env.token.so_pin)
-        .envs(env.token.env())
-        .output()
-        .expect("run keybroker domain init");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::backup::domain_init(&env).expect("domain init");
     let (a, b) = start_both(&env, &b_config).await;
     let mut ca = a.clients_as(&env.pki.client).await;
     let mut cb = b.clients_as(&env.pki.client).await;

@@ -369,28 +369,7 @@ impl Hsm {
         //    MAC (an SO session cannot create private objects).
         s.generate_key(
             &Mechanism::GenericSecretKeyGen,
-            &[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(CkKeyType::GENERIC_SECRET),
-                Attribute::ValueLen(32.into()),
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Sensitive(true),
-                Attribute::Extractable(false),
-                Attribute::Copyable(false),
-                Attribute::Destroyable(false),
-                Attribute::Sign(true),
-                Attribute::Verify(true),
-                Attribute::Encrypt(false),
-                Attribute::Decrypt(false),
-                Attribute::Wrap(false),
-                Attribute::Unwrap(false),
-                Attribute::Derive(false),
-                Attribute::AllowedMechanisms(vec![MechanismType::SHA256_HMAC]),
-                Attribute::Id(id.as_bytes().to_vec()),
-                Attribute::Label(MAC_LABEL.as_bytes().to_vec()),
-                Attribute::Modifiable(false),
-            ],
+            &template::hmac_key_template(id, MAC_LABEL, Some(false)),
         )
         .map_err(|e| HsmError::from_ck("create the domain MAC key", e))?;
         // 2. The wrap keys, as the SO (only the SO can set CKA_TRUSTED). The login state is

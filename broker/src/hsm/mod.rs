@@ -983,7 +983,6 @@ impl Hsm {
             "find or create the audit key",
             kind,
             move |inner, conn, s| {
-                use cryptoki::{mechanism::MechanismType, object::KeyType as CkKeyType};
                 let _guard = inner.object_lock.lock().unwrap_or_else(|p| p.into_inner());
                 let (id, handle) = match id {
                     Some(id) => (id, find_audit_key(s, id)?),
@@ -992,27 +991,7 @@ impl Hsm {
                         let h = s
                             .generate_key(
                                 &Mechanism::GenericSecretKeyGen,
-                                &[
-                                    Attribute::Class(ObjectClass::SECRET_KEY),
-                                    Attribute::KeyType(CkKeyType::GENERIC_SECRET),
-                                    Attribute::ValueLen(32.into()),
-                                    Attribute::Token(true),
-                                    Attribute::Private(true),
-                                    Attribute::Sensitive(true),
-                                    Attribute::Extractable(false),
-                                    Attribute::Modifiable(false),
-                                    Attribute::Copyable(false),
-                                    Attribute::Sign(true),
-                                    Attribute::Verify(true),
-                                    Attribute::Encrypt(false),
-                                    Attribute::Decrypt(false),
-                                    Attribute::Wrap(false),
-                                    Attribute::Unwrap(false),
-                                    Attribute::Derive(false),
-                                    Attribute::AllowedMechanisms(vec![MechanismType::SHA256_HMAC]),
-                                    Attribute::Id(id.as_bytes().to_vec()),
-                                    Attribute::Label(AUDIT_KEY_LABEL.as_bytes().to_vec()),
-                                ],
+                                &template::hmac_key_template(id, AUDIT_KEY_LABEL, None),
                             )
                             .map_err(|e| HsmError::from_ck("generate the audit HMAC key", e))?;
                         (id, h)

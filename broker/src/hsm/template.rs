@@ -149,6 +149,36 @@ pub fn rsa_templates(
     (public, private)
 }
 
+/// An HMAC-SHA256 key generated in the token (the audit trail's checkpoint key, the security
+/// domain's MAC key): a private token object, sensitive, never extractable, not modifiable or
+/// copyable, SIGN+VERIFY only, `CKA_ALLOWED_MECHANISMS` = `CKM_SHA256_HMAC`. `destroyable`
+/// adds `CKA_DESTROYABLE` when given (left out otherwise: PKCS#11 2.20 tokens do not know it).
+pub fn hmac_key_template(id: VersionId, label: &str, destroyable: Option<bool>) -> Vec<Attribute> {
+    let mut t = vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(CkKeyType::GENERIC_SECRET),
+        Attribute::ValueLen(32.into()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Copyable(false),
+        Attribute::Sign(true),
+        Attribute::Verify(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+        Attribute::AllowedMechanisms(vec![MechanismType::SHA256_HMAC]),
+        Attribute::Id(id.as_bytes().to_vec()),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ];
+    t.extend(destroyable.map(Attribute::Destroyable));
+    t.push(Attribute::Modifiable(false));
+    t
+}
+
 /// The attributes read back from a secret or private KEK object to check its template.
 pub const SECRET_CHECK: &[AttributeType] = &[
     AttributeType::Token,

@@ -604,40 +604,16 @@ impl PgStore {
         id: VersionId,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        let attrs = serde_json::to_string(attributes)
-            .map_err(|e| StoreError::Corrupt(format!("attributes: {e}")))?;
-        let owner = self.owner();
-        let r = self.exec(async |c| {
-            let tx = c.transaction().await?;
-            let stamp = bump(&tx).await?;
-            let key_id: i64 = tx
-                .query_one(
-                    "INSERT INTO kb_keys (tenant, name, key_type, algorithm, created_at_ms, updated_at_ms, attributes, gen)
-                     VALUES ($1, $2, $3, $4, $5, $5, $6, $7) RETURNING id",
-                    &[&name.tenant(), &name.name(), &key_type.as_str(), &algorithm.as_str(), &now_ms, &attrs, &stamp],
-                )
-                .await?
-                .get(0);
-            tx.execute(
-                "INSERT INTO kb_key_versions (key_id, version, object_id, state, created_at_ms, origin, owner)
-                 VALUES ($1, 1, $2, 'pending', $3, $4, $5)",
-                &[&key_id, &id.as_bytes().as_slice(), &now_ms, &origin.as_str(), &owner],
-            )
-            .await?;
-            tx.execute(
-                "DELETE FROM kb_purged_keys WHERE tenant = $1 AND name = $2",
-                &[&name.tenant(), &name.name()],
-            )
-            .await?;
-            tx.commit().await?;
-            Ok(())
-        });
-        match r {
-            Err(e) if sqlstate(&e) == Some("23505") => {
-                Err(StoreError::AlreadyExists(name.to_string()))
-            }
-            other => other,
-        }
+        // A new key is a one-version restore with everything "now": one code path for both.
+        self.begin_restore(&super::RestoredKey {
+            name: name.clone(),
+            key_type,
+            algorithm,
+            created_at_ms: now_ms,
+            now_ms,
+            attributes: attributes.clone(),
+            versions: vec![(1, id, now_ms, origin, None)],
+        })
     }
 
     /// Phase 1 of rotating: the next version number, allocated in the database (the primary key

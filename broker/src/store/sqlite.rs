@@ -272,26 +272,16 @@ impl SqliteStore {
         id: VersionId,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        if Self::key_id(&tx, name)?.is_some() {
-            return Err(StoreError::AlreadyExists(name.to_string()));
-        }
-        let attrs = serde_json::to_string(attributes)
-            .map_err(|e| StoreError::Corrupt(format!("attributes: {e}")))?;
-        tx.execute(
-            "INSERT INTO keys (tenant, name, key_type, algorithm, created_at_ms, updated_at_ms, attributes)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
-            params![name.tenant(), name.name(), key_type.as_str(), algorithm.as_str(), now_ms, attrs],
-        )?;
-        let key_id = tx.last_insert_rowid();
-        tx.execute(
-            "INSERT INTO key_versions (key_id, version, object_id, state, created_at_ms, origin)
-             VALUES (?1, 1, ?2, 'pending', ?3, ?4)",
-            params![key_id, id.as_bytes().as_slice(), now_ms, origin.as_str()],
-        )?;
-        tx.commit()?;
-        Ok(())
+        // A new key is a one-version restore with everything "now": one code path for both.
+        self.begin_restore(&super::RestoredKey {
+            name: name.clone(),
+            key_type,
+            algorithm,
+            created_at_ms: now_ms,
+            now_ms,
+            attributes: attributes.clone(),
+            versions: vec![(1, id, now_ms, origin, None)],
+        })
     }
 
     /// Phase 1 of rotating a key: inserts the next version as pending; returns its number.
