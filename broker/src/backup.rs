@@ -156,13 +156,19 @@ pub fn claimed_name(blob: &[u8]) -> Result<KeyName, BrokerError> {
 }
 
 /// A verified body, checked for sense.
-struct Plan {
+pub struct Plan {
     name: KeyName,
     key_type: KeyType,
     algorithm: Algorithm,
     created_at_ms: i64,
     attributes: KeyAttributes,
     versions: Vec<(VersionEntry, WrappedVersion)>,
+}
+
+/// Reads a body (after its MAC checked out): JSON, then [`plan`]. Public for the fuzz target.
+pub fn read_body(body: &[u8]) -> Result<Plan, BrokerError> {
+    let body: Body = serde_json::from_slice(body).map_err(|_| malformed("body"))?;
+    plan(body)
 }
 
 fn plan(body: Body) -> Result<Plan, BrokerError> {
@@ -322,8 +328,7 @@ impl Keyring {
                 "the backup blob failed authentication: it was changed after BackupKey made it",
             ));
         }
-        let body: Body = serde_json::from_slice(p.body).map_err(|_| malformed("body"))?;
-        let plan = plan(body)?;
+        let plan = read_body(p.body)?;
         if !self.hsm.capabilities().supports(plan.algorithm) {
             return Err(BrokerError::precondition(format!(
                 "this HSM cannot serve {}: {}",
