@@ -662,29 +662,7 @@ impl Hsm {
                 _ => None,
             };
             let handles = super::KekHandles { secret, public };
-            let problems = super::check_template(s, &handles, spec.algorithm, mech, origin)?;
-            if !problems.is_empty() {
-                super::destroy_handles(s, &handles);
-                return Err(HsmError::new(
-                    FaultKind::Setup,
-                    "check a restored KEK's template",
-                    format!(
-                        "the token did not honour the KEK template: {}",
-                        problems.join("; ")
-                    ),
-                ));
-            }
-            conn.handles
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(spec.id, handles);
-            inner.remember(super::ExpectedKek {
-                id: spec.id,
-                key_type: spec.key_type,
-                algorithm: spec.algorithm,
-                origin,
-                canary: None,
-            });
+            inner.install(conn, s, &spec, handles, mech, origin)?;
             Ok(Ok(()))
         })
         .await

@@ -586,29 +586,7 @@ impl Hsm {
                     public: None,
                 }
             };
-            let problems = check_template(s, &handles, spec.algorithm, mech, Origin::Generated)?;
-            if !problems.is_empty() {
-                destroy_handles(s, &handles);
-                return Err(HsmError::new(
-                    FaultKind::Setup,
-                    "check a new KEK's template",
-                    format!(
-                        "the token did not honour the KEK template: {}",
-                        problems.join("; ")
-                    ),
-                ));
-            }
-            conn.handles
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(spec.id, handles);
-            inner.remember(ExpectedKek {
-                id: spec.id,
-                key_type: spec.key_type,
-                algorithm: spec.algorithm,
-                origin: Origin::Generated,
-                canary: None,
-            });
+            inner.install(conn, s, &spec, handles, mech, Origin::Generated)?;
             Ok(())
         })
         .await
@@ -1239,29 +1217,7 @@ impl Hsm {
                     "the key material is not a 256-bit AES key",
                 ));
             }
-            let problems = check_template(s, &handles, spec.algorithm, mech, Origin::Imported)?;
-            if !problems.is_empty() {
-                destroy_handles(s, &handles);
-                return Err(HsmError::new(
-                    FaultKind::Setup,
-                    "check an imported KEK's template",
-                    format!(
-                        "the token did not honour the KEK template: {}",
-                        problems.join("; ")
-                    ),
-                ));
-            }
-            conn.handles
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(spec.id, handles);
-            inner.remember(ExpectedKek {
-                id: spec.id,
-                key_type: spec.key_type,
-                algorithm: spec.algorithm,
-                origin: Origin::Imported,
-                canary: None,
-            });
+            inner.install(conn, s, &spec, handles, mech, Origin::Imported)?;
             Ok(())
         })
         .await
@@ -1269,6 +1225,45 @@ impl Hsm {
 }
 
 impl Inner {
+    /// The last step of making a KEK (generated, imported or restored): reads its template back
+    /// and checks it (destroying the new objects if the token did not honour it), caches its
+    /// handles and remembers it for re-initialisations.
+    fn install(
+        &self,
+        conn: &Conn,
+        s: &Session,
+        spec: &KekSpec,
+        handles: KekHandles,
+        mech: cryptoki::mechanism::MechanismType,
+        origin: Origin,
+    ) -> Result<(), HsmError> {
+        let problems = check_template(s, &handles, spec.algorithm, mech, origin)?;
+        if !problems.is_empty() {
+            destroy_handles(s, &handles);
+            return Err(HsmError::new(
+                FaultKind::Setup,
+                "check a new KEK's template",
+                format!(
+                    "the token did not honour the KEK template ({}): {}",
+                    origin.as_str(),
+                    problems.join("; ")
+                ),
+            ));
+        }
+        conn.handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(spec.id, handles);
+        self.remember(ExpectedKek {
+            id: spec.id,
+            key_type: spec.key_type,
+            algorithm: spec.algorithm,
+            origin,
+            canary: None,
+        });
+        Ok(())
+    }
+
     /// Tells the metrics hook about one call that got a session.
     fn observe<T>(&self, what: &'static str, started: Instant, result: &Result<T, HsmError>) {
         if let Some(o) = self.observer.get() {

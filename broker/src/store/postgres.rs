@@ -740,23 +740,7 @@ impl PgStore {
         canary: &[u8],
         digest: &[u8],
     ) -> Result<(), StoreError> {
-        self.exec(async |c| {
-            let tx = c.transaction().await?;
-            let stamp = bump(&tx).await?;
-            let n = tx
-                .execute(
-                    "UPDATE kb_key_versions SET state = 'active', canary = $2, canary_digest = $3, owner = NULL
-                     WHERE object_id = $1 AND state = 'pending'",
-                    &[&id.as_bytes().as_slice(), &canary, &digest],
-                )
-                .await?;
-            if n != 1 {
-                return Err(StoreError::Corrupt(format!("pending version {id} vanished")));
-            }
-            touch_key_of_version(&tx, id, stamp).await?;
-            tx.commit().await?;
-            Ok(())
-        })
+        self.commit_versions(&[(id, canary.to_vec(), digest.to_vec())])
     }
 
     /// Undoes phase 1.

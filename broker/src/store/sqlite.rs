@@ -366,17 +366,7 @@ impl SqliteStore {
         canary: &[u8],
         digest: &[u8],
     ) -> Result<(), StoreError> {
-        let n = self.conn().execute(
-            "UPDATE key_versions SET state = 'active', canary = ?2, canary_digest = ?3
-             WHERE object_id = ?1 AND state = 'pending'",
-            params![id.as_bytes().as_slice(), canary, digest],
-        )?;
-        if n != 1 {
-            return Err(StoreError::Corrupt(format!(
-                "pending version {id} vanished"
-            )));
-        }
-        Ok(())
+        self.commit_versions(&[(id, canary.to_vec(), digest.to_vec())])
     }
 
     /// Undoes phase 1: removes a pending version, and its key if that leaves the key with no
