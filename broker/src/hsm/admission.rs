@@ -3,6 +3,13 @@
 //! The HSM is the scarce resource: a pool of `slots` sessions. Every HSM call first takes a
 //! [`Slot`] here; the call itself then runs on a blocking thread.
 //!
+//! * **Hand-offs.** A call submitted as a [`Job`] ([`Admission::submit`]) waits in the queue
+//!   itself, not as a parked task: the blocking thread that finishes a call takes the next
+//!   queued job and runs it at once ([`Slot::finish`]), so under load a request costs one
+//!   wake-up (its result) instead of three (a slot handed to a waiting task, the task starting
+//!   a blocking thread, the result coming back). [`Admission::acquire`] is the same queue for
+//!   callers that want the slot itself.
+//!
 //! * **Bounded queues.** At most `queue_limit` requests wait in all, at most
 //!   `tenant_queue_limit` per tenant; past that a request is refused at once. Waiters hold only
 //!   a small record, so memory stays flat under a burst: the excess is answered, not parked.
@@ -114,9 +121,93 @@ impl Drop for Slot {
     }
 }
 
+impl Slot {
+    /// Frees the slot and, when the next turn belongs to a queued [`Job`], returns that job
+    /// with its slot, to be run on the calling thread (no hand-off to another thread). Other
+    /// waiters are served as on drop.
+    pub fn finish(mut self) -> Option<(Job, Slot)> {
+        self.armed = false;
+        let admission = self.admission.clone();
+        admission.release_and_take(&self.tenant, self.id, self.started.elapsed(), true)
+    }
+}
+
+/// HSM work queued in the admission queue itself, run with its slot by whichever blocking
+/// thread frees a slot (or by a new one). A job is always either run or dropped: dropping it
+/// (shutdown, withdrawal) must be how its caller learns it will not run.
+pub type Job = Box<dyn FnOnce(&Slot) + Send + 'static>;
+
+/// A job waiting in the queue; withdrawn when dropped before it started.
+#[derive(Debug)]
+pub struct Ticket {
+    admission: Arc<Admission>,
+    tenant: Arc<str>,
+    id: u64,
+    allowed: Duration,
+}
+
+impl Ticket {
+    /// How long the job may wait for its turn (the request's budget and the configured bound).
+    pub fn allowed(&self) -> Duration {
+        self.allowed
+    }
+
+    /// Takes the job out of the queue. True if it was still waiting (it will never run); false
+    /// if it has started or been dropped already.
+    pub fn withdraw(&self) -> bool {
+        self.admission.forget_waiter(&self.tenant, self.id)
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.withdraw();
+    }
+}
+
+/// Runs `job` with `slot`, then every job handed to this thread as slots free up.
+pub fn run_chain(mut job: Job, mut slot: Slot) {
+    loop {
+        job(&slot);
+        match slot.finish() {
+            Some((next, next_slot)) => {
+                job = next;
+                slot = next_slot;
+            }
+            None => return,
+        }
+    }
+}
+
+/// Starts a chain on a blocking thread of the current runtime (or a plain thread outside one).
+fn spawn_chain(job: Job, slot: Slot) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => {
+            rt.spawn_blocking(move || run_chain(job, slot));
+        }
+        Err(_) => {
+            let spawned = std::thread::Builder::new()
+                .name("keybroker-hsm".into())
+                .spawn(move || run_chain(job, slot));
+            if let Err(e) = spawned {
+                // The job (and its slot) were dropped with the closure: the caller sees its
+                // result channel close, the slot is freed.
+                tracing::error!(error = %e, "could not start a thread for HSM work");
+            }
+        }
+    }
+}
+
+enum Handoff {
+    /// A task waiting for the slot itself ([`Admission::acquire`]).
+    Wake(oneshot::Sender<Slot>),
+    /// Work to run with the slot ([`Admission::submit`]).
+    Run(Job),
+}
+
 struct Waiter {
     id: u64,
-    tx: oneshot::Sender<Slot>,
+    handoff: Handoff,
 }
 
 #[derive(Default)]
@@ -205,38 +296,10 @@ impl Admission {
         tenant: &str,
         budget: Option<Duration>,
     ) -> Result<Slot, Refused> {
-        let allowed = budget.map_or(self.settings.max_wait, |b| b.min(self.settings.max_wait));
-        let (id, mut rx) = {
-            let mut st = self.lock();
-            if st.closed {
-                return Err(Refused::Closed);
-            }
-            let tenant_in_use = st.in_use.get(tenant).copied().unwrap_or(0);
-            let queued = st.queues.get(tenant).map_or(0, VecDeque::len);
-            if st.free > 0 && queued == 0 && tenant_in_use < self.settings.tenant_max_slots {
-                return Ok(self.grant(&mut st, Arc::from(tenant)));
-            }
-            if st.waiting >= self.settings.queue_limit {
-                return Err(Refused::QueueFull);
-            }
-            if queued >= self.settings.tenant_queue_limit {
-                return Err(Refused::TenantQueueFull);
-            }
-            let estimate = self.estimate(&st, queued);
-            if estimate > allowed {
-                return Err(Refused::WouldWait { estimate, allowed });
-            }
-            st.next_id += 1;
-            let id = st.next_id;
-            let (tx, rx) = oneshot::channel();
-            let key: Arc<str> = Arc::from(tenant);
-            let q = st.queues.entry(key.clone()).or_default();
-            q.push_back(Waiter { id, tx });
-            if q.len() == 1 {
-                st.order.push_back(key);
-            }
-            st.waiting += 1;
-            (id, rx)
+        let (tx, mut rx) = oneshot::channel();
+        let (id, allowed) = match self.admit(tenant, budget, Handoff::Wake(tx))? {
+            Admit::Now(slot, _) => return Ok(slot),
+            Admit::Queued { id, allowed } => (id, allowed),
         };
         match tokio::time::timeout(allowed, &mut rx).await {
             Ok(Ok(slot)) => Ok(slot),
@@ -252,13 +315,87 @@ impl Admission {
         }
     }
 
+    /// Queues `job` for `tenant` under the same rules as [`Admission::acquire`]. With a slot
+    /// free, the job starts at once on a blocking thread and `None` is returned; otherwise it
+    /// waits in the queue and the [`Ticket`] withdraws it (see [`Ticket::allowed`] for how long
+    /// the caller should let it wait; withdrawing it is the caller's job, as is a deadline check
+    /// inside the job). A job refused here is dropped without running.
+    pub fn submit(
+        self: &Arc<Self>,
+        tenant: &str,
+        budget: Option<Duration>,
+        job: Job,
+    ) -> Result<Option<Ticket>, Refused> {
+        match self.admit(tenant, budget, Handoff::Run(job))? {
+            Admit::Now(slot, Handoff::Run(job)) => {
+                spawn_chain(job, slot);
+                Ok(None)
+            }
+            Admit::Now(_, Handoff::Wake(_)) => Err(Refused::Closed),
+            Admit::Queued { id, allowed } => Ok(Some(Ticket {
+                admission: self.clone(),
+                tenant: Arc::from(tenant),
+                id,
+                allowed,
+            })),
+        }
+    }
+
+    /// Grants a slot at once, queues `handoff`, or refuses.
+    fn admit(
+        self: &Arc<Self>,
+        tenant: &str,
+        budget: Option<Duration>,
+        handoff: Handoff,
+    ) -> Result<Admit, Refused> {
+        let allowed = budget.map_or(self.settings.max_wait, |b| b.min(self.settings.max_wait));
+        let mut st = self.lock();
+        if st.closed {
+            return Err(Refused::Closed);
+        }
+        let tenant_in_use = st.in_use.get(tenant).copied().unwrap_or(0);
+        let queued = st.queues.get(tenant).map_or(0, VecDeque::len);
+        if st.free > 0 && queued == 0 && tenant_in_use < self.settings.tenant_max_slots {
+            return Ok(Admit::Now(self.grant(&mut st, Arc::from(tenant)), handoff));
+        }
+        if st.waiting >= self.settings.queue_limit {
+            return Err(Refused::QueueFull);
+        }
+        if queued >= self.settings.tenant_queue_limit {
+            return Err(Refused::TenantQueueFull);
+        }
+        let estimate = self.estimate(&st, queued);
+        if estimate > allowed {
+            return Err(Refused::WouldWait { estimate, allowed });
+        }
+        st.next_id += 1;
+        let id = st.next_id;
+        let key: Arc<str> = Arc::from(tenant);
+        let q = st.queues.entry(key.clone()).or_default();
+        q.push_back(Waiter { id, handoff });
+        if q.len() == 1 {
+            st.order.push_back(key);
+        }
+        st.waiting += 1;
+        Ok(Admit::Queued { id, allowed })
+    }
+
+    /// Whether [`Admission::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
     /// Refuses every waiter and every later request (shutdown).
     pub fn close(&self) {
-        let mut st = self.lock();
-        st.closed = true;
-        st.queues.clear();
-        st.order.clear();
-        st.waiting = 0;
+        let queues = {
+            let mut st = self.lock();
+            st.closed = true;
+            st.order.clear();
+            st.waiting = 0;
+            std::mem::take(&mut st.queues)
+        };
+        // Dropped outside the lock: a job's captures are arbitrary.
+        drop(queues);
     }
 
     fn grant(self: &Arc<Self>, st: &mut State, tenant: Arc<str>) -> Slot {
@@ -306,27 +443,44 @@ impl Admission {
         service.saturating_mul(u32::try_from(rounds).unwrap_or(u32::MAX))
     }
 
-    fn forget_waiter(&self, tenant: &str, id: u64) {
+    /// Takes waiter `id` out of `tenant`'s queue; true if it was there.
+    fn forget_waiter(&self, tenant: &str, id: u64) -> bool {
         let mut st = self.lock();
-        let mut removed = false;
+        let mut removed = None;
         let mut now_empty = false;
         if let Some(q) = st.queues.get_mut(tenant) {
             if let Some(pos) = q.iter().position(|w| w.id == id) {
-                q.remove(pos);
-                removed = true;
+                removed = q.remove(pos);
             }
             now_empty = q.is_empty();
         }
-        if removed {
+        if removed.is_some() {
             st.waiting = st.waiting.saturating_sub(1);
         }
         if now_empty {
             st.queues.remove(tenant);
             st.order.retain(|t| &**t != tenant);
         }
+        drop(st);
+        // Dropped outside the lock.
+        removed.is_some()
     }
 
     fn release(self: &Arc<Self>, tenant: &Arc<str>, id: u64, held: Duration) {
+        if let Some((job, slot)) = self.release_and_take(tenant, id, held, false) {
+            spawn_chain(job, slot);
+        }
+    }
+
+    /// Frees a slot and serves the waiters. With `take`, the first job handed a slot is
+    /// returned for the calling thread to run; every other job starts on a blocking thread.
+    fn release_and_take(
+        self: &Arc<Self>,
+        tenant: &Arc<str>,
+        id: u64,
+        held: Duration,
+        take: bool,
+    ) -> Option<(Job, Slot)> {
         let mut st = self.lock();
         st.in_flight.remove(&id);
         let us = held.as_micros() as f64;
@@ -342,11 +496,19 @@ impl Admission {
             }
         }
         st.free += 1;
-        self.dispatch(&mut st);
+        let mut ready = self.dispatch(&mut st);
+        drop(st);
+        let taken = if take { ready.pop() } else { None };
+        for (job, slot) in ready {
+            spawn_chain(job, slot);
+        }
+        taken
     }
 
-    /// Hands free slots to waiters, one tenant at a time in round-robin order.
-    fn dispatch(self: &Arc<Self>, st: &mut State) {
+    /// Hands free slots to waiters, one tenant at a time in round-robin order. Waiting tasks
+    /// are woken; jobs are returned with their slots, to be run once the lock is released.
+    fn dispatch(self: &Arc<Self>, st: &mut State) -> Vec<(Job, Slot)> {
+        let mut ready = Vec::new();
         while st.free > 0 && !st.order.is_empty() {
             let mut handed = false;
             for _ in 0..st.order.len() {
@@ -365,11 +527,19 @@ impl Admission {
                 };
                 st.waiting = st.waiting.saturating_sub(1);
                 let slot = self.grant(st, tenant.clone());
-                if let Err(slot) = waiter.tx.send(slot) {
-                    // The waiter gave up (its request ended): undo, and try the next one.
-                    Self::ungrant(st, slot);
-                } else {
-                    handed = true;
+                match waiter.handoff {
+                    Handoff::Wake(tx) => {
+                        if let Err(slot) = tx.send(slot) {
+                            // The waiter gave up (its request ended): undo, try the next one.
+                            Self::ungrant(st, slot);
+                        } else {
+                            handed = true;
+                        }
+                    }
+                    Handoff::Run(job) => {
+                        ready.push((job, slot));
+                        handed = true;
+                    }
                 }
                 if st.queues.get(&tenant).is_some_and(|q| !q.is_empty()) {
                     st.order.push_back(tenant);
@@ -388,7 +558,16 @@ impl Admission {
                 break;
             }
         }
+        ready
     }
+}
+
+/// What [`Admission::admit`] decided.
+enum Admit {
+    /// A slot was free: the handoff comes back unused.
+    Now(Slot, Handoff),
+    /// Queued as waiter `id`, allowed to wait `allowed`.
+    Queued { id: u64, allowed: Duration },
 }
 
 /// The request an HSM call is made for: its deadline and its tenant. Set by the service layer
@@ -592,6 +771,149 @@ mod tests {
         assert!(matches!(r, Err(Refused::WouldWait { .. })), "{r:?}");
         assert_eq!(a.stats().waiting, 0, "nothing was queued");
         drop(held);
+    }
+
+    /// Waits (without sleeping blind) until `cond` holds.
+    async fn until(mut cond: impl FnMut() -> bool) {
+        for _ in 0..20_000 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("condition never held");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_jobs_run_on_the_thread_that_frees_the_slot() {
+        let a = adm(1, 10, 10, 1);
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (ran_tx, mut ran_rx) = tokio::sync::mpsc::unbounded_channel();
+        let first = ran_tx.clone();
+        let started = a
+            .submit(
+                "t",
+                None,
+                Box::new(move |_| {
+                    let _ = go_rx.recv();
+                    let _ = first.send(("first", std::thread::current().id()));
+                }),
+            )
+            .expect("admitted");
+        assert!(started.is_none(), "a free slot starts the job at once");
+        let mut tickets = Vec::new();
+        for name in ["second", "third"] {
+            let tx = ran_tx.clone();
+            let t = a
+                .submit(
+                    "t",
+                    None,
+                    Box::new(move |_| {
+                        let _ = tx.send((name, std::thread::current().id()));
+                    }),
+                )
+                .expect("queued");
+            tickets.push(t.expect("a ticket: the slot is busy"));
+        }
+        assert_eq!(a.stats().waiting, 2);
+        go_tx.send(()).expect("go");
+        let mut ran = Vec::new();
+        for _ in 0..3 {
+            ran.push(ran_rx.recv().await.expect("ran"));
+        }
+        let names: Vec<_> = ran.iter().map(|r| r.0).collect();
+        assert_eq!(names, ["first", "second", "third"]);
+        assert!(
+            ran.iter().all(|r| r.1 == ran[0].1),
+            "one thread ran all three: {ran:?}"
+        );
+        until(|| a.stats().in_use == 0).await;
+        assert_eq!(a.stats().waiting, 0);
+        // Tickets of jobs that ran withdraw nothing.
+        assert!(!tickets[0].withdraw());
+    }
+
+    #[tokio::test]
+    async fn a_withdrawn_or_dropped_ticket_never_runs_its_job() {
+        let a = adm(1, 10, 10, 1);
+        let held = a.acquire("t", None).await.expect("free");
+        let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let job = |ran: &Arc<std::sync::atomic::AtomicUsize>| -> Job {
+            let ran = ran.clone();
+            Box::new(move |_| {
+                ran.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            })
+        };
+        let withdrawn = a
+            .submit("t", None, job(&ran))
+            .expect("queued")
+            .expect("ticket");
+        let dropped = a
+            .submit("t", None, job(&ran))
+            .expect("queued")
+            .expect("ticket");
+        let kept = a
+            .submit("t", None, job(&ran))
+            .expect("queued")
+            .expect("ticket");
+        assert_eq!(a.stats().waiting, 3);
+        assert!(withdrawn.withdraw());
+        assert!(!withdrawn.withdraw(), "only once");
+        drop(dropped);
+        assert_eq!(a.stats().waiting, 1);
+        drop(held);
+        until(|| ran.load(std::sync::atomic::Ordering::SeqCst) == 1).await;
+        until(|| a.stats().in_use == 0).await;
+        assert!(!kept.withdraw(), "it ran");
+        assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_frees_its_slot_for_the_next() {
+        let a = adm(1, 10, 10, 1);
+        let held = a.acquire("t", None).await.expect("free");
+        let _bad = a
+            .submit("t", None, Box::new(|_| panic!("a job failed")))
+            .expect("queued");
+        let (tx, rx) = oneshot::channel();
+        let _good = a
+            .submit(
+                "t",
+                None,
+                Box::new(move |_| {
+                    let _ = tx.send(());
+                }),
+            )
+            .expect("queued");
+        drop(held);
+        rx.await.expect("the next job ran after the panic");
+        until(|| a.stats().in_use == 0).await;
+    }
+
+    #[tokio::test]
+    async fn close_drops_queued_jobs() {
+        let a = adm(1, 10, 10, 1);
+        let held = a.acquire("t", None).await.expect("free");
+        let (tx, rx) = oneshot::channel::<()>();
+        let ticket = a
+            .submit(
+                "t",
+                None,
+                Box::new(move |_| {
+                    let _ = tx.send(());
+                }),
+            )
+            .expect("queued");
+        assert!(ticket.is_some());
+        a.close();
+        assert!(rx.await.is_err(), "dropped, never run");
+        assert!(a.is_closed());
+        assert!(matches!(
+            a.submit("t", None, Box::new(|_| {})),
+            Err(Refused::Closed)
+        ));
+        drop(held);
+        assert_eq!(a.stats().in_use, 0);
     }
 
     #[tokio::test]

@@ -72,7 +72,7 @@ use cryptoki::{
 use secrecy::SecretString;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use self::{
     admission::{Admission, AdmissionSettings, Refused, SYSTEM_TENANT},
@@ -502,28 +502,58 @@ impl Hsm {
             }
             None => None,
         };
-        let slot = inner
-            .admission
-            .acquire(&tenant, budget)
-            .await
-            .map_err(|r| refused(what, r))?;
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            return Err(deadline_passed(what));
-        }
+        // The call waits in the admission queue as a job; whichever blocking thread frees a
+        // session runs it next (see `admission`), and its result comes back here.
+        let (tx, mut rx) = oneshot::channel::<(Instant, Result<T, HsmError>)>();
         let worker = inner.clone();
-        let started = Instant::now();
-        let task = tokio::task::spawn_blocking(move || {
-            let _slot = slot;
-            // The blocking pool may have been slow to start us.
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Err(deadline_passed(what));
+        let job: admission::Job = Box::new(move |_slot| {
+            if tx.is_closed() {
+                // The request ended while the job waited: nothing to do.
+                return;
             }
-            worker.with_session(what, kind, |conn, s| f(&worker, conn, s))
+            let started = Instant::now();
+            let result = if deadline.is_some_and(|d| started >= d) {
+                Err(deadline_passed(what))
+            } else {
+                worker.with_session(what, kind, |conn, s| f(&worker, conn, s))
+            };
+            let _ = tx.send((started, result));
         });
-        let joined = if kind.abandon {
-            let until = deadline.unwrap_or_else(|| Instant::now() + inner.call_timeout);
-            match tokio::time::timeout_at(until.into(), task).await {
-                Ok(j) => j,
+        let ticket = inner
+            .admission
+            .submit(&tenant, budget, job)
+            .map_err(|r| refused(what, r))?;
+        let worker_failed = || {
+            HsmError::new(
+                FaultKind::Other,
+                what,
+                "the HSM worker ended without an answer",
+            )
+        };
+        if let Some(ticket) = ticket {
+            // Still queued: wait for a turn, at most what admission allows.
+            match tokio::time::timeout(ticket.allowed(), &mut rx).await {
+                Ok(Ok((started, result))) => {
+                    inner.observe(what, started, &result);
+                    return result;
+                }
+                Ok(Err(_)) if inner.admission.is_closed() => {
+                    return Err(refused(what, Refused::Closed));
+                }
+                Ok(Err(_)) => return Err(worker_failed()),
+                Err(_) => {
+                    if ticket.withdraw() {
+                        return Err(refused(what, Refused::TimedOut(ticket.allowed())));
+                    }
+                    // It started meanwhile: wait for it as for a call that started at once.
+                }
+            }
+        }
+        let waited = Instant::now();
+        let received = if kind.abandon {
+            let until = deadline.unwrap_or_else(|| waited + inner.call_timeout);
+            match tokio::time::timeout_at(until.into(), &mut rx).await {
+                Ok(r) => r,
                 Err(_) => {
                     tracing::warn!(
                         operation = what,
@@ -536,18 +566,28 @@ impl Hsm {
                         "the HSM did not answer before the deadline",
                     );
                     let result = Err(e);
-                    inner.observe(what, started, &result);
+                    inner.observe(what, waited, &result);
                     return result;
                 }
             }
         } else {
-            task.await
+            (&mut rx).await
         };
-        let result = joined
-            .map_err(|e| HsmError::new(FaultKind::Other, what, format!("HSM worker failed: {e}")))
-            .and_then(|r| r);
-        inner.observe(what, started, &result);
-        result
+        match received {
+            Ok((started, result)) => {
+                inner.observe(what, started, &result);
+                result
+            }
+            Err(_) => {
+                let result = Err(if inner.admission.is_closed() {
+                    refused(what, Refused::Closed)
+                } else {
+                    worker_failed()
+                });
+                inner.observe(what, waited, &result);
+                result
+            }
+        }
     }
 
     /// Generates a KEK version inside the token from the fixed template, reads its attributes
