@@ -110,25 +110,36 @@ pub struct Slot {
     started: Instant,
     /// False for a slot that was never handed out (its accounting was undone by hand).
     armed: bool,
+    /// False once the holder said it did no HSM work (its hold time is not a service sample).
+    sample: std::cell::Cell<bool>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         if self.armed {
-            self.admission
-                .release(&self.tenant, self.id, self.started.elapsed());
+            self.admission.release(&self.tenant, self.id, self.held());
         }
     }
 }
 
 impl Slot {
+    /// Says the slot was used for no HSM work (a job that found its request gone or its
+    /// deadline passed), so its hold time does not lower the service-time estimate.
+    pub fn unused(&self) {
+        self.sample.set(false);
+    }
+
+    fn held(&self) -> Option<Duration> {
+        self.sample.get().then(|| self.started.elapsed())
+    }
+
     /// Frees the slot and, when the next turn belongs to a queued [`Job`], returns that job
     /// with its slot, to be run on the calling thread (no hand-off to another thread). Other
     /// waiters are served as on drop.
     pub fn finish(mut self) -> Option<(Job, Slot)> {
         self.armed = false;
         let admission = self.admission.clone();
-        admission.release_and_take(&self.tenant, self.id, self.started.elapsed(), true)
+        admission.release_and_take(&self.tenant, self.id, self.held(), true)
     }
 }
 
@@ -179,19 +190,58 @@ pub fn run_chain(mut job: Job, mut slot: Slot) {
     }
 }
 
+thread_local! {
+    /// Chains waiting to be started by an outer [`spawn_chain`] on this thread.
+    static STARTING: std::cell::RefCell<Option<Vec<(Job, Slot)>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Starts a chain on a blocking thread of the current runtime (or a plain thread outside one).
+///
+/// Never recursive: a failed start drops the job and its slot, and freeing that slot may start
+/// the next queued job — on a runtime that is shutting down, every one of them. A start
+/// requested while another is under way on this thread is queued for it instead, so the stack
+/// stays flat however long the queue.
 fn spawn_chain(job: Job, slot: Slot) {
+    let first = STARTING.with(|s| match s.borrow_mut().as_mut() {
+        Some(pending) => {
+            pending.push((job, slot));
+            None
+        }
+        None => Some((job, slot)),
+    });
+    let Some(mut next) = first else {
+        return;
+    };
+    STARTING.with(|s| *s.borrow_mut() = Some(Vec::new()));
+    loop {
+        start_chain(next.0, next.1);
+        match STARTING.with(|s| s.borrow_mut().as_mut().and_then(Vec::pop)) {
+            Some(n) => next = n,
+            None => break,
+        }
+    }
+    STARTING.with(|s| *s.borrow_mut() = None);
+}
+
+fn start_chain(job: Job, slot: Slot) {
     match tokio::runtime::Handle::try_current() {
         Ok(rt) => {
-            rt.spawn_blocking(move || run_chain(job, slot));
+            // tokio panics when the OS refuses a thread; the job and its slot are then dropped
+            // (the caller sees its result channel close, the slot is freed) — not a reason to
+            // unwind through a thread that is freeing a slot.
+            let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                drop(rt.spawn_blocking(move || run_chain(job, slot)));
+            }));
+            if spawned.is_err() {
+                tracing::error!("could not start a blocking thread for HSM work");
+            }
         }
         Err(_) => {
             let spawned = std::thread::Builder::new()
                 .name("keybroker-hsm".into())
                 .spawn(move || run_chain(job, slot));
             if let Err(e) = spawned {
-                // The job (and its slot) were dropped with the closure: the caller sees its
-                // result channel close, the slot is freed.
                 tracing::error!(error = %e, "could not start a thread for HSM work");
             }
         }
@@ -411,6 +461,7 @@ impl Admission {
             id,
             started,
             armed: true,
+            sample: std::cell::Cell::new(true),
         }
     }
 
@@ -466,7 +517,7 @@ impl Admission {
         removed.is_some()
     }
 
-    fn release(self: &Arc<Self>, tenant: &Arc<str>, id: u64, held: Duration) {
+    fn release(self: &Arc<Self>, tenant: &Arc<str>, id: u64, held: Option<Duration>) {
         if let Some((job, slot)) = self.release_and_take(tenant, id, held, false) {
             spawn_chain(job, slot);
         }
@@ -478,17 +529,19 @@ impl Admission {
         self: &Arc<Self>,
         tenant: &Arc<str>,
         id: u64,
-        held: Duration,
+        held: Option<Duration>,
         take: bool,
     ) -> Option<(Job, Slot)> {
         let mut st = self.lock();
         st.in_flight.remove(&id);
-        let us = held.as_micros() as f64;
-        st.service_us = if st.service_us == 0.0 {
-            us
-        } else {
-            0.8 * st.service_us + 0.2 * us
-        };
+        if let Some(held) = held {
+            let us = held.as_micros() as f64;
+            st.service_us = if st.service_us == 0.0 {
+                us
+            } else {
+                0.8 * st.service_us + 0.2 * us
+            };
+        }
         if let Some(n) = st.in_use.get_mut(tenant) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -888,6 +941,19 @@ mod tests {
         drop(held);
         rx.await.expect("the next job ran after the panic");
         until(|| a.stats().in_use == 0).await;
+    }
+
+    #[tokio::test]
+    async fn a_slot_used_for_nothing_leaves_the_service_estimate_alone() {
+        let a = adm(1, 10, 10, 1);
+        a.lock().service_us = 200_000.0;
+        let slot = a.acquire("t", None).await.expect("free");
+        slot.unused();
+        drop(slot);
+        assert_eq!(a.lock().service_us, 200_000.0);
+        let slot = a.acquire("t", None).await.expect("free");
+        drop(slot);
+        assert!(a.lock().service_us < 200_000.0, "a real hold is a sample");
     }
 
     #[tokio::test]

@@ -504,43 +504,39 @@ impl Hsm {
         };
         // The call waits in the admission queue as a job; whichever blocking thread frees a
         // session runs it next (see `admission`), and its result comes back here.
-        let (tx, mut rx) = oneshot::channel::<(Instant, Result<T, HsmError>)>();
-        let worker = inner.clone();
-        let job: admission::Job = Box::new(move |_slot| {
-            if tx.is_closed() {
-                // The request ended while the job waited: nothing to do.
-                return;
-            }
-            let started = Instant::now();
-            let result = if deadline.is_some_and(|d| started >= d) {
-                Err(deadline_passed(what))
-            } else {
-                worker.with_session(what, kind, |conn, s| f(&worker, conn, s))
-            };
-            let _ = tx.send((started, result));
-        });
+        let (tx, mut rx) = oneshot::channel::<Result<T, HsmError>>();
+        let started: Arc<OnceLock<Instant>> = Arc::default();
+        let job: admission::Job = {
+            let (worker, started) = (inner.clone(), started.clone());
+            Box::new(move |slot| {
+                if tx.is_closed() {
+                    // The request ended while the job waited: nothing to do.
+                    slot.unused();
+                    return;
+                }
+                let now = *started.get_or_init(Instant::now);
+                let result = if deadline.is_some_and(|d| now >= d) {
+                    slot.unused();
+                    Err(deadline_passed(what))
+                } else {
+                    worker.with_session(what, kind, |conn, s| f(&worker, conn, s))
+                };
+                let _ = tx.send(result);
+            })
+        };
+        let submitted = Instant::now();
         let ticket = inner
             .admission
             .submit(&tenant, budget, job)
             .map_err(|r| refused(what, r))?;
-        let worker_failed = || {
-            HsmError::new(
-                FaultKind::Other,
-                what,
-                "the HSM worker ended without an answer",
-            )
-        };
+        // When the call started (for the metrics and the call timeout); the submission time
+        // for a job that never reported starting.
+        let since = || started.get().copied().unwrap_or(submitted);
+        let mut received = None;
         if let Some(ticket) = ticket {
             // Still queued: wait for a turn, at most what admission allows.
             match tokio::time::timeout(ticket.allowed(), &mut rx).await {
-                Ok(Ok((started, result))) => {
-                    inner.observe(what, started, &result);
-                    return result;
-                }
-                Ok(Err(_)) if inner.admission.is_closed() => {
-                    return Err(refused(what, Refused::Closed));
-                }
-                Ok(Err(_)) => return Err(worker_failed()),
+                Ok(r) => received = Some(r),
                 Err(_) => {
                     if ticket.withdraw() {
                         return Err(refused(what, Refused::TimedOut(ticket.allowed())));
@@ -549,45 +545,44 @@ impl Hsm {
                 }
             }
         }
-        let waited = Instant::now();
-        let received = if kind.abandon {
-            let until = deadline.unwrap_or_else(|| waited + inner.call_timeout);
-            match tokio::time::timeout_at(until.into(), &mut rx).await {
-                Ok(r) => r,
-                Err(_) => {
-                    tracing::warn!(
-                        operation = what,
-                        "an HSM call did not return by its deadline; the request gives up, the \
-                         call keeps its session until the HSM answers"
-                    );
-                    let e = HsmError::new(
-                        FaultKind::Deadline,
-                        what,
-                        "the HSM did not answer before the deadline",
-                    );
-                    let result = Err(e);
-                    inner.observe(what, waited, &result);
-                    return result;
+        let received = match received {
+            Some(r) => r,
+            None if kind.abandon => {
+                let until = deadline.unwrap_or_else(|| since() + inner.call_timeout);
+                match tokio::time::timeout_at(until.into(), &mut rx).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::warn!(
+                            operation = what,
+                            "an HSM call did not return by its deadline; the request gives up, \
+                             the call keeps its session until the HSM answers"
+                        );
+                        let result = Err(HsmError::new(
+                            FaultKind::Deadline,
+                            what,
+                            "the HSM did not answer before the deadline",
+                        ));
+                        inner.observe(what, since(), &result);
+                        return result;
+                    }
                 }
             }
-        } else {
-            (&mut rx).await
+            None => (&mut rx).await,
         };
-        match received {
-            Ok((started, result)) => {
-                inner.observe(what, started, &result);
-                result
-            }
-            Err(_) => {
-                let result = Err(if inner.admission.is_closed() {
-                    refused(what, Refused::Closed)
-                } else {
-                    worker_failed()
-                });
-                inner.observe(what, waited, &result);
-                result
-            }
-        }
+        // A closed channel: the job was dropped unrun (shutdown) or panicked.
+        let result = received.unwrap_or_else(|_| {
+            Err(if inner.admission.is_closed() {
+                refused(what, Refused::Closed)
+            } else {
+                HsmError::new(
+                    FaultKind::Other,
+                    what,
+                    "the HSM worker ended without an answer",
+                )
+            })
+        });
+        inner.observe(what, since(), &result);
+        result
     }
 
     /// Generates a KEK version inside the token from the fixed template, reads its attributes
