@@ -5,9 +5,11 @@
 //! from the faults a real HSM has. Everything above it speaks domain types: [`VersionId`],
 //! [`Dek`], [`WrapParams`].
 //!
-//! Every PKCS#11 call runs on a blocking thread (`spawn_blocking`) with a session checked out of
-//! the pool (STYLE rule 2), after [`admission`] let it in: bounded queues, a wait bounded by the
-//! request's deadline and `session_wait_ms`, round-robin between tenants. Work whose deadline
+//! Every PKCS#11 call runs on a blocking thread with a session checked out of the pool (STYLE
+//! rule 2), after [`admission`] let it in: bounded queues, a wait bounded by the request's
+//! deadline and `session_wait_ms`, round-robin between tenants. A call waits in that queue as a
+//! job, and the blocking thread that finishes one call runs the next queued one at once (under
+//! load a call costs one thread hand-off, its result, not three). Work whose deadline
 //! has passed is not started; a call that does not return by its deadline is abandoned by the
 //! request (the blocking thread waits for the HSM, and its session returns to the pool when the
 //! call does), so a hung HSM cannot hang the server.
