@@ -520,6 +520,10 @@ impl Hsm {
                 let result = if deadline.is_some_and(|d| now >= d) {
                     slot.unused();
                     Err(deadline_passed(what))
+                } else if let Err(e) = worker.usable(what) {
+                    // The device was lost (or the HSM closed) while the job waited.
+                    slot.unused();
+                    Err(e)
                 } else {
                     worker.with_session(what, kind, |conn, s| f(&worker, conn, s))
                 };
