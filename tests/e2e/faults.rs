@@ -827,11 +827,15 @@ async fn a_key_change_that_finishes_after_its_deadline_is_audited_as_such() {
     r.set_timeout(Duration::from_millis(600));
     r.metadata_mut()
         .insert("x-request-id", "late-rotation-1".parse().expect("ascii"));
-    assert_code(
-        c.mgmt.rotate_key(r).await,
-        Code::DeadlineExceeded,
-        "rotation past its deadline",
-    );
+    // The broker answers DEADLINE_EXCEEDED at 90% of the caller's timeout (60 ms early here)
+    // and writes its audit record first; on a loaded 2-core CI machine the client's own timer
+    // (tonic enforces the same grpc-timeout) can still fire first, as "Timeout expired". Either
+    // way the broker's answer is checked below, in the trail: RotateKey, DEADLINE_EXCEEDED.
+    match c.mgmt.rotate_key(r).await {
+        Err(s) if s.code() == Code::DeadlineExceeded => {}
+        Err(s) if s.code() == Code::Cancelled && s.message().contains("Timeout expired") => {}
+        other => panic!("rotation past its deadline: expected DEADLINE_EXCEEDED, got {other:?}"),
+    }
     // The change runs to its end in its own task — completed, or (a later step found the
     // deadline passed) rolled back, never half done — and the trail says which, under the
     // same request id, beside the DEADLINE_EXCEEDED record.
