@@ -837,6 +837,15 @@ mod tests {
         panic!("condition never held");
     }
 
+    /// A job that says when it runs; the receiver errs if it is dropped unrun.
+    fn signalling_job() -> (Job, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |_| {
+            let _ = tx.send(());
+        });
+        (job, rx)
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn queued_jobs_run_on_the_thread_that_frees_the_slot() {
         let a = adm(1, 10, 10, 1);
@@ -928,16 +937,8 @@ mod tests {
         let _bad = a
             .submit("t", None, Box::new(|_| panic!("a job failed")))
             .expect("queued");
-        let (tx, rx) = oneshot::channel();
-        let _good = a
-            .submit(
-                "t",
-                None,
-                Box::new(move |_| {
-                    let _ = tx.send(());
-                }),
-            )
-            .expect("queued");
+        let (job, rx) = signalling_job();
+        let _good = a.submit("t", None, job).expect("queued");
         drop(held);
         rx.await.expect("the next job ran after the panic");
         until(|| a.stats().in_use == 0).await;
@@ -960,16 +961,8 @@ mod tests {
     async fn close_drops_queued_jobs() {
         let a = adm(1, 10, 10, 1);
         let held = a.acquire("t", None).await.expect("free");
-        let (tx, rx) = oneshot::channel::<()>();
-        let ticket = a
-            .submit(
-                "t",
-                None,
-                Box::new(move |_| {
-                    let _ = tx.send(());
-                }),
-            )
-            .expect("queued");
+        let (job, rx) = signalling_job();
+        let ticket = a.submit("t", None, job).expect("queued");
         assert!(ticket.is_some());
         a.close();
         assert!(rx.await.is_err(), "dropped, never run");
