@@ -139,6 +139,30 @@ pub struct RestoredKey {
     pub versions: Vec<(u32, VersionId, i64, Origin, Option<i64>)>,
 }
 
+impl RestoredKey {
+    /// A new key: a one-version restore with everything "now", so creating and restoring share
+    /// one code path in every store.
+    pub fn new_key(
+        name: &KeyName,
+        key_type: KeyType,
+        algorithm: Algorithm,
+        attributes: &KeyAttributes,
+        origin: Origin,
+        id: VersionId,
+        now_ms: i64,
+    ) -> Self {
+        Self {
+            name: name.clone(),
+            key_type,
+            algorithm,
+            created_at_ms: now_ms,
+            now_ms,
+            attributes: attributes.clone(),
+            versions: vec![(1, id, now_ms, origin, None)],
+        }
+    }
+}
+
 /// A destruction that was started and may not have finished.
 #[derive(Clone, Debug)]
 pub struct PendingDestruction {
@@ -281,7 +305,9 @@ impl Store {
         id: VersionId,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        each!(self, s => s.begin_create(name, key_type, algorithm, attributes, origin, id, now_ms))
+        self.begin_restore(&RestoredKey::new_key(
+            name, key_type, algorithm, attributes, origin, id, now_ms,
+        ))
     }
 
     /// Phase 1 of rotating a key: inserts the next version as pending; returns its number.

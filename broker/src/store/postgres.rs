@@ -592,30 +592,6 @@ impl PgStore {
         })
     }
 
-    /// Phase 1 of creating a key.
-    #[allow(clippy::too_many_arguments)]
-    pub fn begin_create(
-        &self,
-        name: &KeyName,
-        key_type: KeyType,
-        algorithm: Algorithm,
-        attributes: &KeyAttributes,
-        origin: Origin,
-        id: VersionId,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
-        // A new key is a one-version restore with everything "now": one code path for both.
-        self.begin_restore(&super::RestoredKey {
-            name: name.clone(),
-            key_type,
-            algorithm,
-            created_at_ms: now_ms,
-            now_ms,
-            attributes: attributes.clone(),
-            versions: vec![(1, id, now_ms, origin, None)],
-        })
-    }
-
     /// Phase 1 of rotating: the next version number, allocated in the database (the primary key
     /// on (key, version) refuses a duplicate; a lost race is retried).
     pub fn begin_rotate(
@@ -1354,7 +1330,7 @@ mod tests {
     }
 
     fn create(s: &PgStore, n: &str, v: VersionId) -> Result<(), StoreError> {
-        s.begin_create(
+        s.begin_restore(&crate::store::RestoredKey::new_key(
             &name(n),
             KeyType::Aes256,
             Algorithm::Aes256Gcm,
@@ -1362,7 +1338,7 @@ mod tests {
             Origin::Generated,
             v,
             1,
-        )
+        ))
     }
 
     #[test]

@@ -260,30 +260,6 @@ impl SqliteStore {
             .optional()?)
     }
 
-    /// Phase 1 of creating (or importing) a key: inserts the key and its version 1 as pending.
-    #[allow(clippy::too_many_arguments)]
-    pub fn begin_create(
-        &self,
-        name: &KeyName,
-        key_type: KeyType,
-        algorithm: Algorithm,
-        attributes: &KeyAttributes,
-        origin: Origin,
-        id: VersionId,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
-        // A new key is a one-version restore with everything "now": one code path for both.
-        self.begin_restore(&super::RestoredKey {
-            name: name.clone(),
-            key_type,
-            algorithm,
-            created_at_ms: now_ms,
-            now_ms,
-            attributes: attributes.clone(),
-            versions: vec![(1, id, now_ms, origin, None)],
-        })
-    }
-
     /// Phase 1 of rotating a key: inserts the next version as pending; returns its number.
     pub fn begin_rotate(
         &self,
@@ -586,7 +562,7 @@ mod tests {
     }
 
     fn create(s: &SqliteStore, n: &str, v: VersionId) -> Result<(), StoreError> {
-        s.begin_create(
+        s.begin_restore(&crate::store::RestoredKey::new_key(
             &name(n),
             KeyType::Aes256,
             Algorithm::Aes256Gcm,
@@ -594,7 +570,7 @@ mod tests {
             Origin::Generated,
             v,
             1,
-        )
+        ))
     }
 
     #[test]
