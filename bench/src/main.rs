@@ -14,7 +14,6 @@
 //! machine's cores with the broker: the figures include the client.
 
 use std::{
-    collections::BTreeMap,
     path::{Path, PathBuf},
     process::Stdio,
     sync::{
@@ -34,7 +33,7 @@ use hsm_fixtures::{
 use keybroker::client::{ClientSettings, Clients, clients};
 use keybroker_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 mod raw;
 
@@ -70,7 +69,8 @@ struct Args {
     /// the durable audit trail costs. Not how keybroker should run.
     #[arg(long)]
     no_audit_sync: bool,
-    /// Internal: run the raw PKCS#11 loop described by this file and print JSON.
+    /// Internal: serve raw PKCS#11 measurements of the operations described by this file (one
+    /// per operation name read on stdin).
     #[arg(long, hide = true)]
     raw: Option<PathBuf>,
 }
@@ -520,6 +520,59 @@ async fn drive_at(
     })
 }
 
+/// The raw PKCS#11 loop: a child process (this binary with `--raw`) on the same token and KEK
+/// objects, asked for one measurement at a time.
+struct RawLoop {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl RawLoop {
+    fn start(spec: &Path, softhsm_conf: &Path) -> Result<Self, String> {
+        let mut child =
+            tokio::process::Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+                .arg("--raw")
+                .arg(spec)
+                .env("SOFTHSM2_CONF", softhsm_conf)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| format!("raw loop: {e}"))?;
+        let stdin = child.stdin.take().ok_or("raw loop: no stdin")?;
+        let stdout = child.stdout.take().ok_or("raw loop: no stdout")?;
+        Ok(Self {
+            child,
+            stdin,
+            lines: BufReader::new(stdout).lines(),
+        })
+    }
+
+    /// One measurement of `op` (ops/s).
+    async fn measure(&mut self, op: &str) -> Result<f64, String> {
+        self.stdin
+            .write_all(format!("{op}\n").as_bytes())
+            .await
+            .map_err(|e| format!("raw loop: {e}"))?;
+        self.stdin
+            .flush()
+            .await
+            .map_err(|e| format!("raw loop: {e}"))?;
+        match self.lines.next_line().await {
+            Ok(Some(l)) => l
+                .trim()
+                .parse()
+                .map_err(|e| format!("raw loop answered {l:?}: {e}")),
+            _ => {
+                let status = self.child.wait().await.map_err(|e| e.to_string())?;
+                Err(format!("raw loop failed ({status}) measuring {op}"))
+            }
+        }
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -686,32 +739,17 @@ async fn bench(args: Args) -> Result<(), String> {
             ),
         ],
     };
-    let mut spec = spec;
-    if args.no_raw {
-        spec.ops.clear();
-    }
     let spec_path = w.dir.path().join("raw.json");
     std::fs::write(
         &spec_path,
         serde_json::to_vec(&spec).map_err(|e| e.to_string())?,
     )
     .map_err(|e| e.to_string())?;
-    eprintln!("keybroker-bench: measuring the raw PKCS#11 rates ({sessions} sessions)...");
-    let raw_out = tokio::process::Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
-        .arg("--raw")
-        .arg(&spec_path)
-        .env("SOFTHSM2_CONF", &w.token.conf)
-        .output()
-        .await
-        .map_err(|e| e.to_string())?;
-    if !raw_out.status.success() {
-        return Err(format!(
-            "raw loop failed: {}",
-            String::from_utf8_lossy(&raw_out.stderr)
-        ));
-    }
-    let raw: BTreeMap<String, f64> =
-        serde_json::from_slice(&raw_out.stdout).map_err(|e| e.to_string())?;
+    let mut raw = if args.no_raw {
+        None
+    } else {
+        Some(RawLoop::start(&spec_path, &w.token.conf)?)
+    };
 
     struct Plan {
         name: &'static str,
@@ -933,7 +971,17 @@ async fn bench(args: Args) -> Result<(), String> {
         let mut hist =
             Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
         let mut errors = 0;
+        // The raw rate of the same operation is measured just before each repetition (not once
+        // at the start), so both see the host at the same speed. A half-rate row reuses the
+        // raw rate of the row before it (the same operation).
+        let mut raw_rates = Vec::new();
         for _ in 0..args.reps.max(1) {
+            if let Some(raw) = raw
+                .as_mut()
+                .filter(|_| !p.half_rate && spec.ops.iter().any(|o| o.0 == p.name))
+            {
+                raw_rates.push(raw.measure(p.name).await?);
+            }
             let m = drive_at(&w, &r, &p.load, p.concurrency, p.conns, args.seconds, rate).await?;
             rates.push(m.ops_per_s);
             cpus.push(m.cpu_us_per_op);
@@ -941,7 +989,13 @@ async fn bench(args: Args) -> Result<(), String> {
             errors += m.errors;
         }
         let broker = median(rates);
-        let raw_rate = raw.get(p.name).copied();
+        let raw_rate = if p.half_rate {
+            rows.last().and_then(|r: &Row| r.raw_ops_per_s)
+        } else if raw_rates.is_empty() {
+            None
+        } else {
+            Some(median(raw_rates))
+        };
         // Latency is per call; a batch call carries `batch` items.
         rows.push(Row {
             operation: if p.half_rate {

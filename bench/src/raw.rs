@@ -3,7 +3,6 @@
 //! the broker is compared with.
 
 use std::{
-    collections::BTreeMap,
     path::Path,
     sync::{
         Arc,
@@ -130,8 +129,13 @@ fn step(
     Ok(())
 }
 
-/// Runs every operation of the spec and prints `{name: ops_per_s}`.
+/// Serves measurements: reads an operation name per line on stdin, measures it for
+/// `spec.seconds` with `spec.threads` sessions (after a short warm-up when the operation
+/// changes) and prints its ops/s on a line of its own. The bench asks for one measurement just
+/// before each of the broker's repetitions of the same row, so both see the host at the same
+/// speed (this VM's speed drifts by tens of percent over minutes).
 pub fn run(spec_path: &Path) -> Result<(), String> {
+    use std::io::{BufRead, Write};
     let spec: RawSpec =
         serde_json::from_slice(&std::fs::read(spec_path).map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;
@@ -152,13 +156,19 @@ pub fn run(spec_path: &Path) -> Result<(), String> {
     anchor
         .login(UserType::User, Some(&AuthPin::from(spec.pin.clone())))
         .map_err(|e| e.to_string())?;
-    let mut out = BTreeMap::new();
-    for (name, id, alg, sample) in &spec.ops {
+    let mut last = String::new();
+    let mut stdout = std::io::stdout().lock();
+    for line in std::io::stdin().lock().lines() {
+        let wanted = line.map_err(|e| e.to_string())?;
+        let (name, id, alg, sample) = spec
+            .ops
+            .iter()
+            .find(|op| op.0 == wanted.trim())
+            .ok_or_else(|| format!("no raw operation {wanted:?}"))?;
         let id = hex::decode(id).map_err(|e| e.to_string())?;
         let sample = Arc::new(hex::decode(sample).map_err(|e| e.to_string())?);
         let kek = find(&anchor, &id)?;
-        let mut rates = Vec::new();
-        for rep in 0..=spec.reps.max(1) {
+        let measure = |secs: f64| -> Result<f64, String> {
             let stop = Arc::new(AtomicBool::new(false));
             let done = Arc::new(AtomicU64::new(0));
             let mut threads = Vec::new();
@@ -180,29 +190,20 @@ pub fn run(spec_path: &Path) -> Result<(), String> {
                     }
                 }));
             }
-            let secs = if rep == 0 {
-                (spec.seconds / 3.0).max(0.5)
-            } else {
-                spec.seconds
-            };
             std::thread::sleep(Duration::from_secs_f64(secs));
             stop.store(true, Ordering::Relaxed);
             for t in threads {
                 let _ = t.join();
             }
-            if rep > 0 {
-                rates.push(done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64());
-            }
+            Ok(done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64())
+        };
+        if *name != last {
+            measure((spec.seconds / 3.0).max(0.5))?;
+            last = name.clone();
         }
-        rates.sort_by(|a, b| a.total_cmp(b));
-        out.insert(
-            name.clone(),
-            rates.get(rates.len() / 2).copied().unwrap_or(0.0),
-        );
+        let rate = measure(spec.seconds)?;
+        writeln!(stdout, "{rate}").map_err(|e| e.to_string())?;
+        stdout.flush().map_err(|e| e.to_string())?;
     }
-    println!(
-        "{}",
-        serde_json::to_string(&out).map_err(|e| e.to_string())?
-    );
     Ok(())
 }
