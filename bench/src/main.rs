@@ -88,6 +88,8 @@ struct Row {
     p99_ms: f64,
     p999_ms: f64,
     server_cpu_us_per_op: f64,
+    /// The raw loop's CPU (user + system, every thread) per operation.
+    raw_cpu_us_per_op: Option<f64>,
     peak_rss_mib: f64,
     errors: u64,
 }
@@ -550,8 +552,8 @@ impl RawLoop {
         })
     }
 
-    /// One measurement of `op` (ops/s).
-    async fn measure(&mut self, op: &str) -> Result<f64, String> {
+    /// One measurement of `op`: ops/s and the raw loop's CPU µs per op.
+    async fn measure(&mut self, op: &str) -> Result<(f64, f64), String> {
         self.stdin
             .write_all(format!("{op}\n").as_bytes())
             .await
@@ -561,10 +563,13 @@ impl RawLoop {
             .await
             .map_err(|e| format!("raw loop: {e}"))?;
         match self.lines.next_line().await {
-            Ok(Some(l)) => l
-                .trim()
-                .parse()
-                .map_err(|e| format!("raw loop answered {l:?}: {e}")),
+            Ok(Some(l)) => {
+                let mut f = l.split_whitespace().map(str::parse::<f64>);
+                match (f.next(), f.next()) {
+                    (Some(Ok(rate)), Some(Ok(cpu))) => Ok((rate, cpu)),
+                    _ => Err(format!("raw loop answered {l:?}")),
+                }
+            }
             _ => {
                 let status = self.child.wait().await.map_err(|e| e.to_string())?;
                 Err(format!("raw loop failed ({status}) measuring {op}"))
@@ -974,13 +979,15 @@ async fn bench(args: Args) -> Result<(), String> {
         // The raw rate of the same operation is measured just before each repetition (not once
         // at the start), so both see the host at the same speed. A half-rate row reuses the
         // raw rate of the row before it (the same operation).
-        let mut raw_rates = Vec::new();
+        let (mut raw_rates, mut raw_cpus) = (Vec::new(), Vec::new());
         for _ in 0..args.reps.max(1) {
             if let Some(raw) = raw
                 .as_mut()
                 .filter(|_| !p.half_rate && spec.ops.iter().any(|o| o.0 == p.name))
             {
-                raw_rates.push(raw.measure(p.name).await?);
+                let (rate, cpu) = raw.measure(p.name).await?;
+                raw_rates.push(rate);
+                raw_cpus.push(cpu);
             }
             let m = drive_at(&w, &r, &p.load, p.concurrency, p.conns, args.seconds, rate).await?;
             rates.push(m.ops_per_s);
@@ -989,12 +996,14 @@ async fn bench(args: Args) -> Result<(), String> {
             errors += m.errors;
         }
         let broker = median(rates);
-        let raw_rate = if p.half_rate {
-            rows.last().and_then(|r: &Row| r.raw_ops_per_s)
+        let (raw_rate, raw_cpu) = if p.half_rate {
+            rows.last().map_or((None, None), |r: &Row| {
+                (r.raw_ops_per_s, r.raw_cpu_us_per_op)
+            })
         } else if raw_rates.is_empty() {
-            None
+            (None, None)
         } else {
-            Some(median(raw_rates))
+            (Some(median(raw_rates)), Some(median(raw_cpus)))
         };
         // Latency is per call; a batch call carries `batch` items.
         rows.push(Row {
@@ -1012,6 +1021,7 @@ async fn bench(args: Args) -> Result<(), String> {
             p99_ms: hist.value_at_quantile(0.99) as f64 / 1000.0,
             p999_ms: hist.value_at_quantile(0.999) as f64 / 1000.0,
             server_cpu_us_per_op: median(cpus),
+            raw_cpu_us_per_op: raw_cpu,
             peak_rss_mib: peak_rss_mib(r.pid()),
             errors,
         });
@@ -1198,7 +1208,7 @@ fn report(
         args.seconds, args.reps
     );
     println!(
-        "{:<18} {:>5} {:>5} {:>11} {:>11} {:>6} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6}",
+        "{:<18} {:>5} {:>5} {:>11} {:>11} {:>6} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8} {:>6}",
         "operation",
         "conc",
         "batch",
@@ -1209,12 +1219,13 @@ fn report(
         "p99 ms",
         "p99.9 ms",
         "cpu µs/op",
+        "raw µs/op",
         "RSS MiB",
         "errors"
     );
     for r in rows {
         println!(
-            "{:<18} {:>5} {:>5} {:>11.0} {:>11} {:>6} {:>8.2} {:>8.2} {:>9.2} {:>9.1} {:>8.1} {:>6}",
+            "{:<18} {:>5} {:>5} {:>11.0} {:>11} {:>6} {:>8.2} {:>8.2} {:>9.2} {:>9.1} {:>9} {:>8.1} {:>6}",
             r.operation,
             r.concurrency,
             r.batch,
@@ -1229,6 +1240,9 @@ fn report(
             r.p99_ms,
             r.p999_ms,
             r.server_cpu_us_per_op,
+            r.raw_cpu_us_per_op
+                .map(|x| format!("{x:.1}"))
+                .unwrap_or_else(|| "-".into()),
             r.peak_rss_mib,
             r.errors
         );

@@ -131,7 +131,7 @@ fn step(
 
 /// Serves measurements: reads an operation name per line on stdin, measures it for
 /// `spec.seconds` with `spec.threads` sessions (after a short warm-up when the operation
-/// changes) and prints its ops/s on a line of its own. The bench asks for one measurement just
+/// changes) and prints its ops/s and CPU µs per op on a line of their own. The bench asks for one measurement just
 /// before each of the broker's repetitions of the same row, so both see the host at the same
 /// speed (this VM's speed drifts by tens of percent over minutes).
 pub fn run(spec_path: &Path) -> Result<(), String> {
@@ -168,7 +168,9 @@ pub fn run(spec_path: &Path) -> Result<(), String> {
         let id = hex::decode(id).map_err(|e| e.to_string())?;
         let sample = Arc::new(hex::decode(sample).map_err(|e| e.to_string())?);
         let kek = find(&anchor, &id)?;
-        let measure = |secs: f64| -> Result<f64, String> {
+        // (ops/s, CPU µs per op of this process).
+        let measure = |secs: f64| -> Result<(f64, f64), String> {
+            let cpu0 = crate::cpu_seconds(std::process::id());
             let stop = Arc::new(AtomicBool::new(false));
             let done = Arc::new(AtomicU64::new(0));
             let mut threads = Vec::new();
@@ -195,14 +197,19 @@ pub fn run(spec_path: &Path) -> Result<(), String> {
             for t in threads {
                 let _ = t.join();
             }
-            Ok(done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64())
+            let n = done.load(Ordering::Relaxed) as f64;
+            let cpu = crate::cpu_seconds(std::process::id()) - cpu0;
+            Ok((
+                n / t0.elapsed().as_secs_f64(),
+                if n > 0.0 { cpu * 1e6 / n } else { 0.0 },
+            ))
         };
         if *name != last {
             measure((spec.seconds / 3.0).max(0.5))?;
             last = name.clone();
         }
-        let rate = measure(spec.seconds)?;
-        writeln!(stdout, "{rate}").map_err(|e| e.to_string())?;
+        let (rate, cpu) = measure(spec.seconds)?;
+        writeln!(stdout, "{rate} {cpu}").map_err(|e| e.to_string())?;
         stdout.flush().map_err(|e| e.to_string())?;
     }
     Ok(())
