@@ -1030,7 +1030,7 @@ async fn bench(args: Args) -> Result<(), String> {
     // Memory under 256 concurrent streams, in a broker started for it (the peak of the broker
     // above includes every row before; it is reported beside).
     let mut rss = None;
-    let (r, mut c) = if only.is_none() {
+    let (r, c) = if only.is_none() {
         let before = peak_rss_mib(r.pid());
         drop(c);
         r.stop().await;
@@ -1051,62 +1051,73 @@ async fn bench(args: Args) -> Result<(), String> {
         (r, c)
     };
 
-    // Scale with keys: ops/s across K keys and start-up time with K keys.
+    drop(raw);
+    drop(c);
+    r.stop().await;
+
+    // Scale with keys: ops/s across K keys and start-up time with K keys. Each key count has a
+    // broker (and token) of its own, all running at once, measured in turn repetition by
+    // repetition, so that every count sees the host at the same speed (measured one after the
+    // other, minutes apart, this VM's drift alone moved the comparison by ±12%).
     let mut scale = Vec::new();
     let mut outage = None;
     if scale_rows {
-        let mut outage_envelopes = Arc::new(Vec::new());
         let mut targets: Vec<usize> = args
             .keys
             .split(',')
             .filter_map(|s| s.trim().parse().ok())
+            .filter(|k| *k > 0)
             .collect();
         targets.sort();
-        let mut have = 1usize; // bench/gcm
-        let mut names = vec!["bench/gcm".to_string()];
+        targets.dedup();
+        let mut fleet = Vec::new();
         for k in targets {
-            eprintln!("keybroker-bench: scaling to {k} AES keys...");
-            while have < k {
-                let name = format!("scale/k{have:06}");
+            eprintln!("keybroker-bench: a broker with {k} AES keys...");
+            let w = World::new(w.broker_bin.clone(), sessions, !args.no_audit_sync)?;
+            let r = w.start().await?;
+            let mut c = w.connect(&r).await?;
+            let mut names = Vec::with_capacity(k);
+            for i in 0..k {
+                let name = format!("scale/k{i:06}");
                 create_key(&mut c, &name, pb::KeyType::Aes256, pb::Algorithm::Aes256Gcm).await?;
                 names.push(name);
-                have += 1;
             }
-            let keys = Arc::new(names.clone());
             let envs =
                 Arc::new(envelopes(&mut c, &names, &aad, 500.min(names.len().max(100))).await?);
-            outage_envelopes = envs.clone();
             let load = Load {
                 op: Op::Unwrap,
-                keys: keys.clone(),
+                keys: Arc::new(names),
                 envelopes: envs,
                 aad: aad.clone(),
                 batch: 1,
             };
             drive(&w, &r, &load, 32, 4, (args.seconds / 3.0).max(0.5)).await?;
-            let mut rates = Vec::new();
-            for _ in 0..args.reps.max(1) {
-                rates.push(drive(&w, &r, &load, 32, 4, args.seconds).await?.ops_per_s);
+            fleet.push((k, w, r, load, Vec::new()));
+        }
+        for _ in 0..args.reps.max(1) {
+            for (_, w, r, load, rates) in fleet.iter_mut() {
+                rates.push(drive(w, r, load, 32, 4, args.seconds).await?.ops_per_s);
             }
-            scale.push((k, median(rates), 0.0f64));
         }
-        drop(c);
-        r.stop().await;
-        // Start-up time with the largest key count (every KEK's template and canary checked).
-        let r2 = w.start().await?;
-        let started = r2.started_in.as_secs_f64();
-        if let Some(last) = scale.last_mut() {
-            last.2 = started;
+        for (k, _, _, _, rates) in &fleet {
+            scale.push((*k, median(rates.clone()), 0.0f64));
         }
-        r2.stop().await;
-        if let Some(&(k, _, _)) = scale.last() {
+        if let Some((k, w, r, load, _)) = fleet.pop() {
+            for (_, _, r, _, _) in fleet {
+                r.stop().await;
+            }
+            r.stop().await;
+            // Start-up time with the largest key count (every KEK's template and canary
+            // checked).
+            let r2 = w.start().await?;
+            if let Some(last) = scale.last_mut() {
+                last.2 = r2.started_in.as_secs_f64();
+            }
+            r2.stop().await;
             eprintln!("keybroker-bench: device outages with {k} keys...");
-            let ms = outages(&w, &outage_envelopes, args.reps.max(3)).await?;
+            let ms = outages(&w, &load.envelopes, args.reps.max(3)).await?;
             outage = Some((k, ms));
         }
-    } else {
-        drop(c);
-        r.stop().await;
     }
     report(&args, &rows, rss, &scale, outage, sessions)
 }
