@@ -1076,14 +1076,46 @@ async fn bench(args: Args) -> Result<(), String> {
             let w = World::new(w.broker_bin.clone(), sessions, !args.no_audit_sync)?;
             let r = w.start().await?;
             let mut c = w.connect(&r).await?;
-            let mut names = Vec::with_capacity(k);
+            let (mut names, mut ids) = (Vec::with_capacity(k), Vec::with_capacity(k));
             for i in 0..k {
                 let name = format!("scale/k{i:06}");
-                create_key(&mut c, &name, pb::KeyType::Aes256, pb::Algorithm::Aes256Gcm).await?;
+                let key = create_key(&mut c, &name, pb::KeyType::Aes256, pb::Algorithm::Aes256Gcm)
+                    .await?;
                 names.push(name);
+                ids.push(id(&key));
             }
             let envs =
                 Arc::new(envelopes(&mut c, &names, &aad, 500.min(names.len().max(100))).await?);
+            // The raw loop on this broker's token: the same envelopes under the same KEKs,
+            // in the same order.
+            let raw = if args.no_raw {
+                None
+            } else {
+                let spec = RawSpec {
+                    module: w.token.module.display().to_string(),
+                    label: w.token.label.clone(),
+                    pin: w.token.user_pin.clone(),
+                    threads: sessions,
+                    seconds: args.seconds,
+                    reps: args.reps,
+                    ops: vec![(
+                        "aes-gcm unwrap".into(),
+                        (0..envs.len())
+                            .map(|i| ids[i % ids.len()].clone())
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        "aes-256-gcm".into(),
+                        envs.iter()
+                            .map(|(e, _)| hex::encode(e))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    )],
+                };
+                let path = w.dir.path().join("raw.json");
+                std::fs::write(&path, serde_json::to_vec(&spec).map_err(|e| e.to_string())?)
+                    .map_err(|e| e.to_string())?;
+                Some(RawLoop::start(&path, &w.token.conf)?)
+            };
             let load = Load {
                 op: Op::Unwrap,
                 keys: Arc::new(names),
@@ -1092,18 +1124,23 @@ async fn bench(args: Args) -> Result<(), String> {
                 batch: 1,
             };
             drive(&w, &r, &load, 32, 4, (args.seconds / 3.0).max(0.5)).await?;
-            fleet.push((k, w, r, load, Vec::new()));
+            fleet.push((k, w, r, load, raw, Vec::new(), Vec::new()));
         }
         for _ in 0..args.reps.max(1) {
-            for (_, w, r, load, rates) in fleet.iter_mut() {
+            for (_, w, r, load, raw, rates, raw_rates) in fleet.iter_mut() {
+                if let Some(raw) = raw.as_mut() {
+                    raw_rates.push(raw.measure("aes-gcm unwrap").await?.0);
+                }
                 rates.push(drive(w, r, load, 32, 4, args.seconds).await?.ops_per_s);
             }
         }
-        for (k, _, _, _, rates) in &fleet {
-            scale.push((*k, median(rates.clone()), 0.0f64));
+        for (k, _, _, _, _, rates, raw_rates) in &fleet {
+            let raw = (!raw_rates.is_empty()).then(|| median(raw_rates.clone()));
+            scale.push((*k, median(rates.clone()), raw, 0.0f64));
         }
-        if let Some((k, w, r, load, _)) = fleet.pop() {
-            for (_, _, r, _, _) in fleet {
+        if let Some((k, w, r, load, raw, _, _)) = fleet.pop() {
+            drop(raw);
+            for (_, _, r, _, _, _, _) in fleet {
                 r.stop().await;
             }
             r.stop().await;
@@ -1111,7 +1148,7 @@ async fn bench(args: Args) -> Result<(), String> {
             // checked).
             let r2 = w.start().await?;
             if let Some(last) = scale.last_mut() {
-                last.2 = r2.started_in.as_secs_f64();
+                last.3 = r2.started_in.as_secs_f64();
             }
             r2.stop().await;
             eprintln!("keybroker-bench: device outages with {k} keys...");
@@ -1184,7 +1221,7 @@ fn report(
     args: &Args,
     rows: &[Row],
     rss: Option<(f64, f64, u64, f64)>,
-    scale: &[(usize, f64, f64)],
+    scale: &[(usize, f64, Option<f64>, f64)],
     outage: Option<(usize, Vec<f64>)>,
     sessions: usize,
 ) -> Result<(), String> {
@@ -1205,7 +1242,7 @@ fn report(
             "seconds": args.seconds, "reps": args.reps,
             "rows": rows,
             "streams_256": rss.map(|(ops, mib, err, before)| serde_json::json!({"ops_per_s": ops, "peak_rss_mib": mib, "errors": err, "rows_broker_peak_rss_mib": before})),
-            "scale": scale.iter().map(|(k, ops, st)| serde_json::json!({"keys": k, "ops_per_s": ops, "startup_s": st})).collect::<Vec<_>>(),
+            "scale": scale.iter().map(|(k, ops, raw, st)| serde_json::json!({"keys": k, "ops_per_s": ops, "raw_ops_per_s": raw, "startup_s": st})).collect::<Vec<_>>(),
             "device_outage": outage.as_ref().map(|(k, ms)| serde_json::json!({"keys": k, "serving_again_ms": ms})),
         });
         println!(
@@ -1263,14 +1300,16 @@ fn report(
             "256 concurrent streams (aes-gcm unwrap, a broker started for them): {ops:.0} ops/s, peak RSS {mib:.1} MiB, {err} errors (the broker of the rows above peaked at {before:.1} MiB)"
         );
     }
-    for (k, ops, st) in scale {
-        if *st > 0.0 {
-            println!(
-                "{k:>6} keys: aes-gcm unwrap ×32 across all keys {ops:.0} ops/s; broker start-up with {k} keys {st:.2} s"
-            );
+    for (k, ops, raw, st) in scale {
+        let raw = raw.map_or(String::new(), |x| {
+            format!(" (raw {x:.0}/s, {:.0}%)", ops / x * 100.0)
+        });
+        let start = if *st > 0.0 {
+            format!("; broker start-up with {k} keys {st:.2} s")
         } else {
-            println!("{k:>6} keys: aes-gcm unwrap ×32 across all keys {ops:.0} ops/s");
-        }
+            String::new()
+        };
+        println!("{k:>6} keys: aes-gcm unwrap ×32 across all keys {ops:.0} ops/s{raw}{start}");
     }
     if let Some((k, ms)) = &outage {
         let max = ms.iter().copied().fold(0.0, f64::max);

@@ -165,9 +165,19 @@ pub fn run(spec_path: &Path) -> Result<(), String> {
             .iter()
             .find(|op| op.0 == wanted.trim())
             .ok_or_else(|| format!("no raw operation {wanted:?}"))?;
-        let id = hex::decode(id).map_err(|e| e.to_string())?;
-        let sample = Arc::new(hex::decode(sample).map_err(|e| e.to_string())?);
-        let kek = find(&anchor, &id)?;
+        // One KEK and sample, or comma-separated lists of them (the scale rows: one envelope
+        // per key, used in turn like the broker's load does).
+        let samples = sample
+            .split(',')
+            .map(hex::decode)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let mut work = Vec::new();
+        for (i, id) in id.split(',').enumerate() {
+            let kek = find(&anchor, &hex::decode(id).map_err(|e| e.to_string())?)?;
+            work.push((kek, samples[i % samples.len()].clone()));
+        }
+        let work = Arc::new(work);
         // (ops/s, CPU µs per op of this process).
         let measure = |secs: f64| -> Result<(f64, f64), String> {
             let cpu0 = crate::cpu_seconds(std::process::id());
@@ -175,20 +185,23 @@ pub fn run(spec_path: &Path) -> Result<(), String> {
             let done = Arc::new(AtomicU64::new(0));
             let mut threads = Vec::new();
             let t0 = Instant::now();
-            for _ in 0..spec.threads {
+            for t in 0..spec.threads {
                 let s = ctx.open_rw_session(slot).map_err(|e| e.to_string())?;
-                let (stop, done, sample, name, alg) = (
+                let (stop, done, work, name, alg) = (
                     stop.clone(),
                     done.clone(),
-                    sample.clone(),
+                    work.clone(),
                     name.clone(),
                     alg.clone(),
                 );
                 threads.push(std::thread::spawn(move || {
+                    let mut i = t * 7919;
                     while !stop.load(Ordering::Relaxed) {
-                        if step(&s, kek, &name, &alg, &sample).is_ok() {
+                        let (kek, sample) = &work[i % work.len()];
+                        if step(&s, *kek, &name, &alg, sample).is_ok() {
                             done.fetch_add(1, Ordering::Relaxed);
                         }
+                        i += 1;
                     }
                 }));
             }
