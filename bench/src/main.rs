@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo build --release -p keybroker -p keybroker-bench
-//! target/release/keybroker-bench                  # default run (a few minutes)
+//! target/release/keybroker-bench                  # default run (about 8 minutes on 2 vCPUs)
 //! target/release/keybroker-bench --keys 10,1000,10000 --json
 //! ```
 //!
