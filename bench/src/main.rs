@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo build --release -p keybroker -p keybroker-bench
-//! target/release/keybroker-bench                  # default run (about 8 minutes on 2 vCPUs)
+//! target/release/keybroker-bench                  # default run (about 6 minutes on 2 vCPUs)
 //! target/release/keybroker-bench --keys 10,1000,10000 --json
 //! ```
 //!
@@ -102,10 +102,12 @@ pub struct RawSpec {
     pin: String,
     threads: usize,
     seconds: f64,
-    reps: usize,
-    /// (name, key version id hex, algorithm, sample envelope hex)
-    ops: Vec<(String, String, String, String)>,
+    ops: Vec<RawOp>,
 }
+
+/// (name, key version id hex, algorithm, sample envelope hex); the id and sample may be
+/// comma-separated lists, used in turn.
+type RawOp = (String, String, String, String);
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
@@ -525,18 +527,33 @@ async fn drive_at(
 /// The raw PKCS#11 loop: a child process (this binary with `--raw`) on the same token and KEK
 /// objects, asked for one measurement at a time.
 struct RawLoop {
+    /// The operations it can measure.
+    ops: Vec<String>,
     child: tokio::process::Child,
     stdin: tokio::process::ChildStdin,
     lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
 }
 
 impl RawLoop {
-    fn start(spec: &Path, softhsm_conf: &Path) -> Result<Self, String> {
+    /// Starts it on `w`'s token with `threads` sessions, `seconds` per measurement.
+    fn start(w: &World, threads: usize, seconds: f64, ops: Vec<RawOp>) -> Result<Self, String> {
+        let names = ops.iter().map(|o| o.0.clone()).collect();
+        let spec = RawSpec {
+            module: w.token.module.display().to_string(),
+            label: w.token.label.clone(),
+            pin: w.token.user_pin.clone(),
+            threads,
+            seconds,
+            ops,
+        };
+        let path = w.dir.path().join("raw.json");
+        std::fs::write(&path, serde_json::to_vec(&spec).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
         let mut child =
             tokio::process::Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
                 .arg("--raw")
-                .arg(spec)
-                .env("SOFTHSM2_CONF", softhsm_conf)
+                .arg(&path)
+                .env("SOFTHSM2_CONF", &w.token.conf)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
@@ -546,6 +563,7 @@ impl RawLoop {
         let stdin = child.stdin.take().ok_or("raw loop: no stdin")?;
         let stdout = child.stdout.take().ok_or("raw loop: no stdout")?;
         Ok(Self {
+            ops: names,
             child,
             stdin,
             lines: BufReader::new(stdout).lines(),
@@ -692,68 +710,54 @@ async fn bench(args: Args) -> Result<(), String> {
         _ => "aes-256-gcm",
     };
     let id = |k: &pb::Key| hex::encode(&k.versions[0].id);
-    let spec = RawSpec {
-        module: w.token.module.display().to_string(),
-        label: w.token.label.clone(),
-        pin: w.token.user_pin.clone(),
-        threads: sessions,
-        seconds: args.seconds,
-        reps: args.reps,
-        ops: vec![
-            (
-                "aes-gcm wrap".into(),
-                id(&gcm),
-                alg_name(&gcm).into(),
-                String::new(),
-            ),
-            (
-                "aes-gcm unwrap".into(),
-                id(&gcm),
-                alg_name(&gcm).into(),
-                hex::encode(&env_gcm[0].0),
-            ),
-            (
-                "aes-gcm generate".into(),
-                id(&gcm),
-                alg_name(&gcm).into(),
-                String::new(),
-            ),
-            (
-                "aes-kwp wrap".into(),
-                id(&kwp),
-                alg_name(&kwp).into(),
-                String::new(),
-            ),
-            (
-                "aes-kwp unwrap".into(),
-                id(&kwp),
-                alg_name(&kwp).into(),
-                hex::encode(&env_kwp[0].0),
-            ),
-            (
-                "rsa-2048 unwrap".into(),
-                id(&r2048),
-                alg_name(&r2048).into(),
-                hex::encode(&env_2048[0].0),
-            ),
-            (
-                "rsa-3072 unwrap".into(),
-                id(&r3072),
-                alg_name(&r3072).into(),
-                hex::encode(&env_3072[0].0),
-            ),
-        ],
-    };
-    let spec_path = w.dir.path().join("raw.json");
-    std::fs::write(
-        &spec_path,
-        serde_json::to_vec(&spec).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| e.to_string())?;
+    let ops = vec![
+        (
+            "aes-gcm wrap".into(),
+            id(&gcm),
+            alg_name(&gcm).into(),
+            String::new(),
+        ),
+        (
+            "aes-gcm unwrap".into(),
+            id(&gcm),
+            alg_name(&gcm).into(),
+            hex::encode(&env_gcm[0].0),
+        ),
+        (
+            "aes-gcm generate".into(),
+            id(&gcm),
+            alg_name(&gcm).into(),
+            String::new(),
+        ),
+        (
+            "aes-kwp wrap".into(),
+            id(&kwp),
+            alg_name(&kwp).into(),
+            String::new(),
+        ),
+        (
+            "aes-kwp unwrap".into(),
+            id(&kwp),
+            alg_name(&kwp).into(),
+            hex::encode(&env_kwp[0].0),
+        ),
+        (
+            "rsa-2048 unwrap".into(),
+            id(&r2048),
+            alg_name(&r2048).into(),
+            hex::encode(&env_2048[0].0),
+        ),
+        (
+            "rsa-3072 unwrap".into(),
+            id(&r3072),
+            alg_name(&r3072).into(),
+            hex::encode(&env_3072[0].0),
+        ),
+    ];
     let mut raw = if args.no_raw {
         None
     } else {
-        Some(RawLoop::start(&spec_path, &w.token.conf)?)
+        Some(RawLoop::start(&w, sessions, args.seconds, ops)?)
     };
 
     struct Plan {
@@ -983,7 +987,7 @@ async fn bench(args: Args) -> Result<(), String> {
         for _ in 0..args.reps.max(1) {
             if let Some(raw) = raw
                 .as_mut()
-                .filter(|_| !p.half_rate && spec.ops.iter().any(|o| o.0 == p.name))
+                .filter(|r| !p.half_rate && r.ops.iter().any(|o| o == p.name))
             {
                 let (rate, cpu) = raw.measure(p.name).await?;
                 raw_rates.push(rate);
@@ -1091,30 +1095,19 @@ async fn bench(args: Args) -> Result<(), String> {
             let raw = if args.no_raw {
                 None
             } else {
-                let spec = RawSpec {
-                    module: w.token.module.display().to_string(),
-                    label: w.token.label.clone(),
-                    pin: w.token.user_pin.clone(),
-                    threads: sessions,
-                    seconds: args.seconds,
-                    reps: args.reps,
-                    ops: vec![(
-                        "aes-gcm unwrap".into(),
-                        (0..envs.len())
-                            .map(|i| ids[i % ids.len()].clone())
-                            .collect::<Vec<_>>()
-                            .join(","),
-                        "aes-256-gcm".into(),
-                        envs.iter()
-                            .map(|(e, _)| hex::encode(e))
-                            .collect::<Vec<_>>()
-                            .join(","),
-                    )],
-                };
-                let path = w.dir.path().join("raw.json");
-                std::fs::write(&path, serde_json::to_vec(&spec).map_err(|e| e.to_string())?)
-                    .map_err(|e| e.to_string())?;
-                Some(RawLoop::start(&path, &w.token.conf)?)
+                let ops = vec![(
+                    "aes-gcm unwrap".into(),
+                    (0..envs.len())
+                        .map(|i| ids[i % ids.len()].clone())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    "aes-256-gcm".into(),
+                    envs.iter()
+                        .map(|(e, _)| hex::encode(e))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                )];
+                Some(RawLoop::start(&w, sessions, args.seconds, ops)?)
             };
             let load = Load {
                 op: Op::Unwrap,
