@@ -1314,6 +1314,3 @@ fn report(
     }
     Ok(())
 }
-
-#[allow(dead_code)]
-fn unused(_: &Path) {}
