@@ -90,6 +90,10 @@ struct Row {
     server_cpu_us_per_op: f64,
     /// The raw loop's CPU (user + system, every thread) per operation.
     raw_cpu_us_per_op: Option<f64>,
+    /// The client's (this process's) CPU per operation: it runs on the same cores.
+    client_cpu_us_per_op: f64,
+    /// The broker's context switches (voluntary and not, every thread) per operation.
+    broker_switches_per_op: f64,
     peak_rss_mib: f64,
     errors: u64,
 }
@@ -289,6 +293,23 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Context switches (voluntary and involuntary) of every live thread of `pid`.
+fn context_switches(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|s| {
+            s.lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
 fn peak_rss_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -325,6 +346,8 @@ struct Measured {
     hist: Histogram<u64>,
     errors: u64,
     cpu_us_per_op: f64,
+    client_cpu_us_per_op: f64,
+    switches_per_op: f64,
 }
 
 async fn one_call(c: &mut Clients, load: &Load, i: usize) -> Result<u64, tonic::Status> {
@@ -465,6 +488,8 @@ async fn drive_at(
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let cpu0 = cpu_seconds(r.pid());
+    let client0 = cpu_seconds(std::process::id());
+    let switches0 = context_switches(r.pid());
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for t in 0..concurrency {
@@ -515,12 +540,17 @@ async fn drive_at(
     }
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = cpu_seconds(r.pid()) - cpu0;
+    let client = cpu_seconds(std::process::id()) - client0;
+    let switches = context_switches(r.pid()) - switches0;
     let n = done.load(Ordering::Relaxed);
+    let per_op = |x: f64| if n > 0 { x / n as f64 } else { 0.0 };
     Ok(Measured {
         ops_per_s: n as f64 / elapsed,
         hist,
         errors: errors.load(Ordering::Relaxed),
-        cpu_us_per_op: if n > 0 { cpu * 1e6 / n as f64 } else { 0.0 },
+        cpu_us_per_op: per_op(cpu * 1e6),
+        client_cpu_us_per_op: per_op(client * 1e6),
+        switches_per_op: per_op(switches),
     })
 }
 
@@ -977,6 +1007,7 @@ async fn bench(args: Args) -> Result<(), String> {
         .await?;
         let mut rates = Vec::new();
         let mut cpus = Vec::new();
+        let (mut clients, mut switches) = (Vec::new(), Vec::new());
         let mut hist =
             Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
         let mut errors = 0;
@@ -996,6 +1027,8 @@ async fn bench(args: Args) -> Result<(), String> {
             let m = drive_at(&w, &r, &p.load, p.concurrency, p.conns, args.seconds, rate).await?;
             rates.push(m.ops_per_s);
             cpus.push(m.cpu_us_per_op);
+            clients.push(m.client_cpu_us_per_op);
+            switches.push(m.switches_per_op);
             hist.add(&m.hist).map_err(|e| e.to_string())?;
             errors += m.errors;
         }
@@ -1026,6 +1059,8 @@ async fn bench(args: Args) -> Result<(), String> {
             p999_ms: hist.value_at_quantile(0.999) as f64 / 1000.0,
             server_cpu_us_per_op: median(cpus),
             raw_cpu_us_per_op: raw_cpu,
+            client_cpu_us_per_op: median(clients),
+            broker_switches_per_op: median(switches),
             peak_rss_mib: peak_rss_mib(r.pid()),
             errors,
         });
@@ -1249,7 +1284,7 @@ fn report(
         args.seconds, args.reps
     );
     println!(
-        "{:<18} {:>5} {:>5} {:>11} {:>11} {:>6} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8} {:>6}",
+        "{:<18} {:>5} {:>5} {:>11} {:>11} {:>6} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6} {:>8} {:>6}",
         "operation",
         "conc",
         "batch",
@@ -1261,12 +1296,14 @@ fn report(
         "p99.9 ms",
         "cpu µs/op",
         "raw µs/op",
+        "cli µs/op",
+        "cs/op",
         "RSS MiB",
         "errors"
     );
     for r in rows {
         println!(
-            "{:<18} {:>5} {:>5} {:>11.0} {:>11} {:>6} {:>8.2} {:>8.2} {:>9.2} {:>9.1} {:>9} {:>8.1} {:>6}",
+            "{:<18} {:>5} {:>5} {:>11.0} {:>11} {:>6} {:>8.2} {:>8.2} {:>9.2} {:>9.1} {:>9} {:>9.1} {:>6.2} {:>8.1} {:>6}",
             r.operation,
             r.concurrency,
             r.batch,
@@ -1284,6 +1321,8 @@ fn report(
             r.raw_cpu_us_per_op
                 .map(|x| format!("{x:.1}"))
                 .unwrap_or_else(|| "-".into()),
+            r.client_cpu_us_per_op,
+            r.broker_switches_per_op,
             r.peak_rss_mib,
             r.errors
         );
