@@ -1,17 +1,21 @@
-//! Test-only crash points. `KEYBROKER_FAILPOINTS=create.after_hsm,purge.after_destroy` makes the
+//! Test-only crash points, compiled in only with the `failpoints` feature (the test build;
+//! never a release). With it, `KEYBROKER_FAILPOINTS=create.after_hsm,destroy.after_hsm` makes the
 //! broker abort (as `kill -9` would) when it reaches one of the named points, so the tests can
-//! prove that every interrupted create/rotate/import/purge/trim is reconciled at the next start.
-//! Unset in production; the broker logs a loud warning at start-up if it is set.
+//! prove that every interrupted create/rotate/import/restore/purge/trim is reconciled at the next
+//! start. Without the feature, [`hit`] is an empty inline function and the variable is ignored
+//! (with a warning at start-up, see [`ignored`]).
 //!
 //! Points: `create.after_pending`, `create.after_hsm`, `rotate.after_hsm`, `import.after_hsm`,
-//! `destroy.after_intent`, `destroy.after_hsm`.
+//! `restore.after_pending`, `restore.after_hsm`, `destroy.after_intent`, `destroy.after_hsm`.
 
-use std::{collections::HashSet, sync::OnceLock};
+/// The environment variable that arms failpoints.
+pub const ENV: &str = "KEYBROKER_FAILPOINTS";
 
-fn points() -> &'static HashSet<String> {
-    static P: OnceLock<HashSet<String>> = OnceLock::new();
+#[cfg(feature = "failpoints")]
+fn points() -> &'static std::collections::HashSet<String> {
+    static P: std::sync::OnceLock<std::collections::HashSet<String>> = std::sync::OnceLock::new();
     P.get_or_init(|| {
-        std::env::var("KEYBROKER_FAILPOINTS")
+        std::env::var(ENV)
             .map(|v| {
                 v.split(',')
                     .map(|s| s.trim().to_string())
@@ -22,17 +26,33 @@ fn points() -> &'static HashSet<String> {
     })
 }
 
-/// Whether any failpoint is armed.
+/// The armed failpoints (sorted; always empty without the `failpoints` feature).
 pub fn armed() -> Vec<String> {
-    let mut v: Vec<String> = points().iter().cloned().collect();
-    v.sort();
-    v
+    #[cfg(feature = "failpoints")]
+    {
+        let mut v: Vec<String> = points().iter().cloned().collect();
+        v.sort();
+        v
+    }
+    #[cfg(not(feature = "failpoints"))]
+    Vec::new()
+}
+
+/// Whether `KEYBROKER_FAILPOINTS` is set in a build that has no failpoints (it does nothing).
+pub fn ignored() -> bool {
+    !cfg!(feature = "failpoints") && std::env::var_os(ENV).is_some_and(|v| !v.is_empty())
 }
 
 /// Aborts the process if the failpoint `name` is armed.
+#[cfg(feature = "failpoints")]
 pub fn hit(name: &str) {
     if points().contains(name) {
-        eprintln!("keybroker: failpoint {name} reached: aborting (KEYBROKER_FAILPOINTS)");
+        eprintln!("keybroker: failpoint {name} reached: aborting ({ENV})");
         std::process::abort();
     }
 }
+
+/// Does nothing: this build has no failpoints.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn hit(_name: &str) {}

@@ -202,6 +202,12 @@ pub async fn run(
     for a in crate::failpoint::armed() {
         tracing::warn!(failpoint = %a, "TEST FAILPOINT ARMED: the broker will abort when it reaches it");
     }
+    if crate::failpoint::ignored() {
+        tracing::warn!(
+            "{} is set but this build has no failpoints (feature `failpoints`): ignored",
+            crate::failpoint::ENV
+        );
+    }
     keyring.spawn_maintenance();
     let keyring_for_shutdown = keyring.clone();
     let api = Api::new(keyring.clone(), policy, audit.clone(), hyok)

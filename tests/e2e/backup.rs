@@ -456,6 +456,10 @@ async fn a_pin_holder_cannot_turn_a_backup_into_a_readable_or_misusable_key() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs the failpoints feature (tests/run enables it)"
+)]
 async fn a_crash_during_a_restore_is_rolled_back_at_the_next_start() {
     let env = backup_env();
     domain_init(&env).expect("domain init");

@@ -948,6 +948,10 @@ async fn byok_material_wrapped_by_openssl_imports_and_is_the_key_that_wraps() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs the failpoints feature (tests/run enables it)"
+)]
 async fn a_crash_at_each_failpoint_is_reconciled_at_the_next_start() {
     for point in [
         "create.after_pending",

@@ -1077,9 +1077,12 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                 );
             }
         }
+        #[cfg(feature = "dev")]
+        Command::Dev { .. } => {
+            return Err("not a client command".into());
+        }
         Command::Serve { .. }
         | Command::CheckConfig { .. }
-        | Command::Dev { .. }
         | Command::Domain { .. }
         | Command::Audit { .. } => {
             return Err("not a client command".into());

@@ -3,6 +3,7 @@
 
 mod bulk;
 mod commands;
+#[cfg(feature = "dev")]
 mod dev;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -60,6 +61,7 @@ enum Command {
     },
     /// Development mode: make a SoftHSM2 token, a PKI and a config under a state directory
     /// (first run only), start the broker on loopback, show a wrap/unwrap, keep serving.
+    #[cfg(feature = "dev")]
     Dev {
         /// Where the dev token, certificates, config and database live.
         #[arg(long, default_value = "keybroker-dev")]
@@ -546,6 +548,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             };
             commands::domain(&cfg, so_pin_file).await
         }
+        #[cfg(feature = "dev")]
         Command::Dev { state_dir, listen } => {
             init_logging(LogFormat::Text);
             dev::run(&state_dir, listen).await
