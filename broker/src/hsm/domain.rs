@@ -430,7 +430,7 @@ impl Hsm {
     pub async fn domain_id(&self) -> Result<Result<VersionId, Refusal>, HsmError> {
         self.run(
             "find the security domain",
-            super::MAINTAIN,
+            super::pool::MAINTAIN,
             move |_, _, s| Ok(find(s)?.map(|d| d.id)),
         )
         .await
@@ -444,7 +444,7 @@ impl Hsm {
         versions: Vec<(u32, VersionId, Algorithm)>,
     ) -> Result<Result<(VersionId, Vec<WrappedVersion>), Refusal>, HsmError> {
         let kwp = self.inner.kwp;
-        self.run("back up key versions", super::READ, move |inner, conn, s| {
+        self.run("back up key versions", super::pool::READ, move |inner, conn, s| {
             let domain = match find(s)? {
                 Ok(d) => d,
                 Err(why) => return Ok(Err(why)),
@@ -505,24 +505,28 @@ impl Hsm {
     /// Which of these ids already name objects in the token (a restore must not adopt or,
     /// when rolled back, destroy objects it did not make).
     pub async fn ids_in_use(&self, ids: Vec<VersionId>) -> Result<Vec<VersionId>, HsmError> {
-        self.run("look for version ids", super::MAINTAIN, move |_, _, s| {
-            let mut used = Vec::new();
-            for id in &ids {
-                let found = s
-                    .find_objects(&[Attribute::Id(id.as_bytes().to_vec())])
-                    .map_err(|e| HsmError::from_ck("C_FindObjects", e))?;
-                if found.iter().any(|h| super::is_key_object(s, *h)) {
-                    used.push(*id);
+        self.run(
+            "look for version ids",
+            super::pool::MAINTAIN,
+            move |_, _, s| {
+                let mut used = Vec::new();
+                for id in &ids {
+                    let found = s
+                        .find_objects(&[Attribute::Id(id.as_bytes().to_vec())])
+                        .map_err(|e| HsmError::from_ck("C_FindObjects", e))?;
+                    if found.iter().any(|h| super::objects::is_key_object(s, *h)) {
+                        used.push(*id);
+                    }
                 }
-            }
-            Ok(used)
-        })
+                Ok(used)
+            },
+        )
         .await
     }
 
     /// HMAC-SHA256 of `data` under the domain MAC key.
     pub async fn domain_mac(&self, data: Vec<u8>) -> Result<Result<Vec<u8>, Refusal>, HsmError> {
-        self.run("MAC a backup", super::READ, move |_, _, s| {
+        self.run("MAC a backup", super::pool::READ, move |_, _, s| {
             let domain = match find(s)? {
                 Ok(d) => d,
                 Err(why) => return Ok(Err(why)),
@@ -540,7 +544,7 @@ impl Hsm {
         data: Vec<u8>,
         mac: Vec<u8>,
     ) -> Result<Result<bool, Refusal>, HsmError> {
-        self.run("verify a backup", super::READ, move |_, _, s| {
+        self.run("verify a backup", super::pool::READ, move |_, _, s| {
             let domain = match find(s)? {
                 Ok(d) => d,
                 Err(why) => return Ok(Err(why)),
@@ -580,7 +584,7 @@ impl Hsm {
                 )
             })?;
         let kwp = self.inner.kwp;
-        self.run("restore a KEK", super::CREATE, move |inner, conn, s| {
+        self.run("restore a KEK", super::pool::CREATE, move |inner, conn, s| {
             let _guard = inner.object_lock.lock().unwrap_or_else(|p| p.into_inner());
             let domain = match find(s)? {
                 Ok(d) => d,

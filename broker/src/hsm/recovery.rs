@@ -44,10 +44,11 @@ use cryptoki::{
 };
 
 use super::{
-    AttachReport, ExpectedKek, FaultKind, HsmError, Inner, KekHandles, canary_verdict,
-    check_template,
+    AttachReport, ExpectedKek, FaultKind, HsmError, Inner, KekHandles,
     conn::{Check, Conn},
-    find_audit_key, find_keks, find_one, open_and_login, open_pool, select_token,
+    mac::find_audit_key,
+    objects::{canary_verdict, check_template, find_keks, find_one},
+    token::{open_and_login, open_pool, select_token},
 };
 use crate::model::VersionId;
 

@@ -1,0 +1,317 @@
+//! Opening the module: loading it, finding the configured token (the error lists what is
+//! present), logging in, the capability probe and the first session pool.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, OnceLock, RwLock,
+        atomic::{AtomicBool, AtomicU64},
+    },
+};
+
+use cryptoki::{
+    context::{CInitializeArgs, CInitializeFlags, Pkcs11},
+    error::{Error as CkError, RvError},
+    session::{Session, UserType},
+    slot::{Limit, Slot},
+};
+use secrecy::SecretString;
+use tokio::sync::watch;
+
+use super::{
+    Health, Hsm, HsmSettings, Inner, TokenSelector, TokenSummary,
+    admission::{Admission, AdmissionSettings},
+    conn::Conn,
+    error::{FaultKind, HsmError},
+    probe,
+    profile::{self, Profile},
+};
+
+/// Opens a read-write session and logs the user in (already logged in is success).
+pub(super) fn open_and_login(
+    ctx: &Pkcs11,
+    slot: Slot,
+    pin: &SecretString,
+) -> Result<Session, HsmError> {
+    let anchor = ctx
+        .open_rw_session(slot)
+        .map_err(|e| HsmError::from_ck("open the anchor session", e))?;
+    match anchor.login(UserType::User, Some(pin)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(anchor),
+        Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => Err(HsmError::new(
+            FaultKind::Login,
+            "log in to the token",
+            "the PIN is incorrect (CKR_PIN_INCORRECT)",
+        )),
+        Err(e) => Err(HsmError::from_ck("log in to the token", e)),
+    }
+}
+
+pub(super) fn open_pool(ctx: &Pkcs11, slot: Slot, n: usize) -> Result<Vec<Session>, HsmError> {
+    let mut idle = Vec::with_capacity(n);
+    for _ in 0..n {
+        idle.push(
+            ctx.open_rw_session(slot)
+                .map_err(|e| HsmError::from_ck("open a pool session", e))?,
+        );
+    }
+    Ok(idle)
+}
+
+fn unsupported_init(p: &Profile, reserved: &str) -> HsmError {
+    HsmError::setup(
+        "initialise the PKCS#11 module",
+        format!(
+            "the {} profile ({}) needs C_Initialize pReserved = {reserved:?}; keybroker cannot pass \
+             it (cryptoki offers only an unsafe constructor for it and keybroker forbids unsafe \
+             code), so this module is unsupported",
+            p.name, p.product
+        ),
+    )
+}
+
+/// Finds the configured token; the error lists what is present.
+pub(super) fn select_token(
+    ctx: &Pkcs11,
+    sel: &TokenSelector,
+) -> Result<(Slot, cryptoki::slot::TokenInfo), HsmError> {
+    // Attributes of the module itself (from a PKCS #11 URI): it is the wrong module, whatever
+    // its tokens are.
+    if sel.library_manufacturer.is_some()
+        || sel.library_description.is_some()
+        || sel.library_version.is_some()
+    {
+        let info = ctx
+            .get_library_info()
+            .map_err(|e| HsmError::from_ck("C_GetInfo", e))?;
+        let (maj, min) = (
+            info.library_version().major(),
+            info.library_version().minor(),
+        );
+        let man = info.manufacturer_id().trim().to_string();
+        let desc = info.library_description().trim().to_string();
+        if sel.library_manufacturer.as_ref().is_some_and(|m| *m != man)
+            || sel.library_description.as_ref().is_some_and(|d| *d != desc)
+            || sel.library_version.is_some_and(|v| v != (maj, min))
+        {
+            return Err(HsmError::setup(
+                "find the token",
+                format!(
+                    "the module is {desc:?} {maj}.{min} by {man:?}, not the library the PKCS #11 URI names"
+                ),
+            ));
+        }
+    }
+    let slots = ctx
+        .get_slots_with_initialized_token()
+        .map_err(|e| HsmError::from_ck("C_GetSlotList", e))?;
+    let mut present = Vec::new();
+    for slot in slots {
+        let info = match ctx.get_token_info(slot) {
+            Ok(i) => i,
+            Err(e) => {
+                present.push(format!("slot {}: unreadable ({e})", slot.id()));
+                continue;
+            }
+        };
+        let label = info.label().trim().to_string();
+        let serial = info.serial_number().trim().to_string();
+        let slot_matches = if sel.slot_description.is_some() || sel.slot_manufacturer.is_some() {
+            match ctx.get_slot_info(slot) {
+                Ok(si) => {
+                    sel.slot_description
+                        .as_ref()
+                        .is_none_or(|d| d == si.slot_description().trim())
+                        && sel
+                            .slot_manufacturer
+                            .as_ref()
+                            .is_none_or(|m| m == si.manufacturer_id().trim())
+                }
+                Err(_) => false,
+            }
+        } else {
+            true
+        };
+        let matches = sel.label.as_ref().is_none_or(|l| *l == label)
+            && sel.serial.as_ref().is_none_or(|s| *s == serial)
+            && sel.slot.is_none_or(|id| id == slot.id())
+            && sel
+                .manufacturer
+                .as_ref()
+                .is_none_or(|m| m == info.manufacturer_id().trim())
+            && sel.model.as_ref().is_none_or(|m| m == info.model().trim())
+            && slot_matches;
+        if matches {
+            return Ok((slot, info));
+        }
+        present.push(format!(
+            "slot {} label {label:?} serial {serial:?} ({} {})",
+            slot.id(),
+            info.manufacturer_id().trim(),
+            info.model().trim()
+        ));
+    }
+    Err(HsmError::setup(
+        "find the token",
+        format!(
+            "no initialized token matches {}; tokens present: {}",
+            describe(sel),
+            if present.is_empty() {
+                "none".to_string()
+            } else {
+                present.join(", ")
+            }
+        ),
+    ))
+}
+
+fn describe(sel: &TokenSelector) -> String {
+    let mut parts = Vec::new();
+    if let Some(l) = &sel.label {
+        parts.push(format!("label {l:?}"));
+    }
+    if let Some(s) = &sel.serial {
+        parts.push(format!("serial {s:?}"));
+    }
+    if let Some(id) = sel.slot {
+        parts.push(format!("slot {id}"));
+    }
+    for (what, v) in [
+        ("manufacturer", &sel.manufacturer),
+        ("model", &sel.model),
+        ("slot description", &sel.slot_description),
+        ("slot manufacturer", &sel.slot_manufacturer),
+    ] {
+        if let Some(v) = v {
+            parts.push(format!("{what} {v:?}"));
+        }
+    }
+    if parts.is_empty() {
+        "any token".into()
+    } else {
+        parts.join(" and ")
+    }
+}
+
+impl Hsm {
+    /// Loads the module, finds the token, logs in, runs the capability probe and opens the
+    /// session pool. Blocking: call it from a blocking thread.
+    pub fn open(settings: &HsmSettings) -> Result<Self, HsmError> {
+        let module = &settings.module;
+        if !module.exists() {
+            return Err(HsmError::setup(
+                "load the PKCS#11 module",
+                format!("{} does not exist", module.display()),
+            ));
+        }
+        let configured = match settings.profile.as_deref() {
+            None => None,
+            Some(name) => Some(profile::by_name(name).ok_or_else(|| {
+                HsmError::setup(
+                    "select the vendor profile",
+                    format!(
+                        "unknown profile {name:?}; known: auto, {}",
+                        profile::names().join(", ")
+                    ),
+                )
+            })?),
+        };
+        let module_name = module.display().to_string();
+        // A module that needs C_Initialize's pReserved cannot be driven without unsafe code:
+        // refuse it before loading, whether configured or recognised by its file name.
+        let early = configured.unwrap_or_else(|| profile::detect(&[&module_name]));
+        if let Some(reserved) = early.init_reserved {
+            return Err(unsupported_init(early, reserved));
+        }
+        let ctx = Pkcs11::new(module)
+            .map_err(|e| HsmError::from_ck(format!("load {}", module.display()), e))?;
+        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => {
+                let mut err = HsmError::from_ck("C_Initialize", e);
+                if err.rv == Some(RvError::ArgumentsBad) {
+                    err.detail.push_str(
+                        " (this module may need C_Initialize pReserved arguments, which keybroker \
+                         cannot pass: see the nss-softoken profile)",
+                    );
+                }
+                return Err(err);
+            }
+        }
+        let library = ctx
+            .get_library_info()
+            .map(|i| {
+                format!(
+                    "{} {} ({})",
+                    i.library_description().trim(),
+                    i.library_version(),
+                    i.manufacturer_id().trim()
+                )
+            })
+            .unwrap_or_else(|_| "unknown".into());
+        let (slot, info) = select_token(&ctx, &settings.token)?;
+        let profile = configured.unwrap_or_else(|| {
+            profile::detect(&[info.manufacturer_id(), info.model(), &library, &module_name])
+        });
+        if let Some(reserved) = profile.init_reserved {
+            return Err(unsupported_init(profile, reserved));
+        }
+        let anchor = open_and_login(&ctx, slot, &settings.pin)?;
+        let caps = probe::probe(&ctx, slot, &anchor, profile)?;
+        // One session is the anchor; the token's own limit and the profile's both cap the pool.
+        let token_max = match info.max_session_count() {
+            Limit::Max(n) if n > 1 => usize::try_from(n - 1).unwrap_or(usize::MAX),
+            _ => usize::MAX,
+        };
+        let profile_max = profile
+            .max_sessions
+            .map(|n| n.saturating_sub(1).max(1))
+            .unwrap_or(usize::MAX);
+        let sessions = settings.sessions.clamp(1, token_max.min(profile_max));
+        let idle = open_pool(&ctx, slot, sessions)?;
+        let summary = TokenSummary {
+            library,
+            slot: slot.id(),
+            label: info.label().trim().to_string(),
+            manufacturer: info.manufacturer_id().trim().to_string(),
+            model: info.model().trim().to_string(),
+            serial: info.serial_number().trim().to_string(),
+            sessions,
+            profile: profile.name,
+            profile_configured: configured.is_some(),
+        };
+        let kwp = caps.kwp.as_ref().map(|k| k.kind);
+        let admission = Admission::new(AdmissionSettings {
+            slots: sessions,
+            max_wait: settings.acquire_timeout,
+            queue_limit: settings.queue_limit.max(1),
+            tenant_queue_limit: settings.tenant_queue_limit.max(1),
+            tenant_max_slots: settings.tenant_max_sessions.unwrap_or(sessions),
+        });
+        let (health, _) = watch::channel(Health::serving(1));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                ctx,
+                token: settings.token.clone(),
+                pin: settings.pin.clone(),
+                pool_size: sessions,
+                summary,
+                caps,
+                kwp,
+                profile,
+                conn: RwLock::new(Arc::new(Conn::new(1, slot, idle, anchor))),
+                admission,
+                call_timeout: settings.call_timeout,
+                health,
+                known: RwLock::new(HashMap::new()),
+                audit_key_id: Mutex::new(None),
+                recovering: AtomicBool::new(false),
+                closed: AtomicBool::new(false),
+                reinitialisations: AtomicU64::new(0),
+                object_lock: Mutex::new(()),
+                reinit_lock: Mutex::new(()),
+                observer: OnceLock::new(),
+            }),
+        })
+    }
+}
