@@ -2,7 +2,7 @@
 # Builds the Kryoptic PKCS#11 module (libkryoptic_pkcs11.so) from its crates.io source, against
 # Debian's OpenSSL 3.0, and caches it outside the repository so a second run is instant.
 #
-# Why this way (see ../shared/HSM-NOTES.md): Kryoptic's default features need OpenSSL >= 3.2 (for
+# Why this way (see docs/src/hsm-notes.md, "Kryoptic 1.5.4"): Kryoptic's default features need OpenSSL >= 3.2 (for
 # EdDSA); Debian 12 ships 3.0. Without default features and with the list below it builds
 # against the system OpenSSL and still has everything keybroker uses (AES incl. GCM and RFC 5649
 # as CKM_AES_KEY_WRAP_KWP, RSA-OAEP with SHA-256, the sqlite token store).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measures CKA_UNWRAP_TEMPLATE enforcement on a fresh token (see unwrap-template.c; the results
-# are quoted in the README, "Key lifecycle"):
+# are quoted in docs/src/lifecycle.md, "What the domain protects against"):
 #   softhsm/probes/unwrap-template.sh            # SoftHSM2
 #   softhsm/probes/unwrap-template.sh kryoptic   # Kryoptic (built by kryoptic/build.sh)
 # Needs gcc and libp11-kit-dev (for pkcs11.h) besides what tests/run installs.
