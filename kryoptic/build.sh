@@ -32,9 +32,9 @@ fi
 command -v cargo >/dev/null || { log "cargo is required (https://rustup.rs)"; exit 1; }
 
 # Debian build dependencies: bindgen needs libclang; openssl-sys and the sqlite store link the
-# system libraries found through pkg-config.
+# system libraries found through pkg-config; jq reads cargo's metadata below.
 need=()
-for p in libclang-dev pkg-config libssl-dev libsqlite3-dev; do
+for p in libclang-dev pkg-config libssl-dev libsqlite3-dev jq; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
