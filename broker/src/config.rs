@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use crate::{
     hsm::{HsmSettings, TokenSelector},
-    keyring::IntegrityPolicy,
+    keys::IntegrityPolicy,
     pkcs11_uri::{PinSource, Pkcs11Uri},
 };
 
@@ -266,8 +266,8 @@ fn default_maintenance_ms() -> u64 {
 
 impl LifecycleConfig {
     /// The keyring's settings.
-    pub fn settings(&self) -> crate::keyring::LifecycleSettings {
-        crate::keyring::LifecycleSettings {
+    pub fn settings(&self) -> crate::keys::LifecycleSettings {
+        crate::keys::LifecycleSettings {
             retention_ms: i64::from(self.retention_days) * 24 * 3600 * 1000,
             purge_protection: self.purge_protection,
             maintenance_interval: Duration::from_millis(self.maintenance_interval_ms),

@@ -48,7 +48,7 @@ use crate::{
     audit::{AuditLog, Record},
     error::BrokerError,
     health,
-    keyring::{KeyState, Keyring, VersionEntry},
+    keys::{KeyState, Keyring, VersionEntry},
     metrics::Metrics,
     model::{Dek, KeyName, KeyOp, now_ms},
     service::{code_name, sanitize_request_id},

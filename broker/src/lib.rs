@@ -24,8 +24,6 @@
 //!   [`cli`] — the `keybroker` command.
 
 pub mod audit;
-pub mod backup;
-pub mod batch;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -36,14 +34,12 @@ pub mod health;
 pub mod hsm;
 pub mod hyok;
 pub mod identity;
-pub mod keyring;
+pub mod keys;
 pub mod kms;
-pub mod lifecycle;
 pub mod metrics;
 pub mod model;
 pub mod pkcs11_uri;
 pub mod policy;
-pub mod replica;
 pub mod server;
 pub mod service;
 pub mod store;

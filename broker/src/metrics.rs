@@ -45,7 +45,7 @@ use tonic::Code;
 use crate::{
     health::HsmHealth,
     hsm::{FaultKind, HsmObserver},
-    keyring::Keyring,
+    keys::Keyring,
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

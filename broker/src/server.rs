@@ -23,7 +23,7 @@ use crate::{
     health::{self, HsmHealth},
     hsm::Hsm,
     hyok::HyokSwitch,
-    keyring::Keyring,
+    keys::Keyring,
     kms::{self, KmsV2},
     metrics::{self, Metrics, MetricsState},
     model::KeyName,

@@ -29,8 +29,7 @@ use crate::{
     hsm::RequestScope,
     hyok::{HyokState, HyokSwitch},
     identity::Caller,
-    keyring::{KeyEntry, KeyState, Keyring, Lifecycle, PublicKeyInfo, VersionEntry},
-    lifecycle::AttributePatch,
+    keys::{AttributePatch, KeyEntry, KeyState, Keyring, Lifecycle, PublicKeyInfo, VersionEntry},
     metrics::Metrics,
     model::{
         Algorithm, DEFAULT_TENANT, Dek, KeyAttributes, KeyName, KeyOp, KeyType, validate_part,
@@ -1485,7 +1484,7 @@ impl KeyManagement for Api {
         self.handle("RestoreKey", req, |ctx, r| async move {
             // The name is read before the blob is verified only to authorise the caller; the
             // restore itself uses nothing the domain's MAC does not cover.
-            let name = crate::backup::claimed_name(&r.backup)?;
+            let name = crate::keys::claimed_name(&r.backup)?;
             ctx.authorize(Permission::Restore, &name)?;
             let kr = self.keyring.clone();
             let k = detached(&self.audit, &ctx, "RestoreKey", async move {
@@ -1569,10 +1568,10 @@ impl Audit for Api {
 }
 
 fn check_batch_size(n: usize) -> Result<(), BrokerError> {
-    if n == 0 || n > crate::batch::MAX_BATCH {
+    if n == 0 || n > crate::keys::MAX_BATCH {
         return Err(BrokerError::invalid(format!(
             "a batch has 1 to {} items, not {n}",
-            crate::batch::MAX_BATCH
+            crate::keys::MAX_BATCH
         )));
     }
     Ok(())

@@ -40,12 +40,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::{
+    KeyEntry, KeyState, Keyring, Lifecycle, Usage, VersionEntry, blocking,
+    integrity::canary_to_check,
+};
 use crate::{
     error::BrokerError,
     hsm::ExpectedKek,
-    keyring::{
-        KeyEntry, KeyState, Keyring, Lifecycle, Usage, VersionEntry, blocking, canary_to_check,
-    },
     model::KeyName,
     store::{StoreLock, StoredKey, StoredLifecycle},
 };

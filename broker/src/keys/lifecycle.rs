@@ -23,16 +23,17 @@ use std::sync::{Arc, atomic::Ordering};
 
 use sha2::{Digest, Sha256};
 
+use super::{
+    KeyEntry, KeyState, Keyring, Lifecycle, Receipt, VersionEntry, blocking,
+    crypt::{fill_random, new_params},
+    integrity::{CANARY_AAD, canary_of, check_canary},
+};
 use crate::{
     audit::Record,
     envelope,
     error::BrokerError,
     failpoint,
     hsm::{KekSpec, RequestScope, RsaPublic, template::LABEL_PREFIX},
-    keyring::{
-        CANARY_AAD, KeyEntry, KeyState, Keyring, Lifecycle, Receipt, VersionEntry, blocking,
-        check_canary, new_params,
-    },
     model::{Algorithm, KeyAttributes, KeyName, KeyType, MAX_VERSIONS, Origin, VersionId, now_ms},
     store::StoredLifecycle,
 };
@@ -298,7 +299,7 @@ impl Keyring {
             }
             failpoint::hit(failpoint_name);
             let (env, digest) = self.new_canary(algorithm, id).await?;
-            let canary = crate::keyring::canary_of(Some(&env), Some(&digest));
+            let canary = canary_of(Some(&env), Some(&digest));
             let st = self.store.clone();
             blocking(move || {
                 st.commit_version(id, &env, &digest)
@@ -338,7 +339,7 @@ impl Keyring {
         id: VersionId,
     ) -> Result<(Vec<u8>, Vec<u8>), BrokerError> {
         let mut value = [0u8; 32];
-        crate::keyring::fill_random(&mut value)?;
+        fill_random(&mut value)?;
         let canary = crate::model::Dek::from_slice(&value);
         value.fill(0);
         let digest = Sha256::digest(canary.expose()).to_vec();

@@ -27,7 +27,7 @@ use crate::{
     hsm::{
         HsmError, KekSpec, RequestScope, RsaPublic, domain::WrappedVersion, template::LABEL_PREFIX,
     },
-    keyring::{KeyEntry, KeyState, Keyring, Lifecycle, VersionEntry, blocking},
+    keys::{KeyEntry, KeyState, Keyring, Lifecycle, VersionEntry, blocking},
     model::{Algorithm, KeyAttributes, KeyName, KeyType, MAX_VERSIONS, Origin, VersionId, now_ms},
     store::RestoredKey,
 };
@@ -440,7 +440,7 @@ impl Keyring {
             }
         };
         for (id, env, digest) in &canaries {
-            if let Some(c) = crate::keyring::canary_of(Some(env), Some(digest)) {
+            if let Some(c) = super::integrity::canary_of(Some(env), Some(digest)) {
                 self.hsm.set_canary(*id, c);
             }
         }

@@ -7,11 +7,14 @@ use std::sync::Arc;
 
 use futures_util::future::join_all;
 
+use super::{
+    KeyEntry, Keyring, Unwrapped, Wrapped,
+    crypt::{check_aad, new_params, params_for},
+};
 use crate::{
     envelope,
     error::BrokerError,
     hsm::WrapParams,
-    keyring::{KeyEntry, Keyring, Unwrapped, Wrapped, check_aad, new_params, params_for},
     model::{DEFAULT_DEK_LEN, Dek, KeyName, KeyOp, MAX_AAD_LEN, VersionId, check_dek_len, now_ms},
 };
 

@@ -1,0 +1,72 @@
+//! A KEK version's identity: the canary wrapped under it when it was made, and the check that
+//! an HSM object is the key the version was created with (at start-up, after a
+//! re-initialisation, and for versions another replica made).
+
+use sha2::{Digest, Sha256};
+
+use super::crypt::params_for;
+use crate::{
+    envelope,
+    hsm::{Canary, Hsm},
+    model::{Algorithm, VersionId},
+};
+
+pub(crate) const CANARY_AAD: &[u8] = b"keybroker canary v1";
+
+/// A version's stored canary, ready for the HSM, or why it cannot prove anything (the same
+/// verdicts as [`check_canary`]).
+pub(crate) fn canary_to_check(
+    alg: Algorithm,
+    id: VersionId,
+    canary: Option<&[u8]>,
+    digest: Option<&[u8]>,
+) -> Result<Canary, String> {
+    let (Some(canary), Some(digest)) = (canary, digest) else {
+        return Err("no canary recorded".into());
+    };
+    let Ok(env) = envelope::parse(canary) else {
+        return Err("canary envelope is malformed".to_string());
+    };
+    if env.version != id || env.algorithm != alg {
+        return Err("canary belongs to another key version".into());
+    }
+    Ok(Canary {
+        params: params_for(&env, CANARY_AAD).map_err(|e| e.to_string())?,
+        ciphertext: env.ciphertext.to_vec(),
+        digest: digest.to_vec(),
+    })
+}
+
+/// A stored canary in the form the HSM layer re-checks after a re-initialisation.
+pub(crate) fn canary_of(envelope: Option<&[u8]>, digest: Option<&[u8]>) -> Option<Canary> {
+    let env = envelope::parse(envelope?).ok()?;
+    Some(Canary {
+        params: params_for(&env, CANARY_AAD).ok()?,
+        ciphertext: env.ciphertext.to_vec(),
+        digest: digest?.to_vec(),
+    })
+}
+
+/// Unwraps a version's canary and compares it: `Ok(Ok(()))` it is the key the version was
+/// created with, `Ok(Err(why))` it is not (or there is no usable canary), `Err` the HSM could
+/// not answer (a fault, not a verdict).
+pub(crate) async fn check_canary(
+    hsm: &Hsm,
+    alg: Algorithm,
+    id: VersionId,
+    canary: Option<Vec<u8>>,
+    digest: Option<Vec<u8>>,
+) -> Result<Result<(), String>, crate::hsm::HsmError> {
+    let c = match canary_to_check(alg, id, canary.as_deref(), digest.as_deref()) {
+        Ok(c) => c,
+        Err(why) => return Ok(Err(why)),
+    };
+    match hsm.unwrap(id, c.params, c.ciphertext).await {
+        Ok(dek) if Sha256::digest(dek.expose()).as_slice() == c.digest.as_slice() => Ok(Ok(())),
+        Ok(_) => Ok(Err("canary decrypts to the wrong value: the HSM object is not the key this version was created with".into())),
+        Err(e) if e.kind == crate::hsm::FaultKind::DataInvalid => Ok(Err(
+            "canary does not decrypt: the HSM object is not the key this version was created with".into(),
+        )),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,474 @@
+//! Keys: every key's metadata cached in memory, backed by the store, with the key material in
+//! the HSM. [`Keyring`] implements every key operation in domain terms; its state is private and
+//! reached only through its methods. The request pipeline (`api`) authorises first and hands
+//! the keyring a [`Grant`](crate::policy::Grant) for the key it acts on.
+//!
+//! # Layout
+//! * this file — the keyring's state, the key model in memory, lookups;
+//! * [`load`] — start-up: reconcile the store with the HSM, prove every KEK's identity;
+//! * [`integrity`] — canaries: proving that an HSM object is the key a version was made with;
+//! * [`crypt`] — the data plane: wrap, generate, unwrap, rewrap (a single call is a batch of
+//!   one), public keys;
+//! * [`lifecycle`] — create, import, rotate, update, delete, recover, purge, trim, and the
+//!   maintenance task;
+//! * [`backup`] — backup and restore under the security domain;
+//! * [`replica`] — keeping the cache in step with other replicas on a shared store.
+//!
+//! The hot path (wrap/unwrap) reads the in-memory maps under a read lock and makes exactly one
+//! HSM call; it never touches the store or searches the token.
+
+mod backup;
+mod batch;
+mod crypt;
+mod integrity;
+mod lifecycle;
+mod load;
+mod replica;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, OnceLock, RwLock,
+        atomic::{AtomicI64, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+pub use self::{
+    backup::{Made, claimed_name},
+    batch::MAX_BATCH,
+    lifecycle::{AttributePatch, IMPORT_KEY_TTL_MS, ImportKeyInfo, Times},
+    load::LoadReport,
+    replica::ReplicaState,
+};
+use crate::{
+    audit::AuditLog,
+    error::BrokerError,
+    hsm::Hsm,
+    model::{Algorithm, Dek, KeyAttributes, KeyName, KeyOp, KeyType, Origin, VersionId, now_ms},
+    store::Store,
+};
+
+/// What to do with a key that fails its start-up integrity check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IntegrityPolicy {
+    /// Refuse to start (the default: fail closed, loudly).
+    Fail,
+    /// Start, but refuse every operation on the affected key (state QUARANTINED).
+    Quarantine,
+}
+
+/// A key's state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyState {
+    /// Serves requests.
+    Enabled,
+    /// Failed an integrity check; refuses everything. Carries the reason (for operators).
+    Quarantined(String),
+}
+
+/// One version of a key.
+#[derive(Clone, Debug)]
+pub struct VersionEntry {
+    /// The version number (1, 2, ...).
+    pub number: u32,
+    /// The version id (`CKA_ID`).
+    pub id: VersionId,
+    /// Creation time (ms).
+    pub created_at_ms: i64,
+    /// Generated or imported.
+    pub origin: Origin,
+    /// When this version stops wrapping (rotation policy).
+    pub expires_ms: Option<i64>,
+}
+
+/// A key's lifecycle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// In use.
+    Active,
+    /// Soft-deleted: refuses everything, name reserved until purged.
+    Deleted {
+        /// When.
+        deleted_at_ms: i64,
+        /// When it will be purged.
+        purge_at_ms: i64,
+        /// Who deleted it.
+        deleted_by: String,
+    },
+}
+
+/// A key's metadata.
+#[derive(Clone, Debug)]
+pub struct KeyEntry {
+    /// The full name.
+    pub name: KeyName,
+    /// The key type.
+    pub key_type: KeyType,
+    /// The algorithm.
+    pub algorithm: Algorithm,
+    /// Creation time (ms).
+    pub created_at_ms: i64,
+    /// Last attribute change (ms).
+    pub updated_at_ms: i64,
+    /// Integrity state.
+    pub state: KeyState,
+    /// Active or soft-deleted.
+    pub lifecycle: Lifecycle,
+    /// Attributes.
+    pub attributes: KeyAttributes,
+    /// The versions, oldest first (never empty).
+    pub versions: Vec<VersionEntry>,
+}
+
+impl KeyEntry {
+    /// The newest version (the one that wraps).
+    pub fn current(&self) -> Result<&VersionEntry, BrokerError> {
+        self.versions
+            .last()
+            .ok_or_else(|| BrokerError::internal(format!("key {} has no versions", self.name)))
+    }
+
+    /// A version by number.
+    pub fn version(&self, number: u32) -> Option<&VersionEntry> {
+        self.versions.iter().find(|v| v.number == number)
+    }
+
+    /// Refuses a quarantined or deleted key.
+    pub(crate) fn usable(&self) -> Result<(), BrokerError> {
+        if let Lifecycle::Deleted { purge_at_ms, .. } = &self.lifecycle {
+            return Err(BrokerError::precondition(format!(
+                "key {} is deleted (purge scheduled at {} ms); RecoverKey brings it back",
+                self.name, purge_at_ms
+            )));
+        }
+        match &self.state {
+            KeyState::Enabled => Ok(()),
+            KeyState::Quarantined(_) => Err(BrokerError::precondition(format!(
+                "key {} is quarantined: it failed its HSM integrity check at start-up; see the broker log",
+                self.name
+            ))),
+        }
+    }
+
+    /// Whether `v` may still unwrap (at or above the minimum decryption version).
+    pub fn decryptable(&self, v: &VersionEntry) -> bool {
+        v.number >= self.attributes.min_decryption_version
+    }
+
+    /// Checks that the key may do `op` with version `v` now (DESIGN §3.9): usable, enabled,
+    /// the operation allowed, inside not-before; for new envelopes not expired (expired keys
+    /// still unwrap, as in Azure Key Vault); for unwrapping, not below the minimum decryption
+    /// version.
+    pub fn check(&self, op: KeyOp, v: &VersionEntry, now: i64) -> Result<(), BrokerError> {
+        self.usable()?;
+        let a = &self.attributes;
+        if !a.enabled {
+            return Err(BrokerError::precondition(format!(
+                "key {} is disabled",
+                self.name
+            )));
+        }
+        if !a.operations.contains(&op) {
+            return Err(BrokerError::precondition(format!(
+                "key {} does not allow {}",
+                self.name,
+                op.as_str()
+            )));
+        }
+        if a.not_before_ms.is_some_and(|nb| now < nb) {
+            return Err(BrokerError::precondition(format!(
+                "key {} is not valid before {} ms",
+                self.name,
+                a.not_before_ms.unwrap_or(0)
+            )));
+        }
+        match op {
+            KeyOp::Wrap | KeyOp::GenerateDataKey => {
+                if a.expires_ms.is_some_and(|e| now >= e) {
+                    return Err(BrokerError::precondition(format!(
+                        "key {} expired at {} ms: it still unwraps, but makes no new envelopes",
+                        self.name,
+                        a.expires_ms.unwrap_or(0)
+                    )));
+                }
+                if v.expires_ms.is_some_and(|e| now >= e) {
+                    return Err(BrokerError::precondition(format!(
+                        "version {} of key {} expired; rotate the key",
+                        v.number, self.name
+                    )));
+                }
+            }
+            KeyOp::Unwrap | KeyOp::Rewrap => {
+                if !self.decryptable(v) {
+                    return Err(BrokerError::precondition(format!(
+                        "version {} of key {} is below its minimum decryption version {}",
+                        v.number, self.name, a.min_decryption_version
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Usage counters of one version (telemetry: is an old version still used before trimming?).
+#[derive(Debug, Default)]
+pub struct Usage {
+    /// Wraps.
+    pub wraps: AtomicU64,
+    /// Unwraps.
+    pub unwraps: AtomicU64,
+    /// Last use (ms).
+    pub last_used_ms: AtomicI64,
+    /// Counted here and not yet added to the store (wraps, unwraps).
+    unsaved_wraps: AtomicU64,
+    unsaved_unwraps: AtomicU64,
+}
+
+impl Usage {
+    pub(crate) fn new(wraps: u64, unwraps: u64, last: Option<i64>) -> Self {
+        Self {
+            wraps: AtomicU64::new(wraps),
+            unwraps: AtomicU64::new(unwraps),
+            last_used_ms: AtomicI64::new(last.unwrap_or(0)),
+            unsaved_wraps: AtomicU64::new(0),
+            unsaved_unwraps: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes what was counted since the last save: (wraps, unwraps), or `None` if nothing.
+    pub(crate) fn take_unsaved(&self) -> Option<(u64, u64)> {
+        let w = self.unsaved_wraps.swap(0, Ordering::Relaxed);
+        let u = self.unsaved_unwraps.swap(0, Ordering::Relaxed);
+        (w > 0 || u > 0).then_some((w, u))
+    }
+
+    /// Gives back counts whose save failed (they go out with the next one).
+    pub(crate) fn restore_unsaved(&self, wraps: u64, unwraps: u64) {
+        self.unsaved_wraps.fetch_add(wraps, Ordering::Relaxed);
+        self.unsaved_unwraps.fetch_add(unwraps, Ordering::Relaxed);
+    }
+
+    /// Takes the store's totals (which include other replicas' saved counts) plus what this
+    /// process has counted and not saved yet.
+    pub(crate) fn set_saved(&self, wraps: u64, unwraps: u64, last: Option<i64>) {
+        let w = wraps.saturating_add(self.unsaved_wraps.load(Ordering::Relaxed));
+        let u = unwraps.saturating_add(self.unsaved_unwraps.load(Ordering::Relaxed));
+        self.wraps.store(w, Ordering::Relaxed);
+        self.unwraps.store(u, Ordering::Relaxed);
+        if let Some(l) = last {
+            self.last_used_ms.fetch_max(l, Ordering::Relaxed);
+        }
+    }
+
+    fn bump(&self, wrap: bool) {
+        if wrap {
+            self.wraps.fetch_add(1, Ordering::Relaxed);
+            self.unsaved_wraps.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.unwraps.fetch_add(1, Ordering::Relaxed);
+            self.unsaved_unwraps.fetch_add(1, Ordering::Relaxed);
+        }
+        self.last_used_ms.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
+/// Deployment-wide lifecycle settings (`[lifecycle]`).
+#[derive(Clone, Debug)]
+pub struct LifecycleSettings {
+    /// Soft-delete retention (7-90 days), ms.
+    pub retention_ms: i64,
+    /// Purge protection for every key.
+    pub purge_protection: bool,
+    /// How often the maintenance task runs (scheduled purge, auto-rotation, usage flush).
+    pub maintenance_interval: Duration,
+    /// New KEK versions can be backed up (extractable only under a trusted key).
+    pub backup: bool,
+}
+
+impl Default for LifecycleSettings {
+    fn default() -> Self {
+        Self {
+            retention_ms: 90 * 24 * 3600 * 1000,
+            purge_protection: false,
+            maintenance_interval: Duration::from_secs(60),
+            backup: false,
+        }
+    }
+}
+
+/// The result of a wrap.
+#[derive(Debug)]
+pub struct Wrapped {
+    /// The envelope.
+    pub envelope: Vec<u8>,
+    /// The key.
+    pub key: KeyName,
+    /// The version number used.
+    pub version: u32,
+    /// The algorithm.
+    pub algorithm: Algorithm,
+}
+
+/// The result of an unwrap.
+#[derive(Debug)]
+pub struct Unwrapped {
+    /// The DEK.
+    pub dek: Dek,
+    /// The key.
+    pub key: KeyName,
+    /// The version number used.
+    pub version: u32,
+    /// The algorithm.
+    pub algorithm: Algorithm,
+}
+
+/// An RSA public key of one version.
+#[derive(Debug)]
+pub struct PublicKeyInfo {
+    /// The key.
+    pub key: KeyName,
+    /// The version number.
+    pub version: u32,
+    /// The version id.
+    pub version_id: VersionId,
+    /// The algorithm.
+    pub algorithm: Algorithm,
+    /// The modulus (big-endian).
+    pub modulus: Vec<u8>,
+    /// The public exponent (big-endian).
+    pub exponent: Vec<u8>,
+}
+
+/// Proof of destruction of key versions (purge or trim).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Receipt {
+    /// The key.
+    pub key: String,
+    /// `purge` or `trim`.
+    pub reason: String,
+    /// The version numbers destroyed.
+    pub versions: Vec<u32>,
+    /// Their object ids (CKA_ID, hex).
+    pub object_ids: Vec<String>,
+    /// HSM objects destroyed now (0 for objects already gone before a crash).
+    pub objects_destroyed: usize,
+    /// When (ms).
+    pub at_ms: i64,
+    /// Who.
+    pub by: String,
+}
+
+/// The keyring.
+pub struct Keyring {
+    hsm: Hsm,
+    store: Arc<Store>,
+    keys: RwLock<BTreeMap<KeyName, Arc<KeyEntry>>>,
+    versions: RwLock<HashMap<VersionId, (KeyName, u32)>>,
+    usage: RwLock<HashMap<VersionId, Arc<Usage>>>,
+    /// Serialises every change that touches the HSM and the store (two-phase writes); with a
+    /// shared store, together with the store's cluster-wide lock ([`Keyring::write`]).
+    write_lock: tokio::sync::Mutex<()>,
+    /// Keeping the cache in step with other replicas (shared stores; see `replica`).
+    replica: ReplicaState,
+    settings: LifecycleSettings,
+    /// Where destruction receipts from the maintenance task go.
+    audit: OnceLock<AuditLog>,
+    /// Versions whose failed creation could not be rolled back yet (id, whether an HSM object
+    /// may exist): retried by the maintenance task and when the HSM serves again.
+    pending_rollbacks: std::sync::Mutex<Vec<(VersionId, bool)>>,
+}
+
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BrokerError> + Send + 'static,
+) -> Result<T, BrokerError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BrokerError::internal(format!("blocking task failed: {e}")))?
+}
+
+impl Keyring {
+    /// The HSM.
+    pub fn hsm(&self) -> &Hsm {
+        &self.hsm
+    }
+
+    /// The metadata store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// A key that is not soft-deleted (FAILED_PRECONDITION for a deleted one).
+    pub fn get_live(&self, name: &KeyName) -> Result<Arc<KeyEntry>, BrokerError> {
+        let k = self.get(name)?;
+        if let Lifecycle::Deleted { .. } = k.lifecycle {
+            return Err(BrokerError::precondition(format!(
+                "key {name} is deleted; see GetDeletedKey, RecoverKey"
+            )));
+        }
+        Ok(k)
+    }
+
+    /// The usage counters of a version.
+    pub fn usage(&self, id: VersionId) -> Option<Arc<Usage>> {
+        self.usage
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    pub(crate) fn bump(&self, id: VersionId, wrap: bool) {
+        if let Some(u) = self.usage(id) {
+            u.bump(wrap);
+        }
+    }
+
+    /// A key by name (soft-deleted ones included).
+    pub fn get(&self, name: &KeyName) -> Result<Arc<KeyEntry>, BrokerError> {
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BrokerError::NotFound(format!("key {name} not found")))
+    }
+
+    /// One page of a tenant's keys, ordered by name, starting after `after`.
+    pub fn list(
+        &self,
+        tenant: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<Arc<KeyEntry>>, Option<String>) {
+        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        let mut next = None;
+        for (name, entry) in keys.iter() {
+            if name.tenant() != tenant || entry.lifecycle != Lifecycle::Active {
+                continue;
+            }
+            if let Some(a) = after
+                && name.name() <= a
+            {
+                continue;
+            }
+            if out.len() == limit {
+                next = out
+                    .last()
+                    .map(|e: &Arc<KeyEntry>| e.name.name().to_string());
+                break;
+            }
+            out.push(entry.clone());
+        }
+        (out, next)
+    }
+
+    /// Number of keys and versions.
+    pub fn counts(&self) -> (usize, usize) {
+        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
+        (keys.len(), keys.values().map(|k| k.versions.len()).sum())
+    }
+}
