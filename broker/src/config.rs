@@ -370,6 +370,11 @@ pub struct KmsV2Config {
     /// The socket file's mode. Default 0o600.
     #[serde(default = "default_socket_mode")]
     pub socket_mode: u32,
+    /// The access justification every request through the socket carries (the KMS v2 API has
+    /// none of its own). Only needed when the socket's peers (`unix:uid=N`) are listed as HYOK
+    /// service identities, whose key use needs a justification the key accepts.
+    #[serde(default)]
+    pub justification: Option<crate::policy::Reason>,
 }
 
 fn default_socket_mode() -> u32 {

@@ -11,7 +11,7 @@ use tonic::{Code, Status};
 pub const UNAUTHENTIC_MESSAGE: &str = "wrapped key is malformed or not authentic";
 
 /// An error that ends a request.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum BrokerError {
     /// The request is malformed (the message says what was wrong).
     #[error("{0}")]

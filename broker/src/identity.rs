@@ -1,4 +1,4 @@
-//! Caller identity, decided once from the verified client certificate (STYLE rule 7): its
+//! Caller identity, decided once from the verified client certificate (house rule 7, `docs/src/style.md`): its
 //! SPIFFE ID (the single URI SAN, `spiffe://...`), else its first DNS SAN. Never from request
 //! fields.
 
@@ -13,6 +13,8 @@ pub enum IdentityKind {
     Spiffe,
     /// A DNS name from the DNS SAN.
     Dns,
+    /// A local peer of a unix socket, by uid (`unix:uid=N`, from the kernel).
+    Unix,
 }
 
 /// A verified caller.

@@ -23,6 +23,7 @@
 //! * [`server`] — wiring and graceful shutdown; [`client`] — connecting as a client;
 //!   [`cli`] — the `keybroker` command.
 
+pub mod api;
 pub mod audit;
 pub mod cli;
 pub mod client;
@@ -35,12 +36,10 @@ pub mod hsm;
 pub mod hyok;
 pub mod identity;
 pub mod keys;
-pub mod kms;
 pub mod metrics;
 pub mod model;
 pub mod pkcs11_uri;
 pub mod policy;
 pub mod server;
-pub mod service;
 pub mod store;
 pub mod tls;

@@ -307,6 +307,15 @@ impl HsmObserver for Metrics {
                 .inc();
         }
     }
+
+    fn hsm_item_fault(&self, operation: &'static str, fault: FaultKind) {
+        self.hsm_errors
+            .get_or_create(&FaultLabels {
+                operation: operation_label(operation),
+                fault: fault_label(fault).to_string(),
+            })
+            .inc();
+    }
 }
 
 /// What the metrics listener serves from.

@@ -437,6 +437,12 @@ impl Policy {
         })
     }
 
+    /// Whether the caller holds `perm` with some scope.
+    pub fn allows_somewhere(&self, caller: &Caller, perm: Permission) -> bool {
+        self.matching(caller)
+            .any(|b| b.roles.iter().any(|r| r.permissions().contains(&perm)))
+    }
+
     /// Whether the caller may call at all (any binding matches).
     pub fn knows(&self, caller: &Caller) -> bool {
         self.matching(caller).next().is_some()
@@ -471,6 +477,173 @@ impl Policy {
         }
     }
 }
+
+/// Proof that this request's caller holds one permission on one key: the keyring's operations
+/// take one, and only [`Authorizer::grant`] makes them, after the role × scope decision and the
+/// HYOK rules. A grant lives as long as its request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    key: KeyName,
+    permission: Permission,
+}
+
+impl Grant {
+    /// The key.
+    pub fn key(&self) -> &KeyName {
+        &self.key
+    }
+
+    /// The permission granted.
+    pub fn permission(&self) -> Permission {
+        self.permission
+    }
+
+    /// The key, if this grant is for `permission`. Anything else is a bug in the caller (an
+    /// operation acting on a grant made for another one), refused as such.
+    pub fn key_for(&self, permission: Permission) -> Result<&KeyName, crate::error::BrokerError> {
+        if self.permission == permission {
+            Ok(&self.key)
+        } else {
+            Err(crate::error::BrokerError::internal(format!(
+                "a grant to {} key {} used to {permission}",
+                self.permission, self.key
+            )))
+        }
+    }
+}
+
+/// The permissions one request has: the policy in force when it arrived (with the binding of
+/// the front door it came through, if any), its verified caller, and the HYOK rules — the kill
+/// switch and the access justification. Every decision of the request is made here, deny by
+/// default.
+pub struct Authorizer {
+    policy: Arc<Policy>,
+    caller: Caller,
+    hyok: Arc<crate::hyok::HyokSwitch>,
+    reason: Option<Reason>,
+    gated: bool,
+}
+
+impl Authorizer {
+    /// The authority of `caller` under `policy`, plus `door` (a binding the front door itself
+    /// grants its callers, e.g. the Kubernetes KMS v2 socket's one key).
+    pub fn new(
+        policy: Arc<Policy>,
+        caller: Caller,
+        door: Option<Binding>,
+        hyok: Arc<crate::hyok::HyokSwitch>,
+    ) -> Self {
+        let policy = match door {
+            None => policy,
+            Some(b) => {
+                let mut p = (*policy).clone();
+                p.bindings.push(b);
+                Arc::new(p)
+            }
+        };
+        Self {
+            policy,
+            caller,
+            hyok,
+            reason: None,
+            gated: false,
+        }
+    }
+
+    /// The verified caller.
+    pub fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    /// The access justification the request gave (checked for HYOK service identities).
+    pub fn set_reason(&mut self, reason: Option<Reason>) {
+        self.reason = reason;
+    }
+
+    /// Whether the caller may call at all (any binding matches).
+    pub fn knows(&self) -> bool {
+        self.policy.knows(&self.caller)
+    }
+
+    /// Whether the caller holds `perm` on `key` (role × scope only: for filtering lists).
+    pub fn allows(&self, perm: Permission, key: &KeyName) -> bool {
+        self.policy.allows(&self.caller, perm, key)
+    }
+
+    /// Whether the caller holds `perm` on something in `tenant` (listing then filters per key).
+    pub fn allows_in_tenant(&self, perm: Permission, tenant: &str) -> bool {
+        self.policy.allows_in_tenant(&self.caller, perm, tenant)
+    }
+
+    /// Whether the caller holds `perm` with some scope.
+    pub fn allows_somewhere(&self, perm: Permission) -> bool {
+        self.policy.allows_somewhere(&self.caller, perm)
+    }
+
+    /// A filter for work off the request's task (e.g. an audit query on a blocking thread):
+    /// whether the caller holds `perm` on a key.
+    pub fn filter(&self, perm: Permission) -> impl Fn(&KeyName) -> bool + Send + 'static {
+        let (policy, caller) = (self.policy.clone(), self.caller.clone());
+        move |key| policy.allows(&caller, perm, key)
+    }
+
+    /// Grants `perm` on `key`, or says why not: the role × scope decision, then for key use by
+    /// a HYOK service identity the kill switch and the key's accepted justifications.
+    pub fn grant(
+        &mut self,
+        perm: Permission,
+        key: &KeyName,
+    ) -> Result<Grant, crate::error::BrokerError> {
+        use crate::error::BrokerError;
+        if !self.allows(perm, key) {
+            return Err(BrokerError::PermissionDenied(format!(
+                "{} may not {perm} key {key}",
+                self.caller
+            )));
+        }
+        if matches!(perm, Permission::Wrap | Permission::Unwrap)
+            && self.policy.is_hyok_service(&self.caller)
+        {
+            self.gated = true;
+            if !self.hyok.connected() {
+                return Err(BrokerError::PermissionDenied(HYOK_DISCONNECTED.into()));
+            }
+            self.policy
+                .check_justification(key, self.reason)
+                .map_err(BrokerError::PermissionDenied)?;
+        }
+        Ok(Grant {
+            key: key.clone(),
+            permission: perm,
+        })
+    }
+
+    /// Checks a broker-wide permission (scope `all`).
+    pub fn global(&self, perm: Permission) -> Result<(), crate::error::BrokerError> {
+        if self.policy.allows_global(&self.caller, perm) {
+            Ok(())
+        } else {
+            Err(crate::error::BrokerError::PermissionDenied(format!(
+                "{} may not {perm}",
+                self.caller
+            )))
+        }
+    }
+
+    /// Whether a HYOK service identity passed the kill switch in this request: the switch is
+    /// checked again before its reply, so nothing reaches it once `Disconnect` has returned.
+    pub fn gated(&self) -> bool {
+        self.gated
+    }
+
+    /// The kill switch, read now.
+    pub fn hyok_connected(&self) -> bool {
+        self.hyok.connected()
+    }
+}
+
+/// Why a HYOK service identity is refused while the switch is off.
+pub const HYOK_DISCONNECTED: &str = "the key owner has disconnected HYOK service access";
 
 /// The policy in force, swapped atomically on reload.
 pub struct PolicyHandle {

@@ -18,16 +18,19 @@ use keybroker_proto::v1::{
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
+    api::{
+        Pipeline,
+        grpc::GrpcApi,
+        kms_v2::{self, KmsV2},
+    },
     audit::{AuditLog, AuditSettings},
     config::Config,
     health::{self, HsmHealth},
     hsm::Hsm,
     hyok::HyokSwitch,
     keys::Keyring,
-    kms::{self, KmsV2},
     metrics::{self, Metrics, MetricsState},
     model::KeyName,
-    service::Api,
     store::Store,
     tls,
 };
@@ -210,9 +213,16 @@ pub async fn run(
     }
     keyring.spawn_maintenance();
     let keyring_for_shutdown = keyring.clone();
-    let api = Api::new(keyring.clone(), policy, audit.clone(), hyok)
-        .with_metrics(metrics.clone())
-        .with_request_timeout(Duration::from_millis(cfg.server.request_timeout_ms));
+    // Every front door is a codec over this one pipeline.
+    let pipeline = Pipeline::new(
+        keyring.clone(),
+        policy,
+        audit.clone(),
+        hyok,
+        Duration::from_millis(cfg.server.request_timeout_ms),
+        Some(metrics.clone()),
+    );
+    let api = GrpcApi::new(pipeline.clone());
 
     // One shutdown signal for every listener and the probe.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -317,18 +327,12 @@ pub async fn run(
             tracing::warn!(key = %key, "kms_v2.key does not exist (yet): Status reports it and Encrypt fails until it is created");
         }
         let path = cfg.path(&k.socket);
-        let listener = kms::bind(&path, k.socket_mode)?;
-        let svc = KmsV2::new(
-            keyring.clone(),
-            key,
-            audit.clone(),
-            Some(metrics.clone()),
-            probe_timeout,
-        );
+        let listener = kms_v2::bind(&path, k.socket_mode)?;
+        let svc = KmsV2::new(pipeline.clone(), key, k.justification, probe_timeout);
         tracing::info!(socket = %path.display(), key = %k.key, "serving Kubernetes KMS v2 (local trust: no TLS on the unix socket)");
         println!("keybroker: kms-v2 on {}", path.display());
         let stop = stopped(stop_rx.clone());
-        side_tasks.push(tokio::spawn(kms::serve(listener, path, svc, stop)));
+        side_tasks.push(tokio::spawn(kms_v2::serve(listener, path, svc, stop)));
     }
 
     let tls_cfg = tls::Reloadable::load(tls::TlsPaths {
@@ -354,7 +358,7 @@ pub async fn run(
     let _ = std::io::stdout().flush();
 
     // No tonic `.timeout(...)`: deadlines (the caller's grpc-timeout, capped by
-    // request_timeout_ms) are enforced by `Api::handle`, so that a request that runs out of time
+    // request_timeout_ms) are enforced by the pipeline (`api::pipeline`), so that a request that runs out of time
     // is answered DEADLINE_EXCEEDED *and audited*, and its HSM waits are bounded by it.
     let served = tonic::transport::Server::builder()
         .max_concurrent_streams(cfg.server.max_concurrent_streams)

@@ -280,3 +280,140 @@ async fn a_second_broker_refuses_a_live_socket() {
     assert!(err.contains("another process is serving"), "{err}");
     drop(b);
 }
+
+/// The audit records of one op, as JSON.
+fn audit_records(env: &Env, op: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(env.audit_log())
+        .expect("audit log")
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON line"))
+        .filter(|r| r["op"] == op)
+        .collect()
+}
+
+#[tokio::test]
+async fn the_hyok_switch_refuses_the_kms_socket_as_it_refuses_grpc_callers() {
+    // The socket's peers are the provider's service here (kube-apiserver in the provider's
+    // control plane): listed as HYOK service identities, with the justification the socket's
+    // requests carry accepted for the key.
+    const ADMIN: &str = "spiffe://customer.test/admin";
+    let env = Env::with(Options {
+        sections: format!(
+            "[kms_v2]\nsocket = \"kms.sock\"\nkey = \"{KEY}\"\njustification = \"PROVIDER_INITIATED_SERVICE\"\n"
+        ),
+        policy: Some(format!(
+            r#"
+[[binding]]
+identity = "{ADMIN}"
+roles = ["administrator", "crypto-user"]
+scope = "all"
+
+[hyok]
+service_identities = ["unix:*"]
+default_accepted_reasons = ["PROVIDER_INITIATED_SERVICE"]
+"#
+        )),
+        ..Options::default()
+    });
+    let admin = env
+        .pki
+        .ca
+        .issue_spiffe_client("admin", ADMIN)
+        .expect("cert");
+    let b = env.start().await;
+    let mut a = b.clients_as(&admin).await;
+    create(&mut a, KEY, pb::KeyType::Aes256, pb::Algorithm::Unspecified).await;
+    let mut c = kms_client(b.kms_socket.clone().expect("kms-v2 line")).await;
+
+    let dek = random_dek(32);
+    let e = encrypt(&mut c, &dek).await.expect("encrypt while connected");
+    a.hyok
+        .disconnect(pb::HyokSwitchRequest {
+            reason: "incident 11".into(),
+        })
+        .await
+        .expect("disconnect");
+    let refused = encrypt(&mut c, &dek).await.expect_err("encrypt after disconnect");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("disconnected"), "{refused:?}");
+    let refused = decrypt(&mut c, &e.ciphertext, &e.key_id)
+        .await
+        .expect_err("decrypt after disconnect");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    // Status is a health poll, not key use: it still answers.
+    assert_eq!(status(&mut c).await.healthz, "ok");
+
+    a.hyok
+        .reconnect(pb::HyokSwitchRequest {
+            reason: "resolved".into(),
+        })
+        .await
+        .expect("reconnect");
+    assert_eq!(
+        decrypt(&mut c, &e.ciphertext, &e.key_id)
+            .await
+            .expect("decrypt after reconnect"),
+        dek
+    );
+    drop((a, c));
+    b.stop().await;
+
+    // Each refusal is in the trail, with the justification the socket carried.
+    for op in ["KmsV2Encrypt", "KmsV2Decrypt"] {
+        let denied: Vec<_> = audit_records(&env, op)
+            .into_iter()
+            .filter(|r| r["outcome"] == "PERMISSION_DENIED")
+            .collect();
+        assert_eq!(denied.len(), 1, "{op}: {denied:?}");
+        assert_eq!(denied[0]["justification"], "PROVIDER_INITIATED_SERVICE");
+        assert_eq!(denied[0]["key"], KEY);
+    }
+}
+
+#[tokio::test]
+async fn a_kms_request_past_its_deadline_is_answered_and_audited_as_such() {
+    let env = Env::with(Options {
+        sections: format!("[kms_v2]\nsocket = \"kms.sock\"\nkey = \"{KEY}\"\n"),
+        faults: true,
+        sessions: Some(2),
+        ..Options::default()
+    });
+    let b = env.start().await;
+    let mut admin = b.clients_as(&env.pki.client).await;
+    create(
+        &mut admin,
+        KEY,
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    let mut c = kms_client(b.kms_socket.clone().expect("kms-v2 line")).await;
+    // The HSM hangs in every encryption: kube-apiserver's deadline (its grpc-timeout) bounds
+    // the request, as a gRPC caller's does.
+    env.faults()
+        .set(&[hsm_fixtures::fault::Rule::hang("C_EncryptInit")])
+        .expect("rules");
+    let mut r = tonic::Request::new(kms::EncryptRequest {
+        plaintext: random_dek(32),
+        uid: "uid-late".into(),
+    });
+    r.set_timeout(std::time::Duration::from_millis(800));
+    let e = c.encrypt(r).await.expect_err("encrypt behind a hung HSM");
+    // The broker answers at 90% of the deadline; the client's own timer may fire first.
+    assert!(
+        matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{e:?}"
+    );
+    env.faults().clear().expect("rules");
+    drop((admin, c));
+    b.stop().await;
+    let late: Vec<_> = audit_records(&env, "KmsV2Encrypt")
+        .into_iter()
+        .filter(|r| r["request_id"] == "uid-late")
+        .collect();
+    assert_eq!(late.len(), 1, "{late:?}");
+    assert_eq!(late[0]["outcome"], "DEADLINE_EXCEEDED", "{late:?}");
+    // Answered at the caller's deadline, not when the HSM call's own timeout (10 s) ran out.
+    let latency = late[0]["latency_us"].as_u64().expect("latency");
+    assert!(latency < 5_000_000, "answered after {latency} µs");
+}

@@ -1,147 +1,81 @@
-//! Wrapping and unwrapping DEKs under KEK versions: every call runs a list of items in one
-//! session checkout (a single request is a list of one), each item with its own result.
+//! Wrapping and unwrapping DEKs under KEK versions. Every call runs a list of items in one
+//! session checkout on one blocking thread (a single request is a list of one): the outer
+//! error is a fault of the session or the device — the whole list is retried once on a lost
+//! session, as any call is — and each item has its own result.
+
+use cryptoki::session::Session;
 
 use super::{
-    Hsm,
+    Hsm, Inner,
+    conn::Conn,
     error::HsmError,
     ops::{self, WrapParams},
     pool::{READ, chunk_fault},
 };
 use crate::model::{Dek, VersionId};
 
+/// An unwrap: the version, its parameters, the ciphertext.
+pub type UnwrapCall = (VersionId, WrapParams, Vec<u8>);
+/// A wrap under a version with fresh parameters.
+pub type WrapUnder = (VersionId, WrapParams);
+
 impl Hsm {
-    /// Wraps a DEK under a version.
-    pub async fn wrap(
-        &self,
-        id: VersionId,
-        params: WrapParams,
-        dek: Dek,
-    ) -> Result<Vec<u8>, HsmError> {
-        self.run("wrap", READ, move |inner, conn, s| {
-            let (h, kwp) = inner.key_for(conn, s, id, &params, true)?;
-            ops::wrap(s, h, kwp, &params, &dek)
-        })
-        .await
-    }
-
-    /// Unwraps a DEK with a version.
-    pub async fn unwrap(
-        &self,
-        id: VersionId,
-        params: WrapParams,
-        ciphertext: Vec<u8>,
-    ) -> Result<Dek, HsmError> {
-        self.run("unwrap", READ, move |inner, conn, s| {
-            let (h, kwp) = inner.key_for(conn, s, id, &params, false)?;
-            ops::unwrap(s, h, kwp, &params, &ciphertext)
-        })
-        .await
-    }
-
-    /// Draws a DEK of `len` bytes from the token's RNG and wraps it, in one session checkout.
-    pub async fn generate_and_wrap(
-        &self,
-        id: VersionId,
-        params: WrapParams,
-        len: usize,
-    ) -> Result<(Dek, Vec<u8>), HsmError> {
-        self.run("generate a data key", READ, move |inner, conn, s| {
-            let (h, kwp) = inner.key_for(conn, s, id, &params, true)?;
-            let dek = ops::random(s, len)?;
-            let wrapped = ops::wrap(s, h, kwp, &params, &dek)?;
-            Ok((dek, wrapped))
-        })
-        .await
-    }
-
-    /// Unwraps with one version and wraps again with another, in one session checkout; the
-    /// DEK never leaves this call.
-    pub async fn rewrap(
-        &self,
-        from: (VersionId, WrapParams, Vec<u8>),
-        to: (VersionId, WrapParams),
-    ) -> Result<Vec<u8>, HsmError> {
-        self.run("rewrap", READ, move |inner, conn, s| {
-            let (h_from, kwp) = inner.key_for(conn, s, from.0, &from.1, false)?;
-            let dek = ops::unwrap(s, h_from, kwp, &from.1, &from.2)?;
-            let (h_to, kwp) = inner.key_for(conn, s, to.0, &to.1, true)?;
-            ops::wrap(s, h_to, kwp, &to.1, &dek)
-        })
-        .await
-    }
-
-    /// Wraps many DEKs in one session checkout (a batch chunk). The outer error is a session-
-    /// level fault (the whole chunk is retried once on a lost session); each item has its own
-    /// result.
+    /// Wraps DEKs, each under its version.
     pub async fn wrap_many(
         &self,
         items: Vec<(VersionId, WrapParams, Dek)>,
     ) -> Result<Vec<Result<Vec<u8>, HsmError>>, HsmError> {
-        self.run("wrap (batch)", READ, move |inner, conn, s| {
-            let mut out = Vec::with_capacity(items.len());
-            for (id, params, dek) in &items {
-                let r = inner
-                    .key_for(conn, s, *id, params, true)
-                    .and_then(|(h, kwp)| ops::wrap(s, h, kwp, params, dek));
-                if let Err(e) = &r
-                    && chunk_fault(e)
-                {
-                    return Err(e.clone());
-                }
-                out.push(r);
-            }
-            Ok(out)
+        self.each("wrap", items, |inner, conn, s, (id, params, dek)| {
+            let (h, kwp) = inner.key_for(conn, s, *id, params, true)?;
+            ops::wrap(s, h, kwp, params, dek)
         })
         .await
     }
 
-    /// Unwraps many ciphertexts in one session checkout, as [`Hsm::wrap_many`].
+    /// Unwraps ciphertexts, each with its version.
     pub async fn unwrap_many(
         &self,
-        items: Vec<(VersionId, WrapParams, Vec<u8>)>,
+        items: Vec<UnwrapCall>,
     ) -> Result<Vec<Result<Dek, HsmError>>, HsmError> {
-        self.run("unwrap (batch)", READ, move |inner, conn, s| {
-            let mut out = Vec::with_capacity(items.len());
-            for (id, params, ct) in &items {
-                let r = inner
-                    .key_for(conn, s, *id, params, false)
-                    .and_then(|(h, kwp)| ops::unwrap(s, h, kwp, params, ct));
-                if let Err(e) = &r
-                    && chunk_fault(e)
-                {
-                    return Err(e.clone());
-                }
-                out.push(r);
-            }
-            Ok(out)
+        self.each("unwrap", items, |inner, conn, s, (id, params, ct)| {
+            unwrap_one(inner, conn, s, *id, params, ct)
         })
         .await
     }
 
-    /// Draws and wraps many DEKs in one session checkout, as [`Hsm::wrap_many`].
+    /// Draws DEKs of the given lengths from the token's RNG and wraps each.
     pub async fn generate_many(
         &self,
         items: Vec<(VersionId, WrapParams, usize)>,
     ) -> Result<Vec<Result<(Dek, Vec<u8>), HsmError>>, HsmError> {
-        self.run("generate data keys (batch)", READ, move |inner, conn, s| {
-            let mut out = Vec::with_capacity(items.len());
-            for (id, params, len) in &items {
-                let r = inner
-                    .key_for(conn, s, *id, params, true)
-                    .and_then(|(h, kwp)| {
-                        let dek = ops::random(s, *len)?;
-                        let ct = ops::wrap(s, h, kwp, params, &dek)?;
-                        Ok((dek, ct))
-                    });
-                if let Err(e) = &r
-                    && chunk_fault(e)
-                {
-                    return Err(e.clone());
-                }
-                out.push(r);
-            }
-            Ok(out)
-        })
+        self.each(
+            "generate a data key",
+            items,
+            |inner, conn, s, (id, params, len)| {
+                let (h, kwp) = inner.key_for(conn, s, *id, params, true)?;
+                let dek = ops::random(s, *len)?;
+                let ct = ops::wrap(s, h, kwp, params, &dek)?;
+                Ok((dek, ct))
+            },
+        )
+        .await
+    }
+
+    /// Unwraps each ciphertext with one version and wraps its DEK again with another; the DEK
+    /// never leaves the call.
+    pub async fn rewrap_many(
+        &self,
+        items: Vec<(UnwrapCall, WrapUnder)>,
+    ) -> Result<Vec<Result<Vec<u8>, HsmError>>, HsmError> {
+        self.each(
+            "rewrap",
+            items,
+            |inner, conn, s, ((from, from_params, ct), (to, to_params))| {
+                let dek = unwrap_one(inner, conn, s, *from, from_params, ct)?;
+                let (h, kwp) = inner.key_for(conn, s, *to, to_params, true)?;
+                ops::wrap(s, h, kwp, to_params, &dek)
+            },
+        )
         .await
     }
 
@@ -152,4 +86,51 @@ impl Hsm {
         })
         .await
     }
+
+    /// Runs `f` on every item in order, in one session checkout. A fault that is really about
+    /// the session or the device ends the list with that fault (see [`chunk_fault`]), so that
+    /// the session is evicted (and the list retried once), the handles re-found, or the device
+    /// recovered — as for one call. The items that failed on their own are told to the metrics.
+    async fn each<I, T>(
+        &self,
+        what: &'static str,
+        items: Vec<I>,
+        f: impl Fn(&Inner, &Conn, &Session, &I) -> Result<T, HsmError> + Send + 'static,
+    ) -> Result<Vec<Result<T, HsmError>>, HsmError>
+    where
+        I: Send + 'static,
+        T: Send + 'static,
+    {
+        let out = self
+            .run(what, READ, move |inner, conn, s| {
+                let mut out = Vec::with_capacity(items.len());
+                for item in &items {
+                    let r = f(inner, conn, s, item);
+                    if let Err(e) = &r
+                        && chunk_fault(e)
+                    {
+                        return Err(e.clone());
+                    }
+                    out.push(r);
+                }
+                Ok(out)
+            })
+            .await;
+        if let Ok(items) = &out {
+            self.inner.observe_items(what, items);
+        }
+        out
+    }
+}
+
+fn unwrap_one(
+    inner: &Inner,
+    conn: &Conn,
+    s: &Session,
+    id: VersionId,
+    params: &WrapParams,
+    ct: &[u8],
+) -> Result<Dek, HsmError> {
+    let (h, kwp) = inner.key_for(conn, s, id, params, false)?;
+    ops::unwrap(s, h, kwp, params, ct)
 }

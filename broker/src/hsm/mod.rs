@@ -238,6 +238,10 @@ pub trait HsmObserver: Send + Sync {
     /// `operation` is the pool operation (`"wrap"`, `"unwrap"`, `"health probe"`, ...);
     /// `fault` is `None` on success.
     fn hsm_call(&self, operation: &'static str, elapsed: Duration, fault: Option<FaultKind>);
+
+    /// One item of a call over several items failed with `fault` (the call itself succeeded:
+    /// its duration was told to [`HsmObserver::hsm_call`]).
+    fn hsm_item_fault(&self, operation: &'static str, fault: FaultKind);
 }
 
 /// A handle to the HSM: cheap to clone, shared by every request.

@@ -219,6 +219,15 @@ impl Hsm {
 }
 
 impl Inner {
+    /// Tells the metrics hook about the items of a call over several items that failed.
+    pub(super) fn observe_items<T>(&self, what: &'static str, items: &[Result<T, HsmError>]) {
+        if let Some(o) = self.observer.get() {
+            for e in items.iter().filter_map(|r| r.as_ref().err()) {
+                o.hsm_item_fault(what, e.kind);
+            }
+        }
+    }
+
     /// Tells the metrics hook about one call that got a session.
     pub(super) fn observe<T>(
         &self,

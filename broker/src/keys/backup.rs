@@ -29,6 +29,7 @@ use crate::{
     },
     keys::{KeyEntry, KeyState, Keyring, Lifecycle, VersionEntry, blocking},
     model::{Algorithm, KeyAttributes, KeyName, KeyType, MAX_VERSIONS, Origin, VersionId, now_ms},
+    policy::{Grant, Permission},
     store::RestoredKey,
 };
 
@@ -242,7 +243,8 @@ fn refused(why: String) -> BrokerError {
 impl Keyring {
     /// `BackupKey`: every version of a live key, wrapped under the security domain, with its
     /// attributes, MACed by the domain.
-    pub async fn backup(&self, name: &KeyName, by: &str) -> Result<Made, BrokerError> {
+    pub async fn backup(&self, grant: &Grant, by: &str) -> Result<Made, BrokerError> {
+        let name = grant.key_for(Permission::Backup)?;
         // Serialised with rotation, trim and purge: the blob is one consistent state of the key.
         let _w = self.write().await?;
         let k = self.get_live(name)?;
@@ -303,7 +305,8 @@ impl Keyring {
     /// crash-safe: every version is recorded pending first and committed in one transaction
     /// after all objects exist and passed their checks; a crash in between is rolled back at
     /// the next start.
-    pub async fn restore(&self, blob: &[u8]) -> Result<Arc<KeyEntry>, BrokerError> {
+    pub async fn restore(&self, grant: &Grant, blob: &[u8]) -> Result<Arc<KeyEntry>, BrokerError> {
+        let granted = grant.key_for(Permission::Restore)?;
         let p = parse(blob)?;
         let ours = self
             .hsm
@@ -340,6 +343,13 @@ impl Keyring {
         attributes.purge_protection |= self.settings.purge_protection;
         attributes.validate()?;
         let name = plan.name;
+        if name != *granted {
+            // The grant was made for the name read before the MAC was checked; a blob whose
+            // authenticated name differs was tampered with.
+            return Err(BrokerError::invalid(
+                "the backup blob failed authentication: it was changed after BackupKey made it",
+            ));
+        }
         let _w = self.write().await?;
         self.name_free(&name)?;
         {

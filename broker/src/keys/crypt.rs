@@ -1,19 +1,583 @@
 //! The data plane in domain terms: wrap, generate, unwrap and rewrap DEKs, and read an RSA
-//! version's public half. Reads the in-memory maps under a read lock and makes exactly one HSM
-//! call; never touches the store or searches the token.
+//! version's public half.
+//!
+//! **A single call is a batch of one**: every operation takes a list of items, checks each one
+//! on its own (a bad item fails alone), then splits the good ones into as many chunks as the
+//! pool has sessions and runs each chunk in one session checkout on one blocking thread (see
+//! `hsm::crypt`) — one code path from the request pipeline to the HSM, whatever the number of
+//! items (as Vault's transit engine does it).
+//!
+//! Every item carries the [`Grant`] the pipeline made for its key; an unwrap learns its key from
+//! the envelope first ([`Keyring::resolve`]), so the pipeline authorises after resolving.
+//!
+//! The hot path reads the in-memory maps under a read lock and makes one HSM call per chunk; it
+//! never touches the store or searches the token.
 
-use std::sync::Arc;
+use std::{future::Future, sync::Arc};
+
+use futures_util::future::join_all;
 
 use super::{KeyEntry, Keyring, PublicKeyInfo, Unwrapped, VersionEntry, Wrapped};
 use crate::{
     envelope::{self, GCM_IV_LEN},
     error::BrokerError,
-    hsm::WrapParams,
+    hsm::{HsmError, WrapParams},
     model::{
         Algorithm, DEFAULT_DEK_LEN, Dek, KeyName, KeyOp, MAX_AAD_LEN, VersionId, check_dek_len,
         now_ms,
     },
+    policy::{Grant, Permission},
 };
+
+/// The most items in one batch.
+pub const MAX_BATCH: usize = 1000;
+
+/// A DEK to wrap under the newest version of the granted key (permission `wrap`).
+pub struct WrapItem {
+    /// The grant to wrap with the key.
+    pub grant: Grant,
+    /// The DEK.
+    pub dek: Dek,
+    /// The caller's AAD (AES-256-GCM keys only).
+    pub aad: Vec<u8>,
+}
+
+/// A DEK to draw from the HSM's RNG and wrap (permission `wrap`).
+pub struct GenerateItem {
+    /// The grant to wrap with the key.
+    pub grant: Grant,
+    /// The DEK's length in bytes (0: the default, 32).
+    pub len: usize,
+    /// The caller's AAD.
+    pub aad: Vec<u8>,
+}
+
+/// What a caller sends to be unwrapped.
+pub enum Ciphertext {
+    /// A keybroker envelope (it names its key version).
+    Envelope(Vec<u8>),
+    /// A raw RSA-OAEP block made with an exported public key: the caller names the key (and
+    /// here the version and algorithm).
+    Raw {
+        /// The key version (from `GetPublicKey`).
+        version: u32,
+        /// RSA-OAEP with SHA-256 or SHA-1.
+        algorithm: Algorithm,
+        /// One modulus-sized block.
+        ciphertext: Vec<u8>,
+    },
+}
+
+/// A ciphertext to unwrap, before its key is known.
+pub struct UnwrapInput {
+    /// The key the caller says it belongs to (required for a raw ciphertext).
+    pub expected: Option<KeyName>,
+    /// The ciphertext.
+    pub ciphertext: Ciphertext,
+    /// The caller's AAD.
+    pub aad: Vec<u8>,
+}
+
+/// A ciphertext whose key and version are known: authorise [`Resolved::key`], then unwrap.
+pub struct Resolved {
+    entry: Arc<KeyEntry>,
+    version: VersionEntry,
+    params: WrapParams,
+    ciphertext: Vec<u8>,
+    aad: Vec<u8>,
+    raw: bool,
+}
+
+impl Resolved {
+    /// The key the ciphertext belongs to.
+    pub fn key(&self) -> &KeyName {
+        &self.entry.name
+    }
+}
+
+/// A resolved ciphertext and the grant to unwrap with its key.
+pub struct UnwrapItem {
+    /// The ciphertext.
+    pub resolved: Resolved,
+    /// The grant (permission `unwrap`) on [`Resolved::key`].
+    pub grant: Grant,
+}
+
+/// A resolved ciphertext to unwrap and wrap again under the newest version of `destination`
+/// (the same key, or another), inside the HSM: the DEK never leaves the call.
+pub struct RewrapItem {
+    /// The ciphertext.
+    pub source: Resolved,
+    /// The grant (permission `unwrap`) on the source key.
+    pub source_grant: Grant,
+    /// The grant (permission `wrap`) on the destination key.
+    pub destination: Grant,
+    /// The AAD to bind the new envelope to (`None`: the same as the source's).
+    pub new_aad: Option<Vec<u8>>,
+}
+
+/// The result of a rewrap: the new envelope and the source version it came from.
+pub struct Rewrapped {
+    /// The new envelope.
+    pub wrapped: Wrapped,
+    /// The version of the source key that unwrapped.
+    pub source_version: u32,
+}
+
+/// One checked item on its way to the HSM: where its result goes, what the result needs
+/// (`meta`), and the HSM call's input.
+type Work<M, I> = (usize, M, I);
+
+/// What a wrap needs after the HSM call.
+struct Sealing {
+    entry: Arc<KeyEntry>,
+    version: VersionEntry,
+    header: Vec<u8>,
+}
+
+impl Sealing {
+    fn seal(self, ciphertext: &[u8]) -> Wrapped {
+        Wrapped {
+            envelope: envelope::seal(self.header, ciphertext),
+            key: self.entry.name.clone(),
+            version: self.version.number,
+            version_id: self.version.id,
+            algorithm: self.entry.algorithm,
+        }
+    }
+}
+
+impl Keyring {
+    /// Wraps caller-supplied DEKs, each under the newest version of its granted key.
+    pub async fn wrap(&self, items: Vec<WrapItem>) -> Vec<Result<Wrapped, BrokerError>> {
+        let now = now_ms();
+        let mut results = empty(items.len());
+        let mut work = Vec::with_capacity(items.len());
+        for (index, item) in items.into_iter().enumerate() {
+            match self.prepare_wrap(&item.grant, KeyOp::Wrap, item.dek.len(), &item.aad, now) {
+                Ok((sealing, params)) => {
+                    let id = sealing.version.id;
+                    work.push((index, sealing, (id, params, item.dek)));
+                }
+                Err(e) => results[index] = Some(Err(e)),
+            }
+        }
+        self.in_chunks(
+            &mut results,
+            work,
+            |calls| self.hsm.wrap_many(calls),
+            |sealing: Sealing, ct: Vec<u8>| {
+                self.bump(sealing.version.id, true);
+                Ok(sealing.seal(&ct))
+            },
+        )
+        .await;
+        finish(results)
+    }
+
+    /// Draws DEKs from the HSM's RNG and wraps each under the newest version of its key.
+    pub async fn generate(
+        &self,
+        items: Vec<GenerateItem>,
+    ) -> Vec<Result<(Dek, Wrapped), BrokerError>> {
+        let now = now_ms();
+        let mut results = empty(items.len());
+        let mut work = Vec::with_capacity(items.len());
+        for (index, item) in items.into_iter().enumerate() {
+            let len = if item.len == 0 {
+                DEFAULT_DEK_LEN
+            } else {
+                item.len
+            };
+            match self.prepare_wrap(&item.grant, KeyOp::GenerateDataKey, len, &item.aad, now) {
+                Ok((sealing, params)) => {
+                    let id = sealing.version.id;
+                    work.push((index, sealing, (id, params, len)));
+                }
+                Err(e) => results[index] = Some(Err(e)),
+            }
+        }
+        self.in_chunks(
+            &mut results,
+            work,
+            |calls| self.hsm.generate_many(calls),
+            |sealing: Sealing, (dek, ct): (Dek, Vec<u8>)| {
+                self.bump(sealing.version.id, true);
+                Ok((dek, sealing.seal(&ct)))
+            },
+        )
+        .await;
+        finish(results)
+    }
+
+    /// The checks before a wrap (or generate) of a `len`-byte DEK under `grant`'s key, and
+    /// fresh parameters for the HSM.
+    fn prepare_wrap(
+        &self,
+        grant: &Grant,
+        op: KeyOp,
+        len: usize,
+        aad: &[u8],
+        now: i64,
+    ) -> Result<(Sealing, WrapParams), BrokerError> {
+        let name = grant.key_for(Permission::Wrap)?;
+        check_dek_len(len)?;
+        let entry = self.get(name)?;
+        check_aad(&entry, aad)?;
+        let version = entry.current()?.clone();
+        entry.check(op, &version, now)?;
+        let (params, header) = new_params(entry.algorithm, version.id, aad)?;
+        Ok((
+            Sealing {
+                entry,
+                version,
+                header,
+            },
+            params,
+        ))
+    }
+
+    /// Finds the key and version of each ciphertext (an envelope names its version; a raw
+    /// ciphertext names its key and version), checking it against the key the caller expected.
+    /// A version this replica does not know makes it check the shared store first (once for
+    /// the list). Every mismatch of an envelope is [`BrokerError::Unauthentic`].
+    pub async fn resolve(&self, items: Vec<UnwrapInput>) -> Vec<Result<Resolved, BrokerError>> {
+        // A version unknown here may be another replica's newest: one refresh for the list.
+        let unknown = items
+            .iter()
+            .filter_map(|i| match &i.ciphertext {
+                Ciphertext::Envelope(b) => envelope::parse(b).ok().map(|e| e.version),
+                Ciphertext::Raw { .. } => None,
+            })
+            .find(|v| !self.knows_version(*v));
+        if let Some(v) = unknown
+            && let Err(e) = self.ensure_known(v).await
+        {
+            return items.iter().map(|_| Err(e.clone())).collect();
+        }
+        items.into_iter().map(|i| self.resolve_one(i)).collect()
+    }
+
+    fn resolve_one(&self, item: UnwrapInput) -> Result<Resolved, BrokerError> {
+        let UnwrapInput {
+            expected,
+            ciphertext,
+            aad,
+        } = item;
+        if aad.len() > MAX_AAD_LEN {
+            return Err(BrokerError::invalid(format!(
+                "aad is longer than {MAX_AAD_LEN} bytes"
+            )));
+        }
+        match ciphertext {
+            Ciphertext::Envelope(bytes) => {
+                if let Some(name) = &expected {
+                    self.get(name)?;
+                }
+                let env = envelope::parse(&bytes)?;
+                let (entry, version) = self.find_version(expected.as_ref(), &env, &aad)?;
+                let params = params_for(&env, &aad)?;
+                let ciphertext = env.ciphertext.to_vec();
+                Ok(Resolved {
+                    entry,
+                    version,
+                    params,
+                    ciphertext,
+                    aad,
+                    raw: false,
+                })
+            }
+            Ciphertext::Raw {
+                version,
+                algorithm,
+                ciphertext,
+            } => {
+                let name = expected
+                    .ok_or_else(|| BrokerError::invalid("key is required with a raw ciphertext"))?;
+                let entry = self.get(&name)?;
+                if !algorithm.is_rsa() {
+                    return Err(BrokerError::invalid(
+                        "a raw ciphertext must name RSA_OAEP_SHA256 or RSA_OAEP_SHA1",
+                    ));
+                }
+                if entry.algorithm != algorithm {
+                    return Err(BrokerError::invalid(format!(
+                        "key {name} uses {}; a raw ciphertext for it must use the same algorithm",
+                        entry.algorithm
+                    )));
+                }
+                if version == 0 {
+                    return Err(BrokerError::invalid(
+                        "a raw ciphertext must name its key version (from GetPublicKey)",
+                    ));
+                }
+                let v = entry.version(version).cloned().ok_or_else(|| {
+                    BrokerError::NotFound(format!("key {name} has no version {version}"))
+                })?;
+                let params = if algorithm == Algorithm::RsaOaepSha1 {
+                    WrapParams::OaepSha1
+                } else {
+                    WrapParams::OaepSha256
+                };
+                Ok(Resolved {
+                    entry,
+                    version: v,
+                    params,
+                    ciphertext,
+                    aad,
+                    raw: true,
+                })
+            }
+        }
+    }
+
+    /// The key and version an envelope names, checked against `expected` (if the caller named
+    /// a key). Every mismatch is [`BrokerError::Unauthentic`].
+    fn find_version(
+        &self,
+        expected: Option<&KeyName>,
+        env: &envelope::Envelope<'_>,
+        aad: &[u8],
+    ) -> Result<(Arc<KeyEntry>, VersionEntry), BrokerError> {
+        let found = self
+            .versions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&env.version)
+            .cloned();
+        let Some((name, number)) = found else {
+            return Err(BrokerError::Unauthentic);
+        };
+        if expected.is_some_and(|e| *e != name) {
+            return Err(BrokerError::Unauthentic);
+        }
+        let entry = self.get(&name)?;
+        if entry.algorithm != env.algorithm || (!aad.is_empty() && !env.algorithm.supports_aad()) {
+            return Err(BrokerError::Unauthentic);
+        }
+        let v = entry
+            .version(number)
+            .cloned()
+            .ok_or(BrokerError::Unauthentic)?;
+        Ok((entry, v))
+    }
+
+    /// Unwraps resolved ciphertexts.
+    pub async fn unwrap(&self, items: Vec<UnwrapItem>) -> Vec<Result<Unwrapped, BrokerError>> {
+        let now = now_ms();
+        let mut results = empty(items.len());
+        let mut work = Vec::with_capacity(items.len());
+        for (index, item) in items.into_iter().enumerate() {
+            let UnwrapItem { resolved: r, grant } = item;
+            match check_unwrap(&grant, &r, KeyOp::Unwrap, now) {
+                Ok(()) => work.push((
+                    index,
+                    (r.entry, r.version.clone(), r.raw),
+                    (r.version.id, r.params, r.ciphertext),
+                )),
+                Err(e) => results[index] = Some(Err(e)),
+            }
+        }
+        self.in_chunks(
+            &mut results,
+            work,
+            |calls| self.hsm.unwrap_many(calls),
+            |(entry, version, raw): (Arc<KeyEntry>, VersionEntry, bool), dek: Dek| {
+                // An envelope holds a DEK of a length keybroker accepts; a raw RSA block
+                // whatever the caller's library put in it.
+                let plausible = if raw {
+                    !dek.is_empty()
+                } else {
+                    check_dek_len(dek.len()).is_ok()
+                };
+                if !plausible {
+                    return Err(BrokerError::Unauthentic);
+                }
+                self.bump(version.id, false);
+                Ok(Unwrapped {
+                    dek,
+                    key: entry.name.clone(),
+                    version: version.number,
+                    version_id: version.id,
+                    algorithm: entry.algorithm,
+                })
+            },
+        )
+        .await;
+        finish(results)
+    }
+
+    /// Unwraps resolved envelopes and wraps their DEKs again, each in one HSM call.
+    pub async fn rewrap(&self, items: Vec<RewrapItem>) -> Vec<Result<Rewrapped, BrokerError>> {
+        let now = now_ms();
+        let mut results = empty(items.len());
+        let mut work = Vec::with_capacity(items.len());
+        for (index, item) in items.into_iter().enumerate() {
+            let prepared = check_unwrap(&item.source_grant, &item.source, KeyOp::Rewrap, now)
+                .and_then(|()| {
+                    let out_aad = item.new_aad.as_deref().unwrap_or(&item.source.aad);
+                    let name = item.destination.key_for(Permission::Wrap)?;
+                    let entry = self.get(name)?;
+                    check_aad(&entry, out_aad)?;
+                    let version = entry.current()?.clone();
+                    entry.check(KeyOp::Wrap, &version, now)?;
+                    let (params, header) = new_params(entry.algorithm, version.id, out_aad)?;
+                    Ok((
+                        Sealing {
+                            entry,
+                            version,
+                            header,
+                        },
+                        params,
+                    ))
+                });
+            match prepared {
+                Ok((sealing, to)) => {
+                    let s = item.source;
+                    let meta = (sealing, s.version.id, s.version.number);
+                    let call = (
+                        (s.version.id, s.params, s.ciphertext),
+                        (meta.0.version.id, to),
+                    );
+                    work.push((index, meta, call));
+                }
+                Err(e) => results[index] = Some(Err(e)),
+            }
+        }
+        self.in_chunks(
+            &mut results,
+            work,
+            |calls| self.hsm.rewrap_many(calls),
+            |(sealing, source_id, source_version): (Sealing, VersionId, u32), ct: Vec<u8>| {
+                self.bump(source_id, false);
+                self.bump(sealing.version.id, true);
+                Ok(Rewrapped {
+                    wrapped: sealing.seal(&ct),
+                    source_version,
+                })
+            },
+        )
+        .await;
+        finish(results)
+    }
+
+    /// Runs checked items through the HSM in as many chunks as the pool has sessions, each
+    /// chunk in one session checkout (`call`), and puts each item's outcome (`done` with its
+    /// `meta` and the HSM's answer) in its place. A fault of the session or device fails the
+    /// whole chunk, each item with it.
+    async fn in_chunks<M, I, O, T, C, F>(
+        &self,
+        results: &mut [Option<Result<T, BrokerError>>],
+        work: Vec<Work<M, I>>,
+        call: C,
+        mut done: impl FnMut(M, O) -> Result<T, BrokerError>,
+    ) where
+        C: Fn(Vec<I>) -> F,
+        F: Future<Output = Result<Vec<Result<O, HsmError>>, HsmError>>,
+    {
+        if work.is_empty() {
+            return;
+        }
+        let runs = chunks(work, self.hsm.sessions()).into_iter().map(|chunk| {
+            let (metas, inputs): (Vec<_>, Vec<_>) =
+                chunk.into_iter().map(|(i, m, x)| ((i, m), x)).unzip();
+            let answer = call(inputs);
+            async move { (answer.await, metas) }
+        });
+        for (answer, metas) in join_all(runs).await {
+            match answer {
+                Err(e) => {
+                    let e = BrokerError::from(e);
+                    for (index, _) in metas {
+                        results[index] = Some(Err(e.clone()));
+                    }
+                }
+                Ok(outs) => {
+                    for ((index, meta), out) in metas.into_iter().zip(outs) {
+                        results[index] =
+                            Some(out.map_err(BrokerError::from).and_then(|o| done(meta, o)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The public key of an RSA key version (0 = newest).
+    pub async fn public_key(
+        &self,
+        grant: &Grant,
+        version: u32,
+    ) -> Result<PublicKeyInfo, BrokerError> {
+        let name = grant.key_for(Permission::ReadMetadata)?;
+        let entry = self.get(name)?;
+        if !entry.key_type.is_rsa() {
+            return Err(BrokerError::precondition(format!(
+                "key {name} is {}: only RSA keys have a public key",
+                entry.key_type.as_str()
+            )));
+        }
+        entry.usable()?;
+        let v = if version == 0 {
+            entry.current()?.clone()
+        } else {
+            entry.version(version).cloned().ok_or_else(|| {
+                BrokerError::NotFound(format!("key {name} has no version {version}"))
+            })?
+        };
+        let pk = self.hsm.public_key(v.id).await.map_err(BrokerError::from)?;
+        Ok(PublicKeyInfo {
+            key: entry.name.clone(),
+            version: v.number,
+            version_id: v.id,
+            algorithm: entry.algorithm,
+            modulus: pk.modulus,
+            exponent: pk.exponent,
+        })
+    }
+}
+
+/// The checks before unwrapping `r` for `op`: the grant is for its key, and the key may
+/// unwrap with its version now.
+fn check_unwrap(grant: &Grant, r: &Resolved, op: KeyOp, now: i64) -> Result<(), BrokerError> {
+    if grant.key_for(Permission::Unwrap)? != r.key() {
+        return Err(BrokerError::internal(format!(
+            "a grant on key {} used for key {}",
+            grant.key(),
+            r.key()
+        )));
+    }
+    r.entry.check(op, &r.version, now)?;
+    if r.raw {
+        let bits = r.entry.key_type.rsa_bits().unwrap_or(0) as usize;
+        if r.ciphertext.len() != bits / 8 {
+            return Err(BrokerError::Unauthentic);
+        }
+    }
+    Ok(())
+}
+
+fn empty<T>(n: usize) -> Vec<Option<Result<T, BrokerError>>> {
+    (0..n).map(|_| None).collect()
+}
+
+fn finish<T>(results: Vec<Option<Result<T, BrokerError>>>) -> Vec<Result<T, BrokerError>> {
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(BrokerError::internal("batch item without a result"))))
+        .collect()
+}
+
+/// Splits `work` into at most `n` contiguous chunks.
+fn chunks<T>(mut work: Vec<T>, n: usize) -> Vec<Vec<T>> {
+    let n = n.clamp(1, work.len().max(1));
+    let per = work.len().div_ceil(n);
+    let mut out = Vec::with_capacity(n);
+    while !work.is_empty() {
+        let rest = work.split_off(per.min(work.len()));
+        out.push(std::mem::replace(&mut work, rest));
+    }
+    out
+}
 
 pub(crate) fn check_aad(entry: &KeyEntry, aad: &[u8]) -> Result<(), BrokerError> {
     if aad.len() > MAX_AAD_LEN {
@@ -73,275 +637,16 @@ pub(crate) fn params_for(
     })
 }
 
-impl Keyring {
-    /// Wraps a caller-supplied DEK under the newest version of `name`.
-    pub async fn wrap(&self, name: &KeyName, dek: Dek, aad: &[u8]) -> Result<Wrapped, BrokerError> {
-        check_dek_len(dek.len())?;
-        let entry = self.get(name)?;
-        check_aad(&entry, aad)?;
-        let v = entry.current()?;
-        entry.check(KeyOp::Wrap, v, now_ms())?;
-        let (params, header) = new_params(entry.algorithm, v.id, aad)?;
-        let ct = self
-            .hsm
-            .wrap(v.id, params, dek)
-            .await
-            .map_err(BrokerError::from)?;
-        self.bump(v.id, true);
-        Ok(Wrapped {
-            envelope: envelope::seal(header, &ct),
-            key: entry.name.clone(),
-            version: v.number,
-            algorithm: entry.algorithm,
-        })
-    }
+#[cfg(test)]
+mod tests {
+    use super::chunks;
 
-    /// Draws a DEK from the HSM's RNG and wraps it under the newest version of `name`.
-    pub async fn generate_data_key(
-        &self,
-        name: &KeyName,
-        len: usize,
-        aad: &[u8],
-    ) -> Result<(Dek, Wrapped), BrokerError> {
-        let len = if len == 0 { DEFAULT_DEK_LEN } else { len };
-        check_dek_len(len)?;
-        let entry = self.get(name)?;
-        check_aad(&entry, aad)?;
-        let v = entry.current()?;
-        entry.check(KeyOp::GenerateDataKey, v, now_ms())?;
-        let (params, header) = new_params(entry.algorithm, v.id, aad)?;
-        let (dek, ct) = self
-            .hsm
-            .generate_and_wrap(v.id, params, len)
-            .await
-            .map_err(BrokerError::from)?;
-        self.bump(v.id, true);
-        Ok((
-            dek,
-            Wrapped {
-                envelope: envelope::seal(header, &ct),
-                key: entry.name.clone(),
-                version: v.number,
-                algorithm: entry.algorithm,
-            },
-        ))
-    }
-
-    /// Resolves an envelope to its key and version, checking it against `expected` (if the
-    /// caller named a key). Every mismatch is [`BrokerError::Unauthentic`].
-    pub(crate) fn resolve<'a>(
-        &self,
-        expected: Option<&KeyName>,
-        env: &envelope::Envelope<'a>,
-        aad: &[u8],
-    ) -> Result<(Arc<KeyEntry>, VersionEntry), BrokerError> {
-        let found = self
-            .versions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&env.version)
-            .cloned();
-        let Some((name, number)) = found else {
-            return Err(BrokerError::Unauthentic);
-        };
-        if expected.is_some_and(|e| *e != name) {
-            return Err(BrokerError::Unauthentic);
+    #[test]
+    fn chunks_cover_everything_in_order() {
+        for (n, k) in [(0usize, 4usize), (1, 4), (7, 3), (100, 8), (5, 10)] {
+            let c = chunks((0..n).collect::<Vec<_>>(), k);
+            assert!(c.len() <= k.max(1));
+            assert_eq!(c.concat(), (0..n).collect::<Vec<_>>());
         }
-        let entry = self.get(&name)?;
-        if entry.algorithm != env.algorithm || (!aad.is_empty() && !env.algorithm.supports_aad()) {
-            return Err(BrokerError::Unauthentic);
-        }
-        let v = entry
-            .version(number)
-            .cloned()
-            .ok_or(BrokerError::Unauthentic)?;
-        Ok((entry, v))
-    }
-
-    /// Unwraps an envelope.
-    ///
-    /// `authorize` is called with the key the envelope belongs to, after it is known and before
-    /// the HSM is asked: policy is decided at the edge, but only the envelope names the key.
-    pub async fn unwrap(
-        &self,
-        expected: Option<&KeyName>,
-        envelope_bytes: &[u8],
-        aad: &[u8],
-        authorize: impl FnOnce(&KeyName) -> Result<(), BrokerError>,
-    ) -> Result<Unwrapped, BrokerError> {
-        if aad.len() > MAX_AAD_LEN {
-            return Err(BrokerError::invalid(format!(
-                "aad is longer than {MAX_AAD_LEN} bytes"
-            )));
-        }
-        if let Some(name) = expected {
-            self.get(name)?;
-        }
-        let env = envelope::parse(envelope_bytes)?;
-        self.ensure_known(env.version).await?;
-        let (entry, v) = self.resolve(expected, &env, aad)?;
-        authorize(&entry.name)?;
-        entry.check(KeyOp::Unwrap, &v, now_ms())?;
-        let params = params_for(&env, aad)?;
-        let dek = self
-            .hsm
-            .unwrap(v.id, params, env.ciphertext.to_vec())
-            .await
-            .map_err(BrokerError::from)?;
-        if check_dek_len(dek.len()).is_err() {
-            return Err(BrokerError::Unauthentic);
-        }
-        self.bump(v.id, false);
-        Ok(Unwrapped {
-            dek,
-            key: entry.name.clone(),
-            version: v.number,
-            algorithm: entry.algorithm,
-        })
-    }
-
-    /// Unwraps a raw RSA-OAEP ciphertext made with an exported public key.
-    pub async fn unwrap_raw(
-        &self,
-        name: &KeyName,
-        version: u32,
-        algorithm: Algorithm,
-        ciphertext: &[u8],
-    ) -> Result<Unwrapped, BrokerError> {
-        let entry = self.get(name)?;
-        if !algorithm.is_rsa() {
-            return Err(BrokerError::invalid(
-                "a raw ciphertext must name RSA_OAEP_SHA256 or RSA_OAEP_SHA1",
-            ));
-        }
-        if entry.algorithm != algorithm {
-            return Err(BrokerError::invalid(format!(
-                "key {name} uses {}; a raw ciphertext for it must use the same algorithm",
-                entry.algorithm
-            )));
-        }
-        let bits = entry.key_type.rsa_bits().unwrap_or(0) as usize;
-        if version == 0 {
-            return Err(BrokerError::invalid(
-                "a raw ciphertext must name its key version (from GetPublicKey)",
-            ));
-        }
-        let v = entry
-            .version(version)
-            .cloned()
-            .ok_or_else(|| BrokerError::NotFound(format!("key {name} has no version {version}")))?;
-        entry.check(KeyOp::Unwrap, &v, now_ms())?;
-        if ciphertext.len() != bits / 8 {
-            return Err(BrokerError::Unauthentic);
-        }
-        let params = if algorithm == Algorithm::RsaOaepSha1 {
-            WrapParams::OaepSha1
-        } else {
-            WrapParams::OaepSha256
-        };
-        let dek = self
-            .hsm
-            .unwrap(v.id, params, ciphertext.to_vec())
-            .await
-            .map_err(BrokerError::from)?;
-        if dek.is_empty() {
-            return Err(BrokerError::Unauthentic);
-        }
-        self.bump(v.id, false);
-        Ok(Unwrapped {
-            dek,
-            key: entry.name.clone(),
-            version: v.number,
-            algorithm,
-        })
-    }
-
-    /// Unwraps an envelope and wraps its DEK under the newest version of `destination` (or of
-    /// the same key), with `new_aad` if given.
-    ///
-    /// `authorize_source` and `authorize_destination` are called with the two keys before the
-    /// HSM is asked (as in [`Keyring::unwrap`]).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn rewrap(
-        &self,
-        expected: Option<&KeyName>,
-        envelope_bytes: &[u8],
-        aad: &[u8],
-        destination: Option<&KeyName>,
-        new_aad: Option<&[u8]>,
-        authorize_source: impl FnOnce(&KeyName) -> Result<(), BrokerError>,
-        authorize_destination: impl FnOnce(&KeyName) -> Result<(), BrokerError>,
-    ) -> Result<(Wrapped, u32), BrokerError> {
-        if aad.len() > MAX_AAD_LEN {
-            return Err(BrokerError::invalid(format!(
-                "aad is longer than {MAX_AAD_LEN} bytes"
-            )));
-        }
-        if let Some(name) = expected {
-            self.get(name)?;
-        }
-        let env = envelope::parse(envelope_bytes)?;
-        self.ensure_known(env.version).await?;
-        let (src, sv) = self.resolve(expected, &env, aad)?;
-        authorize_source(&src.name)?;
-        let now = now_ms();
-        src.check(KeyOp::Rewrap, &sv, now)?;
-        let dst_name = destination.cloned().unwrap_or_else(|| src.name.clone());
-        authorize_destination(&dst_name)?;
-        let dst = self.get(&dst_name)?;
-        let out_aad = new_aad.unwrap_or(aad);
-        check_aad(&dst, out_aad)?;
-        let dv = dst.current()?;
-        dst.check(KeyOp::Wrap, dv, now)?;
-        let from = params_for(&env, aad)?;
-        let (to, header) = new_params(dst.algorithm, dv.id, out_aad)?;
-        let ct = self
-            .hsm
-            .rewrap((sv.id, from, env.ciphertext.to_vec()), (dv.id, to))
-            .await
-            .map_err(BrokerError::from)?;
-        self.bump(sv.id, false);
-        self.bump(dv.id, true);
-        Ok((
-            Wrapped {
-                envelope: envelope::seal(header, &ct),
-                key: dst.name.clone(),
-                version: dv.number,
-                algorithm: dst.algorithm,
-            },
-            sv.number,
-        ))
-    }
-
-    /// The public key of an RSA key version (0 = newest).
-    pub async fn public_key(
-        &self,
-        name: &KeyName,
-        version: u32,
-    ) -> Result<PublicKeyInfo, BrokerError> {
-        let entry = self.get(name)?;
-        if !entry.key_type.is_rsa() {
-            return Err(BrokerError::precondition(format!(
-                "key {name} is {}: only RSA keys have a public key",
-                entry.key_type.as_str()
-            )));
-        }
-        entry.usable()?;
-        let v = if version == 0 {
-            entry.current()?.clone()
-        } else {
-            entry.version(version).cloned().ok_or_else(|| {
-                BrokerError::NotFound(format!("key {name} has no version {version}"))
-            })?
-        };
-        let pk = self.hsm.public_key(v.id).await.map_err(BrokerError::from)?;
-        Ok(PublicKeyInfo {
-            key: entry.name.clone(),
-            version: v.number,
-            version_id: v.id,
-            algorithm: entry.algorithm,
-            modulus: pk.modulus,
-            exponent: pk.exponent,
-        })
     }
 }

@@ -4,11 +4,15 @@
 
 use sha2::{Digest, Sha256};
 
-use super::crypt::params_for;
+use super::{
+    Keyring,
+    crypt::{fill_random, new_params, params_for},
+};
 use crate::{
     envelope,
-    hsm::{Canary, Hsm},
-    model::{Algorithm, VersionId},
+    error::BrokerError,
+    hsm::{Canary, FaultKind, Hsm, HsmError},
+    model::{Algorithm, Dek, VersionId},
 };
 
 pub(crate) const CANARY_AAD: &[u8] = b"keybroker canary v1";
@@ -61,12 +65,55 @@ pub(crate) async fn check_canary(
         Ok(c) => c,
         Err(why) => return Ok(Err(why)),
     };
-    match hsm.unwrap(id, c.params, c.ciphertext).await {
+    match only(hsm.unwrap_many(vec![(id, c.params, c.ciphertext)]).await) {
         Ok(dek) if Sha256::digest(dek.expose()).as_slice() == c.digest.as_slice() => Ok(Ok(())),
         Ok(_) => Ok(Err("canary decrypts to the wrong value: the HSM object is not the key this version was created with".into())),
         Err(e) if e.kind == crate::hsm::FaultKind::DataInvalid => Ok(Err(
             "canary does not decrypt: the HSM object is not the key this version was created with".into(),
         )),
         Err(e) => Err(e),
+    }
+}
+
+/// The one result of a one-item HSM call.
+fn only<T>(r: Result<Vec<Result<T, HsmError>>, HsmError>) -> Result<T, HsmError> {
+    r?.pop().unwrap_or_else(|| {
+        Err(HsmError::new(
+            FaultKind::Other,
+            "a one-item HSM call",
+            "the HSM layer returned no result",
+        ))
+    })
+}
+
+impl Keyring {
+    /// Wraps a random canary under a new version and checks that it unwraps to the same value;
+    /// returns the envelope and the SHA-256 of the value (stored with the version: every start
+    /// and re-initialisation checks the object's identity with it).
+    pub(crate) async fn new_canary(
+        &self,
+        algorithm: Algorithm,
+        id: VersionId,
+    ) -> Result<(Vec<u8>, Vec<u8>), BrokerError> {
+        let mut value = [0u8; 32];
+        fill_random(&mut value)?;
+        let canary = Dek::from_slice(&value);
+        value.fill(0);
+        let digest = Sha256::digest(canary.expose()).to_vec();
+        let (params, header) = new_params(algorithm, id, CANARY_AAD)?;
+        let ct = only(self.hsm.wrap_many(vec![(id, params, canary)]).await)?;
+        let env = envelope::seal(header, &ct);
+        // An HSM fault here is just that (UNAVAILABLE, ...); only a wrong answer is a bug.
+        check_canary(
+            &self.hsm,
+            algorithm,
+            id,
+            Some(env.clone()),
+            Some(digest.clone()),
+        )
+        .await
+        .map_err(BrokerError::from)?
+        .map_err(|why| BrokerError::internal(format!("new KEK failed its canary: {why}")))?;
+        Ok((env, digest))
     }
 }

@@ -21,20 +21,16 @@
 
 use std::sync::{Arc, atomic::Ordering};
 
-use sha2::{Digest, Sha256};
-
 use super::{
-    KeyEntry, KeyState, Keyring, Lifecycle, Receipt, VersionEntry, blocking,
-    crypt::{fill_random, new_params},
-    integrity::{CANARY_AAD, canary_of, check_canary},
+    KeyEntry, KeyState, Keyring, Lifecycle, Receipt, VersionEntry, blocking, integrity::canary_of,
 };
 use crate::{
     audit::Record,
-    envelope,
     error::BrokerError,
     failpoint,
     hsm::{KekSpec, RequestScope, RsaPublic, template::LABEL_PREFIX},
     model::{Algorithm, KeyAttributes, KeyName, KeyType, MAX_VERSIONS, Origin, VersionId, now_ms},
+    policy::{Grant, Permission},
     store::StoredLifecycle,
 };
 
@@ -147,11 +143,12 @@ impl Keyring {
     /// Creates a key with one version generated inside the HSM.
     pub async fn create(
         &self,
-        name: KeyName,
+        grant: &Grant,
         key_type: KeyType,
         algorithm: Option<Algorithm>,
         attributes: KeyAttributes,
     ) -> Result<Arc<KeyEntry>, BrokerError> {
+        let name = grant.key_for(Permission::Create)?.clone();
         let algorithm = self.resolve_algorithm(key_type, algorithm)?;
         let attributes = self.new_attributes(attributes)?;
         let _w = self.write().await?;
@@ -215,7 +212,8 @@ impl Keyring {
     }
 
     /// Adds a version generated inside the HSM; new wraps use it.
-    pub async fn rotate(&self, name: &KeyName) -> Result<Arc<KeyEntry>, BrokerError> {
+    pub async fn rotate(&self, grant: &Grant) -> Result<Arc<KeyEntry>, BrokerError> {
+        let name = grant.key_for(Permission::Rotate)?;
         let _w = self.write().await?;
         self.rotate_locked(name).await
     }
@@ -330,40 +328,6 @@ impl Keyring {
         result
     }
 
-    /// Wraps a random canary under a new version and checks that it unwraps to the same value;
-    /// returns the envelope and the SHA-256 of the value (stored with the version: every start
-    /// and re-initialisation checks the object's identity with it).
-    pub(crate) async fn new_canary(
-        &self,
-        algorithm: Algorithm,
-        id: VersionId,
-    ) -> Result<(Vec<u8>, Vec<u8>), BrokerError> {
-        let mut value = [0u8; 32];
-        fill_random(&mut value)?;
-        let canary = crate::model::Dek::from_slice(&value);
-        value.fill(0);
-        let digest = Sha256::digest(canary.expose()).to_vec();
-        let (params, header) = new_params(algorithm, id, CANARY_AAD)?;
-        let ct = self
-            .hsm
-            .wrap(id, params, canary)
-            .await
-            .map_err(BrokerError::from)?;
-        let env = envelope::seal(header, &ct);
-        // An HSM fault here is just that (UNAVAILABLE, ...); only a wrong answer is a bug.
-        check_canary(
-            &self.hsm,
-            algorithm,
-            id,
-            Some(env.clone()),
-            Some(digest.clone()),
-        )
-        .await
-        .map_err(BrokerError::from)?
-        .map_err(|why| BrokerError::internal(format!("new KEK failed its canary: {why}")))?;
-        Ok((env, digest))
-    }
-
     /// Undoes phase 1 (and 2, if `may_exist`) of a creation: destroys any HSM object with the
     /// version's id, then removes the pending version row.
     pub(crate) async fn roll_back(
@@ -404,9 +368,10 @@ impl Keyring {
     /// version can only name an existing version.
     pub async fn update(
         &self,
-        name: &KeyName,
+        grant: &Grant,
         patch: AttributePatch,
     ) -> Result<Arc<KeyEntry>, BrokerError> {
+        let name = grant.key_for(Permission::Update)?;
         let _w = self.write().await?;
         let old = self.get_live(name)?;
         let mut a = old.attributes.clone();
@@ -459,7 +424,8 @@ impl Keyring {
     }
 
     /// Soft-deletes a key.
-    pub async fn delete(&self, name: &KeyName, by: &str) -> Result<Arc<KeyEntry>, BrokerError> {
+    pub async fn delete(&self, grant: &Grant, by: &str) -> Result<Arc<KeyEntry>, BrokerError> {
+        let name = grant.key_for(Permission::Delete)?;
         let _w = self.write().await?;
         let old = self.get_live(name)?;
         let now = now_ms();
@@ -487,8 +453,13 @@ impl Keyring {
         Ok(self.replace(entry))
     }
 
+    /// A soft-deleted key (for reading its metadata).
+    pub fn deleted(&self, grant: &Grant) -> Result<Arc<KeyEntry>, BrokerError> {
+        self.get_deleted(grant.key_for(Permission::ReadMetadata)?)
+    }
+
     /// A soft-deleted key.
-    pub fn get_deleted(&self, name: &KeyName) -> Result<Arc<KeyEntry>, BrokerError> {
+    pub(super) fn get_deleted(&self, name: &KeyName) -> Result<Arc<KeyEntry>, BrokerError> {
         let k = self.get(name)?;
         match k.lifecycle {
             Lifecycle::Deleted { .. } => Ok(k),
@@ -510,7 +481,8 @@ impl Keyring {
     }
 
     /// Brings a soft-deleted key back exactly as it was.
-    pub async fn recover(&self, name: &KeyName) -> Result<Arc<KeyEntry>, BrokerError> {
+    pub async fn recover(&self, grant: &Grant) -> Result<Arc<KeyEntry>, BrokerError> {
+        let name = grant.key_for(Permission::Recover)?;
         let _w = self.write().await?;
         let old = self.get_deleted(name)?;
         let (st, n) = (self.store.clone(), name.clone());
@@ -527,7 +499,8 @@ impl Keyring {
 
     /// Purges a soft-deleted key: destroys every version's HSM objects and forgets the key.
     /// Refused before the scheduled date while purge protection is on (for every caller).
-    pub async fn purge(&self, name: &KeyName, by: &str) -> Result<Receipt, BrokerError> {
+    pub async fn purge(&self, grant: &Grant, by: &str) -> Result<Receipt, BrokerError> {
+        let name = grant.key_for(Permission::Purge)?;
         let _w = self.write().await?;
         let k = self.get_deleted(name)?;
         let Lifecycle::Deleted { purge_at_ms, .. } = k.lifecycle else {
@@ -549,9 +522,10 @@ impl Keyring {
     /// Destroys, inside the HSM, every version below the minimum decryption version.
     pub async fn trim(
         &self,
-        name: &KeyName,
+        grant: &Grant,
         by: &str,
     ) -> Result<(Vec<u32>, Arc<KeyEntry>), BrokerError> {
+        let name = grant.key_for(Permission::TrimVersions)?;
         let _w = self.write().await?;
         let k = self.get_live(name)?;
         k.usable()?;
@@ -745,12 +719,13 @@ impl Keyring {
     /// BYOK step 2: imports AES-256 key material wrapped for an import key into a new key.
     pub async fn import(
         &self,
-        name: KeyName,
+        grant: &Grant,
         algorithm: Option<Algorithm>,
         attributes: KeyAttributes,
         import_id: &str,
         material: Vec<u8>,
     ) -> Result<Arc<KeyEntry>, BrokerError> {
+        let name = grant.key_for(Permission::Import)?.clone();
         let key_type = KeyType::Aes256;
         let algorithm = self.resolve_algorithm(key_type, algorithm)?;
         let attributes = self.new_attributes(attributes)?;

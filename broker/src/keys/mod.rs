@@ -18,11 +18,11 @@
 //! HSM call; it never touches the store or searches the token.
 
 mod backup;
-mod batch;
 mod crypt;
 mod integrity;
 mod lifecycle;
 mod load;
+mod public;
 mod replica;
 
 use std::{
@@ -36,9 +36,13 @@ use std::{
 
 pub use self::{
     backup::{Made, claimed_name},
-    batch::MAX_BATCH,
+    crypt::{
+        Ciphertext, GenerateItem, MAX_BATCH, Resolved, RewrapItem, Rewrapped, UnwrapInput,
+        UnwrapItem, WrapItem,
+    },
     lifecycle::{AttributePatch, IMPORT_KEY_TTL_MS, ImportKeyInfo, Times},
     load::LoadReport,
+    public::public_key_formats,
     replica::ReplicaState,
 };
 use crate::{
@@ -46,6 +50,7 @@ use crate::{
     error::BrokerError,
     hsm::Hsm,
     model::{Algorithm, Dek, KeyAttributes, KeyName, KeyOp, KeyType, Origin, VersionId, now_ms},
+    policy::{Grant, Permission},
     store::Store,
 };
 
@@ -308,6 +313,8 @@ pub struct Wrapped {
     pub key: KeyName,
     /// The version number used.
     pub version: u32,
+    /// The version's id (its HSM object's `CKA_ID`).
+    pub version_id: VersionId,
     /// The algorithm.
     pub algorithm: Algorithm,
 }
@@ -321,8 +328,33 @@ pub struct Unwrapped {
     pub key: KeyName,
     /// The version number used.
     pub version: u32,
+    /// The version's id (its HSM object's `CKA_ID`).
+    pub version_id: VersionId,
     /// The algorithm.
     pub algorithm: Algorithm,
+}
+
+/// A key as callers see it: its metadata, the HSM mechanism that serves it, and each version's
+/// usage counters (in the order of `entry.versions`).
+#[derive(Debug)]
+pub struct KeyInfo {
+    /// The metadata.
+    pub entry: Arc<KeyEntry>,
+    /// The PKCS#11 mechanism that serves the key's algorithm on this token.
+    pub mechanism: String,
+    /// Usage per version.
+    pub usage: Vec<UsageCount>,
+}
+
+/// One version's usage counters, read at one moment.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UsageCount {
+    /// Wraps.
+    pub wraps: u64,
+    /// Unwraps.
+    pub unwraps: u64,
+    /// Last use (ms; 0 = never).
+    pub last_used_ms: i64,
 }
 
 /// An RSA public key of one version.
@@ -400,8 +432,37 @@ impl Keyring {
         &self.store
     }
 
+    /// A key that is not soft-deleted, for reading its metadata (FAILED_PRECONDITION for a
+    /// deleted one).
+    pub fn live(&self, grant: &Grant) -> Result<Arc<KeyEntry>, BrokerError> {
+        self.get_live(grant.key_for(Permission::ReadMetadata)?)
+    }
+
+    /// What callers see of a key (see [`KeyInfo`]).
+    pub fn describe(&self, entry: Arc<KeyEntry>) -> KeyInfo {
+        use std::sync::atomic::Ordering::Relaxed;
+        let usage = entry
+            .versions
+            .iter()
+            .map(|v| {
+                self.usage(v.id)
+                    .map(|u| UsageCount {
+                        wraps: u.wraps.load(Relaxed),
+                        unwraps: u.unwraps.load(Relaxed),
+                        last_used_ms: u.last_used_ms.load(Relaxed),
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
+        KeyInfo {
+            mechanism: self.hsm.capabilities().mechanism_name(entry.algorithm),
+            usage,
+            entry,
+        }
+    }
+
     /// A key that is not soft-deleted (FAILED_PRECONDITION for a deleted one).
-    pub fn get_live(&self, name: &KeyName) -> Result<Arc<KeyEntry>, BrokerError> {
+    pub(crate) fn get_live(&self, name: &KeyName) -> Result<Arc<KeyEntry>, BrokerError> {
         let k = self.get(name)?;
         if let Lifecycle::Deleted { .. } = k.lifecycle {
             return Err(BrokerError::precondition(format!(
@@ -424,6 +485,22 @@ impl Keyring {
         if let Some(u) = self.usage(id) {
             u.bump(wrap);
         }
+    }
+
+    /// The number and id of the version of `name` that wraps now, or why none does (missing,
+    /// quarantined, disabled, deleted, expired): for health reports.
+    pub fn wrapping_version(&self, name: &KeyName) -> Result<(u32, VersionId), String> {
+        let entry = self
+            .get(name)
+            .map_err(|_| format!("key {name} does not exist"))?;
+        if let KeyState::Quarantined(_) = entry.state {
+            return Err(format!("key {name} is quarantined (see the broker log)"));
+        }
+        let v = entry.current().map_err(|e| e.to_string())?;
+        entry
+            .check(KeyOp::Wrap, v, now_ms())
+            .map_err(|e| e.to_string())?;
+        Ok((v.number, v.id))
     }
 
     /// A key by name (soft-deleted ones included).

@@ -1,0 +1,260 @@
+//! Protobuf ↔ domain types for the `keybroker.v1` front door. Decoding refuses what the
+//! domain cannot represent (an unknown enum value, a negative time) with INVALID_ARGUMENT; the
+//! pipeline audits that refusal like any other.
+
+use keybroker_proto::v1 as pb;
+
+use crate::{
+    error::BrokerError,
+    hyok::HyokState,
+    keys::{AttributePatch, KeyInfo, KeyState, Lifecycle},
+    model::{Algorithm, KeyAttributes, KeyOp, KeyType},
+};
+
+pub(super) fn algorithm_to_pb(a: Algorithm) -> pb::Algorithm {
+    match a {
+        Algorithm::Aes256Gcm => pb::Algorithm::Aes256Gcm,
+        Algorithm::AesKeyWrapPad => pb::Algorithm::AesKeyWrapPad,
+        Algorithm::RsaOaepSha256 => pb::Algorithm::RsaOaepSha256,
+        Algorithm::RsaOaepSha1 => pb::Algorithm::RsaOaepSha1,
+    }
+}
+
+pub(super) fn algorithm_from_pb(v: i32) -> Result<Option<Algorithm>, BrokerError> {
+    match pb::Algorithm::try_from(v) {
+        Ok(pb::Algorithm::Unspecified) => Ok(None),
+        Ok(pb::Algorithm::Aes256Gcm) => Ok(Some(Algorithm::Aes256Gcm)),
+        Ok(pb::Algorithm::AesKeyWrapPad) => Ok(Some(Algorithm::AesKeyWrapPad)),
+        Ok(pb::Algorithm::RsaOaepSha256) => Ok(Some(Algorithm::RsaOaepSha256)),
+        Ok(pb::Algorithm::RsaOaepSha1) => Ok(Some(Algorithm::RsaOaepSha1)),
+        Err(_) => Err(BrokerError::invalid(format!("unknown algorithm {v}"))),
+    }
+}
+
+pub(super) fn key_type_to_pb(t: KeyType) -> pb::KeyType {
+    match t {
+        KeyType::Aes256 => pb::KeyType::Aes256,
+        KeyType::Rsa2048 => pb::KeyType::Rsa2048,
+        KeyType::Rsa3072 => pb::KeyType::Rsa3072,
+        KeyType::Rsa4096 => pb::KeyType::Rsa4096,
+    }
+}
+
+pub(super) fn key_type_from_pb(v: i32) -> Result<KeyType, BrokerError> {
+    match pb::KeyType::try_from(v) {
+        Ok(pb::KeyType::Aes256) => Ok(KeyType::Aes256),
+        Ok(pb::KeyType::Rsa2048) => Ok(KeyType::Rsa2048),
+        Ok(pb::KeyType::Rsa3072) => Ok(KeyType::Rsa3072),
+        Ok(pb::KeyType::Rsa4096) => Ok(KeyType::Rsa4096),
+        Ok(pb::KeyType::Unspecified) => Err(BrokerError::invalid("key_type is required")),
+        Err(_) => Err(BrokerError::invalid(format!("unknown key_type {v}"))),
+    }
+}
+
+pub(super) fn op_to_pb(o: KeyOp) -> pb::KeyOperation {
+    match o {
+        KeyOp::Wrap => pb::KeyOperation::Wrap,
+        KeyOp::Unwrap => pb::KeyOperation::Unwrap,
+        KeyOp::GenerateDataKey => pb::KeyOperation::GenerateDataKey,
+        KeyOp::Rewrap => pb::KeyOperation::Rewrap,
+    }
+}
+
+pub(super) fn op_from_pb(v: i32) -> Result<KeyOp, BrokerError> {
+    match pb::KeyOperation::try_from(v) {
+        Ok(pb::KeyOperation::Wrap) => Ok(KeyOp::Wrap),
+        Ok(pb::KeyOperation::Unwrap) => Ok(KeyOp::Unwrap),
+        Ok(pb::KeyOperation::GenerateDataKey) => Ok(KeyOp::GenerateDataKey),
+        Ok(pb::KeyOperation::Rewrap) => Ok(KeyOp::Rewrap),
+        _ => Err(BrokerError::invalid(format!("unknown key operation {v}"))),
+    }
+}
+
+pub(super) fn opt_time(v: i64, what: &str) -> Result<Option<i64>, BrokerError> {
+    match v {
+        0 => Ok(None),
+        v if v > 0 => Ok(Some(v)),
+        _ => Err(BrokerError::invalid(format!("{what} must not be negative"))),
+    }
+}
+
+pub(super) fn attributes_to_pb(a: &KeyAttributes) -> pb::KeyAttributes {
+    pb::KeyAttributes {
+        enabled: Some(a.enabled),
+        not_before_ms: a.not_before_ms.unwrap_or(0),
+        expires_ms: a.expires_ms.unwrap_or(0),
+        operations: Some(pb::KeyOperations {
+            operations: a.operations.iter().map(|o| op_to_pb(*o).into()).collect(),
+        }),
+        tags: Some(pb::KeyTags {
+            tags: a.tags.clone().into_iter().collect(),
+        }),
+        min_decryption_version: a.min_decryption_version,
+        purge_protection: Some(a.purge_protection),
+        rotation_period_ms: a.rotation_period_ms.unwrap_or(0),
+        version_expiry_ms: a.version_expiry_ms.unwrap_or(0),
+    }
+}
+
+/// Attributes for a new key: unset fields take their defaults.
+pub(super) fn attributes_from_pb(
+    a: Option<pb::KeyAttributes>,
+) -> Result<KeyAttributes, BrokerError> {
+    let mut out = KeyAttributes::default();
+    let Some(a) = a else { return Ok(out) };
+    if let Some(e) = a.enabled {
+        out.enabled = e;
+    }
+    out.not_before_ms = opt_time(a.not_before_ms, "not_before_ms")?;
+    out.expires_ms = opt_time(a.expires_ms, "expires_ms")?;
+    out.rotation_period_ms = opt_time(a.rotation_period_ms, "rotation_period_ms")?;
+    out.version_expiry_ms = opt_time(a.version_expiry_ms, "version_expiry_ms")?;
+    if let Some(ops) = a.operations {
+        out.operations = ops
+            .operations
+            .into_iter()
+            .map(op_from_pb)
+            .collect::<Result<_, _>>()?;
+    }
+    if let Some(t) = a.tags {
+        out.tags = t.tags.into_iter().collect();
+    }
+    if a.min_decryption_version > 1 {
+        return Err(BrokerError::invalid(
+            "a new key's min_decryption_version is 1",
+        ));
+    }
+    if let Some(p) = a.purge_protection {
+        out.purge_protection = p;
+    }
+    out.validate()?;
+    Ok(out)
+}
+
+pub(super) fn patch_from_pb(r: pb::UpdateKeyRequest) -> Result<AttributePatch, BrokerError> {
+    let a = r.attributes.unwrap_or_default();
+    Ok(AttributePatch {
+        enabled: a.enabled,
+        times: if r.set_times {
+            Some((
+                opt_time(a.not_before_ms, "not_before_ms")?,
+                opt_time(a.expires_ms, "expires_ms")?,
+                opt_time(a.rotation_period_ms, "rotation_period_ms")?,
+                opt_time(a.version_expiry_ms, "version_expiry_ms")?,
+            ))
+        } else {
+            if a.not_before_ms != 0
+                || a.expires_ms != 0
+                || a.rotation_period_ms != 0
+                || a.version_expiry_ms != 0
+            {
+                return Err(BrokerError::invalid(
+                    "set set_times to change not_before/expires/rotation_period/version_expiry",
+                ));
+            }
+            None
+        },
+        operations: match a.operations {
+            Some(ops) => Some(
+                ops.operations
+                    .into_iter()
+                    .map(op_from_pb)
+                    .collect::<Result<_, _>>()?,
+            ),
+            None => None,
+        },
+        tags: a.tags.map(|t| t.tags.into_iter().collect()),
+        min_decryption_version: (a.min_decryption_version != 0).then_some(a.min_decryption_version),
+        purge_protection: a.purge_protection,
+    })
+}
+
+/// A key as the API shows it.
+pub(super) fn key_to_pb(k: &KeyInfo) -> pb::Key {
+    let e = &k.entry;
+    pb::Key {
+        name: e.name.to_string(),
+        tenant: e.name.tenant().to_string(),
+        key_type: key_type_to_pb(e.key_type).into(),
+        algorithm: algorithm_to_pb(e.algorithm).into(),
+        state: match (&e.lifecycle, &e.state) {
+            (Lifecycle::Deleted { .. }, _) => pb::KeyState::Deleted,
+            (_, KeyState::Quarantined(_)) => pb::KeyState::Quarantined,
+            _ if !e.attributes.enabled => pb::KeyState::Disabled,
+            _ => pb::KeyState::Enabled,
+        }
+        .into(),
+        created_at_ms: e.created_at_ms,
+        current_version: e.versions.last().map(|v| v.number).unwrap_or(0),
+        versions: versions_to_pb(k),
+        mechanism: k.mechanism.clone(),
+        attributes: Some(attributes_to_pb(&e.attributes)),
+        updated_at_ms: e.updated_at_ms,
+    }
+}
+
+/// A key's versions, oldest first, with their usage.
+pub(super) fn versions_to_pb(k: &KeyInfo) -> Vec<pb::KeyVersion> {
+    let e = &k.entry;
+    e.versions
+        .iter()
+        .zip(
+            k.usage
+                .iter()
+                .copied()
+                .chain(std::iter::repeat(Default::default())),
+        )
+        .map(|(v, u)| pb::KeyVersion {
+            version: v.number,
+            id: v.id.as_bytes().to_vec(),
+            created_at_ms: v.created_at_ms,
+            origin: v.origin.as_str().into(),
+            expires_ms: v.expires_ms.unwrap_or(0),
+            decryptable: e.decryptable(v),
+            wraps: u.wraps,
+            unwraps: u.unwraps,
+            last_used_ms: u.last_used_ms,
+        })
+        .collect()
+}
+
+/// A soft-deleted key as the API shows it.
+pub(super) fn deleted_to_pb(k: &KeyInfo) -> pb::DeletedKey {
+    let (deleted_at_ms, scheduled_purge_ms, deleted_by) = match &k.entry.lifecycle {
+        Lifecycle::Deleted {
+            deleted_at_ms,
+            purge_at_ms,
+            deleted_by,
+        } => (*deleted_at_ms, *purge_at_ms, deleted_by.clone()),
+        Lifecycle::Active => (0, 0, String::new()),
+    };
+    pb::DeletedKey {
+        key: Some(key_to_pb(k)),
+        deleted_at_ms,
+        scheduled_purge_ms,
+        deleted_by,
+    }
+}
+
+pub(super) fn hyok_to_pb(s: HyokState) -> pb::HyokState {
+    pb::HyokState {
+        connected: s.connected,
+        changed_at_ms: s.changed_at_ms,
+        changed_by: s.changed_by,
+        reason: s.reason,
+    }
+}
+
+pub(super) fn item_error(e: &BrokerError) -> pb::ItemError {
+    let message = match e {
+        BrokerError::Internal(detail) => {
+            tracing::error!(detail = %detail, "internal error in a batch item");
+            "internal error (logged by the broker)".to_string()
+        }
+        other => other.to_string(),
+    };
+    pb::ItemError {
+        code: e.code() as i32,
+        message,
+    }
+}

@@ -1,0 +1,18 @@
+//! The front doors and the one request pipeline they share.
+//!
+//! * [`pipeline`] — every request's steps, in one place: request id, caller, deadline, policy
+//!   and HYOK rules, the operation, the audit record before the reply, metrics and log;
+//! * [`ops`] — the operations a request can ask for, one type each (sealed: only this module
+//!   defines them);
+//! * [`grpc`] — the `keybroker.v1` gRPC services, a codec over the pipeline;
+//! * [`kms_v2`] — the Kubernetes KMS v2 plugin on a unix socket, a codec over the pipeline.
+//!
+//! A front door translates its wire format into an operation and the pipeline's reply back
+//! into its wire format; it holds no keyring, policy or audit trail, so it cannot skip a step.
+
+pub mod grpc;
+pub mod kms_v2;
+pub mod ops;
+pub mod pipeline;
+
+pub use self::pipeline::{DEFAULT_REQUEST_TIMEOUT, Pipeline};

@@ -1,0 +1,389 @@
+//! The data plane: wrap, generate, unwrap and rewrap DEKs, and read public keys.
+//!
+//! Each operation exists as a batch and as a single call, and both run the same function over a
+//! list of items (a single call is a list of one): parse the item's key, authorise it, hand the
+//! granted items to the keyring in one go. Only the audit differs: a single call's item is the
+//! request's own record; a batch's items get a record each.
+
+use super::{Items, Operation, Slots, key_name, one, optional_key, sealed::Sealed};
+use crate::{
+    api::pipeline::Call,
+    error::BrokerError,
+    keys::{
+        Ciphertext, GenerateItem, PublicKeyInfo, RewrapItem, Rewrapped, UnwrapInput, UnwrapItem,
+        Unwrapped, WrapItem, Wrapped, public_key_formats,
+    },
+    model::{Dek, KeyName},
+    policy::Permission,
+};
+
+/// A DEK to wrap under the newest version of `key`.
+pub struct WrapIn {
+    /// The key (`tenant/name`).
+    pub key: String,
+    /// The DEK.
+    pub plaintext: Dek,
+    /// The AAD to bind it to.
+    pub aad: Vec<u8>,
+}
+
+/// A DEK to generate (from the HSM's RNG) and wrap under the newest version of `key`.
+pub struct GenerateIn {
+    /// The key.
+    pub key: String,
+    /// The length in bytes (0: 32).
+    pub len: usize,
+    /// The AAD to bind it to.
+    pub aad: Vec<u8>,
+}
+
+/// A ciphertext to unwrap.
+pub struct UnwrapIn {
+    /// The key the caller expects (empty: whichever the envelope names; required for raw).
+    pub key: String,
+    /// The ciphertext, or why the front door could not read it.
+    pub ciphertext: Result<Ciphertext, BrokerError>,
+    /// The AAD it was bound to.
+    pub aad: Vec<u8>,
+}
+
+/// An envelope to unwrap and wrap again.
+pub struct RewrapIn {
+    /// The key the caller expects the envelope to be of (empty: any).
+    pub key: String,
+    /// The envelope.
+    pub envelope: Vec<u8>,
+    /// Its AAD.
+    pub aad: Vec<u8>,
+    /// The key to wrap under (empty: the same key, its newest version).
+    pub destination: String,
+    /// The new envelope's AAD (`None`: the same).
+    pub new_aad: Option<Vec<u8>>,
+}
+
+/// `WrapKey`.
+pub struct Wrap(pub WrapIn);
+/// `BatchWrapKey`.
+pub struct WrapBatch(pub Vec<WrapIn>);
+/// `GenerateDataKey`.
+pub struct Generate(pub GenerateIn);
+/// `BatchGenerateDataKey`.
+pub struct GenerateBatch(pub Vec<GenerateIn>);
+/// `UnwrapKey`.
+pub struct Unwrap(pub UnwrapIn);
+/// `BatchUnwrapKey`.
+pub struct UnwrapBatch(pub Vec<UnwrapIn>);
+/// `Rewrap`.
+pub struct Rewrap(pub RewrapIn);
+
+/// An RSA version's public half, with its SPKI PEM and JWK encodings.
+pub struct PublicKey {
+    /// The key, version and raw numbers.
+    pub info: PublicKeyInfo,
+    /// SubjectPublicKeyInfo, PEM.
+    pub spki_pem: String,
+    /// RFC 7517 JWK (JSON).
+    pub jwk: String,
+}
+
+/// `GetPublicKey`.
+pub struct GetPublicKey {
+    /// The key.
+    pub key: String,
+    /// The version (0: the newest).
+    pub version: u32,
+}
+
+/// Refuses an empty batch or one larger than [`crate::keys::MAX_BATCH`].
+fn check_batch_size(n: usize) -> Result<(), BrokerError> {
+    if n == 0 || n > crate::keys::MAX_BATCH {
+        return Err(BrokerError::invalid(format!(
+            "a batch has 1 to {} items, not {n}",
+            crate::keys::MAX_BATCH
+        )));
+    }
+    Ok(())
+}
+
+/// Audits each item (a batch) or notes the one item's version (a single call).
+fn audit_items<T>(
+    call: &mut Call,
+    items: Items,
+    names: Vec<String>,
+    results: &[Result<T, BrokerError>],
+    version: impl Fn(&T) -> u32,
+) {
+    match items {
+        Items::One => {
+            if let Some(Ok(r)) = results.first() {
+                call.note_version(version(r));
+            }
+        }
+        Items::Each => {
+            for (name, r) in names.into_iter().zip(results) {
+                call.item(Some(name), r.as_ref().map(&version));
+            }
+        }
+    }
+}
+
+pub(crate) async fn wrap(
+    call: &mut Call,
+    items: Items,
+    input: Vec<WrapIn>,
+) -> Vec<Result<Wrapped, BrokerError>> {
+    let mut slots = Slots::new(input.len());
+    let names: Vec<String> = input.iter().map(|i| i.key.clone()).collect();
+    let (mut indices, mut ready) = (Vec::new(), Vec::new());
+    for (i, item) in input.into_iter().enumerate() {
+        match key_name(&item.key).and_then(|k| items.authorize(call, Permission::Wrap, &k)) {
+            Ok(grant) => {
+                indices.push(i);
+                ready.push(WrapItem {
+                    grant,
+                    dek: item.plaintext,
+                    aad: item.aad,
+                });
+            }
+            Err(e) => slots.fail(i, e),
+        }
+    }
+    slots.fill(indices, call.keys().wrap(ready).await);
+    let results = slots.finish();
+    audit_items(call, items, names, &results, |w| w.version);
+    results
+}
+
+pub(crate) async fn generate(
+    call: &mut Call,
+    items: Items,
+    input: Vec<GenerateIn>,
+) -> Vec<Result<(Dek, Wrapped), BrokerError>> {
+    let mut slots = Slots::new(input.len());
+    let names: Vec<String> = input.iter().map(|i| i.key.clone()).collect();
+    let (mut indices, mut ready) = (Vec::new(), Vec::new());
+    for (i, item) in input.into_iter().enumerate() {
+        match key_name(&item.key).and_then(|k| items.authorize(call, Permission::Wrap, &k)) {
+            Ok(grant) => {
+                indices.push(i);
+                ready.push(GenerateItem {
+                    grant,
+                    len: item.len,
+                    aad: item.aad,
+                });
+            }
+            Err(e) => slots.fail(i, e),
+        }
+    }
+    slots.fill(indices, call.keys().generate(ready).await);
+    let results = slots.finish();
+    audit_items(call, items, names, &results, |g| g.1.version);
+    results
+}
+
+pub(crate) async fn unwrap(
+    call: &mut Call,
+    items: Items,
+    input: Vec<UnwrapIn>,
+) -> Vec<Result<Unwrapped, BrokerError>> {
+    let mut slots = Slots::new(input.len());
+    let mut names: Vec<String> = input.iter().map(|i| i.key.clone()).collect();
+    // The key the caller named is authorised first; the envelope then says which key it is of.
+    let (mut indices, mut inputs) = (Vec::new(), Vec::new());
+    for (i, item) in input.into_iter().enumerate() {
+        let checked = item.ciphertext.and_then(|ciphertext| {
+            if let Ciphertext::Raw { .. } = ciphertext {
+                if item.key.is_empty() {
+                    return Err(BrokerError::invalid(
+                        "key is required with a raw ciphertext",
+                    ));
+                }
+                if !item.aad.is_empty() {
+                    return Err(BrokerError::invalid(
+                        "a raw RSA-OAEP ciphertext cannot carry aad",
+                    ));
+                }
+            }
+            let expected = optional_key(&item.key)?;
+            if let Some(k) = &expected {
+                items.authorize(call, Permission::Unwrap, k)?;
+            }
+            Ok(UnwrapInput {
+                expected,
+                ciphertext,
+                aad: item.aad,
+            })
+        });
+        match checked {
+            Ok(u) => {
+                indices.push(i);
+                inputs.push(u);
+            }
+            Err(e) => slots.fail(i, e),
+        }
+    }
+    let (mut granted, mut ready) = (Vec::new(), Vec::new());
+    for (i, r) in indices.into_iter().zip(call.keys().resolve(inputs).await) {
+        match r.and_then(|resolved| {
+            let grant = items.authorize(call, Permission::Unwrap, resolved.key())?;
+            Ok(UnwrapItem { resolved, grant })
+        }) {
+            Ok(item) => {
+                granted.push(i);
+                ready.push(item);
+            }
+            Err(e) => slots.fail(i, e),
+        }
+    }
+    slots.fill(granted, call.keys().unwrap(ready).await);
+    let results = slots.finish();
+    // An item's record names the key it turned out to use.
+    for (name, r) in names.iter_mut().zip(&results) {
+        if let Ok(u) = r {
+            *name = u.key.to_string();
+        }
+    }
+    audit_items(call, items, names, &results, |u| u.version);
+    results
+}
+
+pub(crate) async fn rewrap(
+    call: &mut Call,
+    items: Items,
+    input: Vec<RewrapIn>,
+) -> Vec<Result<Rewrapped, BrokerError>> {
+    let mut slots = Slots::new(input.len());
+    let names: Vec<String> = input.iter().map(|i| i.key.clone()).collect();
+    let (mut indices, mut inputs, mut rest) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, item) in input.into_iter().enumerate() {
+        let checked = optional_key(&item.key).and_then(|expected| {
+            if let Some(k) = &expected {
+                items.authorize(call, Permission::Unwrap, k)?;
+            }
+            let destination = optional_key(&item.destination)?;
+            Ok((expected, destination))
+        });
+        match checked {
+            Ok((expected, destination)) => {
+                indices.push(i);
+                inputs.push(UnwrapInput {
+                    expected,
+                    ciphertext: Ciphertext::Envelope(item.envelope),
+                    aad: item.aad,
+                });
+                rest.push((destination, item.new_aad));
+            }
+            Err(e) => slots.fail(i, e),
+        }
+    }
+    let (mut granted, mut ready) = (Vec::new(), Vec::new());
+    let resolved = call.keys().resolve(inputs).await;
+    for ((i, r), (destination, new_aad)) in indices.into_iter().zip(resolved).zip(rest) {
+        let item = r.and_then(|source| {
+            let source_grant = items.authorize(call, Permission::Unwrap, source.key())?;
+            let dst = destination.unwrap_or_else(|| source.key().clone());
+            let destination = items.authorize(call, Permission::Wrap, &dst)?;
+            Ok(RewrapItem {
+                source,
+                source_grant,
+                destination,
+                new_aad,
+            })
+        });
+        match item {
+            Ok(item) => {
+                granted.push(i);
+                ready.push(item);
+            }
+            Err(e) => slots.fail(i, e),
+        }
+    }
+    slots.fill(granted, call.keys().rewrap(ready).await);
+    let results = slots.finish();
+    audit_items(call, items, names, &results, |r| r.wrapped.version);
+    results
+}
+
+impl Sealed for Wrap {}
+impl Operation for Wrap {
+    type Output = Wrapped;
+
+    async fn run(self, call: &mut Call) -> Result<Wrapped, BrokerError> {
+        one(wrap(call, Items::One, vec![self.0]).await)
+    }
+}
+
+impl Sealed for WrapBatch {}
+impl Operation for WrapBatch {
+    type Output = Vec<Result<Wrapped, BrokerError>>;
+
+    async fn run(self, call: &mut Call) -> Result<Self::Output, BrokerError> {
+        check_batch_size(self.0.len())?;
+        Ok(wrap(call, Items::Each, self.0).await)
+    }
+}
+
+impl Sealed for Generate {}
+impl Operation for Generate {
+    type Output = (Dek, Wrapped);
+
+    async fn run(self, call: &mut Call) -> Result<(Dek, Wrapped), BrokerError> {
+        one(generate(call, Items::One, vec![self.0]).await)
+    }
+}
+
+impl Sealed for GenerateBatch {}
+impl Operation for GenerateBatch {
+    type Output = Vec<Result<(Dek, Wrapped), BrokerError>>;
+
+    async fn run(self, call: &mut Call) -> Result<Self::Output, BrokerError> {
+        check_batch_size(self.0.len())?;
+        Ok(generate(call, Items::Each, self.0).await)
+    }
+}
+
+impl Sealed for Unwrap {}
+impl Operation for Unwrap {
+    type Output = Unwrapped;
+
+    async fn run(self, call: &mut Call) -> Result<Unwrapped, BrokerError> {
+        one(unwrap(call, Items::One, vec![self.0]).await)
+    }
+}
+
+impl Sealed for UnwrapBatch {}
+impl Operation for UnwrapBatch {
+    type Output = Vec<Result<Unwrapped, BrokerError>>;
+
+    async fn run(self, call: &mut Call) -> Result<Self::Output, BrokerError> {
+        check_batch_size(self.0.len())?;
+        Ok(unwrap(call, Items::Each, self.0).await)
+    }
+}
+
+impl Sealed for Rewrap {}
+impl Operation for Rewrap {
+    type Output = Rewrapped;
+
+    async fn run(self, call: &mut Call) -> Result<Rewrapped, BrokerError> {
+        one(rewrap(call, Items::One, vec![self.0]).await)
+    }
+}
+
+impl Sealed for GetPublicKey {}
+impl Operation for GetPublicKey {
+    type Output = PublicKey;
+
+    async fn run(self, call: &mut Call) -> Result<PublicKey, BrokerError> {
+        let name: KeyName = key_name(&self.key)?;
+        let grant = call.authorize(Permission::ReadMetadata, &name)?;
+        let info = call.keys().public_key(&grant, self.version).await?;
+        call.note_version(info.version);
+        let (spki_pem, jwk) = public_key_formats(&info)?;
+        Ok(PublicKey {
+            info,
+            spki_pem,
+            jwk,
+        })
+    }
+}

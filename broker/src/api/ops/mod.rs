@@ -1,0 +1,117 @@
+//! The operations a request can ask for, one type each, whatever front door it came through.
+//!
+//! A front door decodes its wire format into one of these types and hands it to
+//! [`Pipeline::execute`](super::Pipeline::execute); the operation's `run` is the pipeline's
+//! "the operation" step. [`Operation`] is sealed: only this module defines operations, so a
+//! front door cannot reach the keys except through the pipeline's steps.
+//!
+//! * [`data`] — wrap, generate, unwrap, rewrap (each as a batch or a single call: one code
+//!   path, a single call is a batch of one) and public keys;
+//! * [`manage`] — the key lifecycle: create, import, read, list, update, rotate, trim, delete,
+//!   recover, purge, backup, restore;
+//! * [`audit`] — reading the audit trail;
+//! * [`hyok`] — the HYOK kill switch;
+//! * [`kms`] — the Kubernetes KMS v2 plugin's encrypt and decrypt of its one key.
+
+pub mod audit;
+pub mod data;
+pub mod hyok;
+pub mod kms;
+pub mod manage;
+
+use std::future::Future;
+
+use super::pipeline::Call;
+use crate::{error::BrokerError, model::KeyName, policy::Permission};
+
+mod sealed {
+    /// Implemented only by this module's operations.
+    pub trait Sealed {}
+}
+
+/// One operation: what the pipeline runs once identity, deadline and context are settled.
+pub trait Operation: sealed::Sealed + Send {
+    /// What it produces for the front door to encode.
+    type Output: Send;
+
+    /// Runs it. Every key it touches is authorised through `call` first.
+    fn run(self, call: &mut Call)
+    -> impl Future<Output = Result<Self::Output, BrokerError>> + Send;
+}
+
+/// Parses a key name from a request (the message says which field).
+pub(crate) fn key_name(s: &str) -> Result<KeyName, BrokerError> {
+    KeyName::parse(s).map_err(|e| match e {
+        BrokerError::InvalidArgument(m) => BrokerError::invalid(format!("key: {m}")),
+        other => other,
+    })
+}
+
+/// An optional key name (empty: none).
+pub(crate) fn optional_key(s: &str) -> Result<Option<KeyName>, BrokerError> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        key_name(s).map(Some)
+    }
+}
+
+/// How an operation's items are audited: a single call's one item in the request's own record;
+/// a batch's items each in a record of its own (the request's record says the batch ran).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Items {
+    /// One item, the request itself.
+    One,
+    /// A batch.
+    Each,
+}
+
+impl Items {
+    /// Authorises `perm` on an item's key.
+    fn authorize(
+        self,
+        call: &mut Call,
+        perm: Permission,
+        key: &KeyName,
+    ) -> Result<crate::policy::Grant, BrokerError> {
+        match self {
+            Items::One => call.authorize(perm, key),
+            Items::Each => call.authorize_item(perm, key),
+        }
+    }
+}
+
+/// Each item's result, filled in as the item fails a check or comes back from the keyring.
+pub(crate) struct Slots<T>(Vec<Option<Result<T, BrokerError>>>);
+
+impl<T> Slots<T> {
+    pub(crate) fn new(n: usize) -> Self {
+        Self((0..n).map(|_| None).collect())
+    }
+
+    /// Item `i` failed.
+    pub(crate) fn fail(&mut self, i: usize, e: BrokerError) {
+        self.0[i] = Some(Err(e));
+    }
+
+    /// The keyring's results for the items at `indices`, in order.
+    pub(crate) fn fill(&mut self, indices: Vec<usize>, results: Vec<Result<T, BrokerError>>) {
+        for (i, r) in indices.into_iter().zip(results) {
+            self.0[i] = Some(r);
+        }
+    }
+
+    pub(crate) fn finish(self) -> Vec<Result<T, BrokerError>> {
+        self.0
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(BrokerError::internal("item without a result"))))
+            .collect()
+    }
+}
+
+/// The one result of a batch of one.
+pub(crate) fn one<T>(mut results: Vec<Result<T, BrokerError>>) -> Result<T, BrokerError> {
+    results
+        .pop()
+        .unwrap_or_else(|| Err(BrokerError::internal("a single call without a result")))
+}
