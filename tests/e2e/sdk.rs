@@ -480,3 +480,97 @@ default_accepted_reasons = ["PROVIDER_INITIATED_SERVICE"]
         "{rec}"
     );
 }
+
+/// A multi-tenant reader (a service that may unwrap under every tenant's key) and an attacker who
+/// holds a key of its own tenant and can write the reader's stored records.
+const ADMIN: &str = "spiffe://keybroker.test/admin";
+const READER: &str = "spiffe://keybroker.test/reader";
+const ATTACKER: &str = "spiffe://evil.test/writer";
+
+/// The world of the key-substitution tests: `acme/payments` (the record's key), `acme/archive`
+/// (a second key of the same tenant) and `evil/inbox` (the attacker's), all AES-256; the reader
+/// may wrap and unwrap under every one of them, the attacker only under `evil/*`.
+async fn substitution_world() -> (
+    Env,
+    Broker,
+    hsm_fixtures::pki::Issued,
+    hsm_fixtures::pki::Issued,
+) {
+    let env = Env::with(Options {
+        policy: Some(format!(
+            r#"
+[[binding]]
+identity = "{ADMIN}"
+roles = ["crypto-user"]
+scope = "all"
+[[binding]]
+identity = "{READER}"
+role = "service-encryption-user"
+scope = "all"
+[[binding]]
+identity = "{ATTACKER}"
+role = "service-encryption-user"
+scope = "tenant:evil"
+"#
+        )),
+        ..Options::default()
+    });
+    let admin = env
+        .pki
+        .ca
+        .issue_spiffe_client("admin", ADMIN)
+        .expect("cert");
+    let reader = env
+        .pki
+        .ca
+        .issue_spiffe_client("reader", READER)
+        .expect("cert");
+    let attacker = env
+        .pki
+        .ca
+        .issue_spiffe_client("attacker", ATTACKER)
+        .expect("cert");
+    let b = env.start().await;
+    let mut a = b.clients_as(&admin).await;
+    for key in ["acme/payments", "acme/archive", "evil/inbox"] {
+        create(&mut a, key, pb::KeyType::Aes256, pb::Algorithm::Unspecified).await;
+    }
+    (env, b, reader, attacker)
+}
+
+#[tokio::test]
+async fn open_refuses_a_message_an_attacker_sealed_under_another_key_the_reader_may_unwrap() {
+    let (_env, b, reader, attacker) = substitution_world().await;
+    let payments = b
+        .sdk_as(&reader)
+        .key("acme/payments")
+        .build()
+        .expect("client");
+    let genuine = payments
+        .seal(b"pay 10 EUR to alice", b"orders/42")
+        .await
+        .expect("seal");
+    assert_eq!(
+        payments.open(&genuine, b"orders/42").await.expect("open"),
+        b"pay 10 EUR to alice"
+    );
+
+    // The attacker seals its own plaintext, with the record's AAD, under the one key it may use,
+    // and writes the result over the stored record. Everything in the message is authentic under
+    // the DEK the attacker chose; only the key that wrapped that DEK gives it away.
+    let evil = b
+        .sdk_as(&attacker)
+        .key("evil/inbox")
+        .build()
+        .expect("client");
+    let forged = evil
+        .seal(b"pay 9999 EUR to mallory", b"orders/42")
+        .await
+        .expect("the attacker seals under its own key");
+    let r = payments.open(&forged, b"orders/42").await;
+    assert!(
+        matches!(r, Err(Error::Unauthentic)),
+        "the reader accepted a message sealed under evil/inbox: {:?}",
+        r.map(|p| String::from_utf8_lossy(&p).into_owned())
+    );
+}
