@@ -9,7 +9,7 @@
 //! key that unwrapped it is one the client accepts (below), and opens the chunks. Large inputs stream: [`Client::sealer`] / [`Client::opener`] work chunk by chunk, and
 //! [`Client::seal_stream`] / [`Client::open_stream`] connect them to `AsyncRead`/`AsyncWrite`.
 //! The format and the chunk construction (STREAM: truncation, reordering and extension are
-//! detected) are documented byte by byte in [`format`].
+//! detected) are documented byte by byte in [`format`](mod@format).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), keybroker_client::Error> {
@@ -92,7 +92,7 @@
 //!   buffers, which are not zeroized.)
 //!
 //! # Layout
-//! * [`format`] — the sealed format and the chunked AES-256-GCM construction (no I/O).
+//! * [`format`](mod@format) — the sealed format and the chunked AES-256-GCM construction (no I/O).
 //! * [`cache`] — the DEK cache.
 //! * [`pinning`] — which keys an open accepts ([`OpenKeys`]).
 //! * [`error`] — the one error type; every malformed or unauthentic input is
