@@ -74,6 +74,18 @@ pub(crate) enum Cached {
     Miss,
 }
 
+impl Cached {
+    /// What an open does with it: use the DEK, refuse the message (as any other unauthentic
+    /// one), or unwrap.
+    pub(crate) fn served(self) -> crate::Result<Option<DataKey>> {
+        match self {
+            Cached::Hit(key) => Ok(Some(key)),
+            Cached::NotAccepted => Err(crate::Error::Unauthentic),
+            Cached::Miss => Ok(None),
+        }
+    }
+}
+
 /// Counters, for tests and dashboards.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CacheStats {

@@ -6,7 +6,8 @@
 //! message: a small header carrying the wrapped DEK, then the data in authenticated chunks.
 //! [`Client::open`] parses the header, has the broker unwrap the DEK (`UnwrapKey`; the envelope
 //! names its key version, so this keeps working after any number of rotations), checks that the
-//! key that unwrapped it is one the client accepts (below), and opens the chunks. Large inputs stream: [`Client::sealer`] / [`Client::opener`] work chunk by chunk, and
+//! key that unwrapped it is one the client accepts (below), and opens the chunks. Large inputs
+//! stream: [`Client::sealer`] / [`Client::opener`] work chunk by chunk, and
 //! [`Client::seal_stream`] / [`Client::open_stream`] connect them to `AsyncRead`/`AsyncWrite`.
 //! The format and the chunk construction (STREAM: truncation, reordering and extension are
 //! detected) are documented byte by byte in [`format`](mod@format).
@@ -125,7 +126,7 @@ use tonic::{
 use zeroize::Zeroizing;
 
 use crate::{
-    cache::{Cached, DekCache},
+    cache::DekCache,
     format::{DEFAULT_CHUNK_LOG2, DEK_LEN, Decryptor, Encryptor, Header, NONCE_PREFIX_LEN},
     pinning::Accepted,
 };
@@ -648,10 +649,12 @@ impl Client {
             )
         })?;
         let inner = &self.inner;
-        match inner.cache.get(wrapped, accepted, Instant::now()) {
-            Cached::Hit(k) => return Ok(k),
-            Cached::NotAccepted => return Err(Error::Unauthentic),
-            Cached::Miss => {}
+        if let Some(k) = inner
+            .cache
+            .get(wrapped, accepted, Instant::now())
+            .served()?
+        {
+            return Ok(k);
         }
         let gate = inner
             .inflight
@@ -668,12 +671,13 @@ impl Client {
         };
         guard.turn = Some(gate.lock_owned().await);
         // Someone else may have unwrapped it while we waited (not counted twice as a miss).
-        if inner.cache.contains(wrapped, Instant::now()) {
-            match inner.cache.get(wrapped, accepted, Instant::now()) {
-                Cached::Hit(k) => return Ok(k),
-                Cached::NotAccepted => return Err(Error::Unauthentic),
-                Cached::Miss => {}
-            }
+        if inner.cache.contains(wrapped, Instant::now())
+            && let Some(k) = inner
+                .cache
+                .get(wrapped, accepted, Instant::now())
+                .served()?
+        {
+            return Ok(k);
         }
         inner.cache.record_miss();
         let request_id = new_request_id();
