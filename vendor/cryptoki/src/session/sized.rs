@@ -110,7 +110,8 @@ impl Session {
                 // Kryoptic 1.5.4 (its AES modes) marks the operation used before it checks the
                 // buffer, so after CKR_BUFFER_TOO_SMALL the next call fails with
                 // CKR_OPERATION_NOT_INITIALIZED (which ends the operation). Start again, once,
-                // with the size now known: the same input gives the same output.
+                // with the size now known. (Redoing an AES-GCM encryption with the same key, IV
+                // and input gives the same output: nothing new is revealed.)
                 init(mechanism)?;
                 (rv, len) = call(out)?;
             }
