@@ -488,7 +488,7 @@ default_accepted_reasons = ["PROVIDER_INITIATED_SERVICE"]
 
 /// A multi-tenant reader (a service that may unwrap under every tenant's key) and an attacker who
 /// holds a key of its own tenant and can write the reader's stored records.
-const ADMIN: &str = "spiffe://keybroker.test/admin";
+const KEY_ADMIN: &str = "spiffe://keybroker.test/admin";
 const READER: &str = "spiffe://keybroker.test/reader";
 const ATTACKER: &str = "spiffe://evil.test/writer";
 
@@ -505,7 +505,7 @@ async fn substitution_world() -> (
         policy: Some(format!(
             r#"
 [[binding]]
-identity = "{ADMIN}"
+identity = "{KEY_ADMIN}"
 roles = ["crypto-user"]
 scope = "all"
 [[binding]]
@@ -520,21 +520,12 @@ scope = "tenant:evil"
         )),
         ..Options::default()
     });
-    let admin = env
-        .pki
-        .ca
-        .issue_spiffe_client("admin", ADMIN)
-        .expect("cert");
-    let reader = env
-        .pki
-        .ca
-        .issue_spiffe_client("reader", READER)
-        .expect("cert");
-    let attacker = env
-        .pki
-        .ca
-        .issue_spiffe_client("attacker", ATTACKER)
-        .expect("cert");
+    let [admin, reader, attacker] = [
+        ("admin", KEY_ADMIN),
+        ("reader", READER),
+        ("attacker", ATTACKER),
+    ]
+    .map(|(stem, id)| env.pki.ca.issue_spiffe_client(stem, id).expect("cert"));
     let b = env.start().await;
     let mut a = b.clients_as(&admin).await;
     for key in ["acme/payments", "acme/archive", "evil/inbox"] {
