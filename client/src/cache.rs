@@ -5,7 +5,10 @@
 //! unwrapped it — this is also how long a key that was disabled or cut off at the broker stays
 //! usable for data whose DEK is cached), by uses (`max_uses` opens per unwrap), and by size
 //! (`capacity` entries; the oldest goes first). Evicted DEKs are erased ([`DataKey`] zeroizes on
-//! drop). A std mutex guards the map: it is held only for a lookup or an insert, never across
+//! drop). Each entry remembers the broker key that unwrapped it, and is served only to an open
+//! that accepts that key ([`crate::OpenKeys`]): clients made with
+//! [`Client::with_open_keys`](crate::Client::with_open_keys) share one cache, and a DEK unwrapped
+//! for one of them must not open another's message under a key it refuses. A std mutex guards the map: it is held only for a lookup or an insert, never across
 //! an `.await` (the same reasoning as mini-redis's `db.rs`).
 
 use std::{
@@ -17,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::format::DataKey;
+use crate::{format::DataKey, pinning::Accepted};
 
 /// How the DEK cache is bounded.
 #[derive(Clone, Copy, Debug)]
@@ -52,8 +55,35 @@ impl CacheConfig {
 
 struct Entry {
     key: DataKey,
+    /// The broker key that unwrapped it (`tenant/name`, as the broker reported it).
+    kek: String,
     inserted: Instant,
     uses: u64,
+}
+
+/// What the cache has for a wrapped DEK, for one open.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Cached {
+    /// The DEK, unwrapped under a key the open accepts (a hit).
+    Hit(DataKey),
+    /// The DEK was unwrapped under a key the open does not accept: not served (and neither a hit
+    /// nor a use). The same envelope always names the same key, so the broker would not give
+    /// another answer: the open is refused.
+    NotAccepted,
+    /// Nothing usable cached.
+    Miss,
+}
+
+impl Cached {
+    /// What an open does with it: use the DEK, refuse the message (as any other unauthentic
+    /// one), or unwrap.
+    pub(crate) fn served(self) -> crate::Result<Option<DataKey>> {
+        match self {
+            Cached::Hit(key) => Ok(Some(key)),
+            Cached::NotAccepted => Err(crate::Error::Unauthentic),
+            Cached::Miss => Ok(None),
+        }
+    }
 }
 
 /// Counters, for tests and dashboards.
@@ -92,11 +122,14 @@ impl DekCache {
         now.saturating_duration_since(e.inserted) >= self.cfg.max_age || e.uses >= self.cfg.max_uses
     }
 
-    /// The DEK of `wrapped`, counting a hit when found. (A miss is counted by
-    /// [`DekCache::record_miss`] when the caller really unwraps.)
-    pub(crate) fn get(&self, wrapped: &[u8], now: Instant) -> Option<DataKey> {
+    /// The DEK of `wrapped` for an open that accepts `accepted`, counting a hit when served. (A
+    /// miss is counted by [`DekCache::record_miss`] when the caller really unwraps.)
+    pub(crate) fn get(&self, wrapped: &[u8], accepted: &Accepted, now: Instant) -> Cached {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let found = match map.get_mut(wrapped) {
+            Some(e) if !self.expired(e, now) && !accepted.allows(&e.kek) => {
+                return Cached::NotAccepted;
+            }
             Some(e) if !self.expired(e, now) => {
                 e.uses += 1;
                 let key = e.key.clone();
@@ -113,10 +146,13 @@ impl DekCache {
             }
             None => None,
         };
-        if found.is_some() {
-            self.hits.fetch_add(1, Ordering::Relaxed);
+        match found {
+            Some(key) => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                Cached::Hit(key)
+            }
+            None => Cached::Miss,
         }
-        found
     }
 
     /// Counts an open that has to unwrap.
@@ -130,8 +166,9 @@ impl DekCache {
         map.get(wrapped).is_some_and(|e| !self.expired(e, now))
     }
 
-    /// Caches the DEK of `wrapped` after an unwrap (which counts as its first use).
-    pub(crate) fn insert(&self, wrapped: &[u8], key: DataKey, now: Instant) {
+    /// Caches the DEK of `wrapped`, which broker key `kek` unwrapped, after an unwrap (which
+    /// counts as its first use).
+    pub(crate) fn insert(&self, wrapped: &[u8], key: DataKey, kek: &str, now: Instant) {
         if self.cfg.capacity == 0 || self.cfg.max_uses <= 1 || self.cfg.max_age.is_zero() {
             return;
         }
@@ -156,6 +193,7 @@ impl DekCache {
             wrapped.to_vec(),
             Entry {
                 key,
+                kek: kek.to_string(),
                 inserted: now,
                 uses: 1,
             },
@@ -189,6 +227,12 @@ mod tests {
         DataKey::take(&mut vec![b; 32]).expect("32 bytes")
     }
 
+    const KEK: &str = "acme/a";
+
+    fn any() -> Accepted {
+        Accepted::Any
+    }
+
     fn cache(max_age_s: u64, max_uses: u64, capacity: usize) -> DekCache {
         DekCache::new(CacheConfig {
             max_age: Duration::from_secs(max_age_s),
@@ -201,12 +245,12 @@ mod tests {
     fn hit_until_the_use_bound_then_miss() {
         let c = cache(60, 3, 10);
         let t = Instant::now();
-        assert!(c.get(b"w", t).is_none());
+        assert_eq!(c.get(b"w", &any(), t), Cached::Miss);
         c.record_miss();
-        c.insert(b"w", key(1), t); // use 1
-        assert_eq!(c.get(b"w", t), Some(key(1))); // use 2
-        assert_eq!(c.get(b"w", t), Some(key(1))); // use 3: evicted after serving
-        assert!(c.get(b"w", t).is_none());
+        c.insert(b"w", key(1), KEK, t); // use 1
+        assert_eq!(c.get(b"w", &any(), t), Cached::Hit(key(1))); // use 2
+        assert_eq!(c.get(b"w", &any(), t), Cached::Hit(key(1))); // use 3: evicted after serving
+        assert_eq!(c.get(b"w", &any(), t), Cached::Miss);
         c.record_miss();
         assert_eq!(
             c.stats(),
@@ -223,11 +267,17 @@ mod tests {
     fn entries_expire_by_age() {
         let c = cache(60, 100, 10);
         let t = Instant::now();
-        c.insert(b"w", key(1), t);
-        assert!(c.get(b"w", t + Duration::from_secs(59)).is_some());
+        c.insert(b"w", key(1), KEK, t);
+        assert_eq!(
+            c.get(b"w", &any(), t + Duration::from_secs(59)),
+            Cached::Hit(key(1))
+        );
         assert!(c.contains(b"w", t + Duration::from_secs(59)));
         assert!(!c.contains(b"w", t + Duration::from_secs(60)));
-        assert!(c.get(b"w", t + Duration::from_secs(60)).is_none());
+        assert_eq!(
+            c.get(b"w", &any(), t + Duration::from_secs(60)),
+            Cached::Miss
+        );
         assert_eq!(c.stats().evictions, 1);
         assert_eq!(c.stats().entries, 0);
     }
@@ -236,9 +286,9 @@ mod tests {
     fn capacity_evicts_the_oldest_and_zero_capacity_caches_nothing() {
         let c = cache(60, 100, 2);
         let t = Instant::now();
-        c.insert(b"a", key(1), t);
-        c.insert(b"b", key(2), t + Duration::from_secs(1));
-        c.insert(b"c", key(3), t + Duration::from_secs(2));
+        c.insert(b"a", key(1), KEK, t);
+        c.insert(b"b", key(2), KEK, t + Duration::from_secs(1));
+        c.insert(b"c", key(3), KEK, t + Duration::from_secs(2));
         let now = t + Duration::from_secs(3);
         assert!(!c.contains(b"a", now));
         assert!(c.contains(b"b", now) && c.contains(b"c", now));
@@ -247,7 +297,23 @@ mod tests {
         assert_eq!(c.stats().entries, 0);
 
         let off = DekCache::new(CacheConfig::disabled());
-        off.insert(b"a", key(1), t);
-        assert!(off.get(b"a", t).is_none());
+        off.insert(b"a", key(1), KEK, t);
+        assert_eq!(off.get(b"a", &any(), t), Cached::Miss);
+    }
+
+    #[test]
+    fn a_dek_is_served_only_to_an_open_that_accepts_the_key_that_unwrapped_it() {
+        let c = cache(60, 100, 10);
+        let t = Instant::now();
+        c.insert(b"w", key(1), "evil/inbox", t);
+        let strict = Accepted::new(&crate::OpenKeys::only(["acme/a", "acme/b"])).expect("keys");
+        assert_eq!(c.get(b"w", &strict, t), Cached::NotAccepted);
+        // Refused entries are neither hits nor uses, and stay for the opens that accept them.
+        assert_eq!(c.stats().hits, 0);
+        let evil = Accepted::new(&crate::OpenKeys::only(["evil/inbox"])).expect("keys");
+        assert_eq!(c.get(b"w", &evil, t), Cached::Hit(key(1)));
+        assert_eq!(c.get(b"w", &any(), t), Cached::Hit(key(1)));
+        assert_eq!(c.get(b"w", &strict, t), Cached::NotAccepted);
+        assert_eq!((c.stats().hits, c.stats().entries), (2, 1));
     }
 }

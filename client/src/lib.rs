@@ -5,11 +5,12 @@
 //! encrypts the data **locally** with AES-256-GCM, erases the DEK, and returns one self-contained
 //! message: a small header carrying the wrapped DEK, then the data in authenticated chunks.
 //! [`Client::open`] parses the header, has the broker unwrap the DEK (`UnwrapKey`; the envelope
-//! names its key version, so this keeps working after any number of rotations), and opens the
-//! chunks. Large inputs stream: [`Client::sealer`] / [`Client::opener`] work chunk by chunk, and
+//! names its key version, so this keeps working after any number of rotations), checks that the
+//! key that unwrapped it is one the client accepts (below), and opens the chunks. Large inputs
+//! stream: [`Client::sealer`] / [`Client::opener`] work chunk by chunk, and
 //! [`Client::seal_stream`] / [`Client::open_stream`] connect them to `AsyncRead`/`AsyncWrite`.
 //! The format and the chunk construction (STREAM: truncation, reordering and extension are
-//! detected) are documented byte by byte in [`format`].
+//! detected) are documented byte by byte in [`format`](mod@format).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), keybroker_client::Error> {
@@ -21,7 +22,7 @@
 //!     "/etc/payments/svid.pem",           // this service's certificate (SPIFFE ID or DNS SAN)
 //!     "/etc/payments/svid.key",
 //! )?
-//! .key("acme/payments")                   // the broker key new messages are sealed under
+//! .key("acme/payments")                   // seal under this key; open accepts only this key
 //! .build()?;
 //!
 //! let sealed = client.seal(b"4111 1111 1111 1111", b"order-42").await?;
@@ -32,6 +33,36 @@
 //! ```
 //!
 //! `examples/seal_open.rs` is the same thing as a program that runs against `keybroker dev`.
+//!
+//! # Envelope encryption authenticates the key, not the sender
+//! A sealed message proves only that whoever made it held its DEK, and anyone who may call
+//! `GenerateDataKey` (or `WrapKey`) under *some* key can make a DEK, seal any plaintext with any
+//! AAD under it, and write the result where a reader will find it. What tells the reader's
+//! messages from such a forgery is the key that wrapped the DEK: the forger cannot wrap under a
+//! key it may not use. So the reader must check that key, and the check matters exactly when
+//! the reader may unwrap under more than one key — a service that reads several tenants'
+//! records, or a key shared by more parties than the one that should be writing — since then a
+//! party who may seal under one of those keys can substitute its messages for another key's.
+//!
+//! So [`Client::open`] is **strict by default**, like the AWS Encryption SDK's strict mode: it
+//! accepts a message only if its DEK was wrapped under a key the client names
+//! ([`ClientBuilder::open_keys`] with [`OpenKeys::only`]; without it, the sealing key of
+//! [`ClientBuilder::key`] alone), and refuses any other as [`Error::Unauthentic`]. With one
+//! accepted key the broker is told which key to expect (`UnwrapKeyRequest.key`) and refuses an
+//! envelope of another key itself, before it unwraps anything; with several, the client checks
+//! the key the broker reports after the unwrap (so the broker has unwrapped, and audited, the
+//! foreign DEK by then; the client erases it). A DEK in the cache is served only to an open that
+//! accepts the key that unwrapped it. A client with neither a sealing key nor `open_keys`
+//! refuses to open anything ([`Error::Config`]). [`Client::with_open_keys`] gives another view
+//! of the same client (channel, cache) for a record whose expected key differs, e.g. per tenant.
+//!
+//! **Discovery mode** ([`OpenKeys::Discovery`]: any key the broker lets this identity unwrap
+//! with) must be asked for explicitly. It is safe only where no one who may seal under any key
+//! this identity may unwrap with could write the data it reads.
+//!
+//! The key is all that is authenticated: two writers who may both seal under the accepted key
+//! cannot be told apart, and the AAD (bound in every chunk) is the place to bind *what* a
+//! message is for (a record id, a tenant), so that a message cannot be moved to another record.
 //!
 //! # What the client does for you
 //! * **Mutual TLS** from PEM files (the broker accepts TLS 1.3 with a client certificate only).
@@ -62,8 +93,9 @@
 //!   buffers, which are not zeroized.)
 //!
 //! # Layout
-//! * [`format`] — the sealed format and the chunked AES-256-GCM construction (no I/O).
+//! * [`format`](mod@format) — the sealed format and the chunked AES-256-GCM construction (no I/O).
 //! * [`cache`] — the DEK cache.
+//! * [`pinning`] — which keys an open accepts ([`OpenKeys`]).
 //! * [`error`] — the one error type; every malformed or unauthentic input is
 //!   [`Error::Unauthentic`].
 //! * this module — the client: connection, retries, seal/open and the streaming API.
@@ -71,6 +103,7 @@
 pub mod cache;
 pub mod error;
 pub mod format;
+pub mod pinning;
 
 use std::{
     collections::HashMap,
@@ -95,6 +128,7 @@ use zeroize::Zeroizing;
 use crate::{
     cache::DekCache,
     format::{DEFAULT_CHUNK_LOG2, DEK_LEN, Decryptor, Encryptor, Header, NONCE_PREFIX_LEN},
+    pinning::Accepted,
 };
 pub use keybroker_proto::v1::JustificationReason;
 
@@ -102,6 +136,7 @@ pub use crate::{
     cache::{CacheConfig, CacheStats},
     error::{Error, Result},
     format::DataKey,
+    pinning::OpenKeys,
 };
 
 /// The metadata header that carries a request id to the broker.
@@ -161,6 +196,7 @@ pub struct ClientBuilder {
     cert_pem: Vec<u8>,
     key_pem: Zeroizing<Vec<u8>>,
     key: Option<String>,
+    open_keys: Option<OpenKeys>,
     call_timeout: Duration,
     connect_timeout: Duration,
     retry: RetryPolicy,
@@ -173,6 +209,7 @@ impl std::fmt::Debug for ClientBuilder {
         f.debug_struct("ClientBuilder")
             .field("endpoint", &self.endpoint)
             .field("key", &self.key)
+            .field("open_keys", &self.open_keys)
             .field("call_timeout", &self.call_timeout)
             .field("retry", &self.retry)
             .field("cache", &self.cache)
@@ -201,6 +238,7 @@ impl ClientBuilder {
             cert_pem: cert_pem.into(),
             key_pem: Zeroizing::new(key_pem.into()),
             key: None,
+            open_keys: None,
             call_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             retry: RetryPolicy::default(),
@@ -224,10 +262,21 @@ impl ClientBuilder {
         ))
     }
 
-    /// The broker key (`tenant/name`) that [`Client::seal`] seals under. Opening needs no key
-    /// name: every message names its key version.
+    /// The broker key (`tenant/name`) that [`Client::seal`] seals under. Unless
+    /// [`ClientBuilder::open_keys`] says otherwise, it is also the one key [`Client::open`]
+    /// accepts (strict mode).
     pub fn key(mut self, name: impl Into<String>) -> Self {
         self.key = Some(name.into());
+        self
+    }
+
+    /// The broker keys [`Client::open`] accepts a message from (default: the sealing key of
+    /// [`ClientBuilder::key`] alone). [`OpenKeys::only`] lists them (strict mode: e.g. the
+    /// current key and the one it replaced); [`OpenKeys::Discovery`] accepts any key the broker
+    /// lets this client unwrap with, which is safe only where nobody who may seal under another
+    /// of those keys can write the data (see the crate docs).
+    pub fn open_keys(mut self, keys: OpenKeys) -> Self {
+        self.open_keys = Some(keys);
         self
     }
 
@@ -261,6 +310,16 @@ impl ClientBuilder {
         self
     }
 
+    /// The keys `open` will accept: strict by default (the sealing key alone); with neither a
+    /// sealing key nor `open_keys`, none (and `open` refuses to guess).
+    fn accepted(&self) -> Result<Option<Accepted>> {
+        match (&self.open_keys, &self.key) {
+            (Some(keys), _) => Accepted::new(keys).map(Some),
+            (None, Some(key)) => Accepted::new(&OpenKeys::only([key.as_str()])).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+
     /// Builds the client. No network traffic: the channel connects on first use (and reconnects
     /// by itself after a broker restart).
     pub fn build(self) -> Result<Client> {
@@ -277,6 +336,7 @@ impl ClientBuilder {
                 "retry.max_attempts must be at least 1".into(),
             ));
         }
+        let accepted = self.accepted()?.map(Arc::new);
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.ca_pem))
             .identity(Identity::from_pem(&self.cert_pem, &self.key_pem[..]));
@@ -291,6 +351,7 @@ impl ClientBuilder {
             .connect_lazy();
         Ok(Client {
             justification: None,
+            accepted,
             inner: Arc::new(Inner {
                 stub: KeyBrokerClient::new(channel),
                 key: self.key,
@@ -329,6 +390,8 @@ pub struct Client {
     inner: Arc<Inner>,
     /// The access justification sent with every broker call, if any.
     justification: Option<Arc<pb::AccessJustification>>,
+    /// The keys `open` accepts (`None`: none configured, so `open` refuses).
+    accepted: Option<Arc<Accepted>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -336,6 +399,7 @@ impl std::fmt::Debug for Client {
         f.debug_struct("Client")
             .field("key", &self.inner.key)
             .field("justification", &self.justification)
+            .field("accepted", &self.accepted)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
@@ -412,7 +476,20 @@ impl Client {
                 reason: reason.into(),
                 detail: detail.into(),
             })),
+            accepted: self.accepted.clone(),
         }
+    }
+
+    /// The same client (same channel, same DEK cache and counters, same justification) whose
+    /// opens accept `keys` instead: for a service that reads records of several tenants or
+    /// keys with one client and knows, per record, which key must have sealed it. A DEK the
+    /// shared cache holds is served only to an open that accepts the key that unwrapped it.
+    pub fn with_open_keys(&self, keys: OpenKeys) -> Result<Self> {
+        Ok(Self {
+            inner: self.inner.clone(),
+            justification: self.justification.clone(),
+            accepted: Some(Arc::new(Accepted::new(&keys)?)),
+        })
     }
 
     /// The request context of a broker call (the request id travels as `x-request-id`).
@@ -449,7 +526,10 @@ impl Client {
         Ok(out)
     }
 
-    /// Opens a message made by [`Client::seal`] (or a [`Sealer`]) with the same `aad`.
+    /// Opens a message made by [`Client::seal`] (or a [`Sealer`]) with the same `aad`, if its
+    /// DEK was wrapped under a key this client accepts ([`ClientBuilder::open_keys`]; by default
+    /// the sealing key). A message of any other key is [`Error::Unauthentic`], like any other
+    /// forgery.
     pub async fn open(&self, sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
         let mut o = self.opener(aad);
         let mut out = o.update(sealed).await?;
@@ -560,10 +640,20 @@ impl Client {
     }
 
     /// The DEK of a wrapped DEK: from the cache, or unwrapped by the broker (one call per DEK,
-    /// however many opens ask for it at once).
+    /// however many opens ask for it at once), provided the key that unwrapped it is one this
+    /// client accepts.
     async fn data_key(&self, wrapped: &[u8]) -> Result<DataKey> {
+        let accepted = self.accepted.as_deref().ok_or_else(|| {
+            Error::Config(
+                "no key to open with: set ClientBuilder::key or ClientBuilder::open_keys".into(),
+            )
+        })?;
         let inner = &self.inner;
-        if let Some(k) = inner.cache.get(wrapped, Instant::now()) {
+        if let Some(k) = inner
+            .cache
+            .get(wrapped, accepted, Instant::now())
+            .served()?
+        {
             return Ok(k);
         }
         let gate = inner
@@ -582,7 +672,10 @@ impl Client {
         guard.turn = Some(gate.lock_owned().await);
         // Someone else may have unwrapped it while we waited (not counted twice as a miss).
         if inner.cache.contains(wrapped, Instant::now())
-            && let Some(k) = inner.cache.get(wrapped, Instant::now())
+            && let Some(k) = inner
+                .cache
+                .get(wrapped, accepted, Instant::now())
+                .served()?
         {
             return Ok(k);
         }
@@ -591,10 +684,15 @@ impl Client {
         inner.unwrap_calls.fetch_add(1, Ordering::Relaxed);
         let envelope = wrapped.to_vec();
         let context = self.context();
+        // With one accepted key the broker checks it too, before it unwraps (an envelope of
+        // another key is refused as unauthentic, like a forged one). Several keys do not fit the
+        // request's one field: the client alone checks the key the broker reports.
+        let expected = accepted.broker_key().unwrap_or_default().to_string();
         let result = self
             .call("UnwrapKey", &request_id, |mut stub, req_id, timeout| {
                 let mut req = tonic::Request::new(pb::UnwrapKeyRequest {
-                    // No key name (the envelope names its version) and no broker AAD.
+                    key: expected.clone(),
+                    // No broker AAD: the caller's AAD is bound locally, in every chunk.
                     wrapped: Some(pb::unwrap_key_request::Wrapped::Envelope(envelope.clone())),
                     context: context.clone(),
                     ..Default::default()
@@ -614,7 +712,19 @@ impl Client {
             Err(e) => return Err(e),
         };
         let key = DataKey::take(&mut resp.plaintext).ok_or(Error::Unauthentic)?;
-        inner.cache.insert(wrapped, key.clone(), Instant::now());
+        if !accepted.allows(&resp.key) {
+            // Someone who may use another key this identity may unwrap with sealed this message
+            // (or a broker answered without naming its key). Not cached: `key` is erased here.
+            tracing::warn!(
+                request_id,
+                key = %resp.key,
+                "refused a sealed message whose DEK is wrapped under a key this client does not accept"
+            );
+            return Err(Error::Unauthentic);
+        }
+        inner
+            .cache
+            .insert(wrapped, key.clone(), &resp.key, Instant::now());
         Ok(key)
     }
 
@@ -795,6 +905,38 @@ mod tests {
             max_attempts: 0,
             ..RetryPolicy::default()
         };
-        assert!(matches!(b.retry(no_retries).build(), Err(Error::Config(_))));
+        assert!(matches!(
+            b.clone().retry(no_retries).build(),
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            b.open_keys(OpenKeys::Only(vec![])).build(),
+            Err(Error::Config(m)) if m.contains("at least one key")
+        ));
+    }
+
+    #[test]
+    fn open_accepts_the_sealing_key_alone_unless_open_keys_says_otherwise() {
+        let b = ClientBuilder::from_pem("https://localhost:1", "ca", "cert", "key");
+        assert_eq!(b.accepted().expect("valid"), None);
+        let sealing = b.clone().key("acme/payments");
+        assert_eq!(
+            sealing.accepted().expect("valid"),
+            Some(Accepted::new(&OpenKeys::only(["acme/payments"])).expect("keys"))
+        );
+        let both = sealing.open_keys(OpenKeys::only(["acme/payments", "acme/archive"]));
+        let a = both.accepted().expect("valid").expect("keys");
+        assert!(a.allows("acme/payments") && a.allows("acme/archive") && !a.allows("acme/x"));
+        assert_eq!(
+            b.clone()
+                .open_keys(OpenKeys::Discovery)
+                .accepted()
+                .expect("valid"),
+            Some(Accepted::Any)
+        );
+        assert!(matches!(
+            b.key("bad name").accepted(),
+            Err(Error::Config(_))
+        ));
     }
 }

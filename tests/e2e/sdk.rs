@@ -1,9 +1,12 @@
 //! The client SDK (`keybroker-client`) against the real broker: round trips, every way sealed
-//! data can be damaged, the DEK cache's counts, retries, and the README example program.
+//! data can be damaged, a message sealed under another key than the reader accepts (the
+//! key-substitution attack), the DEK cache's counts, retries, and the README example program.
 
 use std::time::Duration;
 
-use keybroker_client::{CacheConfig, Client, ClientStats, Error, RetryPolicy, format::TAG_LEN};
+use keybroker_client::{
+    CacheConfig, Client, ClientStats, Error, OpenKeys, RetryPolicy, format::TAG_LEN,
+};
 use keybroker_proto::v1 as pb;
 
 use crate::common::*;
@@ -235,6 +238,7 @@ async fn repeated_and_concurrent_opens_under_one_dek_make_one_unwrap_call() {
     // Use-bounded: max_uses 3 serves 3 opens per unwrap, and erases the DEK after the third.
     let bounded = b
         .sdk_as(&env.pki.client)
+        .key("sdk/cache")
         .cache(CacheConfig {
             max_uses: 3,
             ..CacheConfig::default()
@@ -265,6 +269,7 @@ async fn repeated_and_concurrent_opens_under_one_dek_make_one_unwrap_call() {
     ] {
         let c = b
             .sdk_as(&env.pki.client)
+            .key("sdk/cache")
             .cache(cfg)
             .build()
             .expect("client");
@@ -479,4 +484,196 @@ default_accepted_reasons = ["PROVIDER_INITIATED_SERVICE"]
             .is_some_and(|id| id.starts_with("kbc-")),
         "{rec}"
     );
+}
+
+/// A multi-tenant reader (a service that may unwrap under every tenant's key) and an attacker who
+/// holds a key of its own tenant and can write the reader's stored records.
+const KEY_ADMIN: &str = "spiffe://keybroker.test/admin";
+const READER: &str = "spiffe://keybroker.test/reader";
+const ATTACKER: &str = "spiffe://evil.test/writer";
+
+/// The world of the key-substitution tests: `acme/payments` (the record's key), `acme/archive`
+/// (a second key of the same tenant) and `evil/inbox` (the attacker's), all AES-256; the reader
+/// may wrap and unwrap under every one of them, the attacker only under `evil/*`.
+async fn substitution_world() -> (
+    Env,
+    Broker,
+    hsm_fixtures::pki::Issued,
+    hsm_fixtures::pki::Issued,
+) {
+    let env = Env::with(Options {
+        policy: Some(format!(
+            r#"
+[[binding]]
+identity = "{KEY_ADMIN}"
+roles = ["crypto-user"]
+scope = "all"
+[[binding]]
+identity = "{READER}"
+role = "service-encryption-user"
+scope = "all"
+[[binding]]
+identity = "{ATTACKER}"
+role = "service-encryption-user"
+scope = "tenant:evil"
+"#
+        )),
+        ..Options::default()
+    });
+    let [admin, reader, attacker] = [
+        ("admin", KEY_ADMIN),
+        ("reader", READER),
+        ("attacker", ATTACKER),
+    ]
+    .map(|(stem, id)| env.pki.ca.issue_spiffe_client(stem, id).expect("cert"));
+    let b = env.start().await;
+    let mut a = b.clients_as(&admin).await;
+    for key in ["acme/payments", "acme/archive", "evil/inbox"] {
+        create(&mut a, key, pb::KeyType::Aes256, pb::Algorithm::Unspecified).await;
+    }
+    (env, b, reader, attacker)
+}
+
+#[tokio::test]
+async fn open_refuses_a_message_an_attacker_sealed_under_another_key_the_reader_may_unwrap() {
+    let (env, b, reader, attacker) = substitution_world().await;
+    let payments = b
+        .sdk_as(&reader)
+        .key("acme/payments")
+        .build()
+        .expect("client");
+    let genuine = payments
+        .seal(b"pay 10 EUR to alice", b"orders/42")
+        .await
+        .expect("seal");
+    assert_eq!(
+        payments.open(&genuine, b"orders/42").await.expect("open"),
+        b"pay 10 EUR to alice"
+    );
+
+    // The attacker seals its own plaintext, with the record's AAD, under the one key it may use,
+    // and writes the result over the stored record. Everything in the message is authentic under
+    // the DEK the attacker chose; only the key that wrapped that DEK gives it away.
+    let evil = b
+        .sdk_as(&attacker)
+        .key("evil/inbox")
+        .build()
+        .expect("client");
+    let forged = evil
+        .seal(b"pay 9999 EUR to mallory", b"orders/42")
+        .await
+        .expect("the attacker seals under its own key");
+    let r = payments.open(&forged, b"orders/42").await;
+    assert!(
+        matches!(r, Err(Error::Unauthentic)),
+        "the reader accepted a message sealed under evil/inbox: {:?}",
+        r.map(|p| String::from_utf8_lossy(&p).into_owned())
+    );
+    // With one accepted key the broker was told which key to expect and refused the envelope
+    // itself, before unwrapping: its audit trail has the reader's refused UnwrapKey and no
+    // unwrap under evil/inbox for the reader.
+    let audit = std::fs::read_to_string(env.audit_log()).expect("audit");
+    let reader_unwraps: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .filter(|r| r["caller"] == READER && r["op"] == "UnwrapKey")
+        .collect();
+    let outcomes: Vec<(&str, &str)> = reader_unwraps
+        .iter()
+        .map(|r| {
+            (
+                r["key"].as_str().unwrap_or(""),
+                r["outcome"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("acme/payments", "OK"),
+            ("acme/payments", "INVALID_ARGUMENT")
+        ]
+    );
+    // The forged DEK was not cached, and the record's own message still opens.
+    let s = payments.stats();
+    assert_eq!((s.unwrap_calls, s.cache.entries), (2, 1));
+    assert_eq!(
+        payments.open(&genuine, b"orders/42").await.expect("open"),
+        b"pay 10 EUR to alice"
+    );
+}
+
+#[tokio::test]
+async fn several_accepted_keys_are_checked_by_the_client_and_the_cache_serves_a_dek_only_to_opens_that_accept_its_key()
+ {
+    let (_env, b, reader, attacker) = substitution_world().await;
+    // The reader accepts two keys of its tenant (say the current one and the one it replaced).
+    let reader_sdk = |key: &str| b.sdk_as(&reader).key(key);
+    let rw = reader_sdk("acme/payments")
+        .open_keys(OpenKeys::only(["acme/payments", "acme/archive"]))
+        .build()
+        .expect("client");
+    let payments = rw.seal(b"current", b"r1").await.expect("seal");
+    let archived = reader_sdk("acme/archive")
+        .build()
+        .expect("client")
+        .seal(b"archived", b"r2")
+        .await
+        .expect("seal");
+    let forged = b
+        .sdk_as(&attacker)
+        .key("evil/inbox")
+        .build()
+        .expect("client")
+        .seal(b"forged", b"r1")
+        .await
+        .expect("seal");
+    assert_eq!(rw.open(&payments, b"r1").await.expect("open"), b"current");
+    assert_eq!(rw.open(&archived, b"r2").await.expect("open"), b"archived");
+    // Two keys do not fit UnwrapKeyRequest.key: the broker unwraps, the client refuses what the
+    // broker reports (evil/inbox) and caches nothing.
+    assert!(matches!(
+        rw.open(&forged, b"r1").await,
+        Err(Error::Unauthentic)
+    ));
+    let s = rw.stats();
+    assert_eq!((s.unwrap_calls, s.cache.entries), (3, 2));
+
+    // Discovery mode must be asked for, and then accepts the attacker's key: it is only for
+    // identities that no other writer shares keys with. The view shares rw's cache...
+    let discovery = rw.with_open_keys(OpenKeys::Discovery).expect("view");
+    assert_eq!(
+        discovery.open(&forged, b"r1").await.expect("discovery"),
+        b"forged"
+    );
+    assert_eq!(rw.stats().cache.entries, 3);
+    // ... and the cache serves that DEK to no open that refuses evil/inbox (no broker call), nor
+    // the archive key's DEK to a view that accepts acme/payments alone.
+    let payments_only = rw
+        .with_open_keys(OpenKeys::only(["acme/payments"]))
+        .expect("view");
+    let calls = rw.stats().unwrap_calls;
+    for (who, c) in [("rw", &rw), ("payments only", &payments_only)] {
+        assert!(
+            matches!(c.open(&forged, b"r1").await, Err(Error::Unauthentic)),
+            "{who}"
+        );
+    }
+    assert!(matches!(
+        payments_only.open(&archived, b"r2").await,
+        Err(Error::Unauthentic)
+    ));
+    assert_eq!(rw.stats().unwrap_calls, calls, "refused from the cache");
+    assert_eq!(
+        payments_only.open(&payments, b"r1").await.expect("open"),
+        b"current"
+    );
+
+    // A client that names no key at all opens nothing (strict mode has nothing to accept).
+    let nameless = b.sdk_as(&reader).build().expect("client");
+    assert!(matches!(
+        nameless.open(&payments, b"r1").await,
+        Err(Error::Config(m)) if m.contains("no key to open with")
+    ));
+    assert_eq!(nameless.stats().rpc_attempts, 0);
 }

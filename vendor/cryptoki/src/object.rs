@@ -1093,7 +1093,8 @@ impl Attribute {
                 authority_type as *const _ as *mut c_void
             }
             Attribute::AllowedMechanisms(mechanisms) => as_cptr!(mechanisms),
-            Attribute::UnwrapTemplate(array) => array.raw.as_ptr() as *mut c_void,
+            // NULL for an empty array, like every other Vec-valued attribute (as_cptr!).
+            Attribute::UnwrapTemplate(array) => as_cptr!(array.raw),
             Attribute::EndDate(date) | Attribute::StartDate(date) => {
                 date as *const _ as *mut c_void
             }

@@ -6,17 +6,19 @@ use crate::context::Function;
 use crate::error::{Result, Rv};
 use crate::mechanism::Mechanism;
 use crate::object::ObjectHandle;
+use crate::session::sized::SinglePart;
 use crate::session::Session;
 use cryptoki_sys::*;
 use std::convert::TryInto;
 
 impl Session {
-
     /// Single-part decryption with one `C_Decrypt` call into a buffer of `capacity` bytes (keybroker
-    /// patch). [`Session::decrypt`] first asks the token for the output length, and soft tokens such
-    /// as SoftHSM2 do the whole operation to answer that, so every operation costs twice. If the
-    /// token reports `CKR_BUFFER_TOO_SMALL`, the operation stays active (PKCS#11 §5.2) and the
-    /// call is repeated once with the size it asked for.
+    /// patch: not in cryptoki 0.12.1). [`Session::decrypt`] first asks the token for the output
+    /// length, and soft tokens such as SoftHSM2 do the whole operation to answer that, so every
+    /// operation costs twice. If `capacity` is too small, the call is repeated once with the
+    /// size the token asks for; if that is still too small, the operation is ended before
+    /// `CKR_BUFFER_TOO_SMALL` is returned, or, if the token cannot be made to end it,
+    /// `CKR_OPERATION_ACTIVE` is returned and the session must be closed rather than reused.
     pub fn decrypt_sized(
         &self,
         mechanism: &Mechanism,
@@ -24,45 +26,15 @@ impl Session {
         input: &[u8],
         capacity: usize,
     ) -> Result<Vec<u8>> {
-        let mut mechanism: CK_MECHANISM = mechanism.into();
-        unsafe {
-            Rv::from(get_pkcs11!(self.client(), C_DecryptInit)(
-                self.handle(),
-                &mut mechanism as CK_MECHANISM_PTR,
-                key.handle(),
-            ))
-            .into_result(Function::DecryptInit)?;
-        }
-        let mut out = vec![0; capacity];
-        let mut out_len: CK_ULONG = out.len().try_into()?;
-        let rv = unsafe {
-            Rv::from(get_pkcs11!(self.client(), C_Decrypt)(
-                self.handle(),
-                input.as_ptr() as *mut u8,
-                input.len().try_into()?,
-                out.as_mut_ptr(),
-                &mut out_len,
-            ))
+        let op = SinglePart {
+            init: get_pkcs11!(self.client(), C_DecryptInit),
+            call: get_pkcs11!(self.client(), C_Decrypt),
+            init_fn: Function::DecryptInit,
+            call_fn: Function::Decrypt,
         };
-        match rv {
-            Rv::Error(crate::error::RvError::BufferTooSmall) => {
-                out.resize(out_len.try_into()?, 0);
-                unsafe {
-                    Rv::from(get_pkcs11!(self.client(), C_Decrypt)(
-                        self.handle(),
-                        input.as_ptr() as *mut u8,
-                        input.len().try_into()?,
-                        out.as_mut_ptr(),
-                        &mut out_len,
-                    ))
-                    .into_result(Function::Decrypt)?;
-                }
-            }
-            rv => rv.into_result(Function::Decrypt)?,
-        }
-        out.truncate(out_len.try_into()?);
-        Ok(out)
+        self.single_part_sized(op, mechanism, key, input, capacity)
     }
+
     /// Single-part decryption operation
     pub fn decrypt(
         &self,

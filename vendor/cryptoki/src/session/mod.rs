@@ -22,6 +22,8 @@ mod random;
 mod session_info;
 mod session_management;
 mod signing_macing;
+// keybroker patch: single-part encrypt/decrypt into a sized buffer.
+mod sized;
 mod slot_token_management;
 mod validation;
 

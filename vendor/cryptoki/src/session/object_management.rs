@@ -527,6 +527,13 @@ impl Session {
         object: ObjectHandle,
         attributes: &[AttributeType],
     ) -> Result<Vec<Attribute>> {
+        // keybroker patch: an attribute array is set, never read back, through this crate. The
+        // buffers below are plain bytes, while a token fills an array attribute in as an array
+        // of CK_ATTRIBUTE (or refuses: Kryoptic 1.5.4 answers CKR_TEMPLATE_INCONSISTENT), so
+        // refuse before asking.
+        if attributes.contains(&AttributeType::UnwrapTemplate) {
+            return Err(Error::NotSupported);
+        }
         // Step 1: Build pass1 template
         // - Pre-allocate buffers for attributes with known fixed size
         // - Use NULL pointers for all other attributes to query their size
