@@ -20,6 +20,7 @@
 //! * [`kms`] — the Kubernetes KMS v2 plugin API on a unix socket, for one key.
 //! * [`health`], [`metrics`] — the HSM health probe behind `grpc.health.v1`, and Prometheus
 //!   metrics on their own listener.
+//! * [`instance_lock`] — one broker process per SQLite store and per audit log.
 //! * [`server`] — wiring and graceful shutdown; [`client`] — connecting as a client;
 //!   [`cli`] — the `keybroker` command.
 
@@ -36,6 +37,7 @@ pub mod health;
 pub mod hsm;
 pub mod hyok;
 pub mod identity;
+pub mod instance_lock;
 pub mod keyring;
 pub mod kms;
 pub mod lifecycle;

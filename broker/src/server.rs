@@ -113,6 +113,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
     harden_process();
+    // Before the HSM, the store or the audit log is touched: a second broker on the same files
+    // stops here (crate::instance_lock). Held until `run` returns.
+    let _locks = crate::instance_lock::lock_local_files(&cfg)?;
     let hsm = open_hsm(&cfg).await?;
     let t = hsm.token();
     tracing::info!(library = %t.library, slot = t.slot, label = %t.label, serial = %t.serial,

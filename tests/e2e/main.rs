@@ -12,6 +12,7 @@ mod crash;
 mod faults;
 mod hostile;
 mod hyok;
+mod instance_lock;
 mod key_safety;
 mod keys;
 mod kms_v2;
