@@ -11,6 +11,7 @@ mod common;
 mod crash;
 mod faults;
 mod hostile;
+mod hygiene;
 mod hyok;
 mod instance_lock;
 mod key_safety;
