@@ -1,11 +1,12 @@
-//! Secrets on the broker's own host: PIN and password files that other accounts can read are
-//! refused unless explicitly allowed; every command that reads a PIN or the audit log runs
-//! without core dumps. See docs/src/hardening.md.
+//! Secrets and files on the broker's own host: PIN and password files that other accounts can
+//! read are refused unless explicitly allowed; the audit log, the SQLite store and their lock
+//! files are private (0600) whatever the umask; every command that reads a PIN or the audit
+//! log runs without core dumps. See docs/src/hardening.md.
 
 use std::{
     io::Write,
     os::unix::fs::PermissionsExt,
-    path::Path,
+    path::{Path, PathBuf},
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -16,6 +17,14 @@ use crate::common::*;
 
 fn chmod(p: &Path, mode: u32) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o7777
 }
 
 /// Runs `keybroker ARGS` with the env's token; returns (success, stdout, stderr).
@@ -110,6 +119,54 @@ async fn a_pin_file_that_group_or_others_can_read_is_refused_unless_explicitly_a
         log.contains("WARN") && log.contains("hsm.allow_insecure_pin_file_permissions"),
         "{log}"
     );
+}
+
+#[tokio::test]
+async fn the_audit_log_the_store_and_their_lock_files_are_private_whatever_the_umask() {
+    // The broker runs under umask 022 (files 0644 unless it asks otherwise).
+    let env = Env::with(Options {
+        wrapper: vec![
+            "sh".into(),
+            "-c".into(),
+            "umask 022 && exec \"$@\"".into(),
+            "sh".into(),
+        ],
+        ..Default::default()
+    });
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    create(
+        &mut c,
+        "t/k",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    let dir = env.dir.path();
+    let mut files: Vec<PathBuf> = [
+        "audit.log",
+        "audit.log.lock",
+        "keybroker.db",
+        "keybroker.db.lock",
+    ]
+    .iter()
+    .map(|f| dir.join(f))
+    .collect();
+    // SQLite's WAL files, while the store is open, take the database file's mode.
+    for f in ["keybroker.db-wal", "keybroker.db-shm"] {
+        if dir.join(f).exists() {
+            files.push(dir.join(f));
+        }
+    }
+    let modes: Vec<(String, String)> = files
+        .iter()
+        .map(|f| (f.display().to_string(), format!("{:04o}", mode(f))))
+        .collect();
+    drop(c);
+    b.stop().await;
+    for (f, m) in &modes {
+        assert_eq!(m, "0600", "{f}: {modes:?}");
+    }
 }
 
 /// The core-file limits of `pid`, as /proc shows them: (soft, hard).
