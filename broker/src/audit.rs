@@ -369,11 +369,23 @@ impl AuditLog {
         let tail = tokio::task::spawn_blocking(move || scan(&path, h.as_ref()))
             .await
             .map_err(|e| e.to_string())??;
+        // Created private (0600) whatever the umask; an existing log keeps the mode it has.
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&settings.path)
             .map_err(|e| format!("cannot open audit log {}: {e}", settings.path.display()))?;
+        if let Ok(m) = file.metadata()
+            && m.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                path = %settings.path.display(),
+                mode = %format!("{:04o}", m.permissions().mode() & 0o7777),
+                "the audit log can be used by group or others (keybroker creates it 0600)"
+            );
+        }
         if file.metadata().map(|m| m.len()).unwrap_or(0) > tail.len {
             file.set_len(tail.len)
                 .map_err(|e| format!("cannot drop the partial audit line: {e}"))?;

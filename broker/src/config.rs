@@ -131,6 +131,11 @@ pub struct HsmConfig {
     pub pin_file: Option<PathBuf>,
     /// Environment variable holding the user PIN.
     pub pin_env: Option<String>,
+    /// Accept a PIN file (`pin_file`, `pin-source=file:` in `uri`, and `domain init
+    /// --so-pin-file`) that group or others have permissions on. Default false: such a file is
+    /// refused. WARNING: anyone who can read the PIN can use every key in the token.
+    #[serde(default)]
+    pub allow_insecure_pin_file_permissions: bool,
     /// Sessions in the pool. Default: 2 per CPU, at least 4 (capped by the token).
     pub sessions: Option<usize>,
     /// Longest wait for a free session before RESOURCE_EXHAUSTED, ms. Default 2000.
@@ -190,6 +195,10 @@ pub struct StoreConfig {
     pub password_file: Option<PathBuf>,
     /// Environment variable holding the PostgreSQL password.
     pub password_env: Option<String>,
+    /// Accept a `password_file` that group or others have permissions on. Default false: such
+    /// a file is refused.
+    #[serde(default)]
+    pub allow_insecure_password_file_permissions: bool,
     /// CA bundle (PEM) that issues the PostgreSQL server's certificate. When set, connections
     /// require TLS and verify the server's certificate and host name.
     pub ca_file: Option<PathBuf>,
@@ -614,18 +623,22 @@ impl Config {
     /// e.g. peer or trust authentication over a unix socket).
     pub fn read_store_password(&self) -> Result<Option<SecretString>, String> {
         if let Some(f) = &self.store.password_file {
-            let f = self.path(f);
-            let text = std::fs::read_to_string(&f)
-                .map_err(|e| format!("cannot read store.password_file {}: {e}", f.display()))?;
-            return Ok(Some(SecretString::from(
-                text.trim_end_matches(['\n', '\r']).to_string(),
-            )));
+            return crate::secrets::read_file(
+                &self.path(f),
+                crate::secrets::FileRule {
+                    what: "store.password_file",
+                    option: "store.allow_insecure_password_file_permissions",
+                    allow_insecure: self.store.allow_insecure_password_file_permissions,
+                },
+            )
+            .map(Some);
         }
         if let Some(var) = &self.store.password_env {
-            let p = std::env::var(var).map_err(|_| {
-                format!("environment variable {var} (store.password_env) is not set")
-            })?;
-            return Ok(Some(SecretString::from(p)));
+            return crate::secrets::read_env(var)?
+                .ok_or_else(|| {
+                    format!("environment variable {var} (store.password_env) is not set")
+                })
+                .map(Some);
         }
         Ok(None)
     }
@@ -679,30 +692,44 @@ impl Config {
     /// Reads the PIN from its file or environment variable.
     pub fn read_pin(&self) -> Result<SecretString, String> {
         let from_uri = self.hsm_uri()?.and_then(|u| u.pin_source);
+        let in_uri = from_uri.is_some();
         let (pin_file, pin_env) = match from_uri {
             Some(PinSource::File(f)) => (Some(f), None),
             Some(PinSource::Env(v)) => (None, Some(v)),
             None => (self.hsm.pin_file.clone(), self.hsm.pin_env.clone()),
         };
+        use secrecy::ExposeSecret;
         if let Some(f) = &pin_file {
+            let what = if in_uri {
+                "the pin-source file of hsm.uri"
+            } else {
+                "hsm.pin_file"
+            };
             let f = self.path(f);
-            let text = std::fs::read_to_string(&f)
-                .map_err(|e| format!("cannot read hsm.pin_file {}: {e}", f.display()))?;
-            let pin = text.trim_end_matches(['\n', '\r']).to_string();
-            if pin.is_empty() {
-                return Err(format!("hsm.pin_file {} is empty", f.display()));
+            let pin = crate::secrets::read_file(&f, self.pin_file_rule(what))?;
+            if pin.expose_secret().is_empty() {
+                return Err(format!("{what} {} is empty", f.display()));
             }
-            return Ok(SecretString::from(pin));
+            return Ok(pin);
         }
         if let Some(var) = &pin_env {
-            let pin = std::env::var(var)
-                .map_err(|_| format!("environment variable {var} (hsm.pin_env) is not set"))?;
-            if pin.is_empty() {
+            let pin = crate::secrets::read_env(var)?
+                .ok_or_else(|| format!("environment variable {var} (hsm.pin_env) is not set"))?;
+            if pin.expose_secret().is_empty() {
                 return Err(format!("environment variable {var} (hsm.pin_env) is empty"));
             }
-            return Ok(SecretString::from(pin));
+            return Ok(pin);
         }
         Err("no PIN source configured".into())
+    }
+
+    /// How a PIN file's permissions are judged (`what` names it in messages).
+    pub fn pin_file_rule<'a>(&self, what: &'a str) -> crate::secrets::FileRule<'a> {
+        crate::secrets::FileRule {
+            what,
+            option: "hsm.allow_insecure_pin_file_permissions",
+            allow_insecure: self.hsm.allow_insecure_pin_file_permissions,
+        }
     }
 
     /// The HSM settings, with the PIN.
@@ -938,5 +965,140 @@ allow = ["spiffe://example.org/app"]
         ))
         .expect_err("refused");
         assert!(e.contains("access.allow"), "{e}");
+    }
+
+    /// A random 64-letter PIN, in a buffer that is wiped when dropped, and the same PIN XORed
+    /// with 0x5a (so the test's own copy never matches a scan).
+    fn marker_pin() -> (zeroize::Zeroizing<Vec<u8>>, Vec<u8>) {
+        let mut r = [0u8; 64];
+        getrandom::fill(&mut r).expect("random");
+        let pin: Vec<u8> = r.iter().map(|b| b'A' + b % 26).collect();
+        let masked = pin.iter().map(|b| b ^ 0x5a).collect();
+        (zeroize::Zeroizing::new(pin), masked)
+    }
+
+    /// Whether the bytes `masked` stands for (each XOR 0x5a) are anywhere in this process's
+    /// writable memory (heaps, anonymous maps, stacks), read through /proc/self/mem.
+    fn in_my_memory(masked: &[u8]) -> bool {
+        use std::io::{Read, Seek, SeekFrom};
+        let maps = std::fs::read_to_string("/proc/self/maps").expect("/proc/self/maps");
+        let regions: Vec<(u64, u64)> = maps
+            .lines()
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                let range = it.next()?;
+                let perms = it.next()?;
+                if !perms.starts_with("rw") || l.contains("[v") {
+                    return None;
+                }
+                let (a, b) = range.split_once('-')?;
+                Some((
+                    u64::from_str_radix(a, 16).ok()?,
+                    u64::from_str_radix(b, 16).ok()?,
+                ))
+            })
+            .collect();
+        let mut mem = std::fs::File::open("/proc/self/mem").expect("/proc/self/mem");
+        // Compared through the mask, byte by byte: the plain needle never exists in memory.
+        let matches_at = |chunk: &[u8], i: usize| {
+            chunk[i..i + masked.len()]
+                .iter()
+                .zip(masked)
+                .all(|(m, k)| m ^ 0x5a == *k)
+        };
+        let mut buf = vec![0u8; 1 << 20];
+        for (start, end) in regions {
+            let mut pos = start;
+            while pos < end {
+                let n = (end - pos).min(buf.len() as u64) as usize;
+                if mem.seek(SeekFrom::Start(pos)).is_err() {
+                    break;
+                }
+                let r = match mem.read(&mut buf[..n]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(r) => r,
+                };
+                let chunk = &buf[..r];
+                let first = masked[0] ^ 0x5a;
+                let mut i = 0;
+                while i + masked.len() <= chunk.len() {
+                    if chunk[i] == first && matches_at(chunk, i) {
+                        return true;
+                    }
+                    i += 1;
+                }
+                if r < masked.len() {
+                    break;
+                }
+                pos += (r - masked.len() + 1) as u64;
+            }
+        }
+        false
+    }
+
+    /// Reads a secret through `read` from a file holding a fresh random PIN, drops it, and
+    /// asserts that no copy of the PIN is left in memory unwiped (a buffer freed without
+    /// zeroizing keeps its bytes until reused). Only the last 32 of its 64 letters are looked
+    /// for: the allocator writes its own list pointers over the first bytes of a freed block.
+    fn assert_read_leaves_no_copy(
+        what: &str,
+        text: impl Fn(&Path) -> String,
+        read: impl Fn(&Config) -> Result<SecretString, String>,
+    ) {
+        use secrecy::ExposeSecret;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("secret");
+        let (pin, masked) = marker_pin();
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&file)
+                .expect("create the secret file");
+            f.write_all(&pin).expect("write");
+            f.write_all(b"\n").expect("write");
+        }
+        let cfg = parse(&text(&file)).expect("valid config");
+        let secret = read(&cfg).expect("read the secret");
+        assert!(
+            secret.expose_secret().as_bytes() == &pin[..],
+            "{what}: the secret read is the file's first line"
+        );
+        drop(secret);
+        drop(pin);
+        assert!(
+            !in_my_memory(&masked[32..]),
+            "{what}: a copy of the secret was freed without being wiped"
+        );
+    }
+
+    #[test]
+    fn reading_the_pin_or_the_store_password_leaves_no_unwiped_copy_in_memory() {
+        assert_read_leaves_no_copy(
+            "hsm.pin_file",
+            |f| {
+                MINIMAL.replace(
+                    "pin_env = \"KB_PIN\"",
+                    &format!("pin_file = {:?}", f.display().to_string()),
+                )
+            },
+            Config::read_pin,
+        );
+        assert_read_leaves_no_copy(
+            "store.password_file",
+            |f| {
+                format!(
+                    "{MINIMAL}[store]\nurl = \"postgres://kb@db/kb\"\npassword_file = {:?}\n",
+                    f.display().to_string()
+                )
+            },
+            |c| {
+                c.read_store_password()
+                    .and_then(|p| p.ok_or_else(|| "none".to_string()))
+            },
+        );
     }
 }

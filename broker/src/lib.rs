@@ -20,6 +20,8 @@
 //! * [`kms`] — the Kubernetes KMS v2 plugin API on a unix socket, for one key.
 //! * [`health`], [`metrics`] — the HSM health probe behind `grpc.health.v1`, and Prometheus
 //!   metrics on their own listener.
+//! * [`instance_lock`] — one broker process per SQLite store and per audit log; [`secrets`] —
+//!   reading PINs and passwords without stray copies, no core dumps.
 //! * [`server`] — wiring and graceful shutdown; [`client`] — connecting as a client;
 //!   [`cli`] — the `keybroker` command.
 
@@ -35,11 +37,13 @@ pub mod health;
 pub mod hsm;
 pub mod hyok;
 pub mod identity;
+pub mod instance_lock;
 pub mod keys;
 pub mod metrics;
 pub mod model;
 pub mod pkcs11_uri;
 pub mod policy;
+pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod tls;

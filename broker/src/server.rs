@@ -43,21 +43,12 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 /// Largest request message accepted (a DEK request is well under 20 KiB).
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
-/// Keeps secrets out of core dumps: no core file (RLIMIT_CORE = 0) and not dumpable (which also
-/// stops same-user processes from attaching with ptrace or reading /proc/PID/mem).
+/// Process-wide protections of the server: no core dumps (also done first by every command,
+/// `crate::secrets::disable_core_dumps`; again here for callers of [`run`] that do not go
+/// through the command line), and SIGXFSZ caught.
 pub fn harden_process() {
-    use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
-    if let Err(e) = setrlimit(
-        Resource::Core,
-        Rlimit {
-            current: Some(0),
-            maximum: Some(0),
-        },
-    ) {
-        tracing::warn!(error = %e, "could not disable core dumps (RLIMIT_CORE)");
-    }
-    if let Err(e) = set_dumpable_behavior(DumpableBehavior::NotDumpable) {
-        tracing::warn!(error = %e, "could not mark the process non-dumpable");
+    if let Err(e) = crate::secrets::disable_core_dumps() {
+        tracing::warn!(error = %e, "core dumps");
     }
     // A write past RLIMIT_FSIZE raises SIGXFSZ, whose default action kills the process. Catch it
     // so a full audit volume fails requests (EFBIG) instead of killing the broker.
@@ -116,6 +107,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
     harden_process();
+    // Before the HSM, the store or the audit log is touched: a second broker on the same files
+    // stops here (crate::instance_lock). Held until `run` returns.
+    let _locks = crate::instance_lock::lock_local_files(&cfg)?;
     let hsm = open_hsm(&cfg).await?;
     let t = hsm.token();
     tracing::info!(library = %t.library, slot = t.slot, label = %t.label, serial = %t.serial,

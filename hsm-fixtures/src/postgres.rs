@@ -102,8 +102,8 @@ impl PgServer {
         getrandom(&mut pw)?;
         let password = hex::encode(pw);
         let password_file = dir.path().join("pg-password");
-        std::fs::write(&password_file, format!("{password}\n"))
-            .map_err(io_err("write the password file"))?;
+        // Private, as keybroker requires of a password file.
+        crate::softhsm::write_private(&password_file, &format!("{password}\n"))?;
         let initdb_pw = dir.path().join("initdb-pw");
         std::fs::write(&initdb_pw, &password).map_err(io_err("write the initdb password"))?;
         if let Some(user) = &run_as {

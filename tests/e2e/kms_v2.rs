@@ -271,9 +271,24 @@ async fn status_reports_a_missing_key_and_the_socket_is_private() {
 async fn a_second_broker_refuses_a_live_socket() {
     let env = kms_env();
     let b = env.start().await;
-    // Same config, same socket path: the first broker answers on it.
+    // The same config is refused earlier, at the store's lock (tests/e2e/instance_lock.rs).
     let err = env
         .try_start()
+        .await
+        .err()
+        .expect("second broker must not start");
+    assert!(err.contains("is in use by another keybroker"), "{err}");
+    // With a store and an audit log of its own, the same socket path: the first broker answers
+    // on it.
+    let text = std::fs::read_to_string(&env.config).expect("read config");
+    let own_files = text
+        .replace("path = \"keybroker.db\"", "path = \"second.db\"")
+        .replace("path = \"audit.log\"", "path = \"second-audit.log\"");
+    assert_ne!(own_files, text);
+    let second = env.dir.path().join("second.toml");
+    std::fs::write(&second, own_files).expect("write config");
+    let err = env
+        .try_start_config(&second, &[])
         .await
         .err()
         .expect("second broker must not start");

@@ -154,6 +154,51 @@ async fn a_key_created_or_rotated_through_one_replica_is_used_through_the_other_
 }
 
 #[tokio::test]
+async fn replicas_share_the_store_but_each_needs_its_own_audit_log() {
+    let (_pg, env, b_config) = replicated(Options::default(), "");
+    let a = env
+        .try_start()
+        .await
+        .unwrap_or_else(|e| panic!("replica A: {e}"));
+    let before = std::fs::read(env.audit_log()).expect("A's audit log");
+    // Replica B pointed at A's audit log instead of its own.
+    let same_log = env.dir.path().join("keybroker-b-same-log.toml");
+    let text = std::fs::read_to_string(&b_config).expect("read B's config");
+    std::fs::write(
+        &same_log,
+        text.replace("path = \"audit-b.log\"", "path = \"audit.log\""),
+    )
+    .expect("write config");
+    let e = env
+        .try_start_config(&same_log, &[])
+        .await
+        .err()
+        .expect("a second writer of A's audit log is refused");
+    assert!(
+        e.contains(&format!(
+            "audit log {} is in use by another keybroker (pid {}",
+            env.audit_log().display(),
+            a.pid()
+        )),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(env.audit_log()).expect("A's audit log"),
+        before,
+        "nothing written into A's log"
+    );
+    // With its own log, B serves beside A: the shared PostgreSQL store is not locked.
+    let b = env
+        .try_start_config(&b_config, &[])
+        .await
+        .unwrap_or_else(|e| panic!("replica B with its own audit log: {e}"));
+    b.stop().await;
+    a.stop().await;
+    let (ok, out) = env.verify_audit(&env.audit_log());
+    assert!(ok, "{out}");
+}
+
+#[tokio::test]
 async fn concurrent_rotations_through_both_replicas_make_consecutive_versions() {
     let (_pg, env, b_config) = replicated(Options::default(), "");
     let (a, b) = start_both(&env, &b_config).await;

@@ -29,14 +29,10 @@ pub async fn domain(
         return Ok(());
     };
     let pin = match so_pin_file {
-        Some(p) => std::fs::read_to_string(&p)
-            .map_err(|e| format!("read {}: {e}", p.display()))?
-            .trim_end_matches(['\r', '\n'])
-            .to_string(),
-        None => std::env::var("KEYBROKER_SO_PIN")
-            .map_err(|_| "give the SO PIN with --so-pin-file or KEYBROKER_SO_PIN".to_string())?,
+        Some(p) => crate::secrets::read_file(&p, cfg.pin_file_rule("--so-pin-file"))?,
+        None => crate::secrets::read_env("KEYBROKER_SO_PIN")?
+            .ok_or("give the SO PIN with --so-pin-file or KEYBROKER_SO_PIN")?,
     };
-    let pin = secrecy::SecretString::from(pin);
     let report = tokio::task::spawn_blocking(move || hsm.init_domain(&pin))
         .await
         .map_err(|e| e.to_string())?

@@ -509,6 +509,11 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
+    // First, for every command: those that read a PIN or the audit trail and those that hold
+    // DEKs alike (crate::secrets). Logging is not set up yet, so a failure goes to stderr.
+    if let Err(e) = crate::secrets::disable_core_dumps() {
+        eprintln!("keybroker: warning: {e}");
+    }
     match cli.command {
         Command::Serve { config, listen } => {
             let mut cfg = Config::load(&config)?;

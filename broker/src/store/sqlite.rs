@@ -79,6 +79,39 @@ const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
 /// The schema version this keybroker writes.
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
 
+/// Creates the database file empty with mode 0600 (SQLite would create it 0644 less the umask;
+/// it gives its `-wal` and `-shm` files the database file's mode). An existing file keeps its
+/// mode (with a warning if group or others have any permission). The descriptor is closed
+/// before SQLite opens the file: SQLite's POSIX locks do not exist yet, so closing it cancels
+/// none.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            if let Ok(m) = std::fs::metadata(path)
+                && m.permissions().mode() & 0o077 != 0
+            {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = %format!("{:04o}", m.permissions().mode() & 0o7777),
+                    "the metadata store can be used by group or others (keybroker creates it 0600)"
+                );
+            }
+            Ok(())
+        }
+        Err(e) => Err(StoreError::Corrupt(format!(
+            "cannot create {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the store at `path` and migrates its schema forward.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -89,6 +122,7 @@ impl SqliteStore {
                 StoreError::Corrupt(format!("cannot create {}: {e}", dir.display()))
             })?;
         }
+        create_private(path)?;
         let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -604,6 +638,22 @@ mod tests {
         assert_eq!(k.versions[1].id, v2);
         s.abort_version(v2).expect("abort");
         assert_eq!(s.load_all().expect("load")[0].versions.len(), 1);
+    }
+
+    #[test]
+    fn a_new_store_and_its_wal_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m.db");
+        let s = SqliteStore::open(&path).expect("open");
+        create(&s, "t/k", VersionId::random()).expect("a write, so the WAL exists");
+        for f in ["m.db", "m.db-wal", "m.db-shm"] {
+            let mode = std::fs::metadata(dir.path().join(f))
+                .unwrap_or_else(|e| panic!("{f}: {e}"))
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}: {mode:o}");
+        }
     }
 
     #[test]
