@@ -1,78 +1,599 @@
-//! The broker's error type and its one mapping to `tonic::Status`.
+//! The broker's errors, typed, and their one mapping to gRPC codes ([`BrokerError::code`],
+//! `From<BrokerError> for tonic::Status`) and one to HTTP statuses ([`BrokerError::http_status`]).
 //!
-//! Callers get a stable code and a message that never contains key material. Details that could
-//! help an attacker (which check failed on a wrapped key, the PKCS#11 return value) go to the log
-//! only. Unauthentic wrapped data always gets [`UNAUTHENTIC_MESSAGE`], whatever the cause, so the
-//! reply is no padding or tag oracle (DESIGN §3.6).
+//! An error that ends a request is a [`BrokerError`]: one variant per outcome a caller can act
+//! on (the status code), each holding a sub-enum that says exactly what went wrong, with its data
+//! (as rustls' `Error` does). Its `Display` is the message the caller reads; it never contains
+//! key material. Details that could help an attacker (which check failed on a wrapped key, the
+//! PKCS#11 return value) go to the log only. Unauthentic wrapped data always gets
+//! [`UNAUTHENTIC_MESSAGE`], whatever the cause, so the reply is no padding or tag oracle
+//! (security invariant 6, `docs/src/security.md`).
+//!
+//! Errors that stop the broker (or a command) from starting are a [`StartError`].
 
 use tonic::{Code, Status};
+
+use crate::{
+    hsm::HsmError,
+    model::{Algorithm, KeyName, KeyOp, KeyType, MAX_AAD_LEN, MAX_DEK_LEN, MIN_DEK_LEN, VersionId},
+    policy::{Permission, Reason},
+    store::StoreError,
+};
 
 /// The one message for a wrapped key that is malformed or fails authentication.
 pub const UNAUTHENTIC_MESSAGE: &str = "wrapped key is malformed or not authentic";
 
-/// An error that ends a request.
+/// An error that ends a request (or one item of a batch).
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum BrokerError {
-    /// The request is malformed (the message says what was wrong).
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// A wrapped key failed to parse or authenticate. Deliberately carries no detail.
+    /// The request is malformed (INVALID_ARGUMENT).
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// A wrapped key failed to parse or authenticate (INVALID_ARGUMENT). Deliberately carries
+    /// no detail.
     #[error("{UNAUTHENTIC_MESSAGE}")]
     Unauthentic,
-    /// The named thing does not exist.
-    #[error("{0}")]
-    NotFound(String),
-    /// The caller may not do this.
-    #[error("{0}")]
-    PermissionDenied(String),
-    /// The key exists but cannot do this now.
-    #[error("{0}")]
-    FailedPrecondition(String),
-    /// The name is taken.
-    #[error("{0}")]
-    AlreadyExists(String),
-    /// The HSM (or another dependency) cannot serve right now; retryable.
-    #[error("{0}")]
-    Unavailable(String),
-    /// The broker is at capacity; retryable.
-    #[error("{0}")]
-    ResourceExhausted(String),
-    /// The request's deadline passed before the work could be done.
-    #[error("{0}")]
-    DeadlineExceeded(String),
-    /// A bug. The detail is logged; the caller sees a generic message.
+    /// The named thing does not exist (NOT_FOUND).
+    #[error(transparent)]
+    NotFound(#[from] NotFound),
+    /// The caller may not do this (PERMISSION_DENIED).
+    #[error(transparent)]
+    Denied(#[from] Denied),
+    /// The key (or the HSM) cannot do this now (FAILED_PRECONDITION).
+    #[error(transparent)]
+    Refused(#[from] Refused),
+    /// The name is taken (ALREADY_EXISTS).
+    #[error(transparent)]
+    Exists(#[from] Exists),
+    /// The HSM, the store or the audit trail cannot serve right now; retryable (UNAVAILABLE).
+    #[error(transparent)]
+    Unavailable(#[from] Unavailable),
+    /// The broker is at capacity; retryable (RESOURCE_EXHAUSTED).
+    #[error(transparent)]
+    Exhausted(#[from] Exhausted),
+    /// The request's deadline passed before the work could be done (DEADLINE_EXCEEDED).
+    #[error(transparent)]
+    Deadline(#[from] Deadline),
+    /// A bug (INTERNAL). The detail is logged; the caller sees a generic message.
     #[error("internal error: {0}")]
     Internal(String),
 }
 
+/// What was wrong with a request.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    /// A name part (`tenant`, `key name`, ...) is empty.
+    #[error("{0} is empty")]
+    Empty(&'static str),
+    /// A name part is longer than allowed.
+    #[error("{what} is longer than {max} characters")]
+    TooLong {
+        /// Which part.
+        what: &'static str,
+        /// The most allowed.
+        max: usize,
+    },
+    /// A name part has characters outside `[A-Za-z0-9._-]` or a bad first character.
+    #[error(
+        "{0} may only contain letters, digits, '.', '_' and '-', and must start with a letter or digit"
+    )]
+    Characters(&'static str),
+    /// A field of the request is wrong (the inner error says how).
+    #[error("{field}: {error}")]
+    Field {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        error: Box<Invalid>,
+    },
+    /// Free text longer than allowed or with control characters.
+    #[error("{what} must be at most {max} printable characters")]
+    Text {
+        /// Which field.
+        what: &'static str,
+        /// The most characters.
+        max: usize,
+    },
+    /// An enum value this broker does not know.
+    #[error("unknown {field} {value}")]
+    Unknown {
+        /// Which field (`algorithm`, `key_type`, ...).
+        field: &'static str,
+        /// The value.
+        value: i32,
+    },
+    /// A required field is missing.
+    #[error("{0} is required")]
+    Missing(&'static str),
+    /// An empty DEK.
+    #[error("the DEK is empty")]
+    DekEmpty,
+    /// A DEK of a length keybroker does not wrap.
+    #[error(
+        "the DEK is {0} bytes; it must be {MIN_DEK_LEN} to {MAX_DEK_LEN} bytes and a multiple of 8"
+    )]
+    DekLength(usize),
+    /// Too much AAD.
+    #[error("aad is longer than {MAX_AAD_LEN} bytes")]
+    AadTooLong,
+    /// AAD for a key whose algorithm cannot bind it.
+    #[error(
+        "key {key} uses {algorithm}, which cannot bind aad; send no aad or use an AES-256-GCM key"
+    )]
+    AadUnsupported {
+        /// The key.
+        key: KeyName,
+        /// Its algorithm.
+        algorithm: Algorithm,
+    },
+    /// Neither an envelope nor a raw ciphertext.
+    #[error("set envelope or raw")]
+    NoCiphertext,
+    /// A raw ciphertext without the key it is for.
+    #[error("key is required with a raw ciphertext")]
+    RawWithoutKey,
+    /// A raw ciphertext with AAD.
+    #[error("a raw RSA-OAEP ciphertext cannot carry aad")]
+    RawWithAad,
+    /// A raw ciphertext naming a non-RSA algorithm.
+    #[error("a raw ciphertext must name RSA_OAEP_SHA256 or RSA_OAEP_SHA1")]
+    RawNotRsa,
+    /// A raw ciphertext naming another algorithm than its key's.
+    #[error("key {key} uses {algorithm}; a raw ciphertext for it must use the same algorithm")]
+    RawAlgorithm {
+        /// The key.
+        key: KeyName,
+        /// Its algorithm.
+        algorithm: Algorithm,
+    },
+    /// A raw ciphertext without its key version.
+    #[error("a raw ciphertext must name its key version (from GetPublicKey)")]
+    RawWithoutVersion,
+    /// A batch of no items or too many.
+    #[error("a batch has 1 to {max} items, not {got}")]
+    BatchSize {
+        /// The most items.
+        max: usize,
+        /// How many came.
+        got: usize,
+    },
+    /// A page larger than allowed.
+    #[error("page_size {got} is more than {max}")]
+    PageSize {
+        /// The largest page.
+        max: u32,
+        /// What was asked.
+        got: u32,
+    },
+    /// A page token this broker did not issue.
+    #[error("page_token is not one this broker issued")]
+    PageToken,
+    /// A time field below zero.
+    #[error("{0} must not be negative")]
+    Negative(&'static str),
+    /// A time attribute that is not positive.
+    #[error("{0} must be positive (0 means unset)")]
+    NotPositive(&'static str),
+    /// Times given without `set_times`.
+    #[error("set set_times to change not_before/expires/rotation_period/version_expiry")]
+    TimesWithoutSetTimes,
+    /// `expires` not after `not_before`.
+    #[error("expires must be after not-before")]
+    ExpiresBeforeNotBefore,
+    /// A rotation period under a second.
+    #[error("rotation_period_ms must be at least 1000")]
+    RotationTooShort,
+    /// Too many tags.
+    #[error("a key has at most {0} tags")]
+    TooManyTags(usize),
+    /// A tag name or value of a bad length.
+    #[error("tag names must be 1-{0} characters and values at most {0}")]
+    TagLength(usize),
+    /// A tag with control characters.
+    #[error("tags may not contain control characters")]
+    TagControl,
+    /// A minimum decryption version of 0.
+    #[error("min_decryption_version starts at 1")]
+    MinVersionZero,
+    /// A new key with a minimum decryption version other than 1.
+    #[error("a new key's min_decryption_version is 1")]
+    NewKeyMinVersion,
+    /// A minimum decryption version that names no version.
+    #[error("min_decryption_version must be between 1 and the current version {current}")]
+    MinVersionRange {
+        /// The newest version.
+        current: u32,
+    },
+    /// An algorithm that does not fit the key type.
+    #[error("algorithm {algorithm} cannot be used with key type {}", key_type.as_str())]
+    AlgorithmForType {
+        /// The algorithm.
+        algorithm: Algorithm,
+        /// The key type.
+        key_type: KeyType,
+    },
+    /// An import key that is not RSA 3072/4096.
+    #[error("an import key is RSA_3072 or RSA_4096")]
+    ImportKeyType,
+    /// Key material to import that is not AES-256.
+    #[error("ImportKey takes AES_256 key material")]
+    ImportMaterialType,
+    /// Too much key material.
+    #[error("wrapped_material is larger than {0} bytes")]
+    MaterialTooLarge(usize),
+    /// An import key id that is not one.
+    #[error("import_key_id is malformed")]
+    ImportKeyId,
+    /// Key material that does not unwrap with its import key.
+    #[error("the wrapped key material does not unwrap with this import key: {0}")]
+    MaterialDoesNotUnwrap(String),
+    /// A backup blob that does not parse.
+    #[error("the backup blob is malformed: {0}")]
+    BackupMalformed(String),
+    /// A backup blob whose MAC does not verify (or whose name is not the one authorised).
+    #[error("the backup blob failed authentication: it was changed after BackupKey made it")]
+    BackupForged,
+}
+
+/// What does not exist.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotFound {
+    /// No key of this name.
+    #[error("key {0} not found")]
+    Key(String),
+    /// The key has no version of this number.
+    #[error("key {key} has no version {version}")]
+    Version {
+        /// The key.
+        key: KeyName,
+        /// The version asked for.
+        version: u32,
+    },
+    /// The key is not soft-deleted.
+    #[error("key {0} is not deleted")]
+    NotDeleted(KeyName),
+    /// No such BYOK import key.
+    #[error("import key {0:?} not found")]
+    ImportKey(String),
+}
+
+/// Why the caller may not.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    /// The connection carried no verified identity.
+    #[error("no verified client identity")]
+    NoIdentity,
+    /// No binding names the caller.
+    #[error("identity {0} has no role on this broker")]
+    NoRole(String),
+    /// The caller's roles do not give `permission` on `key`.
+    #[error("{caller} may not {permission} key {key}")]
+    Key {
+        /// The caller's identity.
+        caller: String,
+        /// The permission.
+        permission: Permission,
+        /// The key.
+        key: KeyName,
+    },
+    /// The caller's roles do not give `permission` in `tenant`.
+    #[error("{caller} may not {permission} in tenant {tenant}")]
+    Tenant {
+        /// The caller's identity.
+        caller: String,
+        /// The permission.
+        permission: Permission,
+        /// The tenant.
+        tenant: String,
+    },
+    /// The caller's roles do not give `permission` (scope `all`, or anywhere).
+    #[error("{caller} may not {permission}")]
+    Permission {
+        /// The caller's identity.
+        caller: String,
+        /// The permission.
+        permission: Permission,
+    },
+    /// The key owner threw the HYOK kill switch.
+    #[error("the key owner has disconnected HYOK service access")]
+    HyokDisconnected,
+    /// A HYOK service identity gave no access justification.
+    #[error(
+        "a HYOK service identity must give an access justification (context.justification.reason)"
+    )]
+    NoJustification,
+    /// The key does not accept the justification given.
+    #[error("key {key} does not accept the access justification {}", reason.as_str())]
+    Justification {
+        /// The key.
+        key: KeyName,
+        /// The reason given.
+        reason: Reason,
+    },
+}
+
+/// Why the key (or the HSM) cannot do this now.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// The key is soft-deleted.
+    #[error(
+        "key {key} is deleted (purge scheduled at {purge_at_ms} ms); RecoverKey brings it back"
+    )]
+    Deleted {
+        /// The key.
+        key: KeyName,
+        /// When it will be purged.
+        purge_at_ms: i64,
+    },
+    /// The key is soft-deleted (for metadata reads).
+    #[error("key {0} is deleted; see GetDeletedKey, RecoverKey")]
+    DeletedKey(KeyName),
+    /// The key failed its integrity check.
+    #[error(
+        "key {0} is quarantined: it failed its HSM integrity check at start-up; see the broker log"
+    )]
+    Quarantined(KeyName),
+    /// The key is disabled.
+    #[error("key {0} is disabled")]
+    Disabled(KeyName),
+    /// The key does not allow the operation.
+    #[error("key {key} does not allow {}", op.as_str())]
+    NotAllowed {
+        /// The key.
+        key: KeyName,
+        /// The operation.
+        op: KeyOp,
+    },
+    /// Before the key's not-before time.
+    #[error("key {key} is not valid before {not_before_ms} ms")]
+    NotYetValid {
+        /// The key.
+        key: KeyName,
+        /// Its not-before time.
+        not_before_ms: i64,
+    },
+    /// The key expired (it still unwraps).
+    #[error("key {key} expired at {expires_ms} ms: it still unwraps, but makes no new envelopes")]
+    Expired {
+        /// The key.
+        key: KeyName,
+        /// When.
+        expires_ms: i64,
+    },
+    /// The key's newest version expired.
+    #[error("version {version} of key {key} expired; rotate the key")]
+    VersionExpired {
+        /// The key.
+        key: KeyName,
+        /// The version.
+        version: u32,
+    },
+    /// A version below the key's minimum decryption version.
+    #[error("version {version} of key {key} is below its minimum decryption version {min}")]
+    BelowMinimum {
+        /// The key.
+        key: KeyName,
+        /// The version.
+        version: u32,
+        /// The minimum.
+        min: u32,
+    },
+    /// A public key asked of a key that has none.
+    #[error("key {key} is {}: only RSA keys have a public key", key_type.as_str())]
+    NotRsa {
+        /// The key.
+        key: KeyName,
+        /// Its type.
+        key_type: KeyType,
+    },
+    /// No room for another version.
+    #[error(
+        "key {key} has {max} versions, the most a key may have; raise its minimum decryption version and trim"
+    )]
+    TooManyVersions {
+        /// The key.
+        key: KeyName,
+        /// The most versions.
+        max: usize,
+    },
+    /// Purge protection cannot be turned off.
+    #[error("purge protection of key {0} is on and can never be turned off")]
+    PurgeProtectionOn(KeyName),
+    /// Purge before the scheduled date under purge protection.
+    #[error(
+        "key {key} is purge-protected: it can only be purged at its scheduled date ({purge_at_ms} ms)"
+    )]
+    PurgeProtected {
+        /// The key.
+        key: KeyName,
+        /// The scheduled date.
+        purge_at_ms: i64,
+    },
+    /// This HSM cannot make this key type.
+    #[error("this HSM cannot create this key (see `keybroker check-config`): {0}")]
+    CannotCreate(String),
+    /// This HSM cannot serve this algorithm.
+    #[error("this HSM cannot serve {algorithm} (see `keybroker check-config`): {why}")]
+    CannotServe {
+        /// The algorithm.
+        algorithm: Algorithm,
+        /// What the capability probe found.
+        why: String,
+    },
+    /// BYOK needs RFC 5649.
+    #[error("this HSM has no usable RFC 5649 mechanism, which BYOK needs")]
+    NoKwp,
+    /// The BYOK import key expired.
+    #[error("the import key has expired; create a new one")]
+    ImportKeyExpired,
+    /// The HSM refused the operation for this key.
+    #[error("the HSM refused this operation for this key")]
+    HsmRefused,
+    /// A backup of another security domain.
+    #[error(
+        "the backup was made in security domain {backup}, this HSM's domain is {ours}: a backup restores only into the domain that made it"
+    )]
+    OtherDomain {
+        /// The blob's domain.
+        backup: VersionId,
+        /// This HSM's.
+        ours: VersionId,
+    },
+    /// The security domain cannot do this (none, incomplete, backup off, ...).
+    #[error("{0}")]
+    Domain(String),
+}
+
+/// What already exists.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Exists {
+    /// A key of this name.
+    #[error("key {0} already exists")]
+    Key(String),
+    /// A soft-deleted key of this name.
+    #[error("a deleted key named {0} exists until it is purged (RecoverKey or PurgeKey)")]
+    Deleted(KeyName),
+    /// A version id of a backup is in use by another key.
+    #[error("version id {0} of the backup is in use by another key")]
+    VersionId(VersionId),
+    /// The HSM holds objects with a backup's version id.
+    #[error(
+        "the HSM already holds objects with version id {0} of this backup: the key still exists under another name, or its purge has not finished"
+    )]
+    Objects(VersionId),
+}
+
+/// What cannot serve right now.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unavailable {
+    /// The HSM is down (re-initialising) or lost the session.
+    #[error("the HSM is unavailable; retry later")]
+    Hsm,
+    /// The HSM failed the call.
+    #[error("the HSM could not perform the operation; retry")]
+    HsmFailed,
+    /// An object handle went stale; the handles are being re-found.
+    #[error("the HSM object is being re-opened; retry")]
+    Reopening,
+    /// The metadata store.
+    #[error("the metadata store is unavailable")]
+    Store,
+    /// The audit trail cannot be written: the request is refused.
+    #[error("the audit trail cannot be written; the request was refused")]
+    Audit,
+    /// The audit trail cannot be read.
+    #[error("{0}")]
+    AuditRead(String),
+    /// Other replicas kept changing the cache while this one read it.
+    #[error("the key cache could not settle (changes kept arriving); retry")]
+    Unsettled,
+}
+
+/// What is at capacity.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Exhausted {
+    /// The token itself said it is busy.
+    #[error("the HSM is at capacity; retry later")]
+    Hsm,
+    /// Admission to the session pool refused the call (the detail says why).
+    #[error("{0}; retry later")]
+    Queue(String),
+}
+
+/// Where the deadline passed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Deadline {
+    /// Before the request arrived.
+    #[error("the request's deadline had passed when it arrived")]
+    OnArrival,
+    /// While the request worked.
+    #[error("the request's deadline passed before it was done")]
+    Passed,
+    /// While waiting for other key changes.
+    #[error("the deadline passed while waiting for other key changes to finish")]
+    WriteLock,
+    /// Before the HSM could do the work.
+    #[error("the deadline passed before the HSM could do the work")]
+    Hsm,
+}
+
 impl BrokerError {
-    /// INVALID_ARGUMENT with a message.
-    pub fn invalid(msg: impl Into<String>) -> Self {
-        Self::InvalidArgument(msg.into())
-    }
-
-    /// FAILED_PRECONDITION with a message.
-    pub fn precondition(msg: impl Into<String>) -> Self {
-        Self::FailedPrecondition(msg.into())
-    }
-
     /// INTERNAL with a detail for the log.
     pub fn internal(msg: impl Into<String>) -> Self {
         Self::Internal(msg.into())
     }
 
+    /// Whether this is a bug (INTERNAL).
+    pub fn is_internal(&self) -> bool {
+        matches!(self, Self::Internal(_))
+    }
+
     /// The gRPC code.
     pub fn code(&self) -> Code {
         match self {
-            BrokerError::InvalidArgument(_) | BrokerError::Unauthentic => Code::InvalidArgument,
-            BrokerError::NotFound(_) => Code::NotFound,
-            BrokerError::PermissionDenied(_) => Code::PermissionDenied,
-            BrokerError::FailedPrecondition(_) => Code::FailedPrecondition,
-            BrokerError::AlreadyExists(_) => Code::AlreadyExists,
-            BrokerError::Unavailable(_) => Code::Unavailable,
-            BrokerError::ResourceExhausted(_) => Code::ResourceExhausted,
-            BrokerError::DeadlineExceeded(_) => Code::DeadlineExceeded,
-            BrokerError::Internal(_) => Code::Internal,
+            Self::Invalid(_) | Self::Unauthentic => Code::InvalidArgument,
+            Self::NotFound(_) => Code::NotFound,
+            Self::Denied(_) => Code::PermissionDenied,
+            Self::Refused(_) => Code::FailedPrecondition,
+            Self::Exists(_) => Code::AlreadyExists,
+            Self::Unavailable(_) => Code::Unavailable,
+            Self::Exhausted(_) => Code::ResourceExhausted,
+            Self::Deadline(_) => Code::DeadlineExceeded,
+            Self::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// The HTTP status, for the HTTP front doors: the canonical mapping of the gRPC codes
+    /// (`google.rpc.Code`).
+    pub fn http_status(&self) -> u16 {
+        match self.code() {
+            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => 400,
+            Code::Unauthenticated => 401,
+            Code::PermissionDenied => 403,
+            Code::NotFound => 404,
+            Code::AlreadyExists | Code::Aborted => 409,
+            Code::ResourceExhausted => 429,
+            Code::Cancelled => 499,
+            Code::Unimplemented => 501,
+            Code::Unavailable => 503,
+            Code::DeadlineExceeded => 504,
+            Code::Ok => 200,
+            Code::Unknown | Code::Internal | Code::DataLoss => 500,
+        }
+    }
+
+    /// What the caller (and the audit trail) reads: the message, except that an internal
+    /// error's detail goes to the log only.
+    pub fn public_message(&self) -> String {
+        match self {
+            Self::Internal(_) => "internal error".to_string(),
+            other => other.to_string(),
+        }
+    }
+}
+
+impl From<HsmError> for BrokerError {
+    fn from(e: HsmError) -> Self {
+        e.into_broker()
+    }
+}
+
+impl From<StoreError> for BrokerError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::AlreadyExists(m) => Exists::Key(m).into(),
+            StoreError::NotFound(m) => NotFound::Key(m).into(),
+            StoreError::Db(e) => {
+                tracing::error!(error = %e, "metadata store failed");
+                Unavailable::Store.into()
+            }
+            StoreError::Postgres(e) => {
+                tracing::error!(error = %e, "metadata store failed");
+                Unavailable::Store.into()
+            }
+            StoreError::Corrupt(m) => {
+                BrokerError::internal(format!("metadata store is corrupt: {m}"))
+            }
         }
     }
 }
@@ -86,6 +607,68 @@ impl From<BrokerError> for Status {
             }
             other => Status::new(other.code(), other.to_string()),
         }
+    }
+}
+
+/// Why the broker (or a command) could not start: typed by where it failed, each carrying the
+/// failure it got from that layer. The command line prints it and exits 1.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration file (reading, parsing or checking it).
+    #[error("{0}")]
+    Config(String),
+    /// The policy file.
+    #[error("{0}")]
+    Policy(String),
+    /// Opening the HSM (module, token, login, capability probe).
+    #[error("HSM: {0}")]
+    Hsm(#[from] HsmError),
+    /// The token lacks mechanisms keybroker needs.
+    #[error(
+        "HSM: the token lacks mechanisms keybroker needs: {} ({})",
+        missing.join(", "),
+        notes.join("; ")
+    )]
+    Mechanisms {
+        /// What is missing.
+        missing: Vec<String>,
+        /// What the capability probe noted.
+        notes: Vec<String>,
+    },
+    /// Opening the metadata store.
+    #[error("metadata store: {0}")]
+    Store(#[from] StoreError),
+    /// Loading the keys (reconciliation with the store and the HSM).
+    #[error("{0}")]
+    Keys(#[from] BrokerError),
+    /// Keys failed their integrity check and `[hsm] on_integrity_failure` is `fail`.
+    #[error(
+        "refusing to start: {} key(s) failed the HSM integrity check (keys are never re-created silently; \
+         investigate, or set hsm.on_integrity_failure = \"quarantine\" to serve the others): {}",
+        .0.len(),
+        .0.iter().map(|(k, why)| format!("{k}: {why}")).collect::<Vec<_>>().join(" | ")
+    )]
+    Integrity(Vec<(String, String)>),
+    /// The audit trail.
+    #[error("{0}")]
+    Audit(String),
+    /// TLS material.
+    #[error("{0}")]
+    Tls(String),
+    /// A listener (address in use, socket path, ...).
+    #[error("{0}")]
+    Listen(String),
+    /// Another broker holds the store or the audit log.
+    #[error("{0}")]
+    InUse(String),
+    /// A task of the server failed.
+    #[error("{0}")]
+    Server(String),
+}
+
+impl From<StartError> for String {
+    fn from(e: StartError) -> Self {
+        e.to_string()
     }
 }
 
@@ -105,5 +688,68 @@ mod tests {
         let s: Status = BrokerError::internal("CKR_ARGUMENTS_BAD in C_Encrypt").into();
         assert_eq!(s.code(), Code::Internal);
         assert!(!s.message().contains("CKR_"));
+        assert_eq!(
+            BrokerError::internal("CKR_ARGUMENTS_BAD").public_message(),
+            "internal error"
+        );
+    }
+
+    #[test]
+    fn each_kind_has_its_grpc_code_and_http_status() {
+        let key = KeyName::parse("acme/k").expect("name");
+        let cases: Vec<(BrokerError, Code, u16)> = vec![
+            (Invalid::AadTooLong.into(), Code::InvalidArgument, 400),
+            (BrokerError::Unauthentic, Code::InvalidArgument, 400),
+            (NotFound::Key("acme/k".into()).into(), Code::NotFound, 404),
+            (Denied::HyokDisconnected.into(), Code::PermissionDenied, 403),
+            (
+                Refused::Disabled(key.clone()).into(),
+                Code::FailedPrecondition,
+                400,
+            ),
+            (Exists::Deleted(key).into(), Code::AlreadyExists, 409),
+            (Unavailable::Hsm.into(), Code::Unavailable, 503),
+            (Exhausted::Hsm.into(), Code::ResourceExhausted, 429),
+            (Deadline::Passed.into(), Code::DeadlineExceeded, 504),
+            (BrokerError::internal("x"), Code::Internal, 500),
+        ];
+        for (e, code, http) in cases {
+            assert_eq!(e.code(), code, "{e}");
+            assert_eq!(e.http_status(), http, "{e}");
+        }
+    }
+
+    #[test]
+    fn messages_say_what_was_wrong_with_the_data() {
+        let key = KeyName::parse("acme/k").expect("name");
+        assert_eq!(
+            Invalid::Field {
+                field: "key",
+                error: Box::new(Invalid::Empty("tenant")),
+            }
+            .to_string(),
+            "key: tenant is empty"
+        );
+        assert_eq!(
+            Refused::NotAllowed {
+                key: key.clone(),
+                op: KeyOp::Wrap,
+            }
+            .to_string(),
+            "key acme/k does not allow wrap"
+        );
+        assert_eq!(
+            Denied::Key {
+                caller: "spiffe://x/app".into(),
+                permission: Permission::Unwrap,
+                key,
+            }
+            .to_string(),
+            "spiffe://x/app may not unwrap key acme/k"
+        );
+        assert_eq!(
+            Invalid::DekLength(20).to_string(),
+            "the DEK is 20 bytes; it must be 16 to 64 bytes and a multiple of 8"
+        );
     }
 }

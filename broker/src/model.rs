@@ -5,7 +5,7 @@ use std::fmt;
 
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
-use crate::error::BrokerError;
+use crate::error::Invalid;
 
 /// The tenant a key reference without a `/` belongs to.
 pub const DEFAULT_TENANT: &str = "default";
@@ -21,9 +21,9 @@ pub struct KeyName {
 
 impl KeyName {
     /// Parses `tenant/name` or `name` (tenant `default`).
-    pub fn parse(s: &str) -> Result<Self, BrokerError> {
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
         if s.is_empty() {
-            return Err(BrokerError::invalid("key name is empty"));
+            return Err(Invalid::Empty("key name"));
         }
         let (tenant, name) = match s.split_once('/') {
             Some((t, n)) => (t, n),
@@ -38,7 +38,7 @@ impl KeyName {
     }
 
     /// Builds a name from already-validated parts.
-    pub fn new(tenant: &str, name: &str) -> Result<Self, BrokerError> {
+    pub fn new(tenant: &str, name: &str) -> Result<Self, Invalid> {
         validate_part("tenant", tenant)?;
         validate_part("key name", name)?;
         Ok(Self {
@@ -65,23 +65,22 @@ impl fmt::Display for KeyName {
 }
 
 /// Checks one part of a key name: 1-64 of `[A-Za-z0-9._-]`, starting with a letter or digit.
-pub fn validate_part(what: &str, s: &str) -> Result<(), BrokerError> {
+pub fn validate_part(what: &'static str, s: &str) -> Result<(), Invalid> {
     if s.is_empty() {
-        return Err(BrokerError::invalid(format!("{what} is empty")));
+        return Err(Invalid::Empty(what));
     }
     if s.len() > MAX_NAME_PART {
-        return Err(BrokerError::invalid(format!(
-            "{what} is longer than {MAX_NAME_PART} characters"
-        )));
+        return Err(Invalid::TooLong {
+            what,
+            max: MAX_NAME_PART,
+        });
     }
     let ok_first = s.as_bytes()[0].is_ascii_alphanumeric();
     let ok_rest = s
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
     if !ok_first || !ok_rest {
-        return Err(BrokerError::invalid(format!(
-            "{what} may only contain letters, digits, '.', '_' and '-', and must start with a letter or digit"
-        )));
+        return Err(Invalid::Characters(what));
     }
     Ok(())
 }
@@ -262,14 +261,12 @@ pub const MAX_AAD_LEN: usize = 8192;
 /// Checks a DEK length: 16-64 bytes and a multiple of 8 (RFC 5649 on SoftHSM2 zero-pads other
 /// lengths, which would change the DEK on unwrap; one rule for every algorithm keeps envelopes
 /// interchangeable).
-pub fn check_dek_len(len: usize) -> Result<(), BrokerError> {
+pub fn check_dek_len(len: usize) -> Result<(), Invalid> {
     if len == 0 {
-        return Err(BrokerError::invalid("the DEK is empty"));
+        return Err(Invalid::DekEmpty);
     }
     if !(MIN_DEK_LEN..=MAX_DEK_LEN).contains(&len) || !len.is_multiple_of(8) {
-        return Err(BrokerError::invalid(format!(
-            "the DEK is {len} bytes; it must be {MIN_DEK_LEN} to {MAX_DEK_LEN} bytes and a multiple of 8"
-        )));
+        return Err(Invalid::DekLength(len));
     }
     Ok(())
 }
@@ -459,28 +456,22 @@ impl Default for KeyAttributes {
 
 impl KeyAttributes {
     /// Checks limits: tags, time order, positive periods.
-    pub fn validate(&self) -> Result<(), BrokerError> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if self.tags.len() > MAX_TAGS {
-            return Err(BrokerError::invalid(format!(
-                "a key has at most {MAX_TAGS} tags"
-            )));
+            return Err(Invalid::TooManyTags(MAX_TAGS));
         }
         for (k, v) in &self.tags {
             if k.is_empty() || k.chars().count() > MAX_TAG_LEN || v.chars().count() > MAX_TAG_LEN {
-                return Err(BrokerError::invalid(format!(
-                    "tag names must be 1-{MAX_TAG_LEN} characters and values at most {MAX_TAG_LEN}"
-                )));
+                return Err(Invalid::TagLength(MAX_TAG_LEN));
             }
             if k.chars().chain(v.chars()).any(char::is_control) {
-                return Err(BrokerError::invalid(
-                    "tags may not contain control characters",
-                ));
+                return Err(Invalid::TagControl);
             }
         }
         if let (Some(nb), Some(exp)) = (self.not_before_ms, self.expires_ms)
             && exp <= nb
         {
-            return Err(BrokerError::invalid("expires must be after not-before"));
+            return Err(Invalid::ExpiresBeforeNotBefore);
         }
         for (what, v) in [
             ("not_before_ms", self.not_before_ms),
@@ -489,18 +480,14 @@ impl KeyAttributes {
             ("version_expiry_ms", self.version_expiry_ms),
         ] {
             if v.is_some_and(|v| v <= 0) {
-                return Err(BrokerError::invalid(format!(
-                    "{what} must be positive (0 means unset)"
-                )));
+                return Err(Invalid::NotPositive(what));
             }
         }
         if self.rotation_period_ms.is_some_and(|p| p < 1000) {
-            return Err(BrokerError::invalid(
-                "rotation_period_ms must be at least 1000",
-            ));
+            return Err(Invalid::RotationTooShort);
         }
         if self.min_decryption_version == 0 {
-            return Err(BrokerError::invalid("min_decryption_version starts at 1"));
+            return Err(Invalid::MinVersionZero);
         }
         Ok(())
     }

@@ -24,7 +24,11 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{identity::Caller, model::KeyName};
+use crate::{
+    error::{BrokerError, Denied},
+    identity::Caller,
+    model::KeyName,
+};
 
 /// One permission (a Managed-HSM "data action").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -456,10 +460,10 @@ impl Policy {
     }
 
     /// Checks a HYOK service identity's justification for `key`. `Err` names what was wrong.
-    pub fn check_justification(&self, key: &KeyName, reason: Option<Reason>) -> Result<(), String> {
+    pub fn check_justification(&self, key: &KeyName, reason: Option<Reason>) -> Result<(), Denied> {
         let Some(h) = &self.hyok else { return Ok(()) };
         let Some(reason) = reason else {
-            return Err("a HYOK service identity must give an access justification (context.justification.reason)".into());
+            return Err(Denied::NoJustification);
         };
         let full = key.to_string();
         let accepted = h
@@ -469,10 +473,10 @@ impl Policy {
             .map(|(_, r)| Some(r))
             .unwrap_or(h.default_accepted.as_ref());
         match accepted {
-            Some(set) if !set.contains(&reason) => Err(format!(
-                "key {key} does not accept the access justification {}",
-                reason.as_str()
-            )),
+            Some(set) if !set.contains(&reason) => Err(Denied::Justification {
+                key: key.clone(),
+                reason,
+            }),
             _ => Ok(()),
         }
     }
@@ -500,11 +504,11 @@ impl Grant {
 
     /// The key, if this grant is for `permission`. Anything else is a bug in the caller (an
     /// operation acting on a grant made for another one), refused as such.
-    pub fn key_for(&self, permission: Permission) -> Result<&KeyName, crate::error::BrokerError> {
+    pub fn key_for(&self, permission: Permission) -> Result<&KeyName, BrokerError> {
         if self.permission == permission {
             Ok(&self.key)
         } else {
-            Err(crate::error::BrokerError::internal(format!(
+            Err(BrokerError::internal(format!(
                 "a grant to {} key {} used to {permission}",
                 self.permission, self.key
             )))
@@ -589,28 +593,23 @@ impl Authorizer {
 
     /// Grants `perm` on `key`, or says why not: the role × scope decision, then for key use by
     /// a HYOK service identity the kill switch and the key's accepted justifications.
-    pub fn grant(
-        &mut self,
-        perm: Permission,
-        key: &KeyName,
-    ) -> Result<Grant, crate::error::BrokerError> {
-        use crate::error::BrokerError;
+    pub fn grant(&mut self, perm: Permission, key: &KeyName) -> Result<Grant, BrokerError> {
         if !self.allows(perm, key) {
-            return Err(BrokerError::PermissionDenied(format!(
-                "{} may not {perm} key {key}",
-                self.caller
-            )));
+            return Err(Denied::Key {
+                caller: self.caller.id.clone(),
+                permission: perm,
+                key: key.clone(),
+            }
+            .into());
         }
         if matches!(perm, Permission::Wrap | Permission::Unwrap)
             && self.policy.is_hyok_service(&self.caller)
         {
             self.gated = true;
             if !self.hyok.connected() {
-                return Err(BrokerError::PermissionDenied(HYOK_DISCONNECTED.into()));
+                return Err(Denied::HyokDisconnected.into());
             }
-            self.policy
-                .check_justification(key, self.reason)
-                .map_err(BrokerError::PermissionDenied)?;
+            self.policy.check_justification(key, self.reason)?;
         }
         Ok(Grant {
             key: key.clone(),
@@ -619,14 +618,15 @@ impl Authorizer {
     }
 
     /// Checks a broker-wide permission (scope `all`).
-    pub fn global(&self, perm: Permission) -> Result<(), crate::error::BrokerError> {
+    pub fn global(&self, perm: Permission) -> Result<(), BrokerError> {
         if self.policy.allows_global(&self.caller, perm) {
             Ok(())
         } else {
-            Err(crate::error::BrokerError::PermissionDenied(format!(
-                "{} may not {perm}",
-                self.caller
-            )))
+            Err(Denied::Permission {
+                caller: self.caller.id.clone(),
+                permission: perm,
+            }
+            .into())
         }
     }
 
@@ -641,9 +641,6 @@ impl Authorizer {
         self.hyok.connected()
     }
 }
-
-/// Why a HYOK service identity is refused while the switch is off.
-pub const HYOK_DISCONNECTED: &str = "the key owner has disconnected HYOK service access";
 
 /// The policy in force, swapped atomically on reload.
 pub struct PolicyHandle {
@@ -847,7 +844,7 @@ accepted_reasons = ["PROVIDER_INTERNAL_MAINTENANCE"]
         let e = p
             .check_justification(&k, Some(Reason::ThirdPartyDataRequest))
             .expect_err("refused");
-        assert!(e.contains("THIRD_PARTY_DATA_REQUEST"), "{e}");
+        assert!(e.to_string().contains("THIRD_PARTY_DATA_REQUEST"), "{e}");
         let logs = key("acme/logs-1");
         assert!(
             p.check_justification(&logs, Some(Reason::ProviderInternalMaintenance))

@@ -25,6 +25,7 @@ use crate::{
     },
     audit::{AuditLog, AuditSettings},
     config::Config,
+    error::StartError,
     health::{self, HsmHealth},
     hsm::Hsm,
     hyok::HyokSwitch,
@@ -67,37 +68,35 @@ pub fn harden_process() {
 }
 
 /// Opens the HSM described by `cfg` (blocking work on a blocking thread).
-pub async fn open_hsm(cfg: &Config) -> Result<Hsm, String> {
-    if let Some(u) = cfg.hsm_uri()? {
+pub async fn open_hsm(cfg: &Config) -> Result<Hsm, StartError> {
+    if let Some(u) = cfg.hsm_uri().map_err(StartError::Config)? {
         for a in &u.ignored {
             tracing::warn!(attribute = %a, "hsm.uri: query attribute not known to keybroker, ignored (RFC 7512 lets a consumer ignore vendor query attributes)");
         }
     }
-    let pin = cfg.read_pin()?;
+    let pin = cfg.read_pin().map_err(StartError::Config)?;
     let settings = cfg.hsm_settings(pin);
     let hsm = tokio::task::spawn_blocking(move || Hsm::open(&settings))
         .await
-        .map_err(|e| format!("HSM start-up task failed: {e}"))?
-        .map_err(|e| format!("HSM: {e}"))?;
+        .map_err(|e| StartError::Server(format!("HSM start-up task failed: {e}")))??;
     let caps = hsm.capabilities();
     let missing = caps.missing_required();
     if !missing.is_empty() {
-        return Err(format!(
-            "HSM: the token lacks mechanisms keybroker needs: {} ({})",
-            missing.join(", "),
-            caps.notes.join("; ")
-        ));
+        return Err(StartError::Mechanisms {
+            missing: missing.iter().map(|m| m.to_string()).collect(),
+            notes: caps.notes.clone(),
+        });
     }
     Ok(hsm)
 }
 
 /// Opens the configured metadata store (SQLite or PostgreSQL) on a blocking thread.
-pub async fn open_store(cfg: &Config) -> Result<Store, String> {
+pub async fn open_store(cfg: &Config) -> Result<Store, StartError> {
     let c = cfg.clone();
     tokio::task::spawn_blocking(move || c.open_store())
         .await
-        .map_err(|e| format!("store task failed: {e}"))?
-        .map_err(|e| format!("metadata store: {e}"))
+        .map_err(|e| StartError::Server(format!("store task failed: {e}")))?
+        .map_err(|e| StartError::Config(format!("metadata store: {e}")))
 }
 
 /// Runs the broker until `shutdown` completes. Prints `keybroker: listening on ADDR` on stdout
@@ -105,11 +104,11 @@ pub async fn open_store(cfg: &Config) -> Result<Store, String> {
 pub async fn run(
     cfg: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), String> {
+) -> Result<(), StartError> {
     harden_process();
     // Before the HSM, the store or the audit log is touched: a second broker on the same files
     // stops here (crate::instance_lock). Held until `run` returns.
-    let _locks = crate::instance_lock::lock_local_files(&cfg)?;
+    let _locks = crate::instance_lock::lock_local_files(&cfg).map_err(StartError::InUse)?;
     let hsm = open_hsm(&cfg).await?;
     let t = hsm.token();
     tracing::info!(library = %t.library, slot = t.slot, label = %t.label, serial = %t.serial,
@@ -147,8 +146,7 @@ pub async fn run(
         cfg.hsm.on_integrity_failure,
         cfg.lifecycle.settings(),
     )
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     tracing::info!(
         keys = report.keys,
         versions = report.versions,
@@ -164,12 +162,12 @@ pub async fn run(
     keyring.set_max_staleness(Duration::from_millis(cfg.store.max_staleness_ms));
     let metrics = Arc::new(Metrics::new());
     keyring.hsm().set_observer(metrics.clone());
-    let policy = Arc::new(cfg.policy()?);
+    let policy = Arc::new(cfg.policy().map_err(StartError::Policy)?);
     policy.watch();
     let store = keyring.store().clone();
     // Replicas starting together must agree on one audit HMAC key: whoever creates it does so
     // under the cluster-wide write lock.
-    let audit_lock = keyring.write().await.map_err(|e| e.to_string())?;
+    let audit_lock = keyring.write().await?;
     let audit = AuditLog::open(
         AuditSettings {
             path: cfg.path(&cfg.audit.path),
@@ -180,9 +178,10 @@ pub async fn run(
         keyring.hsm().clone(),
         store.clone(),
     )
-    .await?;
+    .await
+    .map_err(StartError::Audit)?;
     drop(audit_lock);
-    let hyok = Arc::new(HyokSwitch::load(store).await.map_err(|e| e.to_string())?);
+    let hyok = Arc::new(HyokSwitch::load(store).await?);
     {
         let h = Arc::downgrade(&hyok);
         keyring.on_setting(crate::hyok::SETTING, move |v| {
@@ -194,7 +193,7 @@ pub async fn run(
     keyring.spawn_change_listener();
     keyring.attach_audit(audit.clone());
     for r in &report.finished_destructions {
-        keyring.write_receipt(r).await.map_err(|e| e.to_string())?;
+        keyring.write_receipt(r).await?;
     }
     for a in crate::failpoint::armed() {
         tracing::warn!(failpoint = %a, "TEST FAILPOINT ARMED: the broker will abort when it reaches it");
@@ -287,16 +286,18 @@ pub async fn run(
     };
     let reflection_v1 = reflection()
         .build_v1()
-        .map_err(|e| format!("server reflection: {e}"))?;
+        .map_err(|e| StartError::Server(format!("server reflection: {e}")))?;
     let reflection_v1alpha = reflection()
         .build_v1alpha()
-        .map_err(|e| format!("server reflection: {e}"))?;
+        .map_err(|e| StartError::Server(format!("server reflection: {e}")))?;
 
     if let Some(m) = &cfg.metrics {
-        let listener = TcpListener::bind(m.listen)
-            .await
-            .map_err(|e| format!("metrics: cannot listen on {}: {e}", m.listen))?;
-        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let listener = TcpListener::bind(m.listen).await.map_err(|e| {
+            StartError::Listen(format!("metrics: cannot listen on {}: {e}", m.listen))
+        })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| StartError::Listen(e.to_string()))?;
         if !addr.ip().is_loopback() {
             tracing::warn!(%addr, "the metrics listener is not on loopback: it is plain HTTP without authentication");
         }
@@ -316,12 +317,13 @@ pub async fn run(
     }
 
     if let Some(k) = &cfg.kms_v2 {
-        let key = KeyName::parse(&k.key).map_err(|e| format!("kms_v2.key: {e}"))?;
+        let key =
+            KeyName::parse(&k.key).map_err(|e| StartError::Config(format!("kms_v2.key: {e}")))?;
         if keyring.get(&key).is_err() {
             tracing::warn!(key = %key, "kms_v2.key does not exist (yet): Status reports it and Encrypt fails until it is created");
         }
         let path = cfg.path(&k.socket);
-        let listener = kms_v2::bind(&path, k.socket_mode)?;
+        let listener = kms_v2::bind(&path, k.socket_mode).map_err(StartError::Listen)?;
         let svc = KmsV2::new(pipeline.clone(), key, k.justification, probe_timeout);
         tracing::info!(socket = %path.display(), key = %k.key, "serving Kubernetes KMS v2 (local trust: no TLS on the unix socket)");
         println!("keybroker: kms-v2 on {}", path.display());
@@ -334,12 +336,15 @@ pub async fn run(
         key: cfg.path(&cfg.tls.key),
         client_ca: cfg.path(&cfg.tls.client_ca),
         crls: cfg.tls.crl.iter().map(|p| cfg.path(p)).collect(),
-    })?;
+    })
+    .map_err(StartError::Tls)?;
     tls_cfg.watch();
     let listener = TcpListener::bind(cfg.server.listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", cfg.server.listen))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        .map_err(|e| StartError::Listen(format!("cannot listen on {}: {e}", cfg.server.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| StartError::Listen(e.to_string()))?;
     let incoming = tls::incoming(
         listener,
         tls_cfg,
@@ -377,7 +382,7 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx))
         .await
-        .map_err(|e| format!("server failed: {e}"));
+        .map_err(|e| StartError::Server(format!("server failed: {e}")));
     // However the main listener ended, stop the others and wait for them to drain.
     let _ = stop_tx.send(true);
     for t in side_tasks {

@@ -41,14 +41,14 @@ use tracing::Instrument;
 
 use crate::{
     audit::{AuditLog, Record},
-    error::BrokerError,
+    error::{BrokerError, Deadline, Denied, Invalid, Unavailable},
     hsm::RequestScope,
     hyok::HyokSwitch,
     identity::Caller,
     keys::Keyring,
     metrics::Metrics,
     model::{KeyName, VersionId},
-    policy::{Authorizer, Binding, Grant, HYOK_DISCONNECTED, Permission, PolicyHandle, Reason},
+    policy::{Authorizer, Binding, Grant, Permission, PolicyHandle, Reason},
 };
 
 use super::ops::Operation;
@@ -166,11 +166,9 @@ fn work_deadline(start: Instant, timeout: Duration) -> Instant {
     start + timeout.saturating_sub(margin)
 }
 
-fn check_id(what: &str, s: &str) -> Result<(), BrokerError> {
+fn check_id(what: &'static str, s: &str) -> Result<(), BrokerError> {
     if s.len() > 128 || s.chars().any(|c| c.is_control()) {
-        return Err(BrokerError::invalid(format!(
-            "{what} must be at most 128 printable characters"
-        )));
+        return Err(Invalid::Text { what, max: 128 }.into());
     }
     Ok(())
 }
@@ -191,14 +189,6 @@ pub fn outcome_name(result: Result<(), &BrokerError>) -> String {
         out.push(ch.to_ascii_uppercase());
     }
     out
-}
-
-/// What the audit trail says of an error (an internal error's detail goes to the log only).
-fn audit_message(e: &BrokerError) -> String {
-    match e {
-        BrokerError::Internal(_) => "internal error".to_string(),
-        other => other.to_string(),
-    }
 }
 
 impl Pipeline {
@@ -264,9 +254,7 @@ impl Pipeline {
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let Some(caller) = caller else {
             return Reply {
-                result: Err(BrokerError::PermissionDenied(
-                    "no verified client identity".into(),
-                )),
+                result: Err(Denied::NoIdentity.into()),
                 request_id: header_id,
             };
         };
@@ -292,9 +280,7 @@ impl Pipeline {
         };
         let mut result = if Instant::now() >= deadline {
             // Work whose deadline has already passed is not started.
-            Err(BrokerError::DeadlineExceeded(
-                "the request's deadline had passed when it arrived".into(),
-            ))
+            Err(Deadline::OnArrival.into())
         } else if call.authority.knows() {
             let keys = sh.keys.clone();
             let call_ref = &mut call;
@@ -312,15 +298,10 @@ impl Pipeline {
             );
             match tokio::time::timeout_at(deadline.into(), work).await {
                 Ok(r) => r,
-                Err(_) => Err(BrokerError::DeadlineExceeded(
-                    "the request's deadline passed before it was done".into(),
-                )),
+                Err(_) => Err(Deadline::Passed.into()),
             }
         } else {
-            Err(BrokerError::PermissionDenied(format!(
-                "identity {} has no role on this broker",
-                call.authority.caller()
-            )))
+            Err(Denied::NoRole(call.authority.caller().id.clone()).into())
         };
         // The kill switch may have been thrown while the HSM worked: nothing reaches a
         // disconnected service identity after Disconnect returned.
@@ -329,7 +310,7 @@ impl Pipeline {
             if let Err(e) = sh.keys.sync_now().await {
                 result = Err(e);
             } else if !call.authority.hyok_connected() {
-                result = Err(BrokerError::PermissionDenied(HYOK_DISCONNECTED.into()));
+                result = Err(Denied::HyokDisconnected.into());
             }
         }
         let latency_us = start.elapsed().as_micros() as u64;
@@ -346,9 +327,7 @@ impl Pipeline {
             tracing::error!(op, caller = %caller, request_id, error = %e, "audit record not written: request refused");
             // The result (a DEK, perhaps) is dropped here, zeroized, never sent.
             return Reply {
-                result: Err(BrokerError::Unavailable(
-                    "the audit trail cannot be written; the request was refused".into(),
-                )),
+                result: Err(Unavailable::Audit.into()),
                 request_id,
             };
         }
@@ -507,7 +486,7 @@ impl Call {
     pub(in crate::api) fn item(&mut self, key: Option<String>, outcome: Result<u32, &BrokerError>) {
         self.items.push(Item {
             key,
-            outcome: outcome.map_err(|e| (outcome_name(Err(e)), audit_message(e))),
+            outcome: outcome.map_err(|e| (outcome_name(Err(e)), e.public_message())),
         });
     }
 
@@ -522,17 +501,21 @@ impl Call {
             self.record.correlation_id = Some(c.correlation_id);
         }
         if c.detail.chars().count() > 256 || c.detail.chars().any(|c| c.is_control()) {
-            return Err(BrokerError::invalid(
-                "context.justification.detail must be at most 256 printable characters",
-            ));
+            return Err(Invalid::Text {
+                what: "context.justification.detail",
+                max: 256,
+            }
+            .into());
         }
         let reason = match c.reason {
             ReasonCode::None => None,
             ReasonCode::Known(r) => Some(r),
             ReasonCode::Unknown(v) => {
-                return Err(BrokerError::invalid(format!(
-                    "unknown justification reason {v}"
-                )));
+                return Err(Invalid::Unknown {
+                    field: "justification reason",
+                    value: v,
+                }
+                .into());
             }
         };
         self.record.justification = reason.map(|r| r.as_str().to_string());
@@ -641,7 +624,7 @@ impl Call {
         rec.request_id = Some(request_id.clone());
         rec.correlation_id = n.correlation_id.take();
         rec.outcome = Some(outcome_name(result));
-        rec.message = result.err().map(audit_message);
+        rec.message = result.err().map(BrokerError::public_message);
         rec.latency_us = Some(latency_us);
         out.push(rec);
         (out, request_id)
@@ -693,11 +676,11 @@ mod tests {
     fn outcomes_are_named_like_grpc_codes() {
         assert_eq!(outcome_name(Ok(())), "OK");
         assert_eq!(
-            outcome_name(Err(&BrokerError::invalid("x"))),
+            outcome_name(Err(&Invalid::AadTooLong.into())),
             "INVALID_ARGUMENT"
         );
         assert_eq!(
-            outcome_name(Err(&BrokerError::DeadlineExceeded("x".into()))),
+            outcome_name(Err(&Deadline::Passed.into())),
             "DEADLINE_EXCEEDED"
         );
     }

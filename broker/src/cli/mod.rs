@@ -521,7 +521,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 cfg.server.listen = l;
             }
             init_logging(cfg.log.format);
-            crate::server::run(cfg, crate::server::shutdown_signal()).await
+            Ok(crate::server::run(cfg, crate::server::shutdown_signal()).await?)
         }
         Command::CheckConfig { config } => {
             let cfg = Config::load(&config)?;

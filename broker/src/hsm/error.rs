@@ -4,7 +4,7 @@
 
 use cryptoki::error::{Error as CkError, RvError};
 
-use crate::error::BrokerError;
+use crate::error::{BrokerError, Deadline, Exhausted, Refused, Unavailable};
 
 /// What kind of failure an HSM call had, as far as recovery and callers are concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,43 +140,35 @@ impl HsmError {
             FaultKind::DataInvalid => BrokerError::Unauthentic,
             FaultKind::SessionLost | FaultKind::DeviceLost | FaultKind::Login => {
                 tracing::warn!(context = %self.context, detail = %self.detail, "HSM unavailable");
-                BrokerError::Unavailable("the HSM is unavailable; retry later".into())
+                Unavailable::Hsm.into()
             }
             FaultKind::Busy => {
                 tracing::debug!(context = %self.context, detail = %self.detail, "HSM busy");
                 // An admission refusal says why (queue full, wait too long); a token's own
                 // "busy" return value stays in the log.
-                BrokerError::ResourceExhausted(if self.rv.is_none() {
-                    format!("{}; retry later", self.detail)
+                if self.rv.is_none() {
+                    Exhausted::Queue(self.detail).into()
                 } else {
-                    "the HSM is at capacity; retry later".into()
-                })
+                    Exhausted::Hsm.into()
+                }
             }
             FaultKind::Transient => {
                 tracing::warn!(context = %self.context, detail = %self.detail, "HSM call failed");
-                BrokerError::Unavailable("the HSM could not perform the operation; retry".into())
+                Unavailable::HsmFailed.into()
             }
-            FaultKind::Deadline => BrokerError::DeadlineExceeded(
-                "the deadline passed before the HSM could do the work".into(),
-            ),
+            FaultKind::Deadline => Deadline::Hsm.into(),
             FaultKind::HandleInvalid => {
                 tracing::warn!(context = %self.context, detail = %self.detail, "HSM object handle invalid");
-                BrokerError::Unavailable("the HSM object is being re-opened; retry".into())
+                Unavailable::Reopening.into()
             }
             FaultKind::NotPermitted => {
                 tracing::error!(context = %self.context, detail = %self.detail, "HSM refused operation");
-                BrokerError::precondition("the HSM refused this operation for this key")
+                Refused::HsmRefused.into()
             }
             FaultKind::Setup | FaultKind::Other => {
                 BrokerError::internal(format!("{}: {}", self.context, self.detail))
             }
         }
-    }
-}
-
-impl From<HsmError> for BrokerError {
-    fn from(e: HsmError) -> Self {
-        e.into_broker()
     }
 }
 

@@ -22,7 +22,7 @@ use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    error::BrokerError,
+    error::{BrokerError, Exists, Invalid, Refused},
     failpoint,
     hsm::{
         HsmError, KekSpec, RequestScope, RsaPublic, domain::WrappedVersion, template::LABEL_PREFIX,
@@ -99,7 +99,7 @@ pub struct Parsed<'a> {
 }
 
 fn malformed(why: &str) -> BrokerError {
-    BrokerError::invalid(format!("the backup blob is malformed: {why}"))
+    Invalid::BackupMalformed(why.to_string()).into()
 }
 
 /// Splits a blob (checks the framing only).
@@ -153,7 +153,7 @@ pub fn frame(domain: VersionId, body: &[u8]) -> Result<Vec<u8>, BrokerError> {
 pub fn claimed_name(blob: &[u8]) -> Result<KeyName, BrokerError> {
     let p = parse(blob)?;
     let body: Body = serde_json::from_slice(p.body).map_err(|_| malformed("body"))?;
-    KeyName::parse(&body.key)
+    Ok(KeyName::parse(&body.key)?)
 }
 
 /// A verified body, checked for sense.
@@ -237,7 +237,7 @@ pub struct Made {
 }
 
 fn refused(why: String) -> BrokerError {
-    BrokerError::precondition(why)
+    Refused::Domain(why).into()
 }
 
 impl Keyring {
@@ -315,10 +315,11 @@ impl Keyring {
             .map_err(BrokerError::from)?
             .map_err(refused)?;
         if p.domain != ours {
-            return Err(BrokerError::precondition(format!(
-                "the backup was made in security domain {}, this HSM's domain is {ours}: a backup restores only into the domain that made it",
-                p.domain
-            )));
+            return Err(Refused::OtherDomain {
+                backup: p.domain,
+                ours,
+            }
+            .into());
         }
         let authentic = self
             .hsm
@@ -327,17 +328,15 @@ impl Keyring {
             .map_err(BrokerError::from)?
             .map_err(refused)?;
         if !authentic {
-            return Err(BrokerError::invalid(
-                "the backup blob failed authentication: it was changed after BackupKey made it",
-            ));
+            return Err(Invalid::BackupForged.into());
         }
         let plan = read_body(p.body)?;
         if !self.hsm.capabilities().supports(plan.algorithm) {
-            return Err(BrokerError::precondition(format!(
-                "this HSM cannot serve {}: {}",
-                plan.algorithm,
-                self.hsm.capabilities().why_not(plan.algorithm)
-            )));
+            return Err(Refused::CannotServe {
+                algorithm: plan.algorithm,
+                why: self.hsm.capabilities().why_not(plan.algorithm),
+            }
+            .into());
         }
         let mut attributes = plan.attributes;
         attributes.purge_protection |= self.settings.purge_protection;
@@ -346,19 +345,14 @@ impl Keyring {
         if name != *granted {
             // The grant was made for the name read before the MAC was checked; a blob whose
             // authenticated name differs was tampered with.
-            return Err(BrokerError::invalid(
-                "the backup blob failed authentication: it was changed after BackupKey made it",
-            ));
+            return Err(Invalid::BackupForged.into());
         }
         let _w = self.write().await?;
         self.name_free(&name)?;
         {
             let vmap = self.versions.read().unwrap_or_else(|p| p.into_inner());
             if let Some((v, _)) = plan.versions.iter().find(|(v, _)| vmap.contains_key(&v.id)) {
-                return Err(BrokerError::AlreadyExists(format!(
-                    "version id {} of the backup is in use by another key",
-                    v.id
-                )));
+                return Err(Exists::VersionId(v.id).into());
             }
         }
         let in_use = self
@@ -367,9 +361,7 @@ impl Keyring {
             .await
             .map_err(BrokerError::from)?;
         if let Some(id) = in_use.first() {
-            return Err(BrokerError::AlreadyExists(format!(
-                "the HSM already holds objects with version id {id} of this backup: the key still exists under another name, or its purge has not finished"
-            )));
+            return Err(Exists::Objects(*id).into());
         }
         let now = now_ms();
         let record = RestoredKey {
@@ -508,7 +500,7 @@ mod tests {
             b[..20].to_vec(),
         ] {
             let e = parse(&bad).err().expect("refused");
-            assert!(matches!(e, BrokerError::InvalidArgument(_)), "{e:?}");
+            assert!(matches!(e, BrokerError::Invalid(_)), "{e:?}");
         }
     }
 

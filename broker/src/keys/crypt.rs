@@ -20,7 +20,7 @@ use futures_util::future::join_all;
 use super::{KeyEntry, Keyring, PublicKeyInfo, Unwrapped, VersionEntry, Wrapped};
 use crate::{
     envelope::{self, GCM_IV_LEN},
-    error::BrokerError,
+    error::{BrokerError, Invalid, NotFound, Refused},
     hsm::{HsmError, WrapParams},
     model::{
         Algorithm, DEFAULT_DEK_LEN, Dek, KeyName, KeyOp, MAX_AAD_LEN, VersionId, check_dek_len,
@@ -265,9 +265,7 @@ impl Keyring {
             aad,
         } = item;
         if aad.len() > MAX_AAD_LEN {
-            return Err(BrokerError::invalid(format!(
-                "aad is longer than {MAX_AAD_LEN} bytes"
-            )));
+            return Err(Invalid::AadTooLong.into());
         }
         match ciphertext {
             Ciphertext::Envelope(bytes) => {
@@ -292,28 +290,28 @@ impl Keyring {
                 algorithm,
                 ciphertext,
             } => {
-                let name = expected
-                    .ok_or_else(|| BrokerError::invalid("key is required with a raw ciphertext"))?;
+                let name = expected.ok_or(Invalid::RawWithoutKey)?;
                 let entry = self.get(&name)?;
                 if !algorithm.is_rsa() {
-                    return Err(BrokerError::invalid(
-                        "a raw ciphertext must name RSA_OAEP_SHA256 or RSA_OAEP_SHA1",
-                    ));
+                    return Err(Invalid::RawNotRsa.into());
                 }
                 if entry.algorithm != algorithm {
-                    return Err(BrokerError::invalid(format!(
-                        "key {name} uses {}; a raw ciphertext for it must use the same algorithm",
-                        entry.algorithm
-                    )));
+                    return Err(Invalid::RawAlgorithm {
+                        key: name,
+                        algorithm: entry.algorithm,
+                    }
+                    .into());
                 }
                 if version == 0 {
-                    return Err(BrokerError::invalid(
-                        "a raw ciphertext must name its key version (from GetPublicKey)",
-                    ));
+                    return Err(Invalid::RawWithoutVersion.into());
                 }
-                let v = entry.version(version).cloned().ok_or_else(|| {
-                    BrokerError::NotFound(format!("key {name} has no version {version}"))
-                })?;
+                let v = entry
+                    .version(version)
+                    .cloned()
+                    .ok_or_else(|| NotFound::Version {
+                        key: name.clone(),
+                        version,
+                    })?;
                 let params = if algorithm == Algorithm::RsaOaepSha1 {
                     WrapParams::OaepSha1
                 } else {
@@ -511,18 +509,23 @@ impl Keyring {
         let name = grant.key_for(Permission::ReadMetadata)?;
         let entry = self.get(name)?;
         if !entry.key_type.is_rsa() {
-            return Err(BrokerError::precondition(format!(
-                "key {name} is {}: only RSA keys have a public key",
-                entry.key_type.as_str()
-            )));
+            return Err(Refused::NotRsa {
+                key: name.clone(),
+                key_type: entry.key_type,
+            }
+            .into());
         }
         entry.usable()?;
         let v = if version == 0 {
             entry.current()?.clone()
         } else {
-            entry.version(version).cloned().ok_or_else(|| {
-                BrokerError::NotFound(format!("key {name} has no version {version}"))
-            })?
+            entry
+                .version(version)
+                .cloned()
+                .ok_or_else(|| NotFound::Version {
+                    key: name.clone(),
+                    version,
+                })?
         };
         let pk = self.hsm.public_key(v.id).await.map_err(BrokerError::from)?;
         Ok(PublicKeyInfo {
@@ -581,15 +584,14 @@ fn chunks<T>(mut work: Vec<T>, n: usize) -> Vec<Vec<T>> {
 
 pub(crate) fn check_aad(entry: &KeyEntry, aad: &[u8]) -> Result<(), BrokerError> {
     if aad.len() > MAX_AAD_LEN {
-        return Err(BrokerError::invalid(format!(
-            "aad is longer than {MAX_AAD_LEN} bytes"
-        )));
+        return Err(Invalid::AadTooLong.into());
     }
     if !aad.is_empty() && !entry.algorithm.supports_aad() {
-        return Err(BrokerError::invalid(format!(
-            "key {} uses {}, which cannot bind aad; send no aad or use an AES-256-GCM key",
-            entry.name, entry.algorithm
-        )));
+        return Err(Invalid::AadUnsupported {
+            key: entry.name.clone(),
+            algorithm: entry.algorithm,
+        }
+        .into());
     }
     Ok(())
 }

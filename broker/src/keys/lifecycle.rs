@@ -26,7 +26,7 @@ use super::{
 };
 use crate::{
     audit::Record,
-    error::BrokerError,
+    error::{BrokerError, Exists, Invalid, NotFound, Refused, Unavailable},
     failpoint,
     hsm::{KekSpec, RequestScope, RsaPublic, template::LABEL_PREFIX},
     model::{Algorithm, KeyAttributes, KeyName, KeyType, MAX_VERSIONS, Origin, VersionId, now_ms},
@@ -110,21 +110,21 @@ impl Keyring {
             Algorithm::Aes256Gcm
         });
         if !algorithm.fits(key_type) {
-            return Err(BrokerError::invalid(format!(
-                "algorithm {algorithm} cannot be used with key type {}",
-                key_type.as_str()
-            )));
+            return Err(Invalid::AlgorithmForType {
+                algorithm,
+                key_type,
+            }
+            .into());
         }
         if let Err(why) = caps.key_type_fits(key_type) {
-            return Err(BrokerError::precondition(format!(
-                "this HSM cannot create this key (see `keybroker check-config`): {why}"
-            )));
+            return Err(Refused::CannotCreate(why).into());
         }
         if !caps.supports(algorithm) {
-            return Err(BrokerError::precondition(format!(
-                "this HSM cannot serve {algorithm} (see `keybroker check-config`): {}",
-                caps.why_not(algorithm)
-            )));
+            return Err(Refused::CannotServe {
+                algorithm,
+                why: caps.why_not(algorithm),
+            }
+            .into());
         }
         Ok(algorithm)
     }
@@ -133,9 +133,7 @@ impl Keyring {
         attrs.purge_protection |= self.settings.purge_protection;
         attrs.validate()?;
         if attrs.min_decryption_version != 1 {
-            return Err(BrokerError::invalid(
-                "a new key's min_decryption_version is 1",
-            ));
+            return Err(Invalid::NewKeyMinVersion.into());
         }
         Ok(attrs)
     }
@@ -201,13 +199,9 @@ impl Keyring {
         match self.get(name) {
             Err(_) => Ok(()),
             Ok(k) if matches!(k.lifecycle, Lifecycle::Deleted { .. }) => {
-                Err(BrokerError::AlreadyExists(format!(
-                    "a deleted key named {name} exists until it is purged (RecoverKey or PurgeKey)"
-                )))
+                Err(Exists::Deleted(name.clone()).into())
             }
-            Ok(_) => Err(BrokerError::AlreadyExists(format!(
-                "key {name} already exists"
-            ))),
+            Ok(_) => Err(Exists::Key(name.to_string()).into()),
         }
     }
 
@@ -222,9 +216,11 @@ impl Keyring {
         let old = self.get_live(name)?;
         old.usable()?;
         if old.versions.len() >= MAX_VERSIONS {
-            return Err(BrokerError::precondition(format!(
-                "key {name} has {MAX_VERSIONS} versions, the most a key may have; raise its minimum decryption version and trim"
-            )));
+            return Err(Refused::TooManyVersions {
+                key: name.clone(),
+                max: MAX_VERSIONS,
+            }
+            .into());
         }
         let id = VersionId::random();
         let now = now_ms();
@@ -288,10 +284,9 @@ impl Keyring {
             if let Err(e) = made {
                 may_exist = !e.not_started;
                 return Err(match e.kind {
-                    crate::hsm::FaultKind::DataInvalid => BrokerError::invalid(format!(
-                        "the wrapped key material does not unwrap with this import key: {}",
-                        e.detail
-                    )),
+                    crate::hsm::FaultKind::DataInvalid => {
+                        Invalid::MaterialDoesNotUnwrap(e.detail).into()
+                    }
                     _ => BrokerError::from(e),
                 });
             }
@@ -393,18 +388,14 @@ impl Keyring {
         if let Some(m) = patch.min_decryption_version {
             let current = old.current()?.number;
             if m == 0 || m > current {
-                return Err(BrokerError::invalid(format!(
-                    "min_decryption_version must be between 1 and the current version {current}"
-                )));
+                return Err(Invalid::MinVersionRange { current }.into());
             }
             a.min_decryption_version = m;
         }
         match patch.purge_protection {
             Some(true) => a.purge_protection = true,
             Some(false) if a.purge_protection => {
-                return Err(BrokerError::precondition(format!(
-                    "purge protection of key {name} is on and can never be turned off"
-                )));
+                return Err(Refused::PurgeProtectionOn(name.clone()).into());
             }
             _ => {}
         }
@@ -463,7 +454,7 @@ impl Keyring {
         let k = self.get(name)?;
         match k.lifecycle {
             Lifecycle::Deleted { .. } => Ok(k),
-            Lifecycle::Active => Err(BrokerError::NotFound(format!("key {name} is not deleted"))),
+            Lifecycle::Active => Err(NotFound::NotDeleted(name.clone()).into()),
         }
     }
 
@@ -504,16 +495,16 @@ impl Keyring {
         let _w = self.write().await?;
         let k = self.get_deleted(name)?;
         let Lifecycle::Deleted { purge_at_ms, .. } = k.lifecycle else {
-            return Err(BrokerError::precondition(format!(
-                "key {name} is not deleted"
-            )));
+            return Err(NotFound::NotDeleted(name.clone()).into());
         };
         if (k.attributes.purge_protection || self.settings.purge_protection)
             && now_ms() < purge_at_ms
         {
-            return Err(BrokerError::precondition(format!(
-                "key {name} is purge-protected: it can only be purged at its scheduled date ({purge_at_ms} ms)"
-            )));
+            return Err(Refused::PurgeProtected {
+                key: name.clone(),
+                purge_at_ms,
+            }
+            .into());
         }
         let versions: Vec<(u32, VersionId)> = k.versions.iter().map(|v| (v.number, v.id)).collect();
         self.destroy(&k, versions, "purge", by).await
@@ -647,7 +638,8 @@ impl Keyring {
         rec.tenant = r.key.split('/').next().map(str::to_string);
         rec.detail = serde_json::to_value(r).ok();
         audit.append(rec).await.map_err(|e| {
-            BrokerError::Unavailable(format!("the audit trail cannot be written: {e}"))
+            tracing::error!(error = %e, key = %r.key, "destruction receipt not written to the audit trail");
+            BrokerError::from(Unavailable::Audit)
         })
     }
 
@@ -662,16 +654,12 @@ impl Keyring {
             KeyType::Rsa3072 => 3072,
             KeyType::Rsa4096 => 4096,
             _ => {
-                return Err(BrokerError::invalid(
-                    "an import key is RSA_3072 or RSA_4096",
-                ));
+                return Err(Invalid::ImportKeyType.into());
             }
         };
         let caps = self.hsm.capabilities();
         if caps.kwp.is_none() {
-            return Err(BrokerError::precondition(
-                "this HSM has no usable RFC 5649 mechanism, which BYOK needs",
-            ));
+            return Err(Refused::NoKwp.into());
         }
         let _w = self.write().await?;
         let id = VersionId::random();
@@ -734,16 +722,12 @@ impl Keyring {
             Some(exp) if *exp > now_ms() => hex::decode(import_id)
                 .ok()
                 .and_then(|b| VersionId::from_slice(&b))
-                .ok_or_else(|| BrokerError::invalid("import_key_id is malformed"))?,
+                .ok_or(Invalid::ImportKeyId)?,
             Some(_) => {
-                return Err(BrokerError::precondition(
-                    "the import key has expired; create a new one",
-                ));
+                return Err(Refused::ImportKeyExpired.into());
             }
             None => {
-                return Err(BrokerError::NotFound(format!(
-                    "import key {import_id:?} not found"
-                )));
+                return Err(NotFound::ImportKey(import_id.to_string()).into());
             }
         };
         let oaep = self.hsm.capabilities().default_rsa_algorithm();

@@ -16,7 +16,7 @@ use super::{
     integrity::{canary_of, canary_to_check},
 };
 use crate::{
-    error::BrokerError,
+    error::{BrokerError, StartError},
     hsm::{ExpectedKek, Hsm},
     model::{KeyName, VersionId, now_ms},
     store::{Store, StoredKey, StoredLifecycle, VersionState},
@@ -54,7 +54,7 @@ impl Keyring {
         store: Arc<Store>,
         policy: IntegrityPolicy,
         settings: LifecycleSettings,
-    ) -> Result<(Self, LoadReport), BrokerError> {
+    ) -> Result<(Self, LoadReport), StartError> {
         let mut report = LoadReport::default();
 
         // With a shared store, recovery runs under the cluster-wide write lock, and only for the
@@ -304,17 +304,7 @@ impl Keyring {
             tracing::warn!(object = %o, "HSM object made by keybroker is not referenced by any key (orphan)");
         }
         if policy == IntegrityPolicy::Fail && !report.quarantined.is_empty() {
-            let list: Vec<String> = report
-                .quarantined
-                .iter()
-                .map(|(k, why)| format!("{k}: {why}"))
-                .collect();
-            return Err(BrokerError::precondition(format!(
-                "refusing to start: {} key(s) failed the HSM integrity check (keys are never re-created silently; \
-                 investigate, or set hsm.on_integrity_failure = \"quarantine\" to serve the others): {}",
-                list.len(),
-                list.join(" | ")
-            )));
+            return Err(StartError::Integrity(report.quarantined));
         }
         Ok((
             Self {

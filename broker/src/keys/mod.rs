@@ -47,7 +47,7 @@ pub use self::{
 };
 use crate::{
     audit::AuditLog,
-    error::BrokerError,
+    error::{BrokerError, NotFound, Refused},
     hsm::Hsm,
     model::{Algorithm, Dek, KeyAttributes, KeyName, KeyOp, KeyType, Origin, VersionId, now_ms},
     policy::{Grant, Permission},
@@ -143,17 +143,15 @@ impl KeyEntry {
     /// Refuses a quarantined or deleted key.
     pub(crate) fn usable(&self) -> Result<(), BrokerError> {
         if let Lifecycle::Deleted { purge_at_ms, .. } = &self.lifecycle {
-            return Err(BrokerError::precondition(format!(
-                "key {} is deleted (purge scheduled at {} ms); RecoverKey brings it back",
-                self.name, purge_at_ms
-            )));
+            return Err(Refused::Deleted {
+                key: self.name.clone(),
+                purge_at_ms: *purge_at_ms,
+            }
+            .into());
         }
         match &self.state {
             KeyState::Enabled => Ok(()),
-            KeyState::Quarantined(_) => Err(BrokerError::precondition(format!(
-                "key {} is quarantined: it failed its HSM integrity check at start-up; see the broker log",
-                self.name
-            ))),
+            KeyState::Quarantined(_) => Err(Refused::Quarantined(self.name.clone()).into()),
         }
     }
 
@@ -170,47 +168,47 @@ impl KeyEntry {
         self.usable()?;
         let a = &self.attributes;
         if !a.enabled {
-            return Err(BrokerError::precondition(format!(
-                "key {} is disabled",
-                self.name
-            )));
+            return Err(Refused::Disabled(self.name.clone()).into());
         }
         if !a.operations.contains(&op) {
-            return Err(BrokerError::precondition(format!(
-                "key {} does not allow {}",
-                self.name,
-                op.as_str()
-            )));
+            return Err(Refused::NotAllowed {
+                key: self.name.clone(),
+                op,
+            }
+            .into());
         }
         if a.not_before_ms.is_some_and(|nb| now < nb) {
-            return Err(BrokerError::precondition(format!(
-                "key {} is not valid before {} ms",
-                self.name,
-                a.not_before_ms.unwrap_or(0)
-            )));
+            return Err(Refused::NotYetValid {
+                key: self.name.clone(),
+                not_before_ms: a.not_before_ms.unwrap_or(0),
+            }
+            .into());
         }
         match op {
             KeyOp::Wrap | KeyOp::GenerateDataKey => {
                 if a.expires_ms.is_some_and(|e| now >= e) {
-                    return Err(BrokerError::precondition(format!(
-                        "key {} expired at {} ms: it still unwraps, but makes no new envelopes",
-                        self.name,
-                        a.expires_ms.unwrap_or(0)
-                    )));
+                    return Err(Refused::Expired {
+                        key: self.name.clone(),
+                        expires_ms: a.expires_ms.unwrap_or(0),
+                    }
+                    .into());
                 }
                 if v.expires_ms.is_some_and(|e| now >= e) {
-                    return Err(BrokerError::precondition(format!(
-                        "version {} of key {} expired; rotate the key",
-                        v.number, self.name
-                    )));
+                    return Err(Refused::VersionExpired {
+                        key: self.name.clone(),
+                        version: v.number,
+                    }
+                    .into());
                 }
             }
             KeyOp::Unwrap | KeyOp::Rewrap => {
                 if !self.decryptable(v) {
-                    return Err(BrokerError::precondition(format!(
-                        "version {} of key {} is below its minimum decryption version {}",
-                        v.number, self.name, a.min_decryption_version
-                    )));
+                    return Err(Refused::BelowMinimum {
+                        key: self.name.clone(),
+                        version: v.number,
+                        min: a.min_decryption_version,
+                    }
+                    .into());
                 }
             }
         }
@@ -465,9 +463,7 @@ impl Keyring {
     pub(crate) fn get_live(&self, name: &KeyName) -> Result<Arc<KeyEntry>, BrokerError> {
         let k = self.get(name)?;
         if let Lifecycle::Deleted { .. } = k.lifecycle {
-            return Err(BrokerError::precondition(format!(
-                "key {name} is deleted; see GetDeletedKey, RecoverKey"
-            )));
+            return Err(Refused::DeletedKey(name.clone()).into());
         }
         Ok(k)
     }
@@ -510,7 +506,7 @@ impl Keyring {
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
             .cloned()
-            .ok_or_else(|| BrokerError::NotFound(format!("key {name} not found")))
+            .ok_or_else(|| NotFound::Key(name.to_string()).into())
     }
 
     /// One page of a tenant's keys, ordered by name, starting after `after`.

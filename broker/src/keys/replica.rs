@@ -45,7 +45,7 @@ use super::{
     integrity::canary_to_check,
 };
 use crate::{
-    error::BrokerError,
+    error::{BrokerError, Deadline, Unavailable},
     hsm::ExpectedKek,
     model::KeyName,
     store::{StoreLock, StoredKey, StoredLifecycle},
@@ -124,11 +124,7 @@ impl Keyring {
         // A hung HSM holding the lock must not pile requests up: wait at most until the
         // request's deadline (the caller hears DEADLINE_EXCEEDED); work whose deadline has
         // passed is not started.
-        let expired = || {
-            BrokerError::DeadlineExceeded(
-                "the deadline passed while waiting for other key changes to finish".into(),
-            )
-        };
+        let expired = || BrokerError::from(Deadline::WriteLock);
         let local = match crate::hsm::RequestScope::current_deadline() {
             None => self.write_lock.lock().await,
             Some(d) if d <= std::time::Instant::now() => return Err(expired()),
@@ -286,9 +282,7 @@ impl Keyring {
             );
             return Ok(());
         }
-        Err(BrokerError::Unavailable(
-            "the key cache could not settle (changes kept arriving); retry".into(),
-        ))
+        Err(Unavailable::Unsettled.into())
     }
 
     /// Builds the cache entry for a key another replica changed, attaching and checking any

@@ -33,10 +33,7 @@ pub mod sqlite;
 
 use std::path::Path;
 
-use crate::{
-    error::BrokerError,
-    model::{Algorithm, KeyAttributes, KeyName, KeyType, Origin, VersionId},
-};
+use crate::model::{Algorithm, KeyAttributes, KeyName, KeyType, Origin, VersionId};
 
 pub use self::{postgres::PgStore, sqlite::SqliteStore};
 
@@ -198,28 +195,6 @@ pub enum StoreError {
     /// The stored data is not what this version of keybroker understands.
     #[error("metadata store is corrupt: {0}")]
     Corrupt(String),
-}
-
-impl From<StoreError> for BrokerError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::AlreadyExists(m) => {
-                BrokerError::AlreadyExists(format!("key {m} already exists"))
-            }
-            StoreError::NotFound(m) => BrokerError::NotFound(format!("key {m} not found")),
-            StoreError::Db(e) => {
-                tracing::error!(error = %e, "metadata store failed");
-                BrokerError::Unavailable("the metadata store is unavailable".into())
-            }
-            StoreError::Postgres(e) => {
-                tracing::error!(error = %e, "metadata store failed");
-                BrokerError::Unavailable("the metadata store is unavailable".into())
-            }
-            StoreError::Corrupt(m) => {
-                BrokerError::internal(format!("metadata store is corrupt: {m}"))
-            }
-        }
-    }
 }
 
 /// What changed in a shared store since a generation: the keys (as the keyring should serve

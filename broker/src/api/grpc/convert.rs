@@ -5,7 +5,7 @@
 use keybroker_proto::v1 as pb;
 
 use crate::{
-    error::BrokerError,
+    error::{BrokerError, Invalid},
     hyok::HyokState,
     keys::{AttributePatch, KeyInfo, KeyState, Lifecycle},
     model::{Algorithm, KeyAttributes, KeyOp, KeyType},
@@ -27,7 +27,11 @@ pub(super) fn algorithm_from_pb(v: i32) -> Result<Option<Algorithm>, BrokerError
         Ok(pb::Algorithm::AesKeyWrapPad) => Ok(Some(Algorithm::AesKeyWrapPad)),
         Ok(pb::Algorithm::RsaOaepSha256) => Ok(Some(Algorithm::RsaOaepSha256)),
         Ok(pb::Algorithm::RsaOaepSha1) => Ok(Some(Algorithm::RsaOaepSha1)),
-        Err(_) => Err(BrokerError::invalid(format!("unknown algorithm {v}"))),
+        Err(_) => Err(Invalid::Unknown {
+            field: "algorithm",
+            value: v,
+        }
+        .into()),
     }
 }
 
@@ -46,8 +50,12 @@ pub(super) fn key_type_from_pb(v: i32) -> Result<KeyType, BrokerError> {
         Ok(pb::KeyType::Rsa2048) => Ok(KeyType::Rsa2048),
         Ok(pb::KeyType::Rsa3072) => Ok(KeyType::Rsa3072),
         Ok(pb::KeyType::Rsa4096) => Ok(KeyType::Rsa4096),
-        Ok(pb::KeyType::Unspecified) => Err(BrokerError::invalid("key_type is required")),
-        Err(_) => Err(BrokerError::invalid(format!("unknown key_type {v}"))),
+        Ok(pb::KeyType::Unspecified) => Err(Invalid::Missing("key_type").into()),
+        Err(_) => Err(Invalid::Unknown {
+            field: "key_type",
+            value: v,
+        }
+        .into()),
     }
 }
 
@@ -66,15 +74,19 @@ pub(super) fn op_from_pb(v: i32) -> Result<KeyOp, BrokerError> {
         Ok(pb::KeyOperation::Unwrap) => Ok(KeyOp::Unwrap),
         Ok(pb::KeyOperation::GenerateDataKey) => Ok(KeyOp::GenerateDataKey),
         Ok(pb::KeyOperation::Rewrap) => Ok(KeyOp::Rewrap),
-        _ => Err(BrokerError::invalid(format!("unknown key operation {v}"))),
+        _ => Err(Invalid::Unknown {
+            field: "key operation",
+            value: v,
+        }
+        .into()),
     }
 }
 
-pub(super) fn opt_time(v: i64, what: &str) -> Result<Option<i64>, BrokerError> {
+pub(super) fn opt_time(v: i64, what: &'static str) -> Result<Option<i64>, BrokerError> {
     match v {
         0 => Ok(None),
         v if v > 0 => Ok(Some(v)),
-        _ => Err(BrokerError::invalid(format!("{what} must not be negative"))),
+        _ => Err(Invalid::Negative(what).into()),
     }
 }
 
@@ -120,9 +132,7 @@ pub(super) fn attributes_from_pb(
         out.tags = t.tags.into_iter().collect();
     }
     if a.min_decryption_version > 1 {
-        return Err(BrokerError::invalid(
-            "a new key's min_decryption_version is 1",
-        ));
+        return Err(Invalid::NewKeyMinVersion.into());
     }
     if let Some(p) = a.purge_protection {
         out.purge_protection = p;
@@ -148,9 +158,7 @@ pub(super) fn patch_from_pb(r: pb::UpdateKeyRequest) -> Result<AttributePatch, B
                 || a.rotation_period_ms != 0
                 || a.version_expiry_ms != 0
             {
-                return Err(BrokerError::invalid(
-                    "set set_times to change not_before/expires/rotation_period/version_expiry",
-                ));
+                return Err(Invalid::TimesWithoutSetTimes.into());
             }
             None
         },
@@ -246,15 +254,9 @@ pub(super) fn hyok_to_pb(s: HyokState) -> pb::HyokState {
 }
 
 pub(super) fn item_error(e: &BrokerError) -> pb::ItemError {
-    let message = match e {
-        BrokerError::Internal(detail) => {
-            tracing::error!(detail = %detail, "internal error in a batch item");
-            "internal error (logged by the broker)".to_string()
-        }
-        other => other.to_string(),
-    };
+    let status = tonic::Status::from(e.clone());
     pb::ItemError {
-        code: e.code() as i32,
-        message,
+        code: status.code() as i32,
+        message: status.message().to_string(),
     }
 }

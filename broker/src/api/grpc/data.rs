@@ -15,7 +15,7 @@ use crate::{
         GenerateBatch, GenerateIn, GetPublicKey, Rewrap, RewrapIn, Unwrap, UnwrapBatch, UnwrapIn,
         Wrap, WrapBatch, WrapIn,
     },
-    error::BrokerError,
+    error::Invalid,
     keys::{Ciphertext, Unwrapped, Wrapped},
     model::Dek,
 };
@@ -68,14 +68,14 @@ fn unwrap_in(i: pb::UnwrapKeyRequest) -> UnwrapIn {
     let ciphertext = match i.wrapped {
         Some(PbWrapped::Envelope(env)) => Ok(Ciphertext::Envelope(env)),
         Some(PbWrapped::Raw(raw)) => algorithm_from_pb(raw.algorithm).and_then(|a| {
-            let algorithm = a.ok_or_else(|| BrokerError::invalid("raw.algorithm is required"))?;
+            let algorithm = a.ok_or(Invalid::Missing("raw.algorithm"))?;
             Ok(Ciphertext::Raw {
                 version: raw.key_version,
                 algorithm,
                 ciphertext: raw.ciphertext,
             })
         }),
-        None => Err(BrokerError::invalid("set envelope or raw")),
+        None => Err(Invalid::NoCiphertext.into()),
     };
     UnwrapIn {
         key: i.key,

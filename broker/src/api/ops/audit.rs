@@ -2,7 +2,11 @@
 
 use super::{Operation, sealed::Sealed};
 use crate::{
-    api::pipeline::Call, audit::QueryFilter, error::BrokerError, model::KeyName, policy::Permission,
+    api::pipeline::Call,
+    audit::QueryFilter,
+    error::{BrokerError, Denied, Invalid, Unavailable},
+    model::KeyName,
+    policy::Permission,
 };
 
 /// The largest `page_size` of a query.
@@ -27,18 +31,21 @@ impl Operation for QueryAudit {
     async fn run(self, call: &mut Call) -> Result<Self::Output, BrokerError> {
         let global = call.authorize_global(Permission::ReadAudit).is_ok();
         if !global && !call.authority().allows_somewhere(Permission::ReadAudit) {
-            return Err(BrokerError::PermissionDenied(format!(
-                "{} may not read audit",
-                call.caller_id()
-            )));
+            return Err(Denied::Permission {
+                caller: call.caller_id().to_string(),
+                permission: Permission::ReadAudit,
+            }
+            .into());
         }
         let limit = match self.page_size {
             0 => 100,
             n @ 1..=MAX_PAGE => n as usize,
             n => {
-                return Err(BrokerError::invalid(format!(
-                    "page_size {n} is more than {MAX_PAGE}"
-                )));
+                return Err(Invalid::PageSize {
+                    max: MAX_PAGE,
+                    got: n,
+                }
+                .into());
             }
         };
         let after = if self.page_token.is_empty() {
@@ -46,7 +53,7 @@ impl Operation for QueryAudit {
         } else {
             self.page_token
                 .parse::<u64>()
-                .map_err(|_| BrokerError::invalid("page_token is not one this broker issued"))?
+                .map_err(|_| Invalid::PageToken)?
         };
         let path = call.audit().path().to_path_buf();
         let visible = call.authority().filter(Permission::ReadAudit);
@@ -63,6 +70,6 @@ impl Operation for QueryAudit {
         })
         .await
         .map_err(|e| BrokerError::internal(e.to_string()))?
-        .map_err(BrokerError::Unavailable)
+        .map_err(|e| Unavailable::AuditRead(e).into())
     }
 }

@@ -8,7 +8,7 @@
 use super::{Items, Operation, Slots, key_name, one, optional_key, sealed::Sealed};
 use crate::{
     api::pipeline::Call,
-    error::BrokerError,
+    error::{BrokerError, Invalid},
     keys::{
         Ciphertext, GenerateItem, PublicKeyInfo, RewrapItem, Rewrapped, UnwrapInput, UnwrapItem,
         Unwrapped, WrapItem, Wrapped, public_key_formats,
@@ -97,10 +97,11 @@ pub struct GetPublicKey {
 /// Refuses an empty batch or one larger than [`crate::keys::MAX_BATCH`].
 fn check_batch_size(n: usize) -> Result<(), BrokerError> {
     if n == 0 || n > crate::keys::MAX_BATCH {
-        return Err(BrokerError::invalid(format!(
-            "a batch has 1 to {} items, not {n}",
-            crate::keys::MAX_BATCH
-        )));
+        return Err(Invalid::BatchSize {
+            max: crate::keys::MAX_BATCH,
+            got: n,
+        }
+        .into());
     }
     Ok(())
 }
@@ -194,14 +195,10 @@ pub(crate) async fn unwrap(
         let checked = item.ciphertext.and_then(|ciphertext| {
             if let Ciphertext::Raw { .. } = ciphertext {
                 if item.key.is_empty() {
-                    return Err(BrokerError::invalid(
-                        "key is required with a raw ciphertext",
-                    ));
+                    return Err(Invalid::RawWithoutKey.into());
                 }
                 if !item.aad.is_empty() {
-                    return Err(BrokerError::invalid(
-                        "a raw RSA-OAEP ciphertext cannot carry aad",
-                    ));
+                    return Err(Invalid::RawWithAad.into());
                 }
             }
             let expected = optional_key(&item.key)?;

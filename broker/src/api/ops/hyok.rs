@@ -1,7 +1,12 @@
 //! The HYOK kill switch: the key owner cuts the provider's service identities off, and back on.
 
 use super::{Operation, sealed::Sealed};
-use crate::{api::pipeline::Call, error::BrokerError, hyok::HyokState, policy::Permission};
+use crate::{
+    api::pipeline::Call,
+    error::{BrokerError, Invalid},
+    hyok::HyokState,
+    policy::Permission,
+};
 
 /// `Disconnect` (`connected: false`) or `Reconnect` (`connected: true`).
 pub struct SetSwitch {
@@ -21,9 +26,11 @@ impl Operation for SetSwitch {
     async fn run(self, call: &mut Call) -> Result<HyokState, BrokerError> {
         call.authorize_global(Permission::HyokControl)?;
         if self.reason.chars().count() > 256 || self.reason.chars().any(|c| c.is_control()) {
-            return Err(BrokerError::invalid(
-                "reason must be at most 256 printable characters",
-            ));
+            return Err(Invalid::Text {
+                what: "reason",
+                max: 256,
+            }
+            .into());
         }
         let by = call.caller_id().to_string();
         let s = call.hyok().set(self.connected, &by, &self.reason).await?;

@@ -9,7 +9,7 @@
 use super::{Items, Operation, data, one, sealed::Sealed};
 use crate::{
     api::pipeline::Call,
-    error::BrokerError,
+    error::{BrokerError, Invalid},
     keys::{Ciphertext, Wrapped},
     model::{Dek, KeyName, VersionId},
 };
@@ -66,7 +66,7 @@ impl Operation for KmsDecrypt {
         // Every record of this front door names its one key, whatever went wrong.
         call.note_key(&self.key);
         if self.ciphertext.is_empty() {
-            return Err(BrokerError::invalid("ciphertext is empty"));
+            return Err(Invalid::Empty("ciphertext").into());
         }
         // The envelope must belong to the configured key (named as the expected key).
         let item = data::UnwrapIn {

@@ -7,7 +7,7 @@
 use super::{Operation, key_name, sealed::Sealed};
 use crate::{
     api::pipeline::Call,
-    error::BrokerError,
+    error::{BrokerError, Denied, Invalid},
     keys::{
         AttributePatch, ImportKeyInfo, KeyInfo, Made, PublicKeyInfo, Receipt, public_key_formats,
     },
@@ -17,6 +17,8 @@ use crate::{
 
 /// The largest `page_size` of a listing.
 const MAX_PAGE: u32 = 1000;
+/// The most wrapped key material `ImportKey` takes.
+const MAX_MATERIAL: usize = 4096;
 
 /// `CreateKey`.
 pub struct CreateKey {
@@ -150,10 +152,12 @@ fn listing_tenant(call: &mut Call, tenant: String) -> Result<String, BrokerError
         .authority()
         .allows_in_tenant(Permission::ReadMetadata, &tenant)
     {
-        return Err(BrokerError::PermissionDenied(format!(
-            "{} may not read metadata in tenant {tenant}",
-            call.caller_id()
-        )));
+        return Err(Denied::Tenant {
+            caller: call.caller_id().to_string(),
+            permission: Permission::ReadMetadata,
+            tenant,
+        }
+        .into());
     }
     Ok(tenant)
 }
@@ -198,9 +202,11 @@ impl Operation for ListKeys {
             0 => 100,
             n @ 1..=MAX_PAGE => n as usize,
             n => {
-                return Err(BrokerError::invalid(format!(
-                    "page_size {n} is more than {MAX_PAGE}"
-                )));
+                return Err(Invalid::PageSize {
+                    max: MAX_PAGE,
+                    got: n,
+                }
+                .into());
             }
         };
         let after = if self.page_token.is_empty() {
@@ -373,12 +379,10 @@ impl Operation for ImportKey {
     async fn run(self, call: &mut Call) -> Result<KeyInfo, BrokerError> {
         let grant = call.authorize(Permission::Import, &key_name(&self.key)?)?;
         if self.key_type != KeyType::Aes256 {
-            return Err(BrokerError::invalid("ImportKey takes AES_256 key material"));
+            return Err(Invalid::ImportMaterialType.into());
         }
-        if self.wrapped_material.len() > 4096 {
-            return Err(BrokerError::invalid(
-                "wrapped_material is larger than 4096 bytes",
-            ));
+        if self.wrapped_material.len() > MAX_MATERIAL {
+            return Err(Invalid::MaterialTooLarge(MAX_MATERIAL).into());
         }
         let keys = call.keys().clone();
         let k = call

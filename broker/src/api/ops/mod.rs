@@ -22,7 +22,11 @@ pub mod manage;
 use std::future::Future;
 
 use super::pipeline::Call;
-use crate::{error::BrokerError, model::KeyName, policy::Permission};
+use crate::{
+    error::{BrokerError, Invalid},
+    model::KeyName,
+    policy::Permission,
+};
 
 mod sealed {
     /// Implemented only by this module's operations.
@@ -41,9 +45,12 @@ pub trait Operation: sealed::Sealed + Send {
 
 /// Parses a key name from a request (the message says which field).
 pub(crate) fn key_name(s: &str) -> Result<KeyName, BrokerError> {
-    KeyName::parse(s).map_err(|e| match e {
-        BrokerError::InvalidArgument(m) => BrokerError::invalid(format!("key: {m}")),
-        other => other,
+    KeyName::parse(s).map_err(|e| {
+        Invalid::Field {
+            field: "key",
+            error: Box::new(e),
+        }
+        .into()
     })
 }
 
