@@ -9,16 +9,13 @@
 //! [`UNAUTHENTIC_MESSAGE`], whatever the cause, so the reply is no padding or tag oracle
 //! (security invariant 6, `docs/src/security.md`).
 //!
-//! Errors that stop the broker (or a command) from starting are a [`StartError`].
+//! Errors that stop the broker (or a command) from starting are a
+//! [`StartError`](crate::server::StartError).
 
 use tonic::{Code, Status};
 
-use crate::{
-    hsm::HsmError,
-    model::{Algorithm, KeyName, KeyOp, KeyType, MAX_AAD_LEN, MAX_DEK_LEN, MIN_DEK_LEN, VersionId},
-    policy::{Permission, Reason},
-    store::StoreError,
-};
+pub use crate::model::Invalid;
+use crate::model::{Algorithm, KeyName, KeyOp, KeyType, Permission, Reason, VersionId};
 
 /// The one message for a wrapped key that is malformed or fails authentication.
 pub const UNAUTHENTIC_MESSAGE: &str = "wrapped key is malformed or not authentic";
@@ -57,182 +54,6 @@ pub enum BrokerError {
     /// A bug (INTERNAL). The detail is logged; the caller sees a generic message.
     #[error("internal error: {0}")]
     Internal(String),
-}
-
-/// What was wrong with a request.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Invalid {
-    /// A name part (`tenant`, `key name`, ...) is empty.
-    #[error("{0} is empty")]
-    Empty(&'static str),
-    /// A name part is longer than allowed.
-    #[error("{what} is longer than {max} characters")]
-    TooLong {
-        /// Which part.
-        what: &'static str,
-        /// The most allowed.
-        max: usize,
-    },
-    /// A name part has characters outside `[A-Za-z0-9._-]` or a bad first character.
-    #[error(
-        "{0} may only contain letters, digits, '.', '_' and '-', and must start with a letter or digit"
-    )]
-    Characters(&'static str),
-    /// A field of the request is wrong (the inner error says how).
-    #[error("{field}: {error}")]
-    Field {
-        /// The field.
-        field: &'static str,
-        /// What is wrong with it.
-        error: Box<Invalid>,
-    },
-    /// Free text longer than allowed or with control characters.
-    #[error("{what} must be at most {max} printable characters")]
-    Text {
-        /// Which field.
-        what: &'static str,
-        /// The most characters.
-        max: usize,
-    },
-    /// An enum value this broker does not know.
-    #[error("unknown {field} {value}")]
-    Unknown {
-        /// Which field (`algorithm`, `key_type`, ...).
-        field: &'static str,
-        /// The value.
-        value: i32,
-    },
-    /// A required field is missing.
-    #[error("{0} is required")]
-    Missing(&'static str),
-    /// An empty DEK.
-    #[error("the DEK is empty")]
-    DekEmpty,
-    /// A DEK of a length keybroker does not wrap.
-    #[error(
-        "the DEK is {0} bytes; it must be {MIN_DEK_LEN} to {MAX_DEK_LEN} bytes and a multiple of 8"
-    )]
-    DekLength(usize),
-    /// Too much AAD.
-    #[error("aad is longer than {MAX_AAD_LEN} bytes")]
-    AadTooLong,
-    /// AAD for a key whose algorithm cannot bind it.
-    #[error(
-        "key {key} uses {algorithm}, which cannot bind aad; send no aad or use an AES-256-GCM key"
-    )]
-    AadUnsupported {
-        /// The key.
-        key: KeyName,
-        /// Its algorithm.
-        algorithm: Algorithm,
-    },
-    /// Neither an envelope nor a raw ciphertext.
-    #[error("set envelope or raw")]
-    NoCiphertext,
-    /// A raw ciphertext without the key it is for.
-    #[error("key is required with a raw ciphertext")]
-    RawWithoutKey,
-    /// A raw ciphertext with AAD.
-    #[error("a raw RSA-OAEP ciphertext cannot carry aad")]
-    RawWithAad,
-    /// A raw ciphertext naming a non-RSA algorithm.
-    #[error("a raw ciphertext must name RSA_OAEP_SHA256 or RSA_OAEP_SHA1")]
-    RawNotRsa,
-    /// A raw ciphertext naming another algorithm than its key's.
-    #[error("key {key} uses {algorithm}; a raw ciphertext for it must use the same algorithm")]
-    RawAlgorithm {
-        /// The key.
-        key: KeyName,
-        /// Its algorithm.
-        algorithm: Algorithm,
-    },
-    /// A raw ciphertext without its key version.
-    #[error("a raw ciphertext must name its key version (from GetPublicKey)")]
-    RawWithoutVersion,
-    /// A batch of no items or too many.
-    #[error("a batch has 1 to {max} items, not {got}")]
-    BatchSize {
-        /// The most items.
-        max: usize,
-        /// How many came.
-        got: usize,
-    },
-    /// A page larger than allowed.
-    #[error("page_size {got} is more than {max}")]
-    PageSize {
-        /// The largest page.
-        max: u32,
-        /// What was asked.
-        got: u32,
-    },
-    /// A page token this broker did not issue.
-    #[error("page_token is not one this broker issued")]
-    PageToken,
-    /// A time field below zero.
-    #[error("{0} must not be negative")]
-    Negative(&'static str),
-    /// A time attribute that is not positive.
-    #[error("{0} must be positive (0 means unset)")]
-    NotPositive(&'static str),
-    /// Times given without `set_times`.
-    #[error("set set_times to change not_before/expires/rotation_period/version_expiry")]
-    TimesWithoutSetTimes,
-    /// `expires` not after `not_before`.
-    #[error("expires must be after not-before")]
-    ExpiresBeforeNotBefore,
-    /// A rotation period under a second.
-    #[error("rotation_period_ms must be at least 1000")]
-    RotationTooShort,
-    /// Too many tags.
-    #[error("a key has at most {0} tags")]
-    TooManyTags(usize),
-    /// A tag name or value of a bad length.
-    #[error("tag names must be 1-{0} characters and values at most {0}")]
-    TagLength(usize),
-    /// A tag with control characters.
-    #[error("tags may not contain control characters")]
-    TagControl,
-    /// A minimum decryption version of 0.
-    #[error("min_decryption_version starts at 1")]
-    MinVersionZero,
-    /// A new key with a minimum decryption version other than 1.
-    #[error("a new key's min_decryption_version is 1")]
-    NewKeyMinVersion,
-    /// A minimum decryption version that names no version.
-    #[error("min_decryption_version must be between 1 and the current version {current}")]
-    MinVersionRange {
-        /// The newest version.
-        current: u32,
-    },
-    /// An algorithm that does not fit the key type.
-    #[error("algorithm {algorithm} cannot be used with key type {}", key_type.as_str())]
-    AlgorithmForType {
-        /// The algorithm.
-        algorithm: Algorithm,
-        /// The key type.
-        key_type: KeyType,
-    },
-    /// An import key that is not RSA 3072/4096.
-    #[error("an import key is RSA_3072 or RSA_4096")]
-    ImportKeyType,
-    /// Key material to import that is not AES-256.
-    #[error("ImportKey takes AES_256 key material")]
-    ImportMaterialType,
-    /// Too much key material.
-    #[error("wrapped_material is larger than {0} bytes")]
-    MaterialTooLarge(usize),
-    /// An import key id that is not one.
-    #[error("import_key_id is malformed")]
-    ImportKeyId,
-    /// Key material that does not unwrap with its import key.
-    #[error("the wrapped key material does not unwrap with this import key: {0}")]
-    MaterialDoesNotUnwrap(String),
-    /// A backup blob that does not parse.
-    #[error("the backup blob is malformed: {0}")]
-    BackupMalformed(String),
-    /// A backup blob whose MAC does not verify (or whose name is not the one authorised).
-    #[error("the backup blob failed authentication: it was changed after BackupKey made it")]
-    BackupForged,
 }
 
 /// What does not exist.
@@ -572,32 +393,6 @@ impl BrokerError {
     }
 }
 
-impl From<HsmError> for BrokerError {
-    fn from(e: HsmError) -> Self {
-        e.into_broker()
-    }
-}
-
-impl From<StoreError> for BrokerError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::AlreadyExists(m) => Exists::Key(m).into(),
-            StoreError::NotFound(m) => NotFound::Key(m).into(),
-            StoreError::Db(e) => {
-                tracing::error!(error = %e, "metadata store failed");
-                Unavailable::Store.into()
-            }
-            StoreError::Postgres(e) => {
-                tracing::error!(error = %e, "metadata store failed");
-                Unavailable::Store.into()
-            }
-            StoreError::Corrupt(m) => {
-                BrokerError::internal(format!("metadata store is corrupt: {m}"))
-            }
-        }
-    }
-}
-
 impl From<BrokerError> for Status {
     fn from(e: BrokerError) -> Self {
         match &e {
@@ -607,68 +402,6 @@ impl From<BrokerError> for Status {
             }
             other => Status::new(other.code(), other.to_string()),
         }
-    }
-}
-
-/// Why the broker (or a command) could not start: typed by where it failed, each carrying the
-/// failure it got from that layer. The command line prints it and exits 1.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// The configuration file (reading, parsing or checking it).
-    #[error("{0}")]
-    Config(String),
-    /// The policy file.
-    #[error("{0}")]
-    Policy(String),
-    /// Opening the HSM (module, token, login, capability probe).
-    #[error("HSM: {0}")]
-    Hsm(#[from] HsmError),
-    /// The token lacks mechanisms keybroker needs.
-    #[error(
-        "HSM: the token lacks mechanisms keybroker needs: {} ({})",
-        missing.join(", "),
-        notes.join("; ")
-    )]
-    Mechanisms {
-        /// What is missing.
-        missing: Vec<String>,
-        /// What the capability probe noted.
-        notes: Vec<String>,
-    },
-    /// Opening the metadata store.
-    #[error("metadata store: {0}")]
-    Store(#[from] StoreError),
-    /// Loading the keys (reconciliation with the store and the HSM).
-    #[error("{0}")]
-    Keys(#[from] BrokerError),
-    /// Keys failed their integrity check and `[hsm] on_integrity_failure` is `fail`.
-    #[error(
-        "refusing to start: {} key(s) failed the HSM integrity check (keys are never re-created silently; \
-         investigate, or set hsm.on_integrity_failure = \"quarantine\" to serve the others): {}",
-        .0.len(),
-        .0.iter().map(|(k, why)| format!("{k}: {why}")).collect::<Vec<_>>().join(" | ")
-    )]
-    Integrity(Vec<(String, String)>),
-    /// The audit trail.
-    #[error("{0}")]
-    Audit(String),
-    /// TLS material.
-    #[error("{0}")]
-    Tls(String),
-    /// A listener (address in use, socket path, ...).
-    #[error("{0}")]
-    Listen(String),
-    /// Another broker holds the store or the audit log.
-    #[error("{0}")]
-    InUse(String),
-    /// A task of the server failed.
-    #[error("{0}")]
-    Server(String),
-}
-
-impl From<StartError> for String {
-    fn from(e: StartError) -> Self {
-        e.to_string()
     }
 }
 

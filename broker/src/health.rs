@@ -17,8 +17,6 @@ use std::{
 
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::metrics::Metrics;
-
 /// The services whose status the probe sets (besides the overall `""`).
 pub const SERVICES: [&str; 4] = [
     "keybroker.v1.KeyBroker",
@@ -58,13 +56,9 @@ impl HsmHealth {
     }
 }
 
-/// Publishes one probe result: health statuses, `keybroker_hsm_up`, `/healthz`. Logs changes.
-pub async fn publish(
-    reporter: &HealthReporter,
-    state: &HsmHealth,
-    metrics: Option<&Metrics>,
-    result: Result<(), String>,
-) {
+/// Publishes one probe result: health statuses and `state` (which `keybroker_hsm_up` and
+/// `/healthz` read). Logs changes.
+pub async fn publish(reporter: &HealthReporter, state: &HsmHealth, result: Result<(), String>) {
     let up = result.is_ok();
     let status = if up {
         ServingStatus::Serving
@@ -74,9 +68,6 @@ pub async fn publish(
     reporter.set_service_status("", status).await;
     for s in SERVICES {
         reporter.set_service_status(s, status).await;
-    }
-    if let Some(m) = metrics {
-        m.set_hsm_up(up);
     }
     let was_up = state.up.swap(up, Ordering::Relaxed);
     let detail = match &result {
@@ -97,7 +88,6 @@ pub async fn publish(
 pub async fn run<P, Fut>(
     reporter: HealthReporter,
     state: Arc<HsmHealth>,
-    metrics: Option<Arc<Metrics>>,
     interval: Duration,
     timeout: Duration,
     probe: P,
@@ -112,7 +102,7 @@ pub async fn run<P, Fut>(
             _ = shutdown.changed() => return,
         }
         let result = probe_once(&probe, timeout).await;
-        publish(&reporter, &state, metrics.as_deref(), result).await;
+        publish(&reporter, &state, result).await;
     }
 }
 
@@ -153,11 +143,10 @@ mod tests {
         let reporter = HealthReporter::new();
         let svc = HealthService::from_health_reporter(reporter.clone());
         let state = HsmHealth::default();
-        let metrics = Metrics::new();
         let serving = health_check_response::ServingStatus::Serving as i32;
         let not_serving = health_check_response::ServingStatus::NotServing as i32;
 
-        publish(&reporter, &state, Some(&metrics), Ok(())).await;
+        publish(&reporter, &state, Ok(())).await;
         for s in ["", SERVICES[0], SERVICES[1], SERVICES[2], SERVICES[3]] {
             assert_eq!(status(&svc, s).await, serving, "{s:?}");
         }
@@ -166,7 +155,7 @@ mod tests {
         let failing =
             || async { Err::<(), String>("C_GenerateRandom returned DeviceError".into()) };
         let r = probe_once(&failing, Duration::from_secs(5)).await;
-        publish(&reporter, &state, Some(&metrics), r).await;
+        publish(&reporter, &state, r).await;
         for s in ["", SERVICES[0], SERVICES[1], SERVICES[2], SERVICES[3]] {
             assert_eq!(status(&svc, s).await, not_serving, "{s:?}");
         }
@@ -180,7 +169,7 @@ mod tests {
             "{r:?}"
         );
 
-        publish(&reporter, &state, Some(&metrics), Ok(())).await;
+        publish(&reporter, &state, Ok(())).await;
         assert_eq!(status(&svc, SERVICES[0]).await, serving);
     }
 }

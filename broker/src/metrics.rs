@@ -268,13 +268,10 @@ impl Metrics {
         }
     }
 
-    /// Records the outcome of a health probe.
-    pub fn set_hsm_up(&self, up: bool) {
-        self.hsm_up.set(i64::from(up));
-    }
-
-    /// The OpenMetrics text, with the gauges read from the keyring and the HSM pool now.
-    pub fn render(&self, keyring: &Keyring) -> Result<String, std::fmt::Error> {
+    /// The OpenMetrics text, with the gauges read now from the keyring, the HSM pool and the
+    /// last health probe.
+    pub fn render(&self, keyring: &Keyring, health: &HsmHealth) -> Result<String, std::fmt::Error> {
+        self.hsm_up.set(i64::from(health.is_up()));
         let (keys, versions) = keyring.counts();
         self.keys.set(i64::try_from(keys).unwrap_or(i64::MAX));
         self.versions
@@ -330,7 +327,7 @@ pub struct MetricsState {
 }
 
 async fn metrics_page(State(s): State<MetricsState>) -> impl IntoResponse {
-    match s.metrics.render(&s.keyring) {
+    match s.metrics.render(&s.keyring, &s.health) {
         Ok(text) => (
             StatusCode::OK,
             [(

@@ -5,8 +5,6 @@ use std::fmt;
 
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
-use crate::error::Invalid;
-
 /// The tenant a key reference without a `/` belongs to.
 pub const DEFAULT_TENANT: &str = "default";
 /// The longest tenant or key name part.
@@ -320,6 +318,292 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+/// One permission (a Managed-HSM "data action").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Permission {
+    /// Read key metadata (GetKey, ListKeys, GetPublicKey, ListKeyVersions...).
+    ReadMetadata,
+    /// Create keys.
+    Create,
+    /// Change key attributes.
+    Update,
+    /// Rotate keys.
+    Rotate,
+    /// Import keys (BYOK).
+    Import,
+    /// Back keys up.
+    Backup,
+    /// Restore keys.
+    Restore,
+    /// Soft-delete keys.
+    Delete,
+    /// Recover soft-deleted keys.
+    Recover,
+    /// Purge (destroy) keys.
+    Purge,
+    /// Destroy old key versions.
+    TrimVersions,
+    /// Wrap (WrapKey, GenerateDataKey, the wrap half of Rewrap).
+    Wrap,
+    /// Unwrap (UnwrapKey, the unwrap half of Rewrap).
+    Unwrap,
+    /// Read the audit trail.
+    ReadAudit,
+    /// Connect/disconnect HYOK service identities.
+    HyokControl,
+}
+
+impl fmt::Display for Permission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Permission::ReadMetadata => "read metadata",
+            Permission::Create => "create",
+            Permission::Update => "update",
+            Permission::Rotate => "rotate",
+            Permission::Import => "import",
+            Permission::Backup => "backup",
+            Permission::Restore => "restore",
+            Permission::Delete => "delete",
+            Permission::Recover => "recover",
+            Permission::Purge => "purge",
+            Permission::TrimVersions => "trim versions",
+            Permission::Wrap => "wrap",
+            Permission::Unwrap => "unwrap",
+            Permission::ReadAudit => "read audit",
+            Permission::HyokControl => "HYOK control",
+        };
+        f.write_str(s)
+    }
+}
+
+/// A justification reason code (mirrors the proto enum).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[allow(missing_docs)]
+pub enum Reason {
+    CustomerInitiatedAccess,
+    CustomerInitiatedSupport,
+    CustomerAuthorizedWorkflow,
+    ProviderInitiatedService,
+    ProviderInitiatedReview,
+    ProviderInternalMaintenance,
+    ProviderResponseToAlert,
+    ThirdPartyDataRequest,
+    ReasonNotExpected,
+}
+
+impl Reason {
+    /// From the proto enum value (0 = none).
+    pub fn from_proto(v: i32) -> Option<Self> {
+        use Reason::*;
+        Some(match v {
+            1 => CustomerInitiatedAccess,
+            2 => CustomerInitiatedSupport,
+            3 => CustomerAuthorizedWorkflow,
+            4 => ProviderInitiatedService,
+            5 => ProviderInitiatedReview,
+            6 => ProviderInternalMaintenance,
+            7 => ProviderResponseToAlert,
+            8 => ThirdPartyDataRequest,
+            9 => ReasonNotExpected,
+            _ => return None,
+        })
+    }
+
+    /// The proto/config name.
+    pub fn as_str(self) -> &'static str {
+        use Reason::*;
+        match self {
+            CustomerInitiatedAccess => "CUSTOMER_INITIATED_ACCESS",
+            CustomerInitiatedSupport => "CUSTOMER_INITIATED_SUPPORT",
+            CustomerAuthorizedWorkflow => "CUSTOMER_AUTHORIZED_WORKFLOW",
+            ProviderInitiatedService => "PROVIDER_INITIATED_SERVICE",
+            ProviderInitiatedReview => "PROVIDER_INITIATED_REVIEW",
+            ProviderInternalMaintenance => "PROVIDER_INTERNAL_MAINTENANCE",
+            ProviderResponseToAlert => "PROVIDER_RESPONSE_TO_ALERT",
+            ThirdPartyDataRequest => "THIRD_PARTY_DATA_REQUEST",
+            ReasonNotExpected => "REASON_NOT_EXPECTED",
+        }
+    }
+}
+
+/// What was wrong with a request (a field, a name, a size): the domain's own checks say it in
+/// these terms, and `error::BrokerError::Invalid` carries it to the caller.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    /// A name part (`tenant`, `key name`, ...) is empty.
+    #[error("{0} is empty")]
+    Empty(&'static str),
+    /// A name part is longer than allowed.
+    #[error("{what} is longer than {max} characters")]
+    TooLong {
+        /// Which part.
+        what: &'static str,
+        /// The most allowed.
+        max: usize,
+    },
+    /// A name part has characters outside `[A-Za-z0-9._-]` or a bad first character.
+    #[error(
+        "{0} may only contain letters, digits, '.', '_' and '-', and must start with a letter or digit"
+    )]
+    Characters(&'static str),
+    /// A field of the request is wrong (the inner error says how).
+    #[error("{field}: {error}")]
+    Field {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        error: Box<Invalid>,
+    },
+    /// Free text longer than allowed or with control characters.
+    #[error("{what} must be at most {max} printable characters")]
+    Text {
+        /// Which field.
+        what: &'static str,
+        /// The most characters.
+        max: usize,
+    },
+    /// An enum value this broker does not know.
+    #[error("unknown {field} {value}")]
+    Unknown {
+        /// Which field (`algorithm`, `key_type`, ...).
+        field: &'static str,
+        /// The value.
+        value: i32,
+    },
+    /// A required field is missing.
+    #[error("{0} is required")]
+    Missing(&'static str),
+    /// An empty DEK.
+    #[error("the DEK is empty")]
+    DekEmpty,
+    /// A DEK of a length keybroker does not wrap.
+    #[error(
+        "the DEK is {0} bytes; it must be {MIN_DEK_LEN} to {MAX_DEK_LEN} bytes and a multiple of 8"
+    )]
+    DekLength(usize),
+    /// Too much AAD.
+    #[error("aad is longer than {MAX_AAD_LEN} bytes")]
+    AadTooLong,
+    /// AAD for a key whose algorithm cannot bind it.
+    #[error(
+        "key {key} uses {algorithm}, which cannot bind aad; send no aad or use an AES-256-GCM key"
+    )]
+    AadUnsupported {
+        /// The key.
+        key: KeyName,
+        /// Its algorithm.
+        algorithm: Algorithm,
+    },
+    /// Neither an envelope nor a raw ciphertext.
+    #[error("set envelope or raw")]
+    NoCiphertext,
+    /// A raw ciphertext without the key it is for.
+    #[error("key is required with a raw ciphertext")]
+    RawWithoutKey,
+    /// A raw ciphertext with AAD.
+    #[error("a raw RSA-OAEP ciphertext cannot carry aad")]
+    RawWithAad,
+    /// A raw ciphertext naming a non-RSA algorithm.
+    #[error("a raw ciphertext must name RSA_OAEP_SHA256 or RSA_OAEP_SHA1")]
+    RawNotRsa,
+    /// A raw ciphertext naming another algorithm than its key's.
+    #[error("key {key} uses {algorithm}; a raw ciphertext for it must use the same algorithm")]
+    RawAlgorithm {
+        /// The key.
+        key: KeyName,
+        /// Its algorithm.
+        algorithm: Algorithm,
+    },
+    /// A raw ciphertext without its key version.
+    #[error("a raw ciphertext must name its key version (from GetPublicKey)")]
+    RawWithoutVersion,
+    /// A batch of no items or too many.
+    #[error("a batch has 1 to {max} items, not {got}")]
+    BatchSize {
+        /// The most items.
+        max: usize,
+        /// How many came.
+        got: usize,
+    },
+    /// A page larger than allowed.
+    #[error("page_size {got} is more than {max}")]
+    PageSize {
+        /// The largest page.
+        max: u32,
+        /// What was asked.
+        got: u32,
+    },
+    /// A page token this broker did not issue.
+    #[error("page_token is not one this broker issued")]
+    PageToken,
+    /// A time field below zero.
+    #[error("{0} must not be negative")]
+    Negative(&'static str),
+    /// A time attribute that is not positive.
+    #[error("{0} must be positive (0 means unset)")]
+    NotPositive(&'static str),
+    /// Times given without `set_times`.
+    #[error("set set_times to change not_before/expires/rotation_period/version_expiry")]
+    TimesWithoutSetTimes,
+    /// `expires` not after `not_before`.
+    #[error("expires must be after not-before")]
+    ExpiresBeforeNotBefore,
+    /// A rotation period under a second.
+    #[error("rotation_period_ms must be at least 1000")]
+    RotationTooShort,
+    /// Too many tags.
+    #[error("a key has at most {0} tags")]
+    TooManyTags(usize),
+    /// A tag name or value of a bad length.
+    #[error("tag names must be 1-{0} characters and values at most {0}")]
+    TagLength(usize),
+    /// A tag with control characters.
+    #[error("tags may not contain control characters")]
+    TagControl,
+    /// A minimum decryption version of 0.
+    #[error("min_decryption_version starts at 1")]
+    MinVersionZero,
+    /// A new key with a minimum decryption version other than 1.
+    #[error("a new key's min_decryption_version is 1")]
+    NewKeyMinVersion,
+    /// A minimum decryption version that names no version.
+    #[error("min_decryption_version must be between 1 and the current version {current}")]
+    MinVersionRange {
+        /// The newest version.
+        current: u32,
+    },
+    /// An algorithm that does not fit the key type.
+    #[error("algorithm {algorithm} cannot be used with key type {}", key_type.as_str())]
+    AlgorithmForType {
+        /// The algorithm.
+        algorithm: Algorithm,
+        /// The key type.
+        key_type: KeyType,
+    },
+    /// An import key that is not RSA 3072/4096.
+    #[error("an import key is RSA_3072 or RSA_4096")]
+    ImportKeyType,
+    /// Key material to import that is not AES-256.
+    #[error("ImportKey takes AES_256 key material")]
+    ImportMaterialType,
+    /// Too much key material.
+    #[error("wrapped_material is larger than {0} bytes")]
+    MaterialTooLarge(usize),
+    /// An import key id that is not one.
+    #[error("import_key_id is malformed")]
+    ImportKeyId,
+    /// Key material that does not unwrap with its import key.
+    #[error("the wrapped key material does not unwrap with this import key: {0}")]
+    MaterialDoesNotUnwrap(String),
+    /// A backup blob that does not parse.
+    #[error("the backup blob is malformed: {0}")]
+    BackupMalformed(String),
+    /// A backup blob whose MAC does not verify (or whose name is not the one authorised).
+    #[error("the backup blob failed authentication: it was changed after BackupKey made it")]
+    BackupForged,
 }
 
 #[cfg(test)]

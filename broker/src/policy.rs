@@ -16,7 +16,6 @@
 
 use std::{
     collections::BTreeSet,
-    fmt,
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
     time::Duration,
@@ -24,69 +23,12 @@ use std::{
 
 use serde::Deserialize;
 
+pub use crate::model::{Permission, Reason};
 use crate::{
     error::{BrokerError, Denied},
     identity::Caller,
     model::KeyName,
 };
-
-/// One permission (a Managed-HSM "data action").
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Permission {
-    /// Read key metadata (GetKey, ListKeys, GetPublicKey, ListKeyVersions...).
-    ReadMetadata,
-    /// Create keys.
-    Create,
-    /// Change key attributes.
-    Update,
-    /// Rotate keys.
-    Rotate,
-    /// Import keys (BYOK).
-    Import,
-    /// Back keys up.
-    Backup,
-    /// Restore keys.
-    Restore,
-    /// Soft-delete keys.
-    Delete,
-    /// Recover soft-deleted keys.
-    Recover,
-    /// Purge (destroy) keys.
-    Purge,
-    /// Destroy old key versions.
-    TrimVersions,
-    /// Wrap (WrapKey, GenerateDataKey, the wrap half of Rewrap).
-    Wrap,
-    /// Unwrap (UnwrapKey, the unwrap half of Rewrap).
-    Unwrap,
-    /// Read the audit trail.
-    ReadAudit,
-    /// Connect/disconnect HYOK service identities.
-    HyokControl,
-}
-
-impl fmt::Display for Permission {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = match self {
-            Permission::ReadMetadata => "read metadata",
-            Permission::Create => "create",
-            Permission::Update => "update",
-            Permission::Rotate => "rotate",
-            Permission::Import => "import",
-            Permission::Backup => "backup",
-            Permission::Restore => "restore",
-            Permission::Delete => "delete",
-            Permission::Recover => "recover",
-            Permission::Purge => "purge",
-            Permission::TrimVersions => "trim versions",
-            Permission::Wrap => "wrap",
-            Permission::Unwrap => "unwrap",
-            Permission::ReadAudit => "read audit",
-            Permission::HyokControl => "HYOK control",
-        };
-        f.write_str(s)
-    }
-}
 
 /// A built-in role.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -117,7 +59,7 @@ impl Role {
         Role::Backup,
     ];
 
-    /// The role's permissions (the table in the module docs and the README).
+    /// The role's permissions (the table in the module docs and `docs/src/deployment.md`).
     pub fn permissions(self) -> &'static [Permission] {
         use Permission::*;
         match self {
@@ -230,57 +172,6 @@ fn glob_slice<T: PartialEq + Copy + From<u8>>(p: &[T], t: &[T]) -> bool {
         pi += 1;
     }
     pi == p.len()
-}
-
-/// A justification reason code (mirrors the proto enum).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-#[allow(missing_docs)]
-pub enum Reason {
-    CustomerInitiatedAccess,
-    CustomerInitiatedSupport,
-    CustomerAuthorizedWorkflow,
-    ProviderInitiatedService,
-    ProviderInitiatedReview,
-    ProviderInternalMaintenance,
-    ProviderResponseToAlert,
-    ThirdPartyDataRequest,
-    ReasonNotExpected,
-}
-
-impl Reason {
-    /// From the proto enum value (0 = none).
-    pub fn from_proto(v: i32) -> Option<Self> {
-        use Reason::*;
-        Some(match v {
-            1 => CustomerInitiatedAccess,
-            2 => CustomerInitiatedSupport,
-            3 => CustomerAuthorizedWorkflow,
-            4 => ProviderInitiatedService,
-            5 => ProviderInitiatedReview,
-            6 => ProviderInternalMaintenance,
-            7 => ProviderResponseToAlert,
-            8 => ThirdPartyDataRequest,
-            9 => ReasonNotExpected,
-            _ => return None,
-        })
-    }
-
-    /// The proto/config name.
-    pub fn as_str(self) -> &'static str {
-        use Reason::*;
-        match self {
-            CustomerInitiatedAccess => "CUSTOMER_INITIATED_ACCESS",
-            CustomerInitiatedSupport => "CUSTOMER_INITIATED_SUPPORT",
-            CustomerAuthorizedWorkflow => "CUSTOMER_AUTHORIZED_WORKFLOW",
-            ProviderInitiatedService => "PROVIDER_INITIATED_SERVICE",
-            ProviderInitiatedReview => "PROVIDER_INITIATED_REVIEW",
-            ProviderInternalMaintenance => "PROVIDER_INTERNAL_MAINTENANCE",
-            ProviderResponseToAlert => "PROVIDER_RESPONSE_TO_ALERT",
-            ThirdPartyDataRequest => "THIRD_PARTY_DATA_REQUEST",
-            ReasonNotExpected => "REASON_NOT_EXPECTED",
-        }
-    }
 }
 
 #[derive(Debug, Deserialize)]

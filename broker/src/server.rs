@@ -19,30 +19,84 @@ use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
     api::{
-        Pipeline,
+        MAX_MESSAGE_BYTES, Pipeline,
         grpc::GrpcApi,
         kms_v2::{self, KmsV2},
     },
     audit::{AuditLog, AuditSettings},
     config::Config,
-    error::StartError,
+    error::BrokerError,
     health::{self, HsmHealth},
-    hsm::Hsm,
+    hsm::{Hsm, HsmError},
     hyok::HyokSwitch,
-    keys::Keyring,
+    keys::{Keyring, LoadError},
     metrics::{self, Metrics, MetricsState},
     model::KeyName,
-    store::Store,
+    store::{Store, StoreError},
     tls,
 };
+
+/// Why the broker (or a command) could not start: typed by where it failed, each carrying the
+/// failure it got from that layer. The command line prints it and exits 1.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration file (reading, parsing or checking it).
+    #[error("{0}")]
+    Config(String),
+    /// The policy file.
+    #[error("{0}")]
+    Policy(String),
+    /// Opening the HSM (module, token, login, capability probe).
+    #[error("HSM: {0}")]
+    Hsm(#[from] HsmError),
+    /// The token lacks mechanisms keybroker needs.
+    #[error(
+        "HSM: the token lacks mechanisms keybroker needs: {} ({})",
+        missing.join(", "),
+        notes.join("; ")
+    )]
+    Mechanisms {
+        /// What is missing.
+        missing: Vec<String>,
+        /// What the capability probe noted.
+        notes: Vec<String>,
+    },
+    /// Opening the metadata store.
+    #[error("metadata store: {0}")]
+    Store(#[from] StoreError),
+    /// Loading the keys (reconciliation with the store and the HSM, integrity checks).
+    #[error("{0}")]
+    Keys(#[from] LoadError),
+    /// A request-path failure during start-up (the audit key, the HYOK switch, receipts).
+    #[error("{0}")]
+    Broker(#[from] BrokerError),
+    /// The audit trail.
+    #[error("{0}")]
+    Audit(String),
+    /// TLS material.
+    #[error("{0}")]
+    Tls(String),
+    /// A listener (address in use, socket path, ...).
+    #[error("{0}")]
+    Listen(String),
+    /// Another broker holds the store or the audit log.
+    #[error("{0}")]
+    InUse(String),
+    /// A task of the server failed.
+    #[error("{0}")]
+    Server(String),
+}
+
+impl From<StartError> for String {
+    fn from(e: StartError) -> Self {
+        e.to_string()
+    }
+}
 
 /// A future that completes once `rx` sees `true`.
 async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
-
-/// Largest request message accepted (a DEK request is well under 20 KiB).
-pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
 /// Process-wide protections of the server: no core dumps (also done first by every command,
 /// `crate::secrets::disable_core_dumps`; again here for callers of [`run`] that do not go
@@ -241,12 +295,12 @@ pub async fn run(
         }
     };
     let first = health::probe_once(&probe, probe_timeout).await;
-    health::publish(&reporter, &hsm_health, Some(&metrics), first).await;
+    health::publish(&reporter, &hsm_health, first).await;
     // The HSM layer's own verdict, at once: NOT_SERVING from the moment it confirms a lost
     // device (requests get UNAVAILABLE), SERVING the moment re-initialisation succeeds —
     // without waiting for the next probe.
     side_tasks.push(tokio::spawn({
-        let (reporter, state, metrics) = (reporter.clone(), hsm_health.clone(), metrics.clone());
+        let (reporter, state) = (reporter.clone(), hsm_health.clone());
         let (mut changes, mut stop) = (keyring.hsm().health(), stop_rx.clone());
         async move {
             loop {
@@ -256,24 +310,15 @@ pub async fn run(
                 }
                 let h = changes.borrow_and_update().clone();
                 let result = if h.serving { Ok(()) } else { Err(h.detail) };
-                health::publish(&reporter, &state, Some(&metrics), result).await;
+                health::publish(&reporter, &state, result).await;
             }
         }
     }));
     side_tasks.push(tokio::spawn({
-        let (state, metrics, rx) = (hsm_health.clone(), metrics.clone(), stop_rx.clone());
+        let (state, rx) = (hsm_health.clone(), stop_rx.clone());
         let interval = Duration::from_millis(cfg.health.probe_interval_ms);
         async move {
-            health::run(
-                reporter,
-                state,
-                Some(metrics),
-                interval,
-                probe_timeout,
-                probe,
-                rx,
-            )
-            .await;
+            health::run(reporter, state, interval, probe_timeout, probe, rx).await;
             Ok(())
         }
     }));

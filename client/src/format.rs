@@ -11,7 +11,7 @@
 //! | 4 | 1 | suite: `0x01` = AES-256-GCM in the STREAM construction below |
 //! | 5 | 1 | chunk size exponent `e`: every chunk but the last holds exactly 2^`e` plaintext bytes; 10 ≤ `e` ≤ 24 (1 KiB … 16 MiB); default 16 (64 KiB) |
 //! | 6 | 2 | `W`: length of the wrapped DEK, 1 ≤ `W` ≤ 2048 |
-//! | 8 | `W` | the wrapped DEK: a keybroker envelope (format 1, see the broker's README), made by `GenerateDataKey` with empty broker AAD; it names the key version that can unwrap it |
+//! | 8 | `W` | the wrapped DEK: a keybroker envelope (format 1, see the book's `docs/src/envelope.md`), made by `GenerateDataKey` with empty broker AAD; it names the key version that can unwrap it |
 //! | 8+`W` | 7 | nonce prefix: 7 random bytes, fresh for every message |
 //! | 15+`W` | … | chunks |
 //!

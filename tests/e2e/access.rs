@@ -50,7 +50,7 @@ const RPCS: [&str; 12] = [
     "HyokReconnect",
 ];
 
-/// The published role table (README "Roles"), stated independently of the implementation.
+/// The published role table (docs/src/deployment.md, "Roles"), stated independently of the implementation.
 fn allowed(role: &str, rpc: &str) -> bool {
     let read = ["GetKey", "ListKeys", "GetPublicKey"].contains(&rpc);
     match role {

@@ -536,7 +536,7 @@ async fn a_crash_during_a_restore_is_rolled_back_at_the_next_start() {
     b.stop().await;
 }
 
-/// The role table (README "Roles"): BackupKey needs the backup permission (crypto-user, backup),
+/// The role table (docs/src/deployment.md, "Roles"): BackupKey needs the backup permission (crypto-user, backup),
 /// RestoreKey the restore permission (crypto-officer) on the name in the blob, within scope.
 #[tokio::test]
 async fn backup_and_restore_follow_the_role_table_and_scopes() {

@@ -200,7 +200,7 @@ async fn key_rewrap_all_moves_a_file_of_envelopes_to_the_newest_version_with_pro
     b.stop().await;
 }
 
-/// `keybroker domain init|show`, `key backup`, `key purge`, `key restore` by hand, as the README
+/// `keybroker domain init|show`, `key backup`, `key purge`, `key restore` by hand, as the book (docs/src/lifecycle.md)
 /// describes them; the envelope made before the backup unwraps after the restore.
 #[tokio::test]
 async fn backup_and_restore_through_the_command_line() {

@@ -1,6 +1,6 @@
 //! The client SDK (`keybroker-client`) against the real broker: round trips, every way sealed
 //! data can be damaged, a message sealed under another key than the reader accepts (the
-//! key-substitution attack), the DEK cache's counts, retries, and the README example program.
+//! key-substitution attack), the DEK cache's counts, retries, and the SDK's example program (docs/src/sdk.md).
 
 use std::time::Duration;
 
@@ -338,7 +338,7 @@ async fn an_unreachable_broker_is_retried_with_backoff_then_reported_as_unavaila
 }
 
 #[tokio::test]
-async fn the_readme_example_program_runs_against_a_broker() {
+async fn the_sdk_example_program_runs_against_a_broker() {
     let (env, b) = setup("dev/demo").await;
     let example = build_example();
     let out = tokio::process::Command::new(&example)

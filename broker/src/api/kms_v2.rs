@@ -252,8 +252,8 @@ pub async fn serve(
     let r = tonic::transport::Server::builder()
         .add_service(
             KeyManagementServiceServer::new(svc)
-                .max_decoding_message_size(crate::server::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(crate::server::MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(super::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(super::MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),

@@ -2,6 +2,8 @@
 //!
 //! * [`pipeline`] — every request's steps, in one place: request id, caller, deadline, policy
 //!   and HYOK rules, the operation, the audit record before the reply, metrics and log;
+//! * `call` — what an operation receives: the only way to the keys and maker of grants, and
+//!   the request's audit record as it fills in;
 //! * [`ops`] — the operations a request can ask for, one type each (sealed: only this module
 //!   defines them);
 //! * [`grpc`] — the `keybroker.v1` gRPC services, a codec over the pipeline;
@@ -10,9 +12,13 @@
 //! A front door translates its wire format into an operation and the pipeline's reply back
 //! into its wire format; it holds no keyring, policy or audit trail, so it cannot skip a step.
 
+mod call;
 pub mod grpc;
 pub mod kms_v2;
 pub mod ops;
 pub mod pipeline;
 
 pub use self::pipeline::{DEFAULT_REQUEST_TIMEOUT, Pipeline};
+
+/// Largest request message a front door accepts (a DEK request is well under 20 KiB).
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;

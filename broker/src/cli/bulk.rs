@@ -13,7 +13,7 @@ use futures_util::{StreamExt, stream};
 use keybroker_proto::v1 as pb;
 use serde_json::json;
 
-use super::{Output, Progress, commands::status};
+use super::{Output, Progress, status};
 use crate::client::Clients;
 
 /// What `key rewrap-all` was asked to do.

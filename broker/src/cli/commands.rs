@@ -4,7 +4,7 @@ use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use keybroker_proto::v1 as pb;
 use serde_json::json;
 
-use super::{AuditCommand, Command, ConnArgs, HyokCommand, KeyCommand, Output};
+use super::{AuditCommand, Command, ConnArgs, HyokCommand, KeyCommand, Output, status};
 use crate::{
     client::{ClientSettings, clients},
     config::Config,
@@ -208,10 +208,6 @@ fn context(c: &ConnArgs) -> Result<Option<pb::RequestContext>, String> {
         correlation_id: c.correlation_id.clone().unwrap_or_default(),
         justification,
     }))
-}
-
-pub(super) fn status(e: tonic::Status) -> String {
-    format!("{:?}: {}", e.code(), e.message())
 }
 
 fn alg_name(v: i32) -> &'static str {

@@ -20,6 +20,11 @@ pub struct Cli {
     command: Command,
 }
 
+/// A refused call, as the commands print it: the gRPC code and the broker's message.
+pub(super) fn status(e: tonic::Status) -> String {
+    format!("{:?}: {}", e.code(), e.message())
+}
+
 #[derive(Subcommand, Debug)]
 enum DomainCommand {
     /// Create the security domain in the configured token, as its security officer: three
@@ -384,7 +389,7 @@ enum KeyCommand {
         #[arg(long)]
         pem_out: Option<PathBuf>,
     },
-    /// BYOK step 2: import AES-256 key material wrapped for an import key (see README).
+    /// BYOK step 2: import AES-256 key material wrapped for an import key (see docs/src/lifecycle.md, "BYOK").
     Import {
         /// "tenant/name".
         name: String,

@@ -50,7 +50,7 @@ pub(super) struct Conn {
     /// retirement cannot interleave), never across an operation.
     pool: Mutex<Pool>,
     /// Kept open for the life of the generation: object handles die when an application's last
-    /// session closes (HSM-NOTES), and the login belongs to the application.
+    /// session closes (docs/src/hsm-notes.md), and the login belongs to the application.
     anchor: Mutex<Option<Session>>,
     pub(super) handles: RwLock<HashMap<VersionId, KekHandles>>,
     /// The audit trail's HMAC key.

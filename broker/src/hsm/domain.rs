@@ -1,4 +1,5 @@
-//! The security domain: the keys a backup is made and restored with (DESIGN §3.4).
+//! The security domain: the keys a backup is made and restored with (security invariant 4,
+//! `docs/src/security.md`).
 //!
 //! `keybroker domain init` (the token's security officer) creates, as public token objects
 //! sharing one random `CKA_ID` (the domain id):

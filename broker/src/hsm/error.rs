@@ -1,4 +1,5 @@
-//! The one place that classifies PKCS#11 failures (STYLE rule 3). The class drives recovery:
+//! The one place that classifies PKCS#11 failures (house rule 3,
+//! `docs/src/style.md`). The class drives recovery:
 //! a lost session is evicted and the operation retried once; a lost device makes callers see
 //! UNAVAILABLE; data errors keep the session.
 
@@ -106,7 +107,7 @@ impl HsmError {
 
     /// Like [`HsmError::from_ck`], but for a decrypt/unwrap of caller data: every return value
     /// that can mean "this ciphertext is not authentic" becomes [`FaultKind::DataInvalid`].
-    /// SoftHSM2 answers a bad AES-GCM tag with `CKR_GENERAL_ERROR` (HSM-NOTES), Kryoptic with
+    /// SoftHSM2 answers a bad AES-GCM tag with `CKR_GENERAL_ERROR` (docs/src/hsm-notes.md), Kryoptic with
     /// `CKR_ENCRYPTED_DATA_INVALID`; RFC 5649 integrity failures come back as
     /// `CKR_WRAPPED_KEY_INVALID` or `CKR_ENCRYPTED_DATA_INVALID`. Kryoptic answers a failed
     /// RFC 5649 or OAEP integrity check with `CKR_DEVICE_ERROR`: that is left as a device fault
@@ -172,6 +173,12 @@ impl HsmError {
     }
 }
 
+impl From<HsmError> for BrokerError {
+    fn from(e: HsmError) -> Self {
+        e.into_broker()
+    }
+}
+
 /// Maps a PKCS#11 return value to its class.
 pub fn classify(rv: RvError) -> FaultKind {
     use RvError::*;
@@ -188,7 +195,7 @@ pub fn classify(rv: RvError) -> FaultKind {
         SessionCount | FunctionCanceled | Cancel | HostMemory => FaultKind::Busy,
         // CKR_GENERAL_ERROR outside a decrypt (where SoftHSM2 means a bad GCM tag: see
         // `from_ck_decrypt`) is the token failing the call: SoftHSM2 2.6.1 returns it now and
-        // then from C_GenerateKey under concurrent load (its object-store races, HSM-NOTES). The
+        // then from C_GenerateKey under concurrent load (its object-store races, docs/src/hsm-notes.md). The
         // caller can retry (a half-made key is rolled back); it is not a broker bug (INTERNAL).
         FunctionFailed | GeneralError => FaultKind::Transient,
         EncryptedDataInvalid

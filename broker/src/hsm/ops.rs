@@ -153,7 +153,8 @@ pub fn wrap(
         }
         WrapParams::Kwp => {
             // C_WrapKey needs the DEK as a key object: a short-lived session object holding only
-            // the value, with no roles, destroyed before we return (DESIGN §3.2).
+            // the value, with no roles, destroyed before we return (security invariant 2,
+            // docs/src/security.md).
             let mut template = dek_object_template();
             template.push(Attribute::Value(dek.expose().to_vec()));
             let made = session.create_object(&template);
@@ -205,7 +206,8 @@ pub fn unwrap(
 
 /// The template of the short-lived session object a DEK passes through when a mechanism works
 /// only on key objects (AES key wrap): a generic secret with no role at all, readable only so
-/// that its value can be taken out, destroyed at once (DESIGN §3.2).
+/// that its value can be taken out, destroyed at once (security invariant 2,
+/// `docs/src/security.md`).
 fn dek_object_template() -> Vec<Attribute> {
     vec![
         Attribute::Class(ObjectClass::SECRET_KEY),

@@ -226,7 +226,7 @@ pub const PROFILES: &[Profile] = &[
         notes: "Unsupported: C_Initialize needs pReserved (a configuration string), which cryptoki can \
                 pass only through an unsafe constructor, and keybroker forbids unsafe code. Also: its \
                 0x210A is RFC 3394 over PKCS#7 padding (a third meaning, refused by the KAT) and its \
-                KWP output-size query under-reports. Observed here by hand (HSM-NOTES).",
+                KWP output-size query under-reports. Observed here by hand (docs/src/hsm-notes.md).",
     },
 ];
 

@@ -1,4 +1,4 @@
-//! The one fixed KEK template (DESIGN §3.1) and the read-back check that a KEK still has it
+//! The one fixed KEK template (security invariant 1, `docs/src/security.md`) and the read-back check that a KEK still has it
 //! (§3.3).
 //!
 //! Every KEK is created inside the token as a token object that is private, sensitive, never
@@ -15,7 +15,7 @@
 //! Why no key may both wrap and decrypt (or unwrap and encrypt): with such a key, anyone holding
 //! a session can `C_WrapKey` a sensitive key under it and `C_Decrypt` the result, reading the
 //! sensitive key in the clear (Clulow, "On the Security of PKCS #11", CHES 2003). SoftHSM2 2.6.1
-//! does not prevent it (HSM-NOTES), so the template must. `CKA_MODIFIABLE` and `CKA_COPYABLE`
+//! does not prevent it (docs/src/hsm-notes.md), so the template must. `CKA_MODIFIABLE` and `CKA_COPYABLE`
 //! FALSE stop an attacker from adding the missing role later with `C_SetAttributeValue` or
 //! `C_CopyObject`.
 

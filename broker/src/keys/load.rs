@@ -4,23 +4,39 @@
 //! reported.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, OnceLock, RwLock},
 };
 
 use futures_util::{StreamExt, stream};
 
 use super::{
-    IntegrityPolicy, KeyEntry, KeyState, Keyring, Lifecycle, LifecycleSettings, Receipt, Usage,
-    VersionEntry, blocking,
+    IntegrityPolicy, KeyEntry, KeyState, Keyring, LifecycleSettings, Receipt, Usage, blocking,
     integrity::{canary_of, canary_to_check},
+    replica::entry_from_stored,
 };
 use crate::{
-    error::{BrokerError, StartError},
+    error::BrokerError,
     hsm::{ExpectedKek, Hsm},
     model::{KeyName, VersionId, now_ms},
     store::{Store, StoredKey, StoredLifecycle, VersionState},
 };
+
+/// Why the keys could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The store or the HSM failed.
+    #[error("{0}")]
+    Failed(#[from] BrokerError),
+    /// Keys failed their integrity check and `[hsm] on_integrity_failure` is `fail`.
+    #[error(
+        "refusing to start: {} key(s) failed the HSM integrity check (keys are never re-created silently; \
+         investigate, or set hsm.on_integrity_failure = \"quarantine\" to serve the others): {}",
+        .0.len(),
+        .0.iter().map(|(k, why)| format!("{k}: {why}")).collect::<Vec<_>>().join(" | ")
+    )]
+    Integrity(Vec<(String, String)>),
+}
 
 /// What start-up found.
 #[derive(Debug, Default)]
@@ -54,257 +70,17 @@ impl Keyring {
         store: Arc<Store>,
         policy: IntegrityPolicy,
         settings: LifecycleSettings,
-    ) -> Result<(Self, LoadReport), StartError> {
+    ) -> Result<(Self, LoadReport), LoadError> {
         let mut report = LoadReport::default();
-
-        // With a shared store, recovery runs under the cluster-wide write lock, and only for the
-        // work of replicas that are gone: another replica may be in the middle of a creation.
-        let st = store.clone();
-        let cluster = blocking(move || st.lock_writes().map_err(BrokerError::from)).await?;
-        let cluster = super::replica::ReleaseOnDrop(cluster);
-        let st = store.clone();
-        let applied_generation =
-            blocking(move || st.generation().map_err(BrokerError::from)).await?;
-        let applied_generation = applied_generation.unwrap_or(0);
-
-        // Finish destructions that were started (their intent is durable) before anything else.
-        let st = store.clone();
-        let pending =
-            blocking(move || st.pending_destructions().map_err(BrokerError::from)).await?;
-        let mut in_progress = std::collections::HashSet::new();
-        let mut by_key: BTreeMap<(KeyName, String, String), Vec<(u32, VersionId)>> =
-            BTreeMap::new();
-        for p in pending {
-            let st = store.clone();
-            let owner = p.owner;
-            if blocking(move || st.owner_alive(owner).map_err(BrokerError::from)).await? {
-                in_progress.insert(p.id);
-                continue;
-            }
-            by_key
-                .entry((p.key, p.reason, p.requested_by))
-                .or_default()
-                .push((p.version, p.id));
-        }
-        for ((key, reason, by), versions) in by_key {
-            let mut destroyed = 0;
-            for (_, id) in &versions {
-                destroyed += hsm.destroy_kek(*id).await.map_err(BrokerError::from)?;
-            }
-            let (st, k, ids) = (
-                store.clone(),
-                key.clone(),
-                versions.iter().map(|v| v.1).collect::<Vec<_>>(),
-            );
-            let purge = reason == "purge";
-            blocking(move || {
-                st.finish_destroy(&k, &ids, purge)
-                    .map_err(BrokerError::from)
-            })
-            .await?;
-            tracing::warn!(key = %key, %reason, versions = versions.len(), objects_destroyed = destroyed,
-                "finished a destruction interrupted by a crash");
-            report.finished_destructions.push(Receipt {
-                key: key.to_string(),
-                reason,
-                versions: versions.iter().map(|v| v.0).collect(),
-                object_ids: versions.iter().map(|v| v.1.hex()).collect(),
-                objects_destroyed: destroyed,
-                at_ms: now_ms(),
-                by,
-            });
-        }
-
-        let st = store.clone();
-        let stored = blocking(move || st.load_all().map_err(BrokerError::from)).await?;
-
-        // Roll back creations that were never acknowledged (and whose replica is gone).
-        for k in &stored {
-            for v in k
-                .versions
-                .iter()
-                .filter(|v| v.state == VersionState::Pending)
-            {
-                let st = store.clone();
-                let owner = v.owner;
-                if blocking(move || st.owner_alive(owner).map_err(BrokerError::from)).await? {
-                    continue;
-                }
-                let destroyed = hsm.destroy_kek(v.id).await.map_err(BrokerError::from)?;
-                let st = store.clone();
-                let id = v.id;
-                blocking(move || st.abort_version(id).map_err(BrokerError::from)).await?;
-                tracing::warn!(key = %k.name, version = v.number, objects_destroyed = destroyed,
-                    "rolled back a key version whose creation was interrupted (never acknowledged)");
-                report.rolled_back += 1;
-            }
-        }
-        drop(cluster);
-        let stored: Vec<StoredKey> = stored
-            .into_iter()
-            .filter(|k| k.lifecycle != StoredLifecycle::Purging)
-            .map(|mut k| {
-                k.versions
-                    .retain(|v| v.state == VersionState::Active && !in_progress.contains(&v.id));
-                k
-            })
-            .filter(|k| !k.versions.is_empty())
-            .collect();
-
-        let expected = stored
-            .iter()
-            .flat_map(|k| {
-                k.versions.iter().map(|v| ExpectedKek {
-                    id: v.id,
-                    key_type: k.key_type,
-                    algorithm: k.algorithm,
-                    origin: v.origin,
-                    canary: canary_of(v.canary.as_deref(), v.canary_digest.as_deref()),
-                })
-            })
-            .collect();
-        let t_attach = std::time::Instant::now();
-        let attach = hsm.attach(expected).await.map_err(BrokerError::from)?;
-        report.attach_ms = t_attach.elapsed().as_millis() as u64;
-        report.orphans = attach.orphans;
-        let mut bad: HashMap<VersionId, String> = attach.problems.into_iter().collect();
-
-        // Canaries: prove each attached object is the key the version was created with, in
-        // chunks (one HSM call each, not one per version), one chunk per session at a time.
-        let t_canaries = std::time::Instant::now();
-        let mut to_check = Vec::new();
-        for k in &stored {
-            for v in &k.versions {
-                if bad.contains_key(&v.id) {
-                    continue;
-                }
-                match canary_to_check(
-                    k.algorithm,
-                    v.id,
-                    v.canary.as_deref(),
-                    v.canary_digest.as_deref(),
-                ) {
-                    Ok(c) => to_check.push((v.id, c)),
-                    Err(why) => {
-                        bad.insert(v.id, why);
-                    }
-                }
-            }
-        }
-        let parallel = hsm.token().sessions.max(1);
-        // Small enough that a chunk of slow RSA-4096 unwraps stays far inside call_timeout.
-        let chunk = to_check.len().div_ceil(parallel * 4).clamp(1, 64);
-        let mut chunks = Vec::new();
-        let mut it = to_check.into_iter().peekable();
-        while it.peek().is_some() {
-            chunks.push(it.by_ref().take(chunk).collect::<Vec<_>>());
-        }
-        let results: Vec<_> = stream::iter(chunks)
-            .map(|c| {
-                let hsm = hsm.clone();
-                async move {
-                    match hsm.check_canaries(c.clone()).await {
-                        Ok(v) => v,
-                        // An HSM fault in a chunk: each of its versions alone, and one that
-                        // still cannot be checked is quarantined (as before chunks existed).
-                        Err(_) => {
-                            let mut out = Vec::with_capacity(c.len());
-                            for item in c {
-                                let id = item.0;
-                                out.push(match hsm.check_canaries(vec![item]).await {
-                                    Ok(mut v) => {
-                                        v.pop().unwrap_or((id, Some("canary not checked".into())))
-                                    }
-                                    Err(e) => (id, Some(format!("canary check failed: {e}"))),
-                                });
-                            }
-                            out
-                        }
-                    }
-                }
-            })
-            .buffer_unordered(parallel)
-            .collect()
-            .await;
-        for (id, verdict) in results.into_iter().flatten() {
-            if let Some(why) = verdict {
-                bad.insert(id, why);
-            }
-        }
-        report.canaries_ms = t_canaries.elapsed().as_millis() as u64;
-
-        let mut keys = BTreeMap::new();
-        let mut versions = HashMap::new();
-        let mut usage = HashMap::new();
-        for k in stored {
-            let problems: Vec<String> = k
-                .versions
-                .iter()
-                .filter_map(|v| {
-                    bad.get(&v.id)
-                        .map(|why| format!("version {}: {why}", v.number))
-                })
-                .collect();
-            let state = if problems.is_empty() {
-                KeyState::Enabled
-            } else {
-                let why = problems.join("; ");
-                tracing::error!(key = %k.name, problems = %why, "KEK integrity check failed");
-                report.quarantined.push((k.name.to_string(), why.clone()));
-                for v in &k.versions {
-                    hsm.detach(v.id);
-                }
-                KeyState::Quarantined(why)
-            };
-            report.versions += k.versions.len();
-            for v in &k.versions {
-                versions.insert(v.id, (k.name.clone(), v.number));
-                usage.insert(
-                    v.id,
-                    Arc::new(Usage::new(v.wraps, v.unwraps, v.last_used_ms)),
-                );
-            }
-            let lifecycle = match k.lifecycle {
-                StoredLifecycle::Deleted {
-                    deleted_at_ms,
-                    purge_at_ms,
-                    deleted_by,
-                } => Lifecycle::Deleted {
-                    deleted_at_ms,
-                    purge_at_ms,
-                    deleted_by,
-                },
-                _ => Lifecycle::Active,
-            };
-            let entry = KeyEntry {
-                name: k.name.clone(),
-                key_type: k.key_type,
-                algorithm: k.algorithm,
-                created_at_ms: k.created_at_ms,
-                updated_at_ms: k.updated_at_ms,
-                state,
-                lifecycle,
-                attributes: k.attributes,
-                versions: k
-                    .versions
-                    .iter()
-                    .map(|v| VersionEntry {
-                        number: v.number,
-                        id: v.id,
-                        created_at_ms: v.created_at_ms,
-                        origin: v.origin,
-                        expires_ms: v.expires_ms,
-                    })
-                    .collect(),
-            };
-            keys.insert(k.name, Arc::new(entry));
-        }
-        report.keys = keys.len();
+        let (stored, applied_generation) = recover(&hsm, &store, &mut report).await?;
+        let mut bad = attach(&hsm, &stored, &mut report).await?;
+        prove_identities(&hsm, &stored, &mut bad, &mut report).await;
+        let (keys, versions, usage) = cache(&hsm, stored, &bad, &mut report);
         for o in &report.orphans {
             tracing::warn!(object = %o, "HSM object made by keybroker is not referenced by any key (orphan)");
         }
         if policy == IntegrityPolicy::Fail && !report.quarantined.is_empty() {
-            return Err(StartError::Integrity(report.quarantined));
+            return Err(LoadError::Integrity(report.quarantined));
         }
         Ok((
             Self {
@@ -322,4 +98,274 @@ impl Keyring {
             report,
         ))
     }
+}
+
+/// Step 1, under the cluster-wide write lock (with a shared store, and only for the work of
+/// replicas that are gone: another replica may be in the middle of a creation): finishes the
+/// destructions a crash interrupted (their intent is durable), reads every key, and rolls back
+/// the creations that were never acknowledged. Returns the versions that serve (active, not
+/// being destroyed by a live replica) and the store generation they reflect.
+async fn recover(
+    hsm: &Hsm,
+    store: &Arc<Store>,
+    report: &mut LoadReport,
+) -> Result<(Vec<StoredKey>, i64), BrokerError> {
+    let st = store.clone();
+    let cluster = blocking(move || st.lock_writes().map_err(BrokerError::from)).await?;
+    let _cluster = super::replica::ReleaseOnDrop(cluster);
+    let st = store.clone();
+    let applied = blocking(move || st.generation().map_err(BrokerError::from))
+        .await?
+        .unwrap_or(0);
+    let in_progress = finish_destructions(hsm, store, report).await?;
+    let st = store.clone();
+    let stored = blocking(move || st.load_all().map_err(BrokerError::from)).await?;
+    roll_back_pending(hsm, store, &stored, report).await?;
+    let serving = stored
+        .into_iter()
+        .filter(|k| k.lifecycle != StoredLifecycle::Purging)
+        .map(|mut k| {
+            k.versions
+                .retain(|v| v.state == VersionState::Active && !in_progress.contains(&v.id));
+            k
+        })
+        .filter(|k| !k.versions.is_empty())
+        .collect();
+    Ok((serving, applied))
+}
+
+/// Whether the replica that owns a piece of pending work is still running (then it is its
+/// work, not a crash's).
+async fn alive(store: &Arc<Store>, owner: Option<i64>) -> Result<bool, BrokerError> {
+    let st = store.clone();
+    blocking(move || st.owner_alive(owner).map_err(BrokerError::from)).await
+}
+
+/// Finishes the destructions (purge, trim) whose replica is gone, each with a receipt for the
+/// audit trail; returns the versions a live replica is destroying.
+async fn finish_destructions(
+    hsm: &Hsm,
+    store: &Arc<Store>,
+    report: &mut LoadReport,
+) -> Result<HashSet<VersionId>, BrokerError> {
+    let st = store.clone();
+    let pending = blocking(move || st.pending_destructions().map_err(BrokerError::from)).await?;
+    let mut in_progress = HashSet::new();
+    let mut by_key: BTreeMap<(KeyName, String, String), Vec<(u32, VersionId)>> = BTreeMap::new();
+    for p in pending {
+        if alive(store, p.owner).await? {
+            in_progress.insert(p.id);
+            continue;
+        }
+        by_key
+            .entry((p.key, p.reason, p.requested_by))
+            .or_default()
+            .push((p.version, p.id));
+    }
+    for ((key, reason, by), versions) in by_key {
+        let mut destroyed = 0;
+        for (_, id) in &versions {
+            destroyed += hsm.destroy_kek(*id).await.map_err(BrokerError::from)?;
+        }
+        let (st, k, ids) = (
+            store.clone(),
+            key.clone(),
+            versions.iter().map(|v| v.1).collect::<Vec<_>>(),
+        );
+        let purge = reason == "purge";
+        blocking(move || {
+            st.finish_destroy(&k, &ids, purge)
+                .map_err(BrokerError::from)
+        })
+        .await?;
+        tracing::warn!(key = %key, %reason, versions = versions.len(), objects_destroyed = destroyed,
+            "finished a destruction interrupted by a crash");
+        report.finished_destructions.push(Receipt {
+            key: key.to_string(),
+            reason,
+            versions: versions.iter().map(|v| v.0).collect(),
+            object_ids: versions.iter().map(|v| v.1.hex()).collect(),
+            objects_destroyed: destroyed,
+            at_ms: now_ms(),
+            by,
+        });
+    }
+    Ok(in_progress)
+}
+
+/// Rolls back the creations that were never acknowledged and whose replica is gone: destroys
+/// any HSM object of the version, then forgets it.
+async fn roll_back_pending(
+    hsm: &Hsm,
+    store: &Arc<Store>,
+    stored: &[StoredKey],
+    report: &mut LoadReport,
+) -> Result<(), BrokerError> {
+    for k in stored {
+        for v in k
+            .versions
+            .iter()
+            .filter(|v| v.state == VersionState::Pending)
+        {
+            if alive(store, v.owner).await? {
+                continue;
+            }
+            let destroyed = hsm.destroy_kek(v.id).await.map_err(BrokerError::from)?;
+            let (st, id) = (store.clone(), v.id);
+            blocking(move || st.abort_version(id).map_err(BrokerError::from)).await?;
+            tracing::warn!(key = %k.name, version = v.number, objects_destroyed = destroyed,
+                "rolled back a key version whose creation was interrupted (never acknowledged)");
+            report.rolled_back += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Step 2: finds every version's objects in one pass over the token and checks their
+/// templates. Returns the versions that failed, with why.
+async fn attach(
+    hsm: &Hsm,
+    stored: &[StoredKey],
+    report: &mut LoadReport,
+) -> Result<HashMap<VersionId, String>, BrokerError> {
+    let expected = stored
+        .iter()
+        .flat_map(|k| {
+            k.versions.iter().map(|v| ExpectedKek {
+                id: v.id,
+                key_type: k.key_type,
+                algorithm: k.algorithm,
+                origin: v.origin,
+                canary: canary_of(v.canary.as_deref(), v.canary_digest.as_deref()),
+            })
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let attach = hsm.attach(expected).await.map_err(BrokerError::from)?;
+    report.attach_ms = started.elapsed().as_millis() as u64;
+    report.orphans = attach.orphans;
+    Ok(attach.problems.into_iter().collect())
+}
+
+/// Step 3: proves each attached object is the key its version was created with (its canary),
+/// in chunks — one HSM call each, not one per version — one chunk per session at a time.
+/// Adds the versions that failed to `bad`.
+async fn prove_identities(
+    hsm: &Hsm,
+    stored: &[StoredKey],
+    bad: &mut HashMap<VersionId, String>,
+    report: &mut LoadReport,
+) {
+    let started = std::time::Instant::now();
+    let mut to_check = Vec::new();
+    for k in stored {
+        for v in &k.versions {
+            if bad.contains_key(&v.id) {
+                continue;
+            }
+            match canary_to_check(
+                k.algorithm,
+                v.id,
+                v.canary.as_deref(),
+                v.canary_digest.as_deref(),
+            ) {
+                Ok(c) => to_check.push((v.id, c)),
+                Err(why) => {
+                    bad.insert(v.id, why);
+                }
+            }
+        }
+    }
+    let parallel = hsm.token().sessions.max(1);
+    // Small enough that a chunk of slow RSA-4096 unwraps stays far inside call_timeout.
+    let chunk = to_check.len().div_ceil(parallel * 4).clamp(1, 64);
+    let mut chunks = Vec::new();
+    let mut it = to_check.into_iter().peekable();
+    while it.peek().is_some() {
+        chunks.push(it.by_ref().take(chunk).collect::<Vec<_>>());
+    }
+    let results: Vec<_> = stream::iter(chunks)
+        .map(|c| {
+            let hsm = hsm.clone();
+            async move {
+                match hsm.check_canaries(c.clone()).await {
+                    Ok(v) => v,
+                    // An HSM fault in a chunk: each of its versions alone, and one that
+                    // still cannot be checked is quarantined (as before chunks existed).
+                    Err(_) => {
+                        let mut out = Vec::with_capacity(c.len());
+                        for item in c {
+                            let id = item.0;
+                            out.push(match hsm.check_canaries(vec![item]).await {
+                                Ok(mut v) => {
+                                    v.pop().unwrap_or((id, Some("canary not checked".into())))
+                                }
+                                Err(e) => (id, Some(format!("canary check failed: {e}"))),
+                            });
+                        }
+                        out
+                    }
+                }
+            }
+        })
+        .buffer_unordered(parallel)
+        .collect()
+        .await;
+    for (id, verdict) in results.into_iter().flatten() {
+        if let Some(why) = verdict {
+            bad.insert(id, why);
+        }
+    }
+    report.canaries_ms = started.elapsed().as_millis() as u64;
+}
+
+type Cache = (
+    BTreeMap<KeyName, Arc<KeyEntry>>,
+    HashMap<VersionId, (KeyName, u32)>,
+    HashMap<VersionId, Arc<Usage>>,
+);
+
+/// Step 4: the in-memory cache. A key with any version in `bad` is quarantined (its handles
+/// forgotten, every operation refused) and reported.
+fn cache(
+    hsm: &Hsm,
+    stored: Vec<StoredKey>,
+    bad: &HashMap<VersionId, String>,
+    report: &mut LoadReport,
+) -> Cache {
+    let mut keys = BTreeMap::new();
+    let mut versions = HashMap::new();
+    let mut usage = HashMap::new();
+    for k in stored {
+        let problems: Vec<String> = k
+            .versions
+            .iter()
+            .filter_map(|v| {
+                bad.get(&v.id)
+                    .map(|why| format!("version {}: {why}", v.number))
+            })
+            .collect();
+        let state = if problems.is_empty() {
+            KeyState::Enabled
+        } else {
+            let why = problems.join("; ");
+            tracing::error!(key = %k.name, problems = %why, "KEK integrity check failed");
+            report.quarantined.push((k.name.to_string(), why.clone()));
+            for v in &k.versions {
+                hsm.detach(v.id);
+            }
+            KeyState::Quarantined(why)
+        };
+        report.versions += k.versions.len();
+        for v in &k.versions {
+            versions.insert(v.id, (k.name.clone(), v.number));
+            usage.insert(
+                v.id,
+                Arc::new(Usage::new(v.wraps, v.unwraps, v.last_used_ms)),
+            );
+        }
+        keys.insert(k.name.clone(), Arc::new(entry_from_stored(&k, state)));
+    }
+    report.keys = keys.len();
+    (keys, versions, usage)
 }

@@ -41,7 +41,7 @@ pub use self::{
         UnwrapItem, WrapItem,
     },
     lifecycle::{AttributePatch, IMPORT_KEY_TTL_MS, ImportKeyInfo, Times},
-    load::LoadReport,
+    load::{LoadError, LoadReport},
     public::public_key_formats,
     replica::ReplicaState,
 };
@@ -160,7 +160,7 @@ impl KeyEntry {
         v.number >= self.attributes.min_decryption_version
     }
 
-    /// Checks that the key may do `op` with version `v` now (DESIGN §3.9): usable, enabled,
+    /// Checks that the key may do `op` with version `v` now (security invariant 9, `docs/src/security.md`): usable, enabled,
     /// the operation allowed, inside not-before; for new envelopes not expired (expired keys
     /// still unwrap, as in Azure Key Vault); for unwrapping, not below the minimum decryption
     /// version.

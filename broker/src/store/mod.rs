@@ -33,7 +33,10 @@ pub mod sqlite;
 
 use std::path::Path;
 
-use crate::model::{Algorithm, KeyAttributes, KeyName, KeyType, Origin, VersionId};
+use crate::{
+    error::{BrokerError, Exists, NotFound, Unavailable},
+    model::{Algorithm, KeyAttributes, KeyName, KeyType, Origin, VersionId},
+};
 
 pub use self::{postgres::PgStore, sqlite::SqliteStore};
 
@@ -195,6 +198,26 @@ pub enum StoreError {
     /// The stored data is not what this version of keybroker understands.
     #[error("metadata store is corrupt: {0}")]
     Corrupt(String),
+}
+
+impl From<StoreError> for BrokerError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::AlreadyExists(m) => Exists::Key(m).into(),
+            StoreError::NotFound(m) => NotFound::Key(m).into(),
+            StoreError::Db(e) => {
+                tracing::error!(error = %e, "metadata store failed");
+                Unavailable::Store.into()
+            }
+            StoreError::Postgres(e) => {
+                tracing::error!(error = %e, "metadata store failed");
+                Unavailable::Store.into()
+            }
+            StoreError::Corrupt(m) => {
+                BrokerError::internal(format!("metadata store is corrupt: {m}"))
+            }
+        }
+    }
 }
 
 /// What changed in a shared store since a generation: the keys (as the keyring should serve

@@ -2,7 +2,7 @@
 
 use super::{Operation, sealed::Sealed};
 use crate::{
-    api::pipeline::Call,
+    api::call::Call,
     audit::QueryFilter,
     error::{BrokerError, Denied, Invalid, Unavailable},
     model::KeyName,

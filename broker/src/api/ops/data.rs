@@ -7,7 +7,7 @@
 
 use super::{Items, Operation, Slots, key_name, one, optional_key, sealed::Sealed};
 use crate::{
-    api::pipeline::Call,
+    api::call::Call,
     error::{BrokerError, Invalid},
     keys::{
         Ciphertext, GenerateItem, PublicKeyInfo, RewrapItem, Rewrapped, UnwrapInput, UnwrapItem,

@@ -2,7 +2,7 @@
 
 use super::{Operation, sealed::Sealed};
 use crate::{
-    api::pipeline::Call,
+    api::call::Call,
     error::{BrokerError, Invalid},
     hyok::HyokState,
     policy::Permission,

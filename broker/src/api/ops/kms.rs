@@ -8,7 +8,7 @@
 
 use super::{Items, Operation, data, one, sealed::Sealed};
 use crate::{
-    api::pipeline::Call,
+    api::call::Call,
     error::{BrokerError, Invalid},
     keys::{Ciphertext, Wrapped},
     model::{Dek, KeyName, VersionId},

@@ -6,7 +6,7 @@
 
 use super::{Operation, key_name, sealed::Sealed};
 use crate::{
-    api::pipeline::Call,
+    api::call::Call,
     error::{BrokerError, Denied, Invalid},
     keys::{
         AttributePatch, ImportKeyInfo, KeyInfo, Made, PublicKeyInfo, Receipt, public_key_formats,

@@ -21,7 +21,7 @@ pub mod manage;
 
 use std::future::Future;
 
-use super::pipeline::Call;
+use super::call::Call;
 use crate::{
     error::{BrokerError, Invalid},
     model::KeyName,
