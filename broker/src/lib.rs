@@ -1,29 +1,30 @@
-//! keybroker: a gRPC key broker that keeps Key Encryption Keys (KEKs) inside a PKCS#11 HSM and
+//! keybroker: a key broker that keeps Key Encryption Keys (KEKs) inside a PKCS#11 HSM and
 //! wraps/unwraps Data Encryption Keys (DEKs) for the services that call it over mutual TLS.
 //!
-//! A request flows: TLS handshake (client certificate verified, identity derived) → access check
-//! → service handler → keyring (metadata in memory, one HSM call) → HSM layer (session pool,
-//! cached handles, blocking calls on blocking threads) → reply.
+//! A request flows: front door (a codec: gRPC over mutual TLS, or the Kubernetes KMS v2 unix
+//! socket) → the one pipeline (request id, caller, deadline, policy and HYOK rules, the
+//! operation, the audit record before the reply, metrics and log) → keys (metadata in memory,
+//! grants, one HSM call per chunk of items) → HSM layer (session pool, cached handles, blocking
+//! calls on blocking threads) → reply. `docs/src/architecture.md` draws it, with what each module
+//! may import.
 //!
-//! # Layout
-//! * [`config`] — the TOML configuration file.
-//! * [`tls`], [`identity`] — the mutual-TLS listener and caller identity.
-//! * [`policy`] — roles, scopes, HYOK rules; [`hyok`] — the kill switch; [`audit`] — the tamper-evident trail.
-//! * [`service`] — the `keybroker.v1` gRPC services (conversion only).
-//! * [`keyring`] — key operations in domain terms; start-up reconciliation and integrity checks.
-//! * [`envelope`] — the wrapped-DEK format, byte by byte.
-//! * [`hsm`] — the only module that uses `cryptoki`; [`pkcs11_uri`] — RFC 7512 URIs that select
-//!   the module and token.
+//! # Layout (top to bottom: a module imports only modules below it)
+//! * [`cli`] — the `keybroker` command; [`server`] — wiring, start-up errors, graceful shutdown.
+//! * [`api`] — the front doors (`grpc`, `kms_v2`) and the one pipeline they share (`pipeline`,
+//!   `call`, `ops`).
+//! * [`config`] — the TOML configuration file; [`metrics`] — Prometheus metrics on their own
+//!   listener; [`instance_lock`] — one broker per SQLite store and audit log.
+//! * [`keys`] — every key operation in domain terms, on grants; start-up reconciliation,
+//!   integrity checks, replicas, backup.
+//! * [`audit`] — the tamper-evident trail; [`policy`] — roles, scopes, grants, HYOK rules;
+//!   [`hyok`] — the kill switch.
+//! * [`hsm`] — the only module that uses `cryptoki`.
 //! * [`store`] — key metadata (never key material): SQLite, or PostgreSQL for several replicas;
-//!   [`replica`] — keeping each replica's cache in step with the shared store.
-//! * [`model`], [`error`] — domain types and the one error → status mapping.
-//! * [`kms`] — the Kubernetes KMS v2 plugin API on a unix socket, for one key.
-//! * [`health`], [`metrics`] — the HSM health probe behind `grpc.health.v1`, and Prometheus
-//!   metrics on their own listener.
-//! * [`instance_lock`] — one broker process per SQLite store and per audit log; [`secrets`] —
-//!   reading PINs and passwords without stray copies, no core dumps.
-//! * [`server`] — wiring and graceful shutdown; [`client`] — connecting as a client;
-//!   [`cli`] — the `keybroker` command.
+//!   [`envelope`] — the wrapped-DEK format, byte by byte.
+//! * [`error`] — the request errors, typed, and their one mapping to gRPC codes and HTTP
+//!   statuses; [`tls`] — the mutual-TLS listener.
+//! * [`model`] — the domain vocabulary (names, types, algorithms, permissions, DEKs);
+//!   [`identity`], [`health`], [`secrets`], [`pkcs11_uri`], [`client`], [`failpoint`] — leaves.
 
 pub mod api;
 pub mod audit;

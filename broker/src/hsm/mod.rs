@@ -28,20 +28,20 @@
 //!   `C_Initialize`, find the token again, log in, open a new pool — then serves again, while
 //!   it re-finds every known KEK and the audit key in one pass (a version needed before the
 //!   pass reaches it is looked up by its id), each KEK's template and canary checked before
-//!   its first use. See [`conn`] for why a re-initialisation replaces every session and object
-//!   handle at once, and [`recovery`] for the steps.
+//!   its first use. See `conn` for why a re-initialisation replaces every session and object
+//!   handle at once, and `recovery` for the steps.
 //!
 //! # Layout, one duty per file
 //! * this file — the [`Hsm`] handle, its shared state and the types it speaks;
-//! * [`token`] — loading the module, selecting the token, logging in, the first pool;
-//! * [`pool`] — [`Hsm::run`]: admission, a session on a blocking thread, per-call recovery;
+//! * `token` — loading the module, selecting the token, logging in, the first pool;
+//! * `pool` — `Hsm::run`: admission, a session on a blocking thread, per-call recovery;
 //! * [`admission`] — bounded, deadline-aware, tenant-fair admission to the session pool;
-//! * [`conn`] — the sessions and handles of one initialisation of the module;
-//! * [`recovery`] — health, re-initialisation and handle refresh;
-//! * [`objects`] — KEK objects: generate, find and attach, check, read public halves, destroy;
-//! * [`crypt`] — wrap and unwrap DEKs (lists of items in one session checkout);
-//! * [`mac`] — the audit trail's HMAC key;
-//! * [`import`] — BYOK import keys and key material import;
+//! * `conn` — the sessions and handles of one initialisation of the module;
+//! * `recovery` — health, re-initialisation and handle refresh;
+//! * `objects` — KEK objects: generate, find and attach, check, read public halves, destroy;
+//! * `crypt` — wrap and unwrap DEKs (lists of items in one session checkout);
+//! * `mac` — the audit trail's HMAC key;
+//! * `import` — BYOK import keys and key material import;
 //! * [`domain`] — the security domain that backups are wrapped under;
 //! * [`template`] — the fixed KEK template and its read-back check;
 //! * [`probe`] — mechanism list and known-answer tests at start-up;

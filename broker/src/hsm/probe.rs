@@ -13,7 +13,7 @@
 //!   order breaking ties. So the tests, not the number, decide: SoftHSM2 → 0x210A (aligned only),
 //!   Kryoptic → 0x210B (full RFC 5649).
 //! * RSA-OAEP: a fixed RSA-2048 test key is imported as session objects; the token must decrypt
-//!   ciphertexts made by OpenSSL (a real known-answer test: [`super::kat_rsa`]) and round-trip
+//!   ciphertexts made by OpenSSL (a real known-answer test: `kat_rsa`) and round-trip
 //!   its own encryption, with SHA-256/MGF1-SHA-256, falling back to SHA-1 (SoftHSM2 2.6.1 only
 //!   has SHA-1 OAEP).
 

@@ -1,18 +1,18 @@
 //! Keys: every key's metadata cached in memory, backed by the store, with the key material in
 //! the HSM. [`Keyring`] implements every key operation in domain terms; its state is private and
 //! reached only through its methods. The request pipeline (`api`) authorises first and hands
-//! the keyring a [`Grant`](crate::policy::Grant) for the key it acts on.
+//! the keyring a [`Grant`] for the key it acts on.
 //!
 //! # Layout
 //! * this file — the keyring's state, the key model in memory, lookups;
-//! * [`load`] — start-up: reconcile the store with the HSM, prove every KEK's identity;
-//! * [`integrity`] — canaries: proving that an HSM object is the key a version was made with;
-//! * [`crypt`] — the data plane: wrap, generate, unwrap, rewrap (a single call is a batch of
+//! * `load` — start-up: reconcile the store with the HSM, prove every KEK's identity;
+//! * `integrity` — canaries: proving that an HSM object is the key a version was made with;
+//! * `crypt` — the data plane: wrap, generate, unwrap, rewrap (a single call is a batch of
 //!   one), public keys;
-//! * [`lifecycle`] — create, import, rotate, update, delete, recover, purge, trim, and the
+//! * `lifecycle` — create, import, rotate, update, delete, recover, purge, trim, and the
 //!   maintenance task;
-//! * [`backup`] — backup and restore under the security domain;
-//! * [`replica`] — keeping the cache in step with other replicas on a shared store.
+//! * `backup` — backup and restore under the security domain;
+//! * `replica` — keeping the cache in step with other replicas on a shared store.
 //!
 //! The hot path (wrap/unwrap) reads the in-memory maps under a read lock and makes exactly one
 //! HSM call; it never touches the store or searches the token.

@@ -4,11 +4,11 @@
 //! encodes the pipeline's reply — nothing else. Errors become `tonic::Status` in one place
 //! (`error`).
 //!
-//! * [`data`] — `KeyBroker` (wrap, unwrap, generate, rewrap, public keys; single and batch);
-//! * [`manage`] — `KeyManagement` (the key lifecycle);
-//! * [`audit`] — `Audit` (`QueryAudit`);
-//! * [`hyok`] — `Hyok` (the kill switch);
-//! * [`convert`] — protobuf ↔ domain types.
+//! * `data` — `KeyBroker` (wrap, unwrap, generate, rewrap, public keys; single and batch);
+//! * `manage` — `KeyManagement` (the key lifecycle);
+//! * `audit` — `Audit` (`QueryAudit`);
+//! * `hyok` — `Hyok` (the kill switch);
+//! * `convert` — protobuf ↔ domain types.
 
 mod audit;
 mod convert;

@@ -1,7 +1,7 @@
 //! The key lifecycle (the control plane): create, import (BYOK), read, list, update, rotate,
 //! trim, delete, recover, purge, backup, restore.
 //!
-//! Every change runs to completion in its own task ([`Call::detached`]): a caller that hangs up
+//! Every change runs to completion in its own task (`Call::detached`): a caller that hangs up
 //! or times out never leaves a half-done change behind.
 
 use super::{Operation, key_name, sealed::Sealed};
