@@ -150,18 +150,44 @@ impl Keyring {
         let algorithm = self.resolve_algorithm(key_type, algorithm)?;
         let attributes = self.new_attributes(attributes)?;
         let _w = self.write().await?;
+        self.new_key(name, key_type, algorithm, attributes, None)
+            .await
+    }
+
+    /// A new key with one version: recorded as pending (phase 1), its HSM object made —
+    /// generated, or imported from `import` — and proven (phase 2, see `materialize`), then
+    /// served. The caller holds the write lock.
+    async fn new_key(
+        &self,
+        name: KeyName,
+        key_type: KeyType,
+        algorithm: Algorithm,
+        attributes: KeyAttributes,
+        import: Option<(VersionId, Algorithm, Vec<u8>)>,
+    ) -> Result<Arc<KeyEntry>, BrokerError> {
         self.name_free(&name)?;
+        let origin = if import.is_some() {
+            Origin::Imported
+        } else {
+            Origin::Generated
+        };
         let id = VersionId::random();
         let now = now_ms();
         {
             let (st, n, a) = (self.store.clone(), name.clone(), attributes.clone());
             blocking(move || {
-                st.begin_create(&n, key_type, algorithm, &a, Origin::Generated, id, now)
+                st.begin_create(&n, key_type, algorithm, &a, origin, id, now)
                     .map_err(BrokerError::from)
             })
             .await?;
         }
-        failpoint::hit("create.after_pending");
+        let after_hsm = match origin {
+            Origin::Generated => {
+                failpoint::hit("create.after_pending");
+                "create.after_hsm"
+            }
+            _ => "import.after_hsm",
+        };
         let spec = KekSpec {
             id,
             label: format!("{LABEL_PREFIX}{name}:v1"),
@@ -169,13 +195,12 @@ impl Keyring {
             algorithm,
             backup: self.settings.backup,
         };
-        self.materialize(&name, spec, 1, "create.after_hsm", None)
-            .await?;
+        self.materialize(&name, spec, 1, after_hsm, import).await?;
         let v = VersionEntry {
             number: 1,
             id,
             created_at_ms: now,
-            origin: Origin::Generated,
+            origin,
             expires_ms: None,
         };
         self.register_version(&name, &v);
@@ -190,7 +215,12 @@ impl Keyring {
             attributes,
             versions: vec![v],
         });
-        tracing::info!(key = %name, key_type = key_type.as_str(), %algorithm, version_id = %id, "key created");
+        match origin {
+            Origin::Generated => {
+                tracing::info!(key = %name, key_type = key_type.as_str(), %algorithm, version_id = %id, "key created")
+            }
+            _ => tracing::info!(key = %name, %algorithm, version_id = %id, "key imported (BYOK)"),
+        }
         Ok(entry)
     }
 
@@ -732,53 +762,14 @@ impl Keyring {
         };
         let oaep = self.hsm.capabilities().default_rsa_algorithm();
         let _w = self.write().await?;
-        self.name_free(&name)?;
-        let id = VersionId::random();
-        let now = now_ms();
-        {
-            let (st, n, a) = (self.store.clone(), name.clone(), attributes.clone());
-            blocking(move || {
-                st.begin_create(&n, key_type, algorithm, &a, Origin::Imported, id, now)
-                    .map_err(BrokerError::from)
-            })
-            .await?;
-        }
-        let spec = KekSpec {
-            id,
-            label: format!("{LABEL_PREFIX}{name}:v1"),
+        self.new_key(
+            name,
             key_type,
             algorithm,
-            backup: self.settings.backup,
-        };
-        self.materialize(
-            &name,
-            spec,
-            1,
-            "import.after_hsm",
+            attributes,
             Some((import, oaep, material)),
         )
-        .await?;
-        let v = VersionEntry {
-            number: 1,
-            id,
-            created_at_ms: now,
-            origin: Origin::Imported,
-            expires_ms: None,
-        };
-        self.register_version(&name, &v);
-        let entry = self.replace(KeyEntry {
-            name: name.clone(),
-            key_type,
-            algorithm,
-            created_at_ms: now,
-            updated_at_ms: now,
-            state: KeyState::Enabled,
-            lifecycle: Lifecycle::Active,
-            attributes,
-            versions: vec![v],
-        });
-        tracing::info!(key = %name, %algorithm, version_id = %id, "key imported (BYOK)");
-        Ok(entry)
+        .await
     }
 
     /// One pass of the maintenance task: purge keys whose date has passed, rotate keys whose

@@ -61,20 +61,70 @@ pub struct RewrapIn {
     pub new_aad: Option<Vec<u8>>,
 }
 
-/// `WrapKey`.
-pub struct Wrap(pub WrapIn);
-/// `BatchWrapKey`.
-pub struct WrapBatch(pub Vec<WrapIn>);
-/// `GenerateDataKey`.
-pub struct Generate(pub GenerateIn);
-/// `BatchGenerateDataKey`.
-pub struct GenerateBatch(pub Vec<GenerateIn>);
-/// `UnwrapKey`.
-pub struct Unwrap(pub UnwrapIn);
-/// `BatchUnwrapKey`.
-pub struct UnwrapBatch(pub Vec<UnwrapIn>);
-/// `Rewrap`.
-pub struct Rewrap(pub RewrapIn);
+/// A data operation as a single call: a batch of one, audited as the request itself.
+macro_rules! single {
+    ($(#[$doc:meta])* $name:ident($input:ty) -> $output:ty = $run:ident) => {
+        $(#[$doc])*
+        pub struct $name(pub $input);
+
+        impl Sealed for $name {}
+        impl Operation for $name {
+            type Output = $output;
+
+            async fn run(self, call: &mut Call) -> Result<$output, BrokerError> {
+                one($run(call, Items::One, vec![self.0]).await)
+            }
+        }
+    };
+}
+
+/// A data operation as a batch: 1 to [`crate::keys::MAX_BATCH`] items, each with its own
+/// result and audit record.
+macro_rules! batch {
+    ($(#[$doc:meta])* $name:ident($input:ty) -> $output:ty = $run:ident) => {
+        $(#[$doc])*
+        pub struct $name(pub Vec<$input>);
+
+        impl Sealed for $name {}
+        impl Operation for $name {
+            type Output = Vec<Result<$output, BrokerError>>;
+
+            async fn run(self, call: &mut Call) -> Result<Self::Output, BrokerError> {
+                check_batch_size(self.0.len())?;
+                Ok($run(call, Items::Each, self.0).await)
+            }
+        }
+    };
+}
+
+single!(
+    /// `WrapKey`.
+    Wrap(WrapIn) -> Wrapped = wrap
+);
+batch!(
+    /// `BatchWrapKey`.
+    WrapBatch(WrapIn) -> Wrapped = wrap
+);
+single!(
+    /// `GenerateDataKey`.
+    Generate(GenerateIn) -> (Dek, Wrapped) = generate
+);
+batch!(
+    /// `BatchGenerateDataKey`.
+    GenerateBatch(GenerateIn) -> (Dek, Wrapped) = generate
+);
+single!(
+    /// `UnwrapKey`.
+    Unwrap(UnwrapIn) -> Unwrapped = unwrap
+);
+batch!(
+    /// `BatchUnwrapKey`.
+    UnwrapBatch(UnwrapIn) -> Unwrapped = unwrap
+);
+single!(
+    /// `Rewrap`.
+    Rewrap(RewrapIn) -> Rewrapped = rewrap
+);
 
 /// An RSA version's public half, with its SPKI PEM and JWK encodings.
 pub struct PublicKey {
@@ -299,72 +349,6 @@ pub(crate) async fn rewrap(
     let results = slots.finish();
     audit_items(call, items, names, &results, |r| r.wrapped.version);
     results
-}
-
-impl Sealed for Wrap {}
-impl Operation for Wrap {
-    type Output = Wrapped;
-
-    async fn run(self, call: &mut Call) -> Result<Wrapped, BrokerError> {
-        one(wrap(call, Items::One, vec![self.0]).await)
-    }
-}
-
-impl Sealed for WrapBatch {}
-impl Operation for WrapBatch {
-    type Output = Vec<Result<Wrapped, BrokerError>>;
-
-    async fn run(self, call: &mut Call) -> Result<Self::Output, BrokerError> {
-        check_batch_size(self.0.len())?;
-        Ok(wrap(call, Items::Each, self.0).await)
-    }
-}
-
-impl Sealed for Generate {}
-impl Operation for Generate {
-    type Output = (Dek, Wrapped);
-
-    async fn run(self, call: &mut Call) -> Result<(Dek, Wrapped), BrokerError> {
-        one(generate(call, Items::One, vec![self.0]).await)
-    }
-}
-
-impl Sealed for GenerateBatch {}
-impl Operation for GenerateBatch {
-    type Output = Vec<Result<(Dek, Wrapped), BrokerError>>;
-
-    async fn run(self, call: &mut Call) -> Result<Self::Output, BrokerError> {
-        check_batch_size(self.0.len())?;
-        Ok(generate(call, Items::Each, self.0).await)
-    }
-}
-
-impl Sealed for Unwrap {}
-impl Operation for Unwrap {
-    type Output = Unwrapped;
-
-    async fn run(self, call: &mut Call) -> Result<Unwrapped, BrokerError> {
-        one(unwrap(call, Items::One, vec![self.0]).await)
-    }
-}
-
-impl Sealed for UnwrapBatch {}
-impl Operation for UnwrapBatch {
-    type Output = Vec<Result<Unwrapped, BrokerError>>;
-
-    async fn run(self, call: &mut Call) -> Result<Self::Output, BrokerError> {
-        check_batch_size(self.0.len())?;
-        Ok(unwrap(call, Items::Each, self.0).await)
-    }
-}
-
-impl Sealed for Rewrap {}
-impl Operation for Rewrap {
-    type Output = Rewrapped;
-
-    async fn run(self, call: &mut Call) -> Result<Rewrapped, BrokerError> {
-        one(rewrap(call, Items::One, vec![self.0]).await)
-    }
 }
 
 impl Sealed for GetPublicKey {}
