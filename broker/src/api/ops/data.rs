@@ -185,20 +185,14 @@ pub(crate) async fn wrap(
 ) -> Vec<Result<Wrapped, BrokerError>> {
     let mut slots = Slots::new(input.len());
     let names: Vec<String> = input.iter().map(|i| i.key.clone()).collect();
-    let (mut indices, mut ready) = (Vec::new(), Vec::new());
-    for (i, item) in input.into_iter().enumerate() {
-        match key_name(&item.key).and_then(|k| items.authorize(call, Permission::Wrap, &k)) {
-            Ok(grant) => {
-                indices.push(i);
-                ready.push(WrapItem {
-                    grant,
-                    dek: item.plaintext,
-                    aad: item.aad,
-                });
-            }
-            Err(e) => slots.fail(i, e),
-        }
-    }
+    let (indices, ready) = slots.sift(input.into_iter().enumerate(), |item| {
+        let grant = items.authorize(call, Permission::Wrap, &key_name(&item.key)?)?;
+        Ok(WrapItem {
+            grant,
+            dek: item.plaintext,
+            aad: item.aad,
+        })
+    });
     slots.fill(indices, call.keys().wrap(ready).await);
     let results = slots.finish();
     audit_items(call, items, names, &results, |w| w.version);
@@ -212,20 +206,14 @@ pub(crate) async fn generate(
 ) -> Vec<Result<(Dek, Wrapped), BrokerError>> {
     let mut slots = Slots::new(input.len());
     let names: Vec<String> = input.iter().map(|i| i.key.clone()).collect();
-    let (mut indices, mut ready) = (Vec::new(), Vec::new());
-    for (i, item) in input.into_iter().enumerate() {
-        match key_name(&item.key).and_then(|k| items.authorize(call, Permission::Wrap, &k)) {
-            Ok(grant) => {
-                indices.push(i);
-                ready.push(GenerateItem {
-                    grant,
-                    len: item.len,
-                    aad: item.aad,
-                });
-            }
-            Err(e) => slots.fail(i, e),
-        }
-    }
+    let (indices, ready) = slots.sift(input.into_iter().enumerate(), |item| {
+        let grant = items.authorize(call, Permission::Wrap, &key_name(&item.key)?)?;
+        Ok(GenerateItem {
+            grant,
+            len: item.len,
+            aad: item.aad,
+        })
+    });
     slots.fill(indices, call.keys().generate(ready).await);
     let results = slots.finish();
     audit_items(call, items, names, &results, |g| g.1.version);
@@ -240,48 +228,32 @@ pub(crate) async fn unwrap(
     let mut slots = Slots::new(input.len());
     let mut names: Vec<String> = input.iter().map(|i| i.key.clone()).collect();
     // The key the caller named is authorised first; the envelope then says which key it is of.
-    let (mut indices, mut inputs) = (Vec::new(), Vec::new());
-    for (i, item) in input.into_iter().enumerate() {
-        let checked = item.ciphertext.and_then(|ciphertext| {
-            if let Ciphertext::Raw { .. } = ciphertext {
-                if item.key.is_empty() {
-                    return Err(Invalid::RawWithoutKey.into());
-                }
-                if !item.aad.is_empty() {
-                    return Err(Invalid::RawWithAad.into());
-                }
+    let (indices, inputs) = slots.sift(input.into_iter().enumerate(), |item| {
+        let ciphertext = item.ciphertext?;
+        if let Ciphertext::Raw { .. } = ciphertext {
+            if item.key.is_empty() {
+                return Err(Invalid::RawWithoutKey.into());
             }
-            let expected = optional_key(&item.key)?;
-            if let Some(k) = &expected {
-                items.authorize(call, Permission::Unwrap, k)?;
+            if !item.aad.is_empty() {
+                return Err(Invalid::RawWithAad.into());
             }
-            Ok(UnwrapInput {
-                expected,
-                ciphertext,
-                aad: item.aad,
-            })
-        });
-        match checked {
-            Ok(u) => {
-                indices.push(i);
-                inputs.push(u);
-            }
-            Err(e) => slots.fail(i, e),
         }
-    }
-    let (mut granted, mut ready) = (Vec::new(), Vec::new());
-    for (i, r) in indices.into_iter().zip(call.keys().resolve(inputs).await) {
-        match r.and_then(|resolved| {
-            let grant = items.authorize(call, Permission::Unwrap, resolved.key())?;
-            Ok(UnwrapItem { resolved, grant })
-        }) {
-            Ok(item) => {
-                granted.push(i);
-                ready.push(item);
-            }
-            Err(e) => slots.fail(i, e),
+        let expected = optional_key(&item.key)?;
+        if let Some(k) = &expected {
+            items.authorize(call, Permission::Unwrap, k)?;
         }
-    }
+        Ok(UnwrapInput {
+            expected,
+            ciphertext,
+            aad: item.aad,
+        })
+    });
+    let resolved = call.keys().resolve(inputs).await;
+    let (granted, ready) = slots.sift(indices.into_iter().zip(resolved), |r| {
+        let resolved = r?;
+        let grant = items.authorize(call, Permission::Unwrap, resolved.key())?;
+        Ok(UnwrapItem { resolved, grant })
+    });
     slots.fill(granted, call.keys().unwrap(ready).await);
     let results = slots.finish();
     // An item's record names the key it turned out to use.
@@ -301,32 +273,25 @@ pub(crate) async fn rewrap(
 ) -> Vec<Result<Rewrapped, BrokerError>> {
     let mut slots = Slots::new(input.len());
     let names: Vec<String> = input.iter().map(|i| i.key.clone()).collect();
-    let (mut indices, mut inputs, mut rest) = (Vec::new(), Vec::new(), Vec::new());
-    for (i, item) in input.into_iter().enumerate() {
-        let checked = optional_key(&item.key).and_then(|expected| {
-            if let Some(k) = &expected {
-                items.authorize(call, Permission::Unwrap, k)?;
-            }
-            let destination = optional_key(&item.destination)?;
-            Ok((expected, destination))
-        });
-        match checked {
-            Ok((expected, destination)) => {
-                indices.push(i);
-                inputs.push(UnwrapInput {
-                    expected,
-                    ciphertext: Ciphertext::Envelope(item.envelope),
-                    aad: item.aad,
-                });
-                rest.push((destination, item.new_aad));
-            }
-            Err(e) => slots.fail(i, e),
+    let (indices, checked) = slots.sift(input.into_iter().enumerate(), |item| {
+        let expected = optional_key(&item.key)?;
+        if let Some(k) = &expected {
+            items.authorize(call, Permission::Unwrap, k)?;
         }
-    }
-    let (mut granted, mut ready) = (Vec::new(), Vec::new());
+        let destination = optional_key(&item.destination)?;
+        let source = UnwrapInput {
+            expected,
+            ciphertext: Ciphertext::Envelope(item.envelope),
+            aad: item.aad,
+        };
+        Ok((source, (destination, item.new_aad)))
+    });
+    let (inputs, rest): (Vec<_>, Vec<_>) = checked.into_iter().unzip();
     let resolved = call.keys().resolve(inputs).await;
-    for ((i, r), (destination, new_aad)) in indices.into_iter().zip(resolved).zip(rest) {
-        let item = r.and_then(|source| {
+    let (granted, ready) = slots.sift(
+        indices.into_iter().zip(resolved.into_iter().zip(rest)),
+        |(r, (destination, new_aad))| {
+            let source = r?;
             let source_grant = items.authorize(call, Permission::Unwrap, source.key())?;
             let dst = destination.unwrap_or_else(|| source.key().clone());
             let destination = items.authorize(call, Permission::Wrap, &dst)?;
@@ -336,15 +301,8 @@ pub(crate) async fn rewrap(
                 destination,
                 new_aad,
             })
-        });
-        match item {
-            Ok(item) => {
-                granted.push(i);
-                ready.push(item);
-            }
-            Err(e) => slots.fail(i, e),
-        }
-    }
+        },
+    );
     slots.fill(granted, call.keys().rewrap(ready).await);
     let results = slots.finish();
     audit_items(call, items, names, &results, |r| r.wrapped.version);

@@ -96,9 +96,24 @@ impl<T> Slots<T> {
         Self((0..n).map(|_| None).collect())
     }
 
-    /// Item `i` failed.
-    pub(crate) fn fail(&mut self, i: usize, e: BrokerError) {
-        self.0[i] = Some(Err(e));
+    /// Runs `check` on each `(index, item)`: an item that passes goes on, with its index; one
+    /// that fails has its result here.
+    pub(crate) fn sift<I, R>(
+        &mut self,
+        items: impl IntoIterator<Item = (usize, I)>,
+        mut check: impl FnMut(I) -> Result<R, BrokerError>,
+    ) -> (Vec<usize>, Vec<R>) {
+        let (mut indices, mut passed) = (Vec::new(), Vec::new());
+        for (i, item) in items {
+            match check(item) {
+                Ok(r) => {
+                    indices.push(i);
+                    passed.push(r);
+                }
+                Err(e) => self.0[i] = Some(Err(e)),
+            }
+        }
+        (indices, passed)
     }
 
     /// The keyring's results for the items at `indices`, in order.
