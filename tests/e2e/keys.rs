@@ -239,3 +239,68 @@ async fn list_keys_pages_by_tenant() {
     assert_eq!(e.code(), Code::InvalidArgument);
     b.stop().await;
 }
+
+/// Issue 18, item 6: a caller scoped to some of a tenant's keys pages through the tenant's list
+/// one key at a time. Neither the keys nor the page tokens may name a key outside its scope
+/// (the token used to be the last name of the unfiltered page: `page_size = 1` walked every
+/// key name of the tenant).
+#[tokio::test]
+async fn listing_never_names_a_key_outside_the_callers_scope_not_even_in_a_page_token() {
+    const ADMIN: &str = "spiffe://keybroker.test/setup";
+    const PAYMENTS: &str = "spiffe://keybroker.test/payments-app";
+    let env = Env::with(Options {
+        policy: Some(format!(
+            r#"
+[[binding]]
+identity = "{ADMIN}"
+role = "crypto-user"
+scope = "all"
+[[binding]]
+identity = "{PAYMENTS}"
+role = "service-encryption-user"
+scope = "key:acme/payments-*"
+"#
+        )),
+        ..Options::default()
+    });
+    let admin = env.pki.ca.issue_spiffe_client("admin", ADMIN).expect("cert");
+    let app = env
+        .pki
+        .ca
+        .issue_spiffe_client("payments", PAYMENTS)
+        .expect("cert");
+    let b = env.start().await;
+    let mut a = b.clients_as(&admin).await;
+    for k in ["acme/alpha", "acme/payments-1", "acme/secret-merger", "acme/zeta"] {
+        create(&mut a, k, pb::KeyType::Aes256, pb::Algorithm::Unspecified).await;
+    }
+    let mut c = b.clients_as(&app).await;
+    let (mut seen, mut tokens, mut token) = (Vec::new(), Vec::new(), String::new());
+    for _ in 0..10 {
+        let p = c
+            .mgmt
+            .list_keys(pb::ListKeysRequest {
+                tenant: "acme".into(),
+                page_size: 1,
+                page_token: token,
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        seen.extend(p.keys.into_iter().map(|k| k.name));
+        if p.next_page_token.is_empty() {
+            break;
+        }
+        tokens.push(p.next_page_token.clone());
+        token = p.next_page_token;
+    }
+    assert_eq!(seen, ["acme/payments-1"]);
+    for t in &tokens {
+        assert!(
+            t.starts_with("payments-"),
+            "a page token names a key outside the caller's scope: {t:?} (all tokens: {tokens:?})"
+        );
+    }
+    drop((a, c));
+    b.stop().await;
+}
