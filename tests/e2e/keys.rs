@@ -263,7 +263,11 @@ scope = "key:acme/payments-*"
         )),
         ..Options::default()
     });
-    let admin = env.pki.ca.issue_spiffe_client("admin", ADMIN).expect("cert");
+    let admin = env
+        .pki
+        .ca
+        .issue_spiffe_client("admin", ADMIN)
+        .expect("cert");
     let app = env
         .pki
         .ca
@@ -271,7 +275,12 @@ scope = "key:acme/payments-*"
         .expect("cert");
     let b = env.start().await;
     let mut a = b.clients_as(&admin).await;
-    for k in ["acme/alpha", "acme/payments-1", "acme/secret-merger", "acme/zeta"] {
+    for k in [
+        "acme/alpha",
+        "acme/payments-1",
+        "acme/secret-merger",
+        "acme/zeta",
+    ] {
         create(&mut a, k, pb::KeyType::Aes256, pb::Algorithm::Unspecified).await;
     }
     let mut c = b.clients_as(&app).await;

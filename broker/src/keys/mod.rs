@@ -509,18 +509,21 @@ impl Keyring {
             .ok_or_else(|| NotFound::Key(name.to_string()).into())
     }
 
-    /// One page of a tenant's keys, ordered by name, starting after `after`.
+    /// One page of the tenant's keys that `visible` lets the caller see, ordered by name,
+    /// starting after `after`. The filter runs before the page is cut, so neither the page nor
+    /// its token (the last name on it) ever names a key the caller may not see.
     pub fn list(
         &self,
         tenant: &str,
         after: Option<&str>,
         limit: usize,
+        visible: impl Fn(&KeyName) -> bool,
     ) -> (Vec<Arc<KeyEntry>>, Option<String>) {
         let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::new();
         let mut next = None;
         for (name, entry) in keys.iter() {
-            if name.tenant() != tenant || entry.lifecycle != Lifecycle::Active {
+            if name.tenant() != tenant || entry.lifecycle != Lifecycle::Active || !visible(name) {
                 continue;
             }
             if let Some(a) = after

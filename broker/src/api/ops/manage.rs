@@ -215,12 +215,10 @@ impl Operation for ListKeys {
             validate_part("page_token", &self.page_token)?;
             Some(self.page_token.as_str())
         };
-        let (keys, next) = call.keys().list(&tenant, after, limit);
-        let shown = keys
-            .into_iter()
-            .filter(|k| call.authority().allows(Permission::ReadMetadata, &k.name))
-            .map(|k| call.keys().describe(k))
-            .collect();
+        let (keys, next) = call.keys().list(&tenant, after, limit, |k| {
+            call.authority().allows(Permission::ReadMetadata, k)
+        });
+        let shown = keys.into_iter().map(|k| call.keys().describe(k)).collect();
         Ok((shown, next))
     }
 }
