@@ -1127,3 +1127,59 @@ async fn a_crash_at_each_failpoint_is_reconciled_at_the_next_start() {
         }
     }
 }
+
+/// Issue 18, item 10: a key that may rewrap but not unwrap must not let its DEKs be moved to
+/// another key that may unwrap them (that would be an unwrap by two steps). Rewrapping within
+/// the key stays allowed.
+#[tokio::test]
+async fn rewrap_to_another_key_needs_the_source_key_to_allow_unwrap() {
+    let env = Env::new();
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    let no_unwrap = pb::KeyOperations {
+        operations: vec![
+            pb::KeyOperation::Wrap.into(),
+            pb::KeyOperation::Rewrap.into(),
+        ],
+    };
+    create_with(
+        &mut c,
+        "t/vault",
+        pb::KeyAttributes {
+            operations: Some(no_unwrap),
+            ..attrs()
+        },
+    )
+    .await
+    .expect("create t/vault");
+    create(
+        &mut c,
+        "t/open",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    let dek = random_dek(32);
+    let w = wrap(&mut c, "t/vault", &dek, b"").await.expect("wrap");
+    precondition(
+        unwrap(&mut c, "", &w.wrapped_key, b"").await,
+        "no unwrap op",
+    );
+    let rewrap_to = |dest: &str| pb::RewrapRequest {
+        envelope: w.wrapped_key.clone(),
+        destination_key: dest.into(),
+        ..Default::default()
+    };
+    // Within the key: allowed (the DEK stays under t/vault).
+    c.broker
+        .rewrap(rewrap_to(""))
+        .await
+        .expect("rewrap within the key");
+    // To another key: refused, so the DEK cannot be unwrapped there.
+    let why = precondition(
+        c.broker.rewrap(rewrap_to("t/open")).await,
+        "rewrap out of a key that may not unwrap",
+    );
+    assert!(why.contains("does not allow unwrap"), "{why}");
+    b.stop().await;
+}

@@ -145,3 +145,46 @@ async fn raw_oaep_ciphertext_from_independent_libraries_unwraps() {
     }
     b.stop().await;
 }
+
+/// Issue 18, item 10: the raw RSA path unwraps DEKs, not arbitrary data. A block that holds
+/// something else than a DEK (here 20 bytes, and 100) is refused with the one unauthentic
+/// error, as an envelope holding it would be; the broker is no general RSA decryption oracle.
+#[tokio::test]
+async fn a_raw_rsa_block_that_holds_no_dek_is_refused() {
+    let env = Env::new();
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    let k = create(
+        &mut c,
+        "t/rsa",
+        pb::KeyType::Rsa2048,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    let pk = c
+        .broker
+        .get_public_key(pb::GetPublicKeyRequest {
+            key: "t/rsa".into(),
+            key_version: 0,
+        })
+        .await
+        .expect("public key")
+        .into_inner();
+    let public = RsaPublicKey::from_public_key_pem(&pk.spki_pem).expect("SPKI PEM parses");
+    let sha1 = k.algorithm == pb::Algorithm::RsaOaepSha1 as i32;
+    let mut rng = rsa::rand_core::OsRng;
+    for len in [20usize, 100] {
+        let secret = random_dek(len);
+        let ct = if sha1 {
+            public.encrypt(&mut rng, Oaep::new::<sha1::Sha1>(), &secret)
+        } else {
+            public.encrypt(&mut rng, Oaep::new::<sha2::Sha256>(), &secret)
+        }
+        .expect("encrypt");
+        assert_unauthentic(
+            unwrap_raw(&mut c, "t/rsa", 1, k.algorithm, ct).await,
+            &format!("a {len}-byte block"),
+        );
+    }
+    b.stop().await;
+}
