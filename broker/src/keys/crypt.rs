@@ -370,7 +370,7 @@ impl Keyring {
             match check_unwrap(&grant, &r, KeyOp::Unwrap, now) {
                 Ok(()) => work.push((
                     index,
-                    (r.entry, r.version.clone(), r.raw),
+                    (r.entry, r.version.clone()),
                     (r.version.id, r.params, r.ciphertext),
                 )),
                 Err(e) => results[index] = Some(Err(e)),
@@ -380,15 +380,11 @@ impl Keyring {
             &mut results,
             work,
             |calls| self.hsm.unwrap_many(calls),
-            |(entry, version, raw): (Arc<KeyEntry>, VersionEntry, bool), dek: Dek| {
-                // An envelope holds a DEK of a length keybroker accepts; a raw RSA block
-                // whatever the caller's library put in it.
-                let plausible = if raw {
-                    !dek.is_empty()
-                } else {
-                    check_dek_len(dek.len()).is_ok()
-                };
-                if !plausible {
+            |(entry, version): (Arc<KeyEntry>, VersionEntry), dek: Dek| {
+                // A DEK of a length keybroker wraps, whether the envelope or a raw RSA block
+                // (made with the exported public key) held it: the broker unwraps DEKs, it is
+                // no general decryption oracle. Anything else is the one unauthentic error.
+                if check_dek_len(dek.len()).is_err() {
                     return Err(BrokerError::Unauthentic);
                 }
                 self.bump(version.id, false);
@@ -415,6 +411,12 @@ impl Keyring {
                 .and_then(|()| {
                     let out_aad = item.new_aad.as_deref().unwrap_or(&item.source.aad);
                     let name = item.destination.key_for(Permission::Wrap)?;
+                    // Out of the source key, the DEK is as good as unwrapped: the source key
+                    // must allow that too (not only rewrap), or a key that may not unwrap would
+                    // unwrap in two steps, through a key that may.
+                    if name != item.source.key() {
+                        item.source.entry.check(KeyOp::Unwrap, &item.source.version, now)?;
+                    }
                     let entry = self.get(name)?;
                     check_aad(&entry, out_aad)?;
                     let version = entry.current()?.clone();
