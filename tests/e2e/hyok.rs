@@ -317,3 +317,209 @@ async fn the_kill_switch_cuts_the_service_off_at_once_and_survives_a_restart() {
         text.contains("\"op\":\"HyokDisconnect\"") && text.contains("\"op\":\"HyokReconnect\"")
     );
 }
+
+/// Issue 18, item 2: the kill switch fails open. An identity the customer did not list as the
+/// provider's service, with a role binding of its own, is not gated at all; and a gated one
+/// still reads metadata and public keys while disconnected. Every identity that is not the
+/// customer's is a provider identity, and the switch cuts off every operation it makes.
+#[tokio::test]
+async fn the_switch_cuts_off_every_operation_of_every_identity_that_is_not_the_customers() {
+    const PARTNER: &str = "spiffe://partner.test/batch-jobs";
+    let env = Env::with(Options {
+        policy: Some(format!(
+            r#"
+[[binding]]
+identity = "{ADMIN}"
+roles = ["administrator", "crypto-user", "crypto-officer", "auditor"]
+scope = "all"
+[[binding]]
+identity = "{PROVIDER}"
+role = "crypto-user"
+scope = "tenant:acme"
+[[binding]]
+identity = "{PARTNER}"
+role = "service-encryption-user"
+scope = "tenant:acme"
+
+[hyok]
+service_identities = ["spiffe://provider.test/*"]
+"#
+        )),
+        ..Default::default()
+    });
+    let cert = |name, id| env.pki.ca.issue_spiffe_client(name, id).expect("cert");
+    let (admin, provider, partner) = (
+        cert("admin", ADMIN),
+        cert("provider", PROVIDER),
+        cert("partner", PARTNER),
+    );
+    let b = env.start().await;
+    let mut a = b.clients_as(&admin).await;
+    create(
+        &mut a,
+        "acme/db",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    create(
+        &mut a,
+        "acme/rsa",
+        pb::KeyType::Rsa2048,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    let (mut p, mut q) = (b.clients_as(&provider).await, b.clients_as(&partner).await);
+    let good = || ctx(pb::JustificationReason::CustomerInitiatedAccess);
+    wrap_with(&mut q, "acme/db", good())
+        .await
+        .expect("the partner wraps while connected");
+
+    a.hyok
+        .disconnect(pb::HyokSwitchRequest {
+            reason: "incident 12".into(),
+        })
+        .await
+        .expect("disconnect");
+    let cut_off = |r: Result<(), tonic::Status>, what: &str| {
+        let e = r.expect_err(what);
+        assert_eq!(e.code(), Code::PermissionDenied, "{what}: {e:?}");
+        assert!(e.message().contains("disconnected"), "{what}: {e:?}");
+    };
+    cut_off(
+        wrap_with(&mut q, "acme/db", good()).await.map(|_| ()),
+        "the partner (not listed as the provider's service) wraps",
+    );
+    cut_off(
+        p.broker
+            .get_public_key(pb::GetPublicKeyRequest {
+                key: "acme/rsa".into(),
+                key_version: 0,
+            })
+            .await
+            .map(|_| ()),
+        "the provider reads a public key",
+    );
+    cut_off(
+        p.mgmt
+            .get_key(pb::GetKeyRequest {
+                key: "acme/db".into(),
+            })
+            .await
+            .map(|_| ()),
+        "the provider reads key metadata",
+    );
+    cut_off(
+        p.mgmt
+            .list_keys(pb::ListKeysRequest {
+                tenant: "acme".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        "the provider lists keys",
+    );
+    cut_off(
+        p.mgmt
+            .rotate_key(pb::RotateKeyRequest {
+                key: "acme/db".into(),
+            })
+            .await
+            .map(|_| ()),
+        "the provider rotates a key",
+    );
+    // The customer's own identities keep working.
+    a.mgmt
+        .get_key(pb::GetKeyRequest {
+            key: "acme/db".into(),
+        })
+        .await
+        .expect("the customer reads its key");
+    drop((a, p, q));
+    b.stop().await;
+}
+
+/// Issue 18, item 2: a missing switch state meant "connected", and nothing authenticated a
+/// stored one. Deleting the row, or writing one that says "connected", must not reconnect the
+/// provider: the broker stays disconnected until the customer reconnects through the API.
+#[tokio::test]
+async fn a_missing_or_forged_switch_state_does_not_reconnect_the_provider() {
+    let env = Env::with(Options {
+        policy: Some(policy()),
+        ..Default::default()
+    });
+    let admin = env
+        .pki
+        .ca
+        .issue_spiffe_client("admin", ADMIN)
+        .expect("cert");
+    let provider = env
+        .pki
+        .ca
+        .issue_spiffe_client("provider", PROVIDER)
+        .expect("cert");
+    let good = || ctx(pb::JustificationReason::CustomerInitiatedAccess);
+    let b = env.start().await;
+    let mut a = b.clients_as(&admin).await;
+    create(
+        &mut a,
+        "acme/db",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    a.hyok
+        .disconnect(pb::HyokSwitchRequest {
+            reason: "incident 13".into(),
+        })
+        .await
+        .expect("disconnect");
+    drop(a);
+    b.stop().await;
+
+    let db = env.dir.path().join("keybroker.db");
+    let forged = r#"{"connected":true,"changed_at_ms":1,"changed_by":"spiffe://customer.test/admin","reason":"forged"}"#;
+    for (what, tamper) in [
+        (
+            "the state row deleted",
+            "DELETE FROM settings WHERE name = 'hyok.state'",
+        ),
+        ("a forged state that says connected", ""),
+    ] {
+        {
+            let conn = rusqlite::Connection::open(&db).expect("open the store");
+            if tamper.is_empty() {
+                conn.execute(
+                    "UPDATE settings SET value = ?1 WHERE name = 'hyok.state'",
+                    [forged],
+                )
+                .expect("forge");
+            } else {
+                conn.execute(tamper, []).expect("tamper");
+            }
+        }
+        let b = env.start().await;
+        let mut p = b.clients_as(&provider).await;
+        let e = wrap_with(&mut p, "acme/db", good()).await.expect_err(what);
+        assert_eq!(e.code(), Code::PermissionDenied, "{what}: {e:?}");
+        assert!(e.message().contains("disconnected"), "{what}: {e:?}");
+        drop(p);
+        b.stop().await;
+    }
+
+    // The customer reconnects through the API: the provider works again.
+    let b = env.start().await;
+    let mut a = b.clients_as(&admin).await;
+    a.hyok
+        .reconnect(pb::HyokSwitchRequest {
+            reason: "checked".into(),
+        })
+        .await
+        .expect("reconnect");
+    let mut p = b.clients_as(&provider).await;
+    wrap_with(&mut p, "acme/db", good())
+        .await
+        .expect("wrap after the customer reconnected");
+    drop((a, p));
+    b.stop().await;
+}

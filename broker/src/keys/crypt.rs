@@ -415,7 +415,9 @@ impl Keyring {
                     // must allow that too (not only rewrap), or a key that may not unwrap would
                     // unwrap in two steps, through a key that may.
                     if name != item.source.key() {
-                        item.source.entry.check(KeyOp::Unwrap, &item.source.version, now)?;
+                        item.source
+                            .entry
+                            .check(KeyOp::Unwrap, &item.source.version, now)?;
                     }
                     let entry = self.get(name)?;
                     check_aad(&entry, out_aad)?;
