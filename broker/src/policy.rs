@@ -197,7 +197,10 @@ struct BindingFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HyokFile {
+    #[serde(default)]
     service_identities: Vec<String>,
+    #[serde(default)]
+    customer_identities: Option<Vec<String>>,
     #[serde(default)]
     default_accepted_reasons: Option<Vec<Reason>>,
     #[serde(default)]
@@ -225,9 +228,13 @@ pub struct Binding {
 /// The HYOK rules.
 #[derive(Clone, Debug, Default)]
 pub struct HyokRules {
-    /// Identity patterns of the provider's service: subject to the kill switch and
-    /// justification rules.
+    /// Identity patterns that are the provider's, whatever else matches them.
     pub service_identities: Vec<String>,
+    /// Identity patterns of the customer's own identities (`None`: the identities the policy
+    /// gives the HYOK switch permission, i.e. the `administrator` role, are the customer's).
+    /// Every other identity is a provider identity: subject to the kill switch and the
+    /// justification rules in every request.
+    pub customer_identities: Option<Vec<String>>,
     /// Reasons accepted for keys that match no per-key entry (`None` = any reason).
     pub default_accepted: Option<BTreeSet<Reason>>,
     /// Per key glob, the accepted reasons (first match wins).
@@ -274,11 +281,17 @@ impl Policy {
         let hyok = match f.hyok {
             None => None,
             Some(h) => {
-                if h.service_identities.is_empty() {
-                    return Err("[hyok] service_identities is empty".into());
+                if h.customer_identities.as_ref().is_some_and(Vec::is_empty) {
+                    return Err(
+                        "[hyok] customer_identities is empty: nobody could reconnect \
+                         the switch; list the customer's identities, or leave the key out to \
+                         make the administrators the customer"
+                            .into(),
+                    );
                 }
                 Some(HyokRules {
                     service_identities: h.service_identities,
+                    customer_identities: h.customer_identities,
                     default_accepted: h.default_accepted_reasons.map(|v| v.into_iter().collect()),
                     keys: h
                         .key
@@ -343,11 +356,24 @@ impl Policy {
         self.matching(caller).next().is_some()
     }
 
-    /// Whether the caller is a HYOK service identity.
-    pub fn is_hyok_service(&self, caller: &Caller) -> bool {
-        self.hyok
-            .as_ref()
-            .is_some_and(|h| h.service_identities.iter().any(|p| glob(p, &caller.id)))
+    /// Whether the caller is a provider identity of the HYOK model: listed among the service
+    /// identities, or not the customer's (fail closed: an identity nobody classified is the
+    /// provider's). Always false without a `[hyok]` section.
+    pub fn is_provider(&self, caller: &Caller) -> bool {
+        let Some(h) = &self.hyok else { return false };
+        if h.service_identities.iter().any(|p| glob(p, &caller.id)) {
+            return true;
+        }
+        // Fail closed: whoever is not the customer's is the provider's.
+        let customer = match &h.customer_identities {
+            Some(patterns) => patterns.iter().any(|p| glob(p, &caller.id)),
+            None => self.matching(caller).any(|b| {
+                b.roles
+                    .iter()
+                    .any(|r| r.permissions().contains(&Permission::HyokControl))
+            }),
+        };
+        !customer
     }
 
     /// Checks a HYOK service identity's justification for `key`. `Err` names what was wrong.
@@ -416,7 +442,7 @@ pub struct Authorizer {
     caller: Caller,
     hyok: Arc<crate::hyok::HyokSwitch>,
     reason: Option<Reason>,
-    gated: bool,
+    provider: bool,
 }
 
 impl Authorizer {
@@ -436,13 +462,29 @@ impl Authorizer {
                 Arc::new(p)
             }
         };
+        let provider = policy.is_provider(&caller);
         Self {
             policy,
             caller,
             hyok,
             reason: None,
-            gated: false,
+            provider,
         }
+    }
+
+    /// The HYOK rules for the whole request, before its operation runs: a provider identity is
+    /// refused every operation while the switch is off, and must give an access justification.
+    pub fn admit(&self) -> Result<(), BrokerError> {
+        if !self.provider {
+            return Ok(());
+        }
+        if !self.hyok.connected() {
+            return Err(Denied::HyokDisconnected.into());
+        }
+        if self.reason.is_none() {
+            return Err(Denied::NoJustification.into());
+        }
+        Ok(())
     }
 
     /// The verified caller.
@@ -482,8 +524,8 @@ impl Authorizer {
         move |key| policy.allows(&caller, perm, key)
     }
 
-    /// Grants `perm` on `key`, or says why not: the role × scope decision, then for key use by
-    /// a HYOK service identity the kill switch and the key's accepted justifications.
+    /// Grants `perm` on `key`, or says why not: the role × scope decision, then for a provider
+    /// identity the kill switch and the key's accepted justifications (for every permission).
     pub fn grant(&mut self, perm: Permission, key: &KeyName) -> Result<Grant, BrokerError> {
         if !self.allows(perm, key) {
             return Err(Denied::Key {
@@ -493,10 +535,7 @@ impl Authorizer {
             }
             .into());
         }
-        if matches!(perm, Permission::Wrap | Permission::Unwrap)
-            && self.policy.is_hyok_service(&self.caller)
-        {
-            self.gated = true;
+        if self.provider {
             if !self.hyok.connected() {
                 return Err(Denied::HyokDisconnected.into());
             }
@@ -508,10 +547,11 @@ impl Authorizer {
         })
     }
 
-    /// Checks a broker-wide permission (scope `all`).
+    /// Checks a broker-wide permission (scope `all`); a provider identity also passes the
+    /// kill switch.
     pub fn global(&self, perm: Permission) -> Result<(), BrokerError> {
         if self.policy.allows_global(&self.caller, perm) {
-            Ok(())
+            self.admit()
         } else {
             Err(Denied::Permission {
                 caller: self.caller.id.clone(),
@@ -521,10 +561,10 @@ impl Authorizer {
         }
     }
 
-    /// Whether a HYOK service identity passed the kill switch in this request: the switch is
+    /// Whether the caller is a provider identity, gated by the kill switch: the switch is
     /// checked again before its reply, so nothing reaches it once `Disconnect` has returned.
     pub fn gated(&self) -> bool {
-        self.gated
+        self.provider
     }
 
     /// The kill switch, read now.
@@ -715,6 +755,14 @@ scope = "key:acme/pay-*"
     fn justifications() {
         let p = Policy::parse(
             r#"
+[[binding]]
+identity = "spiffe://customer/admin"
+role = "administrator"
+scope = "all"
+[[binding]]
+identity = "spiffe://partner/app"
+role = "service-encryption-user"
+scope = "all"
 [hyok]
 service_identities = ["spiffe://provider/*"]
 default_accepted_reasons = ["CUSTOMER_INITIATED_ACCESS"]
@@ -724,8 +772,22 @@ accepted_reasons = ["PROVIDER_INTERNAL_MAINTENANCE"]
 "#,
         )
         .expect("valid");
-        assert!(p.is_hyok_service(&caller("spiffe://provider/kms")));
-        assert!(!p.is_hyok_service(&caller("spiffe://customer/admin")));
+        assert!(p.is_provider(&caller("spiffe://provider/kms")));
+        // The administrators are the customer's (no customer_identities given)...
+        assert!(!p.is_provider(&caller("spiffe://customer/admin")));
+        // ...and everyone else is the provider's, listed or not (fail closed).
+        assert!(p.is_provider(&caller("spiffe://partner/app")));
+        assert!(p.is_provider(&caller("spiffe://nobody/at-all")));
+        // Named customers: exactly those.
+        let named = Policy::parse("[hyok]\ncustomer_identities = [\"spiffe://customer/*\"]\n")
+            .expect("valid");
+        assert!(!named.is_provider(&caller("spiffe://customer/ops")));
+        assert!(named.is_provider(&caller("spiffe://provider/kms")));
+        assert!(
+            Policy::parse("[hyok]\ncustomer_identities = []\n")
+                .expect_err("nobody could reconnect")
+                .contains("customer_identities")
+        );
         let k = key("acme/db");
         assert!(p.check_justification(&k, None).is_err());
         assert!(

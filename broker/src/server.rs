@@ -219,9 +219,17 @@ pub async fn run(
     let policy = Arc::new(cfg.policy().map_err(StartError::Policy)?);
     policy.watch();
     let store = keyring.store().clone();
-    // Replicas starting together must agree on one audit HMAC key: whoever creates it does so
-    // under the cluster-wide write lock.
+    // Replicas starting together must agree on one audit HMAC key and on the HYOK switch's
+    // first state: whoever creates them does so under the cluster-wide write lock.
     let audit_lock = keyring.write().await?;
+    let first_start = {
+        let st = store.clone();
+        tokio::task::spawn_blocking(move || st.setting(crate::audit::SETTING_KEY_ID))
+            .await
+            .map_err(|e| StartError::Server(format!("store task failed: {e}")))?
+            .map_err(BrokerError::from)?
+            .is_none()
+    };
     let audit = AuditLog::open(
         AuditSettings {
             path: cfg.path(&cfg.audit.path),
@@ -234,8 +242,8 @@ pub async fn run(
     )
     .await
     .map_err(StartError::Audit)?;
+    let hyok = Arc::new(HyokSwitch::load(store, keyring.hsm().clone(), first_start).await?);
     drop(audit_lock);
-    let hyok = Arc::new(HyokSwitch::load(store).await?);
     {
         let h = Arc::downgrade(&hyok);
         keyring.on_setting(crate::hyok::SETTING, move |v| {

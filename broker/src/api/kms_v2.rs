@@ -118,6 +118,7 @@ impl KmsV2 {
                 .and_then(crate::api::grpc::parse_grpc_timeout)
         });
         incoming.door_grant = Some(door);
+        incoming.key = Some(self.key.clone());
         incoming.context = self.justification.map(|r| Context {
             reason: ReasonCode::Known(r),
             ..Context::default()

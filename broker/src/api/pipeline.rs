@@ -80,6 +80,10 @@ pub struct Incoming {
     /// A binding the front door grants every caller it lets in (the Kubernetes KMS v2
     /// socket: local trust on its one key), in addition to the policy's.
     pub door_grant: Option<Binding>,
+    /// The key the request is about, where the wire says it outside the body (the KMS v2
+    /// socket's one key; a key in a URL path): in the audit record even of a request refused
+    /// before its operation runs.
+    pub key: Option<KeyName>,
 }
 
 impl Incoming {
@@ -92,6 +96,7 @@ impl Incoming {
             timeout: None,
             context: None,
             door_grant: None,
+            key: None,
         }
     }
 }
@@ -194,6 +199,7 @@ impl Pipeline {
             timeout,
             context,
             door_grant,
+            key,
         } = incoming;
         let header_id = request_id
             .as_deref()
@@ -221,6 +227,9 @@ impl Pipeline {
             scope.clone(),
             header_id.clone(),
         );
+        if let Some(k) = &key {
+            call.note_key(k);
+        }
         let mut result = if Instant::now() >= deadline {
             // Work whose deadline has already passed is not started.
             Err(Deadline::OnArrival.into())
@@ -235,6 +244,8 @@ impl Pipeline {
                     if let Some(c) = context {
                         call_ref.take_context(c)?;
                     }
+                    // HYOK: a provider identity passes the switch and gives a justification.
+                    call_ref.authority().admit()?;
                     op?.run(call_ref).await
                 }
                 .instrument(span),
