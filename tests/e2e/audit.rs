@@ -135,8 +135,24 @@ async fn audit_verify_passes_an_untouched_log_and_finds_each_tampering_where_it_
     assert!(!log_text.contains("AUDIT LOG TAMPERING"), "{log_text}");
     let (ok, out) = env.verify_audit(&log);
     assert!(ok, "the chain continues across a restart: {out}");
-    // ...and reports a log cut back past that checkpoint while it was stopped.
+    // ...and refuses to start on a log cut back past that checkpoint while it was stopped
+    // (issue 18, item 9)...
     write_lines(&log, &all[..n]);
+    let refused = env
+        .try_start()
+        .await
+        .err()
+        .expect("a truncated audit log stops the broker");
+    assert!(refused.contains("allow_truncated"), "{refused}");
+    assert_eq!(lines(&log).len(), n, "the refused start wrote nothing");
+    // ...unless the operator allows it explicitly; then the finding goes into the trail.
+    std::fs::write(
+        &env.config,
+        std::fs::read_to_string(&env.config)
+            .expect("config")
+            .replace("[audit]\n", "[audit]\nallow_truncated = true\n"),
+    )
+    .expect("config");
     let b = env.start().await;
     let log_text = b.stop().await;
     assert!(log_text.contains("AUDIT LOG TAMPERING"), "{log_text}");
@@ -178,6 +194,32 @@ async fn an_unwritable_audit_log_makes_requests_fail_rather_than_go_unrecorded()
     };
     assert_eq!(failure.code(), Code::Unavailable, "{failure:?}");
     assert!(failure.message().contains("audit"), "{}", failure.message());
+    // Issue 18, item 9: a key change the trail cannot record is not made (its intent is
+    // written before it, so no record, no change).
+    let e = c
+        .mgmt
+        .create_key(pb::CreateKeyRequest {
+            key: "t/unrecorded".into(),
+            key_type: pb::KeyType::Aes256.into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a key change while the log is full");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    {
+        let db = rusqlite::Connection::open(env.dir.path().join("keybroker.db")).expect("db");
+        let n: i64 = db
+            .query_row(
+                "SELECT COUNT(*) FROM keys WHERE tenant = 't' AND name = 'unrecorded'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(
+            n, 0,
+            "the key was created although no audit record could be written"
+        );
+    }
     // Every kind of request is refused now, including unwraps: nothing is served unaudited.
     let e = wrap(&mut c, "t/k", &[1; 32], b"")
         .await

@@ -169,4 +169,18 @@ async fn malformed_messages_are_invalid_argument_never_internal() {
     drop(c);
     let log = b.stop().await;
     assert!(!log.contains("panicked"), "{log}");
+    // Issue 18, item 9: the requests refused before they could be decoded (the five malformed
+    // messages and the oversized one) are in the audit trail too, with the caller and the
+    // status they got.
+    let refused: Vec<serde_json::Value> = std::fs::read_to_string(env.audit_log())
+        .expect("audit")
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .filter(|r| r["op"] == "WrapKey" && r["outcome"] != "OK")
+        .collect();
+    assert!(refused.len() >= 6, "{refused:?}");
+    for r in &refused {
+        assert_eq!(r["caller"], hsm_fixtures::pki::TEST_CLIENT_ID, "{r}");
+        assert!(r["message"].as_str().is_some_and(|m| !m.is_empty()), "{r}");
+    }
 }

@@ -776,12 +776,91 @@ async fn the_scheduler_purges_keys_whose_date_has_passed_and_rotates_by_policy()
     drop(c);
     b.stop().await;
     let audit = std::fs::read_to_string(env.audit_log()).expect("audit");
-    let receipt = audit
+    let records: Vec<serde_json::Value> = audit
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .collect();
+    let receipt = records
+        .iter()
         .find(|r| r["op"] == "DestructionReceipt")
         .expect("receipt");
     assert_eq!(receipt["caller"], "scheduler");
+    // Issue 18, item 9: the scheduler's own changes are in the trail, each announced before it
+    // is made (intent) and then with its outcome.
+    for (op, key) in [("AutomaticRotation", "t/rot"), ("ScheduledPurge", "t/old")] {
+        let of = |outcome: &str| {
+            records
+                .iter()
+                .filter(|r| r["op"] == op && r["key"] == key && r["outcome"] == outcome)
+                .count()
+        };
+        assert!(of("INTENT") >= 1, "{op} {key}: no intent record");
+        assert!(of("OK") >= 1, "{op} {key}: no outcome record");
+        let first_intent = records
+            .iter()
+            .position(|r| r["op"] == op && r["key"] == key && r["outcome"] == "INTENT");
+        let first_outcome = records
+            .iter()
+            .position(|r| r["op"] == op && r["key"] == key && r["outcome"] == "OK");
+        assert!(first_intent < first_outcome, "{op}: the intent comes first");
+        assert!(
+            records
+                .iter()
+                .all(|r| r["op"] != op || r["caller"] == "scheduler")
+        );
+    }
+}
+
+/// Issue 18, item 9: an expired BYOK import key is destroyed by the scheduler, in the trail.
+#[tokio::test]
+async fn the_scheduler_destroys_expired_import_keys_in_the_audit_trail() {
+    let env = Env::with(Options {
+        lifecycle_extra: "maintenance_interval_ms = 200".into(),
+        ..Default::default()
+    });
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    let ik = c
+        .mgmt
+        .create_import_key(pb::CreateImportKeyRequest {
+            key_type: pb::KeyType::Rsa3072.into(),
+        })
+        .await
+        .expect("import key")
+        .into_inner();
+    drop(c);
+    b.stop().await;
+    {
+        // Time passes: the import key's day is over.
+        let db = rusqlite::Connection::open(env.dir.path().join("keybroker.db")).expect("db");
+        let n = db
+            .execute(
+                "UPDATE settings SET value = ?1 WHERE name = 'byok.import_keys'",
+                [format!("{{\"{}\":1}}", ik.import_key_id)],
+            )
+            .expect("update");
+        assert_eq!(n, 1);
+    }
+    let b = env.start().await;
+    let audit = env.audit_log();
+    let id = ik.import_key_id.clone();
+    poll(
+        || {
+            let (audit, id) = (audit.clone(), id.clone());
+            async move {
+                std::fs::read_to_string(&audit).is_ok_and(|t| {
+                    t.lines().any(|l| {
+                        l.contains("\"ImportKeyDestroyed\"")
+                            && l.contains(&id)
+                            && l.contains("\"OK\"")
+                    })
+                })
+            }
+        },
+        "the expired import key's destruction in the trail",
+    )
+    .await;
+    b.stop().await;
 }
 
 #[tokio::test]
