@@ -54,6 +54,33 @@ pub fn checkpoint_setting(store: &Store, path: &Path) -> String {
     format!("{SETTING_LAST_CHECKPOINT}@{host}:{}", abs.display())
 }
 
+/// The outcome of an intent record: a change announced before it is made (the request's, or
+/// the scheduler's, own record then says how it ended).
+pub const INTENT: &str = "INTENT";
+
+/// The outcome's name in the audit trail: `OK`, `INVALID_ARGUMENT`, ... (the gRPC code's name,
+/// whatever front door the request came through).
+pub fn outcome_name(result: Result<(), &crate::error::BrokerError>) -> String {
+    code_name(match result {
+        Ok(()) => tonic::Code::Ok,
+        Err(e) => e.code(),
+    })
+}
+
+/// A gRPC code's name as the audit trail writes it: `INVALID_ARGUMENT`.
+pub fn code_name(c: tonic::Code) -> String {
+    let s = format!("{c:?}");
+    // InvalidArgument -> INVALID_ARGUMENT
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if ch.is_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(ch.to_ascii_uppercase());
+    }
+    out
+}
+
 /// One line of the audit log.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Record {
@@ -145,6 +172,9 @@ pub struct AuditSettings {
     pub checkpoint_interval: Duration,
     /// `fdatasync` each batch before acknowledging it.
     pub sync: bool,
+    /// Start even when the log lacks the last checkpoint the broker recorded (it was truncated
+    /// or rewritten while the broker was stopped). Default false: such a log stops the broker.
+    pub allow_truncated: bool,
 }
 
 enum Msg {
@@ -405,6 +435,13 @@ impl AuditLog {
                     "the audit log does not contain the last checkpoint the broker recorded ({rec}): it was truncated or rewritten while the broker was stopped"
                 );
                 tracing::error!(problem = %m, "AUDIT LOG TAMPERING");
+                if !settings.allow_truncated {
+                    return Err(format!(
+                        "refusing to start: {m}. Keep this log as evidence (and `keybroker audit \
+                         verify` it); to start anyway, continuing the chain after what is left, set \
+                         [audit] allow_truncated = true for this start"
+                    ));
+                }
                 events.push(Record::event("AuditLogTampered", None, m));
             }
         }

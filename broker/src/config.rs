@@ -301,6 +301,9 @@ pub struct AuditConfig {
     /// fdatasync each batch of records before the replies go out. Default true.
     #[serde(default = "default_true")]
     pub sync: bool,
+    /// Start even on a log that lacks the last checkpoint the broker recorded. Default false.
+    #[serde(default)]
+    pub allow_truncated: bool,
 }
 
 impl Default for AuditConfig {
@@ -310,6 +313,7 @@ impl Default for AuditConfig {
             checkpoint_every: default_checkpoint_every(),
             checkpoint_interval_ms: default_checkpoint_ms(),
             sync: true,
+            allow_truncated: false,
         }
     }
 }

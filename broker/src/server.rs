@@ -20,7 +20,7 @@ use tokio::{net::TcpListener, sync::watch};
 use crate::{
     api::{
         MAX_MESSAGE_BYTES, Pipeline,
-        grpc::GrpcApi,
+        grpc::{AuditRejections, GrpcApi},
         kms_v2::{self, KmsV2},
     },
     audit::{AuditLog, AuditSettings},
@@ -236,6 +236,7 @@ pub async fn run(
             checkpoint_every: cfg.audit.checkpoint_every,
             checkpoint_interval: Duration::from_millis(cfg.audit.checkpoint_interval_ms),
             sync: cfg.audit.sync,
+            allow_truncated: cfg.audit.allow_truncated,
         },
         keyring.hsm().clone(),
         store.clone(),
@@ -381,7 +382,13 @@ pub async fn run(
         tracing::info!(socket = %path.display(), key = %k.key, "serving Kubernetes KMS v2 (local trust: no TLS on the unix socket)");
         println!("keybroker: kms-v2 on {}", path.display());
         let stop = stopped(stop_rx.clone());
-        side_tasks.push(tokio::spawn(kms_v2::serve(listener, path, svc, stop)));
+        side_tasks.push(tokio::spawn(kms_v2::serve(
+            listener,
+            path,
+            svc,
+            audit.clone(),
+            stop,
+        )));
     }
 
     let tls_cfg = tls::Reloadable::load(tls::TlsPaths {
@@ -418,6 +425,8 @@ pub async fn run(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .initial_stream_window_size(Some(256 * 1024))
         .initial_connection_window_size(Some(1024 * 1024))
+        // Requests tonic refuses before a handler runs are audited too.
+        .layer(AuditRejections::keybroker(audit.clone()))
         .add_service(
             KeyBrokerServer::new(api.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -314,8 +314,18 @@ scope = "tenant:acme"
         .await
         .expect("query")
         .into_inner();
-    assert_eq!(r.records.len(), 4, "create + 3 wraps: {:?}", r.records);
+    // The create's intent (written before the key was made), the create, 3 wraps.
+    assert_eq!(r.records.len(), 5, "create + 3 wraps: {:?}", r.records);
     assert!(r.records.iter().all(|l| json(l)["key"] == "acme/k"));
+    assert_eq!(
+        r.records
+            .iter()
+            .map(|l| json(l))
+            .filter(|r| r["outcome"] == "INTENT")
+            .map(|r| r["op"].as_str().unwrap_or_default().to_string())
+            .collect::<Vec<_>>(),
+        ["CreateKey"]
+    );
     let r = a
         .audit
         .query_audit(q("", "", "NOT_FOUND", 0, String::new()))
@@ -336,7 +346,15 @@ scope = "tenant:acme"
         .await
         .expect("query")
         .into_inner();
-    assert_eq!(r.records.len(), 9);
+    // Nine requests, and the intents of the two key changes among them.
+    assert_eq!(r.records.len(), 11);
+    assert_eq!(
+        r.records
+            .iter()
+            .filter(|l| json(l)["outcome"] == "INTENT")
+            .count(),
+        2
+    );
     // Paging.
     let p1 = a
         .audit
@@ -364,8 +382,21 @@ scope = "tenant:acme"
         .await
         .expect("page")
         .into_inner();
-    assert_eq!(p2.records.len(), 4);
-    assert!(p2.next_page_token.is_empty());
+    assert_eq!(p2.records.len(), 5);
+    let p3 = a
+        .audit
+        .query_audit(q(
+            "",
+            hsm_fixtures::pki::TEST_CLIENT_ID,
+            "",
+            5,
+            p2.next_page_token,
+        ))
+        .await
+        .expect("page")
+        .into_inner();
+    assert_eq!(p3.records.len(), 1);
+    assert!(p3.next_page_token.is_empty());
     // A tenant-scoped auditor sees only its tenant's records.
     let mut t = b.clients_as(&acme_auditor).await;
     let r = t

@@ -193,8 +193,13 @@ async fn key_rewrap_all_moves_a_file_of_envelopes_to_the_newest_version_with_pro
         ["SEQ", "TIME", "CALLER", "OP", "KEY", "VERSION", "OUTCOME"]
     );
     assert_eq!(lines.len(), 4, "{stdout}");
+    // The key's creation: its intent (written before the key was made), then its outcome.
     assert!(
-        lines[1].contains("acme/bulk") && lines[1].contains("OK"),
+        lines[1].contains("acme/bulk") && lines[1].contains("INTENT"),
+        "{stdout}"
+    );
+    assert!(
+        lines[2].contains("acme/bulk") && lines[2].contains("OK"),
         "{stdout}"
     );
     b.stop().await;

@@ -10,8 +10,8 @@ use std::{
 };
 
 use crate::{
-    audit::{AuditLog, Record},
-    error::{BrokerError, Invalid},
+    audit::{self, AuditLog, Record},
+    error::{BrokerError, Invalid, Unavailable},
     hsm::RequestScope,
     hyok::HyokSwitch,
     keys::Keyring,
@@ -42,24 +42,6 @@ pub struct Context {
     pub reason: ReasonCode,
     /// The justification's free text.
     pub detail: String,
-}
-
-/// The outcome's name in the audit trail: `OK`, `INVALID_ARGUMENT`, ...
-pub fn outcome_name(result: Result<(), &BrokerError>) -> String {
-    let c = match result {
-        Ok(()) => tonic::Code::Ok,
-        Err(e) => e.code(),
-    };
-    let s = format!("{c:?}");
-    // InvalidArgument -> INVALID_ARGUMENT
-    let mut out = String::new();
-    for (i, ch) in s.chars().enumerate() {
-        if ch.is_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.push(ch.to_ascii_uppercase());
-    }
-    out
 }
 
 fn check_id(what: &'static str, s: &str) -> Result<(), BrokerError> {
@@ -203,7 +185,7 @@ impl Call {
     pub(in crate::api) fn item(&mut self, key: Option<String>, outcome: Result<u32, &BrokerError>) {
         self.items.push(Item {
             key,
-            outcome: outcome.map_err(|e| (outcome_name(Err(e)), e.public_message())),
+            outcome: outcome.map_err(|e| (audit::outcome_name(Err(e)), e.public_message())),
         });
     }
 
@@ -243,8 +225,27 @@ impl Call {
         Ok(())
     }
 
+    /// Writes the intent record of a change this request is about to make (`outcome:
+    /// "INTENT"`, the request's op, key and ids): a write-ahead record, so no change is ever
+    /// made unrecorded. If it cannot be written, the change is not made (UNAVAILABLE); the
+    /// request's own record then says how it ended.
+    pub(in crate::api) async fn intent(&self) -> Result<(), BrokerError> {
+        let mut rec = Record::request(self.op, self.caller_id());
+        rec.outcome = Some(audit::INTENT.into());
+        rec.key = self.record.key.clone();
+        rec.tenant = self.record.tenant.clone();
+        rec.request_id = self.record.request_id.clone();
+        rec.correlation_id = self.record.correlation_id.clone();
+        rec.justification = self.record.justification.clone();
+        self.audit.append(rec).await.map_err(|e| {
+            tracing::error!(error = %e, op = self.op, "intent record not written: the change is not made");
+            Unavailable::Audit.into()
+        })
+    }
+
     /// Runs a key change to completion (or rollback) in its own task, whatever happens to the
     /// request: a caller that hangs up or times out must not leave a half-done change behind.
+    /// Its intent is in the audit trail before it starts ([`Call::intent`]).
     /// The request's scope (deadline, tenant) goes with it, so work not yet started when the
     /// deadline passes is not started. If the request was answered (DEADLINE_EXCEEDED) or
     /// dropped before the change finished, its outcome goes into the audit trail as its own
@@ -255,6 +256,7 @@ impl Call {
         T: Send + 'static,
         F: Future<Output = Result<T, BrokerError>> + Send + 'static,
     {
+        self.intent().await?;
         struct Waiting(Arc<AtomicBool>);
         impl Drop for Waiting {
             fn drop(&mut self) {
@@ -340,7 +342,7 @@ impl Call {
         rec.justification_detail = n.justification_detail.take();
         rec.request_id = Some(request_id.clone());
         rec.correlation_id = n.correlation_id.take();
-        rec.outcome = Some(outcome_name(result));
+        rec.outcome = Some(audit::outcome_name(result));
         rec.message = result.err().map(BrokerError::public_message);
         rec.latency_us = Some(latency_us);
         out.push(rec);
@@ -355,13 +357,13 @@ mod tests {
 
     #[test]
     fn outcomes_are_named_like_grpc_codes() {
-        assert_eq!(outcome_name(Ok(())), "OK");
+        assert_eq!(audit::outcome_name(Ok(())), "OK");
         assert_eq!(
-            outcome_name(Err(&Invalid::AadTooLong.into())),
+            audit::outcome_name(Err(&Invalid::AadTooLong.into())),
             "INVALID_ARGUMENT"
         );
         assert_eq!(
-            outcome_name(Err(&Deadline::Passed.into())),
+            audit::outcome_name(Err(&Deadline::Passed.into())),
             "DEADLINE_EXCEEDED"
         );
     }

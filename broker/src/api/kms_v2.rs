@@ -42,12 +42,15 @@ use keybroker_proto::kms_v2::{
     key_management_service_server::{KeyManagementService, KeyManagementServiceServer},
 };
 use tokio::net::UnixListener;
-use tonic::{Request, Response, Status, transport::server::UdsConnectInfo};
+use tonic::{
+    Request, Response, Status, metadata::MetadataValue, transport::server::UdsConnectInfo,
+};
 
 pub use super::ops::kms::{KMS_AAD, key_id};
 use super::{
+    grpc::REQUEST_ID_HEADER,
     ops::kms::{KmsDecrypt, KmsEncrypt},
-    pipeline::{Context, Endpoint, Incoming, Pipeline, ReasonCode},
+    pipeline::{Context, Endpoint, Incoming, Pipeline, ReasonCode, Reply},
 };
 use crate::{
     identity::{Caller, IdentityKind},
@@ -161,12 +164,11 @@ impl KeyManagementService for KmsV2 {
             plaintext: Dek::new(r.plaintext),
         };
         let reply = self.pipeline.execute(incoming, Ok(op)).await;
-        let w = reply.result.map_err(Status::from)?;
-        Ok(Response::new(pb::EncryptResponse {
+        respond(reply, |w| pb::EncryptResponse {
             key_id: key_id(&w.key, w.version, w.version_id),
             ciphertext: w.envelope,
             annotations: Default::default(),
-        }))
+        })
     }
 
     async fn decrypt(
@@ -181,11 +183,26 @@ impl KeyManagementService for KmsV2 {
             key_id: r.key_id,
         };
         let reply = self.pipeline.execute(incoming, Ok(op)).await;
-        let dek = reply.result.map_err(Status::from)?;
-        Ok(Response::new(pb::DecryptResponse {
+        respond(reply, |dek| pb::DecryptResponse {
             plaintext: dek.into_vec(),
-        }))
+        })
     }
+}
+
+/// The reply, with its request id (as the gRPC door sends it: every pipeline reply has one).
+fn respond<T, R>(reply: Reply<T>, encode: impl FnOnce(T) -> R) -> Result<Response<R>, Status> {
+    let rid = MetadataValue::try_from(reply.request_id.as_str()).ok();
+    let mut out = reply
+        .result
+        .map(|v| Response::new(encode(v)))
+        .map_err(Status::from);
+    if let Some(v) = rid {
+        match &mut out {
+            Ok(r) => r.metadata_mut().insert(REQUEST_ID_HEADER, v),
+            Err(s) => s.metadata_mut().insert(REQUEST_ID_HEADER, v),
+        };
+    }
+    out
 }
 
 /// The identity of a unix-socket peer: its uid from the kernel (`SO_PEERCRED`).
@@ -248,9 +265,11 @@ pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
     svc: KmsV2,
+    audit: crate::audit::AuditLog,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
     let r = tonic::transport::Server::builder()
+        .layer(super::grpc::AuditRejections::kms_v2(audit))
         .add_service(
             KeyManagementServiceServer::new(svc)
                 .max_decoding_message_size(super::MAX_MESSAGE_BYTES)

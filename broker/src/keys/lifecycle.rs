@@ -673,6 +673,61 @@ impl Keyring {
         })
     }
 
+    /// Records one of the scheduler's own changes in the audit trail (caller `scheduler`):
+    /// `Ok(None)` is its intent, written before the change (if it cannot be written, the change
+    /// is not made now: `Err`), `Ok(Some(version))` its success, `Err(e)` its failure.
+    async fn scheduled(
+        &self,
+        op: &str,
+        key: Option<&KeyName>,
+        outcome: Result<Option<Option<u32>>, BrokerError>,
+    ) -> Result<(), BrokerError> {
+        let mut rec = Record::event(op, Some("scheduler"), "");
+        rec.key = key.map(|k| k.to_string());
+        rec.tenant = key.map(|k| k.tenant().to_string());
+        self.scheduler_append(rec, outcome).await
+    }
+
+    /// [`Keyring::scheduled`] for a change about something that is not a key (a BYOK import
+    /// key, named by its id in the message).
+    async fn scheduled_about(
+        &self,
+        op: &str,
+        what: &str,
+        outcome: Result<Option<Option<u32>>, BrokerError>,
+    ) -> Result<(), BrokerError> {
+        let rec = Record::event(op, Some("scheduler"), format!("import key {what}"));
+        self.scheduler_append(rec, outcome).await
+    }
+
+    async fn scheduler_append(
+        &self,
+        mut rec: Record,
+        outcome: Result<Option<Option<u32>>, BrokerError>,
+    ) -> Result<(), BrokerError> {
+        let Some(audit) = self.audit.get() else {
+            return Ok(());
+        };
+        match outcome {
+            Ok(None) => rec.outcome = Some(crate::audit::INTENT.into()),
+            Ok(Some(version)) => {
+                rec.outcome = Some("OK".into());
+                rec.version = version;
+            }
+            Err(e) => {
+                rec.outcome = Some(crate::audit::outcome_name(Err(&e)));
+                rec.message = Some(e.public_message());
+            }
+        }
+        if rec.message.as_deref() == Some("") {
+            rec.message = None;
+        }
+        audit.append(rec).await.map_err(|e| {
+            tracing::error!(error = %e, "the scheduler's audit record not written: the change waits");
+            Unavailable::Audit.into()
+        })
+    }
+
     /// Attaches the audit trail (for receipts written outside requests).
     pub fn attach_audit(&self, audit: crate::audit::AuditLog) {
         let _ = self.audit.set(audit);
@@ -802,13 +857,28 @@ impl Keyring {
                         }
                         _ => continue,
                     };
+                    if self
+                        .scheduled("ScheduledPurge", Some(&k.name), Ok(None))
+                        .await
+                        .is_err()
+                    {
+                        continue;
+                    }
                     let versions = k.versions.iter().map(|v| (v.number, v.id)).collect();
-                    match self.destroy(&k, versions, "purge", "scheduler").await {
+                    let done = self.destroy(&k, versions, "purge", "scheduler").await;
+                    match &done {
                         Ok(_) => tracing::info!(key = %k.name, "scheduled purge done"),
                         Err(e) => {
                             tracing::error!(key = %k.name, error = %e, "scheduled purge failed; retrying later")
                         }
                     }
+                    let _ = self
+                        .scheduled(
+                            "ScheduledPurge",
+                            Some(&k.name),
+                            done.map(|_| None).map(Some),
+                        )
+                        .await;
                 }
                 Lifecycle::Active if k.state == KeyState::Enabled && k.attributes.enabled => {
                     let due = match (k.attributes.rotation_period_ms, k.versions.last()) {
@@ -833,8 +903,14 @@ impl Keyring {
                                 .saturating_add(f.attributes.rotation_period_ms.unwrap_or(i64::MAX))
                                 <= now
                         });
-                        if still_due {
-                            match self.rotate_locked(&k.name).await {
+                        if still_due
+                            && self
+                                .scheduled("AutomaticRotation", Some(&k.name), Ok(None))
+                                .await
+                                .is_ok()
+                        {
+                            let done = self.rotate_locked(&k.name).await;
+                            match &done {
                                 Ok(e) => {
                                     tracing::info!(key = %k.name, version = e.versions.len(), "automatic rotation")
                                 }
@@ -842,6 +918,10 @@ impl Keyring {
                                     tracing::error!(key = %k.name, error = %e, "automatic rotation failed")
                                 }
                             }
+                            let outcome = done.map(|e| Some(e.versions.last().map(|v| v.number)));
+                            let _ = self
+                                .scheduled("AutomaticRotation", Some(&k.name), outcome)
+                                .await;
                         }
                     }
                 }
@@ -865,11 +945,19 @@ impl Keyring {
                 imports.into_iter().partition(|(_, exp)| *exp <= now);
             if !expired.is_empty() {
                 for (id, _) in &expired {
-                    if let Some(v) = hex::decode(id).ok().and_then(|b| VersionId::from_slice(&b))
-                        && let Err(e) = self.hsm.destroy_kek(v).await
-                    {
+                    let Some(v) = hex::decode(id).ok().and_then(|b| VersionId::from_slice(&b))
+                    else {
+                        continue;
+                    };
+                    let op = "ImportKeyDestroyed";
+                    if self.scheduled_about(op, id, Ok(None)).await.is_err() {
+                        continue;
+                    }
+                    let done = self.hsm.destroy_kek(v).await.map_err(BrokerError::from);
+                    if let Err(e) = &done {
                         tracing::warn!(error = %e, "could not destroy an expired import key");
                     }
+                    let _ = self.scheduled_about(op, id, done.map(|_| Some(None))).await;
                 }
                 let _ = self.save_import_keys(&live.into_iter().collect()).await;
             }

@@ -15,12 +15,14 @@ mod convert;
 mod data;
 mod hyok;
 mod manage;
+mod rejections;
 
 use std::time::Duration;
 
 use keybroker_proto::v1 as pb;
 use tonic::{Request, Response, Status, metadata::MetadataValue};
 
+pub use self::rejections::AuditRejections;
 use super::{
     ops::Operation,
     pipeline::{Context, Endpoint, Incoming, Pipeline, ReasonCode},

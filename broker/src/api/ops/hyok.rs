@@ -33,6 +33,7 @@ impl Operation for SetSwitch {
             .into());
         }
         let by = call.caller_id().to_string();
+        call.intent().await?;
         let s = call.hyok().set(self.connected, &by, &self.reason).await?;
         tracing::warn!(connected = self.connected, by, reason = %self.reason, "HYOK service access switched");
         Ok(s)
