@@ -341,14 +341,18 @@ default_accepted_reasons = ["PROVIDER_INITIATED_SERVICE"]
     let mut c = kms_client(b.kms_socket.clone().expect("kms-v2 line")).await;
 
     let dek = random_dek(32);
-    let e = encrypt(&mut c, &dek).await.expect("encrypt while connected");
+    let e = encrypt(&mut c, &dek)
+        .await
+        .expect("encrypt while connected");
     a.hyok
         .disconnect(pb::HyokSwitchRequest {
             reason: "incident 11".into(),
         })
         .await
         .expect("disconnect");
-    let refused = encrypt(&mut c, &dek).await.expect_err("encrypt after disconnect");
+    let refused = encrypt(&mut c, &dek)
+        .await
+        .expect_err("encrypt after disconnect");
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
     assert!(refused.message().contains("disconnected"), "{refused:?}");
     let refused = decrypt(&mut c, &e.ciphertext, &e.key_id)
