@@ -325,25 +325,39 @@ path = "audit.log"
 }
 
 impl Env {
-    /// Runs `keybroker check-config` on this env's config: `Ok(report JSON)` when it passes,
-    /// `Err(stderr)` when it refuses.
+    /// Runs `keybroker check-config -o json` on this env's config: `Ok(report JSON)` when it
+    /// passes, `Err(stderr)` when it refuses.
     pub fn check_config(&self) -> Result<serde_json::Value, String> {
-        let out = std::process::Command::new(BROKER)
+        let (ok, report, stderr) = self.check_config_report();
+        if ok {
+            Ok(report.expect("check-config prints JSON"))
+        } else {
+            Err(stderr)
+        }
+    }
+
+    /// Runs `keybroker check-config -o json`: (exit status 0, the JSON report if one was
+    /// printed — also when it refuses the token —, stderr).
+    pub fn check_config_report(&self) -> (bool, Option<serde_json::Value>, String) {
+        let out = self.check_config_output(&["-o", "json"]);
+        let json = serde_json::from_slice(&out.stdout).ok();
+        (
+            out.status.success(),
+            json,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Runs `keybroker check-config` with extra arguments; the raw output.
+    pub fn check_config_output(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(BROKER)
             .args(["check-config", "--config"])
             .arg(&self.config)
+            .args(args)
             .envs(self.broker_env())
             .env("RUST_LOG", "warn,cryptoki=off")
             .output()
-            .expect("run keybroker check-config");
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        let json = text
-            .rsplit_once("configuration OK")
-            .map(|(j, _)| j)
-            .unwrap_or(&text);
-        Ok(serde_json::from_str(json.trim()).expect("check-config prints JSON"))
+            .expect("run keybroker check-config")
     }
 
     /// Runs hsm-probe with the token's environment and the given arguments verbatim.

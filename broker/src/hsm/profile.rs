@@ -247,6 +247,18 @@ pub fn names() -> Vec<&'static str> {
         .collect()
 }
 
+/// Whether one of `facts` (the module's file name, or the library description and manufacturer
+/// from `C_GetInfo`) shows p11-kit's proxy module (`p11-kit-proxy.so`, "PKCS#11 Kit Proxy
+/// Module" by "PKCS#11 Kit"). The proxy loads the modules its configuration names and passes
+/// each its `x-init-reserved` string as `C_Initialize` `pReserved`: a module that needs one
+/// (NSS softoken) is usable behind it, though keybroker cannot pass the string itself.
+pub fn is_proxy(facts: &[&str]) -> bool {
+    facts.iter().any(|f| {
+        let f = f.to_ascii_lowercase();
+        f.contains("p11-kit-proxy") || f.contains("pkcs#11 kit")
+    })
+}
+
 /// The first profile one of whose patterns occurs in one of `facts` (token manufacturer and
 /// model, library manufacturer and description, module file name), else `generic`.
 pub fn detect(facts: &[&str]) -> &'static Profile {
@@ -279,6 +291,16 @@ mod tests {
             "nss-softoken"
         );
         assert_eq!(detect(&["Acme", "Box 9000"]).name, "generic");
+    }
+
+    #[test]
+    fn p11_kit_proxy_is_recognised_by_file_name_or_library_info() {
+        assert!(is_proxy(&["/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so"]));
+        assert!(is_proxy(&["PKCS#11 Kit Proxy Module 1.1 (PKCS#11 Kit)"]));
+        assert!(!is_proxy(&[
+            "/usr/lib/softhsm/libsofthsm2.so",
+            "SoftHSM 2.6"
+        ]));
     }
 
     #[test]
