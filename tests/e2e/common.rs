@@ -2,9 +2,15 @@
 //! started as a child process (SoftHSM2 and Kryoptic read their configuration once per process,
 //! so each broker gets its own token), clients over real mutual TLS.
 //!
-//! The token implementation is `KEYBROKER_TEST_TOKEN=softhsm` (default) or `kryoptic`
-//! (`tests/run` runs the suite once with each). A test that needs a capability one token lacks
-//! calls [`skip`], which prints the reason, instead of passing silently.
+//! The token implementation is `KEYBROKER_TEST_TOKEN=softhsm` (default), `kryoptic` or
+//! `opencryptoki` (`tests/run` runs the suite once with each). A test that needs a capability
+//! one token lacks calls [`skip`] (or [`require_aes!`](crate::require_aes)), which prints the
+//! reason, instead of passing silently.
+//!
+//! openCryptoki 3.8.1 has no AES-GCM and no RFC 5649: its brokers are configured as an
+//! operator would for an RSA-only deployment (`required_algorithms = ["rsa-oaep-sha256"]`,
+//! `legacy_template = true`, docs/src/portability.md), and the tests that need AES keys skip
+//! with the reason printed.
 
 #![allow(dead_code)]
 
@@ -96,6 +102,12 @@ impl Env {
             .as_ref()
             .map_or_else(|| token.module.clone(), FaultControl::module);
         let config = dir.path().join("keybroker.toml");
+        // What an operator sets for openCryptoki (docs/src/portability.md).
+        let token_extra = if kind.has_aes() {
+            ""
+        } else {
+            "required_algorithms = [\"rsa-oaep-sha256\"]\nlegacy_template = true\n"
+        };
         let text = format!(
             r#"
 [server]
@@ -112,7 +124,7 @@ module = "{module}"
 token_label = "{label}"
 pin_file = "{pin}"
 sessions = {sessions}
-{extra}
+{token_extra}{extra}
 [store]
 {store}
 [audit]
@@ -389,6 +401,23 @@ pub fn skip(test: &str, reason: &str) {
         "SKIPPED {test} on {}: {reason}",
         token_kind().name()
     );
+}
+
+/// Returns from the calling test, after printing why, when this run's token lacks the AES
+/// mechanisms keybroker uses (openCryptoki: no AES-GCM, no RFC 5649). Never a silent pass:
+/// `cargo test` shows the line `SKIPPED <test> on opencryptoki: skipped: ...`.
+#[macro_export]
+macro_rules! require_aes {
+    () => {
+        if !$crate::common::token_kind().has_aes() {
+            fn here() {}
+            let name = ::std::any::type_name_of_val(&here)
+                .trim_end_matches("::here")
+                .replace("::{{closure}}", "");
+            $crate::common::skip(&name, "skipped: openCryptoki has no AES-GCM/KWP");
+            return;
+        }
+    };
 }
 
 /// `true` (after printing the reason) when this run's token is not `kind`.
