@@ -786,6 +786,7 @@ async fn the_scheduler_purges_keys_whose_date_has_passed_and_rotates_by_policy()
 
 #[tokio::test]
 async fn byok_material_wrapped_by_openssl_imports_and_is_the_key_that_wraps() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;

@@ -127,6 +127,7 @@ async fn check_config_reports_the_rfc5649_mechanism_the_known_answer_tests_chose
 
 #[tokio::test]
 async fn a_kryoptic_slot_denying_a_needed_mechanism_makes_the_broker_refuse_at_start_up() {
+    crate::require_aes!();
     if skip_unless(
         "a_kryoptic_slot_denying_a_needed_mechanism",
         TokenKind::Kryoptic,
@@ -343,6 +344,7 @@ async fn the_token_is_found_by_serial_or_slot_and_a_missing_one_is_named_with_wh
 /// and RSA-OAEP ciphertexts cross both ways.
 #[tokio::test]
 async fn rfc5649_and_rsa_oaep_blobs_made_on_one_token_unwrap_on_the_other() {
+    crate::require_aes!();
     if skip_unless(
         "rfc5649_and_rsa_oaep_blobs_made_on_one_token_unwrap_on_the_other",
         TokenKind::Kryoptic,

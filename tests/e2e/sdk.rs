@@ -390,6 +390,7 @@ fn build_example() -> std::path::PathBuf {
 
 #[tokio::test]
 async fn a_hyok_service_identity_seals_and_opens_with_a_justification_the_key_owner_accepts() {
+    crate::require_aes!();
     const PROVIDER: &str = "spiffe://provider.test/reindexer";
     const ADMIN: &str = "spiffe://customer.test/admin";
     let env = Env::with(Options {

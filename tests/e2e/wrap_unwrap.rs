@@ -117,6 +117,7 @@ async fn round_trip_for_each_algorithm_and_key_size() {
 
 #[tokio::test]
 async fn aad_mismatch_and_every_flipped_bit_are_refused_with_one_message() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -223,6 +224,7 @@ async fn aad_mismatch_and_every_flipped_bit_are_refused_with_one_message() {
 
 #[tokio::test]
 async fn bad_sizes_unknown_keys_and_bad_names_get_the_right_codes() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
