@@ -6,6 +6,7 @@ use crate::common::*;
 
 #[tokio::test]
 async fn kek_values_cannot_be_read_and_no_object_can_wrap_and_decrypt() {
+    crate::require_aes!();
     kek_safety(false).await;
 }
 

@@ -158,7 +158,7 @@ fn read_slot(ctx: &Pkcs11, slot: Slot) -> (SlotReport, Option<TokenInfo>) {
         report.tolerated.push(format!(
             "C_GetTokenInfo utcTime is {:?}, not YYYYMMDDhhmmss00 (CKF_CLOCK_ON_TOKEN is set); \
              the clock is ignored (keybroker does not use it)",
-            String::from_utf8_lossy(raw).trim_end()
+            String::from_utf8_lossy(raw).trim_end_matches([' ', '\0'])
         ));
     }
     report.initialized = info.token_initialized();
