@@ -21,8 +21,10 @@
 #   0600). The SO PIN stays openCryptoki's default, 87654321 (STATE/so.pin): 3.8.1 keeps the
 #   token's master key encrypted under the SO PIN, and after a C_SetPIN of the SO PIN a later
 #   C_InitToken leaves the SO unable to log in (CKR_FUNCTION_FAILED, measured). The e2e harness
-#   re-initialises the token it claims (C_InitToken with the SO PIN, its own label and user PIN:
-#   hsm-fixtures' opencryptoki.rs), so every test starts on an empty token. Test tokens only.
+#   empties the token it claims (hsm-probe clear: every key object destroyed; hsm-fixtures'
+#   opencryptoki.rs), so every test starts on an empty token; it does not re-initialise it,
+#   because 3.8.1 keeps counting the sessions of a broker that was killed, and C_InitToken
+#   then fails with CKR_SESSION_EXISTS (measured). Test tokens only.
 #
 # Environment: OPENCRYPTOKI_STATE (default ${XDG_CACHE_HOME:-$HOME/.cache}/keybroker/opencryptoki),
 # OPENCRYPTOKI_SLOTS (default 6), OPENCRYPTOKI_SLOT_BASE (default 10).
@@ -116,6 +118,6 @@ for i in $(seq 0 $((SLOTS - 1))); do
   echo "kb-ock-$i" | pkcsconf -I -c "$slot" -S "$so" >/dev/null
   pkcsconf -u -c "$slot" -S "$so" -n "$user" >/dev/null
 done
-printf '%s\n' $(seq "$BASE" $((BASE + SLOTS - 1))) >"$STATE/slots"
+for i in $(seq 0 $((SLOTS - 1))); do echo "$((BASE + i)) kb-ock-$i"; done >"$STATE/slots"
 log "initialised $SLOTS tokens (labels kb-ock-0..; SO PIN in $STATE/so.pin, user PIN in $STATE/user.pin)"
 echo "$MODULE"

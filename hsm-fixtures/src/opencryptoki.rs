@@ -7,9 +7,10 @@
 //! for SoftHSM2 and Kryoptic: `opencryptoki/setup.sh start` configures several soft-token
 //! slots (data in a directory it owns), starts the daemon and initialises them, and each test
 //! *claims* a free slot (an exclusive lock on a file in the state directory, held as long as
-//! the [`Claim`] lives) and re-initialises its token (`C_InitToken` with the SO PIN, its own
-//! label, a fresh user PIN), so it starts empty. Slots are released when the test's token is
-//! dropped.
+//! the [`Claim`] lives) and empties its token (`hsm-probe clear`), so it starts with no keys.
+//! Not `C_InitToken`: openCryptoki 3.8.1 keeps counting the sessions of a process that was
+//! killed (a test's broker), and `C_InitToken` then fails with `CKR_SESSION_EXISTS`. Slots are
+//! released when the test's token is dropped.
 
 use std::{
     fs::{self, File},
@@ -64,6 +65,8 @@ pub fn state_dir() -> Result<PathBuf> {
 pub struct Claim {
     /// The slot id.
     pub slot: u64,
+    /// Its token's label (set by setup.sh).
+    pub label: String,
     _lock: Arc<File>,
 }
 
@@ -75,13 +78,16 @@ pub fn claim(state: &Path, wait: Duration) -> Result<Claim> {
             state.join("slots").display()
         ))
     })?;
-    let slots: Vec<u64> = slots
+    let slots: Vec<(u64, String)> = slots
         .lines()
-        .filter_map(|l| l.trim().parse().ok())
+        .filter_map(|l| {
+            let (id, label) = l.trim().split_once(' ')?;
+            Some((id.parse().ok()?, label.to_string()))
+        })
         .collect();
     let until = Instant::now() + wait;
     loop {
-        for &slot in &slots {
+        for (slot, label) in &slots {
             let path = state.join("claims").join(format!("slot{slot}.lock"));
             let f = File::options()
                 .create(true)
@@ -91,7 +97,8 @@ pub fn claim(state: &Path, wait: Duration) -> Result<Claim> {
                 .map_err(io_err(format!("open {}", path.display())))?;
             if f.try_lock().is_ok() {
                 return Ok(Claim {
-                    slot,
+                    slot: *slot,
+                    label: label.clone(),
                     _lock: Arc::new(f),
                 });
             }
@@ -106,39 +113,24 @@ pub fn claim(state: &Path, wait: Duration) -> Result<Claim> {
     }
 }
 
-/// Re-initialises the claimed slot's token with `hsm-probe init-token` (`C_InitToken` with the
-/// SO PIN setup.sh chose, then `C_InitPIN`): an empty token with `label` and `user_pin`.
-/// Retried for a few seconds: the previous holder's broker may still be exiting
-/// (`CKR_SESSION_EXISTS`).
-pub fn init_token(
-    hsm_probe: &Path,
-    module: &Path,
-    state: &Path,
-    slot: u64,
-    label: &str,
-    user_pin: &str,
-) -> Result<String> {
-    let so_pin = fs::read_to_string(state.join("so.pin"))
-        .map_err(io_err(format!("read {}", state.join("so.pin").display())))?;
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = Command::new(hsm_probe)
-            .arg("init-token")
-            .arg(module)
-            .arg(slot.to_string())
-            .args([label, so_pin.trim(), user_pin])
-            .output()
-            .map_err(io_err(format!("run {}", hsm_probe.display())))?;
-        if out.status.success() {
-            return Ok(so_pin.trim().to_string());
-        }
-        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        if Instant::now() >= until {
-            return Err(Error::Setup(format!(
-                "hsm-probe init-token on openCryptoki slot {slot} failed: {err} (is pkcsslotd \
-                 running? opencryptoki/setup.sh start)"
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(100));
+/// Empties the claimed slot's token with `hsm-probe clear` (every key and data object
+/// destroyed); returns the user PIN setup.sh chose.
+pub fn clear_token(hsm_probe: &Path, module: &Path, state: &Path, claim: &Claim) -> Result<String> {
+    let pin = fs::read_to_string(state.join("user.pin"))
+        .map_err(io_err(format!("read {}", state.join("user.pin").display())))?;
+    let out = Command::new(hsm_probe)
+        .arg("clear")
+        .arg(module)
+        .args([claim.label.as_str(), pin.trim()])
+        .output()
+        .map_err(io_err(format!("run {}", hsm_probe.display())))?;
+    if !out.status.success() {
+        return Err(Error::Setup(format!(
+            "hsm-probe clear on openCryptoki slot {} failed: {} (is pkcsslotd running? \
+             opencryptoki/setup.sh start)",
+            claim.slot,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
     }
+    Ok(pin.trim().to_string())
 }

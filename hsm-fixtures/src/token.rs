@@ -145,12 +145,12 @@ impl TestToken {
                 let module = opencryptoki::module_path()?;
                 let state = opencryptoki::state_dir()?;
                 fs::create_dir_all(dir).map_err(io_err(format!("create {}", dir.display())))?;
+                // The label is the slot's (set by setup.sh), not `label`: see the module docs
+                // of `opencryptoki` for why the token is emptied rather than re-initialised.
+                let _ = label;
                 let claim = opencryptoki::claim(&state, std::time::Duration::from_secs(120))?;
-                // openCryptoki 3.8.1 takes PINs of 4 to 8 characters.
-                let user_pin: String = softhsm::random_pin()?.chars().take(8).collect();
-                let so_pin = opencryptoki::init_token(
-                    hsm_probe, &module, &state, claim.slot, label, &user_pin,
-                )?;
+                let user_pin = opencryptoki::clear_token(hsm_probe, &module, &state, &claim)?;
+                let so_pin = "87654321".to_string();
                 let pin_file = dir.join("user.pin");
                 softhsm::write_private(&pin_file, &user_pin)?;
                 softhsm::write_private(&dir.join("so.pin"), &so_pin)?;
@@ -158,7 +158,7 @@ impl TestToken {
                     kind,
                     dir: dir.to_path_buf(),
                     conf: state,
-                    label: label.into(),
+                    label: claim.label.clone(),
                     user_pin,
                     so_pin,
                     pin_file,

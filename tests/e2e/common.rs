@@ -136,6 +136,7 @@ path = "audit.log"
 {access}
 {sections}
 "#,
+            label = token.label,
             cert = pki.server.cert_path.display(),
             key = pki.server.key_path.display(),
             ca = pki.ca.cert_path.display(),
