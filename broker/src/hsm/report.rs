@@ -502,8 +502,8 @@ pub fn text(r: &CapabilityReport) -> String {
     let _ = writeln!(t, "mechanisms:");
     let _ = writeln!(
         t,
-        "  {:<54} {:<6} {:<6} {}",
-        "MECHANISM", "LISTED", "USABLE", "KNOWN-ANSWER TEST / USED FOR"
+        "  {:<54} {:<6} {:<6} KNOWN-ANSWER TEST / USED FOR",
+        "MECHANISM", "LISTED", "USABLE"
     );
     let yn = |b: bool| if b { "yes" } else { "no" };
     for m in &r.mechanisms {
