@@ -18,6 +18,7 @@ declare -A FILES=(
   [0001-aes-key-wrap-kwp.patch]="src/mechanism/mod.rs"
   [0002-single-call-encrypt-decrypt.patch]="src/session/mod.rs src/session/sized.rs src/session/encryption.rs src/session/decryption.rs"
   [0003-unwrap-template.patch]="src/object.rs src/session/object_management.rs"
+  [0004-tolerant-token-clock.patch]="src/slot/token_info.rs"
 )
 
 log() { echo "tools/cryptoki-patches.sh: $*" >&2; }

@@ -162,6 +162,28 @@ pub struct HsmConfig {
     /// maintenance), ms. Request calls are bounded by the request's deadline. Default 10000.
     #[serde(default = "default_call_timeout_ms")]
     pub call_timeout_ms: u64,
+    /// What the token must be able to serve for the broker to start, by algorithm:
+    /// `aes-256-gcm`, `aes-kwp`, `rsa-oaep-sha256`, `rsa-oaep-sha1`, or `rsa-oaep` (SHA-256 or
+    /// else SHA-1). Default `["aes-256-gcm", "rsa-oaep"]`. Key types the token cannot serve
+    /// are refused per request (FAILED_PRECONDITION, with the reason); e.g.
+    /// `["rsa-oaep-sha256"]` serves RSA keys on a token without AES-GCM or RFC 5649
+    /// (openCryptoki). `keybroker check-config` shows what the token can do.
+    #[serde(default = "default_required_algorithms")]
+    pub required_algorithms: Vec<String>,
+    /// Accept a token that does not know the KEK template's PKCS#11 2.40 attributes
+    /// (`CKA_COPYABLE`, `CKA_DESTROYABLE`, `CKA_ALLOWED_MECHANISMS`; openCryptoki 3.8): keys are
+    /// then made without them. Default false: such a token is refused. WARNING: on such a
+    /// token anyone holding the PIN can copy a key with more roles and use it with any
+    /// mechanism the token has (docs/src/portability.md).
+    #[serde(default)]
+    pub legacy_template: bool,
+}
+
+fn default_required_algorithms() -> Vec<String> {
+    crate::hsm::report::DEFAULT_REQUIRED
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 fn default_queue_limit() -> usize {
@@ -440,8 +462,31 @@ impl Config {
             .transpose()
     }
 
+    /// `[hsm] required_algorithms`, parsed (validated at load).
+    pub fn required_algorithms(&self) -> Vec<crate::hsm::report::Required> {
+        self.hsm
+            .required_algorithms
+            .iter()
+            .filter_map(|n| crate::hsm::report::Required::parse(n))
+            .collect()
+    }
+
     fn validate_hsm(&self) -> Result<(), String> {
         let h = &self.hsm;
+        if h.required_algorithms.is_empty() {
+            return Err(format!(
+                "hsm.required_algorithms is empty; name at least one of {}",
+                crate::hsm::report::REQUIRED_NAMES.join(", ")
+            ));
+        }
+        for n in &h.required_algorithms {
+            if crate::hsm::report::Required::parse(n).is_none() {
+                return Err(format!(
+                    "hsm.required_algorithms: {n:?} is not an algorithm; known: {}",
+                    crate::hsm::report::REQUIRED_NAMES.join(", ")
+                ));
+            }
+        }
         let uri = self.hsm_uri()?;
         let uri_pin = uri.as_ref().is_some_and(|u| u.pin_source.is_some());
         let pins = [uri_pin, h.pin_file.is_some(), h.pin_env.is_some()];

@@ -40,6 +40,7 @@ pub mod hyok;
 pub mod identity;
 pub mod instance_lock;
 pub mod keys;
+pub mod log_bridge;
 pub mod metrics;
 pub mod model;
 pub mod pkcs11_uri;

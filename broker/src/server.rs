@@ -49,18 +49,10 @@ pub enum StartError {
     /// Opening the HSM (module, token, login, capability probe).
     #[error("HSM: {0}")]
     Hsm(#[from] HsmError),
-    /// The token lacks mechanisms keybroker needs.
-    #[error(
-        "HSM: the token lacks mechanisms keybroker needs: {} ({})",
-        missing.join(", "),
-        notes.join("; ")
-    )]
-    Mechanisms {
-        /// What is missing.
-        missing: Vec<String>,
-        /// What the capability probe noted.
-        notes: Vec<String>,
-    },
+    /// The token cannot serve what the configuration requires (the capability report says
+    /// what is missing and what works).
+    #[error("{0}")]
+    Capabilities(String),
     /// Opening the metadata store.
     #[error("metadata store: {0}")]
     Store(#[from] StoreError),
@@ -121,8 +113,18 @@ pub fn harden_process() {
     }
 }
 
-/// Opens the HSM described by `cfg` (blocking work on a blocking thread).
+/// Opens the HSM described by `cfg` (blocking work on a blocking thread) and refuses it when it
+/// cannot serve what the configuration requires ([`refusal`]).
 pub async fn open_hsm(cfg: &Config) -> Result<Hsm, StartError> {
+    let hsm = open_hsm_unchecked(cfg).await?;
+    match refusal(cfg, &hsm) {
+        None => Ok(hsm),
+        Some(why) => Err(StartError::Capabilities(why)),
+    }
+}
+
+/// Opens the HSM without judging its capabilities (`check-config` prints them first).
+pub async fn open_hsm_unchecked(cfg: &Config) -> Result<Hsm, StartError> {
     if let Some(u) = cfg.hsm_uri().map_err(StartError::Config)? {
         for a in &u.ignored {
             tracing::warn!(attribute = %a, "hsm.uri: query attribute not known to keybroker, ignored (RFC 7512 lets a consumer ignore vendor query attributes)");
@@ -130,18 +132,37 @@ pub async fn open_hsm(cfg: &Config) -> Result<Hsm, StartError> {
     }
     let pin = cfg.read_pin().map_err(StartError::Config)?;
     let settings = cfg.hsm_settings(pin);
-    let hsm = tokio::task::spawn_blocking(move || Hsm::open(&settings))
+    tokio::task::spawn_blocking(move || Hsm::open(&settings))
         .await
-        .map_err(|e| StartError::Server(format!("HSM start-up task failed: {e}")))??;
-    let caps = hsm.capabilities();
-    let missing = caps.missing_required();
-    if !missing.is_empty() {
-        return Err(StartError::Mechanisms {
-            missing: missing.iter().map(|m| m.to_string()).collect(),
-            notes: caps.notes.clone(),
-        });
+        .map_err(|e| StartError::Server(format!("HSM start-up task failed: {e}")))?
+        .map_err(StartError::Hsm)
+}
+
+/// The capability report of `hsm` under `cfg`'s requirements.
+pub fn capability_report(cfg: &Config, hsm: &Hsm) -> crate::hsm::report::CapabilityReport {
+    crate::hsm::report::report(
+        hsm.capabilities(),
+        &cfg.required_algorithms(),
+        cfg.hsm.legacy_template,
+    )
+}
+
+/// Why the broker must not start on `hsm` with `cfg` (`None`: it may): a required algorithm
+/// the token cannot serve, no RNG, no MAC for the audit trail, or a KEK template the token
+/// cannot take. The message lists what is missing and what does work.
+pub fn refusal(cfg: &Config, hsm: &Hsm) -> Option<String> {
+    let report = capability_report(cfg, hsm);
+    if report.refusals.is_empty() {
+        return None;
     }
-    Ok(hsm)
+    Some(format!(
+        "HSM: {}",
+        crate::hsm::report::refusal_message(
+            hsm.capabilities(),
+            &report,
+            &cfg.required_algorithms()
+        )
+    ))
 }
 
 /// Opens the configured metadata store (SQLite or PostgreSQL) on a blocking thread.
@@ -170,12 +191,27 @@ pub async fn run(
         profile = t.profile, profile_configured = t.profile_configured,
         profile_tested = hsm.profile().tested, "HSM ready");
     let caps = hsm.capabilities();
+    if !caps.key_attributes {
+        tracing::warn!(
+            "[hsm] legacy_template: this token does not know CKA_COPYABLE, CKA_DESTROYABLE and \
+             CKA_ALLOWED_MECHANISMS, and keys are made without them: anyone holding the PIN can \
+             copy a key with more roles and use it with any mechanism the token has"
+        );
+    }
+    for k in crate::hsm::report::key_type_rows(caps) {
+        if let Some(why) = &k.why_not {
+            tracing::warn!(key_type = k.key_type, why = %why,
+                "capability probe: keys of this type are refused on this token");
+        }
+    }
     tracing::info!(
         aes_gcm = caps.aes_gcm,
         kwp = caps.kwp.as_ref().map(|k| k.name).unwrap_or("none"),
         kwp_full_rfc5649 = caps.kwp.as_ref().is_some_and(|k| k.full_rfc5649),
         oaep_sha256 = caps.oaep_sha256,
         oaep_sha1 = caps.oaep_sha1,
+        mac = caps.mac.as_ref().map(|m| m.mechanism).unwrap_or("none"),
+        key_attributes = caps.key_attributes,
         "capability probe"
     );
     for a in &crate::model::Algorithm::ALL {

@@ -19,6 +19,7 @@
  *   delay fn=NAMES ms=M    [at=N] [count=K] [p=P] [after_ms=A] [for_ms=T]
  *   hang  fn=NAMES [ms=M]  [at=N] [count=K] [p=P] [after_ms=A] [for_ms=T]
  *   trace fn=NAMES
+ *   clock [slot=S] [value=TEXT]
  *
  *   NAMES   comma-separated PKCS#11 function names (C_EncryptInit,C_Decrypt), or '*' for every
  *           function except C_GetFunctionList and C_Finalize (which is always forwarded, so an
@@ -33,6 +34,12 @@
  *           library re-initialised, as many vendor modules do.
  *   hang    blocks the call until the control file changes (or for ms=M), then forwards it.
  *   trace   logs each call of the named functions (to observe re-initialisation, say).
+ *   slot=S  (any rule) only calls whose first argument is slot id S: C_GetSlotInfo,
+ *           C_GetTokenInfo, C_GetMechanismList, C_GetMechanismInfo, C_InitToken,
+ *           C_OpenSession, C_CloseAllSessions, C_WaitForSlotEvent.
+ *   clock   C_GetTokenInfo succeeds, but the answer claims a clock (CKF_CLOCK_ON_TOKEN) whose
+ *           utcTime field holds TEXT, blank-padded to 16 bytes (default "15:10:01", what
+ *           openCryptoki 3.8.1 writes instead of YYYYMMDDhhmmss00). Logged as "clock".
  *
  * Log lines: "<unix_ms> <pid> <fail|latched|delay|hang|trace> <function> <detail>".
  */
@@ -60,6 +67,16 @@ typedef struct {
 
 #define CKR_OK 0x0UL
 #define CKR_CRYPTOKI_ALREADY_INITIALIZED 0x191UL
+#define CKF_CLOCK_ON_TOKEN 0x40UL
+
+/* CK_TOKEN_INFO, as far as the clock rule needs it (PKCS#11 2.40 §3.2). */
+typedef struct {
+    unsigned char label[32], manufacturerID[32], model[16], serialNumber[16];
+    CK_ULONG flags;
+    CK_ULONG counts[10]; /* ulMaxSessionCount ... ulFreePrivateMemory */
+    CK_VERSION hardwareVersion, firmwareVersion;
+    unsigned char utcTime[16];
+} TokenInfo;
 
 /* Every PKCS#11 2.40 function, in CK_FUNCTION_LIST order: X(name, parameters, arguments).
  * Pointer parameters are forwarded untouched, so their types do not matter here. */
@@ -164,7 +181,7 @@ static const struct {
     {"CKR_USER_NOT_LOGGED_IN", 0x101},   {"CKR_CRYPTOKI_NOT_INITIALIZED", 0x190},
 };
 
-enum Kind { FAIL, DELAY, HANG, TRACE };
+enum Kind { FAIL, DELAY, HANG, TRACE, CLOCK };
 
 typedef struct {
     enum Kind kind;
@@ -173,6 +190,9 @@ typedef struct {
     long at, count, ms, after_ms, for_ms;
     double p;
     int latch;
+    int has_slot;
+    CK_ULONG slot;
+    char value[17];
     long seen, fired; /* matching calls seen, times fired (since the file was loaded) */
 } Rule;
 
@@ -283,7 +303,11 @@ static int parse_line(char *line, Rule *r, int lineno) {
     else if (strcmp(word, "delay") == 0) r->kind = DELAY;
     else if (strcmp(word, "hang") == 0) r->kind = HANG;
     else if (strcmp(word, "trace") == 0) r->kind = TRACE;
-    else {
+    else if (strcmp(word, "clock") == 0) {
+        r->kind = CLOCK;
+        r->fns[IX_C_GetTokenInfo] = 1;
+        strcpy(r->value, "15:10:01");
+    } else {
         complain(lineno, "unknown rule kind");
         return -1;
     }
@@ -316,6 +340,15 @@ static int parse_line(char *line, Rule *r, int lineno) {
             have_rv = 1;
         } else if (strcmp(k, "p") == 0) {
             r->p = strtod(v, &end);
+        } else if (strcmp(k, "value") == 0) {
+            if (strlen(v) > 16) {
+                complain(lineno, "value longer than 16 bytes");
+                return -1;
+            }
+            strcpy(r->value, v);
+        } else if (strcmp(k, "slot") == 0) {
+            r->slot = strtoul(v, &end, 10);
+            r->has_slot = 1;
         } else {
             long n = strtol(v, &end, 10);
             if (strcmp(k, "at") == 0) r->at = n;
@@ -333,6 +366,7 @@ static int parse_line(char *line, Rule *r, int lineno) {
             return -1;
         }
     }
+    if (r->kind == CLOCK) have_fn = 1;
     if (!have_fn || (r->kind == FAIL && !have_rv) || (r->kind == DELAY && !have_ms)) {
         complain(lineno, "missing fn=, rv= or ms=");
         return -1;
@@ -368,9 +402,17 @@ static void reload_if_changed(void) {
     fclose(f);
 }
 
-/* Decides what to do with a call of function idx. Returns 1 (and *out) to fail it; otherwise
- * applies any delay or hang and returns 0 to forward it. */
-static int decide(int idx, CK_RV *out) {
+/* Whether function idx takes a slot id as its first argument. */
+static int takes_slot(int idx) {
+    return idx == IX_C_GetSlotInfo || idx == IX_C_GetTokenInfo || idx == IX_C_GetMechanismList ||
+           idx == IX_C_GetMechanismInfo || idx == IX_C_InitToken || idx == IX_C_OpenSession ||
+           idx == IX_C_CloseAllSessions || idx == IX_C_WaitForSlotEvent;
+}
+
+/* Decides what to do with a call of function idx (first argument `first`). Returns 1 (and
+ * *out) to fail it; otherwise applies any delay or hang and returns 0 to forward it, with
+ * *clock set to the text a clock rule wants in the answer's utcTime (or NULL). */
+static int decide(int idx, CK_ULONG first, CK_RV *out, char *clock) {
     long delay = 0, hang_ms = -1;
     unsigned long hang_gen = 0;
     int fail = 0;
@@ -386,6 +428,7 @@ static int decide(int idx, CK_RV *out) {
     for (int i = 0; i < nrules && !fail; i++) {
         Rule *r = &rules[i];
         if (!r->fns[idx]) continue;
+        if (r->has_slot && (!takes_slot(idx) || first != r->slot)) continue;
         if (r->kind == TRACE) {
             log_line("trace", idx, "call");
             continue;
@@ -419,6 +462,10 @@ static int decide(int idx, CK_RV *out) {
             snprintf(d, sizeof d, "%ldms", r->ms);
             log_line("hang", idx, r->ms ? d : "until-the-control-file-changes");
             break;
+        case CLOCK:
+            strcpy(clock, r->value);
+            log_line("clock", idx, r->value);
+            break;
         case TRACE:
             break;
         }
@@ -445,13 +492,31 @@ static int decide(int idx, CK_RV *out) {
     return 0;
 }
 
+/* The first argument of a call as a number (a slot id for the functions takes_slot names). */
+#define FIRST_ARG(a, ...) ((CK_ULONG)(uintptr_t)(a))
+
+/* Rewrites a C_GetTokenInfo answer for a clock rule. */
+static void set_clock(int idx, CK_RV rv, PTR info, const char *clock) {
+    if (idx != IX_C_GetTokenInfo || rv != CKR_OK || !info || !clock[0]) return;
+    TokenInfo *t = info;
+    t->flags |= CKF_CLOCK_ON_TOKEN;
+    memset(t->utcTime, ' ', sizeof t->utcTime);
+    memcpy(t->utcTime, clock, strlen(clock));
+}
+
+/* The second argument, as a pointer (C_GetTokenInfo's answer). */
+#define SECOND_PTR(a, b, ...) ((PTR)(uintptr_t)(b))
+#define SECOND_ARG_OR_NULL(...) SECOND_PTR(__VA_ARGS__, 0, 0)
+
 /* The wrappers. C_Initialize clears a latch when it succeeds; C_GetFunctionList is ours. */
 #define WRAPPER(name, params, args)                                                                \
-    __attribute__((unused)) static CK_RV w_##name params {                                                                 \
+    __attribute__((unused)) static CK_RV w_##name params {                                         \
         CK_RV rv;                                                                                  \
-        if (decide(IX_##name, &rv)) return rv;                                                     \
+        char clock[17] = "";                                                                       \
+        if (decide(IX_##name, FIRST_ARG args, &rv, clock)) return rv;                              \
         if (!real->name) return 0x54; /* CKR_FUNCTION_NOT_SUPPORTED */                             \
         rv = real->name args;                                                                      \
+        set_clock(IX_##name, rv, SECOND_ARG_OR_NULL args, clock);                                  \
         if (IX_##name == IX_C_Initialize &&                                                        \
             (rv == CKR_OK || rv == CKR_CRYPTOKI_ALREADY_INITIALIZED)) {                            \
             pthread_mutex_lock(&lock);                                                             \

@@ -38,6 +38,8 @@ pub struct Rule {
     after_ms: Option<u64>,
     for_ms: Option<u64>,
     latch: bool,
+    slot: Option<u64>,
+    value: Option<String>,
 }
 
 impl Rule {
@@ -53,6 +55,8 @@ impl Rule {
             after_ms: None,
             for_ms: None,
             latch: false,
+            slot: None,
+            value: None,
         }
     }
 
@@ -78,6 +82,22 @@ impl Rule {
     /// Each call of `functions` is logged.
     pub fn trace(functions: &str) -> Self {
         Self::new("trace", functions)
+    }
+
+    /// `C_GetTokenInfo` answers as the real module does, except that it claims a clock
+    /// (`CKF_CLOCK_ON_TOKEN`) whose `utcTime` holds `value` blank-padded (at most 16 bytes) —
+    /// `"15:10:01"` is what openCryptoki 3.8.1 writes instead of `YYYYMMDDhhmmss00`. Combine
+    /// with [`Rule::slot`] to corrupt one slot only.
+    pub fn clock(value: &str) -> Self {
+        let mut r = Self::new("clock", "C_GetTokenInfo");
+        r.value = Some(value.into());
+        r
+    }
+
+    /// Only calls about slot `id` (for functions whose first argument is a slot id).
+    pub fn slot(mut self, id: u64) -> Self {
+        self.slot = Some(id);
+        self
     }
 
     /// From the `n`th matching call (1-based) after the rules were loaded.
@@ -121,7 +141,11 @@ impl Rule {
 
     /// The control-file line.
     pub fn line(&self) -> String {
-        let mut l = format!("{} fn={}", self.kind, self.functions);
+        let mut l = if self.kind == "clock" {
+            "clock".to_string()
+        } else {
+            format!("{} fn={}", self.kind, self.functions)
+        };
         if let Some(rv) = &self.rv {
             let _ = write!(l, " rv={rv}");
         }
@@ -131,6 +155,7 @@ impl Rule {
             ("count", self.count),
             ("after_ms", self.after_ms),
             ("for_ms", self.for_ms),
+            ("slot", self.slot),
         ] {
             if let Some(v) = v {
                 let _ = write!(l, " {k}={v}");
@@ -138,6 +163,9 @@ impl Rule {
         }
         if let Some(p) = self.p {
             let _ = write!(l, " p={p}");
+        }
+        if let Some(v) = &self.value {
+            let _ = write!(l, " value={v}");
         }
         if self.latch {
             l.push_str(" latch");
@@ -153,7 +181,8 @@ pub struct Event {
     pub at_ms: u64,
     /// The process.
     pub pid: u32,
-    /// `fail`, `latched`, `delay`, `hang`, `trace` or `error` (a bad control-file line).
+    /// `fail`, `latched`, `delay`, `hang`, `trace`, `clock` or `error` (a bad control-file
+    /// line).
     pub kind: String,
     /// The PKCS#11 function.
     pub function: String,
@@ -254,11 +283,16 @@ impl FaultControl {
             .count()
     }
 
-    /// Faults injected so far (failed calls, latched failures, delays and hangs).
+    /// Faults injected so far (failed calls, latched failures, delays, hangs and clocks).
     pub fn injected(&self) -> usize {
         self.events()
             .iter()
-            .filter(|e| matches!(e.kind.as_str(), "fail" | "latched" | "delay" | "hang"))
+            .filter(|e| {
+                matches!(
+                    e.kind.as_str(),
+                    "fail" | "latched" | "delay" | "hang" | "clock"
+                )
+            })
             .count()
     }
 }
@@ -285,6 +319,16 @@ mod tests {
             "delay fn=C_Decrypt ms=50 after_ms=0 for_ms=1000 p=0.5"
         );
         assert_eq!(Rule::hang("C_Sign").line(), "hang fn=C_Sign");
+        assert_eq!(
+            Rule::clock("15:10:01").slot(3).line(),
+            "clock slot=3 value=15:10:01"
+        );
+        assert_eq!(
+            Rule::fail("C_GetTokenInfo", "CKR_DEVICE_ERROR")
+                .slot(7)
+                .line(),
+            "fail fn=C_GetTokenInfo rv=CKR_DEVICE_ERROR slot=7"
+        );
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //!   directory, random PINs), so tests never touch a system-wide token and can run in parallel.
 //! * [`kryoptic`]: the same for Kryoptic, keybroker's second CI token (an independent PKCS#11
 //!   implementation), whose module `kryoptic/build.sh` builds from crates.io.
-//! * [`token`]: a token of either kind behind one type, chosen by `KEYBROKER_TEST_TOKEN`.
+//! * [`opencryptoki`]: openCryptoki, the third CI token (a PKCS#11 2.20 implementation with a
+//!   slot daemon): `opencryptoki/setup.sh` makes its slots, and each test claims one.
+//! * [`token`]: a token of any kind behind one type, chosen by `KEYBROKER_TEST_TOKEN`.
 //! * [`fault`]: the fault-injecting PKCS#11 module (C, built by `build.rs`) that sits between
 //!   the broker and a real token and injects the return codes, latency and hangs a real HSM
 //!   has, on command, while the broker runs.
@@ -18,6 +20,7 @@
 
 pub mod fault;
 pub mod kryoptic;
+pub mod opencryptoki;
 pub mod pki;
 pub mod postgres;
 pub mod softhsm;

@@ -1,12 +1,13 @@
-//! A test token of either kind (SoftHSM2 or Kryoptic), behind one type, so the end-to-end suite
-//! can run unchanged against both implementations (`KEYBROKER_TEST_TOKEN=softhsm|kryoptic`).
+//! A test token of any kind (SoftHSM2, Kryoptic or openCryptoki), behind one type, so the
+//! end-to-end suite runs unchanged against each implementation
+//! (`KEYBROKER_TEST_TOKEN=softhsm|kryoptic|opencryptoki`).
 
 use std::{
     fs,
     path::{Path, PathBuf},
 };
 
-use crate::{Error, Result, io_err, kryoptic, softhsm};
+use crate::{Error, Result, io_err, kryoptic, opencryptoki, softhsm};
 
 /// Which PKCS#11 implementation backs a test token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,6 +16,9 @@ pub enum TokenKind {
     SoftHsm,
     /// Kryoptic (built from crates.io by `kryoptic/build.sh`).
     Kryoptic,
+    /// openCryptoki 3.8.1's soft token (Debian package `opencryptoki`; slots made and the
+    /// slot daemon started by `opencryptoki/setup.sh`). No AES-GCM and no AES key wrap.
+    OpenCryptoki,
 }
 
 impl TokenKind {
@@ -23,26 +27,35 @@ impl TokenKind {
         match std::env::var("KEYBROKER_TEST_TOKEN").as_deref() {
             Err(_) | Ok("") | Ok("softhsm") | Ok("softhsm2") => Ok(TokenKind::SoftHsm),
             Ok("kryoptic") => Ok(TokenKind::Kryoptic),
+            Ok("opencryptoki") => Ok(TokenKind::OpenCryptoki),
             Ok(other) => Err(Error::Setup(format!(
-                "KEYBROKER_TEST_TOKEN={other:?}: expected \"softhsm\" or \"kryoptic\""
+                "KEYBROKER_TEST_TOKEN={other:?}: expected \"softhsm\", \"kryoptic\" or \"opencryptoki\""
             ))),
         }
     }
 
-    /// `softhsm` or `kryoptic`.
+    /// `softhsm`, `kryoptic` or `opencryptoki`.
     pub fn name(self) -> &'static str {
         match self {
             TokenKind::SoftHsm => "softhsm",
             TokenKind::Kryoptic => "kryoptic",
+            TokenKind::OpenCryptoki => "opencryptoki",
         }
     }
 
-    /// The variable the module reads its configuration path from.
-    pub fn conf_var(self) -> &'static str {
+    /// The variable the module reads its configuration path from (openCryptoki has fixed
+    /// paths: none).
+    pub fn conf_var(self) -> Option<&'static str> {
         match self {
-            TokenKind::SoftHsm => "SOFTHSM2_CONF",
-            TokenKind::Kryoptic => "KRYOPTIC_CONF",
+            TokenKind::SoftHsm => Some("SOFTHSM2_CONF"),
+            TokenKind::Kryoptic => Some("KRYOPTIC_CONF"),
+            TokenKind::OpenCryptoki => None,
         }
+    }
+
+    /// Whether the token has the AES mechanisms keybroker uses (AES-GCM and RFC 5649).
+    pub fn has_aes(self) -> bool {
+        self != TokenKind::OpenCryptoki
     }
 }
 
@@ -65,6 +78,8 @@ pub struct TestToken {
     pub pin_file: PathBuf,
     /// The PKCS#11 module.
     pub module: PathBuf,
+    /// openCryptoki: the slot this token holds (released when the last clone is dropped).
+    pub claim: Option<opencryptoki::Claim>,
 }
 
 impl std::fmt::Debug for TestToken {
@@ -94,6 +109,7 @@ impl TestToken {
                     so_pin: t.so_pin,
                     pin_file: t.pin_file,
                     module: t.module,
+                    claim: None,
                 })
             }
             TokenKind::Kryoptic => {
@@ -122,6 +138,32 @@ impl TestToken {
                     so_pin,
                     pin_file,
                     module,
+                    claim: None,
+                })
+            }
+            TokenKind::OpenCryptoki => {
+                let module = opencryptoki::module_path()?;
+                let state = opencryptoki::state_dir()?;
+                fs::create_dir_all(dir).map_err(io_err(format!("create {}", dir.display())))?;
+                // The label is the slot's (set by setup.sh), not `label`: see the module docs
+                // of `opencryptoki` for why the token is emptied rather than re-initialised.
+                let _ = label;
+                let claim = opencryptoki::claim(&state, std::time::Duration::from_secs(120))?;
+                let user_pin = opencryptoki::clear_token(hsm_probe, &module, &state, &claim)?;
+                let so_pin = "87654321".to_string();
+                let pin_file = dir.join("user.pin");
+                softhsm::write_private(&pin_file, &user_pin)?;
+                softhsm::write_private(&dir.join("so.pin"), &so_pin)?;
+                Ok(Self {
+                    kind,
+                    dir: dir.to_path_buf(),
+                    conf: state,
+                    label: claim.label.clone(),
+                    user_pin,
+                    so_pin,
+                    pin_file,
+                    module,
+                    claim: Some(claim),
                 })
             }
         }
@@ -129,7 +171,11 @@ impl TestToken {
 
     /// The environment a process needs to see this token.
     pub fn env(&self) -> Vec<(String, String)> {
-        vec![(self.kind.conf_var().into(), self.conf.display().to_string())]
+        self.kind
+            .conf_var()
+            .map(|v| (v.into(), self.conf.display().to_string()))
+            .into_iter()
+            .collect()
     }
 
     /// Kryoptic only: rewrites the slot's `mechanisms` list (`None` removes it), e.g.

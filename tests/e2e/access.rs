@@ -162,6 +162,7 @@ fn audit_records(env: &Env) -> Vec<serde_json::Value> {
 
 #[tokio::test]
 async fn every_role_against_every_rpc_is_allowed_or_denied_and_audited_either_way() {
+    crate::require_aes!();
     let env = Env::with(Options {
         policy: Some(role_policy()),
         ..Default::default()
@@ -242,6 +243,7 @@ async fn every_role_against_every_rpc_is_allowed_or_denied_and_audited_either_wa
 
 #[tokio::test]
 async fn scopes_limit_keys_and_unknown_keys_are_not_revealed_outside_them() {
+    crate::require_aes!();
     let policy = r#"
 [[binding]]
 identity = "spiffe://keybroker.test/setup"
@@ -379,6 +381,7 @@ scope = "key:acme/pay-*"
 
 #[tokio::test]
 async fn policy_reloads_on_sighup_and_an_invalid_file_keeps_the_old_policy() {
+    crate::require_aes!();
     let grant = |role: &str| {
         format!(
             "[[binding]]\nidentity = \"{}\"\nrole = \"{role}\"\nscope = \"all\"\n",

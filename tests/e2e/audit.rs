@@ -24,6 +24,7 @@ fn json(l: &str) -> serde_json::Value {
 
 #[tokio::test]
 async fn audit_verify_passes_an_untouched_log_and_finds_each_tampering_where_it_happened() {
+    crate::require_aes!();
     let env = Env::with(Options {
         audit_extra: "checkpoint_every = 5".into(),
         ..Default::default()
@@ -166,6 +167,7 @@ async fn audit_verify_passes_an_untouched_log_and_finds_each_tampering_where_it_
 
 #[tokio::test]
 async fn an_unwritable_audit_log_makes_requests_fail_rather_than_go_unrecorded() {
+    crate::require_aes!();
     // The kernel refuses writes past RLIMIT_FSIZE with EFBIG: the audit volume is "full".
     let env = Env::with(Options {
         wrapper: vec!["prlimit".into(), "--fsize=262144".into(), "--".into()],
@@ -245,6 +247,7 @@ async fn an_unwritable_audit_log_makes_requests_fail_rather_than_go_unrecorded()
 
 #[tokio::test]
 async fn auditors_query_the_trail_with_filters() {
+    crate::require_aes!();
     let policy = format!(
         r#"
 [[binding]]

@@ -100,6 +100,7 @@ fn with_body(blob: &[u8], f: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
 
 #[tokio::test]
 async fn backup_then_purge_then_restore_brings_every_version_back_for_each_key_type() {
+    crate::require_aes!();
     let env = backup_env();
     let domain = domain_init(&env).expect("domain init");
     let b = env.start().await;
@@ -237,6 +238,7 @@ async fn backup_then_purge_then_restore_brings_every_version_back_for_each_key_t
 
 #[tokio::test]
 async fn an_altered_or_foreign_backup_is_refused_and_changes_nothing() {
+    crate::require_aes!();
     let env = backup_env();
     domain_init(&env).expect("domain init");
     // A second domain can be made only where there is none.
@@ -361,6 +363,7 @@ async fn an_altered_or_foreign_backup_is_refused_and_changes_nothing() {
 
 #[tokio::test]
 async fn without_a_domain_or_with_keys_made_before_backup_was_on_backup_is_refused() {
+    crate::require_aes!();
     // Backup on, but the SO never made a domain.
     let env = backup_env();
     let b = env.start().await;
@@ -405,6 +408,7 @@ async fn without_a_domain_or_with_keys_made_before_backup_was_on_backup_is_refus
 
 #[tokio::test]
 async fn a_pin_holder_cannot_turn_a_backup_into_a_readable_or_misusable_key() {
+    crate::require_aes!();
     let env = backup_env();
     domain_init(&env).expect("domain init");
     let b = env.start().await;
@@ -461,6 +465,7 @@ async fn a_pin_holder_cannot_turn_a_backup_into_a_readable_or_misusable_key() {
     ignore = "needs the failpoints feature (tests/run enables it)"
 )]
 async fn a_crash_during_a_restore_is_rolled_back_at_the_next_start() {
+    crate::require_aes!();
     let env = backup_env();
     domain_init(&env).expect("domain init");
     let b = env.start().await;
@@ -540,6 +545,7 @@ async fn a_crash_during_a_restore_is_rolled_back_at_the_next_start() {
 /// RestoreKey the restore permission (crypto-officer) on the name in the blob, within scope.
 #[tokio::test]
 async fn backup_and_restore_follow_the_role_table_and_scopes() {
+    crate::require_aes!();
     let roles = [
         "administrator",
         "crypto-officer",

@@ -17,6 +17,7 @@ fn item(key: &str, dek: Vec<u8>, aad: &[u8]) -> pb::WrapKeyRequest {
 
 #[tokio::test]
 async fn batches_give_one_result_per_item_and_one_bad_item_fails_alone() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;

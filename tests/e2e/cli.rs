@@ -25,6 +25,7 @@ async fn cli(env: &Env, b: &Broker, args: &[&str]) -> (bool, String, String) {
 
 #[tokio::test]
 async fn key_rewrap_all_moves_a_file_of_envelopes_to_the_newest_version_with_progress() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -209,6 +210,7 @@ async fn key_rewrap_all_moves_a_file_of_envelopes_to_the_newest_version_with_pro
 /// describes them; the envelope made before the backup unwraps after the restore.
 #[tokio::test]
 async fn backup_and_restore_through_the_command_line() {
+    crate::require_aes!();
     let env = Env::with(Options {
         lifecycle_extra: "backup = true".into(),
         ..Default::default()

@@ -2,9 +2,15 @@
 //! started as a child process (SoftHSM2 and Kryoptic read their configuration once per process,
 //! so each broker gets its own token), clients over real mutual TLS.
 //!
-//! The token implementation is `KEYBROKER_TEST_TOKEN=softhsm` (default) or `kryoptic`
-//! (`tests/run` runs the suite once with each). A test that needs a capability one token lacks
-//! calls [`skip`], which prints the reason, instead of passing silently.
+//! The token implementation is `KEYBROKER_TEST_TOKEN=softhsm` (default), `kryoptic` or
+//! `opencryptoki` (`tests/run` runs the suite once with each). A test that needs a capability
+//! one token lacks calls [`skip`] (or [`require_aes!`](crate::require_aes)), which prints the
+//! reason, instead of passing silently.
+//!
+//! openCryptoki 3.8.1 has no AES-GCM and no RFC 5649: its brokers are configured as an
+//! operator would for an RSA-only deployment (`required_algorithms = ["rsa-oaep-sha256"]`,
+//! `legacy_template = true`, docs/src/portability.md), and the tests that need AES keys skip
+//! with the reason printed.
 
 #![allow(dead_code)]
 
@@ -96,6 +102,12 @@ impl Env {
             .as_ref()
             .map_or_else(|| token.module.clone(), FaultControl::module);
         let config = dir.path().join("keybroker.toml");
+        // What an operator sets for openCryptoki (docs/src/portability.md).
+        let token_extra = if kind.has_aes() {
+            ""
+        } else {
+            "required_algorithms = [\"rsa-oaep-sha256\"]\nlegacy_template = true\n"
+        };
         let text = format!(
             r#"
 [server]
@@ -112,7 +124,7 @@ module = "{module}"
 token_label = "{label}"
 pin_file = "{pin}"
 sessions = {sessions}
-{extra}
+{token_extra}{extra}
 [store]
 {store}
 [audit]
@@ -124,6 +136,7 @@ path = "audit.log"
 {access}
 {sections}
 "#,
+            label = token.label,
             cert = pki.server.cert_path.display(),
             key = pki.server.key_path.display(),
             ca = pki.ca.cert_path.display(),
@@ -325,25 +338,39 @@ path = "audit.log"
 }
 
 impl Env {
-    /// Runs `keybroker check-config` on this env's config: `Ok(report JSON)` when it passes,
-    /// `Err(stderr)` when it refuses.
+    /// Runs `keybroker check-config -o json` on this env's config: `Ok(report JSON)` when it
+    /// passes, `Err(stderr)` when it refuses.
     pub fn check_config(&self) -> Result<serde_json::Value, String> {
-        let out = std::process::Command::new(BROKER)
+        let (ok, report, stderr) = self.check_config_report();
+        if ok {
+            Ok(report.expect("check-config prints JSON"))
+        } else {
+            Err(stderr)
+        }
+    }
+
+    /// Runs `keybroker check-config -o json`: (exit status 0, the JSON report if one was
+    /// printed — also when it refuses the token —, stderr).
+    pub fn check_config_report(&self) -> (bool, Option<serde_json::Value>, String) {
+        let out = self.check_config_output(&["-o", "json"]);
+        let json = serde_json::from_slice(&out.stdout).ok();
+        (
+            out.status.success(),
+            json,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Runs `keybroker check-config` with extra arguments; the raw output.
+    pub fn check_config_output(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(BROKER)
             .args(["check-config", "--config"])
             .arg(&self.config)
+            .args(args)
             .envs(self.broker_env())
             .env("RUST_LOG", "warn,cryptoki=off")
             .output()
-            .expect("run keybroker check-config");
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        let json = text
-            .rsplit_once("configuration OK")
-            .map(|(j, _)| j)
-            .unwrap_or(&text);
-        Ok(serde_json::from_str(json.trim()).expect("check-config prints JSON"))
+            .expect("run keybroker check-config")
     }
 
     /// Runs hsm-probe with the token's environment and the given arguments verbatim.
@@ -375,6 +402,23 @@ pub fn skip(test: &str, reason: &str) {
         "SKIPPED {test} on {}: {reason}",
         token_kind().name()
     );
+}
+
+/// Returns from the calling test, after printing why, when this run's token lacks the AES
+/// mechanisms keybroker uses (openCryptoki: no AES-GCM, no RFC 5649). Never a silent pass:
+/// `cargo test` shows the line `SKIPPED <test> on opencryptoki: skipped: ...`.
+#[macro_export]
+macro_rules! require_aes {
+    () => {
+        if !$crate::common::token_kind().has_aes() {
+            fn here() {}
+            let name = ::std::any::type_name_of_val(&here)
+                .trim_end_matches("::here")
+                .replace("::{{closure}}", "");
+            $crate::common::skip(&name, "skipped: openCryptoki has no AES-GCM/KWP");
+            return;
+        }
+    };
 }
 
 /// `true` (after printing the reason) when this run's token is not `kind`.

@@ -147,6 +147,7 @@ async fn load(mut c: Clients, worker: usize, ledger: Arc<Ledger>, stop: Arc<Atom
 
 #[tokio::test]
 async fn kill_9_during_concurrent_creates_rotations_and_wraps_loses_nothing_acknowledged() {
+    crate::require_aes!();
     let env = Env::new();
     let ledger = Arc::new(Ledger::default());
     {
@@ -247,6 +248,7 @@ async fn kill_9_during_concurrent_creates_rotations_and_wraps_loses_nothing_ackn
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests_refuses_new_ones_and_closes_the_hsm() {
+    crate::require_aes!();
     let env = Env::with(Options {
         faults: true,
         ..Default::default()

@@ -119,6 +119,7 @@ async fn wait_health(b: &Broker, env: &Env, want: ServingStatus) {
 
 #[tokio::test]
 async fn a_lost_session_is_evicted_and_the_operation_retried_once() {
+    crate::require_aes!();
     let env = fault_env(2);
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -172,6 +173,7 @@ async fn a_lost_session_is_evicted_and_the_operation_retried_once() {
 #[tokio::test]
 async fn a_removed_device_absent_token_or_lost_login_is_unavailable_then_served_again_without_a_restart()
  {
+    crate::require_aes!();
     let env = fault_env(2);
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -281,6 +283,7 @@ async fn a_removed_device_absent_token_or_lost_login_is_unavailable_then_served_
 
 #[tokio::test]
 async fn a_device_error_from_a_token_that_still_answers_is_unavailable_without_reinitialising() {
+    crate::require_aes!();
     let env = fault_env(2);
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -338,6 +341,7 @@ async fn a_device_error_from_a_token_that_still_answers_is_unavailable_without_r
 
 #[tokio::test]
 async fn a_failed_function_is_a_retryable_unavailable_never_unauthentic() {
+    crate::require_aes!();
     let env = fault_env(2);
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -406,6 +410,7 @@ async fn a_failed_function_is_a_retryable_unavailable_never_unauthentic() {
 
 #[tokio::test]
 async fn invalid_object_handles_are_found_again() {
+    crate::require_aes!();
     let env = fault_env(2);
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -456,6 +461,7 @@ async fn invalid_object_handles_are_found_again() {
 
 #[tokio::test]
 async fn a_key_replaced_behind_a_handle_is_never_used_after_its_handles_are_found_again() {
+    crate::require_aes!();
     let env = fault_env(2);
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -490,6 +496,7 @@ async fn a_key_replaced_behind_a_handle_is_never_used_after_its_handles_are_foun
 
 #[tokio::test]
 async fn a_hung_hsm_call_does_not_hang_the_server() {
+    crate::require_aes!();
     let env = fault_env(2);
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -564,6 +571,7 @@ async fn a_hung_hsm_call_does_not_hang_the_server() {
 
 #[tokio::test]
 async fn work_whose_deadline_has_passed_is_not_started() {
+    crate::require_aes!();
     let env = fault_env(1);
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -639,6 +647,7 @@ async fn work_whose_deadline_has_passed_is_not_started() {
 
 #[tokio::test]
 async fn a_key_swapped_while_the_device_was_away_is_never_used_after_reinitialisation() {
+    crate::require_aes!();
     let env = fault_env(2);
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -741,6 +750,7 @@ async fn a_key_swapped_while_the_device_was_away_is_never_used_after_reinitialis
 
 #[tokio::test]
 async fn after_a_reinitialisation_keys_are_served_before_the_pass_that_finds_them_all_ends() {
+    crate::require_aes!();
     let env = fault_env(2);
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -808,6 +818,7 @@ async fn after_a_reinitialisation_keys_are_served_before_the_pass_that_finds_the
 
 #[tokio::test]
 async fn a_key_change_that_finishes_after_its_deadline_is_audited_as_such() {
+    crate::require_aes!();
     let env = fault_env(2);
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;

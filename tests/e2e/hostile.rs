@@ -78,6 +78,7 @@ async fn raw_call(
 
 #[tokio::test]
 async fn malformed_messages_are_invalid_argument_never_internal() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;

@@ -45,6 +45,7 @@ fn keybroker(env: &Env, args: &[&str], extra_env: &[(&str, &str)]) -> (bool, Str
 
 #[tokio::test]
 async fn a_pin_file_that_group_or_others_can_read_is_refused_unless_explicitly_allowed() {
+    crate::require_aes!();
     let env = Env::new();
     chmod(&env.token.pin_file, 0o644);
     let e = env
@@ -123,6 +124,7 @@ async fn a_pin_file_that_group_or_others_can_read_is_refused_unless_explicitly_a
 
 #[tokio::test]
 async fn the_audit_log_the_store_and_their_lock_files_are_private_whatever_the_umask() {
+    crate::require_aes!();
     // The broker runs under umask 022 (files 0644 unless it asks otherwise).
     let env = Env::with(Options {
         wrapper: vec![

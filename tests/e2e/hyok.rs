@@ -77,6 +77,7 @@ async fn unwrap_with(
 
 #[tokio::test]
 async fn service_identity_needs_an_accepted_justification_and_cannot_manage_keys() {
+    crate::require_aes!();
     let env = Env::with(Options {
         policy: Some(policy()),
         ..Default::default()
@@ -219,6 +220,7 @@ async fn service_identity_needs_an_accepted_justification_and_cannot_manage_keys
 
 #[tokio::test]
 async fn the_kill_switch_cuts_the_service_off_at_once_and_survives_a_restart() {
+    crate::require_aes!();
     let env = Env::with(Options {
         policy: Some(policy()),
         ..Default::default()

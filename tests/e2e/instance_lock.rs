@@ -56,6 +56,7 @@ fn config_variant(
 #[tokio::test]
 async fn a_second_broker_with_the_same_config_refuses_to_start_and_the_first_ones_log_stays_one_sequence()
  {
+    crate::require_aes!();
     let env = quiet_env();
     let a = env.start().await;
     let mut c = a.clients_as(&env.pki.client).await;
@@ -108,6 +109,7 @@ async fn a_second_broker_with_the_same_config_refuses_to_start_and_the_first_one
 
 #[tokio::test]
 async fn a_second_broker_that_could_not_listen_writes_nothing_into_the_live_audit_log() {
+    crate::require_aes!();
     let env = quiet_env();
     let a = env.start().await;
     let mut c = a.clients_as(&env.pki.client).await;

@@ -6,6 +6,7 @@ use crate::common::*;
 
 #[tokio::test]
 async fn kek_values_cannot_be_read_and_no_object_can_wrap_and_decrypt() {
+    crate::require_aes!();
     kek_safety(false).await;
 }
 
@@ -13,6 +14,7 @@ async fn kek_values_cannot_be_read_and_no_object_can_wrap_and_decrypt() {
 /// key (`CKA_WRAP_WITH_TRUSTED`), so none of the attacks gets further than before.
 #[tokio::test]
 async fn backup_enabled_keks_resist_the_same_attacks() {
+    crate::require_aes!();
     kek_safety(true).await;
 }
 
@@ -128,6 +130,7 @@ async fn kek_safety(backup: bool) {
 
 #[tokio::test]
 async fn dek_bytes_and_the_pin_never_reach_the_log_and_core_dumps_are_off() {
+    crate::require_aes!();
     let env = Env::with(Options {
         rust_log: Some("trace".into()),
         ..Default::default()
@@ -207,6 +210,7 @@ async fn dek_bytes_and_the_pin_never_reach_the_log_and_core_dumps_are_off() {
 
 #[tokio::test]
 async fn a_tampered_token_fails_closed_at_start_up_and_quarantine_refuses_only_that_key() {
+    crate::require_aes!();
     for (mode, expect) in [
         ("destroy", "its HSM object is missing"),
         ("duplicate", "share its CKA_ID"),

@@ -7,6 +7,7 @@ use crate::common::*;
 
 #[tokio::test]
 async fn unwrap_after_rotation_uses_old_version_and_new_wraps_name_the_new_one() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -103,6 +104,7 @@ async fn unwrap_after_rotation_uses_old_version_and_new_wraps_name_the_new_one()
 
 #[tokio::test]
 async fn dek_wrapped_before_restart_unwraps_after() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -170,6 +172,7 @@ async fn dek_wrapped_before_restart_unwraps_after() {
 
 #[tokio::test]
 async fn list_keys_pages_by_tenant() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;

@@ -86,6 +86,7 @@ async fn decrypt(
 
 #[tokio::test]
 async fn status_encrypt_decrypt_and_rotation_changes_the_key_id() {
+    crate::require_aes!();
     let env = kms_env();
     let b = env.start().await;
     let socket = b.kms_socket.clone().expect("kms-v2 line");
@@ -235,6 +236,7 @@ async fn status_encrypt_decrypt_and_rotation_changes_the_key_id() {
 
 #[tokio::test]
 async fn status_reports_a_missing_key_and_the_socket_is_private() {
+    crate::require_aes!();
     let env = kms_env();
     let b = env.start().await;
     let socket = b.kms_socket.clone().expect("kms-v2 line");
@@ -308,6 +310,7 @@ fn audit_records(env: &Env, op: &str) -> Vec<serde_json::Value> {
 
 #[tokio::test]
 async fn the_hyok_switch_refuses_the_kms_socket_as_it_refuses_grpc_callers() {
+    crate::require_aes!();
     // The socket's peers are the provider's service here (kube-apiserver in the provider's
     // control plane): listed as HYOK service identities, with the justification the socket's
     // requests carry accepted for the key.
@@ -391,6 +394,7 @@ default_accepted_reasons = ["PROVIDER_INITIATED_SERVICE"]
 
 #[tokio::test]
 async fn a_kms_request_past_its_deadline_is_answered_and_audited_as_such() {
+    crate::require_aes!();
     let env = Env::with(Options {
         sections: format!("[kms_v2]\nsocket = \"kms.sock\"\nkey = \"{KEY}\"\n"),
         faults: true,

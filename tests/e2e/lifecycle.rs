@@ -74,6 +74,7 @@ where
 
 #[tokio::test]
 async fn attributes_decide_what_a_key_may_do() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -271,6 +272,7 @@ async fn attributes_decide_what_a_key_may_do() {
 
 #[tokio::test]
 async fn min_decryption_version_refuses_old_versions_trim_destroys_them_and_usage_is_counted() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -383,6 +385,7 @@ async fn min_decryption_version_refuses_old_versions_trim_destroys_them_and_usag
 
 #[tokio::test]
 async fn a_key_has_at_most_100_versions() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -406,6 +409,7 @@ async fn a_key_has_at_most_100_versions() {
 
 #[tokio::test]
 async fn soft_delete_recover_and_purge_which_erases_every_dek_for_good() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -563,6 +567,7 @@ async fn soft_delete_recover_and_purge_which_erases_every_dek_for_good() {
 
 #[tokio::test]
 async fn purge_protection_refuses_early_purge_for_everyone_and_cannot_be_turned_off() {
+    crate::require_aes!();
     let env = Env::with(Options {
         lifecycle_extra: "retention_days = 7".into(),
         ..Default::default()
@@ -669,6 +674,7 @@ async fn purge_protection_refuses_early_purge_for_everyone_and_cannot_be_turned_
 
 #[tokio::test]
 async fn the_scheduler_purges_keys_whose_date_has_passed_and_rotates_by_policy() {
+    crate::require_aes!();
     let env = Env::with(Options {
         lifecycle_extra: "maintenance_interval_ms = 200".into(),
         ..Default::default()
@@ -865,6 +871,7 @@ async fn the_scheduler_destroys_expired_import_keys_in_the_audit_trail() {
 
 #[tokio::test]
 async fn byok_material_wrapped_by_openssl_imports_and_is_the_key_that_wraps() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -1032,6 +1039,7 @@ async fn byok_material_wrapped_by_openssl_imports_and_is_the_key_that_wraps() {
     ignore = "needs the failpoints feature (tests/run enables it)"
 )]
 async fn a_crash_at_each_failpoint_is_reconciled_at_the_next_start() {
+    crate::require_aes!();
     for point in [
         "create.after_pending",
         "create.after_hsm",

@@ -160,6 +160,7 @@ fn assert_series(text: &str, series: &str, expected: f64) {
 
 #[tokio::test]
 async fn metrics_expose_the_listed_series_and_move_with_requests() {
+    crate::require_aes!();
     let env = metrics_env(None);
     let b = env.start().await;
     let (code, before) = b.http_get("/metrics").await;
@@ -304,6 +305,7 @@ async fn metrics_expose_the_listed_series_and_move_with_requests() {
 
 #[tokio::test]
 async fn the_request_id_is_logged_and_echoed_or_generated() {
+    crate::require_aes!();
     let env = Env::with(Options {
         rust_log: Some("info,cryptoki=off".into()),
         ..Options::default()

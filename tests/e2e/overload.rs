@@ -39,6 +39,7 @@ async fn wrap10(c: &mut Clients, key: &str) -> Result<pb::WrapKeyResponse, tonic
 
 #[tokio::test]
 async fn a_burst_beyond_the_queues_gets_resource_exhausted_at_once_and_memory_stays_flat() {
+    crate::require_aes!();
     let env = overload_env("queue_limit = 4\ntenant_queue_limit = 4\nsession_wait_ms = 5000");
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -108,6 +109,7 @@ async fn a_burst_beyond_the_queues_gets_resource_exhausted_at_once_and_memory_st
 
 #[tokio::test]
 async fn one_tenant_cannot_starve_another() {
+    crate::require_aes!();
     let env = overload_env("queue_limit = 64\ntenant_queue_limit = 4\nsession_wait_ms = 5000");
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;

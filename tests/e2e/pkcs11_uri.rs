@@ -30,6 +30,7 @@ fn use_uri(env: &Env, uri: &str) {
 
 #[tokio::test]
 async fn the_token_is_selected_by_a_pkcs11_uri_with_its_pin_from_a_file_or_the_environment() {
+    crate::require_aes!();
     let env = Env::new();
     let tokens = env
         .probe_raw(&["tokens", &env.token.module.display().to_string()])

@@ -4,7 +4,7 @@
 //! token is found by serial, label or slot, or the error lists what is there; and wrapped DEKs
 //! are portable where the standards say they must be.
 
-use hsm_fixtures::token::TokenKind;
+use hsm_fixtures::{fault::Rule, token::TokenKind};
 use keybroker_proto::v1 as pb;
 use rsa::{
     Oaep, RsaPrivateKey, RsaPublicKey,
@@ -19,6 +19,7 @@ const PAD_NUMBER: u64 = 0x210A;
 
 #[tokio::test]
 async fn check_config_reports_the_rfc5649_mechanism_the_known_answer_tests_chose() {
+    crate::require_aes!();
     let env = Env::new();
     let report = env.check_config().expect("check-config passes");
     let caps = &report["capabilities"];
@@ -48,6 +49,7 @@ async fn check_config_reports_the_rfc5649_mechanism_the_known_answer_tests_chose
             assert_eq!(caps["oaep_sha256"], true, "Kryoptic has SHA-256 OAEP");
             ("kryoptic", KWP_NUMBER, "CKM_AES_KEY_WRAP_KWP")
         }
+        TokenKind::OpenCryptoki => unreachable!("require_aes! returned"),
     };
     assert_eq!(report["profile"]["name"], profile, "{report:#}");
     assert_eq!(report["profile"]["tested"], true, "{report:#}");
@@ -125,6 +127,7 @@ async fn check_config_reports_the_rfc5649_mechanism_the_known_answer_tests_chose
 
 #[tokio::test]
 async fn a_kryoptic_slot_denying_a_needed_mechanism_makes_the_broker_refuse_at_start_up() {
+    crate::require_aes!();
     if skip_unless(
         "a_kryoptic_slot_denying_a_needed_mechanism",
         TokenKind::Kryoptic,
@@ -265,6 +268,23 @@ async fn the_token_is_found_by_serial_or_slot_and_a_missing_one_is_named_with_wh
         .clone();
     let serial = ours["serial"].as_str().expect("serial").to_string();
     let slot = ours["slot"].as_u64().expect("slot");
+    // openCryptoki gives every soft token serial "123": there the serial selects the first of
+    // them, and only the slot and the label can select ours.
+    let unique_serial = tokens["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .filter(|t| t["serial"] == serial.as_str())
+        .count()
+        == 1;
+    if !unique_serial {
+        skip(
+            "the_token_is_found_by_serial_or_slot (selection by serial)",
+            &format!(
+                "every token here has serial {serial:?}; only slot and label selection are checked"
+            ),
+        );
+    }
     assert!(!serial.is_empty());
     let label_line = format!("token_label = \"{}\"", env.token.label);
 
@@ -273,7 +293,10 @@ async fn the_token_is_found_by_serial_or_slot_and_a_missing_one_is_named_with_wh
         format!("token_serial = \"{serial}\""),
         format!("slot_id = {slot}"),
         format!("{label_line}\ntoken_serial = \"{serial}\""),
-    ] {
+    ]
+    .into_iter()
+    .filter(|s| unique_serial || !s.starts_with("token_serial"))
+    {
         env.edit_config(|t| {
             let start = t
                 .find("token_")
@@ -341,6 +364,7 @@ async fn the_token_is_found_by_serial_or_slot_and_a_missing_one_is_named_with_wh
 /// and RSA-OAEP ciphertexts cross both ways.
 #[tokio::test]
 async fn rfc5649_and_rsa_oaep_blobs_made_on_one_token_unwrap_on_the_other() {
+    crate::require_aes!();
     if skip_unless(
         "rfc5649_and_rsa_oaep_blobs_made_on_one_token_unwrap_on_the_other",
         TokenKind::Kryoptic,
@@ -514,6 +538,373 @@ async fn a_configured_profile_caps_the_pool_and_an_unsupported_one_is_refused_at
     let err = env.check_config().expect_err("unknown profile refused");
     assert!(
         err.contains("hsm.profile \"acme-9000\" is unknown") && err.contains("kryoptic"),
+        "{err}"
+    );
+}
+
+/// Every mechanism row the capability report has, whatever the token (issue 23: the report
+/// lists every mechanism keybroker uses, also when the token is refused).
+const REPORT_ROWS: [&str; 11] = [
+    "CKM_AES_KEY_GEN",
+    "CKM_AES_GCM",
+    "CKM_AES_KEY_WRAP_KWP (0x210b)",
+    "CKM_AES_KEY_WRAP_PAD (0x210a)",
+    "CKM_RSA_PKCS_KEY_PAIR_GEN",
+    "CKM_RSA_PKCS_OAEP/SHA-256",
+    "CKM_RSA_PKCS_OAEP/SHA-1",
+    "CKM_SHA256_HMAC",
+    "CKM_GENERIC_SECRET_KEY_GEN",
+    "C_GenerateRandom",
+    "CKA_COPYABLE, CKA_DESTROYABLE, CKA_ALLOWED_MECHANISMS",
+];
+
+/// A token without AES-GCM and RFC 5649 (openCryptoki as it is; a Kryoptic slot denying them):
+/// refused under the default requirements, with the whole capability table printed by
+/// `check-config -o json` and a refusal that says what works; with `required_algorithms =
+/// ["rsa-oaep-sha256"]` it serves RSA keys end to end, refuses AES key creation with
+/// FAILED_PRECONDITION and the reason, and keeps an audit trail MACed with the HMAC the probe
+/// chose.
+#[tokio::test]
+async fn an_rsa_only_token_is_refused_with_the_full_report_by_default_and_serves_rsa_keys_when_allowed()
+ {
+    let kind = token_kind();
+    if kind == TokenKind::SoftHsm {
+        skip(
+            "an_rsa_only_token_is_refused_with_the_full_report_by_default_and_serves_rsa_keys_when_allowed",
+            "SoftHSM2 cannot hide its AES mechanisms; runs on Kryoptic (a slot denying them) and \
+             openCryptoki (which has none)",
+        );
+        return;
+    }
+    let env = Env::new();
+    if kind == TokenKind::Kryoptic {
+        env.token
+            .set_mechanisms(Some(&["DENY", "CKM_AES_GCM", "CKM_AES_KEY_WRAP_KWP"]))
+            .expect("rewrite kryoptic.conf");
+    }
+    // The default requirements (aes-256-gcm, rsa-oaep).
+    env.edit_config(|t| t.replace("required_algorithms = [\"rsa-oaep-sha256\"]\n", ""));
+    let (ok, report, stderr) = env.check_config_report();
+    assert!(!ok, "refused under the default requirements");
+    assert!(
+        stderr.contains("the token lacks mechanisms keybroker needs: CKM_AES_GCM")
+            && stderr.contains("\n  - required aes-256-gcm")
+            && stderr.contains("what works: ")
+            && stderr.contains("rsa-oaep-sha256 (rsa-2048, rsa-3072, rsa-4096)")
+            && stderr.contains("required_algorithms"),
+        "{stderr}"
+    );
+    let report = report.expect("the report prints although the token is refused");
+    assert_eq!(report["verdict"], "refused", "{report:#}");
+    let rows = report["mechanisms"].as_array().expect("mechanisms");
+    let row = |m: &str| {
+        rows.iter()
+            .find(|r| r["mechanism"] == m)
+            .unwrap_or_else(|| panic!("{m} in the report: {report:#}"))
+            .clone()
+    };
+    for m in REPORT_ROWS {
+        let r = row(m);
+        for field in ["listed", "test", "usable", "used_for"] {
+            assert!(!r[field].is_null(), "{m}: {field} in {r}");
+        }
+    }
+    assert_eq!(rows.len(), REPORT_ROWS.len(), "{report:#}");
+    let gcm = row("CKM_AES_GCM");
+    assert_eq!(gcm["listed"], false);
+    assert_eq!(gcm["usable"], false);
+    assert_eq!(gcm["test"], "not run: not listed");
+    let oaep = row("CKM_RSA_PKCS_OAEP/SHA-256");
+    assert_eq!(
+        (&oaep["listed"], &oaep["test"]),
+        (&true.into(), &"passed".into())
+    );
+    assert_eq!(row("CKM_SHA256_HMAC")["test"], "passed");
+    assert_eq!(
+        report["capabilities"]["mac"]["mechanism"], "CKM_SHA256_HMAC",
+        "the audit MAC chosen by the probe"
+    );
+    let alg = |a: &str| {
+        report["algorithms"]
+            .as_array()
+            .expect("algorithms")
+            .iter()
+            .find(|r| r["algorithm"] == a)
+            .unwrap_or_else(|| panic!("{a}: {report:#}"))
+            .clone()
+    };
+    assert_eq!(alg("aes-256-gcm")["usable"], false);
+    assert!(
+        alg("aes-256-gcm")["why_not"]
+            .as_str()
+            .is_some_and(|w| w.contains("CKM_AES_GCM"))
+    );
+    assert_eq!(
+        alg("rsa-oaep-sha256")["key_types"],
+        serde_json::json!(["rsa-2048", "rsa-3072", "rsa-4096"])
+    );
+    let aes = report["key_types"]
+        .as_array()
+        .expect("key_types")
+        .iter()
+        .find(|k| k["key_type"] == "aes-256")
+        .cloned()
+        .expect("aes-256 row");
+    assert_eq!(aes["usable"], false, "{aes}");
+    // The text report prints too, and so does the refusal.
+    let out = env.check_config_output(&[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        text.contains("CKM_AES_GCM") && text.contains("aes-256-gcm      UNAVAILABLE"),
+        "{text}"
+    );
+    let err = match env.try_start().await {
+        Ok(b) => {
+            b.stop().await;
+            panic!("started without AES-GCM under the default requirements");
+        }
+        Err(e) => e,
+    };
+    assert!(
+        err.contains("CKM_AES_GCM") && err.contains("what works"),
+        "{err}"
+    );
+
+    // The operator allows an RSA-only deployment.
+    env.edit_config(|t| {
+        t.replace(
+            "sessions = 4",
+            "sessions = 4\nrequired_algorithms = [\"rsa-oaep-sha256\"]",
+        )
+    });
+    let report = env.check_config().expect("check-config passes");
+    assert_eq!(report["verdict"], "ok");
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    let k = create(
+        &mut c,
+        "t/rsa",
+        pb::KeyType::Rsa2048,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    assert_eq!(k.algorithm, pb::Algorithm::RsaOaepSha256 as i32);
+    assert!(k.mechanism.contains("CKM_RSA_PKCS_OAEP"), "{}", k.mechanism);
+    let dek = random_dek(32);
+    let w = wrap(&mut c, "t/rsa", &dek, b"").await.expect("wrap");
+    let u = unwrap(&mut c, "", &w.wrapped_key, b"")
+        .await
+        .expect("unwrap");
+    assert_eq!(u.plaintext, dek);
+    for (alg, names) in [
+        (pb::Algorithm::Unspecified, "CKM_AES_GCM"),
+        (pb::Algorithm::Aes256Gcm, "CKM_AES_GCM"),
+        (pb::Algorithm::AesKeyWrapPad, "RFC 5649"),
+    ] {
+        // `..Default::default()` keeps this literal valid when the request gains fields.
+        #[allow(clippy::needless_update)]
+        let e = c
+            .mgmt
+            .create_key(pb::CreateKeyRequest {
+                key: "t/aes".into(),
+                key_type: pb::KeyType::Aes256.into(),
+                algorithm: alg.into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("AES key creation refused");
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(
+            e.message().contains("this HSM cannot serve") && e.message().contains(names),
+            "{alg:?}: {}",
+            e.message()
+        );
+    }
+    drop(c);
+    let log = b.stop().await;
+    assert!(
+        log.contains("keys of this type are refused on this token") && log.contains("aes-256"),
+        "start-up names the key types it refuses"
+    );
+    let (verified, out) = env.verify_audit(&env.audit_log());
+    assert!(
+        verified,
+        "the audit trail verifies with the probe's MAC: {out}"
+    );
+}
+
+/// Per-slot isolation: beside the good token, a token whose clock is malformed (what
+/// openCryptoki writes, made here by the fault module) and one whose C_GetTokenInfo fails. The
+/// good token is selected; the malformed clock is tolerated and named; the unreadable slot is
+/// named with the call and skipped; selecting it is refused, naming it.
+#[tokio::test]
+async fn a_malformed_clock_and_an_unreadable_slot_beside_the_good_token_are_named_not_fatal() {
+    if skip_unless(
+        "a_malformed_clock_and_an_unreadable_slot_beside_the_good_token_are_named_not_fatal",
+        TokenKind::SoftHsm,
+        "several SoftHSM2 tokens behind the fault module; runs in the SoftHSM2 pass",
+    ) {
+        return;
+    }
+    let env = Env::of(
+        TokenKind::SoftHsm,
+        Options {
+            faults: true,
+            ..Options::default()
+        },
+    );
+    for label in ["clocked", "broken"] {
+        let out = std::process::Command::new("softhsm2-util")
+            .args(["--init-token", "--free", "--label", label])
+            .args(["--so-pin", "12345678", "--pin", "12345678"])
+            .envs(env.token.env())
+            .output()
+            .expect("softhsm2-util");
+        assert!(out.status.success(), "{out:?}");
+    }
+    let tokens = env
+        .probe_raw(&["tokens", &env.token.module.display().to_string()])
+        .expect("hsm-probe tokens");
+    let slot_of = |label: &str| {
+        tokens["tokens"]
+            .as_array()
+            .expect("tokens")
+            .iter()
+            .find(|t| t["label"] == label)
+            .and_then(|t| t["slot"].as_u64())
+            .unwrap_or_else(|| panic!("{label}: {tokens:#}"))
+    };
+    let (ours, clocked, broken) = (
+        slot_of(&env.token.label),
+        slot_of("clocked"),
+        slot_of("broken"),
+    );
+    env.faults()
+        .set(&[
+            Rule::clock("15:10:01").slot(clocked),
+            Rule::fail("C_GetTokenInfo", "CKR_DEVICE_ERROR").slot(broken),
+        ])
+        .expect("rules");
+    let report = env.check_config().expect("the good token is selected");
+    assert_eq!(report["token"]["slot"], ours);
+    assert_eq!(report["token"]["label"], env.token.label.as_str());
+    let slots = report["token"]["slots"].as_array().expect("slots").clone();
+    let slot = |id: u64| {
+        slots
+            .iter()
+            .find(|s| s["slot"] == id)
+            .unwrap_or_else(|| panic!("slot {id}: {slots:?}"))
+            .clone()
+    };
+    let c = slot(clocked);
+    assert!(c["skipped"].is_null(), "{c}");
+    assert!(
+        c["tolerated"][0]
+            .as_str()
+            .is_some_and(|t| t.contains("C_GetTokenInfo utcTime is \"15:10:01\"")),
+        "{c}"
+    );
+    assert_eq!(c["label"], "clocked");
+    let b = slot(broken);
+    assert!(
+        b["skipped"]
+            .as_str()
+            .is_some_and(|s| s.contains("C_GetTokenInfo returned DeviceError")),
+        "{b}"
+    );
+    assert!(b["label"].is_null(), "nothing of it was read: {b}");
+    assert!(env.faults().count("clock", Some("C_GetTokenInfo")) >= 1);
+
+    // The broker starts on the good token and names both slots in its log.
+    let broker = env.start().await;
+    let log = broker.stop().await;
+    for (id, what) in [
+        (broken, "C_GetTokenInfo returned DeviceError"),
+        (clocked, "utcTime"),
+    ] {
+        assert!(
+            log.lines().any(|l| l.contains("WARN")
+                && l.contains(&format!("slot={id}"))
+                && l.contains(what)),
+            "slot {id} ({what}) in the log:\n{log}"
+        );
+    }
+
+    // A malformed clock on the selected token itself is tolerated too.
+    env.faults()
+        .set(&[Rule::clock("15:10:01").slot(ours)])
+        .expect("rules");
+    let report = env.check_config().expect("a malformed clock is not fatal");
+    assert_eq!(report["token"]["slot"], ours);
+
+    // Asking for the unreadable token: refused, naming the slot and the call.
+    env.faults()
+        .set(&[Rule::fail("C_GetTokenInfo", "CKR_DEVICE_ERROR").slot(broken)])
+        .expect("rules");
+    env.edit_config(|t| {
+        t.replace(
+            &format!("token_label = \"{}\"", env.token.label),
+            "token_label = \"broken\"",
+        )
+    });
+    let err = env
+        .check_config()
+        .expect_err("the unreadable token cannot be selected");
+    assert!(
+        err.contains("no initialized token matches label \"broken\"")
+            && err.contains("slots skipped")
+            && err.contains(&format!("slot {broken}: skipped"))
+            && err.contains("C_GetTokenInfo returned DeviceError"),
+        "{err}"
+    );
+}
+
+/// cryptoki's own log lines come through the broker's levels: a mechanism number the crate has
+/// no name for is DEBUG, never ERROR (openCryptoki 3.8.1 lists 21 of them).
+#[tokio::test]
+async fn cryptoki_log_lines_come_at_the_brokers_levels_and_unknown_mechanisms_are_not_errors() {
+    let env = Env::with(Options {
+        rust_log: Some("info,cryptoki=debug".into()),
+        ..Options::default()
+    });
+    let b = env.start().await;
+    let log = b.stop().await;
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("ERROR") && l.contains("cryptoki"))
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    if token_kind() == TokenKind::OpenCryptoki {
+        assert!(
+            log.lines().any(|l| l.contains("DEBUG")
+                && l.contains("cryptoki::mechanism")
+                && l.contains("is not supported")),
+            "routed at DEBUG, not dropped:\n{log}"
+        );
+    }
+}
+
+/// A module whose C_Initialize fails with CKR_HOST_MEMORY (openCryptoki without its slot daemon)
+/// is refused with a hint, not the bare return value.
+#[tokio::test]
+async fn c_initialize_host_memory_comes_with_the_slot_daemon_hint() {
+    let env = Env::with(Options {
+        faults: true,
+        ..Options::default()
+    });
+    env.faults()
+        .set(&[Rule::fail("C_Initialize", "CKR_HOST_MEMORY")])
+        .expect("rules");
+    let err = match env.try_start().await {
+        Ok(b) => {
+            b.stop().await;
+            panic!("started although C_Initialize failed");
+        }
+        Err(e) => e,
+    };
+    assert!(
+        err.contains("C_Initialize returned HostMemory") && err.contains("pkcsslotd"),
         "{err}"
     );
 }

@@ -9,6 +9,7 @@ use crate::common::*;
 
 #[test]
 fn wrap_then_unwrap_is_the_identity_and_any_one_bit_change_fails() {
+    crate::require_aes!();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let env = Env::new();
     let (b, c) = rt.block_on(async {

@@ -66,6 +66,7 @@ async fn versions(c: &mut Clients, key: &str) -> Vec<u32> {
 
 #[tokio::test]
 async fn a_key_created_or_rotated_through_one_replica_is_used_through_the_other_at_once() {
+    crate::require_aes!();
     let (_pg, env, b_config) = replicated(Options::default(), "");
     let (a, b) = start_both(&env, &b_config).await;
     let mut ca = a.clients_as(&env.pki.client).await;
@@ -200,6 +201,7 @@ async fn replicas_share_the_store_but_each_needs_its_own_audit_log() {
 
 #[tokio::test]
 async fn concurrent_rotations_through_both_replicas_make_consecutive_versions() {
+    crate::require_aes!();
     let (_pg, env, b_config) = replicated(Options::default(), "");
     let (a, b) = start_both(&env, &b_config).await;
     let mut ca = a.clients_as(&env.pki.client).await;
@@ -249,6 +251,7 @@ async fn concurrent_rotations_through_both_replicas_make_consecutive_versions() 
 
 #[tokio::test]
 async fn delete_recover_and_purge_through_one_replica_are_in_force_on_the_other() {
+    crate::require_aes!();
     let (_pg, env, b_config) = replicated(Options::default(), "");
     let (a, b) = start_both(&env, &b_config).await;
     let mut ca = a.clients_as(&env.pki.client).await;
@@ -336,6 +339,7 @@ async fn delete_recover_and_purge_through_one_replica_are_in_force_on_the_other(
 
 #[tokio::test]
 async fn the_hyok_kill_switch_thrown_through_one_replica_cuts_off_the_other() {
+    crate::require_aes!();
     const PROVIDER: &str = "spiffe://provider.test/kms-proxy";
     const ADMIN: &str = "spiffe://customer.test/admin";
     let policy = format!(
@@ -444,6 +448,7 @@ default_accepted_reasons = ["CUSTOMER_INITIATED_ACCESS"]
 
 #[tokio::test]
 async fn an_envelope_from_a_version_a_stale_replica_has_not_seen_still_unwraps() {
+    crate::require_aes!();
     // B may serve a cache up to an hour old, yet an envelope naming a version it does not know
     // makes it look before calling the envelope unauthentic.
     let (_pg, env, b_config) = replicated(Options::default(), "max_staleness_ms = 3600000");
@@ -475,6 +480,7 @@ async fn an_envelope_from_a_version_a_stale_replica_has_not_seen_still_unwraps()
 
 #[tokio::test]
 async fn the_store_connection_is_tls_verified_against_the_configured_ca() {
+    crate::require_aes!();
     let certs = tempfile::tempdir().expect("tempdir");
     let pki = hsm_fixtures::pki::TestPki::generate(certs.path()).expect("PKI");
     let other = hsm_fixtures::pki::TestPki::generate(&certs.path().join("other")).expect("PKI");
@@ -560,6 +566,7 @@ async fn the_store_connection_is_tls_verified_against_the_configured_ca() {
 /// its versions, recorded in PostgreSQL in one transaction) is served through the first at once.
 #[tokio::test]
 async fn a_key_restored_through_one_replica_is_served_by_the_other_at_once() {
+    crate::require_aes!();
     let (_pg, env, b_config) = replicated(
         Options {
             lifecycle_extra: "backup = true".into(),

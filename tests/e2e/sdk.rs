@@ -47,6 +47,7 @@ fn assert_unauthentic(r: Result<Vec<u8>, Error>, what: &str) {
 
 #[tokio::test]
 async fn seal_and_open_round_trip_empty_small_and_chunked_in_one_shot_and_streaming() {
+    crate::require_aes!();
     let (env, b) = setup("sdk/rt").await;
     let client = sdk(&env, &b, "sdk/rt");
     for n in [
@@ -115,6 +116,7 @@ async fn seal_and_open_round_trip_empty_small_and_chunked_in_one_shot_and_stream
 
 #[tokio::test]
 async fn tampered_truncated_reordered_extended_and_wrong_aad_are_refused_with_one_error() {
+    crate::require_aes!();
     let (env, b) = setup("sdk/tamper").await;
     let client = sdk(&env, &b, "sdk/tamper");
     let pt = data(4 * CHUNK - 100); // 4 chunks, the last one short
@@ -196,6 +198,7 @@ async fn tampered_truncated_reordered_extended_and_wrong_aad_are_refused_with_on
 
 #[tokio::test]
 async fn repeated_and_concurrent_opens_under_one_dek_make_one_unwrap_call() {
+    crate::require_aes!();
     let (env, b) = setup("sdk/cache").await;
     let sealer = sdk(&env, &b, "sdk/cache");
     let sealed = sealer.seal(b"hello", b"a").await.expect("seal");
@@ -285,6 +288,7 @@ async fn repeated_and_concurrent_opens_under_one_dek_make_one_unwrap_call() {
 
 #[tokio::test]
 async fn an_unreachable_broker_is_retried_with_backoff_then_reported_as_unavailable() {
+    crate::require_aes!();
     // A port nobody listens on: every attempt fails with UNAVAILABLE.
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -339,6 +343,7 @@ async fn an_unreachable_broker_is_retried_with_backoff_then_reported_as_unavaila
 
 #[tokio::test]
 async fn the_sdk_example_program_runs_against_a_broker() {
+    crate::require_aes!();
     let (env, b) = setup("dev/demo").await;
     let example = build_example();
     let out = tokio::process::Command::new(&example)
@@ -390,6 +395,7 @@ fn build_example() -> std::path::PathBuf {
 
 #[tokio::test]
 async fn a_hyok_service_identity_seals_and_opens_with_a_justification_the_key_owner_accepts() {
+    crate::require_aes!();
     const PROVIDER: &str = "spiffe://provider.test/reindexer";
     const ADMIN: &str = "spiffe://customer.test/admin";
     let env = Env::with(Options {
@@ -536,6 +542,7 @@ scope = "tenant:evil"
 
 #[tokio::test]
 async fn open_refuses_a_message_an_attacker_sealed_under_another_key_the_reader_may_unwrap() {
+    crate::require_aes!();
     let (env, b, reader, attacker) = substitution_world().await;
     let payments = b
         .sdk_as(&reader)
@@ -606,6 +613,7 @@ async fn open_refuses_a_message_an_attacker_sealed_under_another_key_the_reader_
 #[tokio::test]
 async fn several_accepted_keys_are_checked_by_the_client_and_the_cache_serves_a_dek_only_to_opens_that_accept_its_key()
  {
+    crate::require_aes!();
     let (_env, b, reader, attacker) = substitution_world().await;
     // The reader accepts two keys of its tenant (say the current one and the one it replaced).
     let reader_sdk = |key: &str| b.sdk_as(&reader).key(key);

@@ -362,6 +362,7 @@ async fn time_to_serve(settings: &ClientSettings, key: &str) -> Duration {
 #[tokio::test]
 #[ignore = "minutes long: run with tests/soak"]
 async fn soak_chaos() {
+    crate::require_aes!();
     let secs = env_num("KEYBROKER_SOAK_SECS", 180);
     let clients = env_num("KEYBROKER_SOAK_CLIENTS", 12) as usize;
     let env = Env::with(Options {

@@ -155,6 +155,7 @@ async fn only_valid_client_certificates_over_tls13_get_through_the_handshake() {
 
 #[tokio::test]
 async fn identity_comes_from_the_certificate_and_strangers_are_denied() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     // A valid certificate whose SPIFFE ID is not allowed: through TLS, then PERMISSION_DENIED.

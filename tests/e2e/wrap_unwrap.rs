@@ -68,6 +68,7 @@ async fn round_trip(c: &mut keybroker::client::Clients, key: &str, aad: &[u8]) {
 
 #[tokio::test]
 async fn round_trip_for_each_algorithm_and_key_size() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -97,6 +98,7 @@ async fn round_trip_for_each_algorithm_and_key_size() {
     let (kwp_mechanism, rsa_default) = match token_kind() {
         TokenKind::SoftHsm => ("CKM_AES_KEY_WRAP_PAD", pb::Algorithm::RsaOaepSha1),
         TokenKind::Kryoptic => ("CKM_AES_KEY_WRAP_KWP", pb::Algorithm::RsaOaepSha256),
+        TokenKind::OpenCryptoki => unreachable!("require_aes! returned"),
     };
     assert_eq!(kwp.mechanism, kwp_mechanism);
     round_trip(&mut c, "t/kwp", b"").await;
@@ -115,6 +117,7 @@ async fn round_trip_for_each_algorithm_and_key_size() {
 
 #[tokio::test]
 async fn aad_mismatch_and_every_flipped_bit_are_refused_with_one_message() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -221,6 +224,7 @@ async fn aad_mismatch_and_every_flipped_bit_are_refused_with_one_message() {
 
 #[tokio::test]
 async fn bad_sizes_unknown_keys_and_bad_names_get_the_right_codes() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;

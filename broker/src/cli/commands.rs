@@ -45,8 +45,10 @@ pub async fn domain(
     Ok(())
 }
 
-/// Probes the configured HSM and prints what it found.
-pub async fn check_config(cfg: &Config) -> Result<(), String> {
+/// Probes the configured HSM and prints what it found: the token, every slot, and the
+/// capability report — also when the token is refused (then the refusal follows on stderr and
+/// the exit status is 1), so a deployer sees what works before deciding.
+pub async fn check_config(cfg: &Config, output: Output) -> Result<(), String> {
     for (what, p) in [
         ("tls.cert", &cfg.tls.cert),
         ("tls.key", &cfg.tls.key),
@@ -64,31 +66,93 @@ pub async fn check_config(cfg: &Config) -> Result<(), String> {
         crls: &cfg.tls.crl.iter().map(|p| cfg.path(p)).collect::<Vec<_>>(),
     })?;
     let store = probe_store(cfg).await?;
-    let hsm = crate::server::open_hsm(cfg).await?;
+    let hsm = crate::server::open_hsm_unchecked(cfg).await?;
     let uri = cfg.hsm_uri()?.map(|u| {
         json!({
             "selector": cfg.hsm_settings(secrecy::SecretString::from(String::new())).token,
             "ignored_query_attributes": u.ignored,
         })
     });
-    let report = json!({
-        "store": store,
-        "hsm_uri": uri,
-        "token": hsm.token(),
-        "profile": hsm.profile(),
-        "capabilities": hsm.capabilities(),
-        "algorithms": Algorithm::ALL.iter().map(|a| json!({
-            "algorithm": a.as_str(),
-            "mechanism": hsm.capabilities().mechanism_name(*a),
-            "usable": hsm.capabilities().supports(*a),
-        })).collect::<Vec<_>>(),
-    });
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
-    );
-    println!("configuration OK");
-    Ok(())
+    let caps = crate::server::capability_report(cfg, &hsm);
+    let refusal = crate::server::refusal(cfg, &hsm);
+    match output {
+        Output::Json => {
+            let report = json!({
+                "store": store,
+                "hsm_uri": uri,
+                "token": hsm.token(),
+                "profile": hsm.profile(),
+                "capabilities": hsm.capabilities(),
+                "mechanisms": caps.mechanisms,
+                "algorithms": caps.algorithms,
+                "key_types": caps.key_types,
+                "required_algorithms": caps.required,
+                "refusals": caps.refusals,
+                "verdict": if refusal.is_none() { "ok" } else { "refused" },
+            });
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
+            );
+        }
+        Output::Text => {
+            let t = hsm.token();
+            println!(
+                "store: {}",
+                serde_json::to_string(&store).map_err(|e| e.to_string())?
+            );
+            println!(
+                "token: slot {} label {:?} serial {:?} ({} {}), library {}{}",
+                t.slot,
+                t.label,
+                t.serial,
+                t.manufacturer,
+                t.model,
+                t.library,
+                if t.via_proxy {
+                    " (through p11-kit's proxy)"
+                } else {
+                    ""
+                }
+            );
+            println!(
+                "profile: {} ({}, {}{})",
+                t.profile,
+                hsm.profile().product,
+                if t.profile_configured {
+                    "configured"
+                } else {
+                    "detected"
+                },
+                if hsm.profile().tested {
+                    ", tested in keybroker's CI"
+                } else {
+                    ", NOT tested in keybroker's CI"
+                }
+            );
+            println!("sessions: {}", t.sessions);
+            println!("slots:");
+            for s in &t.slots {
+                println!("  {s}");
+            }
+            print!("{}", crate::hsm::report::text(&caps));
+            if !hsm.capabilities().notes.is_empty() {
+                println!("notes:");
+                for n in &hsm.capabilities().notes {
+                    println!("  - {n}");
+                }
+            }
+        }
+    }
+    match refusal {
+        Some(why) => Err(why),
+        None => {
+            if output == Output::Text {
+                println!("configuration OK");
+            }
+            Ok(())
+        }
+    }
 }
 
 /// What `check-config` says about the metadata store: reachable, which schema, and whether the

@@ -59,10 +59,15 @@ enum Command {
         listen: Option<std::net::SocketAddr>,
     },
     /// Validate a configuration file and probe its HSM (token, login, mechanisms), then exit.
+    /// Prints the capability report (every mechanism keybroker uses: listed, known-answer test,
+    /// what it serves) also when the broker would refuse the token; exits 1 then.
     CheckConfig {
         /// The configuration file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Development mode: make a SoftHSM2 token, a PKI and a config under a state directory
     /// (first run only), start the broker on loopback, show a wrap/unwrap, keep serving.
@@ -464,19 +469,22 @@ pub enum Output {
 
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::{EnvFilter, fmt};
-    // cryptoki logs every mechanism number it has no name for at error level; ours are
-    // reported by the probe instead.
+    // cryptoki's own lines come through crate::log_bridge at the broker's levels (a mechanism
+    // number it has no name for is DEBUG, not ERROR).
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,cryptoki=off,h2=warn,tower=warn,hyper=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,tower=warn,hyper=warn"));
     use std::io::IsTerminal;
     let builder = fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
+    let installed = match format {
+        LogFormat::Json => tracing::subscriber::set_global_default(builder.json().finish()),
+        LogFormat::Text => tracing::subscriber::set_global_default(builder.finish()),
     };
+    if installed.is_ok() {
+        let _ = crate::log_bridge::install(tracing::level_filters::LevelFilter::current());
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -528,10 +536,10 @@ async fn run(cli: Cli) -> Result<(), String> {
             init_logging(cfg.log.format);
             Ok(crate::server::run(cfg, crate::server::shutdown_signal()).await?)
         }
-        Command::CheckConfig { config } => {
+        Command::CheckConfig { config, output } => {
             let cfg = Config::load(&config)?;
             init_logging(cfg.log.format);
-            commands::check_config(&cfg).await
+            commands::check_config(&cfg, output).await
         }
         Command::Audit {
             command: AuditCommand::Verify { file, config },

@@ -105,7 +105,18 @@ impl Hsm {
             .run(what, READ, move |inner, conn, s| {
                 let mut out = Vec::with_capacity(items.len());
                 for item in &items {
-                    let r = f(inner, conn, s, item);
+                    // A fault of one item that the vendor profile reads as "not authentic"
+                    // (openCryptoki's CKR_FUNCTION_FAILED for a bad OAEP padding) is that
+                    // item's, like any data error; device errors are the chunk's (below).
+                    let r = f(inner, conn, s, item).map_err(|e| {
+                        if e.rv == Some(cryptoki::error::RvError::FunctionFailed) {
+                            super::pool::reclassify(inner.profile, e, || {
+                                s.get_session_info().is_ok()
+                            })
+                        } else {
+                            e
+                        }
+                    });
                     if let Err(e) = &r
                         && chunk_fault(e)
                     {

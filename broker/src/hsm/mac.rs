@@ -45,6 +45,23 @@ pub(super) fn find_audit_key(s: &Session, id: VersionId) -> Result<ObjectHandle,
     }
 }
 
+/// Why the audit trail cannot have its HSM-resident MAC key on this token.
+pub fn no_mac(caps: &super::Capabilities) -> String {
+    let mut why = vec![];
+    if !caps.hmac_sha256 {
+        why.push("CKM_SHA256_HMAC is missing or failed its known-answer test");
+    }
+    if !caps.generic_secret_keygen {
+        why.push("CKM_GENERIC_SECRET_KEY_GEN is not listed");
+    }
+    format!(
+        "the audit trail's checkpoints are MACed inside the HSM with HMAC-SHA256 under a key \
+         the token generates, and this token has no such mechanism ({}); keybroker cannot keep \
+         a tamper-evident audit trail on it",
+        why.join(", ")
+    )
+}
+
 impl Hsm {
     /// Finds the audit trail's HMAC key by id, or creates it when `id` is `None` (first start).
     /// The key is a token object: sensitive, never extractable, not modifiable or copyable,
@@ -61,11 +78,22 @@ impl Hsm {
                 let (id, handle) = match id {
                     Some(id) => (id, find_audit_key(s, id)?),
                     None => {
+                        // The probe chose the MAC (`Capabilities::mac`); without one the
+                        // broker refuses to start, so this is only reached by other callers.
+                        if inner.caps.mac.is_none() {
+                            return Err(HsmError::setup(
+                                "create the audit HMAC key",
+                                no_mac(&inner.caps),
+                            ));
+                        }
                         let id = VersionId::random();
                         let h = s
                             .generate_key(
                                 &Mechanism::GenericSecretKeyGen,
-                                &template::hmac_key_template(id, AUDIT_KEY_LABEL, None),
+                                &template::for_token(
+                                    template::hmac_key_template(id, AUDIT_KEY_LABEL, None),
+                                    inner.caps.key_attributes,
+                                ),
                             )
                             .map_err(|e| HsmError::from_ck("generate the audit HMAC key", e))?;
                         (id, h)

@@ -45,6 +45,8 @@
 //! * [`domain`] — the security domain that backups are wrapped under;
 //! * [`template`] — the fixed KEK template and its read-back check;
 //! * [`probe`] — mechanism list and known-answer tests at start-up;
+//! * [`report`] — the capability report (a row per mechanism, algorithm and key type) and the
+//!   start-up verdict against `[hsm] required_algorithms`;
 //! * [`profile`] — the table of vendor quirks (RFC 5649 number, session cap, throttling, ...);
 //! * [`ops`] — the blocking operations on one session;
 //! * [`error`] — classification of PKCS#11 return values (drives recovery and status codes).
@@ -63,6 +65,7 @@ mod pool;
 pub mod probe;
 pub mod profile;
 mod recovery;
+pub mod report;
 pub mod template;
 mod token;
 
@@ -92,6 +95,7 @@ pub use self::{
     profile::Profile,
     recovery::Health,
     template::KekSpec,
+    token::SlotReport,
 };
 use crate::model::{Algorithm, KeyType, Origin, VersionId};
 
@@ -174,6 +178,12 @@ pub struct TokenSummary {
     pub profile: &'static str,
     /// Whether the profile was configured (`[hsm] profile`) rather than detected.
     pub profile_configured: bool,
+    /// Whether the module is p11-kit's proxy (which passes `C_Initialize` `pReserved` from its
+    /// own configuration to the module behind it).
+    pub via_proxy: bool,
+    /// Every slot with a token, as read while selecting this one: skipped slots say why (the
+    /// PKCS#11 call and field), and faults tolerated in optional fields are named.
+    pub slots: Vec<SlotReport>,
 }
 
 /// The object handles of one KEK version.

@@ -149,11 +149,14 @@ pub(super) fn find_keks(
                 ObjectClass::SECRET_KEY
             };
             let imported = e.origin == Origin::Imported;
-            let mut p = template::check_secret(e.algorithm, mech, attrs_of(secret_class), imported);
+            let v240 = inner.caps.key_attributes;
+            let mut p =
+                template::check_secret(e.algorithm, mech, attrs_of(secret_class), imported, v240);
             if h.public.is_some() {
                 p.extend(template::check_public(
                     mech,
                     attrs_of(ObjectClass::PUBLIC_KEY),
+                    v240,
                 ));
             }
             p
@@ -262,16 +265,23 @@ pub(super) fn check_template(
     alg: Algorithm,
     mech: cryptoki::mechanism::MechanismType,
     origin: Origin,
+    key_attributes: bool,
 ) -> Result<Vec<String>, HsmError> {
     let attrs = s
         .get_attributes(h.secret, template::SECRET_CHECK)
         .map_err(|e| HsmError::from_ck("read back KEK attributes", e))?;
-    let mut problems = template::check_secret(alg, mech, &attrs, origin == Origin::Imported);
+    let mut problems = template::check_secret(
+        alg,
+        mech,
+        &attrs,
+        origin == Origin::Imported,
+        key_attributes,
+    );
     if let Some(p) = h.public {
         let attrs = s
             .get_attributes(p, template::PUBLIC_CHECK)
             .map_err(|e| HsmError::from_ck("read back public key attributes", e))?;
-        problems.extend(template::check_public(mech, &attrs));
+        problems.extend(template::check_public(mech, &attrs, key_attributes));
     }
     Ok(problems)
 }
@@ -304,6 +314,11 @@ impl Hsm {
             let _guard = inner.object_lock.lock().unwrap_or_else(|p| p.into_inner());
             let handles = if let Some(bits) = spec.key_type.rsa_bits() {
                 let (pubt, privt) = template::rsa_templates(&spec, bits, mech);
+                let v240 = inner.caps.key_attributes;
+                let (pubt, privt) = (
+                    template::for_token(pubt, v240),
+                    template::for_token(privt, v240),
+                );
                 let (public, private) = s
                     .generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &pubt, &privt)
                     .map_err(|e| HsmError::from_ck("C_GenerateKeyPair", e))?;
@@ -313,7 +328,13 @@ impl Hsm {
                 }
             } else {
                 let secret = s
-                    .generate_key(&Mechanism::AesKeyGen, &template::aes_template(&spec, mech))
+                    .generate_key(
+                        &Mechanism::AesKeyGen,
+                        &template::for_token(
+                            template::aes_template(&spec, mech),
+                            inner.caps.key_attributes,
+                        ),
+                    )
                     .map_err(|e| HsmError::from_ck("C_GenerateKey", e))?;
                 KekHandles {
                     secret,
@@ -474,7 +495,14 @@ impl Inner {
         mech: cryptoki::mechanism::MechanismType,
         origin: Origin,
     ) -> Result<(), HsmError> {
-        let problems = check_template(s, &handles, spec.algorithm, mech, origin)?;
+        let problems = check_template(
+            s,
+            &handles,
+            spec.algorithm,
+            mech,
+            origin,
+            self.caps.key_attributes,
+        )?;
         if !problems.is_empty() {
             destroy_handles(s, &handles);
             return Err(HsmError::new(
@@ -550,7 +578,14 @@ impl Hsm {
                     inner.caps.why_not(e.algorithm)
                 )));
             };
-            let problems = check_template(s, &h, e.algorithm, mech, e.origin)?;
+            let problems = check_template(
+                s,
+                &h,
+                e.algorithm,
+                mech,
+                e.origin,
+                inner.caps.key_attributes,
+            )?;
             if !problems.is_empty() {
                 return Ok(Err(format!("wrong template: {}", problems.join("; "))));
             }

@@ -81,19 +81,22 @@ pub(super) fn refused(what: &'static str, r: Refused) -> HsmError {
 ///   (`session_alive`), the data was not authentic (one error for every cause: no oracle).
 /// * On CloudHSM a device error can mean the cluster is throttling: "busy, retry"
 ///   (RESOURCE_EXHAUSTED), not "device lost" (UNAVAILABLE).
-fn reclassify(
+pub(super) fn reclassify(
     profile: &Profile,
     mut e: HsmError,
     session_alive: impl FnOnce() -> bool,
 ) -> HsmError {
-    if e.rv != Some(RvError::DeviceError) {
-        return e;
-    }
-    if profile.device_error_on_bad_ciphertext && e.caller_data && session_alive() {
+    let integrity = match e.rv {
+        Some(RvError::DeviceError) => profile.device_error_on_bad_ciphertext,
+        // openCryptoki 3.8.1: a bad RSA-OAEP padding.
+        Some(RvError::FunctionFailed) => profile.function_failed_on_bad_ciphertext,
+        _ => return e,
+    };
+    if integrity && e.caller_data && session_alive() {
         e.kind = FaultKind::DataInvalid;
         e.detail
             .push_str(" (a failed integrity check, per the vendor profile)");
-    } else if profile.device_error_is_throttling {
+    } else if e.rv == Some(RvError::DeviceError) && profile.device_error_is_throttling {
         e.kind = FaultKind::Busy;
         e.detail.push_str(" (throttling, per the vendor profile)");
     }
@@ -328,7 +331,7 @@ impl Inner {
 
     /// Re-classifies a fault where the vendor profile knows better (see [`reclassify`]).
     fn apply_profile(&self, session: &Session, e: HsmError) -> HsmError {
-        if e.rv != Some(RvError::DeviceError) {
+        if !matches!(e.rv, Some(RvError::DeviceError | RvError::FunctionFailed)) {
             return e;
         }
         let alive = || session.get_session_info().is_ok();
@@ -385,6 +388,36 @@ mod tests {
         assert_eq!(
             reclassify(k, device_error(false), || true).kind,
             FaultKind::DeviceLost
+        );
+        // openCryptoki: CKR_FUNCTION_FAILED on caller data from a live session is "not
+        // authentic"; elsewhere it stays a retryable fault.
+        let failed = |caller: bool| {
+            let mut e = HsmError::from_ck(
+                "unwrap",
+                CkError::Pkcs11(
+                    RvError::FunctionFailed,
+                    cryptoki::context::Function::Decrypt,
+                ),
+            );
+            e.caller_data = caller;
+            e
+        };
+        let ock = profile("opencryptoki");
+        assert_eq!(
+            reclassify(ock, failed(true), || true).kind,
+            FaultKind::DataInvalid
+        );
+        assert_eq!(
+            reclassify(ock, failed(true), || false).kind,
+            FaultKind::Transient
+        );
+        assert_eq!(
+            reclassify(ock, failed(false), || true).kind,
+            FaultKind::Transient
+        );
+        assert_eq!(
+            reclassify(profile("softhsm2"), failed(true), || true).kind,
+            FaultKind::Transient
         );
         // Other return values are left alone.
         let other = HsmError::from_ck(

@@ -16,6 +16,18 @@
 //!   ciphertexts made by OpenSSL (a real known-answer test: `kat_rsa`) and round-trip
 //!   its own encryption, with SHA-256/MGF1-SHA-256, falling back to SHA-1 (SoftHSM2 2.6.1 only
 //!   has SHA-1 OAEP).
+//! * HMAC-SHA256 (the audit trail's checkpoint key and the security domain's MAC key): RFC 4231
+//!   test case 6 signed and verified with a session key, and a wrong MAC refused; the key is
+//!   generated with `CKM_GENERIC_SECRET_KEY_GEN`, which must be listed. Without both, the
+//!   broker cannot keep an audit trail and refuses to start, saying so.
+//! * The KEK template's PKCS#11 2.40 attributes (`CKA_COPYABLE`, `CKA_DESTROYABLE`,
+//!   `CKA_ALLOWED_MECHANISMS`): a session object is made with them. A PKCS#11 2.20 token
+//!   (openCryptoki 3.8) refuses them with `CKR_ATTRIBUTE_TYPE_INVALID`; keybroker then makes its
+//!   keys without them only when the operator allows it (`[hsm] legacy_template`), because
+//!   such a token can neither stop a copy with more roles nor limit a key to one mechanism.
+//!
+//! What the probe found is turned into the capability report (one row per mechanism keybroker
+//! uses, and the key types each algorithm can serve) by [`super::report`].
 
 use cryptoki::{
     context::Pkcs11,
@@ -78,6 +90,15 @@ pub struct MechanismFlags {
     pub functions: Vec<&'static str>,
 }
 
+/// The MAC the broker's internal keys use (audit checkpoints, the security domain).
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct MacSupport {
+    /// The MAC mechanism.
+    pub mechanism: &'static str,
+    /// The key generation mechanism for its keys.
+    pub keygen: &'static str,
+}
+
 /// What the token can do for keybroker, as proven by the probe.
 #[derive(Clone, Debug, Serialize)]
 pub struct Capabilities {
@@ -99,10 +120,24 @@ pub struct Capabilities {
     pub oaep_sha1: bool,
     /// `C_GenerateRandom` works.
     pub rng: bool,
+    /// `CKM_SHA256_HMAC` passed its known-answer test.
+    pub hmac_sha256: bool,
+    /// `CKM_GENERIC_SECRET_KEY_GEN` listed.
+    pub generic_secret_keygen: bool,
+    /// The MAC for the broker's internal keys, chosen by the probe (`None`: the token has none
+    /// that works, and the broker cannot keep an audit trail on it).
+    pub mac: Option<MacSupport>,
+    /// The token accepts the KEK template's PKCS#11 2.40 attributes (`CKA_COPYABLE`,
+    /// `CKA_DESTROYABLE`, `CKA_ALLOWED_MECHANISMS`). When false, keybroker's templates leave
+    /// them out (and its read-back checks do not ask for them).
+    pub key_attributes: bool,
     /// The flags and key sizes the token reports for the mechanisms keybroker uses.
     pub mechanism_info: Vec<MechanismFlags>,
     /// Why each failed check failed (for the log and `check-config`).
     pub notes: Vec<String>,
+    /// Each known-answer test that failed, by what it tested (`CKM_AES_GCM`,
+    /// `CKM_RSA_PKCS_OAEP/SHA-256`, ...): the capability report's `test` column.
+    pub test_failures: std::collections::BTreeMap<String, String>,
 }
 
 impl Capabilities {
@@ -229,28 +264,6 @@ impl Capabilities {
             info.max_key_size
         ))
     }
-
-    /// The mechanisms keybroker cannot serve at all without: AES key generation, AES-GCM, RSA
-    /// key-pair generation, RSA-OAEP (some hash), and the RNG. Returns the missing ones by name.
-    pub fn missing_required(&self) -> Vec<&'static str> {
-        let mut m = Vec::new();
-        if !self.aes_keygen {
-            m.push("CKM_AES_KEY_GEN");
-        }
-        if !self.aes_gcm {
-            m.push("CKM_AES_GCM");
-        }
-        if !self.rsa_keygen {
-            m.push("CKM_RSA_PKCS_KEY_PAIR_GEN");
-        }
-        if !self.oaep_sha256 && !self.oaep_sha1 {
-            m.push("CKM_RSA_PKCS_OAEP");
-        }
-        if !self.rng {
-            m.push("C_GenerateRandom");
-        }
-        m
-    }
 }
 
 // McGrew & Viega, "The Galois/Counter Mode of Operation", test case 16.
@@ -321,10 +334,54 @@ pub fn probe(
         oaep_sha256: false,
         oaep_sha1: false,
         rng: false,
+        hmac_sha256: false,
+        generic_secret_keygen: list.contains(&MechanismType::GENERIC_SECRET_KEY_GEN),
+        mac: None,
+        key_attributes: false,
         mechanism_info: Vec::new(),
         notes: Vec::new(),
+        test_failures: Default::default(),
     };
     mechanism_flags(ctx, slot, &list, &mut caps);
+    match key_attributes_probe(session) {
+        Ok(()) => caps.key_attributes = true,
+        Err(why) => {
+            caps.test_failures
+                .insert(KEY_ATTRIBUTES.into(), why.clone());
+            caps.notes.push(format!(
+                "the token refuses the KEK template's PKCS#11 2.40 attributes (CKA_COPYABLE, \
+             CKA_DESTROYABLE, CKA_ALLOWED_MECHANISMS): {why}; it can neither stop a copy of a \
+             key with more roles nor limit a key to one mechanism"
+            ));
+        }
+    }
+    if list.contains(&MechanismType::SHA256_HMAC) {
+        match hmac_kat(session) {
+            Ok(()) => caps.hmac_sha256 = true,
+            Err(why) => {
+                caps.notes.push(format!(
+                    "CKM_SHA256_HMAC failed its known-answer test: {why}"
+                ));
+                caps.test_failures.insert("CKM_SHA256_HMAC".into(), why);
+            }
+        }
+    } else {
+        caps.notes
+            .push("CKM_SHA256_HMAC is not in the token's mechanism list".into());
+    }
+    if !caps.generic_secret_keygen {
+        caps.notes.push(
+            "CKM_GENERIC_SECRET_KEY_GEN is not in the token's mechanism list (the audit key is \
+             generated with it)"
+                .into(),
+        );
+    }
+    if caps.hmac_sha256 && caps.generic_secret_keygen {
+        caps.mac = Some(MacSupport {
+            mechanism: "CKM_SHA256_HMAC",
+            keygen: "CKM_GENERIC_SECRET_KEY_GEN",
+        });
+    }
     caps.rng = match session.generate_random_vec(16) {
         Ok(v) => v.len() == 16,
         Err(e) => {
@@ -341,6 +398,7 @@ pub fn probe(
             Err(why) => {
                 caps.notes
                     .push(format!("CKM_AES_GCM failed its known-answer test: {why}"));
+                caps.test_failures.insert("CKM_AES_GCM".into(), why.clone());
                 if profile.gcm_iv != super::profile::GcmIv::Caller {
                     caps.notes.push(format!(
                         "the {} profile says this HSM generates AES-GCM IVs itself ({:?}); \
@@ -361,6 +419,12 @@ pub fn probe(
                 caps.oaep_sha256 = s256;
                 caps.oaep_sha1 = s1;
                 if !s256 {
+                    caps.test_failures.insert(OAEP_SHA256.into(), why.0.clone());
+                }
+                if !s1 {
+                    caps.test_failures.insert(OAEP_SHA1.into(), why.1.clone());
+                }
+                if !s256 {
                     caps.notes.push(format!(
                         "RSA-OAEP with SHA-256 failed ({}); RSA keys default to SHA-1 OAEP",
                         why.0
@@ -371,7 +435,11 @@ pub fn probe(
                         .push(format!("RSA-OAEP with SHA-1 failed ({})", why.1));
                 }
             }
-            Err(why) => caps.notes.push(format!("RSA-OAEP probe failed: {why}")),
+            Err(why) => {
+                caps.test_failures.insert(OAEP_SHA256.into(), why.clone());
+                caps.test_failures.insert(OAEP_SHA1.into(), why.clone());
+                caps.notes.push(format!("RSA-OAEP probe failed: {why}"));
+            }
         }
     } else {
         caps.notes
@@ -565,6 +633,75 @@ fn session_aes_key<'a>(
     Ok(Temp { session, handle })
 }
 
+/// The capability report's name for the KEK template's PKCS#11 2.40 attributes.
+pub const KEY_ATTRIBUTES: &str = "CKA_COPYABLE, CKA_DESTROYABLE, CKA_ALLOWED_MECHANISMS";
+/// The report's names for the two OAEP tests.
+pub const OAEP_SHA256: &str = "CKM_RSA_PKCS_OAEP/SHA-256";
+/// See [`OAEP_SHA256`].
+pub const OAEP_SHA1: &str = "CKM_RSA_PKCS_OAEP/SHA-1";
+
+// RFC 4231 §4.7, test case 6: a 131-byte key (SoftHSM2 refuses HMAC-SHA256 keys shorter than
+// the 32-byte digest, so test case 1's 20-byte key cannot be used).
+const HMAC_KEY: [u8; 131] = [0xaa; 131];
+const HMAC_DATA: &[u8] = b"Test Using Larger Than Block-Size Key - Hash Key First";
+pub(crate) const HMAC_SHA256: &str =
+    "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54";
+
+fn hmac_kat(session: &Session) -> Result<(), String> {
+    let key = session
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(CkKeyType::GENERIC_SECRET),
+            Attribute::Token(false),
+            Attribute::Private(false),
+            Attribute::Sign(true),
+            Attribute::Verify(true),
+            Attribute::Value(HMAC_KEY.to_vec()),
+        ])
+        .map_err(|e| HsmError::from_ck("create a probe HMAC key", e).detail)?;
+    let key = Temp {
+        session,
+        handle: key,
+    };
+    let mac = session
+        .sign(&Mechanism::Sha256Hmac, key.handle, HMAC_DATA)
+        .map_err(|e| HsmError::from_ck("C_Sign", e).detail)?;
+    if mac != unhex(HMAC_SHA256) {
+        return Err("the MAC does not match RFC 4231's".into());
+    }
+    session
+        .verify(&Mechanism::Sha256Hmac, key.handle, HMAC_DATA, &mac)
+        .map_err(|e| HsmError::from_ck("C_Verify", e).detail)?;
+    let mut bad = mac;
+    bad[0] ^= 1;
+    if session
+        .verify(&Mechanism::Sha256Hmac, key.handle, HMAC_DATA, &bad)
+        .is_ok()
+    {
+        return Err("a wrong MAC was accepted".into());
+    }
+    Ok(())
+}
+
+/// Makes a session object with the PKCS#11 2.40 attributes of the KEK template.
+fn key_attributes_probe(session: &Session) -> Result<(), String> {
+    let h = session
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(CkKeyType::GENERIC_SECRET),
+            Attribute::Token(false),
+            Attribute::Private(false),
+            Attribute::Sign(true),
+            Attribute::Value(HMAC_KEY.to_vec()),
+            Attribute::Copyable(false),
+            Attribute::Destroyable(true),
+            Attribute::AllowedMechanisms(vec![MechanismType::SHA256_HMAC]),
+        ])
+        .map_err(|e| HsmError::from_ck("C_CreateObject", e).detail)?;
+    drop(Temp { session, handle: h });
+    Ok(())
+}
+
 fn gcm_kat(session: &Session) -> Result<(), String> {
     let key = session_aes_key(
         session,
@@ -751,8 +888,16 @@ mod tests {
             oaep_sha256: true,
             oaep_sha1: true,
             rng: true,
+            hmac_sha256: true,
+            generic_secret_keygen: true,
+            mac: Some(MacSupport {
+                mechanism: "CKM_SHA256_HMAC",
+                keygen: "CKM_GENERIC_SECRET_KEY_GEN",
+            }),
+            key_attributes: true,
             mechanism_info: info,
             notes: Vec::new(),
+            test_failures: Default::default(),
         }
     }
 
@@ -831,6 +976,25 @@ mod tests {
             key.crt_coefficient().map(|v| v.to_bytes_be()),
             Some(unhex(kat_rsa::QINV))
         );
+    }
+
+    #[test]
+    fn hmac_vector_matches_an_independent_implementation() {
+        // HMAC (RFC 2104) over the sha2 crate: H((K ^ opad) || H((K ^ ipad) || m)).
+        use sha2::{Digest, Sha256};
+        // A key longer than the block is hashed first.
+        let mut k = [0u8; 64];
+        k[..32].copy_from_slice(&Sha256::digest(HMAC_KEY));
+        let pad = |b: u8| k.iter().map(|x| x ^ b).collect::<Vec<u8>>();
+        let inner = Sha256::new()
+            .chain_update(pad(0x36))
+            .chain_update(HMAC_DATA)
+            .finalize();
+        let outer = Sha256::new()
+            .chain_update(pad(0x5c))
+            .chain_update(inner)
+            .finalize();
+        assert_eq!(hex::encode(outer), HMAC_SHA256);
     }
 
     #[test]

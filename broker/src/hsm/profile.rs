@@ -16,6 +16,7 @@
 //!   (RESOURCE_EXHAUSTED), not "device lost" (UNAVAILABLE);
 //! * `device_error_on_bad_ciphertext` — on a decrypt/unwrap of caller data, `CKR_DEVICE_ERROR`
 //!   from a session that still answers `C_GetSessionInfo` means "not authentic" (Kryoptic);
+//!   `function_failed_on_bad_ciphertext` the same for `CKR_FUNCTION_FAILED` (openCryptoki);
 //! * `init_reserved` — a module that needs `C_Initialize` `pReserved` is refused with a clear
 //!   message: cryptoki can pass it only through an `unsafe` constructor
 //!   (`CInitializeArgs::new_with_reserved`) and every keybroker crate forbids unsafe code.
@@ -27,7 +28,8 @@
 //! * `size_query_under_reports` — cryptoki 0.12 sizes every output buffer from the token's own
 //!   length query, so an under-reporting token fails with `CKR_BUFFER_TOO_SMALL` in the KATs.
 //!
-//! SoftHSM2 and Kryoptic are tested here (CI runs the whole end-to-end suite on both). The
+//! SoftHSM2 and Kryoptic are tested here (CI runs the whole end-to-end suite on both), and
+//! openCryptoki's soft token (CI runs the suite on it too, its AES tests skipped). The
 //! others are taken from their vendors' public documentation and issue threads and are marked
 //! `tested: false`: verify them with `keybroker check-config` before relying on them.
 
@@ -79,6 +81,9 @@ pub struct Profile {
     /// RFC 5649 integrity check value) returns `CKR_DEVICE_ERROR`. Then, on such a call, a
     /// device error from a session that still answers is "not authentic".
     pub device_error_on_bad_ciphertext: bool,
+    /// The same for `CKR_FUNCTION_FAILED` (openCryptoki 3.8.1 answers a bad RSA-OAEP padding
+    /// so).
+    pub function_failed_on_bad_ciphertext: bool,
     /// What else to know, with sources.
     pub notes: &'static str,
 }
@@ -96,6 +101,7 @@ pub const GENERIC: Profile = Profile {
     max_sessions: None,
     device_error_is_throttling: false,
     device_error_on_bad_ciphertext: false,
+    function_failed_on_bad_ciphertext: false,
     notes: "No known quirks assumed; the probe's known-answer tests decide everything.",
 };
 
@@ -114,6 +120,7 @@ pub const PROFILES: &[Profile] = &[
         max_sessions: None,
         device_error_is_throttling: false,
         device_error_on_bad_ciphertext: false,
+        function_failed_on_bad_ciphertext: false,
         notes: "CKM_AES_KEY_WRAP_PAD (0x210A) zero-pads to a multiple of 8 and then applies RFC 5649 \
                 (upstream issue #726): RFC 5649 for aligned input only; no CKM_AES_KEY_WRAP_KWP. \
                 RSA-OAEP with SHA-1 only. A bad GCM tag gives CKR_GENERAL_ERROR. Does not enforce \
@@ -131,12 +138,34 @@ pub const PROFILES: &[Profile] = &[
         max_sessions: None,
         device_error_is_throttling: false,
         device_error_on_bad_ciphertext: true,
+        function_failed_on_bad_ciphertext: false,
         notes: "RFC 5649 as CKM_AES_KEY_WRAP_KWP (0x210B), no 0x210A. RSA-OAEP with SHA-256. A bad GCM \
                 tag gives CKR_ENCRYPTED_DATA_INVALID. C_FindObjects also returns ~148 CKO_MECHANISM \
                 objects: searches filter by CKA_CLASS. A failed RFC 5649 or RSA-OAEP integrity check on \
                 unwrap/decrypt returns CKR_DEVICE_ERROR (found by this suite's flipped-byte tests); \
                 it is reported as unauthentic when the session still answers. A slot's `mechanisms = [\"DENY\", ...]` hides \
                 mechanisms (used in tests to imitate a poorer HSM).",
+    },
+    Profile {
+        name: "opencryptoki",
+        product: "openCryptoki 3.8 (IBM; soft, CCA and EP11 tokens)",
+        tested: true,
+        matches: &["opencryptoki"],
+        kwp: &[],
+        gcm_iv: GcmIv::Caller,
+        size_query_under_reports: false,
+        init_reserved: None,
+        max_sessions: None,
+        device_error_is_throttling: false,
+        device_error_on_bad_ciphertext: false,
+        function_failed_on_bad_ciphertext: true,
+        notes: "Tested here with the 3.8.1 soft token (CI's third token, RSA keys only). Needs its slot \
+                daemon pkcsslotd (C_Initialize returns CKR_HOST_MEMORY without it). No CKM_AES_GCM, no \
+                AES key wrap, no EC: set required_algorithms = [\"rsa-oaep-sha256\"]. A PKCS#11 2.20 \
+                object model: CKA_COPYABLE, CKA_DESTROYABLE and CKA_ALLOWED_MECHANISMS are refused \
+                (legacy_template). utcTime is \"15:10:01\" (tolerated). A bad RSA-OAEP padding on \
+                decrypt gives CKR_FUNCTION_FAILED (found by this suite's flipped-byte test): reported as \
+                unauthentic when the session still answers.",
     },
     Profile {
         name: "luna",
@@ -150,6 +179,7 @@ pub const PROFILES: &[Profile] = &[
         max_sessions: None,
         device_error_is_throttling: false,
         device_error_on_bad_ciphertext: false,
+        function_failed_on_bad_ciphertext: false,
         notes: "Not tested here. RFC 5649 as CKM_AES_KEY_WRAP_KWP (0x210B; also the vendor CKM_LUNA_AES_KWP). \
                 In FIPS mode the HSM generates AES-GCM IVs itself: keybroker's GCM KAT then fails and the \
                 broker refuses to start (use a non-FIPS partition policy for caller IVs until a new \
@@ -168,6 +198,7 @@ pub const PROFILES: &[Profile] = &[
         max_sessions: None,
         device_error_is_throttling: true,
         device_error_on_bad_ciphertext: false,
+        function_failed_on_bad_ciphertext: false,
         notes: "Not tested here. RFC 5649 only as the vendor-defined CKM_CLOUDHSM_AES_KEY_WRAP_ZERO_PAD \
                 (not driven by keybroker: AES-KWP keys are unavailable). AES-GCM encryption always uses \
                 an HSM-generated 12-byte IV written back into CK_GCM_PARAMS (keybroker's GCM KAT fails: \
@@ -189,6 +220,7 @@ pub const PROFILES: &[Profile] = &[
         max_sessions: None,
         device_error_is_throttling: false,
         device_error_on_bad_ciphertext: false,
+        function_failed_on_bad_ciphertext: false,
         notes: "Not tested here. Both CKM_AES_KEY_WRAP_KWP and CKM_AES_KEY_WRAP_PAD are RFC 5649 and \
                 interoperate with Luna's KWP (validated on a real nShield in Mastercard/pkcs11-tools \
                 PR #77); some nShield lines only offer KWP (dogtagpki/jss PR #660). Keys are generated \
@@ -206,6 +238,7 @@ pub const PROFILES: &[Profile] = &[
         max_sessions: Some(16),
         device_error_is_throttling: false,
         device_error_on_bad_ciphertext: false,
+        function_failed_on_bad_ciphertext: false,
         notes: "Not tested here. At most 16 sessions on the device (the pool is capped). No CKM_AES_GCM \
                 and no AES key wrap (only the vendor CKM_YUBICO_AES_CCM_WRAP): keybroker refuses to \
                 start, naming CKM_AES_GCM. RSA-OAEP decryption is available. Sources: Yubico YubiHSM 2 \
@@ -223,6 +256,7 @@ pub const PROFILES: &[Profile] = &[
         max_sessions: None,
         device_error_is_throttling: false,
         device_error_on_bad_ciphertext: false,
+        function_failed_on_bad_ciphertext: false,
         notes: "Unsupported: C_Initialize needs pReserved (a configuration string), which cryptoki can \
                 pass only through an unsafe constructor, and keybroker forbids unsafe code. Also: its \
                 0x210A is RFC 3394 over PKCS#7 padding (a third meaning, refused by the KAT) and its \
@@ -247,6 +281,18 @@ pub fn names() -> Vec<&'static str> {
         .collect()
 }
 
+/// Whether one of `facts` (the module's file name, or the library description and manufacturer
+/// from `C_GetInfo`) shows p11-kit's proxy module (`p11-kit-proxy.so`, "PKCS#11 Kit Proxy
+/// Module" by "PKCS#11 Kit"). The proxy loads the modules its configuration names and passes
+/// each its `x-init-reserved` string as `C_Initialize` `pReserved`: a module that needs one
+/// (NSS softoken) is usable behind it, though keybroker cannot pass the string itself.
+pub fn is_proxy(facts: &[&str]) -> bool {
+    facts.iter().any(|f| {
+        let f = f.to_ascii_lowercase();
+        f.contains("p11-kit-proxy") || f.contains("pkcs#11 kit")
+    })
+}
+
 /// The first profile one of whose patterns occurs in one of `facts` (token manufacturer and
 /// model, library manufacturer and description, module file name), else `generic`.
 pub fn detect(facts: &[&str]) -> &'static Profile {
@@ -269,6 +315,15 @@ mod tests {
     fn the_tested_tokens_are_recognised_by_what_they_report() {
         assert_eq!(detect(&["SoftHSM project", "SoftHSM v2"]).name, "softhsm2");
         assert_eq!(detect(&["Kryoptic Project", "v1"]).name, "kryoptic");
+        assert_eq!(
+            detect(&[
+                "IBM Corp.",
+                "IBM SoftTok",
+                "/usr/lib/x86_64-linux-gnu/pkcs11/libopencryptoki.so"
+            ])
+            .name,
+            "opencryptoki"
+        );
         assert_eq!(detect(&["Safenet, Inc.", "LunaSA 7"]).name, "luna");
         assert_eq!(
             detect(&["Yubico (www.yubico.com)", "YubiHSM"]).name,
@@ -282,12 +337,22 @@ mod tests {
     }
 
     #[test]
+    fn p11_kit_proxy_is_recognised_by_file_name_or_library_info() {
+        assert!(is_proxy(&["/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so"]));
+        assert!(is_proxy(&["PKCS#11 Kit Proxy Module 1.1 (PKCS#11 Kit)"]));
+        assert!(!is_proxy(&[
+            "/usr/lib/softhsm/libsofthsm2.so",
+            "SoftHSM 2.6"
+        ]));
+    }
+
+    #[test]
     fn every_profile_is_reachable_by_name_and_only_ours_claim_tested() {
         for p in PROFILES {
             assert_eq!(by_name(p.name).map(|q| q.name), Some(p.name));
             assert_eq!(
                 p.tested,
-                ["softhsm2", "kryoptic"].contains(&p.name),
+                ["softhsm2", "kryoptic", "opencryptoki"].contains(&p.name),
                 "{}: only tokens CI runs against may claim `tested`",
                 p.name
             );

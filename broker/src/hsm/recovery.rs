@@ -230,7 +230,7 @@ impl Inner {
             Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
             Err(e) => return Err(HsmError::from_ck("C_Initialize", e)),
         }
-        let (slot, _) = select_token(&self.ctx, &self.token)?;
+        let (slot, _, _) = select_token(&self.ctx, &self.token)?;
         let initialised = Instant::now();
         let anchor = open_and_login(&self.ctx, slot, &self.pin)?;
         let idle = open_pool(&self.ctx, slot, self.pool_size)?;
@@ -492,7 +492,8 @@ impl Inner {
                 self.caps.why_not(e.algorithm)
             )),
             Some(mech) => {
-                let problems = check_template(s, &h, e.algorithm, mech, e.origin)?;
+                let problems =
+                    check_template(s, &h, e.algorithm, mech, e.origin, self.caps.key_attributes)?;
                 if !problems.is_empty() {
                     Some(format!("wrong template: {}", problems.join("; ")))
                 } else if let Some(c) = &e.canary {

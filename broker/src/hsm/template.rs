@@ -26,6 +26,25 @@ use cryptoki::{
 
 use crate::model::{Algorithm, KeyType, VersionId};
 
+/// The PKCS#11 2.40 attributes a PKCS#11 2.20 token (openCryptoki 3.8) does not know.
+const V240: [AttributeType; 3] = [
+    AttributeType::Copyable,
+    AttributeType::Destroyable,
+    AttributeType::AllowedMechanisms,
+];
+
+/// `template` as the token can take it: unchanged when it knows the PKCS#11 2.40 attributes
+/// (`key_attributes`, from the probe), else without `CKA_COPYABLE`, `CKA_DESTROYABLE` and
+/// `CKA_ALLOWED_MECHANISMS` — which the broker does only when the operator allowed it
+/// (`[hsm] legacy_template`; the security consequences are in docs/src/portability.md).
+/// `CKA_WRAP_WITH_TRUSTED` is never left out: a backup-enabled KEK fails closed on such a token.
+pub fn for_token(mut template: Vec<Attribute>, key_attributes: bool) -> Vec<Attribute> {
+    if !key_attributes {
+        template.retain(|a| !V240.contains(&a.attribute_type()));
+    }
+    template
+}
+
 /// The label prefix of every object keybroker creates (used to report orphans).
 pub const LABEL_PREFIX: &str = "kb:";
 
@@ -221,6 +240,7 @@ pub fn check_secret(
     mechanism: MechanismType,
     attrs: &[Attribute],
     imported: bool,
+    key_attributes: bool,
 ) -> Vec<String> {
     let (enc, dec, wrap, unwrap) = roles(alg);
     let mut problems = Vec::new();
@@ -259,7 +279,9 @@ pub fn check_secret(
         );
     }
     want("CKA_MODIFIABLE", b(AttributeType::Modifiable), false);
-    want("CKA_COPYABLE", b(AttributeType::Copyable), false);
+    if key_attributes {
+        want("CKA_COPYABLE", b(AttributeType::Copyable), false);
+    }
     want("CKA_DERIVE", b(AttributeType::Derive), false);
     want("CKA_SIGN", b(AttributeType::Sign), false);
     // A private RSA key has no CKA_VERIFY/CKA_ENCRYPT/CKA_WRAP meaning; tokens may report them
@@ -281,12 +303,18 @@ pub fn check_secret(
     }
     want("CKA_DECRYPT", b(AttributeType::Decrypt), dec);
     want("CKA_UNWRAP", b(AttributeType::Unwrap), unwrap);
-    check_mechanisms(attrs, mechanism, &mut problems);
+    if key_attributes {
+        check_mechanisms(attrs, mechanism, &mut problems);
+    }
     problems
 }
 
 /// Compares attributes read back from the public object of an RSA KEK.
-pub fn check_public(mechanism: MechanismType, attrs: &[Attribute]) -> Vec<String> {
+pub fn check_public(
+    mechanism: MechanismType,
+    attrs: &[Attribute],
+    key_attributes: bool,
+) -> Vec<String> {
     let mut problems = Vec::new();
     let mut want = |name: &str, got: Option<bool>, expect: bool| match got {
         Some(v) if v == expect => {}
@@ -300,12 +328,16 @@ pub fn check_public(mechanism: MechanismType, attrs: &[Attribute]) -> Vec<String
     let b = |t: AttributeType| find_bool(attrs, t);
     want("CKA_TOKEN", b(AttributeType::Token), true);
     want("CKA_MODIFIABLE", b(AttributeType::Modifiable), false);
-    want("CKA_COPYABLE", b(AttributeType::Copyable), false);
+    if key_attributes {
+        want("CKA_COPYABLE", b(AttributeType::Copyable), false);
+    }
     want("CKA_DERIVE", b(AttributeType::Derive), false);
     want("CKA_VERIFY", b(AttributeType::Verify), false);
     want("CKA_ENCRYPT", b(AttributeType::Encrypt), true);
     want("CKA_WRAP", b(AttributeType::Wrap), false);
-    check_mechanisms(attrs, mechanism, &mut problems);
+    if key_attributes {
+        check_mechanisms(attrs, mechanism, &mut problems);
+    }
     problems
 }
 
@@ -385,7 +417,47 @@ mod tests {
     }
 
     fn check(attrs: &[Attribute]) -> Vec<String> {
-        check_secret(Algorithm::Aes256Gcm, MechanismType::AES_GCM, attrs, false)
+        check_secret(
+            Algorithm::Aes256Gcm,
+            MechanismType::AES_GCM,
+            attrs,
+            false,
+            true,
+        )
+    }
+
+    #[test]
+    fn a_legacy_token_gets_no_2_40_attributes_and_is_not_checked_for_them() {
+        let spec = KekSpec {
+            id: VersionId::random(),
+            label: "kb:t/k:v1".into(),
+            key_type: KeyType::Rsa2048,
+            algorithm: Algorithm::RsaOaepSha256,
+            backup: false,
+        };
+        let (public, private) = rsa_templates(&spec, 2048, MechanismType::RSA_PKCS_OAEP);
+        for t in [public.clone(), private.clone()] {
+            let legacy = for_token(t.clone(), false);
+            assert!(legacy.iter().all(|a| !V240.contains(&a.attribute_type())));
+            assert_eq!(legacy.len(), t.len() - 3);
+            assert_eq!(for_token(t.clone(), true), t);
+        }
+        // What openCryptoki 3.8.1 reports for such a private key: the 2.40 attributes absent.
+        let mut attrs = reported(false);
+        attrs.retain(|a| !V240.contains(&a.attribute_type()));
+        let alg = Algorithm::Aes256Gcm;
+        assert!(check_secret(alg, MechanismType::AES_GCM, &attrs, false, false).is_empty());
+        let strict = check_secret(alg, MechanismType::AES_GCM, &attrs, false, true);
+        assert!(
+            strict.iter().any(|p| p.contains("CKA_COPYABLE")),
+            "{strict:?}"
+        );
+        assert!(strict.iter().any(|p| p.contains("CKA_ALLOWED_MECHANISMS")));
+        // The roles are still checked.
+        let mut roles = attrs.clone();
+        roles.retain(|a| a.attribute_type() != AttributeType::Wrap);
+        roles.push(Attribute::Wrap(true));
+        assert!(!check_secret(alg, MechanismType::AES_GCM, &roles, false, false).is_empty());
     }
 
     #[test]

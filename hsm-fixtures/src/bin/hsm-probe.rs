@@ -10,6 +10,8 @@
 //!     C_SetAttributeValue, copying with added roles via C_CopyObject, reading CKA_VALUE
 //! hsm-probe tamper MODULE LABEL PIN ID_HEX destroy|duplicate|replace-bad|replace-good
 //!     damage a KEK the way an operator or attacker might, for the start-up integrity tests
+//! hsm-probe clear MODULE LABEL PIN
+//!     destroy every key and data object the user can see (a reused test token, openCryptoki)
 //! hsm-probe tokens MODULE
 //!     every slot with an initialised token: slot id, label, serial, manufacturer, model
 //! hsm-probe init-token MODULE SLOT LABEL SO_PIN USER_PIN
@@ -45,7 +47,7 @@ use cryptoki::{
 };
 use serde_json::{Value, json};
 
-const USAGE: &str = "usage: hsm-probe inspect|attack|tamper|tokens|init-token|import-keys|kwp-wrap|kwp-unwrap|oaep-encrypt|oaep-decrypt|backup-attack ... (see the source's header)";
+const USAGE: &str = "usage: hsm-probe inspect|clear|attack|tamper|tokens|init-token|import-keys|kwp-wrap|kwp-unwrap|oaep-encrypt|oaep-decrypt|backup-attack ... (see the source's header)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -80,6 +82,7 @@ fn session_command(
 ) -> Result<Value, String> {
     match (cmd, rest) {
         ("inspect", []) => inspect(s),
+        ("clear", []) => clear(s),
         ("attack", [id]) => attack(s, id),
         ("tamper", [id, mode]) => tamper(s, id, mode),
         ("import-keys", [file]) => import_keys(s, file),
@@ -164,6 +167,26 @@ fn open(module: &str, label: &str, pin: &str) -> Result<(Session, Vec<MechanismT
         .map_err(|e| format!("login: {e}"))?;
     let mechs = ctx.get_mechanism_list(slot).map_err(|e| e.to_string())?;
     Ok((s, mechs))
+}
+
+fn clear(s: &Session) -> Result<Value, String> {
+    let mut destroyed = 0;
+    for class in [
+        ObjectClass::SECRET_KEY,
+        ObjectClass::PRIVATE_KEY,
+        ObjectClass::PUBLIC_KEY,
+        ObjectClass::DATA,
+    ] {
+        for h in s
+            .find_objects(&[Attribute::Class(class)])
+            .map_err(|e| e.to_string())?
+        {
+            s.destroy_object(h)
+                .map_err(|e| format!("C_DestroyObject: {e}"))?;
+            destroyed += 1;
+        }
+    }
+    Ok(json!({ "destroyed": destroyed }))
 }
 
 fn key_objects(s: &Session) -> Result<Vec<(ObjectHandle, ObjectClass)>, String> {

@@ -73,6 +73,8 @@ pub struct TokenInfo {
     hardware_version: Version,
     firmware_version: Version,
     utc_time: Option<UtcTime>,
+    // keybroker patch: the raw field when the clock is claimed but does not parse.
+    malformed_utc_time: Option<[u8; 16]>,
 }
 trait MaybeUnavailable: Sized {
     fn maybe_unavailable(value: CK_ULONG) -> Option<Self>;
@@ -422,6 +424,18 @@ impl TokenInfo {
     pub fn utc_time(&self) -> Option<UtcTime> {
         self.utc_time
     }
+
+    /// The `utcTime` field exactly as the token reported it, when the token claims a clock
+    /// (`CKF_CLOCK_ON_TOKEN`) but the field is not the `YYYYMMDDhhmmss00` digits PKCS#11
+    /// requires; `utc_time()` is then `None`. `None` when the clock parsed or there is none.
+    ///
+    /// openCryptoki 3.8.1 writes `"15:10:01"`-style times into the field of every token type
+    /// it implements.
+    // keybroker patch: not in cryptoki 0.12.1, where such a field fails the whole
+    // C_GetTokenInfo (and every slot list built on it).
+    pub fn malformed_utc_time(&self) -> Option<&[u8; 16]> {
+        self.malformed_utc_time.as_ref()
+    }
 }
 
 #[doc(hidden)]
@@ -429,10 +443,16 @@ impl TryFrom<CK_TOKEN_INFO> for TokenInfo {
     type Error = Error;
     fn try_from(val: CK_TOKEN_INFO) -> Result<Self> {
         let flags = TokenInfoFlags::from_bits_truncate(val.flags);
-        let utc_time = if flags.contains(TokenInfoFlags::CLOCK_ON_TOKEN) {
-            Some(convert_utc_time(val.utcTime)?)
+        // keybroker patch: a clock that does not parse is reported as malformed, not as an
+        // error of the whole call (the clock is informational; the rest of the token info is
+        // what applications select tokens by).
+        let (utc_time, malformed_utc_time) = if flags.contains(TokenInfoFlags::CLOCK_ON_TOKEN) {
+            match convert_utc_time(val.utcTime) {
+                Ok(t) => (Some(t), None),
+                Err(_) => (None, Some(val.utcTime)),
+            }
         } else {
-            None
+            (None, None)
         };
         Ok(Self {
             label: string_from_blank_padded(&val.label),
@@ -453,6 +473,7 @@ impl TryFrom<CK_TOKEN_INFO> for TokenInfo {
             hardware_version: val.hardwareVersion.into(),
             firmware_version: val.firmwareVersion.into(),
             utc_time,
+            malformed_utc_time,
         })
     }
 }
@@ -505,6 +526,7 @@ mod test {
                 minute: 0,
                 second: 0,
             }),
+            malformed_utc_time: None,
         };
         let expected = r#"TokenInfo {
     label: "Token Label",
@@ -550,6 +572,7 @@ mod test {
             second: 0,
         },
     ),
+    malformed_utc_time: None,
 }"#;
         let observed = format!("{info:#?}");
         assert_eq!(observed, expected);
