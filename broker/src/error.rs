@@ -15,13 +15,18 @@ use tonic::{Code, Status};
 
 use crate::{
     hsm::HsmError,
-    model::{Algorithm, KeyName, KeyOp, KeyType, MAX_AAD_LEN, MAX_DEK_LEN, MIN_DEK_LEN, VersionId},
+    model::{
+        Algorithm, KeyName, KeyOp, KeyType, MAX_AAD_LEN, MAX_BATCH_PAYLOAD, MAX_DEK_LEN,
+        MAX_PAYLOAD_LEN, MIN_DEK_LEN, VersionId,
+    },
     policy::{Permission, Reason},
     store::StoreError,
 };
 
 /// The one message for a wrapped key that is malformed or fails authentication.
 pub const UNAUTHENTIC_MESSAGE: &str = "wrapped key is malformed or not authentic";
+/// The one message for an encrypted payload that is malformed or fails authentication.
+pub const UNAUTHENTIC_CIPHERTEXT_MESSAGE: &str = "ciphertext is malformed or not authentic";
 
 /// An error that ends a request (or one item of a batch).
 #[derive(Clone, Debug, thiserror::Error)]
@@ -33,6 +38,10 @@ pub enum BrokerError {
     /// no detail.
     #[error("{UNAUTHENTIC_MESSAGE}")]
     Unauthentic,
+    /// An encrypted payload failed to parse or authenticate (INVALID_ARGUMENT): the payload
+    /// counterpart of [`BrokerError::Unauthentic`], as deliberately without detail.
+    #[error("{UNAUTHENTIC_CIPHERTEXT_MESSAGE}")]
+    UnauthenticCiphertext,
     /// The named thing does not exist (NOT_FOUND).
     #[error(transparent)]
     NotFound(#[from] NotFound),
@@ -135,6 +144,57 @@ pub enum Invalid {
     /// A raw ciphertext with AAD.
     #[error("a raw RSA-OAEP ciphertext cannot carry aad")]
     RawWithAad,
+    /// An empty payload to encrypt.
+    #[error("the plaintext is empty")]
+    PayloadEmpty,
+    /// A payload larger than keybroker encrypts.
+    #[error(
+        "the plaintext is {0} bytes; at most {MAX_PAYLOAD_LEN} bytes are encrypted in one call"
+    )]
+    PayloadTooLarge(usize),
+    /// A payload larger than an RSA-OAEP block of the key holds.
+    #[error(
+        "key {key} ({algorithm}) encrypts at most {max} bytes in one RSA-OAEP block; the plaintext is {got} bytes"
+    )]
+    RsaPayloadTooLarge {
+        /// The key.
+        key: KeyName,
+        /// Its algorithm.
+        algorithm: Algorithm,
+        /// The most the block holds.
+        max: usize,
+        /// The plaintext's length.
+        got: usize,
+    },
+    /// A batch of payloads larger in total than its reply may be.
+    #[error(
+        "a batch carries at most {MAX_BATCH_PAYLOAD} bytes of plaintext in total, not {0} (split it)"
+    )]
+    BatchPayload(usize),
+    /// A field that is not valid Base64.
+    #[error("{0} is not valid Base64")]
+    Base64(&'static str),
+    /// A body that is not the JSON the API expects (the parser says where).
+    #[error("the request body is not valid: {0}")]
+    Body(String),
+    /// A field whose value the API does not define.
+    #[error("{field} must be {expected}")]
+    Value {
+        /// The field.
+        field: &'static str,
+        /// What it must be.
+        expected: &'static str,
+    },
+    /// A binary field of the wrong length.
+    #[error("{field} must be {expected} bytes, not {got}")]
+    Length {
+        /// The field.
+        field: &'static str,
+        /// What it must be.
+        expected: &'static str,
+        /// What came.
+        got: usize,
+    },
     /// A raw ciphertext naming a non-RSA algorithm.
     #[error("a raw ciphertext must name RSA_OAEP_SHA256 or RSA_OAEP_SHA1")]
     RawNotRsa,
@@ -255,6 +315,9 @@ pub enum NotFound {
     /// No such BYOK import key.
     #[error("import key {0:?} not found")]
     ImportKey(String),
+    /// A front door's URI path that names nothing it serves.
+    #[error("no such path: {0}")]
+    UriPath(String),
 }
 
 /// Why the caller may not.
@@ -263,6 +326,9 @@ pub enum Denied {
     /// The connection carried no verified identity.
     #[error("no verified client identity")]
     NoIdentity,
+    /// A request signature (AWS SigV4) that does not verify (UNAUTHENTICATED).
+    #[error("request signature refused: {0}")]
+    Signature(SignatureFailure),
     /// No binding names the caller.
     #[error("identity {0} has no role on this broker")]
     NoRole(String),
@@ -310,6 +376,44 @@ pub enum Denied {
         /// The reason given.
         reason: Reason,
     },
+}
+
+/// Why a request signature (AWS SigV4) was refused. The caller learns which check failed (as
+/// AWS services say); a guess at a secret learns nothing from it, the comparison being in
+/// constant time.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureFailure {
+    /// No `Authorization` header, or one that is not `AWS4-HMAC-SHA256 Credential=...,
+    /// SignedHeaders=..., Signature=...`.
+    #[error("missing or malformed Authorization header")]
+    Malformed,
+    /// A credential scope that is not `KEY/DATE/REGION/kms-xks-proxy/aws4_request`, or whose
+    /// date is not the request's.
+    #[error(
+        "credential scope {0:?} is not DATE/REGION/kms-xks-proxy/aws4_request of the request's date"
+    )]
+    Scope(String),
+    /// A signed header list without `host` and `x-amz-date`, or naming a header the request
+    /// lacks.
+    #[error("signed headers must include host and x-amz-date and be present: {0}")]
+    SignedHeaders(String),
+    /// A missing or malformed `X-Amz-Date`.
+    #[error("missing or malformed X-Amz-Date (YYYYMMDDTHHMMSSZ)")]
+    Date,
+    /// A request time outside the allowed clock skew.
+    #[error("request time is {skew_s} s from this server's clock; at most {max_s} s is accepted")]
+    Skew {
+        /// How far off, in seconds.
+        skew_s: u64,
+        /// The most accepted.
+        max_s: u64,
+    },
+    /// An access key id this prefix does not know.
+    #[error("unknown access key id {0:?} for this path")]
+    UnknownAccessKey(String),
+    /// The signature does not match the request.
+    #[error("the signature does not match the request")]
+    Mismatch,
 }
 
 /// Why the key (or the HSM) cannot do this now.
@@ -377,6 +481,16 @@ pub enum Refused {
         version: u32,
         /// The minimum.
         min: u32,
+    },
+    /// Payload encryption asked of a key whose algorithm cannot do it.
+    #[error(
+        "key {key} uses {algorithm}, which does not encrypt payloads; use an AES-256-GCM or RSA-OAEP key"
+    )]
+    NotForPayloads {
+        /// The key.
+        key: KeyName,
+        /// Its algorithm.
+        algorithm: Algorithm,
     },
     /// A public key asked of a key that has none.
     #[error("key {key} is {}: only RSA keys have a public key", key_type.as_str())]
@@ -531,8 +645,11 @@ impl BrokerError {
     /// The gRPC code.
     pub fn code(&self) -> Code {
         match self {
-            Self::Invalid(_) | Self::Unauthentic => Code::InvalidArgument,
+            Self::Invalid(_) | Self::Unauthentic | Self::UnauthenticCiphertext => {
+                Code::InvalidArgument
+            }
             Self::NotFound(_) => Code::NotFound,
+            Self::Denied(Denied::Signature(_)) => Code::Unauthenticated,
             Self::Denied(_) => Code::PermissionDenied,
             Self::Refused(_) => Code::FailedPrecondition,
             Self::Exists(_) => Code::AlreadyExists,

@@ -257,6 +257,16 @@ pub const MAX_DEK_LEN: usize = 64;
 pub const DEFAULT_DEK_LEN: usize = 32;
 /// The largest caller AAD accepted.
 pub const MAX_AAD_LEN: usize = 8192;
+/// The largest payload `Encrypt` takes (and `Decrypt` returns): 64 KiB. Payload encryption is
+/// for small secrets (tokens, passwords, other systems' keys, the 4,300-byte data keys of the
+/// AWS XKS door); bulk data is encrypted locally under a DEK (envelope encryption, the SDK).
+/// The bound keeps one payload inside one single-part PKCS#11 call, whose input size tokens
+/// limit (each to its own figure), and keeps a request well inside the 1 MiB gRPC message limit
+/// with its AAD.
+pub const MAX_PAYLOAD_LEN: usize = 64 * 1024;
+/// The most plaintext one batch of `Encrypt` items carries in total: its reply (each payload
+/// plus its envelope's header and tag, or an RSA block) must fit the 1 MiB message limit too.
+pub const MAX_BATCH_PAYLOAD: usize = 512 * 1024;
 
 /// Checks a DEK length: 16-64 bytes and a multiple of 8 (RFC 5649 on SoftHSM2 zero-pads other
 /// lengths, which would change the DEK on unwrap; one rule for every algorithm keeps envelopes
@@ -380,11 +390,29 @@ pub enum KeyOp {
     GenerateDataKey,
     /// Rewrap (as the source).
     Rewrap,
+    /// Encrypt a payload (Encrypt, and the XKS door's encrypt).
+    Encrypt,
+    /// Decrypt a payload (Decrypt, and the XKS door's decrypt).
+    Decrypt,
 }
 
 impl KeyOp {
     /// Every operation.
-    pub const ALL: [KeyOp; 4] = [
+    pub const ALL: [KeyOp; 6] = [
+        KeyOp::Wrap,
+        KeyOp::Unwrap,
+        KeyOp::GenerateDataKey,
+        KeyOp::Rewrap,
+        KeyOp::Encrypt,
+        KeyOp::Decrypt,
+    ];
+
+    /// What a new key allows when its creator names no operations: the key-wrapping ones.
+    /// Payload encryption (`encrypt`, `decrypt`) is asked for by name: a KEK made to wrap DEKs
+    /// does not also decrypt whatever a caller hands it unless its owner says so (least
+    /// privilege, and the role table keeps the two apart as well). Keys stored before these two
+    /// operations existed keep exactly the operations they had.
+    pub const DEFAULT: [KeyOp; 4] = [
         KeyOp::Wrap,
         KeyOp::Unwrap,
         KeyOp::GenerateDataKey,
@@ -398,6 +426,8 @@ impl KeyOp {
             KeyOp::Unwrap => "unwrap",
             KeyOp::GenerateDataKey => "generate-data-key",
             KeyOp::Rewrap => "rewrap",
+            KeyOp::Encrypt => "encrypt",
+            KeyOp::Decrypt => "decrypt",
         }
     }
 
@@ -444,7 +474,7 @@ impl Default for KeyAttributes {
             enabled: true,
             not_before_ms: None,
             expires_ms: None,
-            operations: KeyOp::ALL.into_iter().collect(),
+            operations: KeyOp::DEFAULT.into_iter().collect(),
             tags: Default::default(),
             min_decryption_version: 1,
             purge_protection: false,

@@ -20,6 +20,7 @@ mod kms_v2;
 mod lifecycle;
 mod observability;
 mod overload;
+mod payload;
 mod pkcs11_uri;
 mod portability;
 mod properties;

@@ -10,6 +10,7 @@
 //! * [`manage`] — the key lifecycle: create, import, read, list, update, rotate, trim, delete,
 //!   recover, purge, backup, restore;
 //! * [`audit`] — reading the audit trail;
+//! * [`payload`] — encrypt and decrypt small payloads (batch or single, one code path);
 //! * [`hyok`] — the HYOK kill switch;
 //! * [`kms`] — the Kubernetes KMS v2 plugin's encrypt and decrypt of its one key.
 
@@ -18,6 +19,7 @@ pub mod data;
 pub mod hyok;
 pub mod kms;
 pub mod manage;
+pub mod payload;
 
 use std::future::Future;
 
