@@ -922,6 +922,57 @@ scope = "key:acme/pay-*"
     }
 
     #[test]
+    fn on_behalf_of_limits_a_binding_to_matching_upstream_principals() {
+        let p = Policy::parse(
+            r#"
+[[binding]]
+identity = "xks:acme"
+role = "service-crypto-user"
+scope = "tenant:acme"
+on_behalf_of = ["arn:aws:iam::111122223333:*"]
+"#,
+        )
+        .expect("valid");
+        let xks = caller("xks:acme");
+        let k = key("acme/k1");
+        let up = |arn: Option<&str>| Upstream {
+            principal: arn.map(str::to_string),
+            operation: Some("Encrypt".into()),
+            ..Upstream::default()
+        };
+        let alice = up(Some("arn:aws:iam::111122223333:user/Alice"));
+        let mallory = up(Some("arn:aws:iam::999999999999:user/Mallory"));
+        assert!(p.allows_for(&xks, Some(&alice), Permission::Encrypt, &k));
+        assert!(!p.allows_for(&xks, Some(&mallory), Permission::Encrypt, &k));
+        assert!(!p.allows_for(&xks, Some(&up(None)), Permission::Encrypt, &k));
+        assert!(!p.allows_for(&xks, None, Permission::Encrypt, &k));
+        assert!(
+            !p.allows_for(&xks, Some(&alice), Permission::Wrap, &k),
+            "role"
+        );
+        // The identity is still known (an XKS health check reports no principal).
+        assert!(p.knows(&xks));
+        let e = Policy::parse(
+            "[[binding]]\nidentity = \"x\"\nrole = \"auditor\"\nscope = \"all\"\non_behalf_of = [\"*\"]",
+        )
+        .expect_err("a bare * is refused");
+        assert!(e.contains("on_behalf_of"), "{e}");
+    }
+
+    #[test]
+    fn payload_permissions_follow_the_published_table() {
+        use Permission::*;
+        assert!(Role::CryptoUser.permissions().contains(&Encrypt));
+        assert!(Role::CryptoUser.permissions().contains(&Decrypt));
+        assert!(!Role::ServiceEncryptionUser.permissions().contains(&Encrypt));
+        assert!(!Role::ServiceEncryptionUser.permissions().contains(&Decrypt));
+        assert_eq!(
+            Role::ServiceCryptoUser.permissions(),
+            &[ReadMetadata, Encrypt, Decrypt]
+        );
+    }
+
+    #[test]
     fn justifications() {
         let p = Policy::parse(
             r#"

@@ -48,7 +48,7 @@ use crate::{
     keys::Keyring,
     metrics::Metrics,
     model::{KeyName, VersionId},
-    policy::{Authorizer, Binding, Grant, Permission, PolicyHandle, Reason},
+    policy::{Authorizer, Binding, Grant, Permission, PolicyHandle, Reason, Upstream},
 };
 
 use super::ops::Operation;
@@ -90,6 +90,9 @@ pub struct Context {
     pub reason: ReasonCode,
     /// The justification's free text.
     pub detail: String,
+    /// The cloud request this request serves, as a cloud front door reports it (an XKS
+    /// request's `requestMetadata`): into the audit record, and to the policy.
+    pub upstream: Option<Upstream>,
 }
 
 /// What a front door knows of a request besides the operation it asks for.
@@ -387,6 +390,7 @@ struct Notes {
     justification_detail: Option<String>,
     request_id: Option<String>,
     correlation_id: Option<String>,
+    upstream: Option<Upstream>,
 }
 
 /// One item of a batch, for its own audit record.
@@ -523,6 +527,12 @@ impl Call {
             self.record.justification_detail = Some(c.detail);
         }
         self.authority.set_reason(reason);
+        // Opaque strings (the XKS spec forbids validating their structure): kept as sent, the
+        // audit trail's JSON and the log's escaping make them safe to record.
+        if let Some(u) = c.upstream {
+            self.authority.set_upstream(u.clone());
+            self.record.upstream = Some(u);
+        }
         Ok(())
     }
 
@@ -612,6 +622,7 @@ impl Call {
             rec.justification = n.justification.clone();
             rec.justification_detail = n.justification_detail.clone();
             rec.correlation_id = n.correlation_id.clone();
+            rec.upstream = n.upstream.clone();
             rec.request_id = Some(format!("{request_id}#{i}"));
             out.push(rec);
         }
@@ -623,6 +634,7 @@ impl Call {
         rec.justification_detail = n.justification_detail.take();
         rec.request_id = Some(request_id.clone());
         rec.correlation_id = n.correlation_id.take();
+        rec.upstream = n.upstream.take();
         rec.outcome = Some(outcome_name(result));
         rec.message = result.err().map(BrokerError::public_message);
         rec.latency_us = Some(latency_us);

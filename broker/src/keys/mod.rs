@@ -46,7 +46,7 @@ pub use self::{
     lifecycle::{AttributePatch, IMPORT_KEY_TTL_MS, ImportKeyInfo, Times},
     load::LoadReport,
     payload::{
-        DETACHED_DOMAIN, DecryptInput, DecryptItem, Decrypted, EncryptItem, Encrypted,
+        DETACHED_DOMAIN, DecryptInput, DecryptItem, Decrypted, DoorAad, EncryptItem, Encrypted,
         MAX_DETACHED_AAD, OpenItem, Opened, PayloadResolved, SealItem, Sealed, check_payload_len,
         rsa_payload_max,
     },

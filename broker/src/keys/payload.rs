@@ -117,10 +117,14 @@ pub struct SealItem {
     pub grant: Grant,
     /// The payload (1 byte to 64 KiB).
     pub plaintext: Dek,
-    /// The AAD the front door built (at most [`MAX_DETACHED_AAD`] bytes); the HSM sees
+    /// The AAD the front door builds once the version is chosen (its AAD may name the version,
+    /// as XKS's ciphertext metadata does), at most [`MAX_DETACHED_AAD`] bytes; the HSM sees
     /// [`DETACHED_DOMAIN`] then these bytes.
-    pub aad: Vec<u8>,
+    pub aad: DoorAad,
 }
+
+/// How a front door's AAD depends on the key version that encrypts.
+pub type DoorAad = Box<dyn FnOnce(VersionId) -> Vec<u8> + Send>;
 
 /// A detached AES-256-GCM ciphertext.
 #[derive(Debug)]
@@ -406,27 +410,33 @@ impl Keyring {
         let mut results = empty(items.len());
         let mut work = Vec::with_capacity(items.len());
         for (index, item) in items.into_iter().enumerate() {
+            let SealItem {
+                grant,
+                plaintext,
+                aad,
+            } = item;
             let prepared = (|| {
-                let name = item.grant.key_for(Permission::Encrypt)?;
-                check_payload_len(item.plaintext.len())?;
-                check_detached_aad(&item.aad)?;
+                let name = grant.key_for(Permission::Encrypt)?;
+                check_payload_len(plaintext.len())?;
                 let entry = self.get(name)?;
                 if entry.algorithm != Algorithm::Aes256Gcm {
                     return Err(not_for_payloads(&entry));
                 }
                 let version = entry.current()?.clone();
                 entry.check(KeyOp::Encrypt, &version, now)?;
+                let aad = aad(version.id);
+                check_detached_aad(&aad)?;
                 let iv = fresh_iv()?;
-                Ok((entry, version, iv))
+                let params = WrapParams::Gcm {
+                    iv,
+                    aad: detached_aad(&aad),
+                };
+                Ok((entry, version, iv, params))
             })();
             match prepared {
-                Ok((entry, version, iv)) => {
-                    let params = WrapParams::Gcm {
-                        iv,
-                        aad: detached_aad(&item.aad),
-                    };
+                Ok((entry, version, iv, params)) => {
                     let id = version.id;
-                    work.push((index, (entry, version, iv), (id, params, item.plaintext)));
+                    work.push((index, (entry, version, iv), (id, params, plaintext)));
                 }
                 Err(e) => results[index] = Some(Err(e)),
             }

@@ -12,7 +12,8 @@
 //! * [`audit`] — reading the audit trail;
 //! * [`payload`] — encrypt and decrypt small payloads (batch or single, one code path);
 //! * [`hyok`] — the HYOK kill switch;
-//! * [`kms`] — the Kubernetes KMS v2 plugin's encrypt and decrypt of its one key.
+//! * [`kms`] — the Kubernetes KMS v2 plugin's encrypt and decrypt of its one key;
+//! * [`xks`] — the AWS XKS proxy API's key metadata, encrypt, decrypt and health.
 
 pub mod audit;
 pub mod data;
@@ -20,6 +21,7 @@ pub mod hyok;
 pub mod kms;
 pub mod manage;
 pub mod payload;
+pub mod xks;
 
 use std::future::Future;
 
