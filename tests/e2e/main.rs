@@ -30,3 +30,4 @@ mod sdk;
 mod soak;
 mod tls;
 mod wrap_unwrap;
+mod xks_ops;

@@ -494,6 +494,9 @@ impl Keyring {
                 if entry.algorithm != Algorithm::Aes256Gcm {
                     return Err(not_for_payloads(&entry));
                 }
+                // The key's state and operations first (a key that does not decrypt says so,
+                // whatever ciphertext it is given), then the version the metadata names.
+                entry.check(KeyOp::Decrypt, entry.current()?, now)?;
                 let (_, version) = self
                     .version_of(Some(name), item.version_id)
                     .ok_or(BrokerError::UnauthenticCiphertext)?;
