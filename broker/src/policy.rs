@@ -960,6 +960,16 @@ on_behalf_of = ["arn:aws:iam::111122223333:*"]
     }
 
     #[test]
+    fn the_example_policies_parse() {
+        for text in [
+            include_str!("../../examples/managed-hsm-policy.toml"),
+            include_str!("../../examples/hyok-policy.toml"),
+        ] {
+            Policy::parse(text).expect("example policy");
+        }
+    }
+
+    #[test]
     fn payload_permissions_follow_the_published_table() {
         use Permission::*;
         assert!(Role::CryptoUser.permissions().contains(&Encrypt));
