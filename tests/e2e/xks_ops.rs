@@ -190,7 +190,7 @@ impl Door {
             },
             Some(Caller {
                 id: IDENTITY.into(),
-                kind: IdentityKind::Dns,
+                kind: IdentityKind::SigV4,
             }),
         );
         incoming.request_id = d.request_id;
@@ -426,7 +426,7 @@ async fn child_drives_the_xks_operations_in_process() {
         },
         Some(Caller {
             id: IDENTITY.into(),
-            kind: IdentityKind::Dns,
+            kind: IdentityKind::SigV4,
         }),
     );
     incoming.context = Some(keybroker::api::pipeline::Context {

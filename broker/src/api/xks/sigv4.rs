@@ -401,7 +401,8 @@ fn parse_amz_date(s: &str) -> Option<SystemTime> {
 }
 
 /// Verifies a request's SigV4 signature against `credentials`, with `now` as this server's
-/// clock. Returns the access key id that signed it.
+/// clock. Returns the access key id that signed it; the caller is then the prefix's identity
+/// (`Caller { id: prefix.identity(), kind: IdentityKind::SigV4 }`).
 pub fn verify(
     parts: &http::request::Parts,
     body: &[u8],
