@@ -125,6 +125,10 @@ pub struct Record {
     /// The correlation id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
+    /// The cloud request this request served (an XKS request's `requestMetadata`: principal,
+    /// KMS operation, KMS request id, via service).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<crate::policy::Upstream>,
     /// Time spent on the request before it was audited, µs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_us: Option<u64>,

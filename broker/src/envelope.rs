@@ -17,14 +17,25 @@
 //!
 //! Parsing is strict: any length that does not fit the algorithm is refused, and every refusal
 //! is the same [`BrokerError::Unauthentic`] (no oracle on which check failed).
+//!
+//! **Format 2, the encrypted payload** (`Encrypt`/`Decrypt`), is a sibling with the same layout
+//! and its own format byte `0x02`: algorithm 1 (AES-256-GCM: ciphertext = encrypted payload ||
+//! tag, 1 to 64 KiB of payload) or 3/4 (RSA-OAEP: one modulus-sized block); AES-KWP (2) never
+//! appears. Its AAD is likewise its header || the caller's AAD. Because the header is the start
+//! of the AAD the HSM authenticates, the first byte keeps the two kinds apart under one key: a
+//! wrapped DEK handed to `Decrypt` (or a payload handed to `UnwrapKey`) fails authentication,
+//! so a caller allowed to decrypt payloads cannot read the DEKs a key wraps, nor the reverse.
+//! Its refusals are all [`BrokerError::UnauthenticCiphertext`].
 
 use crate::{
     error::BrokerError,
-    model::{Algorithm, MAX_DEK_LEN, MIN_DEK_LEN, VersionId},
+    model::{Algorithm, MAX_DEK_LEN, MAX_PAYLOAD_LEN, MIN_DEK_LEN, VersionId},
 };
 
 /// The format byte of this envelope layout.
 pub const FORMAT_V1: u8 = 0x01;
+/// The format byte of an encrypted payload (format 2, see the module docs).
+pub const FORMAT_PAYLOAD: u8 = 0x02;
 /// The AES-GCM IV length (NIST SP 800-38D's recommended 96 bits). Never anything else.
 pub const GCM_IV_LEN: usize = 12;
 /// The AES-GCM tag length (128 bits). Never anything shorter.
@@ -49,8 +60,17 @@ pub struct Envelope<'a> {
 
 /// Builds the header for a new envelope.
 pub fn header(algorithm: Algorithm, version: VersionId, nonce: &[u8]) -> Vec<u8> {
+    header_of(FORMAT_V1, algorithm, version, nonce)
+}
+
+/// Builds the header for a new encrypted payload (format 2).
+pub fn payload_header(algorithm: Algorithm, version: VersionId, nonce: &[u8]) -> Vec<u8> {
+    header_of(FORMAT_PAYLOAD, algorithm, version, nonce)
+}
+
+fn header_of(format: u8, algorithm: Algorithm, version: VersionId, nonce: &[u8]) -> Vec<u8> {
     let mut h = Vec::with_capacity(FIXED_HEADER + nonce.len());
-    h.push(FORMAT_V1);
+    h.push(format);
     h.push(algorithm.id());
     h.extend_from_slice(version.as_bytes());
     // Nonces are 0 or 12 bytes: the cast cannot truncate.
@@ -76,11 +96,21 @@ pub fn gcm_aad(header: &[u8], caller_aad: &[u8]) -> Vec<u8> {
 /// Parses an envelope. `rsa_block` gives the modulus size in bytes for a version id, if the
 /// version is an RSA key (used to check the ciphertext length before the HSM sees it).
 pub fn parse(bytes: &[u8]) -> Result<Envelope<'_>, BrokerError> {
-    if bytes.len() < FIXED_HEADER || bytes[0] != FORMAT_V1 {
-        return Err(BrokerError::Unauthentic);
+    parse_as(FORMAT_V1, bytes).ok_or(BrokerError::Unauthentic)
+}
+
+/// Parses an encrypted payload (format 2). Every refusal is
+/// [`BrokerError::UnauthenticCiphertext`].
+pub fn parse_payload(bytes: &[u8]) -> Result<Envelope<'_>, BrokerError> {
+    parse_as(FORMAT_PAYLOAD, bytes).ok_or(BrokerError::UnauthenticCiphertext)
+}
+
+fn parse_as(format: u8, bytes: &[u8]) -> Option<Envelope<'_>> {
+    if bytes.len() < FIXED_HEADER || bytes[0] != format {
+        return None;
     }
-    let algorithm = Algorithm::from_id(bytes[1]).ok_or(BrokerError::Unauthentic)?;
-    let version = VersionId::from_slice(&bytes[2..18]).ok_or(BrokerError::Unauthentic)?;
+    let algorithm = Algorithm::from_id(bytes[1])?;
+    let version = VersionId::from_slice(&bytes[2..18])?;
     let nonce_len = usize::from(bytes[18]);
     let expected_nonce = if algorithm == Algorithm::Aes256Gcm {
         GCM_IV_LEN
@@ -88,11 +118,16 @@ pub fn parse(bytes: &[u8]) -> Result<Envelope<'_>, BrokerError> {
         0
     };
     if nonce_len != expected_nonce || bytes.len() < FIXED_HEADER + nonce_len {
-        return Err(BrokerError::Unauthentic);
+        return None;
     }
     let (header, ciphertext) = bytes.split_at(FIXED_HEADER + nonce_len);
     let nonce = &header[FIXED_HEADER..];
     let ct_ok = match algorithm {
+        // A payload: 1 byte to 64 KiB, then the tag.
+        Algorithm::Aes256Gcm if format == FORMAT_PAYLOAD => {
+            (GCM_TAG_LEN + 1..=GCM_TAG_LEN + MAX_PAYLOAD_LEN).contains(&ciphertext.len())
+        }
+        Algorithm::AesKeyWrapPad if format == FORMAT_PAYLOAD => false,
         Algorithm::Aes256Gcm => {
             let n = ciphertext.len().wrapping_sub(GCM_TAG_LEN);
             ciphertext.len() >= GCM_TAG_LEN && (MIN_DEK_LEN..=MAX_DEK_LEN).contains(&n)
@@ -108,9 +143,9 @@ pub fn parse(bytes: &[u8]) -> Result<Envelope<'_>, BrokerError> {
         }
     };
     if !ct_ok {
-        return Err(BrokerError::Unauthentic);
+        return None;
     }
-    Ok(Envelope {
+    Some(Envelope {
         algorithm,
         version,
         nonce,
@@ -185,5 +220,57 @@ mod tests {
         let mut b = sample(Algorithm::Aes256Gcm);
         b[18] = 11;
         assert!(matches!(parse(&b), Err(BrokerError::Unauthentic)));
+    }
+
+    #[test]
+    fn payload_layout_is_format_1_with_format_byte_2() {
+        let bytes = seal(
+            payload_header(Algorithm::Aes256Gcm, VersionId([9; 16]), &[7; 12]),
+            &[1u8; 5 + 16],
+        );
+        assert_eq!(bytes[0], 0x02);
+        assert_eq!(bytes[1], 1);
+        assert_eq!(&bytes[2..18], &[9u8; 16]);
+        assert_eq!(bytes[18], 12);
+        let e = parse_payload(&bytes).expect("parses");
+        assert_eq!(e.ciphertext.len(), 21);
+        assert_eq!(e.header, &bytes[..31]);
+    }
+
+    #[test]
+    fn payloads_and_wrapped_keys_never_parse_as_each_other() {
+        let payload = seal(
+            payload_header(Algorithm::Aes256Gcm, VersionId([9; 16]), &[7; 12]),
+            &[1u8; 32 + 16],
+        );
+        assert!(matches!(parse(&payload), Err(BrokerError::Unauthentic)));
+        let wrapped = sample(Algorithm::Aes256Gcm);
+        assert!(matches!(
+            parse_payload(&wrapped),
+            Err(BrokerError::UnauthenticCiphertext)
+        ));
+    }
+
+    #[test]
+    fn payload_sizes_are_checked() {
+        let h = || payload_header(Algorithm::Aes256Gcm, VersionId([9; 16]), &[7; 12]);
+        // The tag alone (an empty payload) and one byte past 64 KiB are refused.
+        for bad in [0, 16, 16 + MAX_PAYLOAD_LEN + 1] {
+            assert!(parse_payload(&seal(h(), &vec![0; bad])).is_err(), "{bad}");
+        }
+        for good in [17, 16 + MAX_PAYLOAD_LEN] {
+            assert!(parse_payload(&seal(h(), &vec![0; good])).is_ok(), "{good}");
+        }
+        // AES-KWP never encrypts payloads.
+        let kwp = seal(
+            payload_header(Algorithm::AesKeyWrapPad, VersionId([9; 16]), &[]),
+            &[0; 40],
+        );
+        assert!(parse_payload(&kwp).is_err());
+        let rsa = seal(
+            payload_header(Algorithm::RsaOaepSha256, VersionId([9; 16]), &[]),
+            &[0; 256],
+        );
+        assert!(parse_payload(&rsa).is_ok());
     }
 }

@@ -19,6 +19,8 @@ use crate::model::{Algorithm, KeyName, KeyOp, KeyType, Permission, Reason, Versi
 
 /// The one message for a wrapped key that is malformed or fails authentication.
 pub const UNAUTHENTIC_MESSAGE: &str = "wrapped key is malformed or not authentic";
+/// The one message for an encrypted payload that is malformed or fails authentication.
+pub const UNAUTHENTIC_CIPHERTEXT_MESSAGE: &str = "ciphertext is malformed or not authentic";
 
 /// An error that ends a request (or one item of a batch).
 #[derive(Clone, Debug, thiserror::Error)]
@@ -30,6 +32,10 @@ pub enum BrokerError {
     /// no detail.
     #[error("{UNAUTHENTIC_MESSAGE}")]
     Unauthentic,
+    /// An encrypted payload failed to parse or authenticate (INVALID_ARGUMENT): the payload
+    /// counterpart of [`BrokerError::Unauthentic`], as deliberately without detail.
+    #[error("{UNAUTHENTIC_CIPHERTEXT_MESSAGE}")]
+    UnauthenticCiphertext,
     /// The named thing does not exist (NOT_FOUND).
     #[error(transparent)]
     NotFound(#[from] NotFound),
@@ -76,6 +82,9 @@ pub enum NotFound {
     /// No such BYOK import key.
     #[error("import key {0:?} not found")]
     ImportKey(String),
+    /// A front door's URI path that names nothing it serves.
+    #[error("no such path: {0}")]
+    UriPath(String),
 }
 
 /// Why the caller may not.
@@ -84,6 +93,9 @@ pub enum Denied {
     /// The connection carried no verified identity.
     #[error("no verified client identity")]
     NoIdentity,
+    /// A request signature (AWS SigV4) that does not verify (UNAUTHENTICATED).
+    #[error("request signature refused: {0}")]
+    Signature(SignatureFailure),
     /// No binding names the caller.
     #[error("identity {0} has no role on this broker")]
     NoRole(String),
@@ -131,6 +143,44 @@ pub enum Denied {
         /// The reason given.
         reason: Reason,
     },
+}
+
+/// Why a request signature (AWS SigV4) was refused. The caller learns which check failed (as
+/// AWS services say); a guess at a secret learns nothing from it, the comparison being in
+/// constant time.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureFailure {
+    /// No `Authorization` header, or one that is not `AWS4-HMAC-SHA256 Credential=...,
+    /// SignedHeaders=..., Signature=...`.
+    #[error("missing or malformed Authorization header")]
+    Malformed,
+    /// A credential scope that is not `KEY/DATE/REGION/kms-xks-proxy/aws4_request`, or whose
+    /// date is not the request's.
+    #[error(
+        "credential scope {0:?} is not DATE/REGION/kms-xks-proxy/aws4_request of the request's date"
+    )]
+    Scope(String),
+    /// A signed header list without `host` and `x-amz-date`, or naming a header the request
+    /// lacks.
+    #[error("signed headers must include host and x-amz-date and be present: {0}")]
+    SignedHeaders(String),
+    /// A missing or malformed `X-Amz-Date`.
+    #[error("missing or malformed X-Amz-Date (YYYYMMDDTHHMMSSZ)")]
+    Date,
+    /// A request time outside the allowed clock skew.
+    #[error("request time is {skew_s} s from this server's clock; at most {max_s} s is accepted")]
+    Skew {
+        /// How far off, in seconds.
+        skew_s: u64,
+        /// The most accepted.
+        max_s: u64,
+    },
+    /// An access key id this prefix does not know.
+    #[error("unknown access key id {0:?} for this path")]
+    UnknownAccessKey(String),
+    /// The signature does not match the request.
+    #[error("the signature does not match the request")]
+    Mismatch,
 }
 
 /// Why the key (or the HSM) cannot do this now.
@@ -198,6 +248,16 @@ pub enum Refused {
         version: u32,
         /// The minimum.
         min: u32,
+    },
+    /// Payload encryption asked of a key whose algorithm cannot do it.
+    #[error(
+        "key {key} uses {algorithm}, which does not encrypt payloads; use an AES-256-GCM or RSA-OAEP key"
+    )]
+    NotForPayloads {
+        /// The key.
+        key: KeyName,
+        /// Its algorithm.
+        algorithm: Algorithm,
     },
     /// A public key asked of a key that has none.
     #[error("key {key} is {}: only RSA keys have a public key", key_type.as_str())]
@@ -352,8 +412,11 @@ impl BrokerError {
     /// The gRPC code.
     pub fn code(&self) -> Code {
         match self {
-            Self::Invalid(_) | Self::Unauthentic => Code::InvalidArgument,
+            Self::Invalid(_) | Self::Unauthentic | Self::UnauthenticCiphertext => {
+                Code::InvalidArgument
+            }
             Self::NotFound(_) => Code::NotFound,
+            Self::Denied(Denied::Signature(_)) => Code::Unauthenticated,
             Self::Denied(_) => Code::PermissionDenied,
             Self::Refused(_) => Code::FailedPrecondition,
             Self::Exists(_) => Code::AlreadyExists,

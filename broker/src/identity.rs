@@ -15,6 +15,9 @@ pub enum IdentityKind {
     Dns,
     /// A local peer of a unix socket, by uid (`unix:uid=N`, from the kernel).
     Unix,
+    /// A request signed with AWS SigV4 by a credential of an XKS URI prefix (the id is the
+    /// prefix's configured identity; `api::xks::sigv4`).
+    SigV4,
 }
 
 /// A verified caller.

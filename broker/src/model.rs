@@ -255,6 +255,16 @@ pub const MAX_DEK_LEN: usize = 64;
 pub const DEFAULT_DEK_LEN: usize = 32;
 /// The largest caller AAD accepted.
 pub const MAX_AAD_LEN: usize = 8192;
+/// The largest payload `Encrypt` takes (and `Decrypt` returns): 64 KiB. Payload encryption is
+/// for small secrets (tokens, passwords, other systems' keys, the 4,300-byte data keys of the
+/// AWS XKS door); bulk data is encrypted locally under a DEK (envelope encryption, the SDK).
+/// The bound keeps one payload inside one single-part PKCS#11 call, whose input size tokens
+/// limit (each to its own figure), and keeps a request well inside the 1 MiB gRPC message limit
+/// with its AAD.
+pub const MAX_PAYLOAD_LEN: usize = 64 * 1024;
+/// The most plaintext one batch of `Encrypt` items carries in total: its reply (each payload
+/// plus its envelope's header and tag, or an RSA block) must fit the 1 MiB message limit too.
+pub const MAX_BATCH_PAYLOAD: usize = 512 * 1024;
 
 /// Checks a DEK length: 16-64 bytes and a multiple of 8 (RFC 5649 on SoftHSM2 zero-pads other
 /// lengths, which would change the DEK on unwrap; one rule for every algorithm keeps envelopes
@@ -349,6 +359,10 @@ pub enum Permission {
     Wrap,
     /// Unwrap (UnwrapKey, the unwrap half of Rewrap).
     Unwrap,
+    /// Encrypt payloads (Encrypt, XKS encrypt).
+    Encrypt,
+    /// Decrypt payloads (Decrypt, XKS decrypt).
+    Decrypt,
     /// Read the audit trail.
     ReadAudit,
     /// Connect/disconnect HYOK service identities.
@@ -371,6 +385,8 @@ impl fmt::Display for Permission {
             Permission::TrimVersions => "trim versions",
             Permission::Wrap => "wrap",
             Permission::Unwrap => "unwrap",
+            Permission::Encrypt => "encrypt",
+            Permission::Decrypt => "decrypt",
             Permission::ReadAudit => "read audit",
             Permission::HyokControl => "HYOK control",
         };
@@ -506,6 +522,57 @@ pub enum Invalid {
     /// A raw ciphertext with AAD.
     #[error("a raw RSA-OAEP ciphertext cannot carry aad")]
     RawWithAad,
+    /// An empty payload to encrypt.
+    #[error("the plaintext is empty")]
+    PayloadEmpty,
+    /// A payload larger than keybroker encrypts.
+    #[error(
+        "the plaintext is {0} bytes; at most {MAX_PAYLOAD_LEN} bytes are encrypted in one call"
+    )]
+    PayloadTooLarge(usize),
+    /// A payload larger than an RSA-OAEP block of the key holds.
+    #[error(
+        "key {key} ({algorithm}) encrypts at most {max} bytes in one RSA-OAEP block; the plaintext is {got} bytes"
+    )]
+    RsaPayloadTooLarge {
+        /// The key.
+        key: KeyName,
+        /// Its algorithm.
+        algorithm: Algorithm,
+        /// The most the block holds.
+        max: usize,
+        /// The plaintext's length.
+        got: usize,
+    },
+    /// A batch of payloads larger in total than its reply may be.
+    #[error(
+        "a batch carries at most {MAX_BATCH_PAYLOAD} bytes of plaintext in total, not {0} (split it)"
+    )]
+    BatchPayload(usize),
+    /// A field that is not valid Base64.
+    #[error("{0} is not valid Base64")]
+    Base64(&'static str),
+    /// A body that is not the JSON the API expects (the parser says where).
+    #[error("the request body is not valid: {0}")]
+    Body(String),
+    /// A field whose value the API does not define.
+    #[error("{field} must be {expected}")]
+    Value {
+        /// The field.
+        field: &'static str,
+        /// What it must be.
+        expected: &'static str,
+    },
+    /// A binary field of the wrong length.
+    #[error("{field} must be {expected} bytes, not {got}")]
+    Length {
+        /// The field.
+        field: &'static str,
+        /// What it must be.
+        expected: &'static str,
+        /// What came.
+        got: usize,
+    },
     /// A raw ciphertext naming a non-RSA algorithm.
     #[error("a raw ciphertext must name RSA_OAEP_SHA256 or RSA_OAEP_SHA1")]
     RawNotRsa,
@@ -664,11 +731,29 @@ pub enum KeyOp {
     GenerateDataKey,
     /// Rewrap (as the source).
     Rewrap,
+    /// Encrypt a payload (Encrypt, and the XKS door's encrypt).
+    Encrypt,
+    /// Decrypt a payload (Decrypt, and the XKS door's decrypt).
+    Decrypt,
 }
 
 impl KeyOp {
     /// Every operation.
-    pub const ALL: [KeyOp; 4] = [
+    pub const ALL: [KeyOp; 6] = [
+        KeyOp::Wrap,
+        KeyOp::Unwrap,
+        KeyOp::GenerateDataKey,
+        KeyOp::Rewrap,
+        KeyOp::Encrypt,
+        KeyOp::Decrypt,
+    ];
+
+    /// What a new key allows when its creator names no operations: the key-wrapping ones.
+    /// Payload encryption (`encrypt`, `decrypt`) is asked for by name: a KEK made to wrap DEKs
+    /// does not also decrypt whatever a caller hands it unless its owner says so (least
+    /// privilege, and the role table keeps the two apart as well). Keys stored before these two
+    /// operations existed keep exactly the operations they had.
+    pub const DEFAULT: [KeyOp; 4] = [
         KeyOp::Wrap,
         KeyOp::Unwrap,
         KeyOp::GenerateDataKey,
@@ -682,6 +767,8 @@ impl KeyOp {
             KeyOp::Unwrap => "unwrap",
             KeyOp::GenerateDataKey => "generate-data-key",
             KeyOp::Rewrap => "rewrap",
+            KeyOp::Encrypt => "encrypt",
+            KeyOp::Decrypt => "decrypt",
         }
     }
 
@@ -728,7 +815,7 @@ impl Default for KeyAttributes {
             enabled: true,
             not_before_ms: None,
             expires_ms: None,
-            operations: KeyOp::ALL.into_iter().collect(),
+            operations: KeyOp::DEFAULT.into_iter().collect(),
             tags: Default::default(),
             min_decryption_version: 1,
             purge_protection: false,

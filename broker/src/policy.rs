@@ -2,14 +2,26 @@
 //! identity patterns and key scopes, deny by default; and the HYOK rules (which identities are
 //! the provider's service, which access justifications each key accepts).
 //!
-//! | role                      | permissions                                                         |
-//! |---------------------------|---------------------------------------------------------------------|
-//! | `administrator`           | read metadata, HYOK connect/disconnect (no key use)                 |
-//! | `crypto-officer`          | read metadata, delete, recover, purge, restore, trim versions        |
-//! | `crypto-user`             | read metadata, create, update, rotate, import, backup, wrap, unwrap  |
-//! | `service-encryption-user` | read metadata, wrap, unwrap                                          |
-//! | `auditor`                 | read metadata, read the audit trail (no key use)                     |
-//! | `backup`                  | read metadata, backup                                                |
+//! | role                      | permissions                                                                           |
+//! |---------------------------|---------------------------------------------------------------------------------------|
+//! | `administrator`           | read metadata, HYOK connect/disconnect (no key use)                                   |
+//! | `crypto-officer`          | read metadata, delete, recover, purge, restore, trim versions                         |
+//! | `crypto-user`             | read metadata, create, update, rotate, import, backup, wrap, unwrap, encrypt, decrypt |
+//! | `service-encryption-user` | read metadata, wrap, unwrap                                                           |
+//! | `service-crypto-user`     | read metadata, encrypt, decrypt                                                       |
+//! | `auditor`                 | read metadata, read the audit trail (no key use)                                      |
+//! | `backup`                  | read metadata, backup                                                                 |
+//!
+//! As in Managed HSM, the crypto user holds every key operation and the service encryption
+//! user only wrap and unwrap: a calling service that wraps DEKs cannot also decrypt payloads.
+//! `service-crypto-user` is the payload counterpart (Managed HSM has no separate built-in role
+//! for it): what a cloud KMS calling through an external key store door (AWS XKS) needs, and
+//! nothing else.
+//!
+//! A binding may also name `on_behalf_of`: globs of the upstream principal a cloud front door
+//! reports (the AWS principal ARN of an XKS request's `requestMetadata`). Such a binding grants
+//! its roles only to requests made on behalf of a matching principal — the XKS API's
+//! "secondary authorization" — and never to a request that reports no principal.
 //!
 //! The policy is a file (see `examples/*-policy.toml`) reloaded on SIGHUP and when its content
 //! changes; an invalid file is rejected and the previous policy stays in force.
@@ -21,7 +33,7 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use crate::model::{Permission, Reason};
 use crate::{
@@ -38,10 +50,13 @@ pub enum Role {
     Administrator,
     /// Delete, recover, purge, restore, trim.
     CryptoOfficer,
-    /// Create, read, update, rotate, import, backup, wrap, unwrap.
+    /// Create, read, update, rotate, import, backup, wrap, unwrap, encrypt, decrypt.
     CryptoUser,
     /// Read metadata, wrap, unwrap: the role a calling service gets.
     ServiceEncryptionUser,
+    /// Read metadata, encrypt, decrypt: the role a cloud KMS behind an external key store door
+    /// gets.
+    ServiceCryptoUser,
     /// Read metadata and the audit trail; no key use.
     Auditor,
     /// Backup.
@@ -50,11 +65,12 @@ pub enum Role {
 
 impl Role {
     /// Every role.
-    pub const ALL: [Role; 6] = [
+    pub const ALL: [Role; 7] = [
         Role::Administrator,
         Role::CryptoOfficer,
         Role::CryptoUser,
         Role::ServiceEncryptionUser,
+        Role::ServiceCryptoUser,
         Role::Auditor,
         Role::Backup,
     ];
@@ -74,8 +90,11 @@ impl Role {
                 Backup,
                 Wrap,
                 Unwrap,
+                Encrypt,
+                Decrypt,
             ],
             Role::ServiceEncryptionUser => &[ReadMetadata, Wrap, Unwrap],
+            Role::ServiceCryptoUser => &[ReadMetadata, Encrypt, Decrypt],
             Role::Auditor => &[ReadMetadata, ReadAudit],
             Role::Backup => &[ReadMetadata, Backup],
         }
@@ -174,6 +193,26 @@ fn glob_slice<T: PartialEq + Copy + From<u8>>(p: &[T], t: &[T]) -> bool {
     pi == p.len()
 }
 
+/// The cloud request a request serves, as the front door that carried it reports it (an AWS
+/// XKS request's `requestMetadata`). Authenticated only as far as the door authenticated the
+/// caller (SigV4 covers the body): it says on whose behalf a trusted cloud service calls. In
+/// the audit record, and matched by bindings' `on_behalf_of`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upstream {
+    /// The principal that called the cloud KMS (`awsPrincipalArn`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal: Option<String>,
+    /// The cloud KMS operation that led to this request (`kmsOperation`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
+    /// The cloud KMS's request id (`kmsRequestId`), to correlate with its own log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// The cloud service that called the KMS for the principal (`kmsViaService`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via_service: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyFile {
@@ -192,6 +231,8 @@ struct BindingFile {
     #[serde(default)]
     roles: Vec<Role>,
     scope: String,
+    #[serde(default)]
+    on_behalf_of: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -223,6 +264,9 @@ pub struct Binding {
     pub roles: Vec<Role>,
     /// Where.
     pub scope: Scope,
+    /// Globs of the upstream principal the request must be made on behalf of (empty: any
+    /// request, with or without one).
+    pub on_behalf_of: Vec<String>,
 }
 
 /// The HYOK rules.
@@ -272,10 +316,21 @@ impl Policy {
             }
             let scope =
                 Scope::parse(&b.scope).map_err(|e| format!("binding {n} ({}): {e}", b.identity))?;
+            if b.on_behalf_of
+                .iter()
+                .any(|g| g.trim().is_empty() || g == "*")
+            {
+                return Err(format!(
+                    "binding {n} ({}): on_behalf_of entries must not be empty or a bare \"*\" \
+                     (leave on_behalf_of out to match every request)",
+                    b.identity
+                ));
+            }
             bindings.push(Binding {
                 identity: b.identity,
                 roles,
                 scope,
+                on_behalf_of: b.on_behalf_of,
             });
         }
         let hyok = match f.hyok {
@@ -313,47 +368,70 @@ impl Policy {
                     identity: i.clone(),
                     roles: Role::ALL.to_vec(),
                     scope: Scope::All,
+                    on_behalf_of: Vec::new(),
                 })
                 .collect(),
             hyok: None,
         }
     }
 
-    fn matching<'a>(&'a self, caller: &'a Caller) -> impl Iterator<Item = &'a Binding> + 'a {
-        self.bindings
-            .iter()
-            .filter(move |b| glob(&b.identity, &caller.id))
+    /// The bindings that name the caller and whose `on_behalf_of` (if any) matches the
+    /// upstream principal the request reports.
+    fn matching<'a>(
+        &'a self,
+        caller: &'a Caller,
+        upstream: Option<&'a Upstream>,
+    ) -> impl Iterator<Item = &'a Binding> + 'a {
+        let principal = upstream.and_then(|u| u.principal.as_deref());
+        self.bindings.iter().filter(move |b| {
+            glob(&b.identity, &caller.id)
+                && (b.on_behalf_of.is_empty()
+                    || principal.is_some_and(|p| b.on_behalf_of.iter().any(|g| glob(g, p))))
+        })
     }
 
     /// Whether the caller holds `perm` on `key`.
     pub fn allows(&self, caller: &Caller, perm: Permission, key: &KeyName) -> bool {
-        self.matching(caller)
+        self.allows_for(caller, None, perm, key)
+    }
+
+    /// Whether the caller, on behalf of `upstream`, holds `perm` on `key`.
+    pub fn allows_for(
+        &self,
+        caller: &Caller,
+        upstream: Option<&Upstream>,
+        perm: Permission,
+        key: &KeyName,
+    ) -> bool {
+        self.matching(caller, upstream)
             .any(|b| b.scope.covers(key) && b.roles.iter().any(|r| r.permissions().contains(&perm)))
     }
 
     /// Whether the caller holds `perm` on something in `tenant` (listing then filters per key).
     pub fn allows_in_tenant(&self, caller: &Caller, perm: Permission, tenant: &str) -> bool {
-        self.matching(caller).any(|b| {
+        self.matching(caller, None).any(|b| {
             b.scope.covers_tenant(tenant) && b.roles.iter().any(|r| r.permissions().contains(&perm))
         })
     }
 
     /// Whether the caller holds `perm` broker-wide (scope `all`).
     pub fn allows_global(&self, caller: &Caller, perm: Permission) -> bool {
-        self.matching(caller).any(|b| {
+        self.matching(caller, None).any(|b| {
             b.scope == Scope::All && b.roles.iter().any(|r| r.permissions().contains(&perm))
         })
     }
 
     /// Whether the caller holds `perm` with some scope.
     pub fn allows_somewhere(&self, caller: &Caller, perm: Permission) -> bool {
-        self.matching(caller)
+        self.matching(caller, None)
             .any(|b| b.roles.iter().any(|r| r.permissions().contains(&perm)))
     }
 
-    /// Whether the caller may call at all (any binding matches).
+    /// Whether the caller may call at all (a binding names its identity, whatever it says of
+    /// upstream principals: a request that reports none, such as an XKS health check, is still
+    /// the caller's).
     pub fn knows(&self, caller: &Caller) -> bool {
-        self.matching(caller).next().is_some()
+        self.bindings.iter().any(|b| glob(&b.identity, &caller.id))
     }
 
     /// Whether the caller is a provider identity of the HYOK model: listed among the service
@@ -367,7 +445,7 @@ impl Policy {
         // Fail closed: whoever is not the customer's is the provider's.
         let customer = match &h.customer_identities {
             Some(patterns) => patterns.iter().any(|p| glob(p, &caller.id)),
-            None => self.matching(caller).any(|b| {
+            None => self.matching(caller, None).any(|b| {
                 b.roles
                     .iter()
                     .any(|r| r.permissions().contains(&Permission::HyokControl))
@@ -442,6 +520,7 @@ pub struct Authorizer {
     caller: Caller,
     hyok: Arc<crate::hyok::HyokSwitch>,
     reason: Option<Reason>,
+    upstream: Option<Upstream>,
     provider: bool,
 }
 
@@ -468,6 +547,7 @@ impl Authorizer {
             caller,
             hyok,
             reason: None,
+            upstream: None,
             provider,
         }
     }
@@ -497,14 +577,27 @@ impl Authorizer {
         self.reason = reason;
     }
 
-    /// Whether the caller may call at all (any binding matches).
+    /// The upstream request this request serves (see [`Upstream`]): its principal then
+    /// decides which bindings with `on_behalf_of` apply.
+    pub fn set_upstream(&mut self, upstream: Upstream) {
+        self.upstream = Some(upstream);
+    }
+
+    /// The upstream request, if the front door reported one.
+    pub fn upstream(&self) -> Option<&Upstream> {
+        self.upstream.as_ref()
+    }
+
+    /// Whether the caller may call at all (any binding names it).
     pub fn knows(&self) -> bool {
         self.policy.knows(&self.caller)
     }
 
-    /// Whether the caller holds `perm` on `key` (role × scope only: for filtering lists).
+    /// Whether the caller (on behalf of the upstream principal, if any) holds `perm` on `key`
+    /// (role × scope only: for filtering lists).
     pub fn allows(&self, perm: Permission, key: &KeyName) -> bool {
-        self.policy.allows(&self.caller, perm, key)
+        self.policy
+            .allows_for(&self.caller, self.upstream.as_ref(), perm, key)
     }
 
     /// Whether the caller holds `perm` on something in `tenant` (listing then filters per key).
@@ -749,6 +842,67 @@ scope = "key:acme/pay-*"
             let e = Policy::parse(text).expect_err(text);
             assert!(e.contains(needle), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn on_behalf_of_limits_a_binding_to_matching_upstream_principals() {
+        let p = Policy::parse(
+            r#"
+[[binding]]
+identity = "xks:acme"
+role = "service-crypto-user"
+scope = "tenant:acme"
+on_behalf_of = ["arn:aws:iam::111122223333:*"]
+"#,
+        )
+        .expect("valid");
+        let xks = caller("xks:acme");
+        let k = key("acme/k1");
+        let up = |arn: Option<&str>| Upstream {
+            principal: arn.map(str::to_string),
+            operation: Some("Encrypt".into()),
+            ..Upstream::default()
+        };
+        let alice = up(Some("arn:aws:iam::111122223333:user/Alice"));
+        let mallory = up(Some("arn:aws:iam::999999999999:user/Mallory"));
+        assert!(p.allows_for(&xks, Some(&alice), Permission::Encrypt, &k));
+        assert!(!p.allows_for(&xks, Some(&mallory), Permission::Encrypt, &k));
+        assert!(!p.allows_for(&xks, Some(&up(None)), Permission::Encrypt, &k));
+        assert!(!p.allows_for(&xks, None, Permission::Encrypt, &k));
+        assert!(
+            !p.allows_for(&xks, Some(&alice), Permission::Wrap, &k),
+            "role"
+        );
+        // The identity is still known (an XKS health check reports no principal).
+        assert!(p.knows(&xks));
+        let e = Policy::parse(
+            "[[binding]]\nidentity = \"x\"\nrole = \"auditor\"\nscope = \"all\"\non_behalf_of = [\"*\"]",
+        )
+        .expect_err("a bare * is refused");
+        assert!(e.contains("on_behalf_of"), "{e}");
+    }
+
+    #[test]
+    fn the_example_policies_parse() {
+        for text in [
+            include_str!("../../examples/managed-hsm-policy.toml"),
+            include_str!("../../examples/hyok-policy.toml"),
+        ] {
+            Policy::parse(text).expect("example policy");
+        }
+    }
+
+    #[test]
+    fn payload_permissions_follow_the_published_table() {
+        use Permission::*;
+        assert!(Role::CryptoUser.permissions().contains(&Encrypt));
+        assert!(Role::CryptoUser.permissions().contains(&Decrypt));
+        assert!(!Role::ServiceEncryptionUser.permissions().contains(&Encrypt));
+        assert!(!Role::ServiceEncryptionUser.permissions().contains(&Decrypt));
+        assert_eq!(
+            Role::ServiceCryptoUser.permissions(),
+            &[ReadMetadata, Encrypt, Decrypt]
+        );
     }
 
     #[test]

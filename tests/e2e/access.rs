@@ -9,11 +9,12 @@ use tonic::Code;
 
 use crate::common::*;
 
-const ROLES: [&str; 6] = [
+const ROLES: [&str; 7] = [
     "administrator",
     "crypto-officer",
     "crypto-user",
     "service-encryption-user",
+    "service-crypto-user",
     "auditor",
     "backup",
 ];
@@ -35,7 +36,7 @@ fn role_policy() -> String {
     p
 }
 
-const RPCS: [&str; 12] = [
+const RPCS: [&str; 16] = [
     "CreateKey",
     "GetKey",
     "ListKeys",
@@ -44,6 +45,10 @@ const RPCS: [&str; 12] = [
     "GenerateDataKey",
     "UnwrapKey",
     "Rewrap",
+    "Encrypt",
+    "Decrypt",
+    "BatchEncrypt",
+    "BatchDecrypt",
     "GetPublicKey",
     "QueryAudit",
     "HyokGetState",
@@ -53,6 +58,7 @@ const RPCS: [&str; 12] = [
 /// The published role table (docs/src/deployment.md, "Roles"), stated independently of the implementation.
 fn allowed(role: &str, rpc: &str) -> bool {
     let read = ["GetKey", "ListKeys", "GetPublicKey"].contains(&rpc);
+    let payload = ["Encrypt", "Decrypt", "BatchEncrypt", "BatchDecrypt"].contains(&rpc);
     match role {
         "administrator" => read || rpc.starts_with("Hyok"),
         "crypto-officer" | "backup" => read,
@@ -66,17 +72,72 @@ fn allowed(role: &str, rpc: &str) -> bool {
                 "Rewrap",
             ]
             .contains(&rpc)
+                || payload
         }
         "service-encryption-user" => {
             read || ["WrapKey", "GenerateDataKey", "UnwrapKey", "Rewrap"].contains(&rpc)
         }
+        "service-crypto-user" => read || payload,
         "auditor" => read || rpc == "QueryAudit",
         _ => false,
     }
 }
 
-async fn call(c: &mut Clients, rpc: &str, who: &str, envelope: &[u8]) -> Result<(), tonic::Status> {
+async fn call(
+    c: &mut Clients,
+    rpc: &str,
+    who: &str,
+    envelope: &[u8],
+    payload: &[u8],
+) -> Result<(), tonic::Status> {
+    let encrypt_req = || pb::EncryptRequest {
+        key: "t/payload".into(),
+        plaintext: b"a payload".to_vec(),
+        ..Default::default()
+    };
+    let decrypt_req = || pb::DecryptRequest {
+        ciphertext: payload.to_vec(),
+        ..Default::default()
+    };
     match rpc {
+        "Encrypt" => c.broker.encrypt(encrypt_req()).await.map(drop),
+        "Decrypt" => c.broker.decrypt(decrypt_req()).await.map(drop),
+        // A batch is refused as a whole only when its caller may not use the key at all; here
+        // its one item's result says whether the role may.
+        "BatchEncrypt" => {
+            let r = c
+                .broker
+                .batch_encrypt(pb::BatchEncryptRequest {
+                    items: vec![encrypt_req()],
+                    context: None,
+                })
+                .await?
+                .into_inner();
+            match r.results.into_iter().next().and_then(|r| r.result) {
+                Some(pb::encrypt_result::Result::Ok(_)) => Ok(()),
+                Some(pb::encrypt_result::Result::Error(e)) => {
+                    Err(tonic::Status::new(e.code.into(), e.message))
+                }
+                None => panic!("BatchEncrypt without a result"),
+            }
+        }
+        "BatchDecrypt" => {
+            let r = c
+                .broker
+                .batch_decrypt(pb::BatchDecryptRequest {
+                    items: vec![decrypt_req()],
+                    context: None,
+                })
+                .await?
+                .into_inner();
+            match r.results.into_iter().next().and_then(|r| r.result) {
+                Some(pb::decrypt_result::Result::Ok(_)) => Ok(()),
+                Some(pb::decrypt_result::Result::Error(e)) => {
+                    Err(tonic::Status::new(e.code.into(), e.message))
+                }
+                None => panic!("BatchDecrypt without a result"),
+            }
+        }
         "CreateKey" => c
             .mgmt
             .create_key(pb::CreateKeyRequest {
@@ -196,6 +257,34 @@ async fn every_role_against_every_rpc_is_allowed_or_denied_and_audited_either_wa
         .await
         .expect("setup wrap")
         .wrapped_key;
+    s.mgmt
+        .create_key(pb::CreateKeyRequest {
+            key: "t/payload".into(),
+            key_type: pb::KeyType::Aes256.into(),
+            attributes: Some(pb::KeyAttributes {
+                operations: Some(pb::KeyOperations {
+                    operations: vec![
+                        pb::KeyOperation::Encrypt.into(),
+                        pb::KeyOperation::Decrypt.into(),
+                    ],
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("setup payload key");
+    let payload = s
+        .broker
+        .encrypt(pb::EncryptRequest {
+            key: "t/payload".into(),
+            plaintext: b"setup".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("setup encrypt")
+        .into_inner()
+        .ciphertext;
 
     let mut expected = Vec::new();
     for role in ROLES.iter().copied().chain(["stranger"]) {
@@ -205,7 +294,7 @@ async fn every_role_against_every_rpc_is_allowed_or_denied_and_audited_either_wa
             b.clients_as(&certs[role]).await
         };
         for rpc in RPCS {
-            let r = call(&mut c, rpc, role, &envelope).await;
+            let r = call(&mut c, rpc, role, &envelope, &payload).await;
             if allowed(role, rpc) {
                 assert!(r.is_ok(), "{role} {rpc} should work: {r:?}");
             } else {
@@ -235,6 +324,13 @@ async fn every_role_against_every_rpc_is_allowed_or_denied_and_audited_either_wa
         let n = recs
             .iter()
             .filter(|r| r["kind"] == "request" && r["caller"] == who.as_str() && r["op"] == rpc)
+            // A batch's item has its own record (request id `ID#0`): that one says whether the
+            // role could use the key. A caller with no role at all is refused the whole batch
+            // (no item records).
+            .filter(|r| {
+                let item = r["request_id"].as_str().is_some_and(|id| id.contains('#'));
+                !rpc.starts_with("Batch") || item || who == hsm_fixtures::pki::TEST_STRANGER_ID
+            })
             .filter(|r| r["outcome"] == outcome)
             .count();
         assert_eq!(n, 1, "exactly one audit record {outcome} for {who} {rpc}");

@@ -302,3 +302,99 @@ async fn backup_and_restore_through_the_command_line() {
     assert!(!ok && stderr.contains("AlreadyExists"), "{stderr}");
     b.stop().await;
 }
+
+#[tokio::test]
+async fn encrypt_and_decrypt_from_the_command_line_as_a_table_and_as_json() {
+    let env = Env::new();
+    let b = env.start().await;
+    let (ok, _, err) = cli(
+        &env,
+        &b,
+        &["key", "create", "acme/notes", "--type", "aes-256"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    // A new key does not encrypt payloads until its operations say so.
+    let (ok, _, err) = cli(&env, &b, &["encrypt", "acme/notes", "--plaintext", "x"]).await;
+    assert!(!ok);
+    assert!(err.contains("does not allow encrypt"), "{err}");
+    let (ok, _, err) = cli(
+        &env,
+        &b,
+        &[
+            "key",
+            "update",
+            "acme/notes",
+            "--operations",
+            "encrypt,decrypt",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+
+    // Table: a header and one row whose last cell is the ciphertext.
+    let (ok, out, err) = cli(
+        &env,
+        &b,
+        &[
+            "encrypt",
+            "acme/notes",
+            "--plaintext",
+            "meet at noon",
+            "--aad",
+            "memo-1",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].starts_with("KEY"), "{out}");
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(&row[..3], ["acme/notes", "1", "aes-256-gcm"], "{out}");
+    let ct = row[3];
+    assert_eq!(B64.decode(ct).expect("base64")[0], 0x02);
+
+    // JSON, and the plaintext back.
+    let (ok, out, err) = cli(&env, &b, &["decrypt", ct, "--aad", "memo-1", "-o", "json"]).await;
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(j["key"], "acme/notes");
+    assert_eq!(j["key_version"], 1);
+    assert_eq!(
+        B64.decode(j["plaintext_base64"].as_str().expect("plaintext"))
+            .expect("base64"),
+        b"meet at noon"
+    );
+    // --out writes the raw payload to a new private file.
+    let out_file = env.dir.path().join("memo.txt");
+    let (ok, _, err) = cli(
+        &env,
+        &b,
+        &[
+            "decrypt",
+            ct,
+            "--aad",
+            "memo-1",
+            "--out",
+            out_file.to_str().expect("utf-8 path"),
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read(&out_file).expect("read"), b"meet at noon");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&out_file)
+        .expect("stat")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // A wrong AAD is the one unauthentic error.
+    let (ok, _, err) = cli(&env, &b, &["decrypt", ct, "--aad", "memo-2"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("ciphertext is malformed or not authentic"),
+        "{err}"
+    );
+    b.stop().await;
+}

@@ -16,7 +16,7 @@ use crate::{
     hyok::HyokSwitch,
     keys::Keyring,
     model::KeyName,
-    policy::{Authorizer, Grant, Permission, Reason},
+    policy::{Authorizer, Grant, Permission, Reason, Upstream},
 };
 
 /// A justification reason as a front door read it.
@@ -42,6 +42,9 @@ pub struct Context {
     pub reason: ReasonCode,
     /// The justification's free text.
     pub detail: String,
+    /// The cloud request this request serves, as a cloud front door reports it (an XKS
+    /// request's `requestMetadata`): into the audit record, and to the policy.
+    pub upstream: Option<Upstream>,
 }
 
 fn check_id(what: &'static str, s: &str) -> Result<(), BrokerError> {
@@ -61,6 +64,7 @@ struct Notes {
     justification_detail: Option<String>,
     request_id: Option<String>,
     correlation_id: Option<String>,
+    upstream: Option<Upstream>,
 }
 
 /// One item of a batch, for its own audit record.
@@ -222,6 +226,12 @@ impl Call {
             self.record.justification_detail = Some(c.detail);
         }
         self.authority.set_reason(reason);
+        // Opaque strings (the XKS spec forbids validating their structure): kept as sent, the
+        // audit trail's JSON and the log's escaping make them safe to record.
+        if let Some(u) = c.upstream {
+            self.authority.set_upstream(u.clone());
+            self.record.upstream = Some(u);
+        }
         Ok(())
     }
 
@@ -237,6 +247,7 @@ impl Call {
         rec.request_id = self.record.request_id.clone();
         rec.correlation_id = self.record.correlation_id.clone();
         rec.justification = self.record.justification.clone();
+        rec.upstream = self.record.upstream.clone();
         self.audit.append(rec).await.map_err(|e| {
             tracing::error!(error = %e, op = self.op, "intent record not written: the change is not made");
             Unavailable::Audit.into()
@@ -331,6 +342,7 @@ impl Call {
             rec.justification = n.justification.clone();
             rec.justification_detail = n.justification_detail.clone();
             rec.correlation_id = n.correlation_id.clone();
+            rec.upstream = n.upstream.clone();
             rec.request_id = Some(format!("{request_id}#{i}"));
             out.push(rec);
         }
@@ -342,6 +354,7 @@ impl Call {
         rec.justification_detail = n.justification_detail.take();
         rec.request_id = Some(request_id.clone());
         rec.correlation_id = n.correlation_id.take();
+        rec.upstream = n.upstream.take();
         rec.outcome = Some(audit::outcome_name(result));
         rec.message = result.err().map(BrokerError::public_message);
         rec.latency_us = Some(latency_us);

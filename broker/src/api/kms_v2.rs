@@ -112,6 +112,7 @@ impl KmsV2 {
             identity: caller.id.clone(),
             roles: vec![Role::ServiceEncryptionUser],
             scope: Scope::Key(self.key.to_string()),
+            on_behalf_of: Vec::new(),
         };
         let mut incoming = Incoming::new(endpoint, Some(caller));
         incoming.request_id = Some(uid.to_string());

@@ -7,7 +7,9 @@
 //! * [`ops`] — the operations a request can ask for, one type each (sealed: only this module
 //!   defines them);
 //! * [`grpc`] — the `keybroker.v1` gRPC services, a codec over the pipeline;
-//! * [`kms_v2`] — the Kubernetes KMS v2 plugin on a unix socket, a codec over the pipeline.
+//! * [`kms_v2`] — the Kubernetes KMS v2 plugin on a unix socket, a codec over the pipeline;
+//! * [`xks`] — the AWS XKS proxy API's codec pieces (paths, bodies, error names, SigV4,
+//!   `[xks]`), ahead of its HTTPS listener.
 //!
 //! A front door translates its wire format into an operation and the pipeline's reply back
 //! into its wire format; it holds no keyring, policy or audit trail, so it cannot skip a step.
@@ -17,6 +19,7 @@ pub mod grpc;
 pub mod kms_v2;
 pub mod ops;
 pub mod pipeline;
+pub mod xks;
 
 pub use self::pipeline::{DEFAULT_REQUEST_TIMEOUT, Pipeline};
 

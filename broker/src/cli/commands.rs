@@ -8,7 +8,7 @@ use super::{AuditCommand, Command, ConnArgs, HyokCommand, KeyCommand, Output, st
 use crate::{
     client::{ClientSettings, clients},
     config::Config,
-    model::{Algorithm, KeyType},
+    model::{Algorithm, Dek, KeyType},
 };
 
 /// `keybroker domain init` (with an SO PIN source) or `keybroker domain show` (without).
@@ -322,6 +322,7 @@ fn key_json(k: &pb::Key) -> serde_json::Value {
             "operations": a.operations.as_ref().map(|o| o.operations.iter().map(|x| match pb::KeyOperation::try_from(*x) {
                 Ok(pb::KeyOperation::Wrap) => "wrap", Ok(pb::KeyOperation::Unwrap) => "unwrap",
                 Ok(pb::KeyOperation::GenerateDataKey) => "generate-data-key", Ok(pb::KeyOperation::Rewrap) => "rewrap",
+                Ok(pb::KeyOperation::Encrypt) => "encrypt", Ok(pb::KeyOperation::Decrypt) => "decrypt",
                 _ => "unknown" }).collect::<Vec<_>>()),
             "tags": a.tags.as_ref().map(|t| t.tags.clone()),
             "min_decryption_version": a.min_decryption_version, "purge_protection": a.purge_protection,
@@ -417,6 +418,19 @@ fn print_key(k: &pb::Key, out: Output) {
             }
         }
     }
+}
+
+/// Writes a secret to a new file only its owner may read (refuses to replace a file).
+fn write_new_private(path: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    f.write_all(bytes)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 fn decode_b64(what: &str, s: &str) -> Result<Vec<u8>, String> {
@@ -531,6 +545,8 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                                         Ok(pb::KeyOperation::GenerateDataKey.into())
                                     }
                                     "rewrap" => Ok(pb::KeyOperation::Rewrap.into()),
+                                    "encrypt" => Ok(pb::KeyOperation::Encrypt.into()),
+                                    "decrypt" => Ok(pb::KeyOperation::Decrypt.into()),
                                     other => Err(format!("unknown operation {other:?}")),
                                 })
                                 .collect::<Result<_, _>>()?,
@@ -998,6 +1014,106 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                     json!({"wrapped_key": B64.encode(&r.wrapped_key), "key": r.key, "key_version": r.key_version, "source_key_version": r.source_key_version})
                 ),
                 Output::Text => println!("{}", B64.encode(&r.wrapped_key)),
+            }
+        }
+        Command::Encrypt {
+            key,
+            plaintext,
+            plaintext_base64,
+            plaintext_file,
+            aad,
+            conn,
+        } => {
+            let payload = Dek::new(match (plaintext, plaintext_base64, plaintext_file) {
+                (Some(t), _, _) => t.into_bytes(),
+                (None, Some(b), _) => decode_b64("--plaintext-base64", &b)?,
+                (None, None, Some(f)) => {
+                    std::fs::read(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?
+                }
+                (None, None, None) => {
+                    return Err("give --plaintext, --plaintext-base64 or --plaintext-file".into());
+                }
+            });
+            let mut c = clients(&settings(&conn)?).await?;
+            let r = c
+                .broker
+                .encrypt(pb::EncryptRequest {
+                    key,
+                    plaintext: payload.expose().to_vec(),
+                    aad: aad.into_bytes(),
+                    context: context(&conn)?,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let ct = B64.encode(&r.ciphertext);
+            match conn.output {
+                Output::Json => println!(
+                    "{}",
+                    json!({"ciphertext": ct, "key": r.key, "key_version": r.key_version, "algorithm": alg_name(r.algorithm)})
+                ),
+                Output::Text => print_table(
+                    &["KEY", "VERSION", "ALGORITHM", "CIPHERTEXT (BASE64)"],
+                    &[vec![
+                        r.key,
+                        r.key_version.to_string(),
+                        alg_name(r.algorithm).to_string(),
+                        ct,
+                    ]],
+                ),
+            }
+        }
+        Command::Decrypt {
+            ciphertext,
+            key,
+            aad,
+            out,
+            conn,
+        } => {
+            let ct = decode_b64("the ciphertext", &ciphertext)?;
+            let mut c = clients(&settings(&conn)?).await?;
+            let r = c
+                .broker
+                .decrypt(pb::DecryptRequest {
+                    key: key.unwrap_or_default(),
+                    ciphertext: ct,
+                    aad: aad.into_bytes(),
+                    context: context(&conn)?,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let plaintext = Dek::new(r.plaintext);
+            let shown = match &out {
+                Some(path) => {
+                    write_new_private(path, plaintext.expose())?;
+                    None
+                }
+                None => Some(zeroize::Zeroizing::new(B64.encode(plaintext.expose()))),
+            };
+            match conn.output {
+                Output::Json => println!(
+                    "{}",
+                    json!({"plaintext_base64": shown.as_deref().map(String::as_str),
+                        "written_to": out.as_ref().map(|p| p.display().to_string()),
+                        "bytes": plaintext.len(),
+                        "key": r.key, "key_version": r.key_version, "algorithm": alg_name(r.algorithm)})
+                ),
+                Output::Text => print_table(
+                    &["KEY", "VERSION", "ALGORITHM", "PLAINTEXT (BASE64)"],
+                    &[vec![
+                        r.key,
+                        r.key_version.to_string(),
+                        alg_name(r.algorithm).to_string(),
+                        match (&shown, &out) {
+                            (Some(s), _) => s.to_string(),
+                            (None, Some(p)) => {
+                                format!("({} bytes written to {})", plaintext.len(), p.display())
+                            }
+                            (None, None) => String::new(),
+                        },
+                    ]],
+                ),
             }
         }
         Command::PublicKey {

@@ -178,6 +178,43 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Encrypt a small payload (1 byte to 64 KiB; one OAEP block for an RSA key) under a key
+    /// that allows encrypt; prints the ciphertext (base64) with its key, version and algorithm.
+    Encrypt {
+        /// The key, "tenant/name".
+        key: String,
+        /// The payload as UTF-8 text.
+        #[arg(long, conflicts_with_all = ["plaintext_base64", "plaintext_file"], required_unless_present_any = ["plaintext_base64", "plaintext_file"])]
+        plaintext: Option<String>,
+        /// The payload in base64.
+        #[arg(long, conflicts_with = "plaintext_file")]
+        plaintext_base64: Option<String>,
+        /// Read the payload from this file.
+        #[arg(long)]
+        plaintext_file: Option<PathBuf>,
+        /// Additional authenticated data (UTF-8 text) to bind (AES-256-GCM keys only).
+        #[arg(long, default_value = "")]
+        aad: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Decrypt a ciphertext (base64) made by `encrypt`; prints the payload (base64), or writes
+    /// it to --out (a new file, mode 0600).
+    Decrypt {
+        /// The ciphertext, base64.
+        ciphertext: String,
+        /// The key that made it (optional; checked if given).
+        #[arg(long)]
+        key: Option<String>,
+        /// The AAD it was made with.
+        #[arg(long, default_value = "")]
+        aad: String,
+        /// Write the payload (raw bytes) to this new file instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Print an RSA key's public key.
     PublicKey {
         /// The key, "tenant/name".
@@ -290,7 +327,7 @@ enum KeyCommand {
         /// Disable the key (every operation refused).
         #[arg(long)]
         disable: bool,
-        /// Allowed operations, comma-separated: wrap,unwrap,generate-data-key,rewrap.
+        /// Allowed operations, comma-separated: wrap,unwrap,generate-data-key,rewrap,encrypt,decrypt.
         #[arg(long)]
         operations: Option<String>,
         /// Replace the tags: --tag team=payments --tag env=prod (give --tag "" to clear).

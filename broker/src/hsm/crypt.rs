@@ -91,7 +91,7 @@ impl Hsm {
     /// the session or the device ends the list with that fault (see [`chunk_fault`]), so that
     /// the session is evicted (and the list retried once), the handles re-found, or the device
     /// recovered — as for one call. The items that failed on their own are told to the metrics.
-    async fn each<I, T>(
+    pub(super) async fn each<I, T>(
         &self,
         what: &'static str,
         items: Vec<I>,

@@ -40,6 +40,7 @@
 //! * `recovery` — health, re-initialisation and handle refresh;
 //! * `objects` — KEK objects: generate, find and attach, check, read public halves, destroy;
 //! * `crypt` — wrap and unwrap DEKs (lists of items in one session checkout);
+//! * `payload` — encrypt and decrypt payloads (the same way);
 //! * `mac` — the audit trail's HMAC key;
 //! * `import` — BYOK import keys and key material import;
 //! * [`domain`] — the security domain that backups are wrapped under;
@@ -61,6 +62,7 @@ pub(crate) mod kat_rsa;
 mod mac;
 mod objects;
 pub mod ops;
+mod payload;
 mod pool;
 pub mod probe;
 pub mod profile;

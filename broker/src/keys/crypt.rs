@@ -467,7 +467,7 @@ impl Keyring {
     /// chunk in one session checkout (`call`), and puts each item's outcome (`done` with its
     /// `meta` and the HSM's answer) in its place. A fault of the session or device fails the
     /// whole chunk, each item with it.
-    async fn in_chunks<M, I, O, T, C, F>(
+    pub(super) async fn in_chunks<M, I, O, T, C, F>(
         &self,
         results: &mut [Option<Result<T, BrokerError>>],
         work: Vec<Work<M, I>>,
@@ -563,11 +563,13 @@ fn check_unwrap(grant: &Grant, r: &Resolved, op: KeyOp, now: i64) -> Result<(), 
     Ok(())
 }
 
-fn empty<T>(n: usize) -> Vec<Option<Result<T, BrokerError>>> {
+pub(super) fn empty<T>(n: usize) -> Vec<Option<Result<T, BrokerError>>> {
     (0..n).map(|_| None).collect()
 }
 
-fn finish<T>(results: Vec<Option<Result<T, BrokerError>>>) -> Vec<Result<T, BrokerError>> {
+pub(super) fn finish<T>(
+    results: Vec<Option<Result<T, BrokerError>>>,
+) -> Vec<Result<T, BrokerError>> {
     results
         .into_iter()
         .map(|r| r.unwrap_or_else(|| Err(BrokerError::internal("batch item without a result"))))

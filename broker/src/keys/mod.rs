@@ -9,6 +9,8 @@
 //! * `integrity` — canaries: proving that an HSM object is the key a version was made with;
 //! * `crypt` — the data plane: wrap, generate, unwrap, rewrap (a single call is a batch of
 //!   one), public keys;
+//! * `payload` — payload encryption: encrypt and decrypt small payloads (format-2
+//!   envelopes), and detached AES-256-GCM for the AWS XKS door;
 //! * `lifecycle` — create, import, rotate, update, delete, recover, purge, trim, and the
 //!   maintenance task;
 //! * `backup` — backup and restore under the security domain;
@@ -22,6 +24,7 @@ mod crypt;
 mod integrity;
 mod lifecycle;
 mod load;
+mod payload;
 mod public;
 mod replica;
 
@@ -42,6 +45,11 @@ pub use self::{
     },
     lifecycle::{AttributePatch, IMPORT_KEY_TTL_MS, ImportKeyInfo, Times},
     load::{LoadError, LoadReport},
+    payload::{
+        DETACHED_DOMAIN, DecryptInput, DecryptItem, Decrypted, DoorAad, EncryptItem, Encrypted,
+        MAX_DETACHED_AAD, OpenItem, Opened, PayloadResolved, SealItem, Sealed, check_payload_len,
+        rsa_payload_max,
+    },
     public::public_key_formats,
     replica::ReplicaState,
 };
@@ -160,10 +168,11 @@ impl KeyEntry {
         v.number >= self.attributes.min_decryption_version
     }
 
-    /// Checks that the key may do `op` with version `v` now (security invariant 9, `docs/src/security.md`): usable, enabled,
-    /// the operation allowed, inside not-before; for new envelopes not expired (expired keys
-    /// still unwrap, as in Azure Key Vault); for unwrapping, not below the minimum decryption
-    /// version.
+    /// Checks that the key may do `op` with version `v` now (security invariant 9,
+    /// `docs/src/security.md`): usable, enabled, the operation allowed, inside not-before; for
+    /// new ciphertexts (wrap, generate, encrypt) not expired (expired keys still unwrap and
+    /// decrypt, as in Azure Key Vault); for unwrapping and decrypting, not below the minimum
+    /// decryption version.
     pub fn check(&self, op: KeyOp, v: &VersionEntry, now: i64) -> Result<(), BrokerError> {
         self.usable()?;
         let a = &self.attributes;
@@ -185,7 +194,7 @@ impl KeyEntry {
             .into());
         }
         match op {
-            KeyOp::Wrap | KeyOp::GenerateDataKey => {
+            KeyOp::Wrap | KeyOp::GenerateDataKey | KeyOp::Encrypt => {
                 if a.expires_ms.is_some_and(|e| now >= e) {
                     return Err(Refused::Expired {
                         key: self.name.clone(),
@@ -201,7 +210,7 @@ impl KeyEntry {
                     .into());
                 }
             }
-            KeyOp::Unwrap | KeyOp::Rewrap => {
+            KeyOp::Unwrap | KeyOp::Rewrap | KeyOp::Decrypt => {
                 if !self.decryptable(v) {
                     return Err(Refused::BelowMinimum {
                         key: self.name.clone(),

@@ -65,6 +65,8 @@ pub(super) fn op_to_pb(o: KeyOp) -> pb::KeyOperation {
         KeyOp::Unwrap => pb::KeyOperation::Unwrap,
         KeyOp::GenerateDataKey => pb::KeyOperation::GenerateDataKey,
         KeyOp::Rewrap => pb::KeyOperation::Rewrap,
+        KeyOp::Encrypt => pb::KeyOperation::Encrypt,
+        KeyOp::Decrypt => pb::KeyOperation::Decrypt,
     }
 }
 
@@ -74,6 +76,8 @@ pub(super) fn op_from_pb(v: i32) -> Result<KeyOp, BrokerError> {
         Ok(pb::KeyOperation::Unwrap) => Ok(KeyOp::Unwrap),
         Ok(pb::KeyOperation::GenerateDataKey) => Ok(KeyOp::GenerateDataKey),
         Ok(pb::KeyOperation::Rewrap) => Ok(KeyOp::Rewrap),
+        Ok(pb::KeyOperation::Encrypt) => Ok(KeyOp::Encrypt),
+        Ok(pb::KeyOperation::Decrypt) => Ok(KeyOp::Decrypt),
         _ => Err(Invalid::Unknown {
             field: "key operation",
             value: v,

@@ -15,8 +15,10 @@ use crate::{
         GenerateBatch, GenerateIn, GetPublicKey, Rewrap, RewrapIn, Unwrap, UnwrapBatch, UnwrapIn,
         Wrap, WrapBatch, WrapIn,
     },
+    api::ops::payload::{Decrypt, DecryptBatch, DecryptIn, Encrypt, EncryptBatch, EncryptIn},
     error::Invalid,
     keys::{Ciphertext, Unwrapped, Wrapped},
+    keys::{Decrypted, Encrypted},
     model::Dek,
 };
 
@@ -45,6 +47,40 @@ fn unwrapped_to_pb(u: Unwrapped) -> pb::UnwrapKeyResponse {
         key: u.key.to_string(),
         key_version: u.version,
         algorithm: algorithm_to_pb(u.algorithm).into(),
+    }
+}
+
+fn encrypted_to_pb(e: Encrypted) -> pb::EncryptResponse {
+    pb::EncryptResponse {
+        ciphertext: e.envelope,
+        key: e.key.to_string(),
+        key_version: e.version,
+        algorithm: algorithm_to_pb(e.algorithm).into(),
+    }
+}
+
+fn decrypted_to_pb(d: Decrypted) -> pb::DecryptResponse {
+    pb::DecryptResponse {
+        plaintext: d.plaintext.into_vec(),
+        key: d.key.to_string(),
+        key_version: d.version,
+        algorithm: algorithm_to_pb(d.algorithm).into(),
+    }
+}
+
+fn encrypt_in(i: pb::EncryptRequest) -> EncryptIn {
+    EncryptIn {
+        key: i.key,
+        plaintext: Dek::new(i.plaintext),
+        aad: i.aad,
+    }
+}
+
+fn decrypt_in(i: pb::DecryptRequest) -> DecryptIn {
+    DecryptIn {
+        key: i.key,
+        ciphertext: i.ciphertext,
+        aad: i.aad,
     }
 }
 
@@ -254,6 +290,83 @@ impl KeyBroker for GrpcApi {
                         result: Some(match r {
                             Ok(g) => pb::generate_data_key_result::Result::Ok(generated_to_pb(g)),
                             Err(e) => pb::generate_data_key_result::Result::Error(item_error(&e)),
+                        }),
+                    })
+                    .collect(),
+            },
+        )
+        .await
+    }
+    async fn encrypt(
+        &self,
+        req: Request<pb::EncryptRequest>,
+    ) -> Result<Response<pb::EncryptResponse>, Status> {
+        self.serve(
+            rpc(KEY_BROKER, "Encrypt"),
+            req,
+            |mut r| (r.context.take(), Ok(Encrypt(encrypt_in(r)))),
+            encrypted_to_pb,
+        )
+        .await
+    }
+
+    async fn decrypt(
+        &self,
+        req: Request<pb::DecryptRequest>,
+    ) -> Result<Response<pb::DecryptResponse>, Status> {
+        self.serve(
+            rpc(KEY_BROKER, "Decrypt"),
+            req,
+            |mut r| (r.context.take(), Ok(Decrypt(decrypt_in(r)))),
+            decrypted_to_pb,
+        )
+        .await
+    }
+
+    async fn batch_encrypt(
+        &self,
+        req: Request<pb::BatchEncryptRequest>,
+    ) -> Result<Response<pb::BatchEncryptResponse>, Status> {
+        self.serve(
+            rpc(KEY_BROKER, "BatchEncrypt"),
+            req,
+            |r| {
+                let items = r.items.into_iter().map(encrypt_in).collect();
+                (r.context, Ok(EncryptBatch(items)))
+            },
+            |results| pb::BatchEncryptResponse {
+                results: results
+                    .into_iter()
+                    .map(|r| pb::EncryptResult {
+                        result: Some(match r {
+                            Ok(e) => pb::encrypt_result::Result::Ok(encrypted_to_pb(e)),
+                            Err(e) => pb::encrypt_result::Result::Error(item_error(&e)),
+                        }),
+                    })
+                    .collect(),
+            },
+        )
+        .await
+    }
+
+    async fn batch_decrypt(
+        &self,
+        req: Request<pb::BatchDecryptRequest>,
+    ) -> Result<Response<pb::BatchDecryptResponse>, Status> {
+        self.serve(
+            rpc(KEY_BROKER, "BatchDecrypt"),
+            req,
+            |r| {
+                let items = r.items.into_iter().map(decrypt_in).collect();
+                (r.context, Ok(DecryptBatch(items)))
+            },
+            |results| pb::BatchDecryptResponse {
+                results: results
+                    .into_iter()
+                    .map(|r| pb::DecryptResult {
+                        result: Some(match r {
+                            Ok(d) => pb::decrypt_result::Result::Ok(decrypted_to_pb(d)),
+                            Err(e) => pb::decrypt_result::Result::Error(item_error(&e)),
                         }),
                     })
                     .collect(),

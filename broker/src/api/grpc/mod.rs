@@ -94,6 +94,7 @@ fn context(c: Option<pb::RequestContext>) -> Option<Context> {
         correlation_id: c.correlation_id,
         reason,
         detail,
+        upstream: None,
     })
 }
 

@@ -5,7 +5,10 @@
 //! granted items to the keyring in one go. Only the audit differs: a single call's item is the
 //! request's own record; a batch's items get a record each.
 
-use super::{Items, Operation, Slots, key_name, one, optional_key, sealed::Sealed};
+use super::{
+    Items, Operation, Slots, audit_items, check_batch_size, key_name, one, optional_key,
+    sealed::Sealed,
+};
 use crate::{
     api::call::Call,
     error::{BrokerError, Invalid},
@@ -142,40 +145,6 @@ pub struct GetPublicKey {
     pub key: String,
     /// The version (0: the newest).
     pub version: u32,
-}
-
-/// Refuses an empty batch or one larger than [`crate::keys::MAX_BATCH`].
-fn check_batch_size(n: usize) -> Result<(), BrokerError> {
-    if n == 0 || n > crate::keys::MAX_BATCH {
-        return Err(Invalid::BatchSize {
-            max: crate::keys::MAX_BATCH,
-            got: n,
-        }
-        .into());
-    }
-    Ok(())
-}
-
-/// Audits each item (a batch) or notes the one item's version (a single call).
-fn audit_items<T>(
-    call: &mut Call,
-    items: Items,
-    names: Vec<String>,
-    results: &[Result<T, BrokerError>],
-    version: impl Fn(&T) -> u32,
-) {
-    match items {
-        Items::One => {
-            if let Some(Ok(r)) = results.first() {
-                call.note_version(version(r));
-            }
-        }
-        Items::Each => {
-            for (name, r) in names.into_iter().zip(results) {
-                call.item(Some(name), r.as_ref().map(&version));
-            }
-        }
-    }
 }
 
 pub(crate) async fn wrap(

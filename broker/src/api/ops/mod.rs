@@ -10,14 +10,18 @@
 //! * [`manage`] — the key lifecycle: create, import, read, list, update, rotate, trim, delete,
 //!   recover, purge, backup, restore;
 //! * [`audit`] — reading the audit trail;
+//! * [`payload`] — encrypt and decrypt small payloads (batch or single, one code path);
 //! * [`hyok`] — the HYOK kill switch;
-//! * [`kms`] — the Kubernetes KMS v2 plugin's encrypt and decrypt of its one key.
+//! * [`kms`] — the Kubernetes KMS v2 plugin's encrypt and decrypt of its one key;
+//! * [`xks`] — the AWS XKS proxy API's key metadata, encrypt, decrypt and health.
 
 pub mod audit;
 pub mod data;
 pub mod hyok;
 pub mod kms;
 pub mod manage;
+pub mod payload;
+pub mod xks;
 
 use std::future::Future;
 
@@ -128,6 +132,40 @@ impl<T> Slots<T> {
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(BrokerError::internal("item without a result"))))
             .collect()
+    }
+}
+
+/// Refuses an empty batch or one larger than [`crate::keys::MAX_BATCH`].
+pub(super) fn check_batch_size(n: usize) -> Result<(), BrokerError> {
+    if n == 0 || n > crate::keys::MAX_BATCH {
+        return Err(Invalid::BatchSize {
+            max: crate::keys::MAX_BATCH,
+            got: n,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// Audits each item (a batch) or notes the one item's version (a single call).
+pub(super) fn audit_items<T>(
+    call: &mut Call,
+    items: Items,
+    names: Vec<String>,
+    results: &[Result<T, BrokerError>],
+    version: impl Fn(&T) -> u32,
+) {
+    match items {
+        Items::One => {
+            if let Some(Ok(r)) = results.first() {
+                call.note_version(version(r));
+            }
+        }
+        Items::Each => {
+            for (name, r) in names.into_iter().zip(results) {
+                call.item(Some(name), r.as_ref().map(&version));
+            }
+        }
     }
 }
 
