@@ -305,6 +305,7 @@ async fn backup_and_restore_through_the_command_line() {
 
 #[tokio::test]
 async fn encrypt_and_decrypt_from_the_command_line_as_a_table_and_as_json() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let (ok, _, err) = cli(

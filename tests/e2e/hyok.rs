@@ -326,6 +326,7 @@ async fn the_kill_switch_cuts_the_service_off_at_once_and_survives_a_restart() {
 /// customer's is a provider identity, and the switch cuts off every operation it makes.
 #[tokio::test]
 async fn the_switch_cuts_off_every_operation_of_every_identity_that_is_not_the_customers() {
+    crate::require_aes!();
     const PARTNER: &str = "spiffe://partner.test/batch-jobs";
     let env = Env::with(Options {
         policy: Some(format!(
@@ -446,6 +447,7 @@ service_identities = ["spiffe://provider.test/*"]
 /// provider: the broker stays disconnected until the customer reconnects through the API.
 #[tokio::test]
 async fn a_missing_or_forged_switch_state_does_not_reconnect_the_provider() {
+    crate::require_aes!();
     let env = Env::with(Options {
         policy: Some(policy()),
         ..Default::default()

@@ -249,6 +249,7 @@ async fn list_keys_pages_by_tenant() {
 /// key name of the tenant).
 #[tokio::test]
 async fn listing_never_names_a_key_outside_the_callers_scope_not_even_in_a_page_token() {
+    crate::require_aes!();
     const ADMIN: &str = "spiffe://keybroker.test/setup";
     const PAYMENTS: &str = "spiffe://keybroker.test/payments-app";
     let env = Env::with(Options {

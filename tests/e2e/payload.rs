@@ -110,6 +110,7 @@ fn oaep_max(bits: usize, alg: pb::Algorithm) -> usize {
 
 #[tokio::test]
 async fn payloads_round_trip_for_every_algorithm_and_key_size() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -202,6 +203,7 @@ async fn payloads_round_trip_for_every_algorithm_and_key_size() {
 
 #[tokio::test]
 async fn decrypt_after_rotation_uses_the_version_that_encrypted() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -249,6 +251,7 @@ async fn decrypt_after_rotation_uses_the_version_that_encrypted() {
 
 #[tokio::test]
 async fn tampering_wrong_aad_wrong_key_and_the_other_kind_of_ciphertext_get_one_error() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -313,6 +316,7 @@ async fn tampering_wrong_aad_wrong_key_and_the_other_kind_of_ciphertext_get_one_
 
 #[tokio::test]
 async fn payload_sizes_are_bounded_with_invalid_argument() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -365,6 +369,7 @@ async fn payload_sizes_are_bounded_with_invalid_argument() {
 
 #[tokio::test]
 async fn key_operations_keep_payload_encryption_apart_from_wrapping() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -476,6 +481,7 @@ async fn key_operations_keep_payload_encryption_apart_from_wrapping() {
 
 #[tokio::test]
 async fn batches_give_each_item_its_result_and_its_audit_record() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -586,6 +592,7 @@ async fn batches_give_each_item_its_result_and_its_audit_record() {
 
 #[tokio::test]
 async fn encrypt_and_decrypt_are_audited_with_key_version_and_outcome() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;

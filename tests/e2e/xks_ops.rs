@@ -47,6 +47,7 @@ fn ops(list: &[pb::KeyOperation]) -> Option<pb::KeyAttributes> {
 
 #[tokio::test]
 async fn xks_operations_against_a_real_keyring() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
