@@ -50,17 +50,22 @@ impl HyokState {
         }
     }
 
-    /// What the switch falls back to when the stored state cannot be trusted.
+    /// What the switch falls back to when the stored state cannot be trusted (logged).
     fn failed_closed(why: &str) -> Self {
         tracing::error!(
             why,
             "HYOK switch state not trusted: provider identities DISCONNECTED until the customer reconnects (keybroker hyok reconnect)"
         );
+        Self::closed(format!("failed closed: {why}"))
+    }
+
+    /// Disconnected, not logged: the state a switch holds while it is being loaded.
+    fn closed(reason: String) -> Self {
         Self {
             connected: false,
             changed_at_ms: now_ms(),
             changed_by: "keybroker".into(),
-            reason: format!("failed closed: {why}"),
+            reason,
         }
     }
 }
@@ -120,7 +125,7 @@ impl HyokSwitch {
             .map_err(|e| BrokerError::internal(e.to_string()))??;
         let me = Self {
             connected: AtomicBool::new(false),
-            state: Mutex::new(HyokState::failed_closed("not loaded yet")),
+            state: Mutex::new(HyokState::closed("not loaded yet".into())),
             store,
             hsm,
         };
