@@ -301,12 +301,24 @@ pub enum Refused {
         /// What the capability probe found.
         why: String,
     },
-    /// BYOK needs RFC 5649.
-    #[error("this HSM has no usable RFC 5649 mechanism, which BYOK needs")]
-    NoKwp,
     /// The BYOK import key expired.
     #[error("the import key has expired; create a new one")]
     ImportKeyExpired,
+    /// The BYOK import key already served an import (each serves one).
+    #[error(
+        "import key {0} was already used (an import key serves one ImportKey call); create a new one"
+    )]
+    ImportKeyUsed(String),
+    /// A BYOK import key made before import keys forced the imported key's template.
+    #[error(
+        "import key {0} was made by an older keybroker without an enforced unwrap template and is not used; create a new one"
+    )]
+    ImportKeyLegacy(String),
+    /// A BYOK import key made under the other backup setting (its forced template differs).
+    #[error(
+        "import key {0} was made while backup was {1}; [lifecycle] backup has changed since: create a new import key"
+    )]
+    ImportKeyBackup(String, &'static str),
     /// The HSM refused the operation for this key.
     #[error("the HSM refused this operation for this key")]
     HsmRefused,

@@ -662,6 +662,29 @@ pub enum Invalid {
     /// An import key id that is not one.
     #[error("import_key_id is malformed")]
     ImportKeyId,
+    /// An import key made for another algorithm.
+    #[error("import key {id} imports {made_for} keys, not {asked}")]
+    ImportAlgorithm {
+        /// The import key.
+        id: String,
+        /// What it was made for.
+        made_for: Algorithm,
+        /// What the request asked for.
+        asked: Algorithm,
+    },
+    /// Import key made for an algorithm that is not AES.
+    #[error("an import key imports AES-256 keys: aes-256-gcm or aes-kwp, not {0}")]
+    ImportKeyAlgorithm(Algorithm),
+    /// Wrapped material in the two-step RSA-AES format.
+    #[error(
+        "wrapped_material is {got} bytes: the two-step RSA-AES format (RSA-OAEP of an ephemeral key, then RFC 5649) is refused because the holder of the HSM's PIN could open it; encrypt the 32-byte key itself with RSA-OAEP ({modulus} bytes)"
+    )]
+    TwoStepMaterial {
+        /// What came.
+        got: usize,
+        /// The import key's modulus size.
+        modulus: usize,
+    },
     /// Key material that does not unwrap with its import key.
     #[error("the wrapped key material does not unwrap with this import key: {0}")]
     MaterialDoesNotUnwrap(String),

@@ -820,6 +820,7 @@ async fn the_scheduler_purges_keys_whose_date_has_passed_and_rotates_by_policy()
 /// Issue 18, item 9: an expired BYOK import key is destroyed by the scheduler, in the trail.
 #[tokio::test]
 async fn the_scheduler_destroys_expired_import_keys_in_the_audit_trail() {
+    crate::require_aes!();
     let env = Env::with(Options {
         lifecycle_extra: "maintenance_interval_ms = 200".into(),
         ..Default::default()
@@ -830,6 +831,7 @@ async fn the_scheduler_destroys_expired_import_keys_in_the_audit_trail() {
         .mgmt
         .create_import_key(pb::CreateImportKeyRequest {
             key_type: pb::KeyType::Rsa3072.into(),
+            ..Default::default()
         })
         .await
         .expect("import key")
@@ -879,46 +881,13 @@ async fn byok_material_wrapped_by_openssl_imports_and_is_the_key_that_wraps() {
         .mgmt
         .create_import_key(pb::CreateImportKeyRequest {
             key_type: pb::KeyType::Rsa3072.into(),
+            ..Default::default()
         })
         .await
         .expect("import key")
         .into_inner();
     assert!(ik.spki_pem.starts_with("-----BEGIN PUBLIC KEY-----"));
-    let md = if ik.oaep == pb::Algorithm::RsaOaepSha1 as i32 {
-        "sha1"
-    } else {
-        "sha256"
-    };
-
-    // The customer's side, with OpenSSL's command line only.
-    let dir = env.dir.path();
-    let target = random_dek(32);
-    std::fs::write(dir.join("target.bin"), &target).expect("write");
-    std::fs::write(dir.join("import.pem"), &ik.spki_pem).expect("write");
-    let sh = |cmd: &str| {
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(cmd)
-            .current_dir(dir)
-            .output()
-            .expect("sh");
-        assert!(
-            out.status.success(),
-            "{cmd}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    sh("openssl rand 32 > ephemeral.bin");
-    sh(&format!(
-        "openssl pkeyutl -encrypt -pubin -inkey import.pem -in ephemeral.bin -out part1.bin \
-         -pkeyopt rsa_padding_mode:oaep -pkeyopt rsa_oaep_md:{md} -pkeyopt rsa_mgf1_md:{md}"
-    ));
-    sh(
-        "openssl enc -id-aes256-wrap-pad -K $(od -An -tx1 -v ephemeral.bin | tr -d ' \\n') -iv A65959A6 -in target.bin -out part2.bin",
-    );
-    let mut blob = std::fs::read(dir.join("part1.bin")).expect("part1");
-    assert_eq!(blob.len(), 384);
-    blob.extend(std::fs::read(dir.join("part2.bin")).expect("part2"));
+    let (blob, target, _) = byok_blob(env.dir.path(), &ik);
 
     let k = c
         .mgmt
@@ -967,43 +936,73 @@ async fn byok_material_wrapped_by_openssl_imports_and_is_the_key_that_wraps() {
         dek
     );
 
-    // A tampered blob, an unknown import key and a name collision are refused.
-    let mut bad = blob.clone();
-    let last = bad.len() - 1;
-    bad[last] ^= 1;
-    let e = c
-        .mgmt
-        .import_key(pb::ImportKeyRequest {
-            key: "t/bad".into(),
-            import_key_id: ik.import_key_id.clone(),
-            wrapped_material: bad,
-            ..Default::default()
-        })
+    // A tampered blob, an unknown import key, a name collision and a two-step (RSA-AES) blob
+    // are refused. Only a blob that reached the HSM uses its import key up.
+    let fresh = |c: &mut Clients| {
+        let mut mgmt = c.mgmt.clone();
+        async move {
+            mgmt.create_import_key(pb::CreateImportKeyRequest {
+                key_type: pb::KeyType::Rsa3072.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("import key")
+            .into_inner()
+        }
+    };
+    let import = |c: &mut Clients, key: &str, ik: &pb::ImportKeyInfo, blob: Vec<u8>| {
+        let mut mgmt = c.mgmt.clone();
+        let (key, id) = (key.to_string(), ik.import_key_id.clone());
+        async move {
+            mgmt.import_key(pb::ImportKeyRequest {
+                key,
+                import_key_id: id,
+                wrapped_material: blob,
+                ..Default::default()
+            })
+            .await
+        }
+    };
+    let ik2 = fresh(&mut c).await;
+    let (blob2, _, _) = byok_blob(env.dir.path(), &ik2);
+    let mut bad = blob2.clone();
+    bad[17] ^= 1;
+    let e = import(&mut c, "t/bad", &ik2, bad)
         .await
         .expect_err("tampered");
-    assert_eq!(e.code(), Code::InvalidArgument);
-    let e = c
-        .mgmt
-        .import_key(pb::ImportKeyRequest {
-            key: "t/bad".into(),
-            import_key_id: "00".repeat(16),
-            wrapped_material: blob.clone(),
-            ..Default::default()
-        })
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = import(&mut c, "t/bad", &ik2, blob2)
         .await
-        .expect_err("unknown import key");
-    assert_eq!(e.code(), Code::NotFound);
-    let e = c
-        .mgmt
-        .import_key(pb::ImportKeyRequest {
-            key: "t/byok".into(),
-            import_key_id: ik.import_key_id.clone(),
-            wrapped_material: blob,
+        .expect_err("used up");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = import(
+        &mut c,
+        "t/bad",
+        &pb::ImportKeyInfo {
+            import_key_id: "00".repeat(16),
             ..Default::default()
-        })
+        },
+        blob.clone(),
+    )
+    .await
+    .expect_err("unknown import key");
+    assert_eq!(e.code(), Code::NotFound);
+    let ik3 = fresh(&mut c).await;
+    let (blob3, _, _) = byok_blob(env.dir.path(), &ik3);
+    let e = import(&mut c, "t/byok", &ik3, blob3.clone())
         .await
         .expect_err("exists");
     assert_eq!(e.code(), Code::AlreadyExists);
+    let mut two_step = blob3.clone();
+    two_step.extend([0u8; 40]);
+    let e = import(&mut c, "t/byok3", &ik3, two_step)
+        .await
+        .expect_err("two-step");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("two-step"), "{}", e.message());
+    import(&mut c, "t/byok3", &ik3, blob3)
+        .await
+        .expect("the refusals before the HSM left the import key unused");
     drop(c);
     b.stop().await;
 
@@ -1220,6 +1219,7 @@ async fn a_crash_at_each_failpoint_is_reconciled_at_the_next_start() {
 /// the key stays allowed.
 #[tokio::test]
 async fn rewrap_to_another_key_needs_the_source_key_to_allow_unwrap() {
+    crate::require_aes!();
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -1268,5 +1268,189 @@ async fn rewrap_to_another_key_needs_the_source_key_to_allow_unwrap() {
         "rewrap out of a key that may not unwrap",
     );
     assert!(why.contains("does not allow unwrap"), "{why}");
+    b.stop().await;
+}
+
+fn byok_blob(dir: &std::path::Path, ik: &pb::ImportKeyInfo) -> (Vec<u8>, Vec<u8>, &'static str) {
+    byok_blob_as(dir, ik, false)
+}
+
+/// The customer's side of BYOK, with OpenSSL's command line only: fresh AES-256 key material
+/// wrapped for the import key as docs/src/lifecycle.md says (or, `two_step`, as the refused
+/// RSA-AES construction). Returns (blob, material, OAEP hash).
+fn byok_blob_as(
+    dir: &std::path::Path,
+    ik: &pb::ImportKeyInfo,
+    two_step: bool,
+) -> (Vec<u8>, Vec<u8>, &'static str) {
+    let md = if ik.oaep == pb::Algorithm::RsaOaepSha1 as i32 {
+        "sha1"
+    } else {
+        "sha256"
+    };
+    let target = random_dek(32);
+    std::fs::write(dir.join("target.bin"), &target).expect("write");
+    std::fs::write(dir.join("import.pem"), &ik.spki_pem).expect("write");
+    let sh = |cmd: &str| {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .current_dir(dir)
+            .output()
+            .expect("sh");
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sh(&format!(
+        "openssl pkeyutl -encrypt -pubin -inkey import.pem -in target.bin -out blob.bin \\
+         -pkeyopt rsa_padding_mode:oaep -pkeyopt rsa_oaep_md:{md} -pkeyopt rsa_mgf1_md:{md}"
+    ));
+    let blob = std::fs::read(dir.join("blob.bin")).expect("blob");
+    assert_eq!(blob.len(), 384);
+    if two_step {
+        // The CKM_RSA_AES_KEY_WRAP construction instead (which the broker refuses).
+        sh("openssl rand 32 > ephemeral.bin");
+        sh(&format!(
+            "openssl pkeyutl -encrypt -pubin -inkey import.pem -in ephemeral.bin -out part1.bin \\
+             -pkeyopt rsa_padding_mode:oaep -pkeyopt rsa_oaep_md:{md} -pkeyopt rsa_mgf1_md:{md}"
+        ));
+        sh(
+            "openssl enc -id-aes256-wrap-pad -K $(od -An -tx1 -v ephemeral.bin | tr -d ' \\n') -iv A65959A6 -in target.bin -out part2.bin",
+        );
+        let mut blob = std::fs::read(dir.join("part1.bin")).expect("part1");
+        blob.extend(std::fs::read(dir.join("part2.bin")).expect("part2"));
+        return (blob, target, md);
+    }
+    (blob, target, md)
+}
+
+/// Issue 18, item 1: the holder of the user PIN (the provider, in the Managed HSM model) takes
+/// a customer's import blob to the token and unwraps it with templates of their own. They must
+/// read neither the key material nor anything that opens it; the import key serves one import
+/// and is then gone from the token.
+#[tokio::test]
+async fn the_pin_holder_cannot_read_byok_material_and_import_keys_are_single_use() {
+    crate::require_aes!();
+    let env = Env::new();
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    let ik = c
+        .mgmt
+        .create_import_key(pb::CreateImportKeyRequest {
+            key_type: pb::KeyType::Rsa3072.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("import key")
+        .into_inner();
+    let (blob, target, md) = byok_blob(env.dir.path(), &ik);
+    let attack = env.probe(&["byok-attack", &ik.import_key_id, md, &hex::encode(&blob)]);
+    let recovered: Vec<String> = attack["recovered"]
+        .as_array()
+        .expect("recovered")
+        .iter()
+        .map(|v| v.as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        !recovered.contains(&hex::encode(&target)),
+        "the PIN holder read the customer's key material: {attack}"
+    );
+    assert!(
+        recovered.is_empty(),
+        "the PIN holder read a key from the customer's blob: {attack}"
+    );
+    // A customer who sends the two-step construction by mistake is not exposed either: the
+    // ephemeral key can only become a key with the forced AES-GCM roles, which unwraps nothing.
+    let (two_step, material, _) = byok_blob_as(env.dir.path(), &ik, true);
+    let attack = env.probe(&[
+        "byok-attack",
+        &ik.import_key_id,
+        md,
+        &hex::encode(&two_step),
+    ]);
+    assert_eq!(
+        attack["recovered"].as_array().map(Vec::len),
+        Some(0),
+        "the PIN holder read a key from a two-step blob: {attack}"
+    );
+    assert!(!attack.to_string().contains(&hex::encode(&material)));
+
+    // The broker imports it, once: the import key is then gone from the token.
+    c.mgmt
+        .import_key(pb::ImportKeyRequest {
+            key: "t/byok".into(),
+            import_key_id: ik.import_key_id.clone(),
+            wrapped_material: blob.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("import: {e:?}\n{}", b.log()));
+    let objects = env.probe(&["inspect"]);
+    assert!(
+        !objects.to_string().contains(&ik.import_key_id),
+        "the import key is still on the token after its import: {objects}"
+    );
+    let e = c
+        .mgmt
+        .import_key(pb::ImportKeyRequest {
+            key: "t/byok-again".into(),
+            import_key_id: ik.import_key_id.clone(),
+            wrapped_material: blob,
+            ..Default::default()
+        })
+        .await
+        .expect_err("a used import key");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("already used"), "{}", e.message());
+
+    // An import key is made for one algorithm: an aes-kwp one imports an aes-kwp key that
+    // wraps and unwraps, and refuses to import anything else.
+    let kwp = c
+        .mgmt
+        .create_import_key(pb::CreateImportKeyRequest {
+            key_type: pb::KeyType::Rsa3072.into(),
+            algorithm: pb::Algorithm::AesKeyWrapPad.into(),
+        })
+        .await
+        .expect("aes-kwp import key")
+        .into_inner();
+    assert_eq!(kwp.algorithm, pb::Algorithm::AesKeyWrapPad as i32);
+    let (blob, _, _) = byok_blob(env.dir.path(), &kwp);
+    let e = c
+        .mgmt
+        .import_key(pb::ImportKeyRequest {
+            key: "t/byok-kwp".into(),
+            import_key_id: kwp.import_key_id.clone(),
+            wrapped_material: blob.clone(),
+            algorithm: pb::Algorithm::Aes256Gcm.into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("another algorithm");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let k = c
+        .mgmt
+        .import_key(pb::ImportKeyRequest {
+            key: "t/byok-kwp".into(),
+            import_key_id: kwp.import_key_id.clone(),
+            wrapped_material: blob,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("aes-kwp import: {e:?}\n{}", b.log()))
+        .into_inner();
+    assert_eq!(k.algorithm, pb::Algorithm::AesKeyWrapPad as i32);
+    let dek = random_dek(32);
+    let w = wrap(&mut c, "t/byok-kwp", &dek, b"")
+        .await
+        .expect("wrap")
+        .wrapped_key;
+    assert_eq!(
+        unwrap(&mut c, "", &w, b"").await.expect("unwrap").plaintext,
+        dek
+    );
     b.stop().await;
 }

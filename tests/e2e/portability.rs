@@ -544,7 +544,7 @@ async fn a_configured_profile_caps_the_pool_and_an_unsupported_one_is_refused_at
 
 /// Every mechanism row the capability report has, whatever the token (issue 23: the report
 /// lists every mechanism keybroker uses, also when the token is refused).
-const REPORT_ROWS: [&str; 11] = [
+const REPORT_ROWS: [&str; 12] = [
     "CKM_AES_KEY_GEN",
     "CKM_AES_GCM",
     "CKM_AES_KEY_WRAP_KWP (0x210b)",
@@ -556,6 +556,7 @@ const REPORT_ROWS: [&str; 11] = [
     "CKM_GENERIC_SECRET_KEY_GEN",
     "C_GenerateRandom",
     "CKA_COPYABLE, CKA_DESTROYABLE, CKA_ALLOWED_MECHANISMS",
+    "CKA_UNWRAP_TEMPLATE (BYOK import keys)",
 ];
 
 /// A token without AES-GCM and RFC 5649 (openCryptoki as it is; a Kryoptic slot denying them):

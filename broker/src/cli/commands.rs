@@ -738,7 +738,11 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                         .into_inner();
                     print_key(&k, conn.output);
                 }
-                KeyCommand::ImportKey { key_type, pem_out } => {
+                KeyCommand::ImportKey {
+                    key_type,
+                    pem_out,
+                    algorithm,
+                } => {
                     let kt = match key_type.as_str() {
                         "rsa-3072" => pb::KeyType::Rsa3072,
                         "rsa-4096" => pb::KeyType::Rsa4096,
@@ -748,6 +752,14 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                         .mgmt
                         .create_import_key(pb::CreateImportKeyRequest {
                             key_type: kt.into(),
+                            algorithm: match algorithm {
+                                Some(a) => alg_to_pb(
+                                    Algorithm::parse(&a)
+                                        .ok_or_else(|| format!("unknown algorithm {a:?}"))?,
+                                ),
+                                None => pb::Algorithm::Unspecified,
+                            }
+                            .into(),
                         })
                         .await
                         .map_err(status)?
@@ -759,7 +771,7 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                     match conn.output {
                         Output::Json => println!(
                             "{}",
-                            json!({"import_key_id": r.import_key_id, "oaep": alg_name(r.oaep), "expires_ms": r.expires_ms, "spki_pem": r.spki_pem})
+                            json!({"import_key_id": r.import_key_id, "oaep": alg_name(r.oaep), "imports": alg_name(r.algorithm), "expires_ms": r.expires_ms, "spki_pem": r.spki_pem})
                         ),
                         Output::Text => {
                             println!("import key id: {}", r.import_key_id);
@@ -771,6 +783,7 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                                     "sha256"
                                 }
                             );
+                            println!("imports: {} keys (one import)", alg_name(r.algorithm));
                             println!("expires at: {} ms", r.expires_ms);
                             print!("{}", r.spki_pem);
                         }

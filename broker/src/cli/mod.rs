@@ -430,6 +430,9 @@ enum KeyCommand {
         /// Write the public key PEM to this file.
         #[arg(long)]
         pem_out: Option<PathBuf>,
+        /// The algorithm of the key it will import: aes-256-gcm (default) or aes-kwp.
+        #[arg(long)]
+        algorithm: Option<String>,
     },
     /// BYOK step 2: import AES-256 key material wrapped for an import key (see docs/src/lifecycle.md, "BYOK").
     Import {
@@ -438,10 +441,11 @@ enum KeyCommand {
         /// The import key id from `key import-key`.
         #[arg(long)]
         import_key_id: String,
-        /// The wrapped material: RSA-OAEP part followed by the RFC 5649 part.
+        /// The wrapped material: the 32-byte AES key encrypted with RSA-OAEP under the import
+        /// key (`openssl pkeyutl -encrypt`, docs/src/lifecycle.md).
         #[arg(long)]
         wrapped_file: PathBuf,
-        /// aes-256-gcm (default) or aes-kwp.
+        /// aes-256-gcm or aes-kwp (default: the import key's).
         #[arg(long)]
         algorithm: Option<String>,
     },

@@ -89,26 +89,6 @@ impl Role {
 /// (else a copy could be given another role afterwards) and destroyable. Not forced: token,
 /// label and id, which differ per KEK.
 pub fn forced(role: Role, mechanism: MechanismType) -> Vec<Attribute> {
-    const FORCED: &[AttributeType] = &[
-        AttributeType::Class,
-        AttributeType::KeyType,
-        AttributeType::Private,
-        AttributeType::Sensitive,
-        AttributeType::Extractable,
-        AttributeType::WrapWithTrusted,
-        AttributeType::Copyable,
-        AttributeType::Derive,
-        AttributeType::Sign,
-        AttributeType::SignRecover,
-        AttributeType::Verify,
-        AttributeType::Encrypt,
-        AttributeType::Decrypt,
-        AttributeType::Wrap,
-        AttributeType::Unwrap,
-        AttributeType::AllowedMechanisms,
-        AttributeType::Destroyable,
-        AttributeType::Modifiable,
-    ];
     let (key_type, algorithm) = role.sample();
     let spec = KekSpec {
         id: VersionId::random(),
@@ -121,9 +101,7 @@ pub fn forced(role: Role, mechanism: MechanismType) -> Vec<Attribute> {
         Some(bits) => template::rsa_templates(&spec, bits, mechanism).1,
         None => template::aes_template(&spec, mechanism),
     };
-    t.into_iter()
-        .filter(|a| FORCED.contains(&a.attribute_type()))
-        .collect()
+    template::forced(t)
 }
 
 /// The domain's objects, found in the token.

@@ -1,5 +1,13 @@
 //! BYOK: the RSA key-exchange keys a customer wraps key material for, and the import of that
-//! material into a KEK (RSA-OAEP of an ephemeral AES key, then RFC 5649 of the material).
+//! material into a KEK (RSA-OAEP of the 32-byte key itself, unwrapped straight into the KEK).
+//!
+//! Why not the two-step CKM_RSA_AES_KEY_WRAP construction (RSA-OAEP of an ephemeral AES key,
+//! then RFC 5649 of the material)? Done in two `C_UnwrapKey` calls, the ephemeral key is an
+//! object the holder of the user PIN can unwrap with a template of their own and then use to
+//! unwrap the material readable; only a nested `CKA_UNWRAP_TEMPLATE` would stop that, and
+//! neither SoftHSM2 nor Kryoptic accepts one (measured: `docs/src/hsm-notes.md`), while
+//! neither implements the one-call mechanism. One RSA-OAEP unwrap under an enforced unwrap
+//! template leaves no such object.
 
 use cryptoki::{
     mechanism::Mechanism,
@@ -21,49 +29,52 @@ pub const IMPORT_KEY_LABEL: &str = "kb-import:";
 
 impl Hsm {
     /// BYOK step 1: generates an RSA key-exchange key (token objects labelled `kb-import:`)
-    /// whose private half may only unwrap, with RSA-OAEP, and returns its public key.
-    pub async fn create_import_key(&self, id: VersionId, bits: u32) -> Result<RsaPublic, HsmError> {
+    /// whose private half may only unwrap, with RSA-OAEP, and forces the KEK template of the key
+    /// it will import (`algorithm`, with backup as `backup`) on whatever it unwraps
+    /// ([`template::byok_forced`]); returns its public key. Refused where the token does not
+    /// enforce that template (the probe's BYOK known-answer test).
+    pub async fn create_import_key(
+        &self,
+        id: VersionId,
+        bits: u32,
+        algorithm: Algorithm,
+        backup: bool,
+    ) -> Result<RsaPublic, HsmError> {
+        let caps = &self.inner.caps;
+        if !caps.byok {
+            return Err(HsmError::new(
+                FaultKind::NotPermitted,
+                "create an import key",
+                format!(
+                    "this token does not enforce an import key's unwrap template ({}), so the \
+                     holder of the user PIN could read imported key material: BYOK is refused \
+                     on it",
+                    caps.test_failures
+                        .get(super::probe::BYOK_TEMPLATE)
+                        .map_or("known-answer test not passed", String::as_str)
+                ),
+            ));
+        }
+        let mech = caps.mechanism_for(algorithm).ok_or_else(|| {
+            HsmError::new(
+                FaultKind::NotPermitted,
+                "create an import key",
+                caps.why_not(algorithm),
+            )
+        })?;
+        let forced = template::byok_forced(algorithm, mech, backup, caps.key_attributes);
+        let key_attributes = caps.key_attributes;
         self.run("create an import key", CREATE, move |inner, _, s| {
-            use cryptoki::object::KeyType as CkKeyType;
             let _guard = inner.object_lock.lock().unwrap_or_else(|p| p.into_inner());
             let label = format!("{IMPORT_KEY_LABEL}{id}").into_bytes();
-            let oaep = cryptoki::mechanism::MechanismType::RSA_PKCS_OAEP;
             let (public, private) = s
                 .generate_key_pair(
                     &Mechanism::RsaPkcsKeyPairGen,
-                    &[
-                        Attribute::Class(ObjectClass::PUBLIC_KEY),
-                        Attribute::KeyType(CkKeyType::RSA),
-                        Attribute::ModulusBits(u64::from(bits).into()),
-                        Attribute::PublicExponent(vec![1, 0, 1]),
-                        Attribute::Token(true),
-                        Attribute::Private(false),
-                        Attribute::Modifiable(false),
-                        Attribute::Encrypt(false),
-                        Attribute::Wrap(false),
-                        Attribute::Verify(false),
-                        Attribute::Derive(false),
-                        Attribute::Id(id.as_bytes().to_vec()),
-                        Attribute::Label(label.clone()),
-                    ],
-                    &[
-                        Attribute::Class(ObjectClass::PRIVATE_KEY),
-                        Attribute::KeyType(CkKeyType::RSA),
-                        Attribute::Token(true),
-                        Attribute::Private(true),
-                        Attribute::Sensitive(true),
-                        Attribute::Extractable(false),
-                        Attribute::Modifiable(false),
-                        Attribute::Copyable(false),
-                        Attribute::Unwrap(true),
-                        Attribute::Decrypt(false),
-                        Attribute::Sign(false),
-                        Attribute::SignRecover(false),
-                        Attribute::Derive(false),
-                        Attribute::AllowedMechanisms(vec![oaep]),
-                        Attribute::Id(id.as_bytes().to_vec()),
-                        Attribute::Label(label),
-                    ],
+                    &template::byok_import_public(id, &label, bits),
+                    &template::for_token(
+                        template::byok_import_private(id, &label, forced.clone()),
+                        key_attributes,
+                    ),
                 )
                 .map_err(|e| HsmError::from_ck("generate the import key", e))?;
             let attrs = s
@@ -96,11 +107,9 @@ impl Hsm {
         .await
     }
 
-    /// BYOK step 2, the CKM_RSA_AES_KEY_WRAP construction done in two steps inside the HSM
-    /// (SoftHSM2 lacks the combined mechanism): RSA-OAEP-unwrap the customer's ephemeral AES key
-    /// into a short-lived session object that may only unwrap, then RFC 5649-unwrap the key
-    /// material with it into a token KEK with the standard template. The ephemeral key is
-    /// destroyed whatever happens; the new KEK is checked like any other (as imported).
+    /// BYOK step 2: RSA-OAEP-unwraps the customer's key material directly into a token KEK with
+    /// the standard template — the one the import key forces anyway. The new KEK is checked
+    /// like any other (as imported).
     pub async fn import_kek(
         &self,
         import_id: VersionId,
@@ -119,15 +128,7 @@ impl Hsm {
                     self.inner.caps.why_not(spec.algorithm),
                 )
             })?;
-        let kwp = self.inner.kwp.ok_or_else(|| {
-            HsmError::new(
-                FaultKind::NotPermitted,
-                "import a KEK",
-                "the token has no usable RFC 5649 mechanism",
-            )
-        })?;
         self.run("import a KEK", CREATE, move |inner, conn, s| {
-            use cryptoki::object::KeyType as CkKeyType;
             let _guard = inner.object_lock.lock().unwrap_or_else(|p| p.into_inner());
             let found = s
                 .find_objects(&[
@@ -154,58 +155,25 @@ impl Hsm {
                     }
                 })
                 .unwrap_or_default();
-            let k = modulus.len();
-            if k == 0 || material.len() < k + 24 {
-                return Err(HsmError::new(
-                    FaultKind::DataInvalid,
-                    "import a KEK",
-                    "wrapped material is too short",
-                ));
-            }
-            let (rsa_part, kwp_part) = material.split_at(k);
-            // RFC 5649 of a 256-bit key is 40 bytes. (SoftHSM2 reports CKA_VALUE_LEN = 0 for
-            // unwrapped keys and refuses it in an unwrap template, so the length is checked here
-            // and, where the token reports it, again below.)
-            if kwp_part.len() != 40 {
+            if modulus.is_empty() || material.len() != modulus.len() {
                 return Err(HsmError::new(
                     FaultKind::DataInvalid,
                     "import a KEK",
                     format!(
-                        "the AES key wrap part is {} bytes; a 256-bit key wraps to 40",
-                        kwp_part.len()
+                        "the wrapped material is {} bytes; RSA-OAEP under this import key gives {}",
+                        material.len(),
+                        modulus.len()
                     ),
                 ));
             }
-            let ephemeral = s
-                .unwrap_key(
-                    &ops::oaep_mechanism(oaep),
-                    *private,
-                    rsa_part,
-                    &[
-                        Attribute::Class(ObjectClass::SECRET_KEY),
-                        Attribute::KeyType(CkKeyType::AES),
-                        Attribute::Token(false),
-                        Attribute::Private(true),
-                        Attribute::Sensitive(true),
-                        Attribute::Extractable(false),
-                        Attribute::Unwrap(true),
-                        Attribute::Wrap(false),
-                        Attribute::Encrypt(false),
-                        Attribute::Decrypt(false),
-                        Attribute::Sign(false),
-                        Attribute::Verify(false),
-                        Attribute::Derive(false),
-                    ],
-                )
-                .map_err(|e| {
-                    HsmError::from_ck_decrypt("RSA-OAEP unwrap of the ephemeral key", e)
-                })?;
+            // SoftHSM2 reports CKA_VALUE_LEN = 0 for unwrapped keys and refuses it in an unwrap
+            // template, so the length is checked after, where the token reports it.
             let mut template = template::aes_template(&spec, mech);
             template.retain(|a| a.attribute_type() != AttributeType::ValueLen);
-            let unwrapped = s.unwrap_key(&kwp.mechanism(), ephemeral, kwp_part, &template);
-            ops::destroy_quietly(s, ephemeral);
-            let secret = unwrapped
-                .map_err(|e| HsmError::from_ck_decrypt("AES key unwrap of the key material", e))?;
+            let template = template::for_token(template, inner.caps.key_attributes);
+            let secret = s
+                .unwrap_key(&ops::oaep_mechanism(oaep), *private, &material, &template)
+                .map_err(|e| HsmError::from_ck_decrypt("RSA-OAEP unwrap of the key material", e))?;
             let handles = KekHandles {
                 secret,
                 public: None,

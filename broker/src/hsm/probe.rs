@@ -36,13 +36,15 @@ use cryptoki::{
         aead::GcmParams,
         rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource},
     },
-    object::{Attribute, KeyType as CkKeyType, ObjectClass, ObjectHandle},
+    object::{
+        Attribute, AttributeArray, AttributeType, KeyType as CkKeyType, ObjectClass, ObjectHandle,
+    },
     session::Session,
     slot::Slot,
 };
 use serde::Serialize;
 
-use super::{error::HsmError, kat_rsa, ops::KwpMechanism, profile::Profile};
+use super::{error::HsmError, kat_rsa, ops::KwpMechanism, profile::Profile, template};
 use crate::model::{Algorithm, KeyType};
 
 /// How the token implements RFC 5649.
@@ -118,6 +120,9 @@ pub struct Capabilities {
     pub oaep_sha256: bool,
     /// RSA-OAEP with SHA-1 works.
     pub oaep_sha1: bool,
+    /// BYOK is safe here: the token enforces an import key's `CKA_UNWRAP_TEMPLATE` against a
+    /// caller's own template ([`BYOK_TEMPLATE`]'s known-answer test).
+    pub byok: bool,
     /// `C_GenerateRandom` works.
     pub rng: bool,
     /// `CKM_SHA256_HMAC` passed its known-answer test.
@@ -333,6 +338,7 @@ pub fn probe(
         kwp_candidates: Vec::new(),
         oaep_sha256: false,
         oaep_sha1: false,
+        byok: false,
         rng: false,
         hmac_sha256: false,
         generic_secret_keygen: list.contains(&MechanismType::GENERIC_SECRET_KEY_GEN),
@@ -448,6 +454,32 @@ pub fn probe(
     if !caps.rsa_keygen {
         caps.notes
             .push("CKM_RSA_PKCS_KEY_PAIR_GEN is not in the token's mechanism list".into());
+    }
+    let oaep = if caps.oaep_sha256 {
+        Some(Algorithm::RsaOaepSha256)
+    } else if caps.oaep_sha1 {
+        Some(Algorithm::RsaOaepSha1)
+    } else {
+        None
+    };
+    let byok = match oaep {
+        Some(oaep) => byok_kat(
+            session,
+            &super::ops::oaep_mechanism(oaep),
+            caps.key_attributes,
+            caps.aes_gcm,
+        ),
+        None => Err("not run: BYOK needs RSA-OAEP".into()),
+    };
+    match byok {
+        Ok(()) => caps.byok = true,
+        Err(why) => {
+            caps.notes.push(format!(
+                "BYOK import is refused on this token: {why} (the holder of the user PIN could \
+                 read imported key material)"
+            ));
+            caps.test_failures.insert(BYOK_TEMPLATE.into(), why);
+        }
     }
     Ok(caps)
 }
@@ -631,6 +663,152 @@ fn session_aes_key<'a>(
         .create_object(&t)
         .map_err(|e| HsmError::from_ck("create a probe key", e).detail)?;
     Ok(Temp { session, handle })
+}
+
+/// The capability report's name for the BYOK known-answer test.
+pub const BYOK_TEMPLATE: &str = "CKA_UNWRAP_TEMPLATE (BYOK import keys)";
+
+/// BYOK's known-answer test: an RSA key (the fixed test key, session objects) carrying an
+/// import key's `CKA_UNWRAP_TEMPLATE` (an AES-256-GCM KEK's, [`template::byok_forced`]) gets
+/// key material wrapped for it with RSA-OAEP, as a customer's blob. The token passes when a
+/// caller's own template — not sensitive and extractable, or the forced attributes left out —
+/// never gives a key whose value can be read or that is not sensitive and non-extractable,
+/// while the broker's KEK template works and (with AES-GCM) gives the material. A token that
+/// lets the material out fails: BYOK is then refused there.
+fn byok_kat(
+    session: &Session,
+    oaep: &Mechanism,
+    key_attributes: bool,
+    gcm: bool,
+) -> Result<(), String> {
+    const MATERIAL: [u8; 32] = [0xc3; 32];
+    let forced = template::byok_forced(
+        Algorithm::Aes256Gcm,
+        MechanismType::AES_GCM,
+        false,
+        key_attributes,
+    );
+    let n = unhex(kat_rsa::N);
+    let e = unhex(kat_rsa::E);
+    let public = session
+        .create_object(&[
+            Attribute::Class(ObjectClass::PUBLIC_KEY),
+            Attribute::KeyType(CkKeyType::RSA),
+            Attribute::Token(false),
+            Attribute::Encrypt(true),
+            Attribute::Modulus(n.clone()),
+            Attribute::PublicExponent(e.clone()),
+        ])
+        .map_err(|e| HsmError::from_ck("import the test RSA public key", e).detail)?;
+    let public = Temp {
+        session,
+        handle: public,
+    };
+    let private = session
+        .create_object(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::KeyType(CkKeyType::RSA),
+            Attribute::Token(false),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Unwrap(true),
+            Attribute::Decrypt(false),
+            Attribute::UnwrapTemplate(AttributeArray::new(forced.clone())),
+            Attribute::Modulus(n),
+            Attribute::PublicExponent(e),
+            Attribute::PrivateExponent(unhex(kat_rsa::D)),
+            Attribute::Prime1(unhex(kat_rsa::P)),
+            Attribute::Prime2(unhex(kat_rsa::Q)),
+            Attribute::Exponent1(unhex(kat_rsa::DP)),
+            Attribute::Exponent2(unhex(kat_rsa::DQ)),
+            Attribute::Coefficient(unhex(kat_rsa::QINV)),
+        ])
+        .map_err(|e| {
+            format!(
+                "an RSA key with CKA_UNWRAP_TEMPLATE: {}",
+                HsmError::from_ck("C_CreateObject", e).detail
+            )
+        })?;
+    let private = Temp {
+        session,
+        handle: private,
+    };
+    // The customer's side: the material under RSA-OAEP.
+    let blob = session
+        .encrypt(oaep, public.handle, &MATERIAL)
+        .map_err(|e| HsmError::from_ck("C_Encrypt", e).detail)?;
+    // What a caller may ask for, and must not get.
+    let loose = [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(CkKeyType::AES),
+        Attribute::Token(false),
+        Attribute::Sensitive(false),
+        Attribute::Extractable(true),
+    ];
+    let bare = [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(CkKeyType::AES),
+        Attribute::Token(false),
+    ];
+    for (how, t) in [
+        ("a loose template", &loose[..]),
+        ("a bare template", &bare[..]),
+    ] {
+        let Ok(h) = session.unwrap_key(oaep, private.handle, &blob, t) else {
+            continue;
+        };
+        let h = Temp { session, handle: h };
+        let attrs = session
+            .get_attributes(
+                h.handle,
+                &[AttributeType::Sensitive, AttributeType::Extractable],
+            )
+            .unwrap_or_default();
+        let readable = matches!(
+            session.get_attributes(h.handle, &[AttributeType::Value]).as_deref(),
+            Ok([Attribute::Value(v)]) if !v.is_empty()
+        );
+        if readable
+            || !attrs.contains(&Attribute::Sensitive(true))
+            || !attrs.contains(&Attribute::Extractable(false))
+        {
+            return Err(format!(
+                "the key material unwrapped under {how} into a key that is not sensitive and \
+                 non-extractable (CKA_UNWRAP_TEMPLATE not enforced)"
+            ));
+        }
+    }
+    // The broker's own template (a session object here).
+    let mut kek = forced;
+    kek.retain(|a| a.attribute_type() != AttributeType::Modifiable);
+    kek.extend([Attribute::Token(false), Attribute::Modifiable(false)]);
+    let imported = session
+        .unwrap_key(oaep, private.handle, &blob, &kek)
+        .map_err(|e| {
+            format!(
+                "unwrapping the key material with the KEK template: {}",
+                HsmError::from_ck("C_UnwrapKey", e).detail
+            )
+        })?;
+    let imported = Temp {
+        session,
+        handle: imported,
+    };
+    if gcm {
+        let reference = session_aes_key(session, &MATERIAL, &[Attribute::Encrypt(true)])?;
+        let seal = |k: ObjectHandle| -> Result<Vec<u8>, String> {
+            let mut iv = GCM_IV;
+            let params = GcmParams::new(&mut iv, &[], 128.into()).map_err(|e| e.to_string())?;
+            session
+                .encrypt(&Mechanism::AesGcm(params), k, &GCM_AAD)
+                .map_err(|e| HsmError::from_ck("C_Encrypt", e).detail)
+        };
+        if seal(imported.handle)? != seal(reference.handle)? {
+            return Err("the imported key is not the key material".into());
+        }
+    }
+    Ok(())
 }
 
 /// The capability report's name for the KEK template's PKCS#11 2.40 attributes.
@@ -887,6 +1065,7 @@ mod tests {
             kwp_candidates: Vec::new(),
             oaep_sha256: true,
             oaep_sha1: true,
+            byok: false,
             rng: true,
             hmac_sha256: true,
             generic_secret_keygen: true,

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::{
     mac,
-    probe::{Capabilities, KEY_ATTRIBUTES, OAEP_SHA1, OAEP_SHA256},
+    probe::{BYOK_TEMPLATE, Capabilities, KEY_ATTRIBUTES, OAEP_SHA1, OAEP_SHA256},
 };
 use crate::model::{Algorithm, KeyType};
 
@@ -308,6 +308,13 @@ pub fn mechanism_rows(caps: &Capabilities) -> Vec<MechanismRow> {
             test: test_result(caps, true, KEY_ATTRIBUTES, caps.key_attributes),
             usable: caps.key_attributes,
             used_for: "every KEK's template: not copyable, one allowed mechanism",
+        },
+        MechanismRow {
+            mechanism: BYOK_TEMPLATE.into(),
+            listed: true,
+            test: test_result(caps, true, BYOK_TEMPLATE, caps.byok),
+            usable: caps.byok,
+            used_for: "BYOK import keys: nobody, the PIN holder included, reads imported material",
         },
     ]);
     rows

@@ -21,7 +21,7 @@
 
 use cryptoki::{
     mechanism::MechanismType,
-    object::{Attribute, AttributeType, KeyType as CkKeyType, ObjectClass},
+    object::{Attribute, AttributeArray, AttributeType, KeyType as CkKeyType, ObjectClass},
 };
 
 use crate::model::{Algorithm, KeyType, VersionId};
@@ -116,6 +116,102 @@ pub fn aes_template(spec: &KekSpec, mechanism: MechanismType) -> Vec<Attribute> 
         Attribute::Modifiable(false),
     ]);
     t
+}
+
+/// The attributes an unwrap template forces (`CKA_UNWRAP_TEMPLATE`): every security
+/// attribute of a KEK template, none of its names (`CKA_ID`, `CKA_LABEL`), `CKA_TOKEN` or
+/// `CKA_VALUE_LEN` (SoftHSM2 refuses the latter in an unwrap template). Used for the security
+/// domain's wrap keys (restore) and BYOK import keys.
+pub fn forced(template: Vec<Attribute>) -> Vec<Attribute> {
+    const FORCED: &[AttributeType] = &[
+        AttributeType::Class,
+        AttributeType::KeyType,
+        AttributeType::Private,
+        AttributeType::Sensitive,
+        AttributeType::Extractable,
+        AttributeType::WrapWithTrusted,
+        AttributeType::Copyable,
+        AttributeType::Derive,
+        AttributeType::Sign,
+        AttributeType::SignRecover,
+        AttributeType::Verify,
+        AttributeType::Encrypt,
+        AttributeType::Decrypt,
+        AttributeType::Wrap,
+        AttributeType::Unwrap,
+        AttributeType::AllowedMechanisms,
+        AttributeType::Destroyable,
+        AttributeType::Modifiable,
+    ];
+    template
+        .into_iter()
+        .filter(|a| FORCED.contains(&a.attribute_type()))
+        .collect()
+}
+
+/// BYOK: the import key's `CKA_UNWRAP_TEMPLATE` — the KEK template of the key it will import
+/// (`algorithm`, with backup on or off), forced on anything the import key unwraps, whoever
+/// asks. So even the holder of the user PIN, taking a customer's blob to the token with a
+/// template of their own, gets only a sensitive, non-extractable key with that one role pair
+/// (security invariant 11, `docs/src/security.md`).
+pub fn byok_forced(
+    algorithm: Algorithm,
+    mechanism: MechanismType,
+    backup: bool,
+    key_attributes: bool,
+) -> Vec<Attribute> {
+    let spec = KekSpec {
+        id: VersionId::random(),
+        label: String::new(),
+        key_type: KeyType::Aes256,
+        algorithm,
+        backup,
+    };
+    for_token(forced(aes_template(&spec, mechanism)), key_attributes)
+}
+
+/// BYOK: the import key's private half (the public half is [`byok_import_public`]): a token
+/// object that is sensitive, never extractable, not modifiable or copyable, may only unwrap,
+/// with RSA-OAEP, and forces `forced` ([`byok_forced`]) on what it unwraps.
+pub fn byok_import_private(id: VersionId, label: &[u8], forced: Vec<Attribute>) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(CkKeyType::RSA),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Copyable(false),
+        Attribute::Unwrap(true),
+        Attribute::Decrypt(false),
+        Attribute::Sign(false),
+        Attribute::SignRecover(false),
+        Attribute::Derive(false),
+        Attribute::AllowedMechanisms(vec![MechanismType::RSA_PKCS_OAEP]),
+        Attribute::UnwrapTemplate(AttributeArray::new(forced)),
+        Attribute::Id(id.as_bytes().to_vec()),
+        Attribute::Label(label.to_vec()),
+        Attribute::Modifiable(false),
+    ]
+}
+
+/// BYOK: the import key's public half: encrypt nothing on the token, only published.
+pub fn byok_import_public(id: VersionId, label: &[u8], bits: u32) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::PUBLIC_KEY),
+        Attribute::KeyType(CkKeyType::RSA),
+        Attribute::ModulusBits(u64::from(bits).into()),
+        Attribute::PublicExponent(vec![1, 0, 1]),
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::Modifiable(false),
+        Attribute::Encrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+        Attribute::Id(id.as_bytes().to_vec()),
+        Attribute::Label(label.to_vec()),
+    ]
 }
 
 /// The (public, private) templates of an RSA KEK pair.
@@ -394,6 +490,49 @@ mod tests {
     use super::*;
 
     /// What a token reports for a KEK generated from `aes_template` (backup on or off).
+    #[test]
+    fn an_import_key_forces_the_imported_keys_template_without_its_names() {
+        let gcm = byok_forced(Algorithm::Aes256Gcm, MechanismType::AES_GCM, false, true);
+        for a in [
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Copyable(false),
+            Attribute::Derive(false),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+            Attribute::Modifiable(false),
+            Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]),
+        ] {
+            assert!(gcm.contains(&a), "{a:?} not forced");
+        }
+        for t in [
+            AttributeType::Id,
+            AttributeType::Label,
+            AttributeType::Token,
+            AttributeType::ValueLen,
+        ] {
+            assert!(gcm.iter().all(|a| a.attribute_type() != t), "{t:?} forced");
+        }
+        // Not modifiable last: SoftHSM2 applies a template in order.
+        assert_eq!(gcm.last(), Some(&Attribute::Modifiable(false)));
+        let kwp = byok_forced(
+            Algorithm::AesKeyWrapPad,
+            MechanismType::AES_KEY_WRAP_PAD,
+            true,
+            true,
+        );
+        assert!(kwp.contains(&Attribute::Unwrap(true)) && kwp.contains(&Attribute::Encrypt(false)));
+        assert!(kwp.contains(&Attribute::WrapWithTrusted(true)), "backup on");
+        let legacy = byok_forced(Algorithm::Aes256Gcm, MechanismType::AES_GCM, false, false);
+        assert!(
+            !legacy
+                .iter()
+                .any(|a| a.attribute_type() == AttributeType::Copyable)
+        );
+    }
+
     fn reported(backup: bool) -> Vec<Attribute> {
         vec![
             Attribute::Token(true),

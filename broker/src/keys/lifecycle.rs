@@ -19,7 +19,10 @@
 //!                    destruction receipt in the audit trail; envelopes can never unwrap again
 //! ```
 
-use std::sync::{Arc, atomic::Ordering};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, atomic::Ordering},
+};
 
 use super::{
     KeyEntry, KeyState, Keyring, Lifecycle, Receipt, VersionEntry, blocking, integrity::canary_of,
@@ -70,6 +73,38 @@ pub struct ImportKeyInfo {
     pub oaep: Algorithm,
     /// Import before this (ms).
     pub expires_ms: i64,
+    /// The algorithm of the key it imports.
+    pub algorithm: Algorithm,
+}
+
+/// One BYOK import key, as the store keeps it (setting `byok.import_keys`, a JSON map by id).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum ImportKeyRecord {
+    /// Made by a keybroker before import keys forced their template (only its expiry): never
+    /// used, destroyed when it expires.
+    Legacy(i64),
+    /// An import key with an enforced unwrap template.
+    Made {
+        /// Import before this (ms); destroyed then.
+        expires_ms: i64,
+        /// The algorithm of the key it imports (its forced template's).
+        algorithm: String,
+        /// `[lifecycle] backup` when it was made (its forced template's extractability).
+        backup: bool,
+        /// Its RSA size.
+        bits: u32,
+        /// Whether it has served its one import.
+        used: bool,
+    },
+}
+
+impl ImportKeyRecord {
+    fn expires_ms(&self) -> i64 {
+        match self {
+            Self::Legacy(e) | Self::Made { expires_ms: e, .. } => *e,
+        }
+    }
 }
 
 impl Keyring {
@@ -733,8 +768,13 @@ impl Keyring {
         let _ = self.audit.set(audit);
     }
 
-    /// BYOK step 1.
-    pub async fn create_import_key(&self, key_type: KeyType) -> Result<ImportKeyInfo, BrokerError> {
+    /// BYOK step 1: an RSA import key for one import of an AES-256 key of `algorithm`
+    /// (default AES-256-GCM), which forces that key's template on whatever it unwraps.
+    pub async fn create_import_key(
+        &self,
+        key_type: KeyType,
+        algorithm: Option<Algorithm>,
+    ) -> Result<ImportKeyInfo, BrokerError> {
         let bits = match key_type {
             KeyType::Rsa3072 => 3072,
             KeyType::Rsa4096 => 4096,
@@ -742,21 +782,33 @@ impl Keyring {
                 return Err(Invalid::ImportKeyType.into());
             }
         };
-        let caps = self.hsm.capabilities();
-        if caps.kwp.is_none() {
-            return Err(Refused::NoKwp.into());
+        let algorithm = algorithm.unwrap_or(Algorithm::Aes256Gcm);
+        if !matches!(algorithm, Algorithm::Aes256Gcm | Algorithm::AesKeyWrapPad) {
+            return Err(Invalid::ImportKeyAlgorithm(algorithm).into());
         }
+        let algorithm = self.resolve_algorithm(KeyType::Aes256, Some(algorithm))?;
+        let caps = self.hsm.capabilities();
         let _w = self.write().await?;
         let id = VersionId::random();
         let expires_ms = now_ms().saturating_add(IMPORT_KEY_TTL_MS);
+        let backup = self.settings.backup;
         let mut keys = self.import_keys().await?;
-        keys.insert(id.hex(), expires_ms);
+        keys.insert(
+            id.hex(),
+            ImportKeyRecord::Made {
+                expires_ms,
+                algorithm: algorithm.as_str().to_string(),
+                backup,
+                bits,
+                used: false,
+            },
+        );
         // Recorded before the HSM object exists: a crash leaves a record whose object the
         // maintenance task destroys (destroying by id is idempotent).
         self.save_import_keys(&keys).await?;
         let public = self
             .hsm
-            .create_import_key(id, bits)
+            .create_import_key(id, bits, algorithm, backup)
             .await
             .map_err(BrokerError::from)?;
         Ok(ImportKeyInfo {
@@ -764,10 +816,11 @@ impl Keyring {
             public,
             oaep: caps.default_rsa_algorithm(),
             expires_ms,
+            algorithm,
         })
     }
 
-    async fn import_keys(&self) -> Result<std::collections::BTreeMap<String, i64>, BrokerError> {
+    async fn import_keys(&self) -> Result<BTreeMap<String, ImportKeyRecord>, BrokerError> {
         let st = self.store.clone();
         let raw =
             blocking(move || st.setting(SETTING_IMPORT_KEYS).map_err(BrokerError::from)).await?;
@@ -778,7 +831,7 @@ impl Keyring {
 
     async fn save_import_keys(
         &self,
-        keys: &std::collections::BTreeMap<String, i64>,
+        keys: &BTreeMap<String, ImportKeyRecord>,
     ) -> Result<(), BrokerError> {
         let text = serde_json::to_string(keys).map_err(|e| BrokerError::internal(e.to_string()))?;
         let st = self.store.clone();
@@ -789,7 +842,9 @@ impl Keyring {
         .await
     }
 
-    /// BYOK step 2: imports AES-256 key material wrapped for an import key into a new key.
+    /// BYOK step 2: imports AES-256 key material wrapped for an import key into a new key. The
+    /// import key serves this one call whatever its outcome (one RSA decryption per import
+    /// key: a blob cannot be retried as an oracle) and is destroyed after it.
     pub async fn import(
         &self,
         grant: &Grant,
@@ -800,31 +855,84 @@ impl Keyring {
     ) -> Result<Arc<KeyEntry>, BrokerError> {
         let name = grant.key_for(Permission::Import)?.clone();
         let key_type = KeyType::Aes256;
-        let algorithm = self.resolve_algorithm(key_type, algorithm)?;
         let attributes = self.new_attributes(attributes)?;
-        let import_keys = self.import_keys().await?;
-        let import = match import_keys.get(import_id) {
-            Some(exp) if *exp > now_ms() => hex::decode(import_id)
-                .ok()
-                .and_then(|b| VersionId::from_slice(&b))
-                .ok_or(Invalid::ImportKeyId)?,
-            Some(_) => {
+        let _w = self.write().await?;
+        let mut import_keys = self.import_keys().await?;
+        let (made_for, bits) = match import_keys.get(import_id) {
+            None => return Err(NotFound::ImportKey(import_id.to_string()).into()),
+            Some(ImportKeyRecord::Legacy(_)) => {
+                return Err(Refused::ImportKeyLegacy(import_id.to_string()).into());
+            }
+            Some(ImportKeyRecord::Made { used: true, .. }) => {
+                return Err(Refused::ImportKeyUsed(import_id.to_string()).into());
+            }
+            Some(ImportKeyRecord::Made { expires_ms, .. }) if *expires_ms <= now_ms() => {
                 return Err(Refused::ImportKeyExpired.into());
             }
-            None => {
-                return Err(NotFound::ImportKey(import_id.to_string()).into());
+            Some(ImportKeyRecord::Made {
+                algorithm: made_for,
+                backup,
+                bits,
+                ..
+            }) => {
+                if *backup != self.settings.backup {
+                    let was = if *backup { "on" } else { "off" };
+                    return Err(Refused::ImportKeyBackup(import_id.to_string(), was).into());
+                }
+                let made_for = Algorithm::parse(made_for).ok_or_else(|| {
+                    BrokerError::internal(format!("import key record: algorithm {made_for:?}"))
+                })?;
+                (made_for, *bits as usize)
             }
         };
+        let import = hex::decode(import_id)
+            .ok()
+            .and_then(|b| VersionId::from_slice(&b))
+            .ok_or(Invalid::ImportKeyId)?;
+        if let Some(asked) = algorithm.filter(|a| *a != made_for) {
+            return Err(Invalid::ImportAlgorithm {
+                id: import_id.to_string(),
+                made_for,
+                asked,
+            }
+            .into());
+        }
+        let modulus = bits / 8;
+        if material.len() == modulus + 40 {
+            return Err(Invalid::TwoStepMaterial {
+                got: material.len(),
+                modulus,
+            }
+            .into());
+        }
+        if material.len() != modulus {
+            return Err(Invalid::MaterialDoesNotUnwrap(format!(
+                "it is {} bytes; RSA-OAEP under this {bits}-bit import key gives {modulus}",
+                material.len()
+            ))
+            .into());
+        }
+        self.name_free(&name)?;
+        // Used from here on, whatever happens next.
+        if let Some(ImportKeyRecord::Made { used, .. }) = import_keys.get_mut(import_id) {
+            *used = true;
+        }
+        self.save_import_keys(&import_keys).await?;
         let oaep = self.hsm.capabilities().default_rsa_algorithm();
-        let _w = self.write().await?;
-        self.new_key(
-            name,
-            key_type,
-            algorithm,
-            attributes,
-            Some((import, oaep, material)),
-        )
-        .await
+        let made = self
+            .new_key(
+                name,
+                key_type,
+                made_for,
+                attributes,
+                Some((import, oaep, material)),
+            )
+            .await;
+        if let Err(e) = self.hsm.destroy_kek(import).await {
+            // The record stays until it expires: the maintenance task destroys it then.
+            tracing::warn!(error = %e, import_key = import_id, "could not destroy a used import key; retrying when it expires");
+        }
+        made
     }
 
     /// One pass of the maintenance task: purge keys whose date has passed, rotate keys whose
@@ -931,7 +1039,7 @@ impl Keyring {
         let expired_imports = self
             .import_keys()
             .await
-            .is_ok_and(|i| i.values().any(|exp| *exp <= now));
+            .is_ok_and(|i| i.values().any(|r| r.expires_ms() <= now));
         // Under the write lock: the list is one setting that replicas rewrite.
         let guard = if expired_imports {
             self.write().await.ok()
@@ -941,8 +1049,9 @@ impl Keyring {
         if guard.is_some()
             && let Ok(imports) = self.import_keys().await
         {
-            let (expired, live): (Vec<_>, Vec<_>) =
-                imports.into_iter().partition(|(_, exp)| *exp <= now);
+            let (expired, live): (Vec<_>, Vec<_>) = imports
+                .into_iter()
+                .partition(|(_, r)| r.expires_ms() <= now);
             if !expired.is_empty() {
                 for (id, _) in &expired {
                     let Some(v) = hex::decode(id).ok().and_then(|b| VersionId::from_slice(&b))

@@ -27,6 +27,15 @@
 //!     CKM_AES_KEY_WRAP_PAD); prints the mechanism used and the result
 //! hsm-probe oaep-encrypt MODULE LABEL PIN ID_HEX sha1|sha256 DATA_HEX
 //! hsm-probe oaep-decrypt MODULE LABEL PIN ID_HEX sha1|sha256 CIPHERTEXT_HEX
+//!
+//! BYOK (what the holder of the user PIN can do with a customer's import blob):
+//! hsm-probe byok-attack MODULE LABEL PIN IMPORT_ID_HEX sha1|sha256 BLOB_HEX
+//!     with the import key's private half (CKA_ID = IMPORT_ID), unwrap the blob under the
+//!     attacker's own templates and read what comes out: the blob's RSA-OAEP part into a key
+//!     that is not sensitive and extractable; and, for a two-step blob (RSA-OAEP of an
+//!     ephemeral AES key, then RFC 5649 of the material), the RFC 5649 part under the ephemeral
+//!     key (unwrapped with the broker's own template) the same way. Prints each attempt and
+//!     `recovered`: every value read
 //! ```
 //!
 //! SoftHSM2 reads SOFTHSM2_CONF and Kryoptic KRYOPTIC_CONF at start: run this with the token's
@@ -47,7 +56,7 @@ use cryptoki::{
 };
 use serde_json::{Value, json};
 
-const USAGE: &str = "usage: hsm-probe inspect|clear|attack|tamper|tokens|init-token|import-keys|kwp-wrap|kwp-unwrap|oaep-encrypt|oaep-decrypt|backup-attack ... (see the source's header)";
+const USAGE: &str = "usage: hsm-probe inspect|clear|attack|tamper|tokens|init-token|import-keys|kwp-wrap|kwp-unwrap|oaep-encrypt|oaep-decrypt|backup-attack|byok-attack ... (see the source's header)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -91,6 +100,7 @@ fn session_command(
         ("oaep-encrypt", [id, hash, data]) => oaep(s, id, hash, data, true),
         ("oaep-decrypt", [id, hash, data]) => oaep(s, id, hash, data, false),
         ("backup-attack", [id, wrapped]) => backup_attack(s, mechs, id, wrapped),
+        ("byok-attack", [id, hash, blob]) => byok_attack(s, mechs, id, hash, blob),
         _ => Err(USAGE.into()),
     }
 }
@@ -703,6 +713,101 @@ fn oaep(
             .map_err(|e| format!("C_Decrypt(OAEP {hash}): {e}"))?
     };
     Ok(json!({ "output": hex::encode(out) }))
+}
+
+/// What the holder of the user PIN gets from a customer's BYOK blob (see the header).
+fn byok_attack(
+    s: &Session,
+    mechs: &[MechanismType],
+    id_hex: &str,
+    hash: &str,
+    blob_hex: &str,
+) -> Result<Value, String> {
+    let id = unhex("id", id_hex)?;
+    let blob = unhex("blob", blob_hex)?;
+    let (h, mgf) = match hash {
+        "sha1" => (MechanismType::SHA1, PkcsMgfType::MGF1_SHA1),
+        "sha256" => (MechanismType::SHA256, PkcsMgfType::MGF1_SHA256),
+        other => return Err(format!("hash {other:?}: expected sha1 or sha256")),
+    };
+    let oaep = Mechanism::RsaPkcsOaep(PkcsOaepParams::new(h, mgf, PkcsOaepSource::empty()));
+    let private = find_key(s, &id, ObjectClass::PRIVATE_KEY)?;
+    let k = match s
+        .get_attributes(private, &[AttributeType::Modulus])
+        .map_err(|e| e.to_string())?
+        .as_slice()
+    {
+        [Attribute::Modulus(m)] => m.len(),
+        _ => return Err("the import key has no modulus".into()),
+    };
+    if blob.len() < k {
+        return Err(format!("the blob is shorter than the modulus ({k} bytes)"));
+    }
+    let (rsa_part, rest) = blob.split_at(k);
+    let mut recovered: Vec<String> = Vec::new();
+    let mut attempts = serde_json::Map::new();
+    // Unwraps `data` with `mech` under `key` and the attacker's template; reads CKA_VALUE.
+    let mut steal = |step: &str, mech: &Mechanism, key: ObjectHandle, data: &[u8]| {
+        let loose = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(false),
+            Attribute::Sensitive(false),
+            Attribute::Extractable(true),
+        ];
+        let outcome = match s.unwrap_key(mech, key, data, &loose) {
+            Ok(h) => {
+                let v = s.get_attributes(h, &[AttributeType::Value]);
+                let _ = s.destroy_object(h);
+                match v.as_deref() {
+                    Ok([Attribute::Value(v)]) if !v.is_empty() => {
+                        recovered.push(hex::encode(v));
+                        "recovered CKA_VALUE".to_string()
+                    }
+                    _ => "unwrapped, CKA_VALUE unreadable".into(),
+                }
+            }
+            Err(e) => format!("refused: {e}"),
+        };
+        attempts.insert(step.into(), json!(outcome));
+    };
+    steal("rsa_part", &oaep, private, rsa_part);
+    if !rest.is_empty() {
+        let kwp = if mechs.contains(&MechanismType::AES_KEY_WRAP_KWP) {
+            Mechanism::AesKeyWrapKwp
+        } else {
+            Mechanism::AesKeyWrapPad
+        };
+        // The ephemeral key as the broker asks for it: sensitive, unwrap only.
+        let honest = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(false),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Unwrap(true),
+            Attribute::Wrap(false),
+            Attribute::Encrypt(false),
+            Attribute::Decrypt(false),
+            Attribute::Sign(false),
+            Attribute::Verify(false),
+            Attribute::Derive(false),
+        ];
+        match s.unwrap_key(&oaep, private, rsa_part, &honest) {
+            Ok(eph) => {
+                steal("kwp_part", &kwp, eph, rest);
+                let _ = s.destroy_object(eph);
+            }
+            Err(e) => {
+                attempts.insert(
+                    "kwp_part".into(),
+                    json!(format!("ephemeral key refused: {e}")),
+                );
+            }
+        }
+    }
+    Ok(json!({ "attempts": attempts, "recovered": recovered }))
 }
 
 /// What a holder of the user PIN can do with a backup-enabled AES-256-GCM KEK (`id`) and its

@@ -223,8 +223,12 @@ impl KeyManagement for GrpcApi {
             rpc(KEY_MANAGEMENT, "CreateImportKey"),
             req,
             |r| {
-                let op = key_type_or(r.key_type, KeyType::Rsa3072)
-                    .map(|key_type| CreateImportKey { key_type });
+                let op = (|| {
+                    Ok(CreateImportKey {
+                        key_type: key_type_or(r.key_type, KeyType::Rsa3072)?,
+                        algorithm: algorithm_from_pb(r.algorithm)?,
+                    })
+                })();
                 (None, op)
             },
             |(info, spki_pem)| pb::ImportKeyInfo {
@@ -232,6 +236,7 @@ impl KeyManagement for GrpcApi {
                 spki_pem,
                 oaep: algorithm_to_pb(info.oaep).into(),
                 expires_ms: info.expires_ms,
+                algorithm: algorithm_to_pb(info.algorithm).into(),
             },
         )
         .await

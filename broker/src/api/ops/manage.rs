@@ -108,6 +108,8 @@ pub struct PurgeKey {
 pub struct CreateImportKey {
     /// RSA 3072 or 4096.
     pub key_type: KeyType,
+    /// The algorithm of the key it will import (`None`: AES-256-GCM).
+    pub algorithm: Option<Algorithm>,
 }
 
 /// `ImportKey`.
@@ -122,7 +124,7 @@ pub struct ImportKey {
     pub attributes: KeyAttributes,
     /// The import key it is wrapped for.
     pub import_key_id: String,
-    /// RSA-OAEP(ephemeral AES key) || RFC 5649(material).
+    /// RSA-OAEP(material) under the import key.
     pub wrapped_material: Vec<u8>,
 }
 
@@ -355,7 +357,7 @@ impl Operation for CreateImportKey {
         call.authorize_global(Permission::Import)?;
         let keys = call.keys().clone();
         let info = call
-            .detached(async move { keys.create_import_key(self.key_type).await })
+            .detached(async move { keys.create_import_key(self.key_type, self.algorithm).await })
             .await?;
         let pk = PublicKeyInfo {
             key: KeyName::parse("byok/import").map_err(|e| BrokerError::internal(e.to_string()))?,
