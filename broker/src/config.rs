@@ -275,6 +275,15 @@ pub struct LifecycleConfig {
     /// leave the HSM in any form. Versions made while it was off can never be backed up.
     #[serde(default)]
     pub backup: bool,
+    /// AES-GCM invocations one key version may make with random IVs, across every replica.
+    /// Default and maximum 2^32 (NIST SP 800-38D §8.3). The key rotates automatically once half
+    /// is reserved; a version whose budget is spent wraps no more.
+    #[serde(default = "default_gcm_limit")]
+    pub gcm_invocation_limit: u64,
+    /// AES-GCM invocations a broker reserves in the store at a time (a crash forfeits the
+    /// unspent part of one block per version). Default 65536.
+    #[serde(default = "default_gcm_block")]
+    pub gcm_reservation_block: u64,
 }
 
 impl Default for LifecycleConfig {
@@ -284,6 +293,8 @@ impl Default for LifecycleConfig {
             purge_protection: false,
             maintenance_interval_ms: default_maintenance_ms(),
             backup: false,
+            gcm_invocation_limit: default_gcm_limit(),
+            gcm_reservation_block: default_gcm_block(),
         }
     }
 }
@@ -294,6 +305,12 @@ fn default_retention_days() -> u32 {
 fn default_maintenance_ms() -> u64 {
     60_000
 }
+fn default_gcm_limit() -> u64 {
+    crate::keys::budget::NIST_LIMIT
+}
+fn default_gcm_block() -> u64 {
+    crate::keys::budget::DEFAULT_BLOCK
+}
 
 impl LifecycleConfig {
     /// The keyring's settings.
@@ -303,6 +320,8 @@ impl LifecycleConfig {
             purge_protection: self.purge_protection,
             maintenance_interval: Duration::from_millis(self.maintenance_interval_ms),
             backup: self.backup,
+            gcm_limit: self.gcm_invocation_limit,
+            gcm_block: self.gcm_reservation_block,
         }
     }
 }
@@ -560,6 +579,20 @@ impl Config {
         }
         if self.lifecycle.maintenance_interval_ms < 100 {
             return Err("lifecycle.maintenance_interval_ms must be at least 100".into());
+        }
+        let (limit, block) = (
+            self.lifecycle.gcm_invocation_limit,
+            self.lifecycle.gcm_reservation_block,
+        );
+        if !(2..=crate::keys::budget::NIST_LIMIT).contains(&limit) {
+            return Err(format!(
+                "lifecycle.gcm_invocation_limit must be 2 to 2^32 (NIST SP 800-38D's bound for random IVs), not {limit}"
+            ));
+        }
+        if block == 0 || block > limit {
+            return Err(format!(
+                "lifecycle.gcm_reservation_block must be 1 to gcm_invocation_limit ({limit}), not {block}"
+            ));
         }
         if self.audit.checkpoint_every == 0 || self.audit.checkpoint_interval_ms == 0 {
             return Err(
@@ -870,6 +903,29 @@ allow = ["spiffe://example.org/app"]
         assert_eq!(c.hsm.token_label.as_deref(), Some("keybroker"));
         let m = c.metrics.expect("[metrics] in the example");
         assert_eq!(m.listen.to_string(), "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn the_gcm_budget_is_at_most_nist_s_bound_and_its_block_fits_in_it() {
+        let c = parse(MINIMAL).expect("valid");
+        assert_eq!(c.lifecycle.settings().gcm_limit, 1 << 32);
+        for (extra, needle) in [
+            (
+                "gcm_invocation_limit = 4294967297",
+                "gcm_invocation_limit must be 2 to 2^32",
+            ),
+            (
+                "gcm_invocation_limit = 1",
+                "gcm_invocation_limit must be 2 to 2^32",
+            ),
+            (
+                "gcm_invocation_limit = 10\ngcm_reservation_block = 11",
+                "gcm_reservation_block must be 1 to gcm_invocation_limit (10), not 11",
+            ),
+        ] {
+            let e = parse(&format!("{MINIMAL}[lifecycle]\n{extra}\n")).expect_err(extra);
+            assert!(e.contains(needle), "{e}");
+        }
     }
 
     #[test]

@@ -322,6 +322,18 @@ pub enum Refused {
     /// The HSM refused the operation for this key.
     #[error("the HSM refused this operation for this key")]
     HsmRefused,
+    /// The version's AES-GCM invocation budget is spent (random IVs, NIST SP 800-38D).
+    #[error(
+        "version {version} of key {key} has made its {limit} AES-GCM invocations (the random-IV bound): rotate the key (automatic rotation is due)"
+    )]
+    GcmBudgetSpent {
+        /// The key.
+        key: KeyName,
+        /// The version.
+        version: u32,
+        /// Its limit.
+        limit: u64,
+    },
     /// A backup of another security domain.
     #[error(
         "the backup was made in security domain {backup}, this HSM's domain is {ours}: a backup restores only into the domain that made it"

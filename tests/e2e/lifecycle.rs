@@ -1454,3 +1454,121 @@ async fn the_pin_holder_cannot_read_byok_material_and_import_keys_are_single_use
     );
     b.stop().await;
 }
+
+/// Issue 18 item 7: an AES-GCM version makes at most `gcm_invocation_limit` invocations (random
+/// IVs; NIST SP 800-38D), across restarts, then wraps no more; the key rotates by itself once
+/// half is reserved, and what the old version wrapped still unwraps. Before the budget, the
+/// 50 wraps below all succeeded under version 1.
+#[tokio::test]
+async fn an_aes_gcm_version_wraps_at_most_its_invocation_budget_and_the_key_rotates_before() {
+    crate::require_aes!();
+    let env = Env::with(Options {
+        lifecycle_extra: "maintenance_interval_ms = 200\ngcm_invocation_limit = 40\n\
+                          gcm_reservation_block = 8"
+            .into(),
+        ..Default::default()
+    });
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    create_with(&mut c, "t/busy", attrs())
+        .await
+        .expect("create");
+    // Six single wraps reserve one block (8) in the store.
+    let first = wrap(&mut c, "t/busy", &[6; 32], b"a").await.expect("wrap");
+    for _ in 0..5 {
+        wrap(&mut c, "t/busy", &[5; 32], b"").await.expect("wrap");
+    }
+    let reserved = |env: &Env| -> i64 {
+        let db = rusqlite::Connection::open(env.dir.path().join("keybroker.db")).expect("db");
+        db.query_row(
+            "SELECT v.gcm_reserved FROM key_versions v JOIN keys k ON k.id = v.key_id \
+             WHERE k.name = 'busy' AND v.version = 1",
+            [],
+            |r| r.get(0),
+        )
+        .expect("reserved")
+    };
+    assert_eq!(reserved(&env), 8);
+    drop(c);
+    b.stop().await;
+    // A restart forfeits the unspent 2: the budget counts from what was reserved.
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    let items: Vec<pb::WrapKeyRequest> = (0..50)
+        .map(|i| pb::WrapKeyRequest {
+            key: "t/busy".into(),
+            plaintext: vec![i as u8; 32],
+            ..Default::default()
+        })
+        .collect();
+    let r = c
+        .broker
+        .batch_wrap_key(pb::BatchWrapKeyRequest {
+            items,
+            context: None,
+        })
+        .await
+        .expect("batch wrap")
+        .into_inner();
+    let (mut ok, mut refused) = (0, 0);
+    for res in &r.results {
+        match &res.result {
+            Some(pb::wrap_key_result::Result::Ok(w)) => {
+                assert_eq!(w.key_version, 1);
+                ok += 1;
+            }
+            Some(pb::wrap_key_result::Result::Error(e)) => {
+                assert_eq!(e.code, Code::FailedPrecondition as i32, "{e:?}");
+                assert!(
+                    e.message
+                        .contains("version 1 of key t/busy has made its 40 AES-GCM invocations"),
+                    "{}",
+                    e.message
+                );
+                refused += 1;
+            }
+            None => panic!("an item without a result"),
+        }
+    }
+    assert_eq!(
+        (ok, refused),
+        (32, 18),
+        "8 reserved before the restart, 32 left"
+    );
+    assert_eq!(reserved(&env), 40);
+    let single = wrap(&mut c, "t/busy", &[1; 32], b"").await;
+    let mg = c.mgmt.clone();
+    // The maintenance task rotates the key (due since half the budget was reserved).
+    poll(
+        || {
+            let mut mg = mg.clone();
+            async move {
+                mg.get_key(pb::GetKeyRequest {
+                    key: "t/busy".into(),
+                })
+                .await
+                .is_ok_and(|k| k.into_inner().current_version == 2)
+            }
+        },
+        "rotation by the AES-GCM budget",
+    )
+    .await;
+    if let Err(e) = single {
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    }
+    let w = wrap(&mut c, "t/busy", &[2; 32], b"").await.expect("wrap");
+    assert_eq!(w.key_version, 2);
+    let back = unwrap(&mut c, "t/busy", &first.wrapped_key, b"a")
+        .await
+        .expect("version 1 still unwraps");
+    assert_eq!(back.plaintext, vec![6; 32]);
+    drop(c);
+    b.stop().await;
+    let audit = std::fs::read_to_string(env.audit_log()).expect("audit");
+    assert!(
+        audit.lines().any(|l| l.contains("\"AutomaticRotation\"")
+            && l.contains("t/busy")
+            && l.contains("\"OK\"")),
+        "the rotation is in the audit trail"
+    );
+}

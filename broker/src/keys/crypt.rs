@@ -13,7 +13,7 @@
 //! The hot path reads the in-memory maps under a read lock and makes one HSM call per chunk; it
 //! never touches the store or searches the token.
 
-use std::{future::Future, sync::Arc};
+use std::{collections::HashMap, future::Future, sync::Arc};
 
 use futures_util::future::join_all;
 
@@ -136,6 +136,11 @@ struct Sealing {
 }
 
 impl Sealing {
+    /// The key, version number and id of an AES-GCM wrap (its budget is charged).
+    fn gcm(&self) -> Option<(&KeyName, u32, VersionId)> {
+        gcm_version(&self.entry, &self.version)
+    }
+
     fn seal(self, ciphertext: &[u8]) -> Wrapped {
         Wrapped {
             envelope: envelope::seal(self.header, ciphertext),
@@ -162,6 +167,7 @@ impl Keyring {
                 Err(e) => results[index] = Some(Err(e)),
             }
         }
+        let work = self.charge(&mut results, work, Sealing::gcm).await;
         self.in_chunks(
             &mut results,
             work,
@@ -197,6 +203,7 @@ impl Keyring {
                 Err(e) => results[index] = Some(Err(e)),
             }
         }
+        let work = self.charge(&mut results, work, Sealing::gcm).await;
         self.in_chunks(
             &mut results,
             work,
@@ -446,6 +453,9 @@ impl Keyring {
                 Err(e) => results[index] = Some(Err(e)),
             }
         }
+        let work = self
+            .charge(&mut results, work, |(sealing, _, _)| sealing.gcm())
+            .await;
         self.in_chunks(
             &mut results,
             work,
@@ -461,6 +471,67 @@ impl Keyring {
         )
         .await;
         finish(results)
+    }
+
+    /// Spends one invocation of its version's AES-GCM budget per item that `gcm` names (the
+    /// items that wrap or encrypt with AES-GCM); an item past its version's budget fails alone,
+    /// FAILED_PRECONDITION naming the key. Called after the checks, before the HSM.
+    pub(super) async fn charge<M, I, T>(
+        &self,
+        results: &mut [Option<Result<T, BrokerError>>],
+        work: Vec<Work<M, I>>,
+        gcm: impl Fn(&M) -> Option<(&KeyName, u32, VersionId)>,
+    ) -> Vec<Work<M, I>> {
+        let mut wanted: HashMap<VersionId, u64> = HashMap::new();
+        for (_, meta, _) in &work {
+            if let Some((_, _, id)) = gcm(meta) {
+                *wanted.entry(id).or_default() += 1;
+            }
+        }
+        if wanted.is_empty() {
+            return work;
+        }
+        let mut granted = HashMap::with_capacity(wanted.len());
+        for (id, n) in wanted {
+            granted.insert(id, self.budget.take(&self.store, id, n).await);
+        }
+        let mut kept = Vec::with_capacity(work.len());
+        for (index, meta, input) in work {
+            let Some((key, version, id)) = gcm(&meta) else {
+                kept.push((index, meta, input));
+                continue;
+            };
+            let refusal = match granted.get_mut(&id) {
+                Some(Ok(g)) if g.count > 0 => {
+                    g.count -= 1;
+                    None
+                }
+                Some(Ok(g)) => Some(
+                    Refused::GcmBudgetSpent {
+                        key: key.clone(),
+                        version,
+                        limit: g.limit,
+                    }
+                    .into(),
+                ),
+                Some(Err(e)) => Some(e.clone()),
+                None => Some(BrokerError::internal("an AES-GCM item without a budget")),
+            };
+            match refusal {
+                None => kept.push((index, meta, input)),
+                Some(e) => results[index] = Some(Err(e)),
+            }
+        }
+        kept
+    }
+
+    /// Whether the key's newest version has reserved half its AES-GCM budget (the maintenance
+    /// task then rotates it).
+    pub(super) fn budget_wants_rotation(&self, entry: &KeyEntry) -> bool {
+        entry
+            .versions
+            .last()
+            .is_some_and(|v| self.budget.wants_rotation(v.id))
     }
 
     /// Runs checked items through the HSM in as many chunks as the pool has sessions, each
@@ -586,6 +657,14 @@ fn chunks<T>(mut work: Vec<T>, n: usize) -> Vec<Vec<T>> {
         out.push(std::mem::replace(&mut work, rest));
     }
     out
+}
+
+/// The key, version number and id when `entry` wraps or encrypts with AES-GCM.
+pub(super) fn gcm_version<'a>(
+    entry: &'a KeyEntry,
+    version: &VersionEntry,
+) -> Option<(&'a KeyName, u32, VersionId)> {
+    (entry.algorithm == Algorithm::Aes256Gcm).then_some((&entry.name, version.number, version.id))
 }
 
 pub(crate) fn check_aad(entry: &KeyEntry, aad: &[u8]) -> Result<(), BrokerError> {

@@ -989,10 +989,14 @@ impl Keyring {
                         .await;
                 }
                 Lifecycle::Active if k.state == KeyState::Enabled && k.attributes.enabled => {
-                    let due = match (k.attributes.rotation_period_ms, k.versions.last()) {
-                        (Some(p), Some(v)) => v.created_at_ms.saturating_add(p) <= now,
-                        _ => false,
-                    };
+                    let period_due =
+                        |f: &KeyEntry| match (f.attributes.rotation_period_ms, f.versions.last()) {
+                            (Some(p), Some(v)) => v.created_at_ms.saturating_add(p) <= now,
+                            _ => false,
+                        };
+                    // Due by its rotation period, or by its newest version's AES-GCM budget.
+                    let due = |f: &KeyEntry| period_due(f) || self.budget_wants_rotation(f);
+                    let due = due(k);
                     if due {
                         let _w = match self.write().await {
                             Ok(w) => w,
@@ -1002,14 +1006,9 @@ impl Keyring {
                             }
                         };
                         // Re-check under the lock: a manual rotation may have happened.
-                        let fresh = self.get(&k.name).ok();
-                        let still_due = fresh.as_ref().is_some_and(|f| {
-                            f.versions
-                                .last()
-                                .map(|v| v.created_at_ms)
-                                .unwrap_or(now)
-                                .saturating_add(f.attributes.rotation_period_ms.unwrap_or(i64::MAX))
-                                <= now
+                        let still_due = self.get(&k.name).is_ok_and(|f| {
+                            f.versions.last().map(|v| v.id) == k.versions.last().map(|v| v.id)
+                                && (period_due(&f) || self.budget_wants_rotation(&f))
                         });
                         if still_due
                             && self

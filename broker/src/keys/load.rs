@@ -91,6 +91,7 @@ impl Keyring {
                 usage: RwLock::new(usage),
                 write_lock: tokio::sync::Mutex::new(()),
                 replica: super::replica::ReplicaState::new(applied_generation),
+                budget: super::budget::GcmBudget::new(settings.gcm_limit, settings.gcm_block),
                 settings,
                 audit: OnceLock::new(),
                 pending_rollbacks: std::sync::Mutex::new(Vec::new()),

@@ -20,6 +20,7 @@
 //! HSM call; it never touches the store or searches the token.
 
 mod backup;
+pub mod budget;
 mod crypt;
 mod integrity;
 mod lifecycle;
@@ -298,6 +299,10 @@ pub struct LifecycleSettings {
     pub maintenance_interval: Duration,
     /// New KEK versions can be backed up (extractable only under a trusted key).
     pub backup: bool,
+    /// AES-GCM invocations one version may make (random IVs; see [`budget`]).
+    pub gcm_limit: u64,
+    /// AES-GCM invocations reserved in the store at a time.
+    pub gcm_block: u64,
 }
 
 impl Default for LifecycleSettings {
@@ -307,6 +312,8 @@ impl Default for LifecycleSettings {
             purge_protection: false,
             maintenance_interval: Duration::from_secs(60),
             backup: false,
+            gcm_limit: budget::NIST_LIMIT,
+            gcm_block: budget::DEFAULT_BLOCK,
         }
     }
 }
@@ -413,6 +420,8 @@ pub struct Keyring {
     /// Keeping the cache in step with other replicas (shared stores; see `replica`).
     replica: ReplicaState,
     settings: LifecycleSettings,
+    /// The AES-GCM invocation budget of each version.
+    budget: budget::GcmBudget,
     /// Where destruction receipts from the maintenance task go.
     audit: OnceLock<AuditLog>,
     /// Versions whose failed creation could not be rolled back yet (id, whether an HSM object

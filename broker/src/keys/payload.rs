@@ -216,6 +216,11 @@ impl Keyring {
                 Err(e) => results[index] = Some(Err(e)),
             }
         }
+        let work = self
+            .charge(&mut results, work, |(entry, version, _)| {
+                super::crypt::gcm_version(entry, version)
+            })
+            .await;
         self.in_chunks(
             &mut results,
             work,
@@ -441,6 +446,11 @@ impl Keyring {
                 Err(e) => results[index] = Some(Err(e)),
             }
         }
+        let work = self
+            .charge(&mut results, work, |(entry, version, _)| {
+                super::crypt::gcm_version(entry, version)
+            })
+            .await;
         self.in_chunks(
             &mut results,
             work,

@@ -402,6 +402,19 @@ impl Store {
         each!(self, s => s.add_usage(usage))
     }
 
+    /// Reserves up to `want` AES-GCM invocations of version `id` (its random-IV budget), never
+    /// past `limit` across every process sharing the store: the range `[start, end)` granted,
+    /// empty once the budget is spent. A crash loses the unused part of a reservation, which
+    /// only ever errs on the safe side.
+    pub fn reserve_gcm(
+        &self,
+        id: VersionId,
+        want: u64,
+        limit: u64,
+    ) -> Result<(u64, u64), StoreError> {
+        each!(self, s => s.reserve_gcm(id, want, limit))
+    }
+
     /// A broker-wide setting (HYOK state, audit key id, last audit checkpoint...).
     pub fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
         each!(self, s => s.setting(name))

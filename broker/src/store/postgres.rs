@@ -124,8 +124,15 @@ CREATE INDEX kb_settings_gen ON kb_settings (gen);
 CREATE INDEX kb_purged_keys_gen ON kb_purged_keys (gen);
 ";
 
+/// Schema version 3: AES-GCM invocations reserved per version (the random-IV budget), from the
+/// wrap count for versions written before it.
+const SCHEMA_V3: &str = "
+ALTER TABLE kb_key_versions ADD COLUMN gcm_reserved BIGINT NOT NULL DEFAULT 0;
+UPDATE kb_key_versions SET gcm_reserved = wraps;
+";
+
 /// The migrations, in order; the schema version is the number applied.
-pub const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
+pub const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
@@ -960,6 +967,41 @@ impl PgStore {
         })
     }
 
+    /// Reserves up to `want` AES-GCM invocations of version `id`, never past `limit` in all
+    /// replicas together (the row is locked for the update): the range `[start, end)` granted.
+    pub fn reserve_gcm(
+        &self,
+        id: VersionId,
+        want: u64,
+        limit: u64,
+    ) -> Result<(u64, u64), StoreError> {
+        self.exec(async |c| {
+            let tx = c.transaction().await?;
+            let row = tx
+                .query_opt(
+                    "SELECT gcm_reserved FROM kb_key_versions WHERE object_id = $1 FOR UPDATE",
+                    &[&id.as_bytes().as_slice()],
+                )
+                .await?;
+            let Some(row) = row else {
+                return Err(StoreError::Corrupt(format!(
+                    "version {id} is not in the store"
+                )));
+            };
+            let used: i64 = row.get(0);
+            let start = u64::try_from(used).unwrap_or(0);
+            let end = start.saturating_add(want).min(limit).max(start);
+            let stored = i64::try_from(end).unwrap_or(i64::MAX);
+            tx.execute(
+                "UPDATE kb_key_versions SET gcm_reserved = $2 WHERE object_id = $1",
+                &[&id.as_bytes().as_slice(), &stored],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok((start, end))
+        })
+    }
+
     /// A setting.
     pub fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
         self.exec(async |c| {
@@ -1360,7 +1402,7 @@ mod tests {
         )
         .expect("version 1 schema");
         let s = PgStore::open(&url, Some(&pw), None).expect("migrate");
-        assert_eq!(s.schema_version().expect("version"), 2);
+        assert_eq!(s.schema_version().expect("version"), 3);
         let all = s.load_all().expect("load");
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].name.to_string(), "t/old");
@@ -1370,17 +1412,50 @@ mod tests {
         // Opening again applies nothing.
         drop(s);
         let s = PgStore::open(&url, Some(&pw), None).expect("reopen");
-        assert_eq!(s.schema_version().expect("version"), 2);
+        assert_eq!(s.schema_version().expect("version"), 3);
         drop(s);
-        pg.psql("migrate", "UPDATE kb_schema SET version = 3")
+        pg.psql("migrate", "UPDATE kb_schema SET version = 4")
             .expect("pretend a newer keybroker ran");
         let e = PgStore::open(&url, Some(&pw), None)
             .err()
             .expect("a newer schema is refused");
         assert_eq!(
             e.to_string(),
-            "metadata store is corrupt: schema version 3 is newer than this keybroker understands (2)"
+            "metadata store is corrupt: schema version 4 is newer than this keybroker understands (3)"
         );
+    }
+
+    #[test]
+    fn replicas_share_one_gcm_budget_and_never_pass_its_limit() {
+        let (_pg, url, pw) = server_db("gcm");
+        let a = PgStore::open(&url, Some(&pw), None).expect("open");
+        let b = PgStore::open(&url, Some(&pw), None).expect("open");
+        let v = VersionId::random();
+        create(&a, "t/k", v).expect("create");
+        // Two replicas reserving at once get disjoint ranges that add up to the limit.
+        let ranges: Vec<(u64, u64)> = std::thread::scope(|sc| {
+            let hs: Vec<_> = [&a, &b]
+                .into_iter()
+                .map(|s| {
+                    sc.spawn(move || {
+                        (0..10)
+                            .map(|_| s.reserve_gcm(v, 7, 100).expect("reserve"))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .flat_map(|h| h.join().expect("thread"))
+                .collect()
+        });
+        let mut got: Vec<u64> = ranges.iter().flat_map(|&(s, e)| s..e).collect();
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            (0..100).collect::<Vec<_>>(),
+            "each invocation granted once"
+        );
+        assert_eq!(a.reserve_gcm(v, 7, 100).expect("spent"), (100, 100));
     }
 
     #[test]
@@ -1393,7 +1468,7 @@ mod tests {
             hs.into_iter().map(|h| h.join().expect("thread")).collect()
         });
         let (a, b) = (&opened[0], &opened[1]);
-        assert_eq!(a.schema_version().expect("v"), 2);
+        assert_eq!(a.schema_version().expect("v"), 3);
         let g0 = b.generation().expect("generation");
         let v1 = VersionId::random();
         create(a, "t/k", v1).expect("create");

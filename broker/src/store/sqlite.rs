@@ -74,7 +74,14 @@ CREATE TABLE destructions (
 );
 ";
 
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
+/// Schema version 3: AES-GCM invocations reserved per version (the random-IV budget). A version
+/// written before it starts from its wrap count, an upper bound of its GCM invocations so far.
+const SCHEMA_V3: &str = "
+ALTER TABLE key_versions ADD COLUMN gcm_reserved INTEGER NOT NULL DEFAULT 0;
+UPDATE key_versions SET gcm_reserved = wraps;
+";
+
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
 
 /// The schema version this keybroker writes.
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
@@ -564,6 +571,41 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Reserves up to `want` AES-GCM invocations of version `id`, never past `limit` in all:
+    /// the range `[start, end)` granted (empty when the budget is spent).
+    pub fn reserve_gcm(
+        &self,
+        id: VersionId,
+        want: u64,
+        limit: u64,
+    ) -> Result<(u64, u64), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let used: Option<i64> = tx
+            .query_row(
+                "SELECT gcm_reserved FROM key_versions WHERE object_id = ?1",
+                params![id.as_bytes().as_slice()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(used) = used else {
+            return Err(StoreError::Corrupt(format!(
+                "version {id} is not in the store"
+            )));
+        };
+        let start = u64::try_from(used).unwrap_or(0);
+        let end = start.saturating_add(want).min(limit).max(start);
+        tx.execute(
+            "UPDATE key_versions SET gcm_reserved = ?2 WHERE object_id = ?1",
+            params![
+                id.as_bytes().as_slice(),
+                i64::try_from(end).unwrap_or(i64::MAX)
+            ],
+        )?;
+        tx.commit()?;
+        Ok((start, end))
+    }
+
     /// A broker-wide setting (HYOK state, audit key id, last audit checkpoint...).
     pub fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
         Ok(self
@@ -691,7 +733,35 @@ mod tests {
             .conn()
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .expect("version");
-        assert_eq!(v, 2);
+        assert_eq!(v, 3);
+    }
+
+    #[test]
+    fn gcm_reservations_persist_and_never_pass_the_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m.db");
+        let id = VersionId::from_slice(&[7; 16]).expect("id");
+        {
+            let c = Connection::open(&path).expect("open");
+            c.execute_batch(SCHEMA_V1).expect("v1");
+            c.execute_batch(SCHEMA_V2).expect("v2");
+            c.pragma_update(None, "user_version", 2).expect("v2");
+            c.execute("INSERT INTO keys (tenant, name, key_type, algorithm, created_at_ms) VALUES ('t', 'k', 'aes-256', 'aes-256-gcm', 5)", [])
+                .expect("row");
+            c.execute("INSERT INTO key_versions (key_id, version, object_id, state, created_at_ms, wraps) VALUES (1, 1, ?1, 'active', 5, 12)", params![id.as_bytes().as_slice()])
+                .expect("row");
+        }
+        // The migration starts the budget from the wraps already made.
+        let s = SqliteStore::open(&path).expect("migrate");
+        assert_eq!(s.reserve_gcm(id, 10, 40).expect("reserve"), (12, 22));
+        assert_eq!(s.reserve_gcm(id, 10, 40).expect("reserve"), (22, 32));
+        drop(s);
+        // A reopened store (a restart) goes on from what was reserved, not from zero.
+        let s = SqliteStore::open(&path).expect("reopen");
+        assert_eq!(s.reserve_gcm(id, 10, 40).expect("reserve"), (32, 40));
+        assert_eq!(s.reserve_gcm(id, 10, 40).expect("spent"), (40, 40));
+        let unknown = VersionId::from_slice(&[8; 16]).expect("id");
+        assert!(s.reserve_gcm(unknown, 1, 40).is_err());
     }
 
     #[test]
