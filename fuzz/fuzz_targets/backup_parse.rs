@@ -2,7 +2,7 @@
 //! the caller) and its body after: none of it may panic, and an accepted framing must be exactly
 //! header || body || MAC of the input.
 #![no_main]
-use keybroker::backup;
+use keybroker::keys::backup;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

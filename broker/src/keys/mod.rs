@@ -19,7 +19,7 @@
 //! The hot path (wrap/unwrap) reads the in-memory maps under a read lock and makes exactly one
 //! HSM call; it never touches the store or searches the token.
 
-mod backup;
+pub mod backup;
 pub mod budget;
 mod crypt;
 mod integrity;
