@@ -106,6 +106,11 @@ pub struct TlsConfig {
     /// whose status is unknown is refused. Default: none (no revocation checking).
     #[serde(default)]
     pub crl: Vec<PathBuf>,
+    /// Binds client CAs to the domains they may issue identities in (`[[tls.client_ca_domains]]`
+    /// with `ca` and `domains`): a client certificate must then chain to a CA bound to its
+    /// SPIFFE trust domain or DNS domain. Default: none (any CA in `client_ca`, any domain).
+    #[serde(default)]
+    pub client_ca_domains: Vec<crate::tls::CaDomains>,
 }
 
 fn default_handshake_ms() -> u64 {
@@ -569,8 +574,8 @@ impl Config {
             (None, Some(a)) if a.is_empty() => {
                 return Err("access.allow is empty: nobody could call the broker".into());
             }
-            (None, Some(a)) if a.iter().any(|a| a.trim().is_empty() || a == "*") => {
-                return Err("access.allow may not contain an empty entry or a bare \"*\"".into());
+            (None, Some(a)) => {
+                crate::policy::Policy::allow_all(a)?;
             }
             _ => {}
         }
@@ -760,12 +765,31 @@ impl Config {
         }
     }
 
+    /// The TLS files, resolved against the configuration's directory.
+    pub fn tls_paths(&self) -> crate::tls::TlsPaths {
+        crate::tls::TlsPaths {
+            cert: self.path(&self.tls.cert),
+            key: self.path(&self.tls.key),
+            client_ca: self.path(&self.tls.client_ca),
+            crls: self.tls.crl.iter().map(|p| self.path(p)).collect(),
+            ca_domains: self
+                .tls
+                .client_ca_domains
+                .iter()
+                .map(|b| crate::tls::CaDomains {
+                    ca: self.path(&b.ca),
+                    domains: b.domains.clone(),
+                })
+                .collect(),
+        }
+    }
+
     /// The access policy in force at start-up.
     pub fn policy(&self) -> Result<crate::policy::PolicyHandle, String> {
         match (&self.access.policy_file, &self.access.allow) {
             (Some(f), _) => crate::policy::PolicyHandle::load(&self.path(f)),
             (None, Some(a)) => Ok(crate::policy::PolicyHandle::fixed(
-                crate::policy::Policy::allow_all(a),
+                crate::policy::Policy::allow_all(a)?,
             )),
             (None, None) => Err("no access policy configured".into()),
         }

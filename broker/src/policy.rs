@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::model::{Permission, Reason};
 use crate::{
     error::{BrokerError, Denied},
-    identity::Caller,
+    identity::{self, Caller, IdentityKind},
     model::KeyName,
 };
 
@@ -193,6 +193,129 @@ fn glob_slice<T: PartialEq + Copy + From<u8>>(p: &[T], t: &[T]) -> bool {
     pi == p.len()
 }
 
+/// An identity pattern of the policy, parsed once when the policy loads. Its kind comes from
+/// its form and must be the caller's kind as well as its id matching:
+///
+/// * `spiffe://TRUST-DOMAIN/PATH`: SPIFFE callers. The trust domain is written out (no glob:
+///   `spiffe://acme.example*` would also match `spiffe://acme.example.evil/...`). In the path,
+///   `*` and `?` match within one segment, never across `/`; a last segment `**` matches one or
+///   more whole segments (`spiffe://acme.example/**`: every workload of the trust domain).
+/// * `dns:NAME` or a bare `NAME`: DNS-SAN callers; `*` and `?` match within one label, never
+///   across `.`.
+/// * `unix:...`: local peers of the KMS v2 socket (`unix:uid=N`); `xks:...`: callers an XKS
+///   prefix's SigV4 credential authenticated. `*` and `?` match any characters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityPattern {
+    kind: IdentityKind,
+    text: String,
+}
+
+impl IdentityPattern {
+    /// Parses and validates a pattern; `Err` says what was wrong.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        if t.is_empty() || t.chars().all(|c| c == '*') {
+            return Err(format!(
+                "identity {text:?} must not be empty or a bare \"*\" (or \"**\")"
+            ));
+        }
+        let (kind, text) = if let Some(rest) = t.strip_prefix("spiffe://") {
+            let (td, path) = rest
+                .split_once('/')
+                .map_or((rest, None), |(a, b)| (a, Some(b)));
+            if td.contains(['*', '?']) {
+                return Err(format!(
+                    "identity {text:?}: write the trust domain out (a glob in it would \
+                     also match other trust domains)"
+                ));
+            }
+            identity::check_trust_domain(td).map_err(|e| format!("identity {text:?}: {e}"))?;
+            if let Some(path) = path {
+                let segs: Vec<&str> = path.split('/').collect();
+                for (i, seg) in segs.iter().enumerate() {
+                    if *seg == "**" && i + 1 == segs.len() {
+                        continue;
+                    }
+                    if seg.contains("**") {
+                        return Err(format!(
+                            "identity {text:?}: \"**\" may only be the whole last segment"
+                        ));
+                    }
+                    identity::check_path_segment(&seg.replace(['*', '?'], "x"))
+                        .map_err(|e| format!("identity {text:?}: {e}"))?;
+                }
+            }
+            (IdentityKind::Spiffe, t.to_string())
+        } else if t.starts_with("unix:") {
+            (IdentityKind::Unix, t.to_string())
+        } else if t.starts_with("xks:") {
+            (IdentityKind::SigV4, t.to_string())
+        } else {
+            let name = t.strip_prefix("dns:").unwrap_or(t);
+            if name.contains(':') || name.contains('/') {
+                return Err(format!(
+                    "identity {text:?}: not a SPIFFE ID (spiffe://...), a DNS name (dns:... or \
+                     bare), unix:... or xks:..."
+                ));
+            }
+            let lower = name.to_ascii_lowercase();
+            for label in lower.split('.') {
+                identity::check_dns_label(label, true)
+                    .map_err(|e| format!("identity {text:?}: {e}"))?;
+            }
+            (IdentityKind::Dns, lower)
+        };
+        Ok(Self { kind, text })
+    }
+
+    /// The pattern that names exactly this caller (a door's own grant to its peer).
+    pub fn exact(caller: &Caller) -> Self {
+        Self {
+            kind: caller.kind,
+            text: caller.id.clone(),
+        }
+    }
+
+    /// Whether the caller is of this pattern's kind and its id matches.
+    pub fn matches(&self, caller: &Caller) -> bool {
+        if caller.kind != self.kind {
+            return false;
+        }
+        match self.kind {
+            IdentityKind::Spiffe => {
+                let mut p = self.text.split('/');
+                let mut c = caller.id.split('/');
+                loop {
+                    match (p.next(), c.next()) {
+                        (None, None) => return true,
+                        (Some("**"), Some(_)) if p.clone().next().is_none() => return true,
+                        (Some(ps), Some(cs)) if glob(ps, cs) => {}
+                        _ => return false,
+                    }
+                }
+            }
+            IdentityKind::Dns => {
+                let mut p = self.text.split('.');
+                let mut c = caller.id.split('.');
+                loop {
+                    match (p.next(), c.next()) {
+                        (None, None) => return true,
+                        (Some(pl), Some(cl)) if glob(pl, cl) => {}
+                        _ => return false,
+                    }
+                }
+            }
+            IdentityKind::Unix | IdentityKind::SigV4 => glob(&self.text, &caller.id),
+        }
+    }
+}
+
+impl std::fmt::Display for IdentityPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
 /// The cloud request a request serves, as the front door that carried it reports it (an AWS
 /// XKS request's `requestMetadata`). Authenticated only as far as the door authenticated the
 /// caller (SigV4 covers the body): it says on whose behalf a trusted cloud service calls. In
@@ -258,8 +381,8 @@ struct HyokKeyFile {
 /// One binding: identity pattern × roles × scope.
 #[derive(Clone, Debug)]
 pub struct Binding {
-    /// Exact identity or glob.
-    pub identity: String,
+    /// Exact identity or pattern.
+    pub identity: IdentityPattern,
     /// The roles granted.
     pub roles: Vec<Role>,
     /// Where.
@@ -273,12 +396,12 @@ pub struct Binding {
 #[derive(Clone, Debug, Default)]
 pub struct HyokRules {
     /// Identity patterns that are the provider's, whatever else matches them.
-    pub service_identities: Vec<String>,
+    pub service_identities: Vec<IdentityPattern>,
     /// Identity patterns of the customer's own identities (`None`: the identities the policy
     /// gives the HYOK switch permission, i.e. the `administrator` role, are the customer's).
     /// Every other identity is a provider identity: subject to the kill switch and the
     /// justification rules in every request.
-    pub customer_identities: Option<Vec<String>>,
+    pub customer_identities: Option<Vec<IdentityPattern>>,
     /// Reasons accepted for keys that match no per-key entry (`None` = any reason).
     pub default_accepted: Option<BTreeSet<Reason>>,
     /// Per key glob, the accepted reasons (first match wins).
@@ -301,11 +424,8 @@ impl Policy {
         let mut bindings = Vec::new();
         for (i, b) in f.binding.into_iter().enumerate() {
             let n = i + 1;
-            if b.identity.trim().is_empty() || b.identity == "*" {
-                return Err(format!(
-                    "binding {n}: identity must not be empty or a bare \"*\""
-                ));
-            }
+            let identity =
+                IdentityPattern::parse(&b.identity).map_err(|e| format!("binding {n}: {e}"))?;
             let mut roles = b.roles;
             roles.extend(b.role);
             if roles.is_empty() {
@@ -327,7 +447,7 @@ impl Policy {
                 ));
             }
             bindings.push(Binding {
-                identity: b.identity,
+                identity,
                 roles,
                 scope,
                 on_behalf_of: b.on_behalf_of,
@@ -344,9 +464,19 @@ impl Policy {
                             .into(),
                     );
                 }
+                let patterns = |v: Vec<String>, what: &str| {
+                    v.iter()
+                        .map(|p| {
+                            IdentityPattern::parse(p).map_err(|e| format!("[hyok] {what}: {e}"))
+                        })
+                        .collect::<Result<Vec<_>, String>>()
+                };
                 Some(HyokRules {
-                    service_identities: h.service_identities,
-                    customer_identities: h.customer_identities,
+                    service_identities: patterns(h.service_identities, "service_identities")?,
+                    customer_identities: h
+                        .customer_identities
+                        .map(|v| patterns(v, "customer_identities"))
+                        .transpose()?,
                     default_accepted: h.default_accepted_reasons.map(|v| v.into_iter().collect()),
                     keys: h
                         .key
@@ -360,19 +490,23 @@ impl Policy {
     }
 
     /// The policy of a plain allow-list: each listed identity gets every role on everything.
-    pub fn allow_all(identities: &[String]) -> Self {
-        Self {
-            bindings: identities
-                .iter()
-                .map(|i| Binding {
-                    identity: i.clone(),
+    pub fn allow_all(identities: &[String]) -> Result<Self, String> {
+        let bindings = identities
+            .iter()
+            .map(|i| {
+                Ok(Binding {
+                    identity: IdentityPattern::parse(i)
+                        .map_err(|e| format!("access.allow: {e}"))?,
                     roles: Role::ALL.to_vec(),
                     scope: Scope::All,
                     on_behalf_of: Vec::new(),
                 })
-                .collect(),
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self {
+            bindings,
             hyok: None,
-        }
+        })
     }
 
     /// The bindings that name the caller and whose `on_behalf_of` (if any) matches the
@@ -384,7 +518,7 @@ impl Policy {
     ) -> impl Iterator<Item = &'a Binding> + 'a {
         let principal = upstream.and_then(|u| u.principal.as_deref());
         self.bindings.iter().filter(move |b| {
-            glob(&b.identity, &caller.id)
+            b.identity.matches(caller)
                 && (b.on_behalf_of.is_empty()
                     || principal.is_some_and(|p| b.on_behalf_of.iter().any(|g| glob(g, p))))
         })
@@ -431,7 +565,7 @@ impl Policy {
     /// upstream principals: a request that reports none, such as an XKS health check, is still
     /// the caller's).
     pub fn knows(&self, caller: &Caller) -> bool {
-        self.bindings.iter().any(|b| glob(&b.identity, &caller.id))
+        self.bindings.iter().any(|b| b.identity.matches(caller))
     }
 
     /// Whether the caller is a provider identity of the HYOK model: listed among the service
@@ -439,12 +573,12 @@ impl Policy {
     /// provider's). Always false without a `[hyok]` section.
     pub fn is_provider(&self, caller: &Caller) -> bool {
         let Some(h) = &self.hyok else { return false };
-        if h.service_identities.iter().any(|p| glob(p, &caller.id)) {
+        if h.service_identities.iter().any(|p| p.matches(caller)) {
             return true;
         }
         // Fail closed: whoever is not the customer's is the provider's.
         let customer = match &h.customer_identities {
-            Some(patterns) => patterns.iter().any(|p| glob(p, &caller.id)),
+            Some(patterns) => patterns.iter().any(|p| p.matches(caller)),
             None => self.matching(caller, None).any(|b| {
                 b.roles
                     .iter()
@@ -791,6 +925,52 @@ mod tests {
     }
 
     #[test]
+    fn identity_patterns_match_kind_and_segments() {
+        let c = |id: &str, kind| Caller {
+            id: id.into(),
+            kind,
+        };
+        let p = |t: &str| IdentityPattern::parse(t).expect(t);
+        let admin = p("spiffe://acme.example/admin");
+        assert!(admin.matches(&c("spiffe://acme.example/admin", IdentityKind::Spiffe)));
+        // The same string from a DNS SAN is another kind of identity.
+        assert!(!admin.matches(&c("spiffe://acme.example/admin", IdentityKind::Dns)));
+        // `*` stays within its segment; `**` takes whole segments.
+        let one = p("spiffe://acme.example/payments/*");
+        assert!(one.matches(&c("spiffe://acme.example/payments/a", IdentityKind::Spiffe)));
+        assert!(!one.matches(&c(
+            "spiffe://acme.example/payments/a/b",
+            IdentityKind::Spiffe
+        )));
+        assert!(!one.matches(&c("spiffe://acme.example/payments", IdentityKind::Spiffe)));
+        let all = p("spiffe://acme.example/**");
+        assert!(all.matches(&c("spiffe://acme.example/a/b/c", IdentityKind::Spiffe)));
+        assert!(!all.matches(&c("spiffe://acme.example.evil/a", IdentityKind::Spiffe)));
+        assert!(!all.matches(&c("spiffe://acme.example", IdentityKind::Spiffe)));
+        let dns = p("*.acme.example");
+        assert!(dns.matches(&c("app.acme.example", IdentityKind::Dns)));
+        assert!(!dns.matches(&c("a.b.acme.example", IdentityKind::Dns)));
+        assert!(!dns.matches(&c("app.acme.example", IdentityKind::Spiffe)));
+        assert_eq!(p("dns:APP.Acme.example"), p("app.acme.example"));
+        assert!(p("unix:*").matches(&c("unix:uid=0", IdentityKind::Unix)));
+        assert!(!p("unix:*").matches(&c("unix:uid=0", IdentityKind::SigV4)));
+        for (bad, why) in [
+            ("spiffe://acme.example*", "trust domain out"),
+            ("spiffe://*/admin", "trust domain out"),
+            ("spiffe://acme.example/a/**/b", "last segment"),
+            ("spiffe://acme.example/../admin", "\"..\""),
+            ("spiffe://acme.example/a%2f", "'%'"),
+            ("spiffe://Acme/x", "'A'"),
+            ("https://acme.example/x", "not a SPIFFE ID"),
+            ("a..b", "label"),
+            ("**", "bare"),
+        ] {
+            let e = IdentityPattern::parse(bad).expect_err(bad);
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn deny_by_default_and_scopes() {
         let p = Policy::parse(
             r#"
@@ -856,7 +1036,10 @@ on_behalf_of = ["arn:aws:iam::111122223333:*"]
 "#,
         )
         .expect("valid");
-        let xks = caller("xks:acme");
+        let xks = Caller {
+            id: "xks:acme".into(),
+            kind: IdentityKind::SigV4,
+        };
         let k = key("acme/k1");
         let up = |arn: Option<&str>| Upstream {
             principal: arn.map(str::to_string),

@@ -427,13 +427,7 @@ pub async fn run(
         )));
     }
 
-    let tls_cfg = tls::Reloadable::load(tls::TlsPaths {
-        cert: cfg.path(&cfg.tls.cert),
-        key: cfg.path(&cfg.tls.key),
-        client_ca: cfg.path(&cfg.tls.client_ca),
-        crls: cfg.tls.crl.iter().map(|p| cfg.path(p)).collect(),
-    })
-    .map_err(StartError::Tls)?;
+    let tls_cfg = tls::Reloadable::load(cfg.tls_paths()).map_err(StartError::Tls)?;
     tls_cfg.watch();
     let listener = TcpListener::bind(cfg.server.listen)
         .await

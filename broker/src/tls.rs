@@ -3,6 +3,10 @@
 //! certificate with no usable identity fails the handshake), a handshake timeout, and
 //! `TCP_NODELAY` on every connection.
 //!
+//! With `[tls] client_ca_domains`, each client CA is bound to the trust domains (SPIFFE) or DNS
+//! domains it may issue identities in: a certificate must chain to a CA bound to its caller's
+//! domain, so one tenant's CA in the bundle cannot mint another's identities.
+//!
 //! tonic's own TLS settings have no version knob, so we build the rustls `ServerConfig`
 //! ourselves and hand tonic a stream of finished connections (`serve_with_incoming`). Each
 //! connection carries its [`ConnInfo`] into every request's extensions.
@@ -106,6 +110,39 @@ pub struct TlsFiles<'a> {
     pub client_ca: &'a Path,
     /// Certificate revocation lists (PEM).
     pub crls: &'a [std::path::PathBuf],
+    /// Client CAs bound to the domains they may issue identities in (empty: any CA of
+    /// `client_ca`, any domain).
+    pub ca_domains: &'a [CaDomains],
+}
+
+/// One client CA (a PEM file, one or more certificates) and the domains it may issue client
+/// identities in: SPIFFE trust domains (`acme.example` for `spiffe://acme.example/...`) and DNS
+/// domains (`acme.example` for `acme.example` and every name under it).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaDomains {
+    /// The CA certificate(s), PEM; each must also be in `client_ca`.
+    pub ca: std::path::PathBuf,
+    /// The domains.
+    pub domains: Vec<String>,
+}
+
+/// Reads a PEM bundle of CA certificates into a root store.
+fn roots_from(path: &Path) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("read client CA {}: {e}", path.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("parse client CA {}: {e}", path.display()))?;
+    for ca in cas {
+        roots
+            .add(ca)
+            .map_err(|e| format!("client CA {}: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{} holds no CA certificate", path.display()));
+    }
+    Ok(roots)
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -124,22 +161,7 @@ pub fn server_config(files: &TlsFiles<'_>) -> Result<Arc<ServerConfig>, String> 
     }
     let key = PrivateKeyDer::from_pem_file(files.key)
         .map_err(|e| format!("read server key {}: {e}", files.key.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(files.client_ca)
-        .map_err(|e| format!("read client CA {}: {e}", files.client_ca.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("parse client CA {}: {e}", files.client_ca.display()))?;
-    for ca in cas {
-        roots
-            .add(ca)
-            .map_err(|e| format!("client CA {}: {e}", files.client_ca.display()))?;
-    }
-    if roots.is_empty() {
-        return Err(format!(
-            "{} holds no CA certificate",
-            files.client_ca.display()
-        ));
-    }
+    let roots = roots_from(files.client_ca)?;
     let mut crls = Vec::new();
     for f in files.crls {
         for crl in rustls::pki_types::CertificateRevocationListDer::pem_file_iter(f)
@@ -151,10 +173,32 @@ pub fn server_config(files: &TlsFiles<'_>) -> Result<Arc<ServerConfig>, String> 
     // With CRLs, rustls checks the whole chain and refuses a certificate whose status is unknown
     // (its secure defaults; we do not loosen them).
     let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .with_crls(crls)
+        .with_crls(crls.clone())
         .build()
         .map_err(|e| format!("client certificate verifier: {e}"))?;
-    let verifier = Arc::new(IdentityVerifier { inner: webpki });
+    let mut bound = Vec::new();
+    for b in files.ca_domains {
+        if b.domains.is_empty() {
+            return Err(format!(
+                "client_ca_domains: {} is bound to no domain",
+                b.ca.display()
+            ));
+        }
+        for d in &b.domains {
+            crate::identity::check_dns_name(d)
+                .map_err(|e| format!("client_ca_domains: {}: domain {d:?}: {e}", b.ca.display()))?;
+        }
+        let v =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots_from(&b.ca)?), provider())
+                .with_crls(crls.clone())
+                .build()
+                .map_err(|e| format!("client CA {}: {e}", b.ca.display()))?;
+        bound.push((v, b.domains.clone()));
+    }
+    let verifier = Arc::new(IdentityVerifier {
+        inner: webpki,
+        bound,
+    });
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| format!("TLS 1.3: {e}"))?
@@ -165,10 +209,13 @@ pub fn server_config(files: &TlsFiles<'_>) -> Result<Arc<ServerConfig>, String> 
     Ok(Arc::new(cfg))
 }
 
-/// The webpki verifier, plus: the certificate must yield a caller identity.
+/// The webpki verifier, plus: the certificate must yield a caller identity, and with bound CAs,
+/// chain to a CA bound to the identity's domain.
 #[derive(Debug)]
 struct IdentityVerifier {
     inner: Arc<dyn ClientCertVerifier>,
+    /// Per bound CA, its own verifier and its domains.
+    bound: Vec<(Arc<dyn ClientCertVerifier>, Vec<String>)>,
 }
 
 impl ClientCertVerifier for IdentityVerifier {
@@ -184,10 +231,22 @@ impl ClientCertVerifier for IdentityVerifier {
         let ok = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        caller_from_cert(end_entity).map_err(|why| {
+        let refuse = |why: &str| {
             tracing::info!(reason = %why, "client certificate refused");
             TlsError::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure)
-        })?;
+        };
+        let caller = caller_from_cert(end_entity).map_err(|why| refuse(&why))?;
+        if !self.bound.is_empty() {
+            let issued_by_a_bound_ca = self.bound.iter().any(|(v, domains)| {
+                domains.iter().any(|d| caller.within(d))
+                    && v.verify_client_cert(end_entity, intermediates, now).is_ok()
+            });
+            if !issued_by_a_bound_ca {
+                return Err(refuse(&format!(
+                    "{caller} was not issued by a client CA bound to its domain (tls.client_ca_domains)"
+                )));
+            }
+        }
         Ok(ok)
     }
     fn verify_tls12_signature(
@@ -300,6 +359,8 @@ pub struct TlsPaths {
     pub client_ca: std::path::PathBuf,
     /// CRLs.
     pub crls: Vec<std::path::PathBuf>,
+    /// Client CAs bound to domains.
+    pub ca_domains: Vec<CaDomains>,
 }
 
 impl TlsPaths {
@@ -309,6 +370,7 @@ impl TlsPaths {
             key: &self.key,
             client_ca: &self.client_ca,
             crls: &self.crls,
+            ca_domains: &self.ca_domains,
         }
     }
 
@@ -318,6 +380,7 @@ impl TlsPaths {
         for p in [&self.cert, &self.key, &self.client_ca]
             .into_iter()
             .chain(self.crls.iter())
+            .chain(self.ca_domains.iter().map(|b| &b.ca))
         {
             all.extend(std::fs::read(p).unwrap_or_default());
             all.push(0);

@@ -509,6 +509,19 @@ impl Broker {
         self.log.lock().map(|g| g.clone()).unwrap_or_default()
     }
 
+    /// Waits up to 10 s for the log to contain `needle` (stderr is read by a task, so a line the
+    /// broker just wrote may not be in [`log`](Self::log) yet); the log, and whether it did.
+    pub async fn log_contains(&self, needle: &str) -> (bool, String) {
+        for _ in 0..100 {
+            let log = self.log();
+            if log.contains(needle) {
+                return (true, log);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (false, self.log())
+    }
+
     /// Waits for the process to end by itself (e.g. at a failpoint); returns its log.
     pub async fn wait_exit(mut self) -> String {
         let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait())

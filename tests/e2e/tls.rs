@@ -344,3 +344,165 @@ async fn certificates_cas_and_crls_reload_without_a_restart_and_a_corrupt_file_k
     drop((before, new_client, again));
     b.stop().await;
 }
+
+/// Issues a client certificate from `ca` with the given URI and DNS SANs.
+fn leaf(ca: &hsm_fixtures::pki::Ca, stem: &str, uris: &[&str], dns: &[&str]) -> Issued {
+    ca.issue(
+        stem,
+        &LeafSpec {
+            common_name: stem.into(),
+            uris: uris.iter().map(|s| s.to_string()).collect(),
+            dns: dns.iter().map(|s| s.to_string()).collect(),
+            valid_days: 30,
+            ..Default::default()
+        },
+    )
+    .expect("issue")
+}
+
+/// What a certificate gets: refused at the handshake, or through and then allowed or denied a
+/// call that needs a binding (`ListKeys`).
+async fn verdict(env: &Env, b: &Broker, who: &Issued) -> &'static str {
+    if handshake(b, client_config(env, Some(who), false))
+        .await
+        .is_err()
+    {
+        return "handshake refused";
+    }
+    let mut c = b.clients_as(who).await;
+    match c.mgmt.list_keys(pb::ListKeysRequest::default()).await {
+        Ok(_) => "allowed",
+        Err(e) if e.code() == Code::PermissionDenied => "denied",
+        Err(e) => panic!("unexpected answer: {e:?}"),
+    }
+}
+
+/// Issue 18 item 4: an identity is one kind, spelt one way, and a policy glob stays within a
+/// path segment. Before: a DNS SAN reading `spiffe://...` was that SPIFFE ID, `..` in a SPIFFE
+/// path passed, and `payments/*` matched `payments/../admin` and `payments/a/b`.
+#[tokio::test]
+async fn identities_are_matched_by_kind_and_segment_and_malformed_ones_refused() {
+    let env = Env::with(Options {
+        policy: Some(
+            r#"
+[[binding]]
+identity = "spiffe://keybroker.test/payments/*"
+role = "crypto-user"
+scope = "all"
+"#
+            .into(),
+        ),
+        ..Default::default()
+    });
+    let ca = &env.pki.ca;
+    let app = leaf(
+        ca,
+        "pay-app",
+        &["spiffe://keybroker.test/payments/app"],
+        &[],
+    );
+    let deeper = leaf(
+        ca,
+        "pay-deep",
+        &["spiffe://keybroker.test/payments/app/x"],
+        &[],
+    );
+    let dotted = leaf(
+        ca,
+        "pay-dots",
+        &["spiffe://keybroker.test/payments/../admin"],
+        &[],
+    );
+    let upper = leaf(
+        ca,
+        "pay-upper",
+        &["spiffe://KEYBROKER.test/payments/app"],
+        &[],
+    );
+    let as_dns = leaf(
+        ca,
+        "pay-dns",
+        &[],
+        &["spiffe://keybroker.test/payments/app"],
+    );
+    let b = env.start().await;
+    assert_eq!(verdict(&env, &b, &app).await, "allowed", "the control");
+    assert_eq!(
+        verdict(&env, &b, &deeper).await,
+        "denied",
+        "`*` crossed a '/'"
+    );
+    for (what, who) in [
+        ("a '..' segment", &dotted),
+        ("an uppercase trust domain", &upper),
+        ("a DNS SAN spelling a SPIFFE ID", &as_dns),
+    ] {
+        assert_eq!(verdict(&env, &b, who).await, "handshake refused", "{what}");
+    }
+    let (said, log) = b.log_contains("malformed DNS SAN").await;
+    assert!(said, "the refusal says why: {log}");
+    b.stop().await;
+
+    // A trust domain written with a glob would match other trust domains: the policy is refused.
+    std::fs::write(
+        env.policy_file(),
+        "[[binding]]\nidentity = \"spiffe://keybroker.test*\"\nrole = \"auditor\"\nscope = \"all\"\n",
+    )
+    .expect("policy");
+    let e = env.try_start().await.err().expect("refused");
+    assert!(e.contains("write the trust domain out"), "{e}");
+}
+
+/// Issue 18 item 4: any CA in the client bundle could issue any trust domain's identities.
+/// With `client_ca_domains`, a CA issues only for the domains it is bound to.
+#[tokio::test]
+async fn a_client_ca_issues_only_for_the_domains_it_is_bound_to() {
+    use hsm_fixtures::pki::{Ca, TEST_CLIENT_ID, TEST_DNS_CLIENT};
+    let env = Env::new();
+    let partner = Ca::new(&env.dir.path().join("partner"), "ca", "partner CA").expect("ca");
+    let bundle = env.dir.path().join("client-cas.pem");
+    std::fs::write(
+        &bundle,
+        format!("{}{}", env.pki.ca.cert_pem, partner.cert_pem),
+    )
+    .expect("bundle");
+    let ca_line = format!("client_ca = \"{}\"", env.pki.ca.cert_path.display());
+    env.edit_config(|t| t.replace(&ca_line, &format!("client_ca = \"{}\"", bundle.display())));
+    let forged = leaf(&partner, "forged", &[TEST_CLIENT_ID], &[]);
+    let forged_dns = leaf(&partner, "forged-dns", &[], &[TEST_DNS_CLIENT]);
+    let own = leaf(&partner, "own", &["spiffe://partner.test/app"], &[]);
+
+    // The attack, without bindings: the partner's CA mints our client's identity.
+    let b = env.start().await;
+    assert_eq!(
+        verdict(&env, &b, &forged).await,
+        "allowed",
+        "the unbound bundle"
+    );
+    b.stop().await;
+
+    env.edit_config(|t| {
+        t.replace(
+            "handshake_timeout_ms = 3000",
+            &format!(
+                "handshake_timeout_ms = 3000\nclient_ca_domains = [\
+                 {{ ca = \"{}\", domains = [\"keybroker.test\"] }}, \
+                 {{ ca = \"{}\", domains = [\"partner.test\"] }}]",
+                env.pki.ca.cert_path.display(),
+                partner.cert_path.display()
+            ),
+        )
+    });
+    let b = env.start().await;
+    assert_eq!(verdict(&env, &b, &env.pki.client).await, "allowed");
+    assert_eq!(verdict(&env, &b, &env.pki.dns_client).await, "allowed");
+    assert_eq!(verdict(&env, &b, &forged).await, "handshake refused");
+    assert_eq!(verdict(&env, &b, &forged_dns).await, "handshake refused");
+    // The partner's CA still issues its own domain's identities (not allowed by the policy).
+    assert_eq!(verdict(&env, &b, &own).await, "denied");
+    let (said, log) = b
+        .log_contains("not issued by a client CA bound to its domain")
+        .await;
+    assert!(said, "{log}");
+    b.stop().await;
+}

@@ -55,7 +55,7 @@ use super::{
 use crate::{
     identity::{Caller, IdentityKind},
     model::{Dek, KeyName},
-    policy::{Binding, Reason, Role, Scope},
+    policy::{Binding, IdentityPattern, Reason, Role, Scope},
 };
 
 /// The gRPC service name (for metrics).
@@ -109,7 +109,7 @@ impl KmsV2 {
     fn incoming<T>(&self, endpoint: Endpoint, req: &Request<T>, uid: &str) -> Incoming {
         let caller = peer(req);
         let door = Binding {
-            identity: caller.id.clone(),
+            identity: IdentityPattern::exact(&caller),
             roles: vec![Role::ServiceEncryptionUser],
             scope: Scope::Key(self.key.to_string()),
             on_behalf_of: Vec::new(),

@@ -59,12 +59,7 @@ pub async fn check_config(cfg: &Config, output: Output) -> Result<(), String> {
             return Err(format!("{what}: {} does not exist", p.display()));
         }
     }
-    crate::tls::server_config(&crate::tls::TlsFiles {
-        cert: &cfg.path(&cfg.tls.cert),
-        key: &cfg.path(&cfg.tls.key),
-        client_ca: &cfg.path(&cfg.tls.client_ca),
-        crls: &cfg.tls.crl.iter().map(|p| cfg.path(p)).collect::<Vec<_>>(),
-    })?;
+    crate::tls::Reloadable::load(cfg.tls_paths())?;
     let store = probe_store(cfg).await?;
     let hsm = crate::server::open_hsm_unchecked(cfg).await?;
     let uri = cfg.hsm_uri()?.map(|u| {
