@@ -433,3 +433,52 @@ scope = "tenant:acme"
     drop((a, c, t));
     b.stop().await;
 }
+
+/// Issue 18 item 5: batch items wrote the caller's key strings into the audit log as sent, so
+/// any role holder could grow the log by about a megabyte per request (and fail-closed audit
+/// turns a full volume into an outage). Only valid names are recorded as written; an invalid
+/// one by its length and a hash.
+#[tokio::test]
+async fn invalid_key_names_in_a_batch_cannot_fill_the_audit_log() {
+    let env = Env::new();
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    let before = std::fs::metadata(env.audit_log()).expect("log").len();
+    let long = format!("t/{}", "x".repeat(1500));
+    let items: Vec<pb::WrapKeyRequest> = (0..600)
+        .map(|i| pb::WrapKeyRequest {
+            key: format!("{long}{i}"),
+            plaintext: vec![1; 32],
+            ..Default::default()
+        })
+        .collect();
+    let r = c
+        .broker
+        .batch_wrap_key(pb::BatchWrapKeyRequest {
+            items,
+            context: None,
+        })
+        .await
+        .expect("batch answered")
+        .into_inner();
+    assert_eq!(r.results.len(), 600);
+    assert!(r.results.iter().all(|x| matches!(
+        &x.result,
+        Some(pb::wrap_key_result::Result::Error(e)) if e.code == Code::InvalidArgument as i32
+    )));
+    let grown = std::fs::metadata(env.audit_log()).expect("log").len() - before;
+    // 600 item records and the request's: 900 KB of names alone before the fix.
+    assert!(
+        grown < 300_000,
+        "the audit log grew by {grown} bytes for 900 KB of invalid names"
+    );
+    let recs: Vec<serde_json::Value> = lines(&env.audit_log())
+        .iter()
+        .map(|l| json(l))
+        .filter(|r| r["op"] == "BatchWrapKey" && r["key"].is_string())
+        .collect();
+    assert_eq!(recs.len(), 600);
+    let k = recs[0]["key"].as_str().unwrap_or_default();
+    assert!(k.starts_with("invalid:1503:"), "{k}");
+    b.stop().await;
+}

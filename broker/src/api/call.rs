@@ -185,10 +185,12 @@ impl Call {
     }
 
     /// Records the outcome of one batch item (`key` as the caller named it, or the key the
-    /// item turned out to use).
+    /// item turned out to use). Only a valid key name reaches the audit record as written; an
+    /// invalid one is recorded by its length and hash ([`audit_name`]), so a caller cannot fill
+    /// the audit volume with megabytes of made-up names.
     pub(in crate::api) fn item(&mut self, key: Option<String>, outcome: Result<u32, &BrokerError>) {
         self.items.push(Item {
-            key,
+            key: key.filter(|k| !k.is_empty()).map(|k| audit_name(&k)),
             outcome: outcome.map_err(|e| (audit::outcome_name(Err(e)), e.public_message())),
         });
     }
@@ -328,7 +330,7 @@ impl Call {
                 .as_deref()
                 .and_then(|k| KeyName::parse(k).ok())
                 .map(|k| k.tenant().to_string());
-            rec.key = item.key.filter(|k| !k.is_empty());
+            rec.key = item.key;
             match item.outcome {
                 Ok(v) => {
                     rec.version = Some(v);
@@ -379,5 +381,36 @@ mod tests {
             audit::outcome_name(Err(&Deadline::Passed.into())),
             "DEADLINE_EXCEEDED"
         );
+    }
+}
+
+/// A key name as an audit record holds it: canonical if it is valid, else
+/// `invalid:LEN:SHA256-PREFIX` (enough to tell two invalid names apart, a few dozen bytes
+/// whatever their length).
+pub(crate) fn audit_name(raw: &str) -> String {
+    match KeyName::parse(raw) {
+        Ok(k) => k.to_string(),
+        Err(_) => {
+            use sha2::{Digest, Sha256};
+            let h = Sha256::digest(raw.as_bytes());
+            let hex: String = h[..8].iter().map(|b| format!("{b:02x}")).collect();
+            format!("invalid:{}:{hex}", raw.len())
+        }
+    }
+}
+
+#[cfg(test)]
+mod audit_name_tests {
+    use super::audit_name;
+
+    #[test]
+    fn valid_names_are_kept_and_invalid_ones_shrink_to_a_hash() {
+        assert_eq!(audit_name("acme/k1"), "acme/k1");
+        assert_eq!(audit_name("k1"), "default/k1");
+        let huge = "x/".repeat(500_000);
+        let a = audit_name(&huge);
+        assert!(a.starts_with("invalid:1000000:") && a.len() < 40, "{a}");
+        assert_ne!(audit_name("bad name"), audit_name("bad name2"));
+        assert!(!audit_name("bad\nname").contains('\n'));
     }
 }
