@@ -191,6 +191,8 @@ enum Msg {
 pub struct AuditLog {
     tx: mpsc::Sender<Msg>,
     path: PathBuf,
+    /// Where records start in the file, for queries (grown as the file grows).
+    index: std::sync::Arc<std::sync::Mutex<QueryIndex>>,
 }
 
 /// The longest the audit writer waits for the HSM to MAC a checkpoint.
@@ -473,6 +475,7 @@ impl AuditLog {
         let log = Self {
             tx,
             path: settings.path,
+            index: Default::default(),
         };
         log.append(Record::event(
             "AuditLogOpened",
@@ -515,6 +518,100 @@ impl AuditLog {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// [`query`] through this log's index: a page starts reading near its first record instead
+    /// of at the start of the file. Blocking (file reads): call it on a blocking thread.
+    pub fn query_fn(
+        &self,
+    ) -> impl FnOnce(&QueryFilter, u64, usize, &dyn Fn(&Record) -> bool) -> QueryResult + Send + 'static
+    {
+        let (path, index) = (self.path.clone(), self.index.clone());
+        move |f, after, limit, visible| {
+            let start = {
+                let mut ix = index.lock().unwrap_or_else(|p| p.into_inner());
+                ix.start_for(&path, after)
+            };
+            query_from(&path, start, f, after, limit, visible)
+        }
+    }
+}
+
+/// A page of records (as stored) and the seq to continue after, if there may be more.
+pub type QueryResult = Result<(Vec<String>, Option<u64>), String>;
+
+/// A sparse index of the audit file: the byte offset of every [`QueryIndex::EVERY`]-th record,
+/// extended from where it stopped each time it is used (the log only grows; a file that shrank
+/// or was replaced is indexed again from the start).
+#[derive(Default)]
+pub struct QueryIndex {
+    /// (seq, offset of its line), ascending.
+    marks: Vec<(u64, u64)>,
+    /// How far the file has been indexed (the end of the last whole line read).
+    indexed_to: u64,
+    /// Records seen since the last mark.
+    since_mark: u64,
+    /// The file's inode when indexed.
+    inode: u64,
+}
+
+impl QueryIndex {
+    /// One mark per this many records.
+    const EVERY: u64 = 256;
+
+    /// Brings the index up to the end of the file; returns the offset to start reading at for
+    /// records after `after` (0 when in doubt: a full scan is always correct).
+    fn start_for(&mut self, path: &Path, after: u64) -> u64 {
+        if self.extend(path).is_err() {
+            *self = Self::default();
+            return 0;
+        }
+        match self.marks.partition_point(|(seq, _)| *seq <= after) {
+            0 => 0,
+            i => self.marks[i - 1].1,
+        }
+    }
+
+    fn extend(&mut self, path: &Path) -> std::io::Result<()> {
+        use std::{
+            io::{Read, Seek, SeekFrom},
+            os::unix::fs::MetadataExt,
+        };
+        let mut f = std::fs::File::open(path)?;
+        let meta = f.metadata()?;
+        if meta.ino() != self.inode || meta.len() < self.indexed_to {
+            *self = Self {
+                inode: meta.ino(),
+                ..Self::default()
+            };
+        }
+        f.seek(SeekFrom::Start(self.indexed_to))?;
+        let mut r = std::io::BufReader::new(f.take(meta.len() - self.indexed_to));
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = r.read_until(b'\n', &mut line)?;
+            if n == 0 || line.last() != Some(&b'\n') {
+                // End, or a line still being written: index it next time.
+                return Ok(());
+            }
+            let at = self.indexed_to;
+            self.indexed_to += n as u64;
+            if self.since_mark % Self::EVERY == 0
+                && let Some(seq) = leading_seq(&line)
+            {
+                self.marks.push((seq, at));
+            }
+            self.since_mark += 1;
+        }
+    }
+}
+
+/// The `seq` of a record line, read from its start (records serialise `seq` first) without
+/// parsing the rest; `None` if the line does not start that way.
+fn leading_seq(line: &[u8]) -> Option<u64> {
+    let rest = line.strip_prefix(b"{\"seq\":")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
 }
 
 impl Writer {
@@ -809,11 +906,30 @@ pub fn query(
     after: u64,
     limit: usize,
     visible: impl Fn(&Record) -> bool,
-) -> Result<(Vec<String>, Option<u64>), String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot read audit log: {e}"))?;
+) -> QueryResult {
+    query_from(path, 0, f, after, limit, &visible)
+}
+
+/// [`query`], reading from byte `start` (the start of a line at or before the first record
+/// with seq > `after`).
+fn query_from(
+    path: &Path,
+    start: u64,
+    f: &QueryFilter,
+    after: u64,
+    limit: usize,
+    visible: &dyn Fn(&Record) -> bool,
+) -> QueryResult {
+    use std::io::{Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).map_err(|e| format!("cannot read audit log: {e}"))?;
+    file.seek(SeekFrom::Start(start))
+        .map_err(|e| format!("cannot read audit log: {e}"))?;
     let mut out = Vec::new();
     for line in std::io::BufReader::new(file).lines() {
         let line = line.map_err(|e| format!("cannot read audit log: {e}"))?;
+        if leading_seq(line.as_bytes()).is_some_and(|s| s <= after) {
+            continue;
+        }
         let Ok(r) = serde_json::from_str::<Record>(&line) else {
             continue;
         };
@@ -869,6 +985,45 @@ mod tests {
             out.push(b'\n');
         }
         out
+    }
+
+    #[test]
+    fn indexed_queries_page_like_a_full_scan_as_the_log_grows_and_is_replaced() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("audit.log");
+        let mut ix = QueryIndex::default();
+        let all = QueryFilter::default();
+        let odd = |r: &Record| r.seq % 2 == 1;
+        let check = |ix: &mut QueryIndex, n: u64| {
+            for after in [0, 1, 255, 256, 257, 700, n - 1, n, n + 5] {
+                for limit in [1, 10, 300] {
+                    let start = ix.start_for(&path, after);
+                    let fast = query_from(&path, start, &all, after, limit, &odd).expect("q");
+                    let slow = query(&path, &all, after, limit, odd).expect("q");
+                    assert_eq!(fast, slow, "after {after}, limit {limit}");
+                    if after > 300 && after <= n {
+                        assert!(start > 0, "after {after}: the index was not used");
+                    }
+                }
+            }
+        };
+        std::fs::write(&path, chain(1000)).expect("write");
+        check(&mut ix, 1000);
+        assert_eq!(ix.marks.len(), 4);
+        // The log grows (and its last line is half written): the index follows.
+        let more = chain(1500);
+        let cut = more.len() - 20;
+        std::fs::write(&path, &more[..cut]).expect("write");
+        let _ = ix.start_for(&path, 0);
+        std::fs::write(&path, &more).expect("write");
+        check(&mut ix, 1500);
+        assert_eq!(ix.marks.len(), 6);
+        // A shorter file in its place: indexed again from the start.
+        let tmp = dir.path().join("new.log");
+        std::fs::write(&tmp, chain(300)).expect("write");
+        std::fs::rename(&tmp, &path).expect("replace");
+        check(&mut ix, 300);
+        assert_eq!(ix.marks.len(), 2);
     }
 
     /// A log of `n` records where record `cp` is a checkpoint; returns the bytes and the

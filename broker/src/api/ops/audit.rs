@@ -55,11 +55,11 @@ impl Operation for QueryAudit {
                 .parse::<u64>()
                 .map_err(|_| Invalid::PageToken)?
         };
-        let path = call.audit().path().to_path_buf();
+        let query = call.audit().query_fn();
         let visible = call.authority().filter(Permission::ReadAudit);
         let filter = self.filter;
         tokio::task::spawn_blocking(move || {
-            crate::audit::query(&path, &filter, after, limit, |rec| {
+            query(&filter, after, limit, &|rec| {
                 global
                     || rec
                         .key
