@@ -519,20 +519,36 @@ impl AuditLog {
         &self.path
     }
 
-    /// [`query`] through this log's index: a page starts reading near its first record instead
-    /// of at the start of the file. Blocking (file reads): call it on a blocking thread.
-    pub fn query_fn(
-        &self,
-    ) -> impl FnOnce(&QueryFilter, u64, usize, &dyn Fn(&Record) -> bool) -> QueryResult + Send + 'static
-    {
-        let (path, index) = (self.path.clone(), self.index.clone());
-        move |f, after, limit, visible| {
-            let start = {
-                let mut ix = index.lock().unwrap_or_else(|p| p.into_inner());
-                ix.start_for(&path, after)
-            };
-            query_from(&path, start, f, after, limit, visible)
+    /// A reader of this log that queries through its index (for a blocking thread).
+    pub fn reader(&self) -> AuditReader {
+        AuditReader {
+            path: self.path.clone(),
+            index: self.index.clone(),
         }
+    }
+}
+
+/// Reads the audit log through its index: a page starts reading near its first record instead
+/// of at the start of the file.
+pub struct AuditReader {
+    path: PathBuf,
+    index: std::sync::Arc<std::sync::Mutex<QueryIndex>>,
+}
+
+impl AuditReader {
+    /// [`query`], through the index. Blocking (file reads): call it on a blocking thread.
+    pub fn query(
+        &self,
+        f: &QueryFilter,
+        after: u64,
+        limit: usize,
+        visible: &dyn Fn(&Record) -> bool,
+    ) -> QueryResult {
+        let start = {
+            let mut ix = self.index.lock().unwrap_or_else(|p| p.into_inner());
+            ix.start_for(&self.path, after)
+        };
+        query_from(&self.path, start, f, after, limit, visible)
     }
 }
 
@@ -596,7 +612,7 @@ impl QueryIndex {
             }
             let at = self.indexed_to;
             self.indexed_to += n as u64;
-            if self.since_mark % Self::EVERY == 0
+            if self.since_mark.is_multiple_of(Self::EVERY)
                 && let Some(seq) = leading_seq(&line)
             {
                 self.marks.push((seq, at));

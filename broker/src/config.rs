@@ -67,6 +67,14 @@ pub struct ServerConfig {
     /// Most concurrent HTTP/2 streams per connection. Default 256.
     #[serde(default = "default_max_streams")]
     pub max_concurrent_streams: u32,
+    /// Refused (denied or invalid) requests a caller may make per second, on average, before
+    /// its requests are held off (RESOURCE_EXHAUSTED, counted in one audit record instead of
+    /// one each). Default 10; 0 turns the limit off.
+    #[serde(default = "default_refused_per_second")]
+    pub refused_per_second: u32,
+    /// Refused requests a caller may make in a burst. Default 100.
+    #[serde(default = "default_refused_burst")]
+    pub refused_burst: u32,
 }
 
 impl Default for ServerConfig {
@@ -75,6 +83,8 @@ impl Default for ServerConfig {
             listen: default_listen(),
             request_timeout_ms: default_request_timeout_ms(),
             max_concurrent_streams: default_max_streams(),
+            refused_per_second: default_refused_per_second(),
+            refused_burst: default_refused_burst(),
         }
     }
 }
@@ -87,6 +97,16 @@ fn default_request_timeout_ms() -> u64 {
 }
 fn default_max_streams() -> u32 {
     256
+}
+/// The default for `[server] refused_per_second`.
+pub const DEFAULT_REFUSED_PER_SECOND: u32 = 10;
+/// The default for `[server] refused_burst`.
+pub const DEFAULT_REFUSED_BURST: u32 = 100;
+fn default_refused_per_second() -> u32 {
+    DEFAULT_REFUSED_PER_SECOND
+}
+fn default_refused_burst() -> u32 {
+    DEFAULT_REFUSED_BURST
 }
 
 /// `[tls]`

@@ -403,6 +403,9 @@ pub enum Exhausted {
     /// Admission to the session pool refused the call (the detail says why).
     #[error("{0}; retry later")]
     Queue(String),
+    /// The caller has had too many requests refused lately (`api::limiter`).
+    #[error("too many refused requests from {0}; retry later")]
+    Refusals(String),
 }
 
 /// Where the deadline passed.

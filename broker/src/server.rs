@@ -313,7 +313,8 @@ pub async fn run(
         hyok,
         Duration::from_millis(cfg.server.request_timeout_ms),
         Some(metrics.clone()),
-    );
+    )
+    .refusal_limit(cfg.server.refused_per_second, cfg.server.refused_burst);
     let api = GrpcApi::new(pipeline.clone());
 
     // One shutdown signal for every listener and the probe.

@@ -482,3 +482,76 @@ async fn invalid_key_names_in_a_batch_cannot_fill_the_audit_log() {
     assert!(k.starts_with("invalid:1503:"), "{k}");
     b.stop().await;
 }
+
+/// Issue 18 item 5: every refused request was audited, one record each, as fast as a caller
+/// could send them. Past its budget of refusals a caller is held off (RESOURCE_EXHAUSTED,
+/// nothing runs), counted in one record; other callers are unaffected; it is let back once the
+/// budget refills.
+#[tokio::test]
+async fn a_caller_that_keeps_being_refused_is_held_off_and_counted_not_audited_one_by_one() {
+    crate::require_aes!();
+    let env = Env::with(Options {
+        server_extra: "refused_per_second = 5\nrefused_burst = 20".into(),
+        ..Default::default()
+    });
+    let b = env.start().await;
+    let mut app = b.clients_as(&env.pki.client).await;
+    let mut stranger = b.clients_as(&env.pki.stranger).await;
+    create(
+        &mut app,
+        "t/k",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    let before = lines(&env.audit_log()).len();
+    let mut codes = std::collections::BTreeMap::new();
+    for _ in 0..200 {
+        let e = wrap(&mut stranger, "t/k", &[1; 32], b"")
+            .await
+            .expect_err("a stranger");
+        *codes.entry(format!("{:?}", e.code())).or_insert(0u32) += 1;
+    }
+    let denied = codes.get("PermissionDenied").copied().unwrap_or(0);
+    let held = codes.get("ResourceExhausted").copied().unwrap_or(0);
+    assert_eq!(denied + held, 200, "{codes:?}");
+    // The burst of 20 and what refilled at 5/s while the loop ran; most were held off.
+    assert!(denied >= 20 && held >= 50, "{codes:?}");
+    // Meanwhile the allowed client is served.
+    wrap(&mut app, "t/k", &[2; 32], b"").await.expect("app");
+    let recs: Vec<serde_json::Value> = lines(&env.audit_log())[before..]
+        .iter()
+        .map(|l| json(l))
+        .collect();
+    let stranger_recs = recs
+        .iter()
+        .filter(|r| r["caller"] == hsm_fixtures::pki::TEST_STRANGER_ID && r["op"] == "WrapKey")
+        .count();
+    assert_eq!(
+        stranger_recs as u32, denied,
+        "one record per request that ran"
+    );
+    // Let back after the budget refills: the count of held-off requests is in the trail.
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let e = wrap(&mut stranger, "t/k", &[1; 32], b"")
+        .await
+        .expect_err("still a stranger");
+    assert_eq!(e.code(), Code::PermissionDenied, "let back: {e:?}");
+    let reported: u64 = lines(&env.audit_log())
+        .iter()
+        .map(|l| json(l))
+        .filter(|r| r["op"] == "RefusedRequestsSuppressed")
+        .map(|r| {
+            assert_eq!(r["caller"], hsm_fixtures::pki::TEST_STRANGER_ID);
+            let m = r["message"].as_str().unwrap_or_default();
+            m.split(' ')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        })
+        .sum();
+    assert_eq!(reported, u64::from(held), "every held-off request counted");
+    let (ok, out) = env.verify_audit(&env.audit_log());
+    assert!(ok, "{out}");
+    b.stop().await;
+}

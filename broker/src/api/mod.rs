@@ -4,6 +4,7 @@
 //!   and HYOK rules, the operation, the audit record before the reply, metrics and log;
 //! * `call` — what an operation receives: the only way to the keys and maker of grants, and
 //!   the request's audit record as it fills in;
+//! * [`limiter`] — refused requests, rate-limited per caller (the pipeline applies it);
 //! * [`ops`] — the operations a request can ask for, one type each (sealed: only this module
 //!   defines them);
 //! * [`grpc`] — the `keybroker.v1` gRPC services, a codec over the pipeline;
@@ -17,6 +18,7 @@
 mod call;
 pub mod grpc;
 pub mod kms_v2;
+pub mod limiter;
 pub mod ops;
 pub mod pipeline;
 pub mod xks;

@@ -37,7 +37,7 @@ use tracing::Instrument;
 
 use crate::{
     audit::AuditLog,
-    error::{BrokerError, Deadline, Denied, Unavailable},
+    error::{BrokerError, Deadline, Denied, Exhausted, Unavailable},
     hsm::RequestScope,
     hyok::HyokSwitch,
     identity::Caller,
@@ -48,7 +48,7 @@ use crate::{
 };
 
 pub use super::call::{Context, ReasonCode};
-use super::{call::Call, ops::Operation};
+use super::{call::Call, limiter::RefusalLimiter, ops::Operation};
 
 /// The default for `[server] request_timeout_ms`.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -123,6 +123,7 @@ struct Shared {
     hyok: Arc<HyokSwitch>,
     request_timeout: Duration,
     metrics: Option<Arc<Metrics>>,
+    refusals: Option<RefusalLimiter>,
 }
 
 /// A caller-supplied request id, if it is safe to log as is: 1-128 characters of
@@ -161,8 +162,21 @@ impl Pipeline {
                 hyok,
                 request_timeout,
                 metrics,
+                refusals: RefusalLimiter::new(
+                    crate::config::DEFAULT_REFUSED_PER_SECOND,
+                    crate::config::DEFAULT_REFUSED_BURST,
+                ),
             }),
         }
+    }
+
+    /// Sets the per-caller budget of refused requests (`[server] refused_per_second` and
+    /// `refused_burst`; 0 per second: no limit). Call it before the pipeline is cloned.
+    pub fn refusal_limit(mut self, per_second: u32, burst: u32) -> Self {
+        if let Some(sh) = Arc::get_mut(&mut self.shared) {
+            sh.refusals = RefusalLimiter::new(per_second, burst);
+        }
+        self
     }
 
     /// Runs one request through every step (see the module docs). `op` is the operation the
@@ -211,6 +225,30 @@ impl Pipeline {
                 request_id: header_id,
             };
         };
+        // A caller with too many requests refused lately is held off, unaudited but counted
+        // (`api::limiter`): it cannot fill the audit trail with refusals.
+        if let Some(l) = &sh.refusals {
+            let a = l.admit(&caller.id, Instant::now());
+            if let Some(n) = a.report {
+                let rec = crate::audit::Record::event(
+                    "RefusedRequestsSuppressed",
+                    Some(&caller.id),
+                    format!(
+                        "{n} request(s) answered RESOURCE_EXHAUSTED without running: too many \
+                         of this caller's requests were refused"
+                    ),
+                );
+                if let Err(e) = sh.audit.append(rec).await {
+                    tracing::error!(caller = %caller, error = %e, "could not audit suppressed requests");
+                }
+            }
+            if !a.admitted {
+                return Reply {
+                    result: Err(Exhausted::Refusals(caller.id.clone()).into()),
+                    request_id: header_id,
+                };
+            }
+        }
         // The deadline: the caller's, capped by [server] request_timeout_ms. Enforced here so
         // that a request that runs out of time is answered DEADLINE_EXCEEDED *and audited*; it
         // also bounds every HSM wait below (RequestScope).
@@ -284,6 +322,11 @@ impl Pipeline {
                 result: Err(Unavailable::Audit.into()),
                 request_id,
             };
+        }
+        if let (Some(l), Err(BrokerError::Denied(_) | BrokerError::Invalid(_))) =
+            (&sh.refusals, &result)
+        {
+            l.refused(&caller.id, Instant::now());
         }
         match &result {
             Ok(_) => tracing::debug!(op, caller = %caller, request_id, latency_us, "ok"),

@@ -55,11 +55,11 @@ impl Operation for QueryAudit {
                 .parse::<u64>()
                 .map_err(|_| Invalid::PageToken)?
         };
-        let query = call.audit().query_fn();
+        let reader = call.audit().reader();
         let visible = call.authority().filter(Permission::ReadAudit);
         let filter = self.filter;
         tokio::task::spawn_blocking(move || {
-            query(&filter, after, limit, &|rec| {
+            reader.query(&filter, after, limit, &|rec| {
                 global
                     || rec
                         .key
