@@ -67,6 +67,11 @@ pub struct ServerConfig {
     /// Most concurrent HTTP/2 streams per connection. Default 256.
     #[serde(default = "default_max_streams")]
     pub max_concurrent_streams: u32,
+    /// A client connection is closed (gracefully: GOAWAY, in-flight requests finish) after this
+    /// many seconds, so that it reconnects and its certificate is verified in full again.
+    /// Default 3600.
+    #[serde(default = "default_max_connection_age_s")]
+    pub max_connection_age_s: u64,
     /// Refused (denied or invalid) requests a caller may make per second, on average, before
     /// its requests are held off (RESOURCE_EXHAUSTED, counted in one audit record instead of
     /// one each). Default 10; 0 turns the limit off.
@@ -83,6 +88,7 @@ impl Default for ServerConfig {
             listen: default_listen(),
             request_timeout_ms: default_request_timeout_ms(),
             max_concurrent_streams: default_max_streams(),
+            max_connection_age_s: default_max_connection_age_s(),
             refused_per_second: default_refused_per_second(),
             refused_burst: default_refused_burst(),
         }
@@ -97,6 +103,9 @@ fn default_request_timeout_ms() -> u64 {
 }
 fn default_max_streams() -> u32 {
     256
+}
+fn default_max_connection_age_s() -> u64 {
+    3600
 }
 /// The default for `[server] refused_per_second`.
 pub const DEFAULT_REFUSED_PER_SECOND: u32 = 10;
@@ -131,6 +140,14 @@ pub struct TlsConfig {
     /// SPIFFE trust domain or DNS domain. Default: none (any CA in `client_ca`, any domain).
     #[serde(default)]
     pub client_ca_domains: Vec<crate::tls::CaDomains>,
+    /// How long past its nextUpdate a CRL is still accepted, in seconds (then every client
+    /// certificate is refused until a fresh CRL is in place). Default 3600.
+    #[serde(default = "default_crl_grace_s")]
+    pub crl_grace_s: u64,
+}
+
+fn default_crl_grace_s() -> u64 {
+    3600
 }
 
 fn default_handshake_ms() -> u64 {
@@ -801,6 +818,7 @@ impl Config {
                     domains: b.domains.clone(),
                 })
                 .collect(),
+            crl_grace: Duration::from_secs(self.tls.crl_grace_s),
         }
     }
 

@@ -96,6 +96,10 @@ pub enum Denied {
     /// A request signature (AWS SigV4) that does not verify (UNAUTHENTICATED).
     #[error("request signature refused: {0}")]
     Signature(SignatureFailure),
+    /// The connection's client certificate no longer holds (expired, revoked, or no longer
+    /// trusted since the TLS files were reloaded) (UNAUTHENTICATED).
+    #[error("client certificate no longer valid: {0}")]
+    Credential(String),
     /// No binding names the caller.
     #[error("identity {0} has no role on this broker")]
     NoRole(String),
@@ -443,7 +447,7 @@ impl BrokerError {
                 Code::InvalidArgument
             }
             Self::NotFound(_) => Code::NotFound,
-            Self::Denied(Denied::Signature(_)) => Code::Unauthenticated,
+            Self::Denied(Denied::Signature(_) | Denied::Credential(_)) => Code::Unauthenticated,
             Self::Denied(_) => Code::PermissionDenied,
             Self::Refused(_) => Code::FailedPrecondition,
             Self::Exists(_) => Code::AlreadyExists,

@@ -452,6 +452,10 @@ pub async fn run(
     // is answered DEADLINE_EXCEEDED *and audited*, and its HSM waits are bounded by it.
     let served = tonic::transport::Server::builder()
         .max_concurrent_streams(cfg.server.max_concurrent_streams)
+        // Bounded connection age: a client reconnects, and its certificate is verified in full
+        // again; requests in flight get the request timeout to finish.
+        .max_connection_age(Duration::from_secs(cfg.server.max_connection_age_s.max(1)))
+        .max_connection_age_grace(Duration::from_millis(cfg.server.request_timeout_ms))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .initial_stream_window_size(Some(256 * 1024))

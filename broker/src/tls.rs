@@ -3,6 +3,13 @@
 //! certificate with no usable identity fails the handshake), a handshake timeout, and
 //! `TCP_NODELAY` on every connection.
 //!
+//! A connection's certificate is checked again on every request, not only at the handshake
+//! ([`ConnInfo::check`]): its expiry; after the CAs or CRLs were reloaded, the whole chain again;
+//! and the CRLs' own freshness (a CRL past its nextUpdate by more than `[tls] crl_grace_s` is
+//! refused, and its approach is logged a day ahead). Connections live at most
+//! `[server] max_connection_age_s`, and TLS session resumption is off, so every connection is
+//! verified in full.
+//!
 //! With `[tls] client_ca_domains`, each client CA is bound to the trust domains (SPIFFE) or DNS
 //! domains it may issue identities in: a certificate must chain to a CA bound to its caller's
 //! domain, so one tenant's CA in the bundle cannot mint another's identities.
@@ -48,6 +55,67 @@ pub struct ConnInfo {
     pub caller: Caller,
     /// The peer address.
     pub remote: SocketAddr,
+    /// The client's certificate chain, to check it again per request.
+    peer: Arc<Peer>,
+}
+
+/// A connection's client certificate, as verified at its handshake.
+struct Peer {
+    /// End-entity first.
+    chain: Vec<CertificateDer<'static>>,
+    /// The end-entity's notAfter (Unix seconds).
+    not_after: i64,
+    /// The TLS configuration in force (reloaded in place).
+    tls: Arc<Reloadable>,
+    /// The configuration generation the chain last verified under.
+    checked: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnInfo {
+    /// Whether the connection's certificate still holds now: not expired; under the current
+    /// CAs and CRLs (the chain is verified again once per connection after each reload); and
+    /// the CRLs not stale past their grace. `Err` says why not.
+    pub fn check(&self) -> Result<(), String> {
+        use std::sync::atomic::Ordering;
+        let now = UnixTime::now();
+        let secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        if secs > self.peer.not_after {
+            return Err(format!("it expired at {}", rfc3339(self.peer.not_after)));
+        }
+        let built = self.peer.tls.built();
+        built.verifier.crl_fresh(secs)?;
+        if self.peer.checked.load(Ordering::Acquire) != built.generation {
+            let Some((ee, rest)) = self.peer.chain.split_first() else {
+                return Err("the connection has no certificate".into());
+            };
+            built
+                .verifier
+                .verify_client_cert(ee, rest, now)
+                .map_err(|e| {
+                    format!("it no longer verifies under the reloaded CAs and CRLs: {e}")
+                })?;
+            self.peer.checked.store(built.generation, Ordering::Release);
+        }
+        Ok(())
+    }
+}
+
+fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
 }
 
 /// A finished mutual-TLS connection.
@@ -113,6 +181,8 @@ pub struct TlsFiles<'a> {
     /// Client CAs bound to the domains they may issue identities in (empty: any CA of
     /// `client_ca`, any domain).
     pub ca_domains: &'a [CaDomains],
+    /// How long past its nextUpdate a CRL is still accepted.
+    pub crl_grace: Duration,
 }
 
 /// One client CA (a PEM file, one or more certificates) and the domains it may issue client
@@ -152,6 +222,35 @@ fn provider() -> Arc<CryptoProvider> {
 /// Builds the server configuration: TLS 1.3 only, ALPN h2, client certificates required,
 /// verified against `client_ca` and carrying a usable identity.
 pub fn server_config(files: &TlsFiles<'_>) -> Result<Arc<ServerConfig>, String> {
+    build(files, 0).map(|b| b.config)
+}
+
+/// A server configuration with the verifier it uses (to check connections again) and its
+/// generation (bumped by every reload).
+struct Built {
+    config: Arc<ServerConfig>,
+    verifier: Arc<IdentityVerifier>,
+    generation: u64,
+}
+
+/// The earliest nextUpdate of the CRLs (Unix seconds), if any CRL has one.
+fn crl_next_update(
+    crls: &[rustls::pki_types::CertificateRevocationListDer<'_>],
+) -> Result<Option<i64>, String> {
+    use x509_parser::prelude::FromDer;
+    let mut earliest: Option<i64> = None;
+    for c in crls {
+        let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(c)
+            .map_err(|e| format!("parse CRL: {e}"))?;
+        if let Some(t) = crl.next_update() {
+            let t = t.timestamp();
+            earliest = Some(earliest.map_or(t, |e| e.min(t)));
+        }
+    }
+    Ok(earliest)
+}
+
+fn build(files: &TlsFiles<'_>, generation: u64) -> Result<Built, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(files.cert)
         .map_err(|e| format!("read server certificate {}: {e}", files.cert.display()))?
         .collect::<Result<_, _>>()
@@ -170,6 +269,7 @@ pub fn server_config(files: &TlsFiles<'_>) -> Result<Arc<ServerConfig>, String> 
             crls.push(crl.map_err(|e| format!("parse CRL {}: {e}", f.display()))?);
         }
     }
+    let crl_next_update = crl_next_update(&crls)?;
     // With CRLs, rustls checks the whole chain and refuses a certificate whose status is unknown
     // (its secure defaults; we do not loosen them).
     let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
@@ -198,15 +298,25 @@ pub fn server_config(files: &TlsFiles<'_>) -> Result<Arc<ServerConfig>, String> 
     let verifier = Arc::new(IdentityVerifier {
         inner: webpki,
         bound,
+        crl_next_update,
+        crl_grace: i64::try_from(files.crl_grace.as_secs()).unwrap_or(i64::MAX),
     });
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| format!("TLS 1.3: {e}"))?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_single_cert(certs, key)
         .map_err(|e| format!("server certificate and key: {e}"))?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(cfg))
+    // No session resumption: a resumed session skips the client certificate's verification,
+    // so a certificate revoked since would get through.
+    cfg.send_tls13_tickets = 0;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    Ok(Built {
+        config: Arc::new(cfg),
+        verifier,
+        generation,
+    })
 }
 
 /// The webpki verifier, plus: the certificate must yield a caller identity, and with bound CAs,
@@ -216,6 +326,25 @@ struct IdentityVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     /// Per bound CA, its own verifier and its domains.
     bound: Vec<(Arc<dyn ClientCertVerifier>, Vec<String>)>,
+    /// The CRLs' earliest nextUpdate (Unix seconds).
+    crl_next_update: Option<i64>,
+    /// Seconds a CRL is accepted past its nextUpdate.
+    crl_grace: i64,
+}
+
+impl IdentityVerifier {
+    /// `Err` when a CRL is stale past its grace at `now` (Unix seconds): its revocations may be
+    /// out of date, so no certificate can be judged.
+    fn crl_fresh(&self, now: i64) -> Result<(), String> {
+        match self.crl_next_update {
+            Some(next) if now > next.saturating_add(self.crl_grace) => Err(format!(
+                "a CRL is stale: its nextUpdate was {} and the grace of {} s has passed (publish a new CRL)",
+                rfc3339(next),
+                self.crl_grace
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl ClientCertVerifier for IdentityVerifier {
@@ -228,13 +357,15 @@ impl ClientCertVerifier for IdentityVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, TlsError> {
-        let ok = self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now)?;
         let refuse = |why: &str| {
             tracing::info!(reason = %why, "client certificate refused");
             TlsError::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure)
         };
+        self.crl_fresh(i64::try_from(now.as_secs()).unwrap_or(i64::MAX))
+            .map_err(|why| refuse(&why))?;
+        let ok = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         let caller = caller_from_cert(end_entity).map_err(|why| refuse(&why))?;
         if !self.bound.is_empty() {
             let issued_by_a_bound_ca = self.bound.iter().any(|(v, domains)| {
@@ -304,9 +435,11 @@ pub fn incoming(
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::debug!(error = %e, "set TCP_NODELAY failed");
             }
-            // Each new connection takes the configuration in force now; established ones keep
-            // theirs, so a reload never fails a valid in-flight client.
-            let acceptor = TlsAcceptor::from(config.current());
+            // Each new connection takes the configuration in force now; established ones are
+            // checked against a newer one at their next request (`ConnInfo::check`).
+            let built = config.built();
+            let acceptor = TlsAcceptor::from(built.config.clone());
+            let config = config.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
                 let stream =
@@ -321,13 +454,16 @@ pub fn incoming(
                             return;
                         }
                     };
-                let caller = stream
+                let chain: Vec<CertificateDer<'static>> = stream
                     .get_ref()
                     .1
                     .peer_certificates()
-                    .and_then(|c| c.first())
-                    .map(|c| caller_from_cert(c));
-                let caller = match caller {
+                    .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                    .unwrap_or_default();
+                let identity = chain
+                    .first()
+                    .map(|c| caller_from_cert(c).and_then(|caller| Ok((caller, not_after(c)?))));
+                let (caller, not_after) = match identity {
                     Some(Ok(c)) => c,
                     // Unreachable in practice: the verifier already required both.
                     _ => {
@@ -336,10 +472,20 @@ pub fn incoming(
                     }
                 };
                 tracing::debug!(%remote, caller = %caller, "client connected");
+                let peer = Arc::new(Peer {
+                    chain,
+                    not_after,
+                    tls: config,
+                    checked: std::sync::atomic::AtomicU64::new(built.generation),
+                });
                 let _ = tx
                     .send(Ok(TlsConn {
                         stream,
-                        info: ConnInfo { caller, remote },
+                        info: ConnInfo {
+                            caller,
+                            remote,
+                            peer,
+                        },
                     }))
                     .await;
             });
@@ -361,6 +507,8 @@ pub struct TlsPaths {
     pub crls: Vec<std::path::PathBuf>,
     /// Client CAs bound to domains.
     pub ca_domains: Vec<CaDomains>,
+    /// How long past its nextUpdate a CRL is still accepted.
+    pub crl_grace: Duration,
 }
 
 impl TlsPaths {
@@ -371,6 +519,7 @@ impl TlsPaths {
             client_ca: &self.client_ca,
             crls: &self.crls,
             ca_domains: &self.ca_domains,
+            crl_grace: self.crl_grace,
         }
     }
 
@@ -395,28 +544,73 @@ impl TlsPaths {
 /// the previous one stays in force.
 pub struct Reloadable {
     paths: TlsPaths,
-    current: std::sync::RwLock<Arc<ServerConfig>>,
+    current: std::sync::RwLock<Arc<Built>>,
     fingerprint: std::sync::Mutex<Vec<u8>>,
+    /// When the CRL freshness warning was last logged.
+    crl_warned: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// How long before a CRL's nextUpdate its approach is logged as a warning.
+const CRL_WARN_AHEAD: i64 = 24 * 3600;
+/// How often that warning (or the stale CRL error) repeats.
+const CRL_WARN_EVERY: Duration = Duration::from_secs(600);
+
+/// A client certificate's notAfter, Unix seconds.
+fn not_after(der: &[u8]) -> Result<i64, String> {
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+        .map_err(|e| format!("client certificate does not parse: {e}"))?;
+    Ok(cert.validity().not_after.timestamp())
 }
 
 impl Reloadable {
     /// Loads the configuration; fails if it does not load.
     pub fn load(paths: TlsPaths) -> Result<Arc<Self>, String> {
-        let cfg = server_config(&paths.files())?;
+        let built = build(&paths.files(), 0)?;
         let fp = paths.fingerprint();
         Ok(Arc::new(Self {
             paths,
-            current: std::sync::RwLock::new(cfg),
+            current: std::sync::RwLock::new(Arc::new(built)),
             fingerprint: std::sync::Mutex::new(fp),
+            crl_warned: std::sync::Mutex::new(None),
         }))
     }
 
-    /// The configuration in force.
-    pub fn current(&self) -> Arc<ServerConfig> {
+    fn built(&self) -> Arc<Built> {
         self.current
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The configuration in force.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.built().config.clone()
+    }
+
+    /// Logs a warning when a CRL's nextUpdate is less than a day away, and an error when it has
+    /// passed (every 10 minutes while it lasts): a CRL that is not replaced in time makes every
+    /// client certificate refused once its grace ends.
+    fn warn_crl(&self) {
+        let built = self.built();
+        let Some(next) = built.verifier.crl_next_update else {
+            return;
+        };
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        if now + CRL_WARN_AHEAD < next {
+            return;
+        }
+        let mut last = self.crl_warned.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < CRL_WARN_EVERY) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+        let grace = built.verifier.crl_grace;
+        if now <= next {
+            tracing::warn!(next_update = %rfc3339(next), "a CRL's nextUpdate is less than a day away: publish a new CRL, or client certificates will be refused {grace} s after it");
+        } else {
+            tracing::error!(next_update = %rfc3339(next), grace_s = grace, "a CRL is past its nextUpdate: publish a new CRL; client certificates are refused once the grace has passed");
+        }
     }
 
     /// Reloads if the files changed (or `force`). Returns whether a new configuration took effect.
@@ -429,9 +623,10 @@ impl Reloadable {
             }
             *old = fp;
         }
-        match server_config(&self.paths.files()) {
-            Ok(cfg) => {
-                *self.current.write().unwrap_or_else(|p| p.into_inner()) = cfg;
+        let generation = self.built().generation + 1;
+        match build(&self.paths.files(), generation) {
+            Ok(built) => {
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(built);
                 tracing::info!("TLS configuration reloaded (certificate, client CAs, CRLs)");
                 true
             }
@@ -456,6 +651,7 @@ impl Reloadable {
                 };
                 let me2 = me.clone();
                 let _ = tokio::task::spawn_blocking(move || me2.reload(force)).await;
+                me.warn_crl();
             }
         });
     }

@@ -55,6 +55,9 @@ pub struct LeafSpec {
     pub valid_days: i64,
     /// Make a certificate that expired yesterday.
     pub expired: bool,
+    /// Instead of `valid_days`: valid for this many seconds from now (a certificate that
+    /// expires while a test holds a connection open).
+    pub valid_seconds: Option<i64>,
     /// Server (true) or client (false) extended key usage.
     pub server: bool,
 }
@@ -114,6 +117,9 @@ impl Ca {
         if spec.expired {
             params.not_before = now - Duration::days(30);
             params.not_after = now - Duration::days(1);
+        } else if let Some(s) = spec.valid_seconds {
+            params.not_before = now - Duration::hours(1);
+            params.not_after = now + Duration::seconds(s);
         } else {
             params.not_before = now - Duration::hours(1);
             params.not_after = now + Duration::days(spec.valid_days.max(1));
@@ -146,10 +152,21 @@ impl Ca {
 
     /// Writes a CRL (valid for a day) revoking `revoked`, as `<stem>.pem` beside the CA.
     pub fn crl(&self, stem: &str, revoked: &[&Issued]) -> Result<PathBuf> {
+        self.crl_until(stem, revoked, Duration::days(1))
+    }
+
+    /// Writes a CRL revoking `revoked` whose nextUpdate is `next_update` from now (negative: a
+    /// stale CRL), as `<stem>.pem` beside the CA.
+    pub fn crl_until(
+        &self,
+        stem: &str,
+        revoked: &[&Issued],
+        next_update: Duration,
+    ) -> Result<PathBuf> {
         let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
-            this_update: now - Duration::hours(1),
-            next_update: now + Duration::days(1),
+            this_update: (now + next_update).min(now) - Duration::days(1),
+            next_update: now + next_update,
             crl_number: SerialNumber::from(1u64),
             issuing_distribution_point: None,
             revoked_certs: revoked

@@ -267,11 +267,16 @@ async fn certificates_cas_and_crls_reload_without_a_restart_and_a_corrupt_file_k
     std::fs::copy(ca2.crl("crl2", &[]).expect("crl"), &crl_path).expect("copy");
     hup();
     wait_log("TLS configuration reloaded", 1).await;
-    before
+    // A connection made before is judged again under the new CAs (issue 18 item 3): its CA is
+    // gone, so its next request is refused. (Rotate with both CAs in the bundle for a smooth
+    // change.)
+    let e = before
         .mgmt
         .list_keys(pb::ListKeysRequest::default())
         .await
-        .expect("in-flight client unaffected");
+        .expect_err("a connection whose CA was removed");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("reloaded CAs"), "{}", e.message());
     // New connections: the old CA's client is refused, the new CA's client gets in.
     let mut cfg_old = client_config(&env, Some(&env.pki.client), false);
     cfg_old.enable_sni = true;
@@ -504,5 +509,199 @@ async fn a_client_ca_issues_only_for_the_domains_it_is_bound_to() {
         .log_contains("not issued by a client CA bound to its domain")
         .await;
     assert!(said, "{log}");
+    b.stop().await;
+}
+
+/// Writes `[tls] crl = [path]` (and extra `[tls]` lines) into the config.
+fn with_crl(env: &Env, crl: &std::path::Path, extra: &str) {
+    env.edit_config(|t| {
+        t.replace(
+            "handshake_timeout_ms = 3000",
+            &format!(
+                "handshake_timeout_ms = 3000\ncrl = [\"{}\"]\n{extra}",
+                crl.display()
+            ),
+        )
+    });
+}
+
+/// Issue 18 item 3: identity was decided once per connection, so a certificate revoked or
+/// expired while its connection stayed open (HTTP/2 keepalive: for days) went on working.
+/// Now each request checks the certificate again: revoked (after the CRL reload), expired.
+#[tokio::test]
+async fn a_certificate_revoked_or_expired_while_connected_is_refused_at_its_next_request() {
+    let env = Env::new();
+    let crl = env.dir.path().join("crl.pem");
+    std::fs::copy(env.pki.ca.crl("crl0", &[]).expect("crl"), &crl).expect("copy");
+    with_crl(&env, &crl, "");
+    let short = env
+        .pki
+        .ca
+        .issue(
+            "short",
+            &LeafSpec {
+                common_name: "short".into(),
+                uris: vec![hsm_fixtures::pki::TEST_CLIENT_ID.into()],
+                valid_seconds: Some(4),
+                ..Default::default()
+            },
+        )
+        .expect("issue");
+    let revoked = env
+        .pki
+        .ca
+        .issue_spiffe_client("to-revoke", hsm_fixtures::pki::TEST_CLIENT_ID)
+        .expect("issue");
+    let b = env.start().await;
+    let list = |c: &mut keybroker::client::Clients| {
+        let mut m = c.mgmt.clone();
+        async move { m.list_keys(pb::ListKeysRequest::default()).await }
+    };
+    let mut soon_expired = b.clients_as(&short).await;
+    let mut soon_revoked = b.clients_as(&revoked).await;
+    let mut good = b.clients_as(&env.pki.client).await;
+    for c in [&mut soon_expired, &mut soon_revoked, &mut good] {
+        list(c).await.expect("valid now");
+    }
+    // Revoke one (the file watcher reloads the CRL), and let the short one expire.
+    std::fs::copy(env.pki.ca.crl("crl1", &[&revoked]).expect("crl"), &crl).expect("copy");
+    let (reloaded, log) = b.log_contains("TLS configuration reloaded").await;
+    assert!(reloaded, "{log}");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let e = list(&mut soon_revoked)
+        .await
+        .expect_err("revoked, same connection");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(
+        e.message().contains("reloaded CAs and CRLs"),
+        "{}",
+        e.message()
+    );
+    let e = list(&mut soon_expired)
+        .await
+        .expect_err("expired, same connection");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("expired at"), "{}", e.message());
+    list(&mut good)
+        .await
+        .expect("the good connection is unaffected");
+    // Both refusals are in the audit trail.
+    let trail = std::fs::read_to_string(env.audit_log()).expect("log");
+    assert_eq!(
+        trail.matches("client certificate no longer valid").count(),
+        2
+    );
+    b.stop().await;
+}
+
+/// Issue 18 item 3: an expired CRL was accepted forever. Past its nextUpdate by more than
+/// `crl_grace_s`, no client certificate can be judged and none is accepted; within the grace they
+/// are, with an error in the log; a day ahead, a warning.
+#[tokio::test]
+async fn a_stale_crl_is_refused_after_its_grace_and_announced_before() {
+    let env = Env::new();
+    let stale = env
+        .pki
+        .ca
+        .crl_until("stale", &[], time::Duration::hours(-2))
+        .expect("crl");
+    // Two hours stale, one hour of grace: every client refused.
+    with_crl(&env, &stale, "crl_grace_s = 3600");
+    let b = env.start().await;
+    let e = handshake(&b, client_config(&env, Some(&env.pki.client), false))
+        .await
+        .expect_err("stale CRL");
+    assert!(e.contains("alert"), "{e}");
+    let (said, log) = b.log_contains("a CRL is stale").await;
+    assert!(said, "{log}");
+    b.stop().await;
+    // Three hours of grace: accepted, and the log says the CRL is past its nextUpdate.
+    env.edit_config(|t| t.replace("crl_grace_s = 3600", "crl_grace_s = 10800"));
+    let b = env.start().await;
+    handshake(&b, client_config(&env, Some(&env.pki.client), false))
+        .await
+        .expect("within the grace");
+    let (said, log) = b.log_contains("a CRL is past its nextUpdate").await;
+    assert!(said, "{log}");
+    b.stop().await;
+    // A CRL due in an hour: accepted, with a warning ahead.
+    let due = env
+        .pki
+        .ca
+        .crl_until("due", &[], time::Duration::hours(1))
+        .expect("crl");
+    std::fs::copy(&due, &stale).expect("copy");
+    let b = env.start().await;
+    handshake(&b, client_config(&env, Some(&env.pki.client), false))
+        .await
+        .expect("fresh CRL");
+    let (said, log) = b.log_contains("nextUpdate is less than a day away").await;
+    assert!(said, "{log}");
+    b.stop().await;
+}
+
+/// Issue 18 item 3: no maximum connection age, and TLS 1.3 resumption skipped the certificate
+/// checks. Connections are closed after `max_connection_age_s`; resumption is off.
+#[tokio::test]
+async fn connections_age_out_and_are_never_resumed() {
+    let env = Env::with(Options {
+        server_extra: "max_connection_age_s = 4\nrequest_timeout_ms = 1000".into(),
+        ..Default::default()
+    });
+    let b = env.start().await;
+    // A raw HTTP/2 connection, idle: the server closes it once it is 4 s old (plus the grace
+    // for requests in flight, the request timeout: 1 s).
+    let cfg = Arc::new(client_config(&env, Some(&env.pki.client), false));
+    let tcp = TcpStream::connect(b.addr).await.expect("tcp");
+    let name = ServerName::try_from("localhost").expect("name");
+    let mut tls = TlsConnector::from(cfg.clone())
+        .connect(name.clone(), tcp)
+        .await
+        .expect("handshake");
+    // The preface, our SETTINGS, and the ACK of the server's.
+    tls.write_all(
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00\x00\x00\x00\x04\x01\x00\x00\x00\x00",
+    )
+    .await
+    .expect("preface");
+    let t0 = std::time::Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let mut stream = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => stream.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection was not closed in 15 s");
+    let age = t0.elapsed();
+    assert!(
+        age >= Duration::from_millis(3500),
+        "closed too early: {age:?}"
+    );
+    // Closed once the age and the grace (the request timeout) have passed.
+    assert!(age < Duration::from_secs(12), "closed too late: {age:?}");
+    drop(stream);
+    // A second connection with the same client config (which caches sessions) is a full
+    // handshake: the server issues no tickets.
+    for _ in 0..2 {
+        let tcp = TcpStream::connect(b.addr).await.expect("tcp");
+        let mut t = TlsConnector::from(cfg.clone())
+            .connect(name.clone(), tcp)
+            .await
+            .expect("handshake");
+        t.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            .await
+            .expect("preface");
+        let _ = t.read(&mut buf).await;
+        assert_eq!(
+            t.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Full),
+            "resumed"
+        );
+    }
     b.stop().await;
 }

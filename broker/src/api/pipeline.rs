@@ -84,6 +84,9 @@ pub struct Incoming {
     /// socket's one key; a key in a URL path): in the audit record even of a request refused
     /// before its operation runs.
     pub key: Option<KeyName>,
+    /// Why the front door refuses the request although it knows the caller (a client
+    /// certificate that no longer holds): answered and audited without running.
+    pub refused: Option<BrokerError>,
 }
 
 impl Incoming {
@@ -97,6 +100,7 @@ impl Incoming {
             context: None,
             door_grant: None,
             key: None,
+            refused: None,
         }
     }
 }
@@ -214,6 +218,7 @@ impl Pipeline {
             context,
             door_grant,
             key,
+            refused,
         } = incoming;
         let header_id = request_id
             .as_deref()
@@ -268,7 +273,9 @@ impl Pipeline {
         if let Some(k) = &key {
             call.note_key(k);
         }
-        let mut result = if Instant::now() >= deadline {
+        let mut result = if let Some(e) = refused {
+            Err(e)
+        } else if Instant::now() >= deadline {
             // Work whose deadline has already passed is not started.
             Err(Deadline::OnArrival.into())
         } else if call.authority().knows() {

@@ -117,10 +117,12 @@ impl GrpcApi {
         O: Operation,
     {
         let meta = req.metadata();
-        let mut incoming = Incoming::new(
-            endpoint,
-            req.extensions().get::<ConnInfo>().map(|c| c.caller.clone()),
-        );
+        let conn = req.extensions().get::<ConnInfo>();
+        let mut incoming = Incoming::new(endpoint, conn.map(|c| c.caller.clone()));
+        // The certificate is checked again on every request (expiry, revocation, a reload).
+        if let Some(Err(why)) = conn.map(ConnInfo::check) {
+            incoming.refused = Some(crate::error::Denied::Credential(why).into());
+        }
         incoming.request_id = meta
             .get(REQUEST_ID_HEADER)
             .and_then(|v| v.to_str().ok())
