@@ -367,6 +367,8 @@ pub enum Permission {
     ReadAudit,
     /// Connect/disconnect HYOK service identities.
     HyokControl,
+    /// Random bytes from the HSM's RNG (GetRandomBytes).
+    Random,
 }
 
 impl fmt::Display for Permission {
@@ -387,6 +389,7 @@ impl fmt::Display for Permission {
             Permission::Unwrap => "unwrap",
             Permission::Encrypt => "encrypt",
             Permission::Decrypt => "decrypt",
+            Permission::Random => "random",
             Permission::ReadAudit => "read audit",
             Permission::HyokControl => "HYOK control",
         };

@@ -6,7 +6,7 @@
 //! |---------------------------|---------------------------------------------------------------------------------------|
 //! | `administrator`           | read metadata, HYOK connect/disconnect (no key use)                                   |
 //! | `crypto-officer`          | read metadata, delete, recover, purge, restore, trim versions                         |
-//! | `crypto-user`             | read metadata, create, update, rotate, import, backup, wrap, unwrap, encrypt, decrypt |
+//! | `crypto-user`             | read metadata, create, update, rotate, import, backup, wrap, unwrap, encrypt, decrypt, random |
 //! | `service-encryption-user` | read metadata, wrap, unwrap                                                           |
 //! | `service-crypto-user`     | read metadata, encrypt, decrypt                                                       |
 //! | `auditor`                 | read metadata, read the audit trail (no key use)                                      |
@@ -50,7 +50,7 @@ pub enum Role {
     Administrator,
     /// Delete, recover, purge, restore, trim.
     CryptoOfficer,
-    /// Create, read, update, rotate, import, backup, wrap, unwrap, encrypt, decrypt.
+    /// Create, read, update, rotate, import, backup, wrap, unwrap, encrypt, decrypt, random.
     CryptoUser,
     /// Read metadata, wrap, unwrap: the role a calling service gets.
     ServiceEncryptionUser,
@@ -92,6 +92,7 @@ impl Role {
                 Unwrap,
                 Encrypt,
                 Decrypt,
+                Random,
             ],
             Role::ServiceEncryptionUser => &[ReadMetadata, Wrap, Unwrap],
             Role::ServiceCryptoUser => &[ReadMetadata, Encrypt, Decrypt],

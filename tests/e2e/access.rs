@@ -36,7 +36,7 @@ fn role_policy() -> String {
     p
 }
 
-const RPCS: [&str; 16] = [
+const RPCS: [&str; 17] = [
     "CreateKey",
     "GetKey",
     "ListKeys",
@@ -53,6 +53,7 @@ const RPCS: [&str; 16] = [
     "QueryAudit",
     "HyokGetState",
     "HyokReconnect",
+    "GetRandomBytes",
 ];
 
 /// The published role table (docs/src/deployment.md, "Roles"), stated independently of the implementation.
@@ -70,6 +71,7 @@ fn allowed(role: &str, rpc: &str) -> bool {
                 "GenerateDataKey",
                 "UnwrapKey",
                 "Rewrap",
+                "GetRandomBytes",
             ]
             .contains(&rpc)
                 || payload
@@ -206,6 +208,14 @@ async fn call(
             .hyok
             .reconnect(pb::HyokSwitchRequest {
                 reason: "test".into(),
+            })
+            .await
+            .map(drop),
+        "GetRandomBytes" => c
+            .broker
+            .get_random_bytes(pb::GetRandomBytesRequest {
+                count: 32,
+                context: None,
             })
             .await
             .map(drop),

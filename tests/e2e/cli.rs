@@ -399,3 +399,54 @@ async fn encrypt_and_decrypt_from_the_command_line_as_a_table_and_as_json() {
     );
     b.stop().await;
 }
+
+/// Issue 22 items 3 and 7: `random` prints bytes from the HSM; tables show times as RFC 3339
+/// ("never" for unset) while `-o json` keeps epoch milliseconds.
+#[tokio::test]
+async fn random_bytes_and_key_tables_with_readable_times_from_the_command_line() {
+    crate::require_aes!();
+    let env = Env::new();
+    let b = env.start().await;
+    let (ok, out, err) = cli(&env, &b, &["random", "16", "--hex"]).await;
+    assert!(ok, "{err}");
+    let hex = out.trim();
+    assert!(
+        hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit()),
+        "{out}"
+    );
+    let (ok, out, err) = cli(&env, &b, &["random", "24", "-o", "json"]).await;
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(j["count"], 24);
+    let (ok, _, err) = cli(&env, &b, &["random", "0"]).await;
+    assert!(!ok && err.contains("count must be 1 to 4096"), "{err}");
+
+    let (ok, _, err) = cli(&env, &b, &["key", "create", "acme/k", "--type", "aes-256"]).await;
+    assert!(ok, "{err}");
+    let (ok, table, err) = cli(&env, &b, &["key", "get", "acme/k"]).await;
+    assert!(ok, "{err}");
+    let created = table
+        .lines()
+        .find(|l| l.starts_with("created"))
+        .unwrap_or_else(|| panic!("no created row: {table}"));
+    let year = time::OffsetDateTime::now_utc().year().to_string();
+    assert!(
+        created.contains(&year) && created.contains('T') && created.ends_with('Z'),
+        "{created}"
+    );
+    assert!(!table.contains("(ms)"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("expires") && l.ends_with("never")),
+        "{table}"
+    );
+    let (ok, out, err) = cli(&env, &b, &["key", "get", "acme/k", "-o", "json"]).await;
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert!(
+        j["created_at_ms"].as_i64().is_some_and(|ms| ms > 0),
+        "{out}"
+    );
+    b.stop().await;
+}

@@ -326,6 +326,45 @@ fn key_json(k: &pb::Key) -> serde_json::Value {
     })
 }
 
+/// A time for a table: RFC 3339 in UTC to the millisecond; `0` (unset) is "never". Epoch
+/// milliseconds are for `-o json` only.
+pub(super) fn when(ms: i64) -> String {
+    if ms == 0 {
+        return "never".into();
+    }
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{ms} ms since 1970"))
+}
+
+/// A duration for a table (`0`: "none"): days, hours, minutes and seconds that are not zero.
+pub(super) fn span(ms: i64) -> String {
+    if ms <= 0 {
+        return "none".into();
+    }
+    let s = ms / 1000;
+    let parts = [
+        (s / 86_400, "d"),
+        (s / 3600 % 24, "h"),
+        (s / 60 % 60, "m"),
+        (s % 60, "s"),
+    ];
+    let out: Vec<String> = parts
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, u)| format!("{n}{u}"))
+        .collect();
+    if out.is_empty() {
+        format!("{ms}ms")
+    } else {
+        out.join(" ")
+    }
+}
+
 /// Prints rows under a header, each column as wide as its widest cell (people read columns).
 pub(super) fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
@@ -368,11 +407,19 @@ fn print_key(k: &pb::Key, out: Output) {
                 vec!["mechanism".into(), k.mechanism.clone()],
                 vec!["state".into(), text(&j["state"])],
                 vec!["current version".into(), k.current_version.to_string()],
-                vec!["created (ms)".into(), k.created_at_ms.to_string()],
+                vec!["created".into(), when(k.created_at_ms)],
             ];
             if let Some(a) = j.get("attributes").and_then(|a| a.as_object()) {
                 for (name, v) in a {
-                    rows.push(vec![name.replace('_', " "), text(v)]);
+                    // Times and durations in people's units; `-o json` keeps the milliseconds.
+                    let (label, shown) = match (name.strip_suffix("_ms"), v.as_i64()) {
+                        (Some(n), Some(ms)) if n.ends_with("period") || n.ends_with("expiry") => {
+                            (n.to_string(), span(ms))
+                        }
+                        (Some(n), Some(ms)) => (n.to_string(), when(ms)),
+                        _ => (name.clone(), text(v)),
+                    };
+                    rows.push(vec![label.replace('_', " "), shown]);
                 }
             }
             print_table(&["FIELD", "VALUE"], &rows);
@@ -386,7 +433,7 @@ fn print_key(k: &pb::Key, out: Output) {
                             v.version.to_string(),
                             hex::encode(&v.id),
                             v.origin.clone(),
-                            v.created_at_ms.to_string(),
+                            when(v.created_at_ms),
                             v.wraps.to_string(),
                             v.unwraps.to_string(),
                             if v.decryptable {
@@ -400,13 +447,7 @@ fn print_key(k: &pb::Key, out: Output) {
                     .collect();
                 print_table(
                     &[
-                        "VERSION",
-                        "ID",
-                        "ORIGIN",
-                        "CREATED (ms)",
-                        "WRAPS",
-                        "UNWRAPS",
-                        "UNWRAPS?",
+                        "VERSION", "ID", "ORIGIN", "CREATED", "WRAPS", "UNWRAPS", "UNWRAPS?",
                     ],
                     &rows,
                 );
@@ -675,11 +716,11 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                             json!(items.iter().map(|(n, at, purge, by)| json!({"name": n, "deleted_at_ms": at, "scheduled_purge_ms": purge, "deleted_by": by})).collect::<Vec<_>>())
                         ),
                         Output::Text => print_table(
-                            &["NAME", "DELETED (ms)", "PURGE AT (ms)", "DELETED BY"],
+                            &["NAME", "DELETED", "PURGE AT", "DELETED BY"],
                             &items
                                 .iter()
                                 .map(|(n, at, purge, by)| {
-                                    vec![n.clone(), at.to_string(), purge.to_string(), by.clone()]
+                                    vec![n.clone(), when(*at), when(*purge), by.clone()]
                                 })
                                 .collect::<Vec<_>>(),
                         ),
@@ -779,7 +820,7 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                                 }
                             );
                             println!("imports: {} keys (one import)", alg_name(r.algorithm));
-                            println!("expires at: {} ms", r.expires_ms);
+                            println!("expires at: {}", when(r.expires_ms));
                             print!("{}", r.spki_pem);
                         }
                     }
@@ -1124,6 +1165,28 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                 ),
             }
         }
+        Command::Random { count, hex, conn } => {
+            let mut c = clients(&settings(&conn)?).await?;
+            let r = c
+                .broker
+                .get_random_bytes(pb::GetRandomBytesRequest {
+                    count,
+                    context: None,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let bytes = zeroize::Zeroizing::new(r.random);
+            let text = zeroize::Zeroizing::new(if hex {
+                bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            } else {
+                B64.encode(&*bytes)
+            });
+            match conn.output {
+                Output::Json => println!("{}", json!({"count": bytes.len(), "random": *text})),
+                Output::Text => println!("{}", *text),
+            }
+        }
         Command::PublicKey {
             key,
             version,
@@ -1340,5 +1403,20 @@ pub async fn audit_verify(file: &std::path::Path, cfg: Option<&Config>) -> Resul
             file.display(),
             v.problems.len()
         ))
+    }
+}
+
+#[cfg(test)]
+mod table_tests {
+    use super::{span, when};
+
+    #[test]
+    fn tables_show_times_as_rfc3339_and_durations_in_units() {
+        assert_eq!(when(0), "never");
+        assert_eq!(when(1_796_394_686_015), "2026-12-04T14:31:26.015Z");
+        assert_eq!(span(0), "none");
+        assert_eq!(span(90 * 86_400_000), "90d");
+        assert_eq!(span(3_723_000), "1h 2m 3s");
+        assert_eq!(span(250), "250ms");
     }
 }

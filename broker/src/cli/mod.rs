@@ -215,6 +215,16 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Print random bytes from the HSM's RNG (1 to 4096), base64 (or hex with --hex).
+    Random {
+        /// How many bytes.
+        count: u32,
+        /// Print hex instead of base64.
+        #[arg(long)]
+        hex: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Print an RSA key's public key.
     PublicKey {
         /// The key, "tenant/name".

@@ -87,6 +87,14 @@ impl Hsm {
         .await
     }
 
+    /// `len` bytes from the token's RNG (`C_GenerateRandom`), in a buffer wiped when dropped.
+    pub async fn random(&self, len: usize) -> Result<Dek, HsmError> {
+        self.run("generate random bytes", READ, move |_, _, s| {
+            ops::random(s, len)
+        })
+        .await
+    }
+
     /// Runs `f` on every item in order, in one session checkout. A fault that is really about
     /// the session or the device ends the list with that fault (see [`chunk_fault`]), so that
     /// the session is evicted (and the list retried once), the handles re-found, or the device

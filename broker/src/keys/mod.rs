@@ -443,6 +443,12 @@ impl Keyring {
         &self.hsm
     }
 
+    /// `len` random bytes from the HSM (no key involved; the caller checked the `random`
+    /// permission).
+    pub async fn random(&self, len: usize) -> Result<crate::model::Dek, BrokerError> {
+        self.hsm.random(len).await.map_err(BrokerError::from)
+    }
+
     /// The metadata store.
     pub fn store(&self) -> &Arc<Store> {
         &self.store

@@ -310,6 +310,24 @@ impl KeyBroker for GrpcApi {
         .await
     }
 
+    async fn get_random_bytes(
+        &self,
+        req: Request<pb::GetRandomBytesRequest>,
+    ) -> Result<Response<pb::GetRandomBytesResponse>, Status> {
+        self.serve(
+            rpc(KEY_BROKER, "GetRandomBytes"),
+            req,
+            |mut r| {
+                let op = crate::api::ops::random::GetRandomBytes { count: r.count };
+                (r.context.take(), Ok(op))
+            },
+            |bytes| pb::GetRandomBytesResponse {
+                random: bytes.into_vec(),
+            },
+        )
+        .await
+    }
+
     async fn decrypt(
         &self,
         req: Request<pb::DecryptRequest>,

@@ -12,6 +12,7 @@
 //! * [`audit`] — reading the audit trail;
 //! * [`payload`] — encrypt and decrypt small payloads (batch or single, one code path);
 //! * [`hyok`] — the HYOK kill switch;
+//! * [`random`] — random bytes from the HSM;
 //! * [`kms`] — the Kubernetes KMS v2 plugin's encrypt and decrypt of its one key;
 //! * [`xks`] — the AWS XKS proxy API's key metadata, encrypt, decrypt and health.
 
@@ -21,6 +22,7 @@ pub mod hyok;
 pub mod kms;
 pub mod manage;
 pub mod payload;
+pub mod random;
 pub mod xks;
 
 use std::future::Future;
