@@ -24,6 +24,7 @@ mod payload;
 mod pkcs11_uri;
 mod portability;
 mod properties;
+mod reliability;
 mod replicas;
 mod rsa_interop;
 mod sdk;

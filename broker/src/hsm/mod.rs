@@ -234,6 +234,20 @@ pub struct AttachReport {
     pub orphans: Vec<String>,
     /// How many versions were attached.
     pub attached: usize,
+    /// How many key objects (secret, private, public) the pass found on the token at all,
+    /// whoever made them. None while the broker expects some is a storage or device fault
+    /// (every key vanishing at once), not tampering with each key: see `recovery`.
+    pub key_objects: usize,
+}
+
+impl AttachReport {
+    /// Whether the pass found no key object at all while `expected` versions should be there:
+    /// the token's storage is gone (SoftHSM2's token directory moved away, or the process out
+    /// of descriptors so it cannot open its object files: it then answers
+    /// `CKR_OBJECT_HANDLE_INVALID` and finds nothing), not each key tampered with.
+    pub fn storage_lost(&self, expected: usize) -> bool {
+        expected > 0 && self.key_objects == 0
+    }
 }
 
 /// The RSA public key of a version.

@@ -1,0 +1,218 @@
+//! What real HSMs and hosts do to a broker (issue 19): the token's storage going away and
+//! coming back, PIN rotation, a slow token at start-up, descriptor exhaustion. Each test runs
+//! the real binary against a real token.
+
+use std::time::{Duration, Instant};
+
+use hsm_fixtures::token::TokenKind;
+use keybroker::client::Clients;
+use keybroker_proto::v1 as pb;
+use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::common::*;
+
+const METRICS: &str = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
+
+/// The value of a metrics series with no labels.
+fn series(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// `grpc.health.v1` for the whole server, or `None` if the call failed.
+async fn health(b: &Broker, env: &Env) -> Option<i32> {
+    let ch = keybroker::client::connect(&b.settings_as(&env.pki.client))
+        .await
+        .ok()?;
+    let r = HealthClient::new(ch)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()?;
+    Some(r.into_inner().status)
+}
+
+async fn unwrap_code(c: &mut Clients, key: &str, env: &[u8]) -> Result<Vec<u8>, Code> {
+    unwrap(c, key, env, b"")
+        .await
+        .map(|r| r.plaintext)
+        .map_err(|s| s.code())
+}
+
+/// How many checkpoint records the audit log holds.
+fn checkpoints(env: &Env) -> usize {
+    std::fs::read_to_string(env.audit_log())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"checkpoint\""))
+        .count()
+}
+
+#[tokio::test]
+async fn storage_moved_away_is_unavailable_not_serving_and_recovers_by_itself_without_quarantine() {
+    crate::require_aes!();
+    if skip_unless(
+        "storage_moved_away_is_unavailable_not_serving_and_recovers_by_itself_without_quarantine",
+        TokenKind::SoftHsm,
+        "moves SoftHSM2's token directory away (Kryoptic keeps its sqlite file open)",
+    ) {
+        return;
+    }
+    let env = Env::with(Options {
+        sections: METRICS.into(),
+        audit_extra: "checkpoint_interval_ms = 200\n".into(),
+        ..Options::default()
+    });
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    let keys = ["t/a", "t/b", "t/rsa"];
+    create(
+        &mut c,
+        keys[0],
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    create(
+        &mut c,
+        keys[1],
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    create(
+        &mut c,
+        keys[2],
+        pb::KeyType::Rsa2048,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    let dek = random_dek(32);
+    let mut wrapped = Vec::new();
+    for k in keys {
+        wrapped.push(wrap(&mut c, k, &dek, b"").await.expect("wrap").wrapped_key);
+    }
+    let tokens = env.token.dir.join("tokens");
+    let away = env.token.dir.join("tokens.away");
+
+    // The storage goes away: every key vanishes at once.
+    std::fs::rename(&tokens, &away).expect("move the token directory away");
+    poll_until(
+        "the broker reports the storage lost",
+        Duration::from_secs(20),
+        || {
+            let mut c = c.clone();
+            let w = wrapped[0].clone();
+            async move {
+                match unwrap_code(&mut c, keys[0], &w).await {
+                    Err(Code::Unavailable) => Some(()),
+                    Err(other) => panic!("while the storage is away: {other:?}, want UNAVAILABLE"),
+                    Ok(_) => None,
+                }
+            }
+        },
+    )
+    .await;
+    for (k, w) in keys.iter().zip(&wrapped) {
+        assert_eq!(
+            unwrap_code(&mut c, k, w).await,
+            Err(Code::Unavailable),
+            "{k} while the storage is away"
+        );
+    }
+    poll_until("health NOT_SERVING", Duration::from_secs(10), || {
+        let b = &b;
+        let env = &env;
+        async move {
+            (health(b, env).await == Some(ServingStatus::NotServing as i32)).then_some(())
+        }
+    })
+    .await;
+    let (_, m) = b.http_get("/metrics").await;
+    assert_eq!(series(&m, "keybroker_hsm_up"), Some(0.0), "{m}");
+    let (code, _) = b.http_get("/healthz").await;
+    assert_ne!(code, 200, "/healthz while the storage is away");
+
+    // It comes back: served again by itself, without a restart.
+    std::fs::rename(&away, &tokens).expect("move the token directory back");
+    let back = Instant::now();
+    let checkpoints_at_return = checkpoints(&env);
+    poll_until("served again", Duration::from_secs(20), || {
+        let mut c = c.clone();
+        let w = wrapped[0].clone();
+        async move { unwrap_code(&mut c, keys[0], &w).await.ok() }
+    })
+    .await;
+    // Generous: the backoff is at most 100 ms, and the issue asks for about a second.
+    assert!(
+        back.elapsed() < Duration::from_secs(10),
+        "served again {:?} after the storage came back",
+        back.elapsed()
+    );
+    for (k, w) in keys.iter().zip(&wrapped) {
+        assert_eq!(
+            unwrap_code(&mut c, k, w).await,
+            Ok(dek.clone()),
+            "{k} after"
+        );
+        let got = c
+            .mgmt
+            .get_key(pb::GetKeyRequest { key: (*k).into() })
+            .await
+            .expect("get key")
+            .into_inner();
+        assert_eq!(
+            got.state,
+            pb::KeyState::Enabled as i32,
+            "{k} not quarantined"
+        );
+    }
+    poll_until("health SERVING", Duration::from_secs(10), || {
+        let b = &b;
+        let env = &env;
+        async move { (health(b, env).await == Some(ServingStatus::Serving as i32)).then_some(()) }
+    })
+    .await;
+    poll_until("keybroker_hsm_up 1", Duration::from_secs(10), || {
+        let b = &b;
+        async move {
+            let (_, m) = b.http_get("/metrics").await;
+            (series(&m, "keybroker_hsm_up") == Some(1.0)).then_some(())
+        }
+    })
+    .await;
+    // Audit checkpoints resume.
+    wrap(&mut c, keys[1], &dek, b"").await.expect("wrap after");
+    poll_until(
+        "a checkpoint after the return",
+        Duration::from_secs(20),
+        || {
+            let env = &env;
+            async move { (checkpoints(env) > checkpoints_at_return).then_some(()) }
+        },
+    )
+    .await;
+    let log = b.stop().await;
+    assert!(!log.contains("integrity check failed"), "{log}");
+    assert!(
+        log.contains("storage"),
+        "the log names the storage fault: {log}"
+    );
+    let (ok, out) = env.verify_audit(&env.audit_log());
+    assert!(ok, "{out}");
+    // And a restart finds every key.
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    for (k, w) in keys.iter().zip(&wrapped) {
+        assert_eq!(
+            unwrap_code(&mut c, k, w).await,
+            Ok(dek.clone()),
+            "{k} after restart"
+        );
+    }
+    b.stop().await;
+}
