@@ -165,6 +165,28 @@ pub fn refusal(cfg: &Config, hsm: &Hsm) -> Option<String> {
     ))
 }
 
+/// Lets the HSM layer re-read the PIN source before each re-login, and re-reads it on SIGHUP
+/// (a PIN rotated on the token is picked up without a restart; see `hsm::Hsm::reload_pin`).
+fn watch_pin(cfg: &Config, hsm: &Hsm) {
+    let c = cfg.clone();
+    hsm.set_pin_source(Box::new(move || c.read_pin()));
+    let hsm = hsm.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; the PIN source is re-read before each re-login only");
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            let h = hsm.clone();
+            let _ = tokio::task::spawn_blocking(move || h.reload_pin()).await;
+        }
+    });
+}
+
 /// Opens the configured metadata store (SQLite or PostgreSQL) on a blocking thread.
 pub async fn open_store(cfg: &Config) -> Result<Store, StartError> {
     let c = cfg.clone();
@@ -252,6 +274,7 @@ pub async fn run(
     keyring.set_max_staleness(Duration::from_millis(cfg.store.max_staleness_ms));
     let metrics = Arc::new(Metrics::new());
     keyring.hsm().set_observer(metrics.clone());
+    watch_pin(&cfg, keyring.hsm());
     let policy = Arc::new(cfg.policy().map_err(StartError::Policy)?);
     policy.watch();
     let store = keyring.store().clone();

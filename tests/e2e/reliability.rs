@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use hsm_fixtures::token::TokenKind;
+use hsm_fixtures::{fault::Rule, token::TokenKind};
 use keybroker::client::Clients;
 use keybroker_proto::v1 as pb;
 use tonic::Code;
@@ -215,4 +215,97 @@ async fn storage_moved_away_is_unavailable_not_serving_and_recovers_by_itself_wi
         );
     }
     b.stop().await;
+}
+
+#[tokio::test]
+async fn a_rotated_pin_is_tried_once_then_not_again_until_the_pin_source_changes() {
+    crate::require_aes!();
+    let env = Env::with(Options {
+        faults: true,
+        sessions: Some(2),
+        ..Options::default()
+    });
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    let key = "t/k";
+    create(&mut c, key, pb::KeyType::Aes256, pb::Algorithm::Unspecified).await;
+    let dek = random_dek(32);
+    let w = wrap(&mut c, key, &dek, b"").await.expect("wrap");
+    let f = env.faults();
+    let trace = Rule::trace("C_Login");
+    f.set(std::slice::from_ref(&trace)).expect("rules");
+
+    // The PIN is changed on the token (C_SetPIN, as an operator would): the broker's session
+    // stays logged in and serves on.
+    let new_pin = "rotated-pin-4711";
+    env.probe(&["set-pin", new_pin]);
+    wrap(&mut c, key, &dek, b"").await.expect("still logged in");
+
+    // The device goes away and comes back: the re-login with the old PIN fails once.
+    f.set(&[trace.clone(), Rule::fail("*", "CKR_DEVICE_REMOVED").latch()])
+        .expect("rules");
+    assert_eq!(
+        unwrap_code(&mut c, key, &w.wrapped_key).await,
+        Err(Code::Unavailable)
+    );
+    poll_until("the broker notices", Duration::from_secs(10), || {
+        let log = b.log();
+        async move { log.contains("HSM device or token lost").then_some(()) }
+    })
+    .await;
+    f.set(std::slice::from_ref(&trace)).expect("rules");
+    poll_until("the PIN alert", Duration::from_secs(20), || {
+        let log = b.log();
+        async move {
+            log.contains("ALERT: the token refused the user PIN")
+                .then_some(())
+        }
+    })
+    .await;
+    // SIGHUP with the source unchanged, and many more recovery attempts: never a second
+    // C_Login with the refused PIN.
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &b.pid().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(hup.success());
+    poll_until("SIGHUP handled", Duration::from_secs(10), || {
+        let log = b.log();
+        async move {
+            log.contains("SIGHUP: PIN source re-read, but it holds the PIN the token refused")
+                .then_some(())
+        }
+    })
+    .await;
+    poll_until("40 more recovery attempts", Duration::from_secs(60), || {
+        let log = b.log();
+        async move { log.contains("attempt=40").then_some(()) }
+    })
+    .await;
+    assert_eq!(f.count("trace", Some("C_Login")), 1, "{:?}", f.events());
+    assert_eq!(
+        unwrap_code(&mut c, key, &w.wrapped_key).await,
+        Err(Code::Unavailable),
+        "NOT_SERVING while the PIN is refused"
+    );
+    assert_eq!(
+        health(&b, &env).await,
+        Some(ServingStatus::NotServing as i32)
+    );
+
+    // The operator puts the new PIN in the PIN file: the next attempt re-reads it, logs in
+    // once and serves (no restart, no SIGHUP needed).
+    std::fs::write(&env.token.pin_file, format!("{new_pin}\n")).expect("write the PIN file");
+    poll_until("served again", Duration::from_secs(20), || {
+        let mut c = c.clone();
+        let w = w.wrapped_key.clone();
+        async move { unwrap_code(&mut c, key, &w).await.ok() }
+    })
+    .await;
+    assert_eq!(f.count("trace", Some("C_Login")), 2, "{:?}", f.events());
+    let log = b.stop().await;
+    assert!(
+        !log.contains(new_pin) && !log.contains(&env.token.user_pin),
+        "no PIN in the log"
+    );
 }

@@ -222,6 +222,9 @@ impl Inner {
                     }
                 }
                 Err(e) => {
+                    if e.kind == FaultKind::Login {
+                        self.set_health(false, format!("{e}"));
+                    }
                     if attempt == 1 || attempt.is_multiple_of(20) {
                         tracing::warn!(attempt, error = %e, "HSM re-initialisation failed; retrying with backoff");
                     }
@@ -245,6 +248,8 @@ impl Inner {
                 "the HSM is closed (shutting down)",
             ));
         }
+        // Before touching the module: a PIN the token refused is not tried again.
+        let pin = self.pin_for_login()?;
         let old = self.current();
         let old_retired = Instant::now();
         let (idle, anchor) = old.retire();
@@ -280,7 +285,9 @@ impl Inner {
         }
         let (slot, _, _) = select_token(&self.ctx, &self.token)?;
         let initialised = Instant::now();
-        let anchor = open_and_login(&self.ctx, slot, &self.pin)?;
+        let anchor = open_and_login(&self.ctx, slot, &pin).inspect_err(|e| {
+            self.login_failed(&pin, e);
+        })?;
         let idle = open_pool(&self.ctx, slot, self.pool_size)?;
         let logged_in = Instant::now();
         let conn = Conn::new(old.generation + 1, slot, idle, anchor);
