@@ -113,6 +113,13 @@ pub fn harden_process() {
     }
 }
 
+/// What `serve` refuses in the configuration before it opens anything: the access policy (a
+/// missing or unreadable policy file, an unknown role, a bare `"*"` identity, ...). `check-config`
+/// calls the same function, so it refuses exactly what `serve` would.
+pub fn validate(cfg: &Config) -> Result<crate::policy::PolicyHandle, StartError> {
+    cfg.policy().map_err(StartError::Policy)
+}
+
 /// Opens the HSM described by `cfg` (blocking work on a blocking thread) and refuses it when it
 /// cannot serve what the configuration requires ([`refusal`]).
 pub async fn open_hsm(cfg: &Config) -> Result<Hsm, StartError> {
@@ -206,6 +213,7 @@ pub async fn run(
     // Before the HSM, the store or the audit log is touched: a second broker on the same files
     // stops here (crate::instance_lock). Held until `run` returns.
     let _locks = crate::instance_lock::lock_local_files(&cfg).map_err(StartError::InUse)?;
+    let policy = validate(&cfg)?;
     let hsm = open_hsm(&cfg).await?;
     let t = hsm.token();
     tracing::info!(library = %t.library, slot = t.slot, label = %t.label, serial = %t.serial,
@@ -275,7 +283,7 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     keyring.hsm().set_observer(metrics.clone());
     watch_pin(&cfg, keyring.hsm());
-    let policy = Arc::new(cfg.policy().map_err(StartError::Policy)?);
+    let policy = Arc::new(policy);
     policy.watch();
     let store = keyring.store().clone();
     // Replicas starting together must agree on one audit HMAC key and on the HYOK switch's

@@ -309,3 +309,46 @@ async fn a_rotated_pin_is_tried_once_then_not_again_until_the_pin_source_changes
         "no PIN in the log"
     );
 }
+
+#[tokio::test]
+async fn check_config_refuses_what_serve_refuses_for_the_same_reason() {
+    let good = "[[binding]]\nidentity = \"spiffe://keybroker.test/app\"\nrole = \"crypto-user\"\nscope = \"all\"\n";
+    let env = Env::with(Options {
+        policy: Some(good.into()),
+        ..Options::default()
+    });
+    env.check_config()
+        .expect("a valid policy passes check-config");
+    let cases = [
+        ("a missing policy file", None, "cannot read policy file"),
+        (
+            "an unknown role",
+            Some(good.replace("crypto-user", "crypto-wizard")),
+            "crypto-wizard",
+        ),
+        (
+            "a bare \"*\" identity",
+            Some(good.replace("spiffe://keybroker.test/app", "*")),
+            "bare \"*\"",
+        ),
+    ];
+    for (what, policy, reason) in cases {
+        match &policy {
+            Some(text) => std::fs::write(env.policy_file(), text).expect("write policy"),
+            None => std::fs::remove_file(env.policy_file()).expect("remove policy"),
+        }
+        let serve = match env.try_start().await {
+            Err(e) => e,
+            Ok(b) => {
+                b.stop().await;
+                panic!("serve started with {what}");
+            }
+        };
+        assert!(serve.contains(reason), "serve, {what}: {serve}");
+        let check = env
+            .check_config()
+            .map(|r| r.to_string())
+            .expect_err(&format!("check-config accepted {what}"));
+        assert!(check.contains(reason), "check-config, {what}: {check}");
+    }
+}
