@@ -276,6 +276,7 @@ pub async fn run(
         millis = started.elapsed().as_millis() as u64,
         attach_ms = report.attach_ms,
         canaries_ms = report.canaries_ms,
+        canaries_deferred = report.canaries_deferred,
         "keys loaded and verified"
     );
     let keyring = Arc::new(keyring);

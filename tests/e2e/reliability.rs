@@ -352,3 +352,70 @@ async fn check_config_refuses_what_serve_refuses_for_the_same_reason() {
         assert!(check.contains(reason), "check-config, {what}: {check}");
     }
 }
+
+#[tokio::test]
+async fn a_slow_token_at_start_up_starts_and_serves_every_key() {
+    crate::require_aes!();
+    let env = Env::with(Options {
+        faults: true,
+        sessions: Some(2),
+        // A short call timeout and session wait (the issue saw 10 s and 2 s with 378 keys), and
+        // a start-up budget too short for every check, so that the rest are proven after the
+        // broker serves.
+        hsm_extra: "call_timeout_ms = 500\nsession_wait_ms = 200\nstartup_check_budget_ms = 1000\n"
+            .into(),
+        ..Options::default()
+    });
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    let dek = random_dek(32);
+    let mut wrapped = Vec::new();
+    for i in 0..40 {
+        let key = format!("t/k{i}");
+        create(
+            &mut c,
+            &key,
+            pb::KeyType::Aes256,
+            pb::Algorithm::Unspecified,
+        )
+        .await;
+        wrapped.push((
+            key.clone(),
+            wrap(&mut c, &key, &dek, b"")
+                .await
+                .expect("wrap")
+                .wrapped_key,
+        ));
+    }
+    b.stop().await;
+
+    // 300 ms more for every encrypt and decrypt: each canary check takes longer than the
+    // broker's own call timeout allows for a chunk of several.
+    env.faults()
+        .set(&[Rule::delay("C_Encrypt,C_Decrypt", 300)])
+        .expect("rules");
+    let b = env
+        .try_start()
+        .await
+        .unwrap_or_else(|e| panic!("a slow token must not stop the broker: {e}"));
+    let mut c = b.clients_as(&env.pki.client).await;
+    for (key, w) in &wrapped {
+        let mut r = tonic::Request::new(pb::UnwrapKeyRequest {
+            wrapped: Some(pb::unwrap_key_request::Wrapped::Envelope(w.clone())),
+            ..Default::default()
+        });
+        r.set_timeout(Duration::from_secs(30));
+        let got = c
+            .broker
+            .unwrap_key(r)
+            .await
+            .unwrap_or_else(|e| panic!("{key}: {e:?}"));
+        assert_eq!(got.into_inner().plaintext, dek, "{key}");
+    }
+    let log = b.stop().await;
+    assert!(!log.contains("integrity check failed"), "{log}");
+    assert!(
+        log.contains("start-up identity checks: not every version could be proven"),
+        "{log}"
+    );
+}

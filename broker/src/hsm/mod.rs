@@ -157,6 +157,8 @@ pub struct HsmSettings {
     pub tenant_max_sessions: Option<usize>,
     /// How long the broker waits for an HSM call it makes for itself (no request deadline).
     pub call_timeout: Duration,
+    /// The longest the start-up identity checks may hold up serving (see `keys::load`).
+    pub startup_check_budget: Duration,
 }
 
 /// What the token says about itself.
@@ -300,6 +302,7 @@ struct Inner {
     conn: RwLock<Arc<Conn>>,
     admission: Arc<Admission>,
     call_timeout: Duration,
+    startup_check_budget: Duration,
     health: watch::Sender<Health>,
     /// Every KEK version that should be attached, to re-find after a re-initialisation or an
     /// invalid handle.
@@ -358,6 +361,33 @@ impl Hsm {
     /// How many times the module was re-initialised after a lost device.
     pub fn reinitialisations(&self) -> u64 {
         self.inner.reinitialisations.load(Ordering::Relaxed)
+    }
+
+    /// How long the broker waits for an HSM call it makes for itself.
+    pub fn call_timeout(&self) -> Duration {
+        self.inner.call_timeout
+    }
+
+    /// The longest the start-up identity checks may hold up serving.
+    pub fn startup_check_budget(&self) -> Duration {
+        self.inner.startup_check_budget
+    }
+
+    /// Versions whose identity (canary) was not proven at start-up (the token too slow for
+    /// the start-up budget, or a fault that is not a verdict): they are proven before their
+    /// first use and by a sweep in the background, and never served unproven.
+    pub fn defer_checks(&self, ids: Vec<VersionId>) {
+        if ids.is_empty() {
+            return;
+        }
+        self.inner.current().set_unchecked(ids);
+        let inner = self.inner.clone();
+        let spawned = std::thread::Builder::new()
+            .name("kek-canary-sweep".into())
+            .spawn(move || inner.sweep_canaries());
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the background canary sweep; each version is proven before its first use");
+        }
     }
 
     /// Installs the function that reads the PIN source again (once; later calls are ignored).

@@ -611,11 +611,10 @@ impl Inner {
     }
 
     /// Proves every version not yet proven on the current generation (after a
-    /// re-initialisation, while requests are served again).
-    fn sweep_canaries(&self) {
-        // Its session is outside admission, so a shutdown waits for it here (see `close`);
-        // it stops early once the HSM is closed.
-        let _reinit = self.reinit_lock.lock().unwrap_or_else(|p| p.into_inner());
+    /// re-initialisation, while requests are served again; after a start-up whose checks did
+    /// not all fit in their budget). Stops early for a shutdown or a recovery (the new
+    /// generation proves its own).
+    pub(super) fn sweep_canaries(&self) {
         let conn = self.current();
         let ids = conn.unchecked();
         if ids.is_empty() {
@@ -629,13 +628,18 @@ impl Inner {
                 return;
             }
         };
-        let (mut failed, n) = (0, ids.len());
+        let (mut failed, mut proven, n) = (0, 0, ids.len());
         for id in ids {
-            if self.closed.load(Ordering::SeqCst) {
+            // Its session is outside admission, so a shutdown waits for the check in progress
+            // here (see `close`); taken per version, so a recovery or a shutdown never waits
+            // for the whole sweep (on a slow token it can take minutes).
+            let _reinit = self.reinit_lock.lock().unwrap_or_else(|p| p.into_inner());
+            if self.closed.load(Ordering::SeqCst) || conn.retired() || !self.health.borrow().serving
+            {
                 break;
             }
             match self.ensure_verified(&conn, &s, id) {
-                Ok(()) => {}
+                Ok(()) => proven += 1,
                 Err(e) if e.kind == FaultKind::NotPermitted => failed += 1,
                 Err(e) => {
                     tracing::warn!(error = %e, "the KEK canary sweep stopped; the rest are checked before first use");
@@ -647,9 +651,10 @@ impl Inner {
         conn.checkin(s);
         tracing::info!(
             versions = n,
+            proven,
             failed,
             millis = t.elapsed().as_millis() as u64,
-            "KEK identities proven after re-initialising the HSM"
+            "KEK identities proven in the background"
         );
     }
 }

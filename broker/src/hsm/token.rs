@@ -474,6 +474,7 @@ impl Hsm {
                 conn: RwLock::new(Arc::new(Conn::new(1, slot, idle, anchor))),
                 admission,
                 call_timeout: settings.call_timeout,
+                startup_check_budget: settings.startup_check_budget,
                 health,
                 known: RwLock::new(HashMap::new()),
                 audit_key_id: Mutex::new(None),
