@@ -67,6 +67,10 @@ pub struct ServerConfig {
     /// Most concurrent HTTP/2 streams per connection. Default 256.
     #[serde(default = "default_max_streams")]
     pub max_concurrent_streams: u32,
+    /// Most client connections at once. Default (and upper bound): `RLIMIT_NOFILE` less a
+    /// quarter of it, at least 128 descriptors, kept for the HSM and the store
+    /// (`crate::fdlimit`). Connections over it are closed at once.
+    pub max_connections: Option<usize>,
 }
 
 impl Default for ServerConfig {
@@ -75,6 +79,7 @@ impl Default for ServerConfig {
             listen: default_listen(),
             request_timeout_ms: default_request_timeout_ms(),
             max_concurrent_streams: default_max_streams(),
+            max_connections: None,
         }
     }
 }

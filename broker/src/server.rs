@@ -214,6 +214,8 @@ pub async fn run(
     // stops here (crate::instance_lock). Held until `run` returns.
     let _locks = crate::instance_lock::lock_local_files(&cfg).map_err(StartError::InUse)?;
     let policy = validate(&cfg)?;
+    // Before the HSM opens its files: the connection cap keeps descriptors for it.
+    let fds = crate::fdlimit::budget(cfg.server.max_connections);
     let hsm = open_hsm(&cfg).await?;
     let t = hsm.token();
     tracing::info!(library = %t.library, slot = t.slot, label = %t.label, serial = %t.serial,
@@ -477,6 +479,7 @@ pub async fn run(
         listener,
         tls_cfg,
         Duration::from_millis(cfg.tls.handshake_timeout_ms),
+        fds.max_connections,
     );
 
     tracing::info!(%addr, "serving keybroker.v1 over mutual TLS 1.3");
@@ -494,7 +497,10 @@ pub async fn run(
         .initial_stream_window_size(Some(256 * 1024))
         .initial_connection_window_size(Some(1024 * 1024))
         // Requests tonic refuses before a handler runs are audited too.
-        .layer(AuditRejections::keybroker(audit.clone()))
+        .layer(
+            AuditRejections::keybroker(audit.clone())
+                .with_request_timeout(Duration::from_millis(cfg.server.request_timeout_ms)),
+        )
         .add_service(
             KeyBrokerServer::new(api.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

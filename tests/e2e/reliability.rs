@@ -419,3 +419,292 @@ async fn a_slow_token_at_start_up_starts_and_serves_every_key() {
         "{log}"
     );
 }
+
+/// Raw HTTP/2 over mutual TLS (the `h2` crate), to put on the wire what a gRPC client never
+/// sends: a stream with headers and no body, bad framing, bad headers.
+mod raw {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use h2::client::SendRequest;
+    use rustls::pki_types::ServerName;
+    use tokio::net::TcpStream;
+    use tokio_rustls::TlsConnector;
+
+    use crate::common::*;
+
+    pub async fn connect(b: &Broker, env: &Env) -> SendRequest<Bytes> {
+        try_connect(b, env).await.expect("connect, TLS and HTTP/2")
+    }
+
+    /// A connection with TLS and HTTP/2 set up, or `None` if the server closed it first.
+    pub async fn try_connect(b: &Broker, env: &Env) -> Option<SendRequest<Bytes>> {
+        let cfg = crate::tls::client_config(env, Some(&env.pki.client), false);
+        let tcp = TcpStream::connect(b.addr).await.ok()?;
+        let name = ServerName::try_from("localhost").expect("name");
+        let tls = TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .ok()?;
+        let (send, conn) = h2::client::handshake(tls).await.ok()?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        // The server's SETTINGS came, or the connection is gone.
+        send.ready().await.ok()
+    }
+
+    pub fn request(path: &str, headers: &[(&str, &str)]) -> http::Request<()> {
+        let mut r = http::Request::post(format!("https://localhost{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers");
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.body(()).expect("request")
+    }
+
+    /// One gRPC message frame: the compressed flag, the length prefix, the bytes.
+    pub fn frame(compressed: bool, len: u32, bytes: &[u8]) -> Vec<u8> {
+        let mut f = vec![u8::from(compressed)];
+        f.extend(len.to_be_bytes());
+        f.extend(bytes);
+        f
+    }
+
+    /// Sends `req` and `body` (`None`: headers only, the stream left open) and returns the
+    /// reply's `grpc-status` and `grpc-message`.
+    pub async fn call(
+        send: SendRequest<Bytes>,
+        req: http::Request<()>,
+        body: Option<Vec<u8>>,
+    ) -> (i32, String) {
+        let mut send = send.ready().await.expect("ready");
+        let (resp, mut stream) = send.send_request(req, false).expect("send");
+        if let Some(b) = body {
+            stream.send_data(Bytes::from(b), true).expect("data");
+        }
+        let resp = resp.await.expect("response");
+        drop(stream);
+        let (parts, mut body) = resp.into_parts();
+        let status = |h: &http::HeaderMap| {
+            h.get("grpc-status").map(|s| {
+                (
+                    s.to_str().expect("ascii").parse::<i32>().expect("number"),
+                    h.get("grpc-message")
+                        .map(|m| m.to_str().unwrap_or("").to_string())
+                        .unwrap_or_default(),
+                )
+            })
+        };
+        if let Some(s) = status(&parts.headers) {
+            return s;
+        }
+        while let Some(chunk) = body.data().await {
+            let c = chunk.expect("body");
+            let _ = body.flow_control().release_capacity(c.len());
+        }
+        let trailers = body.trailers().await.expect("trailers").expect("some");
+        status(&trailers).expect("grpc-status in the trailers")
+    }
+}
+
+const WRAP: &str = "/keybroker.v1.KeyBroker/WrapKey";
+const LIST: &str = "/keybroker.v1.KeyManagement/ListKeys";
+
+#[tokio::test]
+async fn header_only_streams_are_closed_at_the_request_timeout() {
+    let env = Env::with(Options {
+        server_extra: "request_timeout_ms = 1500\n".into(),
+        ..Options::default()
+    });
+    let b = env.start().await;
+    let send = raw::connect(&b, &env).await;
+    // Headers, then nothing: no body, no END_STREAM.
+    let streams: Vec<_> = (0..16)
+        .map(|_| tokio::spawn(raw::call(send.clone(), raw::request(WRAP, &[]), None)))
+        .collect();
+    for s in streams {
+        let (code, message) = tokio::time::timeout(Duration::from_secs(60), s)
+            .await
+            .expect("the stream is answered and closed (bound far above request_timeout_ms)")
+            .expect("task");
+        assert_eq!(code, Code::DeadlineExceeded as i32, "{message}");
+    }
+    // The connection and the broker still serve.
+    let (code, message) = raw::call(
+        send.clone(),
+        raw::request(LIST, &[]),
+        Some(raw::frame(false, 0, &[])),
+    )
+    .await;
+    assert_eq!(code, 0, "{message}");
+    let log = b.stop().await;
+    assert!(!log.contains("panicked"), "{log}");
+    let timed_out = std::fs::read_to_string(env.audit_log())
+        .expect("audit")
+        .lines()
+        .filter(|l| l.contains("\"op\":\"WrapKey\"") && l.contains("DEADLINE_EXCEEDED"))
+        .count();
+    assert_eq!(timed_out, 16, "each header-only stream is audited");
+}
+
+#[tokio::test]
+async fn framing_errors_sizes_and_bad_timeouts_get_the_documented_status_call_by_call() {
+    let env = Env::new();
+    let b = env.start().await;
+    let send = raw::connect(&b, &env).await;
+    let wrap_body = {
+        let mut m = vec![0x0a, 0x03, b't', b'/', b'k', 0x12, 0x20];
+        m.extend([7u8; 32]);
+        m
+    };
+    let cases: Vec<(&str, &str, Vec<(&str, &str)>, Vec<u8>, Code)> = vec![
+        (
+            "a length prefix larger than the body",
+            WRAP,
+            vec![],
+            raw::frame(false, 100, &wrap_body),
+            Code::InvalidArgument,
+        ),
+        (
+            "the compressed flag without grpc-encoding",
+            WRAP,
+            vec![],
+            raw::frame(true, wrap_body.len() as u32, &wrap_body),
+            Code::InvalidArgument,
+        ),
+        (
+            "a message over the size limit",
+            WRAP,
+            vec![],
+            raw::frame(false, 64 << 20, &wrap_body),
+            Code::InvalidArgument,
+        ),
+        (
+            "a malformed protobuf message",
+            WRAP,
+            vec![],
+            raw::frame(false, 3, &[0xff, 0xff, 0xff]),
+            Code::InvalidArgument,
+        ),
+        (
+            "an invalid grpc-timeout",
+            LIST,
+            vec![("grpc-timeout", "soon")],
+            raw::frame(false, 0, &[]),
+            Code::InvalidArgument,
+        ),
+        (
+            "a grpc-timeout of nine digits",
+            LIST,
+            vec![("grpc-timeout", "123456789S")],
+            raw::frame(false, 0, &[]),
+            Code::InvalidArgument,
+        ),
+        (
+            "a valid grpc-timeout",
+            LIST,
+            vec![("grpc-timeout", "5S")],
+            raw::frame(false, 0, &[]),
+            Code::Ok,
+        ),
+        (
+            "an unknown method",
+            "/keybroker.v1.KeyBroker/Nope",
+            vec![],
+            raw::frame(false, 0, &[]),
+            Code::Unimplemented,
+        ),
+    ];
+    for (what, path, headers, body, want) in cases {
+        let (code, message) =
+            raw::call(send.clone(), raw::request(path, &headers), Some(body)).await;
+        assert_eq!(code, want as i32, "{what}: {message}");
+        assert_ne!(code, Code::Internal as i32, "{what}: {message}");
+    }
+    let log = b.stop().await;
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[tokio::test]
+async fn idle_connections_up_to_the_descriptor_limit_do_not_starve_the_hsm() {
+    crate::require_aes!();
+    let limit = 256;
+    let env = Env::with(Options {
+        wrapper: vec![
+            "prlimit".into(),
+            format!("--nofile={limit}:{limit}"),
+            "--".into(),
+        ],
+        ..Options::default()
+    });
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    let key = "t/k";
+    create(&mut c, key, pb::KeyType::Aes256, pb::Algorithm::Unspecified).await;
+    let dek = random_dek(32);
+    let w = wrap(&mut c, key, &dek, b"")
+        .await
+        .expect("wrap")
+        .wrapped_key;
+
+    // More idle connections (TLS and HTTP/2 done, then nothing) than the broker has
+    // descriptors.
+    let mut idle = Vec::new();
+    let mut refused = 0;
+    for _ in 0..(limit + 64) {
+        match tokio::time::timeout(Duration::from_secs(10), raw::try_connect(&b, &env)).await {
+            Ok(Some(conn)) => idle.push(conn),
+            _ => refused += 1,
+        }
+    }
+    assert!(refused > 0, "connections over the cap are refused");
+    // The HSM, the store and the audit trail keep working on the connection that was there.
+    for _ in 0..20 {
+        assert_eq!(unwrap_code(&mut c, key, &w).await, Ok(dek.clone()));
+    }
+    create(
+        &mut c,
+        "t/k2",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    wrap(&mut c, "t/k2", &dek, b"")
+        .await
+        .expect("wrap under a new key");
+    // Once the idle connections go, new clients get in again.
+    drop(idle);
+    poll_until(
+        "a new connection is served",
+        Duration::from_secs(30),
+        || {
+            let (b, env) = (&b, &env);
+            async move {
+                let send = raw::try_connect(b, env).await?;
+                let (code, _) = raw::call(
+                    send,
+                    raw::request(LIST, &[]),
+                    Some(raw::frame(false, 0, &[])),
+                )
+                .await;
+                (code == 0).then_some(())
+            }
+        },
+    )
+    .await;
+    let log = b.stop().await;
+    assert!(
+        log.contains("file descriptors: client connections are capped"),
+        "{log}"
+    );
+    assert!(
+        log.contains("connection refused: the connection cap is reached"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("integrity check failed") && !log.contains("storage lost"),
+        "{log}"
+    );
+}

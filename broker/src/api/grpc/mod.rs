@@ -22,7 +22,7 @@ use std::time::Duration;
 use keybroker_proto::v1 as pb;
 use tonic::{Request, Response, Status, metadata::MetadataValue};
 
-pub use self::rejections::AuditRejections;
+pub use self::rejections::{Arrival, AuditRejections};
 use super::{
     ops::Operation,
     pipeline::{Context, Endpoint, Incoming, Pipeline, ReasonCode},
@@ -117,10 +117,12 @@ impl GrpcApi {
         O: Operation,
     {
         let meta = req.metadata();
+        let received = req.extensions().get::<Arrival>().map(Arrival::take);
         let mut incoming = Incoming::new(
             endpoint,
             req.extensions().get::<ConnInfo>().map(|c| c.caller.clone()),
         );
+        incoming.received = received;
         incoming.request_id = meta
             .get(REQUEST_ID_HEADER)
             .and_then(|v| v.to_str().ok())
