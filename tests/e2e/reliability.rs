@@ -559,7 +559,9 @@ async fn framing_errors_sizes_and_bad_timeouts_get_the_documented_status_call_by
         m.extend([7u8; 32]);
         m
     };
-    let cases: Vec<(&str, &str, Vec<(&str, &str)>, Vec<u8>, Code)> = vec![
+    /// What is sent, where, with which extra headers, the body, and the status wanted.
+    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, Vec<u8>, Code);
+    let cases: Vec<Case<'_>> = vec![
         (
             "a length prefix larger than the body",
             WRAP,
