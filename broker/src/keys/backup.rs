@@ -166,7 +166,7 @@ pub struct Plan {
     versions: Vec<(VersionEntry, WrappedVersion)>,
 }
 
-/// Reads a body (after its MAC checked out): JSON, then [`plan`]. Public for the fuzz target.
+/// Reads a body (after its MAC checked out): JSON, then `plan`. Public for the fuzz target.
 pub fn read_body(body: &[u8]) -> Result<Plan, BrokerError> {
     let body: Body = serde_json::from_slice(body).map_err(|_| malformed("body"))?;
     plan(body)
