@@ -422,8 +422,8 @@ async fn a_slow_token_at_start_up_starts_and_serves_every_key() {
 
 /// Raw HTTP/2 over mutual TLS (the `h2` crate), to put on the wire what a gRPC client never
 /// sends: a stream with headers and no body, bad framing, bad headers.
-mod raw {
-    use std::sync::Arc;
+pub(crate) mod raw {
+    use std::{net::SocketAddr, sync::Arc};
 
     use bytes::Bytes;
     use h2::client::SendRequest;
@@ -439,8 +439,13 @@ mod raw {
 
     /// A connection with TLS and HTTP/2 set up, or `None` if the server closed it first.
     pub async fn try_connect(b: &Broker, env: &Env) -> Option<SendRequest<Bytes>> {
+        try_connect_to(b.addr, env).await
+    }
+
+    /// [`try_connect`] to an address (a broker that restarts on a fixed port).
+    pub async fn try_connect_to(addr: SocketAddr, env: &Env) -> Option<SendRequest<Bytes>> {
         let cfg = crate::tls::client_config(env, Some(&env.pki.client), false);
-        let tcp = TcpStream::connect(b.addr).await.ok()?;
+        let tcp = TcpStream::connect(addr).await.ok()?;
         let name = ServerName::try_from("localhost").expect("name");
         let tls = TlsConnector::from(Arc::new(cfg))
             .connect(name, tcp)
@@ -479,12 +484,21 @@ mod raw {
         req: http::Request<()>,
         body: Option<Vec<u8>>,
     ) -> (i32, String) {
-        let mut send = send.ready().await.expect("ready");
-        let (resp, mut stream) = send.send_request(req, false).expect("send");
+        try_call(send, req, body).await.expect("an answer")
+    }
+
+    /// [`call`], or `None` if the connection failed before an answer (a broker killed).
+    pub async fn try_call(
+        send: SendRequest<Bytes>,
+        req: http::Request<()>,
+        body: Option<Vec<u8>>,
+    ) -> Option<(i32, String)> {
+        let mut send = send.ready().await.ok()?;
+        let (resp, mut stream) = send.send_request(req, false).ok()?;
         if let Some(b) = body {
-            stream.send_data(Bytes::from(b), true).expect("data");
+            stream.send_data(Bytes::from(b), true).ok()?;
         }
-        let resp = resp.await.expect("response");
+        let resp = resp.await.ok()?;
         drop(stream);
         let (parts, mut body) = resp.into_parts();
         let status = |h: &http::HeaderMap| {
@@ -498,14 +512,14 @@ mod raw {
             })
         };
         if let Some(s) = status(&parts.headers) {
-            return s;
+            return Some(s);
         }
         while let Some(chunk) = body.data().await {
-            let c = chunk.expect("body");
+            let c = chunk.ok()?;
             let _ = body.flow_control().release_capacity(c.len());
         }
-        let trailers = body.trailers().await.expect("trailers").expect("some");
-        status(&trailers).expect("grpc-status in the trailers")
+        let trailers = body.trailers().await.ok()??;
+        status(&trailers)
     }
 }
 
