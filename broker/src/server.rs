@@ -488,8 +488,10 @@ pub async fn run(
     let _ = std::io::stdout().flush();
 
     // No tonic `.timeout(...)`: deadlines (the caller's grpc-timeout, capped by
-    // request_timeout_ms) are enforced by the pipeline (`api::pipeline`), so that a request that runs out of time
-    // is answered DEADLINE_EXCEEDED *and audited*, and its HSM waits are bounded by it.
+    // request_timeout_ms, timed from the request's headers) are enforced by the pipeline
+    // (`api::pipeline`), so that a request that runs out of time is answered DEADLINE_EXCEEDED
+    // *and audited*, and its HSM waits are bounded by it; before a handler takes the request
+    // (a body still arriving, or never), by the edge layer (`AuditRejections`).
     let served = tonic::transport::Server::builder()
         .max_concurrent_streams(cfg.server.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
