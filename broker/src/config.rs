@@ -80,6 +80,10 @@ pub struct ServerConfig {
     /// Refused requests a caller may make in a burst. Default 100.
     #[serde(default = "default_refused_burst")]
     pub refused_burst: u32,
+    /// Most client connections at once. Default (and upper bound): `RLIMIT_NOFILE` less a
+    /// quarter of it, at least 128 descriptors, kept for the HSM and the store
+    /// (`crate::fdlimit`). Connections over it are closed at once.
+    pub max_connections: Option<usize>,
 }
 
 impl Default for ServerConfig {
@@ -91,6 +95,7 @@ impl Default for ServerConfig {
             max_connection_age_s: default_max_connection_age_s(),
             refused_per_second: default_refused_per_second(),
             refused_burst: default_refused_burst(),
+            max_connections: None,
         }
     }
 }
@@ -204,6 +209,12 @@ pub struct HsmConfig {
     /// maintenance), ms. Request calls are bounded by the request's deadline. Default 10000.
     #[serde(default = "default_call_timeout_ms")]
     pub call_timeout_ms: u64,
+    /// The longest the start-up identity checks (each KEK's canary) may hold up serving, ms.
+    /// Within it the checks get a budget sized by the number of versions and the token's
+    /// measured speed; versions not proven when it runs out are proven in the background and
+    /// before their first use (never served unproven). Default 10000.
+    #[serde(default = "default_startup_check_budget_ms")]
+    pub startup_check_budget_ms: u64,
     /// What the token must be able to serve for the broker to start, by algorithm:
     /// `aes-256-gcm`, `aes-kwp`, `rsa-oaep-sha256`, `rsa-oaep-sha1`, or `rsa-oaep` (SHA-256 or
     /// else SHA-1). Default `["aes-256-gcm", "rsa-oaep"]`. Key types the token cannot serve
@@ -235,6 +246,9 @@ fn default_tenant_queue_limit() -> usize {
     64
 }
 fn default_call_timeout_ms() -> u64 {
+    10_000
+}
+fn default_startup_check_budget_ms() -> u64 {
     10_000
 }
 
@@ -918,6 +932,7 @@ impl Config {
             tenant_queue_limit: self.hsm.tenant_queue_limit,
             tenant_max_sessions: self.hsm.tenant_max_sessions,
             call_timeout: Duration::from_millis(self.hsm.call_timeout_ms),
+            startup_check_budget: Duration::from_millis(self.hsm.startup_check_budget_ms),
         }
     }
 }

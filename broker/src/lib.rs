@@ -24,7 +24,8 @@
 //! * [`error`] — the request errors, typed, and their one mapping to gRPC codes and HTTP
 //!   statuses; [`tls`] — the mutual-TLS listener.
 //! * [`model`] — the domain vocabulary (names, types, algorithms, permissions, DEKs);
-//!   [`identity`], [`health`], [`secrets`], [`pkcs11_uri`], [`client`], [`failpoint`] — leaves.
+//!   [`identity`], [`health`], [`secrets`], [`pkcs11_uri`], [`client`], [`failpoint`],
+//!   [`fdlimit`] — leaves.
 
 pub mod api;
 pub mod audit;
@@ -34,6 +35,7 @@ pub mod config;
 pub mod envelope;
 pub mod error;
 pub mod failpoint;
+pub mod fdlimit;
 pub mod health;
 pub mod hsm;
 pub mod hyok;

@@ -4,7 +4,9 @@
 //! - **No stray copies.** A secret is read straight into a buffer that is wiped when dropped,
 //!   sized once so it never reallocates (a reallocation would free the old block unwiped), and
 //!   handed on as a [`SecretString`] (wiped on drop, redacted in `Debug`). What stays in memory
-//!   is the one copy the HSM layer keeps for re-login. An environment variable is copied out of
+//!   is the one copy the HSM layer keeps for re-login (re-read from its source before each
+//!   re-login and on SIGHUP), and — after the token refused a PIN — that refused value, wiped
+//!   the same way, so that it is never tried again. An environment variable is copied out of
 //!   the environment the same way, but the environment block itself cannot be wiped: prefer a
 //!   file.
 //! - **Private files only.** A PIN or password file that group or others may read, write or

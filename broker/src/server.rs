@@ -113,6 +113,13 @@ pub fn harden_process() {
     }
 }
 
+/// What `serve` refuses in the configuration before it opens anything: the access policy (a
+/// missing or unreadable policy file, an unknown role, a bare `"*"` identity, ...). `check-config`
+/// calls the same function, so it refuses exactly what `serve` would.
+pub fn validate(cfg: &Config) -> Result<crate::policy::PolicyHandle, StartError> {
+    cfg.policy().map_err(StartError::Policy)
+}
+
 /// Opens the HSM described by `cfg` (blocking work on a blocking thread) and refuses it when it
 /// cannot serve what the configuration requires ([`refusal`]).
 pub async fn open_hsm(cfg: &Config) -> Result<Hsm, StartError> {
@@ -165,6 +172,28 @@ pub fn refusal(cfg: &Config, hsm: &Hsm) -> Option<String> {
     ))
 }
 
+/// Lets the HSM layer re-read the PIN source before each re-login, and re-reads it on SIGHUP
+/// (a PIN rotated on the token is picked up without a restart; see `hsm::Hsm::reload_pin`).
+fn watch_pin(cfg: &Config, hsm: &Hsm) {
+    let c = cfg.clone();
+    hsm.set_pin_source(Box::new(move || c.read_pin()));
+    let hsm = hsm.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; the PIN source is re-read before each re-login only");
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            let h = hsm.clone();
+            let _ = tokio::task::spawn_blocking(move || h.reload_pin()).await;
+        }
+    });
+}
+
 /// Opens the configured metadata store (SQLite or PostgreSQL) on a blocking thread.
 pub async fn open_store(cfg: &Config) -> Result<Store, StartError> {
     let c = cfg.clone();
@@ -184,6 +213,9 @@ pub async fn run(
     // Before the HSM, the store or the audit log is touched: a second broker on the same files
     // stops here (crate::instance_lock). Held until `run` returns.
     let _locks = crate::instance_lock::lock_local_files(&cfg).map_err(StartError::InUse)?;
+    let policy = validate(&cfg)?;
+    // Before the HSM opens its files: the connection cap keeps descriptors for it.
+    let fds = crate::fdlimit::budget(cfg.server.max_connections);
     let hsm = open_hsm(&cfg).await?;
     let t = hsm.token();
     tracing::info!(library = %t.library, slot = t.slot, label = %t.label, serial = %t.serial,
@@ -246,13 +278,15 @@ pub async fn run(
         millis = started.elapsed().as_millis() as u64,
         attach_ms = report.attach_ms,
         canaries_ms = report.canaries_ms,
+        canaries_deferred = report.canaries_deferred,
         "keys loaded and verified"
     );
     let keyring = Arc::new(keyring);
     keyring.set_max_staleness(Duration::from_millis(cfg.store.max_staleness_ms));
     let metrics = Arc::new(Metrics::new());
     keyring.hsm().set_observer(metrics.clone());
-    let policy = Arc::new(cfg.policy().map_err(StartError::Policy)?);
+    watch_pin(&cfg, keyring.hsm());
+    let policy = Arc::new(policy);
     policy.watch();
     let store = keyring.store().clone();
     // Replicas starting together must agree on one audit HMAC key and on the HYOK switch's
@@ -440,6 +474,7 @@ pub async fn run(
         listener,
         tls_cfg,
         Duration::from_millis(cfg.tls.handshake_timeout_ms),
+        fds.max_connections,
     );
 
     tracing::info!(%addr, "serving keybroker.v1 over mutual TLS 1.3");
@@ -448,8 +483,10 @@ pub async fn run(
     let _ = std::io::stdout().flush();
 
     // No tonic `.timeout(...)`: deadlines (the caller's grpc-timeout, capped by
-    // request_timeout_ms) are enforced by the pipeline (`api::pipeline`), so that a request that runs out of time
-    // is answered DEADLINE_EXCEEDED *and audited*, and its HSM waits are bounded by it.
+    // request_timeout_ms, timed from the request's headers) are enforced by the pipeline
+    // (`api::pipeline`), so that a request that runs out of time is answered DEADLINE_EXCEEDED
+    // *and audited*, and its HSM waits are bounded by it; before a handler takes the request
+    // (a body still arriving, or never), by the edge layer (`AuditRejections`).
     let served = tonic::transport::Server::builder()
         .max_concurrent_streams(cfg.server.max_concurrent_streams)
         // Bounded connection age: a client reconnects, and its certificate is verified in full
@@ -461,7 +498,10 @@ pub async fn run(
         .initial_stream_window_size(Some(256 * 1024))
         .initial_connection_window_size(Some(1024 * 1024))
         // Requests tonic refuses before a handler runs are audited too.
-        .layer(AuditRejections::keybroker(audit.clone()))
+        .layer(
+            AuditRejections::keybroker(audit.clone())
+                .with_request_timeout(Duration::from_millis(cfg.server.request_timeout_ms)),
+        )
         .add_service(
             KeyBrokerServer::new(api.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -122,6 +122,8 @@ fn rfc3339(unix: i64) -> String {
 pub struct TlsConn {
     stream: TlsStream<TcpStream>,
     info: ConnInfo,
+    /// Its place under the connection cap (`crate::fdlimit`), given back when it closes.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Connected for TlsConn {
@@ -405,14 +407,22 @@ impl ClientCertVerifier for IdentityVerifier {
 }
 
 /// Accepts TCP connections and completes TLS handshakes concurrently (one slow client cannot
-/// hold up the others); yields finished connections for tonic.
+/// hold up the others); yields finished connections for tonic. At most `max_connections` are
+/// open at once (handshaking or established): one more is closed as soon as it is accepted, so
+/// that connections never take the descriptors the HSM and the store need (`crate::fdlimit`).
 pub fn incoming(
     listener: TcpListener,
     config: Arc<Reloadable>,
     handshake_timeout: Duration,
+    max_connections: usize,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(256);
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        max_connections.min(tokio::sync::Semaphore::MAX_PERMITS),
+    ));
     tokio::spawn(async move {
+        let mut refused: u64 = 0;
+        let mut last_warned: Option<std::time::Instant> = None;
         loop {
             // Stop accepting as soon as the server stops listening (graceful shutdown drops
             // the stream): the listening socket closes, so new connections are refused at once
@@ -429,6 +439,18 @@ pub fn incoming(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                // Over the cap: closed at once (its descriptor is freed now), logged at most
+                // once a second.
+                drop(tcp);
+                refused += 1;
+                if last_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    last_warned = Some(std::time::Instant::now());
+                    tracing::warn!(%remote, max_connections, refused,
+                        "connection refused: the connection cap is reached (descriptors are kept for the HSM and the store)");
+                }
+                continue;
             };
             // Without TCP_NODELAY the first response on a fresh TLS 1.3 connection waits ~40 ms
             // (session-ticket write meets delayed ACK).
@@ -486,6 +508,7 @@ pub fn incoming(
                             remote,
                             peer,
                         },
+                        _slot: slot,
                     }))
                     .await;
             });

@@ -25,6 +25,7 @@ mod pkcs11_uri;
 mod portability;
 mod properties;
 mod random;
+mod reliability;
 mod replicas;
 mod rsa_interop;
 mod sdk;

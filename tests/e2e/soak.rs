@@ -2,7 +2,9 @@
 //! unwrap, generate-data-key, rewrap, rotate and create from many concurrent clients in several
 //! tenants, while a chaos controller injects HSM faults through the fault module (lost
 //! sessions, device errors, failed functions, invalid handles, latency, hangs, a removed device,
-//! an absent token) and kills (`kill -9`) or stops (SIGTERM) the broker and restarts it. At the
+//! an absent token), moves SoftHSM2's token directory away and back (every key object gone at
+//! once), opens HTTP/2 streams that send only their headers, and kills (`kill -9`) or stops
+//! (SIGTERM) the broker and restarts it. At the
 //! end every acknowledged wrapped DEK is unwrapped and compared, every acknowledged key and
 //! rotation is checked, the audit trail is verified, and a table is printed.
 //!
@@ -320,9 +322,15 @@ enum Chaos {
     TokenAbsent,
     Kill9,
     Sigterm,
+    /// SoftHSM2's token directory moved away and back (every key object gone at once).
+    StorageMoved,
+    /// HTTP/2 streams that send their headers and nothing more.
+    HeaderOnly,
 }
 
-const SCENARIOS: [Chaos; 10] = [
+const SCENARIOS: [Chaos; 12] = [
+    Chaos::StorageMoved,
+    Chaos::HeaderOnly,
     Chaos::SessionLost,
     Chaos::DeviceErrors,
     Chaos::FunctionFailed,
@@ -369,6 +377,8 @@ async fn soak_chaos() {
         faults: true,
         sessions: Some(4),
         rust_log: Some("warn,cryptoki=off".into()),
+        // Header-only streams are answered at this deadline.
+        server_extra: "request_timeout_ms = 5000\n".into(),
         ..Default::default()
     });
     // A fixed port, so clients find the broker again after every restart.
@@ -437,14 +447,24 @@ async fn soak_chaos() {
     for id in 0..clients {
         workers.push(tokio::spawn(worker(shared.clone(), id)));
     }
-    // Memory: sample the broker's RSS while it runs.
+    // Memory and descriptors: sample the broker's RSS and open files while it runs.
     let peak_rss = Arc::new(AtomicU64::new(0));
+    let peak_fds = Arc::new(AtomicU64::new(0));
     let sampler = {
-        let (broker, peak, shared) = (broker.clone(), peak_rss.clone(), shared.clone());
+        let (broker, peak, fds, shared) = (
+            broker.clone(),
+            peak_rss.clone(),
+            peak_fds.clone(),
+            shared.clone(),
+        );
         tokio::spawn(async move {
             while !shared.stop.load(Ordering::Relaxed) {
                 if let Some(b) = broker.read().await.as_ref() {
                     peak.fetch_max(b.rss_kib(), Ordering::Relaxed);
+                    let open = std::fs::read_dir(format!("/proc/{}/fd", b.pid()))
+                        .map(|d| d.count() as u64)
+                        .unwrap_or(0);
+                    fds.fetch_max(open, Ordering::Relaxed);
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
@@ -455,6 +475,9 @@ async fn soak_chaos() {
     let mut ran: BTreeMap<Chaos, u32> = BTreeMap::new();
     let mut serve_after_device: Vec<Duration> = Vec::new();
     let mut serve_after_restart: Vec<Duration> = Vec::new();
+    let mut serve_after_storage: Vec<Duration> = Vec::new();
+    let mut header_only = Vec::new();
+    let softhsm = env.token.kind == hsm_fixtures::token::TokenKind::SoftHsm;
     let mut sigterm_failures = 0;
     let start = Instant::now();
     let end = start + Duration::from_secs(secs);
@@ -490,7 +513,7 @@ async fn soak_chaos() {
             Chaos::Hang => vec![Rule::hang("C_DecryptInit").ms(1500).count(3)],
             Chaos::DeviceRemoved => vec![Rule::fail("*", "CKR_DEVICE_REMOVED").latch()],
             Chaos::TokenAbsent => vec![Rule::fail("*", "CKR_TOKEN_NOT_PRESENT").latch()],
-            Chaos::Kill9 | Chaos::Sigterm => Vec::new(),
+            Chaos::Kill9 | Chaos::Sigterm | Chaos::StorageMoved | Chaos::HeaderOnly => Vec::new(),
         };
         match chaos {
             Chaos::Kill9 | Chaos::Sigterm => {
@@ -511,6 +534,31 @@ async fn soak_chaos() {
                 time_to_serve(&settings, "a/gcm").await;
                 serve_after_restart.push(t.elapsed());
             }
+            Chaos::StorageMoved => {
+                // SoftHSM2 only (Kryoptic keeps its sqlite file open: moving it changes nothing).
+                if softhsm {
+                    let tokens = env.token.dir.join("tokens");
+                    let away = env.token.dir.join("tokens.away");
+                    std::fs::rename(&tokens, &away).expect("move the token directory away");
+                    tokio::time::sleep(hold).await;
+                    std::fs::rename(&away, &tokens).expect("move it back");
+                    serve_after_storage.push(time_to_serve(&settings, "a/gcm").await);
+                }
+            }
+            Chaos::HeaderOnly => {
+                if let Some(send) = crate::reliability::raw::try_connect_to(addr, &env).await {
+                    for _ in 0..16 {
+                        header_only.push(tokio::spawn(crate::reliability::raw::try_call(
+                            send.clone(),
+                            crate::reliability::raw::request(
+                                "/keybroker.v1.KeyBroker/WrapKey",
+                                &[],
+                            ),
+                            None,
+                        )));
+                    }
+                }
+            }
             _ => {
                 f.set(&rules).expect("rules");
                 tokio::time::sleep(hold).await;
@@ -528,6 +576,14 @@ async fn soak_chaos() {
     }
     sampler.await.expect("sampler");
     let run_time = start.elapsed();
+    let (mut header_deadline, mut header_other) = (0, 0);
+    for h in header_only {
+        match tokio::time::timeout(Duration::from_secs(60), h).await {
+            Ok(Ok(Some((4, _)))) => header_deadline += 1,
+            // Cut by a kill -9 or a SIGTERM of the broker, or answered otherwise.
+            _ => header_other += 1,
+        }
+    }
 
     // Verification: a clean restart, then every acknowledged thing.
     if let Some(b) = broker.write().await.take() {
@@ -606,6 +662,11 @@ async fn soak_chaos() {
     let by_code = shared.stats.by_code.lock().expect("lock").clone();
     let lost = lost.lock().expect("lock").clone();
     let max = |v: &[Duration]| v.iter().max().map_or(0, |d| d.as_millis());
+    let p50 = |v: &[Duration]| {
+        let mut s = v.to_vec();
+        s.sort();
+        s.get(s.len() / 2).map_or(0, |d| d.as_millis())
+    };
     let restarts = ran.get(&Chaos::Kill9).copied().unwrap_or(0)
         + ran.get(&Chaos::Sigterm).copied().unwrap_or(0);
 
@@ -657,8 +718,29 @@ async fn soak_chaos() {
     );
     row("SIGTERM exits not 0", sigterm_failures.to_string());
     row(
-        "serving again after the device returned (max, a new TLS client's first wrap)",
-        format!("{} ms", max(&serve_after_device)),
+        "serving again after the device returned (p50 / max, a new TLS client's first wrap)",
+        format!(
+            "{} / {} ms",
+            p50(&serve_after_device),
+            max(&serve_after_device)
+        ),
+    );
+    row(
+        "serving again after the token's storage returned (p50 / max)",
+        if softhsm {
+            format!(
+                "{} / {} ms ({} times)",
+                p50(&serve_after_storage),
+                max(&serve_after_storage),
+                serve_after_storage.len()
+            )
+        } else {
+            "not run (SoftHSM2 only)".into()
+        },
+    );
+    row(
+        "header-only streams (closed with DEADLINE_EXCEEDED / cut by a restart)",
+        format!("{header_deadline} / {header_other}"),
     );
     row(
         "serving again after a restart (max)",
@@ -699,6 +781,10 @@ async fn soak_chaos() {
     row(
         "peak broker RSS",
         format!("{} MiB", peak_rss.load(Ordering::Relaxed) / 1024),
+    );
+    row(
+        "peak broker descriptors",
+        peak_fds.load(Ordering::Relaxed).to_string(),
     );
     row(
         "audit verify",

@@ -75,6 +75,9 @@ pub struct Incoming {
     pub request_id: Option<String>,
     /// The caller's deadline, if it set one (capped by `[server] request_timeout_ms`).
     pub timeout: Option<Duration>,
+    /// When the request's headers arrived, where the front door knows (the deadline is timed
+    /// from then, not from when its body was complete); `None`: now.
+    pub received: Option<Instant>,
     /// The request context, if the wire format carries one.
     pub context: Option<Context>,
     /// A binding the front door grants every caller it lets in (the Kubernetes KMS v2
@@ -97,6 +100,7 @@ impl Incoming {
             caller,
             request_id: None,
             timeout: None,
+            received: None,
             context: None,
             door_grant: None,
             key: None,
@@ -215,6 +219,7 @@ impl Pipeline {
             caller,
             request_id,
             timeout,
+            received,
             context,
             door_grant,
             key,
@@ -258,7 +263,7 @@ impl Pipeline {
         // that a request that runs out of time is answered DEADLINE_EXCEEDED *and audited*; it
         // also bounds every HSM wait below (RequestScope).
         let timeout = timeout.map_or(sh.request_timeout, |t| t.min(sh.request_timeout));
-        let deadline = work_deadline(start, timeout);
+        let deadline = work_deadline(received.unwrap_or(start).min(start), timeout);
         let scope = RequestScope::new(Some(deadline));
         let span = tracing::info_span!("rpc", op = endpoint.op, request_id = %header_id);
         let mut call = Call::new(

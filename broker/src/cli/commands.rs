@@ -49,6 +49,8 @@ pub async fn domain(
 /// capability report — also when the token is refused (then the refusal follows on stderr and
 /// the exit status is 1), so a deployer sees what works before deciding.
 pub async fn check_config(cfg: &Config, output: Output) -> Result<(), String> {
+    // What `serve` refuses before it opens anything, by the same code.
+    crate::server::validate(cfg)?;
     for (what, p) in [
         ("tls.cert", &cfg.tls.cert),
         ("tls.key", &cfg.tls.key),

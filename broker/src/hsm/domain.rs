@@ -334,7 +334,8 @@ impl Hsm {
             )
         };
         let so = || AuthPin::new(so_pin.expose_secret().to_string().into());
-        let user = || AuthPin::new(inner.pin.expose_secret().to_string().into());
+        let pin = inner.pin();
+        let user = || AuthPin::new(pin.expose_secret().to_string().into());
         // 0. Check the SO PIN before making anything (a typo must not leave half a domain).
         let _ = s.logout();
         let so_ok = s

@@ -157,6 +157,8 @@ pub struct HsmSettings {
     pub tenant_max_sessions: Option<usize>,
     /// How long the broker waits for an HSM call it makes for itself (no request deadline).
     pub call_timeout: Duration,
+    /// The longest the start-up identity checks may hold up serving (see `keys::load`).
+    pub startup_check_budget: Duration,
 }
 
 /// What the token says about itself.
@@ -234,6 +236,20 @@ pub struct AttachReport {
     pub orphans: Vec<String>,
     /// How many versions were attached.
     pub attached: usize,
+    /// How many key objects (secret, private, public) the pass found on the token at all,
+    /// whoever made them. None while the broker expects some is a storage or device fault
+    /// (every key vanishing at once), not tampering with each key: see `recovery`.
+    pub key_objects: usize,
+}
+
+impl AttachReport {
+    /// Whether the pass found no key object at all while `expected` versions should be there:
+    /// the token's storage is gone (SoftHSM2's token directory moved away, or the process out
+    /// of descriptors so it cannot open its object files: it then answers
+    /// `CKR_OBJECT_HANDLE_INVALID` and finds nothing), not each key tampered with.
+    pub fn storage_lost(&self, expected: usize) -> bool {
+        expected > 0 && self.key_objects == 0
+    }
 }
 
 /// The RSA public key of a version.
@@ -256,6 +272,9 @@ pub trait HsmObserver: Send + Sync {
     fn hsm_item_fault(&self, operation: &'static str, fault: FaultKind);
 }
 
+/// Reads the user PIN from its source (file or environment variable) again.
+pub type PinSource = Box<dyn Fn() -> Result<SecretString, String> + Send + Sync>;
+
 /// A handle to the HSM: cheap to clone, shared by every request.
 #[derive(Clone)]
 pub struct Hsm {
@@ -265,7 +284,15 @@ pub struct Hsm {
 struct Inner {
     ctx: Pkcs11,
     token: TokenSelector,
-    pin: SecretString,
+    /// The user PIN for the next login: re-read from its source before each re-login and on
+    /// SIGHUP (see [`Hsm::set_pin_source`]).
+    pin: Mutex<SecretString>,
+    /// Reads the PIN source again (set once by the server).
+    pin_source: OnceLock<PinSource>,
+    /// The PIN value the token refused (`CKR_PIN_INCORRECT`): never tried again, so the broker
+    /// cannot lock the user PIN on a token that counts failed logins. Cleared when the source
+    /// yields another value.
+    pin_refused: Mutex<Option<SecretString>>,
     pool_size: usize,
     summary: TokenSummary,
     caps: Capabilities,
@@ -275,6 +302,7 @@ struct Inner {
     conn: RwLock<Arc<Conn>>,
     admission: Arc<Admission>,
     call_timeout: Duration,
+    startup_check_budget: Duration,
     health: watch::Sender<Health>,
     /// Every KEK version that should be attached, to re-find after a re-initialisation or an
     /// invalid handle.
@@ -333,6 +361,56 @@ impl Hsm {
     /// How many times the module was re-initialised after a lost device.
     pub fn reinitialisations(&self) -> u64 {
         self.inner.reinitialisations.load(Ordering::Relaxed)
+    }
+
+    /// How long the broker waits for an HSM call it makes for itself.
+    pub fn call_timeout(&self) -> Duration {
+        self.inner.call_timeout
+    }
+
+    /// The longest the start-up identity checks may hold up serving.
+    pub fn startup_check_budget(&self) -> Duration {
+        self.inner.startup_check_budget
+    }
+
+    /// Versions whose identity (canary) was not proven at start-up (the token too slow for
+    /// the start-up budget, or a fault that is not a verdict): they are proven before their
+    /// first use and by a sweep in the background, and never served unproven.
+    pub fn defer_checks(&self, ids: Vec<VersionId>) {
+        if ids.is_empty() {
+            return;
+        }
+        self.inner.current().set_unchecked(ids);
+        let inner = self.inner.clone();
+        let spawned = std::thread::Builder::new()
+            .name("kek-canary-sweep".into())
+            .spawn(move || inner.sweep_canaries());
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the background canary sweep; each version is proven before its first use");
+        }
+    }
+
+    /// Installs the function that reads the PIN source again (once; later calls are ignored).
+    /// It is called before each re-login and by [`Hsm::reload_pin`].
+    pub fn set_pin_source(&self, source: PinSource) {
+        let _ = self.inner.pin_source.set(source);
+    }
+
+    /// Re-reads the PIN source now (SIGHUP): the next re-login uses what it holds. Logs
+    /// whether a PIN the token refused is replaced (never the PIN itself).
+    pub fn reload_pin(&self) {
+        match self.inner.read_pin_source() {
+            None => tracing::info!("SIGHUP: no PIN source to re-read"),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "SIGHUP: cannot re-read the PIN source; keeping the PIN read before");
+            }
+            Some(Ok(())) => match self.inner.pin_for_login() {
+                Ok(_) => tracing::info!("SIGHUP: PIN source re-read"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: PIN source re-read, but it holds the PIN the token refused")
+                }
+            },
+        }
     }
 
     /// Installs the metrics hook (once; later calls are ignored).
@@ -423,6 +501,57 @@ impl Inner {
     /// The current generation.
     fn current(&self) -> Arc<Conn> {
         self.conn.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The PIN for the next login.
+    fn pin(&self) -> SecretString {
+        self.pin.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Reads the PIN source into `pin`; `None` without a source.
+    fn read_pin_source(&self) -> Option<Result<(), String>> {
+        let read = (self.pin_source.get()?)();
+        Some(read.map(|p| *self.pin.lock().unwrap_or_else(|e| e.into_inner()) = p))
+    }
+
+    /// The PIN to log in with, after re-reading its source; refused (no `C_Login`) while the
+    /// source still holds the value the token refused.
+    fn pin_for_login(&self) -> Result<SecretString, HsmError> {
+        use secrecy::ExposeSecret;
+        if let Some(Err(e)) = self.read_pin_source() {
+            tracing::warn!(error = %e, "cannot re-read the PIN source; using the PIN read before");
+        }
+        let pin = self.pin();
+        let mut refused = self.pin_refused.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = refused.as_ref() {
+            if r.expose_secret() == pin.expose_secret() {
+                return Err(HsmError::new(
+                    FaultKind::Login,
+                    "log in to the token",
+                    "the token refused this PIN (CKR_PIN_INCORRECT) and the PIN source still \
+                     holds it: not trying it again (a token that counts failed logins would \
+                     lock the user PIN); put the new PIN in the PIN source",
+                ));
+            }
+            *refused = None;
+            tracing::warn!(
+                "the PIN source holds a new PIN since the token refused the last one: logging in with it"
+            );
+        }
+        Ok(pin)
+    }
+
+    /// Records a failed login: a PIN the token refused is never tried again.
+    fn login_failed(&self, pin: &SecretString, e: &HsmError) {
+        if e.rv == Some(cryptoki::error::RvError::PinIncorrect) {
+            *self.pin_refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(pin.clone());
+            tracing::error!(
+                "ALERT: the token refused the user PIN (CKR_PIN_INCORRECT): the HSM is \
+                 NOT_SERVING, and this PIN is not tried again until the PIN source (hsm.pin_file, \
+                 hsm.pin_env or pin-source in hsm.uri) holds another one; update it (SIGHUP \
+                 re-reads it at once, each re-login attempt re-reads it anyway)"
+            );
+        }
     }
 
     fn remember(&self, e: ExpectedKek) {

@@ -114,7 +114,10 @@ pub(super) fn find_keks(
             _ => {}
         }
     }
-    let mut report = AttachReport::default();
+    let mut report = AttachReport {
+        key_objects: by_id.values().map(Vec::len).sum(),
+        ..AttachReport::default()
+    };
     let mut handles = HashMap::with_capacity(expected.len());
     for e in expected {
         let objs = by_id.remove(e.id.as_bytes().as_slice()).unwrap_or_default();

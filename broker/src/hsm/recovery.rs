@@ -29,6 +29,18 @@
 //!    generation, and in a sweep in the background after the pass. A version that fails any
 //!    check is never served on the generation (callers get FAILED_PRECONDITION) and the
 //!    failure is logged as an integrity alert.
+//!
+//! **Storage loss.** Every key object vanishing at once — SoftHSM2's token directory moved
+//! away, or the process out of descriptors so the module cannot open its object files — is a
+//! storage or device fault, not tampering with each key: the module answers
+//! `CKR_OBJECT_HANDLE_INVALID` and a search finds nothing, while `C_GetTokenInfo` still
+//! answers. When a pass over the token (after an invalid handle, or after a re-initialisation)
+//! finds no key object at all while the broker expects some ([`AttachReport::storage_lost`]),
+//! no version gets an integrity verdict: the HSM is marked unhealthy at once (UNAVAILABLE,
+//! NOT_SERVING) and recovery re-initialises with the same backoff — and, this time, installs a
+//! generation only once a pass finds the objects again, so the broker serves by itself as soon
+//! as the storage is back. Tampering with one key (its object deleted, duplicated or replaced
+//! while the others are there) still fails that key closed.
 
 use std::{
     collections::HashMap,
@@ -116,11 +128,27 @@ impl Inner {
         if self.recovering.swap(true, Ordering::SeqCst) {
             return;
         }
+        self.spawn_recovery(e.clone(), false);
+    }
+
+    /// Every key object is gone at once (see the module docs): marks the HSM unhealthy now and
+    /// starts a recovery that re-initialises until the objects are found again. Returns the
+    /// error for the caller (UNAVAILABLE: retry).
+    pub(super) fn note_storage_lost(self: &Arc<Self>) -> HsmError {
+        let e = HsmError::new(FaultKind::DeviceLost, "find the KEKs", STORAGE_LOST);
+        if !self.closed.load(Ordering::SeqCst) && !self.recovering.swap(true, Ordering::SeqCst) {
+            self.set_health(false, STORAGE_LOST);
+            self.spawn_recovery(e.clone(), true);
+        }
+        e
+    }
+
+    /// Runs [`Inner::recover`] on its own thread (`recovering` is already set).
+    fn spawn_recovery(self: &Arc<Self>, cause: HsmError, storage: bool) {
         let inner = self.clone();
-        let cause = e.clone();
         let spawned = std::thread::Builder::new()
             .name("hsm-recovery".into())
-            .spawn(move || inner.recover(cause));
+            .spawn(move || inner.recover(cause, storage));
         if let Err(err) = spawned {
             self.recovering.store(false, Ordering::SeqCst);
             tracing::error!(error = %err, "cannot start the HSM recovery thread");
@@ -133,8 +161,11 @@ impl Inner {
         !conn.retired() && self.ctx.get_token_info(conn.slot).is_ok() && conn.anchor_answers()
     }
 
-    fn recover(self: Arc<Self>, cause: HsmError) {
-        let answers = {
+    /// Re-initialises until it works. With `storage` (every key object was gone), the token
+    /// is not asked whether it answers (it does: its storage is what failed), and a generation
+    /// is installed only once a pass over the token finds the key objects again.
+    fn recover(self: Arc<Self>, cause: HsmError, mut storage: bool) {
+        let answers = !storage && {
             // Not while a shutdown finalises the module.
             let _reinit = self.reinit_lock.lock().unwrap_or_else(|p| p.into_inner());
             !self.closed.load(Ordering::SeqCst) && self.answers()
@@ -149,8 +180,15 @@ impl Inner {
             self.recovering.store(false, Ordering::SeqCst);
             return;
         }
-        tracing::error!(context = %cause.context, detail = %cause.detail,
-            "HSM device or token lost: requests get UNAVAILABLE; re-initialising in the background");
+        if storage {
+            tracing::error!(context = %cause.context, detail = %cause.detail,
+                "HSM storage lost: every key object is gone at once (a storage or device fault, \
+                 not tampering): requests get UNAVAILABLE; re-initialising in the background \
+                 until the objects are back");
+        } else {
+            tracing::error!(context = %cause.context, detail = %cause.detail,
+                "HSM device or token lost: requests get UNAVAILABLE; re-initialising in the background");
+        }
         self.set_health(false, format!("{cause}"));
         let started = Instant::now();
         let mut delay = BACKOFF_START;
@@ -158,7 +196,7 @@ impl Inner {
         while !self.closed.load(Ordering::SeqCst) {
             attempt += 1;
             let t = Instant::now();
-            match self.reinitialise() {
+            match self.reinitialise(storage) {
                 Ok(versions) => {
                     self.reinitialisations.fetch_add(1, Ordering::Relaxed);
                     self.set_health(true, "ok");
@@ -170,11 +208,23 @@ impl Inner {
                         versions,
                         "HSM re-initialised: serving again"
                     );
-                    self.refind();
-                    self.sweep_canaries();
-                    break;
+                    if self.refind() {
+                        // The module came back without the objects: a storage fault after all.
+                        storage = true;
+                        self.set_health(false, STORAGE_LOST);
+                        tracing::error!(
+                            "HSM storage lost: the re-initialised token holds none of the key \
+                             objects; re-initialising again until they are back"
+                        );
+                    } else {
+                        self.sweep_canaries();
+                        break;
+                    }
                 }
                 Err(e) => {
+                    if e.kind == FaultKind::Login {
+                        self.set_health(false, format!("{e}"));
+                    }
                     if attempt == 1 || attempt.is_multiple_of(20) {
                         tracing::warn!(attempt, error = %e, "HSM re-initialisation failed; retrying with backoff");
                     }
@@ -186,9 +236,10 @@ impl Inner {
         self.recovering.store(false, Ordering::SeqCst);
     }
 
-    /// One re-initialisation attempt (see the module docs).
+    /// One re-initialisation attempt (see the module docs). With `storage`, the new generation
+    /// is installed only if a pass over the token finds key objects (and with their handles).
     /// Returns how many known versions are to be found again.
-    fn reinitialise(self: &Arc<Self>) -> Result<usize, HsmError> {
+    fn reinitialise(self: &Arc<Self>, storage: bool) -> Result<usize, HsmError> {
         let _reinit = self.reinit_lock.lock().unwrap_or_else(|p| p.into_inner());
         if self.closed.load(Ordering::SeqCst) {
             return Err(HsmError::refused(
@@ -197,6 +248,8 @@ impl Inner {
                 "the HSM is closed (shutting down)",
             ));
         }
+        // Before touching the module: a PIN the token refused is not tried again.
+        let pin = self.pin_for_login()?;
         let old = self.current();
         let old_retired = Instant::now();
         let (idle, anchor) = old.retire();
@@ -232,7 +285,9 @@ impl Inner {
         }
         let (slot, _, _) = select_token(&self.ctx, &self.token)?;
         let initialised = Instant::now();
-        let anchor = open_and_login(&self.ctx, slot, &self.pin)?;
+        let anchor = open_and_login(&self.ctx, slot, &pin).inspect_err(|e| {
+            self.login_failed(&pin, e);
+        })?;
         let idle = open_pool(&self.ctx, slot, self.pool_size)?;
         let logged_in = Instant::now();
         let conn = Conn::new(old.generation + 1, slot, idle, anchor);
@@ -249,6 +304,33 @@ impl Inner {
             .collect();
         conn.set_resolving(true);
         conn.set_unchecked(known.iter().copied());
+        if storage {
+            // After a storage loss, serve only once the objects are back (they are found here,
+            // before the generation is installed; each is still proven before its first use).
+            let s = conn.checkout(&self.ctx, "re-find the KEKs")?;
+            let expected = self.known_all();
+            let (report, handles) = match find_keks(self, &s, &expected, false) {
+                Ok(found) => found,
+                Err(e) => {
+                    conn.checkin(s);
+                    return Err(e);
+                }
+            };
+            if report.storage_lost(expected.len()) {
+                conn.checkin(s);
+                return Err(HsmError::new(
+                    FaultKind::DeviceLost,
+                    "re-initialise the HSM",
+                    "the token answers, but its key objects are still missing",
+                ));
+            }
+            if let Err(e) = self.audit_handle(&conn, &s) {
+                tracing::error!(error = %e, "the audit key was not found after the storage came back: checkpoints fail until it is");
+            }
+            conn.checkin(s);
+            self.merge_found(&conn, &expected, &report, handles);
+            conn.set_resolving(false);
+        }
         tracing::warn!(
             drain_ms = (drained - old_retired).as_millis() as u64,
             initialise_ms = (initialised - drained).as_millis() as u64,
@@ -262,8 +344,9 @@ impl Inner {
 
     /// After a re-initialisation, while requests are served: re-finds every known version's
     /// objects in one pass over the token (the same checks for missing and duplicated objects
-    /// as at start-up) and the audit key, then ends the per-version lookups.
-    fn refind(&self) {
+    /// as at start-up) and the audit key, then ends the per-version lookups. Returns true if
+    /// the pass found no key object at all (a storage fault: nothing is marked failed).
+    fn refind(&self) -> bool {
         // Its session is outside admission, so a shutdown waits for it here (see `close`);
         // `find_keks` stops early once the HSM is closed.
         let _reinit = self.reinit_lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -271,14 +354,14 @@ impl Inner {
         let t = Instant::now();
         for attempt in 1..=3u64 {
             if self.closed.load(Ordering::SeqCst) || !conn.resolving() || conn.retired() {
-                return;
+                return false;
             }
             let expected = self.known_all();
             let s = match conn.checkout(&self.ctx, "re-find the KEKs") {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot re-find the KEK objects now; each is looked up before its first use");
-                    return;
+                    return false;
                 }
             };
             let found = find_keks(self, &s, &expected, false);
@@ -290,6 +373,9 @@ impl Inner {
             match found {
                 Ok((report, handles)) => {
                     conn.checkin(s);
+                    if report.storage_lost(expected.len()) {
+                        return true;
+                    }
                     self.merge_found(&conn, &expected, &report, handles);
                     conn.set_resolving(false);
                     tracing::warn!(
@@ -298,7 +384,7 @@ impl Inner {
                         find_ms = t.elapsed().as_millis() as u64,
                         "KEK objects re-found after re-initialising the HSM"
                     );
-                    return;
+                    return false;
                 }
                 Err(e) => {
                     conn.discard(s);
@@ -307,6 +393,7 @@ impl Inner {
                 }
             }
         }
+        false
     }
 
     /// Installs handles found by a pass over the token for the versions in `expected` (those
@@ -440,7 +527,13 @@ impl Inner {
 
     /// Re-finds every known KEK's objects on `conn` (after `CKR_OBJECT_HANDLE_INVALID` and
     /// friends), unless another caller did since `epoch`.
-    pub(super) fn refresh_handles(&self, conn: &Conn, epoch: u64) -> Result<(), HsmError> {
+    /// If the pass finds no key object at all, nothing is marked failed: the storage is lost
+    /// (see the module docs) and recovery starts.
+    pub(super) fn refresh_handles(
+        self: &Arc<Self>,
+        conn: &Conn,
+        epoch: u64,
+    ) -> Result<(), HsmError> {
         let mut current = conn.handle_epoch.lock().unwrap_or_else(|p| p.into_inner());
         if *current != epoch {
             return Ok(());
@@ -455,6 +548,9 @@ impl Inner {
             _ => conn.checkin(s),
         }
         let (report, handles) = found?;
+        if report.storage_lost(expected.len()) {
+            return Err(self.note_storage_lost());
+        }
         self.merge_found(conn, &expected, &report, handles);
         if let Some(Ok(h)) = audit {
             *conn.audit_key.write().unwrap_or_else(|p| p.into_inner()) = Some(h);
@@ -515,11 +611,10 @@ impl Inner {
     }
 
     /// Proves every version not yet proven on the current generation (after a
-    /// re-initialisation, while requests are served again).
-    fn sweep_canaries(&self) {
-        // Its session is outside admission, so a shutdown waits for it here (see `close`);
-        // it stops early once the HSM is closed.
-        let _reinit = self.reinit_lock.lock().unwrap_or_else(|p| p.into_inner());
+    /// re-initialisation, while requests are served again; after a start-up whose checks did
+    /// not all fit in their budget). Stops early for a shutdown or a recovery (the new
+    /// generation proves its own).
+    pub(super) fn sweep_canaries(&self) {
         let conn = self.current();
         let ids = conn.unchecked();
         if ids.is_empty() {
@@ -533,13 +628,18 @@ impl Inner {
                 return;
             }
         };
-        let (mut failed, n) = (0, ids.len());
+        let (mut failed, mut proven, n) = (0, 0, ids.len());
         for id in ids {
-            if self.closed.load(Ordering::SeqCst) {
+            // Its session is outside admission, so a shutdown waits for the check in progress
+            // here (see `close`); taken per version, so a recovery or a shutdown never waits
+            // for the whole sweep (on a slow token it can take minutes).
+            let _reinit = self.reinit_lock.lock().unwrap_or_else(|p| p.into_inner());
+            if self.closed.load(Ordering::SeqCst) || conn.retired() || !self.health.borrow().serving
+            {
                 break;
             }
             match self.ensure_verified(&conn, &s, id) {
-                Ok(()) => {}
+                Ok(()) => proven += 1,
                 Err(e) if e.kind == FaultKind::NotPermitted => failed += 1,
                 Err(e) => {
                     tracing::warn!(error = %e, "the KEK canary sweep stopped; the rest are checked before first use");
@@ -551,12 +651,17 @@ impl Inner {
         conn.checkin(s);
         tracing::info!(
             versions = n,
+            proven,
             failed,
             millis = t.elapsed().as_millis() as u64,
-            "KEK identities proven after re-initialising the HSM"
+            "KEK identities proven in the background"
         );
     }
 }
+
+/// Why the HSM is not serving after every key object vanished at once.
+const STORAGE_LOST: &str = "every key object on the token is gone at once: the token's storage \
+    or the device failed (not tampering with each key); re-initialising until they are back";
 
 /// The error for a version that failed its integrity check on this generation.
 fn integrity_failed(id: VersionId, why: &str) -> HsmError {

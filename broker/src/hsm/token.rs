@@ -39,11 +39,15 @@ pub(super) fn open_and_login(
         .map_err(|e| HsmError::from_ck("open the anchor session", e))?;
     match anchor.login(UserType::User, Some(pin)) {
         Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(anchor),
-        Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => Err(HsmError::new(
-            FaultKind::Login,
-            "log in to the token",
-            "the PIN is incorrect (CKR_PIN_INCORRECT)",
-        )),
+        Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
+            let mut e = HsmError::new(
+                FaultKind::Login,
+                "log in to the token",
+                "the PIN is incorrect (CKR_PIN_INCORRECT)",
+            );
+            e.rv = Some(RvError::PinIncorrect);
+            Err(e)
+        }
         Err(e) => Err(HsmError::from_ck("log in to the token", e)),
     }
 }
@@ -459,7 +463,9 @@ impl Hsm {
             inner: Arc::new(Inner {
                 ctx,
                 token: settings.token.clone(),
-                pin: settings.pin.clone(),
+                pin: Mutex::new(settings.pin.clone()),
+                pin_source: OnceLock::new(),
+                pin_refused: Mutex::new(None),
                 pool_size: sessions,
                 summary,
                 caps,
@@ -468,6 +474,7 @@ impl Hsm {
                 conn: RwLock::new(Arc::new(Conn::new(1, slot, idle, anchor))),
                 admission,
                 call_timeout: settings.call_timeout,
+                startup_check_budget: settings.startup_check_budget,
                 health,
                 known: RwLock::new(HashMap::new()),
                 audit_key_id: Mutex::new(None),

@@ -6,6 +6,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, OnceLock, RwLock},
+    time::{Duration, Instant},
 };
 
 use futures_util::{StreamExt, stream};
@@ -58,6 +59,9 @@ pub struct LoadReport {
     pub attach_ms: u64,
     /// Time spent proving the KEKs' identities (canaries).
     pub canaries_ms: u64,
+    /// Versions whose identity could not be proven within the start-up budget (no verdict):
+    /// proven in the background and before their first use.
+    pub canaries_deferred: usize,
 }
 
 impl Keyring {
@@ -74,7 +78,7 @@ impl Keyring {
         let mut report = LoadReport::default();
         let (stored, applied_generation) = recover(&hsm, &store, &mut report).await?;
         let mut bad = attach(&hsm, &stored, &mut report).await?;
-        prove_identities(&hsm, &stored, &mut bad, &mut report).await;
+        let deferred = prove_identities(&hsm, &stored, &mut bad, &mut report).await;
         let (keys, versions, usage) = cache(&hsm, stored, &bad, &mut report);
         for o in &report.orphans {
             tracing::warn!(object = %o, "HSM object made by keybroker is not referenced by any key (orphan)");
@@ -82,6 +86,7 @@ impl Keyring {
         if policy == IntegrityPolicy::Fail && !report.quarantined.is_empty() {
             return Err(LoadError::Integrity(report.quarantined));
         }
+        hsm.defer_checks(deferred);
         Ok((
             Self {
                 hsm,
@@ -248,16 +253,34 @@ async fn attach(
     Ok(attach.problems.into_iter().collect())
 }
 
+/// The least time the start-up identity checks get, whatever the estimate.
+const CHECK_BUDGET_MIN: Duration = Duration::from_secs(1);
+
+/// One chunk of start-up identity checks: verdicts, or versions not checked (no verdict).
+enum Checked {
+    Verdicts(Vec<(VersionId, Option<String>)>),
+    Deferred(Vec<VersionId>),
+}
+
 /// Step 3: proves each attached object is the key its version was created with (its canary),
 /// in chunks — one HSM call each, not one per version — one chunk per session at a time.
-/// Adds the versions that failed to `bad`.
+/// Adds the versions that failed to `bad`; returns those that could not be checked.
+///
+/// A check that could not run is not a failed check: an HSM fault or a slow token gives no
+/// verdict. The checks get their own time budget, sized by the number of versions and the
+/// token's speed measured on the first one (twice the estimated pass, at least
+/// [`CHECK_BUDGET_MIN`], at most `[hsm] startup_check_budget_ms`), and chunks small enough that
+/// each call stays well inside `[hsm] call_timeout_ms` (a chunk that overran it would keep its
+/// session and starve the next). Versions not proven within the budget are handed to the HSM
+/// layer, which proves each before its first use and sweeps them in the background: the
+/// broker serves the proven keys meanwhile and never serves an unproven one.
 async fn prove_identities(
     hsm: &Hsm,
     stored: &[StoredKey],
     bad: &mut HashMap<VersionId, String>,
     report: &mut LoadReport,
-) {
-    let started = std::time::Instant::now();
+) -> Vec<VersionId> {
+    let started = Instant::now();
     let mut to_check = Vec::new();
     for k in stored {
         for v in &k.versions {
@@ -277,47 +300,102 @@ async fn prove_identities(
             }
         }
     }
+    let total = to_check.len();
     let parallel = hsm.token().sessions.max(1);
-    // Small enough that a chunk of slow RSA-4096 unwraps stays far inside call_timeout.
-    let chunk = to_check.len().div_ceil(parallel * 4).clamp(1, 64);
+    let mut outcomes = Vec::new();
+    let mut items = to_check.into_iter();
+    // The token's speed, measured on the first version alone.
+    let per_check = match items.next() {
+        None => Duration::ZERO,
+        Some(first) => {
+            let t = Instant::now();
+            outcomes.push(check_chunk(hsm, vec![first], None).await);
+            t.elapsed().max(Duration::from_millis(1))
+        }
+    };
+    let rest: Vec<_> = items.collect();
+    let rounds = u32::try_from(rest.len().div_ceil(parallel)).unwrap_or(u32::MAX);
+    let ceiling = hsm.startup_check_budget().max(CHECK_BUDGET_MIN);
+    let budget = per_check
+        .saturating_mul(rounds)
+        .saturating_mul(2)
+        .clamp(CHECK_BUDGET_MIN, ceiling);
+    let deadline = Instant::now() + budget;
+    // Each call at most a quarter of the call timeout, at the measured speed.
+    let fits = (hsm.call_timeout().as_micros() / 4 / per_check.as_micros().max(1)) as usize;
+    let chunk = rest
+        .len()
+        .div_ceil(parallel * 4)
+        .clamp(1, 64)
+        .min(fits.max(1));
     let mut chunks = Vec::new();
-    let mut it = to_check.into_iter().peekable();
+    let mut it = rest.into_iter().peekable();
     while it.peek().is_some() {
         chunks.push(it.by_ref().take(chunk).collect::<Vec<_>>());
     }
-    let results: Vec<_> = stream::iter(chunks)
-        .map(|c| {
-            let hsm = hsm.clone();
-            async move {
-                match hsm.check_canaries(c.clone()).await {
-                    Ok(v) => v,
-                    // An HSM fault in a chunk: each of its versions alone, and one that
-                    // still cannot be checked is quarantined (as before chunks existed).
-                    Err(_) => {
-                        let mut out = Vec::with_capacity(c.len());
-                        for item in c {
-                            let id = item.0;
-                            out.push(match hsm.check_canaries(vec![item]).await {
-                                Ok(mut v) => {
-                                    v.pop().unwrap_or((id, Some("canary not checked".into())))
-                                }
-                                Err(e) => (id, Some(format!("canary check failed: {e}"))),
-                            });
-                        }
-                        out
-                    }
-                }
-            }
-        })
+    let rest: Vec<Checked> = stream::iter(chunks)
+        .map(|c| check_chunk(hsm, c, Some(deadline)))
         .buffer_unordered(parallel)
         .collect()
         .await;
-    for (id, verdict) in results.into_iter().flatten() {
-        if let Some(why) = verdict {
-            bad.insert(id, why);
+    outcomes.extend(rest);
+    let mut deferred = Vec::new();
+    for o in outcomes {
+        match o {
+            Checked::Verdicts(v) => {
+                for (id, verdict) in v {
+                    if let Some(why) = verdict {
+                        bad.insert(id, why);
+                    }
+                }
+            }
+            Checked::Deferred(ids) => deferred.extend(ids),
         }
     }
     report.canaries_ms = started.elapsed().as_millis() as u64;
+    report.canaries_deferred = deferred.len();
+    let (per_check_ms, budget_ms) = (per_check.as_millis() as u64, budget.as_millis() as u64);
+    if deferred.is_empty() {
+        tracing::info!(
+            versions = total,
+            per_check_ms,
+            budget_ms,
+            "start-up identity checks: every version proven"
+        );
+    } else {
+        tracing::warn!(
+            versions = total,
+            not_yet_proven = deferred.len(),
+            per_check_ms,
+            budget_ms,
+            "start-up identity checks: not every version could be proven within the start-up \
+             budget (a slow token or an HSM fault, not a failed check); serving the proven ones, \
+             the rest are proven in the background and before their first use"
+        );
+    }
+    deferred
+}
+
+/// Checks one chunk's canaries, unless `deadline` has passed. An HSM fault is no verdict: the
+/// chunk's versions are deferred.
+async fn check_chunk(
+    hsm: &Hsm,
+    chunk: Vec<(VersionId, crate::hsm::Canary)>,
+    deadline: Option<Instant>,
+) -> Checked {
+    let ids = || chunk.iter().map(|c| c.0).collect::<Vec<_>>();
+    if deadline.is_some_and(|d| Instant::now() >= d) {
+        return Checked::Deferred(ids());
+    }
+    let deferred = ids();
+    match hsm.check_canaries(chunk).await {
+        Ok(v) => Checked::Verdicts(v),
+        Err(e) => {
+            tracing::warn!(versions = deferred.len(), error = %e,
+                "a start-up identity check could not run (an HSM fault, not a failed check): proven later");
+            Checked::Deferred(deferred)
+        }
+    }
 }
 
 type Cache = (

@@ -28,6 +28,9 @@
 //! hsm-probe oaep-encrypt MODULE LABEL PIN ID_HEX sha1|sha256 DATA_HEX
 //! hsm-probe oaep-decrypt MODULE LABEL PIN ID_HEX sha1|sha256 CIPHERTEXT_HEX
 //!
+//! PIN rotation (a real PIN change on the token, C_SetPIN as the logged-in user):
+//! hsm-probe set-pin MODULE LABEL PIN NEW_PIN
+//!
 //! BYOK (what the holder of the user PIN can do with a customer's import blob):
 //! hsm-probe byok-attack MODULE LABEL PIN IMPORT_ID_HEX sha1|sha256 BLOB_HEX
 //!     with the import key's private half (CKA_ID = IMPORT_ID), unwrap the blob under the
@@ -56,7 +59,7 @@ use cryptoki::{
 };
 use serde_json::{Value, json};
 
-const USAGE: &str = "usage: hsm-probe inspect|clear|attack|tamper|tokens|init-token|import-keys|kwp-wrap|kwp-unwrap|oaep-encrypt|oaep-decrypt|backup-attack|byok-attack ... (see the source's header)";
+const USAGE: &str = "usage: hsm-probe inspect|clear|attack|tamper|tokens|init-token|set-pin|import-keys|kwp-wrap|kwp-unwrap|oaep-encrypt|oaep-decrypt|backup-attack|byok-attack ... (see the source's header)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -66,6 +69,14 @@ fn main() -> ExitCode {
         ["init-token", module, slot, label, so_pin, user_pin] => {
             init_token(module, slot, label, so_pin, user_pin)
         }
+        ["set-pin", module, label, pin, new] => open(module, label, pin).and_then(|(s, _)| {
+            s.set_pin(
+                &AuthPin::from(pin.to_string()),
+                &AuthPin::from(new.to_string()),
+            )
+            .map(|()| json!({ "pin_changed": true }))
+            .map_err(|e| format!("C_SetPIN: {e}"))
+        }),
         [cmd, module, label, pin, rest @ ..] => {
             open(module, label, pin).and_then(|(s, mechs)| session_command(&s, &mechs, cmd, rest))
         }

@@ -22,7 +22,7 @@ use std::time::Duration;
 use keybroker_proto::v1 as pb;
 use tonic::{Request, Response, Status, metadata::MetadataValue};
 
-pub use self::rejections::AuditRejections;
+pub use self::rejections::{Arrival, AuditRejections};
 use super::{
     ops::Operation,
     pipeline::{Context, Endpoint, Incoming, Pipeline, ReasonCode},
@@ -117,8 +117,10 @@ impl GrpcApi {
         O: Operation,
     {
         let meta = req.metadata();
+        let received = req.extensions().get::<Arrival>().map(Arrival::take);
         let conn = req.extensions().get::<ConnInfo>();
         let mut incoming = Incoming::new(endpoint, conn.map(|c| c.caller.clone()));
+        incoming.received = received;
         // The certificate is checked again on every request (expiry, revocation, a reload).
         if let Some(Err(why)) = conn.map(ConnInfo::check) {
             incoming.refused = Some(crate::error::Denied::Credential(why).into());
