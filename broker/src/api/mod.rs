@@ -8,6 +8,7 @@
 //! * [`ops`] — the operations a request can ask for, one type each (sealed: only this module
 //!   defines them);
 //! * [`grpc`] — the `keybroker.v1` gRPC services, a codec over the pipeline;
+//! * [`https`] — the HTTPS listener every HTTP front door serves on (limits, shutdown);
 //! * [`kms_v2`] — the Kubernetes KMS v2 plugin on a unix socket, a codec over the pipeline;
 //! * [`xks`] — the AWS XKS proxy API's codec pieces (paths, bodies, error names, SigV4,
 //!   `[xks]`), ahead of its HTTPS listener.
@@ -17,6 +18,7 @@
 
 mod call;
 pub mod grpc;
+pub mod https;
 pub mod kms_v2;
 pub mod limiter;
 pub mod ops;
