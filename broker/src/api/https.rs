@@ -8,9 +8,9 @@
 //! * **the TLS handshake** must finish within [`HttpsSettings::handshake_timeout`];
 //! * **the request head** must arrive within [`HttpsSettings::header_read_timeout`] (hyper's
 //!   own timer, for every request of a keep-alive connection): no slow-loris;
-//! * **the body**: a request whose `Content-Length` exceeds [`HttpsSettings::max_body_bytes`] is
-//!   answered by the door's [`Replies::too_large`] without being read; a chunked body is cut off
-//!   at the limit by [`read_body`], which says so ([`BodyError::TooLarge`]);
+//! * **the body**: [`read_body`] reads at most [`HttpsSettings::max_body_bytes`] and otherwise
+//!   says [`BodyError::TooLarge`] — at once, without reading a byte, when `Content-Length`
+//!   already says so; the door answers (and audits) that refusal in its own format;
 //! * **each request** is answered within [`HttpsSettings::request_timeout`] (the door's
 //!   [`Replies::timed_out`] otherwise) — a backstop: the pipeline answers (and audits) a request
 //!   whose deadline passes well before;
@@ -56,12 +56,10 @@ pub struct HttpsSettings {
     pub request_timeout: Duration,
 }
 
-/// How a door answers what the listener refuses itself: the door's own wire format (an XKS
+/// How a door answers what the listener refuses itself, in the door's own wire format (an XKS
 /// client expects a JSON `errorName`, another door something else).
 #[derive(Clone, Copy)]
 pub struct Replies {
-    /// A body larger than [`HttpsSettings::max_body_bytes`].
-    pub too_large: fn() -> Response,
     /// A request that ran past [`HttpsSettings::request_timeout`].
     pub timed_out: fn() -> Response,
 }
@@ -76,9 +74,13 @@ pub struct Peer {
     pub client_cert: Option<CertificateDer<'static>>,
 }
 
-/// The body limit in force for a request (set by the listener, read by [`read_body`]).
+/// The body limit in force for a request (set by the listener, read by [`read_body`]), and
+/// whether `Content-Length` already exceeds it (the body is then never read).
 #[derive(Clone, Copy, Debug)]
-struct BodyLimit(usize);
+struct BodyLimit {
+    limit: usize,
+    exceeded: bool,
+}
 
 /// Why [`read_body`] returned no body.
 #[derive(Debug, thiserror::Error)]
@@ -98,10 +100,11 @@ pub async fn read_body(
     fallback_limit: usize,
 ) -> Result<(http::request::Parts, Bytes), BodyError> {
     let (parts, body) = req.into_parts();
-    let limit = parts
-        .extensions
-        .get::<BodyLimit>()
-        .map_or(fallback_limit, |l| l.0);
+    let limit = match parts.extensions.get::<BodyLimit>() {
+        None => fallback_limit,
+        Some(l) if l.exceeded => return Err(BodyError::TooLarge(l.limit)),
+        Some(l) => l.limit,
+    };
     let limited = http_body_util::Limited::new(body, limit);
     match limited.collect().await {
         Ok(c) => Ok((parts, c.to_bytes())),
@@ -220,13 +223,18 @@ async fn serve_connection(
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok())
                 .is_some_and(|n| n > settings.max_body_bytes as u64);
-            if too_large {
-                return Ok::<_, std::convert::Infallible>((replies.too_large)());
-            }
-            let mut req = req.map(Body::new);
+            // An announced oversized body is never read: the door sees an empty one, and
+            // read_body says it was too large.
+            let mut req = if too_large {
+                req.map(|_| Body::empty())
+            } else {
+                req.map(Body::new)
+            };
             req.extensions_mut().insert(peer);
-            req.extensions_mut()
-                .insert(BodyLimit(settings.max_body_bytes));
+            req.extensions_mut().insert(BodyLimit {
+                limit: settings.max_body_bytes,
+                exceeded: too_large,
+            });
             // A Router is always ready; poll it anyway, as the Service contract asks.
             let mut router = router;
             let call = async move {
@@ -245,7 +253,7 @@ async fn serve_connection(
                     (replies.timed_out)()
                 }
             };
-            Ok(resp)
+            Ok::<_, std::convert::Infallible>(resp)
         }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
