@@ -279,9 +279,7 @@ impl XksDoor {
             move || me.tls(),
             self.router(),
             settings,
-            Replies {
-                timed_out,
-            },
+            Replies { timed_out },
             shutdown,
         )
         .await;
