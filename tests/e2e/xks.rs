@@ -697,6 +697,42 @@ async fn xks_door_serves_the_spec_over_https_with_sigv4() {
         .await;
     assert_eq!(a.status, 200, "{}", a.raw);
 
+    // The documented curl example (docs/src/xks.md), with curl's own SigV4 signer.
+    let curl = std::process::Command::new("curl")
+        .args([
+            "--silent",
+            "--show-error",
+            "--aws-sigv4",
+            "aws:amz:eu-west-1:kms-xks-proxy",
+            "--user",
+            &format!("{AKID2}:{SECRET2}"),
+            "--cacert",
+        ])
+        .arg(&env.pki.ca.cert_path)
+        .args([
+            "-H",
+            "Content-Type: application/json",
+            "--data",
+            r#"{"requestMetadata":{"kmsRequestId":"r-1","kmsOperation":"KmsHealthCheck"}}"#,
+            &format!(
+                "https://localhost:{}/acme/kms/xks/v1/health",
+                kms.addr.port()
+            ),
+        ])
+        .output();
+    match curl {
+        Ok(out) => {
+            kms.requests += 1;
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && text.contains("\"ekmFleetDetails\""),
+                "curl: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Err(e) => skip("xks curl example", &format!("no curl: {e}")),
+    }
+
     // The load balancer's check (not audited).
     let lb = exchange(
         kms.addr,
