@@ -432,7 +432,7 @@ pub async fn run(
 
     if let Some(x) = &cfg.xks {
         let door = XksDoor::load(x, &|p| cfg.path(p), pipeline.clone(), probe_timeout)
-            .map_err(StartError::Tls)?;
+            .map_err(StartError::Config)?;
         let listener = TcpListener::bind(x.listen)
             .await
             .map_err(|e| StartError::Listen(format!("xks: cannot listen on {}: {e}", x.listen)))?;

@@ -57,7 +57,7 @@ use crate::{
         ops::Operation,
         pipeline::{Endpoint, Incoming, ReasonCode},
     },
-    error::{BrokerError, Denied, Invalid, NotFound},
+    error::{BrokerError, Denied, Invalid, NotFound, SignatureFailure},
     identity::{Caller, IdentityKind},
     model::KeyName,
 };
@@ -359,7 +359,11 @@ impl XksDoor {
             Err(e) => return self.refuse(op, None, e).await,
         };
         let Some(prefix) = self.prefix(prefix_path) else {
-            let e = NotFound::UriPath(format!("no XKS URI path {prefix_path}{}", super::API_PATH));
+            let e = NotFound::UriPath(format!(
+                "no XKS URI path {}{}",
+                super::printable(prefix_path, 128),
+                super::API_PATH
+            ));
             return self.refuse(op, None, e.into()).await;
         };
         let key_id = match &route {
@@ -389,6 +393,18 @@ impl XksDoor {
             SystemTime::now(),
             self.inner.max_skew,
         ) {
+            // What the client wrote (an access key id, a scope, a header list) is bounded
+            // before it reaches the audit trail and the log.
+            let f = match f {
+                SignatureFailure::UnknownAccessKey(id) => {
+                    SignatureFailure::UnknownAccessKey(super::printable(&id, 32))
+                }
+                SignatureFailure::Scope(s) => SignatureFailure::Scope(super::printable(&s, 128)),
+                SignatureFailure::SignedHeaders(s) => {
+                    SignatureFailure::SignedHeaders(super::printable(&s, 256))
+                }
+                other => other,
+            };
             return self.refuse(op, key, Denied::Signature(f).into()).await;
         }
         let xkey = |id: String| crate::api::ops::xks::XksKey {
