@@ -274,3 +274,50 @@ async fn serve_connection(
         tracing::debug!(%remote, error = %e, "HTTPS connection ended with an error");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(body: &'static [u8], limit: Option<BodyLimit>) -> axum::extract::Request {
+        let mut r = http::Request::builder()
+            .method("POST")
+            .uri("/x")
+            .body(Body::from(body))
+            .expect("request");
+        if let Some(l) = limit {
+            r.extensions_mut().insert(l);
+        }
+        r
+    }
+
+    #[tokio::test]
+    async fn bodies_are_read_up_to_the_limit_and_no_further() {
+        let (_, b) = read_body(request(b"0123456789", None), 10)
+            .await
+            .expect("at the limit");
+        assert_eq!(&b[..], b"0123456789");
+        assert!(matches!(
+            read_body(request(b"0123456789", None), 9).await,
+            Err(BodyError::TooLarge(9))
+        ));
+        // The listener's limit wins over the fallback.
+        let l = BodyLimit {
+            limit: 4,
+            exceeded: false,
+        };
+        assert!(matches!(
+            read_body(request(b"01234", Some(l)), 100).await,
+            Err(BodyError::TooLarge(4))
+        ));
+        // An announced oversized body is refused without being read.
+        let l = BodyLimit {
+            limit: 4,
+            exceeded: true,
+        };
+        assert!(matches!(
+            read_body(request(b"", Some(l)), 100).await,
+            Err(BodyError::TooLarge(4))
+        ));
+    }
+}
