@@ -620,3 +620,51 @@ impl ClientCertVerifier for CnVerifier {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn common_names_are_read_from_the_subject() {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "cks.kms.eu-west-1.amazonaws.com");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("cert");
+        assert_eq!(
+            common_names(cert.der()),
+            ["cks.kms.eu-west-1.amazonaws.com"]
+        );
+        assert!(common_names(b"not a certificate").is_empty());
+    }
+
+    #[test]
+    fn the_tls_configuration_speaks_http11_and_refuses_a_ca_file_without_a_ca() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = hsm_fixtures::pki::Ca::new(dir.path(), "ca", "xks test CA").expect("ca");
+        let server = ca.issue_localhost_server("server").expect("server");
+        let mut files = TlsFiles {
+            cert: server.cert_path.clone(),
+            key: server.key_path.clone(),
+            mtls: None,
+        };
+        let cfg = server_config(&files).expect("config");
+        assert_eq!(cfg.alpn_protocols, [b"http/1.1".to_vec()]);
+        files.mtls = Some((
+            ca.cert_path.clone(),
+            vec!["cks.kms.eu-west-1.amazonaws.com".into()],
+        ));
+        assert!(server_config(&files).is_ok());
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").expect("write");
+        files.mtls = Some((empty, vec!["x".into()]));
+        let e = server_config(&files).expect_err("no CA");
+        assert!(e.contains("holds no CA certificate"), "{e}");
+        files.mtls = None;
+        files.key = dir.path().join("missing.key");
+        let e = server_config(&files).expect_err("no key");
+        assert!(e.contains("xks.key"), "{e}");
+    }
+}
