@@ -899,3 +899,72 @@ async fn xks_configuration_without_credentials_is_refused_by_check_config_and_se
     let e = env.try_start().await.err().expect("serve refuses");
     assert!(e.contains("no SigV4 credentials"), "{e}");
 }
+
+/// The spec's rotation steps against a running broker: a third credential added to the
+/// directory is accepted once the door re-reads it (no restart), and a removed one is refused;
+/// SIGHUP re-reads at once.
+#[tokio::test]
+async fn xks_credentials_rotate_without_a_restart() {
+    const AKID3: &str = "ROTATEDKEYROTATEDKEY2345";
+    const SECRET3: &str = "cm90YXRlZHNlY3JldHJvdGF0ZWRzZWNyZXRyb3RhdGVkMDE=";
+    let env = xks_env("");
+    let b = env.start().await;
+    let mut kms = Kms {
+        addr: xks_addr(&b),
+        tls: tls_client(&env.pki.ca.cert_path, None),
+        requests: 0,
+    };
+    let health =
+        json!({"requestMetadata": {"kmsRequestId": "h-1", "kmsOperation": "KmsHealthCheck"}});
+    let path = "/acme/kms/xks/v1/health";
+    let a = kms
+        .signed_at(path, &health, AKID3, SECRET3, SystemTime::now())
+        .await;
+    assert_error(&a, 401, "AuthenticationFailedException", "not yet added");
+    let dir = env.dir.path().join("xks-credentials");
+    write_credential(&dir, "third.json", "/acme/kms/xks/v1", AKID3, SECRET3);
+    poll_until(
+        "the added credential is accepted",
+        Duration::from_secs(20),
+        || {
+            let (addr, tls) = (kms.addr, kms.tls.clone());
+            let health = health.clone();
+            async move {
+                let bytes = health.to_string().into_bytes();
+                let host = format!("localhost:{}", addr.port());
+                let h = signed_headers(&host, path, &bytes, AKID3, SECRET3, SystemTime::now());
+                let a = exchange(addr, tls, "POST", path, &h, &bytes).await.ok()?;
+                (a.status == 200).then_some(())
+            }
+        },
+    )
+    .await;
+    // Step 4: the old credential removed; SIGHUP makes the door re-read now.
+    std::fs::remove_file(dir.join("old.json")).expect("remove");
+    let _ = std::process::Command::new("kill")
+        .args(["-HUP", &b.pid().to_string()])
+        .status();
+    poll_until(
+        "the removed credential is refused",
+        Duration::from_secs(20),
+        || {
+            let (addr, tls) = (kms.addr, kms.tls.clone());
+            let health = health.clone();
+            async move {
+                let bytes = health.to_string().into_bytes();
+                let host = format!("localhost:{}", addr.port());
+                let h = signed_headers(&host, path, &bytes, AKID1, SECRET1, SystemTime::now());
+                let a = exchange(addr, tls, "POST", path, &h, &bytes).await.ok()?;
+                (a.status == 401).then_some(())
+            }
+        },
+    )
+    .await;
+    let a = kms
+        .signed_at(path, &health, AKID2, SECRET2, SystemTime::now())
+        .await;
+    assert_eq!(a.status, 200, "the other credential still works: {}", a.raw);
+    let log = b.stop().await;
+    assert!(log.contains("XKS SigV4 credentials reloaded"), "{log}");
+    assert!(!log.contains(SECRET3), "no secret in the log");
+}
