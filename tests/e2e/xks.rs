@@ -968,3 +968,55 @@ async fn xks_credentials_rotate_without_a_restart() {
     assert!(log.contains("XKS SigV4 credentials reloaded"), "{log}");
     assert!(!log.contains(SECRET3), "no secret in the log");
 }
+
+/// Refusals before any identity share the refusal limiter's budget: past it they are
+/// ThrottlingException, not one audit record each.
+#[tokio::test]
+async fn unauthenticated_refusals_are_throttled_not_audited_one_by_one() {
+    let env = xks_env("");
+    env.edit_config(|t| {
+        t.replacen(
+            "[server]\n",
+            "[server]\nrefused_per_second = 1\nrefused_burst = 3\n",
+            1,
+        )
+    });
+    let b = env.start().await;
+    let mut kms = Kms {
+        addr: xks_addr(&b),
+        tls: tls_client(&env.pki.ca.cert_path, None),
+        requests: 0,
+    };
+    let health =
+        json!({"requestMetadata": {"kmsRequestId": "h-1", "kmsOperation": "KmsHealthCheck"}});
+    let (mut refused, mut throttled) = (0, 0);
+    for _ in 0..8 {
+        let a = kms
+            .signed_at(
+                "/acme/kms/xks/v1/health",
+                &health,
+                AKID1,
+                SECRET2,
+                SystemTime::now(),
+            )
+            .await;
+        match a.status {
+            401 => refused += 1,
+            429 => {
+                assert_eq!(a.error_name(), "ThrottlingException", "{}", a.raw);
+                throttled += 1;
+            }
+            s => panic!("status {s}: {}", a.raw),
+        }
+    }
+    assert!(throttled > 0, "{refused} refused, none throttled");
+    b.stop().await;
+    let log = std::fs::read_to_string(env.audit_log()).expect("audit log");
+    let audited = log
+        .lines()
+        .filter(|l| {
+            l.contains("\"caller\":\"unauthenticated\"") && l.contains("\"op\":\"XksHealth\"")
+        })
+        .count();
+    assert_eq!(audited, refused, "{log}");
+}

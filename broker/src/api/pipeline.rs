@@ -365,6 +365,32 @@ impl Pipeline {
         start: Instant,
     ) -> Reply<T> {
         let sh = &self.shared;
+        // Unauthenticated refusals share one budget of the refusal limiter (`api::limiter`):
+        // whoever holds no credential cannot fill the audit trail with them. Past the budget
+        // they are answered RESOURCE_EXHAUSTED without a record each, and counted.
+        if let Some(l) = &sh.refusals {
+            let a = l.admit(UNAUTHENTICATED, Instant::now());
+            if let Some(n) = a.report {
+                let rec = crate::audit::Record::event(
+                    "RefusedRequestsSuppressed",
+                    Some(UNAUTHENTICATED),
+                    format!(
+                        "{n} unauthenticated request(s) answered RESOURCE_EXHAUSTED without \
+                         running: too many unauthenticated requests were refused"
+                    ),
+                );
+                if let Err(e) = sh.audit.append(rec).await {
+                    tracing::error!(error = %e, "could not audit suppressed requests");
+                }
+            }
+            if !a.admitted {
+                return Reply {
+                    result: Err(Exhausted::Refusals(UNAUTHENTICATED.into()).into()),
+                    request_id,
+                };
+            }
+            l.refused(UNAUTHENTICATED, Instant::now());
+        }
         let mut rec = crate::audit::Record::request(endpoint.op, UNAUTHENTICATED);
         rec.tenant = key.as_ref().map(|k| k.tenant().to_string());
         rec.key = key.map(|k| k.to_string());
