@@ -49,6 +49,9 @@ pub struct Config {
     pub metrics: Option<MetricsConfig>,
     /// The Kubernetes KMS v2 plugin socket (off unless the section is present).
     pub kms_v2: Option<KmsV2Config>,
+    /// The AWS XKS proxy door on its own HTTPS listener (off unless the section is present;
+    /// `api::xks::config`).
+    pub xks: Option<crate::api::xks::config::XksConfig>,
     /// The directory relative paths are resolved against (the config file's directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -684,6 +687,15 @@ impl Config {
             );
         }
         self.validate_store()?;
+        if let Some(x) = &self.xks {
+            x.validate()?;
+            if x.listen == self.server.listen && x.listen.port() != 0 {
+                return Err(format!(
+                    "xks.listen {} is server.listen too: the XKS door needs its own address",
+                    x.listen
+                ));
+            }
+        }
         if let Some(k) = &self.kms_v2 {
             crate::model::KeyName::parse(&k.key).map_err(|e| format!("kms_v2.key: {e}"))?;
             if k.socket.as_os_str().is_empty() {

@@ -4,8 +4,8 @@
 //! final checkpoint, and the HSM is closed (sessions closed, `C_Finalize`). Exit status 0.
 //!
 //! Listeners: the mutual-TLS gRPC listener (`keybroker.v1`, `grpc.health.v1`, server reflection);
-//! optionally the metrics listener (`[metrics]`, plain HTTP) and the Kubernetes KMS v2 unix socket
-//! (`[kms_v2]`). Each prints `keybroker: ... on ADDR` on stdout when it is ready; the TLS
+//! optionally the metrics listener (`[metrics]`, plain HTTP), the Kubernetes KMS v2 unix socket
+//! (`[kms_v2]`) and the AWS XKS proxy door on its own HTTPS listener (`[xks]`). Each prints `keybroker: ... on ADDR` on stdout when it is ready; the TLS
 //! listener's `listening on` line comes last. One shutdown signal stops them all and the health
 //! probe.
 
@@ -21,7 +21,9 @@ use crate::{
     api::{
         MAX_MESSAGE_BYTES, Pipeline,
         grpc::{AuditRejections, GrpcApi},
+        https::HttpsSettings,
         kms_v2::{self, KmsV2},
+        xks::door::{self as xks_door, XksDoor},
     },
     audit::{AuditLog, AuditSettings},
     config::Config,
@@ -460,6 +462,35 @@ pub async fn run(
             audit.clone(),
             stop,
         )));
+    }
+
+    if let Some(x) = &cfg.xks {
+        let door = XksDoor::load(x, &|p| cfg.path(p), pipeline.clone(), probe_timeout)
+            .map_err(StartError::Config)?;
+        let listener = TcpListener::bind(x.listen)
+            .await
+            .map_err(|e| StartError::Listen(format!("xks: cannot listen on {}: {e}", x.listen)))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| StartError::Listen(e.to_string()))?;
+        let settings = HttpsSettings {
+            max_connections: x.max_connections,
+            handshake_timeout: Duration::from_millis(x.handshake_timeout_ms),
+            header_read_timeout: Duration::from_millis(x.header_read_timeout_ms),
+            max_body_bytes: xks_door::MAX_BODY_BYTES,
+            // A backstop: the pipeline answers (and audits) a request at its deadline first.
+            request_timeout: Duration::from_millis(cfg.server.request_timeout_ms)
+                + Duration::from_secs(5),
+        };
+        door.watch(stopped(stop_rx.clone()));
+        tracing::info!(%addr, mtls = x.mtls.is_some(), prefixes = x.prefix.len(),
+            "serving the AWS XKS proxy API v1 over HTTPS (SigV4)");
+        println!("keybroker: xks on {addr}");
+        let stop = stopped(stop_rx.clone());
+        side_tasks.push(tokio::spawn(async move {
+            door.serve(listener, settings, stop).await;
+            Ok(())
+        }));
     }
 
     let tls_cfg = tls::Reloadable::load(cfg.tls_paths()).map_err(StartError::Tls)?;

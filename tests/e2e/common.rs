@@ -281,7 +281,7 @@ path = "audit.log"
             }
         });
         let mut lines = BufReader::new(stdout).lines();
-        let (mut metrics_addr, mut kms_socket) = (None, None);
+        let (mut metrics_addr, mut kms_socket, mut xks_addr) = (None, None, None);
         let addr = loop {
             match tokio::time::timeout(Duration::from_secs(120), lines.next_line()).await {
                 Ok(Ok(Some(l))) => {
@@ -291,6 +291,9 @@ path = "audit.log"
                     if let Some(a) = l.strip_prefix("keybroker: metrics on ") {
                         metrics_addr =
                             Some(a.trim().parse::<SocketAddr>().map_err(|e| e.to_string())?);
+                    }
+                    if let Some(a) = l.strip_prefix("keybroker: xks on ") {
+                        xks_addr = Some(a.trim().parse::<SocketAddr>().map_err(|e| e.to_string())?);
                     }
                     if let Some(p) = l.strip_prefix("keybroker: kms-v2 on ") {
                         kms_socket = Some(PathBuf::from(p.trim()));
@@ -311,6 +314,7 @@ path = "audit.log"
             addr,
             metrics_addr,
             kms_socket,
+            xks_addr,
             log,
             reader: Some(reader),
             ca: self.pki.ca.cert_path.clone(),
@@ -438,6 +442,8 @@ pub struct Broker {
     pub metrics_addr: Option<SocketAddr>,
     /// The KMS v2 socket, when `[kms_v2]` is configured.
     pub kms_socket: Option<PathBuf>,
+    /// The XKS door's HTTPS listener, when `[xks]` is configured.
+    pub xks_addr: Option<SocketAddr>,
     log: std::sync::Arc<std::sync::Mutex<String>>,
     reader: Option<tokio::task::JoinHandle<()>>,
     ca: PathBuf,

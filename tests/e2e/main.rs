@@ -32,4 +32,5 @@ mod sdk;
 mod soak;
 mod tls;
 mod wrap_unwrap;
+mod xks;
 mod xks_ops;

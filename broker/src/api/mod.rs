@@ -8,15 +8,17 @@
 //! * [`ops`] — the operations a request can ask for, one type each (sealed: only this module
 //!   defines them);
 //! * [`grpc`] — the `keybroker.v1` gRPC services, a codec over the pipeline;
+//! * [`https`] — the HTTPS listener every HTTP front door serves on (limits, shutdown);
 //! * [`kms_v2`] — the Kubernetes KMS v2 plugin on a unix socket, a codec over the pipeline;
 //! * [`xks`] — the AWS XKS proxy API's codec pieces (paths, bodies, error names, SigV4,
-//!   `[xks]`), ahead of its HTTPS listener.
+//!   `[xks]`) and its door on its own HTTPS listener.
 //!
 //! A front door translates its wire format into an operation and the pipeline's reply back
 //! into its wire format; it holds no keyring, policy or audit trail, so it cannot skip a step.
 
 mod call;
 pub mod grpc;
+pub mod https;
 pub mod kms_v2;
 pub mod limiter;
 pub mod ops;

@@ -50,6 +50,10 @@ use crate::{
 pub use super::call::{Context, ReasonCode};
 use super::{call::Call, limiter::RefusalLimiter, ops::Operation};
 
+/// The caller name in the audit record of a request refused before any identity was verified
+/// (an XKS request whose SigV4 signature does not verify).
+pub const UNAUTHENTICATED: &str = "unauthenticated";
+
 /// The default for `[server] request_timeout_ms`.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -69,7 +73,8 @@ pub struct Endpoint {
 pub struct Incoming {
     /// Where it came in.
     pub endpoint: Endpoint,
-    /// The verified caller (`None`: refused).
+    /// The verified caller (`None`: refused and audited as `unauthenticated`; the operation's
+    /// `Err` says why).
     pub caller: Option<Caller>,
     /// The request id read from the wire, unchecked.
     pub request_id: Option<String>,
@@ -230,10 +235,16 @@ impl Pipeline {
             .and_then(sanitize_request_id)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let Some(caller) = caller else {
-            return Reply {
-                result: Err(Denied::NoIdentity.into()),
-                request_id: header_id,
+            // Refused before any identity: the front door says why in `op` (a SigV4 signature
+            // that does not verify, a path no prefix serves, ...). Audited like every other
+            // refusal, under the caller name `unauthenticated`; nothing runs.
+            let error = match op {
+                Err(e) => e,
+                Ok(_) => Denied::NoIdentity.into(),
             };
+            return self
+                .refuse_unauthenticated(endpoint, key, error, header_id, start)
+                .await;
         };
         // A caller with too many requests refused lately is held off, unaudited but counted
         // (`api::limiter`): it cannot fill the audit trail with refusals.
@@ -347,6 +358,69 @@ impl Pipeline {
             }
         }
         Reply { result, request_id }
+    }
+
+    /// The audit record and reply of a request no identity could be verified for.
+    async fn refuse_unauthenticated<T>(
+        &self,
+        endpoint: Endpoint,
+        key: Option<KeyName>,
+        error: BrokerError,
+        request_id: String,
+        start: Instant,
+    ) -> Reply<T> {
+        let sh = &self.shared;
+        // Unauthenticated refusals share one budget of the refusal limiter (`api::limiter`):
+        // whoever holds no credential cannot fill the audit trail with them. Past the budget
+        // they are answered RESOURCE_EXHAUSTED without a record each, and counted.
+        if let Some(l) = &sh.refusals {
+            let a = l.admit(UNAUTHENTICATED, Instant::now());
+            if let Some(n) = a.report {
+                let rec = crate::audit::Record::event(
+                    "RefusedRequestsSuppressed",
+                    Some(UNAUTHENTICATED),
+                    format!(
+                        "{n} unauthenticated request(s) answered RESOURCE_EXHAUSTED without \
+                         running: too many unauthenticated requests were refused"
+                    ),
+                );
+                if let Err(e) = sh.audit.append(rec).await {
+                    tracing::error!(error = %e, "could not audit suppressed requests");
+                }
+            }
+            if !a.admitted {
+                return Reply {
+                    result: Err(Exhausted::Refusals(UNAUTHENTICATED.into()).into()),
+                    request_id,
+                };
+            }
+            l.refused(UNAUTHENTICATED, Instant::now());
+        }
+        let mut rec = crate::audit::Record::request(endpoint.op, UNAUTHENTICATED);
+        rec.tenant = key.as_ref().map(|k| k.tenant().to_string());
+        rec.key = key.map(|k| k.to_string());
+        rec.request_id = Some(request_id.clone());
+        rec.outcome = Some(crate::audit::outcome_name(Err(&error)));
+        rec.message = Some(error.public_message());
+        rec.latency_us = Some(start.elapsed().as_micros() as u64);
+        let audit_start = Instant::now();
+        let written = sh.audit.append(rec).await;
+        if let Some(m) = &sh.metrics {
+            m.observe_audit_write(audit_start.elapsed(), written.is_ok());
+        }
+        let op = endpoint.op;
+        if let Err(e) = written {
+            tracing::error!(op, request_id, error = %e, "audit record not written: request refused");
+            return Reply {
+                result: Err(Unavailable::Audit.into()),
+                request_id,
+            };
+        }
+        tracing::info!(op, caller = UNAUTHENTICATED, request_id, code = ?error.code(), error = %error, "refused");
+        Reply {
+            result: Err(error),
+            request_id,
+        }
     }
 
     /// Whether the HSM answers now (one real call, within `timeout`) and, if `key` is given,

@@ -62,6 +62,21 @@ pub async fn check_config(cfg: &Config, output: Output) -> Result<(), String> {
         }
     }
     crate::tls::Reloadable::load(cfg.tls_paths())?;
+    // [xks]: its TLS files and every prefix's SigV4 credentials load (secrets are not printed,
+    // only the access key ids in force).
+    let xks = match &cfg.xks {
+        None => None,
+        Some(x) => {
+            let c = crate::api::xks::door::check(x, &|p| cfg.path(p))?;
+            Some(json!({
+                "listen": x.listen,
+                "mtls": c.mtls,
+                "prefixes": c.prefixes.iter().map(|(uri_path, ids)| json!({
+                    "uri_path": uri_path, "access_key_ids": ids,
+                })).collect::<Vec<_>>(),
+            }))
+        }
+    };
     let store = probe_store(cfg).await?;
     let hsm = crate::server::open_hsm_unchecked(cfg).await?;
     let uri = cfg.hsm_uri()?.map(|u| {
@@ -85,6 +100,7 @@ pub async fn check_config(cfg: &Config, output: Output) -> Result<(), String> {
                 "key_types": caps.key_types,
                 "required_algorithms": caps.required,
                 "refusals": caps.refusals,
+                "xks": xks,
                 "verdict": if refusal.is_none() { "ok" } else { "refused" },
             });
             println!(
@@ -128,6 +144,9 @@ pub async fn check_config(cfg: &Config, output: Output) -> Result<(), String> {
                 }
             );
             println!("sessions: {}", t.sessions);
+            if let Some(x) = &xks {
+                println!("xks: {x}");
+            }
             println!("slots:");
             for s in &t.slots {
                 println!("  {s}");

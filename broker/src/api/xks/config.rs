@@ -8,6 +8,9 @@
 //! key = "pki/xks.key"
 //! max_clock_skew_s = 300                 # SigV4 request time window (default: the spec's 5 min)
 //! fleet_size = 2                         # xksProxyFleetSize: brokers behind this endpoint
+//! max_connections = 256                  # connections open at once (more wait to be accepted)
+//! handshake_timeout_ms = 10000           # TLS handshake bound
+//! header_read_timeout_ms = 10000         # request head bound (no slow-loris)
 //!
 //! [xks.mtls]                             # optional: also require a client certificate
 //! client_ca = "pki/amazon-trust.pem"     # the CA(s) AWS KMS's certificate chains to
@@ -19,6 +22,7 @@
 //! identity = "xks:acme"                  # who the policy sees (default "xks:" + tenant)
 //! credentials_dir = "/etc/keybroker/xks/acme"   # *.json files, 0600, the KMS console format
 //! # credentials_env = "KEYBROKER_XKS_ACME"      # or/and the same JSON in a variable
+//! # justification = "CUSTOMER_INITIATED_ACCESS"  # only if xks:acme is a HYOK service identity
 //! ```
 
 use std::{net::SocketAddr, path::PathBuf};
@@ -43,6 +47,15 @@ pub struct XksConfig {
     /// `xksProxyFleetSize` in health reports.
     #[serde(default = "default_fleet")]
     pub fleet_size: u32,
+    /// The most connections open at once (default 256).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// The TLS handshake timeout, ms (default 10000).
+    #[serde(default = "default_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// The longest a request's head may take to arrive, ms (default 10000).
+    #[serde(default = "default_timeout_ms")]
+    pub header_read_timeout_ms: u64,
     /// Client certificates (mutual TLS), if required.
     #[serde(default)]
     pub mtls: Option<XksMtls>,
@@ -57,6 +70,14 @@ fn default_skew() -> u64 {
 
 fn default_fleet() -> u32 {
     1
+}
+
+fn default_max_connections() -> usize {
+    256
+}
+
+fn default_timeout_ms() -> u64 {
+    10_000
 }
 
 /// `[xks.mtls]`: the client certificate's CA and subject common names (a handshake with
@@ -87,6 +108,11 @@ pub struct XksPrefix {
     /// An environment variable holding one such JSON object, or an array of them.
     #[serde(default)]
     pub credentials_env: Option<String>,
+    /// The access justification every request through this prefix carries (the XKS API has
+    /// none of its own). Only needed when the prefix's identity is a HYOK service identity,
+    /// whose key use needs a justification the key accepts.
+    #[serde(default)]
+    pub justification: Option<crate::policy::Reason>,
 }
 
 impl XksPrefix {
@@ -111,6 +137,15 @@ impl XksConfig {
         }
         if self.fleet_size == 0 {
             return Err("xks.fleet_size must be at least 1".into());
+        }
+        if self.max_connections == 0
+            || self.handshake_timeout_ms == 0
+            || self.header_read_timeout_ms == 0
+        {
+            return Err(
+                "xks.max_connections, xks.handshake_timeout_ms and xks.header_read_timeout_ms must be positive"
+                    .into(),
+            );
         }
         if let Some(m) = &self.mtls
             && (m.client_cn.is_empty() || m.client_cn.iter().any(|c| c.trim().is_empty()))

@@ -3,7 +3,7 @@
 //! [`crate::api::ops::xks`]). What is here needs no listener: URI paths, the request and
 //! response bodies straight from the spec (serde), the one mapping from [`BrokerError`] to the
 //! spec's `errorName` and HTTP status, SigV4 verification ([`sigv4`]) and the `[xks]`
-//! configuration ([`config`]). The HTTPS listener that carries them is wired in a later step.
+//! configuration ([`config`]). [`door`] serves them on their own HTTPS listener.
 //!
 //! A request goes: path → prefix (→ tenant, identity, credentials) → SigV4 against that
 //! prefix's credentials (the verified access key is the caller: `Caller` of kind `SigV4`, id
@@ -12,6 +12,7 @@
 //! reply encoded here.
 
 pub mod config;
+pub mod door;
 pub mod sigv4;
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
