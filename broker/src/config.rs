@@ -152,6 +152,21 @@ pub struct TlsConfig {
     /// certificate is refused until a fresh CRL is in place). Default 3600.
     #[serde(default = "default_crl_grace_s")]
     pub crl_grace_s: u64,
+    /// Most TLS handshakes in progress at once (each costs the server a signature); more
+    /// connections wait unaccepted. Default 64.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    /// Most established connections of one client identity at once; more are closed after
+    /// their handshake. Default 64.
+    #[serde(default = "default_max_connections_per_identity")]
+    pub max_connections_per_identity: usize,
+}
+
+fn default_max_handshakes() -> usize {
+    64
+}
+fn default_max_connections_per_identity() -> usize {
+    64
 }
 
 fn default_crl_grace_s() -> u64 {

@@ -504,8 +504,12 @@ pub async fn run(
     let incoming = tls::incoming(
         listener,
         tls_cfg,
-        Duration::from_millis(cfg.tls.handshake_timeout_ms),
-        fds.max_connections,
+        tls::Limits {
+            handshake_timeout: Duration::from_millis(cfg.tls.handshake_timeout_ms),
+            max_connections: fds.max_connections,
+            max_handshakes: cfg.tls.max_handshakes,
+            per_identity: cfg.tls.max_connections_per_identity,
+        },
     );
 
     tracing::info!(%addr, "serving keybroker.v1 over mutual TLS 1.3");

@@ -124,6 +124,8 @@ pub struct TlsConn {
     info: ConnInfo,
     /// Its place under the connection cap (`crate::fdlimit`), given back when it closes.
     _slot: tokio::sync::OwnedSemaphorePermit,
+    /// Its place in its identity's count ([`Limits::per_identity`]).
+    _seat: Seat,
 }
 
 impl Connected for TlsConn {
@@ -413,13 +415,26 @@ impl ClientCertVerifier for IdentityVerifier {
 pub fn incoming(
     listener: TcpListener,
     config: Arc<Reloadable>,
-    handshake_timeout: Duration,
-    max_connections: usize,
+    limits: Limits,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, io::Error>> {
+    let Limits {
+        handshake_timeout,
+        max_connections,
+        max_handshakes,
+        per_identity,
+    } = limits;
     let (tx, rx) = mpsc::channel(256);
     let slots = Arc::new(tokio::sync::Semaphore::new(
         max_connections.min(tokio::sync::Semaphore::MAX_PERMITS),
     ));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(
+        max_handshakes.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+    ));
+    let identities = Arc::new(IdentityCount {
+        max: per_identity.max(1),
+        open: std::sync::Mutex::new(std::collections::HashMap::new()),
+        refused: std::sync::atomic::AtomicU64::new(0),
+    });
     tokio::spawn(async move {
         let mut refused: u64 = 0;
         let mut last_warned: Option<std::time::Instant> = None;
@@ -427,6 +442,13 @@ pub fn incoming(
             // Stop accepting as soon as the server stops listening (graceful shutdown drops
             // the stream): the listening socket closes, so new connections are refused at once
             // instead of being accepted and never served.
+            // At most `max_handshakes` at once (each costs a server signature): past that, new
+            // connections wait in the kernel's backlog, unaccepted, holding no descriptor.
+            let handshake = tokio::select! {
+                h = handshakes.clone().acquire_owned() => h,
+                () = tx.closed() => break,
+            };
+            let Ok(handshake) = handshake else { break };
             let accepted = tokio::select! {
                 a = listener.accept() => a,
                 () = tx.closed() => break,
@@ -463,19 +485,21 @@ pub fn incoming(
             let acceptor = TlsAcceptor::from(built.config.clone());
             let config = config.clone();
             let tx = tx.clone();
+            let identities = identities.clone();
             tokio::spawn(async move {
-                let stream =
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::info!(%remote, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::info!(%remote, "TLS handshake timed out");
-                            return;
-                        }
-                    };
+                let accepted = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
+                drop(handshake);
+                let stream = match accepted {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::info!(%remote, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%remote, "TLS handshake timed out");
+                        return;
+                    }
+                };
                 let chain: Vec<CertificateDer<'static>> = stream
                     .get_ref()
                     .1
@@ -493,6 +517,16 @@ pub fn incoming(
                         return;
                     }
                 };
+                let Some(seat) = identities.take(&caller.id) else {
+                    let n = identities
+                        .refused
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if (n + 1).is_power_of_two() {
+                        tracing::warn!(%remote, caller = %caller, max = identities.max, refused = n + 1,
+                            "connection refused: this identity has the most connections allowed ([tls] max_connections_per_identity)");
+                    }
+                    return;
+                };
                 tracing::debug!(%remote, caller = %caller, "client connected");
                 let peer = Arc::new(Peer {
                     chain,
@@ -509,12 +543,67 @@ pub fn incoming(
                             peer,
                         },
                         _slot: slot,
+                        _seat: seat,
                     }))
                     .await;
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// How many connections and handshakes the listener takes on.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// A client must finish its handshake within this.
+    pub handshake_timeout: Duration,
+    /// Most connections at once (handshaking or established).
+    pub max_connections: usize,
+    /// Most handshakes at once.
+    pub max_handshakes: usize,
+    /// Most established connections of one identity at once.
+    pub per_identity: usize,
+}
+
+/// Open connections per identity.
+struct IdentityCount {
+    max: usize,
+    open: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    refused: std::sync::atomic::AtomicU64,
+}
+
+impl IdentityCount {
+    /// A seat for one more connection of `id`, if it has fewer than `max`.
+    fn take(self: &Arc<Self>, id: &str) -> Option<Seat> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(id.to_string()).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(Seat {
+            count: self.clone(),
+            id: id.to_string(),
+        })
+    }
+}
+
+/// One connection's place in its identity's count, given back when it closes.
+struct Seat {
+    count: Arc<IdentityCount>,
+    id: String,
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        let mut open = self.count.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.id);
+            }
+        }
+    }
 }
 
 /// Owned copies of the TLS file paths, for reloading.

@@ -705,3 +705,82 @@ async fn connections_age_out_and_are_never_resumed() {
     }
     b.stop().await;
 }
+
+/// A connection through TLS and the HTTP/2 preface, kept open; `Err` if the server closed it.
+async fn hold(
+    b: &Broker,
+    cfg: ClientConfig,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let tcp = TcpStream::connect(b.addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("localhost").expect("name");
+    let mut tls = TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut buf = [0u8; 9];
+    match tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => Ok(tls),
+        Ok(Ok(_)) => Err("closed by the server".into()),
+        Ok(Err(e)) => Err(format!("read: {e}")),
+        Err(_) => Err("no answer in 10 s".into()),
+    }
+}
+
+/// Issue 18 item 5: no cap on concurrent handshakes (each costs a server signature and a
+/// descriptor for up to the handshake timeout) nor on one identity's connections.
+#[tokio::test]
+async fn one_identity_has_a_bounded_number_of_connections_and_handshakes_wait_their_turn() {
+    let env = Env::with(Options {
+        tls_extra: "max_handshakes = 1\nmax_connections_per_identity = 2".into(),
+        ..Default::default()
+    });
+    let b = env.start().await;
+    let first = hold(&b, client_config(&env, Some(&env.pki.client), false))
+        .await
+        .expect("first");
+    let _second = hold(&b, client_config(&env, Some(&env.pki.client), false))
+        .await
+        .expect("second");
+    let e = hold(&b, client_config(&env, Some(&env.pki.client), false))
+        .await
+        .expect_err("a third connection of the same identity");
+    assert!(e.contains("closed"), "{e}");
+    let (said, log) = b.log_contains("max_connections_per_identity").await;
+    assert!(said, "{log}");
+    // Another identity is not affected; a closed connection gives its seat back.
+    let _dns = hold(&b, client_config(&env, Some(&env.pki.dns_client), false))
+        .await
+        .expect("another identity");
+    drop(first);
+    let mut again = Err(String::new());
+    for _ in 0..50 {
+        again = hold(&b, client_config(&env, Some(&env.pki.client), false)).await;
+        if again.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let again = again.expect("the seat came back");
+
+    // One handshake at a time: a client that connects and says nothing holds the only slot
+    // until the handshake timeout (3 s); the next handshake waits for it.
+    let _silent = TcpStream::connect(b.addr).await.expect("tcp");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t0 = std::time::Instant::now();
+    let _late = hold(&b, client_config(&env, Some(&env.pki.dns_client), false))
+        .await
+        .expect("served after the silent one timed out");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(2000),
+        "did not wait for the handshake slot: {:?}",
+        t0.elapsed()
+    );
+    // Raw connections that ignore GOAWAY would hold the graceful shutdown open.
+    drop((_second, _dns, again, _silent, _late));
+    b.stop().await;
+}
