@@ -52,6 +52,9 @@ pub struct Config {
     /// The AWS XKS proxy door on its own HTTPS listener (off unless the section is present;
     /// `api::xks::config`).
     pub xks: Option<crate::api::xks::config::XksConfig>,
+    /// The Azure Managed HSM EKM proxy door on its own HTTPS listener (off unless the section
+    /// is present; `api::ekm::config`).
+    pub ekm: Option<crate::api::ekm::config::EkmConfig>,
     /// The directory relative paths are resolved against (the config file's directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -707,6 +710,24 @@ impl Config {
             if x.listen == self.server.listen && x.listen.port() != 0 {
                 return Err(format!(
                     "xks.listen {} is server.listen too: the XKS door needs its own address",
+                    x.listen
+                ));
+            }
+        }
+        if let Some(x) = &self.ekm {
+            x.validate()?;
+            if x.listen == self.server.listen && x.listen.port() != 0 {
+                return Err(format!(
+                    "ekm.listen {} is server.listen too: the EKM door needs its own address",
+                    x.listen
+                ));
+            }
+            if let Some(k) = &self.xks
+                && k.listen == x.listen
+                && x.listen.port() != 0
+            {
+                return Err(format!(
+                    "ekm.listen {} is xks.listen too: each door needs its own address",
                     x.listen
                 ));
             }

@@ -26,6 +26,9 @@ pub enum IdentityKind {
     /// A request signed with AWS SigV4 by a credential of an XKS URI prefix (the id is the
     /// prefix's configured identity; `api::xks::sigv4`).
     SigV4,
+    /// An Azure Managed HSM whose client certificate the EKM door verified (CA and subject CN,
+    /// in the TLS handshake); the id is the path prefix's configured identity (`api::ekm`).
+    Ekm,
 }
 
 /// A verified caller.
@@ -112,7 +115,7 @@ impl Caller {
                 .strip_prefix("spiffe://")
                 .map(|r| r.split('/').next().unwrap_or(r)),
             IdentityKind::Dns => Some(&self.id),
-            IdentityKind::Unix | IdentityKind::SigV4 => None,
+            IdentityKind::Unix | IdentityKind::SigV4 | IdentityKind::Ekm => None,
         }
     }
 

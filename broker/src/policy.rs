@@ -204,7 +204,8 @@ fn glob_slice<T: PartialEq + Copy + From<u8>>(p: &[T], t: &[T]) -> bool {
 /// * `dns:NAME` or a bare `NAME`: DNS-SAN callers; `*` and `?` match within one label, never
 ///   across `.`.
 /// * `unix:...`: local peers of the KMS v2 socket (`unix:uid=N`); `xks:...`: callers an XKS
-///   prefix's SigV4 credential authenticated. `*` and `?` match any characters.
+///   prefix's SigV4 credential authenticated; `ekm:...`: Managed HSM callers of an EKM path
+///   prefix (client certificate checked in the handshake). `*` and `?` match any characters.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdentityPattern {
     kind: IdentityKind,
@@ -251,12 +252,14 @@ impl IdentityPattern {
             (IdentityKind::Unix, t.to_string())
         } else if t.starts_with("xks:") {
             (IdentityKind::SigV4, t.to_string())
+        } else if t.starts_with("ekm:") {
+            (IdentityKind::Ekm, t.to_string())
         } else {
             let name = t.strip_prefix("dns:").unwrap_or(t);
             if name.contains(':') || name.contains('/') {
                 return Err(format!(
                     "identity {text:?}: not a SPIFFE ID (spiffe://...), a DNS name (dns:... or \
-                     bare), unix:... or xks:..."
+                     bare), unix:..., xks:... or ekm:..."
                 ));
             }
             let lower = name.to_ascii_lowercase();
@@ -306,7 +309,9 @@ impl IdentityPattern {
                     }
                 }
             }
-            IdentityKind::Unix | IdentityKind::SigV4 => glob(&self.text, &caller.id),
+            IdentityKind::Unix | IdentityKind::SigV4 | IdentityKind::Ekm => {
+                glob(&self.text, &caller.id)
+            }
         }
     }
 }

@@ -5,7 +5,9 @@
 //!
 //! Listeners: the mutual-TLS gRPC listener (`keybroker.v1`, `grpc.health.v1`, server reflection);
 //! optionally the metrics listener (`[metrics]`, plain HTTP), the Kubernetes KMS v2 unix socket
-//! (`[kms_v2]`) and the AWS XKS proxy door on its own HTTPS listener (`[xks]`). Each prints `keybroker: ... on ADDR` on stdout when it is ready; the TLS
+//! (`[kms_v2]`), the AWS XKS proxy door on its own HTTPS listener (`[xks]`) and the Azure
+//! Managed HSM EKM proxy door on its own (`[ekm]`). Each prints `keybroker: ... on ADDR` on
+//! stdout when it is ready; the TLS
 //! listener's `listening on` line comes last. One shutdown signal stops them all and the health
 //! probe.
 
@@ -20,6 +22,7 @@ use tokio::{net::TcpListener, sync::watch};
 use crate::{
     api::{
         MAX_MESSAGE_BYTES, Pipeline,
+        ekm::door::{self as ekm_door, EkmDoor},
         grpc::{AuditRejections, GrpcApi},
         https::HttpsSettings,
         kms_v2::{self, KmsV2},
@@ -486,6 +489,35 @@ pub async fn run(
         tracing::info!(%addr, mtls = x.mtls.is_some(), prefixes = x.prefix.len(),
             "serving the AWS XKS proxy API v1 over HTTPS (SigV4)");
         println!("keybroker: xks on {addr}");
+        let stop = stopped(stop_rx.clone());
+        side_tasks.push(tokio::spawn(async move {
+            door.serve(listener, settings, stop).await;
+            Ok(())
+        }));
+    }
+
+    if let Some(x) = &cfg.ekm {
+        let door =
+            EkmDoor::load(x, &|p| cfg.path(p), pipeline.clone()).map_err(StartError::Config)?;
+        let listener = TcpListener::bind(x.listen)
+            .await
+            .map_err(|e| StartError::Listen(format!("ekm: cannot listen on {}: {e}", x.listen)))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| StartError::Listen(e.to_string()))?;
+        let settings = HttpsSettings {
+            max_connections: x.max_connections,
+            handshake_timeout: Duration::from_millis(x.handshake_timeout_ms),
+            header_read_timeout: Duration::from_millis(x.header_read_timeout_ms),
+            max_body_bytes: ekm_door::MAX_BODY_BYTES,
+            // A backstop: the pipeline answers (and audits) a request at its deadline first.
+            request_timeout: Duration::from_millis(cfg.server.request_timeout_ms)
+                + Duration::from_secs(5),
+        };
+        door.watch(stopped(stop_rx.clone()));
+        tracing::info!(%addr, prefixes = x.prefix.len(), client_cn = ?x.client_cn,
+            "serving the Azure Managed HSM EKM proxy API 0.1-preview over HTTPS (TLS 1.3, mTLS)");
+        println!("keybroker: ekm on {addr}");
         let stop = stopped(stop_rx.clone());
         side_tasks.push(tokio::spawn(async move {
             door.serve(listener, settings, stop).await;

@@ -11,12 +11,16 @@
 //! * [`https`] — the HTTPS listener every HTTP front door serves on (limits, shutdown);
 //! * [`kms_v2`] — the Kubernetes KMS v2 plugin on a unix socket, a codec over the pipeline;
 //! * [`xks`] — the AWS XKS proxy API's codec pieces (paths, bodies, error names, SigV4,
-//!   `[xks]`) and its door on its own HTTPS listener.
+//!   `[xks]`) and its door on its own HTTPS listener;
+//! * [`ekm`] — the Azure Managed HSM EKM proxy API's codec pieces (paths, `api-version`,
+//!   bodies, `{code, message}` errors, `[ekm]`) and its door on its own HTTPS listener (TLS 1.3,
+//!   mutual TLS required).
 //!
 //! A front door translates its wire format into an operation and the pipeline's reply back
 //! into its wire format; it holds no keyring, policy or audit trail, so it cannot skip a step.
 
 mod call;
+pub mod ekm;
 pub mod grpc;
 pub mod https;
 pub mod kms_v2;

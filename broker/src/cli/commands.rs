@@ -77,6 +77,18 @@ pub async fn check_config(cfg: &Config, output: Output) -> Result<(), String> {
             }))
         }
     };
+    // [ekm]: its TLS files (server certificate, client CA) load.
+    let ekm = match &cfg.ekm {
+        None => None,
+        Some(x) => {
+            let prefixes = crate::api::ekm::door::check(x, &|p| cfg.path(p))?;
+            Some(json!({
+                "listen": x.listen,
+                "client_cn": x.client_cn,
+                "prefixes": prefixes,
+            }))
+        }
+    };
     let store = probe_store(cfg).await?;
     let hsm = crate::server::open_hsm_unchecked(cfg).await?;
     let uri = cfg.hsm_uri()?.map(|u| {
@@ -101,6 +113,7 @@ pub async fn check_config(cfg: &Config, output: Output) -> Result<(), String> {
                 "required_algorithms": caps.required,
                 "refusals": caps.refusals,
                 "xks": xks,
+                "ekm": ekm,
                 "verdict": if refusal.is_none() { "ok" } else { "refused" },
             });
             println!(
@@ -146,6 +159,9 @@ pub async fn check_config(cfg: &Config, output: Output) -> Result<(), String> {
             println!("sessions: {}", t.sessions);
             if let Some(x) = &xks {
                 println!("xks: {x}");
+            }
+            if let Some(x) = &ekm {
+                println!("ekm: {x}");
             }
             println!("slots:");
             for s in &t.slots {

@@ -14,10 +14,12 @@
 //! * [`hyok`] — the HYOK kill switch;
 //! * [`random`] — random bytes from the HSM;
 //! * [`kms`] — the Kubernetes KMS v2 plugin's encrypt and decrypt of its one key;
-//! * [`xks`] — the AWS XKS proxy API's key metadata, encrypt, decrypt and health.
+//! * [`xks`] — the AWS XKS proxy API's key metadata, encrypt, decrypt and health;
+//! * [`ekm`] — the Azure Managed HSM EKM proxy API's proxy info, key metadata, wrap and unwrap.
 
 pub mod audit;
 pub mod data;
+pub mod ekm;
 pub mod hyok;
 pub mod kms;
 pub mod manage;
