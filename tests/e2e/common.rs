@@ -281,7 +281,8 @@ path = "audit.log"
             }
         });
         let mut lines = BufReader::new(stdout).lines();
-        let (mut metrics_addr, mut kms_socket, mut xks_addr) = (None, None, None);
+        let (mut metrics_addr, mut kms_socket, mut xks_addr, mut ekm_addr) =
+            (None, None, None, None);
         let addr = loop {
             match tokio::time::timeout(Duration::from_secs(120), lines.next_line()).await {
                 Ok(Ok(Some(l))) => {
@@ -294,6 +295,9 @@ path = "audit.log"
                     }
                     if let Some(a) = l.strip_prefix("keybroker: xks on ") {
                         xks_addr = Some(a.trim().parse::<SocketAddr>().map_err(|e| e.to_string())?);
+                    }
+                    if let Some(a) = l.strip_prefix("keybroker: ekm on ") {
+                        ekm_addr = Some(a.trim().parse::<SocketAddr>().map_err(|e| e.to_string())?);
                     }
                     if let Some(p) = l.strip_prefix("keybroker: kms-v2 on ") {
                         kms_socket = Some(PathBuf::from(p.trim()));
@@ -315,6 +319,7 @@ path = "audit.log"
             metrics_addr,
             kms_socket,
             xks_addr,
+            ekm_addr,
             log,
             reader: Some(reader),
             ca: self.pki.ca.cert_path.clone(),
@@ -444,6 +449,8 @@ pub struct Broker {
     pub kms_socket: Option<PathBuf>,
     /// The XKS door's HTTPS listener, when `[xks]` is configured.
     pub xks_addr: Option<SocketAddr>,
+    /// The EKM door's HTTPS listener, when `[ekm]` is configured.
+    pub ekm_addr: Option<SocketAddr>,
     log: std::sync::Arc<std::sync::Mutex<String>>,
     reader: Option<tokio::task::JoinHandle<()>>,
     ca: PathBuf,

@@ -9,6 +9,7 @@ mod batch;
 mod cli;
 mod common;
 mod crash;
+mod ekm;
 mod faults;
 mod hostile;
 mod hygiene;

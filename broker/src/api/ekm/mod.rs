@@ -132,8 +132,8 @@ pub fn check_api_version(query: Option<&str>) -> Result<(), BrokerError> {
     });
     match version {
         Some(API_VERSION) => Ok(()),
-        None => Err(Invalid::Missing("api-version").into()),
-        Some(_) => Err(Invalid::Value {
+        // Missing or another: either way the message names the version keybroker speaks.
+        _ => Err(Invalid::Value {
             field: "api-version",
             expected: API_VERSION,
         }
@@ -272,13 +272,10 @@ pub mod codes {
 pub fn error_code(e: &BrokerError) -> (u16, &'static str) {
     use codes::*;
     match e {
-        BrokerError::Invalid(
-            Invalid::Value {
-                field: "api-version",
-                ..
-            }
-            | Invalid::Missing("api-version"),
-        ) => (400, UNSUPPORTED_API_VERSION),
+        BrokerError::Invalid(Invalid::Value {
+            field: "api-version",
+            ..
+        }) => (400, UNSUPPORTED_API_VERSION),
         BrokerError::Invalid(Invalid::Value { field: "alg", .. }) => (400, UNSUPPORTED_ALGORITHM),
         BrokerError::Invalid(_) => (400, INVALID_REQUEST),
         BrokerError::Unauthentic | BrokerError::UnauthenticCiphertext => (400, INVALID_CIPHERTEXT),
