@@ -273,6 +273,10 @@ impl Operation for EkmUnwrap {
                 Err(e @ (BrokerError::Unauthentic | BrokerError::UnauthenticCiphertext)) => {
                     first_error.get_or_insert(e);
                 }
+                // An older version the key refuses (below its minimum decryption version,
+                // expired): the wrapped key did not unwrap under the versions allowed, which is
+                // the newest version's answer, not a refusal of the key.
+                Err(BrokerError::Refused(_)) if first_error.is_some() => break,
                 Err(e) => return Err(e),
             }
         }
