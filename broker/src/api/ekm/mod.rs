@@ -486,6 +486,7 @@ pub fn encode_unwrap(dek: Dek) -> UnwrapResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::KeyName;
 
     #[test]
     fn paths_split_into_prefix_and_route() {
@@ -607,6 +608,38 @@ mod tests {
             let e = decode_unwrap(b, key.clone()).op.err().expect("refused");
             assert_eq!(error_code(&e).1, code, "{}", String::from_utf8_lossy(b));
         }
+    }
+
+    #[test]
+    fn broker_errors_map_to_the_reference_statuses() {
+        use crate::error::{Exhausted, Unavailable};
+        let k = KeyName::new("t", "k").expect("name");
+        for (e, want) in [
+            (BrokerError::Unauthentic, (400, codes::INVALID_CIPHERTEXT)),
+            (Denied::NoIdentity.into(), (401, codes::UNAUTHORIZED)),
+            (Denied::HyokDisconnected.into(), (403, codes::DISCONNECTED)),
+            (
+                Refused::Disabled(k.clone()).into(),
+                (403, codes::KEY_DISABLED),
+            ),
+            (
+                Refused::Quarantined(k).into(),
+                (403, codes::OPERATION_NOT_ALLOWED),
+            ),
+            (
+                NotFound::Key("t/k".into()).into(),
+                (404, codes::KEY_NOT_FOUND),
+            ),
+            (Exhausted::Hsm.into(), (429, codes::TOO_MANY_REQUESTS)),
+            (Deadline::Passed.into(), (503, codes::SERVICE_UNAVAILABLE)),
+            (Unavailable::Hsm.into(), (503, codes::SERVICE_UNAVAILABLE)),
+            (BrokerError::internal("x"), (500, codes::INTERNAL)),
+        ] {
+            assert_eq!(error_code(&e), want, "{e}");
+        }
+        // An internal error's detail stays in the log.
+        let (_, body) = error_response(&BrokerError::internal("secret detail"));
+        assert!(!body.message.contains("secret detail"), "{}", body.message);
     }
 
     #[test]
