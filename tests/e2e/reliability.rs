@@ -653,6 +653,9 @@ async fn idle_connections_up_to_the_descriptor_limit_do_not_starve_the_hsm() {
             format!("--nofile={limit}:{limit}"),
             "--".into(),
         ],
+        // One identity makes every connection here: lift its own cap, to reach the
+        // descriptor cap.
+        tls_extra: "max_connections_per_identity = 1000".into(),
         ..Options::default()
     });
     let b = env.start().await;
