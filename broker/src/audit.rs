@@ -555,7 +555,7 @@ impl AuditReader {
 /// A page of records (as stored) and the seq to continue after, if there may be more.
 pub type QueryResult = Result<(Vec<String>, Option<u64>), String>;
 
-/// A sparse index of the audit file: the byte offset of every [`QueryIndex::EVERY`]-th record,
+/// A sparse index of the audit file: the byte offset of every 256th record,
 /// extended from where it stopped each time it is used (the log only grows; a file that shrank
 /// or was replaced is indexed again from the start).
 #[derive(Default)]
