@@ -37,9 +37,15 @@ use axum::{
 };
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use rustls::{ServerConfig, pki_types::CertificateDer};
+use rustls::{
+    DigitallySignedStruct, DistinguishedName, Error as TlsError, ServerConfig, SignatureScheme,
+    client::danger::HandshakeSignatureValid,
+    pki_types::{CertificateDer, UnixTime},
+    server::danger::{ClientCertVerified, ClientCertVerifier},
+};
 use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
 use tokio_rustls::TlsAcceptor;
+use x509_parser::prelude::FromDer;
 
 /// The limits of one HTTPS listener.
 #[derive(Clone, Copy, Debug)]
@@ -275,9 +281,95 @@ async fn serve_connection(
     }
 }
 
+/// The subject common names of a certificate.
+pub(crate) fn common_names(der: &[u8]) -> Vec<String> {
+    match x509_parser::certificate::X509Certificate::from_der(der) {
+        Ok((_, c)) => c
+            .subject()
+            .iter_common_name()
+            .filter_map(|a| a.as_str().ok().map(str::to_string))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// A door's client-certificate verifier: webpki's chain check against the door's configured
+/// CA, then the subject CN must be one of those configured (AWS KMS presents
+/// `cks.kms.<region>.amazonaws.com`; Azure's Managed HSM the name its operator configures).
+#[derive(Debug)]
+pub(crate) struct CnVerifier {
+    /// The chain check.
+    pub(crate) inner: Arc<dyn ClientCertVerifier>,
+    /// The accepted subject common names.
+    pub(crate) cns: Vec<String>,
+    /// The door, for the log line (`XKS`, `EKM`).
+    pub(crate) door: &'static str,
+}
+
+impl ClientCertVerifier for CnVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, TlsError> {
+        let ok = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let names = common_names(end_entity);
+        if !names.iter().any(|n| self.cns.contains(n)) {
+            tracing::info!(door = self.door, subject_cn = ?names, "client certificate refused: subject CN not configured");
+            return Err(TlsError::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(ok)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn common_names_are_read_from_the_subject() {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "cks.kms.eu-west-1.amazonaws.com");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("cert");
+        assert_eq!(
+            common_names(cert.der()),
+            ["cks.kms.eu-west-1.amazonaws.com"]
+        );
+        assert!(common_names(b"not a certificate").is_empty());
+    }
 
     fn request(body: &'static [u8], limit: Option<BodyLimit>) -> axum::extract::Request {
         let mut r = http::Request::builder()

@@ -30,17 +30,12 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use rustls::{
-    DigitallySignedStruct, DistinguishedName, Error as TlsError, ServerConfig, SignatureScheme,
-    client::danger::HandshakeSignatureValid,
-    pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject},
-    server::{
-        WebPkiClientVerifier,
-        danger::{ClientCertVerified, ClientCertVerifier},
-    },
+    ServerConfig,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    server::WebPkiClientVerifier,
 };
 use serde::Serialize;
 use tokio::net::TcpListener;
-use x509_parser::prelude::FromDer;
 
 use super::{Decoded, Route, codes, config::EkmConfig, error_response};
 use crate::{
@@ -414,7 +409,8 @@ fn server_config(f: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| format!("EKM TLS: {e}"))?
-        .with_client_cert_verifier(Arc::new(CnVerifier {
+        .with_client_cert_verifier(Arc::new(crate::api::https::CnVerifier {
+            door: "EKM",
             inner,
             cns: f.client_cn.clone(),
         }))
@@ -422,72 +418,6 @@ fn server_config(f: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
         .map_err(|e| format!("ekm.cert and ekm.key: {e}"))?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
-}
-
-/// The subject common names of a certificate.
-fn common_names(der: &[u8]) -> Vec<String> {
-    match x509_parser::certificate::X509Certificate::from_der(der) {
-        Ok((_, c)) => c
-            .subject()
-            .iter_common_name()
-            .filter_map(|a| a.as_str().ok().map(str::to_string))
-            .collect(),
-        Err(_) => Vec::new(),
-    }
-}
-
-/// webpki's chain check against the configured CA, then: the subject CN is one of those
-/// configured (the reference: the customer configures both).
-#[derive(Debug)]
-struct CnVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
-    cns: Vec<String>,
-}
-
-impl ClientCertVerifier for CnVerifier {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
-    }
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, TlsError> {
-        let ok = self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        let names = common_names(end_entity);
-        if !names.iter().any(|n| self.cns.contains(n)) {
-            tracing::info!(subject_cn = ?names, "EKM client certificate refused: subject CN not configured");
-            return Err(TlsError::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ));
-        }
-        Ok(ok)
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-    fn client_auth_mandatory(&self) -> bool {
-        true
-    }
 }
 
 #[cfg(test)]
@@ -512,17 +442,5 @@ mod tests {
         files.client_ca = empty;
         let e = server_config(&files).expect_err("no CA");
         assert!(e.contains("holds no CA certificate"), "{e}");
-    }
-
-    #[test]
-    fn common_names_are_read_from_the_subject() {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "mhsm.example");
-        let key = rcgen::KeyPair::generate().expect("key");
-        let cert = params.self_signed(&key).expect("cert");
-        assert_eq!(common_names(cert.der()), ["mhsm.example"]);
-        assert!(common_names(b"not a certificate").is_empty());
     }
 }
