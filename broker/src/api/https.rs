@@ -293,6 +293,23 @@ pub(crate) fn common_names(der: &[u8]) -> Vec<String> {
     }
 }
 
+/// At most `max` characters of printable ASCII: what the HTTP doors echo of a caller's input in
+/// an error (the XKS spec's rule for `errorMessage`), so it cannot forge log or JSON structure.
+pub(crate) fn printable(s: &str, max: usize) -> String {
+    s.chars()
+        .map(|c| if (' '..='~').contains(&c) { c } else { '?' })
+        .take(max)
+        .collect()
+}
+
+/// A JSON request body, or the body error an HTTP door answers with 400.
+pub(crate) fn json_body<T: for<'de> serde::Deserialize<'de>>(
+    bytes: &[u8],
+) -> Result<T, crate::error::BrokerError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| crate::error::Invalid::Body(printable(&e.to_string(), 200)).into())
+}
+
 /// A door's client-certificate verifier: webpki's chain check against the door's configured
 /// CA, then the subject CN must be one of those configured (AWS KMS presents
 /// `cks.kms.<region>.amazonaws.com`; Azure's Managed HSM the name its operator configures).

@@ -20,6 +20,7 @@
 pub mod config;
 pub mod door;
 
+use super::https::{json_body as body, printable};
 use base64::{
     Engine,
     engine::{
@@ -312,14 +313,6 @@ pub fn error_response(e: &BrokerError) -> (u16, ErrorBody) {
     )
 }
 
-/// At most `max` characters of printable ASCII.
-fn printable(s: &str, max: usize) -> String {
-    s.chars()
-        .map(|c| if (' '..='~').contains(&c) { c } else { '?' })
-        .take(max)
-        .collect()
-}
-
 /// A request the codec decoded: its context (from `request_context`), the request id to use,
 /// and the operation or why there is none.
 pub struct Decoded<O> {
@@ -329,10 +322,6 @@ pub struct Decoded<O> {
     pub request_id: Option<String>,
     /// The operation.
     pub op: Result<O, BrokerError>,
-}
-
-fn body<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, BrokerError> {
-    serde_json::from_slice(bytes).map_err(|e| Invalid::Body(printable(&e.to_string(), 200)).into())
 }
 
 fn b64url(field: &'static str, s: &str) -> Result<Vec<u8>, BrokerError> {

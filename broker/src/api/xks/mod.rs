@@ -15,6 +15,7 @@ pub mod config;
 pub mod door;
 pub mod sigv4;
 
+use super::https::{json_body as body, printable};
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use serde::{Deserialize, Serialize};
 
@@ -313,14 +314,6 @@ pub fn method_not_allowed() -> (u16, &'static str) {
     (405, "Method Not Allowed: the XKS proxy API takes POST only")
 }
 
-/// At most `max` characters of printable ASCII (the spec's rule for `errorMessage`).
-fn printable(s: &str, max: usize) -> String {
-    s.chars()
-        .map(|c| if (' '..='~').contains(&c) { c } else { '?' })
-        .take(max)
-        .collect()
-}
-
 /// A request the codec decoded: its context (with `requestMetadata` as [`Upstream`]), the
 /// request id to use (`kmsRequestId`, which the pipeline keeps if safe to log), and the
 /// operation or why there is none.
@@ -331,10 +324,6 @@ pub struct Decoded<O> {
     pub request_id: Option<String>,
     /// The operation.
     pub op: Result<O, BrokerError>,
-}
-
-fn body<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, BrokerError> {
-    serde_json::from_slice(bytes).map_err(|e| Invalid::Body(printable(&e.to_string(), 200)).into())
 }
 
 fn b64(field: &'static str, s: &str) -> Result<Vec<u8>, BrokerError> {
