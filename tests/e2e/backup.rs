@@ -623,3 +623,113 @@ async fn backup_and_restore_follow_the_role_table_and_scopes() {
     drop(other);
     b.stop().await;
 }
+
+/// Issue 18, "also decide": a purge of a backed-up key is not final while its blobs exist, and
+/// the receipt says so — naming each blob by its SHA-256 — instead of claiming an erasure that
+/// `RestoreKey` can undo. Blobs are tracked per version: a later key of the same name does not
+/// inherit them, and a restored key purged again is still not final.
+#[tokio::test]
+async fn a_purge_receipt_is_not_final_while_backups_of_its_versions_exist() {
+    use sha2::Digest;
+    crate::require_aes!();
+    let env = backup_env();
+    domain_init(&env).expect("domain init");
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    let purge = async |c: &mut Clients, name: &str| {
+        c.mgmt
+            .delete_key(pb::DeleteKeyRequest { key: name.into() })
+            .await
+            .expect("delete");
+        c.mgmt
+            .purge_key(pb::PurgeKeyRequest { key: name.into() })
+            .await
+            .expect("purge")
+            .into_inner()
+    };
+
+    // Never backed up: final.
+    create_kind(
+        &mut c,
+        "acme/plain",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Aes256Gcm,
+    )
+    .await;
+    let r = purge(&mut c, "acme/plain").await;
+    assert!(r.r#final, "{r:?}");
+    assert!(r.backups.is_empty());
+
+    // Backed up at v1 and again at v2: both blobs hold v1, only the second holds v2.
+    let name = "acme/kept";
+    create_kind(&mut c, name, pb::KeyType::Aes256, pb::Algorithm::Aes256Gcm).await;
+    let first = backup(&mut c, name).await.expect("backup 1");
+    c.mgmt
+        .rotate_key(pb::RotateKeyRequest { key: name.into() })
+        .await
+        .expect("rotate");
+    let second = backup(&mut c, name).await.expect("backup 2");
+    for blob in [&first, &second] {
+        assert_eq!(blob.sha256, hex::encode(sha2::Sha256::digest(&blob.backup)));
+    }
+    let ids: Vec<String> = get(&mut c, name)
+        .await
+        .expect("get")
+        .versions
+        .iter()
+        .map(|v| hex::encode(&v.id))
+        .collect();
+    let r = purge(&mut c, name).await;
+    assert!(
+        !r.r#final,
+        "a purge with blobs outstanding must not say final"
+    );
+    let named: Vec<(&str, &[String])> = r
+        .backups
+        .iter()
+        .map(|b| (b.sha256.as_str(), b.version_ids.as_slice()))
+        .collect();
+    assert_eq!(
+        named,
+        [
+            (first.sha256.as_str(), &ids[..1]),
+            (second.sha256.as_str(), &ids[..])
+        ]
+    );
+    assert!(
+        r.backups
+            .iter()
+            .all(|b| b.made_by == hsm_fixtures::pki::TEST_CLIENT_ID)
+    );
+
+    // Which is true: the older blob brings v1 back. Purged again: still not final.
+    restore(&mut c, &first.backup).await.expect("restore");
+    let r = purge(&mut c, name).await;
+    assert!(!r.r#final);
+    assert_eq!(r.backups.len(), 2, "both blobs hold the restored v1");
+
+    // A new key under the same name shares no version with the blobs: its purge is final.
+    create_kind(&mut c, name, pb::KeyType::Aes256, pb::Algorithm::Aes256Gcm).await;
+    let r = purge(&mut c, name).await;
+    assert!(r.r#final, "{r:?}");
+    b.stop().await;
+
+    // The audit trail's receipts say the same, in words and in detail.
+    let audit = std::fs::read_to_string(env.audit_log()).expect("audit");
+    let receipts: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .filter(|r| r["op"] == "DestructionReceipt" && r["key"] == name)
+        .collect();
+    assert_eq!(receipts.len(), 3);
+    assert_eq!(receipts[0]["detail"]["final"], false);
+    assert_eq!(receipts[0]["detail"]["backups"][0]["sha256"], first.sha256);
+    assert!(
+        receipts[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not final while 2 backup blob(s)")),
+        "{}",
+        receipts[0]
+    );
+    assert_eq!(receipts[2]["detail"]["final"], true);
+}

@@ -333,7 +333,7 @@ async fn delete_recover_and_purge_through_one_replica_are_in_force_on_the_other(
     // check-config reaches the database and reports its schema without changing it.
     let report = env.check_config().expect("check-config");
     assert_eq!(report["store"]["kind"], "postgres");
-    assert_eq!(report["store"]["schema_version"], 3);
+    assert_eq!(report["store"]["schema_version"], 4);
     assert_eq!(report["store"]["schema"], "up to date");
 }
 

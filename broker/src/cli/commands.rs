@@ -782,8 +782,22 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                     println!(
                         "{}",
                         json!({"key": r.key, "versions": r.versions, "object_ids": r.object_ids, "objects_destroyed": r.objects_destroyed,
-                            "purged_at_ms": r.purged_at_ms, "purged_by": r.purged_by})
+                            "purged_at_ms": r.purged_at_ms, "purged_by": r.purged_by, "final": r.r#final,
+                            "backups": r.backups.iter().map(|b| json!({"sha256": b.sha256, "version_ids": b.version_ids,
+                                "made_at_ms": b.made_at_ms, "made_by": b.made_by})).collect::<Vec<_>>()})
                     );
+                    if !r.r#final {
+                        eprintln!(
+                            "not final: {} backup blob(s) of these versions were made (sha256 {}); \
+                             the key can be restored from any of them until they are destroyed",
+                            r.backups.len(),
+                            r.backups
+                                .iter()
+                                .map(|b| b.sha256.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        );
+                    }
                 }
                 KeyCommand::Backup { name, out } => {
                     let r = c
@@ -797,7 +811,7 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                     println!(
                         "{}",
                         json!({"key": name, "file": out.display().to_string(), "bytes": r.backup.len(),
-                            "versions": r.versions, "domain_id": r.domain_id})
+                            "versions": r.versions, "domain_id": r.domain_id, "sha256": r.sha256})
                     );
                 }
                 KeyCommand::Restore { file } => {

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::{
     error::{BrokerError, Exists, Invalid, Refused},
@@ -30,7 +31,7 @@ use crate::{
     keys::{KeyEntry, KeyState, Keyring, Lifecycle, VersionEntry, blocking},
     model::{Algorithm, KeyAttributes, KeyName, KeyType, MAX_VERSIONS, Origin, VersionId, now_ms},
     policy::{Grant, Permission},
-    store::RestoredKey,
+    store::{BackupRecord, RestoredKey},
 };
 
 const MAGIC: &[u8; 4] = b"KBBK";
@@ -234,6 +235,8 @@ pub struct Made {
     pub domain: VersionId,
     /// How many versions it holds.
     pub versions: usize,
+    /// SHA-256 of the blob (hex): how purge receipts name it.
+    pub sha256: String,
 }
 
 fn refused(why: String) -> BrokerError {
@@ -292,11 +295,23 @@ impl Keyring {
             .map_err(BrokerError::from)?
             .map_err(refused)?;
         blob.extend_from_slice(&mac);
-        tracing::info!(key = %name, versions = k.versions.len(), domain = %domain, "key backed up");
+        // Recorded before the blob is handed out, so every purge or trim receipt of these
+        // versions names it: a blob that could not be recorded is not returned.
+        let record = BackupRecord {
+            sha256: hex::encode(Sha256::digest(&blob)),
+            version_ids: k.versions.iter().map(|v| v.id.hex()).collect(),
+            made_at_ms: now_ms(),
+            made_by: by.to_string(),
+        };
+        let (st, n, r) = (self.store.clone(), k.name.clone(), record.clone());
+        blocking(move || st.record_backup(&n, &r).map_err(BrokerError::from)).await?;
+        tracing::info!(key = %name, versions = k.versions.len(), domain = %domain,
+            sha256 = %record.sha256, "key backed up");
         Ok(Made {
             blob,
             domain,
             versions: k.versions.len(),
+            sha256: record.sha256,
         })
     }
 

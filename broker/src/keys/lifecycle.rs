@@ -610,7 +610,10 @@ impl Keyring {
     ) -> Result<Receipt, BrokerError> {
         let purge = reason == "purge";
         let now = now_ms();
-        {
+        // The blobs made of the key are read first: once the intent is recorded, the receipt
+        // must not wait on anything that can fail. (No backup can be made meanwhile: both hold
+        // the keyring's write lock.)
+        let backups = {
             let (st, n, v, r, b) = (
                 self.store.clone(),
                 k.name.clone(),
@@ -619,11 +622,12 @@ impl Keyring {
                 by.to_string(),
             );
             blocking(move || {
-                st.begin_destroy(&n, &v, &r, &b, now)
-                    .map_err(BrokerError::from)
+                let backups = st.backups(&n)?;
+                st.begin_destroy(&n, &v, &r, &b, now)?;
+                Ok(backups)
             })
-            .await?;
-        }
+            .await?
+        };
         failpoint::hit("destroy.after_intent");
         // From here on the versions are gone for callers, whatever happens next.
         self.local_change(|| {
@@ -671,16 +675,9 @@ impl Keyring {
                 u.remove(id);
             }
         }
-        let receipt = Receipt {
-            key: k.name.to_string(),
-            reason: reason.to_string(),
-            versions: versions.iter().map(|v| v.0).collect(),
-            object_ids: versions.iter().map(|v| v.1.hex()).collect(),
-            objects_destroyed: destroyed,
-            at_ms: now_ms(),
-            by: by.to_string(),
-        };
-        tracing::warn!(key = %k.name, reason, versions = ?receipt.versions, objects = destroyed, by, "key material destroyed");
+        let receipt = Receipt::new(&k.name, reason, &versions, destroyed, by, backups);
+        tracing::warn!(key = %k.name, reason, versions = ?receipt.versions, objects = destroyed,
+            backups = receipt.backups.len(), by, "key material destroyed");
         self.write_receipt(&receipt).await?;
         Ok(receipt)
     }
@@ -691,14 +688,7 @@ impl Keyring {
             tracing::warn!(key = %r.key, "no audit trail attached: destruction receipt only in the log");
             return Ok(());
         };
-        let mut rec = Record::event(
-            "DestructionReceipt",
-            Some(&r.by),
-            format!(
-                "{} of {}: versions {:?} destroyed in the HSM",
-                r.reason, r.key, r.versions
-            ),
-        );
+        let mut rec = Record::event("DestructionReceipt", Some(&r.by), r.summary());
         rec.key = Some(r.key.clone());
         rec.tenant = r.key.split('/').next().map(str::to_string);
         rec.detail = serde_json::to_value(r).ok();

@@ -19,7 +19,7 @@ use super::{
 use crate::{
     error::BrokerError,
     hsm::{ExpectedKek, Hsm},
-    model::{KeyName, VersionId, now_ms},
+    model::{KeyName, VersionId},
     store::{Store, StoredKey, StoredLifecycle, VersionState},
 };
 
@@ -179,22 +179,17 @@ async fn finish_destructions(
             versions.iter().map(|v| v.1).collect::<Vec<_>>(),
         );
         let purge = reason == "purge";
-        blocking(move || {
+        let backups = blocking(move || {
             st.finish_destroy(&k, &ids, purge)
+                .and_then(|()| st.backups(&k))
                 .map_err(BrokerError::from)
         })
         .await?;
         tracing::warn!(key = %key, %reason, versions = versions.len(), objects_destroyed = destroyed,
             "finished a destruction interrupted by a crash");
-        report.finished_destructions.push(Receipt {
-            key: key.to_string(),
-            reason,
-            versions: versions.iter().map(|v| v.0).collect(),
-            object_ids: versions.iter().map(|v| v.1.hex()).collect(),
-            objects_destroyed: destroyed,
-            at_ms: now_ms(),
-            by,
-        });
+        report.finished_destructions.push(Receipt::new(
+            &key, &reason, &versions, destroyed, &by, backups,
+        ));
     }
     Ok(in_progress)
 }

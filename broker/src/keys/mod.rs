@@ -60,7 +60,7 @@ use crate::{
     hsm::Hsm,
     model::{Algorithm, Dek, KeyAttributes, KeyName, KeyOp, KeyType, Origin, VersionId, now_ms},
     policy::{Grant, Permission},
-    store::Store,
+    store::{BackupRecord, Store},
 };
 
 /// What to do with a key that fails its start-up integrity check.
@@ -405,6 +405,58 @@ pub struct Receipt {
     pub at_ms: i64,
     /// Who.
     pub by: String,
+    /// The backup blobs made earlier that hold any of these versions: until they are destroyed
+    /// too, `RestoreKey` (or a holder of the HSM user PIN) can bring the versions back.
+    pub backups: Vec<BackupRecord>,
+    /// Whether the destruction is final: no backup blob of these versions was ever made.
+    #[serde(rename = "final")]
+    pub is_final: bool,
+}
+
+impl Receipt {
+    /// The receipt for `versions` of `key`; `backups` are every blob made of a key of that name,
+    /// of which those holding one of these versions are kept.
+    pub fn new(
+        key: &KeyName,
+        reason: &str,
+        versions: &[(u32, VersionId)],
+        objects_destroyed: usize,
+        by: &str,
+        backups: Vec<BackupRecord>,
+    ) -> Self {
+        let object_ids: Vec<String> = versions.iter().map(|v| v.1.hex()).collect();
+        let backups: Vec<BackupRecord> = backups
+            .into_iter()
+            .filter(|b| b.version_ids.iter().any(|id| object_ids.contains(id)))
+            .collect();
+        Self {
+            key: key.to_string(),
+            reason: reason.to_string(),
+            versions: versions.iter().map(|v| v.0).collect(),
+            object_ids,
+            objects_destroyed,
+            at_ms: now_ms(),
+            by: by.to_string(),
+            is_final: backups.is_empty(),
+            backups,
+        }
+    }
+
+    /// What the receipt means, in words: what was destroyed and, while backups of it exist,
+    /// that it is not final.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "{} of {}: versions {:?} destroyed in the HSM",
+            self.reason, self.key, self.versions
+        );
+        if !self.is_final {
+            s.push_str(&format!(
+                "; not final while {} backup blob(s) holding them exist",
+                self.backups.len()
+            ));
+        }
+        s
+    }
 }
 
 /// The keyring.

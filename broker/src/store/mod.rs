@@ -180,6 +180,21 @@ pub struct PendingDestruction {
     pub owner: Option<i64>,
 }
 
+/// A backup blob made of a key: it can bring the versions it holds back after they are
+/// destroyed, so a purge or trim receipt names it (the broker cannot know whether the blob was
+/// since destroyed, only that it was made).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct BackupRecord {
+    /// SHA-256 of the blob (hex), as `BackupKey` returned it.
+    pub sha256: String,
+    /// The version ids it holds (hex).
+    pub version_ids: Vec<String>,
+    /// When it was made (ms).
+    pub made_at_ms: i64,
+    /// Who made it.
+    pub made_by: String,
+}
+
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -391,6 +406,17 @@ impl Store {
         purge: bool,
     ) -> Result<(), StoreError> {
         each!(self, s => s.finish_destroy(name, ids, purge))
+    }
+
+    /// Records a backup blob made of `name`, durably, before the blob is handed out.
+    pub fn record_backup(&self, name: &KeyName, b: &BackupRecord) -> Result<(), StoreError> {
+        each!(self, s => s.record_backup(name, b))
+    }
+
+    /// Every backup blob made of a key named `name` (of this key or of an earlier key of the
+    /// same name), oldest first.
+    pub fn backups(&self, name: &KeyName) -> Result<Vec<BackupRecord>, StoreError> {
+        each!(self, s => s.backups(name))
     }
 
     /// Adds usage counted since the last save: (version, wraps, unwraps, last use). Adding, not

@@ -38,8 +38,8 @@ use tokio::{runtime::Handle, sync::Notify};
 use tokio_postgres::{AsyncMessage, Client, Config, IsolationLevel, NoTls, Transaction};
 
 use super::{
-    Changes, PendingDestruction, StoreError, StoredKey, StoredLifecycle, StoredVersion,
-    VersionState,
+    BackupRecord, Changes, PendingDestruction, StoreError, StoredKey, StoredLifecycle,
+    StoredVersion, VersionState,
 };
 use crate::model::{Algorithm, KeyAttributes, KeyName, KeyType, Origin, VersionId};
 
@@ -131,8 +131,22 @@ ALTER TABLE kb_key_versions ADD COLUMN gcm_reserved BIGINT NOT NULL DEFAULT 0;
 UPDATE kb_key_versions SET gcm_reserved = wraps;
 ";
 
+/// Schema version 4: the backup blobs made of each key (purge receipts name those that hold a
+/// destroyed version).
+const SCHEMA_V4: &str = "
+CREATE TABLE kb_backups (
+    sha256      TEXT PRIMARY KEY,
+    tenant      TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    version_ids TEXT NOT NULL,
+    made_at_ms  BIGINT NOT NULL,
+    made_by     TEXT NOT NULL
+);
+CREATE INDEX kb_backups_key ON kb_backups (tenant, name);
+";
+
 /// The migrations, in order; the schema version is the number applied.
-pub const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
+pub const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
@@ -1002,6 +1016,56 @@ impl PgStore {
         })
     }
 
+    /// Records a backup blob (committed before this returns).
+    pub fn record_backup(&self, name: &KeyName, b: &BackupRecord) -> Result<(), StoreError> {
+        let ids = b.version_ids.join(",");
+        self.exec(async |c| {
+            c.execute(
+                "INSERT INTO kb_backups (sha256, tenant, name, version_ids, made_at_ms, made_by)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (sha256) DO NOTHING",
+                &[
+                    &b.sha256,
+                    &name.tenant(),
+                    &name.name(),
+                    &ids,
+                    &b.made_at_ms,
+                    &b.made_by,
+                ],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    /// The backup blobs made of keys named `name`, oldest first.
+    pub fn backups(&self, name: &KeyName) -> Result<Vec<BackupRecord>, StoreError> {
+        self.exec(async |c| {
+            let rows = c
+                .query(
+                    "SELECT sha256, version_ids, made_at_ms, made_by FROM kb_backups
+                     WHERE tenant = $1 AND name = $2 ORDER BY made_at_ms, sha256",
+                    &[&name.tenant(), &name.name()],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    let ids: String = r.get(1);
+                    BackupRecord {
+                        sha256: r.get(0),
+                        version_ids: ids
+                            .split(',')
+                            .filter(|s| !s.is_empty())
+                            .map(str::to_string)
+                            .collect(),
+                        made_at_ms: r.get(2),
+                        made_by: r.get(3),
+                    }
+                })
+                .collect())
+        })
+    }
+
     /// A setting.
     pub fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
         self.exec(async |c| {
@@ -1402,7 +1466,7 @@ mod tests {
         )
         .expect("version 1 schema");
         let s = PgStore::open(&url, Some(&pw), None).expect("migrate");
-        assert_eq!(s.schema_version().expect("version"), 3);
+        assert_eq!(s.schema_version().expect("version"), 4);
         let all = s.load_all().expect("load");
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].name.to_string(), "t/old");
@@ -1412,17 +1476,45 @@ mod tests {
         // Opening again applies nothing.
         drop(s);
         let s = PgStore::open(&url, Some(&pw), None).expect("reopen");
-        assert_eq!(s.schema_version().expect("version"), 3);
+        assert_eq!(s.schema_version().expect("version"), 4);
         drop(s);
-        pg.psql("migrate", "UPDATE kb_schema SET version = 4")
+        pg.psql("migrate", "UPDATE kb_schema SET version = 5")
             .expect("pretend a newer keybroker ran");
         let e = PgStore::open(&url, Some(&pw), None)
             .err()
             .expect("a newer schema is refused");
         assert_eq!(
             e.to_string(),
-            "metadata store is corrupt: schema version 4 is newer than this keybroker understands (3)"
+            "metadata store is corrupt: schema version 5 is newer than this keybroker understands (4)"
         );
+    }
+
+    #[test]
+    fn backup_records_are_kept_per_key_name_and_survive_reopening() {
+        let (_pg, url, pw) = server_db("backups");
+        let s = PgStore::open(&url, Some(&pw), None).expect("open");
+        let rec = |sha: &str, ids: &[&str], at| BackupRecord {
+            sha256: sha.into(),
+            version_ids: ids.iter().map(|s| s.to_string()).collect(),
+            made_at_ms: at,
+            made_by: "spiffe://acme/ops".into(),
+        };
+        s.record_backup(&name("t/k"), &rec("bb", &["01", "02"], 20))
+            .expect("record");
+        s.record_backup(&name("t/k"), &rec("aa", &["01"], 10))
+            .expect("record");
+        s.record_backup(&name("t/other"), &rec("cc", &["03"], 5))
+            .expect("record");
+        // The same blob recorded twice (a retried request) is one record.
+        s.record_backup(&name("t/k"), &rec("aa", &["01"], 10))
+            .expect("record again");
+        drop(s);
+        let s = PgStore::open(&url, Some(&pw), None).expect("reopen");
+        assert_eq!(
+            s.backups(&name("t/k")).expect("read"),
+            [rec("aa", &["01"], 10), rec("bb", &["01", "02"], 20)]
+        );
+        assert!(s.backups(&name("u/k")).expect("read").is_empty());
     }
 
     #[test]
@@ -1468,7 +1560,7 @@ mod tests {
             hs.into_iter().map(|h| h.join().expect("thread")).collect()
         });
         let (a, b) = (&opened[0], &opened[1]);
-        assert_eq!(a.schema_version().expect("v"), 3);
+        assert_eq!(a.schema_version().expect("v"), 4);
         let g0 = b.generation().expect("generation");
         let v1 = VersionId::random();
         create(a, "t/k", v1).expect("create");

@@ -13,7 +13,8 @@ use std::{
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    PendingDestruction, StoreError, StoredKey, StoredLifecycle, StoredVersion, VersionState,
+    BackupRecord, PendingDestruction, StoreError, StoredKey, StoredLifecycle, StoredVersion,
+    VersionState,
 };
 use crate::model::{Algorithm, KeyAttributes, KeyName, KeyType, Origin, VersionId};
 
@@ -81,7 +82,21 @@ ALTER TABLE key_versions ADD COLUMN gcm_reserved INTEGER NOT NULL DEFAULT 0;
 UPDATE key_versions SET gcm_reserved = wraps;
 ";
 
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
+/// Schema version 4: the backup blobs made of each key (purge receipts name those that hold a
+/// destroyed version).
+const SCHEMA_V4: &str = "
+CREATE TABLE backups (
+    sha256      TEXT PRIMARY KEY,
+    tenant      TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    version_ids TEXT NOT NULL,
+    made_at_ms  INTEGER NOT NULL,
+    made_by     TEXT NOT NULL
+);
+CREATE INDEX backups_key ON backups (tenant, name);
+";
+
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
 
 /// The schema version this keybroker writes.
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
@@ -618,6 +633,46 @@ impl SqliteStore {
             .optional()?)
     }
 
+    /// Records a backup blob (committed before this returns).
+    pub fn record_backup(&self, name: &KeyName, b: &BackupRecord) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT OR IGNORE INTO backups (sha256, tenant, name, version_ids, made_at_ms, made_by)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                b.sha256,
+                name.tenant(),
+                name.name(),
+                b.version_ids.join(","),
+                b.made_at_ms,
+                b.made_by
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The backup blobs made of keys named `name`, oldest first.
+    pub fn backups(&self, name: &KeyName) -> Result<Vec<BackupRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT sha256, version_ids, made_at_ms, made_by FROM backups
+             WHERE tenant = ?1 AND name = ?2 ORDER BY made_at_ms, sha256",
+        )?;
+        let rows = stmt.query_map(params![name.tenant(), name.name()], |r| {
+            let ids: String = r.get(1)?;
+            Ok(BackupRecord {
+                sha256: r.get(0)?,
+                version_ids: ids
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+                made_at_ms: r.get(2)?,
+                made_by: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Sets a setting durably (committed with `synchronous = FULL` before this returns).
     pub fn set_setting(&self, name: &str, value: &str) -> Result<(), StoreError> {
         self.conn().execute(
@@ -733,7 +788,36 @@ mod tests {
             .conn()
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .expect("version");
-        assert_eq!(v, 3);
+        assert_eq!(v, 4);
+    }
+
+    #[test]
+    fn backup_records_are_kept_per_key_name_and_survive_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m.db");
+        let s = SqliteStore::open(&path).expect("open");
+        let rec = |sha: &str, ids: &[&str], at| BackupRecord {
+            sha256: sha.into(),
+            version_ids: ids.iter().map(|s| s.to_string()).collect(),
+            made_at_ms: at,
+            made_by: "spiffe://acme/ops".into(),
+        };
+        s.record_backup(&name("t/k"), &rec("bb", &["01", "02"], 20))
+            .expect("record");
+        s.record_backup(&name("t/k"), &rec("aa", &["01"], 10))
+            .expect("record");
+        s.record_backup(&name("t/other"), &rec("cc", &["03"], 5))
+            .expect("record");
+        // The same blob recorded twice (a retried request) is one record.
+        s.record_backup(&name("t/k"), &rec("aa", &["01"], 10))
+            .expect("record again");
+        drop(s);
+        let s = SqliteStore::open(&path).expect("reopen");
+        assert_eq!(
+            s.backups(&name("t/k")).expect("read"),
+            [rec("aa", &["01"], 10), rec("bb", &["01", "02"], 20)]
+        );
+        assert!(s.backups(&name("u/k")).expect("read").is_empty());
     }
 
     #[test]

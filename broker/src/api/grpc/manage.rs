@@ -210,6 +210,17 @@ impl KeyManagement for GrpcApi {
                 objects_destroyed: rc.objects_destroyed as u32,
                 purged_at_ms: rc.at_ms,
                 purged_by: rc.by,
+                r#final: rc.is_final,
+                backups: rc
+                    .backups
+                    .into_iter()
+                    .map(|b| pb::BackupBlob {
+                        sha256: b.sha256,
+                        version_ids: b.version_ids,
+                        made_at_ms: b.made_at_ms,
+                        made_by: b.made_by,
+                    })
+                    .collect(),
             },
         )
         .await
@@ -279,6 +290,7 @@ impl KeyManagement for GrpcApi {
                 backup: made.blob,
                 domain_id: made.domain.hex(),
                 versions: made.versions as u32,
+                sha256: made.sha256,
             },
         )
         .await
