@@ -862,20 +862,46 @@ fn hmac_kat(session: &Session) -> Result<(), String> {
 }
 
 /// Makes a session object with the PKCS#11 2.40 attributes of the KEK template.
+/// The label of the token object [`key_attributes_probe`] creates and destroys at once (one
+/// left behind by a crash is destroyed by the next probe).
+const ATTRIBUTES_PROBE_LABEL: &str = "kb-probe:key-attributes";
+
+/// Whether the token keeps the PKCS#11 2.40 attributes on a session object *and* on a token
+/// object (KEKs are token objects): NSS's softoken accepts them on a session object but its
+/// database cannot store CKA_COPYABLE (C_GenerateKey/C_CreateObject of a token object answer
+/// CKR_GENERAL_ERROR, measured on NSS 3.87).
 fn key_attributes_probe(session: &Session) -> Result<(), String> {
-    let h = session
-        .create_object(&[
+    let template = |token: bool| {
+        vec![
             Attribute::Class(ObjectClass::SECRET_KEY),
             Attribute::KeyType(CkKeyType::GENERIC_SECRET),
-            Attribute::Token(false),
-            Attribute::Private(false),
+            Attribute::Token(token),
+            Attribute::Private(token),
+            Attribute::Sensitive(token),
             Attribute::Sign(true),
             Attribute::Value(HMAC_KEY.to_vec()),
             Attribute::Copyable(false),
             Attribute::Destroyable(true),
             Attribute::AllowedMechanisms(vec![MechanismType::SHA256_HMAC]),
-        ])
+            Attribute::Label(ATTRIBUTES_PROBE_LABEL.as_bytes().to_vec()),
+        ]
+    };
+    let h = session
+        .create_object(&template(false))
         .map_err(|e| HsmError::from_ck("C_CreateObject", e).detail)?;
+    drop(Temp { session, handle: h });
+    let leftovers = session
+        .find_objects(&[
+            Attribute::Token(true),
+            Attribute::Label(ATTRIBUTES_PROBE_LABEL.as_bytes().to_vec()),
+        ])
+        .map_err(|e| HsmError::from_ck("C_FindObjects", e).detail)?;
+    for h in leftovers {
+        drop(Temp { session, handle: h });
+    }
+    let h = session
+        .create_object(&template(true))
+        .map_err(|e| HsmError::from_ck("C_CreateObject (token object)", e).detail)?;
     drop(Temp { session, handle: h });
     Ok(())
 }
