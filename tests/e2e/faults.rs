@@ -891,3 +891,61 @@ async fn a_key_change_that_finishes_after_its_deadline_is_audited_as_such() {
     assert_eq!(k.versions.len(), if rotated { 2 } else { 1 }, "{late}");
     b.stop().await;
 }
+
+/// Issue 19 (the Kryoptic soak): Kryoptic answers a failed RFC 5649 or OAEP integrity check
+/// with `CKR_DEVICE_ERROR`, and so does a device fault. A one-off device error while unwrapping
+/// a valid envelope must not call it unauthentic (a caller told that may throw its data away):
+/// the call runs once more on a fresh session and the DEK is served; a tampered envelope fails
+/// the same way twice and is still refused as unauthentic.
+#[tokio::test]
+async fn a_passing_device_error_on_kryoptic_does_not_make_a_valid_envelope_unauthentic() {
+    if skip_unless(
+        "a_passing_device_error_on_kryoptic_does_not_make_a_valid_envelope_unauthentic",
+        hsm_fixtures::token::TokenKind::Kryoptic,
+        "only the Kryoptic profile reads CKR_DEVICE_ERROR on caller data as a failed integrity check",
+    ) {
+        return;
+    }
+    let env = fault_env(2);
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    create(
+        &mut c,
+        "t/kwp",
+        pb::KeyType::Aes256,
+        pb::Algorithm::AesKeyWrapPad,
+    )
+    .await;
+    create(
+        &mut c,
+        "t/rsa",
+        pb::KeyType::Rsa2048,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    let f = env.faults();
+    for (key, function) in [("t/kwp", "C_UnwrapKey"), ("t/rsa", "C_Decrypt")] {
+        let dek = random_dek(32);
+        let w = wrap(&mut c, key, &dek, b"").await.expect("wrap");
+        f.set(&[Rule::fail(function, "CKR_DEVICE_ERROR").count(1)])
+            .expect("rules");
+        let u = unwrap(&mut c, "", &w.wrapped_key, b"")
+            .await
+            .unwrap_or_else(|e| panic!("{key}: a valid envelope after one device error: {e:?}"));
+        assert_eq!(u.plaintext, dek, "{key}");
+        assert_eq!(
+            f.count("fail", Some(function)),
+            1,
+            "{key}: the fault was injected"
+        );
+        f.set(&[]).expect("rules");
+        let mut bad = w.wrapped_key.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 0x80;
+        let e = unwrap(&mut c, "", &bad, b"")
+            .await
+            .expect_err("a tampered envelope is refused");
+        assert_eq!(e.code(), Code::InvalidArgument, "{key}: {e:?}");
+    }
+    b.stop().await;
+}

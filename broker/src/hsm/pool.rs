@@ -103,6 +103,13 @@ pub(super) fn reclassify(
     e
 }
 
+/// Whether `e` is a device error or failed function that the vendor profile re-classified as a
+/// failed integrity check of caller data.
+fn reclassified(e: &HsmError) -> bool {
+    e.kind == FaultKind::DataInvalid
+        && matches!(e.rv, Some(RvError::DeviceError | RvError::FunctionFailed))
+}
+
 impl Hsm {
     /// Runs `f` with a pooled session on a blocking thread, after admission (see the module
     /// docs). Recovery from lost sessions, invalid handles and lost devices happens inside.
@@ -278,6 +285,7 @@ impl Inner {
         let conn = self.current();
         let mut session_retry = kind.retry;
         let mut handle_retry = kind.retry;
+        let mut integrity_retry = kind.retry;
         loop {
             let epoch = conn.handle_epoch();
             let session = match conn.checkout(&self.ctx, what) {
@@ -299,6 +307,17 @@ impl Inner {
                     tracing::warn!(operation = what, context = %e.context, detail = %e.detail,
                         "HSM session lost: evicted it");
                     return Err(e);
+                }
+                // A device error the vendor profile reads as a failed integrity check (Kryoptic)
+                // is also what a real, passing device fault looks like: the call runs once more
+                // on a fresh session. Bad data fails again the same way (deterministic), so it
+                // is still refused; a valid envelope that met a transient fault is served
+                // instead of being called unauthentic.
+                Err(e) if reclassified(&e) && integrity_retry => {
+                    conn.discard(session);
+                    integrity_retry = false;
+                    tracing::debug!(operation = what, context = %e.context, detail = %e.detail,
+                        "a device error read as a failed integrity check: running the operation once more to tell it from a passing fault");
                 }
                 Err(e) if e.kind == FaultKind::HandleInvalid && e.rv.is_some() && handle_retry => {
                     conn.checkin(session);
