@@ -603,7 +603,21 @@ async fn soak_chaos() {
         let (mut c, verified, lost) = (c.clone(), verified.clone(), lost.clone());
         checks.push(tokio::spawn(async move {
             for a in chunk {
-                match unwrap(&mut c, &a.key, &a.envelope, &a.aad).await {
+                // RESOURCE_EXHAUSTED and UNAVAILABLE say "retry later" (right after a restart,
+                // canaries still proven on first use compete for the sessions): a client
+                // retries them, with backoff, for up to 30 s; only what stays refused is lost.
+                let mut r = unwrap(&mut c, &a.key, &a.envelope, &a.aad).await;
+                let mut backoff = Duration::from_millis(20);
+                let until = std::time::Instant::now() + Duration::from_secs(30);
+                while let Err(s) = &r
+                    && matches!(s.code(), Code::ResourceExhausted | Code::Unavailable)
+                    && std::time::Instant::now() < until
+                {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    r = unwrap(&mut c, &a.key, &a.envelope, &a.aad).await;
+                }
+                match r {
                     Ok(u) if u.plaintext == a.dek => {
                         verified.fetch_add(1, Ordering::Relaxed);
                     }
