@@ -1,6 +1,9 @@
 //! Several replicas: two `keybroker` processes sharing one PostgreSQL database (a private server
 //! started per test, Debian's package) and one HSM token. What is done through one is in force
-//! through the other from the moment it returns — no waiting, no polling.
+//! through the other from the moment it returns — no waiting, no polling — except a HYOK
+//! reconnect, which each replica applies once it has verified the state's MAC in its HSM.
+
+use std::time::Duration;
 
 use hsm_fixtures::postgres::PgServer;
 use keybroker::client::Clients;
@@ -378,7 +381,7 @@ default_accepted_reasons = ["CUSTOMER_INITIATED_ACCESS"]
     let mut admin_a = a.clients_as(&admin).await;
     let mut admin_b = b.clients_as(&admin).await;
     let mut provider_b = b.clients_as(&provider).await;
-    let mut provider_a = a.clients_as(&provider).await;
+    let provider_a = a.clients_as(&provider).await;
     create(
         &mut admin_a,
         "acme/db",
@@ -437,11 +440,18 @@ default_accepted_reasons = ["CUSTOMER_INITIATED_ACCESS"]
         })
         .await
         .expect("reconnect through B");
-    provider_a
-        .broker
-        .wrap_key(justified("acme/db"))
-        .await
-        .expect("reconnected through B: the provider wraps through A");
+    // A reconnect reaches A once A has verified the new state's MAC in its HSM (a disconnect
+    // needs no proof and is at once): eventually, not the moment B's Reconnect returns.
+    poll_until(
+        "reconnected through B: the provider wraps through A",
+        Duration::from_secs(10),
+        || {
+            let mut p = provider_a.clone();
+            let req = justified("acme/db");
+            async move { p.broker.wrap_key(req).await.ok() }
+        },
+    )
+    .await;
     b.stop().await;
     a.stop().await;
 }
