@@ -322,6 +322,8 @@ fn alg_to_pb(a: Algorithm) -> pb::Algorithm {
         Algorithm::AesKeyWrapPad => pb::Algorithm::AesKeyWrapPad,
         Algorithm::RsaOaepSha256 => pb::Algorithm::RsaOaepSha256,
         Algorithm::RsaOaepSha1 => pb::Algorithm::RsaOaepSha1,
+        Algorithm::RsaSign => pb::Algorithm::RsaSign,
+        Algorithm::Ecdsa => pb::Algorithm::Ecdsa,
     }
 }
 
@@ -529,7 +531,7 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                     })?;
                     let alg = match algorithm {
                         Some(a) => alg_to_pb(Algorithm::parse(&a).ok_or_else(|| {
-                            format!("unknown algorithm {a:?} (aes-256-gcm, aes-kwp, rsa-oaep-sha256, rsa-oaep-sha1)")
+                            format!("unknown algorithm {a:?} (aes-256-gcm, aes-kwp, rsa-oaep-sha256, rsa-oaep-sha1, rsa-sign, ecdsa)")
                         })?),
                         None => pb::Algorithm::Unspecified,
                     };
@@ -538,6 +540,8 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                         KeyType::Rsa2048 => pb::KeyType::Rsa2048,
                         KeyType::Rsa3072 => pb::KeyType::Rsa3072,
                         KeyType::Rsa4096 => pb::KeyType::Rsa4096,
+                        KeyType::EcP256 => pb::KeyType::EcP256,
+                        KeyType::EcP384 => pb::KeyType::EcP384,
                     };
                     let k = c
                         .mgmt
