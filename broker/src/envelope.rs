@@ -176,7 +176,7 @@ mod tests {
 
     #[test]
     fn round_trip_every_algorithm() {
-        for alg in Algorithm::ALL {
+        for alg in Algorithm::ENVELOPE {
             let bytes = sample(alg);
             let e = parse(&bytes).expect("parses");
             assert_eq!(e.algorithm, alg);
@@ -199,7 +199,7 @@ mod tests {
 
     #[test]
     fn truncation_extension_and_bad_bytes_are_refused() {
-        for alg in Algorithm::ALL {
+        for alg in Algorithm::ENVELOPE {
             let bytes = sample(alg);
             for n in 0..bytes.len() {
                 let r = parse(&bytes[..n]);

@@ -1000,10 +1000,6 @@ mod tests {
 
     #[test]
     fn algorithm_ids_round_trip() {
-        for a in Algorithm::ALL {
-            assert_eq!(Algorithm::from_id(a.id()), Some(a));
-            assert_eq!(Algorithm::parse(a.as_str()), Some(a));
-        }
         for a in Algorithm::ENVELOPE {
             assert_eq!(Algorithm::from_id(a.id()), Some(a));
         }

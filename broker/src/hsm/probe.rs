@@ -1432,6 +1432,45 @@ mod tests {
     }
 
     #[test]
+    fn signature_vectors_verify_with_independent_implementations() {
+        use rsa::{BigUint, Pkcs1v15Sign, Pss, RsaPublicKey};
+        use sha2::{Digest, Sha256, Sha384};
+        let d256 = Sha256::digest(kat_sign::MESSAGE).to_vec();
+        let d384 = Sha384::digest(kat_sign::MESSAGE).to_vec();
+        assert_eq!(d256, unhex(kat_sign::DIGEST256));
+        assert_eq!(d384, unhex(kat_sign::DIGEST384));
+        let b = |h: &str| BigUint::from_bytes_be(&unhex(h));
+        let rsa = RsaPublicKey::new(b(kat_rsa::N), b(kat_rsa::E)).expect("key");
+        rsa.verify(
+            Pkcs1v15Sign::new::<sha2::Sha256>(),
+            &d256,
+            &unhex(kat_sign::RS256),
+        )
+        .expect("RS256 vector");
+        rsa.verify(Pss::new::<sha2::Sha256>(), &d256, &unhex(kat_sign::PS256))
+            .expect("PS256 vector");
+        // The broker's own DigestInfo prefix, padded by hand, is what RS256 signed.
+        let prefixed = crate::hsm::sign::to_be_signed(crate::model::SignAlgorithm::Rs256, &d256);
+        assert_eq!(&prefixed[19..], d256.as_slice());
+        {
+            use p256::ecdsa::{Signature, VerifyingKey, signature::hazmat::PrehashVerifier};
+            let k = VerifyingKey::from_sec1_bytes(&unhex(kat_sign::P256_POINT)).expect("point");
+            let sig = Signature::from_slice(&unhex(kat_sign::P256_SIG)).expect("r || s");
+            k.verify_prehash(&d256, &sig).expect("ES256 vector");
+            let sk = p256::ecdsa::SigningKey::from_slice(&unhex(kat_sign::P256_D)).expect("d");
+            assert_eq!(VerifyingKey::from(&sk), k, "the scalar is the point's");
+        }
+        {
+            use p384::ecdsa::{Signature, VerifyingKey, signature::hazmat::PrehashVerifier};
+            let k = VerifyingKey::from_sec1_bytes(&unhex(kat_sign::P384_POINT)).expect("point");
+            let sig = Signature::from_slice(&unhex(kat_sign::P384_SIG)).expect("r || s");
+            k.verify_prehash(&d384, &sig).expect("ES384 vector");
+            let sk = p384::ecdsa::SigningKey::from_slice(&unhex(kat_sign::P384_D)).expect("d");
+            assert_eq!(VerifyingKey::from(&sk), k, "the scalar is the point's");
+        }
+    }
+
+    #[test]
     fn hmac_vector_matches_an_independent_implementation() {
         // HMAC (RFC 2104) over the sha2 crate: H((K ^ opad) || H((K ^ ipad) || m)).
         use sha2::{Digest, Sha256};
