@@ -332,7 +332,7 @@ pub enum SignHash {
 
 impl SignHash {
     /// The digest length in bytes.
-    pub fn len(self) -> usize {
+    pub fn size(self) -> usize {
         match self {
             SignHash::Sha256 => 32,
             SignHash::Sha384 => 48,
@@ -405,7 +405,7 @@ impl SignAlgorithm {
 
     /// The digest length the caller must send, in bytes.
     pub fn digest_len(self) -> usize {
-        self.hash().len()
+        self.hash().size()
     }
 
     /// Whether this is a PSS algorithm.

@@ -4,6 +4,7 @@
 //! wrapping key asked to sign), verification answers for altered signatures and other keys,
 //! and the separation of signing and wrapping keys in the token's own attributes.
 
+use hsm_fixtures::token::TokenKind;
 use keybroker::client::Clients;
 use keybroker_proto::v1 as pb;
 use sha2::{Digest, Sha256, Sha384, Sha512};
@@ -563,4 +564,62 @@ async fn signing_keys_sign_only_and_wrapping_keys_never_sign_in_the_token() {
     }
     drop(c);
     b.stop().await;
+}
+
+/// A token that lacks a sign mechanism (a Kryoptic slot hiding it) still serves everything
+/// else; creating the key type that needs it is refused with FAILED_PRECONDITION naming the
+/// mechanism, and the start-up log says so — never served unsafely.
+#[tokio::test]
+async fn a_token_without_a_sign_mechanism_refuses_that_key_type_and_says_why() {
+    if skip_unless(
+        "sign::a_token_without_a_sign_mechanism_refuses_that_key_type_and_says_why",
+        TokenKind::Kryoptic,
+        "only a Kryoptic slot can hide mechanisms (`mechanisms = [\"DENY\", ...]`)",
+    ) {
+        return;
+    }
+    for (denied, refused, served) in [
+        ("CKM_ECDSA", pb::KeyType::EcP256, pb::KeyType::Rsa2048),
+        (
+            "CKM_RSA_PKCS_PSS",
+            pb::KeyType::Rsa2048,
+            pb::KeyType::EcP384,
+        ),
+    ] {
+        // A fresh token each time: a key made under one denial would (rightly) stop the
+        // broker from starting under the other.
+        let env = Env::new();
+        env.token
+            .set_mechanisms(Some(&["DENY", denied]))
+            .expect("rewrite kryoptic.conf");
+        let b = env.start().await;
+        let (logged, log) = b.log_contains(denied).await;
+        assert!(logged, "the start-up log names {denied}: {log}");
+        let mut c = b.clients_as(&env.pki.client).await;
+        let name = format!("t/refused-{}", denied.to_ascii_lowercase());
+        let algorithm = if refused == pb::KeyType::EcP256 {
+            pb::Algorithm::Unspecified
+        } else {
+            pb::Algorithm::RsaSign
+        };
+        let e = c
+            .mgmt
+            .create_key(pb::CreateKeyRequest {
+                key: name,
+                key_type: refused.into(),
+                algorithm: algorithm.into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("a key the token cannot serve");
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains(denied), "{denied}: {}", e.message());
+        // The other signing key type still works.
+        let other = format!("t/served-{}", denied.to_ascii_lowercase());
+        create_signing(&mut c, "served", &other, served)
+            .await
+            .expect("the other key type is served");
+        drop(c);
+        b.stop().await;
+    }
 }

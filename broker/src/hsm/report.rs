@@ -45,12 +45,14 @@ impl From<Required> for &'static str {
 }
 
 /// The names `[hsm] required_algorithms` accepts.
-pub const REQUIRED_NAMES: [&str; 5] = [
+pub const REQUIRED_NAMES: [&str; 7] = [
     "aes-256-gcm",
     "aes-kwp",
     "rsa-oaep-sha256",
     "rsa-oaep-sha1",
     "rsa-oaep",
+    "rsa-sign",
+    "ecdsa",
 ];
 
 /// What start-up required before `required_algorithms` existed, and still does by default.
