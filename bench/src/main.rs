@@ -350,6 +350,8 @@ enum Op {
     XksEncrypt,
     /// XKS decrypt, likewise.
     XksDecrypt,
+    /// Sign a 32-byte digest with this algorithm.
+    Sign(pb::SignatureAlgorithm),
 }
 
 /// The requests one benchmark row sends.
@@ -395,6 +397,16 @@ async fn one_call(
                 Err(e) => Err(tonic::Status::unavailable(e)),
             }
         }
+        (Op::Sign(alg), _) => c
+            .broker
+            .sign(pb::SignRequest {
+                key,
+                algorithm: alg.into(),
+                digest: vec![7; 32],
+                context: None,
+            })
+            .await
+            .map(|_| 1),
         (Op::Wrap, 1) => c
             .broker
             .wrap_key(pb::WrapKeyRequest {
@@ -769,6 +781,20 @@ async fn bench(args: Args) -> Result<(), String> {
         pb::Algorithm::Unspecified,
     )
     .await?;
+    let ec256 = create_key(
+        &mut c,
+        "bench/ec256",
+        pb::KeyType::EcP256,
+        pb::Algorithm::Ecdsa,
+    )
+    .await?;
+    let rsasign = create_key(
+        &mut c,
+        "bench/rsasign",
+        pb::KeyType::Rsa2048,
+        pb::Algorithm::RsaSign,
+    )
+    .await?;
     let aad = b"tenant=bench;object=42".to_vec();
     let one = |k: &str| Arc::new(vec![k.to_string()]);
     let env_gcm = Arc::new(envelopes(&mut c, &["bench/gcm".into()], &aad, 500).await?);
@@ -879,6 +905,18 @@ async fn bench(args: Args) -> Result<(), String> {
             id(&r3072),
             alg_name(&r3072).into(),
             hex::encode(&env_3072[0].0),
+        ),
+        (
+            "ecdsa-p256 sign".into(),
+            id(&ec256),
+            "ecdsa".into(),
+            String::new(),
+        ),
+        (
+            "rsa-2048 pss sign".into(),
+            id(&rsasign),
+            "rsa-sign".into(),
+            String::new(),
         ),
     ];
     let mut raw = if args.no_raw {
@@ -1062,6 +1100,34 @@ async fn bench(args: Args) -> Result<(), String> {
                 batch: 10,
             },
             concurrency: 4,
+            conns: 4,
+            half_rate: false,
+            rate: None,
+        },
+        Plan {
+            name: "ecdsa-p256 sign",
+            load: Load {
+                op: Op::Sign(pb::SignatureAlgorithm::Es256),
+                keys: one("bench/ec256"),
+                envelopes: env_gcm.clone(),
+                aad: Vec::new(),
+                batch: 1,
+            },
+            concurrency: 32,
+            conns: 4,
+            half_rate: false,
+            rate: None,
+        },
+        Plan {
+            name: "rsa-2048 pss sign",
+            load: Load {
+                op: Op::Sign(pb::SignatureAlgorithm::Ps256),
+                keys: one("bench/rsasign"),
+                envelopes: env_gcm.clone(),
+                aad: Vec::new(),
+                batch: 1,
+            },
+            concurrency: 32,
             conns: 4,
             half_rate: false,
             rate: None,

@@ -121,6 +121,20 @@ fn step(
             let _ = s.destroy_object(obj);
             v.map_err(e)?;
         }
+        // What `Sign` asks of the token: CKM_ECDSA over a 32-byte digest; CKM_RSA_PKCS_PSS
+        // (SHA-256, MGF1-SHA-256, 32-byte salt) over a 32-byte digest. cryptoki's `sign` makes
+        // the length query and the real call, as the broker's does.
+        "ecdsa-p256 sign" => {
+            s.sign(&Mechanism::Ecdsa, kek, &[7u8; 32]).map_err(e)?;
+        }
+        "rsa-2048 pss sign" => {
+            let pss = Mechanism::RsaPkcsPss(cryptoki::mechanism::rsa::PkcsPssParams {
+                hash_alg: MechanismType::SHA256,
+                mgf: PkcsMgfType::MGF1_SHA256,
+                s_len: 32u64.into(),
+            });
+            s.sign(&pss, kek, &[7u8; 32]).map_err(e)?;
+        }
         _ => {
             s.decrypt_sized(&oaep(alg), kek, &sample[19..], sample.len() - 19)
                 .map_err(e)?;

@@ -237,8 +237,9 @@ pub struct HsmConfig {
     #[serde(default = "default_startup_check_budget_ms")]
     pub startup_check_budget_ms: u64,
     /// What the token must be able to serve for the broker to start, by algorithm:
-    /// `aes-256-gcm`, `aes-kwp`, `rsa-oaep-sha256`, `rsa-oaep-sha1`, or `rsa-oaep` (SHA-256 or
-    /// else SHA-1). Default `["aes-256-gcm", "rsa-oaep"]`. Key types the token cannot serve
+    /// `aes-256-gcm`, `aes-kwp`, `rsa-oaep-sha256`, `rsa-oaep-sha1`, `rsa-oaep` (SHA-256 or
+    /// else SHA-1), `rsa-sign` or `ecdsa`. Default `["aes-256-gcm", "rsa-oaep"]` (signing keys
+    /// are not required: a token without their mechanisms refuses to create them, saying why). Key types the token cannot serve
     /// are refused per request (FAILED_PRECONDITION, with the reason); e.g.
     /// `["rsa-oaep-sha256"]` serves RSA keys on a token without AES-GCM or RFC 5649
     /// (openCryptoki). `keybroker check-config` shows what the token can do.

@@ -263,8 +263,25 @@ pub enum Refused {
         /// Its algorithm.
         algorithm: Algorithm,
     },
+    /// A signing key asked to be backed up.
+    #[error(
+        "key {0} is a signing key: its private half never leaves the HSM, not even wrapped for a backup"
+    )]
+    SigningKeyBackup(KeyName),
+    /// A signature algorithm the key cannot sign with.
+    #[error("key {key} is {} ({algorithm}): it cannot sign with {asked}{}", key_type.as_str(), crate::model::sign_hint(*key_type, *algorithm))]
+    SignAlgorithmForKey {
+        /// The key.
+        key: KeyName,
+        /// Its type.
+        key_type: KeyType,
+        /// Its algorithm.
+        algorithm: Algorithm,
+        /// What the request asked for.
+        asked: crate::model::SignAlgorithm,
+    },
     /// A public key asked of a key that has none.
-    #[error("key {key} is {}: only RSA keys have a public key", key_type.as_str())]
+    #[error("key {key} is {}: only RSA and EC keys have a public key", key_type.as_str())]
     NotRsa {
         /// The key.
         key: KeyName,

@@ -94,6 +94,10 @@ pub enum KeyType {
     Rsa3072,
     /// RSA key pair, 4096-bit modulus.
     Rsa4096,
+    /// EC key pair on NIST P-256 (secp256r1), for ECDSA signatures (ES256).
+    EcP256,
+    /// EC key pair on NIST P-384 (secp384r1), for ECDSA signatures (ES384).
+    EcP384,
 }
 
 impl KeyType {
@@ -104,6 +108,8 @@ impl KeyType {
             KeyType::Rsa2048 => "rsa-2048",
             KeyType::Rsa3072 => "rsa-3072",
             KeyType::Rsa4096 => "rsa-4096",
+            KeyType::EcP256 => "ec-p256",
+            KeyType::EcP384 => "ec-p384",
         }
     }
 
@@ -114,6 +120,8 @@ impl KeyType {
             "rsa-2048" => KeyType::Rsa2048,
             "rsa-3072" => KeyType::Rsa3072,
             "rsa-4096" => KeyType::Rsa4096,
+            "ec-p256" => KeyType::EcP256,
+            "ec-p384" => KeyType::EcP384,
             _ => return None,
         })
     }
@@ -121,7 +129,7 @@ impl KeyType {
     /// The RSA modulus size in bits, for RSA types.
     pub fn rsa_bits(self) -> Option<u32> {
         match self {
-            KeyType::Aes256 => None,
+            KeyType::Aes256 | KeyType::EcP256 | KeyType::EcP384 => None,
             KeyType::Rsa2048 => Some(2048),
             KeyType::Rsa3072 => Some(3072),
             KeyType::Rsa4096 => Some(4096),
@@ -131,6 +139,60 @@ impl KeyType {
     /// Whether this is an RSA type.
     pub fn is_rsa(self) -> bool {
         self.rsa_bits().is_some()
+    }
+
+    /// The curve of an EC type.
+    pub fn curve(self) -> Option<Curve> {
+        match self {
+            KeyType::EcP256 => Some(Curve::P256),
+            KeyType::EcP384 => Some(Curve::P384),
+            _ => None,
+        }
+    }
+
+    /// Whether this is an EC type.
+    pub fn is_ec(self) -> bool {
+        self.curve().is_some()
+    }
+
+    /// Whether the key is a key pair (RSA or EC): a private and a public object per version.
+    pub fn is_pair(self) -> bool {
+        self != KeyType::Aes256
+    }
+}
+
+/// A NIST curve of an EC key type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Curve {
+    /// P-256 (secp256r1, prime256v1).
+    P256,
+    /// P-384 (secp384r1).
+    P384,
+}
+
+impl Curve {
+    /// The size of a coordinate, of the order and of one half of a signature (r or s), in bytes.
+    pub fn size(self) -> usize {
+        match self {
+            Curve::P256 => 32,
+            Curve::P384 => 48,
+        }
+    }
+
+    /// The JWK (RFC 7518 §6.2.1.1) name.
+    pub fn jwk_name(self) -> &'static str {
+        match self {
+            Curve::P256 => "P-256",
+            Curve::P384 => "P-384",
+        }
+    }
+
+    /// The named-curve object identifier (RFC 5480 §2.1.1.1).
+    pub fn oid(self) -> &'static str {
+        match self {
+            Curve::P256 => "1.2.840.10045.3.1.7",
+            Curve::P384 => "1.3.132.0.34",
+        }
     }
 }
 
@@ -147,25 +209,47 @@ pub enum Algorithm {
     RsaOaepSha256 = 3,
     /// RSA-OAEP, SHA-1, MGF1-SHA-1, empty label.
     RsaOaepSha1 = 4,
+    /// RSA signatures (RS256/384/512: PKCS#1 v1.5; PS256/384/512: PSS) on an RSA signing key:
+    /// the key signs and verifies, and never wraps, unwraps, encrypts or decrypts. Never an
+    /// envelope byte.
+    RsaSign = 5,
+    /// ECDSA signatures (ES256 on P-256, ES384 on P-384) on an EC key: sign and verify only.
+    /// Never an envelope byte.
+    Ecdsa = 6,
 }
 
 impl Algorithm {
-    /// All algorithms, in envelope-byte order.
-    pub const ALL: [Algorithm; 4] = [
+    /// All algorithms: the wrapping ones in envelope-byte order, then the signing ones.
+    pub const ALL: [Algorithm; 6] = [
+        Algorithm::Aes256Gcm,
+        Algorithm::AesKeyWrapPad,
+        Algorithm::RsaOaepSha256,
+        Algorithm::RsaOaepSha1,
+        Algorithm::RsaSign,
+        Algorithm::Ecdsa,
+    ];
+
+    /// The algorithms an envelope may name (the wrapping and encrypting ones).
+    pub const ENVELOPE: [Algorithm; 4] = [
         Algorithm::Aes256Gcm,
         Algorithm::AesKeyWrapPad,
         Algorithm::RsaOaepSha256,
         Algorithm::RsaOaepSha1,
     ];
 
-    /// The envelope byte.
+    /// The envelope byte (the proto enum value for every algorithm).
     pub fn id(self) -> u8 {
         self as u8
     }
 
-    /// Parses an envelope byte.
+    /// Parses an envelope byte: a signing algorithm never names an envelope's key.
     pub fn from_id(b: u8) -> Option<Self> {
-        Self::ALL.into_iter().find(|a| a.id() == b)
+        Self::ENVELOPE.into_iter().find(|a| a.id() == b)
+    }
+
+    /// Whether keys of this algorithm sign and verify (and do nothing else).
+    pub fn is_signing(self) -> bool {
+        matches!(self, Algorithm::RsaSign | Algorithm::Ecdsa)
     }
 
     /// The stable name used in the store and the CLI.
@@ -175,6 +259,8 @@ impl Algorithm {
             Algorithm::AesKeyWrapPad => "aes-kwp",
             Algorithm::RsaOaepSha256 => "rsa-oaep-sha256",
             Algorithm::RsaOaepSha1 => "rsa-oaep-sha1",
+            Algorithm::RsaSign => "rsa-sign",
+            Algorithm::Ecdsa => "ecdsa",
         }
     }
 
@@ -186,8 +272,11 @@ impl Algorithm {
     /// Whether the algorithm can serve a key of `key_type`.
     pub fn fits(self, key_type: KeyType) -> bool {
         match self {
-            Algorithm::Aes256Gcm | Algorithm::AesKeyWrapPad => !key_type.is_rsa(),
-            Algorithm::RsaOaepSha256 | Algorithm::RsaOaepSha1 => key_type.is_rsa(),
+            Algorithm::Aes256Gcm | Algorithm::AesKeyWrapPad => key_type == KeyType::Aes256,
+            Algorithm::RsaOaepSha256 | Algorithm::RsaOaepSha1 | Algorithm::RsaSign => {
+                key_type.is_rsa()
+            }
+            Algorithm::Ecdsa => key_type.is_ec(),
         }
     }
 
@@ -203,6 +292,142 @@ impl Algorithm {
 }
 
 impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A signature algorithm of `Sign`/`Verify`, named as JWS names them (RFC 7518 §3.1) and as
+/// Azure Managed HSM takes them. The caller sends the digest, not the message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SignAlgorithm {
+    /// ECDSA on P-256 over a SHA-256 digest; the signature is r || s (64 bytes).
+    Es256,
+    /// ECDSA on P-384 over a SHA-384 digest; the signature is r || s (96 bytes).
+    Es384,
+    /// RSASSA-PKCS1-v1_5 over a SHA-256 digest.
+    Rs256,
+    /// RSASSA-PKCS1-v1_5 over a SHA-384 digest.
+    Rs384,
+    /// RSASSA-PKCS1-v1_5 over a SHA-512 digest.
+    Rs512,
+    /// RSASSA-PSS, SHA-256, MGF1-SHA-256, 32-byte salt.
+    Ps256,
+    /// RSASSA-PSS, SHA-384, MGF1-SHA-384, 48-byte salt.
+    Ps384,
+    /// RSASSA-PSS, SHA-512, MGF1-SHA-512, 64-byte salt.
+    Ps512,
+}
+
+/// The hash a signature algorithm signs a digest of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SignHash {
+    /// SHA-256.
+    Sha256,
+    /// SHA-384.
+    Sha384,
+    /// SHA-512.
+    Sha512,
+}
+
+impl SignHash {
+    /// The digest length in bytes.
+    pub fn size(self) -> usize {
+        match self {
+            SignHash::Sha256 => 32,
+            SignHash::Sha384 => 48,
+            SignHash::Sha512 => 64,
+        }
+    }
+
+    /// The DER `DigestInfo` prefix of RSASSA-PKCS1-v1_5 (RFC 8017 §9.2, note 1): the prefix
+    /// followed by the digest is what the token pads and signs with `CKM_RSA_PKCS`.
+    pub fn digest_info_prefix(self) -> &'static [u8] {
+        match self {
+            SignHash::Sha256 => &[
+                0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
+                0x01, 0x05, 0x00, 0x04, 0x20,
+            ],
+            SignHash::Sha384 => &[
+                0x30, 0x41, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
+                0x02, 0x05, 0x00, 0x04, 0x30,
+            ],
+            SignHash::Sha512 => &[
+                0x30, 0x51, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
+                0x03, 0x05, 0x00, 0x04, 0x40,
+            ],
+        }
+    }
+}
+
+impl SignAlgorithm {
+    /// Every signature algorithm.
+    pub const ALL: [SignAlgorithm; 8] = [
+        SignAlgorithm::Es256,
+        SignAlgorithm::Es384,
+        SignAlgorithm::Rs256,
+        SignAlgorithm::Rs384,
+        SignAlgorithm::Rs512,
+        SignAlgorithm::Ps256,
+        SignAlgorithm::Ps384,
+        SignAlgorithm::Ps512,
+    ];
+
+    /// The JWS name (`ES256`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SignAlgorithm::Es256 => "ES256",
+            SignAlgorithm::Es384 => "ES384",
+            SignAlgorithm::Rs256 => "RS256",
+            SignAlgorithm::Rs384 => "RS384",
+            SignAlgorithm::Rs512 => "RS512",
+            SignAlgorithm::Ps256 => "PS256",
+            SignAlgorithm::Ps384 => "PS384",
+            SignAlgorithm::Ps512 => "PS512",
+        }
+    }
+
+    /// Parses [`SignAlgorithm::as_str`] (case-insensitive).
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.as_str().eq_ignore_ascii_case(s))
+    }
+
+    /// The hash whose digest the caller sends.
+    pub fn hash(self) -> SignHash {
+        match self {
+            SignAlgorithm::Es256 | SignAlgorithm::Rs256 | SignAlgorithm::Ps256 => SignHash::Sha256,
+            SignAlgorithm::Es384 | SignAlgorithm::Rs384 | SignAlgorithm::Ps384 => SignHash::Sha384,
+            SignAlgorithm::Rs512 | SignAlgorithm::Ps512 => SignHash::Sha512,
+        }
+    }
+
+    /// The digest length the caller must send, in bytes.
+    pub fn digest_len(self) -> usize {
+        self.hash().size()
+    }
+
+    /// Whether this is a PSS algorithm.
+    pub fn is_pss(self) -> bool {
+        matches!(
+            self,
+            SignAlgorithm::Ps256 | SignAlgorithm::Ps384 | SignAlgorithm::Ps512
+        )
+    }
+
+    /// Whether a key of `key_type` (and key algorithm `algorithm`) signs with it: ES256 on
+    /// P-256 keys, ES384 on P-384 keys (as JWS pairs them), RS*/PS* on RSA signing keys.
+    pub fn fits(self, key_type: KeyType, algorithm: Algorithm) -> bool {
+        match self {
+            SignAlgorithm::Es256 => key_type == KeyType::EcP256 && algorithm == Algorithm::Ecdsa,
+            SignAlgorithm::Es384 => key_type == KeyType::EcP384 && algorithm == Algorithm::Ecdsa,
+            _ => key_type.is_rsa() && algorithm == Algorithm::RsaSign,
+        }
+    }
+}
+
+impl fmt::Display for SignAlgorithm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -369,6 +594,10 @@ pub enum Permission {
     HyokControl,
     /// Random bytes from the HSM's RNG (GetRandomBytes).
     Random,
+    /// Sign digests (Sign).
+    Sign,
+    /// Verify signatures (Verify).
+    Verify,
 }
 
 impl fmt::Display for Permission {
@@ -390,6 +619,8 @@ impl fmt::Display for Permission {
             Permission::Encrypt => "encrypt",
             Permission::Decrypt => "decrypt",
             Permission::Random => "random",
+            Permission::Sign => "sign",
+            Permission::Verify => "verify",
             Permission::ReadAudit => "read audit",
             Permission::HyokControl => "HYOK control",
         };
@@ -694,9 +925,44 @@ pub enum Invalid {
     /// A backup blob that does not parse.
     #[error("the backup blob is malformed: {0}")]
     BackupMalformed(String),
+    /// A digest whose length is not the signature algorithm's hash length.
+    #[error(
+        "digest is {got} bytes, but {algorithm} signs a {}-byte {} digest (send the hash of the message, not the message)",
+        algorithm.digest_len(), match algorithm.hash() { SignHash::Sha256 => "SHA-256", SignHash::Sha384 => "SHA-384", SignHash::Sha512 => "SHA-512" }
+    )]
+    DigestLength {
+        /// The algorithm.
+        algorithm: SignAlgorithm,
+        /// What came.
+        got: usize,
+    },
+    /// Key operations a key of this algorithm can never do.
+    #[error(
+        "a {algorithm} key cannot allow {op}: signing keys (rsa-sign, ecdsa) allow only sign and verify, and other keys never sign or verify"
+    )]
+    OperationForAlgorithm {
+        /// The key's algorithm.
+        algorithm: Algorithm,
+        /// The operation.
+        op: &'static str,
+    },
     /// A backup blob whose MAC does not verify (or whose name is not the one authorised).
     #[error("the backup blob failed authentication: it was changed after BackupKey made it")]
     BackupForged,
+}
+
+/// What a key of this type and algorithm does sign with, for [`Invalid::SignAlgorithmForKey`].
+pub(crate) fn sign_hint(key_type: KeyType, algorithm: Algorithm) -> String {
+    let fit: Vec<&str> = SignAlgorithm::ALL
+        .into_iter()
+        .filter(|a| a.fits(key_type, algorithm))
+        .map(SignAlgorithm::as_str)
+        .collect();
+    if fit.is_empty() {
+        " (it is not a signing key)".into()
+    } else {
+        format!(" (it signs with {})", fit.join(", "))
+    }
 }
 
 #[cfg(test)]
@@ -734,12 +1000,46 @@ mod tests {
 
     #[test]
     fn algorithm_ids_round_trip() {
-        for a in Algorithm::ALL {
+        for a in Algorithm::ENVELOPE {
             assert_eq!(Algorithm::from_id(a.id()), Some(a));
+        }
+        for a in Algorithm::ALL {
             assert_eq!(Algorithm::parse(a.as_str()), Some(a));
         }
         assert_eq!(Algorithm::from_id(0), None);
+        // A signing algorithm never names an envelope's key.
         assert_eq!(Algorithm::from_id(5), None);
+        assert_eq!(Algorithm::from_id(6), None);
+        assert_eq!(Algorithm::from_id(7), None);
+    }
+
+    #[test]
+    fn signature_algorithms_fit_their_keys_and_digests() {
+        use SignAlgorithm::*;
+        for a in SignAlgorithm::ALL {
+            assert_eq!(SignAlgorithm::parse(a.as_str()), Some(a));
+            assert_eq!(a.hash().digest_info_prefix().len(), 19);
+            // The prefix ends with OCTET STRING of the digest's length.
+            assert_eq!(
+                a.hash().digest_info_prefix()[18] as usize,
+                a.digest_len(),
+                "{a}"
+            );
+        }
+        assert_eq!(SignAlgorithm::parse("es256"), Some(Es256));
+        assert!(Es256.fits(KeyType::EcP256, Algorithm::Ecdsa));
+        assert!(!Es256.fits(KeyType::EcP384, Algorithm::Ecdsa));
+        assert!(Es384.fits(KeyType::EcP384, Algorithm::Ecdsa));
+        for rsa in [Rs256, Rs384, Rs512, Ps256, Ps384, Ps512] {
+            assert!(rsa.fits(KeyType::Rsa2048, Algorithm::RsaSign));
+            // A wrapping key never signs.
+            assert!(!rsa.fits(KeyType::Rsa2048, Algorithm::RsaOaepSha256));
+        }
+        assert!(KeyOp::Sign.fits(Algorithm::Ecdsa) && !KeyOp::Wrap.fits(Algorithm::Ecdsa));
+        assert!(!KeyOp::Sign.fits(Algorithm::RsaOaepSha256));
+        assert!(!KeyOp::Decrypt.fits(Algorithm::RsaSign));
+        assert!(!Algorithm::Ecdsa.fits(KeyType::Aes256));
+        assert!(!Algorithm::Aes256Gcm.fits(KeyType::EcP256));
     }
 }
 
@@ -761,18 +1061,34 @@ pub enum KeyOp {
     Encrypt,
     /// Decrypt a payload (Decrypt, and the XKS door's decrypt).
     Decrypt,
+    /// Sign a digest (signing keys only).
+    Sign,
+    /// Verify a signature (signing keys only).
+    Verify,
 }
 
 impl KeyOp {
     /// Every operation.
-    pub const ALL: [KeyOp; 6] = [
+    pub const ALL: [KeyOp; 8] = [
         KeyOp::Wrap,
         KeyOp::Unwrap,
         KeyOp::GenerateDataKey,
         KeyOp::Rewrap,
         KeyOp::Encrypt,
         KeyOp::Decrypt,
+        KeyOp::Sign,
+        KeyOp::Verify,
     ];
+
+    /// What a new signing key (RSA_SIGN, ECDSA) allows when its creator names no operations,
+    /// and all it may ever allow.
+    pub const SIGNING: [KeyOp; 2] = [KeyOp::Sign, KeyOp::Verify];
+
+    /// Whether a key of `algorithm` can ever do this operation: a signing key only signs and
+    /// verifies, any other key never does (separate key types, separate HSM templates).
+    pub fn fits(self, algorithm: Algorithm) -> bool {
+        Self::SIGNING.contains(&self) == algorithm.is_signing()
+    }
 
     /// What a new key allows when its creator names no operations: the key-wrapping ones.
     /// Payload encryption (`encrypt`, `decrypt`) is asked for by name: a KEK made to wrap DEKs
@@ -795,6 +1111,8 @@ impl KeyOp {
             KeyOp::Rewrap => "rewrap",
             KeyOp::Encrypt => "encrypt",
             KeyOp::Decrypt => "decrypt",
+            KeyOp::Sign => "sign",
+            KeyOp::Verify => "verify",
         }
     }
 

@@ -2,18 +2,19 @@
 //! identity patterns and key scopes, deny by default; and the HYOK rules (which identities are
 //! the provider's service, which access justifications each key accepts).
 //!
-//! | role                      | permissions                                                                           |
-//! |---------------------------|---------------------------------------------------------------------------------------|
-//! | `administrator`           | read metadata, HYOK connect/disconnect (no key use)                                   |
-//! | `crypto-officer`          | read metadata, delete, recover, purge, restore, trim versions                         |
-//! | `crypto-user`             | read metadata, create, update, rotate, import, backup, wrap, unwrap, encrypt, decrypt, random |
-//! | `service-encryption-user` | read metadata, wrap, unwrap                                                           |
-//! | `service-crypto-user`     | read metadata, encrypt, decrypt                                                       |
-//! | `auditor`                 | read metadata, read the audit trail (no key use)                                      |
-//! | `backup`                  | read metadata, backup                                                                 |
+//! | role                      | permissions                                                                                         |
+//! |---------------------------|-----------------------------------------------------------------------------------------------------|
+//! | `administrator`           | read metadata, HYOK connect/disconnect (no key use)                                                 |
+//! | `crypto-officer`          | read metadata, delete, recover, purge, restore, trim versions                                       |
+//! | `crypto-user`             | read metadata, create, update, rotate, import, backup, wrap, unwrap, encrypt, decrypt, sign, verify, random |
+//! | `service-encryption-user` | read metadata, wrap, unwrap                                                                         |
+//! | `service-crypto-user`     | read metadata, encrypt, decrypt                                                                     |
+//! | `auditor`                 | read metadata, read the audit trail (no key use)                                                    |
+//! | `backup`                  | read metadata, backup                                                                               |
 //!
-//! As in Managed HSM, the crypto user holds every key operation and the service encryption
-//! user only wrap and unwrap: a calling service that wraps DEKs cannot also decrypt payloads.
+//! As in Managed HSM, the crypto user holds every key operation (sign and verify included) and
+//! the service encryption user only wrap and unwrap: a calling service that wraps DEKs cannot
+//! also decrypt payloads or sign.
 //! `service-crypto-user` is the payload counterpart (Managed HSM has no separate built-in role
 //! for it): what a cloud KMS calling through an external key store door (AWS XKS) needs, and
 //! nothing else.
@@ -50,7 +51,8 @@ pub enum Role {
     Administrator,
     /// Delete, recover, purge, restore, trim.
     CryptoOfficer,
-    /// Create, read, update, rotate, import, backup, wrap, unwrap, encrypt, decrypt, random.
+    /// Create, read, update, rotate, import, backup, wrap, unwrap, encrypt, decrypt, sign,
+    /// verify, random.
     CryptoUser,
     /// Read metadata, wrap, unwrap: the role a calling service gets.
     ServiceEncryptionUser,
@@ -92,6 +94,8 @@ impl Role {
                 Unwrap,
                 Encrypt,
                 Decrypt,
+                Sign,
+                Verify,
                 Random,
             ],
             Role::ServiceEncryptionUser => &[ReadMetadata, Wrap, Unwrap],

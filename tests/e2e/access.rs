@@ -36,7 +36,7 @@ fn role_policy() -> String {
     p
 }
 
-const RPCS: [&str; 17] = [
+const RPCS: [&str; 19] = [
     "CreateKey",
     "GetKey",
     "ListKeys",
@@ -54,6 +54,8 @@ const RPCS: [&str; 17] = [
     "HyokGetState",
     "HyokReconnect",
     "GetRandomBytes",
+    "Sign",
+    "Verify",
 ];
 
 /// The published role table (docs/src/deployment.md, "Roles"), stated independently of the implementation.
@@ -72,6 +74,8 @@ fn allowed(role: &str, rpc: &str) -> bool {
                 "UnwrapKey",
                 "Rewrap",
                 "GetRandomBytes",
+                "Sign",
+                "Verify",
             ]
             .contains(&rpc)
                 || payload
@@ -219,6 +223,27 @@ async fn call(
             })
             .await
             .map(drop),
+        "Sign" => c
+            .broker
+            .sign(pb::SignRequest {
+                key: "t/ec".into(),
+                algorithm: pb::SignatureAlgorithm::Es256.into(),
+                digest: vec![3; 32],
+                context: None,
+            })
+            .await
+            .map(drop),
+        "Verify" => c
+            .broker
+            .verify(pb::VerifyRequest {
+                key: "t/ec".into(),
+                algorithm: pb::SignatureAlgorithm::Es256.into(),
+                digest: vec![3; 32],
+                signature: vec![1; 64],
+                ..Default::default()
+            })
+            .await
+            .map(drop),
         other => panic!("unknown rpc {other}"),
     }
 }
@@ -260,6 +285,13 @@ async fn every_role_against_every_rpc_is_allowed_or_denied_and_audited_either_wa
         &mut s,
         "t/rsa",
         pb::KeyType::Rsa2048,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    create(
+        &mut s,
+        "t/ec",
+        pb::KeyType::EcP256,
         pb::Algorithm::Unspecified,
     )
     .await;

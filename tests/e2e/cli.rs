@@ -450,3 +450,121 @@ async fn random_bytes_and_key_tables_with_readable_times_from_the_command_line()
     );
     b.stop().await;
 }
+
+#[tokio::test]
+async fn sign_and_verify_from_the_command_line_with_tables_and_json() {
+    let env = Env::new();
+    let b = env.start().await;
+    let (ok, out, err) = cli(
+        &env,
+        &b,
+        &["key", "create", "acme/sig", "--type", "ec-p256"],
+    )
+    .await;
+    if !ok && err.contains("cannot") {
+        skip(
+            "cli::sign_and_verify_from_the_command_line_with_tables_and_json",
+            &format!("the token cannot make ec-p256 keys: {err}"),
+        );
+        return b.stop().await.truncate(0);
+    }
+    assert!(ok, "{err}");
+    assert!(out.contains("ec-p256") && out.contains("ecdsa"), "{out}");
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(b"signed from the CLI"));
+    let (ok, out, err) = cli(
+        &env,
+        &b,
+        &[
+            "sign",
+            "acme/sig",
+            "--alg",
+            "ES256",
+            "--digest-hex",
+            &digest,
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        (&j["algorithm"], &j["key_version"]),
+        (&"ES256".into(), &1.into()),
+        "{out}"
+    );
+    let sig = j["signature"].as_str().expect("signature").to_string();
+    assert_eq!(
+        j["signature_hex"].as_str().map(str::len),
+        Some(128),
+        "{out}"
+    );
+    // The table form.
+    let (ok, table, err) = cli(
+        &env,
+        &b,
+        &[
+            "sign",
+            "acme/sig",
+            "--alg",
+            "es256",
+            "--digest-hex",
+            &digest,
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(
+        table.contains("SIGNATURE") && table.contains("ES256"),
+        "{table}"
+    );
+    let verify = |sig: String| {
+        let digest = digest.clone();
+        let (env, b) = (&env, &b);
+        async move {
+            cli(
+                env,
+                b,
+                &[
+                    "verify",
+                    "acme/sig",
+                    "--alg",
+                    "ES256",
+                    "--digest-hex",
+                    &digest,
+                    "--signature",
+                    &sig,
+                    "-o",
+                    "json",
+                ],
+            )
+            .await
+        }
+    };
+    let (ok, out, err) = verify(sig.clone()).await;
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(j["valid"], true, "{out}");
+    // An altered signature: valid false, and exit status 1.
+    let mut raw = hex::decode(j_hex(&sig)).expect("hex");
+    raw[0] ^= 1;
+    let (ok, out, _) = verify(hex::encode(&raw)).await;
+    assert!(!ok);
+    let j: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(j["valid"], false, "{out}");
+    // A digest of the wrong length: the broker's message.
+    let (ok, _, err) = cli(
+        &env,
+        &b,
+        &["sign", "acme/sig", "--alg", "ES256", "--digest-hex", "abcd"],
+    )
+    .await;
+    assert!(!ok && err.contains("digest is 2 bytes"), "{err}");
+    b.stop().await;
+}
+
+/// base64 → hex (the JSON's signature is base64).
+fn j_hex(b64: &str) -> String {
+    hex::encode(B64.decode(b64).expect("base64"))
+}

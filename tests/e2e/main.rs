@@ -30,6 +30,7 @@ mod reliability;
 mod replicas;
 mod rsa_interop;
 mod sdk;
+mod sign;
 mod soak;
 mod tls;
 mod wrap_unwrap;

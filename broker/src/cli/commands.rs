@@ -312,7 +312,75 @@ fn alg_name(v: i32) -> &'static str {
         Ok(pb::Algorithm::AesKeyWrapPad) => "aes-kwp",
         Ok(pb::Algorithm::RsaOaepSha256) => "rsa-oaep-sha256",
         Ok(pb::Algorithm::RsaOaepSha1) => "rsa-oaep-sha1",
+        Ok(pb::Algorithm::RsaSign) => "rsa-sign",
+        Ok(pb::Algorithm::Ecdsa) => "ecdsa",
         _ => "unspecified",
+    }
+}
+
+/// A signature algorithm's JWS name, from the proto value.
+fn sign_alg_name(v: i32) -> &'static str {
+    use pb::SignatureAlgorithm as S;
+    match S::try_from(v) {
+        Ok(S::Es256) => "ES256",
+        Ok(S::Es384) => "ES384",
+        Ok(S::Rs256) => "RS256",
+        Ok(S::Rs384) => "RS384",
+        Ok(S::Rs512) => "RS512",
+        Ok(S::Ps256) => "PS256",
+        Ok(S::Ps384) => "PS384",
+        Ok(S::Ps512) => "PS512",
+        _ => "unspecified",
+    }
+}
+
+/// `--alg` (ES256, ..., case-insensitive) as the proto value.
+fn sign_alg(s: &str) -> Result<pb::SignatureAlgorithm, String> {
+    use crate::model::SignAlgorithm as S;
+    use pb::SignatureAlgorithm as P;
+    Ok(
+        match S::parse(s).ok_or_else(|| {
+            format!(
+                "unknown signature algorithm {s:?} (ES256, ES384, RS256, RS384, RS512, PS256, PS384, PS512)"
+            )
+        })? {
+            S::Es256 => P::Es256,
+            S::Es384 => P::Es384,
+            S::Rs256 => P::Rs256,
+            S::Rs384 => P::Rs384,
+            S::Rs512 => P::Rs512,
+            S::Ps256 => P::Ps256,
+            S::Ps384 => P::Ps384,
+            S::Ps512 => P::Ps512,
+        },
+    )
+}
+
+/// The digest to sign or verify: `--digest-hex`, `--digest-base64`, or the hash (under the
+/// algorithm's hash) of the file `--file`.
+fn digest_arg(
+    alg: pb::SignatureAlgorithm,
+    hex_digest: Option<String>,
+    b64: Option<String>,
+    file: Option<std::path::PathBuf>,
+) -> Result<Vec<u8>, String> {
+    use sha2::Digest;
+    match (hex_digest, b64, file) {
+        (Some(h), _, _) => {
+            hex::decode(h.trim()).map_err(|e| format!("--digest-hex is not valid hex: {e}"))
+        }
+        (None, Some(b), _) => decode_b64("--digest-base64", &b),
+        (None, None, Some(f)) => {
+            let data =
+                std::fs::read(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+            use pb::SignatureAlgorithm as S;
+            Ok(match alg {
+                S::Es256 | S::Rs256 | S::Ps256 => sha2::Sha256::digest(&data).to_vec(),
+                S::Es384 | S::Rs384 | S::Ps384 => sha2::Sha384::digest(&data).to_vec(),
+                _ => sha2::Sha512::digest(&data).to_vec(),
+            })
+        }
+        (None, None, None) => Err("give --digest-hex, --digest-base64 or --file".into()),
     }
 }
 
@@ -322,6 +390,8 @@ fn alg_to_pb(a: Algorithm) -> pb::Algorithm {
         Algorithm::AesKeyWrapPad => pb::Algorithm::AesKeyWrapPad,
         Algorithm::RsaOaepSha256 => pb::Algorithm::RsaOaepSha256,
         Algorithm::RsaOaepSha1 => pb::Algorithm::RsaOaepSha1,
+        Algorithm::RsaSign => pb::Algorithm::RsaSign,
+        Algorithm::Ecdsa => pb::Algorithm::Ecdsa,
     }
 }
 
@@ -333,6 +403,8 @@ fn key_json(k: &pb::Key) -> serde_json::Value {
             Ok(pb::KeyType::Rsa2048) => "rsa-2048",
             Ok(pb::KeyType::Rsa3072) => "rsa-3072",
             Ok(pb::KeyType::Rsa4096) => "rsa-4096",
+            Ok(pb::KeyType::EcP256) => "ec-p256",
+            Ok(pb::KeyType::EcP384) => "ec-p384",
             _ => "unspecified",
         },
         "algorithm": alg_name(k.algorithm),
@@ -355,6 +427,7 @@ fn key_json(k: &pb::Key) -> serde_json::Value {
                 Ok(pb::KeyOperation::Wrap) => "wrap", Ok(pb::KeyOperation::Unwrap) => "unwrap",
                 Ok(pb::KeyOperation::GenerateDataKey) => "generate-data-key", Ok(pb::KeyOperation::Rewrap) => "rewrap",
                 Ok(pb::KeyOperation::Encrypt) => "encrypt", Ok(pb::KeyOperation::Decrypt) => "decrypt",
+                Ok(pb::KeyOperation::Sign) => "sign", Ok(pb::KeyOperation::Verify) => "verify",
                 _ => "unknown" }).collect::<Vec<_>>()),
             "tags": a.tags.as_ref().map(|t| t.tags.clone()),
             "min_decryption_version": a.min_decryption_version, "purge_protection": a.purge_protection,
@@ -524,12 +597,12 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                 } => {
                     let kt = KeyType::parse(&key_type).ok_or_else(|| {
                         format!(
-                            "unknown key type {key_type:?} (aes-256, rsa-2048, rsa-3072, rsa-4096)"
+                            "unknown key type {key_type:?} (aes-256, rsa-2048, rsa-3072, rsa-4096, ec-p256, ec-p384)"
                         )
                     })?;
                     let alg = match algorithm {
                         Some(a) => alg_to_pb(Algorithm::parse(&a).ok_or_else(|| {
-                            format!("unknown algorithm {a:?} (aes-256-gcm, aes-kwp, rsa-oaep-sha256, rsa-oaep-sha1)")
+                            format!("unknown algorithm {a:?} (aes-256-gcm, aes-kwp, rsa-oaep-sha256, rsa-oaep-sha1, rsa-sign, ecdsa)")
                         })?),
                         None => pb::Algorithm::Unspecified,
                     };
@@ -538,6 +611,8 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                         KeyType::Rsa2048 => pb::KeyType::Rsa2048,
                         KeyType::Rsa3072 => pb::KeyType::Rsa3072,
                         KeyType::Rsa4096 => pb::KeyType::Rsa4096,
+                        KeyType::EcP256 => pb::KeyType::EcP256,
+                        KeyType::EcP384 => pb::KeyType::EcP384,
                     };
                     let k = c
                         .mgmt
@@ -620,6 +695,8 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                                     "rewrap" => Ok(pb::KeyOperation::Rewrap.into()),
                                     "encrypt" => Ok(pb::KeyOperation::Encrypt.into()),
                                     "decrypt" => Ok(pb::KeyOperation::Decrypt.into()),
+                                    "sign" => Ok(pb::KeyOperation::Sign.into()),
+                                    "verify" => Ok(pb::KeyOperation::Verify.into()),
                                     other => Err(format!("unknown operation {other:?}")),
                                 })
                                 .collect::<Result<_, _>>()?,
@@ -1214,6 +1291,97 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                         },
                     ]],
                 ),
+            }
+        }
+        Command::Sign {
+            key,
+            alg,
+            digest_hex,
+            digest_base64,
+            file,
+            conn,
+        } => {
+            let alg = sign_alg(&alg)?;
+            let digest = digest_arg(alg, digest_hex, digest_base64, file)?;
+            let mut c = clients(&settings(&conn)?).await?;
+            let r = c
+                .broker
+                .sign(pb::SignRequest {
+                    key,
+                    algorithm: alg.into(),
+                    digest,
+                    context: context(&conn)?,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let sig = B64.encode(&r.signature);
+            match conn.output {
+                Output::Json => println!(
+                    "{}",
+                    json!({"signature": sig, "signature_hex": hex::encode(&r.signature), "key": r.key,
+                        "key_version": r.key_version, "key_version_id": hex::encode(&r.key_version_id),
+                        "algorithm": sign_alg_name(r.algorithm)})
+                ),
+                Output::Text => print_table(
+                    &["KEY", "VERSION", "ALGORITHM", "SIGNATURE (BASE64)"],
+                    &[vec![
+                        r.key,
+                        r.key_version.to_string(),
+                        sign_alg_name(r.algorithm).to_string(),
+                        sig,
+                    ]],
+                ),
+            }
+        }
+        Command::Verify {
+            key,
+            alg,
+            version,
+            digest_hex,
+            digest_base64,
+            file,
+            signature,
+            conn,
+        } => {
+            let alg = sign_alg(&alg)?;
+            let digest = digest_arg(alg, digest_hex, digest_base64, file)?;
+            let signature = match hex::decode(signature.trim()) {
+                Ok(b) => b,
+                Err(_) => decode_b64("the signature", &signature)?,
+            };
+            let mut c = clients(&settings(&conn)?).await?;
+            let r = c
+                .broker
+                .verify(pb::VerifyRequest {
+                    key,
+                    key_version: version,
+                    algorithm: alg.into(),
+                    digest,
+                    signature,
+                    context: context(&conn)?,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            match conn.output {
+                Output::Json => println!(
+                    "{}",
+                    json!({"valid": r.valid, "key": r.key, "key_version": r.key_version,
+                        "algorithm": sign_alg_name(alg.into())})
+                ),
+                Output::Text => print_table(
+                    &["KEY", "VERSION", "ALGORITHM", "VALID"],
+                    &[vec![
+                        r.key,
+                        r.key_version.to_string(),
+                        sign_alg_name(alg.into()).to_string(),
+                        if r.valid { "yes" } else { "no" }.to_string(),
+                    ]],
+                ),
+            }
+            if !r.valid {
+                return Err("the signature is not valid".into());
             }
         }
         Command::Random { count, hex, conn } => {

@@ -215,6 +215,52 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Sign a digest with the newest version of a signing key (ec-p256, ec-p384, or an RSA key
+    /// made with --algorithm rsa-sign); prints the signature (base64; r || s for ES256/ES384).
+    Sign {
+        /// The key, "tenant/name".
+        key: String,
+        /// ES256, ES384, RS256, RS384, RS512, PS256, PS384 or PS512.
+        #[arg(long)]
+        alg: String,
+        /// The digest in hex (SHA-256: 64 hex digits, SHA-384: 96, SHA-512: 128).
+        #[arg(long, conflicts_with_all = ["digest_base64", "file"], required_unless_present_any = ["digest_base64", "file"])]
+        digest_hex: Option<String>,
+        /// The digest in base64.
+        #[arg(long, conflicts_with = "file")]
+        digest_base64: Option<String>,
+        /// Hash this file (with the algorithm's hash) and sign the digest.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Verify a signature over a digest with a version of a signing key, inside the HSM. Exit
+    /// status 1 when it is not valid.
+    Verify {
+        /// The key, "tenant/name".
+        key: String,
+        /// ES256, ES384, RS256, RS384, RS512, PS256, PS384 or PS512.
+        #[arg(long)]
+        alg: String,
+        /// The version that signed (0 = newest).
+        #[arg(long, default_value_t = 0)]
+        version: u32,
+        /// The digest in hex.
+        #[arg(long, conflicts_with_all = ["digest_base64", "file"], required_unless_present_any = ["digest_base64", "file"])]
+        digest_hex: Option<String>,
+        /// The digest in base64.
+        #[arg(long, conflicts_with = "file")]
+        digest_base64: Option<String>,
+        /// Hash this file (with the algorithm's hash) and verify over its digest.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// The signature, hex or base64.
+        #[arg(long)]
+        signature: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Print random bytes from the HSM's RNG (1 to 4096), base64 (or hex with --hex).
     Random {
         /// How many bytes.
@@ -225,7 +271,7 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
-    /// Print an RSA key's public key.
+    /// Print an RSA or EC key's public key.
     PublicKey {
         /// The key, "tenant/name".
         key: String,
@@ -304,10 +350,11 @@ enum KeyCommand {
     Create {
         /// "tenant/name".
         name: String,
-        /// aes-256, rsa-2048, rsa-3072 or rsa-4096.
+        /// aes-256, rsa-2048, rsa-3072, rsa-4096, ec-p256 or ec-p384 (EC keys sign and verify).
         #[arg(long = "type", default_value = "aes-256")]
         key_type: String,
-        /// aes-256-gcm, aes-kwp, rsa-oaep-sha256 or rsa-oaep-sha1 (default: by type).
+        /// aes-256-gcm, aes-kwp, rsa-oaep-sha256, rsa-oaep-sha1, rsa-sign (an RSA signing key)
+        /// or ecdsa (default: by type).
         #[arg(long)]
         algorithm: Option<String>,
     },
@@ -337,7 +384,8 @@ enum KeyCommand {
         /// Disable the key (every operation refused).
         #[arg(long)]
         disable: bool,
-        /// Allowed operations, comma-separated: wrap,unwrap,generate-data-key,rewrap,encrypt,decrypt.
+        /// Allowed operations, comma-separated: wrap,unwrap,generate-data-key,rewrap,encrypt,decrypt
+        /// (wrapping keys) or sign,verify (signing keys).
         #[arg(long)]
         operations: Option<String>,
         /// Replace the tags: --tag team=payments --tag env=prod (give --tag "" to clear).

@@ -60,7 +60,10 @@ impl Role {
         match alg {
             Algorithm::Aes256Gcm => Role::Gcm,
             Algorithm::AesKeyWrapPad => Role::Kwp,
-            Algorithm::RsaOaepSha256 | Algorithm::RsaOaepSha1 => Role::Rsa,
+            // A signing key is never extractable and never backed up (`keys::backup` refuses
+            // it before the HSM is asked); the RSA role's wrap key could not wrap it anyway.
+            Algorithm::RsaOaepSha256 | Algorithm::RsaOaepSha1 | Algorithm::RsaSign => Role::Rsa,
+            Algorithm::Ecdsa => Role::Rsa,
         }
     }
 

@@ -41,6 +41,7 @@
 //! * `objects` — KEK objects: generate, find and attach, check, read public halves, destroy;
 //! * `crypt` — wrap and unwrap DEKs (lists of items in one session checkout);
 //! * `payload` — encrypt and decrypt payloads (the same way);
+//! * [`sign`] — sign and verify digests with signing keys, and their identity check;
 //! * `mac` — the audit trail's HMAC key;
 //! * `import` — BYOK import keys and key material import;
 //! * [`domain`] — the security domain that backups are wrapped under;
@@ -59,6 +60,7 @@ pub mod domain;
 pub mod error;
 mod import;
 pub(crate) mod kat_rsa;
+pub(crate) mod kat_sign;
 mod mac;
 mod objects;
 pub mod ops;
@@ -68,6 +70,7 @@ pub mod probe;
 pub mod profile;
 mod recovery;
 pub mod report;
+pub mod sign;
 pub mod template;
 mod token;
 
@@ -199,16 +202,28 @@ pub struct KekHandles {
     pub public: Option<ObjectHandle>,
 }
 
-/// A value wrapped under a KEK version when it was created, with the SHA-256 of the value: if
-/// it unwraps to that value, the object is the key the version was created with.
+/// How a key version proves that its HSM objects are the key it was created with.
 #[derive(Clone, Debug)]
-pub struct Canary {
-    /// How to unwrap it.
-    pub params: WrapParams,
-    /// The wrapped value.
-    pub ciphertext: Vec<u8>,
-    /// SHA-256 of the value.
-    pub digest: Vec<u8>,
+pub enum Canary {
+    /// A wrapping key: a value wrapped under it when it was created, with the SHA-256 of the
+    /// value; if it unwraps to that value, the object is the key.
+    Wrapped {
+        /// How to unwrap it.
+        params: WrapParams,
+        /// The wrapped value.
+        ciphertext: Vec<u8>,
+        /// SHA-256 of the value.
+        digest: Vec<u8>,
+    },
+    /// A signing key: the SHA-256 of its public key, recorded when it was created; its public
+    /// object must still be that key, and its private object must sign a challenge that the
+    /// public object verifies.
+    Signing {
+        /// What the check signs with (ES256, ES384 or RS256).
+        algorithm: crate::model::SignAlgorithm,
+        /// SHA-256 of the public key.
+        fingerprint: Vec<u8>,
+    },
 }
 
 /// A KEK version the broker expects to find in the token.

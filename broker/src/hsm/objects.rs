@@ -23,7 +23,7 @@ use super::{
     pool::{CREATE, MAINTAIN, READ},
     template::{self, KekSpec},
 };
-use crate::model::{Algorithm, Origin, VersionId};
+use crate::model::{Algorithm, Curve, Origin, VersionId};
 
 /// Unwraps a canary with `h`: `None` if it gives the recorded value, `Some(why)` if not; `Err`
 /// when the HSM could not answer.
@@ -33,9 +33,20 @@ pub(super) fn canary_verdict(
     h: &KekHandles,
     c: &Canary,
 ) -> Result<Option<String>, HsmError> {
+    let (params, ciphertext, digest) = match c {
+        Canary::Wrapped {
+            params,
+            ciphertext,
+            digest,
+        } => (params, ciphertext, digest),
+        Canary::Signing {
+            algorithm,
+            fingerprint,
+        } => return super::sign::sign_canary_verdict(s, h, *algorithm, fingerprint),
+    };
     let kwp = inner.kwp.unwrap_or(KwpMechanism::Pad);
-    match ops::unwrap(s, h.secret, kwp, &c.params, &c.ciphertext) {
-        Ok(v) if Sha256::digest(v.expose()).as_slice() == c.digest.as_slice() => Ok(None),
+    match ops::unwrap(s, h.secret, kwp, params, ciphertext) {
+        Ok(v) if Sha256::digest(v.expose()).as_slice() == digest.as_slice() => Ok(None),
         Ok(_) => Ok(Some(
             "canary decrypts to the wrong value: the HSM object is not the key this version was created with".into(),
         )),
@@ -146,7 +157,7 @@ pub(super) fn find_keks(
                     .map(|o| o.3.as_slice())
                     .unwrap_or_default()
             };
-            let secret_class = if e.key_type.is_rsa() {
+            let secret_class = if e.key_type.is_pair() {
                 ObjectClass::PRIVATE_KEY
             } else {
                 ObjectClass::SECRET_KEY
@@ -157,6 +168,7 @@ pub(super) fn find_keks(
                 template::check_secret(e.algorithm, mech, attrs_of(secret_class), imported, v240);
             if h.public.is_some() {
                 p.extend(template::check_public(
+                    e.algorithm,
                     mech,
                     attrs_of(ObjectClass::PUBLIC_KEY),
                     v240,
@@ -196,7 +208,7 @@ pub(super) fn match_objects(
     let pick = |c: ObjectClass| -> Vec<ObjectHandle> {
         objs.iter().filter(|o| o.1 == c).map(|o| o.0).collect()
     };
-    let (secrets, publics) = if e.key_type.is_rsa() {
+    let (secrets, publics) = if e.key_type.is_pair() {
         (
             pick(ObjectClass::PRIVATE_KEY),
             pick(ObjectClass::PUBLIC_KEY),
@@ -204,7 +216,7 @@ pub(super) fn match_objects(
     } else {
         (pick(ObjectClass::SECRET_KEY), Vec::new())
     };
-    let want_public = usize::from(e.key_type.is_rsa());
+    let want_public = usize::from(e.key_type.is_pair());
     match secrets.as_slice() {
         [] => Err("its HSM object is missing".to_string()),
         _ if secrets.len() > 1 || publics.len() > want_public || objs.len() != 1 + want_public => {
@@ -284,7 +296,7 @@ pub(super) fn check_template(
         let attrs = s
             .get_attributes(p, template::PUBLIC_CHECK)
             .map_err(|e| HsmError::from_ck("read back public key attributes", e))?;
-        problems.extend(template::check_public(mech, &attrs, key_attributes));
+        problems.extend(template::check_public(alg, mech, &attrs, key_attributes));
     }
     Ok(problems)
 }
@@ -315,7 +327,26 @@ impl Hsm {
             })?;
         self.run("generate a KEK", CREATE, move |inner, conn, s| {
             let _guard = inner.object_lock.lock().unwrap_or_else(|p| p.into_inner());
-            let handles = if let Some(bits) = spec.key_type.rsa_bits() {
+            let handles = if spec.algorithm.is_signing() {
+                let (pubt, privt) = template::signing_templates(&spec, mech);
+                let v240 = inner.caps.key_attributes;
+                let (pubt, privt) = (
+                    template::for_token(pubt, v240),
+                    template::for_token(privt, v240),
+                );
+                let keygen = if spec.key_type.is_ec() {
+                    Mechanism::EccKeyPairGen
+                } else {
+                    Mechanism::RsaPkcsKeyPairGen
+                };
+                let (public, private) = s
+                    .generate_key_pair(&keygen, &pubt, &privt)
+                    .map_err(|e| HsmError::from_ck("C_GenerateKeyPair", e))?;
+                KekHandles {
+                    secret: private,
+                    public: Some(public),
+                }
+            } else if let Some(bits) = spec.key_type.rsa_bits() {
                 let (pubt, privt) = template::rsa_templates(&spec, bits, mech);
                 let v240 = inner.caps.key_attributes;
                 let (pubt, privt) = (
@@ -458,6 +489,73 @@ impl Hsm {
                     "not an RSA key",
                 )
             })?;
+            read_rsa_public(s, h)
+        })
+        .await
+    }
+
+    /// Reads the public point of an EC version: the uncompressed point `04 || x || y`.
+    pub async fn ec_point(&self, id: VersionId, curve: Curve) -> Result<Vec<u8>, HsmError> {
+        self.run("read a public key", READ, move |inner, conn, s| {
+            inner.ensure_verified(conn, s, id)?;
+            let h = conn.handles_of(id)?.public.ok_or_else(|| {
+                HsmError::new(
+                    FaultKind::NotPermitted,
+                    "read a public key",
+                    "not an EC key",
+                )
+            })?;
+            read_ec_point(s, h, curve)
+        })
+        .await
+    }
+}
+
+/// The uncompressed point `04 || x || y` of an EC public key object. PKCS#11 says
+/// `CKA_EC_POINT` is the DER encoding of an OCTET STRING holding the point; some tokens give
+/// the bare point: both are accepted, told apart by their length.
+pub(super) fn read_ec_point(
+    s: &Session,
+    h: ObjectHandle,
+    curve: Curve,
+) -> Result<Vec<u8>, HsmError> {
+    let attrs = s
+        .get_attributes(h, &[AttributeType::EcPoint])
+        .map_err(|e| HsmError::from_ck("C_GetAttributeValue", e))?;
+    let raw = attrs
+        .into_iter()
+        .find_map(|a| match a {
+            Attribute::EcPoint(p) => Some(p),
+            _ => None,
+        })
+        .unwrap_or_default();
+    let n = 2 * curve.size() + 1;
+    let point = if raw.len() == n {
+        raw
+    } else if raw.len() == n + 2 && raw[0] == 0x04 && usize::from(raw[1]) == n {
+        // n is 65 or 97: a one-byte DER length.
+        raw[2..].to_vec()
+    } else {
+        raw
+    };
+    if point.len() != n || point[0] != 0x04 {
+        return Err(HsmError::new(
+            FaultKind::Other,
+            "read a public key",
+            format!(
+                "CKA_EC_POINT is not an uncompressed {} point ({} bytes)",
+                curve.jwk_name(),
+                point.len()
+            ),
+        ));
+    }
+    Ok(point)
+}
+
+/// The modulus and exponent of an RSA public key object.
+pub(super) fn read_rsa_public(s: &Session, h: ObjectHandle) -> Result<RsaPublic, HsmError> {
+    {
+        {
             let attrs = s
                 .get_attributes(h, &[AttributeType::Modulus, AttributeType::PublicExponent])
                 .map_err(|e| HsmError::from_ck("C_GetAttributeValue", e))?;
@@ -480,8 +578,7 @@ impl Hsm {
                 ));
             }
             Ok(pk)
-        })
-        .await
+        }
     }
 }
 

@@ -16,6 +16,12 @@
 //!   ciphertexts made by OpenSSL (a real known-answer test: `kat_rsa`) and round-trip
 //!   its own encryption, with SHA-256/MGF1-SHA-256, falling back to SHA-1 (SoftHSM2 2.6.1 only
 //!   has SHA-1 OAEP).
+//! * Signatures (`kat_sign`): `CKM_RSA_PKCS` (RS256, byte for byte) and `CKM_RSA_PKCS_PSS`
+//!   (PS256) with the RSA test key, `CKM_ECDSA` on P-256 and P-384 with RFC 6979's keys: the
+//!   token verifies an independent implementation's signature, verifies its own, and refuses an
+//!   altered one. RSA signing keys need both RSA mechanisms (a key signs RS* and PS*); EC keys
+//!   need `CKM_EC_KEY_PAIR_GEN` and ECDSA on their curve. A token that fails keeps serving
+//!   everything else; creating that key type is refused, naming the test that failed.
 //! * HMAC-SHA256 (the audit trail's checkpoint key and the security domain's MAC key): RFC 4231
 //!   test case 6 signed and verified with a session key, and a wrong MAC refused; the key is
 //!   generated with `CKM_GENERIC_SECRET_KEY_GEN`, which must be listed. Without both, the
@@ -44,7 +50,7 @@ use cryptoki::{
 };
 use serde::Serialize;
 
-use super::{error::HsmError, kat_rsa, ops::KwpMechanism, profile::Profile, template};
+use super::{error::HsmError, kat_rsa, kat_sign, ops::KwpMechanism, profile::Profile, template};
 use crate::model::{Algorithm, KeyType};
 
 /// How the token implements RFC 5649.
@@ -120,6 +126,16 @@ pub struct Capabilities {
     pub oaep_sha256: bool,
     /// RSA-OAEP with SHA-1 works.
     pub oaep_sha1: bool,
+    /// `CKM_EC_KEY_PAIR_GEN` listed.
+    pub ec_keygen: bool,
+    /// `CKM_ECDSA` on P-256 passed its known-answer test.
+    pub ecdsa_p256: bool,
+    /// `CKM_ECDSA` on P-384 passed its known-answer test.
+    pub ecdsa_p384: bool,
+    /// `CKM_RSA_PKCS` signatures (RS256) passed their known-answer test.
+    pub rsa_pkcs_sign: bool,
+    /// `CKM_RSA_PKCS_PSS` signatures (PS256) passed their known-answer test.
+    pub rsa_pss_sign: bool,
     /// BYOK is safe here: the token enforces an import key's `CKA_UNWRAP_TEMPLATE` against a
     /// caller's own template ([`BYOK_TEMPLATE`]'s known-answer test).
     pub byok: bool,
@@ -153,6 +169,10 @@ impl Capabilities {
             Algorithm::AesKeyWrapPad => self.kwp.as_ref().map(|k| k.kind.mechanism_type()),
             Algorithm::RsaOaepSha256 if self.oaep_sha256 => Some(MechanismType::RSA_PKCS_OAEP),
             Algorithm::RsaOaepSha1 if self.oaep_sha1 => Some(MechanismType::RSA_PKCS_OAEP),
+            Algorithm::RsaSign if self.rsa_pkcs_sign && self.rsa_pss_sign => {
+                Some(MechanismType::RSA_PKCS)
+            }
+            Algorithm::Ecdsa if self.ecdsa_p256 || self.ecdsa_p384 => Some(MechanismType::ECDSA),
             _ => None,
         }
     }
@@ -171,18 +191,28 @@ impl Capabilities {
             Algorithm::RsaOaepSha1 if self.oaep_sha1 => {
                 "CKM_RSA_PKCS_OAEP (CKM_SHA_1, CKG_MGF1_SHA1)".into()
             }
+            Algorithm::RsaSign if self.mechanism_for(alg).is_some() => {
+                "CKM_RSA_PKCS (RS*), CKM_RSA_PKCS_PSS (PS*)".into()
+            }
+            Algorithm::Ecdsa if self.mechanism_for(alg).is_some() => "CKM_ECDSA".into(),
             _ => "unavailable".into(),
         }
     }
 
     /// Whether keys of `alg` can be created and used.
     pub fn supports(&self, alg: Algorithm) -> bool {
-        let keygen = if alg.is_rsa() {
-            self.rsa_keygen
-        } else {
-            self.aes_keygen
-        };
-        keygen && self.mechanism_for(alg).is_some()
+        self.keygen_for(alg).0 && self.mechanism_for(alg).is_some()
+    }
+
+    /// Whether the token lists the key generation mechanism of `alg`'s keys, and its name.
+    pub fn keygen_for(&self, alg: Algorithm) -> (bool, &'static str) {
+        match alg {
+            Algorithm::Ecdsa => (self.ec_keygen, "CKM_EC_KEY_PAIR_GEN"),
+            _ if alg.is_rsa() || alg == Algorithm::RsaSign => {
+                (self.rsa_keygen, "CKM_RSA_PKCS_KEY_PAIR_GEN")
+            }
+            _ => (self.aes_keygen, "CKM_AES_KEY_GEN"),
+        }
     }
 
     /// The default algorithm for RSA keys: SHA-256 OAEP where the token has it.
@@ -197,11 +227,7 @@ impl Capabilities {
     /// What to tell an operator when `alg` cannot be served: the mechanism(s) it needs and why
     /// the probe found them unusable.
     pub fn why_not(&self, alg: Algorithm) -> String {
-        let keygen = if alg.is_rsa() {
-            (self.rsa_keygen, "CKM_RSA_PKCS_KEY_PAIR_GEN")
-        } else {
-            (self.aes_keygen, "CKM_AES_KEY_GEN")
-        };
+        let keygen = self.keygen_for(alg);
         let mech = match alg {
             Algorithm::Aes256Gcm => "CKM_AES_GCM",
             Algorithm::AesKeyWrapPad => {
@@ -209,6 +235,8 @@ impl Capabilities {
             }
             Algorithm::RsaOaepSha256 => "CKM_RSA_PKCS_OAEP with SHA-256",
             Algorithm::RsaOaepSha1 => "CKM_RSA_PKCS_OAEP with SHA-1",
+            Algorithm::RsaSign => "CKM_RSA_PKCS and CKM_RSA_PKCS_PSS signatures",
+            Algorithm::Ecdsa => "CKM_ECDSA on P-256 or P-384",
         };
         let mut why = if self.mechanism_for(alg).is_none() {
             format!(
@@ -228,6 +256,8 @@ impl Capabilities {
                 match alg {
                     Algorithm::Aes256Gcm => n.contains("gcm"),
                     Algorithm::AesKeyWrapPad => n.contains("5649") || n.contains("key_wrap"),
+                    Algorithm::RsaSign => n.contains("rsa_pkcs ") || n.contains("pss"),
+                    Algorithm::Ecdsa => n.contains("ecdsa") || n.contains("ec_key"),
                     _ => n.contains("oaep"),
                 }
             })
@@ -241,6 +271,24 @@ impl Capabilities {
     /// Whether keys of `key_type` fit the key sizes the token reports for their generation
     /// mechanism (`Err` says why not). A token that reports no sizes (0..0) is not held to them.
     pub fn key_type_fits(&self, key_type: KeyType) -> Result<(), String> {
+        if let Some(curve) = key_type.curve() {
+            let (ok, test) = match curve {
+                crate::model::Curve::P256 => (self.ecdsa_p256, ECDSA_P256),
+                crate::model::Curve::P384 => (self.ecdsa_p384, ECDSA_P384),
+            };
+            if ok {
+                return Ok(());
+            }
+            return Err(format!(
+                "{} keys need CKM_ECDSA on {}, which {}",
+                key_type.as_str(),
+                curve.jwk_name(),
+                match self.test_failures.get(test) {
+                    Some(why) => format!("failed its known-answer test: {why}"),
+                    None => "this token does not list".to_string(),
+                }
+            ));
+        }
         let (mech, sizes): (&str, &[usize]) = match key_type.rsa_bits() {
             // PKCS#11 gives RSA sizes in bits.
             Some(bits) => ("CKM_RSA_PKCS_KEY_PAIR_GEN", &[bits as usize][..]),
@@ -338,6 +386,11 @@ pub fn probe(
         kwp_candidates: Vec::new(),
         oaep_sha256: false,
         oaep_sha1: false,
+        ec_keygen: list.contains(&MechanismType::ECC_KEY_PAIR_GEN),
+        ecdsa_p256: false,
+        ecdsa_p384: false,
+        rsa_pkcs_sign: false,
+        rsa_pss_sign: false,
         byok: false,
         rng: false,
         hmac_sha256: false,
@@ -455,6 +508,7 @@ pub fn probe(
         caps.notes
             .push("CKM_RSA_PKCS_KEY_PAIR_GEN is not in the token's mechanism list".into());
     }
+    probe_signatures(session, &list, &mut caps);
     let oaep = if caps.oaep_sha256 {
         Some(Algorithm::RsaOaepSha256)
     } else if caps.oaep_sha1 {
@@ -488,13 +542,17 @@ pub fn probe(
 /// claim a function keybroker needs from it. Only informative: the known-answer tests decide
 /// (SoftHSM2, for one, claims wrap for GCM and refuses it).
 fn mechanism_flags(ctx: &Pkcs11, slot: Slot, list: &[MechanismType], caps: &mut Capabilities) {
-    let wanted: [(MechanismType, &[&'static str]); 6] = [
+    let wanted: [(MechanismType, &[&'static str]); 10] = [
         (MechanismType::AES_KEY_GEN, &["generate"]),
         (MechanismType::AES_GCM, &["encrypt", "decrypt"]),
         (MechanismType::AES_KEY_WRAP_KWP, &["wrap", "unwrap"]),
         (MechanismType::AES_KEY_WRAP_PAD, &["wrap", "unwrap"]),
         (MechanismType::RSA_PKCS_KEY_PAIR_GEN, &["generate_key_pair"]),
         (MechanismType::RSA_PKCS_OAEP, &["encrypt", "decrypt"]),
+        (MechanismType::RSA_PKCS, &["sign", "verify"]),
+        (MechanismType::RSA_PKCS_PSS, &["sign", "verify"]),
+        (MechanismType::ECC_KEY_PAIR_GEN, &["generate_key_pair"]),
+        (MechanismType::ECDSA, &["sign", "verify"]),
     ];
     for (m, needs) in wanted {
         if !list.contains(&m) {
@@ -517,6 +575,8 @@ fn mechanism_flags(ctx: &Pkcs11, slot: Slot, list: &[MechanismType], caps: &mut 
             ("unwrap", info.unwrap()), // ok: MechanismInfo::unwrap is the CKF_UNWRAP flag, not Option::unwrap
             ("generate", info.generate()),
             ("generate_key_pair", info.generate_key_pair()),
+            ("sign", info.sign()),
+            ("verify", info.verify()),
         ]
         .into_iter()
         .filter_map(|(n, on)| on.then_some(n))
@@ -811,6 +871,215 @@ fn byok_kat(
     Ok(())
 }
 
+/// The report's names for the signature known-answer tests.
+pub const RSA_PKCS_SIGN: &str = "CKM_RSA_PKCS/RS256";
+/// See [`RSA_PKCS_SIGN`].
+pub const RSA_PSS_SIGN: &str = "CKM_RSA_PKCS_PSS/PS256";
+/// See [`RSA_PKCS_SIGN`].
+pub const ECDSA_P256: &str = "CKM_ECDSA/P-256";
+/// See [`RSA_PKCS_SIGN`].
+pub const ECDSA_P384: &str = "CKM_ECDSA/P-384";
+
+/// Runs the signature known-answer tests (`kat_sign`) for the listed mechanisms and records
+/// the results, and why each failure failed.
+fn probe_signatures(session: &Session, list: &[MechanismType], caps: &mut Capabilities) {
+    use crate::model::SignAlgorithm as S;
+    let mut record = |name: &str, mech: MechanismType, r: Result<(), String>| -> bool {
+        let r = if list.contains(&mech) {
+            r
+        } else {
+            Err(format!("{mech} is not in the token's mechanism list"))
+        };
+        match r {
+            Ok(()) => true,
+            Err(why) => {
+                caps.notes.push(format!(
+                    "{name} failed its known-answer test ({why}); keys that need it cannot be created"
+                ));
+                caps.test_failures.insert(name.into(), why);
+                false
+            }
+        }
+    };
+    let rsa = |alg: S| -> Result<(), String> {
+        let (public, private) = rsa_test_pair(session)?;
+        let (reference, digest) = match alg {
+            S::Rs256 => (kat_sign::RS256, kat_sign::DIGEST256),
+            _ => (kat_sign::PS256, kat_sign::DIGEST256),
+        };
+        sign_kat(
+            session,
+            &public,
+            &private,
+            alg,
+            &unhex(digest),
+            &unhex(reference),
+            alg == S::Rs256,
+        )
+    };
+    let ec = |alg: S| -> Result<(), String> {
+        let (curve, d, point, sig, digest) = match alg {
+            S::Es256 => (
+                crate::model::Curve::P256,
+                kat_sign::P256_D,
+                kat_sign::P256_POINT,
+                kat_sign::P256_SIG,
+                kat_sign::DIGEST256,
+            ),
+            _ => (
+                crate::model::Curve::P384,
+                kat_sign::P384_D,
+                kat_sign::P384_POINT,
+                kat_sign::P384_SIG,
+                kat_sign::DIGEST384,
+            ),
+        };
+        let params = template::ec_params(curve);
+        // CKA_EC_POINT is a DER OCTET STRING around the point (both points are < 128 bytes).
+        let raw = unhex(point);
+        let mut ec_point = vec![0x04, raw.len() as u8];
+        ec_point.extend_from_slice(&raw);
+        let public = session
+            .create_object(&[
+                Attribute::Class(ObjectClass::PUBLIC_KEY),
+                Attribute::KeyType(CkKeyType::EC),
+                Attribute::Token(false),
+                Attribute::Verify(true),
+                Attribute::EcParams(params.clone()),
+                Attribute::EcPoint(ec_point),
+            ])
+            .map_err(|e| HsmError::from_ck("import the probe's EC public key", e).detail)?;
+        let public = Temp {
+            session,
+            handle: public,
+        };
+        let private = session
+            .create_object(&[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::KeyType(CkKeyType::EC),
+                Attribute::Token(false),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Sign(true),
+                Attribute::EcParams(params),
+                Attribute::Value(unhex(d)),
+            ])
+            .map_err(|e| HsmError::from_ck("import the probe's EC private key", e).detail)?;
+        let private = Temp {
+            session,
+            handle: private,
+        };
+        sign_kat(
+            session,
+            &public,
+            &private,
+            alg,
+            &unhex(digest),
+            &unhex(sig),
+            false,
+        )
+    };
+    let pkcs = record(RSA_PKCS_SIGN, MechanismType::RSA_PKCS, rsa(S::Rs256));
+    let pss = record(RSA_PSS_SIGN, MechanismType::RSA_PKCS_PSS, rsa(S::Ps256));
+    let p256 = record(ECDSA_P256, MechanismType::ECDSA, ec(S::Es256));
+    let p384 = record(ECDSA_P384, MechanismType::ECDSA, ec(S::Es384));
+    caps.rsa_pkcs_sign = pkcs;
+    caps.rsa_pss_sign = pss;
+    caps.ecdsa_p256 = p256;
+    caps.ecdsa_p384 = p384;
+    if !caps.ec_keygen {
+        caps.notes.push(
+            "CKM_EC_KEY_PAIR_GEN is not in the token's mechanism list: EC keys cannot be created"
+                .into(),
+        );
+    }
+}
+
+/// The fixed RSA test key pair (`kat_rsa`) as session objects that sign and verify.
+fn rsa_test_pair(session: &Session) -> Result<(Temp<'_>, Temp<'_>), String> {
+    let n = unhex(kat_rsa::N);
+    let e = unhex(kat_rsa::E);
+    let public = session
+        .create_object(&[
+            Attribute::Class(ObjectClass::PUBLIC_KEY),
+            Attribute::KeyType(CkKeyType::RSA),
+            Attribute::Token(false),
+            Attribute::Verify(true),
+            Attribute::Modulus(n.clone()),
+            Attribute::PublicExponent(e.clone()),
+        ])
+        .map_err(|e| HsmError::from_ck("import the probe's RSA public key", e).detail)?;
+    let public = Temp {
+        session,
+        handle: public,
+    };
+    let private = session
+        .create_object(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::KeyType(CkKeyType::RSA),
+            Attribute::Token(false),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Sign(true),
+            Attribute::Modulus(n),
+            Attribute::PublicExponent(e),
+            Attribute::PrivateExponent(unhex(kat_rsa::D)),
+            Attribute::Prime1(unhex(kat_rsa::P)),
+            Attribute::Prime2(unhex(kat_rsa::Q)),
+            Attribute::Exponent1(unhex(kat_rsa::DP)),
+            Attribute::Exponent2(unhex(kat_rsa::DQ)),
+            Attribute::Coefficient(unhex(kat_rsa::QINV)),
+        ])
+        .map_err(|e| HsmError::from_ck("import the probe's RSA private key", e).detail)?;
+    let private = Temp {
+        session,
+        handle: private,
+    };
+    Ok((public, private))
+}
+
+/// One signature known-answer test: the token verifies `reference` (an independent
+/// implementation's signature of `digest`), refuses it altered, and verifies its own signature
+/// (equal to `reference` when the scheme is `deterministic`).
+fn sign_kat(
+    session: &Session,
+    public: &Temp<'_>,
+    private: &Temp<'_>,
+    alg: crate::model::SignAlgorithm,
+    digest: &[u8],
+    reference: &[u8],
+    deterministic: bool,
+) -> Result<(), String> {
+    use super::sign;
+    let verify = |sig: &[u8]| {
+        sign::verify_raw(session, public.handle, alg, digest, sig)
+            .map_err(|e| format!("C_Verify: {}", e.detail))
+    };
+    if !verify(reference)? {
+        return Err(format!(
+            "the token does not verify a reference {alg} signature"
+        ));
+    }
+    let mut bad = reference.to_vec();
+    if let Some(b) = bad.last_mut() {
+        *b ^= 1;
+    }
+    if verify(&bad)? {
+        return Err(format!("the token accepts an altered {alg} signature"));
+    }
+    let own = sign::sign_raw(session, private.handle, alg, digest)
+        .map_err(|e| format!("C_Sign: {}", e.detail))?;
+    if deterministic && own != reference {
+        return Err(format!(
+            "the token's {alg} signature differs from the reference"
+        ));
+    }
+    if !verify(&own)? {
+        return Err(format!("the token does not verify its own {alg} signature"));
+    }
+    Ok(())
+}
+
 /// The capability report's name for the KEK template's PKCS#11 2.40 attributes.
 pub const KEY_ATTRIBUTES: &str = "CKA_COPYABLE, CKA_DESTROYABLE, CKA_ALLOWED_MECHANISMS";
 /// The report's names for the two OAEP tests.
@@ -1091,6 +1360,11 @@ mod tests {
             kwp_candidates: Vec::new(),
             oaep_sha256: true,
             oaep_sha1: true,
+            ec_keygen: true,
+            ecdsa_p256: true,
+            ecdsa_p384: true,
+            rsa_pkcs_sign: true,
+            rsa_pss_sign: true,
             byok: false,
             rng: true,
             hmac_sha256: true,
@@ -1181,6 +1455,45 @@ mod tests {
             key.crt_coefficient().map(|v| v.to_bytes_be()),
             Some(unhex(kat_rsa::QINV))
         );
+    }
+
+    #[test]
+    fn signature_vectors_verify_with_independent_implementations() {
+        use rsa::{BigUint, Pkcs1v15Sign, Pss, RsaPublicKey};
+        use sha2::{Digest, Sha256, Sha384};
+        let d256 = Sha256::digest(kat_sign::MESSAGE).to_vec();
+        let d384 = Sha384::digest(kat_sign::MESSAGE).to_vec();
+        assert_eq!(d256, unhex(kat_sign::DIGEST256));
+        assert_eq!(d384, unhex(kat_sign::DIGEST384));
+        let b = |h: &str| BigUint::from_bytes_be(&unhex(h));
+        let rsa = RsaPublicKey::new(b(kat_rsa::N), b(kat_rsa::E)).expect("key");
+        rsa.verify(
+            Pkcs1v15Sign::new::<sha2::Sha256>(),
+            &d256,
+            &unhex(kat_sign::RS256),
+        )
+        .expect("RS256 vector");
+        rsa.verify(Pss::new::<sha2::Sha256>(), &d256, &unhex(kat_sign::PS256))
+            .expect("PS256 vector");
+        // The broker's own DigestInfo prefix, padded by hand, is what RS256 signed.
+        let prefixed = crate::hsm::sign::to_be_signed(crate::model::SignAlgorithm::Rs256, &d256);
+        assert_eq!(&prefixed[19..], d256.as_slice());
+        {
+            use p256::ecdsa::{Signature, VerifyingKey, signature::hazmat::PrehashVerifier};
+            let k = VerifyingKey::from_sec1_bytes(&unhex(kat_sign::P256_POINT)).expect("point");
+            let sig = Signature::from_slice(&unhex(kat_sign::P256_SIG)).expect("r || s");
+            k.verify_prehash(&d256, &sig).expect("ES256 vector");
+            let sk = p256::ecdsa::SigningKey::from_slice(&unhex(kat_sign::P256_D)).expect("d");
+            assert_eq!(VerifyingKey::from(&sk), k, "the scalar is the point's");
+        }
+        {
+            use p384::ecdsa::{Signature, VerifyingKey, signature::hazmat::PrehashVerifier};
+            let k = VerifyingKey::from_sec1_bytes(&unhex(kat_sign::P384_POINT)).expect("point");
+            let sig = Signature::from_slice(&unhex(kat_sign::P384_SIG)).expect("r || s");
+            k.verify_prehash(&d384, &sig).expect("ES384 vector");
+            let sk = p384::ecdsa::SigningKey::from_slice(&unhex(kat_sign::P384_D)).expect("d");
+            assert_eq!(VerifyingKey::from(&sk), k, "the scalar is the point's");
+        }
     }
 
     #[test]

@@ -11,16 +11,21 @@ use serde::Serialize;
 
 use super::{
     mac,
-    probe::{BYOK_TEMPLATE, Capabilities, KEY_ATTRIBUTES, OAEP_SHA1, OAEP_SHA256},
+    probe::{
+        BYOK_TEMPLATE, Capabilities, ECDSA_P256, ECDSA_P384, KEY_ATTRIBUTES, OAEP_SHA1,
+        OAEP_SHA256, RSA_PKCS_SIGN, RSA_PSS_SIGN,
+    },
 };
 use crate::model::{Algorithm, KeyType};
 
 /// Every key type keybroker offers.
-pub const KEY_TYPES: [KeyType; 4] = [
+pub const KEY_TYPES: [KeyType; 6] = [
     KeyType::Aes256,
     KeyType::Rsa2048,
     KeyType::Rsa3072,
     KeyType::Rsa4096,
+    KeyType::EcP256,
+    KeyType::EcP384,
 ];
 
 /// One thing the configuration requires the token to serve before the broker starts.
@@ -40,12 +45,14 @@ impl From<Required> for &'static str {
 }
 
 /// The names `[hsm] required_algorithms` accepts.
-pub const REQUIRED_NAMES: [&str; 5] = [
+pub const REQUIRED_NAMES: [&str; 7] = [
     "aes-256-gcm",
     "aes-kwp",
     "rsa-oaep-sha256",
     "rsa-oaep-sha1",
     "rsa-oaep",
+    "rsa-sign",
+    "ecdsa",
 ];
 
 /// What start-up required before `required_algorithms` existed, and still does by default.
@@ -86,11 +93,7 @@ impl Required {
         };
         let mut m = Vec::new();
         for a in &algs {
-            let (keygen, name) = if a.is_rsa() {
-                (caps.rsa_keygen, "CKM_RSA_PKCS_KEY_PAIR_GEN")
-            } else {
-                (caps.aes_keygen, "CKM_AES_KEY_GEN")
-            };
+            let (keygen, name) = caps.keygen_for(*a);
             if !keygen && !m.contains(&name) {
                 m.push(name);
             }
@@ -99,6 +102,8 @@ impl Required {
                     Algorithm::Aes256Gcm => "CKM_AES_GCM",
                     Algorithm::AesKeyWrapPad => "CKM_AES_KEY_WRAP_KWP/CKM_AES_KEY_WRAP_PAD",
                     Algorithm::RsaOaepSha256 | Algorithm::RsaOaepSha1 => "CKM_RSA_PKCS_OAEP",
+                    Algorithm::RsaSign => "CKM_RSA_PKCS/CKM_RSA_PKCS_PSS",
+                    Algorithm::Ecdsa => "CKM_ECDSA",
                 };
                 if !m.contains(&mech) {
                     m.push(mech);
@@ -278,6 +283,49 @@ pub fn mechanism_rows(caps: &Capabilities) -> Vec<MechanismRow> {
             test: test_result(caps, oaep_listed, OAEP_SHA1, caps.oaep_sha1),
             usable: caps.oaep_sha1,
             used_for: "rsa keys with rsa-oaep-sha1",
+        },
+        MechanismRow {
+            mechanism: RSA_PKCS_SIGN.into(),
+            listed: listed(caps, "CKM_RSA_PKCS"),
+            test: test_result(
+                caps,
+                listed(caps, "CKM_RSA_PKCS"),
+                RSA_PKCS_SIGN,
+                caps.rsa_pkcs_sign,
+            ),
+            usable: caps.rsa_pkcs_sign,
+            used_for: "rsa keys with rsa-sign: RS256, RS384, RS512",
+        },
+        MechanismRow {
+            mechanism: RSA_PSS_SIGN.into(),
+            listed: listed(caps, "CKM_RSA_PKCS_PSS"),
+            test: test_result(
+                caps,
+                listed(caps, "CKM_RSA_PKCS_PSS"),
+                RSA_PSS_SIGN,
+                caps.rsa_pss_sign,
+            ),
+            usable: caps.rsa_pss_sign,
+            used_for: "rsa keys with rsa-sign: PS256, PS384, PS512",
+        },
+        keygen(
+            "CKM_EC_KEY_PAIR_GEN",
+            caps.ec_keygen,
+            "ec-p256 and ec-p384 keys",
+        ),
+        MechanismRow {
+            mechanism: ECDSA_P256.into(),
+            listed: listed(caps, "CKM_ECDSA"),
+            test: test_result(caps, listed(caps, "CKM_ECDSA"), ECDSA_P256, caps.ecdsa_p256),
+            usable: caps.ecdsa_p256,
+            used_for: "ec-p256 keys: ES256",
+        },
+        MechanismRow {
+            mechanism: ECDSA_P384.into(),
+            listed: listed(caps, "CKM_ECDSA"),
+            test: test_result(caps, listed(caps, "CKM_ECDSA"), ECDSA_P384, caps.ecdsa_p384),
+            usable: caps.ecdsa_p384,
+            used_for: "ec-p384 keys: ES384",
         },
         MechanismRow {
             mechanism: "CKM_SHA256_HMAC".into(),

@@ -11,6 +11,18 @@
 //! | AES-KWP          | secret key      | WRAP, UNWRAP        | ENCRYPT, DECRYPT, SIGN, VERIFY, DERIVE|
 //! | RSA-OAEP         | private key     | DECRYPT             | UNWRAP, SIGN, SIGN_RECOVER, DERIVE    |
 //! |                  | public key      | ENCRYPT             | WRAP, VERIFY, VERIFY_RECOVER, DERIVE  |
+//! | RSA signing      | private key     | SIGN                | DECRYPT, UNWRAP, SIGN_RECOVER, DERIVE |
+//! |                  | public key      | VERIFY              | ENCRYPT, WRAP, VERIFY_RECOVER, DERIVE |
+//! | ECDSA (P-256/384)| private key     | SIGN                | DECRYPT, UNWRAP, SIGN_RECOVER, DERIVE |
+//! |                  | public key      | VERIFY              | ENCRYPT, WRAP, VERIFY_RECOVER, DERIVE |
+//!
+//! A signing key's `CKA_ALLOWED_MECHANISMS` is `CKM_ECDSA` (EC) or `CKM_RSA_PKCS` and
+//! `CKM_RSA_PKCS_PSS` (RSA: RS* and PS* with one key, as Managed HSM's RSA keys sign both); the
+//! broker builds the PKCS#1 v1.5 `DigestInfo` itself, so the token only ever pads and signs.
+//! A signing key is never extractable, whatever `[lifecycle] backup` says, and a wrapping key
+//! never signs: a key that could both sign and decrypt with `CKM_RSA_PKCS` would turn a signing
+//! request into a decryption oracle (the same raw RSA operation), so the two are separate key
+//! types with separate templates.
 //!
 //! Why no key may both wrap and decrypt (or unwrap and encrypt): with such a key, anyone holding
 //! a session can `C_WrapKey` a sensitive key under it and `C_Decrypt` the result, reading the
@@ -24,7 +36,7 @@ use cryptoki::{
     object::{Attribute, AttributeArray, AttributeType, KeyType as CkKeyType, ObjectClass},
 };
 
-use crate::model::{Algorithm, KeyType, VersionId};
+use crate::model::{Algorithm, Curve, KeyType, VersionId};
 
 /// The PKCS#11 2.40 attributes a PKCS#11 2.20 token (openCryptoki 3.8) does not know.
 const V240: [AttributeType; 3] = [
@@ -77,13 +89,97 @@ fn extractability(backup: bool) -> Vec<Attribute> {
     }
 }
 
-/// The role pair of an algorithm: (encrypt, decrypt, wrap, unwrap) on the secret/private object.
+/// The role pair of an algorithm: (encrypt, decrypt, wrap, unwrap) on the secret/private object
+/// (a signing key has none of them: its role is CKA_SIGN).
 fn roles(alg: Algorithm) -> (bool, bool, bool, bool) {
     match alg {
         Algorithm::Aes256Gcm => (true, true, false, false),
         Algorithm::AesKeyWrapPad => (false, false, true, true),
         Algorithm::RsaOaepSha256 | Algorithm::RsaOaepSha1 => (false, true, false, false),
+        Algorithm::RsaSign | Algorithm::Ecdsa => (false, false, false, false),
     }
+}
+
+/// `CKA_ALLOWED_MECHANISMS` of a key of `alg` whose mechanism (from the probe) is `mechanism`:
+/// that one mechanism, except for RSA signing keys, which sign with PKCS#1 v1.5 and PSS.
+pub fn allowed_mechanisms(alg: Algorithm, mechanism: MechanismType) -> Vec<MechanismType> {
+    if alg == Algorithm::RsaSign {
+        vec![MechanismType::RSA_PKCS, MechanismType::RSA_PKCS_PSS]
+    } else {
+        vec![mechanism]
+    }
+}
+
+/// The DER `CKA_EC_PARAMS` of a curve: its named-curve OID (RFC 5480).
+pub fn ec_params(curve: Curve) -> Vec<u8> {
+    match curve {
+        // 1.2.840.10045.3.1.7
+        Curve::P256 => vec![0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07],
+        // 1.3.132.0.34
+        Curve::P384 => vec![0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22],
+    }
+}
+
+/// The (public, private) templates of a signing key pair (RSA signing or EC): the private half
+/// a token object, private, sensitive, never extractable, not modifiable or copyable, SIGN
+/// only; the public half VERIFY only. Never extractable, whatever `spec.backup` says.
+pub fn signing_templates(
+    spec: &KekSpec,
+    mechanism: MechanismType,
+) -> (Vec<Attribute>, Vec<Attribute>) {
+    let allowed = allowed_mechanisms(spec.algorithm, mechanism);
+    let (kind, shape): (CkKeyType, Vec<Attribute>) =
+        match (spec.key_type.curve(), spec.key_type.rsa_bits()) {
+            (Some(curve), _) => (CkKeyType::EC, vec![Attribute::EcParams(ec_params(curve))]),
+            (None, Some(bits)) => (
+                CkKeyType::RSA,
+                vec![
+                    Attribute::ModulusBits(u64::from(bits).into()),
+                    Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+                ],
+            ),
+            (None, None) => (CkKeyType::AES, Vec::new()),
+        };
+    let mut public = vec![
+        Attribute::Class(ObjectClass::PUBLIC_KEY),
+        Attribute::KeyType(kind),
+    ];
+    public.extend(shape);
+    public.extend([
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::Modifiable(false),
+        Attribute::Copyable(false),
+        Attribute::Destroyable(true),
+        Attribute::Derive(false),
+        Attribute::Verify(true),
+        Attribute::VerifyRecover(false),
+        Attribute::Encrypt(false),
+        Attribute::Wrap(false),
+        Attribute::AllowedMechanisms(allowed.clone()),
+        Attribute::Id(spec.id.as_bytes().to_vec()),
+        Attribute::Label(spec.label.as_bytes().to_vec()),
+    ]);
+    let private = vec![
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(kind),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Copyable(false),
+        Attribute::Destroyable(true),
+        Attribute::Derive(false),
+        Attribute::Sign(true),
+        Attribute::SignRecover(false),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(false),
+        Attribute::AllowedMechanisms(allowed),
+        Attribute::Id(spec.id.as_bytes().to_vec()),
+        Attribute::Label(spec.label.as_bytes().to_vec()),
+        Attribute::Modifiable(false),
+    ];
+    (public, private)
 }
 
 /// The template of an AES KEK.
@@ -379,10 +475,10 @@ pub fn check_secret(
         want("CKA_COPYABLE", b(AttributeType::Copyable), false);
     }
     want("CKA_DERIVE", b(AttributeType::Derive), false);
-    want("CKA_SIGN", b(AttributeType::Sign), false);
-    // A private RSA key has no CKA_VERIFY/CKA_ENCRYPT/CKA_WRAP meaning; tokens may report them
-    // absent. When present they must be FALSE.
-    if !alg.is_rsa() {
+    want("CKA_SIGN", b(AttributeType::Sign), alg.is_signing());
+    // A private RSA or EC key has no CKA_VERIFY/CKA_ENCRYPT/CKA_WRAP meaning; tokens may report
+    // them absent. When present they must be FALSE.
+    if !alg.is_rsa() && !alg.is_signing() {
         want("CKA_VERIFY", b(AttributeType::Verify), false);
         want("CKA_ENCRYPT", b(AttributeType::Encrypt), enc);
         want("CKA_WRAP", b(AttributeType::Wrap), wrap);
@@ -400,13 +496,14 @@ pub fn check_secret(
     want("CKA_DECRYPT", b(AttributeType::Decrypt), dec);
     want("CKA_UNWRAP", b(AttributeType::Unwrap), unwrap);
     if key_attributes {
-        check_mechanisms(attrs, mechanism, &mut problems);
+        check_mechanisms(attrs, &allowed_mechanisms(alg, mechanism), &mut problems);
     }
     problems
 }
 
-/// Compares attributes read back from the public object of an RSA KEK.
+/// Compares attributes read back from the public object of an RSA or EC key pair.
 pub fn check_public(
+    alg: Algorithm,
     mechanism: MechanismType,
     attrs: &[Attribute],
     key_attributes: bool,
@@ -428,27 +525,41 @@ pub fn check_public(
         want("CKA_COPYABLE", b(AttributeType::Copyable), false);
     }
     want("CKA_DERIVE", b(AttributeType::Derive), false);
-    want("CKA_VERIFY", b(AttributeType::Verify), false);
-    want("CKA_ENCRYPT", b(AttributeType::Encrypt), true);
+    want("CKA_VERIFY", b(AttributeType::Verify), alg.is_signing());
+    want("CKA_ENCRYPT", b(AttributeType::Encrypt), !alg.is_signing());
     want("CKA_WRAP", b(AttributeType::Wrap), false);
     if key_attributes {
-        check_mechanisms(attrs, mechanism, &mut problems);
+        check_mechanisms(attrs, &allowed_mechanisms(alg, mechanism), &mut problems);
     }
     problems
 }
 
-fn check_mechanisms(attrs: &[Attribute], mechanism: MechanismType, problems: &mut Vec<String>) {
+fn check_mechanisms(attrs: &[Attribute], want: &[MechanismType], problems: &mut Vec<String>) {
     let allowed = attrs.iter().find_map(|a| match a {
         Attribute::AllowedMechanisms(m) => Some(m.clone()),
         _ => None,
     });
+    let names = || {
+        want.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     match allowed {
-        Some(m) if m == vec![mechanism] => {}
-        Some(m) => problems.push(format!(
-            "CKA_ALLOWED_MECHANISMS is {m:?}, must be exactly [{mechanism}]"
-        )),
+        Some(mut m) => {
+            m.sort_by_key(|x| u64::from(*x));
+            let mut w = want.to_vec();
+            w.sort_by_key(|x| u64::from(*x));
+            if m != w {
+                problems.push(format!(
+                    "CKA_ALLOWED_MECHANISMS is {m:?}, must be exactly [{}]",
+                    names()
+                ));
+            }
+        }
         None => problems.push(format!(
-            "CKA_ALLOWED_MECHANISMS is missing, must be exactly [{mechanism}]"
+            "CKA_ALLOWED_MECHANISMS is missing, must be exactly [{}]",
+            names()
         )),
     }
 }

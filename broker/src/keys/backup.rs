@@ -251,6 +251,9 @@ impl Keyring {
         // Serialised with rotation, trim and purge: the blob is one consistent state of the key.
         let _w = self.write().await?;
         let k = self.get_live(name)?;
+        if k.algorithm.is_signing() {
+            return Err(Refused::SigningKeyBackup(k.name.clone()).into());
+        }
         let versions = k
             .versions
             .iter()
@@ -424,7 +427,7 @@ impl Keyring {
                     touched.lock().unwrap_or_else(|p| p.into_inner()).push(v.id);
                 }
                 r.map_err(BrokerError::from)?.map_err(refused)?;
-                let (env, digest) = self.new_canary(plan.algorithm, v.id).await?;
+                let (env, digest) = self.new_canary(plan.algorithm, plan.key_type, v.id).await?;
                 canaries.push((v.id, env, digest));
             }
             failpoint::hit("restore.after_hsm");
@@ -457,7 +460,7 @@ impl Keyring {
             }
         };
         for (id, env, digest) in &canaries {
-            if let Some(c) = super::integrity::canary_of(Some(env), Some(digest)) {
+            if let Some(c) = super::integrity::canary_of(plan.algorithm, Some(env), Some(digest)) {
                 self.hsm.set_canary(*id, c);
             }
         }

@@ -575,7 +575,7 @@ impl Keyring {
         }
     }
 
-    /// The public key of an RSA key version (0 = newest).
+    /// The public key of an RSA or EC key version (0 = newest).
     pub async fn public_key(
         &self,
         grant: &Grant,
@@ -583,7 +583,7 @@ impl Keyring {
     ) -> Result<PublicKeyInfo, BrokerError> {
         let name = grant.key_for(Permission::ReadMetadata)?;
         let entry = self.get(name)?;
-        if !entry.key_type.is_rsa() {
+        if !entry.key_type.is_pair() {
             return Err(Refused::NotRsa {
                 key: name.clone(),
                 key_type: entry.key_type,
@@ -602,6 +602,22 @@ impl Keyring {
                     version,
                 })?
         };
+        if let Some(curve) = entry.key_type.curve() {
+            let point = self
+                .hsm
+                .ec_point(v.id, curve)
+                .await
+                .map_err(BrokerError::from)?;
+            return Ok(PublicKeyInfo {
+                key: entry.name.clone(),
+                version: v.number,
+                version_id: v.id,
+                algorithm: entry.algorithm,
+                modulus: Vec::new(),
+                exponent: Vec::new(),
+                ec_point: Some((curve, point)),
+            });
+        }
         let pk = self.hsm.public_key(v.id).await.map_err(BrokerError::from)?;
         Ok(PublicKeyInfo {
             key: entry.name.clone(),
@@ -610,6 +626,7 @@ impl Keyring {
             algorithm: entry.algorithm,
             modulus: pk.modulus,
             exponent: pk.exponent,
+            ec_point: None,
         })
     }
 }
@@ -705,6 +722,11 @@ pub(crate) fn new_params(
         Algorithm::AesKeyWrapPad => (WrapParams::Kwp, envelope::header(alg, id, &[])),
         Algorithm::RsaOaepSha256 => (WrapParams::OaepSha256, envelope::header(alg, id, &[])),
         Algorithm::RsaOaepSha1 => (WrapParams::OaepSha1, envelope::header(alg, id, &[])),
+        // A signing key's operations never include wrapping (`KeyOp::fits`), so `check` refused
+        // it before this point.
+        Algorithm::RsaSign | Algorithm::Ecdsa => {
+            return Err(BrokerError::internal(format!("a {alg} key asked to wrap")));
+        }
     })
 }
 
@@ -721,6 +743,8 @@ pub(crate) fn params_for(
         Algorithm::AesKeyWrapPad => WrapParams::Kwp,
         Algorithm::RsaOaepSha256 => WrapParams::OaepSha256,
         Algorithm::RsaOaepSha1 => WrapParams::OaepSha1,
+        // Never an envelope's algorithm (`Algorithm::from_id`).
+        Algorithm::RsaSign | Algorithm::Ecdsa => return Err(BrokerError::Unauthentic),
     })
 }
 

@@ -32,7 +32,9 @@ use crate::{
     error::{BrokerError, Exists, Invalid, NotFound, Refused, Unavailable},
     failpoint,
     hsm::{KekSpec, RequestScope, RsaPublic, template::LABEL_PREFIX},
-    model::{Algorithm, KeyAttributes, KeyName, KeyType, MAX_VERSIONS, Origin, VersionId, now_ms},
+    model::{
+        Algorithm, KeyAttributes, KeyName, KeyOp, KeyType, MAX_VERSIONS, Origin, VersionId, now_ms,
+    },
     policy::{Grant, Permission},
     store::StoredLifecycle,
 };
@@ -141,6 +143,8 @@ impl Keyring {
         let caps = self.hsm.capabilities();
         let algorithm = algorithm.unwrap_or(if key_type.is_rsa() {
             caps.default_rsa_algorithm()
+        } else if key_type.is_ec() {
+            Algorithm::Ecdsa
         } else {
             Algorithm::Aes256Gcm
         });
@@ -164,7 +168,17 @@ impl Keyring {
         Ok(algorithm)
     }
 
-    fn new_attributes(&self, mut attrs: KeyAttributes) -> Result<KeyAttributes, BrokerError> {
+    fn new_attributes(
+        &self,
+        algorithm: Algorithm,
+        mut attrs: KeyAttributes,
+    ) -> Result<KeyAttributes, BrokerError> {
+        // A signing key created without operations named allows sign and verify (the wrapping
+        // defaults mean nothing to it).
+        if algorithm.is_signing() && attrs.operations == KeyOp::DEFAULT.into_iter().collect() {
+            attrs.operations = KeyOp::SIGNING.into_iter().collect();
+        }
+        check_operations(algorithm, &attrs.operations)?;
         attrs.purge_protection |= self.settings.purge_protection;
         attrs.validate()?;
         if attrs.min_decryption_version != 1 {
@@ -183,7 +197,7 @@ impl Keyring {
     ) -> Result<Arc<KeyEntry>, BrokerError> {
         let name = grant.key_for(Permission::Create)?.clone();
         let algorithm = self.resolve_algorithm(key_type, algorithm)?;
-        let attributes = self.new_attributes(attributes)?;
+        let attributes = self.new_attributes(algorithm, attributes)?;
         let _w = self.write().await?;
         self.new_key(name, key_type, algorithm, attributes, None)
             .await
@@ -228,7 +242,8 @@ impl Keyring {
             label: format!("{LABEL_PREFIX}{name}:v1"),
             key_type,
             algorithm,
-            backup: self.settings.backup,
+            // A signing key's private half never leaves the HSM, not even for a backup.
+            backup: self.settings.backup && !algorithm.is_signing(),
         };
         self.materialize(&name, spec, 1, after_hsm, import).await?;
         let v = VersionEntry {
@@ -306,7 +321,7 @@ impl Keyring {
             label: format!("{LABEL_PREFIX}{name}:v{number}"),
             key_type: old.key_type,
             algorithm: old.algorithm,
-            backup: self.settings.backup,
+            backup: self.settings.backup && !old.algorithm.is_signing(),
         };
         self.materialize(name, spec, number, "rotate.after_hsm", None)
             .await?;
@@ -335,7 +350,7 @@ impl Keyring {
         failpoint_name: &str,
         import: Option<(VersionId, Algorithm, Vec<u8>)>,
     ) -> Result<(), BrokerError> {
-        let (id, algorithm) = (spec.id, spec.algorithm);
+        let (id, algorithm, key_type) = (spec.id, spec.algorithm, spec.key_type);
         // Whether an HSM object may exist under `id` if this fails (no: the HSM was never
         // asked to make it).
         let mut may_exist = true;
@@ -356,8 +371,8 @@ impl Keyring {
                 });
             }
             failpoint::hit(failpoint_name);
-            let (env, digest) = self.new_canary(algorithm, id).await?;
-            let canary = canary_of(Some(&env), Some(&digest));
+            let (env, digest) = self.new_canary(algorithm, key_type, id).await?;
+            let canary = canary_of(algorithm, Some(&env), Some(&digest));
             let st = self.store.clone();
             blocking(move || {
                 st.commit_version(id, &env, &digest)
@@ -445,6 +460,7 @@ impl Keyring {
             a.version_expiry_ms = vexp;
         }
         if let Some(ops) = patch.operations {
+            check_operations(old.algorithm, &ops)?;
             a.operations = ops;
         }
         if let Some(tags) = patch.tags {
@@ -845,7 +861,7 @@ impl Keyring {
     ) -> Result<Arc<KeyEntry>, BrokerError> {
         let name = grant.key_for(Permission::Import)?.clone();
         let key_type = KeyType::Aes256;
-        let attributes = self.new_attributes(attributes)?;
+        let attributes = self.new_attributes(Algorithm::Aes256Gcm, attributes)?;
         let _w = self.write().await?;
         let mut import_keys = self.import_keys().await?;
         let (made_for, bits) = match import_keys.get(import_id) {
@@ -1115,5 +1131,21 @@ impl Keyring {
                 }
             }
         });
+    }
+}
+
+/// Refuses operations a key of `algorithm` can never do: a signing key only signs and verifies,
+/// any other key never does (its HSM template could not, either).
+fn check_operations(
+    algorithm: Algorithm,
+    ops: &std::collections::BTreeSet<KeyOp>,
+) -> Result<(), BrokerError> {
+    match ops.iter().find(|o| !o.fits(algorithm)) {
+        Some(op) => Err(Invalid::OperationForAlgorithm {
+            algorithm,
+            op: op.as_str(),
+        }
+        .into()),
+        None => Ok(()),
     }
 }

@@ -237,7 +237,7 @@ async fn attach(
                 key_type: k.key_type,
                 algorithm: k.algorithm,
                 origin: v.origin,
-                canary: canary_of(v.canary.as_deref(), v.canary_digest.as_deref()),
+                canary: canary_of(k.algorithm, v.canary.as_deref(), v.canary_digest.as_deref()),
             })
         })
         .collect();

@@ -13,6 +13,7 @@
 //!   envelopes), and detached AES-256-GCM for the AWS XKS door;
 //! * `lifecycle` — create, import, rotate, update, delete, recover, purge, trim, and the
 //!   maintenance task;
+//! * `sign` — sign and verify digests with signing keys;
 //! * `backup` — backup and restore under the security domain;
 //! * `replica` — keeping the cache in step with other replicas on a shared store.
 //!
@@ -28,6 +29,7 @@ mod load;
 mod payload;
 mod public;
 mod replica;
+mod sign;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -53,6 +55,7 @@ pub use self::{
     },
     public::public_key_formats,
     replica::ReplicaState,
+    sign::{Signed, Verified, check_digest},
 };
 use crate::{
     audit::AuditLog,
@@ -172,8 +175,8 @@ impl KeyEntry {
     /// Checks that the key may do `op` with version `v` now (security invariant 9,
     /// `docs/src/security.md`): usable, enabled, the operation allowed, inside not-before; for
     /// new ciphertexts (wrap, generate, encrypt) not expired (expired keys still unwrap and
-    /// decrypt, as in Azure Key Vault); for unwrapping and decrypting, not below the minimum
-    /// decryption version.
+    /// decrypt, as in Azure Key Vault; signing is refused, verifying still works); for
+    /// unwrapping, decrypting and verifying, not below the minimum decryption version.
     pub fn check(&self, op: KeyOp, v: &VersionEntry, now: i64) -> Result<(), BrokerError> {
         self.usable()?;
         let a = &self.attributes;
@@ -195,7 +198,7 @@ impl KeyEntry {
             .into());
         }
         match op {
-            KeyOp::Wrap | KeyOp::GenerateDataKey | KeyOp::Encrypt => {
+            KeyOp::Wrap | KeyOp::GenerateDataKey | KeyOp::Encrypt | KeyOp::Sign => {
                 if a.expires_ms.is_some_and(|e| now >= e) {
                     return Err(Refused::Expired {
                         key: self.name.clone(),
@@ -211,7 +214,7 @@ impl KeyEntry {
                     .into());
                 }
             }
-            KeyOp::Unwrap | KeyOp::Rewrap | KeyOp::Decrypt => {
+            KeyOp::Unwrap | KeyOp::Rewrap | KeyOp::Decrypt | KeyOp::Verify => {
                 if !self.decryptable(v) {
                     return Err(Refused::BelowMinimum {
                         key: self.name.clone(),
@@ -371,7 +374,7 @@ pub struct UsageCount {
     pub last_used_ms: i64,
 }
 
-/// An RSA public key of one version.
+/// The public key of one version (RSA: `modulus` and `exponent`; EC: `ec_point`).
 #[derive(Debug)]
 pub struct PublicKeyInfo {
     /// The key.
@@ -386,6 +389,8 @@ pub struct PublicKeyInfo {
     pub modulus: Vec<u8>,
     /// The public exponent (big-endian).
     pub exponent: Vec<u8>,
+    /// An EC key's curve and uncompressed point `04 || x || y` (RSA keys: `None`).
+    pub ec_point: Option<(crate::model::Curve, Vec<u8>)>,
 }
 
 /// Proof of destruction of key versions (purge or trim).

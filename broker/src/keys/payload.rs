@@ -278,7 +278,9 @@ impl Keyring {
                 };
                 (params, envelope::payload_header(alg, version.id, &[]))
             }
-            Algorithm::AesKeyWrapPad => return Err(not_for_payloads(&entry)),
+            Algorithm::AesKeyWrapPad | Algorithm::RsaSign | Algorithm::Ecdsa => {
+                return Err(not_for_payloads(&entry));
+            }
         };
         Ok((entry, version, params, header))
     }
@@ -331,7 +333,9 @@ impl Keyring {
             },
             Algorithm::RsaOaepSha256 => WrapParams::OaepSha256,
             Algorithm::RsaOaepSha1 => WrapParams::OaepSha1,
-            Algorithm::AesKeyWrapPad => return Err(BrokerError::UnauthenticCiphertext),
+            Algorithm::AesKeyWrapPad | Algorithm::RsaSign | Algorithm::Ecdsa => {
+                return Err(BrokerError::UnauthenticCiphertext);
+            }
         };
         if env.algorithm.is_rsa() {
             let bits = entry.key_type.rsa_bits().unwrap_or(0) as usize;

@@ -8,7 +8,7 @@ use crate::{
     error::{BrokerError, Invalid},
     hyok::HyokState,
     keys::{AttributePatch, KeyInfo, KeyState, Lifecycle},
-    model::{Algorithm, KeyAttributes, KeyOp, KeyType},
+    model::{Algorithm, KeyAttributes, KeyOp, KeyType, SignAlgorithm},
 };
 
 pub(super) fn algorithm_to_pb(a: Algorithm) -> pb::Algorithm {
@@ -17,6 +17,8 @@ pub(super) fn algorithm_to_pb(a: Algorithm) -> pb::Algorithm {
         Algorithm::AesKeyWrapPad => pb::Algorithm::AesKeyWrapPad,
         Algorithm::RsaOaepSha256 => pb::Algorithm::RsaOaepSha256,
         Algorithm::RsaOaepSha1 => pb::Algorithm::RsaOaepSha1,
+        Algorithm::RsaSign => pb::Algorithm::RsaSign,
+        Algorithm::Ecdsa => pb::Algorithm::Ecdsa,
     }
 }
 
@@ -27,6 +29,8 @@ pub(super) fn algorithm_from_pb(v: i32) -> Result<Option<Algorithm>, BrokerError
         Ok(pb::Algorithm::AesKeyWrapPad) => Ok(Some(Algorithm::AesKeyWrapPad)),
         Ok(pb::Algorithm::RsaOaepSha256) => Ok(Some(Algorithm::RsaOaepSha256)),
         Ok(pb::Algorithm::RsaOaepSha1) => Ok(Some(Algorithm::RsaOaepSha1)),
+        Ok(pb::Algorithm::RsaSign) => Ok(Some(Algorithm::RsaSign)),
+        Ok(pb::Algorithm::Ecdsa) => Ok(Some(Algorithm::Ecdsa)),
         Err(_) => Err(Invalid::Unknown {
             field: "algorithm",
             value: v,
@@ -35,12 +39,50 @@ pub(super) fn algorithm_from_pb(v: i32) -> Result<Option<Algorithm>, BrokerError
     }
 }
 
+pub(super) fn sign_algorithm_to_pb(a: SignAlgorithm) -> pb::SignatureAlgorithm {
+    match a {
+        SignAlgorithm::Es256 => pb::SignatureAlgorithm::Es256,
+        SignAlgorithm::Es384 => pb::SignatureAlgorithm::Es384,
+        SignAlgorithm::Rs256 => pb::SignatureAlgorithm::Rs256,
+        SignAlgorithm::Rs384 => pb::SignatureAlgorithm::Rs384,
+        SignAlgorithm::Rs512 => pb::SignatureAlgorithm::Rs512,
+        SignAlgorithm::Ps256 => pb::SignatureAlgorithm::Ps256,
+        SignAlgorithm::Ps384 => pb::SignatureAlgorithm::Ps384,
+        SignAlgorithm::Ps512 => pb::SignatureAlgorithm::Ps512,
+    }
+}
+
+/// A request's signature algorithm: required, and one this broker knows.
+pub(super) fn sign_algorithm_from_pb(v: i32) -> Result<SignAlgorithm, BrokerError> {
+    use pb::SignatureAlgorithm as P;
+    Ok(match P::try_from(v) {
+        Ok(P::Es256) => SignAlgorithm::Es256,
+        Ok(P::Es384) => SignAlgorithm::Es384,
+        Ok(P::Rs256) => SignAlgorithm::Rs256,
+        Ok(P::Rs384) => SignAlgorithm::Rs384,
+        Ok(P::Rs512) => SignAlgorithm::Rs512,
+        Ok(P::Ps256) => SignAlgorithm::Ps256,
+        Ok(P::Ps384) => SignAlgorithm::Ps384,
+        Ok(P::Ps512) => SignAlgorithm::Ps512,
+        Ok(P::Unspecified) => return Err(Invalid::Missing("algorithm").into()),
+        Err(_) => {
+            return Err(Invalid::Unknown {
+                field: "algorithm",
+                value: v,
+            }
+            .into());
+        }
+    })
+}
+
 pub(super) fn key_type_to_pb(t: KeyType) -> pb::KeyType {
     match t {
         KeyType::Aes256 => pb::KeyType::Aes256,
         KeyType::Rsa2048 => pb::KeyType::Rsa2048,
         KeyType::Rsa3072 => pb::KeyType::Rsa3072,
         KeyType::Rsa4096 => pb::KeyType::Rsa4096,
+        KeyType::EcP256 => pb::KeyType::EcP256,
+        KeyType::EcP384 => pb::KeyType::EcP384,
     }
 }
 
@@ -50,6 +92,8 @@ pub(super) fn key_type_from_pb(v: i32) -> Result<KeyType, BrokerError> {
         Ok(pb::KeyType::Rsa2048) => Ok(KeyType::Rsa2048),
         Ok(pb::KeyType::Rsa3072) => Ok(KeyType::Rsa3072),
         Ok(pb::KeyType::Rsa4096) => Ok(KeyType::Rsa4096),
+        Ok(pb::KeyType::EcP256) => Ok(KeyType::EcP256),
+        Ok(pb::KeyType::EcP384) => Ok(KeyType::EcP384),
         Ok(pb::KeyType::Unspecified) => Err(Invalid::Missing("key_type").into()),
         Err(_) => Err(Invalid::Unknown {
             field: "key_type",
@@ -67,6 +111,8 @@ pub(super) fn op_to_pb(o: KeyOp) -> pb::KeyOperation {
         KeyOp::Rewrap => pb::KeyOperation::Rewrap,
         KeyOp::Encrypt => pb::KeyOperation::Encrypt,
         KeyOp::Decrypt => pb::KeyOperation::Decrypt,
+        KeyOp::Sign => pb::KeyOperation::Sign,
+        KeyOp::Verify => pb::KeyOperation::Verify,
     }
 }
 
@@ -78,6 +124,8 @@ pub(super) fn op_from_pb(v: i32) -> Result<KeyOp, BrokerError> {
         Ok(pb::KeyOperation::Rewrap) => Ok(KeyOp::Rewrap),
         Ok(pb::KeyOperation::Encrypt) => Ok(KeyOp::Encrypt),
         Ok(pb::KeyOperation::Decrypt) => Ok(KeyOp::Decrypt),
+        Ok(pb::KeyOperation::Sign) => Ok(KeyOp::Sign),
+        Ok(pb::KeyOperation::Verify) => Ok(KeyOp::Verify),
         _ => Err(Invalid::Unknown {
             field: "key operation",
             value: v,

@@ -7,7 +7,10 @@ use tonic::{Request, Response, Status};
 
 use super::{
     GrpcApi, KEY_BROKER,
-    convert::{algorithm_from_pb, algorithm_to_pb, item_error},
+    convert::{
+        algorithm_from_pb, algorithm_to_pb, item_error, sign_algorithm_from_pb,
+        sign_algorithm_to_pb,
+    },
     rpc,
 };
 use crate::{
@@ -16,6 +19,7 @@ use crate::{
         Wrap, WrapBatch, WrapIn,
     },
     api::ops::payload::{Decrypt, DecryptBatch, DecryptIn, Encrypt, EncryptBatch, EncryptIn},
+    api::ops::sign::{Sign, Verify},
     error::Invalid,
     keys::{Ciphertext, Unwrapped, Wrapped},
     keys::{Decrypted, Encrypted},
@@ -306,6 +310,58 @@ impl KeyBroker for GrpcApi {
             req,
             |mut r| (r.context.take(), Ok(Encrypt(encrypt_in(r)))),
             encrypted_to_pb,
+        )
+        .await
+    }
+
+    async fn sign(
+        &self,
+        req: Request<pb::SignRequest>,
+    ) -> Result<Response<pb::SignResponse>, Status> {
+        self.serve(
+            rpc(KEY_BROKER, "Sign"),
+            req,
+            |mut r| {
+                let op = sign_algorithm_from_pb(r.algorithm).map(|algorithm| Sign {
+                    key: std::mem::take(&mut r.key),
+                    algorithm,
+                    digest: std::mem::take(&mut r.digest),
+                });
+                (r.context.take(), op)
+            },
+            |s| pb::SignResponse {
+                key: s.key.to_string(),
+                key_version: s.version,
+                key_version_id: s.version_id.as_bytes().to_vec(),
+                algorithm: sign_algorithm_to_pb(s.algorithm).into(),
+                signature: s.signature,
+            },
+        )
+        .await
+    }
+
+    async fn verify(
+        &self,
+        req: Request<pb::VerifyRequest>,
+    ) -> Result<Response<pb::VerifyResponse>, Status> {
+        self.serve(
+            rpc(KEY_BROKER, "Verify"),
+            req,
+            |mut r| {
+                let op = sign_algorithm_from_pb(r.algorithm).map(|algorithm| Verify {
+                    key: std::mem::take(&mut r.key),
+                    version: r.key_version,
+                    algorithm,
+                    digest: std::mem::take(&mut r.digest),
+                    signature: std::mem::take(&mut r.signature),
+                });
+                (r.context.take(), op)
+            },
+            |v| pb::VerifyResponse {
+                key: v.key.to_string(),
+                key_version: v.version,
+                valid: v.valid,
+            },
         )
         .await
     }

@@ -188,6 +188,8 @@ impl Operation for EkmMetadata {
                 rsa: None,
             }),
             (KeyType::Aes256, _) => Err(unsupported_algorithm()),
+            // The EKM door wraps and unwraps: a signing key is not for it.
+            (_, alg) if alg.is_signing() => Err(unsupported_algorithm()),
             (kt, _) => {
                 let info = call.keys().public_key(&grant, 0).await?;
                 let key_size = match kt {

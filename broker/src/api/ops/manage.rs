@@ -366,6 +366,7 @@ impl Operation for CreateImportKey {
             algorithm: info.oaep,
             modulus: info.public.modulus.clone(),
             exponent: info.public.exponent.clone(),
+            ec_point: None,
         };
         let (spki_pem, _) = public_key_formats(&pk)?;
         Ok((info, spki_pem))

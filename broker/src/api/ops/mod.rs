@@ -13,6 +13,7 @@
 //! * [`payload`] — encrypt and decrypt small payloads (batch or single, one code path);
 //! * [`hyok`] — the HYOK kill switch;
 //! * [`random`] — random bytes from the HSM;
+//! * [`sign`] — sign digests and verify signatures with signing keys;
 //! * [`kms`] — the Kubernetes KMS v2 plugin's encrypt and decrypt of its one key;
 //! * [`xks`] — the AWS XKS proxy API's key metadata, encrypt, decrypt and health;
 //! * [`ekm`] — the Azure Managed HSM EKM proxy API's proxy info, key metadata, wrap and unwrap.
@@ -25,6 +26,7 @@ pub mod kms;
 pub mod manage;
 pub mod payload;
 pub mod random;
+pub mod sign;
 pub mod xks;
 
 use std::future::Future;

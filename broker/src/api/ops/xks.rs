@@ -206,6 +206,8 @@ fn key_spec(t: KeyType) -> &'static str {
         KeyType::Rsa2048 => "RSA_2048",
         KeyType::Rsa3072 => "RSA_3072",
         KeyType::Rsa4096 => "RSA_4096",
+        KeyType::EcP256 => "ECC_NIST_P256",
+        KeyType::EcP384 => "ECC_NIST_P384",
     }
 }
 
