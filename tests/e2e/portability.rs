@@ -544,7 +544,7 @@ async fn a_configured_profile_caps_the_pool_and_an_unsupported_one_is_refused_at
 
 /// Every mechanism row the capability report has, whatever the token (issue 23: the report
 /// lists every mechanism keybroker uses, also when the token is refused).
-const REPORT_ROWS: [&str; 16] = [
+const REPORT_ROWS: [&str; 17] = [
     "CKM_AES_KEY_GEN",
     "CKM_AES_GCM",
     "CKM_AES_KEY_WRAP_KWP (0x210b)",
@@ -554,6 +554,7 @@ const REPORT_ROWS: [&str; 16] = [
     "CKM_RSA_PKCS_OAEP/SHA-1",
     "CKM_RSA_PKCS/RS256",
     "CKM_RSA_PKCS_PSS/PS256",
+    "CKM_EC_KEY_PAIR_GEN",
     "CKM_ECDSA/P-256",
     "CKM_ECDSA/P-384",
     "CKM_SHA256_HMAC",
