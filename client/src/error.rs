@@ -28,6 +28,10 @@ pub enum Error {
         /// How many attempts were made.
         attempts: u32,
     },
+    /// An argument is wrong (a digest of the wrong length, a signature algorithm that does not
+    /// fit the key); nothing was sent.
+    #[error("invalid argument: {0}")]
+    Invalid(String),
     /// The input is larger than one sealed message can hold (2^32 chunks).
     #[error("input too large for one sealed message")]
     TooLarge,

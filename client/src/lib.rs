@@ -104,6 +104,7 @@ pub mod cache;
 pub mod error;
 pub mod format;
 pub mod pinning;
+pub mod sign;
 
 use std::{
     collections::HashMap,
@@ -137,7 +138,9 @@ pub use crate::{
     error::{Error, Result},
     format::DataKey,
     pinning::OpenKeys,
+    sign::Signature,
 };
+pub use keybroker_proto::v1::SignatureAlgorithm;
 
 /// The metadata header that carries a request id to the broker.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -364,6 +367,7 @@ impl ClientBuilder {
                 unwrap_calls: AtomicU64::new(0),
                 rpc_attempts: AtomicU64::new(0),
                 retries: AtomicU64::new(0),
+                public_keys: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -419,6 +423,8 @@ struct Inner {
     unwrap_calls: AtomicU64,
     rpc_attempts: AtomicU64,
     retries: AtomicU64,
+    /// Public keys of signing key versions, for local verification ([`Client::verify`]).
+    public_keys: Mutex<HashMap<(String, u32), Arc<sign::PublicKey>>>,
 }
 
 fn random_u64() -> u64 {

@@ -685,3 +685,91 @@ async fn several_accepted_keys_are_checked_by_the_client_and_the_cache_serves_a_
     ));
     assert_eq!(nameless.stats().rpc_attempts, 0);
 }
+
+/// Issue 22, item 7: the SDK signs through the broker and verifies locally, with the signing
+/// version's public key fetched once — so verification still works with the broker stopped.
+/// A tampered signature or another digest is `Ok(false)`; a digest of the wrong length or an
+/// algorithm that does not fit the key is `Error::Invalid` (nothing sent).
+#[tokio::test]
+async fn the_sdk_signs_through_the_broker_and_verifies_locally_from_the_cached_public_key() {
+    use keybroker_client::SignatureAlgorithm as A;
+    use sha2::{Digest, Sha256, Sha384, Sha512};
+    const TEST: &str =
+        "the_sdk_signs_through_the_broker_and_verifies_locally_from_the_cached_public_key";
+    let env = Env::new();
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    let mut cases = Vec::new();
+    for (name, kt, algs) in [
+        ("t/ec256", pb::KeyType::EcP256, &[A::Es256][..]),
+        ("t/ec384", pb::KeyType::EcP384, &[A::Es384][..]),
+        (
+            "t/rsa",
+            pb::KeyType::Rsa2048,
+            &[A::Rs256, A::Ps384, A::Ps512][..],
+        ),
+    ] {
+        if crate::sign::create_signing(&mut c, TEST, name, kt)
+            .await
+            .is_some()
+        {
+            cases.extend(algs.iter().map(|a| (name, *a)));
+        }
+    }
+    let client = b.sdk_as(&env.pki.client).build().expect("client");
+    let digest = |alg: A, msg: &[u8]| match alg {
+        A::Es256 | A::Rs256 | A::Ps256 => Sha256::digest(msg).to_vec(),
+        A::Es384 | A::Rs384 | A::Ps384 => Sha384::digest(msg).to_vec(),
+        _ => Sha512::digest(msg).to_vec(),
+    };
+    let mut made = Vec::new();
+    for (key, alg) in &cases {
+        let d = digest(*alg, b"invoice 42");
+        let s = client.sign(key, *alg, &d).await.expect("sign");
+        assert_eq!((s.key.as_str(), s.key_version), (*key, 1));
+        let ok = async |sig: &[u8], d: &[u8]| client.verify(key, s.key_version, *alg, d, sig).await;
+        assert!(ok(&s.signature, &d).await.expect("verify"), "{key} {alg:?}");
+        let mut bad = s.signature.clone();
+        bad[3] ^= 1;
+        assert!(
+            !ok(&bad, &d).await.expect("verify"),
+            "{key} {alg:?}: tampered"
+        );
+        let other = digest(*alg, b"invoice 43");
+        assert!(
+            !ok(&s.signature, &other).await.expect("verify"),
+            "{key} {alg:?}: other digest"
+        );
+        match ok(&s.signature, &d[1..]).await {
+            Err(Error::Invalid(m)) => assert!(m.contains("digest"), "{m}"),
+            r => panic!("{key} {alg:?}: a short digest gave {r:?}"),
+        }
+        made.push((key, *alg, d, s));
+    }
+    if let Some((key, _, d, s)) = made.first() {
+        let wrong = if key.starts_with("t/ec") {
+            A::Rs256
+        } else {
+            A::Es256
+        };
+        match client
+            .verify(key, s.key_version, wrong, d, &s.signature)
+            .await
+        {
+            Err(Error::Invalid(m)) => assert!(m.contains("does not fit"), "{m}"),
+            r => panic!("a {wrong:?} signature on {key} gave {r:?}"),
+        }
+    }
+    // Local: the public keys are cached, so the broker is not needed any more.
+    drop(c);
+    b.stop().await;
+    for (key, alg, d, s) in &made {
+        assert!(
+            client
+                .verify(key, s.key_version, *alg, d, &s.signature)
+                .await
+                .expect("verified offline"),
+            "{key} {alg:?}"
+        );
+    }
+}

@@ -24,7 +24,7 @@ fn digest(alg: A, msg: &[u8]) -> Vec<u8> {
 }
 
 /// Creates a signing key; `None` (after printing why) when the token cannot make it.
-async fn create_signing(
+pub(crate) async fn create_signing(
     c: &mut Clients,
     test: &str,
     name: &str,
