@@ -902,7 +902,8 @@ fn probe_signatures(session: &Session, list: &[MechanismType], caps: &mut Capabi
         }
     };
     let rsa = |alg: S| -> Result<(), String> {
-        let (public, private) = rsa_test_pair(session)?;
+        let (public, private) =
+            rsa_test_pair(session, Attribute::Verify(true), Attribute::Sign(true))?;
         let (reference, digest) = match alg {
             S::Rs256 => (kat_sign::RS256, kat_sign::DIGEST256),
             _ => (kat_sign::PS256, kat_sign::DIGEST256),
@@ -995,8 +996,13 @@ fn probe_signatures(session: &Session, list: &[MechanismType], caps: &mut Capabi
     }
 }
 
-/// The fixed RSA test key pair (`kat_rsa`) as session objects that sign and verify.
-fn rsa_test_pair(session: &Session) -> Result<(Temp<'_>, Temp<'_>), String> {
+/// The fixed RSA test key pair (`kat_rsa`) as session objects, the public half with
+/// `public_role` (e.g. `CKA_VERIFY`) and the private half with `private_role` (`CKA_SIGN`).
+fn rsa_test_pair(
+    session: &Session,
+    public_role: Attribute,
+    private_role: Attribute,
+) -> Result<(Temp<'_>, Temp<'_>), String> {
     let n = unhex(kat_rsa::N);
     let e = unhex(kat_rsa::E);
     let public = session
@@ -1004,7 +1010,7 @@ fn rsa_test_pair(session: &Session) -> Result<(Temp<'_>, Temp<'_>), String> {
             Attribute::Class(ObjectClass::PUBLIC_KEY),
             Attribute::KeyType(CkKeyType::RSA),
             Attribute::Token(false),
-            Attribute::Verify(true),
+            public_role,
             Attribute::Modulus(n.clone()),
             Attribute::PublicExponent(e.clone()),
         ])
@@ -1020,7 +1026,7 @@ fn rsa_test_pair(session: &Session) -> Result<(Temp<'_>, Temp<'_>), String> {
             Attribute::Token(false),
             Attribute::Private(true),
             Attribute::Sensitive(true),
-            Attribute::Sign(true),
+            private_role,
             Attribute::Modulus(n),
             Attribute::PublicExponent(e),
             Attribute::PrivateExponent(unhex(kat_rsa::D)),
@@ -1270,44 +1276,8 @@ fn kwp_kat(session: &Session, mech: &Mechanism) -> Result<bool, String> {
 /// OpenSSL's ciphertext to the known message and round-trip its own encryption. Returns
 /// (SHA-256 ok, SHA-1 ok, (why SHA-256 failed, why SHA-1 failed)).
 fn oaep_probe(session: &Session) -> Result<(bool, bool, (String, String)), String> {
-    let n = unhex(kat_rsa::N);
-    let e = unhex(kat_rsa::E);
-    let public = session
-        .create_object(&[
-            Attribute::Class(ObjectClass::PUBLIC_KEY),
-            Attribute::KeyType(CkKeyType::RSA),
-            Attribute::Token(false),
-            Attribute::Encrypt(true),
-            Attribute::Modulus(n.clone()),
-            Attribute::PublicExponent(e.clone()),
-        ])
-        .map_err(|e| HsmError::from_ck("import the probe's RSA public key", e).detail)?;
-    let public = Temp {
-        session,
-        handle: public,
-    };
-    let private = session
-        .create_object(&[
-            Attribute::Class(ObjectClass::PRIVATE_KEY),
-            Attribute::KeyType(CkKeyType::RSA),
-            Attribute::Token(false),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Decrypt(true),
-            Attribute::Modulus(n),
-            Attribute::PublicExponent(e),
-            Attribute::PrivateExponent(unhex(kat_rsa::D)),
-            Attribute::Prime1(unhex(kat_rsa::P)),
-            Attribute::Prime2(unhex(kat_rsa::Q)),
-            Attribute::Exponent1(unhex(kat_rsa::DP)),
-            Attribute::Exponent2(unhex(kat_rsa::DQ)),
-            Attribute::Coefficient(unhex(kat_rsa::QINV)),
-        ])
-        .map_err(|e| HsmError::from_ck("import the probe's RSA private key", e).detail)?;
-    let private = Temp {
-        session,
-        handle: private,
-    };
+    let (public, private) =
+        rsa_test_pair(session, Attribute::Encrypt(true), Attribute::Decrypt(true))?;
     let check = |hash: MechanismType, mgf: PkcsMgfType, ct: &str| -> Result<(), String> {
         let m = Mechanism::RsaPkcsOaep(PkcsOaepParams::new(hash, mgf, PkcsOaepSource::empty()));
         let pt = session

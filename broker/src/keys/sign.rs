@@ -68,15 +68,15 @@ fn only<T>(r: Result<Vec<Result<T, HsmError>>, HsmError>) -> Result<T, BrokerErr
 }
 
 impl Keyring {
-    /// Signs `digest` with the newest version of the granted key.
-    pub async fn sign(
+    /// The checks `Sign` and `Verify` share, in the order that decides the status (module
+    /// docs): the digest's length, then the key (usable, and able to sign with `algorithm`).
+    fn signing_key(
         &self,
-        grant: &Grant,
+        name: &KeyName,
         algorithm: SignAlgorithm,
-        digest: Vec<u8>,
-    ) -> Result<Signed, BrokerError> {
-        let name = grant.key_for(Permission::Sign)?;
-        check_digest(algorithm, &digest)?;
+        digest: &[u8],
+    ) -> Result<std::sync::Arc<super::KeyEntry>, BrokerError> {
+        check_digest(algorithm, digest)?;
         let entry = self.get(name)?;
         entry.usable()?;
         if !algorithm.fits(entry.key_type, entry.algorithm) {
@@ -88,6 +88,18 @@ impl Keyring {
             }
             .into());
         }
+        Ok(entry)
+    }
+
+    /// Signs `digest` with the newest version of the granted key.
+    pub async fn sign(
+        &self,
+        grant: &Grant,
+        algorithm: SignAlgorithm,
+        digest: Vec<u8>,
+    ) -> Result<Signed, BrokerError> {
+        let name = grant.key_for(Permission::Sign)?;
+        let entry = self.signing_key(name, algorithm, &digest)?;
         let v = entry.current()?.clone();
         entry.check(KeyOp::Sign, &v, now_ms())?;
         let signature = only(self.hsm.sign_many(vec![(v.id, algorithm, digest)]).await)?;
@@ -111,18 +123,7 @@ impl Keyring {
         signature: Vec<u8>,
     ) -> Result<Verified, BrokerError> {
         let name = grant.key_for(Permission::Verify)?;
-        check_digest(algorithm, &digest)?;
-        let entry = self.get(name)?;
-        entry.usable()?;
-        if !algorithm.fits(entry.key_type, entry.algorithm) {
-            return Err(Refused::SignAlgorithmForKey {
-                key: entry.name.clone(),
-                key_type: entry.key_type,
-                algorithm: entry.algorithm,
-                asked: algorithm,
-            }
-            .into());
-        }
+        let entry = self.signing_key(name, algorithm, &digest)?;
         let v = if version == 0 {
             entry.current()?.clone()
         } else {
