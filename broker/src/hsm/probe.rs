@@ -748,52 +748,17 @@ fn byok_kat(
         false,
         key_attributes,
     );
-    let n = unhex(kat_rsa::N);
-    let e = unhex(kat_rsa::E);
-    let public = session
-        .create_object(&[
-            Attribute::Class(ObjectClass::PUBLIC_KEY),
-            Attribute::KeyType(CkKeyType::RSA),
-            Attribute::Token(false),
-            Attribute::Encrypt(true),
-            Attribute::Modulus(n.clone()),
-            Attribute::PublicExponent(e.clone()),
-        ])
-        .map_err(|e| HsmError::from_ck("import the test RSA public key", e).detail)?;
-    let public = Temp {
+    let (public, private) = rsa_test_pair(
         session,
-        handle: public,
-    };
-    let private = session
-        .create_object(&[
-            Attribute::Class(ObjectClass::PRIVATE_KEY),
-            Attribute::KeyType(CkKeyType::RSA),
-            Attribute::Token(false),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
+        &[Attribute::Encrypt(true)],
+        &[
             Attribute::Extractable(false),
             Attribute::Unwrap(true),
             Attribute::Decrypt(false),
             Attribute::UnwrapTemplate(AttributeArray::new(forced.clone())),
-            Attribute::Modulus(n),
-            Attribute::PublicExponent(e),
-            Attribute::PrivateExponent(unhex(kat_rsa::D)),
-            Attribute::Prime1(unhex(kat_rsa::P)),
-            Attribute::Prime2(unhex(kat_rsa::Q)),
-            Attribute::Exponent1(unhex(kat_rsa::DP)),
-            Attribute::Exponent2(unhex(kat_rsa::DQ)),
-            Attribute::Coefficient(unhex(kat_rsa::QINV)),
-        ])
-        .map_err(|e| {
-            format!(
-                "an RSA key with CKA_UNWRAP_TEMPLATE: {}",
-                HsmError::from_ck("C_CreateObject", e).detail
-            )
-        })?;
-    let private = Temp {
-        session,
-        handle: private,
-    };
+        ],
+    )
+    .map_err(|e| format!("an RSA key with CKA_UNWRAP_TEMPLATE: {e}"))?;
     // The customer's side: the material under RSA-OAEP.
     let blob = session
         .encrypt(oaep, public.handle, &MATERIAL)
@@ -902,8 +867,11 @@ fn probe_signatures(session: &Session, list: &[MechanismType], caps: &mut Capabi
         }
     };
     let rsa = |alg: S| -> Result<(), String> {
-        let (public, private) =
-            rsa_test_pair(session, Attribute::Verify(true), Attribute::Sign(true))?;
+        let (public, private) = rsa_test_pair(
+            session,
+            &[Attribute::Verify(true)],
+            &[Attribute::Sign(true)],
+        )?;
         let (reference, digest) = match alg {
             S::Rs256 => (kat_sign::RS256, kat_sign::DIGEST256),
             _ => (kat_sign::PS256, kat_sign::DIGEST256),
@@ -997,45 +965,52 @@ fn probe_signatures(session: &Session, list: &[MechanismType], caps: &mut Capabi
 }
 
 /// The fixed RSA test key pair (`kat_rsa`) as session objects, the public half with
-/// `public_role` (e.g. `CKA_VERIFY`) and the private half with `private_role` (`CKA_SIGN`).
-fn rsa_test_pair(
-    session: &Session,
-    public_role: Attribute,
-    private_role: Attribute,
-) -> Result<(Temp<'_>, Temp<'_>), String> {
+/// `public_roles` (e.g. `CKA_VERIFY`) and the private half with `private_roles` (`CKA_SIGN`;
+/// private and sensitive always).
+fn rsa_test_pair<'a>(
+    session: &'a Session,
+    public_roles: &[Attribute],
+    private_roles: &[Attribute],
+) -> Result<(Temp<'a>, Temp<'a>), String> {
     let n = unhex(kat_rsa::N);
     let e = unhex(kat_rsa::E);
+    let mut template = vec![
+        Attribute::Class(ObjectClass::PUBLIC_KEY),
+        Attribute::KeyType(CkKeyType::RSA),
+        Attribute::Token(false),
+    ];
+    template.extend_from_slice(public_roles);
+    template.extend([
+        Attribute::Modulus(n.clone()),
+        Attribute::PublicExponent(e.clone()),
+    ]);
     let public = session
-        .create_object(&[
-            Attribute::Class(ObjectClass::PUBLIC_KEY),
-            Attribute::KeyType(CkKeyType::RSA),
-            Attribute::Token(false),
-            public_role,
-            Attribute::Modulus(n.clone()),
-            Attribute::PublicExponent(e.clone()),
-        ])
+        .create_object(&template)
         .map_err(|e| HsmError::from_ck("import the probe's RSA public key", e).detail)?;
     let public = Temp {
         session,
         handle: public,
     };
+    let mut template = vec![
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(CkKeyType::RSA),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+    ];
+    template.extend_from_slice(private_roles);
+    template.extend([
+        Attribute::Modulus(n),
+        Attribute::PublicExponent(e),
+        Attribute::PrivateExponent(unhex(kat_rsa::D)),
+        Attribute::Prime1(unhex(kat_rsa::P)),
+        Attribute::Prime2(unhex(kat_rsa::Q)),
+        Attribute::Exponent1(unhex(kat_rsa::DP)),
+        Attribute::Exponent2(unhex(kat_rsa::DQ)),
+        Attribute::Coefficient(unhex(kat_rsa::QINV)),
+    ]);
     let private = session
-        .create_object(&[
-            Attribute::Class(ObjectClass::PRIVATE_KEY),
-            Attribute::KeyType(CkKeyType::RSA),
-            Attribute::Token(false),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            private_role,
-            Attribute::Modulus(n),
-            Attribute::PublicExponent(e),
-            Attribute::PrivateExponent(unhex(kat_rsa::D)),
-            Attribute::Prime1(unhex(kat_rsa::P)),
-            Attribute::Prime2(unhex(kat_rsa::Q)),
-            Attribute::Exponent1(unhex(kat_rsa::DP)),
-            Attribute::Exponent2(unhex(kat_rsa::DQ)),
-            Attribute::Coefficient(unhex(kat_rsa::QINV)),
-        ])
+        .create_object(&template)
         .map_err(|e| HsmError::from_ck("import the probe's RSA private key", e).detail)?;
     let private = Temp {
         session,
@@ -1276,8 +1251,11 @@ fn kwp_kat(session: &Session, mech: &Mechanism) -> Result<bool, String> {
 /// OpenSSL's ciphertext to the known message and round-trip its own encryption. Returns
 /// (SHA-256 ok, SHA-1 ok, (why SHA-256 failed, why SHA-1 failed)).
 fn oaep_probe(session: &Session) -> Result<(bool, bool, (String, String)), String> {
-    let (public, private) =
-        rsa_test_pair(session, Attribute::Encrypt(true), Attribute::Decrypt(true))?;
+    let (public, private) = rsa_test_pair(
+        session,
+        &[Attribute::Encrypt(true)],
+        &[Attribute::Decrypt(true)],
+    )?;
     let check = |hash: MechanismType, mgf: PkcsMgfType, ct: &str| -> Result<(), String> {
         let m = Mechanism::RsaPkcsOaep(PkcsOaepParams::new(hash, mgf, PkcsOaepSource::empty()));
         let pt = session

@@ -591,17 +591,7 @@ impl Keyring {
             .into());
         }
         entry.usable()?;
-        let v = if version == 0 {
-            entry.current()?.clone()
-        } else {
-            entry
-                .version(version)
-                .cloned()
-                .ok_or_else(|| NotFound::Version {
-                    key: name.clone(),
-                    version,
-                })?
-        };
+        let v = entry.version_or_current(version)?.clone();
         if let Some(curve) = entry.key_type.curve() {
             let point = self
                 .hsm

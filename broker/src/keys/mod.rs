@@ -152,6 +152,21 @@ impl KeyEntry {
         self.versions.iter().find(|v| v.number == number)
     }
 
+    /// Version `number`, or the newest for 0 (as `GetPublicKey` and `Verify` take it);
+    /// NOT_FOUND naming the version when there is none.
+    pub fn version_or_current(&self, number: u32) -> Result<&VersionEntry, BrokerError> {
+        if number == 0 {
+            return self.current();
+        }
+        self.version(number).ok_or_else(|| {
+            NotFound::Version {
+                key: self.name.clone(),
+                version: number,
+            }
+            .into()
+        })
+    }
+
     /// Refuses a quarantined or deleted key.
     pub(crate) fn usable(&self) -> Result<(), BrokerError> {
         if let Lifecycle::Deleted { purge_at_ms, .. } = &self.lifecycle {

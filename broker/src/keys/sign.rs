@@ -9,7 +9,7 @@
 
 use super::Keyring;
 use crate::{
-    error::{BrokerError, Invalid, NotFound, Refused},
+    error::{BrokerError, Invalid, Refused},
     hsm::{FaultKind, HsmError},
     model::{KeyName, KeyOp, SignAlgorithm, VersionId, now_ms},
     policy::{Grant, Permission},
@@ -124,17 +124,7 @@ impl Keyring {
     ) -> Result<Verified, BrokerError> {
         let name = grant.key_for(Permission::Verify)?;
         let entry = self.signing_key(name, algorithm, &digest)?;
-        let v = if version == 0 {
-            entry.current()?.clone()
-        } else {
-            entry
-                .version(version)
-                .cloned()
-                .ok_or_else(|| NotFound::Version {
-                    key: name.clone(),
-                    version,
-                })?
-        };
+        let v = entry.version_or_current(version)?.clone();
         entry.check(KeyOp::Verify, &v, now_ms())?;
         // An ECDSA signature is r || s, each as long as the curve's order: any other length is
         // not a signature of this key (the token would say CKR_SIGNATURE_LEN_RANGE).
