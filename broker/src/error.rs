@@ -131,6 +131,18 @@ pub enum Denied {
         /// The permission.
         permission: Permission,
     },
+    /// A platform-managed key: only the platform may make, change, export or destroy it.
+    #[error(
+        "{caller} may not {permission} key {key}: it is the tenant's platform-managed key, which only the platform manages"
+    )]
+    PlatformManaged {
+        /// The caller's identity.
+        caller: String,
+        /// The permission.
+        permission: Permission,
+        /// The key.
+        key: KeyName,
+    },
     /// The key owner threw the HYOK kill switch.
     #[error("the key owner has disconnected HYOK service access")]
     HyokDisconnected,

@@ -353,7 +353,38 @@ struct PolicyFile {
     binding: Vec<BindingFile>,
     #[serde(default)]
     hyok: Option<HyokFile>,
+    #[serde(default)]
+    platform: Option<PlatformFile>,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlatformFile {
+    identities: Vec<String>,
+    #[serde(default = "default_platform_key")]
+    default_key: String,
+    #[serde(default = "default_platform_algorithm")]
+    algorithm: String,
+    #[serde(default = "default_platform_rotation")]
+    rotation_period_ms: i64,
+}
+
+fn default_platform_key() -> String {
+    "default".into()
+}
+fn default_platform_algorithm() -> String {
+    crate::model::Algorithm::Aes256Gcm.as_str().into()
+}
+fn default_platform_rotation() -> i64 {
+    PLATFORM_ROTATION_MS
+}
+
+/// The default rotation period of platform-managed keys: 90 days (Managed HSM's and the
+/// clouds' usual default for service-managed keys).
+pub const PLATFORM_ROTATION_MS: i64 = 90 * 24 * 3600 * 1000;
+
+/// The tag every platform-managed key is created with (`managed-by = platform`).
+pub const PLATFORM_TAG: (&str, &str) = ("managed-by", "platform");
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -418,6 +449,91 @@ pub struct HyokRules {
     pub keys: Vec<(String, BTreeSet<Reason>)>,
 }
 
+/// The platform-managed key model: the provider's platform identities get each tenant's
+/// default key (`<tenant>/<default_key>`) without asking for it — created inside the HSM on
+/// first use, rotated by the default policy — and the name is reserved: no other identity may
+/// create, import, restore, update, trim, back up, delete or purge it.
+#[derive(Clone, Debug)]
+pub struct PlatformRules {
+    /// The platform's identities.
+    pub identities: Vec<IdentityPattern>,
+    /// The name of every tenant's default key.
+    pub default_key: String,
+    /// The algorithm the default keys are created with (an AES-256 one).
+    pub algorithm: crate::model::Algorithm,
+    /// Their automatic rotation period (ms).
+    pub rotation_period_ms: i64,
+}
+
+/// A platform-managed key to create on first use ([`Authorizer::platform_key`]).
+#[derive(Clone, Debug)]
+pub struct PlatformKey {
+    /// The grant to create it.
+    pub grant: Grant,
+    /// Its algorithm.
+    pub algorithm: crate::model::Algorithm,
+    /// Its rotation period (ms).
+    pub rotation_period_ms: i64,
+}
+
+/// What only the platform may do to a platform-managed key: everything that makes, replaces,
+/// changes, exports or destroys it. Using it (wrap, unwrap, read, rotate) is left to the roles.
+const PLATFORM_ONLY: [Permission; 8] = [
+    Permission::Create,
+    Permission::Import,
+    Permission::Restore,
+    Permission::Update,
+    Permission::TrimVersions,
+    Permission::Backup,
+    Permission::Delete,
+    Permission::Purge,
+];
+
+impl PlatformRules {
+    /// Whether `key` is a tenant's platform-managed key.
+    pub fn reserves(&self, key: &KeyName) -> bool {
+        key.name() == self.default_key
+    }
+
+    /// Whether `caller` is the platform.
+    pub fn is_platform(&self, caller: &Caller) -> bool {
+        self.identities.iter().any(|p| p.matches(caller))
+    }
+
+    fn parse(f: PlatformFile) -> Result<Self, String> {
+        use crate::model::{Algorithm, KeyType, validate_part};
+        if f.identities.is_empty() {
+            return Err("[platform] identities is empty: name the platform's identities".into());
+        }
+        let identities = f
+            .identities
+            .iter()
+            .map(|p| IdentityPattern::parse(p).map_err(|e| format!("[platform] identities: {e}")))
+            .collect::<Result<Vec<_>, String>>()?;
+        validate_part("[platform] default_key", &f.default_key).map_err(|e| e.to_string())?;
+        let algorithm = Algorithm::parse(&f.algorithm)
+            .filter(|a| a.fits(KeyType::Aes256))
+            .ok_or_else(|| {
+                format!(
+                    "[platform] algorithm {:?}: expected an AES-256 algorithm (aes-256-gcm or aes-kwp)",
+                    f.algorithm
+                )
+            })?;
+        if f.rotation_period_ms < 1000 {
+            return Err(format!(
+                "[platform] rotation_period_ms {}: expected at least 1000",
+                f.rotation_period_ms
+            ));
+        }
+        Ok(Self {
+            identities,
+            default_key: f.default_key,
+            algorithm,
+            rotation_period_ms: f.rotation_period_ms,
+        })
+    }
+}
+
 /// A validated policy.
 #[derive(Clone, Debug, Default)]
 pub struct Policy {
@@ -425,6 +541,8 @@ pub struct Policy {
     pub bindings: Vec<Binding>,
     /// HYOK rules, if this broker runs the HYOK model.
     pub hyok: Option<HyokRules>,
+    /// The platform-managed key model, if the provider runs it.
+    pub platform: Option<PlatformRules>,
 }
 
 impl Policy {
@@ -496,7 +614,12 @@ impl Policy {
                 })
             }
         };
-        Ok(Self { bindings, hyok })
+        let platform = f.platform.map(PlatformRules::parse).transpose()?;
+        Ok(Self {
+            bindings,
+            hyok,
+            platform,
+        })
     }
 
     /// The policy of a plain allow-list: each listed identity gets every role on everything.
@@ -516,6 +639,7 @@ impl Policy {
         Ok(Self {
             bindings,
             hyok: None,
+            platform: None,
         })
     }
 
@@ -764,6 +888,18 @@ impl Authorizer {
     /// Grants `perm` on `key`, or says why not: the role × scope decision, then for a provider
     /// identity the kill switch and the key's accepted justifications (for every permission).
     pub fn grant(&mut self, perm: Permission, key: &KeyName) -> Result<Grant, BrokerError> {
+        if let Some(p) = &self.policy.platform
+            && p.reserves(key)
+            && PLATFORM_ONLY.contains(&perm)
+            && !p.is_platform(&self.caller)
+        {
+            return Err(Denied::PlatformManaged {
+                caller: self.caller.id.clone(),
+                permission: perm,
+                key: key.clone(),
+            }
+            .into());
+        }
         if !self.allows(perm, key) {
             return Err(Denied::Key {
                 caller: self.caller.id.clone(),
@@ -781,6 +917,23 @@ impl Authorizer {
         Ok(Grant {
             key: key.clone(),
             permission: perm,
+        })
+    }
+
+    /// The creation of a tenant's platform-managed key on the platform's first use of it:
+    /// `used` is the grant the request already holds to wrap or encrypt with the key. `None`
+    /// unless the policy runs the platform model, the key is a tenant's default key and the
+    /// caller is the platform. The key is created only if it does not exist yet.
+    pub fn platform_key(&self, used: &Grant) -> Option<PlatformKey> {
+        let p = self.policy.platform.as_ref()?;
+        let use_perm = matches!(used.permission, Permission::Wrap | Permission::Encrypt);
+        (use_perm && p.reserves(&used.key) && p.is_platform(&self.caller)).then(|| PlatformKey {
+            grant: Grant {
+                key: used.key.clone(),
+                permission: Permission::Create,
+            },
+            algorithm: p.algorithm,
+            rotation_period_ms: p.rotation_period_ms,
         })
     }
 

@@ -248,14 +248,6 @@ async fn call(
     }
 }
 
-fn audit_records(env: &Env) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(env.audit_log())
-        .expect("audit log")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
-        .collect()
-}
-
 #[tokio::test]
 async fn every_role_against_every_rpc_is_allowed_or_denied_and_audited_either_way() {
     crate::require_aes!();
@@ -361,7 +353,7 @@ async fn every_role_against_every_rpc_is_allowed_or_denied_and_audited_either_wa
     }
     drop(s);
     b.stop().await;
-    let recs = audit_records(&env);
+    let recs = env.audit_records();
     for (who, rpc, outcome) in expected {
         let n = recs
             .iter()

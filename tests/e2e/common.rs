@@ -191,6 +191,15 @@ path = "audit.log"
     }
 
     /// The policy file.
+    /// Every record of the audit log, parsed.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.audit_log())
+            .expect("audit log")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+            .collect()
+    }
+
     pub fn policy_file(&self) -> PathBuf {
         self.dir.path().join("policy.toml")
     }

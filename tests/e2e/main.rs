@@ -23,6 +23,7 @@ mod observability;
 mod overload;
 mod payload;
 mod pkcs11_uri;
+mod platform;
 mod portability;
 mod properties;
 mod random;

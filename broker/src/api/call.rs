@@ -2,6 +2,7 @@
 //! way to the keys and the only maker of grants — and what its audit record will say.
 
 use std::{
+    collections::{HashMap, HashSet},
     future::Future,
     sync::{
         Arc,
@@ -11,12 +12,12 @@ use std::{
 
 use crate::{
     audit::{self, AuditLog, Record},
-    error::{BrokerError, Invalid, Unavailable},
+    error::{BrokerError, Exists, Invalid, Unavailable},
     hsm::RequestScope,
     hyok::HyokSwitch,
     keys::Keyring,
-    model::KeyName,
-    policy::{Authorizer, Grant, Permission, Reason, Upstream},
+    model::{KeyAttributes, KeyName, KeyType},
+    policy::{Authorizer, Grant, PLATFORM_TAG, Permission, PlatformKey, Reason, Upstream},
 };
 
 /// A justification reason as a front door read it.
@@ -242,16 +243,28 @@ impl Call {
     /// made unrecorded. If it cannot be written, the change is not made (UNAVAILABLE); the
     /// request's own record then says how it ended.
     pub(in crate::api) async fn intent(&self) -> Result<(), BrokerError> {
-        let mut rec = Record::request(self.op, self.caller_id());
+        self.intent_as(self.op, self.record.key.clone(), self.record.tenant.clone())
+            .await
+    }
+
+    /// [`Call::intent`] of a change made under another op name than the request's own (a
+    /// platform-managed key created by its first use).
+    async fn intent_as(
+        &self,
+        op: &'static str,
+        key: Option<String>,
+        tenant: Option<String>,
+    ) -> Result<(), BrokerError> {
+        let mut rec = Record::request(op, self.caller_id());
         rec.outcome = Some(audit::INTENT.into());
-        rec.key = self.record.key.clone();
-        rec.tenant = self.record.tenant.clone();
+        rec.key = key;
+        rec.tenant = tenant;
         rec.request_id = self.record.request_id.clone();
         rec.correlation_id = self.record.correlation_id.clone();
         rec.justification = self.record.justification.clone();
         rec.upstream = self.record.upstream.clone();
         self.audit.append(rec).await.map_err(|e| {
-            tracing::error!(error = %e, op = self.op, "intent record not written: the change is not made");
+            tracing::error!(error = %e, op, "intent record not written: the change is not made");
             Unavailable::Audit.into()
         })
     }
@@ -269,7 +282,23 @@ impl Call {
         T: Send + 'static,
         F: Future<Output = Result<T, BrokerError>> + Send + 'static,
     {
-        self.intent().await?;
+        let (key, tenant) = (self.record.key.clone(), self.record.tenant.clone());
+        self.detached_as(self.op, key, tenant, f).await
+    }
+
+    /// [`Call::detached`] for a change audited under `op` on `key`.
+    async fn detached_as<T, F>(
+        &self,
+        op: &'static str,
+        key: Option<String>,
+        tenant: Option<String>,
+        f: F,
+    ) -> Result<T, BrokerError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, BrokerError>> + Send + 'static,
+    {
+        self.intent_as(op, key.clone(), tenant.clone()).await?;
         struct Waiting(Arc<AtomicBool>);
         impl Drop for Waiting {
             fn drop(&mut self) {
@@ -280,12 +309,8 @@ impl Call {
         let waiting = Waiting(Arc::new(AtomicBool::new(true)));
         let still = waiting.0.clone();
         let audit = self.audit.clone();
-        let (op, caller) = (self.op, self.caller_id().to_string());
-        let (key, tenant, request_id) = (
-            self.record.key.clone(),
-            self.record.tenant.clone(),
-            self.record.request_id.clone(),
-        );
+        let caller = self.caller_id().to_string();
+        let request_id = self.record.request_id.clone();
         let task = tokio::spawn(scope.run(async move {
             let r = f.await;
             if !still.load(Ordering::SeqCst) {
@@ -309,6 +334,85 @@ impl Call {
         let joined = task.await;
         drop(waiting);
         joined.map_err(|e| BrokerError::internal(format!("key change task failed: {e}")))?
+    }
+
+    /// The platform's first use of a tenant's default key creates it (the platform-managed key
+    /// model, `policy::PlatformRules`): each key that `grants` name, that the caller may create
+    /// on first use ([`Authorizer::platform_key`]) and that does not exist yet, is created
+    /// inside the HSM — its intent audited first, the change run to completion in its own
+    /// task, its outcome audited as `CreatePlatformKey` — before the request uses it. Two first
+    /// uses at once make one key. Returns why a key could not be made, by key.
+    pub(in crate::api) async fn platform_keys<'a>(
+        &self,
+        grants: impl IntoIterator<Item = &'a Grant>,
+    ) -> HashMap<KeyName, BrokerError> {
+        let mut failed = HashMap::new();
+        let mut seen = HashSet::new();
+        for g in grants {
+            let Some(pk) = self.authority.platform_key(g) else {
+                continue;
+            };
+            let key = g.key().clone();
+            if self.keys.get(&key).is_ok() || !seen.insert(key.clone()) {
+                continue;
+            }
+            if let Err(e) = self.create_platform_key(pk).await {
+                tracing::error!(key = %key, error = %e, "platform-managed key not created");
+                failed.insert(key, e);
+            }
+        }
+        failed
+    }
+
+    async fn create_platform_key(&self, pk: PlatformKey) -> Result<(), BrokerError> {
+        const OP: &str = "CreatePlatformKey";
+        let key = pk.grant.key().clone();
+        let mut attributes = KeyAttributes {
+            rotation_period_ms: Some(pk.rotation_period_ms),
+            purge_protection: true,
+            ..KeyAttributes::default()
+        };
+        let (tag, value) = PLATFORM_TAG;
+        attributes.tags.insert(tag.into(), value.into());
+        let keys = self.keys.clone();
+        let made = self
+            .detached_as(
+                OP,
+                Some(key.to_string()),
+                Some(key.tenant().to_string()),
+                async move {
+                    let made = keys
+                        .create(&pk.grant, KeyType::Aes256, Some(pk.algorithm), attributes)
+                        .await;
+                    match made {
+                        Ok(_) => Ok(true),
+                        // A concurrent first use made it meanwhile.
+                        Err(BrokerError::Exists(Exists::Key(_))) => Ok(false),
+                        Err(e) => Err(e),
+                    }
+                },
+            )
+            .await;
+        let mut rec = Record::request(OP, self.caller_id());
+        rec.key = Some(key.to_string());
+        rec.tenant = Some(key.tenant().to_string());
+        rec.request_id = self.record.request_id.clone();
+        rec.correlation_id = self.record.correlation_id.clone();
+        rec.version = made.as_ref().is_ok_and(|m| *m).then_some(1);
+        rec.outcome = Some(audit::outcome_name(made.as_ref().map(|_| ())));
+        rec.message = match &made {
+            Ok(true) => None,
+            Ok(false) => Some("made meanwhile by a concurrent first use".into()),
+            Err(e) => Some(e.public_message()),
+        };
+        self.audit.append(rec).await.map_err(|e| {
+            tracing::error!(error = %e, key = %key, "could not audit a platform-managed key's creation");
+            BrokerError::from(Unavailable::Audit)
+        })?;
+        if made? {
+            tracing::info!(key = %key, "platform-managed key created on first use");
+        }
+        Ok(())
     }
 
     /// The request's audit records: one per batch item (request id `ID#i`), then the request's

@@ -7,7 +7,7 @@
 
 use super::{
     Items, Operation, Slots, audit_items, check_batch_size, key_name, one, optional_key,
-    sealed::Sealed,
+    platform_keys_first, sealed::Sealed,
 };
 use crate::{
     api::call::Call,
@@ -162,6 +162,8 @@ pub(crate) async fn wrap(
             aad: item.aad,
         })
     });
+    let (indices, ready) =
+        platform_keys_first(call, &mut slots, indices, ready, |w| &w.grant).await;
     slots.fill(indices, call.keys().wrap(ready).await);
     let results = slots.finish();
     audit_items(call, items, names, &results, |w| w.version);
@@ -183,6 +185,8 @@ pub(crate) async fn generate(
             aad: item.aad,
         })
     });
+    let (indices, ready) =
+        platform_keys_first(call, &mut slots, indices, ready, |g| &g.grant).await;
     slots.fill(indices, call.keys().generate(ready).await);
     let results = slots.finish();
     audit_items(call, items, names, &results, |g| g.1.version);

@@ -141,6 +141,28 @@ impl<T> Slots<T> {
     }
 }
 
+/// The platform's first use of a tenant's default key creates it ([`Call::platform_keys`]):
+/// before the keyring wraps or encrypts the granted items, each platform-managed key they name
+/// that does not exist yet is made; the items of one that could not be made fail with why.
+pub(super) async fn platform_keys_first<T, R>(
+    call: &Call,
+    slots: &mut Slots<T>,
+    indices: Vec<usize>,
+    ready: Vec<R>,
+    grant: impl Fn(&R) -> &crate::policy::Grant,
+) -> (Vec<usize>, Vec<R>) {
+    let failed = call.platform_keys(ready.iter().map(&grant)).await;
+    if failed.is_empty() {
+        return (indices, ready);
+    }
+    slots.sift(indices.into_iter().zip(ready), |r| {
+        match failed.get(grant(&r).key()) {
+            Some(e) => Err(e.clone()),
+            None => Ok(r),
+        }
+    })
+}
+
 /// Refuses an empty batch or one larger than [`crate::keys::MAX_BATCH`].
 pub(super) fn check_batch_size(n: usize) -> Result<(), BrokerError> {
     if n == 0 || n > crate::keys::MAX_BATCH {

@@ -3,7 +3,7 @@
 
 use super::{
     Items, Operation, Slots, audit_items, check_batch_size, key_name, one, optional_key,
-    sealed::Sealed,
+    platform_keys_first, sealed::Sealed,
 };
 use crate::{
     api::call::Call,
@@ -57,6 +57,8 @@ pub(crate) async fn encrypt(
             aad: item.aad,
         })
     });
+    let (indices, ready) =
+        platform_keys_first(call, &mut slots, indices, ready, |e| &e.grant).await;
     slots.fill(indices, call.keys().encrypt(ready).await);
     let results = slots.finish();
     audit_items(call, items, names, &results, |e| e.version);

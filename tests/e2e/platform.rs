@@ -1,0 +1,317 @@
+//! The platform-managed key model (encryption by default, no customer action) and the move
+//! between the three encryption-at-rest models without re-encrypting data, end to end: the
+//! real binary, its policy's `[platform]` section, a real token, and the CLI as an operator
+//! runs it (`docs/src/models.md` walks through the same flow).
+
+use std::time::Duration;
+
+use hsm_fixtures::pki::TEST_CLIENT_ID;
+use keybroker::client::Clients;
+use keybroker_proto::v1 as pb;
+use tonic::Code;
+
+use crate::common::*;
+
+const PLATFORM: &str = "spiffe://keybroker.test/platform";
+const ACME_ADMIN: &str = "spiffe://keybroker.test/acme-admin";
+
+/// A policy with the platform model on: the test client administers everything, the platform
+/// identity wraps and unwraps everywhere (and, for the move between models, updates, deletes
+/// and purges), `acme-admin` holds every key role in tenant `acme`.
+fn platform_policy(rotation_period_ms: u64) -> String {
+    format!(
+        r#"
+[[binding]]
+identity = "{TEST_CLIENT_ID}"
+roles = ["administrator", "crypto-officer", "crypto-user", "auditor", "backup"]
+scope = "all"
+[[binding]]
+identity = "{PLATFORM}"
+roles = ["service-encryption-user", "crypto-user", "crypto-officer"]
+scope = "all"
+[[binding]]
+identity = "{ACME_ADMIN}"
+roles = ["crypto-officer", "crypto-user", "backup"]
+scope = "tenant:acme"
+
+[platform]
+identities = ["{PLATFORM}"]
+rotation_period_ms = {rotation_period_ms}
+"#
+    )
+}
+
+fn platform_env(rotation_period_ms: u64) -> Env {
+    Env::with(Options {
+        policy: Some(platform_policy(rotation_period_ms)),
+        lifecycle_extra: "maintenance_interval_ms = 200".into(),
+        ..Default::default()
+    })
+}
+
+async fn generate(
+    c: &mut Clients,
+    key: &str,
+    aad: &[u8],
+) -> Result<pb::GenerateDataKeyResponse, tonic::Status> {
+    c.broker
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key: key.into(),
+            aad: aad.to_vec(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn create_key(c: &mut Clients, key: &str) -> Result<pb::Key, tonic::Status> {
+    c.mgmt
+        .create_key(pb::CreateKeyRequest {
+            key: key.into(),
+            key_type: pb::KeyType::Aes256.into(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn get(c: &mut Clients, key: &str) -> Result<pb::Key, tonic::Status> {
+    c.mgmt
+        .get_key(pb::GetKeyRequest { key: key.into() })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// The `CreatePlatformKey` records of `key`: (outcome, version).
+fn creation_records(env: &Env, key: &str) -> Vec<(String, Option<u64>)> {
+    env.audit_records()
+        .into_iter()
+        .filter(|r| r["op"] == "CreatePlatformKey" && r["key"] == key)
+        .map(|r| {
+            (
+                r["outcome"].as_str().unwrap_or_default().to_string(),
+                r["version"].as_u64(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_platforms_first_use_creates_the_tenants_default_key_which_only_the_platform_manages() {
+    crate::require_aes!();
+    // Rotation far away here: this test counts versions.
+    let env = platform_env(86_400_000);
+    let issue = |name: &str, id: &str| env.pki.ca.issue_spiffe_client(name, id).expect("cert");
+    let (platform, acme_admin) = (issue("platform", PLATFORM), issue("acme-admin", ACME_ADMIN));
+    let b = env.start().await;
+    let mut p = b.clients_as(&platform).await;
+    let mut admin = b.clients_as(&env.pki.client).await;
+    let mut acme = b.clients_as(&acme_admin).await;
+
+    // Nobody created acme/default: the platform's first use does, inside the HSM.
+    assert_eq!(
+        get(&mut admin, "acme/default")
+            .await
+            .expect_err("absent")
+            .code(),
+        Code::NotFound
+    );
+    let g = generate(&mut p, "acme/default", b"blob-1")
+        .await
+        .expect("first use");
+    assert_eq!((g.key.as_str(), g.key_version), ("acme/default", 1));
+    let k = get(&mut acme, "acme/default")
+        .await
+        .expect("the tenant sees its key");
+    let a = k.attributes.clone().expect("attributes");
+    assert_eq!(
+        a.tags
+            .expect("tags")
+            .tags
+            .get("managed-by")
+            .map(String::as_str),
+        Some("platform")
+    );
+    assert_eq!(
+        a.rotation_period_ms, 86_400_000,
+        "the default rotation policy"
+    );
+    assert_eq!(a.purge_protection, Some(true));
+    assert_eq!(k.algorithm, pb::Algorithm::Aes256Gcm as i32);
+    assert_eq!(k.versions.len(), 1);
+    // Both the platform and the tenant's own identities use it.
+    for c in [&mut p, &mut acme] {
+        let u = unwrap(c, "", &g.wrapped_key, b"blob-1")
+            .await
+            .expect("unwrap");
+        assert_eq!(u.plaintext, g.plaintext);
+    }
+    // Audited: intent before the change, then its outcome, by the platform, once.
+    assert_eq!(
+        creation_records(&env, "acme/default"),
+        vec![("INTENT".to_string(), None), ("OK".to_string(), Some(1))]
+    );
+
+    // The tenant's identities cannot make, change, export or destroy it; nothing changes.
+    let refused = [
+        (
+            "delete",
+            acme.mgmt
+                .delete_key(pb::DeleteKeyRequest {
+                    key: "acme/default".into(),
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "update",
+            acme.mgmt
+                .update_key(pb::UpdateKeyRequest {
+                    key: "acme/default".into(),
+                    attributes: Some(pb::KeyAttributes {
+                        enabled: Some(false),
+                        ..Default::default()
+                    }),
+                    set_times: false,
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "backup",
+            acme.mgmt
+                .backup_key(pb::BackupKeyRequest {
+                    key: "acme/default".into(),
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "trim",
+            acme.mgmt
+                .trim_key_versions(pb::TrimKeyVersionsRequest {
+                    key: "acme/default".into(),
+                })
+                .await
+                .map(drop),
+        ),
+    ];
+    for (what, r) in refused {
+        let e = r.expect_err(what);
+        assert_eq!(e.code(), Code::PermissionDenied, "{what}: {e:?}");
+        assert!(
+            e.message().contains("platform-managed"),
+            "{what}: {}",
+            e.message()
+        );
+    }
+    let after = get(&mut acme, "acme/default").await.expect("still there");
+    assert_eq!(after.state, k.state, "still enabled");
+    assert_eq!(after.versions.len(), 1);
+    // The name is reserved in every tenant, even for an administrator of all of them.
+    let e = create_key(&mut admin, "globex/default")
+        .await
+        .expect_err("reserved name");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("platform-managed"), "{}", e.message());
+
+    // Only the platform's use of the default key creates: not another identity's, and not
+    // the platform's use of any other name.
+    assert_eq!(
+        generate(&mut admin, "globex/default", b"")
+            .await
+            .expect_err("not the platform")
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        generate(&mut p, "globex/other", b"")
+            .await
+            .expect_err("not the default key")
+            .code(),
+        Code::NotFound
+    );
+    for k in ["globex/default", "globex/other"] {
+        assert_eq!(
+            get(&mut admin, k).await.expect_err("not created").code(),
+            Code::NotFound,
+            "{k}"
+        );
+    }
+
+    // Many first uses at once make one key.
+    let mut calls = Vec::new();
+    for i in 0..8 {
+        let mut c = b.clients_as(&platform).await;
+        calls.push(tokio::spawn(async move {
+            let aad = format!("item-{i}");
+            let g = generate(&mut c, "initech/default", aad.as_bytes())
+                .await
+                .expect("concurrent first use");
+            (g, aad, c)
+        }));
+    }
+    for call in calls {
+        let (g, aad, mut c) = call.await.expect("task");
+        assert_eq!(g.key_version, 1);
+        let u = unwrap(&mut c, "", &g.wrapped_key, aad.as_bytes())
+            .await
+            .expect("unwrap");
+        assert_eq!(u.plaintext, g.plaintext);
+    }
+    let made: Vec<_> = creation_records(&env, "initech/default")
+        .into_iter()
+        .filter(|(o, v)| o == "OK" && *v == Some(1))
+        .collect();
+    assert_eq!(made.len(), 1, "one key made by eight first uses");
+    assert_eq!(
+        get(&mut admin, "initech/default")
+            .await
+            .expect("made")
+            .versions
+            .len(),
+        1
+    );
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn platform_managed_keys_rotate_by_the_default_policy() {
+    crate::require_aes!();
+    let env = platform_env(1500);
+    let platform = env
+        .pki
+        .ca
+        .issue_spiffe_client("platform", PLATFORM)
+        .expect("cert");
+    let b = env.start().await;
+    let mut p = b.clients_as(&platform).await;
+    let first = generate(&mut p, "acme/default", b"")
+        .await
+        .expect("first use");
+    assert_eq!(first.key_version, 1);
+    let rotated = poll_until(
+        "the default policy rotates the key",
+        Duration::from_secs(60),
+        || {
+            let mut p = p.clone();
+            async move {
+                let k = get(&mut p, "acme/default").await.ok()?;
+                (k.current_version >= 2).then_some(k)
+            }
+        },
+    )
+    .await;
+    let g = generate(&mut p, "acme/default", b"")
+        .await
+        .expect("wrap after rotation");
+    assert!(
+        g.key_version >= rotated.current_version,
+        "new wraps use the new version"
+    );
+    let u = unwrap(&mut p, "", &first.wrapped_key, b"")
+        .await
+        .expect("old envelopes still unwrap");
+    assert_eq!(u.plaintext, first.plaintext);
+    b.stop().await;
+}
