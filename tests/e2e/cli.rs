@@ -7,20 +7,7 @@ use crate::common::*;
 
 /// Runs a client command against `b` as the test client: (success, stdout, stderr).
 async fn cli(env: &Env, b: &Broker, args: &[&str]) -> (bool, String, String) {
-    let out = tokio::process::Command::new(BROKER)
-        .args(args)
-        .env("KEYBROKER_ENDPOINT", b.endpoint())
-        .env("KEYBROKER_CA_CERT", &env.pki.ca.cert_path)
-        .env("KEYBROKER_CLIENT_CERT", &env.pki.client.cert_path)
-        .env("KEYBROKER_CLIENT_KEY", &env.pki.client.key_path)
-        .output()
-        .await
-        .expect("run keybroker");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    cli_as(env, b, &env.pki.client, args).await
 }
 
 #[tokio::test]

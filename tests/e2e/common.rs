@@ -680,6 +680,29 @@ where
     }
 }
 
+/// Runs a `keybroker` client command against `b` as `who`: (success, stdout, stderr).
+pub async fn cli_as(
+    env: &Env,
+    b: &Broker,
+    who: &hsm_fixtures::pki::Issued,
+    args: &[&str],
+) -> (bool, String, String) {
+    let out = tokio::process::Command::new(BROKER)
+        .args(args)
+        .env("KEYBROKER_ENDPOINT", b.endpoint())
+        .env("KEYBROKER_CA_CERT", &env.pki.ca.cert_path)
+        .env("KEYBROKER_CLIENT_CERT", &who.cert_path)
+        .env("KEYBROKER_CLIENT_KEY", &who.key_path)
+        .output()
+        .await
+        .expect("run keybroker");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn hex_id() -> String {
     let mut b = [0u8; 16];
     getrandom::fill(&mut b).expect("random");

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use hsm_fixtures::pki::TEST_CLIENT_ID;
 use keybroker::client::Clients;
 use keybroker_proto::v1 as pb;
@@ -314,4 +315,134 @@ async fn platform_managed_keys_rotate_by_the_default_policy() {
         .expect("old envelopes still unwrap");
     assert_eq!(u.plaintext, first.plaintext);
     b.stop().await;
+}
+
+/// The move between models, as `docs/src/models.md` walks through it with the CLI: a tenant's
+/// data starts under its platform-managed key; the tenant brings its own key; the platform
+/// moves the stored envelopes to it (`key rewrap-all --to`), then disables and deletes its
+/// key: whatever was not moved is unreadable, what was moved reads as before, and the tenant's
+/// own key now decides.
+#[tokio::test]
+async fn a_tenant_moves_from_its_platform_managed_key_to_its_own_without_reencrypting_data() {
+    crate::require_aes!();
+    let env = platform_env(86_400_000);
+    let issue = |name: &str, id: &str| env.pki.ca.issue_spiffe_client(name, id).expect("cert");
+    let (platform, acme_admin) = (issue("platform", PLATFORM), issue("acme-admin", ACME_ADMIN));
+    let b = env.start().await;
+    let mut service = b.clients_as(&platform).await;
+
+    // 1. Platform-managed: the service stores blobs, their DEKs under acme/default, which
+    //    nobody created.
+    let mut stored = Vec::new();
+    for i in 0..6 {
+        let aad = format!("blob-{i}");
+        let g = generate(&mut service, "acme/default", aad.as_bytes())
+            .await
+            .expect("generate");
+        stored.push((g.plaintext, g.wrapped_key, aad));
+    }
+    // 2. Customer-managed: the tenant makes its own key...
+    let (ok, out, err) = cli_as(&env, &b, &acme_admin, &["key", "create", "acme/cmk"]).await;
+    assert!(ok, "{out}{err}");
+    // ...and the platform moves its envelopes to it; the last blob stands for data it did
+    // not move. The DEKs never leave the broker and the blobs are not re-encrypted.
+    let dir = env.dir.path();
+    let (inp, outp) = (dir.join("stored.txt"), dir.join("moved.txt"));
+    let lines: String = stored[..5]
+        .iter()
+        .map(|(_, w, aad)| format!("{}\t{aad}\n", B64.encode(w)))
+        .collect();
+    std::fs::write(&inp, lines).expect("write envelopes");
+    let (ok, out, err) = cli_as(
+        &env,
+        &b,
+        &platform,
+        &[
+            "key",
+            "rewrap-all",
+            "--input",
+            inp.to_str().expect("path"),
+            "--output-file",
+            outp.to_str().expect("path"),
+            "--to",
+            "acme/cmk",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let summary: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON summary");
+    assert_eq!(
+        (summary["rewrapped"].as_u64(), summary["failed"].as_u64()),
+        (Some(5), Some(0)),
+        "{summary}"
+    );
+    let moved: Vec<Vec<u8>> = std::fs::read_to_string(&outp)
+        .expect("moved envelopes")
+        .lines()
+        .map(|l| B64.decode(l).expect("base64"))
+        .collect();
+    assert_eq!(moved.len(), 5);
+    for (m, (dek, _, aad)) in moved.iter().zip(&stored) {
+        let u = unwrap(&mut service, "", m, aad.as_bytes())
+            .await
+            .expect("moved");
+        assert_eq!((&u.plaintext, u.key.as_str()), (dek, "acme/cmk"));
+    }
+    // The platform retires its key: disabled, then deleted (purge protection keeps its
+    // material until the scheduled purge; an early purge is refused).
+    let (ok, out, err) = cli_as(
+        &env,
+        &b,
+        &platform,
+        &["key", "update", "acme/default", "--disable"],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let (unmoved_dek, unmoved, unmoved_aad) = &stored[5];
+    let e = unwrap(&mut service, "", unmoved, unmoved_aad.as_bytes())
+        .await
+        .expect_err("disabled");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let (ok, out, err) = cli_as(&env, &b, &platform, &["key", "delete", "acme/default"]).await;
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = cli_as(&env, &b, &platform, &["key", "purge", "acme/default"]).await;
+    assert!(!ok && err.contains("purge-protected"), "{out}{err}");
+    let e = unwrap(&mut service, "", unmoved, unmoved_aad.as_bytes())
+        .await
+        .expect_err("deleted");
+    assert_ne!(e.code(), Code::Ok);
+    assert!(!format!("{e:?}").contains(&hex(unmoved_dek)));
+    // What was moved reads as before, and the tenant's key decides now: disabling it cuts the
+    // service off, enabling it lets the service in again.
+    let (ok, out, err) = cli_as(
+        &env,
+        &b,
+        &acme_admin,
+        &["key", "update", "acme/cmk", "--disable"],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let e = unwrap(&mut service, "", &moved[0], stored[0].2.as_bytes())
+        .await
+        .expect_err("cut off");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let (ok, out, err) = cli_as(
+        &env,
+        &b,
+        &acme_admin,
+        &["key", "update", "acme/cmk", "--enable"],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let u = unwrap(&mut service, "", &moved[0], stored[0].2.as_bytes())
+        .await
+        .expect("back");
+    assert_eq!(u.plaintext, stored[0].0);
+    b.stop().await;
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
