@@ -1239,6 +1239,32 @@ on_behalf_of = ["arn:aws:iam::111122223333:*"]
     }
 
     #[test]
+    fn a_platform_section_is_checked_and_the_example_reserves_default() {
+        let p = Policy::parse(include_str!("../../examples/managed-hsm-policy.toml"))
+            .expect("example policy");
+        let rules = p.platform.expect("[platform]");
+        assert_eq!(rules.rotation_period_ms, PLATFORM_ROTATION_MS);
+        assert!(rules.reserves(&KeyName::new("acme", "default").expect("name")));
+        assert!(!rules.reserves(&KeyName::new("acme", "cmk").expect("name")));
+        let base = "[platform]\nidentities = [\"spiffe://p.example/storage\"]\n";
+        assert!(Policy::parse(base).is_ok());
+        for (extra, says) in [
+            ("algorithm = \"rsa-oaep-sha256\"", "AES-256"),
+            ("algorithm = \"nope\"", "AES-256"),
+            ("rotation_period_ms = 10", "at least 1000"),
+            ("default_key = \"bad name\"", "default_key"),
+            ("shadow = true", "unknown field"),
+        ] {
+            let e = Policy::parse(&format!("{base}{extra}")).expect_err(extra);
+            assert!(e.contains(says), "{extra}: {e}");
+        }
+        for ids in ["[]", "[\"*\"]"] {
+            let e = Policy::parse(&format!("[platform]\nidentities = {ids}")).expect_err(ids);
+            assert!(e.contains("identities"), "{ids}: {e}");
+        }
+    }
+
+    #[test]
     fn payload_permissions_follow_the_published_table() {
         use Permission::*;
         assert!(Role::CryptoUser.permissions().contains(&Encrypt));
