@@ -870,6 +870,11 @@ pub enum Invalid {
     /// A new key with a minimum decryption version other than 1.
     #[error("a new key's min_decryption_version is 1")]
     NewKeyMinVersion,
+    /// A new key whose operations were given as an empty list.
+    #[error(
+        "operations: name at least one operation, or leave operations unset for the algorithm's defaults"
+    )]
+    NoOperations,
     /// A minimum decryption version that names no version.
     #[error("min_decryption_version must be between 1 and the current version {current}")]
     MinVersionRange {

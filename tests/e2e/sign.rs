@@ -257,6 +257,17 @@ async fn every_algorithm_signs_verifies_and_checks_out_with_independent_librarie
             secrets.push(hex::encode(&d));
             secrets.push(hex::encode(&s.signature));
         }
+        // The version's usage counts its signatures and verifications (one and five each).
+        let v = c
+            .mgmt
+            .list_key_versions(pb::ListKeyVersionsRequest { key: name.clone() })
+            .await
+            .expect("versions")
+            .into_inner()
+            .versions;
+        let n = algs.len() as u64;
+        assert_eq!((v[0].wraps, v[0].unwraps), (n, 5 * n), "{name}: {v:?}");
+        assert!(v[0].last_used_ms > 0, "{name}: {v:?}");
     }
     drop(c);
     let log = b.stop().await;
@@ -443,6 +454,29 @@ async fn bad_digests_wrong_algorithms_and_other_keys_get_the_right_answer() {
         .expect_err("a signing key that wraps");
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("cannot allow wrap"), "{}", e.message());
+    // Exactly the wrapping defaults, named, are refused too (not replaced by sign and verify),
+    // and an empty list is not "the defaults".
+    use pb::KeyOperation as Op;
+    for (named, says) in [
+        (
+            vec![Op::Wrap, Op::Unwrap, Op::GenerateDataKey, Op::Rewrap],
+            "cannot allow",
+        ),
+        (vec![], "name at least one operation"),
+    ] {
+        let e = c
+            .mgmt
+            .create_key(pb::CreateKeyRequest {
+                key: "t/ec-wrap".into(),
+                key_type: pb::KeyType::EcP256.into(),
+                attributes: ops(named.clone()),
+                ..Default::default()
+            })
+            .await
+            .expect_err("named wrapping operations on a signing key");
+        assert_eq!(e.code(), Code::InvalidArgument, "{named:?}: {e:?}");
+        assert!(e.message().contains(says), "{named:?}: {}", e.message());
+    }
     let e = c
         .mgmt
         .update_key(pb::UpdateKeyRequest {

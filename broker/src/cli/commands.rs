@@ -500,6 +500,59 @@ pub(super) fn print_table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// Whether a key of this algorithm signs (its usage counts signatures and verifications).
+fn is_signing(algorithm: i32) -> bool {
+    matches!(
+        pb::Algorithm::try_from(algorithm),
+        Ok(pb::Algorithm::RsaSign | pb::Algorithm::Ecdsa)
+    )
+}
+
+/// A key's versions as a table, times in RFC 3339 (`-o json` keeps the milliseconds). A
+/// signing key's usage is signatures and verifications, a wrapping key's wraps and unwraps.
+fn print_versions(versions: &[pb::KeyVersion], signing: bool) {
+    let rows: Vec<Vec<String>> = versions
+        .iter()
+        .map(|v| {
+            vec![
+                v.version.to_string(),
+                hex::encode(&v.id),
+                v.origin.clone(),
+                when(v.created_at_ms),
+                v.wraps.to_string(),
+                v.unwraps.to_string(),
+                when(v.last_used_ms),
+                if signing {
+                    "-"
+                } else if v.decryptable {
+                    "yes"
+                } else {
+                    "no (below min)"
+                }
+                .to_string(),
+            ]
+        })
+        .collect();
+    let (used, checked) = if signing {
+        ("SIGNS", "VERIFIES")
+    } else {
+        ("WRAPS", "UNWRAPS")
+    };
+    print_table(
+        &[
+            "VERSION",
+            "ID",
+            "ORIGIN",
+            "CREATED",
+            used,
+            checked,
+            "LAST USED",
+            "UNWRAPS?",
+        ],
+        &rows,
+    );
+}
+
 fn print_key(k: &pb::Key, out: Output) {
     let j = key_json(k);
     match out {
@@ -535,32 +588,7 @@ fn print_key(k: &pb::Key, out: Output) {
             print_table(&["FIELD", "VALUE"], &rows);
             if !k.versions.is_empty() {
                 println!();
-                let rows: Vec<Vec<String>> = k
-                    .versions
-                    .iter()
-                    .map(|v| {
-                        vec![
-                            v.version.to_string(),
-                            hex::encode(&v.id),
-                            v.origin.clone(),
-                            when(v.created_at_ms),
-                            v.wraps.to_string(),
-                            v.unwraps.to_string(),
-                            if v.decryptable {
-                                "yes"
-                            } else {
-                                "no (below min)"
-                            }
-                            .to_string(),
-                        ]
-                    })
-                    .collect();
-                print_table(
-                    &[
-                        "VERSION", "ID", "ORIGIN", "CREATED", "WRAPS", "UNWRAPS", "UNWRAPS?",
-                    ],
-                    &rows,
-                );
+                print_versions(&k.versions, is_signing(k.algorithm));
             }
         }
     }
@@ -746,7 +774,7 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                 KeyCommand::Versions { name } => {
                     let r = c
                         .mgmt
-                        .list_key_versions(pb::ListKeyVersionsRequest { key: name })
+                        .list_key_versions(pb::ListKeyVersionsRequest { key: name.clone() })
                         .await
                         .map_err(status)?
                         .into_inner();
@@ -759,28 +787,13 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                                 "last_used_ms": v.last_used_ms})).collect::<Vec<_>>()})
                         ),
                         Output::Text => {
-                            println!(
-                                "{:>7} {:<32} {:<9} {:>11} {:>9} {:>9} {:>15}",
-                                "VERSION",
-                                "ID",
-                                "ORIGIN",
-                                "DECRYPTABLE",
-                                "WRAPS",
-                                "UNWRAPS",
-                                "LAST_USED_MS"
-                            );
-                            for v in &r.versions {
-                                println!(
-                                    "{:>7} {:<32} {:<9} {:>11} {:>9} {:>9} {:>15}",
-                                    v.version,
-                                    hex::encode(&v.id),
-                                    v.origin,
-                                    v.decryptable,
-                                    v.wraps,
-                                    v.unwraps,
-                                    v.last_used_ms
-                                );
-                            }
+                            let k = c
+                                .mgmt
+                                .get_key(pb::GetKeyRequest { key: name })
+                                .await
+                                .map_err(status)?
+                                .into_inner();
+                            print_versions(&r.versions, is_signing(k.algorithm));
                         }
                     }
                 }

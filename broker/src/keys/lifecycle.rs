@@ -173,10 +173,14 @@ impl Keyring {
         algorithm: Algorithm,
         mut attrs: KeyAttributes,
     ) -> Result<KeyAttributes, BrokerError> {
-        // A signing key created without operations named allows sign and verify (the wrapping
-        // defaults mean nothing to it).
-        if algorithm.is_signing() && attrs.operations == KeyOp::DEFAULT.into_iter().collect() {
-            attrs.operations = KeyOp::SIGNING.into_iter().collect();
+        // No operations named: the algorithm's defaults (sign and verify for a signing key).
+        // Operations named are kept as named, and must fit the algorithm.
+        if attrs.operations.is_empty() {
+            attrs.operations = if algorithm.is_signing() {
+                KeyOp::SIGNING.into_iter().collect()
+            } else {
+                KeyOp::DEFAULT.into_iter().collect()
+            };
         }
         check_operations(algorithm, &attrs.operations)?;
         attrs.purge_protection |= self.settings.purge_protection;

@@ -103,6 +103,9 @@ impl Keyring {
         let v = entry.current()?.clone();
         entry.check(KeyOp::Sign, &v, now_ms())?;
         let signature = only(self.hsm.sign_many(vec![(v.id, algorithm, digest)]).await)?;
+        // A signing version's usage counts signatures as its "wraps" (uses of the private
+        // half) and verifications as its "unwraps".
+        self.bump(v.id, true);
         Ok(Signed {
             key: entry.name.clone(),
             version: v.number,
@@ -137,6 +140,7 @@ impl Keyring {
                     .await,
             )?,
         };
+        self.bump(v.id, false);
         Ok(Verified {
             key: entry.name.clone(),
             version: v.number,

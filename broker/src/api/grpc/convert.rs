@@ -164,7 +164,11 @@ pub(super) fn attributes_to_pb(a: &KeyAttributes) -> pb::KeyAttributes {
 pub(super) fn attributes_from_pb(
     a: Option<pb::KeyAttributes>,
 ) -> Result<KeyAttributes, BrokerError> {
-    let mut out = KeyAttributes::default();
+    // Operations unset: an empty set, which the keyring fills with the algorithm's defaults.
+    let mut out = KeyAttributes {
+        operations: Default::default(),
+        ..KeyAttributes::default()
+    };
     let Some(a) = a else { return Ok(out) };
     if let Some(e) = a.enabled {
         out.enabled = e;
@@ -173,13 +177,17 @@ pub(super) fn attributes_from_pb(
     out.expires_ms = opt_time(a.expires_ms, "expires_ms")?;
     out.rotation_period_ms = opt_time(a.rotation_period_ms, "rotation_period_ms")?;
     out.version_expiry_ms = opt_time(a.version_expiry_ms, "version_expiry_ms")?;
-    if let Some(ops) = a.operations {
-        out.operations = ops
+    // Named: exactly those, checked against the algorithm (wrapping operations on a signing
+    // key are refused, not replaced).
+    out.operations = match a.operations {
+        None => Default::default(),
+        Some(ops) if ops.operations.is_empty() => return Err(Invalid::NoOperations.into()),
+        Some(ops) => ops
             .operations
             .into_iter()
             .map(op_from_pb)
-            .collect::<Result<_, _>>()?;
-    }
+            .collect::<Result<_, _>>()?,
+    };
     if let Some(t) = a.tags {
         out.tags = t.tags.into_iter().collect();
     }
