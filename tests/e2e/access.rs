@@ -36,7 +36,7 @@ fn role_policy() -> String {
     p
 }
 
-const RPCS: [&str; 19] = [
+const RPCS: [&str; 20] = [
     "CreateKey",
     "GetKey",
     "ListKeys",
@@ -56,6 +56,7 @@ const RPCS: [&str; 19] = [
     "GetRandomBytes",
     "Sign",
     "Verify",
+    "BatchSign",
 ];
 
 /// The published role table (docs/src/deployment.md, "Roles"), stated independently of the implementation.
@@ -76,6 +77,7 @@ fn allowed(role: &str, rpc: &str) -> bool {
                 "GetRandomBytes",
                 "Sign",
                 "Verify",
+                "BatchSign",
             ]
             .contains(&rpc)
                 || payload
@@ -100,6 +102,12 @@ async fn call(
         key: "t/payload".into(),
         plaintext: b"a payload".to_vec(),
         ..Default::default()
+    };
+    let sign_req = || pb::SignRequest {
+        key: "t/ec".into(),
+        algorithm: pb::SignatureAlgorithm::Es256.into(),
+        digest: vec![3; 32],
+        context: None,
     };
     let decrypt_req = || pb::DecryptRequest {
         ciphertext: payload.to_vec(),
@@ -223,16 +231,24 @@ async fn call(
             })
             .await
             .map(drop),
-        "Sign" => c
-            .broker
-            .sign(pb::SignRequest {
-                key: "t/ec".into(),
-                algorithm: pb::SignatureAlgorithm::Es256.into(),
-                digest: vec![3; 32],
-                context: None,
-            })
-            .await
-            .map(drop),
+        "Sign" => c.broker.sign(sign_req()).await.map(drop),
+        "BatchSign" => {
+            let r = c
+                .broker
+                .batch_sign(pb::BatchSignRequest {
+                    items: vec![sign_req()],
+                    context: None,
+                })
+                .await?
+                .into_inner();
+            match r.results.into_iter().next().and_then(|r| r.result) {
+                Some(pb::sign_result::Result::Ok(_)) => Ok(()),
+                Some(pb::sign_result::Result::Error(e)) => {
+                    Err(tonic::Status::new(e.code.into(), e.message))
+                }
+                None => panic!("BatchSign without a result"),
+            }
+        }
         "Verify" => c
             .broker
             .verify(pb::VerifyRequest {

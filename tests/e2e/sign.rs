@@ -662,3 +662,112 @@ async fn a_token_without_a_sign_mechanism_refuses_that_key_type_and_says_why() {
         b.stop().await;
     }
 }
+
+#[tokio::test]
+async fn batch_sign_signs_many_digests_in_one_call_each_with_its_own_result_and_record() {
+    const TEST: &str =
+        "sign::batch_sign_signs_many_digests_in_one_call_each_with_its_own_result_and_record";
+    let env = Env::new();
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    let Some(_) = create_signing(&mut c, TEST, "t/batch-ec", pb::KeyType::EcP256).await else {
+        return;
+    };
+    let public = c
+        .broker
+        .get_public_key(pb::GetPublicKeyRequest {
+            key: "t/batch-ec".into(),
+            key_version: 0,
+        })
+        .await
+        .expect("public key")
+        .into_inner();
+    let item = |key: &str, alg: i32, digest: Vec<u8>| pb::SignRequest {
+        key: key.into(),
+        algorithm: alg,
+        digest,
+        context: None,
+    };
+    let es256 = i32::from(A::Es256);
+    let digests: Vec<Vec<u8>> = (0..40)
+        .map(|i| digest(A::Es256, format!("message {i}").as_bytes()))
+        .collect();
+    let mut items: Vec<pb::SignRequest> = digests
+        .iter()
+        .map(|d| item("t/batch-ec", es256, d.clone()))
+        .collect();
+    // Bad items among good ones: each fails alone, with the code a single call would get.
+    let bad = [
+        (
+            item("t/batch-ec", es256, vec![1; 31]),
+            Code::InvalidArgument,
+        ),
+        (item("t/nope", es256, vec![1; 32]), Code::NotFound),
+        (
+            item("t/batch-ec", i32::from(A::Es384), vec![1; 48]),
+            Code::FailedPrecondition,
+        ),
+        (item("t/batch-ec", 999, vec![1; 32]), Code::InvalidArgument),
+    ];
+    items.extend(bad.iter().map(|(i, _)| i.clone()));
+    let r = c
+        .broker
+        .batch_sign(pb::BatchSignRequest {
+            items,
+            context: Some(pb::RequestContext {
+                request_id: "batch-sign-1".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("batch")
+        .into_inner();
+    assert_eq!(r.results.len(), 44);
+    for (i, (res, d)) in r.results.iter().zip(&digests).enumerate() {
+        match &res.result {
+            Some(pb::sign_result::Result::Ok(s)) => {
+                assert_eq!((s.key.as_str(), s.key_version), ("t/batch-ec", 1));
+                verify_independently(A::Es256, &public.spki_pem, d, &s.signature)
+                    .unwrap_or_else(|e| panic!("item {i}: {e}"));
+            }
+            other => panic!("item {i}: {other:?}"),
+        }
+    }
+    for (res, (_, code)) in r.results[40..].iter().zip(&bad) {
+        match &res.result {
+            Some(pb::sign_result::Result::Error(e)) => {
+                assert_eq!(Code::from(e.code), *code, "{e:?}")
+            }
+            other => panic!("expected {code:?}: {other:?}"),
+        }
+    }
+    // Too many items: the whole call is refused.
+    let e = c
+        .broker
+        .batch_sign(pb::BatchSignRequest {
+            items: vec![item("t/batch-ec", es256, digests[0].clone()); 1001],
+            context: None,
+        })
+        .await
+        .expect_err("1001 items");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    drop(c);
+    b.stop().await;
+    // One audit record per item (request id `ID#i`), then the request's own.
+    let recs: Vec<_> = env
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["op"] == "BatchSign")
+        .filter(|r| {
+            r["request_id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("batch-sign-1"))
+        })
+        .collect();
+    assert_eq!(recs.len(), 45, "44 items and the request");
+    assert_eq!(recs[0]["request_id"], "batch-sign-1#0");
+    assert_eq!(recs[0]["outcome"], "OK");
+    assert_eq!(recs[40]["outcome"], "INVALID_ARGUMENT");
+    assert_eq!(recs[41]["outcome"], "NOT_FOUND");
+    assert_eq!(recs[44]["request_id"], "batch-sign-1");
+}

@@ -55,7 +55,7 @@ pub use self::{
     },
     public::public_key_formats,
     replica::ReplicaState,
-    sign::{Signed, Verified, check_digest},
+    sign::{SignItem, Signed, Verified, check_digest},
 };
 use crate::{
     audit::AuditLog,

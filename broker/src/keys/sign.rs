@@ -7,7 +7,12 @@
 //! the key cannot sign with, or a key that does not allow the operation, is the key's
 //! (FAILED_PRECONDITION); a signature that does not verify is an answer (`valid = false`).
 
-use super::Keyring;
+use std::sync::Arc;
+
+use super::{
+    KeyEntry, Keyring, VersionEntry,
+    crypt::{empty, finish},
+};
 use crate::{
     error::{BrokerError, Invalid, Refused},
     hsm::{FaultKind, HsmError},
@@ -28,6 +33,16 @@ pub struct Signed {
     pub algorithm: SignAlgorithm,
     /// The signature (r || s for ECDSA; a modulus-sized block for RSA).
     pub signature: Vec<u8>,
+}
+
+/// A digest to sign, under a grant to sign with its key.
+pub struct SignItem {
+    /// The grant (permission `sign`).
+    pub grant: Grant,
+    /// The signature algorithm.
+    pub algorithm: SignAlgorithm,
+    /// The digest.
+    pub digest: Vec<u8>,
 }
 
 /// A verification's answer.
@@ -75,7 +90,7 @@ impl Keyring {
         name: &KeyName,
         algorithm: SignAlgorithm,
         digest: &[u8],
-    ) -> Result<std::sync::Arc<super::KeyEntry>, BrokerError> {
+    ) -> Result<Arc<KeyEntry>, BrokerError> {
         check_digest(algorithm, digest)?;
         let entry = self.get(name)?;
         entry.usable()?;
@@ -91,28 +106,51 @@ impl Keyring {
         Ok(entry)
     }
 
-    /// Signs `digest` with the newest version of the granted key.
-    pub async fn sign(
-        &self,
-        grant: &Grant,
-        algorithm: SignAlgorithm,
-        digest: Vec<u8>,
-    ) -> Result<Signed, BrokerError> {
-        let name = grant.key_for(Permission::Sign)?;
-        let entry = self.signing_key(name, algorithm, &digest)?;
-        let v = entry.current()?.clone();
-        entry.check(KeyOp::Sign, &v, now_ms())?;
-        let signature = only(self.hsm.sign_many(vec![(v.id, algorithm, digest)]).await)?;
-        // A signing version's usage counts signatures as its "wraps" (uses of the private
-        // half) and verifications as its "unwraps".
-        self.bump(v.id, true);
-        Ok(Signed {
-            key: entry.name.clone(),
-            version: v.number,
-            version_id: v.id,
-            algorithm,
-            signature,
-        })
+    /// Signs each item's digest with the newest version of its granted key: the items that
+    /// pass their checks go to the HSM together, spread over its sessions (a batch of one is
+    /// a single call).
+    pub async fn sign(&self, items: Vec<SignItem>) -> Vec<Result<Signed, BrokerError>> {
+        let now = now_ms();
+        let mut results = empty(items.len());
+        let mut work = Vec::with_capacity(items.len());
+        for (index, item) in items.into_iter().enumerate() {
+            let prepared = item.grant.key_for(Permission::Sign).and_then(|name| {
+                let entry = self.signing_key(name, item.algorithm, &item.digest)?;
+                let v = entry.current()?.clone();
+                entry.check(KeyOp::Sign, &v, now)?;
+                Ok((entry, v))
+            });
+            match prepared {
+                Ok((entry, v)) => {
+                    let id = v.id;
+                    work.push((
+                        index,
+                        (entry, v, item.algorithm),
+                        (id, item.algorithm, item.digest),
+                    ))
+                }
+                Err(e) => results[index] = Some(Err(e)),
+            }
+        }
+        self.in_chunks(
+            &mut results,
+            work,
+            |calls| self.hsm.sign_many(calls),
+            |(entry, v, algorithm): (Arc<KeyEntry>, VersionEntry, SignAlgorithm), signature| {
+                // A signing version's usage counts signatures as its "wraps" (uses of the
+                // private half) and verifications as its "unwraps".
+                self.bump(v.id, true);
+                Ok(Signed {
+                    key: entry.name.clone(),
+                    version: v.number,
+                    version_id: v.id,
+                    algorithm,
+                    signature,
+                })
+            },
+        )
+        .await;
+        finish(results)
     }
 
     /// Verifies `signature` over `digest` with version `version` (0: the newest) of the granted

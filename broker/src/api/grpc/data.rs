@@ -19,10 +19,10 @@ use crate::{
         Wrap, WrapBatch, WrapIn,
     },
     api::ops::payload::{Decrypt, DecryptBatch, DecryptIn, Encrypt, EncryptBatch, EncryptIn},
-    api::ops::sign::{Sign, Verify},
+    api::ops::sign::{Sign, SignBatch, SignIn, Verify},
     error::Invalid,
     keys::{Ciphertext, Unwrapped, Wrapped},
-    keys::{Decrypted, Encrypted},
+    keys::{Decrypted, Encrypted, Signed},
     model::Dek,
 };
 
@@ -69,6 +69,24 @@ fn decrypted_to_pb(d: Decrypted) -> pb::DecryptResponse {
         key: d.key.to_string(),
         key_version: d.version,
         algorithm: algorithm_to_pb(d.algorithm).into(),
+    }
+}
+
+fn sign_in(i: pb::SignRequest) -> SignIn {
+    SignIn {
+        algorithm: sign_algorithm_from_pb(i.algorithm),
+        key: i.key,
+        digest: i.digest,
+    }
+}
+
+fn signed_to_pb(s: Signed) -> pb::SignResponse {
+    pb::SignResponse {
+        key: s.key.to_string(),
+        key_version: s.version,
+        key_version_id: s.version_id.as_bytes().to_vec(),
+        algorithm: sign_algorithm_to_pb(s.algorithm).into(),
+        signature: s.signature,
     }
 }
 
@@ -322,19 +340,35 @@ impl KeyBroker for GrpcApi {
             rpc(KEY_BROKER, "Sign"),
             req,
             |mut r| {
-                let op = sign_algorithm_from_pb(r.algorithm).map(|algorithm| Sign {
-                    key: std::mem::take(&mut r.key),
-                    algorithm,
-                    digest: std::mem::take(&mut r.digest),
-                });
-                (r.context.take(), op)
+                let context = r.context.take();
+                (context, Ok(Sign(sign_in(r))))
             },
-            |s| pb::SignResponse {
-                key: s.key.to_string(),
-                key_version: s.version,
-                key_version_id: s.version_id.as_bytes().to_vec(),
-                algorithm: sign_algorithm_to_pb(s.algorithm).into(),
-                signature: s.signature,
+            signed_to_pb,
+        )
+        .await
+    }
+
+    async fn batch_sign(
+        &self,
+        req: Request<pb::BatchSignRequest>,
+    ) -> Result<Response<pb::BatchSignResponse>, Status> {
+        self.serve(
+            rpc(KEY_BROKER, "BatchSign"),
+            req,
+            |r| {
+                let items = r.items.into_iter().map(sign_in).collect();
+                (r.context, Ok(SignBatch(items)))
+            },
+            |results| pb::BatchSignResponse {
+                results: results
+                    .into_iter()
+                    .map(|r| pb::SignResult {
+                        result: Some(match r {
+                            Ok(s) => pb::sign_result::Result::Ok(signed_to_pb(s)),
+                            Err(e) => pb::sign_result::Result::Error(item_error(&e)),
+                        }),
+                    })
+                    .collect(),
             },
         )
         .await

@@ -64,42 +64,6 @@ pub struct RewrapIn {
     pub new_aad: Option<Vec<u8>>,
 }
 
-/// A data operation as a single call: a batch of one, audited as the request itself.
-macro_rules! single {
-    ($(#[$doc:meta])* $name:ident($input:ty) -> $output:ty = $run:ident) => {
-        $(#[$doc])*
-        pub struct $name(pub $input);
-
-        impl Sealed for $name {}
-        impl Operation for $name {
-            type Output = $output;
-
-            async fn run(self, call: &mut Call) -> Result<$output, BrokerError> {
-                one($run(call, Items::One, vec![self.0]).await)
-            }
-        }
-    };
-}
-
-/// A data operation as a batch: 1 to [`crate::keys::MAX_BATCH`] items, each with its own
-/// result and audit record.
-macro_rules! batch {
-    ($(#[$doc:meta])* $name:ident($input:ty) -> $output:ty = $run:ident) => {
-        $(#[$doc])*
-        pub struct $name(pub Vec<$input>);
-
-        impl Sealed for $name {}
-        impl Operation for $name {
-            type Output = Vec<Result<$output, BrokerError>>;
-
-            async fn run(self, call: &mut Call) -> Result<Self::Output, BrokerError> {
-                check_batch_size(self.0.len())?;
-                Ok($run(call, Items::Each, self.0).await)
-            }
-        }
-    };
-}
-
 single!(
     /// `WrapKey`.
     Wrap(WrapIn) -> Wrapped = wrap
