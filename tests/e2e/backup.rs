@@ -103,6 +103,17 @@ async fn backup_then_purge_then_restore_brings_every_version_back_for_each_key_t
     crate::require_aes!();
     let env = backup_env();
     let domain = domain_init(&env).expect("domain init");
+    assert_eq!(
+        domain["created"],
+        serde_json::json!([
+            "kb-domain:wrap-aes-gcm",
+            "kb-domain:wrap-aes-kwp",
+            "kb-domain:wrap-rsa-oaep",
+            "kb-domain:wrap-aes-kw",
+            "kb-domain:mac"
+        ]),
+        "{domain}"
+    );
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
     let rsa_alg = if env.token.kind == hsm_fixtures::token::TokenKind::SoftHsm {
@@ -117,6 +128,9 @@ async fn backup_then_purge_then_restore_brings_every_version_back_for_each_key_t
             pb::KeyType::Aes256,
             pb::Algorithm::AesKeyWrapPad,
         ),
+        // RFC 3394 KEKs come back through their own domain wrap key (its unwrap template
+        // forces CKM_AES_KEY_WRAP; the KWP role's would force RFC 5649).
+        ("acme/kw", pb::KeyType::Aes256, pb::Algorithm::AesKeyWrap),
         ("acme/rsa", pb::KeyType::Rsa3072, rsa_alg),
     ];
     let mut saved = Vec::new();
