@@ -27,7 +27,7 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 use hsm_fixtures::{
     fault::{FaultControl, Rule},
-    pki::Ca,
+    pki::{Ca, Issued, LeafSpec},
     softhsm::SoftHsmToken,
 };
 use keybroker::client::{ClientSettings, Clients, clients};
@@ -35,6 +35,7 @@ use keybroker_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+mod ekm;
 mod raw;
 mod xks;
 
@@ -153,6 +154,8 @@ struct World {
     faulty_config: PathBuf,
     faults: FaultControl,
     settings: ClientSettings,
+    /// The client certificate the EKM door accepts (Managed HSM's).
+    ekm_client: Issued,
     broker_bin: PathBuf,
 }
 
@@ -162,6 +165,8 @@ struct Running {
     started_in: Duration,
     /// The XKS door.
     xks: Option<Arc<xks::Target>>,
+    /// The EKM door.
+    ekm: Option<Arc<xks::Target>>,
 }
 
 impl World {
@@ -181,6 +186,17 @@ impl World {
         let client = ca
             .issue_spiffe_client("client", "spiffe://bench/client")
             .map_err(|e| e.to_string())?;
+        let ekm_client = ca
+            .issue(
+                "mhsm",
+                &LeafSpec {
+                    common_name: ekm::CLIENT_CN.into(),
+                    dns: vec![ekm::CLIENT_CN.into()],
+                    valid_days: 30,
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| e.to_string())?;
         let config = dir.path().join("keybroker.toml");
         let xks_credentials = dir.path().join("xks");
         xks::write_credentials(&xks_credentials)?;
@@ -192,9 +208,12 @@ impl World {
                  [tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n\
                  [hsm]\nmodule = \"{}\"\ntoken_label = \"bench\"\npin_file = \"{}\"\nsessions = {sessions}\n\
                  [audit]\npath = \"audit.log\"\nsync = {audit_sync}\n\
-                 [access]\nallow = [\"spiffe://bench/client\", \"xks:bench\"]\n\
+                 [access]\nallow = [\"spiffe://bench/client\", \"xks:bench\", \"ekm:bench\"]\n\
                  [xks]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n\
-                 [[xks.prefix]]\npath = \"{}\"\ntenant = \"bench\"\ncredentials_dir = \"{}\"\n",
+                 [[xks.prefix]]\npath = \"{}\"\ntenant = \"bench\"\ncredentials_dir = \"{}\"\n\
+                 [ekm]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n\
+                 client_cn = [\"{}\"]\n\
+                 [[ekm.prefix]]\npath = \"{}\"\ntenant = \"bench\"\n",
                 server.cert_path.display(),
                 server.key_path.display(),
                 ca.cert_path.display(),
@@ -204,6 +223,11 @@ impl World {
                 server.key_path.display(),
                 xks::PREFIX,
                 xks_credentials.display(),
+                server.cert_path.display(),
+                server.key_path.display(),
+                ca.cert_path.display(),
+                ekm::CLIENT_CN,
+                ekm::PREFIX,
             )
         };
         std::fs::write(&config, text(&token.module)).map_err(|e| e.to_string())?;
@@ -222,6 +246,7 @@ impl World {
             faulty_config,
             faults,
             settings,
+            ekm_client,
             broker_bin,
         })
     }
@@ -253,7 +278,7 @@ impl World {
             .map_err(|e| format!("start {}: {e}", self.broker_bin.display()))?;
         let out = child.stdout.take().ok_or("no stdout")?;
         let mut lines = BufReader::new(out).lines();
-        let mut xks = None;
+        let (mut xks, mut ekm) = (None, None);
         loop {
             match lines.next_line().await {
                 Ok(Some(l)) => {
@@ -261,12 +286,22 @@ impl World {
                         let addr = a.trim().parse().map_err(|e| format!("xks address: {e}"))?;
                         xks = Some(Arc::new(xks::Target::new(addr, &self.settings.ca)?));
                     }
+                    if let Some(a) = l.strip_prefix("keybroker: ekm on ") {
+                        let addr = a.trim().parse().map_err(|e| format!("ekm address: {e}"))?;
+                        ekm = Some(Arc::new(xks::Target::with_client_cert(
+                            addr,
+                            &self.settings.ca,
+                            &self.ekm_client.cert_path,
+                            &self.ekm_client.key_path,
+                        )?));
+                    }
                     if let Some(a) = l.strip_prefix("keybroker: listening on ") {
                         return Ok(Running {
                             child,
                             addr: a.trim().to_string(),
                             started_in: t0.elapsed(),
                             xks,
+                            ekm,
                         });
                     }
                 }
@@ -350,6 +385,10 @@ enum Op {
     XksEncrypt,
     /// XKS decrypt, likewise.
     XksDecrypt,
+    /// EKM wrapkey through the HTTPS door; `envelopes` holds (path, body) pairs.
+    EkmWrap,
+    /// EKM unwrapkey, likewise.
+    EkmUnwrap,
     /// Sign a 32-byte digest with this algorithm.
     Sign(pb::SignatureAlgorithm),
 }
@@ -383,15 +422,16 @@ async fn one_call(
 ) -> Result<u64, tonic::Status> {
     let key = load.keys[i % load.keys.len()].clone();
     match (load.op, load.batch) {
-        (Op::XksEncrypt | Op::XksDecrypt, _) => {
-            let target = target.ok_or_else(|| tonic::Status::unknown("no XKS door"))?;
+        (Op::XksEncrypt | Op::XksDecrypt | Op::EkmWrap | Op::EkmUnwrap, _) => {
+            let target = target.ok_or_else(|| tonic::Status::unknown("no HTTPS door"))?;
             let (path, body) = &load.envelopes[i % load.envelopes.len()];
             let path =
                 std::str::from_utf8(path).map_err(|e| tonic::Status::unknown(e.to_string()))?;
             match x.post(target, path, body).await {
                 Ok((200, _)) => Ok(1),
                 Ok((status, b)) => Err(tonic::Status::unknown(format!(
-                    "XKS {status}: {}",
+                    "{:?} {status}: {}",
+                    load.op,
                     String::from_utf8_lossy(&b)
                 ))),
                 Err(e) => Err(tonic::Status::unavailable(e)),
@@ -554,8 +594,13 @@ async fn drive_at(
             hyok: pool[t % pool.len()].hyok.clone(),
         };
         let (load, stop, done, errors) = (load.clone(), stop.clone(), done.clone(), errors.clone());
-        // XKS rows: one keep-alive HTTPS connection per task, as KMS's fleet holds many.
-        let (target, mut x) = (r.xks.clone(), xks::Conn::default());
+        // XKS and EKM rows: one keep-alive HTTPS connection per task, as KMS's fleet (or
+        // Managed HSM's) holds many.
+        let door = match load.op {
+            Op::EkmWrap | Op::EkmUnwrap => &r.ekm,
+            _ => &r.xks,
+        };
+        let (target, mut x) = (door.clone(), xks::Conn::default());
         tasks.push(tokio::spawn(async move {
             let mut h =
                 Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
@@ -850,6 +895,38 @@ async fn bench(args: Args) -> Result<(), String> {
     let xks_load = |op: Op, bodies: Arc<Vec<(Vec<u8>, Vec<u8>)>>| Load {
         op,
         keys: one("bench/xks"),
+        envelopes: bodies,
+        aad: Vec::new(),
+        batch: 1,
+    };
+    // EKM: A256KWP under bench/kwp, a 32-byte key to wrap, and wrapped keys made through the door
+    // to unwrap.
+    let ekm_wraps = Arc::new(vec![(ekm::path("wrapkey"), ekm::body(&[7; 32]))]);
+    let ekm_unwraps = {
+        let target = r.ekm.clone().ok_or("the broker printed no EKM address")?;
+        let mut conn = xks::Conn::default();
+        let mut v = Vec::new();
+        for _ in 0..100 {
+            let (status, body) = conn
+                .post(
+                    &target,
+                    std::str::from_utf8(&ekm_wraps[0].0).map_err(|e| e.to_string())?,
+                    &ekm_wraps[0].1,
+                )
+                .await?;
+            if status != 200 {
+                return Err(format!(
+                    "EKM wrapkey: {status} {}",
+                    String::from_utf8_lossy(&body)
+                ));
+            }
+            v.push((ekm::path("unwrapkey"), ekm::unwrap_body(&body)?));
+        }
+        Arc::new(v)
+    };
+    let ekm_load = |op: Op, bodies: Arc<Vec<(Vec<u8>, Vec<u8>)>>| Load {
+        op,
+        keys: one("bench/kwp"),
         envelopes: bodies,
         aad: Vec::new(),
         batch: 1,
@@ -1171,6 +1248,22 @@ async fn bench(args: Args) -> Result<(), String> {
             conns: 64,
             half_rate: false,
             rate: Some(1800.0),
+        },
+        Plan {
+            name: "ekm wrapkey",
+            load: ekm_load(Op::EkmWrap, ekm_wraps.clone()),
+            concurrency: 32,
+            conns: 32,
+            half_rate: false,
+            rate: None,
+        },
+        Plan {
+            name: "ekm unwrapkey",
+            load: ekm_load(Op::EkmUnwrap, ekm_unwraps.clone()),
+            concurrency: 32,
+            conns: 32,
+            half_rate: false,
+            rate: None,
         },
     ];
     let only: Option<Vec<String>> = args

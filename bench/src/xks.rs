@@ -1,7 +1,8 @@
 //! The XKS rows: AWS XKS proxy API encrypt and decrypt through the broker's XKS door, sent as
 //! AWS KMS sends them — HTTPS (TLS 1.3), keep-alive HTTP/1.1 connections with one request at a
 //! time each, every request signed with SigV4 by `aws-sigv4` (the AWS SDK for Rust's signer)
-//! and verified by the broker.
+//! and verified by the broker. The EKM rows (`ekm.rs`) use the same connections, authenticated
+//! by a client certificate instead of SigV4.
 
 use std::{net::SocketAddr, path::Path, sync::Arc, time::SystemTime};
 
@@ -10,7 +11,7 @@ use aws_sigv4::{
     sign::v4,
 };
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
-use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -46,11 +47,28 @@ pub fn write_credentials(dir: &Path) -> Result<(), String> {
 pub struct Target {
     addr: SocketAddr,
     tls: Arc<rustls::ClientConfig>,
+    /// Sign every request with SigV4 (the XKS door); else the TLS client certificate is the
+    /// authentication (the EKM door).
+    sigv4: bool,
 }
 
 impl Target {
-    /// The door at `addr`, its certificate issued by the CA in `ca`.
+    /// The XKS door at `addr`, its certificate issued by the CA in `ca`.
     pub fn new(addr: SocketAddr, ca: &Path) -> Result<Self, String> {
+        Self::build(addr, ca, None)
+    }
+
+    /// The EKM door at `addr`, presenting the client certificate `cert` (PEM chain) with `key`.
+    pub fn with_client_cert(
+        addr: SocketAddr,
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+    ) -> Result<Self, String> {
+        Self::build(addr, ca, Some((cert, key)))
+    }
+
+    fn build(addr: SocketAddr, ca: &Path, client: Option<(&Path, &Path)>) -> Result<Self, String> {
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
             roots
@@ -62,11 +80,23 @@ impl Target {
         ))
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+        let tls = match client {
+            None => tls.with_no_client_auth(),
+            Some((cert, key)) => {
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .map_err(|e| e.to_string())?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())?;
+                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| e.to_string())?;
+                tls.with_client_auth_cert(chain, key)
+                    .map_err(|e| e.to_string())?
+            }
+        };
         Ok(Self {
             addr,
             tls: Arc::new(tls),
+            sigv4: client.is_none(),
         })
     }
 }
@@ -137,7 +167,12 @@ impl Conn {
     ) -> Result<(u16, Vec<u8>), String> {
         let host = format!("localhost:{}", t.addr.port());
         let mut head = format!("POST {path} HTTP/1.1\r\n");
-        for (k, v) in signed_headers(&host, path, body)? {
+        let headers = if t.sigv4 {
+            signed_headers(&host, path, body)?
+        } else {
+            plain_headers(&host)
+        };
+        for (k, v) in headers {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
         head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
@@ -192,6 +227,14 @@ impl Conn {
     }
 }
 
+/// The headers every request carries.
+fn plain_headers(host: &str) -> Vec<(String, String)> {
+    vec![
+        ("Host".to_string(), host.to_string()),
+        ("Content-Type".to_string(), "application/json".to_string()),
+    ]
+}
+
 /// The headers of a request signed now for `kms-xks-proxy`.
 fn signed_headers(host: &str, path: &str, body: &[u8]) -> Result<Vec<(String, String)>, String> {
     let identity = aws_credential_types::Credentials::new(AKID, SECRET, None, None, "bench").into();
@@ -212,10 +255,7 @@ fn signed_headers(host: &str, path: &str, body: &[u8]) -> Result<Vec<(String, St
     )
     .map_err(|e| e.to_string())?;
     let (instructions, _) = sign(req, &params).map_err(|e| e.to_string())?.into_parts();
-    let mut out = vec![
-        ("Host".to_string(), host.to_string()),
-        ("Content-Type".to_string(), "application/json".to_string()),
-    ];
+    let mut out = plain_headers(host);
     for (k, v) in instructions.headers() {
         out.push((k.to_string(), v.to_string()));
     }

@@ -237,7 +237,7 @@ pub struct HsmConfig {
     #[serde(default = "default_startup_check_budget_ms")]
     pub startup_check_budget_ms: u64,
     /// What the token must be able to serve for the broker to start, by algorithm:
-    /// `aes-256-gcm`, `aes-kwp`, `rsa-oaep-sha256`, `rsa-oaep-sha1`, `rsa-oaep` (SHA-256 or
+    /// `aes-256-gcm`, `aes-kwp`, `aes-kw`, `rsa-oaep-sha256`, `rsa-oaep-sha1`, `rsa-oaep` (SHA-256 or
     /// else SHA-1), `rsa-sign` or `ecdsa`. Default `["aes-256-gcm", "rsa-oaep"]` (signing keys
     /// are not required: a token without their mechanisms refuses to create them, saying why). Key types the token cannot serve
     /// are refused per request (FAILED_PRECONDITION, with the reason); e.g.

@@ -4,11 +4,13 @@
 //! ```text
 //! offset  size  field
 //! 0       1     format            0x01
-//! 1       1     algorithm         1 AES-256-GCM, 2 AES-KWP (RFC 5649), 3 RSA-OAEP-SHA256, 4 RSA-OAEP-SHA1
+//! 1       1     algorithm         1 AES-256-GCM, 2 AES-KWP (RFC 5649), 3 RSA-OAEP-SHA256, 4 RSA-OAEP-SHA1,
+//!                                 7 AES-KW (RFC 3394); 5 and 6 are signing algorithms, never here
 //! 2       16    key version id    the version's id = its HSM object's CKA_ID
 //! 18      1     nonce length N    12 for AES-256-GCM, 0 otherwise
 //! 19      N     nonce             the AES-GCM IV
 //! 19+N    rest  ciphertext        GCM: encrypted DEK || 16-byte tag; KWP: RFC 5649 output;
+//!                                 KW: RFC 3394 output;
 //!                                 OAEP: one modulus-sized block
 //! ```
 //!
@@ -20,8 +22,8 @@
 //!
 //! **Format 2, the encrypted payload** (`Encrypt`/`Decrypt`), is a sibling with the same layout
 //! and its own format byte `0x02`: algorithm 1 (AES-256-GCM: ciphertext = encrypted payload ||
-//! tag, 1 to 64 KiB of payload) or 3/4 (RSA-OAEP: one modulus-sized block); AES-KWP (2) never
-//! appears. Its AAD is likewise its header || the caller's AAD. Because the header is the start
+//! tag, 1 to 64 KiB of payload) or 3/4 (RSA-OAEP: one modulus-sized block); AES-KWP (2) and
+//! AES-KW (7) never appear. Its AAD is likewise its header || the caller's AAD. Because the header is the start
 //! of the AAD the HSM authenticates, the first byte keeps the two kinds apart under one key: a
 //! wrapped DEK handed to `Decrypt` (or a payload handed to `UnwrapKey`) fails authentication,
 //! so a caller allowed to decrypt payloads cannot read the DEKs a key wraps, nor the reverse.
@@ -129,13 +131,14 @@ fn parse_as(format: u8, bytes: &[u8]) -> Option<Envelope<'_>> {
         Algorithm::Aes256Gcm if format == FORMAT_PAYLOAD => {
             (GCM_TAG_LEN + 1..=GCM_TAG_LEN + MAX_PAYLOAD_LEN).contains(&ciphertext.len())
         }
-        Algorithm::AesKeyWrapPad if format == FORMAT_PAYLOAD => false,
+        Algorithm::AesKeyWrapPad | Algorithm::AesKeyWrap if format == FORMAT_PAYLOAD => false,
         Algorithm::Aes256Gcm => {
             let n = ciphertext.len().wrapping_sub(GCM_TAG_LEN);
             ciphertext.len() >= GCM_TAG_LEN && (MIN_DEK_LEN..=MAX_DEK_LEN).contains(&n)
         }
-        // RFC 5649 output is the padded input (a multiple of 8) plus an 8-byte integrity block.
-        Algorithm::AesKeyWrapPad => {
+        // RFC 5649 output is the padded input (a multiple of 8) plus an 8-byte integrity block;
+        // RFC 3394 output is the input (a multiple of 8: DEKs always are) plus the same.
+        Algorithm::AesKeyWrapPad | Algorithm::AesKeyWrap => {
             ciphertext.len() % 8 == 0
                 && (MIN_DEK_LEN + 8..=MAX_DEK_LEN + 8).contains(&ciphertext.len())
         }
@@ -168,7 +171,7 @@ mod tests {
         };
         let ct = match alg {
             Algorithm::Aes256Gcm => vec![1u8; 32 + 16],
-            Algorithm::AesKeyWrapPad => vec![1u8; 40],
+            Algorithm::AesKeyWrapPad | Algorithm::AesKeyWrap => vec![1u8; 40],
             _ => vec![1u8; 384],
         };
         seal(header(alg, VersionId([9; 16]), &nonce), &ct)
@@ -263,12 +266,11 @@ mod tests {
         for good in [17, 16 + MAX_PAYLOAD_LEN] {
             assert!(parse_payload(&seal(h(), &vec![0; good])).is_ok(), "{good}");
         }
-        // AES-KWP never encrypts payloads.
-        let kwp = seal(
-            payload_header(Algorithm::AesKeyWrapPad, VersionId([9; 16]), &[]),
-            &[0; 40],
-        );
-        assert!(parse_payload(&kwp).is_err());
+        // AES key wraps (RFC 5649, RFC 3394) never encrypt payloads.
+        for alg in [Algorithm::AesKeyWrapPad, Algorithm::AesKeyWrap] {
+            let kw = seal(payload_header(alg, VersionId([9; 16]), &[]), &[0; 40]);
+            assert!(parse_payload(&kw).is_err(), "{alg}");
+        }
         let rsa = seal(
             payload_header(Algorithm::RsaOaepSha256, VersionId([9; 16]), &[]),
             &[0; 256],

@@ -216,13 +216,18 @@ pub enum Algorithm {
     /// ECDSA signatures (ES256 on P-256, ES384 on P-384) on an EC key: sign and verify only.
     /// Never an envelope byte.
     Ecdsa = 6,
+    /// AES key wrap without padding, RFC 3394 (`CKM_AES_KEY_WRAP`): DEKs are always a multiple
+    /// of 8 bytes (`check_dek_len`), so none is needed. Appended after the signing algorithms:
+    /// the numbers are envelope bytes and proto values, and never change.
+    AesKeyWrap = 7,
 }
 
 impl Algorithm {
-    /// All algorithms: the wrapping ones in envelope-byte order, then the signing ones.
-    pub const ALL: [Algorithm; 6] = [
+    /// All algorithms: the wrapping ones (the AES key wraps together), then the signing ones.
+    pub const ALL: [Algorithm; 7] = [
         Algorithm::Aes256Gcm,
         Algorithm::AesKeyWrapPad,
+        Algorithm::AesKeyWrap,
         Algorithm::RsaOaepSha256,
         Algorithm::RsaOaepSha1,
         Algorithm::RsaSign,
@@ -230,11 +235,12 @@ impl Algorithm {
     ];
 
     /// The algorithms an envelope may name (the wrapping and encrypting ones).
-    pub const ENVELOPE: [Algorithm; 4] = [
+    pub const ENVELOPE: [Algorithm; 5] = [
         Algorithm::Aes256Gcm,
         Algorithm::AesKeyWrapPad,
         Algorithm::RsaOaepSha256,
         Algorithm::RsaOaepSha1,
+        Algorithm::AesKeyWrap,
     ];
 
     /// The envelope byte (the proto enum value for every algorithm).
@@ -257,6 +263,7 @@ impl Algorithm {
         match self {
             Algorithm::Aes256Gcm => "aes-256-gcm",
             Algorithm::AesKeyWrapPad => "aes-kwp",
+            Algorithm::AesKeyWrap => "aes-kw",
             Algorithm::RsaOaepSha256 => "rsa-oaep-sha256",
             Algorithm::RsaOaepSha1 => "rsa-oaep-sha1",
             Algorithm::RsaSign => "rsa-sign",
@@ -272,7 +279,9 @@ impl Algorithm {
     /// Whether the algorithm can serve a key of `key_type`.
     pub fn fits(self, key_type: KeyType) -> bool {
         match self {
-            Algorithm::Aes256Gcm | Algorithm::AesKeyWrapPad => key_type == KeyType::Aes256,
+            Algorithm::Aes256Gcm | Algorithm::AesKeyWrapPad | Algorithm::AesKeyWrap => {
+                key_type == KeyType::Aes256
+            }
             Algorithm::RsaOaepSha256 | Algorithm::RsaOaepSha1 | Algorithm::RsaSign => {
                 key_type.is_rsa()
             }
@@ -283,6 +292,12 @@ impl Algorithm {
     /// Whether the algorithm binds caller AAD.
     pub fn supports_aad(self) -> bool {
         self == Algorithm::Aes256Gcm
+    }
+
+    /// Whether this is an AES key wrap (RFC 5649 or RFC 3394): it works on key objects only
+    /// (`C_WrapKey`/`C_UnwrapKey`), so it never encrypts a payload.
+    pub fn is_key_wrap(self) -> bool {
+        matches!(self, Algorithm::AesKeyWrapPad | Algorithm::AesKeyWrap)
     }
 
     /// Whether this is an RSA-OAEP algorithm.
@@ -912,7 +927,7 @@ pub enum Invalid {
         asked: Algorithm,
     },
     /// Import key made for an algorithm that is not AES.
-    #[error("an import key imports AES-256 keys: aes-256-gcm or aes-kwp, not {0}")]
+    #[error("an import key imports AES-256 keys: aes-256-gcm, aes-kwp or aes-kw, not {0}")]
     ImportKeyAlgorithm(Algorithm),
     /// Wrapped material in the two-step RSA-AES format.
     #[error(
@@ -1015,7 +1030,14 @@ mod tests {
         // A signing algorithm never names an envelope's key.
         assert_eq!(Algorithm::from_id(5), None);
         assert_eq!(Algorithm::from_id(6), None);
-        assert_eq!(Algorithm::from_id(7), None);
+        // RFC 3394 was appended: its byte is 7, and the existing bytes did not move.
+        assert_eq!(Algorithm::from_id(7), Some(Algorithm::AesKeyWrap));
+        assert_eq!(Algorithm::from_id(2), Some(Algorithm::AesKeyWrapPad));
+        assert_eq!(Algorithm::parse("aes-kw"), Some(Algorithm::AesKeyWrap));
+        assert!(Algorithm::AesKeyWrap.fits(KeyType::Aes256));
+        assert!(!Algorithm::AesKeyWrap.fits(KeyType::Rsa3072));
+        assert!(!Algorithm::AesKeyWrap.supports_aad() && !Algorithm::AesKeyWrap.is_signing());
+        assert_eq!(Algorithm::from_id(8), None);
     }
 
     #[test]

@@ -245,6 +245,7 @@ pub async fn run(
         aes_gcm = caps.aes_gcm,
         kwp = caps.kwp.as_ref().map(|k| k.name).unwrap_or("none"),
         kwp_full_rfc5649 = caps.kwp.as_ref().is_some_and(|k| k.full_rfc5649),
+        aes_kw = caps.aes_kw,
         oaep_sha256 = caps.oaep_sha256,
         oaep_sha1 = caps.oaep_sha1,
         mac = caps.mac.as_ref().map(|m| m.mechanism).unwrap_or("none"),

@@ -103,6 +103,17 @@ async fn backup_then_purge_then_restore_brings_every_version_back_for_each_key_t
     crate::require_aes!();
     let env = backup_env();
     let domain = domain_init(&env).expect("domain init");
+    assert_eq!(
+        domain["created"],
+        serde_json::json!([
+            "kb-domain:wrap-aes-gcm",
+            "kb-domain:wrap-aes-kwp",
+            "kb-domain:wrap-rsa-oaep",
+            "kb-domain:wrap-aes-kw",
+            "kb-domain:mac"
+        ]),
+        "{domain}"
+    );
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
     let rsa_alg = if env.token.kind == hsm_fixtures::token::TokenKind::SoftHsm {
@@ -117,6 +128,9 @@ async fn backup_then_purge_then_restore_brings_every_version_back_for_each_key_t
             pb::KeyType::Aes256,
             pb::Algorithm::AesKeyWrapPad,
         ),
+        // RFC 3394 KEKs come back through their own domain wrap key (its unwrap template
+        // forces CKM_AES_KEY_WRAP; the KWP role's would force RFC 5649).
+        ("acme/kw", pb::KeyType::Aes256, pb::Algorithm::AesKeyWrap),
         ("acme/rsa", pb::KeyType::Rsa3072, rsa_alg),
     ];
     let mut saved = Vec::new();
@@ -402,6 +416,68 @@ async fn without_a_domain_or_with_keys_made_before_backup_was_on_backup_is_refus
         .await
         .expect_err("no such key");
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    drop(c);
+    b.stop().await;
+}
+
+/// A domain without the RFC 3394 role's wrap key (made before `aes-kw` existed, or on a token
+/// without `CKM_AES_KEY_WRAP`) keeps serving the other roles; backing up an `aes-kw` key under
+/// it is refused, naming the missing key. Made here on a Kryoptic slot that hides
+/// `CKM_AES_KEY_WRAP` while the domain is made, and shows it again afterwards.
+#[tokio::test]
+async fn a_domain_without_the_rfc3394_role_serves_the_others_and_refuses_aes_kw_backups() {
+    crate::require_aes!();
+    if skip_unless(
+        "a_domain_without_the_rfc3394_role_serves_the_others_and_refuses_aes_kw_backups",
+        hsm_fixtures::token::TokenKind::Kryoptic,
+        "only a Kryoptic slot can hide CKM_AES_KEY_WRAP while the domain is made",
+    ) {
+        return;
+    }
+    let env = backup_env();
+    env.token
+        .set_mechanisms(Some(&["DENY", "CKM_AES_KEY_WRAP"]))
+        .expect("rewrite kryoptic.conf");
+    let domain = domain_init(&env).expect("domain init");
+    assert!(
+        !domain["created"]
+            .as_array()
+            .expect("created")
+            .contains(&"kb-domain:wrap-aes-kw".into()),
+        "{domain}"
+    );
+    env.token
+        .set_mechanisms(None)
+        .expect("rewrite kryoptic.conf");
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    create_kind(
+        &mut c,
+        "acme/gcm",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Aes256Gcm,
+    )
+    .await;
+    create_kind(
+        &mut c,
+        "acme/kw",
+        pb::KeyType::Aes256,
+        pb::Algorithm::AesKeyWrap,
+    )
+    .await;
+    let made = backup(&mut c, "acme/gcm")
+        .await
+        .expect("the other roles are served");
+    assert_eq!(made.domain_id, domain["domain_id"].as_str().expect("id"));
+    let e = backup(&mut c, "acme/kw")
+        .await
+        .expect_err("no RFC 3394 role in this domain");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("kb-domain:wrap-aes-kw"),
+        "{}",
+        e.message()
+    );
     drop(c);
     b.stop().await;
 }

@@ -33,6 +33,7 @@ async fn kek_safety(backup: bool) {
     for (key, kt, alg) in [
         ("t/gcm", pb::KeyType::Aes256, pb::Algorithm::Unspecified),
         ("t/kwp", pb::KeyType::Aes256, pb::Algorithm::AesKeyWrapPad),
+        ("t/kw", pb::KeyType::Aes256, pb::Algorithm::AesKeyWrap),
         ("t/rsa", pb::KeyType::Rsa2048, pb::Algorithm::Unspecified),
     ] {
         let k = create(&mut c, key, kt, alg).await;
@@ -49,8 +50,8 @@ async fn kek_safety(backup: bool) {
 
     let report = env.probe(&["inspect"]);
     let objects = report["objects"].as_array().expect("objects");
-    // 2 GCM versions + 1 KWP + 1 RSA pair, and the audit trail's HMAC key.
-    assert_eq!(objects.len(), 6, "{report:#}");
+    // 2 GCM versions + 1 KWP + 1 KW + 1 RSA pair, and the audit trail's HMAC key.
+    assert_eq!(objects.len(), 7, "{report:#}");
     let audit_keys: Vec<_> = objects
         .iter()
         .filter(|o| o["label"].as_str().unwrap_or("").starts_with("kb-audit:"))
@@ -153,6 +154,7 @@ async fn dek_bytes_and_the_pin_never_reach_the_log_and_core_dumps_are_off() {
     for (key, kt, alg) in [
         ("t/gcm", pb::KeyType::Aes256, pb::Algorithm::Unspecified),
         ("t/kwp", pb::KeyType::Aes256, pb::Algorithm::AesKeyWrapPad),
+        ("t/kw", pb::KeyType::Aes256, pb::Algorithm::AesKeyWrap),
         ("t/rsa", pb::KeyType::Rsa2048, pb::Algorithm::Unspecified),
     ] {
         create(&mut c, key, kt, alg).await;

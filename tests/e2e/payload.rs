@@ -456,25 +456,23 @@ async fn key_operations_keep_payload_encryption_apart_from_wrapping() {
         "is disabled",
     );
 
-    // RFC 5649 keys never encrypt payloads, whatever their operations say.
-    match create_with(
-        &mut c,
-        "t/kwp",
-        pb::KeyType::Aes256,
-        pb::Algorithm::AesKeyWrapPad,
-        all_ops(),
-    )
-    .await
-    {
-        Ok(_) => assert_code(
-            encrypt(&mut c, "t/kwp", b"x", b"").await,
-            Code::FailedPrecondition,
-            "does not encrypt payloads",
-        ),
-        Err(s) => skip(
-            "key_operations_keep_payload_encryption_apart_from_wrapping",
-            &format!("the token has no RFC 5649: {}", s.message()),
-        ),
+    // AES key-wrap keys (RFC 5649, RFC 3394) never encrypt payloads, whatever their operations
+    // say.
+    for (key, alg, rfc) in [
+        ("t/kwp", pb::Algorithm::AesKeyWrapPad, "RFC 5649"),
+        ("t/kw", pb::Algorithm::AesKeyWrap, "RFC 3394"),
+    ] {
+        match create_with(&mut c, key, pb::KeyType::Aes256, alg, all_ops()).await {
+            Ok(_) => assert_code(
+                encrypt(&mut c, key, b"x", b"").await,
+                Code::FailedPrecondition,
+                "does not encrypt payloads",
+            ),
+            Err(s) => skip(
+                "key_operations_keep_payload_encryption_apart_from_wrapping",
+                &format!("the token has no {rfc}: {}", s.message()),
+            ),
+        }
     }
     b.stop().await;
 }

@@ -89,40 +89,56 @@ async fn check_config_reports_the_rfc5649_mechanism_the_known_answer_tests_chose
         .unwrap_or_else(|| panic!("aes-kwp listed: {report:#}"));
     assert_eq!(kwp_alg["mechanism"], name);
     assert_eq!(kwp_alg["usable"], true);
+    // RFC 3394: both tokens list CKM_AES_KEY_WRAP and pass RFC 3394's vector.
+    assert_eq!(caps["aes_kw"], true, "{report:#}");
+    let kw_row = report["mechanisms"]
+        .as_array()
+        .expect("mechanisms")
+        .iter()
+        .find(|r| r["mechanism"] == "CKM_AES_KEY_WRAP")
+        .unwrap_or_else(|| panic!("CKM_AES_KEY_WRAP row: {report:#}"));
+    assert_eq!(
+        (&kw_row["listed"], &kw_row["test"], &kw_row["usable"]),
+        (&true.into(), &"passed".into(), &true.into()),
+        "{kw_row}"
+    );
+    assert!(claims("CKM_AES_KEY_WRAP", "wrap") && claims("CKM_AES_KEY_WRAP", "unwrap"));
 
-    // The broker uses what the probe chose: GetKey says so, and the KEK's
+    // The broker uses what the probe chose: GetKey says so, and each KEK's
     // CKA_ALLOWED_MECHANISMS (read independently through PKCS#11) is exactly that mechanism.
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
-    let k = create(
-        &mut c,
-        "t/kwp",
-        pb::KeyType::Aes256,
-        pb::Algorithm::AesKeyWrapPad,
-    )
-    .await;
-    assert_eq!(k.mechanism, name);
-    let dek = random_dek(32);
-    let w = wrap(&mut c, "t/kwp", &dek, b"").await.expect("wrap");
-    assert_eq!(
-        unwrap(&mut c, "", &w.wrapped_key, b"")
-            .await
-            .expect("unwrap")
-            .plaintext,
-        dek
-    );
+    let mut keks = Vec::new();
+    for (key, alg, mech) in [
+        ("t/kwp", pb::Algorithm::AesKeyWrapPad, name),
+        ("t/kw", pb::Algorithm::AesKeyWrap, "CKM_AES_KEY_WRAP"),
+    ] {
+        let k = create(&mut c, key, pb::KeyType::Aes256, alg).await;
+        assert_eq!(k.mechanism, mech);
+        let dek = random_dek(32);
+        let w = wrap(&mut c, key, &dek, b"").await.expect("wrap");
+        assert_eq!(
+            unwrap(&mut c, "", &w.wrapped_key, b"")
+                .await
+                .expect("unwrap")
+                .plaintext,
+            dek
+        );
+        keks.push((hex::encode(&k.versions[0].id), mech));
+    }
     drop(c);
     b.stop().await;
     let inspect = env.probe(&["inspect"]);
-    let id = hex::encode(&k.versions[0].id);
-    let kek: Vec<_> = inspect["objects"]
-        .as_array()
-        .expect("objects")
-        .iter()
-        .filter(|o| o["id"] == id.as_str())
-        .collect();
-    assert_eq!(kek.len(), 1, "{inspect:#}");
-    assert_eq!(kek[0]["allowed_mechanisms"], serde_json::json!([name]));
+    for (id, mech) in keks {
+        let kek: Vec<_> = inspect["objects"]
+            .as_array()
+            .expect("objects")
+            .iter()
+            .filter(|o| o["id"] == id.as_str())
+            .collect();
+        assert_eq!(kek.len(), 1, "{inspect:#}");
+        assert_eq!(kek[0]["allowed_mechanisms"], serde_json::json!([mech]));
+    }
 }
 
 #[tokio::test]
@@ -544,11 +560,12 @@ async fn a_configured_profile_caps_the_pool_and_an_unsupported_one_is_refused_at
 
 /// Every mechanism row the capability report has, whatever the token (issue 23: the report
 /// lists every mechanism keybroker uses, also when the token is refused).
-const REPORT_ROWS: [&str; 17] = [
+const REPORT_ROWS: [&str; 18] = [
     "CKM_AES_KEY_GEN",
     "CKM_AES_GCM",
     "CKM_AES_KEY_WRAP_KWP (0x210b)",
     "CKM_AES_KEY_WRAP_PAD (0x210a)",
+    "CKM_AES_KEY_WRAP",
     "CKM_RSA_PKCS_KEY_PAIR_GEN",
     "CKM_RSA_PKCS_OAEP/SHA-256",
     "CKM_RSA_PKCS_OAEP/SHA-1",
@@ -585,7 +602,12 @@ async fn an_rsa_only_token_is_refused_with_the_full_report_by_default_and_serves
     let env = Env::new();
     if kind == TokenKind::Kryoptic {
         env.token
-            .set_mechanisms(Some(&["DENY", "CKM_AES_GCM", "CKM_AES_KEY_WRAP_KWP"]))
+            .set_mechanisms(Some(&[
+                "DENY",
+                "CKM_AES_GCM",
+                "CKM_AES_KEY_WRAP_KWP",
+                "CKM_AES_KEY_WRAP",
+            ]))
             .expect("rewrite kryoptic.conf");
     }
     // The default requirements (aes-256-gcm, rsa-oaep).
@@ -620,6 +642,13 @@ async fn an_rsa_only_token_is_refused_with_the_full_report_by_default_and_serves
     assert_eq!(gcm["listed"], false);
     assert_eq!(gcm["usable"], false);
     assert_eq!(gcm["test"], "not run: not listed");
+    // No RFC 3394 either (openCryptoki 3.8 has no AES key wrap at all): the row says so.
+    let kw = row("CKM_AES_KEY_WRAP");
+    assert_eq!(
+        (&kw["listed"], &kw["usable"], &kw["test"]),
+        (&false.into(), &false.into(), &"not run: not listed".into()),
+        "{kw}"
+    );
     let oaep = row("CKM_RSA_PKCS_OAEP/SHA-256");
     assert_eq!(
         (&oaep["listed"], &oaep["test"]),
@@ -644,6 +673,14 @@ async fn an_rsa_only_token_is_refused_with_the_full_report_by_default_and_serves
         alg("aes-256-gcm")["why_not"]
             .as_str()
             .is_some_and(|w| w.contains("CKM_AES_GCM"))
+    );
+    assert_eq!(alg("aes-kw")["usable"], false);
+    assert!(
+        alg("aes-kw")["why_not"]
+            .as_str()
+            .is_some_and(|w| w.contains("CKM_AES_KEY_WRAP (RFC 3394)")),
+        "{}",
+        alg("aes-kw")
     );
     assert_eq!(
         alg("rsa-oaep-sha256")["key_types"],
@@ -707,6 +744,7 @@ async fn an_rsa_only_token_is_refused_with_the_full_report_by_default_and_serves
         (pb::Algorithm::Unspecified, "CKM_AES_GCM"),
         (pb::Algorithm::Aes256Gcm, "CKM_AES_GCM"),
         (pb::Algorithm::AesKeyWrapPad, "RFC 5649"),
+        (pb::Algorithm::AesKeyWrap, "CKM_AES_KEY_WRAP (RFC 3394)"),
     ] {
         // `..Default::default()` keeps this literal valid when the request gains fields.
         #[allow(clippy::needless_update)]

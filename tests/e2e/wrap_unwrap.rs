@@ -102,6 +102,22 @@ async fn round_trip_for_each_algorithm_and_key_size() {
     };
     assert_eq!(kwp.mechanism, kwp_mechanism);
     round_trip(&mut c, "t/kwp", b"").await;
+    // RFC 3394: one mechanism number everywhere; its envelopes carry algorithm byte 7 and the
+    // RFC's output (DEK + 8 bytes) after the 19-byte header.
+    let kw = create(
+        &mut c,
+        "t/kw",
+        pb::KeyType::Aes256,
+        pb::Algorithm::AesKeyWrap,
+    )
+    .await;
+    assert_eq!(kw.mechanism, "CKM_AES_KEY_WRAP");
+    round_trip(&mut c, "t/kw", b"").await;
+    let w = wrap(&mut c, "t/kw", &random_dek(32), b"")
+        .await
+        .expect("wrap");
+    assert_eq!((w.wrapped_key[0], w.wrapped_key[1]), (1, 7));
+    assert_eq!(w.wrapped_key.len(), 19 + 32 + 8);
     for (name, kt) in [
         ("t/rsa2048", pb::KeyType::Rsa2048),
         ("t/rsa3072", pb::KeyType::Rsa3072),
@@ -176,14 +192,13 @@ async fn aad_mismatch_and_every_flipped_bit_are_refused_with_one_message() {
         dek
     );
 
-    // A KWP and an RSA envelope: every flipped byte is refused the same way.
-    create(
-        &mut c,
-        "t/kwp",
-        pb::KeyType::Aes256,
-        pb::Algorithm::AesKeyWrapPad,
-    )
-    .await;
+    // A KWP, a KW and an RSA envelope: every flipped byte is refused the same way.
+    for (key, alg) in [
+        ("t/kwp", pb::Algorithm::AesKeyWrapPad),
+        ("t/kw", pb::Algorithm::AesKeyWrap),
+    ] {
+        create(&mut c, key, pb::KeyType::Aes256, alg).await;
+    }
     create(
         &mut c,
         "t/rsa",
@@ -191,7 +206,7 @@ async fn aad_mismatch_and_every_flipped_bit_are_refused_with_one_message() {
         pb::Algorithm::Unspecified,
     )
     .await;
-    for key in ["t/kwp", "t/rsa"] {
+    for key in ["t/kwp", "t/kw", "t/rsa"] {
         let w = wrap(&mut c, key, &dek, b"").await.expect("wrap");
         for i in 0..w.wrapped_key.len() {
             let mut bad = w.wrapped_key.clone();
@@ -219,6 +234,20 @@ async fn aad_mismatch_and_every_flipped_bit_are_refused_with_one_message() {
         unwrap(&mut c, "t/kwp", &w.wrapped_key, b"").await,
         "wrong key named",
     );
+    // The two AES key wraps have the same envelope shape: an RFC 3394 envelope relabelled as
+    // RFC 5649 (and the reverse) is refused, not unwrapped with the other mechanism.
+    for (key, from, to) in [("t/kw", 7, 2), ("t/kwp", 2, 7)] {
+        let mut w = wrap(&mut c, key, &dek, b"")
+            .await
+            .expect("wrap")
+            .wrapped_key;
+        assert_eq!(w[1], from);
+        w[1] = to;
+        assert_unauthentic(
+            unwrap(&mut c, "", &w, b"").await,
+            &format!("{key}: algorithm byte {from} -> {to}"),
+        );
+    }
     b.stop().await;
 }
 

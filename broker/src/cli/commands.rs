@@ -40,7 +40,7 @@ pub async fn domain(
     println!(
         "{}",
         json!({"domain_id": report.id.hex(), "kwp_mechanism": report.kwp_mechanism,
-            "created": ["kb-domain:wrap-aes-gcm", "kb-domain:wrap-aes-kwp", "kb-domain:wrap-rsa-oaep", "kb-domain:mac"]})
+            "created": report.created})
     );
     Ok(())
 }
@@ -310,6 +310,7 @@ fn alg_name(v: i32) -> &'static str {
     match pb::Algorithm::try_from(v) {
         Ok(pb::Algorithm::Aes256Gcm) => "aes-256-gcm",
         Ok(pb::Algorithm::AesKeyWrapPad) => "aes-kwp",
+        Ok(pb::Algorithm::AesKeyWrap) => "aes-kw",
         Ok(pb::Algorithm::RsaOaepSha256) => "rsa-oaep-sha256",
         Ok(pb::Algorithm::RsaOaepSha1) => "rsa-oaep-sha1",
         Ok(pb::Algorithm::RsaSign) => "rsa-sign",
@@ -388,6 +389,7 @@ fn alg_to_pb(a: Algorithm) -> pb::Algorithm {
     match a {
         Algorithm::Aes256Gcm => pb::Algorithm::Aes256Gcm,
         Algorithm::AesKeyWrapPad => pb::Algorithm::AesKeyWrapPad,
+        Algorithm::AesKeyWrap => pb::Algorithm::AesKeyWrap,
         Algorithm::RsaOaepSha256 => pb::Algorithm::RsaOaepSha256,
         Algorithm::RsaOaepSha1 => pb::Algorithm::RsaOaepSha1,
         Algorithm::RsaSign => pb::Algorithm::RsaSign,
@@ -630,7 +632,7 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                     })?;
                     let alg = match algorithm {
                         Some(a) => alg_to_pb(Algorithm::parse(&a).ok_or_else(|| {
-                            format!("unknown algorithm {a:?} (aes-256-gcm, aes-kwp, rsa-oaep-sha256, rsa-oaep-sha1, rsa-sign, ecdsa)")
+                            format!("unknown algorithm {a:?} (aes-256-gcm, aes-kwp, aes-kw, rsa-oaep-sha256, rsa-oaep-sha1, rsa-sign, ecdsa)")
                         })?),
                         None => pb::Algorithm::Unspecified,
                     };

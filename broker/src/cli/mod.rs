@@ -353,8 +353,8 @@ enum KeyCommand {
         /// aes-256, rsa-2048, rsa-3072, rsa-4096, ec-p256 or ec-p384 (EC keys sign and verify).
         #[arg(long = "type", default_value = "aes-256")]
         key_type: String,
-        /// aes-256-gcm, aes-kwp, rsa-oaep-sha256, rsa-oaep-sha1, rsa-sign (an RSA signing key)
-        /// or ecdsa (default: by type).
+        /// aes-256-gcm, aes-kwp (RFC 5649), aes-kw (RFC 3394), rsa-oaep-sha256, rsa-oaep-sha1,
+        /// rsa-sign (an RSA signing key) or ecdsa (default: by type).
         #[arg(long)]
         algorithm: Option<String>,
     },
@@ -488,7 +488,7 @@ enum KeyCommand {
         /// Write the public key PEM to this file.
         #[arg(long)]
         pem_out: Option<PathBuf>,
-        /// The algorithm of the key it will import: aes-256-gcm (default) or aes-kwp.
+        /// The algorithm of the key it will import: aes-256-gcm (default), aes-kwp or aes-kw.
         #[arg(long)]
         algorithm: Option<String>,
     },
@@ -503,7 +503,7 @@ enum KeyCommand {
         /// key (`openssl pkeyutl -encrypt`, docs/src/lifecycle.md).
         #[arg(long)]
         wrapped_file: PathBuf,
-        /// aes-256-gcm or aes-kwp (default: the import key's).
+        /// aes-256-gcm, aes-kwp or aes-kw (default: the import key's).
         #[arg(long)]
         algorithm: Option<String>,
     },

@@ -4,8 +4,8 @@
 //! `keybroker domain init` (the token's security officer) creates, as public token objects
 //! sharing one random `CKA_ID` (the domain id):
 //!
-//! * three **domain wrap keys** (AES-256, `kb-domain:wrap-aes-gcm`, `…-aes-kwp`, `…-rsa-oaep`),
-//!   one per KEK role: `CKA_TRUSTED` (so they, and only they, can wrap a KEK created
+//! * three or four **domain wrap keys** (AES-256, `kb-domain:wrap-aes-gcm`, `…-aes-kwp`,
+//!   `…-rsa-oaep`, and `…-aes-kw` where the token serves RFC 3394 keys), one per KEK role: `CKA_TRUSTED` (so they, and only they, can wrap a KEK created
 //!   `CKA_WRAP_WITH_TRUSTED`), wrap + unwrap only, sensitive, never extractable, not modifiable,
 //!   and a `CKA_UNWRAP_TEMPLATE` that forces on everything they unwrap the KEK template of
 //!   their role: private, sensitive, extractable only under a trusted key, the role's one
@@ -13,6 +13,14 @@
 //!   can only come back as a KEK exactly like the one backed up, whoever holds the user PIN —
 //!   never as an extractable key, a key that wraps and decrypts (Clulow), or a key of another
 //!   role that could use another mechanism on the same material.
+//!
+//!   `aes-kw` (RFC 3394) KEKs have a role of their own rather than sharing the KWP one, because
+//!   the forced template includes `CKA_ALLOWED_MECHANISMS`: under the KWP role's wrap key a KW
+//!   KEK would be refused on restore (SoftHSM2) or come back bound to RFC 5649 (Kryoptic), and
+//!   letting one role's key restore material for two mechanisms would undo the one-mechanism
+//!   rule. The KW role's key is optional: a domain made before `aes-kw` existed, or on a token
+//!   without `CKM_AES_KEY_WRAP`, has none and keeps serving the other roles; backing up or
+//!   restoring an `aes-kw` KEK under it is refused, saying so.
 //! * one **domain MAC key** (HMAC-SHA256, `kb-domain:mac`, sign/verify only) that authenticates
 //!   the whole backup blob (metadata and wrapped material).
 //!
@@ -49,17 +57,25 @@ pub enum Role {
     Kwp,
     /// RSA-OAEP private keys (decrypt).
     Rsa,
+    /// AES key wrap (RFC 3394) KEKs (wrap/unwrap); optional (see the module docs).
+    Kw,
 }
 
 impl Role {
     /// Every role.
-    pub const ALL: [Role; 3] = [Role::Gcm, Role::Kwp, Role::Rsa];
+    pub const ALL: [Role; 4] = [Role::Gcm, Role::Kwp, Role::Rsa, Role::Kw];
+
+    /// Whether a domain may lack this role's key (the RFC 3394 role came later).
+    fn optional(self) -> bool {
+        self == Role::Kw
+    }
 
     /// The role of a KEK algorithm.
     pub fn of(alg: Algorithm) -> Role {
         match alg {
             Algorithm::Aes256Gcm => Role::Gcm,
             Algorithm::AesKeyWrapPad => Role::Kwp,
+            Algorithm::AesKeyWrap => Role::Kw,
             // A signing key is never extractable and never backed up (`keys::backup` refuses
             // it before the HSM is asked); the RSA role's wrap key could not wrap it anyway.
             Algorithm::RsaOaepSha256 | Algorithm::RsaOaepSha1 | Algorithm::RsaSign => Role::Rsa,
@@ -73,6 +89,7 @@ impl Role {
             Role::Gcm => "kb-domain:wrap-aes-gcm",
             Role::Kwp => "kb-domain:wrap-aes-kwp",
             Role::Rsa => "kb-domain:wrap-rsa-oaep",
+            Role::Kw => "kb-domain:wrap-aes-kw",
         }
     }
 
@@ -82,6 +99,7 @@ impl Role {
             Role::Gcm => (KeyType::Aes256, Algorithm::Aes256Gcm),
             Role::Kwp => (KeyType::Aes256, Algorithm::AesKeyWrapPad),
             Role::Rsa => (KeyType::Rsa3072, Algorithm::RsaOaepSha256),
+            Role::Kw => (KeyType::Aes256, Algorithm::AesKeyWrap),
         }
     }
 }
@@ -111,19 +129,26 @@ pub fn forced(role: Role, mechanism: MechanismType) -> Vec<Attribute> {
 pub(super) struct DomainKeys {
     /// The domain id (the objects' shared `CKA_ID`).
     pub id: VersionId,
-    /// The wrap key of each role, in [`Role::ALL`] order.
-    pub wrap: [ObjectHandle; 3],
+    /// The wrap key of each role the domain has.
+    pub wrap: Vec<(Role, ObjectHandle)>,
     /// The MAC key.
     pub mac: ObjectHandle,
 }
 
 impl DomainKeys {
-    pub fn wrap_key(&self, role: Role) -> ObjectHandle {
-        match role {
-            Role::Gcm => self.wrap[0],
-            Role::Kwp => self.wrap[1],
-            Role::Rsa => self.wrap[2],
-        }
+    /// The wrap key of `role`, or why the domain has none (only an optional role's can be
+    /// missing).
+    pub fn wrap_key(&self, role: Role) -> Result<ObjectHandle, Refusal> {
+        self.wrap
+            .iter()
+            .find(|(r, _)| *r == role)
+            .map(|(_, h)| *h)
+            .ok_or_else(|| {
+                format!(
+                    "this security domain has no {} key (it was made before aes-kw keys existed, or on a token without CKM_AES_KEY_WRAP): aes-kw keys cannot be backed up or restored under it; make a new domain on a fresh token",
+                    role.label()
+                )
+            })
     }
 }
 
@@ -134,6 +159,8 @@ pub struct DomainReport {
     pub id: VersionId,
     /// The RFC 5649 mechanism the KWP role is bound to.
     pub kwp_mechanism: String,
+    /// The labels of the keys made (the wrap keys, then the MAC key).
+    pub created: Vec<&'static str>,
 }
 
 /// The domain's objects with this label. Wrap keys are searched with `CKA_TRUSTED` (which only
@@ -195,13 +222,16 @@ fn read_bools(
 /// Finds the domain keys and checks them. The outer error is an HSM fault, the inner one says
 /// why there is no usable domain (none made yet, incomplete, or not what `domain init` makes).
 pub(super) fn find(s: &Session) -> Result<Result<DomainKeys, String>, HsmError> {
-    let mut wrap = Vec::with_capacity(3);
-    let mut ids = Vec::with_capacity(4);
+    let mut wrap = Vec::with_capacity(Role::ALL.len());
+    let mut mac_key = None;
+    let mut ids = Vec::with_capacity(Role::ALL.len() + 1);
     let mut absent = 0;
-    let labels = Role::ALL.map(Role::label);
-    for label in labels.iter().copied().chain([MAC_LABEL]) {
+    let keys = Role::ALL.map(Some).into_iter().chain([None]);
+    for role in keys {
+        let label = role.map_or(MAC_LABEL, Role::label);
         let found = find_by_label(s, label)?;
         let h = match found.as_slice() {
+            [] if role.is_some_and(Role::optional) => continue,
             [] => {
                 absent += 1;
                 continue;
@@ -214,7 +244,7 @@ pub(super) fn find(s: &Session) -> Result<Result<DomainKeys, String>, HsmError> 
                 )));
             }
         };
-        let mac = label == MAC_LABEL;
+        let mac = role.is_none();
         // Generated inside the token (local, always sensitive, never extractable), not
         // destroyable, not modifiable: not a key someone created with a value they know.
         let common = [
@@ -263,16 +293,21 @@ pub(super) fn find(s: &Session) -> Result<Result<DomainKeys, String>, HsmError> 
             )));
         };
         ids.push(id);
-        wrap.push(h);
+        match role {
+            Some(r) => wrap.push((r, h)),
+            None => mac_key = Some(h),
+        }
     }
-    if absent == 4 {
+    // The keys every domain has: the wrap keys of the roles that are not optional, the MAC key.
+    let required = Role::ALL.iter().filter(|r| !r.optional()).count() + 1;
+    if absent == required && ids.is_empty() {
         return Ok(Err(NO_DOMAIN.into()));
     }
-    if absent > 0 {
+    let (Some(mac), 0) = (mac_key, absent) else {
         return Ok(Err(format!(
-            "the token's security domain is incomplete ({absent} of its 4 keys missing)"
+            "the token's security domain is incomplete ({absent} of its {required} keys missing)"
         )));
-    }
+    };
     if ids.windows(2).any(|w| w[0] != w[1]) {
         return Ok(Err(
             "the security domain's keys do not share one CKA_ID: more than one domain, or a partial one"
@@ -281,8 +316,8 @@ pub(super) fn find(s: &Session) -> Result<Result<DomainKeys, String>, HsmError> 
     }
     Ok(Ok(DomainKeys {
         id: ids[0],
-        wrap: [wrap[0], wrap[1], wrap[2]],
-        mac: wrap[3],
+        wrap,
+        mac,
     }))
 }
 
@@ -364,13 +399,20 @@ impl Hsm {
                 HsmError::from_ck("C_Login", e),
             )
         })?;
+        // The RFC 3394 role only where the token serves aes-kw keys (its KEKs are bound to
+        // CKM_AES_KEY_WRAP, which the role's key forces on what it restores).
+        let kw = inner.caps.mechanism_for(Algorithm::AesKeyWrap);
+        let roles: Vec<(Role, MechanismType)> = Role::ALL
+            .into_iter()
+            .filter_map(|role| match role {
+                Role::Gcm => Some((role, MechanismType::AES_GCM)),
+                Role::Kwp => Some((role, kwp_type)),
+                Role::Rsa => Some((role, MechanismType::RSA_PKCS_OAEP)),
+                Role::Kw => kw.map(|m| (role, m)),
+            })
+            .collect();
         let made = (|| -> Result<(), HsmError> {
-            for role in Role::ALL {
-                let mech = match role {
-                    Role::Gcm => MechanismType::AES_GCM,
-                    Role::Kwp => kwp_type,
-                    Role::Rsa => MechanismType::RSA_PKCS_OAEP,
-                };
+            for &(role, mech) in &roles {
                 let t = vec![
                     Attribute::Class(ObjectClass::SECRET_KEY),
                     Attribute::KeyType(CkKeyType::AES),
@@ -406,6 +448,11 @@ impl Hsm {
         Ok(DomainReport {
             id,
             kwp_mechanism: kwp_type.to_string(),
+            created: roles
+                .iter()
+                .map(|(r, _)| r.label())
+                .chain([MAC_LABEL])
+                .collect(),
         })
     }
 
@@ -452,8 +499,12 @@ impl Hsm {
                         "version {number} was created while backup was off ([lifecycle] backup) and can never leave the HSM; rotate, raise the minimum decryption version past it and trim it, then back up"
                     )));
                 }
+                let wrap_key = match domain.wrap_key(Role::of(alg)) {
+                    Ok(k) => k,
+                    Err(why) => return Ok(Err(why)),
+                };
                 let wrapped = s
-                    .wrap_key(&kwp.mechanism(), domain.wrap_key(Role::of(alg)), h.secret)
+                    .wrap_key(&kwp.mechanism(), wrap_key, h.secret)
                     .map_err(|e| HsmError::from_ck("C_WrapKey (backup)", e))?;
                 let public = match h.public {
                     None => None,
@@ -588,6 +639,10 @@ impl Hsm {
             let mut spec = spec.clone();
             spec.backup = true;
             let role = Role::of(spec.algorithm);
+            let wrap_key = match domain.wrap_key(role) {
+                Ok(k) => k,
+                Err(why) => return Ok(Err(why)),
+            };
             let (template, public_template) = match spec.key_type.rsa_bits() {
                 Some(bits) => {
                     let (public, private) = template::rsa_templates(&spec, bits, mech);
@@ -602,7 +657,7 @@ impl Hsm {
             };
             let secret = match s.unwrap_key(
                 &kwp.mechanism(),
-                domain.wrap_key(role),
+                wrap_key,
                 &version.wrapped,
                 &template,
             ) {
@@ -693,5 +748,16 @@ mod tests {
         assert!(rsa.contains(&Attribute::Class(ObjectClass::PRIVATE_KEY)));
         assert!(rsa.contains(&Attribute::Decrypt(true)) && rsa.contains(&Attribute::Unwrap(false)));
         assert_eq!(Role::of(Algorithm::RsaOaepSha1), Role::Rsa);
+        // RFC 3394 KEKs have their own role: the KWP role's key would force RFC 5649's mechanism.
+        assert_eq!(Role::of(Algorithm::AesKeyWrap), Role::Kw);
+        let kw = forced(Role::Kw, MechanismType::AES_KEY_WRAP);
+        assert!(kw.contains(&Attribute::AllowedMechanisms(vec![
+            MechanismType::AES_KEY_WRAP
+        ])));
+        assert!(kw.contains(&Attribute::Unwrap(true)) && kw.contains(&Attribute::Encrypt(false)));
+        assert!(!kwp.contains(&Attribute::AllowedMechanisms(vec![
+            MechanismType::AES_KEY_WRAP
+        ])));
+        assert!(Role::Kw.optional() && !Role::Kwp.optional());
     }
 }

@@ -34,6 +34,8 @@ pub enum WrapParams {
     },
     /// RFC 5649 with the mechanism the probe chose.
     Kwp,
+    /// RFC 3394 (`CKM_AES_KEY_WRAP`, no padding: DEKs are multiples of 8 bytes).
+    Kw,
     /// RSA-OAEP with SHA-256.
     OaepSha256,
     /// RSA-OAEP with SHA-1.
@@ -46,8 +48,18 @@ impl WrapParams {
         match self {
             WrapParams::Gcm { .. } => Algorithm::Aes256Gcm,
             WrapParams::Kwp => Algorithm::AesKeyWrapPad,
+            WrapParams::Kw => Algorithm::AesKeyWrap,
             WrapParams::OaepSha256 => Algorithm::RsaOaepSha256,
             WrapParams::OaepSha1 => Algorithm::RsaOaepSha1,
+        }
+    }
+
+    /// The `C_WrapKey`/`C_UnwrapKey` mechanism of an AES key wrap: RFC 3394's one number, or
+    /// the RFC 5649 mechanism the probe chose (`kwp`). Only asked of `Kw` and `Kwp`.
+    fn key_wrap_mechanism(&self, kwp: KwpMechanism) -> Mechanism<'static> {
+        match self {
+            WrapParams::Kw => Mechanism::AesKeyWrap,
+            _ => kwp.mechanism(),
         }
     }
 }
@@ -151,7 +163,7 @@ pub fn wrap(
             }
             Ok(out)
         }
-        WrapParams::Kwp => {
+        WrapParams::Kwp | WrapParams::Kw => {
             // C_WrapKey needs the DEK as a key object: a short-lived session object holding only
             // the value, with no roles, destroyed before we return (security invariant 2,
             // docs/src/security.md).
@@ -166,7 +178,7 @@ pub fn wrap(
             }
             let obj = made.map_err(|e| HsmError::from_ck("create the DEK session object", e))?;
             let r = session
-                .wrap_key(&kwp.mechanism(), key, obj)
+                .wrap_key(&params.key_wrap_mechanism(kwp), key, obj)
                 .map_err(|e| HsmError::from_ck("AES key wrap", e));
             destroy_quietly(session, obj);
             r
@@ -196,7 +208,9 @@ pub fn unwrap(
                 .map(Dek::new)
                 .map_err(|e| HsmError::from_ck_decrypt("AES-GCM decrypt", e))
         }
-        WrapParams::Kwp => unwrap_generic(session, &kwp.mechanism(), key, ciphertext),
+        WrapParams::Kwp | WrapParams::Kw => {
+            unwrap_generic(session, &params.key_wrap_mechanism(kwp), key, ciphertext)
+        }
         WrapParams::OaepSha256 | WrapParams::OaepSha1 => session
             .decrypt_sized(&oaep(params.algorithm()), key, ciphertext, ciphertext.len())
             .map(Dek::new)

@@ -1,8 +1,8 @@
 //! Encrypting and decrypting payloads under KEK versions: AES-256-GCM (`C_Encrypt`/`C_Decrypt`
 //! with the secret key) and RSA-OAEP (`C_Encrypt` with the public key, `C_Decrypt` with the
 //! private key) — the same single-part operations, objects and fault handling as DEK wraps
-//! (`crypt`), a list of items in one session checkout. RFC 5649 never serves a payload: it works
-//! on key objects only (`C_WrapKey`), and a payload is not a key.
+//! (`crypt`), a list of items in one session checkout. AES key wrap (RFC 5649, RFC 3394) never
+//! serves a payload: it works on key objects only (`C_WrapKey`), and a payload is not a key.
 
 use super::{
     Hsm,
@@ -13,11 +13,11 @@ use super::{
 use crate::model::{Dek, VersionId};
 
 fn refuse_kwp(params: &WrapParams) -> Result<(), HsmError> {
-    if let WrapParams::Kwp = params {
+    if params.algorithm().is_key_wrap() {
         return Err(HsmError::new(
             FaultKind::Other,
             "payload encryption",
-            "RFC 5649 does not encrypt payloads",
+            "AES key wrap (RFC 5649, RFC 3394) does not encrypt payloads",
         ));
     }
     Ok(())

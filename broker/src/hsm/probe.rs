@@ -12,6 +12,11 @@
 //!   one that passes both wins, else one that passes the aligned vector, the vendor profile's
 //!   order breaking ties. So the tests, not the number, decide: SoftHSM2 → 0x210A (aligned only),
 //!   Kryoptic → 0x210B (full RFC 5649).
+//! * RFC 3394 (AES key wrap, `CKM_AES_KEY_WRAP` 0x2109, for `aes-kw` keys): RFC 3394 §4.6's
+//!   vector (256-bit KEK, 256-bit key data) must wrap byte for byte and unwrap back, and the
+//!   same output with one byte flipped must fail its integrity check. A token that does not list
+//!   the mechanism, or fails, keeps serving everything else; creating `aes-kw` keys is refused,
+//!   naming why.
 //! * RSA-OAEP: a fixed RSA-2048 test key is imported as session objects; the token must decrypt
 //!   ciphertexts made by OpenSSL (a real known-answer test: `kat_rsa`) and round-trip
 //!   its own encryption, with SHA-256/MGF1-SHA-256, falling back to SHA-1 (SoftHSM2 2.6.1 only
@@ -122,6 +127,8 @@ pub struct Capabilities {
     pub kwp: Option<KwpSupport>,
     /// Every RFC 5649 candidate and how it fared.
     pub kwp_candidates: Vec<KwpCandidate>,
+    /// RFC 3394 (`CKM_AES_KEY_WRAP`) passed its known-answer test.
+    pub aes_kw: bool,
     /// RSA-OAEP with SHA-256 works.
     pub oaep_sha256: bool,
     /// RSA-OAEP with SHA-1 works.
@@ -167,6 +174,7 @@ impl Capabilities {
         match alg {
             Algorithm::Aes256Gcm if self.aes_gcm => Some(MechanismType::AES_GCM),
             Algorithm::AesKeyWrapPad => self.kwp.as_ref().map(|k| k.kind.mechanism_type()),
+            Algorithm::AesKeyWrap if self.aes_kw => Some(MechanismType::AES_KEY_WRAP),
             Algorithm::RsaOaepSha256 if self.oaep_sha256 => Some(MechanismType::RSA_PKCS_OAEP),
             Algorithm::RsaOaepSha1 if self.oaep_sha1 => Some(MechanismType::RSA_PKCS_OAEP),
             Algorithm::RsaSign if self.rsa_pkcs_sign && self.rsa_pss_sign => {
@@ -185,6 +193,7 @@ impl Capabilities {
                 Some(k) => k.name.into(),
                 None => "unavailable".into(),
             },
+            Algorithm::AesKeyWrap if self.aes_kw => AES_KW.into(),
             Algorithm::RsaOaepSha256 if self.oaep_sha256 => {
                 "CKM_RSA_PKCS_OAEP (CKM_SHA256, CKG_MGF1_SHA256)".into()
             }
@@ -233,6 +242,7 @@ impl Capabilities {
             Algorithm::AesKeyWrapPad => {
                 "an RFC 5649 mechanism (CKM_AES_KEY_WRAP_KWP or CKM_AES_KEY_WRAP_PAD)"
             }
+            Algorithm::AesKeyWrap => "CKM_AES_KEY_WRAP (RFC 3394)",
             Algorithm::RsaOaepSha256 => "CKM_RSA_PKCS_OAEP with SHA-256",
             Algorithm::RsaOaepSha1 => "CKM_RSA_PKCS_OAEP with SHA-1",
             Algorithm::RsaSign => "CKM_RSA_PKCS and CKM_RSA_PKCS_PSS signatures",
@@ -255,7 +265,11 @@ impl Capabilities {
                 let n = n.to_ascii_lowercase();
                 match alg {
                     Algorithm::Aes256Gcm => n.contains("gcm"),
-                    Algorithm::AesKeyWrapPad => n.contains("5649") || n.contains("key_wrap"),
+                    // Every note about RFC 3394 names it; the RFC 5649 ones never do.
+                    Algorithm::AesKeyWrapPad => {
+                        (n.contains("5649") || n.contains("key_wrap")) && !n.contains("3394")
+                    }
+                    Algorithm::AesKeyWrap => n.contains("3394"),
                     Algorithm::RsaSign => n.contains("rsa_pkcs ") || n.contains("pss"),
                     Algorithm::Ecdsa => n.contains("ecdsa") || n.contains("ec_key"),
                     _ => n.contains("oaep"),
@@ -343,6 +357,15 @@ pub(crate) const KWP_ALIGNED_KEY: &str =
 pub(crate) const KWP_ALIGNED_WRAPPED: &str =
     "fe6a0320617d94d5abcd3cadbb5a15ee23574ad2a6509b3f5a2b3b9d96fda766e6d1204253503895";
 
+// RFC 3394 §4.6: 256 bits of key data wrapped with a 256-bit KEK.
+pub(crate) const KW_KEK: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+pub(crate) const KW_KEY: &str = "00112233445566778899aabbccddeeff000102030405060708090a0b0c0d0e0f";
+pub(crate) const KW_WRAPPED: &str =
+    "28c9f404c4b810f4cbccb35cfb87f8263f5786e2d80ed326cbc7f0e71a99f43bfb988b9b7a02dd21";
+
+/// The capability report's name for RFC 3394 (the mechanism itself) and its test.
+pub const AES_KW: &str = "CKM_AES_KEY_WRAP";
+
 const fn hex32(s: &str) -> [u8; 32] {
     let b = s.as_bytes();
     let mut out = [0u8; 32];
@@ -384,6 +407,7 @@ pub fn probe(
         aes_gcm: false,
         kwp: None,
         kwp_candidates: Vec::new(),
+        aes_kw: false,
         oaep_sha256: false,
         oaep_sha1: false,
         ec_keygen: list.contains(&MechanismType::ECC_KEY_PAIR_GEN),
@@ -472,6 +496,21 @@ pub fn probe(
             .push("CKM_AES_GCM is not in the token's mechanism list".into());
     }
     probe_kwp(session, &list, profile, &mut caps);
+    if list.contains(&MechanismType::AES_KEY_WRAP) {
+        match kw_kat(session) {
+            Ok(()) => caps.aes_kw = true,
+            Err(why) => {
+                caps.notes.push(format!(
+                    "{AES_KW} failed its RFC 3394 known-answer test: {why}; aes-kw keys cannot be used"
+                ));
+                caps.test_failures.insert(AES_KW.into(), why);
+            }
+        }
+    } else {
+        caps.notes.push(format!(
+            "{AES_KW} (RFC 3394) is not in the token's mechanism list; aes-kw keys cannot be used"
+        ));
+    }
     if list.contains(&MechanismType::RSA_PKCS_OAEP) {
         match oaep_probe(session) {
             Ok((s256, s1, why)) => {
@@ -542,11 +581,12 @@ pub fn probe(
 /// claim a function keybroker needs from it. Only informative: the known-answer tests decide
 /// (SoftHSM2, for one, claims wrap for GCM and refuses it).
 fn mechanism_flags(ctx: &Pkcs11, slot: Slot, list: &[MechanismType], caps: &mut Capabilities) {
-    let wanted: [(MechanismType, &[&'static str]); 10] = [
+    let wanted: [(MechanismType, &[&'static str]); 11] = [
         (MechanismType::AES_KEY_GEN, &["generate"]),
         (MechanismType::AES_GCM, &["encrypt", "decrypt"]),
         (MechanismType::AES_KEY_WRAP_KWP, &["wrap", "unwrap"]),
         (MechanismType::AES_KEY_WRAP_PAD, &["wrap", "unwrap"]),
+        (MechanismType::AES_KEY_WRAP, &["wrap", "unwrap"]),
         (MechanismType::RSA_PKCS_KEY_PAIR_GEN, &["generate_key_pair"]),
         (MechanismType::RSA_PKCS_OAEP, &["encrypt", "decrypt"]),
         (MechanismType::RSA_PKCS, &["sign", "verify"]),
@@ -1203,6 +1243,62 @@ fn gcm_kat(session: &Session) -> Result<(), String> {
     Ok(())
 }
 
+/// Wraps `value`, as a short-lived generic-secret session object, under `kek` with `mech`.
+fn kat_wrap(
+    session: &Session,
+    mech: &Mechanism,
+    kek: ObjectHandle,
+    value: &[u8],
+) -> Result<Vec<u8>, String> {
+    let target = session
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(CkKeyType::GENERIC_SECRET),
+            Attribute::Token(false),
+            Attribute::Private(false),
+            Attribute::Sensitive(false),
+            Attribute::Extractable(true),
+            Attribute::Value(value.to_vec()),
+        ])
+        .map_err(|e| HsmError::from_ck("create a probe target", e).detail)?;
+    let target = Temp {
+        session,
+        handle: target,
+    };
+    session
+        .wrap_key(mech, kek, target.handle)
+        .map_err(|e| HsmError::from_ck("C_WrapKey", e).detail)
+}
+
+/// An AES key wrap's required known-answer test: `key` wraps to exactly `wrapped` under
+/// `kek`, and unwraps back. Returns the output (test-vector bytes only).
+fn kat_wrap_round_trip(
+    session: &Session,
+    mech: &Mechanism,
+    kek: ObjectHandle,
+    (key, wrapped): (&str, &str),
+    rfc: &str,
+) -> Result<Vec<u8>, String> {
+    let key = unhex(key);
+    let got = kat_wrap(session, mech, kek, &key)?;
+    if got != unhex(wrapped) {
+        // Test-vector bytes only: safe to show.
+        return Err(format!(
+            "wrapping a {}-byte key does not match {rfc} (got {})",
+            key.len(),
+            hex::encode(&got)
+        ));
+    }
+    let unwrapped = super::ops::unwrap_generic(session, mech, kek, &got).map_err(|e| e.detail)?;
+    if unwrapped.expose() != key.as_slice() {
+        return Err(format!(
+            "unwrapping does not give the {}-byte key back",
+            key.len()
+        ));
+    }
+    Ok(got)
+}
+
 /// Returns whether the mechanism also passes the RFC's unaligned vector.
 fn kwp_kat(session: &Session, mech: &Mechanism) -> Result<bool, String> {
     let kek = session_aes_key(
@@ -1210,41 +1306,36 @@ fn kwp_kat(session: &Session, mech: &Mechanism) -> Result<bool, String> {
         &unhex(KWP_KEK),
         &[Attribute::Wrap(true), Attribute::Unwrap(true)],
     )?;
-    let wrap_one = |value: &[u8]| -> Result<Vec<u8>, String> {
-        let target = session
-            .create_object(&[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(CkKeyType::GENERIC_SECRET),
-                Attribute::Token(false),
-                Attribute::Private(false),
-                Attribute::Sensitive(false),
-                Attribute::Extractable(true),
-                Attribute::Value(value.to_vec()),
-            ])
-            .map_err(|e| HsmError::from_ck("create a probe target", e).detail)?;
-        let target = Temp {
-            session,
-            handle: target,
-        };
-        session
-            .wrap_key(mech, kek.handle, target.handle)
-            .map_err(|e| HsmError::from_ck("C_WrapKey", e).detail)
-    };
-    let got = wrap_one(&unhex(KWP_ALIGNED_KEY))?;
-    if got != unhex(KWP_ALIGNED_WRAPPED) {
-        // Test-vector bytes only: safe to show.
-        return Err(format!(
-            "wrapping a 32-byte key does not match RFC 5649 (got {})",
-            hex::encode(&got)
-        ));
-    }
-    let unwrapped =
-        super::ops::unwrap_generic(session, mech, kek.handle, &got).map_err(|e| e.detail)?;
-    if unwrapped.expose() != unhex(KWP_ALIGNED_KEY).as_slice() {
-        return Err("unwrapping does not give the 32-byte key back".into());
-    }
-    let full = matches!(wrap_one(&unhex(KWP_RFC_KEY)), Ok(w) if w == unhex(KWP_RFC_WRAPPED));
+    kat_wrap_round_trip(
+        session,
+        mech,
+        kek.handle,
+        (KWP_ALIGNED_KEY, KWP_ALIGNED_WRAPPED),
+        "RFC 5649",
+    )?;
+    let full = matches!(
+        kat_wrap(session, mech, kek.handle, &unhex(KWP_RFC_KEY)),
+        Ok(w) if w == unhex(KWP_RFC_WRAPPED)
+    );
     Ok(full)
+}
+
+/// RFC 3394 (`CKM_AES_KEY_WRAP`): the RFC's vector, and its integrity check must refuse the
+/// output with one byte flipped (else a wrong KEK version would "unwrap" to garbage).
+fn kw_kat(session: &Session) -> Result<(), String> {
+    let kek = session_aes_key(
+        session,
+        &unhex(KW_KEK),
+        &[Attribute::Wrap(true), Attribute::Unwrap(true)],
+    )?;
+    let mech = Mechanism::AesKeyWrap;
+    let mut wrapped =
+        kat_wrap_round_trip(session, &mech, kek.handle, (KW_KEY, KW_WRAPPED), "RFC 3394")?;
+    wrapped[0] ^= 1;
+    if super::ops::unwrap_generic(session, &mech, kek.handle, &wrapped).is_ok() {
+        return Err("an altered wrapped key passed the integrity check".into());
+    }
+    Ok(())
 }
 
 /// Imports the fixed test key pair as session objects, then per hash: the token must decrypt
@@ -1306,6 +1397,7 @@ mod tests {
             aes_gcm: true,
             kwp: None,
             kwp_candidates: Vec::new(),
+            aes_kw: true,
             oaep_sha256: true,
             oaep_sha1: true,
             ec_keygen: true,
@@ -1474,5 +1566,16 @@ mod tests {
             .wrap_with_padding_vec(&unhex(KWP_ALIGNED_KEY))
             .expect("wrap");
         assert_eq!(hex::encode(w), KWP_ALIGNED_WRAPPED);
+    }
+
+    #[test]
+    fn kw_vector_matches_an_independent_implementation() {
+        let kek = aes_kw::KekAes256::try_from(unhex(KW_KEK).as_slice()).expect("kek");
+        let w = kek.wrap_vec(&unhex(KW_KEY)).expect("wrap");
+        assert_eq!(hex::encode(w), KW_WRAPPED);
+        assert_eq!(
+            kek.unwrap_vec(&unhex(KW_WRAPPED)).expect("unwrap"),
+            unhex(KW_KEY)
+        );
     }
 }

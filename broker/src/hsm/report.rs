@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::{
     mac,
     probe::{
-        BYOK_TEMPLATE, Capabilities, ECDSA_P256, ECDSA_P384, KEY_ATTRIBUTES, OAEP_SHA1,
+        AES_KW, BYOK_TEMPLATE, Capabilities, ECDSA_P256, ECDSA_P384, KEY_ATTRIBUTES, OAEP_SHA1,
         OAEP_SHA256, RSA_PKCS_SIGN, RSA_PSS_SIGN,
     },
 };
@@ -45,9 +45,10 @@ impl From<Required> for &'static str {
 }
 
 /// The names `[hsm] required_algorithms` accepts.
-pub const REQUIRED_NAMES: [&str; 7] = [
+pub const REQUIRED_NAMES: [&str; 8] = [
     "aes-256-gcm",
     "aes-kwp",
+    "aes-kw",
     "rsa-oaep-sha256",
     "rsa-oaep-sha1",
     "rsa-oaep",
@@ -101,6 +102,7 @@ impl Required {
                 let mech = match a {
                     Algorithm::Aes256Gcm => "CKM_AES_GCM",
                     Algorithm::AesKeyWrapPad => "CKM_AES_KEY_WRAP_KWP/CKM_AES_KEY_WRAP_PAD",
+                    Algorithm::AesKeyWrap => AES_KW,
                     Algorithm::RsaOaepSha256 | Algorithm::RsaOaepSha1 => "CKM_RSA_PKCS_OAEP",
                     Algorithm::RsaSign => "CKM_RSA_PKCS/CKM_RSA_PKCS_PSS",
                     Algorithm::Ecdsa => "CKM_ECDSA",
@@ -264,7 +266,15 @@ pub fn mechanism_rows(caps: &Capabilities) -> Vec<MechanismRow> {
             used_for: "aes-256 keys with aes-kwp (RFC 5649)",
         });
     }
+    let kw_listed = listed(caps, AES_KW);
     rows.extend([
+        MechanismRow {
+            mechanism: AES_KW.into(),
+            listed: kw_listed,
+            test: test_result(caps, kw_listed, AES_KW, caps.aes_kw),
+            usable: caps.aes_kw,
+            used_for: "aes-256 keys with aes-kw (RFC 3394)",
+        },
         keygen(
             "CKM_RSA_PKCS_KEY_PAIR_GEN",
             caps.rsa_keygen,

@@ -8,7 +8,7 @@
 //! | algorithm        | object          | roles set TRUE      | roles forced FALSE                    |
 //! |------------------|-----------------|---------------------|---------------------------------------|
 //! | AES-256-GCM      | secret key      | ENCRYPT, DECRYPT    | WRAP, UNWRAP, SIGN, VERIFY, DERIVE    |
-//! | AES-KWP          | secret key      | WRAP, UNWRAP        | ENCRYPT, DECRYPT, SIGN, VERIFY, DERIVE|
+//! | AES-KWP, AES-KW  | secret key      | WRAP, UNWRAP        | ENCRYPT, DECRYPT, SIGN, VERIFY, DERIVE|
 //! | RSA-OAEP         | private key     | DECRYPT             | UNWRAP, SIGN, SIGN_RECOVER, DERIVE    |
 //! |                  | public key      | ENCRYPT             | WRAP, VERIFY, VERIFY_RECOVER, DERIVE  |
 //! | RSA signing      | private key     | SIGN                | DECRYPT, UNWRAP, SIGN_RECOVER, DERIVE |
@@ -94,7 +94,7 @@ fn extractability(backup: bool) -> Vec<Attribute> {
 fn roles(alg: Algorithm) -> (bool, bool, bool, bool) {
     match alg {
         Algorithm::Aes256Gcm => (true, true, false, false),
-        Algorithm::AesKeyWrapPad => (false, false, true, true),
+        Algorithm::AesKeyWrapPad | Algorithm::AesKeyWrap => (false, false, true, true),
         Algorithm::RsaOaepSha256 | Algorithm::RsaOaepSha1 => (false, true, false, false),
         Algorithm::RsaSign | Algorithm::Ecdsa => (false, false, false, false),
     }
@@ -636,6 +636,23 @@ mod tests {
         );
         assert!(kwp.contains(&Attribute::Unwrap(true)) && kwp.contains(&Attribute::Encrypt(false)));
         assert!(kwp.contains(&Attribute::WrapWithTrusted(true)), "backup on");
+        // RFC 3394 keys: the same wrap/unwrap-only roles as KWP, but their own one mechanism.
+        let kw = byok_forced(
+            Algorithm::AesKeyWrap,
+            MechanismType::AES_KEY_WRAP,
+            false,
+            true,
+        );
+        for a in [
+            Attribute::Wrap(true),
+            Attribute::Unwrap(true),
+            Attribute::Encrypt(false),
+            Attribute::Decrypt(false),
+            Attribute::Extractable(false),
+            Attribute::AllowedMechanisms(vec![MechanismType::AES_KEY_WRAP]),
+        ] {
+            assert!(kw.contains(&a), "{a:?} not forced: {kw:?}");
+        }
         let legacy = byok_forced(Algorithm::Aes256Gcm, MechanismType::AES_GCM, false, false);
         assert!(
             !legacy

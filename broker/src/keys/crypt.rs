@@ -710,6 +710,7 @@ pub(crate) fn new_params(
             (WrapParams::Gcm { iv, aad }, header)
         }
         Algorithm::AesKeyWrapPad => (WrapParams::Kwp, envelope::header(alg, id, &[])),
+        Algorithm::AesKeyWrap => (WrapParams::Kw, envelope::header(alg, id, &[])),
         Algorithm::RsaOaepSha256 => (WrapParams::OaepSha256, envelope::header(alg, id, &[])),
         Algorithm::RsaOaepSha1 => (WrapParams::OaepSha1, envelope::header(alg, id, &[])),
         // A signing key's operations never include wrapping (`KeyOp::fits`), so `check` refused
@@ -731,6 +732,7 @@ pub(crate) fn params_for(
             aad: envelope::gcm_aad(env.header, aad),
         },
         Algorithm::AesKeyWrapPad => WrapParams::Kwp,
+        Algorithm::AesKeyWrap => WrapParams::Kw,
         Algorithm::RsaOaepSha256 => WrapParams::OaepSha256,
         Algorithm::RsaOaepSha1 => WrapParams::OaepSha1,
         // Never an envelope's algorithm (`Algorithm::from_id`).

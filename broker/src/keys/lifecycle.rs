@@ -793,7 +793,7 @@ impl Keyring {
             }
         };
         let algorithm = algorithm.unwrap_or(Algorithm::Aes256Gcm);
-        if !matches!(algorithm, Algorithm::Aes256Gcm | Algorithm::AesKeyWrapPad) {
+        if !matches!(algorithm, Algorithm::Aes256Gcm) && !algorithm.is_key_wrap() {
             return Err(Invalid::ImportKeyAlgorithm(algorithm).into());
         }
         let algorithm = self.resolve_algorithm(KeyType::Aes256, Some(algorithm))?;

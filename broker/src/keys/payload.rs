@@ -278,7 +278,10 @@ impl Keyring {
                 };
                 (params, envelope::payload_header(alg, version.id, &[]))
             }
-            Algorithm::AesKeyWrapPad | Algorithm::RsaSign | Algorithm::Ecdsa => {
+            Algorithm::AesKeyWrapPad
+            | Algorithm::AesKeyWrap
+            | Algorithm::RsaSign
+            | Algorithm::Ecdsa => {
                 return Err(not_for_payloads(&entry));
             }
         };
@@ -333,7 +336,10 @@ impl Keyring {
             },
             Algorithm::RsaOaepSha256 => WrapParams::OaepSha256,
             Algorithm::RsaOaepSha1 => WrapParams::OaepSha1,
-            Algorithm::AesKeyWrapPad | Algorithm::RsaSign | Algorithm::Ecdsa => {
+            Algorithm::AesKeyWrapPad
+            | Algorithm::AesKeyWrap
+            | Algorithm::RsaSign
+            | Algorithm::Ecdsa => {
                 return Err(BrokerError::UnauthenticCiphertext);
             }
         };

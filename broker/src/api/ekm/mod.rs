@@ -241,7 +241,7 @@ pub mod codes {
     pub const INVALID_REQUEST: &str = "InvalidRequest";
     /// 400: `api-version` missing or not `0.1-preview`.
     pub const UNSUPPORTED_API_VERSION: &str = "UnsupportedApiVersion";
-    /// 400: `alg` is not the key's algorithm (or `A256KW`).
+    /// 400: `alg` is not the key's algorithm (`A256KW` on an `aes-kwp` key, say).
     pub const UNSUPPORTED_ALGORITHM: &str = "UnsupportedAlgorithm";
     /// 400: the wrapped key does not unwrap under this key.
     pub const INVALID_CIPHERTEXT: &str = "InvalidCiphertext";

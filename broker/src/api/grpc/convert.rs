@@ -15,6 +15,7 @@ pub(super) fn algorithm_to_pb(a: Algorithm) -> pb::Algorithm {
     match a {
         Algorithm::Aes256Gcm => pb::Algorithm::Aes256Gcm,
         Algorithm::AesKeyWrapPad => pb::Algorithm::AesKeyWrapPad,
+        Algorithm::AesKeyWrap => pb::Algorithm::AesKeyWrap,
         Algorithm::RsaOaepSha256 => pb::Algorithm::RsaOaepSha256,
         Algorithm::RsaOaepSha1 => pb::Algorithm::RsaOaepSha1,
         Algorithm::RsaSign => pb::Algorithm::RsaSign,
@@ -27,6 +28,7 @@ pub(super) fn algorithm_from_pb(v: i32) -> Result<Option<Algorithm>, BrokerError
         Ok(pb::Algorithm::Unspecified) => Ok(None),
         Ok(pb::Algorithm::Aes256Gcm) => Ok(Some(Algorithm::Aes256Gcm)),
         Ok(pb::Algorithm::AesKeyWrapPad) => Ok(Some(Algorithm::AesKeyWrapPad)),
+        Ok(pb::Algorithm::AesKeyWrap) => Ok(Some(Algorithm::AesKeyWrap)),
         Ok(pb::Algorithm::RsaOaepSha256) => Ok(Some(Algorithm::RsaOaepSha256)),
         Ok(pb::Algorithm::RsaOaepSha1) => Ok(Some(Algorithm::RsaOaepSha1)),
         Ok(pb::Algorithm::RsaSign) => Ok(Some(Algorithm::RsaSign)),

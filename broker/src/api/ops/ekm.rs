@@ -6,16 +6,17 @@
 //! * **Keys.** A path prefix maps to a tenant; `{key-name}` names a key of that tenant. A name
 //!   keybroker cannot hold is a key that does not exist (404).
 //! * **Algorithms.** Each keybroker key has one wrapping algorithm, and an EKM request must
-//!   name it: `A256KWP` for an `aes-kwp` key (RFC 5649), `RSA-OAEP-256` for an
-//!   `rsa-oaep-sha256` key, `RSA-OAEP` for an `rsa-oaep-sha1` key. Anything else — `A256KW`
-//!   (RFC 3394, which keybroker has no key algorithm for yet) or another key's algorithm — is
-//!   refused before the HSM is called (400 `UnsupportedAlgorithm`). An AES-256-GCM key has no
-//!   EKM algorithm at all: its metadata is refused the same way.
+//!   name it: `A256KWP` for an `aes-kwp` key (RFC 5649), `A256KW` for an `aes-kw` key
+//!   (RFC 3394), `RSA-OAEP-256` for an `rsa-oaep-sha256` key, `RSA-OAEP` for an `rsa-oaep-sha1`
+//!   key. Anything else — another key's algorithm, `A256KW` on an `aes-kwp` key or the reverse —
+//!   is refused before the HSM is called (400 `UnsupportedAlgorithm`). An AES-256-GCM key has
+//!   no EKM algorithm at all: its metadata is refused the same way.
 //! * **Raw outputs.** The reference wants the algorithm's standard output, so that any library
 //!   unwraps it with the same key material: wrap answers the ciphertext of keybroker's envelope
-//!   without its header (`envelope.rs`: for KWP the RFC 5649 output, for OAEP the one
-//!   modulus-sized block). Unwrap rebuilds the envelope for the key's versions, newest first,
-//!   until one unwraps (KWP's integrity check and OAEP's padding check tell a wrong version):
+//!   without its header (`envelope.rs`: for KWP the RFC 5649 output, for KW the RFC 3394
+//!   output, for OAEP the one modulus-sized block). Unwrap rebuilds the envelope for the key's
+//!   versions, newest first, until one unwraps (the key wraps' integrity checks and OAEP's
+//!   padding check tell a wrong version):
 //!   a key wrapped before a rotation still unwraps. Every failure is one
 //!   `InvalidCiphertext`: no oracle on which check failed.
 //! * **Sizes.** What keybroker wraps are DEKs: 16 to 64 bytes, a multiple of 8
@@ -59,13 +60,13 @@ impl EkmAlgorithm {
         }
     }
 
-    /// The keybroker key algorithm that performs it, if any.
-    fn key_algorithm(self) -> Option<Algorithm> {
+    /// The keybroker key algorithm that performs it.
+    fn key_algorithm(self) -> Algorithm {
         match self {
-            Self::A256Kw => None,
-            Self::A256Kwp => Some(Algorithm::AesKeyWrapPad),
-            Self::RsaOaep256 => Some(Algorithm::RsaOaepSha256),
-            Self::RsaOaep => Some(Algorithm::RsaOaepSha1),
+            Self::A256Kw => Algorithm::AesKeyWrap,
+            Self::A256Kwp => Algorithm::AesKeyWrapPad,
+            Self::RsaOaep256 => Algorithm::RsaOaepSha256,
+            Self::RsaOaep => Algorithm::RsaOaepSha1,
         }
     }
 }
@@ -74,7 +75,7 @@ impl EkmAlgorithm {
 pub fn unsupported_algorithm() -> BrokerError {
     Invalid::Value {
         field: "alg",
-        expected: "the key's own algorithm: A256KWP for an aes-kwp key, RSA-OAEP-256 for an rsa-oaep-sha256 key, RSA-OAEP for an rsa-oaep-sha1 key (A256KW is not supported)",
+        expected: "the key's own algorithm: A256KWP for an aes-kwp key, A256KW for an aes-kw key, RSA-OAEP-256 for an rsa-oaep-sha256 key, RSA-OAEP for an rsa-oaep-sha1 key",
     }
     .into()
 }
@@ -147,9 +148,10 @@ pub struct EkmUnwrap {
 
 /// Refuses an algorithm the key's own algorithm is not.
 fn check_algorithm(key: Algorithm, alg: EkmAlgorithm) -> Result<(), BrokerError> {
-    match alg.key_algorithm() {
-        Some(a) if a == key => Ok(()),
-        _ => Err(unsupported_algorithm()),
+    if alg.key_algorithm() == key {
+        Ok(())
+    } else {
+        Err(unsupported_algorithm())
     }
 }
 
@@ -182,7 +184,7 @@ impl Operation for EkmMetadata {
             call.note_version(v.number);
         }
         match (entry.key_type, entry.algorithm) {
-            (KeyType::Aes256, Algorithm::AesKeyWrapPad) => Ok(EkmKeyMetadata {
+            (KeyType::Aes256, alg) if alg.is_key_wrap() => Ok(EkmKeyMetadata {
                 key_type: "oct",
                 key_size: 256,
                 rsa: None,
@@ -296,10 +298,14 @@ mod tests {
         assert_eq!(EkmAlgorithm::parse("a256kwp"), None);
         assert_eq!(EkmAlgorithm::parse("RS256"), None);
         assert!(check_algorithm(Algorithm::AesKeyWrapPad, EkmAlgorithm::A256Kwp).is_ok());
+        assert_eq!(EkmAlgorithm::parse("A256KW"), Some(EkmAlgorithm::A256Kw));
+        assert!(check_algorithm(Algorithm::AesKeyWrap, EkmAlgorithm::A256Kw).is_ok());
         assert!(check_algorithm(Algorithm::RsaOaepSha1, EkmAlgorithm::RsaOaep).is_ok());
         assert!(check_algorithm(Algorithm::RsaOaepSha256, EkmAlgorithm::RsaOaep256).is_ok());
         for (k, a) in [
             (Algorithm::AesKeyWrapPad, EkmAlgorithm::A256Kw),
+            (Algorithm::AesKeyWrap, EkmAlgorithm::A256Kwp),
+            (Algorithm::Aes256Gcm, EkmAlgorithm::A256Kw),
             (Algorithm::Aes256Gcm, EkmAlgorithm::A256Kwp),
             (Algorithm::RsaOaepSha1, EkmAlgorithm::RsaOaep256),
             (Algorithm::RsaOaepSha256, EkmAlgorithm::RsaOaep),
