@@ -699,6 +699,7 @@ async fn create_key(
             key_type: kt.into(),
             algorithm: alg.into(),
             attributes: None,
+            external: None,
         })
         .await
         .map(|k| k.into_inner())
