@@ -818,6 +818,7 @@ async fn bench(args: Args) -> Result<(), String> {
                 }),
                 ..Default::default()
             }),
+            external: None,
         })
         .await
         .map_err(|e| format!("create bench/xks: {e}"))?;
