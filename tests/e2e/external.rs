@@ -161,13 +161,56 @@ async fn a_managed_broker_wraps_through_the_hyok_broker_and_the_kill_switch_eras
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("external key"), "{e:?}");
 
+    // Nor does a rewrap into it, nor may it allow more than wrap, unwrap and generate.
+    create(
+        &mut c,
+        "m/local",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Aes256Gcm,
+    )
+    .await;
+    let local = wrap(&mut c, "m/local", &dek, b"")
+        .await
+        .expect("local wrap");
+    let e = c
+        .broker
+        .rewrap(pb::RewrapRequest {
+            key: "m/local".into(),
+            envelope: local.wrapped_key,
+            destination_key: "m/customer-kek".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("no rewrap into an external key");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("external key"), "{e:?}");
+    let e = c
+        .mgmt
+        .update_key(pb::UpdateKeyRequest {
+            key: "m/customer-kek".into(),
+            attributes: Some(pb::KeyAttributes {
+                operations: Some(pb::KeyOperations {
+                    operations: vec![
+                        pb::KeyOperation::Wrap.into(),
+                        pb::KeyOperation::Unwrap.into(),
+                        pb::KeyOperation::Rewrap.into(),
+                    ],
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("an external key does not allow rewrap");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
     // The HYOK side audited the wraps (EkmWrapKey) under the request ids the managed side's
     // audit records name as the remote's.
     let managed_records = audit(&managed_env);
     let wrap_rec = managed_records
         .iter()
         .rev()
-        .find(|r| r["op"] == "WrapKey" && r["outcome"] == "OK")
+        .find(|r| r["op"] == "WrapKey" && r["outcome"] == "OK" && r["key"] == "m/customer-kek")
         .expect("the managed side's WrapKey record");
     let ext = &wrap_rec["detail"]["external"][0];
     assert_eq!(ext["proxy"], "hyok", "{wrap_rec}");
@@ -197,6 +240,17 @@ async fn a_managed_broker_wraps_through_the_hyok_broker_and_the_kill_switch_eras
     assert!(
         e.message().contains("hyok") && e.message().contains("ExternalKeyAccessDisconnected"),
         "{e:?}"
+    );
+    // The managed side's record says which proxy refused.
+    let refused = audit(&managed_env)
+        .into_iter()
+        .rev()
+        .find(|r| r["op"] == "UnwrapKey")
+        .expect("the refused unwrap's record");
+    assert_eq!(refused["outcome"], "FAILED_PRECONDITION", "{refused}");
+    assert_eq!(
+        refused["detail"]["external"][0]["proxy"], "hyok",
+        "{refused}"
     );
     let e = wrap(&mut c, "m/customer-kek", &dek, b"")
         .await
@@ -275,4 +329,21 @@ async fn a_managed_broker_wraps_through_the_hyok_broker_and_the_kill_switch_eras
         .expect("get after restart")
         .into_inner();
     assert_eq!(k.state, pb::KeyState::Enabled as i32);
+    // Deleting and purging it destroys nothing in this HSM (there is nothing of it here).
+    c.mgmt
+        .delete_key(pb::DeleteKeyRequest {
+            key: "m/customer-kek".into(),
+        })
+        .await
+        .expect("delete");
+    let r = c
+        .mgmt
+        .purge_key(pb::PurgeKeyRequest {
+            key: "m/customer-kek".into(),
+        })
+        .await
+        .expect("purge")
+        .into_inner();
+    assert_eq!((r.versions, r.objects_destroyed), (vec![1], 0));
+    managed.stop().await;
 }

@@ -21,6 +21,7 @@ use super::{KeyEntry, Keyring, PublicKeyInfo, Unwrapped, VersionEntry, Wrapped};
 use crate::{
     envelope::{self, GCM_IV_LEN},
     error::{BrokerError, Invalid, NotFound, Refused},
+    external::Answered,
     hsm::{HsmError, RequestScope, WrapParams},
     model::{
         Algorithm, DEFAULT_DEK_LEN, Dek, ExternalRef, KeyName, KeyOp, MAX_AAD_LEN, VersionId,
@@ -454,14 +455,8 @@ impl Keyring {
         let mut notes = Vec::new();
         for ((index, sealing, dek), answer) in work.into_iter().zip(answers) {
             let r = answer.and_then(|(x, proxy, a)| {
-                let a = a?;
-                notes.push(remote_note(
-                    &sealing.entry.name,
-                    &x,
-                    proxy.name(),
-                    &a.remote_request_id,
-                ));
-                Ok(a.value)
+                notes.push(remote_note(&sealing.entry.name, &x, proxy.name(), &a));
+                Ok(a?.value)
             });
             results[index] = Some(r.map(|ct| {
                 self.bump(sealing.version.id, true);
@@ -502,13 +497,8 @@ impl Keyring {
         let mut notes = Vec::new();
         for ((index, r), answer) in work.into_iter().zip(answers) {
             let out = answer.and_then(|(x, proxy, a)| {
+                notes.push(remote_note(&r.entry.name, &x, proxy.name(), &a));
                 let a = a?;
-                notes.push(remote_note(
-                    &r.entry.name,
-                    &x,
-                    proxy.name(),
-                    &a.remote_request_id,
-                ));
                 if check_dek_len(a.value.len()).is_err() {
                     return Err(BrokerError::Unauthentic);
                 }
@@ -785,14 +775,24 @@ pub(crate) fn refuse_external(entry: &KeyEntry, what: &'static str) -> Result<()
     Ok(())
 }
 
-/// One remote call as the request's audit record notes it.
-fn remote_note(key: &KeyName, x: &ExternalRef, proxy: &str, rid: &str) -> serde_json::Value {
-    serde_json::json!({
+/// One remote call as the request's audit record notes it: the remote request id of an
+/// answered call, the error of one that failed (never key material).
+fn remote_note<T>(
+    key: &KeyName,
+    x: &ExternalRef,
+    proxy: &str,
+    answer: &Result<Answered<T>, BrokerError>,
+) -> serde_json::Value {
+    let mut note = serde_json::json!({
         "key": key.to_string(),
         "proxy": proxy,
         "remote_key": x.remote_key,
-        "remote_request_id": rid,
-    })
+    });
+    match answer {
+        Ok(a) => note["remote_request_id"] = a.remote_request_id.clone().into(),
+        Err(e) => note["error"] = e.public_message().into(),
+    }
+    note
 }
 
 /// Puts the remote calls made into the request's audit record (`detail.external`).
