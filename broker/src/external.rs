@@ -713,3 +713,208 @@ mod tests {
         assert!(parse_url("https://hyok.example/a?b=c").is_err());
     }
 }
+
+/// The client against a scripted TLS 1.3 server: the retry rule and the error mapping, on the
+/// wire (the end-to-end suite runs it against a real keybroker EKM door).
+#[cfg(test)]
+mod wire_tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use hsm_fixtures::pki::TestPki;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// What the server does with one request.
+    enum Reply {
+        /// Answers this status and JSON body (and closes the connection).
+        Answer(u16, &'static str),
+        /// Reads the request, then closes the connection without answering.
+        HangUp,
+        /// Reads the request and never answers.
+        Silent,
+    }
+
+    const METADATA: &str = r#"{"key_type":"oct","key_size":256,"key_ops":["wrapKey","unwrapKey"]}"#;
+
+    /// A server answering the scripted replies, one connection each; the requests it read.
+    async fn server(pki: &TestPki, replies: Vec<Reply>) -> (u16, Arc<AtomicUsize>) {
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(&pki.server.cert_path)
+                .expect("cert")
+                .collect::<Result<_, _>>()
+                .expect("cert");
+        let key = PrivateKeyDer::from_pem_file(&pki.server.key_path).expect("key");
+        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let count = seen.clone();
+        tokio::spawn(async move {
+            for reply in replies {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(mut s) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                // The head, then the body its Content-Length announces.
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_lowercase();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if body.len() >= len {
+                            break;
+                        }
+                    }
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                match reply {
+                    Reply::Answer(status, body) => {
+                        let head = format!(
+                            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n\
+                             Content-Length: {}\r\nx-request-id: remote-{status}\r\n\
+                             Connection: close\r\n\r\n",
+                            body.len()
+                        );
+                        let _ = s.write_all(head.as_bytes()).await;
+                        let _ = s.write_all(body.as_bytes()).await;
+                        let _ = s.shutdown().await;
+                    }
+                    Reply::HangUp => drop(s),
+                    Reply::Silent => {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                    }
+                }
+            }
+        });
+        (port, seen)
+    }
+
+    fn proxy(pki: &TestPki, port: u16, budget_ms: u64) -> Proxy {
+        let cfg = ExternalProxyConfig {
+            name: "p".into(),
+            url: format!("https://localhost:{port}/contoso"),
+            ca_file: pki.ca.cert_path.clone(),
+            client_cert_file: pki.client.cert_path.clone(),
+            client_key_file: pki.client.key_path.clone(),
+            server_name: None,
+            call_budget_ms: budget_ms,
+            pool_name: None,
+        };
+        Proxy::load(&cfg, &|p| p.to_path_buf()).expect("proxy")
+    }
+
+    fn pki() -> (tempfile::TempDir, TestPki) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = TestPki::generate(dir.path()).expect("pki");
+        (dir, pki)
+    }
+
+    #[tokio::test]
+    async fn a_503_is_retried_once_within_the_budget() {
+        let (_d, pki) = pki();
+        let (port, seen) = server(
+            &pki,
+            vec![
+                Reply::Answer(503, r#"{"code":"ServiceUnavailable","message":"busy"}"#),
+                Reply::Answer(200, METADATA),
+            ],
+        )
+        .await;
+        let m = proxy(&pki, port, 5000)
+            .metadata("k")
+            .await
+            .unwrap_or_else(|e| panic!("metadata after a 503: {e}"));
+        assert_eq!(m.value.algorithm, Algorithm::AesKeyWrapPad);
+        assert_eq!(m.remote_request_id, "remote-200");
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_request_that_was_sent_is_never_repeated() {
+        let (_d, pki) = pki();
+        let (port, seen) = server(&pki, vec![Reply::HangUp, Reply::Answer(200, METADATA)]).await;
+        let e = proxy(&pki, port, 5000)
+            .metadata("k")
+            .await
+            .err()
+            .expect("the connection closed after the request was sent");
+        assert!(matches!(e, BrokerError::Unavailable(_)), "{e}");
+        assert_eq!(seen.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn refusals_map_to_their_codes() {
+        let (_d, pki) = pki();
+        let (port, _) = server(
+            &pki,
+            vec![
+                Reply::Answer(
+                    403,
+                    r#"{"code":"ExternalKeyAccessDisconnected","message":"off"}"#,
+                ),
+                Reply::Answer(404, r#"{"code":"KeyNotFound","message":"no"}"#),
+                Reply::Answer(400, r#"{"code":"InvalidCiphertext","message":"bad"}"#),
+                Reply::Answer(500, r#"{"code":"InternalError","message":"oops"}"#),
+            ],
+        )
+        .await;
+        let p = proxy(&pki, port, 5000);
+        let e = p.metadata("k").await.err().expect("403");
+        assert!(
+            matches!(&e, BrokerError::Refused(Refused::ExternalRefused { status: 403, code, .. }) if code == "ExternalKeyAccessDisconnected"),
+            "{e}"
+        );
+        let e = p.metadata("k").await.err().expect("404");
+        assert!(
+            matches!(&e, BrokerError::Refused(Refused::RemoteKeyNotFound { .. })),
+            "{e}"
+        );
+        let e = p
+            .unwrap("k", Algorithm::AesKeyWrapPad, &[0u8; 40])
+            .await
+            .err()
+            .expect("400");
+        assert!(matches!(e, BrokerError::Unauthentic), "{e}");
+        let e = p.metadata("k").await.err().expect("500");
+        assert!(matches!(e, BrokerError::Unavailable(_)), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_proxy_is_unavailable_within_the_budget() {
+        let (_d, pki) = pki();
+        let (port, seen) = server(&pki, vec![Reply::Silent]).await;
+        let started = Instant::now();
+        let e = proxy(&pki, port, 200)
+            .metadata("k")
+            .await
+            .err()
+            .expect("no answer");
+        assert!(matches!(e, BrokerError::Unavailable(_)), "{e}");
+        assert!(e.to_string().contains("no answer within"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(seen.load(Ordering::SeqCst), 1);
+    }
+}
