@@ -27,7 +27,7 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -38,6 +38,7 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
 use serde::{Deserialize, Serialize};
 use tokio_rustls::TlsConnector;
+use tonic::Code;
 use zeroize::Zeroizing;
 
 use crate::{
@@ -138,6 +139,12 @@ pub fn check(
     Ok(ExternalProxies::load(cfgs, resolve)?.names())
 }
 
+/// Told of every remote call (the metrics implement it), as `hsm::HsmObserver` is of HSM calls.
+pub trait ExternalObserver: Send + Sync {
+    /// One remote call (its retry included) to `proxy` finished with `code` after `elapsed`.
+    fn external_call(&self, proxy: &str, operation: &'static str, code: Code, elapsed: Duration);
+}
+
 /// Every configured proxy, by name.
 #[derive(Default)]
 pub struct ExternalProxies {
@@ -159,6 +166,13 @@ impl ExternalProxies {
             }
         }
         Ok(Self { proxies })
+    }
+
+    /// Sets who is told of every remote call (once, at start-up).
+    pub fn set_observer(&self, observer: Arc<dyn ExternalObserver>) {
+        for p in self.proxies.values() {
+            let _ = p.observer.set(observer.clone());
+        }
     }
 
     /// The proxies' names, sorted.
@@ -187,6 +201,7 @@ pub struct Proxy {
     budget: Duration,
     pool_name: String,
     idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
+    observer: OnceLock<Arc<dyn ExternalObserver>>,
 }
 
 /// What the remote key is, from its metadata.
@@ -334,6 +349,7 @@ impl Proxy {
             budget: Duration::from_millis(c.call_budget_ms),
             pool_name: c.pool_name.clone().unwrap_or_else(|| c.name.clone()),
             idle: Mutex::new(Vec::new()),
+            observer: OnceLock::new(),
         })
     }
 
@@ -507,13 +523,18 @@ impl Proxy {
             }
             Err(last.unwrap_or_else(|| self.unavailable("no attempt made".into())))
         };
-        match tokio::time::timeout_at(deadline.into(), attempts).await {
+        let result = match tokio::time::timeout_at(deadline.into(), attempts).await {
             Ok(r) => r,
             Err(_) => Err(self.unavailable(format!(
                 "no answer within {} ms",
                 deadline.saturating_duration_since(start).as_millis()
             ))),
+        };
+        if let Some(o) = self.observer.get() {
+            let code = result.as_ref().map_or_else(BrokerError::code, |_| Code::Ok);
+            o.external_call(&self.name, op.path(), code, start.elapsed());
         }
+        result
     }
 
     /// One attempt: a connection (pooled or new), the request, the answer. `Ok(Err)` is an

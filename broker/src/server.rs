@@ -334,6 +334,7 @@ pub async fn run(
     }
     keyring.spawn_change_listener();
     keyring.attach_audit(audit.clone());
+    external.set_observer(metrics.clone());
     keyring.attach_external(external);
     for r in &report.finished_destructions {
         keyring.write_receipt(r).await?;

@@ -87,7 +87,10 @@ async fn a_managed_broker_wraps_through_the_hyok_broker_and_the_kill_switch_eras
 
     // The managed side: its own token; the HYOK door as a proxy, and the same door with a
     // client certificate whose CN the door does not accept.
-    let managed_env = Env::new();
+    let managed_env = Env::with(Options {
+        sections: "[metrics]\nlisten = \"127.0.0.1:0\"\n".into(),
+        ..Default::default()
+    });
     let sections = format!(
         "{}{}",
         proxy_section(&hyok_env, "hyok", door, MHSM_CN),
@@ -252,6 +255,15 @@ async fn a_managed_broker_wraps_through_the_hyok_broker_and_the_kill_switch_eras
         refused["detail"]["external"][0]["proxy"], "hyok",
         "{refused}"
     );
+    // And its metrics count the proxy's refusals apart from its successes.
+    let (status, page) = managed.http_get("/metrics").await;
+    assert_eq!(status, 200);
+    for series in [
+        r#"keybroker_external_calls_total{proxy="hyok",operation="unwrapkey",grpc_code="FailedPrecondition"}"#,
+        r#"keybroker_external_calls_total{proxy="hyok",operation="wrapkey",grpc_code="OK"}"#,
+    ] {
+        assert!(page.contains(series), "{series} in:\n{page}");
+    }
     let e = wrap(&mut c, "m/customer-kek", &dek, b"")
         .await
         .expect_err("wrap while disconnected");
