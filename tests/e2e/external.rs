@@ -145,6 +145,45 @@ async fn a_managed_broker_wraps_through_the_hyok_broker_and_the_kill_switch_eras
         .await
         .expect("unwrap");
     assert_eq!(u.plaintext, dek);
+    // A batch mixing external and local keys runs through the same keyring code: each item
+    // on its own path (the local key's envelope from the HSM, the external ones remotely).
+    create(
+        &mut c,
+        "m/local",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Aes256Gcm,
+    )
+    .await;
+    let local = wrap(&mut c, "m/local", &dek, b"")
+        .await
+        .expect("local wrap");
+    let item = |key: &str, env: &[u8]| pb::UnwrapKeyRequest {
+        key: key.into(),
+        wrapped: Some(pb::unwrap_key_request::Wrapped::Envelope(env.to_vec())),
+        ..Default::default()
+    };
+    let batch = c
+        .broker
+        .batch_unwrap_key(pb::BatchUnwrapKeyRequest {
+            items: vec![
+                item("m/customer-kek", &g.wrapped_key),
+                item("m/local", &local.wrapped_key),
+                item("m/customer-kek", &w.wrapped_key),
+            ],
+            ..Default::default()
+        })
+        .await
+        .expect("batch unwrap")
+        .into_inner();
+    let got: Vec<Vec<u8>> = batch
+        .results
+        .into_iter()
+        .map(|r| match r.result {
+            Some(pb::unwrap_key_result::Result::Ok(x)) => x.plaintext,
+            other => panic!("batch item: {other:?}"),
+        })
+        .collect();
+    assert_eq!(got, vec![g.plaintext.clone(), dek.clone(), dek.clone()]);
     // A tampered envelope: the remote's 400 is the local unauthentic error.
     let mut bad = w.wrapped_key.clone();
     let last = bad.len() - 1;
@@ -165,16 +204,6 @@ async fn a_managed_broker_wraps_through_the_hyok_broker_and_the_kill_switch_eras
     assert!(e.message().contains("external key"), "{e:?}");
 
     // Nor does a rewrap into it, nor may it allow more than wrap, unwrap and generate.
-    create(
-        &mut c,
-        "m/local",
-        pb::KeyType::Aes256,
-        pb::Algorithm::Aes256Gcm,
-    )
-    .await;
-    let local = wrap(&mut c, "m/local", &dek, b"")
-        .await
-        .expect("local wrap");
     let e = c
         .broker
         .rewrap(pb::RewrapRequest {
@@ -227,6 +256,30 @@ async fn a_managed_broker_wraps_through_the_hyok_broker_and_the_kill_switch_eras
             .any(|r| r["op"] == "EkmWrapKey" && r["outcome"] == "OK" && r["request_id"] == rid),
         "the HYOK audit shows the wrap {rid}"
     );
+
+    // The customer disables the key on its side: refused as such (FAILED_PRECONDITION, the
+    // remote's KeyDisabled), until it enables it again.
+    for enabled in [false, true] {
+        hc.mgmt
+            .update_key(pb::UpdateKeyRequest {
+                key: format!("contoso/{REMOTE_KEY}"),
+                attributes: Some(pb::KeyAttributes {
+                    enabled: Some(enabled),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("enable/disable on the HYOK side");
+        let r = unwrap(&mut c, "m/customer-kek", &w.wrapped_key, b"").await;
+        if enabled {
+            assert_eq!(r.expect("unwrap once enabled again").plaintext, dek);
+        } else {
+            let e = r.expect_err("unwrap while the remote key is disabled");
+            assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+            assert!(e.message().contains("KeyDisabled"), "{e:?}");
+        }
+    }
 
     // The customer throws the kill switch: the managed side's unwraps fail at once, with
     // FAILED_PRECONDITION naming the proxy and the remote's refusal (not a timeout).
