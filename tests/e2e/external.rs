@@ -120,6 +120,28 @@ async fn a_managed_broker_wraps_through_the_hyok_broker_and_the_kill_switch_eras
         ("hyok", REMOTE_KEY)
     );
 
+    // The same from the command line.
+    let (ok, out, err) = crate::cli::cli(
+        &managed_env,
+        &managed,
+        &[
+            "key",
+            "create",
+            "m/cli-kek",
+            "--external",
+            "hyok",
+            "--remote-key",
+            REMOTE_KEY,
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert!(ok, "key create --external: {err}");
+    let j: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
+    assert_eq!(j["external"]["proxy"], "hyok", "{j}");
+    assert_eq!(j["algorithm"], "aes-kwp", "{j}");
+
     // GenerateDataKey and WrapKey, then UnwrapKey: through the managed broker's gRPC.
     let g = c
         .broker
