@@ -744,6 +744,7 @@ async fn create_key(
             key_type: kt.into(),
             algorithm: alg.into(),
             attributes: None,
+            external: None,
         })
         .await
         .map(|k| k.into_inner())
@@ -862,6 +863,7 @@ async fn bench(args: Args) -> Result<(), String> {
                 }),
                 ..Default::default()
             }),
+            external: None,
         })
         .await
         .map_err(|e| format!("create bench/xks: {e}"))?;

@@ -55,6 +55,10 @@ pub struct Config {
     /// The Azure Managed HSM EKM proxy door on its own HTTPS listener (off unless the section
     /// is present; `api::ekm::config`).
     pub ekm: Option<crate::api::ekm::config::EkmConfig>,
+    /// Remote EKM proxies external keys may live behind (`[[external_proxy]]`, see
+    /// `external`; none unless present).
+    #[serde(default)]
+    pub external_proxy: Vec<crate::external::ExternalProxyConfig>,
     /// The directory relative paths are resolved against (the config file's directory).
     #[serde(skip)]
     pub base_dir: PathBuf,

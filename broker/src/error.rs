@@ -380,6 +380,59 @@ pub enum Refused {
     /// The security domain cannot do this (none, incomplete, backup off, ...).
     #[error("{0}")]
     Domain(String),
+    /// An external key's remote EKM proxy refused (its key disabled, its owner's kill switch
+    /// thrown, the call not permitted): the remote's status and `code`, never key material.
+    #[error("external proxy {proxy} refused the request (HTTP {status}, {code}): {message}")]
+    ExternalRefused {
+        /// The `[[external_proxy]]` name.
+        proxy: String,
+        /// The HTTP status it answered.
+        status: u16,
+        /// Its `code`.
+        code: String,
+        /// Its `message` (printable, shortened).
+        message: String,
+    },
+    /// The remote EKM proxy has no such key.
+    #[error("external proxy {proxy} has no key {remote_key} (remote key not found)")]
+    RemoteKeyNotFound {
+        /// The `[[external_proxy]]` name.
+        proxy: String,
+        /// The key's name there.
+        remote_key: String,
+    },
+    /// No `[[external_proxy]]` of this name is configured.
+    #[error("no [[external_proxy]] named {0:?} is configured on this broker")]
+    UnknownProxy(String),
+    /// The remote key cannot back a keybroker key (its type, size or operations).
+    #[error("remote key {remote_key} of external proxy {proxy} cannot be used: {why}")]
+    RemoteKeyUnusable {
+        /// The `[[external_proxy]]` name.
+        proxy: String,
+        /// The key's name there.
+        remote_key: String,
+        /// Why.
+        why: String,
+    },
+    /// The remote EKM proxy refused the TLS handshake (this broker's client certificate), or
+    /// its certificate does not verify against the configured CA.
+    #[error(
+        "external proxy {proxy} refused the TLS handshake or is not the configured server: {why}"
+    )]
+    ExternalTls {
+        /// The `[[external_proxy]]` name.
+        proxy: String,
+        /// What TLS said.
+        why: String,
+    },
+    /// An external key does not do this (its material is not in this broker's HSM).
+    #[error("key {key} is an external key: it cannot {what}")]
+    ExternalKey {
+        /// The key.
+        key: KeyName,
+        /// What it was asked to do.
+        what: &'static str,
+    },
 }
 
 /// What already exists.
@@ -425,6 +478,15 @@ pub enum Unavailable {
     /// Other replicas kept changing the cache while this one read it.
     #[error("the key cache could not settle (changes kept arriving); retry")]
     Unsettled,
+    /// An external key's remote EKM proxy could not be reached, did not answer within the
+    /// call's budget, or failed (5xx).
+    #[error("external proxy {proxy} is unavailable ({why}); retry later")]
+    External {
+        /// The `[[external_proxy]]` name.
+        proxy: String,
+        /// What happened (no key material).
+        why: String,
+    },
 }
 
 /// What is at capacity.

@@ -34,6 +34,7 @@ pub mod client;
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub mod external;
 pub mod failpoint;
 pub mod fdlimit;
 pub mod health;

@@ -43,6 +43,7 @@ use prometheus_client::{
 use tonic::Code;
 
 use crate::{
+    external::ExternalObserver,
     health::HsmHealth,
     hsm::{FaultKind, HsmObserver},
     keys::Keyring,
@@ -72,6 +73,19 @@ struct FaultLabels {
     fault: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExternalLabels {
+    proxy: String,
+    operation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExternalCodeLabels {
+    proxy: String,
+    operation: String,
+    grpc_code: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn request_histogram() -> Histogram {
@@ -91,6 +105,8 @@ pub struct Metrics {
     hsm_errors: Family<FaultLabels, Counter>,
     audit_writes: Histogram,
     audit_errors: Counter,
+    external_calls: Family<ExternalCodeLabels, Counter>,
+    external_seconds: HistogramFamily<ExternalLabels>,
     sessions: Gauge,
     sessions_in_use: Gauge,
     session_waiters: Gauge,
@@ -195,6 +211,19 @@ impl Metrics {
             "Audit records that could not be written (each failed its request)",
             audit_errors.clone(),
         );
+        let external_calls = Family::<ExternalCodeLabels, Counter>::default();
+        registry.register(
+            "keybroker_external_calls",
+            "Calls to external keys' remote EKM proxies, by proxy, operation and the gRPC code they became",
+            external_calls.clone(),
+        );
+        let external_seconds: HistogramFamily<ExternalLabels> =
+            Family::new_with_constructor(request_histogram);
+        registry.register(
+            "keybroker_external_call_duration_seconds",
+            "Duration of one call to a remote EKM proxy, its retry included",
+            external_seconds.clone(),
+        );
         let gauge = |registry: &mut Registry, name: &str, help: &str| {
             let g = Gauge::default();
             registry.register(name, help, g.clone());
@@ -234,6 +263,8 @@ impl Metrics {
             hsm_errors,
             audit_writes,
             audit_errors,
+            external_calls,
+            external_seconds,
             sessions,
             sessions_in_use,
             session_waiters,
@@ -284,6 +315,24 @@ impl Metrics {
         let mut out = String::new();
         encode(&mut out, &self.registry)?;
         Ok(out)
+    }
+}
+
+impl ExternalObserver for Metrics {
+    fn external_call(&self, proxy: &str, operation: &'static str, code: Code, elapsed: Duration) {
+        self.external_calls
+            .get_or_create(&ExternalCodeLabels {
+                proxy: proxy.to_string(),
+                operation: operation.to_string(),
+                grpc_code: code_name(code),
+            })
+            .inc();
+        self.external_seconds
+            .get_or_create(&ExternalLabels {
+                proxy: proxy.to_string(),
+                operation: operation.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
     }
 }
 
@@ -396,6 +445,12 @@ mod tests {
             Duration::from_micros(80),
             Some(FaultKind::DataInvalid),
         );
+        m.external_call(
+            "hyok",
+            "unwrapkey",
+            Code::FailedPrecondition,
+            Duration::from_millis(3),
+        );
         let mut out = String::new();
         encode(&mut out, &m.registry).expect("encode");
         assert!(out.contains(
@@ -411,6 +466,18 @@ mod tests {
         assert!(
             out.contains(
                 r#"keybroker_hsm_call_errors_total{operation="unwrap",fault="data_invalid"} 1"#
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                r#"keybroker_external_calls_total{proxy="hyok",operation="unwrapkey",grpc_code="FailedPrecondition"} 1"#
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                r#"keybroker_external_call_duration_seconds_count{proxy="hyok",operation="unwrapkey"} 1"#
             ),
             "{out}"
         );

@@ -1111,6 +1111,10 @@ impl KeyOp {
     /// and all it may ever allow.
     pub const SIGNING: [KeyOp; 2] = [KeyOp::Sign, KeyOp::Verify];
 
+    /// What an external key does (and allows by default): the rest needs the key in this
+    /// broker's HSM.
+    pub const EXTERNAL: [KeyOp; 3] = [KeyOp::Wrap, KeyOp::Unwrap, KeyOp::GenerateDataKey];
+
     /// Whether a key of `algorithm` can ever do this operation: a signing key only signs and
     /// verifies, any other key never does (separate key types, separate HSM templates).
     pub fn fits(self, algorithm: Algorithm) -> bool {
@@ -1178,6 +1182,21 @@ pub struct KeyAttributes {
     pub rotation_period_ms: Option<i64>,
     /// Expiry of versions created by rotation (ms after creation).
     pub version_expiry_ms: Option<i64>,
+    /// An external key's reference: its versions live behind a remote EKM proxy, not in this
+    /// broker's HSM (`None`: a local key). Set at creation, never changed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalRef>,
+}
+
+/// Where an external key lives: a remote EKM proxy named in the configuration
+/// (`[[external_proxy]]`) and the key's name there (`docs/src/external-keys.md`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalRef {
+    /// The `[[external_proxy]]` name.
+    pub proxy: String,
+    /// The key's name at the proxy (`{key-name}` of the EKM API).
+    pub remote_key: String,
 }
 
 impl Default for KeyAttributes {
@@ -1192,6 +1211,7 @@ impl Default for KeyAttributes {
             purge_protection: false,
             rotation_period_ms: None,
             version_expiry_ms: None,
+            external: None,
         }
     }
 }

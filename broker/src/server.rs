@@ -265,6 +265,10 @@ pub async fn run(
     for n in &caps.notes {
         tracing::warn!(note = %n, "capability probe");
     }
+    // [[external_proxy]]: one HTTPS client each, built now (a file that does not load stops
+    // the start, as `check-config` reports it).
+    let external = crate::external::ExternalProxies::load(&cfg.external_proxy, &|p| cfg.path(p))
+        .map_err(StartError::Config)?;
     let store = open_store(&cfg).await?;
     tracing::info!(store = %store.describe(), shared = store.is_shared(), "metadata store open");
     let started = std::time::Instant::now();
@@ -331,6 +335,8 @@ pub async fn run(
     }
     keyring.spawn_change_listener();
     keyring.attach_audit(audit.clone());
+    external.set_observer(metrics.clone());
+    keyring.attach_external(external);
     for r in &report.finished_destructions {
         keyring.write_receipt(r).await?;
     }

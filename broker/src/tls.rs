@@ -202,7 +202,7 @@ pub struct CaDomains {
 }
 
 /// Reads a PEM bundle of CA certificates into a root store.
-fn roots_from(path: &Path) -> Result<rustls::RootCertStore, String> {
+pub(crate) fn roots_from(path: &Path) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
     let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("read client CA {}: {e}", path.display()))?

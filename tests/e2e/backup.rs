@@ -41,6 +41,7 @@ async fn create_kind(c: &mut Clients, name: &str, kt: pb::KeyType, alg: pb::Algo
             key_type: kt.into(),
             algorithm: alg.into(),
             attributes: None,
+            external: None,
         })
         .await
         .unwrap_or_else(|e| panic!("create {name}: {e:?}"));

@@ -6,7 +6,7 @@ use keybroker_proto::v1 as pb;
 use crate::common::*;
 
 /// Runs a client command against `b` as the test client: (success, stdout, stderr).
-async fn cli(env: &Env, b: &Broker, args: &[&str]) -> (bool, String, String) {
+pub(crate) async fn cli(env: &Env, b: &Broker, args: &[&str]) -> (bool, String, String) {
     cli_as(env, b, &env.pki.client, args).await
 }
 

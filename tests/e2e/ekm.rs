@@ -19,14 +19,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::common::*;
 
 /// The subject CN of the Managed HSM client certificate the door is configured for.
-const MHSM_CN: &str = "mhsm.contoso.example";
+pub(crate) const MHSM_CN: &str = "mhsm.contoso.example";
 const POOL: &str = "mhsm-pool-name";
 const V: &str = "?api-version=0.1-preview";
 
 /// An env whose broker serves `[ekm]` with prefix `/contoso` (tenant `contoso`), client
 /// certificates of the test CA with subject CN [`MHSM_CN`], and a policy binding `ekm:contoso`
 /// as a HYOK service identity (wrap and unwrap only).
-fn ekm_env() -> Env {
+pub(crate) fn ekm_env() -> Env {
     let policy = format!(
         r#"
 [[binding]]
@@ -70,7 +70,7 @@ justification = "CUSTOMER_INITIATED_ACCESS"
     env
 }
 
-fn mhsm_cert(env: &Env, stem: &str, cn: &str) -> Issued {
+pub(crate) fn mhsm_cert(env: &Env, stem: &str, cn: &str) -> Issued {
     env.pki
         .ca
         .issue(

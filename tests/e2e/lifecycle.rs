@@ -24,6 +24,7 @@ async fn create_with(
             key_type: pb::KeyType::Aes256.into(),
             algorithm: 0,
             attributes: Some(a),
+            external: None,
         })
         .await
         .map(|r| r.into_inner())

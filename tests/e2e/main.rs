@@ -10,6 +10,7 @@ mod cli;
 mod common;
 mod crash;
 mod ekm;
+mod external;
 mod faults;
 mod hostile;
 mod hygiene;

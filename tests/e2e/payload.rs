@@ -37,6 +37,7 @@ async fn create_with(
             key_type: kt.into(),
             algorithm: alg.into(),
             attributes,
+            external: None,
         })
         .await
         .map(|r| r.into_inner())

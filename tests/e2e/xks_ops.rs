@@ -83,6 +83,7 @@ async fn xks_operations_against_a_real_keyring() {
                 key_type: kt.into(),
                 algorithm: alg.into(),
                 attributes,
+                external: None,
             })
             .await
             .unwrap_or_else(|e| panic!("create {name}: {e:?}"));

@@ -464,6 +464,9 @@ impl Call {
         rec.outcome = Some(audit::outcome_name(result));
         rec.message = result.err().map(BrokerError::public_message);
         rec.latency_us = Some(latency_us);
+        // What the operation noted for the record (an external key's proxy and remote
+        // request ids).
+        rec.detail = self.scope.take_detail();
         out.push(rec);
         (out, request_id)
     }

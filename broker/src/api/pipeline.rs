@@ -275,7 +275,7 @@ impl Pipeline {
         // also bounds every HSM wait below (RequestScope).
         let timeout = timeout.map_or(sh.request_timeout, |t| t.min(sh.request_timeout));
         let deadline = work_deadline(received.unwrap_or(start).min(start), timeout);
-        let scope = RequestScope::new(Some(deadline));
+        let scope = RequestScope::new(Some(deadline)).with_request_id(&header_id);
         let span = tracing::info_span!("rpc", op = endpoint.op, request_id = %header_id);
         let mut call = Call::new(
             sh.keys.clone(),

@@ -89,6 +89,8 @@ pub async fn check_config(cfg: &Config, output: Output) -> Result<(), String> {
             }))
         }
     };
+    // [[external_proxy]]: URLs parse, TLS files (CA, client certificate and key) load.
+    let external = crate::external::check(&cfg.external_proxy, &|p| cfg.path(p))?;
     let store = probe_store(cfg).await?;
     let hsm = crate::server::open_hsm_unchecked(cfg).await?;
     let uri = cfg.hsm_uri()?.map(|u| {
@@ -114,6 +116,7 @@ pub async fn check_config(cfg: &Config, output: Output) -> Result<(), String> {
                 "refusals": caps.refusals,
                 "xks": xks,
                 "ekm": ekm,
+                "external_proxies": external,
                 "verdict": if refusal.is_none() { "ok" } else { "refused" },
             });
             println!(
@@ -162,6 +165,9 @@ pub async fn check_config(cfg: &Config, output: Output) -> Result<(), String> {
             }
             if let Some(x) = &ekm {
                 println!("ekm: {x}");
+            }
+            if !external.is_empty() {
+                println!("external proxies: {}", external.join(", "));
             }
             println!("slots:");
             for s in &t.slots {
@@ -417,6 +423,9 @@ fn key_json(k: &pb::Key) -> serde_json::Value {
             _ => "unspecified",
         },
         "created_at_ms": k.created_at_ms,
+        "external": k.external.as_ref().map(|x| json!({
+            "proxy": x.proxy, "remote_key": x.remote_key,
+        })),
         "current_version": k.current_version,
                 "versions": k.versions.iter().map(|v| json!({
             "version": v.version, "id": hex::encode(&v.id), "created_at_ms": v.created_at_ms,
@@ -574,6 +583,12 @@ fn print_key(k: &pb::Key, out: Output) {
                 vec!["current version".into(), k.current_version.to_string()],
                 vec!["created".into(), when(k.created_at_ms)],
             ];
+            if let Some(x) = &k.external {
+                rows.push(vec![
+                    "external".into(),
+                    format!("{} at proxy {}", x.remote_key, x.proxy),
+                ]);
+            }
             if let Some(a) = j.get("attributes").and_then(|a| a.as_object()) {
                 for (name, v) in a {
                     // Times and durations in people's units; `-o json` keeps the milliseconds.
@@ -622,8 +637,30 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
             match command {
                 KeyCommand::Create {
                     name,
+                    external: Some(proxy),
+                    remote_key,
+                    ..
+                } => {
+                    let k = c
+                        .mgmt
+                        .create_key(pb::CreateKeyRequest {
+                            key: name,
+                            external: Some(pb::ExternalKeyReference {
+                                proxy,
+                                remote_key: remote_key.unwrap_or_default(),
+                            }),
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    print_key(&k, conn.output);
+                }
+                KeyCommand::Create {
+                    name,
                     key_type,
                     algorithm,
+                    ..
                 } => {
                     let kt = KeyType::parse(&key_type).ok_or_else(|| {
                         format!(
@@ -651,6 +688,7 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                             key_type: kt.into(),
                             algorithm: alg.into(),
                             attributes: None,
+                            external: None,
                         })
                         .await
                         .map_err(status)?

@@ -215,6 +215,7 @@ async fn demo(settings: &ClientSettings) -> Result<(), String> {
             key_type: pb::KeyType::Aes256.into(),
             algorithm: pb::Algorithm::Unspecified.into(),
             attributes: None,
+            external: None,
         })
         .await
     {

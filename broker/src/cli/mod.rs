@@ -357,6 +357,14 @@ enum KeyCommand {
         /// rsa-sign (an RSA signing key) or ecdsa (default: by type).
         #[arg(long)]
         algorithm: Option<String>,
+        /// Create an external key by reference instead: the `[[external_proxy]]` name (of the
+        /// broker's configuration) its versions live behind. Needs --remote-key; the remote
+        /// key's metadata decides type and algorithm.
+        #[arg(long, requires = "remote_key", conflicts_with_all = ["key_type", "algorithm"])]
+        external: Option<String>,
+        /// The key's name at the external proxy (with --external).
+        #[arg(long, requires = "external")]
+        remote_key: Option<String>,
     },
     /// Show a key.
     Get {

@@ -629,6 +629,10 @@ enum Admit {
 pub struct RequestScope {
     deadline: Option<Instant>,
     tenant: Arc<Mutex<Option<Arc<str>>>>,
+    /// The request id (sent on as an external key's remote `request_context.request_id`).
+    request_id: Option<Arc<str>>,
+    /// Structured detail for the request's audit record (an external key's remote calls).
+    detail: Arc<Mutex<serde_json::Map<String, serde_json::Value>>>,
 }
 
 tokio::task_local! {
@@ -641,7 +645,40 @@ impl RequestScope {
         Self {
             deadline,
             tenant: Arc::default(),
+            request_id: None,
+            detail: Arc::default(),
         }
+    }
+
+    /// The same scope for the request `id`.
+    pub fn with_request_id(mut self, id: &str) -> Self {
+        self.request_id = Some(Arc::from(id));
+        self
+    }
+
+    /// The current task's request id, if it runs in a scope that has one.
+    pub fn current_request_id() -> Option<String> {
+        SCOPE
+            .try_with(|s| s.request_id.as_deref().map(str::to_string))
+            .ok()
+            .flatten()
+    }
+
+    /// Adds `value` under `name` to the current request's audit detail (no-op outside a
+    /// request). A later value under the same name replaces the earlier one.
+    pub fn note_detail(name: &str, value: serde_json::Value) {
+        let _ = SCOPE.try_with(|s| {
+            s.detail
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.to_string(), value);
+        });
+    }
+
+    /// The audit detail noted so far (`None`: nothing).
+    pub fn take_detail(&self) -> Option<serde_json::Value> {
+        let mut d = self.detail.lock().unwrap_or_else(|p| p.into_inner());
+        (!d.is_empty()).then(|| serde_json::Value::Object(std::mem::take(&mut *d)))
     }
 
     /// The scope of the current task, if any.

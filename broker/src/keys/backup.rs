@@ -254,6 +254,8 @@ impl Keyring {
         if k.algorithm.is_signing() {
             return Err(Refused::SigningKeyBackup(k.name.clone()).into());
         }
+        // Nothing of an external key is in this HSM to back up (its reference is metadata).
+        super::crypt::refuse_external(&k, "be backed up")?;
         let versions = k
             .versions
             .iter()

@@ -21,10 +21,11 @@ use super::{KeyEntry, Keyring, PublicKeyInfo, Unwrapped, VersionEntry, Wrapped};
 use crate::{
     envelope::{self, GCM_IV_LEN},
     error::{BrokerError, Invalid, NotFound, Refused},
-    hsm::{HsmError, WrapParams},
+    external::Answered,
+    hsm::{HsmError, RequestScope, WrapParams},
     model::{
-        Algorithm, DEFAULT_DEK_LEN, Dek, KeyName, KeyOp, MAX_AAD_LEN, VersionId, check_dek_len,
-        now_ms,
+        Algorithm, DEFAULT_DEK_LEN, Dek, ExternalRef, KeyName, KeyOp, MAX_AAD_LEN, VersionId,
+        check_dek_len, now_ms,
     },
     policy::{Grant, Permission},
 };
@@ -158,8 +159,12 @@ impl Keyring {
         let now = now_ms();
         let mut results = empty(items.len());
         let mut work = Vec::with_capacity(items.len());
+        let mut remote = Vec::new();
         for (index, item) in items.into_iter().enumerate() {
             match self.prepare_wrap(&item.grant, KeyOp::Wrap, item.dek.len(), &item.aad, now) {
+                Ok((sealing, _)) if sealing.entry.attributes.external.is_some() => {
+                    remote.push((index, sealing, item.dek));
+                }
                 Ok((sealing, params)) => {
                     let id = sealing.version.id;
                     work.push((index, sealing, (id, params, item.dek)));
@@ -178,6 +183,8 @@ impl Keyring {
             },
         )
         .await;
+        self.wrap_remote(&mut results, remote, |sealing, ct, _| sealing.seal(&ct))
+            .await;
         finish(results)
     }
 
@@ -189,6 +196,7 @@ impl Keyring {
         let now = now_ms();
         let mut results = empty(items.len());
         let mut work = Vec::with_capacity(items.len());
+        let mut remote = Vec::new();
         for (index, item) in items.into_iter().enumerate() {
             let len = if item.len == 0 {
                 DEFAULT_DEK_LEN
@@ -196,6 +204,14 @@ impl Keyring {
                 item.len
             };
             match self.prepare_wrap(&item.grant, KeyOp::GenerateDataKey, len, &item.aad, now) {
+                // An external key's DEK comes from this broker's HSM RNG too; only the wrap
+                // is remote.
+                Ok((sealing, _)) if sealing.entry.attributes.external.is_some() => {
+                    match self.hsm.random(len).await {
+                        Ok(dek) => remote.push((index, sealing, dek)),
+                        Err(e) => results[index] = Some(Err(e.into())),
+                    }
+                }
                 Ok((sealing, params)) => {
                     let id = sealing.version.id;
                     work.push((index, sealing, (id, params, len)));
@@ -213,6 +229,10 @@ impl Keyring {
                 Ok((dek, sealing.seal(&ct)))
             },
         )
+        .await;
+        self.wrap_remote(&mut results, remote, |sealing, ct, dek| {
+            (dek, sealing.seal(&ct))
+        })
         .await;
         finish(results)
     }
@@ -372,9 +392,11 @@ impl Keyring {
         let now = now_ms();
         let mut results = empty(items.len());
         let mut work = Vec::with_capacity(items.len());
+        let mut remote = Vec::new();
         for (index, item) in items.into_iter().enumerate() {
             let UnwrapItem { resolved: r, grant } = item;
             match check_unwrap(&grant, &r, KeyOp::Unwrap, now) {
+                Ok(()) if r.entry.attributes.external.is_some() => remote.push((index, r)),
                 Ok(()) => work.push((
                     index,
                     (r.entry, r.version.clone()),
@@ -405,7 +427,93 @@ impl Keyring {
             },
         )
         .await;
+        self.unwrap_remote(&mut results, remote).await;
         finish(results)
+    }
+
+    /// Wraps each DEK through its external key's proxy (concurrently; each call bounded by
+    /// the proxy's budget) and puts `done`'s result in its place. The envelope is the one a
+    /// local key of the same algorithm makes, its ciphertext the remote's raw output.
+    async fn wrap_remote<T>(
+        &self,
+        results: &mut [Option<Result<T, BrokerError>>],
+        work: Vec<(usize, Sealing, Dek)>,
+        done: impl Fn(Sealing, Vec<u8>, Dek) -> T,
+    ) {
+        if work.is_empty() {
+            return;
+        }
+        let calls = work.iter().map(|(_, sealing, dek)| async move {
+            let x = remote_ref(&sealing.entry)?.clone();
+            let proxy = self.proxy(&x.proxy)?;
+            let answer = proxy
+                .wrap(&x.remote_key, sealing.entry.algorithm, dek)
+                .await;
+            Ok::<_, BrokerError>((x, proxy, answer))
+        });
+        let answers = join_all(calls).await;
+        let mut notes = Vec::new();
+        for ((index, sealing, dek), answer) in work.into_iter().zip(answers) {
+            let r = answer.and_then(|(x, proxy, a)| {
+                notes.push(remote_note(&sealing.entry.name, &x, proxy.name(), &a));
+                Ok(a?.value)
+            });
+            results[index] = Some(r.map(|ct| {
+                self.bump(sealing.version.id, true);
+                done(sealing, ct, dek)
+            }));
+        }
+        note_remote(notes);
+    }
+
+    /// Unwraps each resolved envelope of an external key through its proxy. A DEK of a length
+    /// keybroker does not wrap is the one unauthentic error, as for a local key.
+    async fn unwrap_remote(
+        &self,
+        results: &mut [Option<Result<Unwrapped, BrokerError>>],
+        work: Vec<(usize, Resolved)>,
+    ) {
+        if work.is_empty() {
+            return;
+        }
+        let calls = work.iter().map(|(_, r)| async move {
+            if r.raw {
+                // A raw RSA block is made with an exported public key; an external key
+                // exports none.
+                return Err(Refused::ExternalKey {
+                    key: r.entry.name.clone(),
+                    what: "unwrap a raw ciphertext",
+                }
+                .into());
+            }
+            let x = remote_ref(&r.entry)?.clone();
+            let proxy = self.proxy(&x.proxy)?;
+            let answer = proxy
+                .unwrap(&x.remote_key, r.entry.algorithm, &r.ciphertext)
+                .await;
+            Ok::<_, BrokerError>((x, proxy, answer))
+        });
+        let answers = join_all(calls).await;
+        let mut notes = Vec::new();
+        for ((index, r), answer) in work.into_iter().zip(answers) {
+            let out = answer.and_then(|(x, proxy, a)| {
+                notes.push(remote_note(&r.entry.name, &x, proxy.name(), &a));
+                let a = a?;
+                if check_dek_len(a.value.len()).is_err() {
+                    return Err(BrokerError::Unauthentic);
+                }
+                self.bump(r.version.id, false);
+                Ok(Unwrapped {
+                    dek: a.value,
+                    key: r.entry.name.clone(),
+                    version: r.version.number,
+                    version_id: r.version.id,
+                    algorithm: r.entry.algorithm,
+                })
+            });
+            results[index] = Some(out);
+        }
+        note_remote(notes);
     }
 
     /// Unwraps resolved envelopes and wraps their DEKs again, each in one HSM call.
@@ -418,6 +526,10 @@ impl Keyring {
                 .and_then(|()| {
                     let out_aad = item.new_aad.as_deref().unwrap_or(&item.source.aad);
                     let name = item.destination.key_for(Permission::Wrap)?;
+                    // A rewrap runs inside this broker's HSM: an external key takes no part.
+                    for e in [&item.source.entry, &self.get(name)?] {
+                        refuse_external(e, "rewrap")?;
+                    }
                     // Out of the source key, the DEK is as good as unwrapped: the source key
                     // must allow that too (not only rewrap), or a key that may not unwrap would
                     // unwrap in two steps, through a key that may.
@@ -591,6 +703,7 @@ impl Keyring {
             .into());
         }
         entry.usable()?;
+        refuse_external(&entry, "export a public key")?;
         let v = entry.version_or_current(version)?.clone();
         if let Some(curve) = entry.key_type.curve() {
             let point = self
@@ -639,6 +752,54 @@ fn check_unwrap(grant: &Grant, r: &Resolved, op: KeyOp, now: i64) -> Result<(), 
         }
     }
     Ok(())
+}
+
+/// An external key's reference (INTERNAL for a local key: the callers split them first).
+fn remote_ref(entry: &KeyEntry) -> Result<&ExternalRef, BrokerError> {
+    entry
+        .attributes
+        .external
+        .as_ref()
+        .ok_or_else(|| BrokerError::internal(format!("key {} is not external", entry.name)))
+}
+
+/// Refuses an external key for an operation that needs the key in this broker's HSM.
+pub(crate) fn refuse_external(entry: &KeyEntry, what: &'static str) -> Result<(), BrokerError> {
+    if entry.attributes.external.is_some() {
+        return Err(Refused::ExternalKey {
+            key: entry.name.clone(),
+            what,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// One remote call as the request's audit record notes it: the remote request id of an
+/// answered call, the error of one that failed (never key material).
+fn remote_note<T>(
+    key: &KeyName,
+    x: &ExternalRef,
+    proxy: &str,
+    answer: &Result<Answered<T>, BrokerError>,
+) -> serde_json::Value {
+    let mut note = serde_json::json!({
+        "key": key.to_string(),
+        "proxy": proxy,
+        "remote_key": x.remote_key,
+    });
+    match answer {
+        Ok(a) => note["remote_request_id"] = a.remote_request_id.clone().into(),
+        Err(e) => note["error"] = e.public_message().into(),
+    }
+    note
+}
+
+/// Puts the remote calls made into the request's audit record (`detail.external`).
+fn note_remote(notes: Vec<serde_json::Value>) {
+    if !notes.is_empty() {
+        RequestScope::note_detail("external", serde_json::Value::Array(notes));
+    }
 }
 
 pub(super) fn empty<T>(n: usize) -> Vec<Option<Result<T, BrokerError>>> {

@@ -24,16 +24,21 @@ use std::{
     sync::{Arc, atomic::Ordering},
 };
 
+use sha2::{Digest, Sha256};
+
 use super::{
-    KeyEntry, KeyState, Keyring, Lifecycle, Receipt, VersionEntry, blocking, integrity::canary_of,
+    KeyEntry, KeyState, Keyring, Lifecycle, Receipt, VersionEntry, blocking, crypt::fill_random,
+    integrity::canary_of,
 };
 use crate::{
     audit::Record,
+    envelope,
     error::{BrokerError, Exists, Invalid, NotFound, Refused, Unavailable},
     failpoint,
     hsm::{KekSpec, RequestScope, RsaPublic, template::LABEL_PREFIX},
     model::{
-        Algorithm, KeyAttributes, KeyName, KeyOp, KeyType, MAX_VERSIONS, Origin, VersionId, now_ms,
+        Algorithm, Dek, ExternalRef, KeyAttributes, KeyName, KeyOp, KeyType, MAX_VERSIONS, Origin,
+        VersionId, now_ms,
     },
     policy::{Grant, Permission},
     store::StoredLifecycle,
@@ -278,6 +283,115 @@ impl Keyring {
         Ok(entry)
     }
 
+    /// Creates an external key by reference: its one version lives behind the remote EKM proxy
+    /// `reference.proxy` as `reference.remote_key`. The remote's metadata decides the key type
+    /// and algorithm; a round trip (a random canary wrapped and unwrapped through the proxy)
+    /// proves the key serves both ways before anything is stored. Nothing is created when the
+    /// proxy is not configured or unreachable, or the remote key is missing or unusable.
+    pub async fn create_external(
+        &self,
+        grant: &Grant,
+        reference: ExternalRef,
+        mut attributes: KeyAttributes,
+    ) -> Result<Arc<KeyEntry>, BrokerError> {
+        let name = grant.key_for(Permission::Create)?.clone();
+        let remote_key = &reference.remote_key;
+        if remote_key.is_empty()
+            || remote_key.len() > 64
+            || !remote_key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(Invalid::Value {
+                field: "external.remote_key",
+                expected: "1-64 characters of [A-Za-z0-9-] (an EKM proxy key name)",
+            }
+            .into());
+        }
+        self.name_free(&name)?;
+        let proxy = self.proxy(&reference.proxy)?;
+        let remote = proxy.metadata(remote_key).await?.value;
+        if attributes.operations == KeyOp::DEFAULT.into_iter().collect() {
+            attributes.operations = KeyOp::EXTERNAL.into_iter().collect();
+        }
+        attributes.external = Some(reference.clone());
+        check_external(&name, &attributes)?;
+        let attributes = self.new_attributes(remote.algorithm, attributes)?;
+        // The round trip: the canary's envelope and digest are stored with the version, as a
+        // local version's are (a later check can prove the remote key is still the same key).
+        let id = VersionId::random();
+        let mut value = [0u8; 32];
+        fill_random(&mut value)?;
+        let canary = Dek::from_slice(&value);
+        value.fill(0);
+        let digest = Sha256::digest(canary.expose()).to_vec();
+        let ct = proxy
+            .wrap(remote_key, remote.algorithm, &canary)
+            .await?
+            .value;
+        let back = proxy.unwrap(remote_key, remote.algorithm, &ct).await?.value;
+        if back != canary {
+            return Err(Refused::RemoteKeyUnusable {
+                proxy: reference.proxy.clone(),
+                remote_key: remote_key.clone(),
+                why: "a value wrapped through it did not unwrap to the same value".into(),
+            }
+            .into());
+        }
+        let env = envelope::seal(envelope::header(remote.algorithm, id, &[]), &ct);
+        let _w = self.write().await?;
+        self.name_free(&name)?;
+        let now = now_ms();
+        let (key_type, algorithm) = (remote.key_type, remote.algorithm);
+        {
+            let (st, n, a) = (self.store.clone(), name.clone(), attributes.clone());
+            blocking(move || {
+                st.begin_create(&n, key_type, algorithm, &a, Origin::Generated, id, now)
+                    .map_err(BrokerError::from)
+            })
+            .await?;
+        }
+        let st = self.store.clone();
+        let committed = blocking(move || {
+            st.commit_version(id, &env, &digest)
+                .map_err(BrokerError::from)
+        })
+        .await;
+        if let Err(e) = committed {
+            // No HSM object was made: only the pending row goes.
+            if let Err(d) = RequestScope::new(None).run(self.roll_back(id, false)).await {
+                tracing::error!(error = %d, version_id = %id, "could not roll back a half-made external key now; the maintenance task retries");
+                self.pending_rollbacks
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((id, false));
+            }
+            return Err(e);
+        }
+        let v = VersionEntry {
+            number: 1,
+            id,
+            created_at_ms: now,
+            origin: Origin::Generated,
+            expires_ms: None,
+        };
+        self.register_version(&name, &v);
+        let entry = self.replace(KeyEntry {
+            name: name.clone(),
+            key_type,
+            algorithm,
+            created_at_ms: now,
+            updated_at_ms: now,
+            state: KeyState::Enabled,
+            lifecycle: Lifecycle::Active,
+            attributes,
+            versions: vec![v],
+        });
+        tracing::info!(key = %name, proxy = %reference.proxy, remote_key = %reference.remote_key,
+            key_type = key_type.as_str(), %algorithm, version_id = %id, "external key created");
+        Ok(entry)
+    }
+
     /// A name is free unless a key (also a soft-deleted one) has it.
     pub(crate) fn name_free(&self, name: &KeyName) -> Result<(), BrokerError> {
         match self.get(name) {
@@ -299,6 +413,8 @@ impl Keyring {
     async fn rotate_locked(&self, name: &KeyName) -> Result<Arc<KeyEntry>, BrokerError> {
         let old = self.get_live(name)?;
         old.usable()?;
+        // An external key's versions are the remote's: it rotates on the proxy's side.
+        super::crypt::refuse_external(&old, "rotate")?;
         if old.versions.len() >= MAX_VERSIONS {
             return Err(Refused::TooManyVersions {
                 key: name.clone(),
@@ -467,6 +583,7 @@ impl Keyring {
             check_operations(old.algorithm, &ops)?;
             a.operations = ops;
         }
+        check_external(name, &a)?;
         if let Some(tags) = patch.tags {
             a.tags = tags;
         }
@@ -1140,6 +1257,30 @@ impl Keyring {
 
 /// Refuses operations a key of `algorithm` can never do: a signing key only signs and verifies,
 /// any other key never does (its HSM template could not, either).
+/// What an external key's attributes cannot be: operations other than wrap, unwrap and
+/// generate (the others need the key in this broker's HSM), and automatic rotation (the
+/// remote rotates its own key).
+fn check_external(name: &KeyName, a: &KeyAttributes) -> Result<(), BrokerError> {
+    if a.external.is_none() {
+        return Ok(());
+    }
+    if a.operations.iter().any(|o| !KeyOp::EXTERNAL.contains(o)) {
+        return Err(Refused::ExternalKey {
+            key: name.clone(),
+            what: "allow operations other than wrap, unwrap and generate",
+        }
+        .into());
+    }
+    if a.rotation_period_ms.is_some() || a.version_expiry_ms.is_some() {
+        return Err(Refused::ExternalKey {
+            key: name.clone(),
+            what: "rotate (automatic rotation and version expiry are the remote's)",
+        }
+        .into());
+    }
+    Ok(())
+}
+
 fn check_operations(
     algorithm: Algorithm,
     ops: &std::collections::BTreeSet<KeyOp>,

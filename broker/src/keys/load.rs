@@ -100,6 +100,7 @@ impl Keyring {
                 settings,
                 audit: OnceLock::new(),
                 pending_rollbacks: std::sync::Mutex::new(Vec::new()),
+                external: OnceLock::new(),
             },
             report,
         ))
@@ -229,8 +230,10 @@ async fn attach(
     stored: &[StoredKey],
     report: &mut LoadReport,
 ) -> Result<HashMap<VersionId, String>, BrokerError> {
+    // An external key's versions have no HSM object here (their key lives behind its proxy).
     let expected = stored
         .iter()
+        .filter(|k| k.attributes.external.is_none())
         .flat_map(|k| {
             k.versions.iter().map(|v| ExpectedKek {
                 id: v.id,
@@ -277,7 +280,7 @@ async fn prove_identities(
 ) -> Vec<VersionId> {
     let started = Instant::now();
     let mut to_check = Vec::new();
-    for k in stored {
+    for k in stored.iter().filter(|k| k.attributes.external.is_none()) {
         for v in &k.versions {
             if bad.contains_key(&v.id) {
                 continue;

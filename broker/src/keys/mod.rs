@@ -499,6 +499,8 @@ pub struct Keyring {
     /// Versions whose failed creation could not be rolled back yet (id, whether an HSM object
     /// may exist): retried by the maintenance task and when the HSM serves again.
     pending_rollbacks: std::sync::Mutex<Vec<(VersionId, bool)>>,
+    /// The remote EKM proxies external keys live behind (`[[external_proxy]]`; see `external`).
+    external: OnceLock<crate::external::ExternalProxies>,
 }
 
 pub(crate) async fn blocking<T: Send + 'static>(
@@ -513,6 +515,19 @@ impl Keyring {
     /// The HSM.
     pub fn hsm(&self) -> &Hsm {
         &self.hsm
+    }
+
+    /// Sets the remote EKM proxies external keys use (once, at start-up).
+    pub fn attach_external(&self, proxies: crate::external::ExternalProxies) {
+        let _ = self.external.set(proxies);
+    }
+
+    /// The proxy an external key lives behind (FAILED_PRECONDITION when not configured).
+    pub(crate) fn proxy(&self, name: &str) -> Result<Arc<crate::external::Proxy>, BrokerError> {
+        match self.external.get() {
+            Some(p) => p.get(name),
+            None => Err(Refused::UnknownProxy(name.to_string()).into()),
+        }
     }
 
     /// `len` random bytes from the HSM (no key involved; the caller checked the `random`
@@ -548,8 +563,13 @@ impl Keyring {
                     .unwrap_or_default()
             })
             .collect();
+        // An external key's mechanism is its proxy's (the remote does the work).
+        let mechanism = match &entry.attributes.external {
+            Some(x) => format!("external proxy {}", x.proxy),
+            None => self.hsm.capabilities().mechanism_name(entry.algorithm),
+        };
         KeyInfo {
-            mechanism: self.hsm.capabilities().mechanism_name(entry.algorithm),
+            mechanism,
             usage,
             entry,
         }

@@ -260,6 +260,14 @@ pub(super) fn key_to_pb(k: &KeyInfo) -> pb::Key {
         mechanism: k.mechanism.clone(),
         attributes: Some(attributes_to_pb(&e.attributes)),
         updated_at_ms: e.updated_at_ms,
+        external: e
+            .attributes
+            .external
+            .as_ref()
+            .map(|x| pb::ExternalKeyReference {
+                proxy: x.proxy.clone(),
+                remote_key: x.remote_key.clone(),
+            }),
     }
 }
 

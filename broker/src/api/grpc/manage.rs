@@ -11,7 +11,10 @@ use super::{
     },
     rpc,
 };
-use crate::{api::ops::manage::*, model::KeyType};
+use crate::{
+    api::ops::manage::*,
+    model::{Invalid, KeyType},
+};
 
 /// A key type where 0 means `default`.
 fn key_type_or(v: i32, default: KeyType) -> Result<KeyType, crate::error::BrokerError> {
@@ -33,11 +36,32 @@ impl KeyManagement for GrpcApi {
             req,
             |r| {
                 let op = (|| {
+                    if let Some(x) = r.external {
+                        // An external key's type and algorithm are the remote key's.
+                        if r.key_type != 0 || r.algorithm != 0 {
+                            return Err(Invalid::Value {
+                                field: "key_type",
+                                expected: "unspecified (with algorithm) for an external key: the remote key's metadata decides them",
+                            }
+                            .into());
+                        }
+                        return Ok(CreateKey {
+                            key_type: KeyType::Aes256,
+                            algorithm: None,
+                            attributes: attributes_from_pb(r.attributes)?,
+                            key: r.key,
+                            external: Some(crate::model::ExternalRef {
+                                proxy: x.proxy,
+                                remote_key: x.remote_key,
+                            }),
+                        });
+                    }
                     Ok(CreateKey {
                         key_type: key_type_from_pb(r.key_type)?,
                         algorithm: algorithm_from_pb(r.algorithm)?,
                         attributes: attributes_from_pb(r.attributes)?,
                         key: r.key,
+                        external: None,
                     })
                 })();
                 (None, op)

@@ -30,6 +30,9 @@ pub struct CreateKey {
     pub algorithm: Option<Algorithm>,
     /// Its attributes.
     pub attributes: KeyAttributes,
+    /// Set: an external key by reference (`key_type` and `algorithm` are then the remote
+    /// key's, from its metadata).
+    pub external: Option<crate::model::ExternalRef>,
 }
 
 /// `GetKey`.
@@ -174,8 +177,13 @@ impl Operation for CreateKey {
         let keys = call.keys().clone();
         let k = call
             .detached(async move {
-                keys.create(&grant, self.key_type, self.algorithm, self.attributes)
-                    .await
+                match self.external {
+                    Some(x) => keys.create_external(&grant, x, self.attributes).await,
+                    None => {
+                        keys.create(&grant, self.key_type, self.algorithm, self.attributes)
+                            .await
+                    }
+                }
             })
             .await?;
         call.note_version(1);
