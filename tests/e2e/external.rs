@@ -225,19 +225,37 @@ async fn a_managed_broker_wraps_through_the_hyok_broker_and_the_kill_switch_eras
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("external key"), "{e:?}");
 
-    // Nor does a rewrap into it, nor may it allow more than wrap, unwrap and generate.
-    let e = c
+    // A rewrap into it moves a local envelope to the customer's hardware (unwrapped here,
+    // wrapped there): the data is not re-encrypted, and the new envelope reads as any other.
+    let moved = c
         .broker
         .rewrap(pb::RewrapRequest {
             key: "m/local".into(),
-            envelope: local.wrapped_key,
+            envelope: local.wrapped_key.clone(),
             destination_key: "m/customer-kek".into(),
             ..Default::default()
         })
         .await
-        .expect_err("no rewrap into an external key");
+        .expect("rewrap into the external key")
+        .into_inner();
+    assert_eq!(moved.key, "m/customer-kek");
+    let u = unwrap(&mut c, "m/customer-kek", &moved.wrapped_key, b"")
+        .await
+        .expect("unwrap the moved envelope");
+    assert_eq!(u.plaintext, dek);
+    // Out of it, a rewrap needs the rewrap operation, which an external key does not allow
+    // (and may not be given: at most wrap, unwrap and generate).
+    let e = c
+        .broker
+        .rewrap(pb::RewrapRequest {
+            key: "m/customer-kek".into(),
+            envelope: moved.wrapped_key.clone(),
+            destination_key: "m/local".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("no rewrap out of an external key");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    assert!(e.message().contains("external key"), "{e:?}");
     let e = c
         .mgmt
         .update_key(pb::UpdateKeyRequest {

@@ -521,15 +521,26 @@ impl Keyring {
         let now = now_ms();
         let mut results = empty(items.len());
         let mut work = Vec::with_capacity(items.len());
+        let mut two_step = Vec::new();
         for (index, item) in items.into_iter().enumerate() {
+            let external = |e: &KeyEntry| e.attributes.external.is_some();
+            let to_external = item
+                .destination
+                .key_for(Permission::Wrap)
+                .ok()
+                .and_then(|n| self.get(n).ok())
+                .is_some_and(|e| external(&e));
+            if to_external || external(&item.source.entry) {
+                match check_unwrap(&item.source_grant, &item.source, KeyOp::Rewrap, now) {
+                    Ok(()) => two_step.push((index, item)),
+                    Err(e) => results[index] = Some(Err(e)),
+                }
+                continue;
+            }
             let prepared = check_unwrap(&item.source_grant, &item.source, KeyOp::Rewrap, now)
                 .and_then(|()| {
                     let out_aad = item.new_aad.as_deref().unwrap_or(&item.source.aad);
                     let name = item.destination.key_for(Permission::Wrap)?;
-                    // A rewrap runs inside this broker's HSM: an external key takes no part.
-                    for e in [&item.source.entry, &self.get(name)?] {
-                        refuse_external(e, "rewrap")?;
-                    }
                     // Out of the source key, the DEK is as good as unwrapped: the source key
                     // must allow that too (not only rewrap), or a key that may not unwrap would
                     // unwrap in two steps, through a key that may.
@@ -582,7 +593,55 @@ impl Keyring {
             },
         )
         .await;
+        self.rewrap_two_steps(&mut results, two_step).await;
         finish(results)
+    }
+
+    /// Rewraps where an external key takes part, which one HSM call cannot do: the source
+    /// unwraps (in this HSM, or through its proxy), then the destination wraps (likewise) —
+    /// moving envelopes to or from a customer's HYOK hardware without re-encrypting data. The
+    /// DEK is in this broker's memory between the two steps (zeroized after), as for an unwrap
+    /// followed by a wrap, and each step makes its own checks: the source must allow unwrap as
+    /// well as rewrap, the destination wrap.
+    async fn rewrap_two_steps(
+        &self,
+        results: &mut [Option<Result<Rewrapped, BrokerError>>],
+        work: Vec<(usize, RewrapItem)>,
+    ) {
+        if work.is_empty() {
+            return;
+        }
+        let mut then = Vec::with_capacity(work.len());
+        let mut unwraps = Vec::with_capacity(work.len());
+        for (index, item) in work {
+            let aad = item.new_aad.unwrap_or_else(|| item.source.aad.clone());
+            then.push((index, item.destination, aad, item.source.version.number));
+            unwraps.push(UnwrapItem {
+                resolved: item.source,
+                grant: item.source_grant,
+            });
+        }
+        let unwrapped = self.unwrap(unwraps).await;
+        let (mut wraps, mut placed) = (Vec::new(), Vec::new());
+        for ((index, destination, aad, source_version), u) in then.into_iter().zip(unwrapped) {
+            match u {
+                Ok(u) => {
+                    placed.push((index, source_version));
+                    wraps.push(WrapItem {
+                        grant: destination,
+                        dek: u.dek,
+                        aad,
+                    });
+                }
+                Err(e) => results[index] = Some(Err(e)),
+            }
+        }
+        for ((index, source_version), w) in placed.into_iter().zip(self.wrap(wraps).await) {
+            results[index] = Some(w.map(|wrapped| Rewrapped {
+                wrapped,
+                source_version,
+            }));
+        }
     }
 
     /// Spends one invocation of its version's AES-GCM budget per item that `gcm` names (the

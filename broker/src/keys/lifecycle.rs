@@ -311,7 +311,8 @@ impl Keyring {
         self.name_free(&name)?;
         let proxy = self.proxy(&reference.proxy)?;
         let remote = proxy.metadata(remote_key).await?.value;
-        if attributes.operations == KeyOp::DEFAULT.into_iter().collect() {
+        // No operations named: an external key's (wrap, unwrap, generate).
+        if attributes.operations.is_empty() {
             attributes.operations = KeyOp::EXTERNAL.into_iter().collect();
         }
         attributes.external = Some(reference.clone());
