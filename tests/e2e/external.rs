@@ -18,11 +18,16 @@ use crate::{
 };
 
 /// The HYOK broker's key the managed side refers to (`contoso/hyok-kek`, an `aes-kwp` key).
-const REMOTE_KEY: &str = "hyok-kek";
+pub(crate) const REMOTE_KEY: &str = "hyok-kek";
 
 /// `[[external_proxy]]` for the HYOK broker's door at `addr`, with a client certificate of the
 /// HYOK side's CA with subject `cn`.
-fn proxy_section(hyok: &Env, name: &str, addr: std::net::SocketAddr, cn: &str) -> String {
+pub(crate) fn proxy_section(
+    hyok: &Env,
+    name: &str,
+    addr: std::net::SocketAddr,
+    cn: &str,
+) -> String {
     let cert = mhsm_cert(hyok, &format!("client-{name}"), cn);
     format!(
         r#"
@@ -58,15 +63,6 @@ async fn create_external(
         })
         .await
         .map(|r| r.into_inner())
-}
-
-/// The audit records of `env` (one JSON value per line).
-fn audit(env: &Env) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(env.audit_log())
-        .expect("audit log")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("audit line"))
-        .collect()
 }
 
 #[tokio::test]
@@ -278,7 +274,7 @@ async fn a_managed_broker_wraps_through_the_hyok_broker_and_the_kill_switch_eras
 
     // The HYOK side audited the wraps (EkmWrapKey) under the request ids the managed side's
     // audit records name as the remote's.
-    let managed_records = audit(&managed_env);
+    let managed_records = managed_env.audit_records();
     let wrap_rec = managed_records
         .iter()
         .rev()
@@ -291,7 +287,8 @@ async fn a_managed_broker_wraps_through_the_hyok_broker_and_the_kill_switch_eras
         .as_str()
         .expect("a remote request id");
     assert!(
-        audit(&hyok_env)
+        hyok_env
+            .audit_records()
             .iter()
             .any(|r| r["op"] == "EkmWrapKey" && r["outcome"] == "OK" && r["request_id"] == rid),
         "the HYOK audit shows the wrap {rid}"
@@ -338,7 +335,8 @@ async fn a_managed_broker_wraps_through_the_hyok_broker_and_the_kill_switch_eras
         "{e:?}"
     );
     // The managed side's record says which proxy refused.
-    let refused = audit(&managed_env)
+    let refused = managed_env
+        .audit_records()
         .into_iter()
         .rev()
         .find(|r| r["op"] == "UnwrapKey")

@@ -317,25 +317,45 @@ async fn platform_managed_keys_rotate_by_the_default_policy() {
     b.stop().await;
 }
 
-/// The move between models, as `docs/src/models.md` walks through it with the CLI: a tenant's
-/// data starts under its platform-managed key; the tenant brings its own key; the platform
-/// moves the stored envelopes to it (`key rewrap-all --to`), then disables and deletes its
-/// key: whatever was not moved is unreadable, what was moved reads as before, and the tenant's
-/// own key now decides.
+/// The move between the three models, as `docs/src/models.md` walks through it with the CLI:
+/// a tenant's data starts under its platform-managed key; the tenant brings its own key; the
+/// platform moves the stored envelopes to it (`key rewrap-all --to`), then disables and
+/// deletes its key: whatever was not moved is unreadable, what was moved reads as before, and
+/// the tenant's own key now decides. Then the tenant moves to its own hardware: a second
+/// broker on its own token (the customer's, with the EKM door), reached as an external key;
+/// the envelopes move there, the customer-managed key is purged, and the customer's kill
+/// switch decides.
 #[tokio::test]
-async fn a_tenant_moves_from_its_platform_managed_key_to_its_own_without_reencrypting_data() {
+async fn a_tenant_moves_from_platform_managed_to_its_own_key_to_its_own_hardware() {
     crate::require_aes!();
+    // The customer's broker, next to its own HSM.
+    let hyok_env = crate::ekm::ekm_env();
+    let hyok = hyok_env.start().await;
+    let mut hc = hyok.clients_as(&hyok_env.pki.client).await;
+    let remote = crate::external::REMOTE_KEY;
+    create(
+        &mut hc,
+        &format!("contoso/{remote}"),
+        pb::KeyType::Aes256,
+        pb::Algorithm::AesKeyWrapPad,
+    )
+    .await;
+    let door = hyok.ekm_addr.expect("the customer's EKM door");
+
     let env = platform_env(86_400_000);
+    let proxy = crate::external::proxy_section(&hyok_env, "acme-hsm", door, crate::ekm::MHSM_CN);
+    env.edit_config(|t| format!("{t}\n{proxy}"));
     let issue = |name: &str, id: &str| env.pki.ca.issue_spiffe_client(name, id).expect("cert");
     let (platform, acme_admin) = (issue("platform", PLATFORM), issue("acme-admin", ACME_ADMIN));
     let b = env.start().await;
     let mut service = b.clients_as(&platform).await;
 
     // 1. Platform-managed: the service stores blobs, their DEKs under acme/default, which
-    //    nobody created.
+    //    nobody created. Without AAD: the last move is to an EKM proxy's key, whose
+    //    algorithms (A256KW/A256KWP, RSA-OAEP) bind none, and a rewrap does not drop a binding.
     let mut stored = Vec::new();
-    for i in 0..6 {
-        let aad = format!("blob-{i}");
+    for _ in 0..6 {
+        let aad = String::new();
         let g = generate(&mut service, "acme/default", aad.as_bytes())
             .await
             .expect("generate");
@@ -440,7 +460,99 @@ async fn a_tenant_moves_from_its_platform_managed_key_to_its_own_without_reencry
         .await
         .expect("back");
     assert_eq!(u.plaintext, stored[0].0);
+
+    // 3. To the customer's own hardware: the tenant names a key of its own broker as an
+    //    external key, and the platform moves the envelopes there, four of five (the last one
+    //    stands for data it did not move).
+    let (ok, out, err) = cli_as(
+        &env,
+        &b,
+        &acme_admin,
+        &[
+            "key",
+            "create",
+            "acme/hyok",
+            "--external",
+            "acme-hsm",
+            "--remote-key",
+            remote,
+        ],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let (inp, outp) = (dir.join("moved-4.txt"), dir.join("hyok.txt"));
+    let lines: String = moved[..4]
+        .iter()
+        .zip(&stored)
+        .map(|(m, (_, _, aad))| format!("{}\t{aad}\n", B64.encode(m)))
+        .collect();
+    std::fs::write(&inp, lines).expect("write envelopes");
+    let (ok, out, err) = cli_as(
+        &env,
+        &b,
+        &platform,
+        &[
+            "key",
+            "rewrap-all",
+            "--input",
+            inp.to_str().expect("path"),
+            "--output-file",
+            outp.to_str().expect("path"),
+            "--to",
+            "acme/hyok",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let at_home: Vec<Vec<u8>> = std::fs::read_to_string(&outp)
+        .expect("moved envelopes")
+        .lines()
+        .map(|l| B64.decode(l).expect("base64"))
+        .collect();
+    assert_eq!(at_home.len(), 4);
+    for (h, (dek, _, aad)) in at_home.iter().zip(&stored) {
+        let u = unwrap(&mut service, "", h, aad.as_bytes())
+            .await
+            .expect("at home");
+        assert_eq!((&u.plaintext, u.key.as_str()), (dek, "acme/hyok"));
+    }
+    // The tenant retires its customer-managed key for good: what was not moved is gone.
+    for args in [["key", "delete", "acme/cmk"], ["key", "purge", "acme/cmk"]] {
+        let (ok, out, err) = cli_as(&env, &b, &acme_admin, &args).await;
+        assert!(ok, "{args:?}: {out}{err}");
+    }
+    // (An envelope of a purged version is the one unauthentic error, as any envelope of a
+    // version the broker does not hold.)
+    assert_unauthentic(
+        unwrap(&mut service, "", &moved[4], stored[4].2.as_bytes()).await,
+        "an envelope of the purged key",
+    );
+    // And the customer's kill switch, on its own broker, cuts the provider off from the rest
+    // at once; reconnecting lets it in again.
+    hc.hyok
+        .disconnect(pb::HyokSwitchRequest {
+            reason: "walk-through".into(),
+        })
+        .await
+        .expect("disconnect");
+    let e = unwrap(&mut service, "", &at_home[0], stored[0].2.as_bytes())
+        .await
+        .expect_err("cut off");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    hc.hyok
+        .reconnect(pb::HyokSwitchRequest {
+            reason: "walk-through".into(),
+        })
+        .await
+        .expect("reconnect");
+    let u = unwrap(&mut service, "", &at_home[0], stored[0].2.as_bytes())
+        .await
+        .expect("back home");
+    assert_eq!(u.plaintext, stored[0].0);
     b.stop().await;
+    hyok.stop().await;
 }
 
 fn hex(b: &[u8]) -> String {
