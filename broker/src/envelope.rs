@@ -6,6 +6,7 @@
 //! 0       1     format            0x01
 //! 1       1     algorithm         1 AES-256-GCM, 2 AES-KWP (RFC 5649), 3 RSA-OAEP-SHA256, 4 RSA-OAEP-SHA1,
 //!                                 7 AES-KW (RFC 3394); 5 and 6 are signing algorithms, never here
+//!                                 (8: a double-key envelope, see [`DOUBLE`])
 //! 2       16    key version id    the version's id = its HSM object's CKA_ID
 //! 18      1     nonce length N    12 for AES-256-GCM, 0 otherwise
 //! 19      N     nonce             the AES-GCM IV

@@ -682,7 +682,8 @@ impl Keyring {
 
     /// A double key's members for a wrap (each must exist and may wrap now, its own state
     /// applying) and a DEK's two shares: share 1 from the HSM RNG, share 2 = DEK XOR share 1.
-    /// The sealings' headers are placeholders (the caller makes the real ones).
+    /// The external member's sealing is ready for [`Self::wrap_remote`]; the local one's header
+    /// is a placeholder (its AAD needs the external half: the caller makes the real one).
     async fn split(
         &self,
         sealing: &Sealing,
