@@ -990,6 +990,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_double_keys_members_are_stored_in_the_attributes_and_old_rows_still_load() {
+        let old: KeyAttributes = serde_json::from_str(r#"{"enabled":true}"#).expect("old row");
+        assert!(old.double.is_none() && old.in_hsm());
+        let a = KeyAttributes {
+            double: Some(DoubleRef {
+                local: "acme/provider-kek".into(),
+                external: "acme/customer-kek".into(),
+            }),
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&a).expect("json");
+        assert!(
+            json.contains(r#""double":{"local":"acme/provider-kek""#),
+            "{json}"
+        );
+        let back: KeyAttributes = serde_json::from_str(&json).expect("round trip");
+        assert_eq!(back, a);
+        assert!(!back.in_hsm());
+        // A local key's attributes do not mention it.
+        let plain = serde_json::to_string(&KeyAttributes::default()).expect("json");
+        assert!(!plain.contains("double"), "{plain}");
+    }
+
+    #[test]
     fn key_name_defaults_tenant_and_rejects_bad_parts() {
         let k = KeyName::parse("payments").expect("valid");
         assert_eq!(k.to_string(), "default/payments");
