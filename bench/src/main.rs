@@ -753,6 +753,7 @@ async fn create_key(
             algorithm: alg.into(),
             attributes: None,
             external: None,
+            double: None,
         })
         .await
         .map(|k| k.into_inner())
@@ -872,6 +873,7 @@ async fn bench(args: Args) -> Result<(), String> {
                 ..Default::default()
             }),
             external: None,
+            double: None,
         })
         .await
         .map_err(|e| format!("create bench/xks: {e}"))?;

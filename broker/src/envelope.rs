@@ -6,6 +6,7 @@
 //! 0       1     format            0x01
 //! 1       1     algorithm         1 AES-256-GCM, 2 AES-KWP (RFC 5649), 3 RSA-OAEP-SHA256, 4 RSA-OAEP-SHA1,
 //!                                 7 AES-KW (RFC 3394); 5 and 6 are signing algorithms, never here
+//!                                 (8: a double-key envelope, see [`DOUBLE`])
 //! 2       16    key version id    the version's id = its HSM object's CKA_ID
 //! 18      1     nonce length N    12 for AES-256-GCM, 0 otherwise
 //! 19      N     nonce             the AES-GCM IV
@@ -159,6 +160,115 @@ fn parse_as(format: u8, bytes: &[u8]) -> Option<Envelope<'_>> {
     })
 }
 
+/// The algorithm byte of a double-key envelope (double key encryption, `docs/src/dke.md`),
+/// appended after AES-KW's `7`. It is no [`Algorithm`]: the envelope is a pair of format-1
+/// envelopes, one per member key, after a header naming the double key's version:
+///
+/// ```text
+/// 0       1     format            0x01
+/// 1       1     algorithm         8 (double)
+/// 2       16    key version id    the double key's version
+/// 18      1     nonce length      0
+/// 19      2     L                 the local half's length (big-endian)
+/// 21      L     local half        a format-1 AES-256-GCM envelope of share 1 under the local key
+/// 21+L    rest  external half     a format-1 envelope of share 2 from the external key
+/// ```
+///
+/// The local half's AAD is [`double_aad`]: this header, the external half's SHA-256 and the
+/// caller's AAD, so neither half can be swapped for another envelope's.
+pub const DOUBLE: u8 = 8;
+
+/// A parsed double-key envelope, borrowing the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Double<'a> {
+    /// The double key's version.
+    pub version: VersionId,
+    /// The header (bytes `0 .. 19`).
+    pub header: &'a [u8],
+    /// The local half (a format-1 envelope).
+    pub local: &'a [u8],
+    /// The external half (a format-1 envelope).
+    pub external: &'a [u8],
+}
+
+/// Whether `bytes` claim to be a double-key envelope (format 1, algorithm [`DOUBLE`]).
+pub fn is_double(bytes: &[u8]) -> bool {
+    bytes.len() > 1 && bytes[0] == FORMAT_V1 && bytes[1] == DOUBLE
+}
+
+/// The header of a new double-key envelope for the double key's version `version`.
+pub fn double_header(version: VersionId) -> Vec<u8> {
+    let mut h = Vec::with_capacity(FIXED_HEADER);
+    h.push(FORMAT_V1);
+    h.push(DOUBLE);
+    h.extend_from_slice(version.as_bytes());
+    h.push(0);
+    h
+}
+
+/// The body after a double header: the local half's length, the local half, the external half.
+pub fn double_body(local: &[u8], external: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(2 + local.len() + external.len());
+    // A format-1 envelope is at most 19 + 12 + 512 bytes: the cast cannot truncate.
+    b.extend_from_slice(&(local.len() as u16).to_be_bytes());
+    b.extend_from_slice(local);
+    b.extend_from_slice(external);
+    b
+}
+
+/// The AAD that binds a double envelope's local half: the double header, the SHA-256 of the
+/// external half, then the caller's AAD.
+pub fn double_aad(header: &[u8], external: &[u8], caller_aad: &[u8]) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut a = Vec::with_capacity(header.len() + 32 + caller_aad.len());
+    a.extend_from_slice(header);
+    a.extend_from_slice(&Sha256::digest(external));
+    a.extend_from_slice(caller_aad);
+    a
+}
+
+/// Parses a double-key envelope; each half must parse as a format-1 envelope (never itself a
+/// double one). Every refusal is [`BrokerError::Unauthentic`].
+pub fn parse_double(bytes: &[u8]) -> Result<Double<'_>, BrokerError> {
+    parse_double_as(bytes).ok_or(BrokerError::Unauthentic)
+}
+
+fn parse_double_as(bytes: &[u8]) -> Option<Double<'_>> {
+    if !is_double(bytes) || bytes.len() < FIXED_HEADER + 2 || bytes[18] != 0 {
+        return None;
+    }
+    let version = VersionId::from_slice(&bytes[2..18])?;
+    let (header, rest) = bytes.split_at(FIXED_HEADER);
+    let len = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+    let rest = &rest[2..];
+    if len > rest.len() {
+        return None;
+    }
+    let (local, external) = rest.split_at(len);
+    if parse_as(FORMAT_V1, local)?.algorithm != Algorithm::Aes256Gcm {
+        return None;
+    }
+    parse_as(FORMAT_V1, external)?;
+    Some(Double {
+        version,
+        header,
+        local,
+        external,
+    })
+}
+
+/// The key version ids an envelope names: its own, and for a double-key envelope its halves'
+/// too (empty: it does not parse).
+pub fn versions(bytes: &[u8]) -> Vec<VersionId> {
+    if let Ok(d) = parse_double(bytes) {
+        let halves = [d.local, d.external].map(|h| parse(h).map(|e| e.version));
+        return std::iter::once(d.version)
+            .chain(halves.into_iter().flatten())
+            .collect();
+    }
+    parse(bytes).map(|e| vec![e.version]).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,5 +386,39 @@ mod tests {
             &[0; 256],
         );
         assert!(parse_payload(&rsa).is_ok());
+    }
+
+    #[test]
+    fn double_envelopes_round_trip_and_refuse_bad_halves() {
+        let local = sample(Algorithm::Aes256Gcm);
+        let external = sample(Algorithm::AesKeyWrapPad);
+        let id = VersionId([3; 16]);
+        let bytes = seal(double_header(id), &double_body(&local, &external));
+        assert_eq!(bytes[1], DOUBLE);
+        let d = parse_double(&bytes).expect("parses");
+        assert_eq!(
+            (d.version, d.local, d.external),
+            (id, &local[..], &external[..])
+        );
+        assert_eq!(
+            versions(&bytes),
+            vec![id, VersionId([9; 16]), VersionId([9; 16])]
+        );
+        // A double envelope is no plain one.
+        assert!(parse(&bytes).is_err());
+        // A local half that is not AES-256-GCM, a length past the end, a truncated external
+        // half, a nonce length: all refused.
+        let kwp = seal(double_header(id), &double_body(&external, &external));
+        assert!(parse_double(&kwp).is_err());
+        let mut long = bytes.clone();
+        long[19] = 0xff;
+        assert!(parse_double(&long).is_err());
+        assert!(parse_double(&bytes[..bytes.len() - 1]).is_err());
+        let mut nonce = bytes.clone();
+        nonce[18] = 12;
+        assert!(parse_double(&nonce).is_err());
+        // The binding covers the external half.
+        let h = double_header(id);
+        assert_ne!(double_aad(&h, &external, b""), double_aad(&h, &local, b""));
     }
 }

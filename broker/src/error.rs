@@ -433,6 +433,24 @@ pub enum Refused {
         /// What it was asked to do.
         what: &'static str,
     },
+    /// A double key does not do this (its material is its two members').
+    #[error("key {key} is a double key: it cannot {what}")]
+    DoubleKey {
+        /// The key.
+        key: KeyName,
+        /// What it was asked to do.
+        what: &'static str,
+    },
+    /// A double key cannot be made of this member.
+    #[error("double key {key}: member {member} {why}")]
+    DoubleMember {
+        /// The double key.
+        key: KeyName,
+        /// The member key.
+        member: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
 }
 
 /// What already exists.

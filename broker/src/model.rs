@@ -990,6 +990,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_double_keys_members_are_stored_in_the_attributes_and_old_rows_still_load() {
+        let old: KeyAttributes = serde_json::from_str(r#"{"enabled":true}"#).expect("old row");
+        assert!(old.double.is_none() && old.in_hsm());
+        let a = KeyAttributes {
+            double: Some(DoubleRef {
+                local: "acme/provider-kek".into(),
+                external: "acme/customer-kek".into(),
+            }),
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&a).expect("json");
+        assert!(
+            json.contains(r#""double":{"local":"acme/provider-kek""#),
+            "{json}"
+        );
+        let back: KeyAttributes = serde_json::from_str(&json).expect("round trip");
+        assert_eq!(back, a);
+        assert!(!back.in_hsm());
+        // A local key's attributes do not mention it.
+        let plain = serde_json::to_string(&KeyAttributes::default()).expect("json");
+        assert!(!plain.contains("double"), "{plain}");
+    }
+
+    #[test]
     fn key_name_defaults_tenant_and_rejects_bad_parts() {
         let k = KeyName::parse("payments").expect("valid");
         assert_eq!(k.to_string(), "default/payments");
@@ -1186,6 +1210,29 @@ pub struct KeyAttributes {
     /// broker's HSM (`None`: a local key). Set at creation, never changed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub external: Option<ExternalRef>,
+    /// A double key's members: a DEK it wraps is split in two shares, one wrapped under each
+    /// (`None`: not a double key). Set at creation, never changed (`docs/src/dke.md`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub double: Option<DoubleRef>,
+}
+
+impl KeyAttributes {
+    /// Whether the key's versions are objects in this broker's HSM: not for an external key
+    /// (its versions are behind its proxy) nor a double key (its members hold the material).
+    pub fn in_hsm(&self) -> bool {
+        self.external.is_none() && self.double.is_none()
+    }
+}
+
+/// A double key's two members (full names, in the double key's own tenant): a local AES-256-GCM
+/// key of this broker and an external key (`docs/src/dke.md`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DoubleRef {
+    /// The local key (in this broker's HSM).
+    pub local: String,
+    /// The external key (behind its proxy).
+    pub external: String,
 }
 
 /// Where an external key lives: a remote EKM proxy named in the configuration
@@ -1212,6 +1259,7 @@ impl Default for KeyAttributes {
             rotation_period_ms: None,
             version_expiry_ms: None,
             external: None,
+            double: None,
         }
     }
 }

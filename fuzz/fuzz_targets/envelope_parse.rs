@@ -15,4 +15,13 @@ fuzz_target!(|data: &[u8]| {
         let again = envelope::seal(envelope::header(e.algorithm, e.version, e.nonce), e.ciphertext);
         assert_eq!(again, data);
     }
+    // A double-key envelope: exactly its header, L, and two halves that parse on their own.
+    if let Ok(d) = envelope::parse_double(data) {
+        assert!(envelope::parse(data).is_err());
+        assert_eq!(d.header, &data[..19]);
+        assert_eq!(&d.header[2..18], d.version.as_bytes());
+        assert!(envelope::parse(d.local).is_ok() && envelope::parse(d.external).is_ok());
+        let body = envelope::double_body(d.local, d.external);
+        assert_eq!(envelope::seal(envelope::double_header(d.version), &body), data);
+    }
 });

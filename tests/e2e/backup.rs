@@ -42,6 +42,7 @@ async fn create_kind(c: &mut Clients, name: &str, kt: pb::KeyType, alg: pb::Algo
             algorithm: alg.into(),
             attributes: None,
             external: None,
+            double: None,
         })
         .await
         .unwrap_or_else(|e| panic!("create {name}: {e:?}"));

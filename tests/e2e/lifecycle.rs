@@ -25,6 +25,7 @@ async fn create_with(
             algorithm: 0,
             attributes: Some(a),
             external: None,
+            double: None,
         })
         .await
         .map(|r| r.into_inner())

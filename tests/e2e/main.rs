@@ -9,6 +9,7 @@ mod batch;
 mod cli;
 mod common;
 mod crash;
+mod dke;
 mod ekm;
 mod external;
 mod faults;

@@ -38,6 +38,7 @@ async fn create_with(
             algorithm: alg.into(),
             attributes,
             external: None,
+            double: None,
         })
         .await
         .map(|r| r.into_inner())

@@ -355,6 +355,7 @@ async fn create_with_ops(c: &mut keybroker::client::Clients, name: &str, ops: &[
                 ..Default::default()
             }),
             external: None,
+            double: None,
         })
         .await
         .unwrap_or_else(|e| panic!("create {name}: {e:?}"));

@@ -84,6 +84,7 @@ async fn xks_operations_against_a_real_keyring() {
                 algorithm: alg.into(),
                 attributes,
                 external: None,
+                double: None,
             })
             .await
             .unwrap_or_else(|e| panic!("create {name}: {e:?}"));

@@ -426,6 +426,9 @@ fn key_json(k: &pb::Key) -> serde_json::Value {
         "external": k.external.as_ref().map(|x| json!({
             "proxy": x.proxy, "remote_key": x.remote_key,
         })),
+        "double": k.double.as_ref().map(|d| json!({
+            "local": d.local, "external": d.external,
+        })),
         "current_version": k.current_version,
                 "versions": k.versions.iter().map(|v| json!({
             "version": v.version, "id": hex::encode(&v.id), "created_at_ms": v.created_at_ms,
@@ -589,6 +592,12 @@ fn print_key(k: &pb::Key, out: Output) {
                     format!("{} at proxy {}", x.remote_key, x.proxy),
                 ]);
             }
+            if let Some(d) = &k.double {
+                rows.push(vec![
+                    "double".into(),
+                    format!("local {}, external {}", d.local, d.external),
+                ]);
+            }
             if let Some(a) = j.get("attributes").and_then(|a| a.as_object()) {
                 for (name, v) in a {
                     // Times and durations in people's units; `-o json` keeps the milliseconds.
@@ -635,6 +644,27 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
         Command::Key { command, conn } => {
             let mut c = clients(&settings(&conn)?).await?;
             match command {
+                KeyCommand::Create {
+                    name,
+                    double_local: Some(local),
+                    double_external,
+                    ..
+                } => {
+                    let k = c
+                        .mgmt
+                        .create_key(pb::CreateKeyRequest {
+                            key: name,
+                            double: Some(pb::DoubleKeyMembers {
+                                local,
+                                external: double_external.unwrap_or_default(),
+                            }),
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    print_key(&k, conn.output);
+                }
                 KeyCommand::Create {
                     name,
                     external: Some(proxy),
@@ -689,6 +719,7 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                             algorithm: alg.into(),
                             attributes: None,
                             external: None,
+                            double: None,
                         })
                         .await
                         .map_err(status)?

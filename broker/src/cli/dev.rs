@@ -216,6 +216,7 @@ async fn demo(settings: &ClientSettings) -> Result<(), String> {
             algorithm: pb::Algorithm::Unspecified.into(),
             attributes: None,
             external: None,
+            double: None,
         })
         .await
     {

@@ -365,6 +365,13 @@ enum KeyCommand {
         /// The key's name at the external proxy (with --external).
         #[arg(long, requires = "external")]
         remote_key: Option<String>,
+        /// Create a double key instead (double key encryption): its local member, an
+        /// AES-256-GCM key of this broker ("tenant/name"). Needs --double-external.
+        #[arg(long, requires = "double_external", conflicts_with_all = ["key_type", "algorithm", "external"])]
+        double_local: Option<String>,
+        /// The double key's external member, an external key ("tenant/name").
+        #[arg(long, requires = "double_local")]
+        double_external: Option<String>,
     },
     /// Show a key.
     Get {

@@ -675,6 +675,20 @@ impl RequestScope {
         });
     }
 
+    /// Appends `values` to the array noted as `name` (a new one if none, or if `name` held
+    /// something else): for notes one request makes in several steps.
+    pub fn append_detail(name: &str, values: Vec<serde_json::Value>) {
+        let _ = SCOPE.try_with(|s| {
+            let mut d = s.detail.lock().unwrap_or_else(|p| p.into_inner());
+            match d.get_mut(name) {
+                Some(serde_json::Value::Array(a)) => a.extend(values),
+                _ => {
+                    d.insert(name.to_string(), serde_json::Value::Array(values));
+                }
+            }
+        });
+    }
+
     /// The audit detail noted so far (`None`: nothing).
     pub fn take_detail(&self) -> Option<serde_json::Value> {
         let mut d = self.detail.lock().unwrap_or_else(|p| p.into_inner());

@@ -87,6 +87,9 @@ pub struct Resolved {
     ciphertext: Vec<u8>,
     aad: Vec<u8>,
     raw: bool,
+    /// A double-key envelope's two halves, resolved to their member keys (local, external);
+    /// `params` and `ciphertext` above are then unused.
+    double: Option<Box<(Resolved, Resolved)>>,
 }
 
 impl Resolved {
@@ -159,9 +162,12 @@ impl Keyring {
         let now = now_ms();
         let mut results = empty(items.len());
         let mut work = Vec::with_capacity(items.len());
-        let mut remote = Vec::new();
+        let (mut remote, mut double) = (Vec::new(), Vec::new());
         for (index, item) in items.into_iter().enumerate() {
             match self.prepare_wrap(&item.grant, KeyOp::Wrap, item.dek.len(), &item.aad, now) {
+                Ok((sealing, _)) if sealing.entry.attributes.double.is_some() => {
+                    double.push((index, sealing, item.dek, item.aad));
+                }
                 Ok((sealing, _)) if sealing.entry.attributes.external.is_some() => {
                     remote.push((index, sealing, item.dek));
                 }
@@ -177,13 +183,12 @@ impl Keyring {
             &mut results,
             work,
             |calls| self.hsm.wrap_many(calls),
-            |sealing: Sealing, ct: Vec<u8>| {
-                self.bump(sealing.version.id, true);
-                Ok(sealing.seal(&ct))
-            },
+            |sealing: Sealing, ct: Vec<u8>| Ok(self.sealed(sealing, &ct)),
         )
         .await;
         self.wrap_remote(&mut results, remote, |sealing, ct, _| sealing.seal(&ct))
+            .await;
+        self.wrap_double(&mut results, double, |sealing, body, _| sealing.seal(&body))
             .await;
         finish(results)
     }
@@ -196,7 +201,7 @@ impl Keyring {
         let now = now_ms();
         let mut results = empty(items.len());
         let mut work = Vec::with_capacity(items.len());
-        let mut remote = Vec::new();
+        let (mut remote, mut double) = (Vec::new(), Vec::new());
         for (index, item) in items.into_iter().enumerate() {
             let len = if item.len == 0 {
                 DEFAULT_DEK_LEN
@@ -204,10 +209,13 @@ impl Keyring {
                 item.len
             };
             match self.prepare_wrap(&item.grant, KeyOp::GenerateDataKey, len, &item.aad, now) {
-                // An external key's DEK comes from this broker's HSM RNG too; only the wrap
-                // is remote.
-                Ok((sealing, _)) if sealing.entry.attributes.external.is_some() => {
+                // An external (or double) key's DEK comes from this broker's HSM RNG too;
+                // only the wrap (of a share) is remote.
+                Ok((sealing, _)) if !sealing.entry.attributes.in_hsm() => {
                     match self.hsm.random(len).await {
+                        Ok(dek) if sealing.entry.attributes.double.is_some() => {
+                            double.push((index, sealing, dek, item.aad));
+                        }
                         Ok(dek) => remote.push((index, sealing, dek)),
                         Err(e) => results[index] = Some(Err(e.into())),
                     }
@@ -232,6 +240,10 @@ impl Keyring {
         .await;
         self.wrap_remote(&mut results, remote, |sealing, ct, dek| {
             (dek, sealing.seal(&ct))
+        })
+        .await;
+        self.wrap_double(&mut results, double, |sealing, body, dek| {
+            (dek, sealing.seal(&body))
         })
         .await;
         finish(results)
@@ -272,9 +284,9 @@ impl Keyring {
         // A version unknown here may be another replica's newest: one refresh for the list.
         let unknown = items
             .iter()
-            .filter_map(|i| match &i.ciphertext {
-                Ciphertext::Envelope(b) => envelope::parse(b).ok().map(|e| e.version),
-                Ciphertext::Raw { .. } => None,
+            .flat_map(|i| match &i.ciphertext {
+                Ciphertext::Envelope(b) => envelope::versions(b),
+                Ciphertext::Raw { .. } => Vec::new(),
             })
             .find(|v| !self.knows_version(*v));
         if let Some(v) = unknown
@@ -299,18 +311,10 @@ impl Keyring {
                 if let Some(name) = &expected {
                     self.get(name)?;
                 }
-                let env = envelope::parse(&bytes)?;
-                let (entry, version) = self.find_version(expected.as_ref(), &env, &aad)?;
-                let params = params_for(&env, &aad)?;
-                let ciphertext = env.ciphertext.to_vec();
-                Ok(Resolved {
-                    entry,
-                    version,
-                    params,
-                    ciphertext,
-                    aad,
-                    raw: false,
-                })
+                if envelope::is_double(&bytes) {
+                    return self.resolve_double(expected.as_ref(), &bytes, aad);
+                }
+                self.resolve_envelope(expected.as_ref(), &bytes, aad)
             }
             Ciphertext::Raw {
                 version,
@@ -351,9 +355,96 @@ impl Keyring {
                     ciphertext,
                     aad,
                     raw: true,
+                    double: None,
                 })
             }
         }
+    }
+
+    /// A format-1 envelope's key and version (checked against `expected`), and what its
+    /// unwrap needs.
+    fn resolve_envelope(
+        &self,
+        expected: Option<&KeyName>,
+        bytes: &[u8],
+        aad: Vec<u8>,
+    ) -> Result<Resolved, BrokerError> {
+        let env = envelope::parse(bytes)?;
+        let (entry, version) = self.find_version(expected, &env, &aad)?;
+        let params = params_for(&env, &aad)?;
+        let ciphertext = env.ciphertext.to_vec();
+        Ok(Resolved {
+            entry,
+            version,
+            params,
+            ciphertext,
+            aad,
+            raw: false,
+            double: None,
+        })
+    }
+
+    /// A double-key envelope: the double key's version it names (checked against `expected`),
+    /// and each half resolved to its member key — the local half with the AAD that binds it to
+    /// the header, the external half and the caller's AAD. A half of another key is
+    /// [`BrokerError::Unauthentic`], as any mismatch.
+    fn resolve_double(
+        &self,
+        expected: Option<&KeyName>,
+        bytes: &[u8],
+        aad: Vec<u8>,
+    ) -> Result<Resolved, BrokerError> {
+        let d = envelope::parse_double(bytes)?;
+        let (entry, version) = self.find_named(expected, d.version)?;
+        let members = entry
+            .attributes
+            .double
+            .as_ref()
+            .ok_or(BrokerError::Unauthentic)?;
+        let bind = envelope::double_aad(d.header, d.external, &aad);
+        let local = self.resolve_envelope(Some(&member_name(&members.local)?), d.local, bind)?;
+        let external = self.resolve_envelope(
+            Some(&member_name(&members.external)?),
+            d.external,
+            Vec::new(),
+        )?;
+        Ok(Resolved {
+            entry,
+            version,
+            // Unused: each half carries its own.
+            params: WrapParams::Kwp,
+            ciphertext: Vec::new(),
+            aad,
+            raw: false,
+            double: Some(Box::new((local, external))),
+        })
+    }
+
+    /// The key and version a version id names, checked against `expected` (if the caller named
+    /// a key). Every mismatch is [`BrokerError::Unauthentic`].
+    fn find_named(
+        &self,
+        expected: Option<&KeyName>,
+        id: VersionId,
+    ) -> Result<(Arc<KeyEntry>, VersionEntry), BrokerError> {
+        let found = self
+            .versions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned();
+        let Some((name, number)) = found else {
+            return Err(BrokerError::Unauthentic);
+        };
+        if expected.is_some_and(|e| *e != name) {
+            return Err(BrokerError::Unauthentic);
+        }
+        let entry = self.get(&name)?;
+        let v = entry
+            .version(number)
+            .cloned()
+            .ok_or(BrokerError::Unauthentic)?;
+        Ok((entry, v))
     }
 
     /// The key and version an envelope names, checked against `expected` (if the caller named
@@ -364,26 +455,14 @@ impl Keyring {
         env: &envelope::Envelope<'_>,
         aad: &[u8],
     ) -> Result<(Arc<KeyEntry>, VersionEntry), BrokerError> {
-        let found = self
-            .versions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&env.version)
-            .cloned();
-        let Some((name, number)) = found else {
-            return Err(BrokerError::Unauthentic);
-        };
-        if expected.is_some_and(|e| *e != name) {
+        let (entry, v) = self.find_named(expected, env.version)?;
+        // A double key's own version wraps nothing: only a double envelope may name it.
+        if entry.algorithm != env.algorithm
+            || (!aad.is_empty() && !env.algorithm.supports_aad())
+            || entry.attributes.double.is_some()
+        {
             return Err(BrokerError::Unauthentic);
         }
-        let entry = self.get(&name)?;
-        if entry.algorithm != env.algorithm || (!aad.is_empty() && !env.algorithm.supports_aad()) {
-            return Err(BrokerError::Unauthentic);
-        }
-        let v = entry
-            .version(number)
-            .cloned()
-            .ok_or(BrokerError::Unauthentic)?;
         Ok((entry, v))
     }
 
@@ -392,10 +471,11 @@ impl Keyring {
         let now = now_ms();
         let mut results = empty(items.len());
         let mut work = Vec::with_capacity(items.len());
-        let mut remote = Vec::new();
+        let (mut remote, mut double) = (Vec::new(), Vec::new());
         for (index, item) in items.into_iter().enumerate() {
             let UnwrapItem { resolved: r, grant } = item;
             match check_unwrap(&grant, &r, KeyOp::Unwrap, now) {
+                Ok(()) if r.double.is_some() => double.push((index, r)),
                 Ok(()) if r.entry.attributes.external.is_some() => remote.push((index, r)),
                 Ok(()) => work.push((
                     index,
@@ -428,6 +508,7 @@ impl Keyring {
         )
         .await;
         self.unwrap_remote(&mut results, remote).await;
+        self.unwrap_double(&mut results, double, now).await;
         finish(results)
     }
 
@@ -516,14 +597,199 @@ impl Keyring {
         note_remote(notes);
     }
 
-    /// Unwraps resolved envelopes and wraps their DEKs again, each in one HSM call.
+    /// Seals an HSM wrap's output and counts the wrap.
+    fn sealed(&self, sealing: Sealing, ciphertext: &[u8]) -> Wrapped {
+        self.bump(sealing.version.id, true);
+        sealing.seal(ciphertext)
+    }
+
+    /// Wraps each DEK under its double key (double key encryption, `docs/src/dke.md`): the
+    /// DEK is split into share 1, fresh from the HSM RNG, and share 2 = DEK XOR share 1; share
+    /// 2 is wrapped through the external member's proxy, then share 1 under the local member
+    /// (AES-256-GCM) with an AAD that binds the double header, the external half's SHA-256 and
+    /// the caller's AAD. `done` gets the double key's sealing (its header replaced by the
+    /// double header) and the body to append. Every share is zeroized when dropped.
+    async fn wrap_double<T>(
+        &self,
+        results: &mut [Option<Result<T, BrokerError>>],
+        work: Vec<(usize, Sealing, Dek, Vec<u8>)>,
+        done: impl Fn(Sealing, Vec<u8>, Dek) -> T,
+    ) {
+        if work.is_empty() {
+            return;
+        }
+        let now = now_ms();
+        // The members' checks and the shares.
+        let (mut pending, mut remote) = (Vec::new(), Vec::new());
+        for (index, sealing, dek, aad) in work {
+            match self.split(&sealing, &dek, now).await {
+                Ok((local, external, s1, s2)) => {
+                    remote.push((pending.len(), external, s2));
+                    pending.push((index, sealing, dek, aad, local, s1));
+                }
+                Err(e) => results[index] = Some(Err(e)),
+            }
+        }
+        // Share 2 through the proxy, concurrently.
+        let mut external = empty(pending.len());
+        self.wrap_remote(&mut external, remote, |sealing, ct, _| {
+            sealing.seal(&ct).envelope
+        })
+        .await;
+        // Share 1 under the local member, bound to the external half.
+        let mut waiting = Vec::with_capacity(pending.len());
+        let mut local_work = Vec::with_capacity(pending.len());
+        let mut local = empty(pending.len());
+        for (n, ((index, mut sealing, dek, aad, mut member, s1), x)) in
+            pending.into_iter().zip(finish(external)).enumerate()
+        {
+            let prepared = x.and_then(|x| {
+                sealing.header = envelope::double_header(sealing.version.id);
+                let bind = envelope::double_aad(&sealing.header, &x, &aad);
+                let (params, header) =
+                    new_params(member.entry.algorithm, member.version.id, &bind)?;
+                member.header = header;
+                Ok((x, params))
+            });
+            match prepared {
+                Ok((x, params)) => {
+                    let id = member.version.id;
+                    local_work.push((n, member, (id, params, s1)));
+                    waiting.push((n, index, sealing, dek, x));
+                }
+                Err(e) => results[index] = Some(Err(e)),
+            }
+        }
+        let local_work = self.charge(&mut local, local_work, Sealing::gcm).await;
+        self.in_chunks(
+            &mut local,
+            local_work,
+            |calls| self.hsm.wrap_many(calls),
+            |member: Sealing, ct: Vec<u8>| Ok(self.sealed(member, &ct).envelope),
+        )
+        .await;
+        for (n, index, sealing, dek, x) in waiting {
+            let l = local[n]
+                .take()
+                .unwrap_or_else(|| Err(BrokerError::internal("a double wrap without a result")));
+            results[index] = Some(l.map(|l| {
+                self.bump(sealing.version.id, true);
+                let body = envelope::double_body(&l, &x);
+                done(sealing, body, dek)
+            }));
+        }
+    }
+
+    /// A double key's members for a wrap (each must exist and may wrap now, its own state
+    /// applying) and a DEK's two shares: share 1 from the HSM RNG, share 2 = DEK XOR share 1.
+    /// The external member's sealing is ready for [`Self::wrap_remote`]; the local one's header
+    /// is a placeholder (its AAD needs the external half: the caller makes the real one).
+    async fn split(
+        &self,
+        sealing: &Sealing,
+        dek: &Dek,
+        now: i64,
+    ) -> Result<(Sealing, Sealing, Dek, Dek), BrokerError> {
+        let members =
+            sealing.entry.attributes.double.as_ref().ok_or_else(|| {
+                BrokerError::internal("a double wrap of a key that is not double")
+            })?;
+        let member = |name: &str| -> Result<Sealing, BrokerError> {
+            let entry = self.get(&member_name(name)?)?;
+            let version = entry.current()?.clone();
+            entry.check(KeyOp::Wrap, &version, now)?;
+            let header = envelope::header(entry.algorithm, version.id, &[]);
+            Ok(Sealing {
+                entry,
+                version,
+                header,
+            })
+        };
+        let (local, external) = (member(&members.local)?, member(&members.external)?);
+        let s1 = self.hsm.random(dek.len()).await?;
+        let s2 = xor(dek, &s1)?;
+        Ok((local, external, s1, s2))
+    }
+
+    /// Unwraps double-key envelopes: both members must allow unwrap now (each its own state:
+    /// disabled, deleted, below its minimum version), then the local half in this HSM and the
+    /// external half through its proxy run concurrently, and the DEK is their shares' XOR. A
+    /// local half that does not authenticate (tampered, or not this envelope's: the external
+    /// half swapped) is the one unauthentic error, whatever the proxy said.
+    async fn unwrap_double(
+        &self,
+        results: &mut [Option<Result<Unwrapped, BrokerError>>],
+        work: Vec<(usize, Resolved)>,
+        now: i64,
+    ) {
+        if work.is_empty() {
+            return;
+        }
+        let (mut pending, mut local_work, mut remote) = (Vec::new(), Vec::new(), Vec::new());
+        for (index, r) in work {
+            let Some(halves) = r.double else {
+                results[index] = Some(Err(BrokerError::internal("a double unwrap without halves")));
+                continue;
+            };
+            let (l, x) = *halves;
+            let checked = l
+                .entry
+                .check(KeyOp::Unwrap, &l.version, now)
+                .and_then(|()| x.entry.check(KeyOp::Unwrap, &x.version, now));
+            match checked {
+                Ok(()) => {
+                    let n = pending.len();
+                    local_work.push((n, l.version.id, (l.version.id, l.params, l.ciphertext)));
+                    remote.push((n, x));
+                    pending.push((index, r.entry, r.version));
+                }
+                Err(e) => results[index] = Some(Err(e)),
+            }
+        }
+        let (mut local, mut external) = (empty(pending.len()), empty(pending.len()));
+        tokio::join!(
+            self.in_chunks(
+                &mut local,
+                local_work,
+                |calls| self.hsm.unwrap_many(calls),
+                |id: VersionId, share: Dek| {
+                    self.bump(id, false);
+                    Ok(share)
+                },
+            ),
+            self.unwrap_remote(&mut external, remote),
+        );
+        for ((index, entry, version), (l, x)) in pending
+            .into_iter()
+            .zip(finish(local).into_iter().zip(finish(external)))
+        {
+            let out = l.and_then(|s1| {
+                let s2 = x?.dek;
+                if s1.len() != s2.len() || check_dek_len(s1.len()).is_err() {
+                    return Err(BrokerError::Unauthentic);
+                }
+                let dek = xor(&s1, &s2)?;
+                self.bump(version.id, false);
+                Ok(Unwrapped {
+                    dek,
+                    key: entry.name.clone(),
+                    version: version.number,
+                    version_id: version.id,
+                    algorithm: entry.algorithm,
+                })
+            });
+            results[index] = Some(out);
+        }
+    }
+
+    /// Unwraps resolved ciphertexts and wraps their DEKs again, each in one HSM call.
     pub async fn rewrap(&self, items: Vec<RewrapItem>) -> Vec<Result<Rewrapped, BrokerError>> {
         let now = now_ms();
         let mut results = empty(items.len());
         let mut work = Vec::with_capacity(items.len());
         let mut two_step = Vec::new();
         for (index, item) in items.into_iter().enumerate() {
-            let external = |e: &KeyEntry| e.attributes.external.is_some();
+            let external = |e: &KeyEntry| !e.attributes.in_hsm();
             let to_external = item
                 .destination
                 .key_for(Permission::Wrap)
@@ -813,6 +1079,28 @@ fn check_unwrap(grant: &Grant, r: &Resolved, op: KeyOp, now: i64) -> Result<(), 
     Ok(())
 }
 
+/// A double key's member, by its stored name (INTERNAL if it does not parse: creation checked
+/// it).
+fn member_name(name: &str) -> Result<KeyName, BrokerError> {
+    KeyName::parse(name).map_err(|_| {
+        BrokerError::internal(format!("a double key's member {name:?} is no key name"))
+    })
+}
+
+/// Two shares' XOR (equal lengths), zeroized when dropped.
+fn xor(a: &Dek, b: &Dek) -> Result<Dek, BrokerError> {
+    if a.len() != b.len() {
+        return Err(BrokerError::internal("two shares of different lengths"));
+    }
+    Ok(Dek::new(
+        a.expose()
+            .iter()
+            .zip(b.expose())
+            .map(|(x, y)| x ^ y)
+            .collect(),
+    ))
+}
+
 /// An external key's reference (INTERNAL for a local key: the callers split them first).
 fn remote_ref(entry: &KeyEntry) -> Result<&ExternalRef, BrokerError> {
     entry
@@ -823,15 +1111,27 @@ fn remote_ref(entry: &KeyEntry) -> Result<&ExternalRef, BrokerError> {
 }
 
 /// Refuses an external key for an operation that needs the key in this broker's HSM.
+/// (and a double key, whose material is its members').
 pub(crate) fn refuse_external(entry: &KeyEntry, what: &'static str) -> Result<(), BrokerError> {
-    if entry.attributes.external.is_some() {
-        return Err(Refused::ExternalKey {
-            key: entry.name.clone(),
-            what,
-        }
-        .into());
+    if entry.attributes.in_hsm() {
+        return Ok(());
     }
-    Ok(())
+    Err(not_in_hsm(&entry.name, &entry.attributes, what))
+}
+
+/// The refusal of `what` for a key whose material is not in this HSM: an external key's, or a
+/// double key's.
+pub(crate) fn not_in_hsm(
+    key: &KeyName,
+    a: &crate::model::KeyAttributes,
+    what: &'static str,
+) -> BrokerError {
+    let key = key.clone();
+    if a.double.is_some() {
+        Refused::DoubleKey { key, what }.into()
+    } else {
+        Refused::ExternalKey { key, what }.into()
+    }
 }
 
 /// One remote call as the request's audit record notes it: the remote request id of an
@@ -857,7 +1157,7 @@ fn remote_note<T>(
 /// Puts the remote calls made into the request's audit record (`detail.external`).
 fn note_remote(notes: Vec<serde_json::Value>) {
     if !notes.is_empty() {
-        RequestScope::note_detail("external", serde_json::Value::Array(notes));
+        RequestScope::append_detail("external", notes);
     }
 }
 

@@ -37,8 +37,8 @@ use crate::{
     failpoint,
     hsm::{KekSpec, RequestScope, RsaPublic, template::LABEL_PREFIX},
     model::{
-        Algorithm, Dek, ExternalRef, KeyAttributes, KeyName, KeyOp, KeyType, MAX_VERSIONS, Origin,
-        VersionId, now_ms,
+        Algorithm, Dek, DoubleRef, ExternalRef, KeyAttributes, KeyName, KeyOp, KeyType,
+        MAX_VERSIONS, Origin, VersionId, now_ms,
     },
     policy::{Grant, Permission},
     store::StoredLifecycle,
@@ -340,10 +340,122 @@ impl Keyring {
             .into());
         }
         let env = envelope::seal(envelope::header(remote.algorithm, id, &[]), &ct);
-        let _w = self.write().await?;
+        let entry = self
+            .store_without_object(
+                &name,
+                (remote.key_type, remote.algorithm),
+                attributes,
+                id,
+                (env, digest),
+            )
+            .await?;
+        tracing::info!(key = %name, proxy = %reference.proxy, remote_key = %reference.remote_key,
+            key_type = remote.key_type.as_str(), algorithm = %remote.algorithm, version_id = %id, "external key created");
+        Ok(entry)
+    }
+
+    /// Creates a double key (double key encryption): each DEK it wraps is split into two
+    /// shares, one wrapped under `members.local` in this HSM, the other through the external
+    /// key `members.external`'s proxy (`docs/src/dke.md`). Both members must exist, live, in
+    /// the double key's tenant; the local one an AES-256-GCM key that may wrap and unwrap (its
+    /// AAD binds the two halves together), the external one an external key. Nothing is created
+    /// otherwise. The key has one version with no HSM object: its envelopes name it.
+    pub async fn create_double(
+        &self,
+        grant: &Grant,
+        members: DoubleRef,
+        mut attributes: KeyAttributes,
+    ) -> Result<Arc<KeyEntry>, BrokerError> {
+        let name = grant.key_for(Permission::Create)?.clone();
         self.name_free(&name)?;
+        let member = |m: &str, external: bool| -> Result<(), BrokerError> {
+            let refuse = |why| Refused::DoubleMember {
+                key: name.clone(),
+                member: m.to_string(),
+                why,
+            };
+            let Ok(k) = KeyName::parse(m) else {
+                return Err(Invalid::Value {
+                    field: "double",
+                    expected: "two key names, \"tenant/name\"",
+                }
+                .into());
+            };
+            if k.tenant() != name.tenant() {
+                return Err(Invalid::Value {
+                    field: "double",
+                    expected: "two keys in the double key's own tenant",
+                }
+                .into());
+            }
+            let e = self.get(&k).map_err(|_| refuse("does not exist"))?;
+            if !matches!(e.lifecycle, Lifecycle::Active) {
+                return Err(refuse("is deleted").into());
+            }
+            if e.attributes.double.is_some() {
+                return Err(refuse("is itself a double key").into());
+            }
+            if external {
+                if e.attributes.external.is_none() {
+                    return Err(refuse("is not an external key").into());
+                }
+                return Ok(());
+            }
+            if e.attributes.external.is_some() {
+                return Err(refuse("is an external key, not a key of this broker's HSM").into());
+            }
+            if e.algorithm != Algorithm::Aes256Gcm {
+                return Err(refuse(
+                    "is not an AES-256-GCM key (its AAD binds the two halves of an envelope)",
+                )
+                .into());
+            }
+            if !(e.attributes.operations.contains(&KeyOp::Wrap)
+                && e.attributes.operations.contains(&KeyOp::Unwrap))
+            {
+                return Err(refuse("does not allow both wrap and unwrap").into());
+            }
+            Ok(())
+        };
+        member(&members.local, false)?;
+        member(&members.external, true)?;
+        if attributes.operations.is_empty() {
+            attributes.operations = KeyOp::EXTERNAL.into_iter().collect();
+        }
+        attributes.double = Some(members.clone());
+        check_external(&name, &attributes)?;
+        let attributes = self.new_attributes(Algorithm::Aes256Gcm, attributes)?;
+        let id = VersionId::random();
+        // No canary: the version is no HSM object (start-up skips it); each member proved
+        // itself when it was made.
+        let entry = self
+            .store_without_object(
+                &name,
+                (KeyType::Aes256, Algorithm::Aes256Gcm),
+                attributes,
+                id,
+                (Vec::new(), Vec::new()),
+            )
+            .await?;
+        tracing::info!(key = %name, local = %members.local, external = %members.external,
+            version_id = %id, "double key created");
+        Ok(entry)
+    }
+
+    /// Stores a key whose one version `id` is no object in this HSM (an external or a double
+    /// key), with the same two-phase write as a local key: a pending row, then the version
+    /// (with `canary`: its envelope and digest), then the key in memory.
+    async fn store_without_object(
+        &self,
+        name: &KeyName,
+        (key_type, algorithm): (KeyType, Algorithm),
+        attributes: KeyAttributes,
+        id: VersionId,
+        (env, digest): (Vec<u8>, Vec<u8>),
+    ) -> Result<Arc<KeyEntry>, BrokerError> {
+        let _w = self.write().await?;
+        self.name_free(name)?;
         let now = now_ms();
-        let (key_type, algorithm) = (remote.key_type, remote.algorithm);
         {
             let (st, n, a) = (self.store.clone(), name.clone(), attributes.clone());
             blocking(move || {
@@ -361,7 +473,7 @@ impl Keyring {
         if let Err(e) = committed {
             // No HSM object was made: only the pending row goes.
             if let Err(d) = RequestScope::new(None).run(self.roll_back(id, false)).await {
-                tracing::error!(error = %d, version_id = %id, "could not roll back a half-made external key now; the maintenance task retries");
+                tracing::error!(error = %d, version_id = %id, "could not roll back a half-made key now; the maintenance task retries");
                 self.pending_rollbacks
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -376,8 +488,8 @@ impl Keyring {
             origin: Origin::Generated,
             expires_ms: None,
         };
-        self.register_version(&name, &v);
-        let entry = self.replace(KeyEntry {
+        self.register_version(name, &v);
+        Ok(self.replace(KeyEntry {
             name: name.clone(),
             key_type,
             algorithm,
@@ -387,10 +499,7 @@ impl Keyring {
             lifecycle: Lifecycle::Active,
             attributes,
             versions: vec![v],
-        });
-        tracing::info!(key = %name, proxy = %reference.proxy, remote_key = %reference.remote_key,
-            key_type = key_type.as_str(), %algorithm, version_id = %id, "external key created");
-        Ok(entry)
+        }))
     }
 
     /// A name is free unless a key (also a soft-deleted one) has it.
@@ -1262,22 +1371,19 @@ impl Keyring {
 /// generate (the others need the key in this broker's HSM), and automatic rotation (the
 /// remote rotates its own key).
 fn check_external(name: &KeyName, a: &KeyAttributes) -> Result<(), BrokerError> {
-    if a.external.is_none() {
+    if a.in_hsm() {
         return Ok(());
     }
+    let refuse = |what| super::crypt::not_in_hsm(name, a, what);
     if a.operations.iter().any(|o| !KeyOp::EXTERNAL.contains(o)) {
-        return Err(Refused::ExternalKey {
-            key: name.clone(),
-            what: "allow operations other than wrap, unwrap and generate",
-        }
-        .into());
+        return Err(refuse(
+            "allow operations other than wrap, unwrap and generate",
+        ));
     }
     if a.rotation_period_ms.is_some() || a.version_expiry_ms.is_some() {
-        return Err(Refused::ExternalKey {
-            key: name.clone(),
-            what: "rotate (automatic rotation and version expiry are the remote's)",
-        }
-        .into());
+        return Err(refuse(
+            "rotate (automatic rotation and version expiry are the remote's)",
+        ));
     }
     Ok(())
 }

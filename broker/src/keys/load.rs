@@ -233,7 +233,7 @@ async fn attach(
     // An external key's versions have no HSM object here (their key lives behind its proxy).
     let expected = stored
         .iter()
-        .filter(|k| k.attributes.external.is_none())
+        .filter(|k| k.attributes.in_hsm())
         .flat_map(|k| {
             k.versions.iter().map(|v| ExpectedKek {
                 id: v.id,
@@ -280,7 +280,7 @@ async fn prove_identities(
 ) -> Vec<VersionId> {
     let started = Instant::now();
     let mut to_check = Vec::new();
-    for k in stored.iter().filter(|k| k.attributes.external.is_none()) {
+    for k in stored.iter().filter(|k| k.attributes.in_hsm()) {
         for v in &k.versions {
             if bad.contains_key(&v.id) {
                 continue;

@@ -564,9 +564,10 @@ impl Keyring {
             })
             .collect();
         // An external key's mechanism is its proxy's (the remote does the work).
-        let mechanism = match &entry.attributes.external {
-            Some(x) => format!("external proxy {}", x.proxy),
-            None => self.hsm.capabilities().mechanism_name(entry.algorithm),
+        let mechanism = match (&entry.attributes.external, &entry.attributes.double) {
+            (Some(x), _) => format!("external proxy {}", x.proxy),
+            (None, Some(d)) => format!("double key: {} and {}", d.local, d.external),
+            (None, None) => self.hsm.capabilities().mechanism_name(entry.algorithm),
         };
         KeyInfo {
             mechanism,

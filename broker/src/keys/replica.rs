@@ -301,7 +301,7 @@ impl Keyring {
         let mut problems = Vec::new();
         for v in &k.versions {
             // An external key's versions have no HSM object to attach.
-            if self.hsm.has_handles(v.id) || k.attributes.external.is_some() {
+            if self.hsm.has_handles(v.id) || !k.attributes.in_hsm() {
                 continue;
             }
             let canary = match canary_to_check(

@@ -268,6 +268,10 @@ pub(super) fn key_to_pb(k: &KeyInfo) -> pb::Key {
                 proxy: x.proxy.clone(),
                 remote_key: x.remote_key.clone(),
             }),
+        double: e.attributes.double.as_ref().map(|d| pb::DoubleKeyMembers {
+            local: d.local.clone(),
+            external: d.external.clone(),
+        }),
     }
 }
 

@@ -36,6 +36,34 @@ impl KeyManagement for GrpcApi {
             req,
             |r| {
                 let op = (|| {
+                    if r.external.is_some() && r.double.is_some() {
+                        return Err(Invalid::Value {
+                            field: "double",
+                            expected: "unset for an external key (a key is external or double, not both)",
+                        }
+                        .into());
+                    }
+                    if let Some(d) = r.double {
+                        // A double key's members decide what it is.
+                        if r.key_type != 0 || r.algorithm != 0 {
+                            return Err(Invalid::Value {
+                                field: "key_type",
+                                expected: "unspecified (with algorithm) for a double key: its members decide them",
+                            }
+                            .into());
+                        }
+                        return Ok(CreateKey {
+                            key_type: KeyType::Aes256,
+                            algorithm: None,
+                            attributes: attributes_from_pb(r.attributes)?,
+                            key: r.key,
+                            external: None,
+                            double: Some(crate::model::DoubleRef {
+                                local: d.local,
+                                external: d.external,
+                            }),
+                        });
+                    }
                     if let Some(x) = r.external {
                         // An external key's type and algorithm are the remote key's.
                         if r.key_type != 0 || r.algorithm != 0 {
@@ -54,6 +82,7 @@ impl KeyManagement for GrpcApi {
                                 proxy: x.proxy,
                                 remote_key: x.remote_key,
                             }),
+                            double: None,
                         });
                     }
                     Ok(CreateKey {
@@ -62,6 +91,7 @@ impl KeyManagement for GrpcApi {
                         attributes: attributes_from_pb(r.attributes)?,
                         key: r.key,
                         external: None,
+                        double: None,
                     })
                 })();
                 (None, op)

@@ -33,6 +33,8 @@ pub struct CreateKey {
     /// Set: an external key by reference (`key_type` and `algorithm` are then the remote
     /// key's, from its metadata).
     pub external: Option<crate::model::ExternalRef>,
+    /// Set: a double key of these two members (`key_type` and `algorithm` are then ignored).
+    pub double: Option<crate::model::DoubleRef>,
 }
 
 /// `GetKey`.
@@ -177,9 +179,10 @@ impl Operation for CreateKey {
         let keys = call.keys().clone();
         let k = call
             .detached(async move {
-                match self.external {
-                    Some(x) => keys.create_external(&grant, x, self.attributes).await,
-                    None => {
+                match (self.external, self.double) {
+                    (_, Some(d)) => keys.create_double(&grant, d, self.attributes).await,
+                    (Some(x), None) => keys.create_external(&grant, x, self.attributes).await,
+                    (None, None) => {
                         keys.create(&grant, self.key_type, self.algorithm, self.attributes)
                             .await
                     }
