@@ -258,8 +258,8 @@ async fn storage_moved_away_is_unavailable_not_serving_and_recovers_by_itself_wi
 
 /// SoftHSM2's symptom of a lost storage, made by the fault module on any token: every key
 /// handle invalid on the crypto inits and attribute reads, and every search finding nothing,
-/// while `C_GetTokenInfo` and the sessions still answer.
-fn storage_loss_rules() -> Vec<Rule> {
+/// while `C_GetTokenInfo` and the sessions still answer. The soak run uses them too.
+pub(crate) fn storage_loss_rules() -> Vec<Rule> {
     vec![
         Rule::empty(),
         Rule::fail(
