@@ -20,6 +20,7 @@
  *   hang  fn=NAMES [ms=M]  [at=N] [count=K] [p=P] [after_ms=A] [for_ms=T]
  *   trace fn=NAMES
  *   clock [slot=S] [value=TEXT]
+ *   empty fn=C_FindObjects [at=N] [count=K] [p=P] [after_ms=A] [for_ms=T]
  *
  *   NAMES   comma-separated PKCS#11 function names (C_EncryptInit,C_Decrypt), or '*' for every
  *           function except C_GetFunctionList and C_Finalize (which is always forwarded, so an
@@ -40,8 +41,13 @@
  *   clock   C_GetTokenInfo succeeds, but the answer claims a clock (CKF_CLOCK_ON_TOKEN) whose
  *           utcTime field holds TEXT, blank-padded to 16 bytes (default "15:10:01", what
  *           openCryptoki 3.8.1 writes instead of YYYYMMDDhhmmss00). Logged as "clock".
+ *   empty   C_FindObjects is forwarded (the search advances as usual), but the answer reports
+ *           0 objects found: a search finds nothing, as on a token whose storage is gone
+ *           (SoftHSM2 with its token directory moved away). Only C_FindObjects can be named.
+ *           Combine with "fail fn=C_EncryptInit,... rv=CKR_KEY_HANDLE_INVALID" for the rest of
+ *           that symptom. Logged as "empty".
  *
- * Log lines: "<unix_ms> <pid> <fail|latched|delay|hang|trace> <function> <detail>".
+ * Log lines: "<unix_ms> <pid> <fail|latched|delay|hang|trace|clock|empty> <function> <detail>".
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -181,7 +187,7 @@ static const struct {
     {"CKR_USER_NOT_LOGGED_IN", 0x101},   {"CKR_CRYPTOKI_NOT_INITIALIZED", 0x190},
 };
 
-enum Kind { FAIL, DELAY, HANG, TRACE, CLOCK };
+enum Kind { FAIL, DELAY, HANG, TRACE, CLOCK, EMPTY };
 
 typedef struct {
     enum Kind kind;
@@ -303,6 +309,7 @@ static int parse_line(char *line, Rule *r, int lineno) {
     else if (strcmp(word, "delay") == 0) r->kind = DELAY;
     else if (strcmp(word, "hang") == 0) r->kind = HANG;
     else if (strcmp(word, "trace") == 0) r->kind = TRACE;
+    else if (strcmp(word, "empty") == 0) r->kind = EMPTY;
     else if (strcmp(word, "clock") == 0) {
         r->kind = CLOCK;
         r->fns[IX_C_GetTokenInfo] = 1;
@@ -367,6 +374,13 @@ static int parse_line(char *line, Rule *r, int lineno) {
         }
     }
     if (r->kind == CLOCK) have_fn = 1;
+    if (r->kind == EMPTY && have_fn) {
+        for (int i = 0; i < NFUNCS; i++)
+            if (r->fns[i] && i != IX_C_FindObjects) {
+                complain(lineno, "empty applies to C_FindObjects only");
+                return -1;
+            }
+    }
     if (!have_fn || (r->kind == FAIL && !have_rv) || (r->kind == DELAY && !have_ms)) {
         complain(lineno, "missing fn=, rv= or ms=");
         return -1;
@@ -411,8 +425,9 @@ static int takes_slot(int idx) {
 
 /* Decides what to do with a call of function idx (first argument `first`). Returns 1 (and
  * *out) to fail it; otherwise applies any delay or hang and returns 0 to forward it, with
- * *clock set to the text a clock rule wants in the answer's utcTime (or NULL). */
-static int decide(int idx, CK_ULONG first, CK_RV *out, char *clock) {
+ * *clock set to the text a clock rule wants in the answer's utcTime (or left empty) and
+ * *empty set if an empty rule wants the answer to report no objects. */
+static int decide(int idx, CK_ULONG first, CK_RV *out, char *clock, int *empty) {
     long delay = 0, hang_ms = -1;
     unsigned long hang_gen = 0;
     int fail = 0;
@@ -466,6 +481,10 @@ static int decide(int idx, CK_ULONG first, CK_RV *out, char *clock) {
             strcpy(clock, r->value);
             log_line("clock", idx, r->value);
             break;
+        case EMPTY:
+            *empty = 1;
+            log_line("empty", idx, "0-objects");
+            break;
         case TRACE:
             break;
         }
@@ -504,6 +523,16 @@ static void set_clock(int idx, CK_RV rv, PTR info, const char *clock) {
     memcpy(t->utcTime, clock, strlen(clock));
 }
 
+/* Rewrites a C_FindObjects answer for an empty rule: no objects found. */
+static void set_empty(int idx, CK_RV rv, PTR count, int empty) {
+    if (idx != IX_C_FindObjects || rv != CKR_OK || !count || !empty) return;
+    *(CK_ULONG *)count = 0;
+}
+
+/* The fourth argument, as a pointer (C_FindObjects' count of objects found). */
+#define FOURTH_PTR(a, b, c, d, ...) ((PTR)(uintptr_t)(d))
+#define FOURTH_ARG_OR_NULL(...) FOURTH_PTR(__VA_ARGS__, 0, 0, 0, 0)
+
 /* The second argument, as a pointer (C_GetTokenInfo's answer). */
 #define SECOND_PTR(a, b, ...) ((PTR)(uintptr_t)(b))
 #define SECOND_ARG_OR_NULL(...) SECOND_PTR(__VA_ARGS__, 0, 0)
@@ -513,10 +542,12 @@ static void set_clock(int idx, CK_RV rv, PTR info, const char *clock) {
     __attribute__((unused)) static CK_RV w_##name params {                                         \
         CK_RV rv;                                                                                  \
         char clock[17] = "";                                                                       \
-        if (decide(IX_##name, FIRST_ARG args, &rv, clock)) return rv;                              \
+        int empty = 0;                                                                             \
+        if (decide(IX_##name, FIRST_ARG args, &rv, clock, &empty)) return rv;                      \
         if (!real->name) return 0x54; /* CKR_FUNCTION_NOT_SUPPORTED */                             \
         rv = real->name args;                                                                      \
         set_clock(IX_##name, rv, SECOND_ARG_OR_NULL args, clock);                                  \
+        set_empty(IX_##name, rv, FOURTH_ARG_OR_NULL args, empty);                                  \
         if (IX_##name == IX_C_Initialize &&                                                        \
             (rv == CKR_OK || rv == CKR_CRYPTOKI_ALREADY_INITIALIZED)) {                            \
             pthread_mutex_lock(&lock);                                                             \

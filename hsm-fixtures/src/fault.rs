@@ -94,6 +94,15 @@ impl Rule {
         r
     }
 
+    /// `C_FindObjects` is forwarded, but its answer reports no objects found: every search
+    /// finds nothing, as on a token whose storage is gone (SoftHSM2 with its token directory
+    /// moved away). With [`Rule::fail`] on the crypto inits (`CKR_KEY_HANDLE_INVALID`), the
+    /// symptom of a storage loss on a token that does not show one (Kryoptic serves from its
+    /// open sqlite file).
+    pub fn empty() -> Self {
+        Self::new("empty", "C_FindObjects")
+    }
+
     /// Only calls about slot `id` (for functions whose first argument is a slot id).
     pub fn slot(mut self, id: u64) -> Self {
         self.slot = Some(id);
@@ -181,8 +190,8 @@ pub struct Event {
     pub at_ms: u64,
     /// The process.
     pub pid: u32,
-    /// `fail`, `latched`, `delay`, `hang`, `trace`, `clock` or `error` (a bad control-file
-    /// line).
+    /// `fail`, `latched`, `delay`, `hang`, `trace`, `clock`, `empty` or `error` (a bad
+    /// control-file line).
     pub kind: String,
     /// The PKCS#11 function.
     pub function: String,
@@ -283,14 +292,15 @@ impl FaultControl {
             .count()
     }
 
-    /// Faults injected so far (failed calls, latched failures, delays, hangs and clocks).
+    /// Faults injected so far (failed calls, latched failures, delays, hangs, clocks and empty
+    /// searches).
     pub fn injected(&self) -> usize {
         self.events()
             .iter()
             .filter(|e| {
                 matches!(
                     e.kind.as_str(),
-                    "fail" | "latched" | "delay" | "hang" | "clock"
+                    "fail" | "latched" | "delay" | "hang" | "clock" | "empty"
                 )
             })
             .count()
@@ -319,6 +329,11 @@ mod tests {
             "delay fn=C_Decrypt ms=50 after_ms=0 for_ms=1000 p=0.5"
         );
         assert_eq!(Rule::hang("C_Sign").line(), "hang fn=C_Sign");
+        assert_eq!(Rule::empty().line(), "empty fn=C_FindObjects");
+        assert_eq!(
+            Rule::empty().window(0, 500).line(),
+            "empty fn=C_FindObjects after_ms=0 for_ms=500"
+        );
         assert_eq!(
             Rule::clock("15:10:01").slot(3).line(),
             "clock slot=3 value=15:10:01"

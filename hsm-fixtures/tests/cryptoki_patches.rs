@@ -106,6 +106,16 @@ fn a_malformed_token_clock_is_reported_not_fatal_on_softhsm2() {
 }
 
 #[test]
+fn the_fault_modules_empty_rule_hides_every_object_from_a_search_on_softhsm2() {
+    in_child(TokenKind::SoftHsm, "child_empty_search");
+}
+
+#[test]
+fn the_fault_modules_empty_rule_hides_every_object_from_a_search_on_kryoptic() {
+    in_child(TokenKind::Kryoptic, "child_empty_search");
+}
+
+#[test]
 fn kwp_is_a_named_mechanism_type() {
     let kwp = MechanismType::try_from(0x210Bu64).expect("0x210B is known");
     assert_eq!(kwp, MechanismType::AES_KEY_WRAP_KWP);
@@ -579,4 +589,64 @@ fn child_malformed_clock() {
     c.rules(&[Rule::clock("15:10:01").slot(slot.id() + 1000)]);
     let info = c.ctx.get_token_info(slot).expect("token info");
     assert!(!info.clock_on_token());
+}
+
+/// Not a cryptoki patch: the fault module's `empty` rule (a storage loss on a token that does
+/// not show one, `tests/e2e/reliability.rs`). The search runs and finds nothing; the objects
+/// themselves are untouched; a rule naming another function is refused.
+#[test]
+#[ignore = "run by in_child with a token"]
+fn child_empty_search() {
+    let c = Child::open();
+    let id = b"empty-rule".to_vec();
+    let key = c
+        .session
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::ValueLen(32.into()),
+                Attribute::Encrypt(true),
+                Attribute::Id(id.clone()),
+            ],
+        )
+        .expect("a token key");
+    let find = || {
+        c.session
+            .find_objects(&[Attribute::Id(id.clone())])
+            .expect("C_FindObjects")
+            .len()
+    };
+    assert_eq!(find(), 1, "{}: before", c.kind);
+    c.rules(&[Rule::empty()]);
+    assert_eq!(find(), 0, "{}: with the rule", c.kind);
+    assert_eq!(
+        c.new_session()
+            .find_objects(&[Attribute::Token(true)])
+            .expect("C_FindObjects")
+            .len(),
+        0,
+        "{}: every search, on every session",
+        c.kind
+    );
+    assert!(c.faults.count("empty", Some("C_FindObjects")) >= 2);
+    // The object is still there behind its handle.
+    let attrs = c
+        .session
+        .get_attributes(key, &[AttributeType::Id])
+        .expect("C_GetAttributeValue");
+    assert_eq!(attrs, vec![Attribute::Id(id.clone())]);
+    // Counters and windows work as for every rule: the first search only.
+    c.rules(&[Rule::empty().count(1)]);
+    assert_eq!(find(), 0, "{}: the first search", c.kind);
+    assert_eq!(find(), 1, "{}: the second", c.kind);
+    // Only C_FindObjects can be emptied: another function makes the line an error (ignored).
+    let tmp = c.faults.control.with_extension("tmp");
+    std::fs::write(&tmp, "empty fn=C_FindObjects,C_Sign\n").expect("write");
+    std::fs::rename(&tmp, &c.faults.control).expect("rename");
+    assert_eq!(find(), 1, "{}: a refused line does nothing", c.kind);
+    assert_eq!(c.faults.count("error", None), 1, "{:?}", c.faults.events());
+    c.rules(&[]);
+    assert_eq!(find(), 1, "{}: after", c.kind);
 }
