@@ -983,3 +983,80 @@ async fn idle_connections_up_to_the_descriptor_limit_do_not_starve_the_hsm() {
         "{log}"
     );
 }
+
+/// After a storage loss the broker serves again as soon as the key objects are back, without
+/// waiting for the pass that re-finds every version (which runs behind it, as after a lost
+/// device): the return to service does not grow with the number of keys. Each attribute read
+/// is slowed while the storage returns, so the pass over 24 versions takes at least 1.2 s
+/// while the first unwrap needs a handful of reads: the first unwrap is served before the
+/// pass has logged that it finished, and the pass still finishes.
+#[tokio::test]
+async fn after_a_storage_loss_serving_does_not_wait_for_the_pass_over_every_version() {
+    crate::require_aes!();
+    let env = Env::with(Options {
+        faults: true,
+        ..Options::default()
+    });
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    let dek = random_dek(32);
+    let mut first = None;
+    for i in 0..24 {
+        let k = format!("t/k{i:02}");
+        create(&mut c, &k, pb::KeyType::Aes256, pb::Algorithm::Unspecified).await;
+        let w = wrap(&mut c, &k, &dek, b"").await.expect("wrap").wrapped_key;
+        first.get_or_insert((k, w));
+    }
+    let (key, envelope) = first.expect("a key");
+    env.faults().set(&storage_loss_rules()).expect("rules");
+    poll_until("UNAVAILABLE", Duration::from_secs(20), || {
+        let mut c = c.clone();
+        let (key, envelope) = (key.clone(), envelope.clone());
+        async move {
+            (unwrap_code(&mut c, &key, &envelope).await == Err(Code::Unavailable)).then_some(())
+        }
+    })
+    .await;
+    // The storage returns, with every attribute read slowed down.
+    env.faults()
+        .set(&[Rule::delay("C_GetAttributeValue", 25)])
+        .expect("rules");
+    poll_until("served again", Duration::from_secs(30), || {
+        let mut c = c.clone();
+        let (key, envelope) = (key.clone(), envelope.clone());
+        async move { unwrap_code(&mut c, &key, &envelope).await.ok() }
+    })
+    .await;
+    const PASS_DONE: &str = "KEK objects re-found after re-initialising the HSM";
+    assert!(
+        !b.log().contains(PASS_DONE),
+        "served only after the pass over every version: {}",
+        b.log()
+    );
+    let (done, log) = b.log_contains(PASS_DONE).await;
+    assert!(
+        done,
+        "the pass over every version finishes behind it: {log}"
+    );
+    env.faults().clear().expect("rules");
+    for i in 0..24 {
+        let k = format!("t/k{i:02}");
+        let w = wrap(&mut c, &k, &dek, b"")
+            .await
+            .expect("wrap after")
+            .wrapped_key;
+        assert_eq!(unwrap_code(&mut c, &k, &w).await, Ok(dek.clone()), "{k}");
+        let got = c
+            .mgmt
+            .get_key(pb::GetKeyRequest { key: k.clone() })
+            .await
+            .expect("get key")
+            .into_inner();
+        assert_eq!(
+            got.state,
+            pb::KeyState::Enabled as i32,
+            "{k} not quarantined"
+        );
+    }
+    b.stop().await;
+}

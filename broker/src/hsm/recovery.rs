@@ -38,8 +38,10 @@
 //! finds no key object at all while the broker expects some ([`AttachReport::storage_lost`]),
 //! no version gets an integrity verdict: the HSM is marked unhealthy at once (UNAVAILABLE,
 //! NOT_SERVING) and recovery re-initialises with the same backoff — and, this time, installs a
-//! generation only once a pass finds the objects again, so the broker serves by itself as soon
-//! as the storage is back. Tampering with one key (its object deleted, duplicated or replaced
+//! generation only once the objects are found again (a few known versions looked up by their
+//! ids: one found is enough), so the broker serves by itself as soon as the storage is back,
+//! however many keys it holds; the pass over every version then runs behind it, as after a
+//! lost device (and if it finds no object after all, the storage is lost again). Tampering with one key (its object deleted, duplicated or replaced
 //! while the others are there) still fails that key closed.
 
 use std::{
@@ -74,6 +76,10 @@ const LOOKUP_WAIT: Duration = Duration::from_secs(5);
 const BACKOFF_START: Duration = Duration::from_millis(25);
 /// The longest pause between attempts (bounds the time to serve after the device returns).
 const BACKOFF_MAX: Duration = Duration::from_millis(100);
+/// How many known versions a re-initialisation after a storage loss looks up by id to decide
+/// that the key objects are back (one found is enough; a version deleted meanwhile must not
+/// keep the broker down).
+const STORAGE_PROBES: usize = 3;
 
 /// The HSM's health, as published to [`super::Hsm::health`] subscribers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -305,18 +311,20 @@ impl Inner {
         conn.set_resolving(true);
         conn.set_unchecked(known.iter().copied());
         if storage {
-            // After a storage loss, serve only once the objects are back (they are found here,
-            // before the generation is installed; each is still proven before its first use).
+            // After a storage loss, serve only once the objects are back. A few known versions
+            // looked up by their ids say so (one search each), so the return to service does
+            // not wait for a pass over every version: that pass runs after the generation is
+            // installed (`refind`), as after a lost device, and a version asked for before it
+            // gets there is looked up by its own id; each is proven before its first use.
             let s = conn.checkout(&self.ctx, "re-find the KEKs")?;
-            let expected = self.known_all();
-            let (report, handles) = match find_keks(self, &s, &expected, false) {
-                Ok(found) => found,
+            let back = match self.storage_back(&conn, &s) {
+                Ok(back) => back,
                 Err(e) => {
                     conn.checkin(s);
                     return Err(e);
                 }
             };
-            if report.storage_lost(expected.len()) {
+            if !back {
                 conn.checkin(s);
                 return Err(HsmError::new(
                     FaultKind::DeviceLost,
@@ -328,8 +336,6 @@ impl Inner {
                 tracing::error!(error = %e, "the audit key was not found after the storage came back: checkpoints fail until it is");
             }
             conn.checkin(s);
-            self.merge_found(&conn, &expected, &report, handles);
-            conn.set_resolving(false);
         }
         tracing::warn!(
             drain_ms = (drained - old_retired).as_millis() as u64,
@@ -340,6 +346,33 @@ impl Inner {
         );
         *self.conn.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(conn);
         Ok(known.len())
+    }
+
+    /// Whether the token's key objects are back after a storage loss: up to
+    /// [`STORAGE_PROBES`] known versions are looked up by their ids, and one found (its
+    /// handles cached on `conn`) is enough. With no version known there is nothing to wait for.
+    fn storage_back(&self, conn: &Conn, s: &Session) -> Result<bool, HsmError> {
+        let probes: Vec<ExpectedKek> = self
+            .known
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .take(STORAGE_PROBES)
+            .cloned()
+            .collect();
+        if probes.is_empty() {
+            return Ok(true);
+        }
+        for e in &probes {
+            if let Ok(h) = find_one(s, e)? {
+                conn.handles
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(e.id, h);
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// After a re-initialisation, while requests are served: re-finds every known version's
