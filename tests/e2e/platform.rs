@@ -366,43 +366,16 @@ async fn a_tenant_moves_from_platform_managed_to_its_own_key_to_its_own_hardware
     assert!(ok, "{out}{err}");
     // ...and the platform moves its envelopes to it; the last blob stands for data it did
     // not move. The DEKs never leave the broker and the blobs are not re-encrypted.
-    let dir = env.dir.path();
-    let (inp, outp) = (dir.join("stored.txt"), dir.join("moved.txt"));
-    let lines: String = stored[..5]
-        .iter()
-        .map(|(_, w, aad)| format!("{}\t{aad}\n", B64.encode(w)))
-        .collect();
-    std::fs::write(&inp, lines).expect("write envelopes");
-    let (ok, out, err) = cli_as(
+    let moved = rewrap_all_to(
         &env,
         &b,
         &platform,
-        &[
-            "key",
-            "rewrap-all",
-            "--input",
-            inp.to_str().expect("path"),
-            "--output-file",
-            outp.to_str().expect("path"),
-            "--to",
-            "acme/cmk",
-            "-o",
-            "json",
-        ],
+        "acme/cmk",
+        stored[..5]
+            .iter()
+            .map(|(_, w, aad)| (w.clone(), aad.clone())),
     )
     .await;
-    assert!(ok, "{out}{err}");
-    let summary: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON summary");
-    assert_eq!(
-        (summary["rewrapped"].as_u64(), summary["failed"].as_u64()),
-        (Some(5), Some(0)),
-        "{summary}"
-    );
-    let moved: Vec<Vec<u8>> = std::fs::read_to_string(&outp)
-        .expect("moved envelopes")
-        .lines()
-        .map(|l| B64.decode(l).expect("base64"))
-        .collect();
     assert_eq!(moved.len(), 5);
     for (m, (dek, _, aad)) in moved.iter().zip(&stored) {
         let u = unwrap(&mut service, "", m, aad.as_bytes())
@@ -480,37 +453,17 @@ async fn a_tenant_moves_from_platform_managed_to_its_own_key_to_its_own_hardware
     )
     .await;
     assert!(ok, "{out}{err}");
-    let (inp, outp) = (dir.join("moved-4.txt"), dir.join("hyok.txt"));
-    let lines: String = moved[..4]
-        .iter()
-        .zip(&stored)
-        .map(|(m, (_, _, aad))| format!("{}\t{aad}\n", B64.encode(m)))
-        .collect();
-    std::fs::write(&inp, lines).expect("write envelopes");
-    let (ok, out, err) = cli_as(
+    let at_home = rewrap_all_to(
         &env,
         &b,
         &platform,
-        &[
-            "key",
-            "rewrap-all",
-            "--input",
-            inp.to_str().expect("path"),
-            "--output-file",
-            outp.to_str().expect("path"),
-            "--to",
-            "acme/hyok",
-            "-o",
-            "json",
-        ],
+        "acme/hyok",
+        moved[..4]
+            .iter()
+            .zip(&stored)
+            .map(|(m, (_, _, aad))| (m.clone(), aad.clone())),
     )
     .await;
-    assert!(ok, "{out}{err}");
-    let at_home: Vec<Vec<u8>> = std::fs::read_to_string(&outp)
-        .expect("moved envelopes")
-        .lines()
-        .map(|l| B64.decode(l).expect("base64"))
-        .collect();
     assert_eq!(at_home.len(), 4);
     for (h, (dek, _, aad)) in at_home.iter().zip(&stored) {
         let u = unwrap(&mut service, "", h, aad.as_bytes())
@@ -553,6 +506,57 @@ async fn a_tenant_moves_from_platform_managed_to_its_own_key_to_its_own_hardware
     assert_eq!(u.plaintext, stored[0].0);
     b.stop().await;
     hyok.stop().await;
+}
+
+/// Runs `key rewrap-all --to` as `who` over `envelopes` (envelope, AAD): every line must move
+/// (the JSON summary says so); returns the new envelopes, in order.
+async fn rewrap_all_to(
+    env: &Env,
+    b: &Broker,
+    who: &hsm_fixtures::pki::Issued,
+    to: &str,
+    envelopes: impl Iterator<Item = (Vec<u8>, String)>,
+) -> Vec<Vec<u8>> {
+    let dir = env.dir.path();
+    let (inp, outp) = (
+        dir.join(format!("to-{}.in", to.replace('/', "-"))),
+        dir.join(format!("to-{}.out", to.replace('/', "-"))),
+    );
+    let lines: String = envelopes
+        .map(|(e, aad)| format!("{}\t{aad}\n", B64.encode(e)))
+        .collect();
+    let total = lines.lines().count() as u64;
+    std::fs::write(&inp, lines).expect("write envelopes");
+    let (ok, out, err) = cli_as(
+        env,
+        b,
+        who,
+        &[
+            "key",
+            "rewrap-all",
+            "--input",
+            inp.to_str().expect("path"),
+            "--output-file",
+            outp.to_str().expect("path"),
+            "--to",
+            to,
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let summary: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON summary");
+    assert_eq!(
+        (summary["rewrapped"].as_u64(), summary["failed"].as_u64()),
+        (Some(total), Some(0)),
+        "{summary}"
+    );
+    std::fs::read_to_string(&outp)
+        .expect("moved envelopes")
+        .lines()
+        .map(|l| B64.decode(l).expect("base64"))
+        .collect()
 }
 
 fn hex(b: &[u8]) -> String {

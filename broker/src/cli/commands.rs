@@ -646,81 +646,63 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
             match command {
                 KeyCommand::Create {
                     name,
-                    double_local: Some(local),
+                    key_type,
+                    algorithm,
+                    external,
+                    remote_key,
+                    double_local,
                     double_external,
-                    ..
                 } => {
-                    let k = c
-                        .mgmt
-                        .create_key(pb::CreateKeyRequest {
+                    // A double key names its members, an external key its proxy and remote
+                    // key; a local key its type and algorithm.
+                    let request = if let Some(local) = double_local {
+                        pb::CreateKeyRequest {
                             key: name,
                             double: Some(pb::DoubleKeyMembers {
                                 local,
                                 external: double_external.unwrap_or_default(),
                             }),
                             ..Default::default()
-                        })
-                        .await
-                        .map_err(status)?
-                        .into_inner();
-                    print_key(&k, conn.output);
-                }
-                KeyCommand::Create {
-                    name,
-                    external: Some(proxy),
-                    remote_key,
-                    ..
-                } => {
-                    let k = c
-                        .mgmt
-                        .create_key(pb::CreateKeyRequest {
+                        }
+                    } else if let Some(proxy) = external {
+                        pb::CreateKeyRequest {
                             key: name,
                             external: Some(pb::ExternalKeyReference {
                                 proxy,
                                 remote_key: remote_key.unwrap_or_default(),
                             }),
                             ..Default::default()
-                        })
-                        .await
-                        .map_err(status)?
-                        .into_inner();
-                    print_key(&k, conn.output);
-                }
-                KeyCommand::Create {
-                    name,
-                    key_type,
-                    algorithm,
-                    ..
-                } => {
-                    let kt = KeyType::parse(&key_type).ok_or_else(|| {
-                        format!(
-                            "unknown key type {key_type:?} (aes-256, rsa-2048, rsa-3072, rsa-4096, ec-p256, ec-p384)"
-                        )
-                    })?;
-                    let alg = match algorithm {
-                        Some(a) => alg_to_pb(Algorithm::parse(&a).ok_or_else(|| {
-                            format!("unknown algorithm {a:?} (aes-256-gcm, aes-kwp, aes-kw, rsa-oaep-sha256, rsa-oaep-sha1, rsa-sign, ecdsa)")
-                        })?),
-                        None => pb::Algorithm::Unspecified,
-                    };
-                    let kt = match kt {
-                        KeyType::Aes256 => pb::KeyType::Aes256,
-                        KeyType::Rsa2048 => pb::KeyType::Rsa2048,
-                        KeyType::Rsa3072 => pb::KeyType::Rsa3072,
-                        KeyType::Rsa4096 => pb::KeyType::Rsa4096,
-                        KeyType::EcP256 => pb::KeyType::EcP256,
-                        KeyType::EcP384 => pb::KeyType::EcP384,
-                    };
-                    let k = c
-                        .mgmt
-                        .create_key(pb::CreateKeyRequest {
+                        }
+                    } else {
+                        let kt = KeyType::parse(&key_type).ok_or_else(|| {
+                            format!(
+                                "unknown key type {key_type:?} (aes-256, rsa-2048, rsa-3072, rsa-4096, ec-p256, ec-p384)"
+                            )
+                        })?;
+                        let alg = match algorithm {
+                            Some(a) => alg_to_pb(Algorithm::parse(&a).ok_or_else(|| {
+                                format!("unknown algorithm {a:?} (aes-256-gcm, aes-kwp, aes-kw, rsa-oaep-sha256, rsa-oaep-sha1, rsa-sign, ecdsa)")
+                            })?),
+                            None => pb::Algorithm::Unspecified,
+                        };
+                        let kt = match kt {
+                            KeyType::Aes256 => pb::KeyType::Aes256,
+                            KeyType::Rsa2048 => pb::KeyType::Rsa2048,
+                            KeyType::Rsa3072 => pb::KeyType::Rsa3072,
+                            KeyType::Rsa4096 => pb::KeyType::Rsa4096,
+                            KeyType::EcP256 => pb::KeyType::EcP256,
+                            KeyType::EcP384 => pb::KeyType::EcP384,
+                        };
+                        pb::CreateKeyRequest {
                             key: name,
                             key_type: kt.into(),
                             algorithm: alg.into(),
-                            attributes: None,
-                            external: None,
-                            double: None,
-                        })
+                            ..Default::default()
+                        }
+                    };
+                    let k = c
+                        .mgmt
+                        .create_key(request)
                         .await
                         .map_err(status)?
                         .into_inner();
