@@ -75,6 +75,9 @@ struct Stats {
     wrong_dek: AtomicU64,
     /// An acknowledged envelope refused as unauthentic (INVALID_ARGUMENT) during the run.
     false_unauthentic: AtomicU64,
+    /// The distinct messages of FAILED_PRECONDITION answers (a key's state, not a fault: each
+    /// one is worth reading), with their counts.
+    preconditions: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Stats {
@@ -141,6 +144,15 @@ async fn worker(shared: Arc<Shared>, id: usize) {
             Err(s) => {
                 let o = outcome(&s);
                 shared.stats.record(&o);
+                if s.code() == Code::FailedPrecondition {
+                    *shared
+                        .stats
+                        .preconditions
+                        .lock()
+                        .expect("lock")
+                        .entry(s.message().to_string())
+                        .or_default() += 1;
+                }
                 if o == "transport" {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 } else {
@@ -814,6 +826,9 @@ async fn soak_chaos() {
         },
     );
     println!("\n| soak | result |\n|---|---|\n{t}");
+    for (message, n) in shared.stats.preconditions.lock().expect("lock").iter() {
+        println!("FAILED_PRECONDITION x{n}: {message}");
+    }
     for l in all_logs.lines().filter(|l| {
         l.contains("re-initialisation phases")
             || l.contains("serving again")
