@@ -773,3 +773,67 @@ pub fn assert_unauthentic<T: std::fmt::Debug>(r: Result<T, tonic::Status>, what:
         Ok(v) => panic!("{what}: accepted: {v:?}"),
     }
 }
+
+/// What an HTTPS door (EKM, XKS) answered.
+#[derive(Debug)]
+pub struct HttpAnswer {
+    pub status: u16,
+    pub body: serde_json::Value,
+    pub raw: String,
+}
+
+/// One HTTP/1.1 exchange on a fresh TLS connection (`Connection: close`). `Err` when the TLS
+/// handshake fails or no answer comes back.
+///
+/// A door refuses an announced oversized body without reading it and closes the connection,
+/// so writing the rest of the body may fail (EPIPE, reset) while the answer is already on its
+/// way: like curl, the client still reads what the door said.
+pub async fn https_exchange(
+    addr: std::net::SocketAddr,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> Result<HttpAnswer, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut s = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(&format!(
+        "Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    ));
+    let mut request = head.into_bytes();
+    request.extend_from_slice(body);
+    let written = s.write_all(&request).await;
+    let mut raw = Vec::new();
+    // A TLS 1.3 server refuses a client certificate after the client's side of the
+    // handshake: the refusal arrives as an alert on the first read.
+    let read = s.read_to_end(&mut raw).await;
+    if raw.is_empty() {
+        return Err(format!("no answer: write {written:?}, read {read:?}"));
+    }
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = raw.split_once("\r\n\r\n").ok_or("no HTTP head")?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or("no status")?;
+    Ok(HttpAnswer {
+        status,
+        body: serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        raw,
+    })
+}

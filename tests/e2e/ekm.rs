@@ -12,9 +12,8 @@ use std::{path::Path, sync::Arc};
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
 use hsm_fixtures::pki::{Issued, LeafSpec};
 use keybroker_proto::v1 as pb;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::*;
 
@@ -120,12 +119,7 @@ fn tls_client(
 }
 
 /// What the door answered.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    body: Value,
-    raw: String,
-}
+type Answer = HttpAnswer;
 
 impl Answer {
     fn code(&self) -> &str {
@@ -138,8 +132,7 @@ impl Answer {
     }
 }
 
-/// One HTTP/1.1 exchange on a fresh TLS connection. `Err` when the handshake or the exchange
-/// fails.
+/// One HTTP/1.1 exchange with the door on a fresh TLS connection (see [`https_exchange`]).
 async fn exchange(
     addr: std::net::SocketAddr,
     tls: Arc<rustls::ClientConfig>,
@@ -147,42 +140,11 @@ async fn exchange(
     path: &str,
     body: &[u8],
 ) -> Result<Answer, String> {
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let connector = tokio_rustls::TlsConnector::from(tls);
-    let mut s = connector
-        .connect(ServerName::try_from("localhost").expect("name"), tcp)
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    s.write_all(body).await.map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    // A TLS 1.3 server refuses a client certificate after the client's side of the
-    // handshake: the refusal arrives as an alert on the first read.
-    let read = s.read_to_end(&mut raw).await;
-    if raw.is_empty() {
-        return Err(format!("no answer: {read:?}"));
-    }
-    let raw = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = raw.split_once("\r\n\r\n").ok_or("no HTTP head")?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or("no status")?;
-    Ok(Answer {
-        status,
-        body: serde_json::from_str(body).unwrap_or(Value::Null),
-        raw,
-    })
+    let headers = [
+        ("Host".to_string(), "localhost".to_string()),
+        ("Content-Type".to_string(), "application/json".to_string()),
+    ];
+    https_exchange(addr, tls, method, path, &headers, body).await
 }
 
 /// Managed HSM, as far as the door can tell.

@@ -17,10 +17,9 @@ use aws_sigv4::{
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use hsm_fixtures::pki::{Issued, LeafSpec};
 use keybroker_proto::v1 as pb;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::*;
 
@@ -131,12 +130,7 @@ fn tls_client(ca: &Path, cert: Option<(&Path, &Path)>) -> Arc<rustls::ClientConf
 }
 
 /// What the door answered.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    body: Value,
-    raw: String,
-}
+type Answer = HttpAnswer;
 
 impl Answer {
     fn error_name(&self) -> &str {
@@ -183,57 +177,6 @@ fn signed_headers(
     out
 }
 
-/// One HTTP/1.1 exchange on a fresh TLS connection (`Connection: close`). `Err` when the TLS
-/// handshake or the exchange fails.
-async fn exchange(
-    addr: std::net::SocketAddr,
-    tls: Arc<rustls::ClientConfig>,
-    method: &str,
-    path: &str,
-    headers: &[(String, String)],
-    body: &[u8],
-) -> Result<Answer, String> {
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let connector = tokio_rustls::TlsConnector::from(tls);
-    let mut s = connector
-        .connect(ServerName::try_from("localhost").expect("name"), tcp)
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    let mut head = format!("{method} {path} HTTP/1.1\r\n");
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str(&format!(
-        "Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    ));
-    s.write_all(head.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    s.write_all(body).await.map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    // A TLS 1.3 server refuses a client certificate after the client's side of the
-    // handshake: the refusal arrives as an alert on the first read.
-    let read = s.read_to_end(&mut raw).await;
-    if raw.is_empty() {
-        return Err(format!("no answer: {read:?}"));
-    }
-    let raw = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = raw.split_once("\r\n\r\n").ok_or("no HTTP head")?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or("no status")?;
-    Ok(Answer {
-        status,
-        body: serde_json::from_str(body).unwrap_or(Value::Null),
-        raw,
-    })
-}
-
 /// A client of the door: the address, TLS, and who signs.
 struct Kms {
     addr: std::net::SocketAddr,
@@ -255,7 +198,7 @@ impl Kms {
         let host = format!("localhost:{}", self.addr.port());
         let headers = signed_headers(&host, path, &bytes, akid, secret, at);
         self.requests += 1;
-        exchange(self.addr, self.tls.clone(), "POST", path, &headers, &bytes)
+        https_exchange(self.addr, self.tls.clone(), "POST", path, &headers, &bytes)
             .await
             .expect("an answer")
     }
@@ -273,7 +216,7 @@ impl Kms {
         body: &[u8],
     ) -> Answer {
         self.requests += 1;
-        exchange(self.addr, self.tls.clone(), method, path, headers, body)
+        https_exchange(self.addr, self.tls.clone(), method, path, headers, body)
             .await
             .expect("an answer")
     }
@@ -736,7 +679,7 @@ async fn xks_door_serves_the_spec_over_https_with_sigv4() {
     }
 
     // The load balancer's check (not audited).
-    let lb = exchange(
+    let lb = https_exchange(
         kms.addr,
         kms.tls.clone(),
         "GET",
@@ -844,7 +787,7 @@ async fn xks_mtls_refuses_missing_self_signed_expired_and_other_cn_client_certif
     let send = |tls: Arc<rustls::ClientConfig>| {
         let headers = signed_headers(&host, path, &bytes, AKID1, SECRET1, SystemTime::now());
         let bytes = bytes.clone();
-        async move { exchange(addr, tls, "POST", path, &headers, &bytes).await }
+        async move { https_exchange(addr, tls, "POST", path, &headers, &bytes).await }
     };
     let ca = &env.pki.ca.cert_path;
     let good = kms_client_cert(&env, "kms", KMS_CN, false);
@@ -935,7 +878,9 @@ async fn xks_credentials_rotate_without_a_restart() {
                 let bytes = health.to_string().into_bytes();
                 let host = format!("localhost:{}", addr.port());
                 let h = signed_headers(&host, path, &bytes, AKID3, SECRET3, SystemTime::now());
-                let a = exchange(addr, tls, "POST", path, &h, &bytes).await.ok()?;
+                let a = https_exchange(addr, tls, "POST", path, &h, &bytes)
+                    .await
+                    .ok()?;
                 (a.status == 200).then_some(())
             }
         },
@@ -956,7 +901,9 @@ async fn xks_credentials_rotate_without_a_restart() {
                 let bytes = health.to_string().into_bytes();
                 let host = format!("localhost:{}", addr.port());
                 let h = signed_headers(&host, path, &bytes, AKID1, SECRET1, SystemTime::now());
-                let a = exchange(addr, tls, "POST", path, &h, &bytes).await.ok()?;
+                let a = https_exchange(addr, tls, "POST", path, &h, &bytes)
+                    .await
+                    .ok()?;
                 (a.status == 401).then_some(())
             }
         },
