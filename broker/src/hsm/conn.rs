@@ -15,6 +15,7 @@ use std::{
         Mutex, RwLock,
         atomic::{AtomicBool, Ordering},
     },
+    time::Instant,
 };
 
 use cryptoki::{
@@ -70,6 +71,8 @@ pub(super) struct Conn {
     /// whole token (~15 µs per object on SoftHSM2), so many at once would cost more than the
     /// pass they stand in for and take every session from the keys that are ready.
     pub(super) lookup: Mutex<()>,
+    /// When the pass over the token re-finding every version started, while it runs.
+    pass_started: Mutex<Option<Instant>>,
 }
 
 impl Conn {
@@ -89,6 +92,7 @@ impl Conn {
             any_checks: AtomicBool::new(false),
             resolving: AtomicBool::new(false),
             lookup: Mutex::new(()),
+            pass_started: Mutex::new(None),
         }
     }
 
@@ -99,6 +103,15 @@ impl Conn {
 
     pub(super) fn set_resolving(&self, on: bool) {
         self.resolving.store(on, Ordering::SeqCst);
+    }
+
+    /// When the running pass over the token started (see `recovery`), if one runs.
+    pub(super) fn pass_started(&self) -> Option<Instant> {
+        *self.pass_started.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn set_pass_started(&self, at: Option<Instant>) {
+        *self.pass_started.lock().unwrap_or_else(|p| p.into_inner()) = at;
     }
 
     fn checks(&self) -> std::sync::MutexGuard<'_, HashMap<VersionId, Check>> {

@@ -331,6 +331,8 @@ struct Inner {
     /// a shutdown finalised it.
     reinit_lock: Mutex<()>,
     reinitialisations: AtomicU64,
+    /// The measured cost of a pass over the token and of a lookup by id (see `recovery`).
+    search_costs: Mutex<recovery::SearchCosts>,
     /// Serialises object creation and destruction: SoftHSM2 2.6.1 races on concurrent object
     /// creation and lookup (upstream #573/#576/#578/#688/#757).
     object_lock: Mutex<()>,

@@ -415,7 +415,10 @@ impl Hsm {
     /// versions re-found after a re-initialisation.
     pub async fn attach(&self, expected: Vec<ExpectedKek>) -> Result<AttachReport, HsmError> {
         self.run("attach the KEKs", MAINTAIN, move |inner, conn, s| {
+            let t = std::time::Instant::now();
             let (report, handles) = find_keks(inner, s, &expected, true)?;
+            // The first estimate of a pass's cost for recovery (this one also reads templates).
+            inner.search_costs().pass = Some(t.elapsed());
             {
                 let mut known = inner.known.write().unwrap_or_else(|p| p.into_inner());
                 known.clear();

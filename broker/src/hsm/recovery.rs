@@ -23,7 +23,13 @@
 //!    key. Until the pass is done, a version asked for that it has not reached is looked up by
 //!    its own `CKA_ID` (one search, with the same checks) and cached — one such lookup at a
 //!    time (each scans the whole token); a request that would need a second one meanwhile waits
-//!    for it or for the pass (at most [`LOOKUP_WAIT`], then UNAVAILABLE);
+//!    for it or for the pass (at most [`LOOKUP_WAIT`], then UNAVAILABLE). A lookup starts only
+//!    if it is expected to end before the pass does ([`pass_is_sooner`], from the measured
+//!    durations of the last pass and the last lookup): on a token where every search reads
+//!    every object (SoftHSM2: a lookup costs a quarter of the pass over 13,600 objects),
+//!    lookups late in the pass would only slow it down for everyone; on one that finds an id
+//!    without reading every object (a hardware HSM), the pass costs thousands of lookups and
+//!    each request goes on looking its version up;
 //! 6. check each version's template and prove its identity by unwrapping its canary (DESIGN
 //!    §3.3: after every re-login) — lazily, before a version's first use on the new
 //!    generation, and in a sweep in the background after the pass. A version that fails any
@@ -80,6 +86,22 @@ const BACKOFF_MAX: Duration = Duration::from_millis(100);
 /// that the key objects are back (one found is enough; a version deleted meanwhile must not
 /// keep the broker down).
 const STORAGE_PROBES: usize = 3;
+
+/// How long the last pass over the token and the last lookup of one version by its id took
+/// (see [`pass_is_sooner`]).
+#[derive(Debug, Default)]
+pub(super) struct SearchCosts {
+    pub(super) pass: Option<Duration>,
+    pub(super) lookup: Option<Duration>,
+}
+
+/// Whether a request should wait for the pass over the token, running for `elapsed`, rather
+/// than look its version up by id: when the pass (expected to take `pass`, like the last one)
+/// is due before a lookup (expected to take `lookup`) would end. A pass that overruns its
+/// expected time by more than half again is not waited for: lookups resume.
+pub(super) fn pass_is_sooner(elapsed: Duration, pass: Duration, lookup: Duration) -> bool {
+    elapsed <= pass + pass / 2 && pass.saturating_sub(elapsed) <= lookup
+}
 
 /// The HSM's health, as published to [`super::Hsm::health`] subscribers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -364,7 +386,10 @@ impl Inner {
             return Ok(true);
         }
         for e in &probes {
-            if let Ok(h) = find_one(s, e)? {
+            let t = Instant::now();
+            let found = find_one(s, e)?;
+            self.search_costs().lookup = Some(t.elapsed());
+            if let Ok(h) = found {
                 conn.handles
                     .write()
                     .unwrap_or_else(|p| p.into_inner())
@@ -397,7 +422,13 @@ impl Inner {
                     return false;
                 }
             };
+            let pass = Instant::now();
+            conn.set_pass_started(Some(pass));
             let found = find_keks(self, &s, &expected, false);
+            conn.set_pass_started(None);
+            if found.is_ok() {
+                self.search_costs().pass = Some(pass.elapsed());
+            }
             if conn.audit_handle().is_err()
                 && let Err(e) = self.audit_handle(&conn, &s)
             {
@@ -502,28 +533,30 @@ impl Inner {
             if !conn.resolving() {
                 return Ok(None);
             }
-            match conn.lookup.try_lock() {
-                Ok(g) => break g,
-                Err(TryLockError::Poisoned(p)) => break p.into_inner(),
-                Err(TryLockError::WouldBlock) if started.elapsed() < LOOKUP_WAIT => {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(TryLockError::WouldBlock) => {
-                    return Err(HsmError::new(
-                        FaultKind::Transient,
-                        "find a KEK",
-                        format!(
-                            "version {id}'s objects are still being found again after the HSM was re-initialised"
-                        ),
-                    ));
+            if !self.pass_due_first(conn) {
+                match conn.lookup.try_lock() {
+                    Ok(g) => break g,
+                    Err(TryLockError::Poisoned(p)) => break p.into_inner(),
+                    Err(TryLockError::WouldBlock) => {}
                 }
             }
+            if started.elapsed() >= LOOKUP_WAIT {
+                return Err(HsmError::new(
+                    FaultKind::Transient,
+                    "find a KEK",
+                    format!(
+                        "version {id}'s objects are still being found again after the HSM was re-initialised"
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
         };
         if let Ok(h) = conn.handles_of(id) {
             return Ok(Some(h));
         }
         let t = Instant::now();
         let found = find_one(s, &e)?;
+        self.search_costs().lookup = Some(t.elapsed());
         tracing::debug!(version_id = %id, millis = t.elapsed().as_millis() as u64,
             "looked up a version by its id before the re-find reached it");
         match found {
@@ -541,6 +574,25 @@ impl Inner {
                 conn.set_verdict(id, Some(why.clone()));
                 Err(integrity_failed(id, &why))
             }
+        }
+    }
+
+    pub(super) fn search_costs(&self) -> std::sync::MutexGuard<'_, SearchCosts> {
+        self.search_costs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the pass over the token running on `conn` is due before a lookup by id would
+    /// end (see [`pass_is_sooner`]); false when no pass runs or either cost is not known yet.
+    fn pass_due_first(&self, conn: &Conn) -> bool {
+        let Some(started) = conn.pass_started() else {
+            return false;
+        };
+        match *self.search_costs() {
+            SearchCosts {
+                pass: Some(pass),
+                lookup: Some(lookup),
+            } => pass_is_sooner(started.elapsed(), pass, lookup),
+            _ => false,
         }
     }
 
@@ -573,7 +625,11 @@ impl Inner {
         }
         let expected = self.known_all();
         let s = conn.checkout(&self.ctx, "re-find the KEKs")?;
+        let t = Instant::now();
         let found = find_keks(self, &s, &expected, true);
+        if found.is_ok() {
+            self.search_costs().pass = Some(t.elapsed());
+        }
         let audit_id = *self.audit_key_id.lock().unwrap_or_else(|p| p.into_inner());
         let audit = audit_id.map(|id| find_audit_key(&s, id));
         match &found {
@@ -703,4 +759,29 @@ fn integrity_failed(id: VersionId, why: &str) -> HsmError {
         "prove a KEK's identity",
         format!("version {id} failed its integrity check after re-initialisation: {why}"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_lookup_starts_only_if_it_ends_before_the_pass() {
+        // SoftHSM2 with 13,600 objects: a pass ~860 ms, a lookup ~190 ms.
+        let (pass, lookup) = (860 * MS, 190 * MS);
+        assert!(!pass_is_sooner(Duration::ZERO, pass, lookup));
+        assert!(!pass_is_sooner(600 * MS, pass, lookup));
+        assert!(pass_is_sooner(700 * MS, pass, lookup));
+        assert!(pass_is_sooner(860 * MS, pass, lookup));
+        // Overrunning: still waited for up to half again its expected time, then not.
+        assert!(pass_is_sooner(1290 * MS, pass, lookup));
+        assert!(!pass_is_sooner(1300 * MS, pass, lookup));
+        // A token that finds an id without reading every object: the pass costs thousands of
+        // lookups, and each request looks its own version up almost to the end.
+        let (pass, lookup) = (7_000 * MS, 2 * MS);
+        assert!(!pass_is_sooner(6_990 * MS, pass, lookup));
+        assert!(pass_is_sooner(6_999 * MS, pass, lookup));
+    }
 }

@@ -481,6 +481,7 @@ impl Hsm {
                 recovering: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
                 reinitialisations: AtomicU64::new(0),
+                search_costs: Mutex::default(),
                 object_lock: Mutex::new(()),
                 reinit_lock: Mutex::new(()),
                 observer: OnceLock::new(),
