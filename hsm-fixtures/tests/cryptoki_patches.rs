@@ -86,6 +86,16 @@ fn sized_calls_make_one_call_and_end_the_operation_on_every_failure_on_kryoptic(
 }
 
 #[test]
+fn sized_attribute_reads_make_one_call_and_match_upstream_on_softhsm2() {
+    in_child(TokenKind::SoftHsm, "child_sized_attributes");
+}
+
+#[test]
+fn sized_attribute_reads_make_one_call_and_match_upstream_on_kryoptic() {
+    in_child(TokenKind::Kryoptic, "child_sized_attributes");
+}
+
+#[test]
 fn an_unwrap_template_reaches_the_token_intact_on_softhsm2() {
     in_child(TokenKind::SoftHsm, "child_unwrap_template");
 }
@@ -355,6 +365,94 @@ fn child_sized_calls() {
             .expect("another session is unaffected"),
         reference
     );
+}
+
+#[test]
+#[ignore = "run by in_child with a token's environment"]
+fn child_sized_attributes() {
+    let t = Child::open();
+    let s = &t.session;
+    let id = b"0123456789abcdef".to_vec();
+    let label = b"kb:acme/orders:v1".to_vec();
+    let key = s
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Token(false),
+                Attribute::ValueLen(32.into()),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+                Attribute::Sensitive(true),
+                Attribute::Id(id.clone()),
+                Attribute::Label(label.clone()),
+            ],
+        )
+        .expect("generate an AES key");
+    let wanted = [
+        AttributeType::Class,
+        AttributeType::Id,
+        AttributeType::Label,
+    ];
+    t.rules(&[Rule::trace("C_GetAttributeValue")]);
+    // Upstream: a length query for the id and the label, then the values.
+    let reference = s.get_attributes(key, &wanted).expect("get_attributes");
+    assert_eq!(t.traced("C_GetAttributeValue"), 2, "upstream");
+    assert!(
+        reference.contains(&Attribute::Id(id.clone())),
+        "{reference:?}"
+    );
+    assert!(
+        reference.contains(&Attribute::Label(label)),
+        "{reference:?}"
+    );
+    // The patch: one call when the values fit, the same attributes in the same order.
+    let sized = s
+        .get_attributes_sized(key, &wanted, 64)
+        .expect("get_attributes_sized");
+    assert_eq!(sized, reference);
+    assert_eq!(t.traced("C_GetAttributeValue"), 3, "sized: one call");
+    // A value that does not fit (the id is 16 bytes, the label 17), or no buffer at all: read
+    // again the upstream way, with the same result.
+    for capacity in [0, 4, 16] {
+        let before = t.traced("C_GetAttributeValue");
+        let r = s
+            .get_attributes_sized(key, &wanted, capacity)
+            .expect("fallback");
+        assert_eq!(r, reference, "capacity {capacity}");
+        assert_eq!(
+            t.traced("C_GetAttributeValue") - before,
+            3,
+            "capacity {capacity}: one try, then upstream's two calls"
+        );
+    }
+    // A sensitive value and an attribute the object does not have are left out, as upstream
+    // leaves them out, whatever the token answers first.
+    let mixed = [
+        AttributeType::Value,
+        AttributeType::Id,
+        AttributeType::Modulus,
+        AttributeType::Class,
+    ];
+    let upstream = s.get_attributes(key, &mixed).expect("get_attributes");
+    let sized = s
+        .get_attributes_sized(key, &mixed, 64)
+        .expect("get_attributes_sized");
+    assert_eq!(sized, upstream);
+    assert!(sized.contains(&Attribute::Id(id)), "{sized:?}");
+    assert!(
+        !sized.iter().any(|a| matches!(a, Attribute::Value(_))),
+        "a sensitive value is never read: {sized:?}"
+    );
+    // An error that is not about one attribute is reported, not swallowed.
+    t.rules(&[Rule::fail("C_GetAttributeValue", "CKR_DEVICE_ERROR").count(1)]);
+    assert!(matches!(
+        s.get_attributes_sized(key, &wanted, 64),
+        Err(Error::Pkcs11(
+            RvError::DeviceError,
+            Function::GetAttributeValue
+        ))
+    ));
+    t.rules(&[]);
 }
 
 #[test]

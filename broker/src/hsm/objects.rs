@@ -57,6 +57,11 @@ pub(super) fn canary_verdict(
     }
 }
 
+/// The buffer for a variable-size attribute (an id, a label) read in a pass over the token: a
+/// version's id is 16 bytes and its label at most a key name and a version number; a longer
+/// value costs one more call, not an error.
+const ATTRIBUTE_CAPACITY: usize = 256;
+
 /// Matches expected KEK versions to the token's objects in one pass and, with `templates`,
 /// checks each one's template (a re-initialisation defers that to before first use: see
 /// `recovery`). Returns the report and the handles of the versions that passed.
@@ -92,7 +97,9 @@ pub(super) fn find_keks(
                 "the HSM is closed (shutting down)",
             ));
         }
-        let attrs = match s.get_attributes(h, &wanted) {
+        // One read per object: a buffer for the id and the label instead of a length query
+        // first (SoftHSM2 re-reads the object's file for every call).
+        let attrs = match s.get_attributes_sized(h, &wanted, ATTRIBUTE_CAPACITY) {
             Ok(a) => a,
             // Objects that are not keys (Kryoptic lists mechanism and profile objects) may
             // lack these attributes; a key always has them.

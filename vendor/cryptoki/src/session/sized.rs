@@ -1,12 +1,13 @@
 // Copyright 2021 Contributors to the Parsec project.
 // SPDX-License-Identifier: Apache-2.0
-//! Single-part encryption and decryption with one call into a buffer of a given size
-//! (keybroker patch: not in cryptoki 0.12.1; see `Session::encrypt_sized`).
+//! Single-part encryption and decryption with one call into a buffer of a given size, and
+//! attribute reads in one call (keybroker patch: not in cryptoki 0.12.1; see
+//! `Session::encrypt_sized` and `Session::get_attributes_sized`).
 
 use crate::context::Function;
 use crate::error::{Error, Result, Rv, RvError};
 use crate::mechanism::Mechanism;
-use crate::object::ObjectHandle;
+use crate::object::{Attribute, AttributeType, ObjectHandle};
 use crate::session::Session;
 use cryptoki_sys::*;
 use secrecy::zeroize::Zeroize;
@@ -192,4 +193,77 @@ impl Session {
 fn regrow(out: &mut Vec<u8>, len: usize) {
     out.zeroize();
     *out = vec![0; len];
+}
+
+impl Session {
+    /// [`Session::get_attributes`] in one `C_GetAttributeValue` call when every value fits: an
+    /// attribute of variable size gets a buffer of `variable_capacity` bytes instead of a
+    /// length query first (upstream always makes two calls when any attribute has a variable
+    /// size, and SoftHSM2 re-reads the object's file for each). When a value does not fit —
+    /// `CKR_BUFFER_TOO_SMALL`, or a variable-size attribute reported unavailable beside another
+    /// error, which a token may answer instead — the read is made again by
+    /// [`Session::get_attributes`]. Attributes the token does not give (sensitive, not part of
+    /// the object) are left out, as there.
+    pub fn get_attributes_sized(
+        &self,
+        object: ObjectHandle,
+        attributes: &[AttributeType],
+        variable_capacity: usize,
+    ) -> Result<Vec<Attribute>> {
+        // See get_attributes: an attribute array cannot be read back through this crate.
+        if attributes.contains(&AttributeType::UnwrapTemplate) {
+            return Err(Error::NotSupported);
+        }
+        let mut buffers: Vec<Vec<u8>> = attributes
+            .iter()
+            .map(|a| vec![0u8; a.fixed_size().unwrap_or(variable_capacity)])
+            .collect();
+        let mut template = Vec::with_capacity(attributes.len());
+        for (a, b) in attributes.iter().zip(buffers.iter_mut()) {
+            template.push(CK_ATTRIBUTE {
+                type_: (*a).into(),
+                pValue: if b.is_empty() {
+                    std::ptr::null_mut()
+                } else {
+                    b.as_mut_ptr().cast()
+                },
+                ulValueLen: b.len().try_into()?,
+            });
+        }
+        // SAFETY: `template` holds `template.len()` attributes, each pointing to a buffer of
+        // `buffers` (alive until the end of this function) of exactly its `ulValueLen` bytes, or
+        // NULL with a length of 0; the token writes at most that many bytes into each.
+        let rv = unsafe {
+            Rv::from(get_pkcs11!(self.client(), C_GetAttributeValue)(
+                self.handle(),
+                object.handle(),
+                template.as_mut_ptr(),
+                template.len().try_into()?,
+            ))
+        };
+        let partial = match rv {
+            Rv::Ok => false,
+            Rv::Error(RvError::AttributeSensitive) | Rv::Error(RvError::AttributeTypeInvalid) => {
+                true
+            }
+            Rv::Error(RvError::BufferTooSmall) => return self.get_attributes(object, attributes),
+            _ => return rv.into_result(Function::GetAttributeValue).map(|_| Vec::new()),
+        };
+        let mut out = Vec::with_capacity(attributes.len());
+        for ((a, t), b) in attributes.iter().zip(&template).zip(&buffers) {
+            if t.ulValueLen == CK_UNAVAILABLE_INFORMATION {
+                // Beside another error, "unavailable" may also mean "did not fit".
+                if partial && a.fixed_size().is_none() {
+                    return self.get_attributes(object, attributes);
+                }
+                continue;
+            }
+            if usize::try_from(t.ulValueLen)? > b.len() {
+                // A token that reports the size it needs without saying the buffer was small.
+                return self.get_attributes(object, attributes);
+            }
+            out.push((*t).try_into()?);
+        }
+        Ok(out)
+    }
 }
