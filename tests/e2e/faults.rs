@@ -895,8 +895,10 @@ async fn a_key_change_that_finishes_after_its_deadline_is_audited_as_such() {
 /// Issue 19 (the Kryoptic soak): Kryoptic answers a failed RFC 5649 or OAEP integrity check
 /// with `CKR_DEVICE_ERROR`, and so does a device fault. A one-off device error while unwrapping
 /// a valid envelope must not call it unauthentic (a caller told that may throw its data away):
-/// the call runs once more on a fresh session and the DEK is served; a tampered envelope fails
-/// the same way twice and is still refused as unauthentic.
+/// the call runs again on a fresh session and the DEK is served; a tampered envelope fails the
+/// same way every time and is still refused as unauthentic. A device error that lasts (every
+/// decrypt fails while the session answers) is told apart by the key's canary, which fails
+/// too: UNAVAILABLE, and the envelope is served once the device is well again.
 #[tokio::test]
 async fn a_passing_device_error_on_kryoptic_does_not_make_a_valid_envelope_unauthentic() {
     if skip_unless(
@@ -938,7 +940,24 @@ async fn a_passing_device_error_on_kryoptic_does_not_make_a_valid_envelope_unaut
             1,
             "{key}: the fault was injected"
         );
+        f.set(&[Rule::fail(function, "CKR_DEVICE_ERROR")])
+            .expect("rules");
+        let e = unwrap(&mut c, "", &w.wrapped_key, b"")
+            .await
+            .expect_err("every decrypt fails");
+        assert_eq!(
+            e.code(),
+            Code::Unavailable,
+            "{key}: a valid envelope during a lasting device error is not called unauthentic: {e:?}"
+        );
         f.set(&[]).expect("rules");
+        let u = poll_until("the device is well again", Duration::from_secs(10), || {
+            let mut c = c.clone();
+            let w = w.wrapped_key.clone();
+            async move { unwrap(&mut c, "", &w, b"").await.ok() }
+        })
+        .await;
+        assert_eq!(u.plaintext, dek, "{key}");
         let mut bad = w.wrapped_key.clone();
         let last = bad.len() - 1;
         bad[last] ^= 0x80;

@@ -151,5 +151,8 @@ fn unwrap_one(
     ct: &[u8],
 ) -> Result<Dek, HsmError> {
     let (h, kwp) = inner.key_for(conn, s, id, params, false)?;
-    ops::unwrap(s, h, kwp, params, ct)
+    ops::unwrap(s, h, kwp, params, ct).map_err(|mut e| {
+        e.version = Some(id);
+        e
+    })
 }

@@ -52,6 +52,10 @@ pub struct HsmError {
     /// Whether the failed call was a decrypt/unwrap of caller-supplied data (so a vendor
     /// profile may know that a return value there means "not authentic").
     pub caller_data: bool,
+    /// The key version whose object a failed decrypt of caller data used: a device error the
+    /// vendor profile reads as "not authentic" is checked against that version's canary
+    /// before the caller is told so (see `hsm::pool`).
+    pub version: Option<crate::model::VersionId>,
     /// Whether the HSM was never asked (refused before the call: unhealthy, queue full,
     /// deadline passed), so nothing can have changed in the token.
     pub not_started: bool,
@@ -66,6 +70,7 @@ impl HsmError {
             detail: detail.into(),
             rv: None,
             caller_data: false,
+            version: None,
             not_started: false,
         }
     }
@@ -101,6 +106,7 @@ impl HsmError {
             detail,
             rv,
             caller_data: false,
+            version: None,
             not_started: false,
         }
     }

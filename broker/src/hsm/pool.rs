@@ -18,8 +18,17 @@ use super::{
     admission::{self, Refused, SYSTEM_TENANT},
     conn::Conn,
     error::{FaultKind, HsmError},
+    objects::canary_verdict,
     profile::Profile,
 };
+use crate::model::VersionId;
+
+/// How many more times a decrypt of caller data runs, each on a fresh session, after a device
+/// error the vendor profile reads as "not authentic" (Kryoptic): bad data fails every time the
+/// same way, while a passing device fault (one call in fifty failing, in the soak run) fails
+/// four times in a row about once in six million calls — and then the version's canary is
+/// tried as well (see [`Inner::with_session`]).
+const INTEGRITY_RETRIES: u8 = 3;
 
 /// How an operation may be retried and abandoned.
 #[derive(Clone, Copy, Debug)]
@@ -285,7 +294,7 @@ impl Inner {
         let conn = self.current();
         let mut session_retry = kind.retry;
         let mut handle_retry = kind.retry;
-        let mut integrity_retry = kind.retry;
+        let mut integrity_retries = if kind.retry { INTEGRITY_RETRIES } else { 0 };
         loop {
             let epoch = conn.handle_epoch();
             let session = match conn.checkout(&self.ctx, what) {
@@ -313,11 +322,27 @@ impl Inner {
                 // on a fresh session. Bad data fails again the same way (deterministic), so it
                 // is still refused; a valid envelope that met a transient fault is served
                 // instead of being called unauthentic.
-                Err(e) if reclassified(&e) && integrity_retry => {
+                Err(e) if reclassified(&e) && integrity_retries > 0 => {
                     conn.discard(session);
-                    integrity_retry = false;
+                    integrity_retries -= 1;
                     tracing::debug!(operation = what, context = %e.context, detail = %e.detail,
                         "a device error read as a failed integrity check: running the operation once more to tell it from a passing fault");
+                }
+                // Failed every time: before the caller is told its data is not authentic, the
+                // version's canary (a ciphertext known to be good) must still decrypt on this
+                // device. If it does not, the device is failing, not the data.
+                Err(e) if reclassified(&e) && kind.retry => {
+                    let fault = e
+                        .version
+                        .and_then(|id| self.canary_fails(&conn, &session, id));
+                    conn.discard(session);
+                    let Some(fault) = fault else {
+                        return Err(e);
+                    };
+                    tracing::warn!(operation = what, context = %fault.context, detail = %fault.detail,
+                        "a device error read as a failed integrity check, but the key's canary fails too: a device fault, not the caller's data");
+                    self.note_fault(&conn, &fault);
+                    return Err(fault);
                 }
                 Err(e) if e.kind == FaultKind::HandleInvalid && e.rv.is_some() && handle_retry => {
                     conn.checkin(session);
@@ -345,6 +370,23 @@ impl Inner {
                     return Ok(v);
                 }
             }
+        }
+    }
+
+    /// The fault that keeps version `id`'s canary from decrypting on `s`, if any (`None` also
+    /// when the version has no canary or no handles to try).
+    fn canary_fails(&self, conn: &Conn, s: &Session, id: VersionId) -> Option<HsmError> {
+        let canary = self.known_one(id)?.canary?;
+        let h = conn.handles_of(id).ok()?;
+        match canary_verdict(self, s, &h, &canary) {
+            Ok(None) => None,
+            // Not the key it was: that is the integrity sweep's to report, not a device fault.
+            Ok(Some(_)) => None,
+            Err(e) => Some(HsmError {
+                detail: format!("{} (the key's canary does not decrypt either)", e.detail),
+                caller_data: false,
+                ..e
+            }),
         }
     }
 
