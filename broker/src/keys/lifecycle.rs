@@ -255,25 +255,8 @@ impl Keyring {
             backup: self.settings.backup && !algorithm.is_signing(),
         };
         self.materialize(&name, spec, 1, after_hsm, import).await?;
-        let v = VersionEntry {
-            number: 1,
-            id,
-            created_at_ms: now,
-            origin,
-            expires_ms: None,
-        };
-        self.register_version(&name, &v);
-        let entry = self.replace(KeyEntry {
-            name: name.clone(),
-            key_type,
-            algorithm,
-            created_at_ms: now,
-            updated_at_ms: now,
-            state: KeyState::Enabled,
-            lifecycle: Lifecycle::Active,
-            attributes,
-            versions: vec![v],
-        });
+        let entry =
+            self.install_first_version(&name, (key_type, algorithm), attributes, id, origin, now);
         match origin {
             Origin::Generated => {
                 tracing::info!(key = %name, key_type = key_type.as_str(), %algorithm, version_id = %id, "key created")
@@ -481,15 +464,36 @@ impl Keyring {
             }
             return Err(e);
         }
+        Ok(self.install_first_version(
+            name,
+            (key_type, algorithm),
+            attributes,
+            id,
+            Origin::Generated,
+            now,
+        ))
+    }
+
+    /// Serves a key just committed with its first version `id`: the version is registered and
+    /// the key's entry installed (enabled, active).
+    fn install_first_version(
+        &self,
+        name: &KeyName,
+        (key_type, algorithm): (KeyType, Algorithm),
+        attributes: KeyAttributes,
+        id: VersionId,
+        origin: Origin,
+        now: i64,
+    ) -> Arc<KeyEntry> {
         let v = VersionEntry {
             number: 1,
             id,
             created_at_ms: now,
-            origin: Origin::Generated,
+            origin,
             expires_ms: None,
         };
         self.register_version(name, &v);
-        Ok(self.replace(KeyEntry {
+        self.replace(KeyEntry {
             name: name.clone(),
             key_type,
             algorithm,
@@ -499,7 +503,7 @@ impl Keyring {
             lifecycle: Lifecycle::Active,
             attributes,
             versions: vec![v],
-        }))
+        })
     }
 
     /// A name is free unless a key (also a soft-deleted one) has it.

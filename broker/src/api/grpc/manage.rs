@@ -43,12 +43,22 @@ impl KeyManagement for GrpcApi {
                         }
                         .into());
                     }
-                    if let Some(d) = r.double {
-                        // A double key's members decide what it is.
+                    // A double key's members, an external key's remote metadata, decide
+                    // its type and algorithm.
+                    let by_reference = match (&r.double, &r.external) {
+                        (Some(_), _) => Some(
+                            "unspecified (with algorithm) for a double key: its members decide them",
+                        ),
+                        (_, Some(_)) => Some(
+                            "unspecified (with algorithm) for an external key: the remote key's metadata decides them",
+                        ),
+                        _ => None,
+                    };
+                    if let Some(expected) = by_reference {
                         if r.key_type != 0 || r.algorithm != 0 {
                             return Err(Invalid::Value {
                                 field: "key_type",
-                                expected: "unspecified (with algorithm) for a double key: its members decide them",
+                                expected,
                             }
                             .into());
                         }
@@ -57,32 +67,14 @@ impl KeyManagement for GrpcApi {
                             algorithm: None,
                             attributes: attributes_from_pb(r.attributes)?,
                             key: r.key,
-                            external: None,
-                            double: Some(crate::model::DoubleRef {
-                                local: d.local,
-                                external: d.external,
-                            }),
-                        });
-                    }
-                    if let Some(x) = r.external {
-                        // An external key's type and algorithm are the remote key's.
-                        if r.key_type != 0 || r.algorithm != 0 {
-                            return Err(Invalid::Value {
-                                field: "key_type",
-                                expected: "unspecified (with algorithm) for an external key: the remote key's metadata decides them",
-                            }
-                            .into());
-                        }
-                        return Ok(CreateKey {
-                            key_type: KeyType::Aes256,
-                            algorithm: None,
-                            attributes: attributes_from_pb(r.attributes)?,
-                            key: r.key,
-                            external: Some(crate::model::ExternalRef {
+                            external: r.external.map(|x| crate::model::ExternalRef {
                                 proxy: x.proxy,
                                 remote_key: x.remote_key,
                             }),
-                            double: None,
+                            double: r.double.map(|d| crate::model::DoubleRef {
+                                local: d.local,
+                                external: d.external,
+                            }),
                         });
                     }
                     Ok(CreateKey {
