@@ -968,3 +968,91 @@ async fn a_passing_device_error_on_kryoptic_does_not_make_a_valid_envelope_unaut
     }
     b.stop().await;
 }
+
+/// On Kryoptic a tampered RFC 5649 or RSA-OAEP envelope fails with `CKR_DEVICE_ERROR`, like a
+/// device fault. In a batch it must fail alone (unauthentic), and the valid envelopes beside it
+/// must be served.
+#[tokio::test]
+async fn on_kryoptic_a_tampered_envelope_fails_alone_in_a_batch() {
+    if skip_unless(
+        "on_kryoptic_a_tampered_envelope_fails_alone_in_a_batch",
+        hsm_fixtures::token::TokenKind::Kryoptic,
+        "only the Kryoptic profile reads CKR_DEVICE_ERROR on caller data as a failed integrity check",
+    ) {
+        return;
+    }
+    let env = fault_env(2);
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    create(
+        &mut c,
+        "t/kwp",
+        pb::KeyType::Aes256,
+        pb::Algorithm::AesKeyWrapPad,
+    )
+    .await;
+    let mut deks = Vec::new();
+    let mut items = Vec::new();
+    for _ in 0..3 {
+        let dek = random_dek(32);
+        let w = wrap(&mut c, "t/kwp", &dek, b"").await.expect("wrap");
+        deks.push(dek);
+        items.push(pb::UnwrapKeyRequest {
+            wrapped: Some(pb::unwrap_key_request::Wrapped::Envelope(w.wrapped_key)),
+            ..Default::default()
+        });
+    }
+    let valid = items.clone();
+    if let Some(pb::unwrap_key_request::Wrapped::Envelope(e)) = &mut items[1].wrapped {
+        let last = e.len() - 1;
+        e[last] ^= 0x80;
+    }
+    let u = c
+        .broker
+        .batch_unwrap_key(pb::BatchUnwrapKeyRequest {
+            items,
+            context: None,
+        })
+        .await
+        .expect("batch unwrap")
+        .into_inner();
+    assert_eq!(u.results.len(), 3);
+    for (i, r) in u.results.iter().enumerate() {
+        match (&r.result, i) {
+            (Some(pb::unwrap_key_result::Result::Ok(x)), 0 | 2) => {
+                assert_eq!(x.plaintext, deks[i], "item {i}")
+            }
+            (Some(pb::unwrap_key_result::Result::Error(e)), 1) => {
+                assert_eq!(e.code, Code::InvalidArgument as i32, "{e:?}");
+                assert_eq!(e.message, keybroker::error::UNAUTHENTIC_MESSAGE);
+            }
+            other => panic!("item {i}: {other:?}"),
+        }
+    }
+    // A device failing every unwrap fails the key's canary too: no item is called unauthentic.
+    let f = env.faults();
+    f.set(&[Rule::fail("C_UnwrapKey", "CKR_DEVICE_ERROR")])
+        .expect("rules");
+    let r = c
+        .broker
+        .batch_unwrap_key(pb::BatchUnwrapKeyRequest {
+            items: valid,
+            context: None,
+        })
+        .await;
+    match r {
+        Err(e) => assert_eq!(e.code(), Code::Unavailable, "{e:?}"),
+        Ok(u) => {
+            for (i, r) in u.into_inner().results.iter().enumerate() {
+                match &r.result {
+                    Some(pb::unwrap_key_result::Result::Error(e)) => {
+                        assert_eq!(e.code, Code::Unavailable as i32, "item {i}: {e:?}")
+                    }
+                    other => panic!("item {i} during a lasting device error: {other:?}"),
+                }
+            }
+        }
+    }
+    f.set(&[]).expect("rules");
+    b.stop().await;
+}

@@ -3,14 +3,14 @@
 //! error is a fault of the session or the device — the whole list is retried once on a lost
 //! session, as any call is — and each item has its own result.
 
-use cryptoki::session::Session;
+use cryptoki::{error::RvError, session::Session};
 
 use super::{
     Hsm, Inner,
     conn::Conn,
     error::HsmError,
     ops::{self, WrapParams},
-    pool::{READ, chunk_fault},
+    pool::{INTEGRITY_RETRIES, READ, chunk_fault, reclassified, reclassify},
 };
 use crate::model::{Dek, VersionId};
 
@@ -113,18 +113,7 @@ impl Hsm {
             .run(what, READ, move |inner, conn, s| {
                 let mut out = Vec::with_capacity(items.len());
                 for item in &items {
-                    // A fault of one item that the vendor profile reads as "not authentic"
-                    // (openCryptoki's CKR_FUNCTION_FAILED for a bad OAEP padding) is that
-                    // item's, like any data error; device errors are the chunk's (below).
-                    let r = f(inner, conn, s, item).map_err(|e| {
-                        if e.rv == Some(cryptoki::error::RvError::FunctionFailed) {
-                            super::pool::reclassify(inner.profile, e, || {
-                                s.get_session_info().is_ok()
-                            })
-                        } else {
-                            e
-                        }
-                    });
+                    let r = item_result(inner, conn, s, || f(inner, conn, s, item));
                     if let Err(e) = &r
                         && chunk_fault(e)
                     {
@@ -139,6 +128,42 @@ impl Hsm {
             self.inner.observe_items(what, items);
         }
         out
+    }
+}
+
+/// One item of a batch chunk. A fault that the vendor profile reads as "not authentic" is that
+/// item's, like any data error: openCryptoki's `CKR_FUNCTION_FAILED` for a bad OAEP padding,
+/// and Kryoptic's `CKR_DEVICE_ERROR` for a failed RFC 5649 or OAEP check — the latter only once
+/// the item failed the same way [`INTEGRITY_RETRIES`] more times and its key's canary still
+/// decrypts, as for a single call (see `pool`): a device failing even the canary is the
+/// chunk's fault. Other device errors are the chunk's (see [`chunk_fault`]).
+fn item_result<T>(
+    inner: &Inner,
+    conn: &Conn,
+    s: &Session,
+    run: impl Fn() -> Result<T, HsmError>,
+) -> Result<T, HsmError> {
+    let alive = || s.get_session_info().is_ok();
+    let mut retries = INTEGRITY_RETRIES;
+    loop {
+        let e = match run() {
+            Ok(v) => return Ok(v),
+            Err(e) if matches!(e.rv, Some(RvError::FunctionFailed | RvError::DeviceError)) => {
+                reclassify(inner.profile, e, alive)
+            }
+            Err(e) => return Err(e),
+        };
+        if !reclassified(&e) || e.rv == Some(RvError::FunctionFailed) {
+            return Err(e);
+        }
+        if retries > 0 {
+            retries -= 1;
+            continue;
+        }
+        return Err(e
+            .version
+            .and_then(|id| inner.canary_fails(conn, s, id))
+            .unwrap_or(e));
     }
 }
 

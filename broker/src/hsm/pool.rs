@@ -28,7 +28,7 @@ use crate::model::VersionId;
 /// same way, while a passing device fault (one call in fifty failing, in the soak run) fails
 /// four times in a row about once in six million calls — and then the version's canary is
 /// tried as well (see [`Inner::with_session`]).
-const INTEGRITY_RETRIES: u8 = 3;
+pub(super) const INTEGRITY_RETRIES: u8 = 3;
 
 /// How an operation may be retried and abandoned.
 #[derive(Clone, Copy, Debug)]
@@ -114,7 +114,7 @@ pub(super) fn reclassify(
 
 /// Whether `e` is a device error or failed function that the vendor profile re-classified as a
 /// failed integrity check of caller data.
-fn reclassified(e: &HsmError) -> bool {
+pub(super) fn reclassified(e: &HsmError) -> bool {
     e.kind == FaultKind::DataInvalid
         && matches!(e.rv, Some(RvError::DeviceError | RvError::FunctionFailed))
 }
@@ -375,7 +375,7 @@ impl Inner {
 
     /// The fault that keeps version `id`'s canary from decrypting on `s`, if any (`None` also
     /// when the version has no canary or no handles to try).
-    fn canary_fails(&self, conn: &Conn, s: &Session, id: VersionId) -> Option<HsmError> {
+    pub(super) fn canary_fails(&self, conn: &Conn, s: &Session, id: VersionId) -> Option<HsmError> {
         let canary = self.known_one(id)?.canary?;
         let h = conn.handles_of(id).ok()?;
         match canary_verdict(self, s, &h, &canary) {
