@@ -833,6 +833,7 @@ async fn soak_chaos() {
         l.contains("re-initialisation phases")
             || l.contains("serving again")
             || l.contains("KEK objects re-found")
+            || l.contains("keys loaded and verified")
     }) {
         println!("broker: {l}");
     }
