@@ -21,7 +21,7 @@
 //! The same listener answers `GET /healthz` with `200 ok` or `503` and the probe's reason, for
 //! load balancers and kubelet HTTP probes that cannot speak gRPC over mutual TLS.
 
-use std::{fmt::Write as _, sync::Arc, time::Duration};
+use std::{borrow::Cow, fmt::Write as _, sync::Arc, time::Duration};
 
 use axum::{
     Router,
@@ -51,26 +51,26 @@ use crate::{
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    grpc_service: String,
-    grpc_method: String,
-    grpc_code: String,
+    grpc_service: &'static str,
+    grpc_method: &'static str,
+    grpc_code: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
-    grpc_service: String,
-    grpc_method: String,
+    grpc_service: &'static str,
+    grpc_method: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OperationLabels {
-    operation: String,
+    operation: Cow<'static, str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FaultLabels {
-    operation: String,
-    fault: String,
+    operation: Cow<'static, str>,
+    fault: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -128,29 +128,46 @@ impl Default for Metrics {
 }
 
 /// The gRPC code as Prometheus dashboards spell it (`OK`, `InvalidArgument`, ...).
-fn code_name(code: Code) -> String {
+fn code_name(code: Code) -> &'static str {
     match code {
-        Code::Ok => "OK".to_string(),
-        other => format!("{other:?}"),
+        Code::Ok => "OK",
+        Code::Cancelled => "Cancelled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
     }
 }
 
 /// A stable metric label for an HSM pool operation.
-fn operation_label(op: &str) -> String {
-    match op {
-        "generate a data key" => "generate_data_key".into(),
-        "read a public key" => "public_key".into(),
-        "generate a KEK" => "generate_kek".into(),
-        "destroy a KEK" => "destroy_kek".into(),
-        "attach the KEKs" => "attach".into(),
-        "ping the HSM" => "health_probe".into(),
-        "find or create the audit key" => "audit_key".into(),
-        "MAC an audit checkpoint" => "audit_checkpoint_mac".into(),
-        "verify an audit checkpoint" => "audit_checkpoint_verify".into(),
-        "create an import key" => "create_import_key".into(),
-        "import a KEK" => "import_kek".into(),
-        other => other.to_ascii_lowercase().replace(' ', "_"),
-    }
+fn operation_label(op: &'static str) -> Cow<'static, str> {
+    Cow::Borrowed(match op {
+        "generate a data key" => "generate_data_key",
+        "read a public key" => "public_key",
+        "generate a KEK" => "generate_kek",
+        "destroy a KEK" => "destroy_kek",
+        "attach the KEKs" => "attach",
+        "ping the HSM" => "health_probe",
+        "find or create the audit key" => "audit_key",
+        "MAC an audit checkpoint" => "audit_checkpoint_mac",
+        "verify an audit checkpoint" => "audit_checkpoint_verify",
+        "create an import key" => "create_import_key",
+        "import a KEK" => "import_kek",
+        // Already a label (`wrap`, `unwrap`, ...): borrowed, no allocation per call.
+        other if other.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') => other,
+        other => return Cow::Owned(other.to_ascii_lowercase().replace(' ', "_")),
+    })
 }
 
 fn fault_label(kind: FaultKind) -> &'static str {
@@ -275,18 +292,24 @@ impl Metrics {
     }
 
     /// Records one completed RPC.
-    pub fn observe_request(&self, service: &str, method: &str, code: Code, elapsed: Duration) {
+    pub fn observe_request(
+        &self,
+        service: &'static str,
+        method: &'static str,
+        code: Code,
+        elapsed: Duration,
+    ) {
         self.handled
             .get_or_create(&RequestLabels {
-                grpc_service: service.to_string(),
-                grpc_method: method.to_string(),
+                grpc_service: service,
+                grpc_method: method,
                 grpc_code: code_name(code),
             })
             .inc();
         self.handling
             .get_or_create(&MethodLabels {
-                grpc_service: service.to_string(),
-                grpc_method: method.to_string(),
+                grpc_service: service,
+                grpc_method: method,
             })
             .observe(elapsed.as_secs_f64());
     }
@@ -324,7 +347,7 @@ impl ExternalObserver for Metrics {
             .get_or_create(&ExternalCodeLabels {
                 proxy: proxy.to_string(),
                 operation: operation.to_string(),
-                grpc_code: code_name(code),
+                grpc_code: code_name(code).to_string(),
             })
             .inc();
         self.external_seconds
@@ -348,7 +371,7 @@ impl HsmObserver for Metrics {
             self.hsm_errors
                 .get_or_create(&FaultLabels {
                     operation: op,
-                    fault: fault_label(kind).to_string(),
+                    fault: fault_label(kind),
                 })
                 .inc();
         }
@@ -358,7 +381,7 @@ impl HsmObserver for Metrics {
         self.hsm_errors
             .get_or_create(&FaultLabels {
                 operation: operation_label(operation),
-                fault: fault_label(fault).to_string(),
+                fault: fault_label(fault),
             })
             .inc();
     }
