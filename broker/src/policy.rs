@@ -476,6 +476,19 @@ pub struct PlatformKey {
     pub rotation_period_ms: i64,
 }
 
+impl PlatformKey {
+    /// The operations it allows: every one its first use may be (wrap, generate a data key,
+    /// encrypt) and their inverses, so whichever the platform uses first, the key serves the
+    /// rest. Payload encryption only where the algorithm has it (`aes-kwp` wraps keys only).
+    pub fn operations(&self) -> std::collections::BTreeSet<crate::model::KeyOp> {
+        use crate::model::KeyOp;
+        let payload = [KeyOp::Encrypt, KeyOp::Decrypt]
+            .into_iter()
+            .filter(|_| !self.algorithm.is_key_wrap());
+        KeyOp::DEFAULT.into_iter().chain(payload).collect()
+    }
+}
+
 /// What only the platform may do to a platform-managed key: everything that makes, replaces,
 /// changes, exports or destroys it. Using it (wrap, unwrap, read, rotate) is left to the roles.
 const PLATFORM_ONLY: [Permission; 8] = [

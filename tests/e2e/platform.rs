@@ -276,6 +276,79 @@ async fn the_platforms_first_use_creates_the_tenants_default_key_which_only_the_
     b.stop().await;
 }
 
+/// The platform's first use may be an `Encrypt`: the key it creates allows payload
+/// encryption as well as wrapping, whichever came first.
+#[tokio::test]
+async fn the_platforms_first_encrypt_creates_a_default_key_that_encrypts_and_wraps() {
+    crate::require_aes!();
+    let env = platform_env(86_400_000);
+    let platform = env
+        .pki
+        .ca
+        .issue_spiffe_client("platform", PLATFORM)
+        .expect("cert");
+    let b = env.start().await;
+    let mut p = b.clients_as(&platform).await;
+    let e = p
+        .broker
+        .encrypt(pb::EncryptRequest {
+            key: "acme/default".into(),
+            plaintext: b"row 17".to_vec(),
+            aad: b"table=t".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("the first encrypt creates the key and encrypts")
+        .into_inner();
+    assert_eq!((e.key.as_str(), e.key_version), ("acme/default", 1));
+    let d = p
+        .broker
+        .decrypt(pb::DecryptRequest {
+            key: "acme/default".into(),
+            ciphertext: e.ciphertext.clone(),
+            aad: b"table=t".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("decrypt")
+        .into_inner();
+    assert_eq!(d.plaintext, b"row 17");
+    let mut ops = get(&mut p, "acme/default")
+        .await
+        .expect("made")
+        .attributes
+        .and_then(|a| a.operations)
+        .expect("operations")
+        .operations;
+    ops.sort_unstable();
+    let want = [
+        pb::KeyOperation::Wrap,
+        pb::KeyOperation::Unwrap,
+        pb::KeyOperation::GenerateDataKey,
+        pb::KeyOperation::Rewrap,
+        pb::KeyOperation::Encrypt,
+        pb::KeyOperation::Decrypt,
+    ];
+    assert_eq!(
+        ops,
+        want.map(i32::from),
+        "every operation its first use may be"
+    );
+    // The same key wraps too.
+    let g = generate(&mut p, "acme/default", b"blob")
+        .await
+        .expect("wrap");
+    let u = unwrap(&mut p, "", &g.wrapped_key, b"blob")
+        .await
+        .expect("unwrap");
+    assert_eq!(u.plaintext, g.plaintext);
+    assert_eq!(
+        creation_records(&env, "acme/default"),
+        vec![("INTENT".to_string(), None), ("OK".to_string(), Some(1))]
+    );
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn platform_managed_keys_rotate_by_the_default_policy() {
     crate::require_aes!();

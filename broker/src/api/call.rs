@@ -370,6 +370,7 @@ impl Call {
         let mut attributes = KeyAttributes {
             rotation_period_ms: Some(pk.rotation_period_ms),
             purge_protection: true,
+            operations: pk.operations(),
             ..KeyAttributes::default()
         };
         let (tag, value) = PLATFORM_TAG;
