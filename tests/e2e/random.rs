@@ -40,6 +40,22 @@ async fn random_bytes_come_from_the_hsm_within_bounds_and_are_never_audited() {
     // Audited, one record per request, and never with the bytes.
     let trail = std::fs::read_to_string(env.audit_log()).expect("log");
     assert_eq!(trail.matches("\"GetRandomBytes\"").count(), 6, "{trail}");
+    // Each with the count asked for, refused or not.
+    let counts: Vec<_> = env
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["op"] == "GetRandomBytes")
+        .map(|r| {
+            let outcome = r["outcome"].as_str().unwrap_or_default().to_string();
+            (r["detail"]["count"].as_u64(), outcome)
+        })
+        .collect();
+    let want = [(32, "OK"), (32, "OK"), (4096, "OK")]
+        .into_iter()
+        .chain([0, 4097, u32::MAX].map(|n| (n, "INVALID_ARGUMENT")))
+        .map(|(n, o)| (Some(u64::from(n)), o.to_string()))
+        .collect::<Vec<_>>();
+    assert_eq!(counts, want);
     let hex: String = a.iter().map(|x| format!("{x:02x}")).collect();
     assert!(!trail.contains(&hex));
     assert!(!b.log().contains(&hex));

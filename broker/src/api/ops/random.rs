@@ -4,6 +4,7 @@ use super::{Operation, sealed::Sealed};
 use crate::{
     api::call::Call,
     error::{BrokerError, Denied, Invalid},
+    hsm::RequestScope,
     model::Dek,
     policy::Permission,
 };
@@ -23,6 +24,8 @@ impl Operation for GetRandomBytes {
     type Output = Dek;
 
     async fn run(self, call: &mut Call) -> Result<Dek, BrokerError> {
+        // The count asked for, whatever the outcome (the record's `detail.count`).
+        RequestScope::note_detail("count", self.count.into());
         if !call.authority().allows_somewhere(Permission::Random) {
             return Err(Denied::Permission {
                 caller: call.caller_id().to_string(),
