@@ -387,8 +387,8 @@ async fn encrypt_and_decrypt_from_the_command_line_as_a_table_and_as_json() {
     b.stop().await;
 }
 
-/// Issue 22 items 3 and 7: `random` prints bytes from the HSM; tables show times as RFC 3339
-/// ("never" for unset) while `-o json` keeps epoch milliseconds.
+/// `random` prints bytes from the HSM; tables and text (key get, delete, purge, hyok status)
+/// show times as RFC 3339 ("never" for unset) while `-o json` keeps epoch milliseconds.
 #[tokio::test]
 async fn random_bytes_and_key_tables_with_readable_times_from_the_command_line() {
     crate::require_aes!();
@@ -433,6 +433,51 @@ async fn random_bytes_and_key_tables_with_readable_times_from_the_command_line()
     let j: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert!(
         j["created_at_ms"].as_i64().is_some_and(|ms| ms > 0),
+        "{out}"
+    );
+
+    // Delete, purge and the HYOK switch's state: RFC 3339 in text, epoch ms in JSON only.
+    let rfc3339 = |out: &str| {
+        out.contains(&year) && out.contains('T') && out.contains('Z') && !out.contains(" ms")
+    };
+    let (ok, _, err) = cli(&env, &b, &["key", "create", "acme/k2", "--type", "aes-256"]).await;
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(&env, &b, &["key", "delete", "acme/k"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("deleted at ") && out.contains("scheduled purge at ") && rfc3339(&out),
+        "{out}"
+    );
+    let (ok, out, err) = cli(&env, &b, &["key", "delete", "acme/k2", "-o", "json"]).await;
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(j["name"], "acme/k2", "{out}");
+    assert!(
+        j["scheduled_purge_ms"].as_i64().is_some_and(|ms| ms > 0)
+            && j["deleted_at_ms"].as_i64().is_some_and(|ms| ms > 0),
+        "{out}"
+    );
+    let (ok, out, err) = cli(&env, &b, &["key", "purge", "acme/k"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("purged acme/k at ") && rfc3339(&out) && !out.contains("purged_at_ms"),
+        "{out}"
+    );
+    let (ok, out, err) = cli(&env, &b, &["key", "purge", "acme/k2", "-o", "json"]).await;
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert!(j["purged_at_ms"].as_i64().is_some_and(|ms| ms > 0), "{out}");
+    let (ok, out, err) = cli(&env, &b, &["hyok", "status"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("CONNECTED  (changed ") && rfc3339(&out) && !out.contains("changed_at_ms"),
+        "{out}"
+    );
+    let (ok, out, err) = cli(&env, &b, &["hyok", "status", "-o", "json"]).await;
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert!(
+        j["changed_at_ms"].as_i64().is_some_and(|ms| ms > 0),
         "{out}"
     );
     b.stop().await;

@@ -866,10 +866,20 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                         .await
                         .map_err(status)?
                         .into_inner();
-                    println!(
-                        "deleted; recoverable until the scheduled purge at {} ms (RecoverKey), deleted by {}",
-                        d.scheduled_purge_ms, d.deleted_by
-                    );
+                    match conn.output {
+                        Output::Json => println!(
+                            "{}",
+                            json!({"name": d.key.map(|k| k.name).unwrap_or_default(),
+                                "deleted_at_ms": d.deleted_at_ms, "scheduled_purge_ms": d.scheduled_purge_ms,
+                                "deleted_by": d.deleted_by})
+                        ),
+                        Output::Text => println!(
+                            "deleted at {}; recoverable until the scheduled purge at {} (RecoverKey), deleted by {}",
+                            when(d.deleted_at_ms),
+                            when(d.scheduled_purge_ms),
+                            d.deleted_by
+                        ),
+                    }
                 }
                 KeyCommand::Deleted { tenant } => {
                     let r = c
@@ -922,13 +932,42 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                         .await
                         .map_err(status)?
                         .into_inner();
-                    println!(
-                        "{}",
-                        json!({"key": r.key, "versions": r.versions, "object_ids": r.object_ids, "objects_destroyed": r.objects_destroyed,
-                            "purged_at_ms": r.purged_at_ms, "purged_by": r.purged_by, "final": r.r#final,
-                            "backups": r.backups.iter().map(|b| json!({"sha256": b.sha256, "version_ids": b.version_ids,
-                                "made_at_ms": b.made_at_ms, "made_by": b.made_by})).collect::<Vec<_>>()})
-                    );
+                    match conn.output {
+                        Output::Json => println!(
+                            "{}",
+                            json!({"key": r.key, "versions": r.versions, "object_ids": r.object_ids, "objects_destroyed": r.objects_destroyed,
+                                "purged_at_ms": r.purged_at_ms, "purged_by": r.purged_by, "final": r.r#final,
+                                "backups": r.backups.iter().map(|b| json!({"sha256": b.sha256, "version_ids": b.version_ids,
+                                    "made_at_ms": b.made_at_ms, "made_by": b.made_by})).collect::<Vec<_>>()})
+                        ),
+                        Output::Text => {
+                            println!(
+                                "purged {} at {} by {}: versions {:?}, {} HSM object(s) destroyed{}",
+                                r.key,
+                                when(r.purged_at_ms),
+                                r.purged_by,
+                                r.versions,
+                                r.objects_destroyed,
+                                if r.r#final { "" } else { " (not final)" }
+                            );
+                            if !r.backups.is_empty() {
+                                print_table(
+                                    &["BACKUP SHA256", "VERSIONS", "MADE", "MADE BY"],
+                                    &r.backups
+                                        .iter()
+                                        .map(|b| {
+                                            vec![
+                                                b.sha256.clone(),
+                                                b.version_ids.join(","),
+                                                when(b.made_at_ms),
+                                                b.made_by.clone(),
+                                            ]
+                                        })
+                                        .collect::<Vec<_>>(),
+                                );
+                            }
+                        }
+                    }
                     if !r.r#final {
                         eprintln!(
                             "not final: {} backup blob(s) of these versions were made (sha256 {}); \
@@ -1518,13 +1557,13 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                     json!({"connected": st.connected, "changed_at_ms": st.changed_at_ms, "changed_by": st.changed_by, "reason": st.reason})
                 ),
                 Output::Text => println!(
-                    "HYOK service access: {}  (changed_at_ms={} by {} reason={:?})",
+                    "HYOK service access: {}  (changed {} by {} reason={:?})",
                     if st.connected {
                         "CONNECTED"
                     } else {
                         "DISCONNECTED"
                     },
-                    st.changed_at_ms,
+                    when(st.changed_at_ms),
                     if st.changed_by.is_empty() {
                         "-"
                     } else {
