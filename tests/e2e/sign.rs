@@ -527,14 +527,19 @@ async fn signing_keys_sign_only_and_wrapping_keys_never_sign_in_the_token() {
     let env = Env::new();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
+    // Each signing key's version id, with the mechanisms its CKA_ALLOWED_MECHANISMS must be.
     let mut signing = Vec::new();
-    for (name, kt) in [
-        ("t/ec256", pb::KeyType::EcP256),
-        ("t/ec384", pb::KeyType::EcP384),
-        ("t/rsa-sign", pb::KeyType::Rsa2048),
+    for (name, kt, mechanisms) in [
+        ("t/ec256", pb::KeyType::EcP256, &["CKM_ECDSA"][..]),
+        ("t/ec384", pb::KeyType::EcP384, &["CKM_ECDSA"][..]),
+        (
+            "t/rsa-sign",
+            pb::KeyType::Rsa2048,
+            &["CKM_RSA_PKCS", "CKM_RSA_PKCS_PSS"][..],
+        ),
     ] {
         if let Some(k) = create_signing(&mut c, TEST, name, kt).await {
-            signing.push(hex::encode(&k.versions[0].id));
+            signing.push((hex::encode(&k.versions[0].id), mechanisms));
         }
     }
     let wrapping = create(
@@ -555,10 +560,24 @@ async fn signing_keys_sign_only_and_wrapping_keys_never_sign_in_the_token() {
     let of = |id: &str| -> Vec<&serde_json::Value> {
         objects.iter().filter(|o| o["id"] == id).collect()
     };
-    for id in &signing {
+    // A PKCS#11 2.20 token (openCryptoki, legacy_template) has no CKA_ALLOWED_MECHANISMS.
+    let allowed_mechanisms = token_kind() != hsm_fixtures::token::TokenKind::OpenCryptoki;
+    for (id, mechanisms) in &signing {
         let objs = of(id);
         assert_eq!(objs.len(), 2, "a key pair: {objs:?}");
         for o in objs {
+            if allowed_mechanisms {
+                // Its sign mechanism(s) only, read back through PKCS#11 as for KEKs
+                // (portability.rs), on both halves.
+                let mut got: Vec<_> = o["allowed_mechanisms"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("allowed mechanisms: {o}"))
+                    .iter()
+                    .filter_map(|m| m.as_str())
+                    .collect();
+                got.sort_unstable();
+                assert_eq!(got, *mechanisms, "{o}");
+            }
             assert_eq!(o["token"], true, "{o}");
             assert_eq!(o["modifiable"], false, "{o}");
             // A PKCS#11 2.20 token (openCryptoki, legacy_template) has no CKA_COPYABLE.
