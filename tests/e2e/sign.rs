@@ -47,8 +47,9 @@ pub(crate) async fn create_signing(
     {
         Ok(k) => Some(k.into_inner()),
         Err(e) if e.code() == Code::FailedPrecondition => {
-            skip(
+            skip_unsupported(
                 &format!("{test} ({kt:?})"),
+                kt.as_str_name(),
                 &format!("the token cannot make this key: {}", e.message()),
             );
             None
