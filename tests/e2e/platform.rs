@@ -397,7 +397,8 @@ async fn platform_managed_keys_rotate_by_the_default_policy() {
 /// the tenant's own key now decides. Then the tenant moves to its own hardware: a second
 /// broker on its own token (the customer's, with the EKM door), reached as an external key;
 /// the envelopes move there, the customer-managed key is purged, and the customer's kill
-/// switch decides.
+/// switch decides. Last, the platform's key reaches its scheduled purge: what was never moved
+/// off it is gone for good.
 #[tokio::test]
 async fn a_tenant_moves_from_platform_managed_to_its_own_key_to_its_own_hardware() {
     crate::require_aes!();
@@ -576,6 +577,45 @@ async fn a_tenant_moves_from_platform_managed_to_its_own_key_to_its_own_hardware
     let u = unwrap(&mut service, "", &at_home[0], stored[0].2.as_bytes())
         .await
         .expect("back home");
+    assert_eq!(u.plaintext, stored[0].0);
+    drop(service);
+    b.stop().await;
+
+    // 4. The platform's key reaches its scheduled purge (retention is at least 7 days: the
+    //    test moves its date into the past in the store) and the maintenance task purges it:
+    //    the envelope that was never moved is unreadable for good, the moved ones read on.
+    {
+        let db = rusqlite::Connection::open(env.dir.path().join("keybroker.db")).expect("db");
+        let n = db
+            .execute(
+                "UPDATE keys SET purge_at_ms = 1 WHERE tenant = 'acme' AND name = 'default'",
+                [],
+            )
+            .expect("update");
+        assert_eq!(n, 1, "acme/default is deleted, awaiting its purge");
+    }
+    let b = env.start().await;
+    let admin = b.clients_as(&env.pki.client).await;
+    poll_until("the scheduled purge", Duration::from_secs(60), || {
+        let mut mgmt = admin.mgmt.clone();
+        async move {
+            let r = mgmt
+                .get_deleted_key(pb::GetDeletedKeyRequest {
+                    key: "acme/default".into(),
+                })
+                .await;
+            (r.map(drop).map_err(|e| e.code()) == Err(Code::NotFound)).then_some(())
+        }
+    })
+    .await;
+    let mut service = b.clients_as(&platform).await;
+    assert_unauthentic(
+        unwrap(&mut service, "", unmoved, unmoved_aad.as_bytes()).await,
+        "an envelope of the purged platform key",
+    );
+    let u = unwrap(&mut service, "", &at_home[0], stored[0].2.as_bytes())
+        .await
+        .expect("moved envelopes read on");
     assert_eq!(u.plaintext, stored[0].0);
     b.stop().await;
     hyok.stop().await;
