@@ -1252,6 +1252,25 @@ on_behalf_of = ["arn:aws:iam::111122223333:*"]
     }
 
     #[test]
+    fn a_platform_key_allows_what_any_first_use_may_be() {
+        use crate::model::{Algorithm, KeyOp};
+        let pk = |algorithm| PlatformKey {
+            grant: Grant {
+                key: KeyName::new("acme", "default").expect("name"),
+                permission: Permission::Create,
+            },
+            algorithm,
+            rotation_period_ms: PLATFORM_ROTATION_MS,
+        };
+        let gcm = pk(Algorithm::Aes256Gcm).operations();
+        assert!(KeyOp::DEFAULT.iter().all(|o| gcm.contains(o)));
+        assert!(gcm.contains(&KeyOp::Encrypt) && gcm.contains(&KeyOp::Decrypt));
+        assert_eq!(gcm.len(), 6);
+        let kwp = pk(Algorithm::AesKeyWrapPad).operations();
+        assert_eq!(kwp, KeyOp::DEFAULT.into_iter().collect());
+    }
+
+    #[test]
     fn a_platform_section_is_checked_and_the_example_reserves_default() {
         let p = Policy::parse(include_str!("../../examples/managed-hsm-policy.toml"))
             .expect("example policy");
