@@ -55,7 +55,14 @@ service_identities = ["ekm:*"]
         policy: Some(policy),
         ..opts
     });
-    let section = format!(
+    let section = ekm_section(&env, prefixes);
+    env.edit_config(|t| format!("{t}\n{section}"));
+    env
+}
+
+/// The `[ekm]` section of [`ekm_env`] for `env`'s PKI, with `prefixes` added.
+pub(crate) fn ekm_section(env: &Env, prefixes: &str) -> String {
+    format!(
         r#"
 [ekm]
 listen = "127.0.0.1:0"
@@ -74,9 +81,7 @@ justification = "CUSTOMER_INITIATED_ACCESS"
         cert = env.pki.server.cert_path.display(),
         key = env.pki.server.key_path.display(),
         ca = env.pki.ca.cert_path.display(),
-    );
-    env.edit_config(|t| format!("{t}\n{section}"));
-    env
+    )
 }
 
 pub(crate) fn mhsm_cert(env: &Env, stem: &str, cn: &str) -> Issued {
@@ -96,7 +101,7 @@ pub(crate) fn mhsm_cert(env: &Env, stem: &str, cn: &str) -> Issued {
 
 /// A TLS client trusting the test CA, with an optional client certificate, speaking TLS 1.3
 /// and 1.2 (or only 1.2).
-fn tls_client(
+pub(crate) fn tls_client(
     ca: &Path,
     cert: Option<(&Path, &Path)>,
     tls12_only: bool,

@@ -54,13 +54,14 @@ fn write_credential(dir: &Path, file: &str, uri_path: &str, akid: &str, secret: 
 /// An env whose broker serves `[xks]` with prefix `/acme` (tenant `acme`, two credentials),
 /// a policy binding `xks:acme` as a HYOK service identity, and `mtls` appended to `[xks]`.
 fn xks_env(mtls: &str) -> Env {
-    xks_env_with(Options::default(), mtls)
+    xks_env_with(Options::default(), mtls, "")
 }
 
-/// [`xks_env`] with the broker's `opts` (its policy is set here).
-fn xks_env_with(opts: Options, mtls: &str) -> Env {
+/// [`xks_env`] with the broker's `opts` (its policy is set here) and `policy` bindings added.
+/// `ekm:*` identities are HYOK service identities too.
+fn xks_env_with(opts: Options, mtls: &str, policy: &str) -> Env {
     let policy = format!(
-        r#"
+        r#"{policy}
 [[binding]]
 identity = "{TEST_CLIENT_ID}"
 roles = ["administrator", "crypto-officer", "crypto-user", "auditor"]
@@ -72,7 +73,7 @@ scope = "tenant:acme"
 on_behalf_of = ["arn:aws:iam::111122223333:*"]
 
 [hyok]
-service_identities = ["xks:*"]
+service_identities = ["xks:*", "ekm:*"]
 "#,
         TEST_CLIENT_ID = hsm_fixtures::pki::TEST_CLIENT_ID
     );
@@ -1065,6 +1066,7 @@ async fn xks_hsm_hang_is_dependency_timeout_and_failure_internal() {
             ..Default::default()
         },
         "",
+        "",
     );
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
@@ -1121,4 +1123,104 @@ async fn xks_hsm_hang_is_dependency_timeout_and_failure_internal() {
         "the failure is audited: {outcomes:?}"
     );
     b.stop().await;
+}
+
+/// One broker serves gRPC, `[xks]` and `[ekm]` at once, on one token and one audit trail: a
+/// call through each door, one audit record each.
+#[tokio::test]
+async fn one_broker_serves_grpc_xks_and_ekm_at_once() {
+    crate::require_aes!();
+    let env = xks_env_with(
+        Options::default(),
+        "",
+        r#"
+[[binding]]
+identity = "ekm:contoso"
+role = "service-encryption-user"
+scope = "tenant:contoso"
+"#,
+    );
+    let ekm = crate::ekm::ekm_section(&env, "");
+    env.edit_config(|t| format!("{t}\n{ekm}"));
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    use pb::KeyOperation::*;
+    create_with_ops(&mut c, "acme/k1", &[Encrypt, Decrypt]).await;
+    create(
+        &mut c,
+        "contoso/kwp",
+        pb::KeyType::Aes256,
+        pb::Algorithm::AesKeyWrapPad,
+    )
+    .await;
+    let audit_before = std::fs::read_to_string(env.audit_log())
+        .expect("audit log")
+        .lines()
+        .count();
+
+    // gRPC.
+    let dek = random_dek(32);
+    let w = wrap(&mut c, "contoso/kwp", &dek, b"")
+        .await
+        .expect("gRPC wrap");
+    assert!(!w.wrapped_key.is_empty());
+    // XKS.
+    let mut kms = Kms {
+        addr: xks_addr(&b),
+        tls: tls_client(&env.pki.ca.cert_path, None),
+        requests: 0,
+    };
+    let mut body = encrypt_body(b"through xks", None, false);
+    body["requestMetadata"]["kmsRequestId"] = "kms-three-doors".into();
+    let a = kms.post(&format!("{KEYS}/k1/encrypt"), &body).await;
+    assert_eq!(a.status, 200, "xks: {}", a.raw);
+    // EKM.
+    let cert = crate::ekm::mhsm_cert(&env, "mhsm", crate::ekm::MHSM_CN);
+    let tls = crate::ekm::tls_client(
+        &env.pki.ca.cert_path,
+        Some((&cert.cert_path, &cert.key_path)),
+        false,
+    );
+    let ekm_body = json!({
+        "request_context": {"request_id": "ekm-three-doors", "correlation_id": "c", "pool_name": "p"},
+        "alg": "A256KWP",
+        "value": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&dek),
+    })
+    .to_string();
+    let a = https_exchange(
+        b.ekm_addr.expect("ekm listener"),
+        tls,
+        "POST",
+        "/contoso/kwp/wrapkey?api-version=0.1-preview",
+        &[
+            ("Host".into(), "localhost".into()),
+            ("Content-Type".into(), "application/json".into()),
+        ],
+        ekm_body.as_bytes(),
+    )
+    .await
+    .expect("an answer");
+    assert_eq!(a.status, 200, "ekm: {}", a.raw);
+
+    drop(c);
+    let log = std::fs::read_to_string(env.audit_log()).expect("audit log");
+    let recs: Vec<Value> = log
+        .lines()
+        .skip(audit_before)
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .filter(|r: &Value| r["kind"] == "request")
+        .collect();
+    let ops: Vec<&str> = recs.iter().filter_map(|r| r["op"].as_str()).collect();
+    for (op, n) in [("WrapKey", 1), ("XksEncrypt", 1), ("EkmWrapKey", 1)] {
+        assert_eq!(ops.iter().filter(|o| **o == op).count(), n, "{op}: {ops:?}");
+    }
+    assert!(recs.iter().any(|r| r["op"] == "XksEncrypt"
+        && r["upstream"]["request_id"] == "kms-three-doors"
+        && r["caller"] == "xks:acme"));
+    assert!(recs.iter().any(|r| r["op"] == "EkmWrapKey"
+        && r["request_id"] == "ekm-three-doors"
+        && r["caller"] == "ekm:contoso"));
+    b.stop().await;
+    let (ok, report) = env.verify_audit(&env.audit_log());
+    assert!(ok, "{report}");
 }
