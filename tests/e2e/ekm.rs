@@ -7,10 +7,13 @@
 //! RFC 3394) with key material imported through BYOK, and `rsa` (OAEP) with the public key the
 //! metadata gives.
 
-use std::{path::Path, sync::Arc};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
-use hsm_fixtures::pki::{Issued, LeafSpec};
+use hsm_fixtures::{
+    fault::Rule,
+    pki::{Issued, LeafSpec},
+};
 use keybroker_proto::v1 as pb;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use serde_json::{Value, json};
@@ -26,8 +29,14 @@ const V: &str = "?api-version=0.1-preview";
 /// certificates of the test CA with subject CN [`MHSM_CN`], and a policy binding `ekm:contoso`
 /// as a HYOK service identity (wrap and unwrap only).
 pub(crate) fn ekm_env() -> Env {
+    ekm_env_with(Options::default(), "", "")
+}
+
+/// [`ekm_env`] with the broker's `opts` (its policy is set here), `policy` bindings and
+/// `[[ekm.prefix]]` sections added.
+fn ekm_env_with(opts: Options, policy: &str, prefixes: &str) -> Env {
     let policy = format!(
-        r#"
+        r#"{policy}
 [[binding]]
 identity = "{TEST_CLIENT_ID}"
 roles = ["administrator", "crypto-officer", "crypto-user", "auditor"]
@@ -44,9 +53,16 @@ service_identities = ["ekm:*"]
     );
     let env = Env::with(Options {
         policy: Some(policy),
-        ..Default::default()
+        ..opts
     });
-    let section = format!(
+    let section = ekm_section(&env, prefixes);
+    env.edit_config(|t| format!("{t}\n{section}"));
+    env
+}
+
+/// The `[ekm]` section of [`ekm_env`] for `env`'s PKI, with `prefixes` added.
+pub(crate) fn ekm_section(env: &Env, prefixes: &str) -> String {
+    format!(
         r#"
 [ekm]
 listen = "127.0.0.1:0"
@@ -60,13 +76,12 @@ header_read_timeout_ms = 3000
 path = "/contoso"
 tenant = "contoso"
 justification = "CUSTOMER_INITIATED_ACCESS"
+{prefixes}
 "#,
         cert = env.pki.server.cert_path.display(),
         key = env.pki.server.key_path.display(),
         ca = env.pki.ca.cert_path.display(),
-    );
-    env.edit_config(|t| format!("{t}\n{section}"));
-    env
+    )
 }
 
 pub(crate) fn mhsm_cert(env: &Env, stem: &str, cn: &str) -> Issued {
@@ -86,7 +101,7 @@ pub(crate) fn mhsm_cert(env: &Env, stem: &str, cn: &str) -> Issued {
 
 /// A TLS client trusting the test CA, with an optional client certificate, speaking TLS 1.3
 /// and 1.2 (or only 1.2).
-fn tls_client(
+pub(crate) fn tls_client(
     ca: &Path,
     cert: Option<(&Path, &Path)>,
     tls12_only: bool,
@@ -705,6 +720,20 @@ async fn ekm_handshake_refuses_wrong_cn_wrong_ca_no_certificate_and_tls12() {
     .expect("Managed HSM's certificate is accepted");
     assert_eq!(a.status, 200, "{}", a.raw);
     let other_cn = mhsm_cert(&env, "other", "mhsm.fabrikam.example");
+    // The right subject CN from a CA the door does not trust: only the CA is wrong.
+    let other_ca = env
+        .pki
+        .foreign_ca
+        .issue(
+            "mhsm-foreign",
+            &LeafSpec {
+                common_name: MHSM_CN.into(),
+                dns: vec![MHSM_CN.into()],
+                valid_days: 30,
+                ..Default::default()
+            },
+        )
+        .expect("issue");
     for (what, tls) in [
         ("no client certificate", tls_client(ca, None, false)),
         (
@@ -712,12 +741,16 @@ async fn ekm_handshake_refuses_wrong_cn_wrong_ca_no_certificate_and_tls12() {
             tls_client(ca, Some((&other_cn.cert_path, &other_cn.key_path)), false),
         ),
         (
-            "another CA",
+            "another CA and another CN",
             tls_client(
                 ca,
                 Some((&env.pki.foreign.cert_path, &env.pki.foreign.key_path)),
                 false,
             ),
+        ),
+        (
+            "the right CN from another CA",
+            tls_client(ca, Some((&other_ca.cert_path, &other_ca.key_path)), false),
         ),
         (
             "TLS 1.2",
@@ -730,4 +763,196 @@ async fn ekm_handshake_refuses_wrong_cn_wrong_ca_no_certificate_and_tls12() {
     let log = b.stop().await;
     assert!(log.contains("TLS handshake failed"), "{log}");
     assert!(log.contains("subject CN not configured"), "{log}");
+}
+
+/// The reference's refusals that the main test cannot produce with one caller and a healthy
+/// token: a role that does not allow the operation (roles hold through this door as through
+/// gRPC), a key whose allowed operations lack it, an expired key, the per-caller refusal budget,
+/// an HSM that refuses the key's function, and an HSM that fails.
+#[tokio::test]
+async fn ekm_door_answers_denied_not_allowed_expired_too_many_internal_and_unavailable() {
+    crate::require_aes!();
+    // `/audit` is a second door onto tenant contoso, for an identity whose role (auditor)
+    // may read but not wrap.
+    let env = ekm_env_with(
+        Options {
+            faults: true,
+            server_extra: "refused_per_second = 1\nrefused_burst = 3".into(),
+            ..Default::default()
+        },
+        r#"
+[[binding]]
+identity = "ekm:audit"
+role = "auditor"
+scope = "tenant:contoso"
+"#,
+        r#"
+[[ekm.prefix]]
+path = "/audit"
+tenant = "contoso"
+identity = "ekm:audit"
+justification = "CUSTOMER_INITIATED_ACCESS"
+"#,
+    );
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    for key in ["contoso/kwp", "contoso/unwrap-only", "contoso/expired"] {
+        create(
+            &mut c,
+            key,
+            pb::KeyType::Aes256,
+            pb::Algorithm::AesKeyWrapPad,
+        )
+        .await;
+    }
+    c.mgmt
+        .update_key(pb::UpdateKeyRequest {
+            key: "contoso/unwrap-only".into(),
+            attributes: Some(pb::KeyAttributes {
+                operations: Some(pb::KeyOperations {
+                    operations: vec![pb::KeyOperation::Unwrap.into()],
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("unwrap only");
+    let past = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64
+        - 1000;
+    c.mgmt
+        .update_key(pb::UpdateKeyRequest {
+            key: "contoso/expired".into(),
+            attributes: Some(pb::KeyAttributes {
+                expires_ms: past,
+                ..Default::default()
+            }),
+            set_times: true,
+        })
+        .await
+        .expect("expire");
+    let cert = mhsm_cert(&env, "mhsm", MHSM_CN);
+    let mut m = Mhsm {
+        addr: b.ekm_addr.expect("ekm listener"),
+        tls: tls_client(
+            &env.pki.ca.cert_path,
+            Some((&cert.cert_path, &cert.key_path)),
+            false,
+        ),
+        requests: 0,
+    };
+    let dek = random_dek(32);
+    let a = m.wrap("kwp", "A256KWP", &dek).await;
+    assert_eq!(a.status, 200, "{}", a.raw);
+    let wrapped = a.value();
+    let a = m.wrap("unwrap-only", "A256KWP", &dek).await;
+    assert_error(&a, 403, "OperationNotAllowed", "a key that only unwraps");
+    let a = m.wrap("expired", "A256KWP", &dek).await;
+    assert_error(&a, 403, "KeyExpired", "an expired key");
+
+    // The auditor's door: refused by its role, then, past the refusal budget (a burst of 3),
+    // held off without running.
+    let wrap_as_auditor = op_body("A256KWP", &dek);
+    let a = m
+        .post(&format!("/audit/kwp/wrapkey{V}"), &wrap_as_auditor)
+        .await;
+    assert_error(&a, 403, "AccessDenied", "the auditor role does not wrap");
+    let a = m
+        .post(
+            &format!("/audit/kwp/metadata{V}"),
+            &json!({"request_context": context()}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "the auditor role reads metadata: {}", a.raw);
+    let mut codes = Vec::new();
+    for _ in 0..10 {
+        let a = m
+            .post(&format!("/audit/kwp/wrapkey{V}"), &wrap_as_auditor)
+            .await;
+        codes.push((a.status, a.code().to_string()));
+        if a.status == 429 {
+            assert_error(&a, 429, "TooManyRequests", "past the refusal budget");
+            break;
+        }
+        assert_error(&a, 403, "AccessDenied", "within the refusal budget");
+    }
+    assert_eq!(
+        codes.last().map(|c| c.0),
+        Some(429),
+        "the refusal budget holds the auditor off: {codes:?}"
+    );
+    // Another caller (the Managed HSM prefix) is not held off by the auditor's refusals.
+    let a = m.unwrap("kwp", "A256KWP", &wrapped).await;
+    assert_eq!((a.status, a.value()), (200, dek.clone()), "{}", a.raw);
+
+    // The HSM refuses the key's function mid-operation (a mechanism it passed at start-up):
+    // keybroker cannot explain that to the caller, so it is the reference's 500.
+    let f = env.faults();
+    let crypt = "C_WrapKey,C_UnwrapKey,C_EncryptInit,C_DecryptInit,C_Encrypt,C_Decrypt";
+    f.set(&[Rule::fail(crypt, "CKR_KEY_FUNCTION_NOT_PERMITTED")])
+        .expect("rules");
+    let a = m.unwrap("kwp", "A256KWP", &wrapped).await;
+    assert_error(
+        &a,
+        500,
+        "InternalError",
+        "the HSM refuses the key's function",
+    );
+
+    // The HSM fails every call: 503, and served again once it recovers.
+    f.set(&[Rule::fail("*", "CKR_DEVICE_ERROR")])
+        .expect("rules");
+    let a = m.unwrap("kwp", "A256KWP", &wrapped).await;
+    assert_error(&a, 503, "ServiceUnavailable", "the HSM fails");
+    f.clear().expect("rules");
+    let addr = m.addr;
+    let tls = m.tls.clone();
+    poll_until("served again", Duration::from_secs(20), || {
+        let body = op_body("A256KWP", &wrapped).to_string();
+        let tls = tls.clone();
+        async move {
+            let a = exchange(
+                addr,
+                tls,
+                "POST",
+                &format!("/contoso/kwp/unwrapkey{V}"),
+                body.as_bytes(),
+            )
+            .await
+            .ok()?;
+            (a.status == 200).then(|| a.value())
+        }
+    })
+    .await;
+
+    // Each refusal is audited with the reference's meaning.
+    drop(c);
+    let log = std::fs::read_to_string(env.audit_log()).expect("audit log");
+    let outcomes: Vec<(String, String)> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("json"))
+        .filter(|r| r["kind"] == "request" && r["op"] == "EkmWrapKey")
+        .map(|r| {
+            (
+                r["caller"].as_str().unwrap_or("").to_string(),
+                r["outcome"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    for (caller, outcome) in [
+        ("ekm:contoso", "OK"),
+        ("ekm:contoso", "FAILED_PRECONDITION"),
+        ("ekm:audit", "PERMISSION_DENIED"),
+    ] {
+        assert!(
+            outcomes.iter().any(|(c, o)| c == caller && o == outcome),
+            "{caller} {outcome} audited: {outcomes:?}"
+        );
+    }
+    b.stop().await;
+    let (ok, report) = env.verify_audit(&env.audit_log());
+    assert!(ok, "{report}");
 }

@@ -15,7 +15,10 @@ use aws_sigv4::{
     sign::v4,
 };
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
-use hsm_fixtures::pki::{Issued, LeafSpec};
+use hsm_fixtures::{
+    fault::Rule,
+    pki::{Issued, LeafSpec},
+};
 use keybroker_proto::v1 as pb;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use serde_json::{Value, json};
@@ -51,8 +54,14 @@ fn write_credential(dir: &Path, file: &str, uri_path: &str, akid: &str, secret: 
 /// An env whose broker serves `[xks]` with prefix `/acme` (tenant `acme`, two credentials),
 /// a policy binding `xks:acme` as a HYOK service identity, and `mtls` appended to `[xks]`.
 fn xks_env(mtls: &str) -> Env {
+    xks_env_with(Options::default(), mtls, "")
+}
+
+/// [`xks_env`] with the broker's `opts` (its policy is set here) and `policy` bindings added.
+/// `ekm:*` identities are HYOK service identities too.
+fn xks_env_with(opts: Options, mtls: &str, policy: &str) -> Env {
     let policy = format!(
-        r#"
+        r#"{policy}
 [[binding]]
 identity = "{TEST_CLIENT_ID}"
 roles = ["administrator", "crypto-officer", "crypto-user", "auditor"]
@@ -64,13 +73,13 @@ scope = "tenant:acme"
 on_behalf_of = ["arn:aws:iam::111122223333:*"]
 
 [hyok]
-service_identities = ["xks:*"]
+service_identities = ["xks:*", "ekm:*"]
 "#,
         TEST_CLIENT_ID = hsm_fixtures::pki::TEST_CLIENT_ID
     );
     let env = Env::with(Options {
         policy: Some(policy),
-        ..Default::default()
+        ..opts
     });
     let creds = env.dir.path().join("xks-credentials");
     std::fs::create_dir_all(&creds).expect("mkdir");
@@ -314,6 +323,7 @@ async fn xks_door_serves_the_spec_over_https_with_sigv4() {
     create_with_ops(&mut c, "acme/k1", &[Encrypt, Decrypt, Wrap, Unwrap]).await;
     create_with_ops(&mut c, "acme/enc-only", &[Encrypt]).await;
     create_with_ops(&mut c, "acme/dec-only", &[Decrypt]).await;
+    create_with_ops(&mut c, "acme/wrap-only", &[Wrap, Unwrap]).await;
     create_with_ops(&mut c, "acme/disabled", &[Encrypt, Decrypt]).await;
     c.mgmt
         .update_key(pb::UpdateKeyRequest {
@@ -360,12 +370,9 @@ async fn xks_door_serves_the_spec_over_https_with_sigv4() {
     // credential of the prefix signs the decrypt (both are in force).
     let plaintext: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
     let aad: Vec<u8> = (0..8192u32).map(|i| (i % 13) as u8).collect();
-    let e = kms
-        .post(
-            &format!("{KEYS}/k1/encrypt"),
-            &encrypt_body(&plaintext, Some(&aad), true),
-        )
-        .await;
+    let mut round_trip = encrypt_body(&plaintext, Some(&aad), true);
+    round_trip["requestMetadata"]["kmsRequestId"] = "kms-round-trip".into();
+    let e = kms.post(&format!("{KEYS}/k1/encrypt"), &round_trip).await;
     assert_eq!(e.status, 200, "{}", e.raw);
     let (ct, iv, tag, ctm) = (
         b64(&e.body["ciphertext"]),
@@ -564,6 +571,31 @@ async fn xks_door_serves_the_spec_over_https_with_sigv4() {
         "InvalidKeyUsageException",
         "decrypt-only key encrypts",
     );
+    // A key that allows neither encrypt nor decrypt refuses both.
+    let a = kms
+        .post(
+            &format!("{KEYS}/wrap-only/encrypt"),
+            &encrypt_body(b"x", None, false),
+        )
+        .await;
+    assert_error(
+        &a,
+        400,
+        "InvalidKeyUsageException",
+        "wrap-only key encrypts",
+    );
+    let a = kms
+        .post(
+            &format!("{KEYS}/wrap-only/decrypt"),
+            &decrypt_body(&eo.body, None),
+        )
+        .await;
+    assert_error(
+        &a,
+        400,
+        "InvalidKeyUsageException",
+        "wrap-only key decrypts",
+    );
     let a = kms
         .post(
             &format!("{KEYS}/disabled/encrypt"),
@@ -709,11 +741,14 @@ async fn xks_door_serves_the_spec_over_https_with_sigv4() {
     assert_eq!(xks.len(), kms.requests, "{log}");
     let enc = xks
         .iter()
-        .find(|r| r["op"] == "XksEncrypt" && r["outcome"] == "OK")
-        .expect("an audited encrypt");
+        .find(|r| r["op"] == "XksEncrypt" && r["upstream"]["request_id"] == "kms-round-trip")
+        .expect("the round trip's encrypt, audited with its kmsRequestId");
+    assert_eq!(enc["outcome"], "OK");
     assert_eq!(enc["caller"], "xks:acme");
     assert_eq!(enc["key"], "acme/k1");
     assert_eq!(enc["upstream"]["principal"], PRINCIPAL);
+    assert_eq!(enc["upstream"]["operation"], "Encrypt");
+    assert_eq!(enc["upstream"]["via_service"], "ebs");
     assert_eq!(enc["justification"], "CUSTOMER_INITIATED_ACCESS");
     let unauth: Vec<&&Value> = xks
         .iter()
@@ -968,4 +1003,224 @@ async fn unauthenticated_refusals_are_throttled_not_audited_one_by_one() {
         })
         .count();
     assert_eq!(audited, refused, "{log}");
+}
+
+/// A prefix's credentials from an environment variable (`credentials_env`): a request signed
+/// with that secret is served, the same access key id with another secret is refused.
+#[tokio::test]
+async fn xks_credentials_from_the_environment_sign_requests() {
+    let env = xks_env("");
+    env.edit_config(|t| {
+        t.replace(
+            "justification = \"CUSTOMER_INITIATED_ACCESS\"",
+            "justification = \"CUSTOMER_INITIATED_ACCESS\"\ncredentials_env = \"KEYBROKER_XKS_ACME\"",
+        )
+    });
+    const AKID_ENV: &str = "ENVKEYIDSEVENEXAMPLEQ";
+    const SECRET_ENV: &str = "S3cr3tFr0mTheEnv1r0nment0nlyNeverInAFile0abc";
+    let credential = json!([{
+        "XksProxyUriPath": "/acme/kms/xks/v1",
+        "XksProxyAuthenticationCredential": {
+            "AccessKeyId": AKID_ENV,
+            "RawSecretAccessKey": SECRET_ENV,
+        },
+    }])
+    .to_string();
+    let b = env
+        .try_start_with(&[("KEYBROKER_XKS_ACME", &credential)])
+        .await
+        .unwrap_or_else(|e| panic!("broker did not start: {e}"));
+    let mut kms = Kms {
+        addr: xks_addr(&b),
+        tls: tls_client(&env.pki.ca.cert_path, None),
+        requests: 0,
+    };
+    let health =
+        json!({"requestMetadata": {"kmsRequestId": "h-env", "kmsOperation": "KmsHealthCheck"}});
+    let path = "/acme/kms/xks/v1/health";
+    let a = kms
+        .signed_at(path, &health, AKID_ENV, SECRET_ENV, SystemTime::now())
+        .await;
+    assert_eq!(a.status, 200, "the environment's credential: {}", a.raw);
+    let a = kms
+        .signed_at(path, &health, AKID_ENV, SECRET1, SystemTime::now())
+        .await;
+    assert_error(&a, 401, "AuthenticationFailedException", "another secret");
+    // The directory's credentials still hold beside the environment's.
+    let a = kms.post(path, &health).await;
+    assert_eq!(a.status, 200, "the directory's credential: {}", a.raw);
+    let log = b.stop().await;
+    assert!(!log.contains(SECRET_ENV), "the secret is not logged");
+}
+
+/// The HSM's faults through the door, injected by the fault module: a call that hangs past the
+/// request's deadline is the spec's `DependencyTimeoutException` (503), a failing HSM its
+/// `InternalException` (500); both are audited, and the door serves again once the HSM does.
+#[tokio::test]
+async fn xks_hsm_hang_is_dependency_timeout_and_failure_internal() {
+    crate::require_aes!();
+    let env = xks_env_with(
+        Options {
+            faults: true,
+            server_extra: "request_timeout_ms = 1000".into(),
+            ..Default::default()
+        },
+        "",
+        "",
+    );
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    use pb::KeyOperation::*;
+    create_with_ops(&mut c, "acme/k1", &[Encrypt, Decrypt]).await;
+    let mut kms = Kms {
+        addr: xks_addr(&b),
+        tls: tls_client(&env.pki.ca.cert_path, None),
+        requests: 0,
+    };
+    let path = format!("{KEYS}/k1/encrypt");
+    let a = kms.post(&path, &encrypt_body(b"x", None, false)).await;
+    assert_eq!(a.status, 200, "{}", a.raw);
+
+    let f = env.faults();
+    f.set(&[Rule::hang("C_EncryptInit")]).expect("rules");
+    let a = kms.post(&path, &encrypt_body(b"x", None, false)).await;
+    assert_error(&a, 503, "DependencyTimeoutException", "a hung HSM call");
+    assert_eq!(f.count("hang", None), 1, "the hang was injected");
+    f.set(&[Rule::fail("*", "CKR_DEVICE_ERROR")])
+        .expect("rules");
+    let a = kms.post(&path, &encrypt_body(b"x", None, false)).await;
+    assert_error(&a, 500, "InternalException", "a failing HSM");
+    f.clear().expect("rules");
+    let addr = kms.addr;
+    poll_until("served again", Duration::from_secs(20), || {
+        let mut k = Kms {
+            addr,
+            tls: kms.tls.clone(),
+            requests: 0,
+        };
+        let path = path.clone();
+        async move {
+            let a = k.post(&path, &encrypt_body(b"x", None, false)).await;
+            (a.status == 200).then_some(())
+        }
+    })
+    .await;
+
+    drop(c);
+    let log = std::fs::read_to_string(env.audit_log()).expect("audit log");
+    let outcomes: Vec<String> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("json"))
+        .filter(|r| r["kind"] == "request" && r["op"] == "XksEncrypt")
+        .map(|r| r["outcome"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        outcomes.iter().any(|o| o == "DEADLINE_EXCEEDED"),
+        "the timeout is audited: {outcomes:?}"
+    );
+    assert!(
+        outcomes.iter().any(|o| o == "UNAVAILABLE"),
+        "the failure is audited: {outcomes:?}"
+    );
+    b.stop().await;
+}
+
+/// One broker serves gRPC, `[xks]` and `[ekm]` at once, on one token and one audit trail: a
+/// call through each door, one audit record each.
+#[tokio::test]
+async fn one_broker_serves_grpc_xks_and_ekm_at_once() {
+    crate::require_aes!();
+    let env = xks_env_with(
+        Options::default(),
+        "",
+        r#"
+[[binding]]
+identity = "ekm:contoso"
+role = "service-encryption-user"
+scope = "tenant:contoso"
+"#,
+    );
+    let ekm = crate::ekm::ekm_section(&env, "");
+    env.edit_config(|t| format!("{t}\n{ekm}"));
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    use pb::KeyOperation::*;
+    create_with_ops(&mut c, "acme/k1", &[Encrypt, Decrypt]).await;
+    create(
+        &mut c,
+        "contoso/kwp",
+        pb::KeyType::Aes256,
+        pb::Algorithm::AesKeyWrapPad,
+    )
+    .await;
+    let audit_before = std::fs::read_to_string(env.audit_log())
+        .expect("audit log")
+        .lines()
+        .count();
+
+    // gRPC.
+    let dek = random_dek(32);
+    let w = wrap(&mut c, "contoso/kwp", &dek, b"")
+        .await
+        .expect("gRPC wrap");
+    assert!(!w.wrapped_key.is_empty());
+    // XKS.
+    let mut kms = Kms {
+        addr: xks_addr(&b),
+        tls: tls_client(&env.pki.ca.cert_path, None),
+        requests: 0,
+    };
+    let mut body = encrypt_body(b"through xks", None, false);
+    body["requestMetadata"]["kmsRequestId"] = "kms-three-doors".into();
+    let a = kms.post(&format!("{KEYS}/k1/encrypt"), &body).await;
+    assert_eq!(a.status, 200, "xks: {}", a.raw);
+    // EKM.
+    let cert = crate::ekm::mhsm_cert(&env, "mhsm", crate::ekm::MHSM_CN);
+    let tls = crate::ekm::tls_client(
+        &env.pki.ca.cert_path,
+        Some((&cert.cert_path, &cert.key_path)),
+        false,
+    );
+    let ekm_body = json!({
+        "request_context": {"request_id": "ekm-three-doors", "correlation_id": "c", "pool_name": "p"},
+        "alg": "A256KWP",
+        "value": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&dek),
+    })
+    .to_string();
+    let a = https_exchange(
+        b.ekm_addr.expect("ekm listener"),
+        tls,
+        "POST",
+        "/contoso/kwp/wrapkey?api-version=0.1-preview",
+        &[
+            ("Host".into(), "localhost".into()),
+            ("Content-Type".into(), "application/json".into()),
+        ],
+        ekm_body.as_bytes(),
+    )
+    .await
+    .expect("an answer");
+    assert_eq!(a.status, 200, "ekm: {}", a.raw);
+
+    drop(c);
+    let log = std::fs::read_to_string(env.audit_log()).expect("audit log");
+    let recs: Vec<Value> = log
+        .lines()
+        .skip(audit_before)
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .filter(|r: &Value| r["kind"] == "request")
+        .collect();
+    let ops: Vec<&str> = recs.iter().filter_map(|r| r["op"].as_str()).collect();
+    for (op, n) in [("WrapKey", 1), ("XksEncrypt", 1), ("EkmWrapKey", 1)] {
+        assert_eq!(ops.iter().filter(|o| **o == op).count(), n, "{op}: {ops:?}");
+    }
+    assert!(recs.iter().any(|r| r["op"] == "XksEncrypt"
+        && r["upstream"]["request_id"] == "kms-three-doors"
+        && r["caller"] == "xks:acme"));
+    assert!(recs.iter().any(|r| r["op"] == "EkmWrapKey"
+        && r["request_id"] == "ekm-three-doors"
+        && r["caller"] == "ekm:contoso"));
+    b.stop().await;
+    let (ok, report) = env.verify_audit(&env.audit_log());
+    assert!(ok, "{report}");
 }

@@ -612,8 +612,24 @@ mod tests {
                 (403, codes::KEY_DISABLED),
             ),
             (
-                Refused::Quarantined(k).into(),
+                Refused::Quarantined(k.clone()).into(),
                 (403, codes::OPERATION_NOT_ALLOWED),
+            ),
+            (
+                Denied::NoRole("ekm:x".into()).into(),
+                (403, codes::ACCESS_DENIED),
+            ),
+            (
+                Refused::Expired {
+                    key: k.clone(),
+                    expires_ms: 1,
+                }
+                .into(),
+                (403, codes::KEY_EXPIRED),
+            ),
+            (
+                Refused::VersionExpired { key: k, version: 1 }.into(),
+                (403, codes::KEY_EXPIRED),
             ),
             (
                 NotFound::Key("t/k".into()).into(),
