@@ -194,6 +194,15 @@ struct Kms {
 }
 
 impl Kms {
+    /// A KMS on `b`'s XKS door, trusting `env`'s CA, with no client certificate.
+    fn new(b: &Broker, env: &Env) -> Kms {
+        Kms {
+            addr: xks_addr(b),
+            tls: tls_client(&env.pki.ca.cert_path, None),
+            requests: 0,
+        }
+    }
+
     /// Sends `body` to `path` signed with `(akid, secret)` at `at`.
     async fn signed_at(
         &mut self,
@@ -340,11 +349,7 @@ async fn xks_door_serves_the_spec_over_https_with_sigv4() {
         .expect("audit log")
         .lines()
         .count();
-    let mut kms = Kms {
-        addr: xks_addr(&b),
-        tls: tls_client(&env.pki.ca.cert_path, None),
-        requests: 0,
-    };
+    let mut kms = Kms::new(&b, &env);
 
     // GetKeyMetadata.
     let m = kms
@@ -889,11 +894,7 @@ async fn xks_credentials_rotate_without_a_restart() {
     const SECRET3: &str = "cm90YXRlZHNlY3JldHJvdGF0ZWRzZWNyZXRyb3RhdGVkMDE=";
     let env = xks_env("");
     let b = env.start().await;
-    let mut kms = Kms {
-        addr: xks_addr(&b),
-        tls: tls_client(&env.pki.ca.cert_path, None),
-        requests: 0,
-    };
+    let mut kms = Kms::new(&b, &env);
     let health =
         json!({"requestMetadata": {"kmsRequestId": "h-1", "kmsOperation": "KmsHealthCheck"}});
     let path = "/acme/kms/xks/v1/health";
@@ -966,11 +967,7 @@ async fn unauthenticated_refusals_are_throttled_not_audited_one_by_one() {
         )
     });
     let b = env.start().await;
-    let mut kms = Kms {
-        addr: xks_addr(&b),
-        tls: tls_client(&env.pki.ca.cert_path, None),
-        requests: 0,
-    };
+    let mut kms = Kms::new(&b, &env);
     let health =
         json!({"requestMetadata": {"kmsRequestId": "h-1", "kmsOperation": "KmsHealthCheck"}});
     let (mut refused, mut throttled) = (0, 0);
@@ -1030,11 +1027,7 @@ async fn xks_credentials_from_the_environment_sign_requests() {
         .try_start_with(&[("KEYBROKER_XKS_ACME", &credential)])
         .await
         .unwrap_or_else(|e| panic!("broker did not start: {e}"));
-    let mut kms = Kms {
-        addr: xks_addr(&b),
-        tls: tls_client(&env.pki.ca.cert_path, None),
-        requests: 0,
-    };
+    let mut kms = Kms::new(&b, &env);
     let health =
         json!({"requestMetadata": {"kmsRequestId": "h-env", "kmsOperation": "KmsHealthCheck"}});
     let path = "/acme/kms/xks/v1/health";
@@ -1072,11 +1065,7 @@ async fn xks_hsm_hang_is_dependency_timeout_and_failure_internal() {
     let mut c = b.clients_as(&env.pki.client).await;
     use pb::KeyOperation::*;
     create_with_ops(&mut c, "acme/k1", &[Encrypt, Decrypt]).await;
-    let mut kms = Kms {
-        addr: xks_addr(&b),
-        tls: tls_client(&env.pki.ca.cert_path, None),
-        requests: 0,
-    };
+    let mut kms = Kms::new(&b, &env);
     let path = format!("{KEYS}/k1/encrypt");
     let a = kms.post(&path, &encrypt_body(b"x", None, false)).await;
     assert_eq!(a.status, 200, "{}", a.raw);
@@ -1165,11 +1154,7 @@ scope = "tenant:contoso"
         .expect("gRPC wrap");
     assert!(!w.wrapped_key.is_empty());
     // XKS.
-    let mut kms = Kms {
-        addr: xks_addr(&b),
-        tls: tls_client(&env.pki.ca.cert_path, None),
-        requests: 0,
-    };
+    let mut kms = Kms::new(&b, &env);
     let mut body = encrypt_body(b"through xks", None, false);
     body["requestMetadata"]["kmsRequestId"] = "kms-three-doors".into();
     let a = kms.post(&format!("{KEYS}/k1/encrypt"), &body).await;
