@@ -702,6 +702,12 @@ async fn a_key_swapped_while_the_device_was_away_is_never_used_after_reinitialis
     env.probe(&["tamper", &hex::encode(&ke.versions[0].id), "duplicate"]);
     f.clear().expect("rules");
     until_serving(&mut c, "t/b").await;
+    // A key whose object is gone is judged by the pass over the token (until then a search
+    // that finds nothing could be a storage fault, and the key is UNAVAILABLE, not judged).
+    let (done, log) = b
+        .log_contains("KEK objects re-found after re-initialising the HSM")
+        .await;
+    assert!(done, "the pass over the token finishes: {log}");
     for (key, w, what) in [
         ("t/d", &wd, "unwrap under a KEK whose object is gone"),
         ("t/e", &we, "unwrap under a KEK whose id two objects share"),

@@ -1060,3 +1060,70 @@ async fn after_a_storage_loss_serving_does_not_wait_for_the_pass_over_every_vers
     }
     b.stop().await;
 }
+
+/// A search that finds nothing while the pass after a re-initialisation is still running is
+/// not a verdict on the key: the storage may be passing through a fault (the soak saw it on
+/// Kryoptic, a storage loss starting just after a lost device came back). The key is answered
+/// UNAVAILABLE, left for the pass to judge, and served once the pass has found its object —
+/// not FAILED_PRECONDITION for the rest of the generation. The pass is held at its first
+/// search; the request's own search, meanwhile, finds nothing.
+#[tokio::test]
+async fn a_search_finding_nothing_before_the_pass_ends_is_not_an_integrity_failure() {
+    crate::require_aes!();
+    let env = Env::with(Options {
+        faults: true,
+        ..Options::default()
+    });
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    let dek = random_dek(32);
+    let key = "t/blip";
+    create(&mut c, key, pb::KeyType::Aes256, pb::Algorithm::Unspecified).await;
+    let envelope = wrap(&mut c, key, &dek, b"")
+        .await
+        .expect("wrap")
+        .wrapped_key;
+
+    // The device goes away; the broker re-initialises in the background.
+    env.faults()
+        .set(&[Rule::fail("*", "CKR_DEVICE_REMOVED").latch()])
+        .expect("rules");
+    poll_until("UNAVAILABLE", Duration::from_secs(20), || {
+        let mut c = c.clone();
+        let envelope = envelope.clone();
+        async move {
+            (unwrap_code(&mut c, key, &envelope).await == Err(Code::Unavailable)).then_some(())
+        }
+    })
+    .await;
+    // It comes back: the pass over the token is held at its first search, and the next search
+    // (the request's lookup of its own key) finds nothing.
+    env.faults()
+        .set(&[
+            Rule::hang("C_FindObjectsInit").count(1).ms(30_000),
+            Rule::empty().count(1),
+        ])
+        .expect("rules");
+    poll_until("the pass is held", Duration::from_secs(20), || {
+        let env = &env;
+        async move { (env.faults().count("hang", Some("C_FindObjectsInit")) > 0).then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        unwrap_code(&mut c, key, &envelope).await,
+        Err(Code::Unavailable),
+        "a key whose search found nothing while the pass runs: {}",
+        b.log()
+    );
+    assert_eq!(env.faults().count("empty", Some("C_FindObjects")), 1);
+    // Release the pass: it finds the object, and the key is served.
+    env.faults().clear().expect("rules");
+    let (done, log) = b
+        .log_contains("KEK objects re-found after re-initialising the HSM")
+        .await;
+    assert!(done, "the pass finishes: {log}");
+    assert_eq!(unwrap_code(&mut c, key, &envelope).await, Ok(dek.clone()));
+    assert_enabled(&mut c, key).await;
+    let log = b.stop().await;
+    assert!(!log.contains("integrity check failed"), "{log}");
+}

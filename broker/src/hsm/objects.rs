@@ -225,7 +225,8 @@ pub(super) fn match_objects(
     };
     let want_public = usize::from(e.key_type.is_pair());
     match secrets.as_slice() {
-        [] => Err("its HSM object is missing".to_string()),
+        [] if objs.is_empty() => Err(NOTHING_FOUND.to_string()),
+        [] => Err("its HSM object is missing (only its public key was found)".to_string()),
         _ if secrets.len() > 1 || publics.len() > want_public || objs.len() != 1 + want_public => {
             Err(format!("{} HSM objects share its CKA_ID", objs.len()))
         }
@@ -240,6 +241,11 @@ pub(super) fn match_objects(
 /// Finds one version's objects with a search by its `CKA_ID` (one scan of the token: for a
 /// single version, never for all of them). The outer error is an HSM fault, the inner one an
 /// integrity problem (missing or duplicated objects).
+/// What a search for a version's objects says when it found no object at all under its id. A
+/// storage fault looks the same for every key, so while a pass over the token has not judged
+/// (after a re-initialisation) this is not yet a verdict on the key.
+pub(super) const NOTHING_FOUND: &str = "its HSM object is missing";
+
 pub(super) fn find_one(
     s: &Session,
     e: &ExpectedKek,

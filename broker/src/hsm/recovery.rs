@@ -67,7 +67,7 @@ use super::{
     AttachReport, ExpectedKek, FaultKind, HsmError, Inner, KekHandles,
     conn::{Check, Conn},
     mac::find_audit_key,
-    objects::{canary_verdict, check_template, find_keks, find_one},
+    objects::{NOTHING_FOUND, canary_verdict, check_template, find_keks, find_one},
     token::{open_and_login, open_pool, select_token},
 };
 use crate::model::VersionId;
@@ -568,6 +568,21 @@ impl Inner {
                     .entry(id)
                     .or_insert(h),
             )),
+            // Nothing at all under its id: what a storage fault looks like for every key (the soak
+            // saw it when a storage loss began while this pass ran). Not a verdict on the key:
+            // the pass over the token tells one missing key from a lost storage, and judges it;
+            // until then the caller is told to retry.
+            Err(why) if why == NOTHING_FOUND => {
+                tracing::warn!(version_id = %id,
+                    "a search by a KEK's id found nothing while the objects are being found again after a re-initialisation: not served until the pass over the token has judged it");
+                Err(HsmError::new(
+                    FaultKind::Transient,
+                    "find a KEK",
+                    format!(
+                        "version {id}'s objects were not found while the HSM's objects are being found again after a re-initialisation"
+                    ),
+                ))
+            }
             Err(why) => {
                 tracing::error!(version_id = %id, problem = %why,
                     "KEK integrity check failed after re-initialising the HSM: this version is not served");
