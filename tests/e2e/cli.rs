@@ -290,6 +290,77 @@ async fn backup_and_restore_through_the_command_line() {
     b.stop().await;
 }
 
+/// `key create` sets a key's operations and tags at once: a payload key needs no second
+/// command, and a misspelt operation is refused before anything is created.
+#[tokio::test]
+async fn key_create_sets_operations_and_tags() {
+    crate::require_aes!();
+    let env = Env::new();
+    let b = env.start().await;
+    let (ok, _, err) = cli(
+        &env,
+        &b,
+        &[
+            "key",
+            "create",
+            "acme/typo",
+            "--operations",
+            "encrypt,decrpyt",
+        ],
+    )
+    .await;
+    assert!(!ok);
+    assert!(err.contains("unknown operation \"decrpyt\""), "{err}");
+    let (ok, _, _) = cli(&env, &b, &["key", "get", "acme/typo"]).await;
+    assert!(!ok, "a refused create made no key");
+
+    let (ok, out, err) = cli(
+        &env,
+        &b,
+        &[
+            "key",
+            "create",
+            "acme/memo",
+            "--operations",
+            "encrypt,decrypt",
+            "--tag",
+            "team=notes",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(
+        j["attributes"]["operations"],
+        serde_json::json!(["encrypt", "decrypt"]),
+        "{out}"
+    );
+    assert_eq!(j["attributes"]["tags"]["team"], "notes", "{out}");
+    // It encrypts at once, and does only what it was made for.
+    let (ok, out, err) = cli(
+        &env,
+        &b,
+        &["encrypt", "acme/memo", "--plaintext", "x", "-o", "json"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let ct = serde_json::from_str::<serde_json::Value>(out.trim()).expect("json")["ciphertext"]
+        .as_str()
+        .map(str::to_string);
+    assert!(ct.is_some(), "{out}");
+    let (ok, _, err) = cli(
+        &env,
+        &b,
+        &["wrap", "acme/memo", "--plaintext-hex", &"11".repeat(32)],
+    )
+    .await;
+    assert!(!ok);
+    assert!(err.contains("does not allow wrap"), "{err}");
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn encrypt_and_decrypt_from_the_command_line_as_a_table_and_as_json() {
     crate::require_aes!();

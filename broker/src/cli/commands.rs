@@ -638,6 +638,43 @@ fn decode_b64(what: &str, s: &str) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("{what} is not valid base64: {e}"))
 }
 
+/// `--operations wrap,unwrap,...` (`key create`, `key update`).
+fn parse_operations(s: &str) -> Result<pb::KeyOperations, String> {
+    let operations = s
+        .split(',')
+        .filter(|o| !o.trim().is_empty())
+        .map(|o| match o.trim() {
+            "wrap" => Ok(pb::KeyOperation::Wrap.into()),
+            "unwrap" => Ok(pb::KeyOperation::Unwrap.into()),
+            "generate-data-key" => Ok(pb::KeyOperation::GenerateDataKey.into()),
+            "rewrap" => Ok(pb::KeyOperation::Rewrap.into()),
+            "encrypt" => Ok(pb::KeyOperation::Encrypt.into()),
+            "decrypt" => Ok(pb::KeyOperation::Decrypt.into()),
+            "sign" => Ok(pb::KeyOperation::Sign.into()),
+            "verify" => Ok(pb::KeyOperation::Verify.into()),
+            other => Err(format!(
+                "unknown operation {other:?} (wrap, unwrap, generate-data-key, rewrap, encrypt, decrypt, sign, verify)"
+            )),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(pb::KeyOperations { operations })
+}
+
+/// `--tag name=value` (repeatable; no flag: unchanged, `--tag ""`: none).
+fn parse_tags(tags: &[String]) -> Result<Option<pb::KeyTags>, String> {
+    if tags.is_empty() {
+        return Ok(None);
+    }
+    let mut m = std::collections::HashMap::new();
+    for t in tags.iter().filter(|t| !t.is_empty()) {
+        let (k, v) = t
+            .split_once('=')
+            .ok_or_else(|| format!("--tag {t:?}: use name=value"))?;
+        m.insert(k.to_string(), v.to_string());
+    }
+    Ok(Some(pb::KeyTags { tags: m }))
+}
+
 /// Runs a client subcommand.
 pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
     match cmd {
@@ -652,7 +689,17 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                     remote_key,
                     double_local,
                     double_external,
+                    operations,
+                    tags,
                 } => {
+                    let attributes = match (operations, parse_tags(&tags)?) {
+                        (None, None) => None,
+                        (ops, tags) => Some(pb::KeyAttributes {
+                            operations: ops.as_deref().map(parse_operations).transpose()?,
+                            tags,
+                            ..Default::default()
+                        }),
+                    };
                     // A double key names its members, an external key its proxy and remote
                     // key; a local key its type and algorithm.
                     let request = if let Some(local) = double_local {
@@ -662,6 +709,7 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                                 local,
                                 external: double_external.unwrap_or_default(),
                             }),
+                            attributes,
                             ..Default::default()
                         }
                     } else if let Some(proxy) = external {
@@ -671,6 +719,7 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                                 proxy,
                                 remote_key: remote_key.unwrap_or_default(),
                             }),
+                            attributes,
                             ..Default::default()
                         }
                     } else {
@@ -697,6 +746,7 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                             key: name,
                             key_type: kt.into(),
                             algorithm: alg.into(),
+                            attributes,
                             ..Default::default()
                         }
                     };
@@ -761,40 +811,8 @@ pub(super) async fn client_command(cmd: Command) -> Result<(), String> {
                     rotation_period_ms,
                     version_expiry_ms,
                 } => {
-                    let ops = match operations {
-                        None => None,
-                        Some(s) => Some(pb::KeyOperations {
-                            operations: s
-                                .split(',')
-                                .filter(|o| !o.trim().is_empty())
-                                .map(|o| match o.trim() {
-                                    "wrap" => Ok(pb::KeyOperation::Wrap.into()),
-                                    "unwrap" => Ok(pb::KeyOperation::Unwrap.into()),
-                                    "generate-data-key" => {
-                                        Ok(pb::KeyOperation::GenerateDataKey.into())
-                                    }
-                                    "rewrap" => Ok(pb::KeyOperation::Rewrap.into()),
-                                    "encrypt" => Ok(pb::KeyOperation::Encrypt.into()),
-                                    "decrypt" => Ok(pb::KeyOperation::Decrypt.into()),
-                                    "sign" => Ok(pb::KeyOperation::Sign.into()),
-                                    "verify" => Ok(pb::KeyOperation::Verify.into()),
-                                    other => Err(format!("unknown operation {other:?}")),
-                                })
-                                .collect::<Result<_, _>>()?,
-                        }),
-                    };
-                    let tags = if tags.is_empty() {
-                        None
-                    } else {
-                        let mut m = std::collections::HashMap::new();
-                        for t in tags.iter().filter(|t| !t.is_empty()) {
-                            let (k, v) = t
-                                .split_once('=')
-                                .ok_or_else(|| format!("--tag {t:?}: use name=value"))?;
-                            m.insert(k.to_string(), v.to_string());
-                        }
-                        Some(pb::KeyTags { tags: m })
-                    };
+                    let ops = operations.as_deref().map(parse_operations).transpose()?;
+                    let tags = parse_tags(&tags)?;
                     let attributes = pb::KeyAttributes {
                         enabled: if enable {
                             Some(true)

@@ -372,6 +372,14 @@ enum KeyCommand {
         /// The double key's external member, an external key ("tenant/name").
         #[arg(long, requires = "double_local")]
         double_external: Option<String>,
+        /// Allowed operations, comma-separated, as for `key update` (default: wrap, unwrap,
+        /// generate-data-key and rewrap; sign and verify for signing keys). Give
+        /// encrypt,decrypt for a key that encrypts payloads.
+        #[arg(long, conflicts_with_all = ["external", "double_local"])]
+        operations: Option<String>,
+        /// Tags: --tag team=payments --tag env=prod.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
     },
     /// Show a key.
     Get {
