@@ -1072,6 +1072,8 @@ async fn a_search_finding_nothing_before_the_pass_ends_is_not_an_integrity_failu
     crate::require_aes!();
     let env = Env::with(Options {
         faults: true,
+        // No audit checkpoint meanwhile: its search for the audit key would take the rules.
+        audit_extra: "checkpoint_interval_ms = 3600000\n".into(),
         ..Options::default()
     });
     let b = env.start().await;
@@ -1126,4 +1128,78 @@ async fn a_search_finding_nothing_before_the_pass_ends_is_not_an_integrity_failu
     assert_enabled(&mut c, key).await;
     let log = b.stop().await;
     assert!(!log.contains("integrity check failed"), "{log}");
+    // It was the request's search that found nothing, not the pass (a storage loss).
+    assert!(
+        log.contains("a search by a KEK's id found nothing"),
+        "{log}"
+    );
+    assert!(!log.contains("HSM storage lost"), "{log}");
+}
+
+/// If the pass gives up (its searches keep failing), no pass will judge the versions: a
+/// lookup by id then does, so a key whose object was destroyed while the device was away is
+/// refused as such (FAILED_PRECONDITION), not UNAVAILABLE ("retry") for the whole generation,
+/// and the other keys are served.
+#[tokio::test]
+async fn when_the_pass_gives_up_a_lookup_judges_a_missing_key_itself() {
+    crate::require_aes!();
+    let env = Env::with(Options {
+        faults: true,
+        audit_extra: "checkpoint_interval_ms = 3600000\n".into(),
+        ..Options::default()
+    });
+    let b = env.start().await;
+    let mut c = b.clients_as(&env.pki.client).await;
+    let dek = random_dek(32);
+    create(
+        &mut c,
+        "t/kept",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    let gone = create(
+        &mut c,
+        "t/gone",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    let kept = wrap(&mut c, "t/kept", &dek, b"")
+        .await
+        .expect("wrap")
+        .wrapped_key;
+    let lost = wrap(&mut c, "t/gone", &dek, b"")
+        .await
+        .expect("wrap")
+        .wrapped_key;
+
+    env.faults()
+        .set(&[Rule::fail("*", "CKR_DEVICE_REMOVED").latch()])
+        .expect("rules");
+    poll_until("UNAVAILABLE", Duration::from_secs(20), || {
+        let mut c = c.clone();
+        let kept = kept.clone();
+        async move {
+            (unwrap_code(&mut c, "t/kept", &kept).await == Err(Code::Unavailable)).then_some(())
+        }
+    })
+    .await;
+    // Meanwhile t/gone's object is destroyed; when the device returns every search fails.
+    env.probe(&["tamper", &hex::encode(&gone.versions[0].id), "destroy"]);
+    env.faults()
+        .set(&[Rule::fail("C_FindObjectsInit", "CKR_FUNCTION_FAILED")])
+        .expect("rules");
+    let (gave_up, log) = b.log_contains("re-finding the KEK objects gave up").await;
+    assert!(gave_up, "the pass gives up: {log}");
+    env.faults().clear().expect("rules");
+    assert_eq!(
+        unwrap_code(&mut c, "t/gone", &lost).await,
+        Err(Code::FailedPrecondition),
+        "the destroyed key, judged by its own lookup: {}",
+        b.log()
+    );
+    assert_eq!(unwrap_code(&mut c, "t/kept", &kept).await, Ok(dek.clone()));
+    let log = b.stop().await;
+    assert!(log.contains("its HSM object is missing"), "{log}");
 }

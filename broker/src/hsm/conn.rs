@@ -73,6 +73,10 @@ pub(super) struct Conn {
     pub(super) lookup: Mutex<()>,
     /// When the pass over the token re-finding every version started, while it runs.
     pass_started: Mutex<Option<Instant>>,
+    /// Whether the pass gave up on this generation (its session or its searches kept
+    /// failing): lookups by id then judge a version whose objects are missing themselves, as
+    /// no pass will.
+    pass_abandoned: AtomicBool,
 }
 
 impl Conn {
@@ -93,7 +97,17 @@ impl Conn {
             resolving: AtomicBool::new(false),
             lookup: Mutex::new(()),
             pass_started: Mutex::new(None),
+            pass_abandoned: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the pass re-finding every version gave up on this generation.
+    pub(super) fn pass_abandoned(&self) -> bool {
+        self.pass_abandoned.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn set_pass_abandoned(&self) {
+        self.pass_abandoned.store(true, Ordering::SeqCst);
     }
 
     /// Whether this generation's handles are still being re-found (see [`Conn::resolving`]).

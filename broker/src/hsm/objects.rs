@@ -238,14 +238,14 @@ pub(super) fn match_objects(
     }
 }
 
-/// Finds one version's objects with a search by its `CKA_ID` (one scan of the token: for a
-/// single version, never for all of them). The outer error is an HSM fault, the inner one an
-/// integrity problem (missing or duplicated objects).
 /// What a search for a version's objects says when it found no object at all under its id. A
 /// storage fault looks the same for every key, so while a pass over the token has not judged
 /// (after a re-initialisation) this is not yet a verdict on the key.
 pub(super) const NOTHING_FOUND: &str = "its HSM object is missing";
 
+/// Finds one version's objects with a search by its `CKA_ID` (one scan of the token: for a
+/// single version, never for all of them). The outer error is an HSM fault, the inner one an
+/// integrity problem (missing or duplicated objects).
 pub(super) fn find_one(
     s: &Session,
     e: &ExpectedKek,

@@ -419,6 +419,7 @@ impl Inner {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot re-find the KEK objects now; each is looked up before its first use");
+                    conn.set_pass_abandoned();
                     return false;
                 }
             };
@@ -457,6 +458,10 @@ impl Inner {
                 }
             }
         }
+        conn.set_pass_abandoned();
+        tracing::error!(
+            "re-finding the KEK objects gave up after 3 attempts: until the next re-initialisation each version is looked up, and judged, before its first use"
+        );
         false
     }
 
@@ -571,8 +576,9 @@ impl Inner {
             // Nothing at all under its id: what a storage fault looks like for every key (the soak
             // saw it when a storage loss began while this pass ran). Not a verdict on the key:
             // the pass over the token tells one missing key from a lost storage, and judges it;
-            // until then the caller is told to retry.
-            Err(why) if why == NOTHING_FOUND => {
+            // until then the caller is told to retry. A pass that gave up judges nothing, so
+            // then the lookup does.
+            Err(why) if why == NOTHING_FOUND && !conn.pass_abandoned() => {
                 tracing::warn!(version_id = %id,
                     "a search by a KEK's id found nothing while the objects are being found again after a re-initialisation: not served until the pass over the token has judged it");
                 Err(HsmError::new(
