@@ -75,7 +75,7 @@ async fn until_serving(c: &mut Clients, key: &str) {
 
 /// Removes the device (every call fails with `CKR_DEVICE_REMOVED` until the rules change) and
 /// waits until a wrap under `key` has made the broker notice.
-async fn remove_the_device(b: &Broker, f: &FaultControl, c: &mut Clients, key: &str) {
+pub(crate) async fn remove_the_device(b: &Broker, f: &FaultControl, c: &mut Clients, key: &str) {
     f.set(&[Rule::fail("*", "CKR_DEVICE_REMOVED").latch()])
         .expect("rules");
     assert_code(

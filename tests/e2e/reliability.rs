@@ -1061,6 +1061,16 @@ async fn after_a_storage_loss_serving_does_not_wait_for_the_pass_over_every_vers
     b.stop().await;
 }
 
+/// A broker on the fault module with no audit checkpoint during the test: a checkpoint's
+/// search for the audit key would take one-shot rules on `C_FindObjects*`.
+fn faults_without_checkpoints() -> Env {
+    Env::with(Options {
+        faults: true,
+        audit_extra: "checkpoint_interval_ms = 3600000\n".into(),
+        ..Options::default()
+    })
+}
+
 /// A search that finds nothing while the pass after a re-initialisation is still running is
 /// not a verdict on the key: the storage may be passing through a fault (the soak saw it on
 /// Kryoptic, a storage loss starting just after a lost device came back). The key is answered
@@ -1070,12 +1080,7 @@ async fn after_a_storage_loss_serving_does_not_wait_for_the_pass_over_every_vers
 #[tokio::test]
 async fn a_search_finding_nothing_before_the_pass_ends_is_not_an_integrity_failure() {
     crate::require_aes!();
-    let env = Env::with(Options {
-        faults: true,
-        // No audit checkpoint meanwhile: its search for the audit key would take the rules.
-        audit_extra: "checkpoint_interval_ms = 3600000\n".into(),
-        ..Options::default()
-    });
+    let env = faults_without_checkpoints();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
     let dek = random_dek(32);
@@ -1087,17 +1092,7 @@ async fn a_search_finding_nothing_before_the_pass_ends_is_not_an_integrity_failu
         .wrapped_key;
 
     // The device goes away; the broker re-initialises in the background.
-    env.faults()
-        .set(&[Rule::fail("*", "CKR_DEVICE_REMOVED").latch()])
-        .expect("rules");
-    poll_until("UNAVAILABLE", Duration::from_secs(20), || {
-        let mut c = c.clone();
-        let envelope = envelope.clone();
-        async move {
-            (unwrap_code(&mut c, key, &envelope).await == Err(Code::Unavailable)).then_some(())
-        }
-    })
-    .await;
+    crate::faults::remove_the_device(&b, env.faults(), &mut c, key).await;
     // It comes back: the pass over the token is held at its first search, and the next search
     // (the request's lookup of its own key) finds nothing.
     env.faults()
@@ -1143,11 +1138,7 @@ async fn a_search_finding_nothing_before_the_pass_ends_is_not_an_integrity_failu
 #[tokio::test]
 async fn when_the_pass_gives_up_a_lookup_judges_a_missing_key_itself() {
     crate::require_aes!();
-    let env = Env::with(Options {
-        faults: true,
-        audit_extra: "checkpoint_interval_ms = 3600000\n".into(),
-        ..Options::default()
-    });
+    let env = faults_without_checkpoints();
     let b = env.start().await;
     let mut c = b.clients_as(&env.pki.client).await;
     let dek = random_dek(32);
@@ -1174,17 +1165,7 @@ async fn when_the_pass_gives_up_a_lookup_judges_a_missing_key_itself() {
         .expect("wrap")
         .wrapped_key;
 
-    env.faults()
-        .set(&[Rule::fail("*", "CKR_DEVICE_REMOVED").latch()])
-        .expect("rules");
-    poll_until("UNAVAILABLE", Duration::from_secs(20), || {
-        let mut c = c.clone();
-        let kept = kept.clone();
-        async move {
-            (unwrap_code(&mut c, "t/kept", &kept).await == Err(Code::Unavailable)).then_some(())
-        }
-    })
-    .await;
+    crate::faults::remove_the_device(&b, env.faults(), &mut c, "t/kept").await;
     // Meanwhile t/gone's object is destroyed; when the device returns every search fails.
     env.probe(&["tamper", &hex::encode(&gone.versions[0].id), "destroy"]);
     env.faults()
