@@ -12,9 +12,10 @@
 //!
 //! Records never contain key material, DEK bytes or hashes of them.
 //!
-//! Throughput: one writer takes whatever records are waiting, writes them with one `write`, one
-//! `fdatasync`, then acknowledges them all (group commit), so the cost of durability is shared by
-//! concurrent requests. The writer has a thread of its own and writes and syncs on it: a request
+//! Throughput: one writer takes whatever records are waiting, appends them with one `write`,
+//! makes them durable with one `fdatasync` of the log's [`journal`] (a pre-written file whose
+//! sync writes no metadata), then acknowledges them all (group commit), so the cost of
+//! durability is shared by concurrent requests. The writer has a thread of its own and writes and syncs on it: a request
 //! wakes that thread directly, with no task to schedule and no blocking-pool hand-off per batch.
 
 use std::{
@@ -29,6 +30,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{hsm::Hsm, model::VersionId, store::Store};
+
+pub mod journal;
 
 /// The hash `prev` holds on the first line of a log.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -202,6 +205,8 @@ const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
 
 struct Writer {
     file: Option<std::fs::File>,
+    /// Where groups are made durable (`None`: the log is synced itself; see [`journal`]).
+    journal: Option<journal::Journal>,
     path: PathBuf,
     seq: u64,
     last_hash: String,
@@ -402,9 +407,13 @@ impl AuditLog {
         let hint = recorded.as_deref().and_then(RecordedCheckpoint::parse);
         let path = settings.path.clone();
         let h = hint.clone();
-        let tail = tokio::task::spawn_blocking(move || scan(&path, h.as_ref()))
-            .await
-            .map_err(|e| e.to_string())??;
+        // What the journal holds and the log lacks goes back into the log before it is read.
+        let (restored, tail) = tokio::task::spawn_blocking(move || {
+            let restored = journal::recover(&path)?;
+            scan(&path, h.as_ref()).map(|t| (restored, t))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
         // Created private (0600) whatever the umask; an existing log keeps the mode it has.
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let file = std::fs::OpenOptions::new()
@@ -426,8 +435,24 @@ impl AuditLog {
             file.set_len(tail.len)
                 .map_err(|e| format!("cannot drop the partial audit line: {e}"))?;
         }
+        let journal = if settings.sync {
+            let path = settings.path.clone();
+            match tokio::task::spawn_blocking(move || journal::Journal::open(&path))
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Ok(j) => Some(j),
+                Err(e) => {
+                    tracing::warn!(path = %journal::path_for(&settings.path).display(), error = %e,
+                        "no audit journal: each group of records syncs the log itself (slower)");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let mut events = Vec::new();
-        for p in &tail.problems {
+        for p in restored.iter().chain(&tail.problems) {
             tracing::warn!(problem = %p, "audit log");
             events.push(Record::event("AuditLogRecovered", None, p.clone()));
         }
@@ -454,6 +479,7 @@ impl AuditLog {
         let (tx, rx) = mpsc::channel(4096);
         let writer = Writer {
             file: Some(file),
+            journal,
             path: settings.path.clone(),
             seq: tail.seq,
             last_hash: tail.hash,
@@ -643,6 +669,7 @@ impl Writer {
             };
             let Some(first) = first else {
                 self.checkpoint().await;
+                self.close_journal();
                 return;
             };
             let mut recs = Vec::new();
@@ -684,6 +711,7 @@ impl Writer {
                 if self.since_checkpoint > 0 {
                     self.checkpoint().await;
                 }
+                self.close_journal();
                 let _ = a.send(());
                 return;
             }
@@ -719,10 +747,19 @@ impl Writer {
         // the records queued behind this batch, which wait for it anyway.
         let before = file.metadata().map(|m| m.len()).ok();
         let res = file.write_all(&buf).and_then(|()| {
-            if self.settings.sync {
-                file.sync_data()
-            } else {
-                Ok(())
+            if !self.settings.sync {
+                return Ok(());
+            }
+            match (&mut self.journal, before) {
+                (Some(j), Some(at)) => j.commit(&file, at, &buf),
+                (j, _) => {
+                    file.sync_data()?;
+                    // The journal's entries are no longer contiguous with the log's end.
+                    if let Some(j) = j {
+                        j.new_round();
+                    }
+                    Ok(())
+                }
             }
         });
         let res = match res {
@@ -747,6 +784,18 @@ impl Writer {
                 self.last_hash = hash0;
                 tracing::error!(path = %self.path.display(), error = %e, "cannot write the audit log: requests are refused until it can be written");
                 Err(format!("cannot write the audit log: {e}"))
+            }
+        }
+    }
+
+    /// At close: the log synced, the journal emptied.
+    fn close_journal(&mut self) {
+        if let (Some(j), Some(f)) = (&mut self.journal, &self.file) {
+            match j.sync_log(f) {
+                Ok(()) => j.clear(),
+                Err(e) => {
+                    tracing::error!(path = %self.path.display(), error = %e, "cannot sync the audit log at close (its last records stay in the journal)")
+                }
             }
         }
     }
@@ -780,6 +829,13 @@ impl Writer {
         };
         if self.write(vec![rec]).is_ok() {
             self.since_checkpoint = 0;
+            // The log itself is durable up to every checkpoint (what `audit verify` reads
+            // without the journal), and the journal starts a new round.
+            if let (Some(j), Some(f)) = (&mut self.journal, &self.file)
+                && let Err(e) = j.sync_log(f)
+            {
+                tracing::error!(path = %self.path.display(), error = %e, "cannot sync the audit log at a checkpoint (its records are in the journal)");
+            }
             let value = match self.last_write_at {
                 Some(at) => format!("{}:{}:{at}", self.seq, self.last_hash),
                 None => format!("{}:{}", self.seq, self.last_hash),
