@@ -435,6 +435,10 @@ impl AuditLog {
             file.set_len(tail.len)
                 .map_err(|e| format!("cannot drop the partial audit line: {e}"))?;
         }
+        if !settings.sync {
+            // `recover` above synced the log: a journal left by a run with `sync` on is spent.
+            let _ = std::fs::remove_file(journal::path_for(&settings.path));
+        }
         let journal = if settings.sync {
             let path = settings.path.clone();
             match tokio::task::spawn_blocking(move || journal::Journal::open(&path))
@@ -751,7 +755,14 @@ impl Writer {
                 return Ok(());
             }
             match (&mut self.journal, before) {
-                (Some(j), Some(at)) => j.commit(&file, at, &buf),
+                (Some(j), Some(at)) => {
+                    let r = j.commit(&file, at, &buf);
+                    if j.broken() {
+                        tracing::error!(path = %self.path.display(), "the audit journal failed: each group of records syncs the log itself from now on");
+                        self.journal = None;
+                    }
+                    r
+                }
                 (j, _) => {
                     file.sync_data()?;
                     // The journal's entries are no longer contiguous with the log's end.

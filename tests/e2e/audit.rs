@@ -611,6 +611,9 @@ async fn a_power_failure_that_takes_the_logs_tail_loses_no_answered_request() {
         .expect("log");
     f.set_len(keep as u64).expect("cut");
     drop(f);
+    // Before the restart, `audit verify` says what the journal holds that the file lacks.
+    let (_, out) = env.verify_audit(&log);
+    assert!(out.contains("puts them back at its next start"), "{out}");
     let b = env.start().await;
     b.stop().await;
     let after = lines(&log);

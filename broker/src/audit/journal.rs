@@ -78,6 +78,7 @@ fn entries(b: &[u8]) -> Vec<(u64, &[u8])> {
         let data = &b[pos + HEADER..end];
         if round.is_some_and(|x| x != r)
             || next_at.is_some_and(|x| x != at)
+            || at.checked_add(len).is_none()
             || b[pos + 32..pos + 40] != checksum(r, at, data)
         {
             break;
@@ -90,12 +91,110 @@ fn entries(b: &[u8]) -> Vec<(u64, &[u8])> {
     out
 }
 
-/// Puts back into the log at `log` the records its journal holds and the log lacks, and syncs
-/// the log. Returns what it did, for the trail, if it did anything.
+fn open_nofollow(path: &Path, write: bool) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+}
+
+/// The SHA-256 (hex) of the log's line that ends at `at` (the `prev` of the record written
+/// there), or the genesis hash at 0; `None` if no such line ends there.
+fn hash_of_line_ending_at(log: &File, at: u64) -> std::io::Result<Option<String>> {
+    if at == 0 {
+        return Ok(Some(super::GENESIS.to_string()));
+    }
+    // Records are a few hundred bytes; a line longer than this window is not one of ours.
+    let from = at.saturating_sub(1 << 20);
+    let mut buf = vec![0; (at - from) as usize];
+    log.read_exact_at(&mut buf, from)?;
+    if buf.last() != Some(&b'\n') {
+        return Ok(None);
+    }
+    let body = &buf[..buf.len() - 1];
+    match body.iter().rposition(|b| *b == b'\n') {
+        Some(i) => Ok(Some(super::sha256_hex(&body[i + 1..]))),
+        None if from == 0 => Ok(Some(super::sha256_hex(body))),
+        None => Ok(None),
+    }
+}
+
+/// The `prev` of the first record in `data`.
+fn first_prev(data: &[u8]) -> Option<String> {
+    let line = data.split(|b| *b == b'\n').next()?;
+    let v: serde_json::Value = serde_json::from_slice(line).ok()?;
+    v.get("prev")?.as_str().map(str::to_string)
+}
+
+/// Moves a journal that does not fit its log aside (kept as evidence, never applied again) and
+/// says where it went.
+fn set_aside(jpath: &Path, why: String) -> Result<Option<String>, String> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut to = jpath.as_os_str().to_owned();
+    to.push(format!(".unrestored-{secs}"));
+    let to = PathBuf::from(to);
+    std::fs::rename(jpath, &to).map_err(|e| {
+        format!(
+            "{why}; cannot move the audit journal {} aside: {e}",
+            jpath.display()
+        )
+    })?;
+    if let Some(dir) = jpath.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let _ = File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(Some(format!(
+        "{why}: nothing restored; the journal is kept as {}",
+        to.display()
+    )))
+}
+
+/// How many bytes of records the journal of the log at `log` holds beyond the log's end (what
+/// the broker's next start puts back), for `keybroker audit verify`.
+pub fn pending(log: &Path) -> u64 {
+    let Ok(bytes) = open_nofollow(&path_for(log), false).and_then(|mut f| {
+        let mut b = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut b).map(|_| b)
+    }) else {
+        return 0;
+    };
+    let len = std::fs::metadata(log).map_or(0, |m| m.len());
+    entries(&bytes)
+        .last()
+        .map_or(0, |(at, d)| (at + d.len() as u64).saturating_sub(len))
+}
+
+/// Puts back into the log at `log` the records its journal holds and the log lacks (a tail lost
+/// or torn by a power failure), then syncs the log: whatever the journal holds is then durable in
+/// the log itself, and the journal may be reused. Run at start-up, before the log is read.
+///
+/// The journal is applied only to its own log: the first record it would put back must chain
+/// from the log's line before it, and where the log already holds bytes of an entry they must be
+/// the entry's own or zeros (a torn write). A journal that does not fit (the log was cut,
+/// replaced or edited while the broker was stopped) is moved aside as evidence, the log left as
+/// it is. Returns what it did, for the trail.
 pub fn recover(log: &Path) -> Result<Option<String>, String> {
     let jpath = path_for(log);
-    let bytes = match std::fs::read(&jpath) {
-        Ok(b) => b,
+    let bytes = match open_nofollow(&jpath, false).and_then(|mut f| {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = f.metadata()?.permissions().mode();
+        let mut b = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut b).map(|_| (b, mode))
+    }) {
+        Ok((b, mode)) if mode & 0o077 != 0 && !entries(&b).is_empty() => {
+            // Whoever else could write it could have put records in it.
+            return set_aside(
+                &jpath,
+                format!(
+                    "the audit journal {} can be used by group or others (mode {:04o})",
+                    jpath.display(),
+                    mode & 0o7777
+                ),
+            );
+        }
+        Ok((b, _)) => b,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
         Err(e) => {
             return Err(format!(
@@ -105,69 +204,79 @@ pub fn recover(log: &Path) -> Result<Option<String>, String> {
         }
     };
     let entries = entries(&bytes);
-    let Some(&(first_at, _)) = entries.first() else {
+    let Some(&(first_at, first)) = entries.first() else {
         return Ok(None);
-    };
-    let file = match std::fs::OpenOptions::new().read(true).write(true).open(log) {
-        Ok(f) => Some(f),
-        Err(e) if e.kind() == ErrorKind::NotFound => None,
-        Err(e) => return Err(format!("cannot open audit log {}: {e}", log.display())),
     };
     let io = |e: std::io::Error| format!("cannot restore the audit log from its journal: {e}");
-    let mut len = match &file {
-        Some(f) => f.metadata().map_err(io)?.len(),
-        None => 0,
+    let file = match open_nofollow(log, true) {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            return set_aside(
+                &jpath,
+                format!(
+                    "the audit journal holds records but the log {} is gone",
+                    log.display()
+                ),
+            );
+        }
+        Err(e) => return Err(format!("cannot open audit log {}: {e}", log.display())),
     };
-    let last_end = entries.last().map_or(0, |(at, d)| at + d.len() as u64);
-    if last_end <= len {
-        return Ok(None);
-    }
+    let len = file.metadata().map_err(io)?.len();
     if first_at > len {
-        // The log is shorter than the journal's first record: it was cut or replaced while the
-        // broker was stopped. That is evidence, left alone (the checkpoint check reports it).
-        return Ok(Some(format!(
-            "the audit journal holds records from byte {first_at} on but the log has only {len} \
-             bytes: nothing restored"
-        )));
+        return set_aside(
+            &jpath,
+            format!(
+                "the audit journal holds records from byte {first_at} on but the log has only \
+                 {len} bytes (it was cut or replaced while the broker was stopped)"
+            ),
+        );
     }
-    let file = match file {
-        Some(f) => f,
-        None => std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .mode(0o600)
-            .open(log)
-            .map_err(io)?,
-    };
-    let mut restored = 0u64;
-    for (at, data) in entries {
-        let end = at + data.len() as u64;
-        if end <= len {
-            continue;
-        }
-        if at > len {
-            break;
-        }
-        // What the log holds of this entry must be its start; if it is anything else (a torn
-        // write), the journal's copy replaces it.
-        let have = (len - at) as usize;
+    if hash_of_line_ending_at(&file, first_at).map_err(io)? != first_prev(first) {
+        return set_aside(
+            &jpath,
+            format!(
+                "the audit journal's records at byte {first_at} do not chain from the log's \
+                 line before them (the log was replaced or edited while the broker was stopped)"
+            ),
+        );
+    }
+    // Check every entry against what the log holds before changing anything.
+    let mut plan = Vec::new();
+    for (at, data) in &entries {
+        let have = len.saturating_sub(*at).min(data.len() as u64) as usize;
         let mut cur = vec![0; have];
-        file.read_exact_at(&mut cur, at).map_err(io)?;
-        let from = if cur == data[..have] { have } else { 0 };
-        if from == 0 {
-            file.set_len(at).map_err(io)?;
+        file.read_exact_at(&mut cur, *at).map_err(io)?;
+        if cur[..] == data[..have] {
+            if have < data.len() {
+                plan.push((*at + have as u64, &data[have..]));
+            }
+        } else if cur.iter().zip(data.iter()).all(|(c, d)| c == d || *c == 0) {
+            // Zeros where the records should be: the write never reached the disk.
+            plan.push((*at, &data[..]));
+        } else {
+            return set_aside(
+                &jpath,
+                format!(
+                    "the audit log's bytes at {at} differ from its journal's (the log was \
+                     edited while the broker was stopped, or a failed write was journalled)"
+                ),
+            );
         }
-        file.write_all_at(&data[from..], at + from as u64)
-            .map_err(io)?;
-        restored += (data.len() - from) as u64;
-        len = end;
     }
+    let mut restored = 0u64;
+    for (at, data) in plan {
+        file.write_all_at(data, at).map_err(io)?;
+        restored += data.len() as u64;
+    }
+    // Even with nothing to put back: what the journal covers may still be only in the page cache
+    // (a crash, not a power failure), and the journal is about to be reused.
     file.sync_all().map_err(io)?;
-    Ok(Some(format!(
-        "{restored} bytes of acknowledged records restored to the log from its journal (they \
-         had not reached the disk through the log)"
-    )))
+    Ok((restored > 0).then(|| {
+        format!(
+            "{restored} bytes of acknowledged records restored to the log from its journal \
+             (they had not reached the disk through the log)"
+        )
+    }))
 }
 
 /// The open journal of a log (see the module docs).
@@ -176,6 +285,8 @@ pub struct Journal {
     file: File,
     pos: u64,
     round: u64,
+    /// A failed entry could not be taken back: the journal must not be used again.
+    broken: bool,
 }
 
 impl Journal {
@@ -189,8 +300,21 @@ impl Journal {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(&path)?;
         let m = file.metadata()?;
+        use std::os::unix::fs::PermissionsExt;
+        if m.permissions().mode() & 0o077 != 0 {
+            // Whoever can write it can put records into the log at the next start.
+            return Err(std::io::Error::new(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "{} can be used by group or others (mode {:04o}; keybroker creates it 0600)",
+                    path.display(),
+                    m.permissions().mode() & 0o7777
+                ),
+            ));
+        }
         // Real zeros, not `set_len` (holes) or `fallocate` (unwritten extents): writing into
         // either changes the file's block map, and its sync would write metadata again.
         use std::os::unix::fs::MetadataExt;
@@ -214,6 +338,7 @@ impl Journal {
             file,
             pos: 0,
             round: 0,
+            broken: false,
         };
         j.new_round();
         Ok(j)
@@ -226,8 +351,18 @@ impl Journal {
         self.pos = 0;
     }
 
+    /// Whether a failure left the journal unusable (see [`Journal::commit`]).
+    pub fn broken(&self) -> bool {
+        self.broken
+    }
+
     /// Makes `data`, just appended to `log` at offset `at`, durable: through the journal, or,
     /// when it does not fit in this round, by syncing the log and starting a new round.
+    ///
+    /// If the journal cannot take it, the log is synced instead. If that fails too, the group
+    /// fails (the caller cuts it back out of the log): its entry is taken back out of the
+    /// journal, and the round goes on, since its earlier entries are still the only durable copy
+    /// of their records. If the entry cannot be taken back, [`Journal::broken`] turns true.
     pub fn commit(&mut self, log: &File, at: u64, data: &[u8]) -> std::io::Result<()> {
         let need = (HEADER + data.len()) as u64;
         if self.pos + need > CAPACITY {
@@ -252,10 +387,22 @@ impl Journal {
                 Ok(())
             }
             Err(e) => {
+                tracing::error!(error = %e, "cannot write the audit journal: syncing the log instead");
+                if log.sync_data().is_ok() {
+                    // Everything journalled so far is in the log and on disk.
+                    self.new_round();
+                    return Ok(());
+                }
                 // The caller takes the records back out of the log; the entry must not bring
                 // them back at the next start.
-                let _ = self.file.write_all_at(&[0; HEADER], self.pos);
-                self.new_round();
+                if self
+                    .file
+                    .write_all_at(&[0; HEADER], self.pos)
+                    .and_then(|()| self.file.sync_data())
+                    .is_err()
+                {
+                    self.broken = true;
+                }
                 Err(e)
             }
         }
@@ -291,23 +438,58 @@ mod tests {
             .expect("log")
     }
 
-    /// Appends `groups` to the log at `path` and commits each through a fresh journal.
-    fn write_groups(path: &Path, groups: &[&[u8]]) -> Journal {
-        let mut j = Journal::open(path).expect("journal");
+    /// `n` chained records (each `prev` the SHA-256 of the line before), as the writer makes.
+    fn records(n: usize) -> Vec<Vec<u8>> {
+        let mut prev = crate::audit::GENESIS.to_string();
+        (1..=n)
+            .map(|seq| {
+                let line = format!(r#"{{"seq":{seq},"prev":"{prev}"}}"#);
+                prev = crate::audit::sha256_hex(line.as_bytes());
+                format!("{line}\n").into_bytes()
+            })
+            .collect()
+    }
+
+    /// Appends `groups` to the log at `path` and commits each through `j`.
+    fn write_groups(j: &mut Journal, path: &Path, groups: &[Vec<u8>]) {
         let mut log = log_file(path);
         for g in groups {
             let at = log.metadata().expect("len").len();
             log.write_all(g).expect("append");
             j.commit(&log, at, g).expect("commit");
         }
-        j
+    }
+
+    fn setup(groups: &[Vec<u8>]) -> (tempfile::TempDir, PathBuf, Journal) {
+        let dir = tempfile::tempdir().expect("dir");
+        let log = dir.path().join("audit.log");
+        drop(log_file(&log));
+        let mut j = Journal::open(&log).expect("journal");
+        write_groups(&mut j, &log, groups);
+        (dir, log, j)
+    }
+
+    fn cut(log: &Path, len: usize) {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(log)
+            .expect("open");
+        f.set_len(len as u64).expect("cut");
+    }
+
+    fn set_aside_files(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .expect("dir")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().contains(".unrestored-"))
+            })
+            .count()
     }
 
     #[test]
     fn the_journal_is_written_zeros_of_its_full_size() {
-        let dir = tempfile::tempdir().expect("dir");
-        let log = dir.path().join("audit.log");
-        let _j = Journal::open(&log).expect("journal");
+        let (_dir, log, _j) = setup(&[]);
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(path_for(&log)).expect("meta");
         assert_eq!(m.len(), CAPACITY);
@@ -321,24 +503,27 @@ mod tests {
 
     #[test]
     fn a_log_that_lost_its_tail_gets_it_back_byte_for_byte() {
-        let dir = tempfile::tempdir().expect("dir");
-        let log = dir.path().join("audit.log");
-        let groups: [&[u8]; 3] = [
-            b"{\"seq\":1}\n",
-            b"{\"seq\":2}\n{\"seq\":3}\n",
-            b"{\"seq\":4}\n",
+        let r = records(4);
+        let groups = [
+            r[0].clone(),
+            [r[1].clone(), r[2].clone()].concat(),
+            r[3].clone(),
         ];
-        drop(write_groups(&log, &groups));
+        let (_dir, log, j) = setup(&groups);
+        drop(j);
         let whole = std::fs::read(&log).expect("read");
+        assert_eq!(pending(&log), 0);
         // The power went before the page cache reached the disk: the log lost part of the second
-        // group and all of the third; one torn byte of garbage sits where the second went on.
-        let cut = groups[0].len() + 5;
-        let f = std::fs::OpenOptions::new()
+        // group and all of the third; zeros sit where the second went on (a torn write).
+        let keep = groups[0].len() + 5;
+        cut(&log, keep + 7);
+        std::fs::OpenOptions::new()
             .write(true)
             .open(&log)
-            .expect("open");
-        f.set_len(cut as u64).expect("cut");
-        f.write_all_at(b"\0", cut as u64 - 1).expect("tear");
+            .expect("open")
+            .write_all_at(&[0; 7], keep as u64)
+            .expect("tear");
+        assert_eq!(pending(&log) as usize, whole.len() - keep - 7);
         let said = recover(&log).expect("recover").expect("a report");
         assert!(said.contains("restored"), "{said}");
         assert_eq!(std::fs::read(&log).expect("read"), whole);
@@ -349,66 +534,111 @@ mod tests {
 
     #[test]
     fn a_damaged_entry_ends_what_is_restored_there_and_nothing_before_it_is_lost() {
-        let dir = tempfile::tempdir().expect("dir");
-        let log = dir.path().join("audit.log");
-        let groups: [&[u8]; 3] = [b"a\n", b"bb\n", b"ccc\n"];
-        drop(write_groups(&log, &groups));
+        let groups = records(3);
+        let (_dir, log, j) = setup(&groups);
+        drop(j);
         // Flip one byte of the third entry's records in the journal.
         let jp = path_for(&log);
-        let mut j = std::fs::read(&jp).expect("journal");
+        let mut bytes = std::fs::read(&jp).expect("journal");
         let third = 3 * HEADER + groups[0].len() + groups[1].len();
-        j[third] ^= 1;
-        std::fs::write(&jp, &j).expect("write");
-        std::fs::write(&log, b"").expect("lose the log");
+        bytes[third] ^= 1;
+        std::fs::write(&jp, &bytes).expect("write");
+        cut(&log, 0);
         recover(&log).expect("recover");
-        assert_eq!(std::fs::read(&log).expect("read"), b"a\nbb\n");
+        assert_eq!(
+            std::fs::read(&log).expect("read"),
+            [groups[0].clone(), groups[1].clone()].concat()
+        );
     }
 
     #[test]
     fn entries_of_an_older_round_are_not_applied_after_a_newer_one() {
-        let dir = tempfile::tempdir().expect("dir");
-        let log = dir.path().join("audit.log");
-        let mut j = write_groups(&log, &[b"old-1\n", b"old-2\n", b"old-3\n"]);
-        let l = log_file(&log);
+        let r = records(4);
+        let (_dir, log, mut j) = setup(&r[..3]);
+        let mut l = log_file(&log);
         j.sync_log(&l).expect("sync");
         // The new round's first entry lands over the old round's first; the old second and
         // third still follow it in the file, contiguous in the log with the old first.
-        let mut l = l;
         let at = l.metadata().expect("len").len();
-        l.write_all(b"new-4\n").expect("append");
-        j.commit(&l, at, b"new-4\n").expect("commit");
+        l.write_all(&r[3]).expect("append");
+        j.commit(&l, at, &r[3]).expect("commit");
         let bytes = std::fs::read(path_for(&log)).expect("journal");
-        let e = entries(&bytes);
-        assert_eq!(e, vec![(at, &b"new-4\n"[..])]);
+        assert_eq!(entries(&bytes), vec![(at, &r[3][..])]);
     }
 
     #[test]
-    fn a_log_cut_below_the_journal_is_reported_and_left_as_evidence() {
-        let dir = tempfile::tempdir().expect("dir");
-        let log = dir.path().join("audit.log");
-        let mut j = write_groups(&log, &[b"one\n"]);
-        let l = log_file(&log);
+    fn a_log_cut_below_the_journal_is_left_as_it_is_and_the_journal_kept_aside() {
+        let r = records(2);
+        let (dir, log, mut j) = setup(&r[..1]);
+        let mut l = log_file(&log);
         j.sync_log(&l).expect("sync");
-        let mut l = l;
-        l.write_all(b"two\n").expect("append");
-        j.commit(&l, 4, b"two\n").expect("commit");
-        std::fs::write(&log, b"").expect("cut");
+        let at = l.metadata().expect("len").len();
+        l.write_all(&r[1]).expect("append");
+        j.commit(&l, at, &r[1]).expect("commit");
+        cut(&log, 0);
         let said = recover(&log).expect("recover").expect("a report");
         assert!(said.contains("nothing restored"), "{said}");
         assert_eq!(std::fs::read(&log).expect("read"), b"");
+        assert_eq!(set_aside_files(dir.path()), 1);
+        assert!(!path_for(&log).exists());
+    }
+
+    #[test]
+    fn another_logs_journal_or_an_edited_log_is_not_applied() {
+        // A journal whose records do not chain from the line before them (the log was
+        // replaced by another of the same length while the broker was stopped).
+        let r = records(3);
+        let (dir, log, mut j) = setup(&r[..1]);
+        j.sync_log(&log_file(&log)).expect("sync");
+        write_groups(&mut j, &log, &r[1..]);
+        drop(j);
+        let mut replaced = b"{\"seq\":1,\"prev\":\"x\"}".to_vec();
+        replaced.resize(r[0].len() - 1, b' ');
+        replaced.push(b'\n');
+        std::fs::write(&log, &replaced).expect("replace");
+        let said = recover(&log).expect("recover").expect("a report");
+        assert!(said.contains("do not chain"), "{said}");
+        assert_eq!(std::fs::read(&log).expect("read"), replaced);
+        assert_eq!(set_aside_files(dir.path()), 1);
+        // Bytes an entry covers that are neither its own nor zeros: edited, left alone.
+        let (dir, log, j) = setup(&r);
+        drop(j);
+        let mut edited = std::fs::read(&log).expect("read");
+        let at = r[0].len() + 3;
+        edited[at] = b'Z';
+        edited.truncate(at + 4);
+        std::fs::write(&log, &edited).expect("edit");
+        let said = recover(&log).expect("recover").expect("a report");
+        assert!(said.contains("differ"), "{said}");
+        assert_eq!(std::fs::read(&log).expect("read"), edited);
+        assert_eq!(set_aside_files(dir.path()), 1);
+    }
+
+    #[test]
+    fn a_journal_others_could_write_is_not_applied() {
+        let r = records(2);
+        let (dir, log, j) = setup(&r);
+        drop(j);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path_for(&log), std::fs::Permissions::from_mode(0o666))
+            .expect("chmod");
+        cut(&log, r[0].len());
+        let said = recover(&log).expect("recover").expect("a report");
+        assert!(said.contains("group or others"), "{said}");
+        assert_eq!(std::fs::read(&log).expect("read"), r[0]);
+        assert_eq!(set_aside_files(dir.path()), 1);
     }
 
     #[test]
     fn a_cleared_or_reopened_journal_applies_nothing() {
-        let dir = tempfile::tempdir().expect("dir");
-        let log = dir.path().join("audit.log");
-        let mut j = write_groups(&log, &[b"x\n"]);
+        let r = records(2);
+        let (_dir, log, mut j) = setup(&r[..1]);
         j.clear();
-        std::fs::write(&log, b"").expect("lose");
+        cut(&log, 0);
         assert_eq!(recover(&log).expect("recover"), None);
-        drop(write_groups(&log, &[b"y\n"]));
+        write_groups(&mut j, &log, &r[..1]);
         drop(Journal::open(&log).expect("reopen"));
-        std::fs::write(&log, b"").expect("lose");
+        cut(&log, 0);
         assert_eq!(recover(&log).expect("recover"), None);
     }
 }

@@ -1730,6 +1730,15 @@ pub async fn audit_verify(file: &std::path::Path, cfg: Option<&Config>) -> Resul
         "{}",
         serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
     );
+    let pending = crate::audit::journal::pending(file);
+    if pending > 0 {
+        println!(
+            "note: the journal {} holds {pending} bytes of answered requests' records that this \
+             file lacks (a crash or power failure before they reached the disk through the log); \
+             the broker puts them back at its next start",
+            crate::audit::journal::path_for(file).display()
+        );
+    }
     if v.problems.is_empty() {
         println!(
             "audit log OK ({mode}): {} lines, {} checkpoints ({} MACs verified), {} records after the last checkpoint",
