@@ -432,7 +432,10 @@ impl AuditLog {
             );
         }
         if file.metadata().map(|m| m.len()).unwrap_or(0) > tail.len {
+            // Synced before the journal starts a round over the old one: the new round's
+            // records go where the partial line was, and must find it gone after a power failure.
             file.set_len(tail.len)
+                .and_then(|()| file.sync_all())
                 .map_err(|e| format!("cannot drop the partial audit line: {e}"))?;
         }
         if !settings.sync {
@@ -441,7 +444,10 @@ impl AuditLog {
         }
         let journal = if settings.sync {
             let path = settings.path.clone();
-            match tokio::task::spawn_blocking(move || journal::Journal::open(&path))
+            let log = file
+                .try_clone()
+                .map_err(|e| format!("cannot open audit log {}: {e}", path.display()))?;
+            match tokio::task::spawn_blocking(move || journal::Journal::open(&path, &log))
                 .await
                 .map_err(|e| e.to_string())?
             {
@@ -755,30 +761,22 @@ impl Writer {
                 return Ok(());
             }
             match (&mut self.journal, before) {
-                (Some(j), Some(at)) => {
-                    let r = j.commit(&file, at, &buf);
-                    if j.broken() {
-                        tracing::error!(path = %self.path.display(), "the audit journal failed: each group of records syncs the log itself from now on");
-                        self.journal = None;
-                    }
-                    r
-                }
-                (j, _) => {
-                    file.sync_data()?;
-                    // The journal's entries are no longer contiguous with the log's end.
-                    if let Some(j) = j {
-                        j.new_round();
-                    }
-                    Ok(())
-                }
+                (Some(j), Some(at)) => j.commit(&file, at, &buf),
+                (Some(j), None) => j.sync_log(&file),
+                (None, _) => file.sync_data(),
             }
         });
         let res = match res {
             Ok(()) => Ok(before),
             Err(e) => {
                 // Leave no partial line behind: the next record must chain from the last good one.
-                if let Some(len) = before {
-                    let _ = file.set_len(len);
+                let cut = before.map(|len| file.set_len(len));
+                if !matches!(cut, Some(Ok(()))) {
+                    // The next group would not follow the journal's last entry in the log: the
+                    // log is synced and a round starts (or the journal is failed).
+                    if let Some(j) = &mut self.journal {
+                        let _ = j.sync_log(&file);
+                    }
                 }
                 Err(e)
             }

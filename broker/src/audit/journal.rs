@@ -15,22 +15,29 @@
 //! whatever acknowledged records the journal holds and the log lacks (the log's tail was still
 //! in the page cache when the power went).
 //!
-//! An entry: `KBAUDJ1\n`, round (u64), the log offset its records start at (u64), their length
-//! (u64), the first 8 bytes of SHA-256 over those three and the records, then the records.
-//! Entries of one round are contiguous in the log; [`recover`] reads them from the start of the
-//! file and stops at the first that is not the next one (another round, a gap, a bad checksum).
+//! A sync that fails is not retried in the hope that the next one covers it (Linux reports a
+//! failed write-back once, and drops the pages): once a sync of the log or the journal fails and
+//! the journal cannot vouch for every answered record, the journal is *failed* and every later
+//! group fails (requests are refused, as when the log cannot be written) until a restart, whose
+//! [`recover`] writes the journal's records into the log again.
+//!
+//! An entry: `KBAUDJ2\n`, the log's inode number, the round, the log offset its records start
+//! at, their length (each a little-endian u64), the first 8 bytes of SHA-256 over those four and
+//! the records, then the records. Entries of one round are contiguous in the log; [`recover`]
+//! reads them from the start of the file and stops at the first that is not the next one
+//! (another round, a gap, a bad checksum).
 
 use std::{
     fs::File,
-    io::ErrorKind,
-    os::unix::fs::{FileExt, OpenOptionsExt},
+    io::{ErrorKind, Read},
+    os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
 use sha2::{Digest, Sha256};
 
-const MAGIC: &[u8; 8] = b"KBAUDJ1\n";
-const HEADER: usize = 40;
+const MAGIC: &[u8; 8] = b"KBAUDJ2\n";
+const HEADER: usize = 48;
 /// The journal's size. A checkpoint (by default every 1,000 records) starts a new round, so a
 /// round rarely fills it; when one does, the log is synced instead and a round starts.
 pub const CAPACITY: u64 = 4 << 20;
@@ -42,8 +49,9 @@ pub fn path_for(log: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-fn checksum(round: u64, at: u64, data: &[u8]) -> [u8; 8] {
+fn checksum(log_id: u64, round: u64, at: u64, data: &[u8]) -> [u8; 8] {
     let mut h = Sha256::new();
+    h.update(log_id.to_le_bytes());
     h.update(round.to_le_bytes());
     h.update(at.to_le_bytes());
     h.update((data.len() as u64).to_le_bytes());
@@ -60,14 +68,22 @@ fn u64_at(b: &[u8], i: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
-/// The entries of the journal's current round, in order: (log offset, records).
-fn entries(b: &[u8]) -> Vec<(u64, &[u8])> {
-    let mut out = Vec::new();
+/// One entry of the journal's current round.
+#[derive(Debug, PartialEq, Eq)]
+struct Entry<'a> {
+    log_id: u64,
+    at: u64,
+    data: &'a [u8],
+}
+
+/// The entries of the journal's current round, in order.
+fn entries(b: &[u8]) -> Vec<Entry<'_>> {
+    let mut out: Vec<Entry<'_>> = Vec::new();
     let mut pos = 0usize;
     let mut round = None;
-    let mut next_at = None;
     while pos + HEADER <= b.len() && &b[pos..pos + 8] == MAGIC {
-        let (r, at, len) = (u64_at(b, pos + 8), u64_at(b, pos + 16), u64_at(b, pos + 24));
+        let f = |i: usize| u64_at(b, pos + 8 + 8 * i);
+        let (log_id, r, at, len) = (f(0), f(1), f(2), f(3));
         let Some(end) = usize::try_from(len)
             .ok()
             .and_then(|l| (pos + HEADER).checked_add(l))
@@ -76,27 +92,40 @@ fn entries(b: &[u8]) -> Vec<(u64, &[u8])> {
             break;
         };
         let data = &b[pos + HEADER..end];
+        let follows = out
+            .last()
+            .is_none_or(|p| p.log_id == log_id && p.at + p.data.len() as u64 == at);
         if round.is_some_and(|x| x != r)
-            || next_at.is_some_and(|x| x != at)
+            || !follows
             || at.checked_add(len).is_none()
-            || b[pos + 32..pos + 40] != checksum(r, at, data)
+            || b[pos + 40..pos + 48] != checksum(log_id, r, at, data)
         {
             break;
         }
         round = Some(r);
-        next_at = at.checked_add(len);
-        out.push((at, data));
+        out.push(Entry { log_id, at, data });
         pos = end;
     }
     out
 }
 
-fn open_nofollow(path: &Path, write: bool) -> std::io::Result<File> {
-    std::fs::OpenOptions::new()
+/// Reads a journal: a regular file of this user's, at most [`CAPACITY`] bytes, never through a
+/// symbolic link (nor blocking on a FIFO put there). Returns its bytes and mode.
+fn read_journal(path: &Path) -> std::io::Result<(Vec<u8>, u32, u32)> {
+    let f = std::fs::OpenOptions::new()
         .read(true)
-        .write(write)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(path)
+        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
+        .open(path)?;
+    let m = f.metadata()?;
+    if !m.is_file() {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidData,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    let mut b = Vec::new();
+    f.take(CAPACITY).read_to_end(&mut b)?;
+    Ok((b, m.permissions().mode(), m.uid()))
 }
 
 /// The SHA-256 (hex) of the log's line that ends at `at` (the `prev` of the record written
@@ -154,47 +183,29 @@ fn set_aside(jpath: &Path, why: String) -> Result<Option<String>, String> {
 /// How many bytes of records the journal of the log at `log` holds beyond the log's end (what
 /// the broker's next start puts back), for `keybroker audit verify`.
 pub fn pending(log: &Path) -> u64 {
-    let Ok(bytes) = open_nofollow(&path_for(log), false).and_then(|mut f| {
-        let mut b = Vec::new();
-        std::io::Read::read_to_end(&mut f, &mut b).map(|_| b)
-    }) else {
+    let Ok((bytes, _, _)) = read_journal(&path_for(log)) else {
         return 0;
     };
     let len = std::fs::metadata(log).map_or(0, |m| m.len());
     entries(&bytes)
         .last()
-        .map_or(0, |(at, d)| (at + d.len() as u64).saturating_sub(len))
+        .map_or(0, |e| (e.at + e.data.len() as u64).saturating_sub(len))
 }
 
-/// Puts back into the log at `log` the records its journal holds and the log lacks (a tail lost
-/// or torn by a power failure), then syncs the log: whatever the journal holds is then durable in
-/// the log itself, and the journal may be reused. Run at start-up, before the log is read.
+/// Puts back into the log at `log` the records its journal holds (a tail lost or torn by a power
+/// failure, or pages whose write-back failed), then syncs the log: whatever the journal holds is
+/// then durable in the log itself, and the journal may be reused. Run at start-up, before the
+/// log is read.
 ///
-/// The journal is applied only to its own log: the first record it would put back must chain
+/// The journal is applied only to its own log: same inode, the first record it holds must chain
 /// from the log's line before it, and where the log already holds bytes of an entry they must be
-/// the entry's own or zeros (a torn write). A journal that does not fit (the log was cut,
-/// replaced or edited while the broker was stopped) is moved aside as evidence, the log left as
-/// it is. Returns what it did, for the trail.
+/// the entry's own or zeros (a torn write). A journal that does not fit (the log cut, replaced or
+/// edited while the broker was stopped; a journal another user could have written) is moved
+/// aside as evidence, the log left as it is. Returns what it did, for the trail.
 pub fn recover(log: &Path) -> Result<Option<String>, String> {
     let jpath = path_for(log);
-    let bytes = match open_nofollow(&jpath, false).and_then(|mut f| {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = f.metadata()?.permissions().mode();
-        let mut b = Vec::new();
-        std::io::Read::read_to_end(&mut f, &mut b).map(|_| (b, mode))
-    }) {
-        Ok((b, mode)) if mode & 0o077 != 0 && !entries(&b).is_empty() => {
-            // Whoever else could write it could have put records in it.
-            return set_aside(
-                &jpath,
-                format!(
-                    "the audit journal {} can be used by group or others (mode {:04o})",
-                    jpath.display(),
-                    mode & 0o7777
-                ),
-            );
-        }
-        Ok((b, _)) => b,
+    let (bytes, mode, uid) = match read_journal(&jpath) {
+        Ok(r) => r,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
         Err(e) => {
             return Err(format!(
@@ -204,11 +215,24 @@ pub fn recover(log: &Path) -> Result<Option<String>, String> {
         }
     };
     let entries = entries(&bytes);
-    let Some(&(first_at, first)) = entries.first() else {
+    let Some(first) = entries.first() else {
         return Ok(None);
     };
+    if mode & 0o077 != 0 || uid != rustix::process::geteuid().as_raw() {
+        // Whoever else could write it could have put records in it.
+        return set_aside(
+            &jpath,
+            format!(
+                "the audit journal {} is another user's or can be used by group or others \
+                 (mode {:04o}, uid {uid})",
+                jpath.display(),
+                mode & 0o7777
+            ),
+        );
+    }
     let io = |e: std::io::Error| format!("cannot restore the audit log from its journal: {e}");
-    let file = match open_nofollow(log, true) {
+    // Opened as the writer opens it (a log that is a symbolic link is followed).
+    let file = match std::fs::OpenOptions::new().read(true).write(true).open(log) {
         Ok(f) => f,
         Err(e) if e.kind() == ErrorKind::NotFound => {
             return set_aside(
@@ -221,60 +245,67 @@ pub fn recover(log: &Path) -> Result<Option<String>, String> {
         }
         Err(e) => return Err(format!("cannot open audit log {}: {e}", log.display())),
     };
-    let len = file.metadata().map_err(io)?.len();
-    if first_at > len {
+    let m = file.metadata().map_err(io)?;
+    let len = m.len();
+    if first.log_id != m.ino() {
         return set_aside(
             &jpath,
             format!(
-                "the audit journal holds records from byte {first_at} on but the log has only \
-                 {len} bytes (it was cut or replaced while the broker was stopped)"
+                "the audit journal belongs to another file than the log {} (it was replaced \
+                 while the broker was stopped)",
+                log.display()
             ),
         );
     }
-    if hash_of_line_ending_at(&file, first_at).map_err(io)? != first_prev(first) {
+    if first.at > len {
         return set_aside(
             &jpath,
             format!(
-                "the audit journal's records at byte {first_at} do not chain from the log's \
-                 line before them (the log was replaced or edited while the broker was stopped)"
+                "the audit journal holds records from byte {} on but the log has only {len} \
+                 bytes (it was cut while the broker was stopped)",
+                first.at
+            ),
+        );
+    }
+    if hash_of_line_ending_at(&file, first.at).map_err(io)? != first_prev(first.data) {
+        return set_aside(
+            &jpath,
+            format!(
+                "the audit journal's records at byte {} do not chain from the log's line before \
+                 them (the log was replaced or edited while the broker was stopped)",
+                first.at
             ),
         );
     }
     // Check every entry against what the log holds before changing anything.
-    let mut plan = Vec::new();
-    for (at, data) in &entries {
-        let have = len.saturating_sub(*at).min(data.len() as u64) as usize;
+    let mut missing = 0u64;
+    for e in &entries {
+        let have = len.saturating_sub(e.at).min(e.data.len() as u64) as usize;
         let mut cur = vec![0; have];
-        file.read_exact_at(&mut cur, *at).map_err(io)?;
-        if cur[..] == data[..have] {
-            if have < data.len() {
-                plan.push((*at + have as u64, &data[have..]));
-            }
-        } else if cur.iter().zip(data.iter()).all(|(c, d)| c == d || *c == 0) {
-            // Zeros where the records should be: the write never reached the disk.
-            plan.push((*at, &data[..]));
-        } else {
+        file.read_exact_at(&mut cur, e.at).map_err(io)?;
+        if !cur.iter().zip(e.data).all(|(c, d)| c == d || *c == 0) {
             return set_aside(
                 &jpath,
                 format!(
-                    "the audit log's bytes at {at} differ from its journal's (the log was \
-                     edited while the broker was stopped, or a failed write was journalled)"
+                    "the audit log's bytes at {} differ from its journal's (the log was edited \
+                     while the broker was stopped)",
+                    e.at
                 ),
             );
         }
+        missing += (e.data.len() - have) as u64
+            + cur.iter().zip(e.data).filter(|(c, d)| c != d).count() as u64;
     }
-    let mut restored = 0u64;
-    for (at, data) in plan {
-        file.write_all_at(data, at).map_err(io)?;
-        restored += data.len() as u64;
+    // Every entry is written again, not only what is missing: pages whose write-back failed
+    // still read back right from the page cache, and must reach the disk.
+    for e in &entries {
+        file.write_all_at(e.data, e.at).map_err(io)?;
     }
-    // Even with nothing to put back: what the journal covers may still be only in the page cache
-    // (a crash, not a power failure), and the journal is about to be reused.
     file.sync_all().map_err(io)?;
-    Ok((restored > 0).then(|| {
+    Ok((missing > 0).then(|| {
         format!(
-            "{restored} bytes of acknowledged records restored to the log from its journal \
-             (they had not reached the disk through the log)"
+            "{missing} bytes of acknowledged records restored to the log from its journal (they \
+             had not reached the disk through the log)"
         )
     }))
 }
@@ -283,33 +314,36 @@ pub fn recover(log: &Path) -> Result<Option<String>, String> {
 #[derive(Debug)]
 pub struct Journal {
     file: File,
+    log_id: u64,
     pos: u64,
     round: u64,
-    /// A failed entry could not be taken back: the journal must not be used again.
-    broken: bool,
+    /// Why the journal can no longer vouch for every answered record (a sync failed).
+    failed: Option<String>,
 }
 
 impl Journal {
-    /// Opens the journal of the log at `log`, creating it (written full of zeros and synced) if
-    /// it is not there at its full size, and starts a round. Run after [`recover`].
-    pub fn open(log: &Path) -> std::io::Result<Self> {
-        let path = path_for(log);
+    /// Opens the journal of the log at `log_path` (open as `log`), creating it (written full of
+    /// zeros and synced) if it is not there at its full size, and starts a round. Run after
+    /// [`recover`], and after the log's partial last line (if any) was cut and the log synced.
+    pub fn open(log_path: &Path, log: &File) -> std::io::Result<Self> {
+        let path = path_for(log_path);
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .custom_flags(
+                (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32,
+            )
             .open(&path)?;
         let m = file.metadata()?;
-        use std::os::unix::fs::PermissionsExt;
-        if m.permissions().mode() & 0o077 != 0 {
-            // Whoever can write it can put records into the log at the next start.
+        if !m.is_file() || m.permissions().mode() & 0o077 != 0 {
+            // Whoever else can write it can put records into the log at the next start.
             return Err(std::io::Error::new(
                 ErrorKind::PermissionDenied,
                 format!(
-                    "{} can be used by group or others (mode {:04o}; keybroker creates it 0600)",
+                    "{} is not a regular file of mode 0600 (mode {:04o}; keybroker creates it so)",
                     path.display(),
                     m.permissions().mode() & 0o7777
                 ),
@@ -317,7 +351,6 @@ impl Journal {
         }
         // Real zeros, not `set_len` (holes) or `fallocate` (unwritten extents): writing into
         // either changes the file's block map, and its sync would write metadata again.
-        use std::os::unix::fs::MetadataExt;
         if m.len() != CAPACITY || m.blocks() * 512 < CAPACITY {
             let zeros = vec![0u8; 1 << 20];
             let mut at = 0;
@@ -336,46 +369,60 @@ impl Journal {
         }
         let mut j = Self {
             file,
+            log_id: log.metadata()?.ino(),
             pos: 0,
             round: 0,
-            broken: false,
+            failed: None,
         };
         j.new_round();
         Ok(j)
     }
 
-    /// Starts a new round: the next entry goes to the start of the file, and every entry already
-    /// there is of an older round. Call when everything journalled is durable in the log.
-    pub fn new_round(&mut self) {
+    fn new_round(&mut self) {
         self.round = uuid::Uuid::new_v4().as_u64_pair().0;
         self.pos = 0;
     }
 
-    /// Whether a failure left the journal unusable (see [`Journal::commit`]).
-    pub fn broken(&self) -> bool {
-        self.broken
+    fn fail(&mut self, what: &str, e: &std::io::Error) -> std::io::Error {
+        let why = format!("{what}: {e}; audit records are refused until the broker restarts");
+        tracing::error!(error = %why, "the audit journal failed");
+        self.failed = Some(why.clone());
+        std::io::Error::other(why)
+    }
+
+    fn check(&self) -> std::io::Result<()> {
+        match &self.failed {
+            Some(why) => Err(std::io::Error::other(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Syncs the log, then starts a new round: every entry so far is durable in the log itself.
+    pub fn sync_log(&mut self, log: &File) -> std::io::Result<()> {
+        self.check()?;
+        if let Err(e) = log.sync_data() {
+            return Err(self.fail("cannot sync the audit log", &e));
+        }
+        self.new_round();
+        Ok(())
     }
 
     /// Makes `data`, just appended to `log` at offset `at`, durable: through the journal, or,
-    /// when it does not fit in this round, by syncing the log and starting a new round.
-    ///
-    /// If the journal cannot take it, the log is synced instead. If that fails too, the group
-    /// fails (the caller cuts it back out of the log): its entry is taken back out of the
-    /// journal, and the round goes on, since its earlier entries are still the only durable copy
-    /// of their records. If the entry cannot be taken back, [`Journal::broken`] turns true.
+    /// when it does not fit in this round or the journal cannot take it, by syncing the log
+    /// (then a new round starts). An error means the group is not durable: the caller cuts it
+    /// back out of the log and fails its requests.
     pub fn commit(&mut self, log: &File, at: u64, data: &[u8]) -> std::io::Result<()> {
+        self.check()?;
         let need = (HEADER + data.len()) as u64;
         if self.pos + need > CAPACITY {
-            log.sync_data()?;
-            self.new_round();
-            return Ok(());
+            return self.sync_log(log);
         }
         let mut entry = Vec::with_capacity(HEADER + data.len());
         entry.extend_from_slice(MAGIC);
-        entry.extend_from_slice(&self.round.to_le_bytes());
-        entry.extend_from_slice(&at.to_le_bytes());
-        entry.extend_from_slice(&(data.len() as u64).to_le_bytes());
-        entry.extend_from_slice(&checksum(self.round, at, data));
+        for v in [self.log_id, self.round, at, data.len() as u64] {
+            entry.extend_from_slice(&v.to_le_bytes());
+        }
+        entry.extend_from_slice(&checksum(self.log_id, self.round, at, data));
         entry.extend_from_slice(data);
         let written = self
             .file
@@ -388,40 +435,31 @@ impl Journal {
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot write the audit journal: syncing the log instead");
-                if log.sync_data().is_ok() {
-                    // Everything journalled so far is in the log and on disk.
-                    self.new_round();
-                    return Ok(());
+                // The entry may be on disk in part or whole. If the log is synced its records
+                // are the log's own and it is harmless. If not, the group fails and the entry
+                // must not bring it back at the next start (if even this fails, on a failing
+                // disk, that start may put the refused group's records in the log).
+                let synced = self.sync_log(log);
+                if synced.is_err() {
+                    let _ = self
+                        .file
+                        .write_all_at(&[0; HEADER], self.pos)
+                        .and_then(|()| self.file.sync_data());
                 }
-                // The caller takes the records back out of the log; the entry must not bring
-                // them back at the next start.
-                if self
-                    .file
-                    .write_all_at(&[0; HEADER], self.pos)
-                    .and_then(|()| self.file.sync_data())
-                    .is_err()
-                {
-                    self.broken = true;
-                }
-                Err(e)
+                synced
             }
         }
     }
 
-    /// Syncs the log and starts a new round (at a checkpoint and at close).
-    pub fn sync_log(&mut self, log: &File) -> std::io::Result<()> {
-        log.sync_data()?;
-        self.new_round();
-        Ok(())
-    }
-
-    /// Marks the journal empty (after the log was synced at close): nothing in it is applied at
-    /// the next start.
+    /// Marks the journal empty, once the log was synced at close: nothing in it is applied at
+    /// the next start. A failed journal is left as it is, for that start to apply.
     pub fn clear(&mut self) {
-        let _ = self
-            .file
-            .write_all_at(&[0; HEADER], 0)
-            .and_then(|()| self.file.sync_data());
+        if self.failed.is_none() {
+            let _ = self
+                .file
+                .write_all_at(&[0; HEADER], 0)
+                .and_then(|()| self.file.sync_data());
+        }
     }
 }
 
@@ -463,8 +501,7 @@ mod tests {
     fn setup(groups: &[Vec<u8>]) -> (tempfile::TempDir, PathBuf, Journal) {
         let dir = tempfile::tempdir().expect("dir");
         let log = dir.path().join("audit.log");
-        drop(log_file(&log));
-        let mut j = Journal::open(&log).expect("journal");
+        let mut j = Journal::open(&log, &log_file(&log)).expect("journal");
         write_groups(&mut j, &log, groups);
         (dir, log, j)
     }
@@ -563,7 +600,9 @@ mod tests {
         l.write_all(&r[3]).expect("append");
         j.commit(&l, at, &r[3]).expect("commit");
         let bytes = std::fs::read(path_for(&log)).expect("journal");
-        assert_eq!(entries(&bytes), vec![(at, &r[3][..])]);
+        let e = entries(&bytes);
+        assert_eq!(e.len(), 1);
+        assert_eq!((e[0].at, e[0].data), (at, &r[3][..]));
     }
 
     #[test]
@@ -612,6 +651,55 @@ mod tests {
         assert!(said.contains("differ"), "{said}");
         assert_eq!(std::fs::read(&log).expect("read"), edited);
         assert_eq!(set_aside_files(dir.path()), 1);
+        // The log moved away and a new file put in its place, even one that starts the same.
+        let (dir, log, j) = setup(&r);
+        drop(j);
+        std::fs::rename(&log, dir.path().join("old.log")).expect("move");
+        std::fs::write(&log, &r[0]).expect("new log");
+        let said = recover(&log).expect("recover").expect("a report");
+        assert!(said.contains("another file"), "{said}");
+        assert_eq!(std::fs::read(&log).expect("read"), r[0]);
+        assert_eq!(set_aside_files(dir.path()), 1);
+    }
+
+    #[test]
+    fn once_a_sync_fails_every_later_group_fails_and_the_journal_is_kept() {
+        let r = records(3);
+        let (_dir, log, mut j) = setup(&r[..1]);
+        // The journal cannot be written (a read-only handle) and the log cannot be synced (a
+        // pipe: fsync says EINVAL).
+        let jp = path_for(&log);
+        let good = std::mem::replace(&mut j.file, File::open(&jp).expect("read-only"));
+        let (_rx, tx) = std::io::pipe().expect("pipe");
+        let unsyncable = File::from(std::os::fd::OwnedFd::from(tx));
+        assert!(j.commit(&unsyncable, 0, &r[1]).is_err());
+        // Everything after fails too, even with both files working again: the first entry
+        // (the only durable copy of its records) must stay where the next start finds it.
+        j.file = good;
+        let l = log_file(&log);
+        let e = j.commit(&l, r[0].len() as u64, &r[1]).expect_err("failed");
+        assert!(e.to_string().contains("until the broker restarts"), "{e}");
+        assert!(j.sync_log(&l).is_err());
+        j.clear();
+        drop(j);
+        cut(&log, 0);
+        recover(&log).expect("recover");
+        assert_eq!(std::fs::read(&log).expect("read"), r[0]);
+    }
+
+    #[test]
+    fn a_journal_write_that_fails_is_covered_by_a_sync_of_the_log() {
+        let r = records(2);
+        let (_dir, log, mut j) = setup(&r[..1]);
+        let jp = path_for(&log);
+        let good = std::mem::replace(&mut j.file, File::open(&jp).expect("read-only"));
+        let mut l = log_file(&log);
+        l.write_all(&r[1]).expect("append");
+        j.commit(&l, r[0].len() as u64, &r[1])
+            .expect("the log was synced instead");
+        assert_eq!(j.pos, 0, "a new round");
+        j.file = good;
+        assert!(j.failed.is_none());
     }
 
     #[test]
@@ -637,7 +725,7 @@ mod tests {
         cut(&log, 0);
         assert_eq!(recover(&log).expect("recover"), None);
         write_groups(&mut j, &log, &r[..1]);
-        drop(Journal::open(&log).expect("reopen"));
+        drop(Journal::open(&log, &log_file(&log)).expect("reopen"));
         cut(&log, 0);
         assert_eq!(recover(&log).expect("recover"), None);
     }
