@@ -15,8 +15,9 @@
 //! Throughput: one writer takes whatever records are waiting, appends them with one `write`,
 //! makes them durable with one `fdatasync` of the log's [`journal`] (a pre-written file whose
 //! sync writes no metadata), then acknowledges them all (group commit), so the cost of
-//! durability is shared by concurrent requests. The writer has a thread of its own and writes and syncs on it: a request
-//! wakes that thread directly, with no task to schedule and no blocking-pool hand-off per batch.
+//! durability is shared by concurrent requests. The writer has a thread of its own and writes
+//! and syncs on it: a request wakes that thread directly, with no task to schedule and no
+//! blocking-pool hand-off per batch.
 
 use std::{
     io::{BufRead, Write},
@@ -438,10 +439,6 @@ impl AuditLog {
                 .and_then(|()| file.sync_all())
                 .map_err(|e| format!("cannot drop the partial audit line: {e}"))?;
         }
-        if !settings.sync {
-            // `recover` above synced the log: a journal left by a run with `sync` on is spent.
-            let _ = std::fs::remove_file(journal::path_for(&settings.path));
-        }
         let journal = if settings.sync {
             let path = settings.path.clone();
             let log = file
@@ -459,6 +456,8 @@ impl AuditLog {
                 }
             }
         } else {
+            // `recover` above synced the log: a journal left by a run with `sync` on is spent.
+            let _ = std::fs::remove_file(journal::path_for(&settings.path));
             None
         };
         let mut events = Vec::new();
