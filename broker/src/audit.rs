@@ -28,7 +28,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{hsm::Hsm, model::VersionId, store::Store};
 
@@ -195,6 +195,8 @@ enum Msg {
 pub struct AuditLog {
     tx: mpsc::Sender<Msg>,
     path: PathBuf,
+    /// Why the log cannot take records now (see [`AuditLog::failure`]).
+    fault: watch::Receiver<Option<String>>,
     /// Where records start in the file, for queries (grown as the file grows).
     index: std::sync::Arc<std::sync::Mutex<QueryIndex>>,
 }
@@ -221,6 +223,10 @@ struct Writer {
     settings: AuditSettings,
     hsm: Hsm,
     store: Arc<Store>,
+    /// Why the log cannot take records now: set by a failed write, cleared by the next write
+    /// that succeeds (a checkpoint is tried each interval meanwhile); for good once the journal
+    /// failed.
+    fault: watch::Sender<Option<String>>,
 }
 
 fn now() -> (String, i64) {
@@ -486,7 +492,9 @@ impl AuditLog {
             }
         }
         let (tx, rx) = mpsc::channel(4096);
+        let (fault, fault_rx) = watch::channel(None);
         let writer = Writer {
+            fault,
             file: Some(file),
             journal,
             path: settings.path.clone(),
@@ -509,6 +517,7 @@ impl AuditLog {
             .map_err(|e| format!("start the audit writer thread: {e}"))?;
         let log = Self {
             tx,
+            fault: fault_rx,
             path: settings.path,
             index: Default::default(),
         };
@@ -539,6 +548,21 @@ impl AuditLog {
             .map_err(|_| "the audit writer has stopped".to_string())?;
         done.await
             .map_err(|_| "the audit writer has stopped".to_string())?
+    }
+
+    /// Why the log cannot take records now (every request is refused UNAVAILABLE meanwhile), or
+    /// `None`: the last write succeeded. A write that fails sets it, the next that succeeds
+    /// clears it; a failed journal sync (or a writer that stopped) sets it until a restart.
+    pub fn failure(&self) -> Option<String> {
+        match self.fault.has_changed() {
+            Ok(_) => self.fault.borrow().clone(),
+            Err(_) => Some("the audit writer has stopped".into()),
+        }
+    }
+
+    /// Changes of [`AuditLog::failure`] (the receiver errs once the writer has stopped).
+    pub fn failures(&self) -> watch::Receiver<Option<String>> {
+        self.fault.clone()
     }
 
     /// Writes a final checkpoint and stops the writer.
@@ -671,7 +695,7 @@ impl Writer {
             let deadline = self.last_checkpoint + self.settings.checkpoint_interval;
             let first = tokio::select! {
                 m = rx.recv() => m,
-                _ = tokio::time::sleep_until(deadline.into()), if self.since_checkpoint > 0 => {
+                _ = tokio::time::sleep_until(deadline.into()), if self.since_checkpoint > 0 || self.retry_write() => {
                     self.checkpoint().await;
                     continue;
                 }
@@ -755,16 +779,20 @@ impl Writer {
         // On the writer's own thread (see `AuditLog::open`): blocking here delays only
         // the records queued behind this batch, which wait for it anyway.
         let before = file.metadata().map(|m| m.len()).ok();
-        let res = file.write_all(&buf).and_then(|()| {
-            if !self.settings.sync {
-                return Ok(());
-            }
-            match (&mut self.journal, before) {
-                (Some(j), Some(at)) => j.commit(&file, at, &buf),
-                (Some(j), None) => j.sync_log(&file),
-                (None, _) => file.sync_data(),
-            }
-        });
+        let res = crate::failpoint::io_fault("audit.write")
+            .and_then(|()| file.write_all(&buf))
+            .and_then(|()| {
+                if !self.settings.sync {
+                    return Ok(());
+                }
+                match (&mut self.journal, before) {
+                    (Some(j), Some(at)) => j.commit(&file, at, &buf),
+                    (Some(j), None) => j.sync_log(&file),
+                    (None, _) => {
+                        crate::failpoint::io_fault("audit.sync").and_then(|()| file.sync_data())
+                    }
+                }
+            });
         let res = match res {
             Ok(()) => Ok(before),
             Err(e) => {
@@ -785,15 +813,43 @@ impl Writer {
             Ok(at) => {
                 self.last_write_at = at;
                 self.since_checkpoint += n;
+                self.set_fault(None);
                 Ok(())
             }
             Err(e) => {
                 self.seq = seq0;
                 self.last_hash = hash0;
                 tracing::error!(path = %self.path.display(), error = %e, "cannot write the audit log: requests are refused until it can be written");
-                Err(format!("cannot write the audit log: {e}"))
+                let e = format!("cannot write the audit log: {e}");
+                self.set_fault(Some(e.clone()));
+                Err(e)
             }
         }
+    }
+
+    /// Publishes why the log cannot take records (`None`: it can), a failed journal's reason
+    /// taking precedence: that one holds until a restart.
+    fn set_fault(&self, why: Option<String>) {
+        let why = match self.journal.as_ref().and_then(journal::Journal::failure) {
+            Some(j) => Some(format!("the audit journal failed: {j}")),
+            None => why,
+        };
+        self.fault.send_if_modified(|f| {
+            let changed = *f != why;
+            *f = why;
+            changed
+        });
+    }
+
+    /// Whether a write failed that a later one may get past (a full volume): the writer then
+    /// tries a checkpoint each interval, so that the failure clears without a request.
+    fn retry_write(&self) -> bool {
+        self.fault.borrow().is_some()
+            && self
+                .journal
+                .as_ref()
+                .and_then(journal::Journal::failure)
+                .is_none()
     }
 
     /// At close: the log synced, the journal emptied.
@@ -843,6 +899,7 @@ impl Writer {
                 && let Err(e) = j.sync_log(f)
             {
                 tracing::error!(path = %self.path.display(), error = %e, "cannot sync the audit log at a checkpoint (its records are in the journal)");
+                self.set_fault(None);
             }
             let value = match self.last_write_at {
                 Some(at) => format!("{}:{}:{at}", self.seq, self.last_hash),

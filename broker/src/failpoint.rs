@@ -7,6 +7,11 @@
 //!
 //! Points: `create.after_pending`, `create.after_hsm`, `rotate.after_hsm`, `import.after_hsm`,
 //! `restore.after_pending`, `restore.after_hsm`, `destroy.after_intent`, `destroy.after_hsm`.
+//!
+//! I/O faults ([`io_fault`]) make a call fail instead of aborting, while the file named by
+//! `KEYBROKER_FAILPOINT_TRIGGER` exists (always, if it is not set): `audit.write` (each write
+//! of a group of audit records), `audit.sync` (every `fdatasync` of the audit log and its
+//! journal).
 
 /// The environment variable that arms failpoints.
 pub const ENV: &str = "KEYBROKER_FAILPOINTS";
@@ -56,3 +61,25 @@ pub fn hit(name: &str) {
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
 pub fn hit(_name: &str) {}
+
+/// The environment variable naming the file whose presence makes an armed I/O fault fire.
+pub const TRIGGER_ENV: &str = "KEYBROKER_FAILPOINT_TRIGGER";
+
+/// An injected I/O error if the I/O fault `name` is armed and its trigger holds (see the module
+/// docs).
+#[cfg(feature = "failpoints")]
+pub fn io_fault(name: &str) -> std::io::Result<()> {
+    let fires = points().contains(name)
+        && std::env::var_os(TRIGGER_ENV).is_none_or(|t| std::path::Path::new(&t).exists());
+    if fires {
+        return Err(std::io::Error::other(format!("failpoint {name}")));
+    }
+    Ok(())
+}
+
+/// Never fails: this build has no failpoints.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn io_fault(_name: &str) -> std::io::Result<()> {
+    Ok(())
+}

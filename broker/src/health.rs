@@ -3,8 +3,10 @@
 //! statuses — the overall status (`""`) and one per served service — plus
 //! `keybroker_hsm_up` and the metrics listener's `/healthz`.
 //!
-//! Every service of the broker needs the HSM, so they all flip together: SERVING while the
-//! last probe succeeded, NOT_SERVING from the first failed probe until the next good one.
+//! Every service of the broker needs the HSM and an audit trail that takes records, so they all
+//! flip together: SERVING while the last probe succeeded and the last audit write did,
+//! NOT_SERVING from the first failed probe or write until the next good one. A failed sync of
+//! the audit journal holds until a restart (`audit`): NOT_SERVING tells the orchestrator so.
 
 use std::{
     future::Future,
@@ -25,10 +27,12 @@ pub const SERVICES: [&str; 4] = [
     "keybroker.v1.Hyok",
 ];
 
-/// The last probe's result.
+/// The last verdict: the HSM's (the last probe) and the audit trail's.
 #[derive(Debug)]
 pub struct HsmHealth {
     up: AtomicBool,
+    hsm_up: AtomicBool,
+    audit_up: AtomicBool,
     detail: Mutex<String>,
 }
 
@@ -36,18 +40,30 @@ impl Default for HsmHealth {
     fn default() -> Self {
         Self {
             up: AtomicBool::new(false),
+            hsm_up: AtomicBool::new(false),
+            audit_up: AtomicBool::new(false),
             detail: Mutex::new("not probed yet".into()),
         }
     }
 }
 
 impl HsmHealth {
-    /// Whether the last probe succeeded.
+    /// Whether the broker serves: the last probe succeeded and the audit trail takes records.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
     }
 
-    /// Why the last probe failed (or "ok").
+    /// Whether the last HSM probe succeeded.
+    pub fn hsm_is_up(&self) -> bool {
+        self.hsm_up.load(Ordering::Relaxed)
+    }
+
+    /// Whether the audit trail takes records.
+    pub fn audit_is_up(&self) -> bool {
+        self.audit_up.load(Ordering::Relaxed)
+    }
+
+    /// Why the broker does not serve (or "ok").
     pub fn detail(&self) -> String {
         self.detail
             .lock()
@@ -56,9 +72,18 @@ impl HsmHealth {
     }
 }
 
-/// Publishes one probe result: health statuses and `state` (which `keybroker_hsm_up` and
-/// `/healthz` read). Logs changes.
-pub async fn publish(reporter: &HealthReporter, state: &HsmHealth, result: Result<(), String>) {
+/// Publishes one verdict, the HSM's (`hsm`) and the audit trail's (`audit`): health statuses
+/// and `state` (which `keybroker_hsm_up`, `keybroker_audit_up` and `/healthz` read). Logs
+/// changes.
+pub async fn publish(
+    reporter: &HealthReporter,
+    state: &HsmHealth,
+    hsm: Result<(), String>,
+    audit: Result<(), String>,
+) {
+    state.hsm_up.store(hsm.is_ok(), Ordering::Relaxed);
+    state.audit_up.store(audit.is_ok(), Ordering::Relaxed);
+    let result = hsm.and(audit);
     let up = result.is_ok();
     let status = if up {
         ServingStatus::Serving
@@ -76,25 +101,28 @@ pub async fn publish(reporter: &HealthReporter, state: &HsmHealth, result: Resul
     };
     *state.detail.lock().unwrap_or_else(|p| p.into_inner()) = detail;
     match (&result, was_up) {
-        (Ok(()), false) => tracing::info!("HSM health probe: SERVING"),
-        (Err(e), true) => tracing::error!(error = %e, "HSM health probe failed: NOT_SERVING"),
-        (Err(e), false) => tracing::warn!(error = %e, "HSM health probe still failing"),
+        (Ok(()), false) => tracing::info!("health: SERVING"),
+        (Err(e), true) => tracing::error!(error = %e, "health: NOT_SERVING"),
+        (Err(e), false) => tracing::warn!(error = %e, "health: still NOT_SERVING"),
         (Ok(()), true) => {}
     }
 }
 
-/// Runs `probe` (bounded by `timeout`) every `interval`, publishing each result, until
-/// `shutdown` changes. (The first probe, before the listeners open, is the caller's.)
-pub async fn run<P, Fut>(
+/// Runs `probe` (bounded by `timeout`) every `interval`, publishing each result with the audit
+/// trail's verdict (`audit`), until `shutdown` changes. (The first probe, before the listeners
+/// open, is the caller's.)
+pub async fn run<P, Fut, A>(
     reporter: HealthReporter,
     state: Arc<HsmHealth>,
     interval: Duration,
     timeout: Duration,
     probe: P,
+    audit: A,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) where
     P: Fn() -> Fut,
     Fut: Future<Output = Result<(), String>>,
+    A: Fn() -> Result<(), String>,
 {
     loop {
         tokio::select! {
@@ -102,7 +130,16 @@ pub async fn run<P, Fut>(
             _ = shutdown.changed() => return,
         }
         let result = probe_once(&probe, timeout).await;
-        publish(&reporter, &state, result).await;
+        publish(&reporter, &state, result, audit()).await;
+    }
+}
+
+/// The audit trail's part of the verdict: `Err` while it cannot take records (every request
+/// would be refused UNAVAILABLE), saying why.
+pub fn audit_verdict(audit: &crate::audit::AuditLog) -> Result<(), String> {
+    match audit.failure() {
+        Some(why) => Err(format!("the audit trail cannot take records: {why}")),
+        None => Ok(()),
     }
 }
 
@@ -146,20 +183,20 @@ mod tests {
         let serving = health_check_response::ServingStatus::Serving as i32;
         let not_serving = health_check_response::ServingStatus::NotServing as i32;
 
-        publish(&reporter, &state, Ok(())).await;
+        publish(&reporter, &state, Ok(()), Ok(())).await;
         for s in ["", SERVICES[0], SERVICES[1], SERVICES[2], SERVICES[3]] {
             assert_eq!(status(&svc, s).await, serving, "{s:?}");
         }
-        assert!(state.is_up());
+        assert!(state.is_up() && state.hsm_is_up() && state.audit_is_up());
 
         let failing =
             || async { Err::<(), String>("C_GenerateRandom returned DeviceError".into()) };
         let r = probe_once(&failing, Duration::from_secs(5)).await;
-        publish(&reporter, &state, r).await;
+        publish(&reporter, &state, r, Ok(())).await;
         for s in ["", SERVICES[0], SERVICES[1], SERVICES[2], SERVICES[3]] {
             assert_eq!(status(&svc, s).await, not_serving, "{s:?}");
         }
-        assert!(!state.is_up());
+        assert!(!state.is_up() && !state.hsm_is_up() && state.audit_is_up());
         assert!(state.detail().contains("DeviceError"));
 
         let hanging = || std::future::pending::<Result<(), String>>();
@@ -169,7 +206,18 @@ mod tests {
             "{r:?}"
         );
 
-        publish(&reporter, &state, Ok(())).await;
+        publish(&reporter, &state, Ok(()), Ok(())).await;
         assert_eq!(status(&svc, SERVICES[0]).await, serving);
+
+        // An audit trail that takes no records: the HSM is up, the broker does not serve.
+        let audit = Err("the audit trail cannot take records: disk full".to_string());
+        publish(&reporter, &state, Ok(()), audit).await;
+        for s in ["", SERVICES[0], SERVICES[1], SERVICES[2], SERVICES[3]] {
+            assert_eq!(status(&svc, s).await, not_serving, "{s:?}");
+        }
+        assert!(!state.is_up() && state.hsm_is_up() && !state.audit_is_up());
+        assert!(state.detail().contains("disk full"), "{}", state.detail());
+        publish(&reporter, &state, Ok(()), Ok(())).await;
+        assert_eq!(status(&svc, "").await, serving);
     }
 }

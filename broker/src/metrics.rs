@@ -15,6 +15,7 @@
 //! | `keybroker_hsm_sessions_in_use` | gauge | | sessions checked out now |
 //! | `keybroker_hsm_session_waiters` | gauge | | calls waiting for a session now |
 //! | `keybroker_hsm_up` | gauge | | 1 if the last health probe (a real HSM call) succeeded |
+//! | `keybroker_audit_up` | gauge | | 1 if the audit trail takes records (0 after a failed write, until one succeeds; after a failed journal sync, until a restart) |
 //! | `keybroker_keys` | gauge | | keys known |
 //! | `keybroker_key_versions` | gauge | | key versions known |
 //!
@@ -111,6 +112,7 @@ pub struct Metrics {
     sessions_in_use: Gauge,
     session_waiters: Gauge,
     hsm_up: Gauge,
+    audit_up: Gauge,
     keys: Gauge,
     versions: Gauge,
 }
@@ -266,6 +268,11 @@ impl Metrics {
             "keybroker_hsm_up",
             "1 if the last HSM health probe (C_GenerateRandom through the pool) succeeded",
         );
+        let audit_up = gauge(
+            &mut registry,
+            "keybroker_audit_up",
+            "1 if the audit trail takes records (requests are refused UNAVAILABLE while it does not)",
+        );
         let keys = gauge(&mut registry, "keybroker_keys", "Keys known to the broker");
         let versions = gauge(
             &mut registry,
@@ -286,6 +293,7 @@ impl Metrics {
             sessions_in_use,
             session_waiters,
             hsm_up,
+            audit_up,
             keys,
             versions,
         }
@@ -325,7 +333,8 @@ impl Metrics {
     /// The OpenMetrics text, with the gauges read now from the keyring, the HSM pool and the
     /// last health probe.
     pub fn render(&self, keyring: &Keyring, health: &HsmHealth) -> Result<String, std::fmt::Error> {
-        self.hsm_up.set(i64::from(health.is_up()));
+        self.hsm_up.set(i64::from(health.hsm_is_up()));
+        self.audit_up.set(i64::from(health.audit_is_up()));
         let (keys, versions) = keyring.counts();
         self.keys.set(i64::try_from(keys).unwrap_or(i64::MAX));
         self.versions
@@ -420,7 +429,7 @@ async fn healthz(State(s): State<MetricsState>) -> impl IntoResponse {
     if s.health.is_up() {
         (StatusCode::OK, "ok\n".to_string())
     } else {
-        let mut body = String::from("hsm unavailable: ");
+        let mut body = String::from("unavailable: ");
         let _ = writeln!(body, "{}", s.health.detail());
         (StatusCode::SERVICE_UNAVAILABLE, body)
     }

@@ -379,6 +379,8 @@ pub async fn run(
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let hsm_health = Arc::new(HsmHealth::default());
     let probe_timeout = Duration::from_millis(cfg.health.probe_timeout_ms);
+    // Serving needs the HSM and an audit trail that takes records (a failed audit sync holds
+    // until a restart: NOT_SERVING tells the orchestrator so).
     let probe = {
         let hsm = keyring.hsm().clone();
         move || {
@@ -386,23 +388,34 @@ pub async fn run(
             async move { hsm.ping().await.map_err(|e| e.to_string()) }
         }
     };
+    let audit_verdict = {
+        let audit = audit.clone();
+        move || health::audit_verdict(&audit)
+    };
     let first = health::probe_once(&probe, probe_timeout).await;
-    health::publish(&reporter, &hsm_health, first).await;
-    // The HSM layer's own verdict, at once: NOT_SERVING from the moment it confirms a lost
-    // device (requests get UNAVAILABLE), SERVING the moment re-initialisation succeeds —
-    // without waiting for the next probe.
+    health::publish(&reporter, &hsm_health, first, audit_verdict()).await;
+    // The HSM layer's and the audit writer's own verdicts, at once: NOT_SERVING from the
+    // moment the HSM layer confirms a lost device or an audit write fails (requests get
+    // UNAVAILABLE), SERVING the moment re-initialisation or a write succeeds — without waiting
+    // for the next probe.
     side_tasks.push(tokio::spawn({
-        let (reporter, state) = (reporter.clone(), hsm_health.clone());
-        let (mut changes, mut stop) = (keyring.hsm().health(), stop_rx.clone());
+        let (reporter, state, audit_verdict) =
+            (reporter.clone(), hsm_health.clone(), audit_verdict.clone());
+        let (mut changes, mut audit_changes, mut stop) =
+            (keyring.hsm().health(), audit.failures(), stop_rx.clone());
         async move {
             loop {
                 tokio::select! {
                     c = changes.changed() => if c.is_err() { return Ok(()) },
+                    // A stopped writer is a failure too (`audit_verdict` says so); the loop
+                    // then waits for the HSM's changes alone.
+                    _ = audit_changes.changed(), if audit_changes.has_changed().is_ok() => {}
                     _ = stop.wait_for(|s| *s) => return Ok(()),
                 }
                 let h = changes.borrow_and_update().clone();
-                let result = if h.serving { Ok(()) } else { Err(h.detail) };
-                health::publish(&reporter, &state, result).await;
+                audit_changes.mark_unchanged();
+                let hsm = if h.serving { Ok(()) } else { Err(h.detail) };
+                health::publish(&reporter, &state, hsm, audit_verdict()).await;
             }
         }
     }));
@@ -410,7 +423,16 @@ pub async fn run(
         let (state, rx) = (hsm_health.clone(), stop_rx.clone());
         let interval = Duration::from_millis(cfg.health.probe_interval_ms);
         async move {
-            health::run(reporter, state, interval, probe_timeout, probe, rx).await;
+            health::run(
+                reporter,
+                state,
+                interval,
+                probe_timeout,
+                probe,
+                audit_verdict,
+                rx,
+            )
+            .await;
             Ok(())
         }
     }));

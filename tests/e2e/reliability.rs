@@ -1184,3 +1184,152 @@ async fn when_the_pass_gives_up_a_lookup_judges_a_missing_key_itself() {
     let log = b.stop().await;
     assert!(log.contains("its HSM object is missing"), "{log}");
 }
+
+/// A broker whose audit I/O fault `point` fires while `<dir>/audit-fault` exists; a key `t/k`.
+async fn broker_with_audit_fault(point: &str) -> (Env, Broker, std::path::PathBuf) {
+    let env = Env::with(Options {
+        sections: METRICS.into(),
+        audit_extra: "checkpoint_interval_ms = 200\n".into(),
+        ..Options::default()
+    });
+    let trigger = env.dir.path().join("audit-fault");
+    let b = env
+        .try_start_with(&[
+            ("KEYBROKER_FAILPOINTS", point),
+            (
+                "KEYBROKER_FAILPOINT_TRIGGER",
+                trigger.to_str().expect("utf-8"),
+            ),
+        ])
+        .await
+        .expect("start");
+    let mut c = b.clients_as(&env.pki.client).await;
+    create(
+        &mut c,
+        "t/k",
+        pb::KeyType::Aes256,
+        pb::Algorithm::Unspecified,
+    )
+    .await;
+    assert_eq!(health(&b, &env).await, Some(ServingStatus::Serving as i32));
+    let (_, m) = b.http_get("/metrics").await;
+    assert_eq!(series(&m, "keybroker_audit_up"), Some(1.0), "{m}");
+    (env, b, trigger)
+}
+
+/// The audit trail fails under `b` (the trigger appears): requests are refused UNAVAILABLE,
+/// health says NOT_SERVING at once, naming the audit trail, with the HSM still up. Returns the
+/// wraps answered before.
+async fn audit_trail_fails(env: &Env, b: &Broker, trigger: &std::path::Path) -> usize {
+    let mut c = b.clients_as(&env.pki.client).await;
+    let answered = 5;
+    for i in 0..answered {
+        wrap(&mut c, "t/k", &[i as u8; 32], b"")
+            .await
+            .expect("wrap");
+    }
+    std::fs::write(trigger, b"").expect("trigger");
+    let e = wrap(&mut c, "t/k", &[9; 32], b"")
+        .await
+        .expect_err("a wrap the trail cannot record");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("audit"), "{}", e.message());
+    poll_until("health NOT_SERVING", Duration::from_secs(10), || async {
+        (health(b, env).await == Some(ServingStatus::NotServing as i32)).then_some(())
+    })
+    .await;
+    let (code, body) = b.http_get("/healthz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("audit trail"), "{body}");
+    let (_, m) = b.http_get("/metrics").await;
+    assert_eq!(series(&m, "keybroker_audit_up"), Some(0.0), "{m}");
+    assert_eq!(
+        series(&m, "keybroker_hsm_up"),
+        Some(1.0),
+        "the HSM is fine: {m}"
+    );
+    answered
+}
+
+/// How many wraps the audit log records as answered.
+fn answered_wraps(env: &Env) -> usize {
+    std::fs::read_to_string(env.audit_log())
+        .expect("audit log")
+        .lines()
+        .filter(|l| l.contains("\"op\":\"WrapKey\"") && l.contains("\"outcome\":\"OK\""))
+        .count()
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs the failpoints feature (tests/run enables it)"
+)]
+async fn a_failed_audit_sync_shows_in_health_until_a_restart() {
+    crate::require_aes!();
+    let (env, b, trigger) = broker_with_audit_fault("audit.sync").await;
+    let answered = audit_trail_fails(&env, &b, &trigger).await;
+    // The disk is fine again, but a failed sync may have lost pages the kernel then reports
+    // clean: the journal keeps what it vouches for, and the broker stays NOT_SERVING (and
+    // refuses requests) until a restart applies it. Checkpoints come and go meanwhile.
+    std::fs::remove_file(&trigger).expect("untrigger");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        health(&b, &env).await,
+        Some(ServingStatus::NotServing as i32),
+        "a failed journal holds until a restart"
+    );
+    let mut c = b.clients_as(&env.pki.client).await;
+    let e = wrap(&mut c, "t/k", &[7; 32], b"")
+        .await
+        .expect_err("refused until a restart");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    drop(c);
+    b.stop().await;
+    let b = env.start().await;
+    assert_eq!(health(&b, &env).await, Some(ServingStatus::Serving as i32));
+    let mut c = b.clients_as(&env.pki.client).await;
+    wrap(&mut c, "t/k", &[8; 32], b"")
+        .await
+        .expect("served after the restart");
+    drop(c);
+    b.stop().await;
+    assert_eq!(
+        answered_wraps(&env),
+        answered + 1,
+        "every answered wrap is in the trail, and no refused one"
+    );
+    let (ok, out) = env.verify_audit(&env.audit_log());
+    assert!(ok, "{out}");
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs the failpoints feature (tests/run enables it)"
+)]
+async fn an_audit_log_that_cannot_be_written_is_not_serving_until_it_can_again() {
+    crate::require_aes!();
+    let (env, b, trigger) = broker_with_audit_fault("audit.write").await;
+    let answered = audit_trail_fails(&env, &b, &trigger).await;
+    // Room again (an operator freed the volume): the writer's own checkpoint attempts find it
+    // without any request — a load balancer that took the broker out sends none.
+    std::fs::remove_file(&trigger).expect("untrigger");
+    poll_until("health SERVING again", Duration::from_secs(10), || async {
+        (health(&b, &env).await == Some(ServingStatus::Serving as i32)).then_some(())
+    })
+    .await;
+    let (code, body) = b.http_get("/healthz").await;
+    assert_eq!(code, 200, "{body}");
+    let (_, m) = b.http_get("/metrics").await;
+    assert_eq!(series(&m, "keybroker_audit_up"), Some(1.0), "{m}");
+    let mut c = b.clients_as(&env.pki.client).await;
+    wrap(&mut c, "t/k", &[8; 32], b"")
+        .await
+        .expect("served again");
+    drop(c);
+    b.stop().await;
+    assert_eq!(answered_wraps(&env), answered + 1);
+    let (ok, out) = env.verify_audit(&env.audit_log());
+    assert!(ok, "{out}");
+}

@@ -423,7 +423,8 @@ impl Pipeline {
         }
     }
 
-    /// Whether the HSM answers now (one real call, within `timeout`) and, if `key` is given,
+    /// Whether the broker serves now — the HSM answers (one real call, within `timeout`) and the
+    /// audit trail takes records — and, if `key` is given,
     /// the number and id of its version that wraps now (or why it cannot wrap). A health poll:
     /// no key is used, nothing is audited; counted in the metrics.
     pub async fn health(
@@ -441,7 +442,9 @@ impl Pipeline {
             async move { hsm.ping().await.map_err(|e| e.to_string()) }
         };
         let up = match synced {
-            Ok(()) => crate::health::probe_once(&probe, timeout).await,
+            Ok(()) => crate::health::probe_once(&probe, timeout)
+                .await
+                .and_then(|()| crate::health::audit_verdict(&sh.audit)),
             Err(e) => Err(e.to_string()),
         };
         let key_id = match key {

@@ -397,10 +397,15 @@ impl Journal {
         }
     }
 
+    /// Why the journal can no longer vouch for every answered record, once a sync failed.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
     /// Syncs the log, then starts a new round: every entry so far is durable in the log itself.
     pub fn sync_log(&mut self, log: &File) -> std::io::Result<()> {
         self.check()?;
-        if let Err(e) = log.sync_data() {
+        if let Err(e) = crate::failpoint::io_fault("audit.sync").and_then(|()| log.sync_data()) {
             return Err(self.fail("cannot sync the audit log", &e));
         }
         self.new_round();
@@ -427,6 +432,7 @@ impl Journal {
         let written = self
             .file
             .write_all_at(&entry, self.pos)
+            .and_then(|()| crate::failpoint::io_fault("audit.sync"))
             .and_then(|()| self.file.sync_data());
         match written {
             Ok(()) => {

@@ -431,7 +431,8 @@ async fn handle(State(door): State<XksDoor>, req: Request) -> Response {
     door.handle(req).await
 }
 
-/// `GET /healthz`: 200 while the HSM answers, 503 otherwise (for load balancers).
+/// `GET /healthz`: 200 while the HSM answers and the audit trail takes records, 503 otherwise
+/// (for load balancers).
 async fn lb_health(State(door): State<XksDoor>) -> Response {
     let (up, _) = door
         .inner
@@ -440,7 +441,11 @@ async fn lb_health(State(door): State<XksDoor>) -> Response {
         .await;
     match up {
         Ok(()) => (StatusCode::OK, "ok\n").into_response(),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the HSM does not answer\n").into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not serving: the HSM does not answer or the audit trail takes no records\n",
+        )
+            .into_response(),
     }
 }
 
