@@ -224,9 +224,12 @@ struct Writer {
     hsm: Hsm,
     store: Arc<Store>,
     /// Why the log cannot take records now: set by a failed write, cleared by the next write
-    /// that succeeds (a checkpoint is tried each interval meanwhile); for good once the journal
+    /// that succeeds (a checkpoint is tried each interval meanwhile); for good once a sync
     /// failed.
     fault: watch::Sender<Option<String>>,
+    /// Why every group is refused until a restart: a sync of the log failed (without a
+    /// journal; the journal keeps its own).
+    sync_failed: Option<String>,
 }
 
 fn now() -> (String, i64) {
@@ -495,6 +498,7 @@ impl AuditLog {
         let (fault, fault_rx) = watch::channel(None);
         let writer = Writer {
             fault,
+            sync_failed: None,
             file: Some(file),
             journal,
             path: settings.path.clone(),
@@ -753,6 +757,9 @@ impl Writer {
 
     /// Chains, writes and syncs a batch. On failure nothing of the batch stays in the file.
     fn write(&mut self, recs: Vec<Record>) -> Result<(), String> {
+        if let Some(why) = &self.sync_failed {
+            return Err(why.clone());
+        }
         let (seq0, hash0) = (self.seq, self.last_hash.clone());
         let mut buf = Vec::with_capacity(recs.len() * 256);
         let n = recs.len() as u64;
@@ -765,8 +772,14 @@ impl Writer {
                 r.time_ms = ms;
             }
             r.prev = std::mem::take(&mut self.last_hash);
-            let line =
-                serde_json::to_vec(&r).map_err(|e| format!("serialise audit record: {e}"))?;
+            let line = match serde_json::to_vec(&r) {
+                Ok(l) => l,
+                Err(e) => {
+                    self.seq = seq0;
+                    self.last_hash = hash0;
+                    return Err(format!("serialise audit record: {e}"));
+                }
+            };
             self.last_hash = sha256_hex(&line);
             buf.extend_from_slice(&line);
             buf.push(b'\n');
@@ -788,9 +801,16 @@ impl Writer {
                 match (&mut self.journal, before) {
                     (Some(j), Some(at)) => j.commit(&file, at, &buf),
                     (Some(j), None) => j.sync_log(&file),
-                    (None, _) => {
-                        crate::failpoint::io_fault("audit.sync").and_then(|()| file.sync_data())
-                    }
+                    (None, _) => crate::failpoint::io_fault("audit.sync")
+                        .and_then(|()| file.sync_data())
+                        .inspect_err(|e| {
+                            // As with the journal: a later sync that succeeds would not vouch
+                            // for pages whose write-back failed. Refused until a restart.
+                            self.sync_failed = Some(format!(
+                                "cannot sync the audit log: {e}; audit records are refused \
+                                 until the broker restarts"
+                            ));
+                        }),
                 }
             });
         let res = match res {
@@ -830,10 +850,7 @@ impl Writer {
     /// Publishes why the log cannot take records (`None`: it can), a failed journal's reason
     /// taking precedence: that one holds until a restart.
     fn set_fault(&self, why: Option<String>) {
-        let why = match self.journal.as_ref().and_then(journal::Journal::failure) {
-            Some(j) => Some(format!("the audit journal failed: {j}")),
-            None => why,
-        };
+        let why = self.lasting_failure().or(why);
         self.fault.send_if_modified(|f| {
             let changed = *f != why;
             *f = why;
@@ -844,12 +861,15 @@ impl Writer {
     /// Whether a write failed that a later one may get past (a full volume): the writer then
     /// tries a checkpoint each interval, so that the failure clears without a request.
     fn retry_write(&self) -> bool {
-        self.fault.borrow().is_some()
-            && self
-                .journal
-                .as_ref()
-                .and_then(journal::Journal::failure)
-                .is_none()
+        self.fault.borrow().is_some() && self.lasting_failure().is_none()
+    }
+
+    /// A failed sync, of the journal or (without one) of the log: it holds until a restart.
+    fn lasting_failure(&self) -> Option<String> {
+        match self.journal.as_ref().and_then(journal::Journal::failure) {
+            Some(j) => Some(format!("the audit journal failed: {j}")),
+            None => self.sync_failed.clone(),
+        }
     }
 
     /// At close: the log synced, the journal emptied.

@@ -8,10 +8,10 @@
 //! Points: `create.after_pending`, `create.after_hsm`, `rotate.after_hsm`, `import.after_hsm`,
 //! `restore.after_pending`, `restore.after_hsm`, `destroy.after_intent`, `destroy.after_hsm`.
 //!
-//! I/O faults ([`io_fault`]) make a call fail instead of aborting, while the file named by
-//! `KEYBROKER_FAILPOINT_TRIGGER` exists (always, if it is not set): `audit.write` (each write
-//! of a group of audit records), `audit.sync` (every `fdatasync` of the audit log and its
-//! journal).
+//! I/O faults ([`io_fault`]) make a call fail instead of aborting, while a file of the point's
+//! name exists in the directory `KEYBROKER_FAILPOINT_TRIGGERS` names (always, if it is not set):
+//! `audit.write` (each write of a group of audit records), `audit.sync` (every `fdatasync` of
+//! the audit log and its journal), `audit.journal` (opening the journal at start-up).
 
 /// The environment variable that arms failpoints.
 pub const ENV: &str = "KEYBROKER_FAILPOINTS";
@@ -62,15 +62,17 @@ pub fn hit(name: &str) {
 #[inline(always)]
 pub fn hit(_name: &str) {}
 
-/// The environment variable naming the file whose presence makes an armed I/O fault fire.
-pub const TRIGGER_ENV: &str = "KEYBROKER_FAILPOINT_TRIGGER";
+/// The environment variable naming the directory where a file of an armed I/O fault's name
+/// makes it fire.
+pub const TRIGGER_ENV: &str = "KEYBROKER_FAILPOINT_TRIGGERS";
 
 /// An injected I/O error if the I/O fault `name` is armed and its trigger holds (see the module
 /// docs).
 #[cfg(feature = "failpoints")]
 pub fn io_fault(name: &str) -> std::io::Result<()> {
     let fires = points().contains(name)
-        && std::env::var_os(TRIGGER_ENV).is_none_or(|t| std::path::Path::new(&t).exists());
+        && std::env::var_os(TRIGGER_ENV)
+            .is_none_or(|dir| std::path::Path::new(&dir).join(name).exists());
     if fires {
         return Err(std::io::Error::other(format!("failpoint {name}")));
     }

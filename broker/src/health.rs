@@ -34,6 +34,12 @@ pub struct HsmHealth {
     hsm_up: AtomicBool,
     audit_up: AtomicBool,
     detail: Mutex<String>,
+    /// The HSM's last verdict (the probe's or the HSM layer's, whichever came last), for a
+    /// verdict published because the audit trail's changed.
+    hsm_last: Mutex<Result<(), String>>,
+    /// One publication at a time: each reads the audit trail's verdict inside it, so the last
+    /// one published is never older than another.
+    publishing: tokio::sync::Mutex<()>,
 }
 
 impl Default for HsmHealth {
@@ -43,6 +49,8 @@ impl Default for HsmHealth {
             hsm_up: AtomicBool::new(false),
             audit_up: AtomicBool::new(false),
             detail: Mutex::new("not probed yet".into()),
+            hsm_last: Mutex::new(Err("not probed yet".into())),
+            publishing: tokio::sync::Mutex::new(()),
         }
     }
 }
@@ -72,15 +80,24 @@ impl HsmHealth {
     }
 }
 
-/// Publishes one verdict, the HSM's (`hsm`) and the audit trail's (`audit`): health statuses
-/// and `state` (which `keybroker_hsm_up`, `keybroker_audit_up` and `/healthz` read). Logs
-/// changes.
+/// Publishes one verdict, the HSM's (`hsm`; `None`: its last one) and the audit trail's (read
+/// from `audit` now): health statuses and `state` (which `keybroker_hsm_up`,
+/// `keybroker_audit_up` and `/healthz` read). Logs changes.
 pub async fn publish(
     reporter: &HealthReporter,
     state: &HsmHealth,
-    hsm: Result<(), String>,
-    audit: Result<(), String>,
+    hsm: Option<Result<(), String>>,
+    audit: &(dyn Fn() -> Result<(), String> + Sync),
 ) {
+    let _one = state.publishing.lock().await;
+    let hsm = {
+        let mut last = state.hsm_last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = hsm {
+            *last = h;
+        }
+        last.clone()
+    };
+    let audit = audit();
     state.hsm_up.store(hsm.is_ok(), Ordering::Relaxed);
     state.audit_up.store(audit.is_ok(), Ordering::Relaxed);
     let result = hsm.and(audit);
@@ -122,7 +139,7 @@ pub async fn run<P, Fut, A>(
 ) where
     P: Fn() -> Fut,
     Fut: Future<Output = Result<(), String>>,
-    A: Fn() -> Result<(), String>,
+    A: Fn() -> Result<(), String> + Sync,
 {
     loop {
         tokio::select! {
@@ -130,7 +147,7 @@ pub async fn run<P, Fut, A>(
             _ = shutdown.changed() => return,
         }
         let result = probe_once(&probe, timeout).await;
-        publish(&reporter, &state, result, audit()).await;
+        publish(&reporter, &state, Some(result), &audit).await;
     }
 }
 
@@ -183,7 +200,8 @@ mod tests {
         let serving = health_check_response::ServingStatus::Serving as i32;
         let not_serving = health_check_response::ServingStatus::NotServing as i32;
 
-        publish(&reporter, &state, Ok(()), Ok(())).await;
+        let audit_ok = || Ok(());
+        publish(&reporter, &state, Some(Ok(())), &audit_ok).await;
         for s in ["", SERVICES[0], SERVICES[1], SERVICES[2], SERVICES[3]] {
             assert_eq!(status(&svc, s).await, serving, "{s:?}");
         }
@@ -192,7 +210,7 @@ mod tests {
         let failing =
             || async { Err::<(), String>("C_GenerateRandom returned DeviceError".into()) };
         let r = probe_once(&failing, Duration::from_secs(5)).await;
-        publish(&reporter, &state, r, Ok(())).await;
+        publish(&reporter, &state, Some(r), &audit_ok).await;
         for s in ["", SERVICES[0], SERVICES[1], SERVICES[2], SERVICES[3]] {
             assert_eq!(status(&svc, s).await, not_serving, "{s:?}");
         }
@@ -206,18 +224,24 @@ mod tests {
             "{r:?}"
         );
 
-        publish(&reporter, &state, Ok(()), Ok(())).await;
+        publish(&reporter, &state, Some(Ok(())), &audit_ok).await;
         assert_eq!(status(&svc, SERVICES[0]).await, serving);
 
         // An audit trail that takes no records: the HSM is up, the broker does not serve.
-        let audit = Err("the audit trail cannot take records: disk full".to_string());
-        publish(&reporter, &state, Ok(()), audit).await;
+        let full = || Err("the audit trail cannot take records: disk full".to_string());
+        publish(&reporter, &state, None, &full).await;
         for s in ["", SERVICES[0], SERVICES[1], SERVICES[2], SERVICES[3]] {
             assert_eq!(status(&svc, s).await, not_serving, "{s:?}");
         }
         assert!(!state.is_up() && state.hsm_is_up() && !state.audit_is_up());
         assert!(state.detail().contains("disk full"), "{}", state.detail());
-        publish(&reporter, &state, Ok(()), Ok(())).await;
+        // The HSM fails, then the audit trail comes back: the HSM's last verdict stands.
+        publish(&reporter, &state, Some(Err("hung".into())), &full).await;
+        publish(&reporter, &state, None, &audit_ok).await;
+        assert_eq!(status(&svc, "").await, not_serving);
+        assert!(!state.hsm_is_up() && state.audit_is_up());
+        assert!(state.detail().contains("hung"), "{}", state.detail());
+        publish(&reporter, &state, Some(Ok(())), &audit_ok).await;
         assert_eq!(status(&svc, "").await, serving);
     }
 }

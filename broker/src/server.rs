@@ -393,7 +393,7 @@ pub async fn run(
         move || health::audit_verdict(&audit)
     };
     let first = health::probe_once(&probe, probe_timeout).await;
-    health::publish(&reporter, &hsm_health, first, audit_verdict()).await;
+    health::publish(&reporter, &hsm_health, Some(first), &audit_verdict).await;
     // The HSM layer's and the audit writer's own verdicts, at once: NOT_SERVING from the
     // moment the HSM layer confirms a lost device or an audit write fails (requests get
     // UNAVAILABLE), SERVING the moment re-initialisation or a write succeeds — without waiting
@@ -405,17 +405,22 @@ pub async fn run(
             (keyring.hsm().health(), audit.failures(), stop_rx.clone());
         async move {
             loop {
-                tokio::select! {
-                    c = changes.changed() => if c.is_err() { return Ok(()) },
+                // The HSM layer's new verdict, or `None`: the audit trail's changed (the HSM's
+                // last verdict, the probe's or the layer's, stands).
+                let hsm = tokio::select! {
+                    c = changes.changed() => {
+                        if c.is_err() {
+                            return Ok(());
+                        }
+                        let h = changes.borrow_and_update().clone();
+                        Some(if h.serving { Ok(()) } else { Err(h.detail) })
+                    }
                     // A stopped writer is a failure too (`audit_verdict` says so); the loop
                     // then waits for the HSM's changes alone.
-                    _ = audit_changes.changed(), if audit_changes.has_changed().is_ok() => {}
+                    _ = audit_changes.changed(), if audit_changes.has_changed().is_ok() => None,
                     _ = stop.wait_for(|s| *s) => return Ok(()),
-                }
-                let h = changes.borrow_and_update().clone();
-                audit_changes.mark_unchanged();
-                let hsm = if h.serving { Ok(()) } else { Err(h.detail) };
-                health::publish(&reporter, &state, hsm, audit_verdict()).await;
+                };
+                health::publish(&reporter, &state, hsm, &audit_verdict).await;
             }
         }
     }));

@@ -1185,24 +1185,38 @@ async fn when_the_pass_gives_up_a_lookup_judges_a_missing_key_itself() {
     assert!(log.contains("its HSM object is missing"), "{log}");
 }
 
-/// A broker whose audit I/O fault `point` fires while `<dir>/audit-fault` exists; a key `t/k`.
-async fn broker_with_audit_fault(point: &str) -> (Env, Broker, std::path::PathBuf) {
+/// A broker whose audit I/O fault `point` fires while `<dir>/faults/<point>` exists (the path
+/// returned); a key `t/k`. Without `journal`, the journal cannot be opened at start-up: each
+/// group syncs the log itself.
+async fn broker_with_audit_fault(point: &str, journal: bool) -> (Env, Broker, std::path::PathBuf) {
     let env = Env::with(Options {
         sections: METRICS.into(),
         audit_extra: "checkpoint_interval_ms = 200\n".into(),
         ..Options::default()
     });
-    let trigger = env.dir.path().join("audit-fault");
+    let triggers = env.dir.path().join("faults");
+    std::fs::create_dir(&triggers).expect("mkdir");
+    let mut points = point.to_string();
+    if !journal {
+        std::fs::write(triggers.join("audit.journal"), b"").expect("trigger");
+        points.push_str(",audit.journal");
+    }
     let b = env
         .try_start_with(&[
-            ("KEYBROKER_FAILPOINTS", point),
+            ("KEYBROKER_FAILPOINTS", &points),
             (
-                "KEYBROKER_FAILPOINT_TRIGGER",
-                trigger.to_str().expect("utf-8"),
+                "KEYBROKER_FAILPOINT_TRIGGERS",
+                triggers.to_str().expect("utf-8"),
             ),
         ])
         .await
         .expect("start");
+    assert_eq!(
+        b.log().contains("no audit journal"),
+        !journal,
+        "{}",
+        b.log()
+    );
     let mut c = b.clients_as(&env.pki.client).await;
     create(
         &mut c,
@@ -1214,7 +1228,7 @@ async fn broker_with_audit_fault(point: &str) -> (Env, Broker, std::path::PathBu
     assert_eq!(health(&b, &env).await, Some(ServingStatus::Serving as i32));
     let (_, m) = b.http_get("/metrics").await;
     assert_eq!(series(&m, "keybroker_audit_up"), Some(1.0), "{m}");
-    (env, b, trigger)
+    (env, b, triggers.join(point))
 }
 
 /// The audit trail fails under `b` (the trigger appears): requests are refused UNAVAILABLE,
@@ -1228,6 +1242,18 @@ async fn audit_trail_fails(env: &Env, b: &Broker, trigger: &std::path::Path) -> 
             .await
             .expect("wrap");
     }
+    // A checkpoint after them: no record waits for one when the trail fails, so only the
+    // writer's own retries (not the checkpoint timer) can find a log that works again.
+    poll_until(
+        "a checkpoint after the wraps",
+        Duration::from_secs(10),
+        || async {
+            let log = std::fs::read_to_string(env.audit_log()).expect("audit log");
+            let last = log.lines().last().unwrap_or_default().to_string();
+            last.contains("\"kind\":\"checkpoint\"").then_some(())
+        },
+    )
+    .await;
     std::fs::write(trigger, b"").expect("trigger");
     let e = wrap(&mut c, "t/k", &[9; 32], b"")
         .await
@@ -1267,7 +1293,21 @@ fn answered_wraps(env: &Env) -> usize {
 )]
 async fn a_failed_audit_sync_shows_in_health_until_a_restart() {
     crate::require_aes!();
-    let (env, b, trigger) = broker_with_audit_fault("audit.sync").await;
+    failed_sync_holds_until_a_restart(true).await;
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs the failpoints feature (tests/run enables it)"
+)]
+async fn without_a_journal_a_failed_sync_of_the_log_also_holds_until_a_restart() {
+    crate::require_aes!();
+    failed_sync_holds_until_a_restart(false).await;
+}
+
+async fn failed_sync_holds_until_a_restart(journal: bool) {
+    let (env, b, trigger) = broker_with_audit_fault("audit.sync", journal).await;
     let answered = audit_trail_fails(&env, &b, &trigger).await;
     // The disk is fine again, but a failed sync may have lost pages the kernel then reports
     // clean: the journal keeps what it vouches for, and the broker stays NOT_SERVING (and
@@ -1277,7 +1317,7 @@ async fn a_failed_audit_sync_shows_in_health_until_a_restart() {
     assert_eq!(
         health(&b, &env).await,
         Some(ServingStatus::NotServing as i32),
-        "a failed journal holds until a restart"
+        "a failed sync holds until a restart"
     );
     let mut c = b.clients_as(&env.pki.client).await;
     let e = wrap(&mut c, "t/k", &[7; 32], b"")
@@ -1310,7 +1350,7 @@ async fn a_failed_audit_sync_shows_in_health_until_a_restart() {
 )]
 async fn an_audit_log_that_cannot_be_written_is_not_serving_until_it_can_again() {
     crate::require_aes!();
-    let (env, b, trigger) = broker_with_audit_fault("audit.write").await;
+    let (env, b, trigger) = broker_with_audit_fault("audit.write", true).await;
     let answered = audit_trail_fails(&env, &b, &trigger).await;
     // Room again (an operator freed the volume): the writer's own checkpoint attempts find it
     // without any request — a load balancer that took the broker out sends none.

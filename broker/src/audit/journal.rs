@@ -326,6 +326,7 @@ impl Journal {
     /// zeros and synced) if it is not there at its full size, and starts a round. Run after
     /// [`recover`], and after the log's partial last line (if any) was cut and the log synced.
     pub fn open(log_path: &Path, log: &File) -> std::io::Result<Self> {
+        crate::failpoint::io_fault("audit.journal")?;
         let path = path_for(log_path);
         let file = std::fs::OpenOptions::new()
             .read(true)
