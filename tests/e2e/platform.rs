@@ -675,3 +675,53 @@ async fn rewrap_all_to(
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// With `aes-kwp` as the platform's algorithm (keys that wrap keys only), a first use that is
+/// an `Encrypt` is refused as the key would refuse it, and makes no key; a first wrap then
+/// makes it.
+#[tokio::test]
+async fn a_first_encrypt_the_platform_algorithm_cannot_serve_makes_no_key() {
+    crate::require_aes!();
+    let env = Env::with(Options {
+        policy: Some(
+            platform_policy(86_400_000)
+                .replace("[platform]\n", "[platform]\nalgorithm = \"aes-kwp\"\n"),
+        ),
+        ..Default::default()
+    });
+    let platform = env
+        .pki
+        .ca
+        .issue_spiffe_client("platform", PLATFORM)
+        .expect("cert");
+    let b = env.start().await;
+    let mut p = b.clients_as(&platform).await;
+    let e = p
+        .broker
+        .encrypt(pb::EncryptRequest {
+            key: "acme/default".into(),
+            plaintext: b"row 17".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("aes-kwp keys encrypt no payloads");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("does not allow encrypt"),
+        "{}",
+        e.message()
+    );
+    let missing = get(&mut p, "acme/default")
+        .await
+        .expect_err("no key was made");
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+    let audit = std::fs::read_to_string(env.audit_log()).expect("audit log");
+    assert!(!audit.contains("CreatePlatformKey"), "{audit}");
+    // The first wrap makes it, an aes-kwp key.
+    let g = generate(&mut p, "acme/default", b"")
+        .await
+        .expect("the first wrap makes the key");
+    assert_eq!(g.key_version, 1);
+    let k = get(&mut p, "acme/default").await.expect("made");
+    assert_eq!(k.algorithm, i32::from(pb::Algorithm::AesKeyWrapPad), "{k:?}");
+}

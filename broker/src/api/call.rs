@@ -12,11 +12,11 @@ use std::{
 
 use crate::{
     audit::{self, AuditLog, Record},
-    error::{BrokerError, Exists, Invalid, Unavailable},
+    error::{BrokerError, Exists, Invalid, Refused, Unavailable},
     hsm::RequestScope,
     hyok::HyokSwitch,
     keys::Keyring,
-    model::{KeyAttributes, KeyName, KeyType},
+    model::{KeyAttributes, KeyName, KeyOp, KeyType},
     policy::{Authorizer, Grant, PLATFORM_TAG, Permission, PlatformKey, Reason, Upstream},
 };
 
@@ -354,6 +354,13 @@ impl Call {
             };
             let key = g.key().clone();
             if self.keys.get(&key).is_ok() || !seen.insert(key.clone()) {
+                continue;
+            }
+            // A first use the key to be made would refuse (an `Encrypt` under a key-wrap-only
+            // algorithm) makes nothing: refused as that key would refuse it.
+            if g.permission() == Permission::Encrypt && !pk.operations().contains(&KeyOp::Encrypt) {
+                let op = KeyOp::Encrypt;
+                failed.insert(key.clone(), Refused::NotAllowed { key, op }.into());
                 continue;
             }
             if let Err(e) = self.create_platform_key(pk).await {
