@@ -699,7 +699,11 @@ impl Writer {
             let deadline = self.last_checkpoint + self.settings.checkpoint_interval;
             let first = tokio::select! {
                 m = rx.recv() => m,
-                _ = tokio::time::sleep_until(deadline.into()), if self.since_checkpoint > 0 || self.retry_write() => {
+                // After a failed sync nothing can be written until a restart: no checkpoint
+                // (nor its HSM call) either.
+                _ = tokio::time::sleep_until(deadline.into()),
+                    if (self.since_checkpoint > 0 || self.retry_write())
+                        && self.lasting_failure().is_none() => {
                     self.checkpoint().await;
                     continue;
                 }

@@ -676,9 +676,9 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// With `aes-kwp` as the platform's algorithm (keys that wrap keys only), a first use that is
-/// an `Encrypt` is refused as the key would refuse it, and makes no key; a first wrap then
-/// makes it.
+/// With `aes-kwp` as the platform's algorithm (keys that wrap keys only), a first use the key
+/// would refuse — an `Encrypt`, a wrap with AAD, a DEK of a bad length — is refused as the key
+/// would refuse it (and audited), and makes no key; a first wrap the key serves then makes it.
 #[tokio::test]
 async fn a_first_encrypt_the_platform_algorithm_cannot_serve_makes_no_key() {
     crate::require_aes!();
@@ -711,17 +711,45 @@ async fn a_first_encrypt_the_platform_algorithm_cannot_serve_makes_no_key() {
         "{}",
         e.message()
     );
+    let e = wrap(&mut p, "acme/default", &[1; 32], b"context")
+        .await
+        .expect_err("aes-kwp takes no AAD");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let e = wrap(&mut p, "acme/default", &[1; 7], b"")
+        .await
+        .expect_err("a 7-byte DEK");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let e = p
+        .broker
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key: "acme/default".into(),
+            aad: b"context".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("aes-kwp takes no AAD");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     let missing = get(&mut p, "acme/default")
         .await
         .expect_err("no key was made");
     assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
     let audit = std::fs::read_to_string(env.audit_log()).expect("audit log");
     assert!(!audit.contains("CreatePlatformKey"), "{audit}");
+    let refused = audit
+        .lines()
+        .filter(|l| l.contains("\"caller\":\"spiffe://keybroker.test/platform\""))
+        .filter(|l| !l.contains("\"outcome\":\"OK\"") && !l.contains("\"op\":\"GetKey\""))
+        .count();
+    assert_eq!(refused, 4, "each refusal is audited: {audit}");
     // The first wrap makes it, an aes-kwp key.
     let g = generate(&mut p, "acme/default", b"")
         .await
         .expect("the first wrap makes the key");
     assert_eq!(g.key_version, 1);
     let k = get(&mut p, "acme/default").await.expect("made");
-    assert_eq!(k.algorithm, i32::from(pb::Algorithm::AesKeyWrapPad), "{k:?}");
+    assert_eq!(
+        k.algorithm,
+        i32::from(pb::Algorithm::AesKeyWrapPad),
+        "{k:?}"
+    );
 }

@@ -12,11 +12,11 @@ use std::{
 
 use crate::{
     audit::{self, AuditLog, Record},
-    error::{BrokerError, Exists, Invalid, Refused, Unavailable},
+    error::{BrokerError, Exists, Invalid, Unavailable},
     hsm::RequestScope,
     hyok::HyokSwitch,
     keys::Keyring,
-    model::{KeyAttributes, KeyName, KeyOp, KeyType},
+    model::{KeyAttributes, KeyName, KeyType},
     policy::{Authorizer, Grant, PLATFORM_TAG, Permission, PlatformKey, Reason, Upstream},
 };
 
@@ -356,19 +356,19 @@ impl Call {
             if self.keys.get(&key).is_ok() || !seen.insert(key.clone()) {
                 continue;
             }
-            // A first use the key to be made would refuse (an `Encrypt` under a key-wrap-only
-            // algorithm) makes nothing: refused as that key would refuse it.
-            if g.permission() == Permission::Encrypt && !pk.operations().contains(&KeyOp::Encrypt) {
-                let op = KeyOp::Encrypt;
-                failed.insert(key.clone(), Refused::NotAllowed { key, op }.into());
-                continue;
-            }
             if let Err(e) = self.create_platform_key(pk).await {
                 tracing::error!(key = %key, error = %e, "platform-managed key not created");
                 failed.insert(key, e);
             }
         }
         failed
+    }
+
+    /// The platform-managed key a first use under `grant` would make ([`Call::platform_keys`]),
+    /// if the caller may make it and it does not exist yet.
+    pub(in crate::api) fn platform_key_to_make(&self, grant: &Grant) -> Option<PlatformKey> {
+        let pk = self.authority.platform_key(grant)?;
+        self.keys.get(grant.key()).is_err().then_some(pk)
     }
 
     async fn create_platform_key(&self, pk: PlatformKey) -> Result<(), BrokerError> {

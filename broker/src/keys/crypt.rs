@@ -1195,13 +1195,18 @@ pub(super) fn gcm_version<'a>(
 }
 
 pub(crate) fn check_aad(entry: &KeyEntry, aad: &[u8]) -> Result<(), BrokerError> {
+    check_aad_for(&entry.name, entry.algorithm, aad)
+}
+
+/// [`check_aad`] for key `name` of `algorithm` (one that may not exist yet).
+pub fn check_aad_for(name: &KeyName, algorithm: Algorithm, aad: &[u8]) -> Result<(), BrokerError> {
     if aad.len() > MAX_AAD_LEN {
         return Err(Invalid::AadTooLong.into());
     }
-    if !aad.is_empty() && !entry.algorithm.supports_aad() {
+    if !aad.is_empty() && !algorithm.supports_aad() {
         return Err(Invalid::AadUnsupported {
-            key: entry.name.clone(),
-            algorithm: entry.algorithm,
+            key: name.clone(),
+            algorithm,
         }
         .into());
     }

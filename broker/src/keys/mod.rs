@@ -44,7 +44,7 @@ pub use self::{
     backup::{Made, claimed_name},
     crypt::{
         Ciphertext, GenerateItem, MAX_BATCH, Resolved, RewrapItem, Rewrapped, UnwrapInput,
-        UnwrapItem, WrapItem,
+        UnwrapItem, WrapItem, check_aad_for,
     },
     lifecycle::{AttributePatch, IMPORT_KEY_TTL_MS, ImportKeyInfo, Times},
     load::{LoadError, LoadReport},

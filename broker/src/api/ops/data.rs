@@ -14,10 +14,10 @@ use crate::{
     error::{BrokerError, Invalid},
     keys::{
         Ciphertext, GenerateItem, PublicKeyInfo, RewrapItem, Rewrapped, UnwrapInput, UnwrapItem,
-        Unwrapped, WrapItem, Wrapped, public_key_formats,
+        Unwrapped, WrapItem, Wrapped, check_aad_for, public_key_formats,
     },
-    model::{Dek, KeyName},
-    policy::Permission,
+    model::{DEFAULT_DEK_LEN, Dek, KeyName, check_dek_len},
+    policy::{Permission, PlatformKey},
 };
 
 /// A DEK to wrap under the newest version of `key`.
@@ -111,6 +111,18 @@ pub struct GetPublicKey {
     pub version: u32,
 }
 
+/// Whether the platform key `pk`, once made, would wrap `w` (the keyring's input checks).
+fn wrap_serves(w: &WrapItem, pk: &PlatformKey) -> Result<(), BrokerError> {
+    check_dek_len(w.dek.len())?;
+    check_aad_for(w.grant.key(), pk.algorithm, &w.aad)
+}
+
+/// Whether the platform key `pk`, once made, would generate `g` (the keyring's input checks).
+fn generate_serves(g: &GenerateItem, pk: &PlatformKey) -> Result<(), BrokerError> {
+    check_dek_len(if g.len == 0 { DEFAULT_DEK_LEN } else { g.len })?;
+    check_aad_for(g.grant.key(), pk.algorithm, &g.aad)
+}
+
 pub(crate) async fn wrap(
     call: &mut Call,
     items: Items,
@@ -127,7 +139,7 @@ pub(crate) async fn wrap(
         })
     });
     let (indices, ready) =
-        platform_keys_first(call, &mut slots, indices, ready, |w| &w.grant).await;
+        platform_keys_first(call, &mut slots, indices, ready, |w| &w.grant, wrap_serves).await;
     slots.fill(indices, call.keys().wrap(ready).await);
     let results = slots.finish();
     audit_items(call, items, names, &results, |w| w.version);
@@ -149,8 +161,15 @@ pub(crate) async fn generate(
             aad: item.aad,
         })
     });
-    let (indices, ready) =
-        platform_keys_first(call, &mut slots, indices, ready, |g| &g.grant).await;
+    let (indices, ready) = platform_keys_first(
+        call,
+        &mut slots,
+        indices,
+        ready,
+        |g| &g.grant,
+        generate_serves,
+    )
+    .await;
     slots.fill(indices, call.keys().generate(ready).await);
     let results = slots.finish();
     audit_items(call, items, names, &results, |g| g.1.version);

@@ -180,23 +180,59 @@ impl<T> Slots<T> {
 /// The platform's first use of a tenant's default key creates it ([`Call::platform_keys`]):
 /// before the keyring wraps or encrypts the granted items, each platform-managed key they name
 /// that does not exist yet is made; the items of one that could not be made fail with why.
+///
+/// A key is made only for a first use it would serve (`serves`: the keyring's checks of the
+/// input against the key to be made — lengths, AAD, the operation): a refused request changes
+/// nothing. An item the key would refuse fails with that refusal; if another item makes the
+/// key, the keyring refuses it as it would anyway.
 pub(super) async fn platform_keys_first<T, R>(
     call: &Call,
     slots: &mut Slots<T>,
     indices: Vec<usize>,
     ready: Vec<R>,
     grant: impl Fn(&R) -> &crate::policy::Grant,
+    serves: impl Fn(&R, &crate::policy::PlatformKey) -> Result<(), BrokerError>,
 ) -> (Vec<usize>, Vec<R>) {
-    let failed = call.platform_keys(ready.iter().map(&grant)).await;
-    if failed.is_empty() {
+    let mut wanted = std::collections::HashSet::new();
+    let mut refused = std::collections::HashMap::new();
+    for (at, r) in ready.iter().enumerate() {
+        if let Some(pk) = call.platform_key_to_make(grant(r)) {
+            match serves(r, &pk) {
+                Ok(()) => {
+                    wanted.insert(grant(r).key().clone());
+                }
+                Err(e) => {
+                    refused.insert(at, e);
+                }
+            }
+        }
+    }
+    let failed = if wanted.is_empty() {
+        std::collections::HashMap::new()
+    } else {
+        let grants: Vec<&crate::policy::Grant> = ready
+            .iter()
+            .map(&grant)
+            .filter(|g| wanted.contains(g.key()))
+            .collect();
+        call.platform_keys(grants).await
+    };
+    if failed.is_empty() && refused.is_empty() {
         return (indices, ready);
     }
-    slots.sift(indices.into_iter().zip(ready), |r| {
-        match failed.get(grant(&r).key()) {
-            Some(e) => Err(e.clone()),
-            None => Ok(r),
-        }
-    })
+    slots.sift(
+        indices.into_iter().zip(ready.into_iter().enumerate()),
+        |(at, r)| {
+            let key = grant(&r).key();
+            if let Some(e) = failed.get(key) {
+                return Err(e.clone());
+            }
+            match refused.remove(&at) {
+                Some(e) if !wanted.contains(key) => Err(e),
+                _ => Ok(r),
+            }
+        },
+    )
 }
 
 /// Refuses an empty batch or one larger than [`crate::keys::MAX_BATCH`].

@@ -7,10 +7,13 @@ use super::{
 };
 use crate::{
     api::call::Call,
-    error::{BrokerError, Invalid},
-    keys::{DecryptInput, DecryptItem, Decrypted, EncryptItem, Encrypted},
-    model::{Dek, MAX_BATCH_PAYLOAD},
-    policy::Permission,
+    error::{BrokerError, Invalid, Refused},
+    keys::{
+        DecryptInput, DecryptItem, Decrypted, EncryptItem, Encrypted, check_aad_for,
+        check_payload_len,
+    },
+    model::{Dek, KeyOp, MAX_BATCH_PAYLOAD},
+    policy::{Permission, PlatformKey},
 };
 
 /// A payload to encrypt under the newest version of `key`.
@@ -42,6 +45,18 @@ pub struct Decrypt(pub DecryptIn);
 /// `BatchDecrypt`.
 pub struct DecryptBatch(pub Vec<DecryptIn>);
 
+/// Whether the platform key `pk`, once made, would encrypt `e`: the keyring's checks, in its
+/// order.
+fn encrypt_serves(e: &EncryptItem, pk: &PlatformKey) -> Result<(), BrokerError> {
+    check_payload_len(e.plaintext.len())?;
+    check_aad_for(e.grant.key(), pk.algorithm, &e.aad)?;
+    if !pk.operations().contains(&KeyOp::Encrypt) {
+        let (key, op) = (e.grant.key().clone(), KeyOp::Encrypt);
+        return Err(Refused::NotAllowed { key, op }.into());
+    }
+    Ok(())
+}
+
 pub(crate) async fn encrypt(
     call: &mut Call,
     items: Items,
@@ -57,8 +72,15 @@ pub(crate) async fn encrypt(
             aad: item.aad,
         })
     });
-    let (indices, ready) =
-        platform_keys_first(call, &mut slots, indices, ready, |e| &e.grant).await;
+    let (indices, ready) = platform_keys_first(
+        call,
+        &mut slots,
+        indices,
+        ready,
+        |e| &e.grant,
+        encrypt_serves,
+    )
+    .await;
     slots.fill(indices, call.keys().encrypt(ready).await);
     let results = slots.finish();
     audit_items(call, items, names, &results, |e| e.version);
