@@ -1198,7 +1198,8 @@ pub(crate) fn check_aad(entry: &KeyEntry, aad: &[u8]) -> Result<(), BrokerError>
     check_aad_for(&entry.name, entry.algorithm, aad)
 }
 
-/// [`check_aad`] for key `name` of `algorithm` (one that may not exist yet).
+/// The AAD checks of a wrap or encrypt under key `name` of `algorithm` (a key that may not
+/// exist yet: the platform's first use): not too long, and only where the algorithm binds it.
 pub fn check_aad_for(name: &KeyName, algorithm: Algorithm, aad: &[u8]) -> Result<(), BrokerError> {
     if aad.len() > MAX_AAD_LEN {
         return Err(Invalid::AadTooLong.into());
