@@ -556,7 +556,7 @@ impl AuditLog {
 
     /// Why the log cannot take records now (every request is refused UNAVAILABLE meanwhile), or
     /// `None`: the last write succeeded. A write that fails sets it, the next that succeeds
-    /// clears it; a failed journal sync (or a writer that stopped) sets it until a restart.
+    /// clears it; a failed sync (or a writer that stopped) sets it until a restart.
     pub fn failure(&self) -> Option<String> {
         match self.fault.has_changed() {
             Ok(_) => self.fault.borrow().clone(),
@@ -699,10 +699,12 @@ impl Writer {
             let deadline = self.last_checkpoint + self.settings.checkpoint_interval;
             let first = tokio::select! {
                 m = rx.recv() => m,
-                // After a failed sync nothing can be written until a restart: no checkpoint
-                // (nor its HSM call) either.
+                // A checkpoint is due for records written since the last one, or is tried
+                // after a failed write (a full volume), so that the failure clears without a
+                // request. After a failed sync nothing can be written until a restart: no
+                // checkpoint (nor its HSM call) either.
                 _ = tokio::time::sleep_until(deadline.into()),
-                    if (self.since_checkpoint > 0 || self.retry_write())
+                    if (self.since_checkpoint > 0 || self.fault.borrow().is_some())
                         && self.lasting_failure().is_none() => {
                     self.checkpoint().await;
                     continue;
@@ -860,12 +862,6 @@ impl Writer {
             *f = why;
             changed
         });
-    }
-
-    /// Whether a write failed that a later one may get past (a full volume): the writer then
-    /// tries a checkpoint each interval, so that the failure clears without a request.
-    fn retry_write(&self) -> bool {
-        self.fault.borrow().is_some() && self.lasting_failure().is_none()
     }
 
     /// A failed sync, of the journal or (without one) of the log: it holds until a restart.
