@@ -1,14 +1,19 @@
 //! Admission to the session pool: bounded queues, deadlines, and fairness between tenants.
 //!
 //! The HSM is the scarce resource: a pool of `slots` sessions. Every HSM call first takes a
-//! [`Slot`] here; the call itself then runs on a blocking thread.
+//! [`Slot`] here; the call itself then runs on one of the pool's HSM threads.
 //!
 //! * **Hand-offs.** A call submitted as a [`Job`] ([`Admission::submit`]) waits in the queue
-//!   itself, not as a parked task: the blocking thread that finishes a call takes the next
+//!   itself, not as a parked task: the HSM thread that finishes a call takes the next
 //!   queued job and runs it at once ([`Slot::finish`]), so under load a request costs one
 //!   wake-up (its result) instead of three (a slot handed to a waiting task, the task starting
-//!   a blocking thread, the result coming back). [`Admission::acquire`] is the same queue for
-//!   callers that want the slot itself.
+//!   a thread, the result coming back). [`Admission::acquire`] is the same queue for callers
+//!   that want the slot itself.
+//! * **HSM threads.** A job granted a free slot goes to the pool's own threads, at most one per
+//!   session, started when first needed and kept: a thread that waits for work costs a
+//!   condition-variable wake-up, where a `spawn_blocking` per job also allocated a task and
+//!   went through the runtime's blocking pool. As many threads as sessions always suffice:
+//!   every running job holds a slot.
 //!
 //! * **Bounded queues.** At most `queue_limit` requests wait in all, at most
 //!   `tenant_queue_limit` per tenant; past that a request is refused at once. Waiters hold only
@@ -33,7 +38,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex},
+    sync::{Arc, Condvar, Mutex},
     time::{Duration, Instant},
 };
 
@@ -143,8 +148,8 @@ impl Slot {
     }
 }
 
-/// HSM work queued in the admission queue itself, run with its slot by whichever blocking
-/// thread frees a slot (or by a new one). A job is always either run or dropped: dropping it
+/// HSM work queued in the admission queue itself, run with its slot by whichever HSM thread
+/// frees a slot (or by an idle one). A job is always either run or dropped: dropping it
 /// (shutdown, withdrawal) must be how its caller learns it will not run.
 pub type Job = Box<dyn FnOnce(&Slot) + Send + 'static>;
 
@@ -196,7 +201,7 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Starts a chain on a blocking thread of the current runtime (or a plain thread outside one).
+/// Starts a chain on one of the pool's HSM threads.
 ///
 /// Never recursive: a failed start drops the job and its slot, and freeing that slot may start
 /// the next queued job — on a runtime that is shutting down, every one of them. A start
@@ -224,27 +229,124 @@ fn spawn_chain(job: Job, slot: Slot) {
     STARTING.with(|s| *s.borrow_mut() = None);
 }
 
+/// Hands a chain to the pool's HSM threads. Jobs no thread will ever run (none could be
+/// started) are dropped here: the caller sees its result channel close, the slot is freed.
 fn start_chain(job: Job, slot: Slot) {
-    match tokio::runtime::Handle::try_current() {
-        Ok(rt) => {
-            // tokio panics when the OS refuses a thread; the job and its slot are then dropped
-            // (the caller sees its result channel close, the slot is freed) — not a reason to
-            // unwind through a thread that is freeing a slot.
-            let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-                drop(rt.spawn_blocking(move || run_chain(job, slot)));
-            }));
-            if spawned.is_err() {
-                tracing::error!("could not start a blocking thread for HSM work");
-            }
+    let runners = slot.admission.runners.clone();
+    let stranded = runners.push(job, slot);
+    // Dropped with [`spawn_chain`]'s guard up: freeing their slots starts nothing recursively.
+    drop(stranded);
+}
+
+/// The pool's HSM threads and the chains waiting for one (see the module docs).
+struct Runners {
+    queue: Mutex<RunQueue>,
+    ready: Condvar,
+    /// At most this many threads (the pool's sessions).
+    max: usize,
+}
+
+#[derive(Default)]
+struct RunQueue {
+    chains: VecDeque<(Job, Slot)>,
+    threads: usize,
+    /// Threads waiting on `ready`.
+    idle: usize,
+    /// Of those, how many were signalled and have not yet woken.
+    signalled: usize,
+    stopped: bool,
+}
+
+impl Runners {
+    fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            queue: Mutex::new(RunQueue::default()),
+            ready: Condvar::new(),
+            max,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RunQueue> {
+        // Held only to move a chain in or out, never while one runs.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a chain and wakes an idle thread for it, or starts one. Returns the chains that no
+    /// thread will run (a thread could not be started and none is left), to be dropped.
+    fn push(self: &Arc<Self>, job: Job, slot: Slot) -> Vec<(Job, Slot)> {
+        let mut q = self.lock();
+        q.chains.push_back((job, slot));
+        if q.idle > q.signalled {
+            q.signalled += 1;
+            drop(q);
+            self.ready.notify_one();
+            return Vec::new();
         }
-        Err(_) => {
-            let spawned = std::thread::Builder::new()
-                .name("keybroker-hsm".into())
-                .spawn(move || run_chain(job, slot));
-            if let Err(e) = spawned {
+        if q.threads >= self.max {
+            // Every running chain holds a slot and so does this one: a thread is on its way
+            // back for it.
+            return Vec::new();
+        }
+        q.threads += 1;
+        drop(q);
+        let runners = self.clone();
+        let rt = tokio::runtime::Handle::try_current().ok();
+        let spawned = std::thread::Builder::new()
+            .name("keybroker-hsm".into())
+            .spawn(move || runners.serve(rt));
+        match spawned {
+            Ok(_) => Vec::new(),
+            Err(e) => {
                 tracing::error!(error = %e, "could not start a thread for HSM work");
+                let mut q = self.lock();
+                q.threads -= 1;
+                if q.threads == 0 {
+                    q.chains.drain(..).collect()
+                } else {
+                    Vec::new()
+                }
             }
         }
+    }
+
+    /// An HSM thread: runs chains until the pool is dropped.
+    fn serve(&self, rt: Option<tokio::runtime::Handle>) {
+        // Inside the runtime the work came from, as on its blocking threads.
+        let _rt = rt.as_ref().map(tokio::runtime::Handle::enter);
+        loop {
+            let next = {
+                let mut q = self.lock();
+                loop {
+                    if let Some(chain) = q.chains.pop_front() {
+                        break Some(chain);
+                    }
+                    if q.stopped {
+                        q.threads -= 1;
+                        break None;
+                    }
+                    q.idle += 1;
+                    q = self.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+                    q.idle -= 1;
+                    q.signalled = q.signalled.saturating_sub(1);
+                }
+            };
+            let Some((job, slot)) = next else {
+                return;
+            };
+            // A job that panics frees its slot while unwinding (the next queued job starts);
+            // the thread stays.
+            let ran =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_chain(job, slot)));
+            if ran.is_err() {
+                tracing::error!("HSM work panicked; its request gets no answer from it");
+            }
+        }
+    }
+
+    /// Lets every thread end once it has nothing left to run.
+    fn stop(&self) {
+        self.lock().stopped = true;
+        self.ready.notify_all();
     }
 }
 
@@ -277,10 +379,26 @@ struct State {
 }
 
 /// The admission controller of one session pool.
-#[derive(Debug)]
 pub struct Admission {
     settings: AdmissionSettings,
     state: Mutex<State>,
+    runners: Arc<Runners>,
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission")
+            .field("settings", &self.settings)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        // No chain is queued or running: each would hold a slot, and so this pool.
+        self.runners.stop();
+    }
 }
 
 impl std::fmt::Debug for State {
@@ -313,6 +431,7 @@ impl Admission {
             ..Default::default()
         };
         Arc::new(Self {
+            runners: Runners::new(settings.slots),
             settings,
             state: Mutex::new(state),
         })
@@ -366,7 +485,7 @@ impl Admission {
     }
 
     /// Queues `job` for `tenant` under the same rules as [`Admission::acquire`]. With a slot
-    /// free, the job starts at once on a blocking thread and `None` is returned; otherwise it
+    /// free, the job starts at once on an HSM thread and `None` is returned; otherwise it
     /// waits in the queue and the [`Ticket`] withdraws it (see [`Ticket::allowed`] for how long
     /// the caller should let it wait; withdrawing it is the caller's job, as is a deadline check
     /// inside the job). A job refused here is dropped without running.
@@ -524,7 +643,7 @@ impl Admission {
     }
 
     /// Frees a slot and serves the waiters. With `take`, the first job handed a slot is
-    /// returned for the calling thread to run; every other job starts on a blocking thread.
+    /// returned for the calling thread to run; every other job starts on another HSM thread.
     fn release_and_take(
         self: &Arc<Self>,
         tenant: &Arc<str>,
@@ -944,6 +1063,51 @@ mod tests {
         assert_eq!(a.stats().waiting, 0);
         // Tickets of jobs that ran withdraw nothing.
         assert!(!tickets[0].withdraw());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jobs_run_on_the_pools_own_threads_at_most_one_per_session_and_kept() {
+        let a = adm(2, 100, 100, 2);
+        let runners = a.runners.clone();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut tickets = Vec::new();
+        let mut rounds = Vec::new();
+        for _ in 0..3 {
+            for _ in 0..20 {
+                let tx = tx.clone();
+                let job: Job = Box::new(move |_| {
+                    let t = std::thread::current();
+                    let _ = tx.send((t.id(), t.name().map(str::to_owned)));
+                });
+                tickets.push(a.submit("t", None, job).expect("admitted"));
+            }
+            let mut seen = Vec::new();
+            for _ in 0..20 {
+                seen.push(rx.recv().await.expect("ran"));
+            }
+            until(|| {
+                let q = runners.lock();
+                a.stats().in_use == 0 && q.idle == q.threads
+            })
+            .await;
+            rounds.push(seen);
+        }
+        let all: Vec<_> = rounds.iter().flatten().collect();
+        assert!(
+            all.iter()
+                .all(|(_, n)| n.as_deref() == Some("keybroker-hsm")),
+            "never an async worker: {all:?}"
+        );
+        let ids: std::collections::HashSet<_> = all.iter().map(|(id, _)| *id).collect();
+        assert!(ids.len() <= 2, "two sessions, two threads at most: {ids:?}");
+        // Idle between rounds, the threads were kept (60 jobs, at most two threads ever).
+        let threads = runners.lock().threads;
+        assert!((1..=2).contains(&threads), "{threads} threads");
+        // The pool gone, its threads end.
+        drop(tickets);
+        drop(a);
+        until(|| Arc::strong_count(&runners) == 1).await;
+        assert_eq!(runners.lock().threads, 0);
     }
 
     #[tokio::test]

@@ -1,5 +1,5 @@
 //! Wrapping and unwrapping DEKs under KEK versions. Every call runs a list of items in one
-//! session checkout on one blocking thread (a single request is a list of one): the outer
+//! session checkout on one HSM thread (a single request is a list of one): the outer
 //! error is a fault of the session or the device — the whole list is retried once on a lost
 //! session, as any call is — and each item has its own result.
 

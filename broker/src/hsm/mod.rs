@@ -5,13 +5,13 @@
 //! from the faults a real HSM has. Everything above it speaks domain types: [`VersionId`],
 //! [`Dek`](crate::model::Dek), [`WrapParams`].
 //!
-//! Every PKCS#11 call runs on a blocking thread with a session checked out of the pool (house
-//! rule 2), after [`admission`] let it in: bounded queues, a wait bounded by the request's
+//! Every PKCS#11 call runs on one of the pool's HSM threads (never an async worker) with a
+//! session checked out of the pool (house rule 2), after [`admission`] let it in: bounded queues, a wait bounded by the request's
 //! deadline and `session_wait_ms`, round-robin between tenants. A call waits in that queue as a
-//! job, and the blocking thread that finishes one call runs the next queued one at once (under
+//! job, and the HSM thread that finishes one call runs the next queued one at once (under
 //! load a call costs one thread hand-off, its result, not three). Work whose deadline
 //! has passed is not started; a call that does not return by its deadline is abandoned by the
-//! request (the blocking thread waits for the HSM, and its session returns to the pool when the
+//! request (the HSM thread waits for the HSM, and its session returns to the pool when the
 //! call does), so a hung HSM cannot hang the server.
 //!
 //! Faults are classified once ([`error`]) and the class drives recovery (house rule 3):
@@ -34,7 +34,7 @@
 //! # Layout, one duty per file
 //! * this file — the [`Hsm`] handle, its shared state and the types it speaks;
 //! * `token` — loading the module, selecting the token, logging in, the first pool;
-//! * `pool` — `Hsm::run`: admission, a session on a blocking thread, per-call recovery;
+//! * `pool` — `Hsm::run`: admission, a session on an HSM thread, per-call recovery;
 //! * [`admission`] — bounded, deadline-aware, tenant-fair admission to the session pool;
 //! * `conn` — the sessions and handles of one initialisation of the module;
 //! * `recovery` — health, re-initialisation and handle refresh;

@@ -1,5 +1,5 @@
 //! The blocking PKCS#11 operations, each on one borrowed session. Called only from the session
-//! pool's blocking threads (never on an async worker).
+//! pool's HSM threads (never on an async worker).
 
 use cryptoki::{
     mechanism::{

@@ -1,6 +1,6 @@
 //! The session pool's one entry point, [`Hsm::run`]: admission (a job in a bounded,
-//! deadline-aware, tenant-fair queue, see [`super::admission`]), a session checked out on a
-//! blocking thread, and recovery from the faults of that call — a lost session is evicted and
+//! deadline-aware, tenant-fair queue, see [`super::admission`]), a session checked out on an
+//! HSM thread, and recovery from the faults of that call — a lost session is evicted and
 //! the call repeated once, an invalid handle makes the handles be re-found, a lost device
 //! starts a re-initialisation ([`super::recovery`]). Every other file of this module reaches the
 //! token only through it.
@@ -120,7 +120,7 @@ pub(super) fn reclassified(e: &HsmError) -> bool {
 }
 
 impl Hsm {
-    /// Runs `f` with a pooled session on a blocking thread, after admission (see the module
+    /// Runs `f` with a pooled session on an HSM thread, after admission (see the module
     /// docs). Recovery from lost sessions, invalid handles and lost devices happens inside.
     pub(super) async fn run<T, F>(
         &self,
@@ -149,7 +149,7 @@ impl Hsm {
             }
             None => None,
         };
-        // The call waits in the admission queue as a job; whichever blocking thread frees a
+        // The call waits in the admission queue as a job; whichever HSM thread frees a
         // session runs it next (see `admission`), and its result comes back here.
         let (tx, mut rx) = oneshot::channel::<Result<T, HsmError>>();
         let started: Arc<OnceLock<Instant>> = Arc::default();
