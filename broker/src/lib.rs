@@ -5,7 +5,7 @@
 //! socket) → the one pipeline (request id, caller, deadline, policy and HYOK rules, the
 //! operation, the audit record before the reply, metrics and log) → keys (metadata in memory,
 //! grants, one HSM call per chunk of items) → HSM layer (session pool, cached handles, blocking
-//! calls on blocking threads) → reply. `docs/src/architecture.md` draws it, with what each module
+//! calls on the pool's own HSM threads) → reply. `docs/src/architecture.md` draws it, with what each module
 //! may import.
 //!
 //! # Layout (top to bottom: a module imports only modules below it)

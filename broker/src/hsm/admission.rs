@@ -201,12 +201,24 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+/// Ends a run of starts on this thread, also when a panic unwinds through it: what is still
+/// pending is dropped (its callers see their channels close, the slots are freed), and the next
+/// start on this thread begins afresh instead of parking its job in a list nobody empties.
+struct Starting;
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        let pending = STARTING.with(|s| s.borrow_mut().take());
+        drop(pending);
+    }
+}
+
 /// Starts a chain on one of the pool's HSM threads.
 ///
-/// Never recursive: a failed start drops the job and its slot, and freeing that slot may start
-/// the next queued job — on a runtime that is shutting down, every one of them. A start
-/// requested while another is under way on this thread is queued for it instead, so the stack
-/// stays flat however long the queue.
+/// Never recursive: a start that no thread can take drops the job and its slot, and freeing
+/// that slot may start the next queued job — when no thread can be started, every one of them.
+/// A start requested while another is under way on this thread is queued for it instead, so the
+/// stack stays flat however long the queue.
 fn spawn_chain(job: Job, slot: Slot) {
     let first = STARTING.with(|s| match s.borrow_mut().as_mut() {
         Some(pending) => {
@@ -219,6 +231,7 @@ fn spawn_chain(job: Job, slot: Slot) {
         return;
     };
     STARTING.with(|s| *s.borrow_mut() = Some(Vec::new()));
+    let _starting = Starting;
     loop {
         start_chain(next.0, next.1);
         match STARTING.with(|s| s.borrow_mut().as_mut().and_then(Vec::pop)) {
@@ -226,7 +239,6 @@ fn spawn_chain(job: Job, slot: Slot) {
             None => break,
         }
     }
-    STARTING.with(|s| *s.borrow_mut() = None);
 }
 
 /// Hands a chain to the pool's HSM threads. Jobs no thread will ever run (none could be
@@ -236,6 +248,14 @@ fn start_chain(job: Job, slot: Slot) {
     let stranded = runners.push(job, slot);
     // Dropped with [`spawn_chain`]'s guard up: freeing their slots starts nothing recursively.
     drop(stranded);
+}
+
+/// A chain waiting for an HSM thread, with the runtime it was started from (entered while it
+/// runs, as a blocking thread of that runtime would be).
+struct Chain {
+    job: Job,
+    slot: Slot,
+    rt: Option<tokio::runtime::Handle>,
 }
 
 /// The pool's HSM threads and the chains waiting for one (see the module docs).
@@ -248,7 +268,8 @@ struct Runners {
 
 #[derive(Default)]
 struct RunQueue {
-    chains: VecDeque<(Job, Slot)>,
+    chains: VecDeque<Chain>,
+    /// Threads started and not yet ended.
     threads: usize,
     /// Threads waiting on `ready`.
     idle: usize,
@@ -272,10 +293,11 @@ impl Runners {
     }
 
     /// Queues a chain and wakes an idle thread for it, or starts one. Returns the chains that no
-    /// thread will run (a thread could not be started and none is left), to be dropped.
-    fn push(self: &Arc<Self>, job: Job, slot: Slot) -> Vec<(Job, Slot)> {
+    /// thread may ever run (a thread could not be started), to be dropped.
+    fn push(self: &Arc<Self>, job: Job, slot: Slot) -> Vec<Chain> {
+        let rt = tokio::runtime::Handle::try_current().ok();
         let mut q = self.lock();
-        q.chains.push_back((job, slot));
+        q.chains.push_back(Chain { job, slot, rt });
         if q.idle > q.signalled {
             q.signalled += 1;
             drop(q);
@@ -290,29 +312,29 @@ impl Runners {
         q.threads += 1;
         drop(q);
         let runners = self.clone();
-        let rt = tokio::runtime::Handle::try_current().ok();
         let spawned = std::thread::Builder::new()
             .name("keybroker-hsm".into())
-            .spawn(move || runners.serve(rt));
+            .spawn(move || runners.serve());
         match spawned {
             Ok(_) => Vec::new(),
             Err(e) => {
                 tracing::error!(error = %e, "could not start a thread for HSM work");
                 let mut q = self.lock();
                 q.threads -= 1;
-                if q.threads == 0 {
-                    q.chains.drain(..).collect()
-                } else {
-                    Vec::new()
-                }
+                // The other threads may all be held by calls that never return: a chain no
+                // woken thread is coming for may wait for ever. Dropped, as a job whose thread
+                // could not start always was.
+                let keep = q.signalled.min(q.chains.len());
+                q.chains.drain(keep..).collect()
             }
         }
     }
 
     /// An HSM thread: runs chains until the pool is dropped.
-    fn serve(&self, rt: Option<tokio::runtime::Handle>) {
-        // Inside the runtime the work came from, as on its blocking threads.
-        let _rt = rt.as_ref().map(tokio::runtime::Handle::enter);
+    fn serve(&self) {
+        // Counted out however the thread ends (a panic outside a job's included), so that the
+        // next push starts another one.
+        let _leaving = Leaving(self);
         loop {
             let next = {
                 let mut q = self.lock();
@@ -321,7 +343,6 @@ impl Runners {
                         break Some(chain);
                     }
                     if q.stopped {
-                        q.threads -= 1;
                         break None;
                     }
                     q.idle += 1;
@@ -330,9 +351,10 @@ impl Runners {
                     q.signalled = q.signalled.saturating_sub(1);
                 }
             };
-            let Some((job, slot)) = next else {
+            let Some(Chain { job, slot, rt }) = next else {
                 return;
             };
+            let _rt = rt.as_ref().map(tokio::runtime::Handle::enter);
             // A job that panics frees its slot while unwinding (the next queued job starts);
             // the thread stays.
             let ran =
@@ -347,6 +369,16 @@ impl Runners {
     fn stop(&self) {
         self.lock().stopped = true;
         self.ready.notify_all();
+    }
+}
+
+/// Counts an HSM thread out when it ends.
+struct Leaving<'a>(&'a Runners);
+
+impl Drop for Leaving<'_> {
+    fn drop(&mut self) {
+        let mut q = self.0.lock();
+        q.threads = q.threads.saturating_sub(1);
     }
 }
 
@@ -642,8 +674,8 @@ impl Admission {
         }
     }
 
-    /// Frees a slot and serves the waiters. With `take`, the first job handed a slot is
-    /// returned for the calling thread to run; every other job starts on another HSM thread.
+    /// Frees a slot and serves the waiters. With `take`, one job handed a slot is returned for
+    /// the calling thread to run; every other job starts on another HSM thread.
     fn release_and_take(
         self: &Arc<Self>,
         tenant: &Arc<str>,
@@ -1077,7 +1109,8 @@ mod tests {
                 let tx = tx.clone();
                 let job: Job = Box::new(move |_| {
                     let t = std::thread::current();
-                    let _ = tx.send((t.id(), t.name().map(str::to_owned)));
+                    let rt = tokio::runtime::Handle::try_current().is_ok();
+                    let _ = tx.send((t.id(), t.name().map(str::to_owned), rt));
                 });
                 tickets.push(a.submit("t", None, job).expect("admitted"));
             }
@@ -1095,10 +1128,14 @@ mod tests {
         let all: Vec<_> = rounds.iter().flatten().collect();
         assert!(
             all.iter()
-                .all(|(_, n)| n.as_deref() == Some("keybroker-hsm")),
+                .all(|(_, n, _)| n.as_deref() == Some("keybroker-hsm")),
             "never an async worker: {all:?}"
         );
-        let ids: std::collections::HashSet<_> = all.iter().map(|(id, _)| *id).collect();
+        assert!(
+            all.iter().all(|(_, _, rt)| *rt),
+            "inside the runtime the work came from"
+        );
+        let ids: std::collections::HashSet<_> = all.iter().map(|(id, _, _)| *id).collect();
         assert!(ids.len() <= 2, "two sessions, two threads at most: {ids:?}");
         // Idle between rounds, the threads were kept (60 jobs, at most two threads ever).
         let threads = runners.lock().threads;

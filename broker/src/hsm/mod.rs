@@ -482,7 +482,9 @@ impl Hsm {
             let closed = inner.current().close_all();
             if busy > 0 {
                 // C_Finalize while another thread is inside the module is undefined behaviour
-                // for PKCS#11; the OS releases the sessions when the process exits.
+                // for PKCS#11; the OS releases the sessions when the process exits. The pool's
+                // HSM threads are not the runtime's: its shutdown does not wait for them, so a
+                // hung call does not hold up the exit.
                 tracing::warn!(
                     sessions_closed = closed,
                     calls_still_running = busy,

@@ -3,7 +3,7 @@
 //!
 //! **A single call is a batch of one**: every operation takes a list of items, checks each one
 //! on its own (a bad item fails alone), then splits the good ones into as many chunks as the
-//! pool has sessions and runs each chunk in one session checkout on one blocking thread (see
+//! pool has sessions and runs each chunk in one session checkout on one HSM thread (see
 //! `hsm::crypt`) — one code path from the request pipeline to the HSM, whatever the number of
 //! items (as Vault's transit engine does it).
 //!
