@@ -3,8 +3,20 @@
 //! time each, every request signed with SigV4 by `aws-sigv4` (the AWS SDK for Rust's signer)
 //! and verified by the broker. The EKM rows (`ekm.rs`) use the same connections, authenticated
 //! by a client certificate instead of SigV4.
+//!
+//! The load generator is kept cheap, since it shares the cores with the broker: like `wrk` with
+//! a script of prepared requests, each connection signs each distinct request once and sends
+//! the same bytes again until the signature is [`RESIGN_AFTER`] old (well inside the 5 minutes
+//! of clock skew the broker accepts). The broker still verifies every request's signature in
+//! full: it keeps nothing between requests.
 
-use std::{net::SocketAddr, path::Path, sync::Arc, time::SystemTime};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
 
 use aws_sigv4::{
     http_request::{SignableBody, SignableRequest, SigningSettings, sign},
@@ -138,10 +150,21 @@ fn metadata(op: &str) -> serde_json::Value {
     })
 }
 
-/// One keep-alive connection (opened on first use, reopened after a failure).
+/// A request's bytes (head and body) and when they were signed.
+type Prepared = (Instant, Vec<u8>);
+
+/// How long a connection sends a signed request again before it signs it anew.
+pub const RESIGN_AFTER: Duration = Duration::from_secs(60);
+
+/// One keep-alive connection (opened on first use, reopened after a failure), with the
+/// requests it has prepared: their bytes, signed, by path and body.
 #[derive(Default)]
 pub struct Conn {
     stream: Option<TlsStream<TcpStream>>,
+    /// Path → body → the request, prepared.
+    prepared: HashMap<String, HashMap<Vec<u8>, Prepared>>,
+    /// The response buffer, reused.
+    buf: Vec<u8>,
 }
 
 impl Conn {
@@ -159,23 +182,31 @@ impl Conn {
         r
     }
 
+    /// Prepares the request's bytes (head and body), signed now, unless they were prepared
+    /// less than [`RESIGN_AFTER`] ago.
+    fn prepare(&mut self, t: &Target, path: &str, body: &[u8]) -> Result<(), String> {
+        let now = Instant::now();
+        let fresh = self
+            .prepared
+            .get(path)
+            .and_then(|m| m.get(body))
+            .is_some_and(|(at, _)| now.duration_since(*at) < RESIGN_AFTER);
+        if !fresh {
+            let bytes = build_request(t, path, body)?;
+            self.prepared
+                .entry(path.to_string())
+                .or_default()
+                .insert(body.to_vec(), (now, bytes));
+        }
+        Ok(())
+    }
+
     async fn exchange(
         &mut self,
         t: &Target,
         path: &str,
         body: &[u8],
     ) -> Result<(u16, Vec<u8>), String> {
-        let host = format!("localhost:{}", t.addr.port());
-        let mut head = format!("POST {path} HTTP/1.1\r\n");
-        let headers = if t.sigv4 {
-            signed_headers(&host, path, body)?
-        } else {
-            plain_headers(&host)
-        };
-        for (k, v) in headers {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-        head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
         if self.stream.is_none() {
             let tcp = TcpStream::connect(t.addr)
                 .await
@@ -188,12 +219,21 @@ impl Conn {
                 .map_err(|e| e.to_string())?;
             self.stream = Some(s);
         }
-        let s = self.stream.as_mut().ok_or("no connection")?;
-        let mut req = head.into_bytes();
-        req.extend_from_slice(body);
-        s.write_all(&req).await.map_err(|e| e.to_string())?;
+        self.prepare(t, path, body)?;
+        let Self {
+            stream,
+            prepared,
+            buf,
+        } = self;
+        let s = stream.as_mut().ok_or("no connection")?;
+        let req = prepared
+            .get(path)
+            .and_then(|m| m.get(body))
+            .map(|(_, r)| r.as_slice())
+            .ok_or("no prepared request")?;
+        s.write_all(req).await.map_err(|e| e.to_string())?;
         // The response head, then exactly Content-Length bytes of body.
-        let mut buf = Vec::with_capacity(1024);
+        buf.clear();
         let mut chunk = [0u8; 4096];
         let head_end = loop {
             if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -205,17 +245,7 @@ impl Conn {
             }
             buf.extend_from_slice(&chunk[..n]);
         };
-        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or("no status")?;
-        let len: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or("no content-length")?;
+        let (status, len) = parse_head(&buf[..head_end])?;
         while buf.len() < head_end + len {
             let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
             if n == 0 {
@@ -225,6 +255,43 @@ impl Conn {
         }
         Ok((status, buf[head_end..head_end + len].to_vec()))
     }
+}
+
+/// A response head's status and `Content-Length`.
+fn parse_head(head: &[u8]) -> Result<(u16, usize), String> {
+    let text = std::str::from_utf8(head).map_err(|_| "a response head that is not UTF-8")?;
+    let mut lines = text.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or("no status")?;
+    let len = lines
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length").then_some(v)
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or("no content-length")?;
+    Ok((status, len))
+}
+
+/// A request's bytes: head (signed now, for the XKS door) and body.
+fn build_request(t: &Target, path: &str, body: &[u8]) -> Result<Vec<u8>, String> {
+    let host = format!("localhost:{}", t.addr.port());
+    let mut head = format!("POST {path} HTTP/1.1\r\n");
+    let headers = if t.sigv4 {
+        signed_headers(&host, path, body)?
+    } else {
+        plain_headers(&host)
+    };
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    let mut req = head.into_bytes();
+    req.extend_from_slice(body);
+    Ok(req)
 }
 
 /// The headers every request carries.
